@@ -1,0 +1,2 @@
+//! A fake `prlctl`/`prlsrvctl` for tests.
+fn main() {}

@@ -1,0 +1,1 @@
+//! Parallels Desktop driver for Hangar.
