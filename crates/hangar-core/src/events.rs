@@ -1,0 +1,200 @@
+//! The event envelope of the websocket stream and the in-process bus that carries it.
+//!
+//! The envelope follows the reference service (`id, ref_id?, event_type, timestamp,
+//! message, body, client_id?`). Each event type names the claim a subscriber needs.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::broadcast;
+
+use crate::access::Access;
+use crate::claims;
+
+/// Event types, as the reference names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventType {
+    Global,
+    Pdfm,
+    System,
+    SystemLogs,
+    Health,
+    Orchestrator,
+    Stats,
+    ReverseProxy,
+    CatalogCache,
+    JobManager,
+    Auth,
+}
+
+impl EventType {
+    pub const ALL: &'static [EventType] = &[
+        EventType::Global,
+        EventType::Pdfm,
+        EventType::System,
+        EventType::SystemLogs,
+        EventType::Health,
+        EventType::Orchestrator,
+        EventType::Stats,
+        EventType::ReverseProxy,
+        EventType::CatalogCache,
+        EventType::JobManager,
+        EventType::Auth,
+    ];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            EventType::Global => "global",
+            EventType::Pdfm => "pdfm",
+            EventType::System => "system",
+            EventType::SystemLogs => "system_logs",
+            EventType::Health => "health",
+            EventType::Orchestrator => "orchestrator",
+            EventType::Stats => "stats",
+            EventType::ReverseProxy => "reverse_proxy",
+            EventType::CatalogCache => "catalog_cache",
+            EventType::JobManager => "job_manager",
+            EventType::Auth => "auth",
+        }
+    }
+
+    /// What a subscriber needs to receive events of this type. Unlike the reference,
+    /// system logs and auth changes are not visible to every reader.
+    pub fn access(&self) -> Access {
+        match self {
+            EventType::Global | EventType::Health | EventType::Stats => {
+                Access::AnyOf(&[claims::READ_ONLY])
+            }
+            EventType::Pdfm => Access::AnyOf(&[claims::LIST_VM]),
+            EventType::Orchestrator => {
+                Access::AnyOf(&[claims::LIST_ORCHESTRATOR_HOSTS, claims::LIST_VM])
+            }
+            EventType::ReverseProxy => Access::AnyOf(&[claims::LIST_REVERSE_PROXY_HOSTS]),
+            EventType::CatalogCache => Access::AnyOf(&[claims::LIST_CACHE]),
+            EventType::JobManager => {
+                Access::AnyOf(&[claims::JOB_MANAGER_LIST, claims::JOB_MANAGER_LIST_OWN])
+            }
+            EventType::Auth => Access::AnyOf(&[claims::LIST_USER]),
+            EventType::System | EventType::SystemLogs => Access::SuperUser,
+        }
+    }
+}
+
+impl fmt::Display for EventType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Unknown event type name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("Unknown event type {0:?}; known types: global, pdfm, system, system_logs, health, orchestrator, stats, reverse_proxy, catalog_cache, job_manager, auth")]
+pub struct UnknownEventType(pub String);
+
+impl FromStr for EventType {
+    type Err = UnknownEventType;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim().to_ascii_lowercase();
+        EventType::ALL
+            .iter()
+            .copied()
+            .find(|e| e.as_str() == t)
+            .ok_or_else(|| UnknownEventType(s.to_string()))
+    }
+}
+
+/// One event, in the reference's envelope.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ref_id: Option<String>,
+    pub event_type: EventType,
+    pub timestamp: DateTime<Utc>,
+    pub message: String,
+    pub body: Value,
+    /// Only the owner (user id) of a private event, such as a job, receives it, unless
+    /// the subscriber is a super user. `None` means everyone allowed by the type.
+    #[serde(skip)]
+    pub audience: Option<String>,
+}
+
+impl Event {
+    pub fn new(event_type: EventType, message: impl Into<String>, body: Value) -> Self {
+        Event {
+            id: uuid::Uuid::now_v7().to_string(),
+            ref_id: None,
+            event_type,
+            timestamp: Utc::now(),
+            message: message.into(),
+            body,
+            audience: None,
+        }
+    }
+
+    pub fn for_user(mut self, user_id: impl Into<String>) -> Self {
+        self.audience = Some(user_id.into());
+        self
+    }
+}
+
+/// The in-process event bus: a bounded broadcast channel. A slow subscriber loses the
+/// oldest events rather than slowing publishers down.
+#[derive(Debug, Clone)]
+pub struct EventBus {
+    tx: broadcast::Sender<Event>,
+}
+
+impl EventBus {
+    pub fn new(capacity: usize) -> Self {
+        let (tx, _) = broadcast::channel(capacity.max(16));
+        EventBus { tx }
+    }
+
+    /// Publish; having no subscriber is not an error.
+    pub fn publish(&self, event: Event) {
+        let _ = self.tx.send(event);
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.tx.subscribe()
+    }
+
+    pub fn subscriber_count(&self) -> usize {
+        self.tx.receiver_count()
+    }
+}
+
+impl Default for EventBus {
+    fn default() -> Self {
+        EventBus::new(1024)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_types_parse_and_print() {
+        for t in EventType::ALL {
+            assert_eq!(t.as_str().parse::<EventType>(), Ok(*t));
+        }
+        assert!("nope".parse::<EventType>().is_err());
+        assert_eq!(" PDFM ".parse::<EventType>(), Ok(EventType::Pdfm));
+    }
+
+    #[test]
+    fn envelope_has_reference_keys() {
+        let e = Event::new(EventType::Auth, "USER_ADDED", serde_json::json!({"user_id": "1"}));
+        let v = serde_json::to_value(&e).unwrap();
+        for k in ["id", "event_type", "timestamp", "message", "body"] {
+            assert!(v.get(k).is_some(), "missing {k}");
+        }
+        assert_eq!(v["event_type"], "auth");
+    }
+}
