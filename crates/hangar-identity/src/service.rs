@@ -1,0 +1,1178 @@
+//! The identity service: every identity operation, authorised against the caller and
+//! written together with its audit entry.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use chrono::{DateTime, Utc};
+use hangar_core::audit::{AUDIT_COLLECTION, Actor, AuditEntry};
+use hangar_core::claims::{self, ALL_SYSTEM_CLAIMS, DEFAULT_ROLES, SUPER_USER_ROLE, USER_ROLE};
+use hangar_core::{AuthMethod, Event, EventBus, EventType, Principal};
+use hangar_store::{Batch, Store, StoreError};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use tracing::{info, warn};
+
+use crate::error::{IdentityError, Result};
+use crate::model::*;
+use crate::password::{self, PasswordPolicy};
+use crate::secrets;
+use crate::tokens::TokenService;
+
+/// Failed-login lockout, with the reference's key names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockoutPolicy {
+    /// `BRUTE_FORCE_MAX_LOGIN_ATTEMPTS`.
+    pub max_attempts: u32,
+    /// `BRUTE_FORCE_LOCKOUT_DURATION`.
+    pub duration: Duration,
+    /// `BRUTE_FORCE_INCREMENTAL_WAIT`: each further lockout in a row doubles the duration.
+    pub incremental: bool,
+}
+
+impl Default for LockoutPolicy {
+    fn default() -> Self {
+        LockoutPolicy { max_attempts: 5, duration: Duration::from_secs(300), incremental: true }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct IdentityOptions {
+    pub password_policy: PasswordPolicy,
+    pub lockout: LockoutPolicy,
+}
+
+/// The identity service. Cheap to clone.
+#[derive(Clone)]
+pub struct Identity {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    tokens: TokenService,
+    options: IdentityOptions,
+    bus: EventBus,
+    pepper: Vec<u8>,
+}
+
+const ROOT_USERNAME: &str = "root";
+const ROOT_EMAIL: &str = "root@localhost";
+
+fn now() -> DateTime<Utc> {
+    Utc::now()
+}
+
+fn to_value<T: Serialize>(v: &T) -> Result<Value> {
+    serde_json::to_value(v).map_err(|e| IdentityError::Internal(format!("serialise: {e}")))
+}
+
+fn from_value<T: DeserializeOwned>(v: Value, what: &str) -> Result<T> {
+    serde_json::from_value(v).map_err(|e| IdentityError::Internal(format!("stored {what} is unreadable: {e}")))
+}
+
+fn random_token(bytes: usize) -> Result<Vec<u8>> {
+    let mut b = vec![0u8; bytes];
+    aws_lc_rs::rand::fill(&mut b).map_err(|_| IdentityError::Internal("no randomness".into()))?;
+    Ok(b)
+}
+
+/// Names of roles and claims: trimmed, upper-case, `[A-Z0-9_]`, 1..=64 chars.
+pub fn normalise_name(kind: &str, name: &str) -> Result<String> {
+    let n = name.trim().to_ascii_uppercase().replace(['-', ' '], "_");
+    if n.is_empty() || n.len() > 64 || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(IdentityError::Invalid(format!(
+            "{kind} name {name:?} is invalid: use 1 to 64 letters, digits or underscores"
+        )));
+    }
+    Ok(n)
+}
+
+fn check_username(u: &str) -> Result<String> {
+    let u = u.trim();
+    if u.is_empty() || u.len() > 64 || !u.chars().all(|c| c.is_ascii_alphanumeric() || "._-@".contains(c)) {
+        return Err(IdentityError::Invalid(format!(
+            "username {u:?} is invalid: use 1 to 64 letters, digits, '.', '_', '-' or '@'"
+        )));
+    }
+    Ok(u.to_string())
+}
+
+fn check_email(e: &str) -> Result<String> {
+    let e = e.trim();
+    let ok = e.len() <= 254
+        && e.split_once('@').is_some_and(|(l, d)| !l.is_empty() && !d.is_empty() && !d.starts_with('.'))
+        && !e.chars().any(|c| c.is_whitespace() || c.is_control());
+    if !ok {
+        return Err(IdentityError::Invalid(format!("email {e:?} is not a valid address")));
+    }
+    Ok(e.to_string())
+}
+
+fn check_text(field: &str, v: &str, max: usize) -> Result<()> {
+    if v.chars().count() > max || v.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+        return Err(IdentityError::Invalid(format!("{field} must be at most {max} printable characters")));
+    }
+    Ok(())
+}
+
+fn audit(batch: Batch, actor: &Actor, action: &str, target_type: &str, target_id: &str, detail: Value) -> Result<Batch> {
+    let entry = AuditEntry::new(actor, action, target_type, target_id, detail);
+    Ok(batch.put(AUDIT_COLLECTION, &entry.id, to_value(&entry)?))
+}
+
+impl Identity {
+    /// Open the identity service on a store. Creates the API-key pepper in
+    /// `data_dir/secrets/` on first use.
+    pub fn new(
+        store: Arc<dyn Store>,
+        tokens: TokenService,
+        options: IdentityOptions,
+        bus: EventBus,
+        data_dir: &std::path::Path,
+    ) -> Result<Self> {
+        let pepper = secrets::load_or_generate(&data_dir.join("secrets").join("api-key-pepper.key"), 32)?;
+        Ok(Identity { inner: Arc::new(Inner { store, tokens, options, bus, pepper }) })
+    }
+
+    pub fn tokens(&self) -> &TokenService {
+        &self.inner.tokens
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    fn publish(&self, message: &str, body: Value) {
+        self.inner.bus.publish(Event::new(EventType::Auth, message, body));
+    }
+
+    async fn commit(&self, batch: Batch) -> Result<()> {
+        self.inner.store.commit(batch).await?;
+        Ok(())
+    }
+
+    // ----- bootstrap -----------------------------------------------------------------
+
+    /// Seed claims, roles and the root user. Returns the root password when one was
+    /// generated (first start without `ROOT_PASSWORD`), so the caller can print it once.
+    pub async fn bootstrap(&self, root_password: Option<&str>) -> Result<Option<String>> {
+        let actor = Actor::system();
+        let t = now();
+        let mut batch = Batch::new();
+        let mut changed = false;
+        for name in ALL_SYSTEM_CLAIMS {
+            if self.inner.store.get(CLAIMS, name).await?.is_none() {
+                let (group, resource, action) = claims::claim_metadata(name);
+                let c = Claim {
+                    id: name.to_string(),
+                    name: name.to_string(),
+                    description: String::new(),
+                    internal: true,
+                    group,
+                    resource,
+                    action,
+                    created_at: t,
+                    updated_at: t,
+                };
+                batch = batch.put(CLAIMS, name, to_value(&c)?);
+                changed = true;
+            }
+        }
+        for role in DEFAULT_ROLES {
+            let wanted: Vec<String> = claims::default_role_claims(role).iter().map(|s| s.to_string()).collect();
+            match self.inner.store.get(ROLES, role).await? {
+                None => {
+                    let r = Role {
+                        id: role.to_string(),
+                        name: role.to_string(),
+                        description: format!("Built-in {role} role"),
+                        internal: true,
+                        claims: wanted,
+                        created_at: t,
+                        updated_at: t,
+                    };
+                    batch = batch.put(ROLES, role, to_value(&r)?);
+                    changed = true;
+                }
+                Some(rec) if *role != USER_ROLE => {
+                    // New system claims reach ADMIN and SUPER_USER on upgrade.
+                    let mut r: Role = from_value(rec.value, "role")?;
+                    let before = r.claims.len();
+                    for c in &wanted {
+                        if !r.claims.contains(c) {
+                            r.claims.push(c.clone());
+                        }
+                    }
+                    if r.claims.len() != before {
+                        r.updated_at = t;
+                        batch = batch.put(ROLES, role, to_value(&r)?);
+                        changed = true;
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        if changed {
+            batch = audit(batch, &actor, "system.seed", "system", "identity", json!({}))?;
+            self.commit(batch).await?;
+        }
+
+        let existing = self.find_user(ROOT_USERNAME).await?;
+        match (existing, root_password) {
+            (None, given) => {
+                let (pw, generated) = match given {
+                    Some(p) => (p.to_string(), None),
+                    None => {
+                        let p = password::generate()?;
+                        (p.clone(), Some(p))
+                    }
+                };
+                let hash = hash_blocking(pw).await?;
+                let user = StoredUser {
+                    id: uuid::Uuid::now_v7().to_string(),
+                    username: ROOT_USERNAME.into(),
+                    name: "Root".into(),
+                    email: ROOT_EMAIL.into(),
+                    password_hash: hash,
+                    roles: vec![SUPER_USER_ROLE.into()],
+                    claims: vec![],
+                    disabled: false,
+                    failed_login_attempts: 0,
+                    lockouts: 0,
+                    locked_until: None,
+                    security_stamp: uuid::Uuid::new_v4().to_string(),
+                    created_at: t,
+                    updated_at: t,
+                };
+                let batch = self.user_insert_batch(&user)?;
+                let batch = audit(batch, &actor, "user.create", "user", &user.id, json!({"username": ROOT_USERNAME}))?;
+                self.commit(batch).await?;
+                info!(user_id = %user.id, "created the root user");
+                Ok(generated)
+            }
+            (Some(mut root), Some(pw)) => {
+                if !password::verify(pw, &root.password_hash) {
+                    root.password_hash = hash_blocking(pw.to_string()).await?;
+                    root.security_stamp = uuid::Uuid::new_v4().to_string();
+                }
+                // The operator who sets ROOT_PASSWORD can always get back in.
+                root.disabled = false;
+                root.failed_login_attempts = 0;
+                root.locked_until = None;
+                root.lockouts = 0;
+                if !root.roles.iter().any(|r| r == SUPER_USER_ROLE) {
+                    root.roles.push(SUPER_USER_ROLE.into());
+                }
+                root.updated_at = t;
+                let batch = Batch::new().put(USERS, &root.id, to_value(&root)?);
+                let batch = audit(batch, &actor, "user.root_reset", "user", &root.id, json!({}))?;
+                self.commit(batch).await?;
+                Ok(None)
+            }
+            (Some(_), None) => Ok(None),
+        }
+    }
+
+    fn user_insert_batch(&self, user: &StoredUser) -> Result<Batch> {
+        let uname = user.username.to_lowercase();
+        let email = user.email.to_lowercase();
+        Ok(Batch::new()
+            .require_absent(USER_NAMES, &uname)
+            .require_absent(USER_EMAILS, &email)
+            .require_absent(USERS, &user.id)
+            .put(USERS, &user.id, to_value(user)?)
+            .put(USER_NAMES, &uname, json!(user.id))
+            .put(USER_EMAILS, &email, json!(user.id)))
+    }
+
+    // ----- lookups -------------------------------------------------------------------
+
+    async fn load_user_by_id(&self, id: &str) -> Result<Option<(StoredUser, u64)>> {
+        match self.inner.store.get(USERS, id).await? {
+            Some(r) => Ok(Some((from_value(r.value, "user")?, r.revision))),
+            None => Ok(None),
+        }
+    }
+
+    /// Find a user by id, username or email (case-insensitive for the last two).
+    pub async fn find_user(&self, ident: &str) -> Result<Option<StoredUser>> {
+        Ok(self.find_user_rev(ident).await?.map(|(u, _)| u))
+    }
+
+    async fn find_user_rev(&self, ident: &str) -> Result<Option<(StoredUser, u64)>> {
+        let ident = ident.trim();
+        if ident.is_empty() {
+            return Ok(None);
+        }
+        if let Some(u) = self.load_user_by_id(ident).await? {
+            return Ok(Some(u));
+        }
+        let lower = ident.to_lowercase();
+        for index in [USER_NAMES, USER_EMAILS] {
+            if let Some(rec) = self.inner.store.get(index, &lower).await?
+                && let Some(id) = rec.value.as_str()
+                && let Some(u) = self.load_user_by_id(id).await?
+            {
+                return Ok(Some(u));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn require_user(&self, ident: &str) -> Result<(StoredUser, u64)> {
+        self.find_user_rev(ident).await?.ok_or_else(|| IdentityError::not_found("User", ident))
+    }
+
+    async fn role(&self, name: &str) -> Result<Option<(Role, u64)>> {
+        let Ok(n) = normalise_name("role", name) else { return Ok(None) };
+        match self.inner.store.get(ROLES, &n).await? {
+            Some(r) => Ok(Some((from_value(r.value, "role")?, r.revision))),
+            None => Ok(None),
+        }
+    }
+
+    async fn claim(&self, name: &str) -> Result<Option<Claim>> {
+        let Ok(n) = normalise_name("claim", name) else { return Ok(None) };
+        match self.inner.store.get(CLAIMS, &n).await? {
+            Some(r) => Ok(Some(from_value(r.value, "claim")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The principal for a stored user: current roles and effective claims.
+    pub async fn principal_for(&self, user: &StoredUser, method: AuthMethod) -> Result<Principal> {
+        let mut claims: BTreeSet<String> = user.claims.iter().cloned().collect();
+        let mut roles = BTreeSet::new();
+        for r in &user.roles {
+            if let Some((role, _)) = self.role(r).await? {
+                claims.extend(role.claims.iter().cloned());
+                roles.insert(role.name);
+            }
+        }
+        Ok(Principal {
+            user_id: user.id.clone(),
+            username: user.username.clone(),
+            email: user.email.clone(),
+            roles,
+            claims,
+            method,
+        })
+    }
+
+    // ----- authentication --------------------------------------------------------------
+
+    /// Log in with a username or email and a password.
+    pub async fn login(&self, ident: &str, password: &str, actor_ip: Option<String>) -> Result<IssuedToken> {
+        let Some((mut user, rev)) = self.find_user_rev(ident).await? else {
+            // Spend the same time as a real check so user names cannot be probed.
+            let _ = tokio::task::spawn_blocking(|| password::verify("x", DUMMY_HASH)).await;
+            return Err(IdentityError::InvalidCredentials);
+        };
+        let t = now();
+        if let Some(until) = user.locked_until
+            && until > t
+        {
+            return Err(IdentityError::LockedOut {
+                username: user.username.clone(),
+                until,
+                seconds: (until - t).num_seconds().max(1),
+            });
+        }
+        let pw = password.to_string();
+        let hash = user.password_hash.clone();
+        let ok = tokio::task::spawn_blocking(move || password::verify(&pw, &hash))
+            .await
+            .map_err(|e| IdentityError::Internal(e.to_string()))?;
+        let actor = Actor {
+            user_id: user.id.clone(),
+            username: user.username.clone(),
+            via: "password".into(),
+            source_ip: actor_ip,
+            request_id: None,
+        };
+        if !ok {
+            let policy = &self.inner.options.lockout;
+            user.failed_login_attempts += 1;
+            let mut locked = None;
+            if user.failed_login_attempts >= policy.max_attempts.max(1) {
+                let factor = if policy.incremental { 1u32 << user.lockouts.min(10) } else { 1 };
+                let dur = chrono::Duration::from_std(policy.duration * factor).unwrap_or(chrono::Duration::hours(24));
+                let until = t + dur;
+                user.locked_until = Some(until);
+                user.lockouts += 1;
+                user.failed_login_attempts = 0;
+                locked = Some(until);
+                warn!(user = %user.username, until = %until, "account locked after failed logins");
+            }
+            user.updated_at = t;
+            let batch = Batch::new().require_revision(USERS, &user.id, rev).put(USERS, &user.id, to_value(&user)?);
+            let batch = audit(batch, &actor, if locked.is_some() { "user.lockout" } else { "user.login_failed" }, "user", &user.id, json!({}))?;
+            // A lost race only loses one count; the other writer counted too.
+            match self.commit(batch).await {
+                Ok(()) | Err(IdentityError::Store(StoreError::Conflict(_))) => {}
+                Err(e) => return Err(e),
+            }
+            if let Some(until) = locked {
+                self.publish("USER_LOCKED", json!({"user_id": user.id, "until": until}));
+                return Err(IdentityError::LockedOut {
+                    username: user.username.clone(),
+                    until,
+                    seconds: (until - t).num_seconds().max(1),
+                });
+            }
+            return Err(IdentityError::InvalidCredentials);
+        }
+        if user.disabled {
+            return Err(IdentityError::Forbidden(format!("User {} is disabled", user.username)));
+        }
+        if user.failed_login_attempts != 0 || user.lockouts != 0 || user.locked_until.is_some() {
+            user.failed_login_attempts = 0;
+            user.lockouts = 0;
+            user.locked_until = None;
+            let batch = Batch::new().require_revision(USERS, &user.id, rev).put(USERS, &user.id, to_value(&user)?);
+            match self.commit(batch).await {
+                Ok(()) | Err(IdentityError::Store(StoreError::Conflict(_))) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.issue_for(&user, None).await
+    }
+
+    async fn issue_for(&self, user: &StoredUser, api_key_id: Option<String>) -> Result<IssuedToken> {
+        let method = match &api_key_id {
+            Some(id) => AuthMethod::ApiKey { key_id: id.clone() },
+            None => AuthMethod::Jwt,
+        };
+        let p = self.principal_for(user, method).await?;
+        let (token, exp) = self.inner.tokens.issue(
+            &user.id,
+            &user.username,
+            &user.email,
+            p.roles.into_iter().collect(),
+            p.claims.into_iter().collect(),
+            &user.security_stamp,
+            api_key_id,
+        )?;
+        Ok(IssuedToken { token, email: user.email.clone(), expires_at: exp })
+    }
+
+    /// Exchange an API key (`base64(KEY:SECRET)`) for a token of its owner.
+    pub async fn login_api_key(&self, encoded: &str) -> Result<IssuedToken> {
+        let (key, user) = self.check_api_key(encoded).await?;
+        self.issue_for(&user, Some(key.id)).await
+    }
+
+    /// Authenticate a bearer token against the store's current state.
+    pub async fn authenticate_token(&self, token: &str) -> Result<Principal> {
+        let claims = self.inner.tokens.verify(token)?;
+        let (user, _) = self
+            .load_user_by_id(&claims.uid)
+            .await?
+            .ok_or_else(|| IdentityError::Unauthenticated("The token's user no longer exists".into()))?;
+        if user.disabled {
+            return Err(IdentityError::Unauthenticated(format!("User {} is disabled", user.username)));
+        }
+        if user.security_stamp != claims.stamp {
+            return Err(IdentityError::Unauthenticated("The token was revoked by a password change; log in again".into()));
+        }
+        let method = match claims.api_key_id {
+            Some(id) => {
+                // A token minted from an API key dies with the key.
+                let rec = self.inner.store.get(API_KEYS, &id).await?;
+                let key: Option<StoredApiKey> = rec.map(|r| from_value(r.value, "api key")).transpose()?;
+                match key {
+                    Some(k) if !k.revoked && !k.expires_at.is_some_and(|t| t <= now()) => AuthMethod::ApiKey { key_id: id },
+                    _ => return Err(IdentityError::Unauthenticated("The API key behind this token is no longer valid".into())),
+                }
+            }
+            None => AuthMethod::Jwt,
+        };
+        self.principal_for(&user, method).await
+    }
+
+    /// Authenticate an `X-Api-Key` header value.
+    pub async fn authenticate_api_key(&self, encoded: &str) -> Result<Principal> {
+        let (key, user) = self.check_api_key(encoded).await?;
+        self.principal_for(&user, AuthMethod::ApiKey { key_id: key.id }).await
+    }
+
+    fn secret_hash(&self, secret: &str) -> String {
+        let mut k = [0u8; 32];
+        let n = self.inner.pepper.len().min(32);
+        k[..n].copy_from_slice(&self.inner.pepper[..n]);
+        blake3::keyed_hash(&k, secret.as_bytes()).to_hex().to_string()
+    }
+
+    async fn check_api_key(&self, encoded: &str) -> Result<(StoredApiKey, StoredUser)> {
+        let bad = || IdentityError::Unauthenticated("Invalid API key".into());
+        let decoded = STANDARD.decode(encoded.trim()).map_err(|_| bad())?;
+        let text = String::from_utf8(decoded).map_err(|_| bad())?;
+        let (key, secret) = text.split_once(':').ok_or_else(bad)?;
+        let key = key.trim().to_ascii_uppercase();
+        let id = match self.inner.store.get(API_KEY_INDEX, &key).await? {
+            Some(r) => r.value.as_str().map(String::from).ok_or_else(bad)?,
+            None => return Err(bad()),
+        };
+        let rec = self.inner.store.get(API_KEYS, &id).await?.ok_or_else(bad)?;
+        let stored: StoredApiKey = from_value(rec.value, "api key")?;
+        let presented = self.secret_hash(secret);
+        if aws_lc_rs::constant_time::verify_slices_are_equal(presented.as_bytes(), stored.secret_hash.as_bytes()).is_err() {
+            return Err(bad());
+        }
+        if stored.revoked {
+            return Err(IdentityError::Unauthenticated("The API key was revoked".into()));
+        }
+        if stored.expires_at.is_some_and(|t| t <= now()) {
+            return Err(IdentityError::Unauthenticated("The API key has expired".into()));
+        }
+        let (user, _) = self
+            .load_user_by_id(&stored.user_id)
+            .await?
+            .ok_or_else(|| IdentityError::Unauthenticated("The API key's user no longer exists".into()))?;
+        if user.disabled {
+            return Err(IdentityError::Unauthenticated(format!("User {} is disabled", user.username)));
+        }
+        Ok((stored, user))
+    }
+
+    /// `true` when the token is valid now.
+    pub async fn validate_token(&self, token: &str) -> bool {
+        self.authenticate_token(token).await.is_ok()
+    }
+
+    // ----- users -----------------------------------------------------------------------
+
+    pub async fn list_users(&self) -> Result<Vec<UserView>> {
+        let mut out = Vec::new();
+        for r in self.inner.store.list(USERS).await? {
+            let u: StoredUser = from_value(r.value, "user")?;
+            out.push(u.view());
+        }
+        Ok(out)
+    }
+
+    pub async fn get_user(&self, ident: &str) -> Result<UserView> {
+        Ok(self.require_user(ident).await?.0.view())
+    }
+
+    /// Refuse to grant what the granter does not hold (no privilege escalation).
+    async fn check_grantable(&self, by: &Principal, roles: &[String], claims: &[String]) -> Result<()> {
+        if by.is_super_user() {
+            return Ok(());
+        }
+        for r in roles {
+            if r == SUPER_USER_ROLE {
+                return Err(IdentityError::Forbidden("Only a SUPER_USER can grant the SUPER_USER role".into()));
+            }
+            if let Some((role, _)) = self.role(r).await? {
+                for c in &role.claims {
+                    if !by.claims.contains(c) {
+                        return Err(IdentityError::Forbidden(format!(
+                            "Cannot grant role {r}: it carries claim {c}, which you do not hold"
+                        )));
+                    }
+                }
+            }
+        }
+        for c in claims {
+            if !by.claims.contains(c) {
+                return Err(IdentityError::Forbidden(format!("Cannot grant claim {c}, which you do not hold")));
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn create_user(&self, by: &Principal, actor: &Actor, input: NewUser) -> Result<UserView> {
+        let username = check_username(&input.username)?;
+        let email = check_email(&input.email)?;
+        let name = input.name.clone().unwrap_or_else(|| username.clone());
+        check_text("name", &name, 200)?;
+        self.inner.options.password_policy.check(&input.password)?;
+        let mut roles = Vec::new();
+        for r in &input.roles {
+            let (role, _) = self.role(r).await?.ok_or_else(|| IdentityError::Invalid(format!("role {r:?} does not exist")))?;
+            if !roles.contains(&role.name) {
+                roles.push(role.name);
+            }
+        }
+        if input.is_super_user && !roles.iter().any(|r| r == SUPER_USER_ROLE) {
+            roles.push(SUPER_USER_ROLE.into());
+        }
+        if roles.is_empty() {
+            roles.push(USER_ROLE.into());
+        }
+        let mut claims = Vec::new();
+        for c in &input.claims {
+            let claim = self.claim(c).await?.ok_or_else(|| IdentityError::Invalid(format!("claim {c:?} does not exist")))?;
+            if !claims.contains(&claim.name) {
+                claims.push(claim.name);
+            }
+        }
+        self.check_grantable(by, &roles, &claims).await?;
+        let hash = hash_blocking(input.password.clone()).await?;
+        let t = now();
+        let user = StoredUser {
+            id: uuid::Uuid::now_v7().to_string(),
+            username,
+            name,
+            email,
+            password_hash: hash,
+            roles,
+            claims,
+            disabled: false,
+            failed_login_attempts: 0,
+            lockouts: 0,
+            locked_until: None,
+            security_stamp: uuid::Uuid::new_v4().to_string(),
+            created_at: t,
+            updated_at: t,
+        };
+        let batch = self.user_insert_batch(&user)?;
+        let batch = audit(batch, actor, "user.create", "user", &user.id, json!({"username": user.username, "roles": user.roles}))?;
+        match self.commit(batch).await {
+            Err(IdentityError::Store(StoreError::Conflict(_))) => {
+                return Err(IdentityError::Conflict(format!(
+                    "A user with username {:?} or email {:?} already exists",
+                    user.username, user.email
+                )));
+            }
+            other => other?,
+        }
+        self.publish("USER_ADDED", json!({"user_id": user.id, "username": user.username}));
+        Ok(user.view())
+    }
+
+    /// Read-modify-write a user with optimistic concurrency.
+    async fn modify_user<F>(&self, ident: &str, actor: &Actor, action: &str, detail: Value, f: F) -> Result<StoredUser>
+    where
+        F: Fn(&mut StoredUser) -> Result<()>,
+    {
+        for _ in 0..8 {
+            let (mut user, rev) = self.require_user(ident).await?;
+            let old_email = user.email.to_lowercase();
+            f(&mut user)?;
+            user.updated_at = now();
+            let mut batch = Batch::new().require_revision(USERS, &user.id, rev).put(USERS, &user.id, to_value(&user)?);
+            let new_email = user.email.to_lowercase();
+            if new_email != old_email {
+                batch = batch
+                    .require_absent(USER_EMAILS, &new_email)
+                    .delete(USER_EMAILS, &old_email)
+                    .put(USER_EMAILS, &new_email, json!(user.id));
+            }
+            let batch = audit(batch, actor, action, "user", &user.id, detail.clone())?;
+            match self.commit(batch).await {
+                Ok(()) => return Ok(user),
+                Err(IdentityError::Store(StoreError::Conflict(_))) => {
+                    // Either a concurrent change (retry) or the new email is taken.
+                    if new_email != old_email && self.inner.store.get(USER_EMAILS, &new_email).await?.is_some() {
+                        return Err(IdentityError::Conflict(format!("Email {new_email:?} is already in use")));
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(IdentityError::Conflict("The user changed concurrently too often; retry".into()))
+    }
+
+    pub async fn update_user(&self, by: &Principal, actor: &Actor, ident: &str, upd: UserUpdate) -> Result<UserView> {
+        let (target, _) = self.require_user(ident).await?;
+        let is_self = target.id == by.user_id;
+        if !is_self && !by.has_claim(claims::UPDATE_USER) {
+            return Err(IdentityError::Forbidden("Updating another user needs the UPDATE_USER claim".into()));
+        }
+        if target.roles.iter().any(|r| r == SUPER_USER_ROLE) && !by.is_super_user() {
+            return Err(IdentityError::Forbidden("Only a SUPER_USER can change a SUPER_USER".into()));
+        }
+        if let Some(n) = &upd.name {
+            check_text("name", n, 200)?;
+        }
+        let email = upd.email.as_deref().map(check_email).transpose()?;
+        let new_hash = match &upd.password {
+            Some(p) => {
+                self.inner.options.password_policy.check(p)?;
+                Some(hash_blocking(p.clone()).await?)
+            }
+            None => None,
+        };
+        if upd.disabled == Some(true) && is_self {
+            return Err(IdentityError::Conflict("You cannot disable yourself".into()));
+        }
+        let detail = json!({
+            "name": upd.name.is_some(), "email": email.is_some(), "password": new_hash.is_some(),
+            "disabled": upd.disabled, "unlock": upd.unlock,
+        });
+        let user = self
+            .modify_user(&target.id, actor, "user.update", detail, |u| {
+                if let Some(n) = &upd.name {
+                    u.name = n.clone();
+                }
+                if let Some(e) = &email {
+                    u.email = e.clone();
+                }
+                if let Some(h) = &new_hash {
+                    u.password_hash = h.clone();
+                    u.security_stamp = uuid::Uuid::new_v4().to_string();
+                }
+                if let Some(d) = upd.disabled {
+                    u.disabled = d;
+                }
+                if upd.unlock {
+                    u.locked_until = None;
+                    u.failed_login_attempts = 0;
+                    u.lockouts = 0;
+                }
+                Ok(())
+            })
+            .await?;
+        self.publish("USER_UPDATED", json!({"user_id": user.id}));
+        Ok(user.view())
+    }
+
+    pub async fn delete_user(&self, by: &Principal, actor: &Actor, ident: &str) -> Result<()> {
+        let (user, rev) = self.require_user(ident).await?;
+        if user.id == by.user_id {
+            return Err(IdentityError::Conflict("You cannot delete yourself".into()));
+        }
+        if user.username == ROOT_USERNAME {
+            return Err(IdentityError::Conflict("The root user cannot be deleted".into()));
+        }
+        if user.roles.iter().any(|r| r == SUPER_USER_ROLE) && !by.is_super_user() {
+            return Err(IdentityError::Forbidden("Only a SUPER_USER can delete a SUPER_USER".into()));
+        }
+        let mut batch = Batch::new()
+            .require_revision(USERS, &user.id, rev)
+            .delete(USERS, &user.id)
+            .delete(USER_NAMES, &user.username.to_lowercase())
+            .delete(USER_EMAILS, &user.email.to_lowercase());
+        for k in self.inner.store.list(API_KEYS).await? {
+            let key: StoredApiKey = from_value(k.value, "api key")?;
+            if key.user_id == user.id {
+                batch = batch.delete(API_KEYS, &key.id).delete(API_KEY_INDEX, &key.key);
+            }
+        }
+        let batch = audit(batch, actor, "user.delete", "user", &user.id, json!({"username": user.username}))?;
+        self.commit(batch).await?;
+        self.publish("USER_REMOVED", json!({"user_id": user.id}));
+        Ok(())
+    }
+
+    pub async fn add_user_role(&self, by: &Principal, actor: &Actor, ident: &str, role: &str) -> Result<Role> {
+        let (r, _) = self.role(role).await?.ok_or_else(|| IdentityError::not_found("Role", role))?;
+        self.check_grantable(by, std::slice::from_ref(&r.name), &[]).await?;
+        let name = r.name.clone();
+        let user = self
+            .modify_user(ident, actor, "user.role.add", json!({"role": name}), |u| {
+                if !u.roles.contains(&name) {
+                    u.roles.push(name.clone());
+                }
+                Ok(())
+            })
+            .await?;
+        self.publish("USER_ROLE_ADDED", json!({"user_id": user.id, "role_id": r.id}));
+        Ok(r)
+    }
+
+    pub async fn remove_user_role(&self, by: &Principal, actor: &Actor, ident: &str, role: &str) -> Result<()> {
+        let name = normalise_name("role", role)?;
+        let (target, _) = self.require_user(ident).await?;
+        if !target.roles.contains(&name) {
+            return Err(IdentityError::not_found("Role of the user", role));
+        }
+        if name == SUPER_USER_ROLE && !by.is_super_user() {
+            return Err(IdentityError::Forbidden("Only a SUPER_USER can remove the SUPER_USER role".into()));
+        }
+        if name == SUPER_USER_ROLE && target.username == ROOT_USERNAME {
+            return Err(IdentityError::Conflict("The root user keeps the SUPER_USER role".into()));
+        }
+        let user = self
+            .modify_user(&target.id, actor, "user.role.remove", json!({"role": name}), |u| {
+                u.roles.retain(|r| *r != name);
+                Ok(())
+            })
+            .await?;
+        self.publish("USER_ROLE_REMOVED", json!({"user_id": user.id, "role_id": name}));
+        Ok(())
+    }
+
+    pub async fn add_user_claim(&self, by: &Principal, actor: &Actor, ident: &str, claim: &str) -> Result<Claim> {
+        let c = self.claim(claim).await?.ok_or_else(|| IdentityError::not_found("Claim", claim))?;
+        self.check_grantable(by, &[], std::slice::from_ref(&c.name)).await?;
+        let name = c.name.clone();
+        let user = self
+            .modify_user(ident, actor, "user.claim.add", json!({"claim": name}), |u| {
+                if !u.claims.contains(&name) {
+                    u.claims.push(name.clone());
+                }
+                Ok(())
+            })
+            .await?;
+        self.publish("USER_CLAIM_ADDED", json!({"user_id": user.id, "claim_id": c.id}));
+        Ok(c)
+    }
+
+    pub async fn remove_user_claim(&self, actor: &Actor, ident: &str, claim: &str) -> Result<()> {
+        let name = normalise_name("claim", claim)?;
+        let (target, _) = self.require_user(ident).await?;
+        if !target.claims.contains(&name) {
+            return Err(IdentityError::not_found("Claim of the user", claim));
+        }
+        let user = self
+            .modify_user(&target.id, actor, "user.claim.remove", json!({"claim": name}), |u| {
+                u.claims.retain(|c| *c != name);
+                Ok(())
+            })
+            .await?;
+        self.publish("USER_CLAIM_REMOVED", json!({"user_id": user.id, "claim_id": name}));
+        Ok(())
+    }
+
+    pub async fn user_roles(&self, ident: &str) -> Result<Vec<Role>> {
+        let (u, _) = self.require_user(ident).await?;
+        let mut out = Vec::new();
+        for r in &u.roles {
+            if let Some((role, _)) = self.role(r).await? {
+                out.push(role);
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn user_claims(&self, ident: &str) -> Result<Vec<Claim>> {
+        let (u, _) = self.require_user(ident).await?;
+        let mut out = Vec::new();
+        for c in &u.claims {
+            if let Some(claim) = self.claim(c).await? {
+                out.push(claim);
+            }
+        }
+        Ok(out)
+    }
+
+    // ----- roles -----------------------------------------------------------------------
+
+    pub async fn list_roles(&self) -> Result<Vec<Role>> {
+        self.inner.store.list(ROLES).await?.into_iter().map(|r| from_value(r.value, "role")).collect()
+    }
+
+    pub async fn get_role(&self, name: &str) -> Result<Role> {
+        Ok(self.role(name).await?.ok_or_else(|| IdentityError::not_found("Role", name))?.0)
+    }
+
+    pub async fn create_role(&self, by: &Principal, actor: &Actor, name: &str, description: Option<String>, claims: Vec<String>) -> Result<Role> {
+        let n = normalise_name("role", name)?;
+        let description = description.unwrap_or_default();
+        check_text("description", &description, 1000)?;
+        let mut cs = Vec::new();
+        for c in &claims {
+            let claim = self.claim(c).await?.ok_or_else(|| IdentityError::Invalid(format!("claim {c:?} does not exist")))?;
+            if !cs.contains(&claim.name) {
+                cs.push(claim.name);
+            }
+        }
+        self.check_grantable(by, &[], &cs).await?;
+        let t = now();
+        let role = Role { id: n.clone(), name: n.clone(), description, internal: false, claims: cs, created_at: t, updated_at: t };
+        let batch = Batch::new().require_absent(ROLES, &n).put(ROLES, &n, to_value(&role)?);
+        let batch = audit(batch, actor, "role.create", "role", &n, json!({"claims": role.claims}))?;
+        match self.commit(batch).await {
+            Err(IdentityError::Store(StoreError::Conflict(_))) => {
+                return Err(IdentityError::Conflict(format!("Role {n} already exists")));
+            }
+            other => other?,
+        }
+        self.publish("ROLE_ADDED", json!({"role_id": n}));
+        Ok(role)
+    }
+
+    pub async fn delete_role(&self, actor: &Actor, name: &str) -> Result<()> {
+        let (role, rev) = self.role(name).await?.ok_or_else(|| IdentityError::not_found("Role", name))?;
+        if role.internal {
+            return Err(IdentityError::Conflict(format!("Role {} is built in and cannot be deleted", role.name)));
+        }
+        let mut batch = Batch::new().require_revision(ROLES, &role.id, rev).delete(ROLES, &role.id);
+        // Users lose the role in the same commit: no dangling references.
+        for rec in self.inner.store.list(USERS).await? {
+            let mut u: StoredUser = from_value(rec.value, "user")?;
+            if u.roles.contains(&role.name) {
+                u.roles.retain(|r| *r != role.name);
+                u.updated_at = now();
+                batch = batch.require_revision(USERS, &u.id, rec.revision).put(USERS, &u.id, to_value(&u)?);
+            }
+        }
+        let batch = audit(batch, actor, "role.delete", "role", &role.id, json!({}))?;
+        self.commit(batch).await?;
+        self.publish("ROLE_REMOVED", json!({"role_id": role.id}));
+        Ok(())
+    }
+
+    async fn modify_role<F: Fn(&mut Role)>(&self, actor: &Actor, name: &str, action: &str, detail: Value, f: F) -> Result<Role> {
+        for _ in 0..8 {
+            let (mut role, rev) = self.role(name).await?.ok_or_else(|| IdentityError::not_found("Role", name))?;
+            f(&mut role);
+            role.updated_at = now();
+            let batch = Batch::new().require_revision(ROLES, &role.id, rev).put(ROLES, &role.id, to_value(&role)?);
+            let batch = audit(batch, actor, action, "role", &role.id, detail.clone())?;
+            match self.commit(batch).await {
+                Ok(()) => return Ok(role),
+                Err(IdentityError::Store(StoreError::Conflict(_))) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(IdentityError::Conflict("The role changed concurrently too often; retry".into()))
+    }
+
+    pub async fn add_role_claim(&self, by: &Principal, actor: &Actor, role: &str, claim: &str) -> Result<Claim> {
+        let c = self.claim(claim).await?.ok_or_else(|| IdentityError::not_found("Claim", claim))?;
+        let (r, _) = self.role(role).await?.ok_or_else(|| IdentityError::not_found("Role", role))?;
+        if r.name == SUPER_USER_ROLE && !by.is_super_user() {
+            return Err(IdentityError::Forbidden("Only a SUPER_USER can change the SUPER_USER role".into()));
+        }
+        self.check_grantable(by, &[], std::slice::from_ref(&c.name)).await?;
+        let cname = c.name.clone();
+        self.modify_role(actor, role, "role.claim.add", json!({"claim": cname}), |r| {
+            if !r.claims.contains(&cname) {
+                r.claims.push(cname.clone());
+            }
+        })
+        .await?;
+        self.publish("ROLE_CLAIM_ADDED", json!({"role_id": r.id, "claim_id": c.id}));
+        Ok(c)
+    }
+
+    pub async fn remove_role_claim(&self, by: &Principal, actor: &Actor, role: &str, claim: &str) -> Result<()> {
+        let cname = normalise_name("claim", claim)?;
+        let (r, _) = self.role(role).await?.ok_or_else(|| IdentityError::not_found("Role", role))?;
+        if r.name == SUPER_USER_ROLE && !by.is_super_user() {
+            return Err(IdentityError::Forbidden("Only a SUPER_USER can change the SUPER_USER role".into()));
+        }
+        if !r.claims.contains(&cname) {
+            return Err(IdentityError::not_found("Claim of the role", claim));
+        }
+        self.modify_role(actor, role, "role.claim.remove", json!({"claim": cname}), |r| r.claims.retain(|c| *c != cname))
+            .await?;
+        self.publish("ROLE_CLAIM_REMOVED", json!({"role_id": r.id, "claim_id": cname}));
+        Ok(())
+    }
+
+    // ----- claims ----------------------------------------------------------------------
+
+    pub async fn list_claims(&self) -> Result<Vec<Claim>> {
+        self.inner.store.list(CLAIMS).await?.into_iter().map(|r| from_value(r.value, "claim")).collect()
+    }
+
+    pub async fn get_claim(&self, name: &str) -> Result<Claim> {
+        self.claim(name).await?.ok_or_else(|| IdentityError::not_found("Claim", name))
+    }
+
+    pub async fn create_claim(&self, actor: &Actor, name: &str, description: Option<String>) -> Result<Claim> {
+        let n = normalise_name("claim", name)?;
+        let description = description.unwrap_or_default();
+        check_text("description", &description, 1000)?;
+        let (group, resource, action) = claims::claim_metadata(&n);
+        let t = now();
+        let c = Claim { id: n.clone(), name: n.clone(), description, internal: false, group, resource, action, created_at: t, updated_at: t };
+        let batch = Batch::new().require_absent(CLAIMS, &n).put(CLAIMS, &n, to_value(&c)?);
+        let batch = audit(batch, actor, "claim.create", "claim", &n, json!({}))?;
+        match self.commit(batch).await {
+            Err(IdentityError::Store(StoreError::Conflict(_))) => {
+                return Err(IdentityError::Conflict(format!("Claim {n} already exists")));
+            }
+            other => other?,
+        }
+        self.publish("CLAIM_ADDED", json!({"claim_id": n}));
+        Ok(c)
+    }
+
+    pub async fn delete_claim(&self, actor: &Actor, name: &str) -> Result<()> {
+        let c = self.claim(name).await?.ok_or_else(|| IdentityError::not_found("Claim", name))?;
+        if c.internal {
+            return Err(IdentityError::Conflict(format!("Claim {} is a system claim and cannot be deleted", c.name)));
+        }
+        let mut batch = Batch::new().delete(CLAIMS, &c.id);
+        for rec in self.inner.store.list(USERS).await? {
+            let mut u: StoredUser = from_value(rec.value, "user")?;
+            if u.claims.contains(&c.name) {
+                u.claims.retain(|x| *x != c.name);
+                batch = batch.require_revision(USERS, &u.id, rec.revision).put(USERS, &u.id, to_value(&u)?);
+            }
+        }
+        for rec in self.inner.store.list(ROLES).await? {
+            let mut r: Role = from_value(rec.value, "role")?;
+            if r.claims.contains(&c.name) {
+                r.claims.retain(|x| *x != c.name);
+                batch = batch.require_revision(ROLES, &r.id, rec.revision).put(ROLES, &r.id, to_value(&r)?);
+            }
+        }
+        let batch = audit(batch, actor, "claim.delete", "claim", &c.id, json!({}))?;
+        self.commit(batch).await?;
+        self.publish("CLAIM_REMOVED", json!({"claim_id": c.id}));
+        Ok(())
+    }
+
+    // ----- API keys --------------------------------------------------------------------
+
+    /// Keys the caller may see: all with LIST_API_KEY, otherwise its own.
+    pub async fn list_api_keys(&self, by: &Principal) -> Result<Vec<ApiKeyView>> {
+        let all = by.has_claim(claims::LIST_API_KEY);
+        let mut out = Vec::new();
+        for r in self.inner.store.list(API_KEYS).await? {
+            let k: StoredApiKey = from_value(r.value, "api key")?;
+            if all || k.user_id == by.user_id {
+                out.push(k.view());
+            }
+        }
+        Ok(out)
+    }
+
+    async fn find_api_key(&self, by: &Principal, ident: &str, admin_claim: &str) -> Result<(StoredApiKey, u64)> {
+        let mut found = None;
+        if let Some(r) = self.inner.store.get(API_KEYS, ident).await? {
+            found = Some((from_value::<StoredApiKey>(r.value, "api key")?, r.revision));
+        } else {
+            for r in self.inner.store.list(API_KEYS).await? {
+                let k: StoredApiKey = from_value(r.value, "api key")?;
+                if k.name == ident || k.key.eq_ignore_ascii_case(ident) {
+                    found = Some((k, r.revision));
+                    break;
+                }
+            }
+        }
+        match found {
+            // Another user's key is invisible without the admin claim.
+            Some((k, rev)) if k.user_id == by.user_id || by.has_claim(admin_claim) => Ok((k, rev)),
+            _ => Err(IdentityError::not_found("API key", ident)),
+        }
+    }
+
+    pub async fn get_api_key(&self, by: &Principal, ident: &str) -> Result<ApiKeyView> {
+        Ok(self.find_api_key(by, ident, claims::LIST_API_KEY).await?.0.view())
+    }
+
+    pub async fn create_api_key(&self, by: &Principal, actor: &Actor, input: NewApiKey) -> Result<CreatedApiKey> {
+        let name = input.name.trim().to_string();
+        if name.is_empty() || name.len() > 100 {
+            return Err(IdentityError::Invalid("API key name must be 1 to 100 characters".into()));
+        }
+        check_text("name", &name, 100)?;
+        let owner_id = match &input.user_id {
+            Some(u) if !u.is_empty() => self.require_user(u).await?.0.id,
+            _ => by.user_id.clone(),
+        };
+        if owner_id != by.user_id && !by.has_claim(claims::CREATE_API_KEY) {
+            return Err(IdentityError::Forbidden("Creating a key for another user needs the CREATE_API_KEY claim".into()));
+        }
+        if owner_id != by.user_id && !by.is_super_user() {
+            // A key for someone else would let the caller act as them.
+            let (owner, _) = self.require_user(&owner_id).await?;
+            let owner_p = self.principal_for(&owner, AuthMethod::Jwt).await?;
+            if owner_p.is_super_user() || !owner_p.claims.is_subset(&by.claims) {
+                return Err(IdentityError::Forbidden("Cannot create a key for a user who holds permissions you do not".into()));
+            }
+        }
+        let key = match &input.key {
+            Some(k) => {
+                let k = k.trim().to_ascii_uppercase();
+                if k.is_empty() || k.len() > 64 || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') || k.contains(':') {
+                    return Err(IdentityError::Invalid("API key id must be 1 to 64 letters, digits, '_' or '-'".into()));
+                }
+                k
+            }
+            None => hex::encode_upper(random_token(10)?),
+        };
+        let secret = match &input.secret {
+            Some(s) => {
+                if s.chars().count() < 16 || s.len() > 256 {
+                    return Err(IdentityError::Policy("an API key secret must be 16 to 256 characters; omit it to have one generated".into()));
+                }
+                s.clone()
+            }
+            None => URL_SAFE_NO_PAD.encode(random_token(32)?),
+        };
+        if let Some(t) = input.expires_at
+            && t <= now()
+        {
+            return Err(IdentityError::Invalid("expires_at is in the past".into()));
+        }
+        let t = now();
+        let stored = StoredApiKey {
+            id: uuid::Uuid::now_v7().to_string(),
+            name,
+            key: key.clone(),
+            secret_hash: self.secret_hash(&secret),
+            user_id: owner_id,
+            revoked: false,
+            revoked_at: None,
+            expires_at: input.expires_at,
+            created_at: t,
+            updated_at: t,
+        };
+        let batch = Batch::new()
+            .require_absent(API_KEY_INDEX, &key)
+            .put(API_KEYS, &stored.id, to_value(&stored)?)
+            .put(API_KEY_INDEX, &key, json!(stored.id));
+        let batch = audit(batch, actor, "api_key.create", "api_key", &stored.id, json!({"name": stored.name, "user_id": stored.user_id}))?;
+        match self.commit(batch).await {
+            Err(IdentityError::Store(StoreError::Conflict(_))) => {
+                return Err(IdentityError::Conflict(format!("An API key with id {key} already exists")));
+            }
+            other => other?,
+        }
+        let encoded = STANDARD.encode(format!("{key}:{secret}"));
+        Ok(CreatedApiKey { key: stored.view(), encoded })
+    }
+
+    pub async fn delete_api_key(&self, by: &Principal, actor: &Actor, ident: &str) -> Result<()> {
+        let (k, rev) = self.find_api_key(by, ident, claims::DELETE_API_KEY).await?;
+        let batch = Batch::new().require_revision(API_KEYS, &k.id, rev).delete(API_KEYS, &k.id).delete(API_KEY_INDEX, &k.key);
+        let batch = audit(batch, actor, "api_key.delete", "api_key", &k.id, json!({}))?;
+        self.commit(batch).await
+    }
+
+    pub async fn revoke_api_key(&self, by: &Principal, actor: &Actor, ident: &str) -> Result<ApiKeyView> {
+        let (mut k, rev) = self.find_api_key(by, ident, claims::UPDATE_API_KEY).await?;
+        if !k.revoked {
+            k.revoked = true;
+            k.revoked_at = Some(now());
+            k.updated_at = now();
+            let batch = Batch::new().require_revision(API_KEYS, &k.id, rev).put(API_KEYS, &k.id, to_value(&k)?);
+            let batch = audit(batch, actor, "api_key.revoke", "api_key", &k.id, json!({}))?;
+            self.commit(batch).await?;
+        }
+        Ok(k.view())
+    }
+
+    // ----- audit -----------------------------------------------------------------------
+
+    /// Audit entries in time order, after the given id.
+    pub async fn list_audit(&self, after: Option<&str>, limit: usize) -> Result<Vec<AuditEntry>> {
+        self.inner
+            .store
+            .list_page(AUDIT_COLLECTION, after, limit.clamp(1, 1000))
+            .await?
+            .into_iter()
+            .map(|r| from_value(r.value, "audit entry"))
+            .collect()
+    }
+
+    /// Record an audit entry for a change made outside this service.
+    pub async fn record(&self, actor: &Actor, action: &str, target_type: &str, target_id: &str, detail: Value) -> Result<()> {
+        let batch = audit(Batch::new(), actor, action, target_type, target_id, detail)?;
+        self.commit(batch).await
+    }
+}
+
+/// A valid argon2id hash of a random string, verified against on unknown users.
+const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$2Hfvl4L3eSvKMV0rZc1eH1ZmHbp6CWx2eRqvHbEFjDY";
+
+async fn hash_blocking(pw: String) -> Result<String> {
+    tokio::task::spawn_blocking(move || password::hash(&pw))
+        .await
+        .map_err(|e| IdentityError::Internal(e.to_string()))?
+}
