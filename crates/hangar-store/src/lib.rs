@@ -14,6 +14,33 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub mod conformance;
+pub mod json;
+
+pub use json::{EncryptionKey, JsonStore, JsonStoreOptions};
+
+/// Longest collection name or record id accepted, in bytes.
+pub const MAX_KEY_LEN: usize = 1024;
+
+/// Checks a collection name or record id: non-empty, at most [`MAX_KEY_LEN`] bytes, no NUL.
+pub fn validate_key(kind: &str, key: &str) -> Result<()> {
+    if key.is_empty() {
+        return Err(StoreError::Invalid(format!("empty {kind}")));
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(StoreError::Invalid(format!(
+            "{kind} is {} bytes long, the limit is {MAX_KEY_LEN}",
+            key.len()
+        )));
+    }
+    if key.contains('\0') {
+        return Err(StoreError::Invalid(format!(
+            "{kind} contains a NUL character"
+        )));
+    }
+    Ok(())
+}
+
 /// One stored record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {
@@ -27,8 +54,15 @@ pub struct Record {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
-    Put { collection: String, id: String, value: Value },
-    Delete { collection: String, id: String },
+    Put {
+        collection: String,
+        id: String,
+        value: Value,
+    },
+    Delete {
+        collection: String,
+        id: String,
+    },
 }
 
 /// A precondition checked atomically with the batch's writes.
@@ -38,7 +72,11 @@ pub enum Condition {
     /// No record with this id exists.
     Absent { collection: String, id: String },
     /// The record exists and was last written at exactly this revision.
-    Revision { collection: String, id: String, revision: u64 },
+    Revision {
+        collection: String,
+        id: String,
+        revision: u64,
+    },
 }
 
 /// An atomic unit of writes.
@@ -53,15 +91,25 @@ impl Batch {
         Self::default()
     }
     pub fn put(mut self, collection: &str, id: &str, value: Value) -> Self {
-        self.ops.push(Op::Put { collection: collection.into(), id: id.into(), value });
+        self.ops.push(Op::Put {
+            collection: collection.into(),
+            id: id.into(),
+            value,
+        });
         self
     }
     pub fn delete(mut self, collection: &str, id: &str) -> Self {
-        self.ops.push(Op::Delete { collection: collection.into(), id: id.into() });
+        self.ops.push(Op::Delete {
+            collection: collection.into(),
+            id: id.into(),
+        });
         self
     }
     pub fn require_absent(mut self, collection: &str, id: &str) -> Self {
-        self.conditions.push(Condition::Absent { collection: collection.into(), id: id.into() });
+        self.conditions.push(Condition::Absent {
+            collection: collection.into(),
+            id: id.into(),
+        });
         self
     }
     pub fn require_revision(mut self, collection: &str, id: &str, revision: u64) -> Self {
@@ -74,6 +122,22 @@ impl Batch {
     }
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty() && self.conditions.is_empty()
+    }
+    /// Checks every collection name and id of the batch with [`validate_key`]. Engines call
+    /// this before writing anything, so an invalid batch answers [`StoreError::Invalid`].
+    pub fn validate(&self) -> Result<()> {
+        for condition in &self.conditions {
+            let (Condition::Absent { collection, id } | Condition::Revision { collection, id, .. }) =
+                condition;
+            validate_key("collection", collection)?;
+            validate_key("id", id)?;
+        }
+        for op in &self.ops {
+            let (Op::Put { collection, id, .. } | Op::Delete { collection, id }) = op;
+            validate_key("collection", collection)?;
+            validate_key("id", id)?;
+        }
+        Ok(())
     }
 }
 
@@ -98,13 +162,34 @@ pub struct Dump {
 
 pub const DUMP_FORMAT: u32 = 1;
 
+impl Dump {
+    /// Checks the format version and every collection name and id.
+    pub fn validate(&self) -> Result<()> {
+        if self.format != DUMP_FORMAT {
+            return Err(StoreError::Invalid(format!(
+                "dump format {} is not supported (expected {DUMP_FORMAT})",
+                self.format
+            )));
+        }
+        for (collection, records) in &self.collections {
+            validate_key("collection", collection)?;
+            for id in records.keys() {
+                validate_key("id", id)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// A batch condition did not hold; nothing was written.
     #[error("Conflict: {0}")]
     Conflict(String),
     /// Another process holds the data folder.
-    #[error("The data folder {path} is in use by another Hangar process (lock file {lock}); stop it or choose another DATABASE_FOLDER")]
+    #[error(
+        "The data folder {path} is in use by another Hangar process (lock file {lock}); stop it or choose another DATABASE_FOLDER"
+    )]
     Locked { path: String, lock: String },
     /// The data cannot be decrypted with the key given.
     #[error("Cannot decrypt the store in {path}: wrong encryption key, or the file was altered")]
@@ -137,7 +222,12 @@ pub trait Store: Send + Sync + 'static {
     /// Every record of a collection, sorted by id.
     async fn list(&self, collection: &str) -> Result<Vec<Record>>;
     /// Up to `limit` records with id greater than `after`, sorted by id.
-    async fn list_page(&self, collection: &str, after: Option<&str>, limit: usize) -> Result<Vec<Record>>;
+    async fn list_page(
+        &self,
+        collection: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Record>>;
     /// Apply a batch atomically. When this returns `Ok`, the batch is durable.
     async fn commit(&self, batch: Batch) -> Result<Committed>;
     /// Everything, as plain JSON.
