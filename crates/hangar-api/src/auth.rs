@@ -1,0 +1,271 @@
+//! Authentication and route authorisation.
+//!
+//! Every route is registered through [`crate::Api::add`] with an [`Access`] rule; the rule
+//! is stored in the [`AccessTable`] under the route's method and path. The
+//! [`authorize`] middleware runs on every request: it authenticates the caller from the
+//! `Authorization: Bearer` or `X-Api-Key` header (and, on the websocket route only, from
+//! the `access_token`/`authorization` query parameter), then checks the route's rule.
+//! A matched route with no rule is refused: deny by default. Client headers such as
+//! `X-Super-User`, `X-Claims`, `X-Roles` and `X-SOURCE` are never read.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
+use axum::http::{Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use hangar_core::audit::Actor;
+use hangar_core::{Access, AuthMethod, Decision, Principal};
+
+use crate::AppState;
+use crate::error::ApiError;
+
+/// Paths (relative to the API root) that accept the token in the query string.
+const QUERY_TOKEN_PATHS: &[&str] = &["/ws/subscribe"];
+
+/// The declared rule of every route: (method, path relative to the API root) -> access.
+#[derive(Debug, Clone, Default)]
+pub struct AccessTable {
+    pub routes: BTreeMap<(String, String), Access>,
+}
+
+impl AccessTable {
+    pub fn insert(&mut self, method: &Method, path: &str, access: Access) {
+        self.routes.insert((method.as_str().to_string(), path.to_string()), access);
+    }
+
+    pub fn get(&self, method: &Method, path: &str) -> Option<Access> {
+        self.routes.get(&(method.as_str().to_string(), path.to_string())).copied()
+    }
+
+    /// Methods declared for a path.
+    pub fn methods(&self, path: &str) -> BTreeSet<String> {
+        self.routes.keys().filter(|(_, p)| p == path).map(|(m, _)| m.clone()).collect()
+    }
+}
+
+/// The credential a request came with, kept so long-lived connections can re-check it.
+#[derive(Debug, Clone)]
+pub enum Credential {
+    Bearer(String),
+    ApiKey(String),
+}
+
+/// Per-request context put in the request's extensions by [`authorize`].
+#[derive(Debug, Clone)]
+pub struct RequestContext {
+    pub principal: Option<Principal>,
+    pub credential: Option<Credential>,
+    pub actor: Actor,
+    pub request_id: Option<String>,
+}
+
+impl RequestContext {
+    /// The principal; handlers on non-public routes can rely on it.
+    pub fn caller(&self) -> Result<&Principal, ApiError> {
+        self.principal.as_ref().ok_or_else(|| ApiError::unauthorized("Authentication required"))
+    }
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for RequestContext {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<RequestContext>()
+            .cloned()
+            .ok_or_else(|| ApiError::internal("request context missing"))
+    }
+}
+
+/// Strip the API prefix (`/api/v1` or `/api`) from a matched path.
+pub fn relative_path<'a>(prefix: &str, matched: &'a str) -> &'a str {
+    let v1 = format!("{prefix}/v1");
+    if let Some(rest) = matched.strip_prefix(v1.as_str())
+        && (rest.is_empty() || rest.starts_with('/'))
+    {
+        return rest;
+    }
+    if let Some(rest) = matched.strip_prefix(prefix)
+        && (rest.is_empty() || rest.starts_with('/'))
+    {
+        return rest;
+    }
+    matched
+}
+
+fn query_token(uri: &http::Uri) -> Option<String> {
+    let q = uri.query()?;
+    for pair in q.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if k == "access_token" || k == "authorization" {
+            let v = percent_decode(v);
+            let v = v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")).unwrap_or(&v).to_string();
+            if !v.is_empty() {
+                return Some(v);
+            }
+        }
+    }
+    None
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 3;
+                    }
+                    Err(_) => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn credential_from(req: &Request, rel_path: &str) -> Result<Option<Credential>, ApiError> {
+    if let Some(v) = req.headers().get(header::AUTHORIZATION) {
+        let v = v.to_str().map_err(|_| ApiError::unauthorized("The Authorization header is not valid text"))?;
+        let token = v
+            .strip_prefix("Bearer ")
+            .or_else(|| v.strip_prefix("bearer "))
+            .ok_or_else(|| ApiError::unauthorized("The Authorization header must be 'Bearer <token>'"))?;
+        return Ok(Some(Credential::Bearer(token.trim().to_string())));
+    }
+    if let Some(v) = req.headers().get("x-api-key") {
+        let v = v.to_str().map_err(|_| ApiError::unauthorized("The X-Api-Key header is not valid text"))?;
+        return Ok(Some(Credential::ApiKey(v.trim().to_string())));
+    }
+    if QUERY_TOKEN_PATHS.contains(&rel_path)
+        && let Some(t) = query_token(req.uri())
+    {
+        return Ok(Some(Credential::Bearer(t)));
+    }
+    Ok(None)
+}
+
+/// Authenticate a credential against the current store.
+pub async fn authenticate(state: &AppState, cred: &Credential) -> Result<Principal, ApiError> {
+    match cred {
+        Credential::Bearer(t) => Ok(state.identity.authenticate_token(t).await?),
+        Credential::ApiKey(k) => Ok(state.identity.authenticate_api_key(k).await?),
+    }
+}
+
+/// The authorisation middleware. See the module docs.
+pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let request_id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string());
+    let Some(matched) = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string()) else {
+        // No route matched: the fallback answers 404.
+        return next.run(req).await;
+    };
+    let rel = relative_path(&state.api_prefix, &matched).to_string();
+    let access = match state.access.get(req.method(), &rel) {
+        Some(a) => a,
+        None => {
+            let methods = state.access.methods(&rel);
+            if methods.is_empty() {
+                tracing::error!(path = %matched, method = %req.method(), "route has no access declaration; refused");
+                return ApiError::forbidden("This route has no access declaration and is refused").into_response();
+            }
+            let allow = methods.into_iter().collect::<Vec<_>>().join(", ");
+            let mut r = ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("Method {} is not allowed here; use {allow}", req.method())).into_response();
+            if let Ok(v) = http::HeaderValue::from_str(&allow) {
+                r.headers_mut().insert(header::ALLOW, v);
+            }
+            return r;
+        }
+    };
+    let credential = if access.is_public() {
+        None
+    } else {
+        match credential_from(&req, &rel) {
+            Ok(c) => c,
+            Err(e) => return e.into_response(),
+        }
+    };
+    let principal = match &credential {
+        Some(c) => match authenticate(&state, c).await {
+            Ok(p) => Some(p),
+            Err(e) => return e.into_response(),
+        },
+        None => None,
+    };
+    match access.check(principal.as_ref()) {
+        Decision::Allow => {}
+        Decision::Unauthenticated => {
+            return ApiError::unauthorized("Authentication required: send 'Authorization: Bearer <token>' (from POST /api/v1/auth/token) or 'X-Api-Key'").into_response();
+        }
+        Decision::Forbidden { needed } => {
+            return ApiError::forbidden(format!("Forbidden: this route needs {needed}")).into_response();
+        }
+    }
+    let actor = match &principal {
+        Some(p) => Actor {
+            user_id: p.user_id.clone(),
+            username: p.username.clone(),
+            via: match &p.method {
+                AuthMethod::Jwt => "jwt".into(),
+                AuthMethod::ApiKey { key_id } => format!("api_key:{key_id}"),
+            },
+            source_ip: peer,
+            request_id: request_id.clone(),
+        },
+        None => Actor { user_id: "anonymous".into(), username: "anonymous".into(), via: "none".into(), source_ip: peer, request_id: request_id.clone() },
+    };
+    if let Some(p) = &principal {
+        tracing::Span::current().record("user", p.username.as_str());
+    }
+    req.extensions_mut().insert(RequestContext { principal, credential, actor, request_id });
+    next.run(req).await
+}
+
+/// Shared state for the authorisation middleware's table.
+pub type SharedAccess = Arc<AccessTable>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_are_stripped_exactly() {
+        assert_eq!(relative_path("/api", "/api/v1/auth/users"), "/auth/users");
+        assert_eq!(relative_path("/api", "/api/auth/users"), "/auth/users");
+        assert_eq!(relative_path("/api", "/api/v1"), "");
+        assert_eq!(relative_path("/api", "/apix/users"), "/apix/users");
+        assert_eq!(relative_path("/api", "/swagger/{*rest}"), "/swagger/{*rest}");
+    }
+
+    #[test]
+    fn query_tokens_decode() {
+        let u: http::Uri = "/api/v1/ws/subscribe?event_types=auth&access_token=abc%2Edef".parse().unwrap();
+        assert_eq!(query_token(&u).as_deref(), Some("abc.def"));
+        let u: http::Uri = "/x?authorization=Bearer%20tok".parse().unwrap();
+        assert_eq!(query_token(&u).as_deref(), Some("tok"));
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+    }
+}

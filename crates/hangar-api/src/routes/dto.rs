@@ -1,0 +1,310 @@
+//! Request and response bodies of the auth and system routes. These are the API's
+//! contract; identity types are converted into them at the edge.
+
+use chrono::{DateTime, Utc};
+use hangar_identity as id;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// `POST /auth/token`: a username or email with a password, or an API key.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    pub email: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// `base64(KEY:SECRET)`.
+    pub api_key: Option<String>,
+}
+
+/// A token. `expires_at` is in unix seconds.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TokenResponse {
+    pub token: String,
+    pub email: String,
+    pub expires_at: i64,
+}
+
+impl From<id::IssuedToken> for TokenResponse {
+    fn from(t: id::IssuedToken) -> Self {
+        TokenResponse { token: t.token, email: t.email, expires_at: t.expires_at }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ValidateRequest {
+    pub token: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ValidateResponse {
+    pub valid: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct User {
+    pub id: String,
+    pub username: String,
+    pub name: String,
+    pub email: String,
+    /// Role names.
+    pub roles: Vec<String>,
+    /// Direct claim names (roles add more).
+    pub claims: Vec<String>,
+    #[serde(rename = "isSuperUser")]
+    pub is_super_user: bool,
+    pub disabled: bool,
+    /// Locked after failed logins.
+    pub blocked: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocked_until: Option<DateTime<Utc>>,
+    pub failed_login_attempts: u32,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<id::UserView> for User {
+    fn from(u: id::UserView) -> Self {
+        User {
+            id: u.id,
+            username: u.username,
+            name: u.name,
+            email: u.email,
+            roles: u.roles,
+            claims: u.claims,
+            is_super_user: u.is_super_user,
+            disabled: u.disabled,
+            blocked: u.blocked,
+            blocked_until: u.blocked_until,
+            failed_login_attempts: u.failed_login_attempts,
+            created_at: u.created_at,
+            updated_at: u.updated_at,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUserRequest {
+    pub username: String,
+    pub name: Option<String>,
+    pub email: String,
+    pub password: String,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    #[serde(default)]
+    pub claims: Vec<String>,
+    #[serde(default)]
+    pub is_super_user: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateUserRequest {
+    pub name: Option<String>,
+    pub email: Option<String>,
+    pub password: Option<String>,
+    pub disabled: Option<bool>,
+    /// Clear a failed-login lockout.
+    #[serde(default)]
+    pub unlock: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChangePasswordRequest {
+    pub current_password: String,
+    pub new_password: String,
+}
+
+/// `{name}` (the reference's clients also send an `id`, which is ignored).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct NameRequest {
+    pub name: String,
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRoleRequest {
+    pub name: String,
+    pub description: Option<String>,
+    #[serde(default)]
+    pub claims: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Role {
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    pub internal: bool,
+    pub claims: Vec<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<id::Role> for Role {
+    fn from(r: id::Role) -> Self {
+        Role { id: r.id, name: r.name, description: r.description, internal: r.internal, claims: r.claims, created_at: r.created_at, updated_at: r.updated_at }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Claim {
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    pub internal: bool,
+    pub group: String,
+    pub resource: String,
+    pub action: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<id::Claim> for Claim {
+    fn from(c: id::Claim) -> Self {
+        Claim {
+            id: c.id,
+            name: c.name,
+            description: c.description,
+            internal: c.internal,
+            group: c.group,
+            resource: c.resource,
+            action: c.action,
+            created_at: c.created_at,
+            updated_at: c.updated_at,
+        }
+    }
+}
+
+/// Claims of one group, for the UI's permission matrix.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ClaimGroup {
+    pub group: String,
+    pub claims: Vec<Claim>,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateApiKeyRequest {
+    pub name: String,
+    /// The public id; generated when absent.
+    pub key: Option<String>,
+    /// At least 16 characters; generated when absent.
+    pub secret: Option<String>,
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Owner; the caller when absent.
+    pub user_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ApiKey {
+    pub id: String,
+    pub name: String,
+    pub key: String,
+    pub user_id: String,
+    pub revoked: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+    pub expired: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<id::ApiKeyView> for ApiKey {
+    fn from(k: id::ApiKeyView) -> Self {
+        ApiKey {
+            id: k.id,
+            name: k.name,
+            key: k.key,
+            user_id: k.user_id,
+            revoked: k.revoked,
+            revoked_at: k.revoked_at,
+            expires_at: k.expires_at,
+            expired: k.expired,
+            created_at: k.created_at,
+            updated_at: k.updated_at,
+        }
+    }
+}
+
+/// A new API key: the only answer that shows the secret, inside `encoded`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreatedApiKey {
+    #[serde(flatten)]
+    pub key: ApiKey,
+    /// `base64(KEY:SECRET)`: the `X-Api-Key` header value.
+    pub encoded: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AuditEntry {
+    pub id: String,
+    pub at: DateTime<Utc>,
+    pub user_id: String,
+    pub username: String,
+    pub via: String,
+    pub source_ip: Option<String>,
+    pub request_id: Option<String>,
+    pub action: String,
+    pub target_type: String,
+    pub target_id: String,
+    #[schema(value_type = Object)]
+    pub detail: serde_json::Value,
+}
+
+impl From<hangar_core::audit::AuditEntry> for AuditEntry {
+    fn from(a: hangar_core::audit::AuditEntry) -> Self {
+        AuditEntry {
+            id: a.id,
+            at: a.at,
+            user_id: a.actor.user_id,
+            username: a.actor.username,
+            via: a.actor.via,
+            source_ip: a.actor.source_ip,
+            request_id: a.actor.request_id,
+            action: a.action,
+            target_type: a.target_type,
+            target_id: a.target_id,
+            detail: a.detail,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    /// Return entries after this id (ids are time-ordered).
+    pub after: Option<String>,
+    /// At most this many entries (1 to 1000, default 100).
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Probe {
+    pub status: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ServiceHealth {
+    pub name: String,
+    pub healthy: bool,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SystemHealth {
+    pub healthy: bool,
+    pub message: String,
+    pub services: Vec<ServiceHealth>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Version {
+    pub version: String,
+}

@@ -1,0 +1,7 @@
+//! Route handlers, one module per area. Each module has a `register` function that adds
+//! its routes to the [`crate::Api`] with their access rules.
+
+pub mod auth;
+pub mod dto;
+pub mod system;
+pub mod ws;

@@ -1,0 +1,69 @@
+//! `/health/...`, `/version`, `/audit`, and the access rules of routes that live outside
+//! the API's own router (OpenAPI document, Swagger UI, JWKS).
+
+use axum::extract::State;
+use axum::http::Method;
+use hangar_core::Access;
+use hangar_core::claims::READ_ONLY;
+use utoipa_axum::routes;
+
+use super::dto::*;
+use crate::error::ApiError;
+use crate::extract::Query;
+use crate::{Api, AppState};
+
+pub fn register(mut api: Api) -> Api {
+    for (m, p) in [
+        (Method::GET, "/openapi.json"),
+        (Method::GET, "/.well-known/jwks.json"),
+        (Method::GET, "/swagger"),
+        (Method::GET, "/swagger/"),
+        (Method::GET, "/swagger/{*rest}"),
+    ] {
+        api.table_mut().insert(&m, p, Access::Public);
+    }
+    api.add(Access::Public, routes!(probe))
+        .add(Access::AnyOf(&[READ_ONLY]), routes!(system_health))
+        .add(Access::Authenticated, routes!(version))
+        .add(Access::SuperUser, routes!(audit))
+}
+
+impl Api {
+    pub(crate) fn table_mut(&mut self) -> &mut crate::AccessTable {
+        &mut self.table
+    }
+}
+
+/// Liveness: answers while the process serves requests. The only route open to anyone
+/// besides login, JWKS and the API documents.
+#[utoipa::path(get, path = "/health/probe", tag = "health", responses((status = 200, body = Probe)))]
+async fn probe() -> axum::Json<Probe> {
+    axum::Json(Probe { status: "OK".into() })
+}
+
+/// Health of each module.
+#[utoipa::path(get, path = "/health/system", tag = "health", responses((status = 200, body = SystemHealth)))]
+async fn system_health(State(s): State<AppState>) -> Result<axum::Json<SystemHealth>, ApiError> {
+    let mut services = vec![ServiceHealth {
+        name: format!("store ({})", s.info.store_engine),
+        healthy: s.identity.store().get("users", "-").await.is_ok(),
+        message: String::new(),
+    }];
+    for m in s.info.modules.iter().filter(|m| m.enabled) {
+        services.push(ServiceHealth { name: m.name.clone(), healthy: m.healthy, message: m.message.clone() });
+    }
+    let healthy = services.iter().all(|s| s.healthy);
+    Ok(axum::Json(SystemHealth { healthy, message: if healthy { "OK".into() } else { "Degraded".into() }, services }))
+}
+
+#[utoipa::path(get, path = "/version", tag = "health", responses((status = 200, body = Version)))]
+async fn version(State(s): State<AppState>) -> axum::Json<Version> {
+    axum::Json(Version { version: s.info.version.clone() })
+}
+
+/// The audit log: every state change, oldest first, paged by id.
+#[utoipa::path(get, path = "/audit", tag = "audit", params(AuditQuery), responses((status = 200, body = Vec<AuditEntry>)))]
+async fn audit(State(s): State<AppState>, Query(q): Query<AuditQuery>) -> Result<axum::Json<Vec<AuditEntry>>, ApiError> {
+    let entries = s.identity.list_audit(q.after.as_deref(), q.limit.unwrap_or(100)).await?;
+    Ok(axum::Json(entries.into_iter().map(AuditEntry::from).collect()))
+}

@@ -1,0 +1,252 @@
+//! Server configuration: a TOML file, then environment variables, then flags, in rising
+//! precedence. Keys are the reference service's names (`API_PORT`, `DATABASE_FOLDER`, ...);
+//! in the TOML file they may be written in lower case. Every key is listed in [`KEYS`]
+//! with its default and meaning, which is also what the README's configuration table
+//! shows (`hangar config keys`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+
+/// A configuration key: name, default (empty: none), meaning.
+pub struct Key {
+    pub name: &'static str,
+    pub default: &'static str,
+    pub help: &'static str,
+    pub secret: bool,
+}
+
+const fn k(name: &'static str, default: &'static str, help: &'static str) -> Key {
+    Key { name, default, help, secret: false }
+}
+const fn s(name: &'static str, help: &'static str) -> Key {
+    Key { name, default: "", help, secret: true }
+}
+
+pub const KEYS: &[Key] = &[
+    k("API_PORT", "3080", "HTTP port"),
+    k("API_HOST", "0.0.0.0", "Address the HTTP and HTTPS listeners bind"),
+    k("API_PREFIX", "/api", "Prefix of every API route; routes are served at PREFIX/v1/... and PREFIX/..."),
+    k("API_BODY_LIMIT", "1048576", "Largest accepted request body, in bytes"),
+    k("LOG_LEVEL", "info", "trace, debug, info, warn or error (or a tracing filter)"),
+    k("LOG_FORMAT", "text", "text or json"),
+    k("ENABLED_MODULES", "", "Comma list of modules (api, host, catalog, orchestrator, reverse_proxy); empty: every module this machine supports"),
+    k("HYPERVISOR", "auto", "Hypervisor driver of the host module: auto, qemu or parallels"),
+    s("ROOT_PASSWORD", "Password of the root user, set at every start; when unset a password is generated at first start and printed once"),
+    k("ROOT_PASSWORD_FILE", "", "File holding the root password (instead of ROOT_PASSWORD)"),
+    k("JWT_SIGN_ALGORITHM", "HS256", "HS256, HS384, HS512, RS256, RS384, RS512 or EdDSA"),
+    k("JWT_DURATION", "15m", "Token lifetime (e.g. 15m, 1h)"),
+    s("JWT_HMACS_SECRET", "HMAC secret (at least 32 bytes); generated into the data folder when unset"),
+    s("JWT_PRIVATE_KEY", "PEM private key for RS*/EdDSA: PEM text, base64 of the PEM, or a file path; EdDSA generates one when unset"),
+    k("JWT_ISSUER", "hangar", "The tokens' iss claim"),
+    k("JWT_AUDIENCE", "hangar-api", "The tokens' aud claim"),
+    k("TLS_ENABLED", "false", "Serve HTTPS on TLS_PORT"),
+    k("TLS_PORT", "443", "HTTPS port"),
+    s("TLS_CERTIFICATE", "Certificate chain: PEM text, base64 of the PEM, or a file path"),
+    s("TLS_PRIVATE_KEY", "Private key of the certificate: PEM text, base64 of the PEM, or a file path"),
+    k("DISABLE_HTTP_WHEN_TLS", "false", "With TLS enabled, serve HTTPS only"),
+    k("DATABASE_FOLDER", "", "Data folder; default /var/lib/hangar for root, ~/.local/share/hangar otherwise"),
+    k("DATABASE_ENCRYPTION_KEY_FILE", "", "Key file that encrypts the store at rest (AES-256-GCM; 32 bytes raw, hex or base64)"),
+    k("DATABASE_BACKUP_INTERVAL_MINUTES", "120", "Minutes between store backups; 0 disables scheduled backups"),
+    k("DATABASE_NUMBER_BACKUP_FILES", "10", "Backups kept"),
+    k("ENABLE_CORS", "true", "Answer CORS preflight requests"),
+    k("CORS_ALLOWED_ORIGINS", "*", "Comma list of allowed origins"),
+    k("CORS_ALLOWED_METHODS", "", "Comma list of allowed methods (default GET, POST, PUT, PATCH, DELETE, OPTIONS)"),
+    k("CORS_ALLOWED_HEADERS", "", "Comma list of extra allowed headers"),
+    k("SECURITY_PASSWORD_MIN_PASSWORD_LENGTH", "12", "Shortest password"),
+    k("SECURITY_PASSWORD_MAX_PASSWORD_LENGTH", "128", "Longest password"),
+    k("SECURITY_PASSWORD_REQUIRE_UPPERCASE", "true", "Passwords need an upper-case letter"),
+    k("SECURITY_PASSWORD_REQUIRE_LOWERCASE", "true", "Passwords need a lower-case letter"),
+    k("SECURITY_PASSWORD_REQUIRE_NUMBER", "true", "Passwords need a digit"),
+    k("SECURITY_PASSWORD_REQUIRE_SPECIAL_CHAR", "true", "Passwords need a special character"),
+    k("BRUTE_FORCE_MAX_LOGIN_ATTEMPTS", "5", "Failed logins before the account is locked"),
+    k("BRUTE_FORCE_LOCKOUT_DURATION", "5m", "How long a lockout lasts"),
+    k("BRUTE_FORCE_INCREMENTAL_WAIT", "true", "Double the lockout for each further lockout in a row"),
+];
+
+/// Where a value came from, for error messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Default,
+    File,
+    Env,
+    Flag,
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Source::Default => "default",
+            Source::File => "config file",
+            Source::Env => "environment",
+            Source::Flag => "flag",
+        })
+    }
+}
+
+/// Raw layered values.
+#[derive(Debug, Clone, Default)]
+pub struct Layers {
+    values: BTreeMap<&'static str, (String, Source)>,
+}
+
+fn key(name: &str) -> Option<&'static Key> {
+    let up = name.trim().to_ascii_uppercase().replace('-', "_");
+    KEYS.iter().find(|k| k.name == up)
+}
+
+impl Layers {
+    /// Defaults, then the file, then the process environment, then flags.
+    pub fn load(file: Option<&Path>, env: &dyn Fn(&str) -> Option<String>, flags: &[(String, String)]) -> Result<Layers> {
+        let mut l = Layers::default();
+        for k in KEYS {
+            if !k.default.is_empty() {
+                l.values.insert(k.name, (k.default.to_string(), Source::Default));
+            }
+        }
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the config file {}", path.display()))?;
+            let table: toml::Table = text.parse().with_context(|| format!("{} is not valid TOML", path.display()))?;
+            for (name, v) in table {
+                let Some(k) = key(&name) else {
+                    bail!("{}: unknown key {name:?}; `hangar config keys` lists the known keys", path.display());
+                };
+                let value = match v {
+                    toml::Value::String(s) => s,
+                    toml::Value::Integer(i) => i.to_string(),
+                    toml::Value::Boolean(b) => b.to_string(),
+                    toml::Value::Float(f) => f.to_string(),
+                    toml::Value::Array(a) => a.iter().map(|x| x.as_str().map(String::from).unwrap_or_else(|| x.to_string())).collect::<Vec<_>>().join(","),
+                    other => bail!("{}: key {name} has an unsupported value {other}", path.display()),
+                };
+                l.values.insert(k.name, (value, Source::File));
+            }
+        }
+        for k in KEYS {
+            if let Some(v) = env(k.name) {
+                l.values.insert(k.name, (v, Source::Env));
+            }
+        }
+        for (name, v) in flags {
+            let k = key(name).ok_or_else(|| anyhow!("unknown configuration key {name:?} in --set; `hangar config keys` lists the known keys"))?;
+            l.values.insert(k.name, (v.clone(), Source::Flag));
+        }
+        Ok(l)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.values.get(name).map(|(v, _)| v.as_str()).filter(|v| !v.is_empty())
+    }
+
+    fn source(&self, name: &str) -> Source {
+        self.values.get(name).map(|(_, s)| *s).unwrap_or(Source::Default)
+    }
+
+    fn bad(&self, name: &str, want: &str) -> anyhow::Error {
+        let v = self.get(name).unwrap_or("");
+        anyhow!("{name}={v:?} (from the {}) is not {want}", self.source(name))
+    }
+
+    pub fn string(&self, name: &str) -> Option<String> {
+        self.get(name).map(String::from)
+    }
+
+    pub fn bool(&self, name: &str) -> Result<bool> {
+        match self.get(name).map(|v| v.to_ascii_lowercase()) {
+            None => Ok(false),
+            Some(v) if ["true", "1", "yes", "on"].contains(&v.as_str()) => Ok(true),
+            Some(v) if ["false", "0", "no", "off"].contains(&v.as_str()) => Ok(false),
+            Some(_) => Err(self.bad(name, "true or false")),
+        }
+    }
+
+    pub fn number<T: std::str::FromStr>(&self, name: &str) -> Result<T> {
+        self.get(name).unwrap_or("").parse().map_err(|_| self.bad(name, "a number"))
+    }
+
+    pub fn duration(&self, name: &str) -> Result<Duration> {
+        let v = self.get(name).unwrap_or("");
+        if let Ok(secs) = v.parse::<u64>() {
+            return Ok(Duration::from_secs(secs));
+        }
+        humantime::parse_duration(v).map_err(|_| self.bad(name, "a duration such as 30s, 15m or 1h"))
+    }
+
+    pub fn list(&self, name: &str) -> Vec<String> {
+        self.get(name).unwrap_or("").split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
+    }
+}
+
+/// Default data folder.
+pub fn default_data_dir() -> PathBuf {
+    if is_root() {
+        return PathBuf::from("/var/lib/hangar");
+    }
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(x).join("hangar");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".local/share/hangar"),
+        None => PathBuf::from(".hangar-data"),
+    }
+}
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
+}
+
+/// Read a PEM given as PEM text, base64 of the PEM (the reference's form), or a file path.
+pub fn read_pem(name: &str, value: &str) -> Result<Vec<u8>> {
+    use base64::Engine;
+    let v = value.trim();
+    if v.starts_with("-----BEGIN") {
+        return Ok(v.as_bytes().to_vec());
+    }
+    if let Ok(b) = base64::engine::general_purpose::STANDARD.decode(v)
+        && b.starts_with(b"-----BEGIN")
+    {
+        return Ok(b);
+    }
+    let p = Path::new(v);
+    if p.exists() {
+        return std::fs::read(p).with_context(|| format!("{name}: cannot read {}", p.display()));
+    }
+    bail!("{name} is neither PEM text, base64 of a PEM, nor a readable file")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn precedence_is_file_then_env_then_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "api_port = 4000\nlog_level = \"debug\"\njwt_duration = \"1h\"\n").unwrap();
+        let env = |k: &str| match k {
+            "API_PORT" => Some("5000".to_string()),
+            "LOG_LEVEL" => Some("warn".to_string()),
+            _ => None,
+        };
+        let l = Layers::load(Some(&f), &env, &[("api-port".into(), "6000".into())]).unwrap();
+        assert_eq!(l.number::<u16>("API_PORT").unwrap(), 6000);
+        assert_eq!(l.get("LOG_LEVEL"), Some("warn"));
+        assert_eq!(l.duration("JWT_DURATION").unwrap(), Duration::from_secs(3600));
+        assert_eq!(l.get("API_PREFIX"), Some("/api"));
+    }
+
+    #[test]
+    fn errors_name_the_key_and_its_source() {
+        let env = |k: &str| (k == "API_PORT").then(|| "eighty".to_string());
+        let l = Layers::load(None, &env, &[]).unwrap();
+        let e = l.number::<u16>("API_PORT").unwrap_err().to_string();
+        assert!(e.contains("API_PORT") && e.contains("environment"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "no_such_key = 1\n").unwrap();
+        let e = Layers::load(Some(&f), &|_| None, &[]).unwrap_err().to_string();
+        assert!(e.contains("unknown key"), "{e}");
+    }
+}

@@ -1,0 +1,455 @@
+//! `hangar`: the server (`hangar serve`) and the CLI that manages it.
+
+mod client;
+mod config;
+mod output;
+mod serve;
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Value, json};
+
+use crate::client::{Client, Credentials, seg};
+use crate::config::Layers;
+use crate::output::{Output, print};
+
+#[derive(Parser)]
+#[command(name = "hangar", version, about = "Disposable VMs for CI: server and CLI", propagate_version = true)]
+struct Cli {
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value = "table")]
+    output: Output,
+    /// Server URL (default: the one from `hangar login`, or HANGAR_URL).
+    #[arg(long, global = true)]
+    url: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone, Default)]
+struct ServerConfigArgs {
+    /// TOML configuration file (keys as in `hangar config keys`).
+    #[arg(long, env = "HANGAR_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data folder (DATABASE_FOLDER).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// HTTP port (API_PORT).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Set any configuration key: --set KEY=VALUE (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+impl ServerConfigArgs {
+    fn layers(&self) -> Result<Layers> {
+        let mut flags = Vec::new();
+        for kv in &self.set {
+            let (k, v) = kv.split_once('=').with_context(|| format!("--set {kv:?}: write KEY=VALUE"))?;
+            flags.push((k.to_string(), v.to_string()));
+        }
+        if let Some(d) = &self.data_dir {
+            flags.push(("DATABASE_FOLDER".into(), d.display().to_string()));
+        }
+        if let Some(p) = self.port {
+            flags.push(("API_PORT".into(), p.to_string()));
+        }
+        Layers::load(self.config.as_deref(), &|k| std::env::var(k).ok(), &flags)
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the server with the enabled modules.
+    Serve(ServerConfigArgs),
+    /// Offline operations on the data folder (stop the server first).
+    Db {
+        #[command(subcommand)]
+        command: DbCommand,
+    },
+    /// Configuration reference.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Log in to a server and keep the token (mode 0600) for later commands.
+    Login {
+        #[arg(long)]
+        username: String,
+        /// Read the password from standard input instead of prompting.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Forget the saved login.
+    Logout,
+    /// Users.
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+    /// Roles.
+    Role {
+        #[command(subcommand)]
+        command: RoleCommand,
+    },
+    /// Claims.
+    Claim {
+        #[command(subcommand)]
+        command: ClaimCommand,
+    },
+    /// API keys.
+    Apikey {
+        #[command(subcommand)]
+        command: ApiKeyCommand,
+    },
+    /// The audit log (SUPER_USER).
+    Audit {
+        #[arg(long)]
+        after: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum DbCommand {
+    /// Write every record as plain JSON (to stdout, or --out FILE).
+    Export {
+        #[command(flatten)]
+        cfg: ServerConfigArgs,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Replace every record with the content of a JSON export.
+    Import {
+        #[command(flatten)]
+        cfg: ServerConfigArgs,
+        file: PathBuf,
+    },
+    /// Take a backup now.
+    Backup {
+        #[command(flatten)]
+        cfg: ServerConfigArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// List every configuration key with its default.
+    Keys {
+        /// As a Markdown table.
+        #[arg(long)]
+        markdown: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    List,
+    Get { user: String },
+    Create {
+        #[arg(long)]
+        username: String,
+        #[arg(long)]
+        email: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// Read the password from standard input.
+        #[arg(long)]
+        password_stdin: bool,
+        #[arg(long = "role")]
+        roles: Vec<String>,
+        #[arg(long = "claim")]
+        claims: Vec<String>,
+    },
+    Delete { user: String },
+    Disable { user: String },
+    Enable { user: String },
+    Unlock { user: String },
+    AddRole { user: String, role: String },
+    RemoveRole { user: String, role: String },
+    AddClaim { user: String, claim: String },
+    RemoveClaim { user: String, claim: String },
+}
+
+#[derive(Subcommand)]
+enum RoleCommand {
+    List,
+    Get { role: String },
+    Create {
+        name: String,
+        #[arg(long)]
+        description: Option<String>,
+        #[arg(long = "claim")]
+        claims: Vec<String>,
+    },
+    Delete { role: String },
+    AddClaim { role: String, claim: String },
+    RemoveClaim { role: String, claim: String },
+}
+
+#[derive(Subcommand)]
+enum ClaimCommand {
+    List,
+    Create {
+        name: String,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    Delete { claim: String },
+}
+
+#[derive(Subcommand)]
+enum ApiKeyCommand {
+    List,
+    /// Create a key; its secret is printed once.
+    Create {
+        name: String,
+        /// Expiry, RFC 3339 (e.g. 2027-01-01T00:00:00Z).
+        #[arg(long)]
+        expires_at: Option<String>,
+        /// Owner (default: you).
+        #[arg(long)]
+        user: Option<String>,
+    },
+    Delete { key: String },
+    Revoke { key: String },
+}
+
+fn read_secret_stdin(what: &str) -> Result<String> {
+    let mut s = String::new();
+    std::io::stdin().read_to_string(&mut s).with_context(|| format!("cannot read the {what} from standard input"))?;
+    let s = s.trim_end_matches(['\n', '\r']).to_string();
+    if s.is_empty() {
+        bail!("the {what} read from standard input is empty");
+    }
+    Ok(s)
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(l: &Layers) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_new(l.get("LOG_LEVEL").unwrap_or("info")).unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr);
+    if l.get("LOG_FORMAT") == Some("json") {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let out = cli.output;
+    match cli.command {
+        Command::Serve(cfg) => {
+            let l = cfg.layers()?;
+            init_tracing(&l);
+            serve::run(l).await
+        }
+        Command::Db { command } => db(command, out).await,
+        Command::Config { command: ConfigCommand::Keys { markdown } } => {
+            if markdown {
+                println!("| Key | Default | Meaning |\n|---|---|---|");
+                for k in config::KEYS {
+                    let d = if k.default.is_empty() { "–".to_string() } else { format!("`{}`", k.default) };
+                    println!("| `{}` | {} | {}{} |", k.name, d, k.help, if k.secret { " (secret: never logged)" } else { "" });
+                }
+            } else {
+                let rows: Vec<Value> = config::KEYS.iter().map(|k| json!({"key": k.name, "default": k.default, "meaning": k.help})).collect();
+                print(out, &Value::Array(rows), &["key", "default", "meaning"]);
+            }
+            Ok(())
+        }
+        Command::Login { username, password_stdin } => {
+            let url = cli.url.clone().or_else(|| std::env::var("HANGAR_URL").ok()).context("give the server with --url URL")?;
+            let password = if password_stdin { read_secret_stdin("password")? } else { rpassword::prompt_password(format!("Password for {username}: "))? };
+            let c = Client::anonymous(&url)?;
+            let body = if username.contains('@') { json!({"email": username, "password": password}) } else { json!({"username": username, "password": password}) };
+            let t = c.post("/auth/token", body).await?;
+            let creds = Credentials {
+                url: url.clone(),
+                token: t.get("token").and_then(Value::as_str).context("the server answered without a token")?.to_string(),
+                expires_at: t.get("expires_at").and_then(Value::as_i64).unwrap_or(0),
+                username: username.clone(),
+            };
+            let path = client::save_credentials(&creds)?;
+            let v = json!({"url": url, "username": username, "expires_at": creds.expires_at, "credentials_file": path.display().to_string()});
+            print(out, &v, &["url", "username", "expires_at", "credentials_file"]);
+            Ok(())
+        }
+        Command::Logout => {
+            let p = client::credentials_path();
+            match std::fs::remove_file(&p) {
+                Ok(()) => println!("removed {}", p.display()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => println!("not logged in"),
+                Err(e) => return Err(e.into()),
+            }
+            Ok(())
+        }
+        Command::User { command } => user(Client::connect(cli.url.as_deref())?, command, out).await,
+        Command::Role { command } => role(Client::connect(cli.url.as_deref())?, command, out).await,
+        Command::Claim { command } => claim(Client::connect(cli.url.as_deref())?, command, out).await,
+        Command::Apikey { command } => apikey(Client::connect(cli.url.as_deref())?, command, out).await,
+        Command::Audit { after, limit } => {
+            let c = Client::connect(cli.url.as_deref())?;
+            let mut path = format!("/audit?limit={limit}");
+            if let Some(a) = after {
+                path.push_str(&format!("&after={}", seg(&a)));
+            }
+            print(out, &c.get(&path).await?, &["id", "at", "username", "via", "source_ip", "action", "target_type", "target_id"]);
+            Ok(())
+        }
+    }
+}
+
+const USER_COLS: &[&str] = &["id", "username", "email", "roles", "claims", "disabled", "blocked"];
+const ROLE_COLS: &[&str] = &["id", "description", "internal", "claims"];
+const CLAIM_COLS: &[&str] = &["id", "group", "resource", "action", "internal"];
+const KEY_COLS: &[&str] = &["id", "name", "key", "user_id", "revoked", "expires_at", "expired"];
+
+async fn user(c: Client, cmd: UserCommand, out: Output) -> Result<()> {
+    let (v, cols) = match cmd {
+        UserCommand::List => (c.get("/auth/users").await?, USER_COLS),
+        UserCommand::Get { user } => (c.get(&format!("/auth/users/{}", seg(&user))).await?, USER_COLS),
+        UserCommand::Create { username, email, name, password_stdin, roles, claims } => {
+            let password = if password_stdin { read_secret_stdin("password")? } else { rpassword::prompt_password(format!("Password for {username}: "))? };
+            let body = json!({"username": username, "email": email, "name": name, "password": password, "roles": roles, "claims": claims});
+            (c.post("/auth/users", body).await?, USER_COLS)
+        }
+        UserCommand::Delete { user } => (c.delete(&format!("/auth/users/{}", seg(&user))).await.map(|_| json!({"deleted": user}))?, &["deleted"][..]),
+        UserCommand::Disable { user } => (c.put(&format!("/auth/users/{}", seg(&user)), Some(json!({"disabled": true}))).await?, USER_COLS),
+        UserCommand::Enable { user } => (c.put(&format!("/auth/users/{}", seg(&user)), Some(json!({"disabled": false}))).await?, USER_COLS),
+        UserCommand::Unlock { user } => (c.put(&format!("/auth/users/{}", seg(&user)), Some(json!({"unlock": true}))).await?, USER_COLS),
+        UserCommand::AddRole { user, role } => (c.post(&format!("/auth/users/{}/roles", seg(&user)), json!({"name": role})).await?, ROLE_COLS),
+        UserCommand::RemoveRole { user, role } => {
+            c.delete(&format!("/auth/users/{}/roles/{}", seg(&user), seg(&role))).await?;
+            (json!({"user": user, "removed_role": role}), &["user", "removed_role"][..])
+        }
+        UserCommand::AddClaim { user, claim } => (c.post(&format!("/auth/users/{}/claims", seg(&user)), json!({"name": claim})).await?, CLAIM_COLS),
+        UserCommand::RemoveClaim { user, claim } => {
+            c.delete(&format!("/auth/users/{}/claims/{}", seg(&user), seg(&claim))).await?;
+            (json!({"user": user, "removed_claim": claim}), &["user", "removed_claim"][..])
+        }
+    };
+    print(out, &v, cols);
+    Ok(())
+}
+
+async fn role(c: Client, cmd: RoleCommand, out: Output) -> Result<()> {
+    let (v, cols) = match cmd {
+        RoleCommand::List => (c.get("/auth/roles").await?, ROLE_COLS),
+        RoleCommand::Get { role } => (c.get(&format!("/auth/roles/{}", seg(&role))).await?, ROLE_COLS),
+        RoleCommand::Create { name, description, claims } => (c.post("/auth/roles", json!({"name": name, "description": description, "claims": claims})).await?, ROLE_COLS),
+        RoleCommand::Delete { role } => {
+            c.delete(&format!("/auth/roles/{}", seg(&role))).await?;
+            (json!({"deleted": role}), &["deleted"][..])
+        }
+        RoleCommand::AddClaim { role, claim } => (c.post(&format!("/auth/roles/{}/claims", seg(&role)), json!({"name": claim})).await?, CLAIM_COLS),
+        RoleCommand::RemoveClaim { role, claim } => {
+            c.delete(&format!("/auth/roles/{}/claims/{}", seg(&role), seg(&claim))).await?;
+            (json!({"role": role, "removed_claim": claim}), &["role", "removed_claim"][..])
+        }
+    };
+    print(out, &v, cols);
+    Ok(())
+}
+
+async fn claim(c: Client, cmd: ClaimCommand, out: Output) -> Result<()> {
+    let (v, cols) = match cmd {
+        ClaimCommand::List => (c.get("/auth/claims").await?, CLAIM_COLS),
+        ClaimCommand::Create { name, description } => (c.post("/auth/claims", json!({"name": name, "description": description})).await?, CLAIM_COLS),
+        ClaimCommand::Delete { claim } => {
+            c.delete(&format!("/auth/claims/{}", seg(&claim))).await?;
+            (json!({"deleted": claim}), &["deleted"][..])
+        }
+    };
+    print(out, &v, cols);
+    Ok(())
+}
+
+async fn apikey(c: Client, cmd: ApiKeyCommand, out: Output) -> Result<()> {
+    let (v, cols) = match cmd {
+        ApiKeyCommand::List => (c.get("/auth/api_keys").await?, KEY_COLS),
+        ApiKeyCommand::Create { name, expires_at, user } => {
+            let v = c.post("/auth/api_keys", json!({"name": name, "expires_at": expires_at, "user_id": user})).await?;
+            if out == Output::Table {
+                eprintln!("Keep the value of 'encoded': it is the X-Api-Key header and is shown only this once.");
+            }
+            (v, &["id", "name", "key", "user_id", "expires_at", "encoded"][..])
+        }
+        ApiKeyCommand::Delete { key } => {
+            c.delete(&format!("/auth/api_keys/{}", seg(&key))).await?;
+            (json!({"deleted": key}), &["deleted"][..])
+        }
+        ApiKeyCommand::Revoke { key } => (c.put(&format!("/auth/api_keys/{}/revoke", seg(&key)), None).await?, KEY_COLS),
+    };
+    print(out, &v, cols);
+    Ok(())
+}
+
+async fn db(cmd: DbCommand, out: Output) -> Result<()> {
+    use hangar_store::Store;
+    let cfg = match &cmd {
+        DbCommand::Export { cfg, .. } | DbCommand::Import { cfg, .. } | DbCommand::Backup { cfg } => cfg.clone(),
+    };
+    let l = cfg.layers()?;
+    let dir = serve::data_dir(&l)?;
+    let store = Arc::new(serve::open_store(&l, &dir, false).await.context("is the server still running? `hangar db` works on a stopped server's data folder")?);
+    let result = async {
+        match cmd {
+            DbCommand::Export { out: file, .. } => {
+                let dump = store.export().await?;
+                let text = serde_json::to_string_pretty(&dump)?;
+                match file {
+                    Some(f) => {
+                        std::fs::write(&f, text).with_context(|| format!("cannot write {}", f.display()))?;
+                        let n: usize = dump.collections.values().map(|c| c.len()).sum();
+                        print(out, &json!({"file": f.display().to_string(), "records": n, "revision": dump.revision}), &["file", "records", "revision"]);
+                    }
+                    None => println!("{text}"),
+                }
+            }
+            DbCommand::Import { file, .. } => {
+                let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+                let dump: hangar_store::Dump = serde_json::from_str(&text).with_context(|| format!("{} is not a Hangar export (made by `hangar db export`)", file.display()))?;
+                if dump.format != hangar_store::DUMP_FORMAT {
+                    bail!("{} has export format {}, this version reads format {}", file.display(), dump.format, hangar_store::DUMP_FORMAT);
+                }
+                let n: usize = dump.collections.values().map(|c| c.len()).sum();
+                store.import(dump).await?;
+                print(out, &json!({"imported_records": n, "data_folder": dir.display().to_string()}), &["imported_records", "data_folder"]);
+            }
+            DbCommand::Backup { .. } => {
+                let p = store.backup_now().await?;
+                print(out, &json!({"backup": p.display().to_string()}), &["backup"]);
+            }
+        }
+        Ok::<(), anyhow::Error>(())
+    }
+    .await;
+    store.close().await?;
+    result
+}

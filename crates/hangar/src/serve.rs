@@ -1,0 +1,242 @@
+//! `hangar serve`: open the store, seed identity, start the enabled modules and serve
+//! the API over HTTP and/or HTTPS until SIGTERM or SIGINT.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use hangar_api::{ApiConfig, CorsConfig, ModuleStatus, ServerInfo};
+use hangar_core::EventBus;
+use hangar_identity::{Identity, IdentityOptions, LockoutPolicy, PasswordPolicy, TokenConfig, TokenService};
+use hangar_store::Store;
+use hangar_store::json::{EncryptionKey, JsonStore, JsonStoreOptions};
+use tracing::{info, warn};
+
+use crate::config::{Layers, read_pem};
+
+pub const MODULES: &[&str] = &["api", "host", "catalog", "orchestrator", "reverse_proxy"];
+
+/// Resolve the data folder and make sure it exists with mode 0700.
+pub fn data_dir(l: &Layers) -> Result<PathBuf> {
+    let dir = l.string("DATABASE_FOLDER").map(PathBuf::from).unwrap_or_else(crate::config::default_data_dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create the data folder {}", dir.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+    Ok(dir)
+}
+
+/// Open the store in the data folder with the configured encryption and backups.
+pub async fn open_store(l: &Layers, dir: &Path, with_backups: bool) -> Result<JsonStore> {
+    let key = match l.string("DATABASE_ENCRYPTION_KEY_FILE") {
+        Some(f) => Some(EncryptionKey::from_file(&f).with_context(|| format!("DATABASE_ENCRYPTION_KEY_FILE={f}"))?),
+        None => None,
+    };
+    let minutes: u64 = l.number("DATABASE_BACKUP_INTERVAL_MINUTES")?;
+    let opts = JsonStoreOptions {
+        encryption_key: key,
+        backup_interval: (with_backups && minutes > 0).then(|| std::time::Duration::from_secs(minutes * 60)),
+        backup_retention: l.number("DATABASE_NUMBER_BACKUP_FILES")?,
+        ..Default::default()
+    };
+    JsonStore::open(dir.join("store"), opts).await.map_err(|e| anyhow::anyhow!("cannot open the store: {e}"))
+}
+
+fn module_statuses(l: &Layers) -> Result<Vec<ModuleStatus>> {
+    let requested = l.list("ENABLED_MODULES");
+    for m in &requested {
+        if !MODULES.contains(&m.as_str()) {
+            bail!("ENABLED_MODULES names an unknown module {m:?}; modules are {}", MODULES.join(", "));
+        }
+    }
+    let explicit = !requested.is_empty();
+    let mut out = Vec::new();
+    for m in MODULES {
+        let wanted = *m == "api" || !explicit || requested.iter().any(|r| r == m);
+        let (healthy, message) = match *m {
+            "api" => (true, "serving".to_string()),
+            "host" => {
+                let hv = ["qemu-system-x86_64", "qemu-system-aarch64", "prlctl"].iter().find(|b| which(b).is_some());
+                match hv {
+                    Some(b) => (false, format!("not started: found {b}, but the host agent is not part of this build yet")),
+                    None => (false, "not started: no hypervisor found (neither qemu-system-* nor prlctl is on PATH)".to_string()),
+                }
+            }
+            other => (false, format!("not started: the {other} module is not part of this build yet")),
+        };
+        out.push(ModuleStatus { name: m.to_string(), enabled: wanted && healthy, healthy, message });
+        if wanted && !healthy && explicit {
+            warn!(module = m, "{}", out.last().map(|s| s.message.as_str()).unwrap_or(""));
+        }
+    }
+    Ok(out)
+}
+
+fn which(bin: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(bin)).find(|f| f.is_file()))
+}
+
+fn token_config(l: &Layers) -> Result<TokenConfig> {
+    let algorithm = l.get("JWT_SIGN_ALGORITHM").unwrap_or("HS256").parse().map_err(|e: hangar_identity::IdentityError| anyhow::anyhow!("{e}"))?;
+    let private_key_pem = match l.get("JWT_PRIVATE_KEY") {
+        Some(v) => Some(read_pem("JWT_PRIVATE_KEY", v)?),
+        None => None,
+    };
+    Ok(TokenConfig {
+        algorithm,
+        ttl: l.duration("JWT_DURATION")?,
+        issuer: l.get("JWT_ISSUER").unwrap_or("hangar").into(),
+        audience: l.get("JWT_AUDIENCE").unwrap_or("hangar-api").into(),
+        hmac_secret: l.get("JWT_HMACS_SECRET").map(|s| s.as_bytes().to_vec()),
+        private_key_pem,
+    })
+}
+
+fn identity_options(l: &Layers) -> Result<IdentityOptions> {
+    Ok(IdentityOptions {
+        password_policy: PasswordPolicy {
+            min_length: l.number::<usize>("SECURITY_PASSWORD_MIN_PASSWORD_LENGTH")?.max(8),
+            max_length: l.number("SECURITY_PASSWORD_MAX_PASSWORD_LENGTH")?,
+            require_uppercase: l.bool("SECURITY_PASSWORD_REQUIRE_UPPERCASE")?,
+            require_lowercase: l.bool("SECURITY_PASSWORD_REQUIRE_LOWERCASE")?,
+            require_number: l.bool("SECURITY_PASSWORD_REQUIRE_NUMBER")?,
+            require_special: l.bool("SECURITY_PASSWORD_REQUIRE_SPECIAL_CHAR")?,
+        },
+        lockout: LockoutPolicy {
+            max_attempts: l.number("BRUTE_FORCE_MAX_LOGIN_ATTEMPTS")?,
+            duration: l.duration("BRUTE_FORCE_LOCKOUT_DURATION")?,
+            incremental: l.bool("BRUTE_FORCE_INCREMENTAL_WAIT")?,
+        },
+    })
+}
+
+fn root_password(l: &Layers) -> Result<Option<String>> {
+    if let Some(p) = l.get("ROOT_PASSWORD") {
+        return Ok(Some(p.to_string()));
+    }
+    if let Some(f) = l.get("ROOT_PASSWORD_FILE") {
+        let p = std::fs::read_to_string(f).with_context(|| format!("ROOT_PASSWORD_FILE: cannot read {f}"))?;
+        return Ok(Some(p.trim_end_matches(['\n', '\r']).to_string()));
+    }
+    Ok(None)
+}
+
+/// Build the identity service on an open store (also used by offline CLI commands).
+pub fn identity(l: &Layers, store: Arc<dyn Store>, dir: &Path, bus: EventBus) -> Result<Identity> {
+    let tokens = TokenService::new(token_config(l)?, dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Identity::new(store, tokens, identity_options(l)?, bus, dir).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+pub async fn run(l: Layers) -> Result<()> {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = data_dir(&l)?;
+    let store = Arc::new(open_store(&l, &dir, true).await?);
+    let dyn_store: Arc<dyn Store> = store.clone();
+    let bus = EventBus::default();
+    let identity = identity(&l, dyn_store, &dir, bus.clone())?;
+    let generated = identity.bootstrap(root_password(&l)?.as_deref()).await.map_err(|e| anyhow::anyhow!("cannot seed users and roles: {e}"))?;
+
+    let modules = module_statuses(&l)?;
+    let info = ServerInfo {
+        version: env!("CARGO_PKG_VERSION").into(),
+        started_at: chrono::Utc::now(),
+        modules: modules.clone(),
+        data_dir: dir.display().to_string(),
+        store_engine: store.engine().into(),
+    };
+    let config = ApiConfig {
+        prefix: l.get("API_PREFIX").unwrap_or("/api").trim_end_matches('/').to_string(),
+        body_limit: l.number("API_BODY_LIMIT")?,
+        cors: CorsConfig {
+            enabled: l.bool("ENABLE_CORS")?,
+            allowed_origins: l.list("CORS_ALLOWED_ORIGINS"),
+            allowed_methods: l.list("CORS_ALLOWED_METHODS"),
+            allowed_headers: l.list("CORS_ALLOWED_HEADERS"),
+        },
+        ..Default::default()
+    };
+    if !config.prefix.starts_with('/') || config.prefix.len() < 2 {
+        bail!("API_PREFIX={:?} must start with '/' and name a path, such as /api", config.prefix);
+    }
+    let app = hangar_api::app(identity, bus, info, &config);
+
+    let host: std::net::IpAddr = l.get("API_HOST").unwrap_or("0.0.0.0").parse().context("API_HOST is not an IP address")?;
+    let tls = l.bool("TLS_ENABLED")?;
+    let https_only = tls && l.bool("DISABLE_HTTP_WHEN_TLS")?;
+    let handle: axum_server::Handle<SocketAddr> = axum_server::Handle::new();
+    let mut servers = tokio::task::JoinSet::new();
+    let mut announce = Vec::new();
+    if !https_only {
+        let addr = SocketAddr::new(host, l.number("API_PORT")?);
+        let h = handle.clone();
+        let svc = app.clone().into_make_service_with_connect_info::<SocketAddr>();
+        let listener = std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr} (API_PORT)"))?;
+        listener.set_nonblocking(true)?;
+        let bound = listener.local_addr()?;
+        announce.push(format!("http://{bound}"));
+        servers.spawn(async move { axum_server::from_tcp(listener)?.handle(h).serve(svc).await });
+    }
+    if tls {
+        let cert = read_pem("TLS_CERTIFICATE", l.get("TLS_CERTIFICATE").context("TLS_ENABLED=true needs TLS_CERTIFICATE")?)?;
+        let key = read_pem("TLS_PRIVATE_KEY", l.get("TLS_PRIVATE_KEY").context("TLS_ENABLED=true needs TLS_PRIVATE_KEY")?)?;
+        let rustls = axum_server::tls_rustls::RustlsConfig::from_pem(cert, key)
+            .await
+            .context("TLS_CERTIFICATE/TLS_PRIVATE_KEY are not a usable certificate and key")?;
+        let addr = SocketAddr::new(host, l.number("TLS_PORT")?);
+        let listener = std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr} (TLS_PORT)"))?;
+        listener.set_nonblocking(true)?;
+        let bound = listener.local_addr()?;
+        announce.push(format!("https://{bound}"));
+        let h = handle.clone();
+        let svc = app.into_make_service_with_connect_info::<SocketAddr>();
+        servers.spawn(async move { axum_server::from_tcp_rustls(listener, rustls)?.handle(h).serve(svc).await });
+    }
+
+    // The console banner: where data lives, where to connect, how to log in.
+    println!("Hangar {} is running.", env!("CARGO_PKG_VERSION"));
+    println!("  data folder: {}", dir.display());
+    for a in &announce {
+        println!("  listening on {a}");
+    }
+    for m in &modules {
+        let state = if m.enabled { "running" } else { "off" };
+        println!("  module {:<14} {state}: {}", m.name, m.message);
+    }
+    match &generated {
+        Some(pw) => {
+            println!("  first start: created user 'root' with the generated password below. It is shown only once:");
+            println!("      {pw}");
+            println!("    Set ROOT_PASSWORD (or ROOT_PASSWORD_FILE) to choose it.");
+        }
+        None => println!("  log in as 'root' with the password from ROOT_PASSWORD or the one printed at first start."),
+    }
+    let first = announce.first().cloned().unwrap_or_default();
+    println!("  log in: hangar login --url {} --username root", first.replace("0.0.0.0", "127.0.0.1"));
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    info!(data_dir = %dir.display(), "hangar started");
+
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+        }
+    };
+    tokio::select! {
+        _ = shutdown => {
+            info!("shutting down: finishing requests in flight");
+            handle.graceful_shutdown(Some(std::time::Duration::from_secs(10)));
+            while servers.join_next().await.is_some() {}
+        }
+        r = servers.join_next() => {
+            if let Some(Ok(Err(e))) = r {
+                store.close().await.ok();
+                return Err(anyhow::anyhow!("the HTTP server stopped: {e}"));
+            }
+        }
+    }
+    store.close().await.map_err(|e| anyhow::anyhow!("closing the store: {e}"))?;
+    info!("stopped");
+    Ok(())
+}
