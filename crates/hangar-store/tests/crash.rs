@@ -118,7 +118,7 @@ async fn acknowledged_commits_survive_kill_9() {
         let (mut child, lines) = spawn_writer(dir.path(), run);
         // One run in five is killed as soon as it starts (possibly during recovery); the
         // others after a random number of acknowledged commits.
-        let target = if rng.next() % 5 == 0 {
+        let target = if rng.next().is_multiple_of(5) {
             0
         } else {
             1 + rng.next() % 120
