@@ -10,6 +10,8 @@
 //! The crate also ships `hangar-fake-prlctl`, a test double of both tools that keeps VM
 //! state in a folder; the integration tests drive the real driver against it.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 mod command;
 mod events;
 pub mod parse;
@@ -741,6 +743,8 @@ impl Hypervisor for ParallelsDriver {
             } else {
                 PathBuf::from(&info.vm_home)
             };
+            // The block counts are u32 on macOS and u64 on Linux.
+            #[allow(clippy::unnecessary_cast)]
             let (disk_total_bytes, disk_free_bytes) = match nix::sys::statvfs::statvfs(&vm_home) {
                 Ok(s) => {
                     let frag = s.fragment_size() as u64;

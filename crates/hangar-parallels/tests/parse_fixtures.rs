@@ -2,6 +2,8 @@
 //! (reference §8): keys with spaces, `"2048Mb"` sizes, `{uuid}` ids, unknown and missing
 //! fields, values of unexpected types and noise around the JSON.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;

@@ -9,6 +9,8 @@
 //! Output follows the shapes of the real tools (JSON keys with spaces, `"2048Mb"` sizes,
 //! `{uuid}` ids in snapshot lists and events). Options the real tools lack are refused.
 //!
+//! `FAKE_PRL_LOG=<file>` appends one line per invocation (tool and arguments).
+//!
 //! Fault injection: `FAKE_PRL_GARBLE=<subcommand>[,...]` prints garbled output instead of
 //! doing the work; `FAKE_PRL_HANG=<subcommand>[,...]` hangs forever (with a child process in
 //! the same process group, and both pids written to `<state>/hung-pids/`).
@@ -169,11 +171,8 @@ fn hang(state: Option<&PathBuf>) -> ! {
             let _ = std::fs::write(dir.join(child.id().to_string()), "");
         }
     }
-    match child {
-        Ok(mut child) => {
-            let _ = child.wait();
-        }
-        Err(_) => {}
+    if let Ok(mut child) = child {
+        let _ = child.wait();
     }
     loop {
         std::thread::park();
@@ -211,6 +210,16 @@ fn main() -> ExitCode {
     }
     let state_dir = std::env::var_os("FAKE_PRL_STATE_DIR").map(PathBuf::from);
     let sub = args.first().cloned().unwrap_or_default();
+    if let Some(log) = std::env::var_os("FAKE_PRL_LOG") {
+        // One line per invocation (tool and argv), for tests that count calls.
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+        {
+            let _ = writeln!(f, "{tool} {}", args.join(" "));
+        }
+    }
     if listed("FAKE_PRL_HANG", &sub) {
         hang(state_dir.as_ref());
     }
