@@ -867,19 +867,16 @@ async fn monitor(
             return;
         };
         tracing::debug!(id = %vm.id, event = %ev.event, "QMP event");
+        if vm.pinned().is_some() {
+            continue;
+        }
         match ev.event.as_str() {
-            "SHUTDOWN" => {
-                if vm.pinned().is_none() {
-                    inner.set_state(&vm, VmState::Stopping);
-                }
-            }
+            "SHUTDOWN" => inner.set_state(&vm, VmState::Stopping),
             "STOP" | "RESUME" | "RESET" | "POWERDOWN" | "MIGRATION" | "SUSPEND" | "WAKEUP" => {
-                if vm.pinned().is_none() {
-                    // Ask rather than guess: STOP also happens on the way to a shutdown.
-                    let state = inner.current_state(&vm).await;
-                    if vm.pinned().is_none() && state != VmState::Unknown {
-                        inner.set_state(&vm, state);
-                    }
+                // Ask rather than guess: STOP also happens on the way to a shutdown.
+                let state = inner.current_state(&vm).await;
+                if vm.pinned().is_none() && state != VmState::Unknown {
+                    inner.set_state(&vm, state);
                 }
             }
             _ => {}

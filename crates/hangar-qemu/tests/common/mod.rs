@@ -58,10 +58,14 @@ impl QemuGuard {
     pub fn pids(&self) -> Vec<i32> {
         let mut out = Vec::new();
         for root in &self.dirs {
-            let Ok(rd) = std::fs::read_dir(root) else { continue };
+            let Ok(rd) = std::fs::read_dir(root) else {
+                continue;
+            };
             for e in rd.flatten() {
                 let dir = e.path();
-                if let Some(pid) = std::fs::read_to_string(dir.join("qemu.pid")).ok().and_then(|s| s.trim().parse::<i32>().ok())
+                if let Some(pid) = std::fs::read_to_string(dir.join("qemu.pid"))
+                    .ok()
+                    .and_then(|s| s.trim().parse::<i32>().ok())
                     && qemu_alive(pid, &dir)
                 {
                     out.push(pid);
@@ -75,15 +79,23 @@ impl QemuGuard {
 impl Drop for QemuGuard {
     fn drop(&mut self) {
         for pid in self.pids() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 }
 
 /// Whether a live, non-zombie process with this pid mentions `dir` on its command line.
 pub fn qemu_alive(pid: i32, dir: &Path) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
-    let state = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next()).unwrap_or("Z");
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, r)| r.split_whitespace().next())
+        .unwrap_or("Z");
     if state == "Z" || state == "X" {
         return false;
     }
@@ -97,13 +109,18 @@ pub fn qemu_processes_under(root: &Path) -> Vec<i32> {
     let marker = root.as_os_str().as_encoded_bytes().to_vec();
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
         let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        if cmdline.starts_with(b"qemu-system") || cmdline.windows(11).any(|w| w == b"qemu-system")
+        let is_qemu = cmdline.windows(11).any(|w| w == b"qemu-system");
+        if is_qemu
+            && cmdline
+                .windows(marker.len())
+                .any(|w| w == marker.as_slice())
+            && qemu_alive(pid, root)
         {
-            if cmdline.windows(marker.len()).any(|w| w == marker.as_slice()) && qemu_alive(pid, root) {
-                out.push(pid);
-            }
+            out.push(pid);
         }
     }
     out
@@ -118,7 +135,9 @@ pub struct Fixture {
 
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .with_test_writer()
         .try_init();
 }
@@ -127,10 +146,20 @@ pub fn init_tracing() {
 pub async fn fixture() -> Fixture {
     init_tracing();
     let image = guest_image();
-    let root = tempfile::Builder::new().prefix("hq").tempdir_in("/tmp").unwrap();
+    let root = tempfile::Builder::new()
+        .prefix("hq")
+        .tempdir_in("/tmp")
+        .unwrap();
     let driver = Arc::new(QemuDriver::new(config(root.path())).await.unwrap());
-    let guard = QemuGuard { dirs: vec![std::fs::canonicalize(root.path()).unwrap()] };
-    Fixture { root, image, driver, guard }
+    let guard = QemuGuard {
+        dirs: vec![std::fs::canonicalize(root.path()).unwrap()],
+    };
+    Fixture {
+        root,
+        image,
+        driver,
+        guard,
+    }
 }
 
 pub fn config(root: &Path) -> QemuConfig {
@@ -180,7 +209,9 @@ pub async fn run(d: &QemuDriver, vm: &str, cmd: &str) -> ExecOutput {
 /// Creates and starts a VM and waits until its guest agent answers.
 pub async fn boot(d: &QemuDriver, name: &str, image: &Path) -> VmInfo {
     let vm = d.create(spec(name, image)).await.unwrap();
-    d.power(&vm.id, hangar_hypervisor::PowerOp::Start).await.unwrap();
+    d.power(&vm.id, hangar_hypervisor::PowerOp::Start)
+        .await
+        .unwrap();
     d.wait_for_agent(&vm.id, BOOT).await.unwrap();
     d.get(&vm.id).await.unwrap()
 }
