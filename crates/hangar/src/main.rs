@@ -107,6 +107,8 @@ enum Command {
         #[command(subcommand)]
         command: ApiKeyCommand,
     },
+    /// Print the OpenAPI document (what the server serves at /api/v1/openapi.json).
+    Openapi,
     /// The audit log (SUPER_USER).
     Audit {
         #[arg(long)]
@@ -298,6 +300,11 @@ async fn run(cli: Cli) -> Result<()> {
             let path = client::save_credentials(&creds)?;
             let v = json!({"url": url, "username": username, "expires_at": creds.expires_at, "credentials_file": path.display().to_string()});
             print(out, &v, &["url", "username", "expires_at", "credentials_file"]);
+            Ok(())
+        }
+        Command::Openapi => {
+            let doc = serde_json::to_value(hangar_api::openapi_document())?;
+            println!("{}", serde_json::to_string_pretty(&doc)?);
             Ok(())
         }
         Command::Logout => {

@@ -1,0 +1,193 @@
+//! Test harness: runs the real `hangar` binary on loopback with its own data folder and
+//! talks to it over HTTP.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+pub const ROOT_PASSWORD: &str = "Root-Passw0rd!-test";
+pub const USER_PASSWORD: &str = "User-Passw0rd!-test";
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_hangar")
+}
+
+/// A running server.
+pub struct Server {
+    pub child: Child,
+    pub url: String,
+    pub dir: PathBuf,
+    pub banner: Vec<String>,
+    pub stderr_path: PathBuf,
+}
+
+impl Server {
+    /// Start on a random port with `ROOT_PASSWORD` set and the given extra settings.
+    pub fn start(dir: &Path, settings: &[(&str, &str)]) -> Server {
+        Self::start_with(dir, settings, true)
+    }
+
+    pub fn start_with(dir: &Path, settings: &[(&str, &str)], root_password: bool) -> Server {
+        std::fs::create_dir_all(dir).unwrap();
+        let stderr_path = dir.join(format!("server-{}.log", std::process::id()));
+        let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&stderr_path).unwrap();
+        let mut cmd = Command::new(bin());
+        cmd.arg("serve").arg("--data-dir").arg(dir).arg("--port").arg("0").arg("--set").arg("API_HOST=127.0.0.1");
+        for (k, v) in settings {
+            cmd.arg("--set").arg(format!("{k}={v}"));
+        }
+        cmd.env_remove("ROOT_PASSWORD").env_remove("HANGAR_CONFIG");
+        if root_password {
+            cmd.env("ROOT_PASSWORD", ROOT_PASSWORD);
+        }
+        cmd.env("LOG_LEVEL", "info");
+        let mut child = cmd.stdout(Stdio::piped()).stderr(stderr).stdin(Stdio::null()).spawn().expect("spawn hangar");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut banner = Vec::new();
+        let mut url = None;
+        while Instant::now() < deadline {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(line) => {
+                    if let Some(rest) = line.trim().strip_prefix("listening on ")
+                        && url.is_none()
+                    {
+                        url = Some(rest.trim().to_string());
+                    }
+                    let done = line.trim_start().starts_with("log in:");
+                    banner.push(line);
+                    if done {
+                        break;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Ok(Some(st)) = child.try_wait() {
+                        panic!("hangar exited with {st} before it was ready: {}", std::fs::read_to_string(&stderr_path).unwrap_or_default());
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        let url = url.unwrap_or_else(|| panic!("hangar did not announce a listener; banner: {banner:?}; log: {}", std::fs::read_to_string(&stderr_path).unwrap_or_default()));
+        Server { child, url, dir: dir.to_path_buf(), banner, stderr_path }
+    }
+
+    pub fn api(&self, path: &str) -> String {
+        format!("{}/api/v1{}", self.url, path)
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                self.kill9();
+                panic!("hangar did not stop within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill9();
+        }
+    }
+}
+
+/// How a request authenticates.
+#[derive(Debug, Clone)]
+pub enum Auth {
+    None,
+    Bearer(String),
+    ApiKey(String),
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap()
+}
+
+pub async fn call(c: &reqwest::Client, method: reqwest::Method, url: &str, auth: &Auth, body: Option<Value>, headers: &[(&str, &str)]) -> (u16, Value) {
+    let mut r = c.request(method, url);
+    match auth {
+        Auth::None => {}
+        Auth::Bearer(t) => r = r.bearer_auth(t),
+        Auth::ApiKey(k) => r = r.header("X-Api-Key", k),
+    }
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let resp = r.send().await.expect("request");
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+pub async fn login(c: &reqwest::Client, s: &Server, user: &str, password: &str) -> String {
+    let (st, v) = call(c, reqwest::Method::POST, &s.api("/auth/token"), &Auth::None, Some(json!({"username": user, "password": password})), &[]).await;
+    assert_eq!(st, 200, "login as {user}: {v}");
+    v["token"].as_str().unwrap().to_string()
+}
+
+/// Create a plain USER and return (id, token).
+pub async fn make_user(c: &reqwest::Client, s: &Server, root: &str, name: &str) -> (String, String) {
+    let (st, v) = call(
+        c,
+        reqwest::Method::POST,
+        &s.api("/auth/users"),
+        &Auth::Bearer(root.into()),
+        Some(json!({"username": name, "email": format!("{name}@example.test"), "password": USER_PASSWORD})),
+        &[],
+    )
+    .await;
+    assert_eq!(st, 201, "create user {name}: {v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    (id, login(c, s, name, USER_PASSWORD).await)
+}
+
+/// Wait for a condition with a deadline.
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
