@@ -30,7 +30,9 @@ pub enum RunAs {
 /// Which tool a command calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tool {
+    /// `prlctl`: VM operations.
     Prlctl,
+    /// `prlsrvctl`: host and server settings.
     Prlsrvctl,
 }
 
@@ -126,14 +128,18 @@ impl fmt::Display for Invocation {
 /// What to feed a command's standard input.
 #[derive(Debug)]
 pub enum Input {
+    /// These bytes.
     Bytes(Vec<u8>),
+    /// The contents of this host file, streamed.
     File(PathBuf),
 }
 
 /// A finished command.
 #[derive(Debug, Clone)]
 pub struct Output {
+    /// Standard output (lossy UTF-8).
     pub stdout: String,
+    /// Standard error (lossy UTF-8).
     pub stderr: String,
     /// `None` when a signal ended it.
     pub code: Option<i32>,
@@ -166,7 +172,9 @@ impl Drop for GroupGuard {
 /// Spawn settings shared by every call.
 #[derive(Debug, Clone)]
 pub struct Runner {
+    /// Extra environment for every call.
     pub env: BTreeMap<String, String>,
+    /// Time between TERM and KILL after a deadline.
     pub kill_grace: Duration,
 }
 

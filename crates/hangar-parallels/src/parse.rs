@@ -80,6 +80,7 @@ pub struct PrlVm {
     pub network: PrlNetwork,
 }
 
+/// `Hardware` of a VM.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
 pub struct PrlHardware {
@@ -91,6 +92,7 @@ pub struct PrlHardware {
     pub hdd0: PrlSized,
 }
 
+/// `Hardware.cpu`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
 pub struct PrlCpu {
@@ -100,6 +102,7 @@ pub struct PrlCpu {
     pub cpu_type: String,
 }
 
+/// A device with a size string (`Hardware.memory`, `Hardware.hdd0`).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
 pub struct PrlSized {
@@ -107,6 +110,7 @@ pub struct PrlSized {
     pub size: String,
 }
 
+/// `Network` of a VM.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
 pub struct PrlNetwork {
@@ -114,6 +118,7 @@ pub struct PrlNetwork {
     pub ip_addresses: Vec<PrlIp>,
 }
 
+/// One of `Network.ipAddresses`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
 pub struct PrlIp {
@@ -159,6 +164,7 @@ pub struct PrlServerInfo {
     pub hardware_id: String,
 }
 
+/// `License` of `prlsrvctl info`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
 pub struct PrlLicense {
@@ -192,6 +198,7 @@ pub struct PrlEvent {
     pub info: PrlEventInfo,
 }
 
+/// `Additional info` of an event.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
 pub struct PrlEventInfo {
