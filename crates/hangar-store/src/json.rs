@@ -413,7 +413,15 @@ impl JsonStore {
         let span = info_span!("store_open", dir = %dir.display(), engine = "json");
         let _entered = span.enter();
         let dir = dir.to_path_buf();
+        let existed = dir.is_dir();
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        if !existed {
+            // Make the new folder's own directory entry durable.
+            match dir.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent)?,
+                _ => sync_dir(Path::new("."))?,
+            }
+        }
 
         let lock_path = dir.join(LOCK_FILE);
         let lock = OpenOptions::new()
