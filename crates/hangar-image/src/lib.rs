@@ -1,0 +1,118 @@
+//! Hangar's VM image format and its transfer.
+//!
+//! An image is a folder (a QEMU VM folder or a Parallels `.pvm`/`.macvm`
+//! bundle). [`push`] walks it (sorted relative paths, modes, symlinks), cuts
+//! every file into content-defined chunks (FastCDC, 256 KiB / 1 MiB / 4 MiB,
+//! see [`ChunkParams`]), records all-zero chunks as holes, compresses the
+//! others with zstd and stores each at `chunks/<blake3 of the uncompressed
+//! bytes>` in a [`BlobStore`]; it uploads only the chunks the store does not
+//! list already, in parallel, and writes the [`Manifest`] last. A killed push
+//! re-run transfers only what is missing; a new version of an image uploads
+//! only its changed chunks.
+//!
+//! [`pull`] reads the manifest, fetches the chunks in parallel, verifies
+//! each one's hash after decompression, restores holes as sparse regions,
+//! and builds the image in a temp folder renamed into place at the end, so a
+//! failed or interrupted pull leaves nothing at the destination. Verified
+//! chunks go to an optional host [`ChunkCache`] (LRU, size budget), which
+//! also makes an interrupted pull resume without downloading again.
+//!
+//! Progress goes to a callback ([`ProgressFn`]); this crate draws nothing.
+
+pub mod cache;
+pub mod manifest;
+pub mod progress;
+mod pull;
+mod push;
+pub mod testimage;
+
+pub use cache::{CacheLimits, ChunkCache};
+pub use hangar_blobstore::{BlobError, BlobStore};
+pub use manifest::{ChunkParams, ChunkRef, Entry, Manifest};
+pub use progress::{Phase, Progress, ProgressFn, progress_channel};
+pub use pull::{PullOptions, PullReport, pull};
+pub use push::{PushOptions, PushReport, push};
+
+/// Errors of packing, pushing and pulling images.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(#[from] BlobError),
+    /// A local file operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file involved.
+        path: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The manifest is malformed, tampered with or unsupported.
+    #[error("manifest: {0}")]
+    Manifest(String),
+    /// A chunk did not decompress or did not match its hash.
+    #[error("chunk {hash} (used by {path} at offset {offset}) is corrupt: {reason}")]
+    CorruptChunk {
+        /// The chunk's expected hash.
+        hash: String,
+        /// A file that uses it.
+        path: String,
+        /// Where in that file.
+        offset: u64,
+        /// What did not match.
+        reason: String,
+    },
+    /// The source folder holds something an image cannot carry.
+    #[error("unsupported file {path}: {reason}")]
+    Unsupported {
+        /// The offending path.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The pull destination already exists.
+    #[error("destination {0} already exists")]
+    DestinationExists(String),
+    /// A background task died.
+    #[error("internal task failed: {0}")]
+    Task(String),
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = ImageError> = std::result::Result<T, E>;
+
+pub(crate) fn io_err(
+    op: &'static str,
+    path: &std::path::Path,
+) -> impl FnOnce(std::io::Error) -> ImageError {
+    let path = path.display().to_string();
+    move |source| ImageError::Io { op, path, source }
+}
+
+pub(crate) fn join_err(e: tokio::task::JoinError) -> ImageError {
+    ImageError::Task(e.to_string())
+}
+
+/// zstd-decompresses a stored chunk and checks its length and blake3 hash.
+pub fn decode_chunk(
+    stored: &[u8],
+    hash: &str,
+    length: u64,
+) -> std::result::Result<Vec<u8>, String> {
+    let cap = usize::try_from(length).map_err(|_| "length does not fit in memory".to_string())?;
+    let data = zstd::bulk::decompress(stored, cap).map_err(|e| format!("zstd: {e}"))?;
+    if data.len() as u64 != length {
+        return Err(format!(
+            "decompressed to {} bytes, expected {length}",
+            data.len()
+        ));
+    }
+    let actual = blake3::hash(&data).to_hex();
+    if actual.as_str() != hash {
+        return Err(format!("content hashes to {actual}"));
+    }
+    Ok(data)
+}
