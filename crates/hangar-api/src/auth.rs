@@ -72,11 +72,7 @@ impl RequestContext {
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for RequestContext {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
-        parts
-            .extensions
-            .get::<RequestContext>()
-            .cloned()
-            .ok_or_else(|| ApiError::internal("request context missing"))
+        parts.extensions.get::<RequestContext>().cloned().ok_or_else(|| ApiError::internal("request context missing"))
     }
 }
 
@@ -173,11 +169,7 @@ pub async fn authenticate(state: &AppState, cred: &Credential) -> Result<Princip
 
 /// The authorisation middleware. See the module docs.
 pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let request_id = req
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .map(String::from);
+    let request_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).map(String::from);
     let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string());
     let Some(matched) = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string()) else {
         // No route matched: the fallback answers 404.
@@ -193,7 +185,11 @@ pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Ne
                 return ApiError::forbidden("This route has no access declaration and is refused").into_response();
             }
             let allow = methods.into_iter().collect::<Vec<_>>().join(", ");
-            let mut r = ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("Method {} is not allowed here; use {allow}", req.method())).into_response();
+            let mut r = ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("Method {} is not allowed here; use {allow}", req.method()),
+            )
+            .into_response();
             if let Ok(v) = http::HeaderValue::from_str(&allow) {
                 r.headers_mut().insert(header::ALLOW, v);
             }
@@ -235,7 +231,13 @@ pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Ne
             source_ip: peer,
             request_id: request_id.clone(),
         },
-        None => Actor { user_id: "anonymous".into(), username: "anonymous".into(), via: "none".into(), source_ip: peer, request_id: request_id.clone() },
+        None => Actor {
+            user_id: "anonymous".into(),
+            username: "anonymous".into(),
+            via: "none".into(),
+            source_ip: peer,
+            request_id: request_id.clone(),
+        },
     };
     if let Some(p) = &principal {
         tracing::Span::current().record("user", p.username.as_str());

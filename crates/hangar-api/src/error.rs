@@ -154,11 +154,7 @@ pub async fn shape_errors(request_id: Option<String>, resp: Response) -> Respons
         })
     } else {
         let text = String::from_utf8_lossy(&bytes).trim().to_string();
-        let message = if text.is_empty() {
-            status.canonical_reason().unwrap_or("Error").to_string()
-        } else {
-            text
-        };
+        let message = if text.is_empty() { status.canonical_reason().unwrap_or("Error").to_string() } else { text };
         ApiErrorBody { code: status.as_u16(), error: slug(status).into(), message, request_id: None }
     };
     parsed.request_id = request_id;

@@ -23,9 +23,17 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
 
 pub fn json_rejection(e: JsonRejection) -> ApiError {
     match &e {
-        JsonRejection::JsonDataError(d) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("The JSON body has the wrong shape: {}", d.body_text())),
-        JsonRejection::JsonSyntaxError(d) => ApiError::bad_request(format!("The body is not valid JSON: {}", d.body_text())),
-        JsonRejection::MissingJsonContentType(_) => ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "Send the body as JSON with 'Content-Type: application/json'"),
+        JsonRejection::JsonDataError(d) => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("The JSON body has the wrong shape: {}", d.body_text()),
+        ),
+        JsonRejection::JsonSyntaxError(d) => {
+            ApiError::bad_request(format!("The body is not valid JSON: {}", d.body_text()))
+        }
+        JsonRejection::MissingJsonContentType(_) => ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Send the body as JSON with 'Content-Type: application/json'",
+        ),
         JsonRejection::BytesRejection(b) => ApiError::new(b.status(), b.body_text()),
         _ => ApiError::new(e.status(), e.body_text()),
     }
@@ -70,10 +78,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonOrForm<T> {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
         if is_form {
-            axum::Form::<T>::from_request(req, state)
-                .await
-                .map(|f| JsonOrForm(f.0))
-                .map_err(|e: FormRejection| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("Bad form body: {}", e.body_text())))
+            axum::Form::<T>::from_request(req, state).await.map(|f| JsonOrForm(f.0)).map_err(|e: FormRejection| {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("Bad form body: {}", e.body_text()))
+            })
         } else {
             Json::<T>::from_request(req, state).await.map(|j| JsonOrForm(j.0))
         }

@@ -63,7 +63,12 @@ pub struct CorsConfig {
 
 impl Default for CorsConfig {
     fn default() -> Self {
-        CorsConfig { enabled: true, allowed_origins: vec!["*".into()], allowed_methods: vec![], allowed_headers: vec![] }
+        CorsConfig {
+            enabled: true,
+            allowed_origins: vec!["*".into()],
+            allowed_methods: vec![],
+            allowed_headers: vec![],
+        }
     }
 }
 
@@ -91,7 +96,12 @@ pub struct ApiConfig {
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        ApiConfig { prefix: "/api".into(), body_limit: 1024 * 1024, cors: CorsConfig::default(), request_timeout: Duration::from_secs(300) }
+        ApiConfig {
+            prefix: "/api".into(),
+            body_limit: 1024 * 1024,
+            cors: CorsConfig::default(),
+            request_timeout: Duration::from_secs(300),
+        }
     }
 }
 
@@ -219,7 +229,8 @@ async fn envelope(mut req: Request, next: Next) -> Response {
 
 fn cors_layer(c: &CorsConfig) -> CorsLayer {
     let mut layer = CorsLayer::new();
-    let origins: Vec<HeaderValue> = c.allowed_origins.iter().filter(|o| *o != "*").filter_map(|o| HeaderValue::from_str(o).ok()).collect();
+    let origins: Vec<HeaderValue> =
+        c.allowed_origins.iter().filter(|o| *o != "*").filter_map(|o| HeaderValue::from_str(o).ok()).collect();
     layer = if c.allowed_origins.iter().any(|o| o == "*") {
         layer.allow_origin(AllowOrigin::any())
     } else {
@@ -277,14 +288,14 @@ pub fn app(identity: Identity, bus: EventBus, info: ServerInfo, config: &ApiConf
         .layer(middleware::from_fn_with_state(state.clone(), auth::authorize))
         .layer(DefaultBodyLimit::max(config.body_limit))
         .with_state(state);
-    let mut routed = routed.layer(tower_http::timeout::TimeoutLayer::with_status_code(http::StatusCode::REQUEST_TIMEOUT, config.request_timeout));
+    let mut routed = routed.layer(tower_http::timeout::TimeoutLayer::with_status_code(
+        http::StatusCode::REQUEST_TIMEOUT,
+        config.request_timeout,
+    ));
     if config.cors.enabled {
         routed = routed.layer(cors_layer(&config.cors));
     }
-    Router::new()
-        .fallback_service(routed)
-        .layer(middleware::from_fn(envelope))
-        .layer(middleware::from_fn(normalize))
+    Router::new().fallback_service(routed).layer(middleware::from_fn(envelope)).layer(middleware::from_fn(normalize))
 }
 
 #[cfg(test)]

@@ -4,14 +4,14 @@
 use hangar_core::Access;
 use utoipa::openapi::extensions::ExtensionsBuilder;
 use utoipa::openapi::path::Operation;
-use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
+use utoipa::openapi::security::{
+    ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+};
 use utoipa::openapi::{InfoBuilder, OpenApi, ServerBuilder};
 
 /// Record an operation's access rule in the document.
 pub fn document_access(op: &mut Operation, access: Access) {
-    let ext = ExtensionsBuilder::new()
-        .add("x-hangar-access", serde_json::to_value(access).unwrap_or_default())
-        .build();
+    let ext = ExtensionsBuilder::new().add("x-hangar-access", serde_json::to_value(access).unwrap_or_default()).build();
     match op.extensions.as_mut() {
         Some(e) => e.merge(ext),
         None => op.extensions = Some(ext),

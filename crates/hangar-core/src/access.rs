@@ -29,7 +29,9 @@ pub enum Decision {
     /// No or invalid credentials (401).
     Unauthenticated,
     /// Authenticated but missing what the route needs (403).
-    Forbidden { needed: String },
+    Forbidden {
+        needed: String,
+    },
 }
 
 impl Access {
@@ -46,11 +48,7 @@ impl Access {
             Access::AnyOf(cs) => p.has_any(cs),
             Access::SuperUser => p.is_super_user(),
         };
-        if ok {
-            Decision::Allow
-        } else {
-            Decision::Forbidden { needed: self.describe() }
-        }
+        if ok { Decision::Allow } else { Decision::Forbidden { needed: self.describe() } }
     }
 
     /// Human-readable requirement, used in 403 messages and the API document.
@@ -98,10 +96,7 @@ mod tests {
     fn claims_combine_as_declared() {
         let p = user(&["USER"], &["LIST_VM"]);
         assert_eq!(Access::AnyOf(&["LIST_VM", "CREATE_VM"]).check(Some(&p)), Decision::Allow);
-        assert!(matches!(
-            Access::AllOf(&["LIST_VM", "CREATE_VM"]).check(Some(&p)),
-            Decision::Forbidden { .. }
-        ));
+        assert!(matches!(Access::AllOf(&["LIST_VM", "CREATE_VM"]).check(Some(&p)), Decision::Forbidden { .. }));
         assert!(matches!(Access::SuperUser.check(Some(&p)), Decision::Forbidden { .. }));
         let root = user(&["SUPER_USER"], &[]);
         assert_eq!(Access::AllOf(&["ANYTHING"]).check(Some(&root)), Decision::Allow);

@@ -42,13 +42,7 @@ pub struct AuditEntry {
 }
 
 impl AuditEntry {
-    pub fn new(
-        actor: &Actor,
-        action: &str,
-        target_type: &str,
-        target_id: &str,
-        detail: serde_json::Value,
-    ) -> Self {
+    pub fn new(actor: &Actor, action: &str, target_type: &str, target_id: &str, detail: serde_json::Value) -> Self {
         AuditEntry {
             id: uuid::Uuid::now_v7().to_string(),
             at: Utc::now(),

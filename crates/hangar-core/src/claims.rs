@@ -159,8 +159,19 @@ pub fn default_role_claims(role: &str) -> Vec<&'static str> {
 /// `(group, resource, action)`, derived from the claim's name.
 pub fn claim_metadata(name: &str) -> (String, String, String) {
     const ACTIONS: &[&str] = &[
-        "LIST", "CREATE", "DELETE", "UPDATE", "EXECUTE", "PULL", "PUSH", "IMPORT", "REVERT",
-        "CONFIGURE", "READ", "MANAGE", "DELET",
+        "LIST",
+        "CREATE",
+        "DELETE",
+        "UPDATE",
+        "EXECUTE",
+        "PULL",
+        "PUSH",
+        "IMPORT",
+        "REVERT",
+        "CONFIGURE",
+        "READ",
+        "MANAGE",
+        "DELET",
     ];
     let words: Vec<&str> = name.split('_').collect();
     let (action, rest): (&str, Vec<&str>) = match words.iter().position(|w| ACTIONS.contains(w)) {
@@ -215,14 +226,8 @@ mod tests {
 
     #[test]
     fn metadata_is_derived_from_the_name() {
-        assert_eq!(
-            claim_metadata("LIST_OWN_API_KEY"),
-            ("AUTH".into(), "API_KEY".into(), "LIST".into())
-        );
-        assert_eq!(
-            claim_metadata("DELET_CACHE_ITEM"),
-            ("CACHE".into(), "CACHE_ITEM".into(), "DELETE".into())
-        );
+        assert_eq!(claim_metadata("LIST_OWN_API_KEY"), ("AUTH".into(), "API_KEY".into(), "LIST".into()));
+        assert_eq!(claim_metadata("DELET_CACHE_ITEM"), ("CACHE".into(), "CACHE_ITEM".into(), "DELETE".into()));
         assert_eq!(claim_metadata("CREATE_VM").0, "VIRTUAL_MACHINES");
     }
 }

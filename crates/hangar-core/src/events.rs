@@ -66,18 +66,12 @@ impl EventType {
     /// system logs and auth changes are not visible to every reader.
     pub fn access(&self) -> Access {
         match self {
-            EventType::Global | EventType::Health | EventType::Stats => {
-                Access::AnyOf(&[claims::READ_ONLY])
-            }
+            EventType::Global | EventType::Health | EventType::Stats => Access::AnyOf(&[claims::READ_ONLY]),
             EventType::Pdfm => Access::AnyOf(&[claims::LIST_VM]),
-            EventType::Orchestrator => {
-                Access::AnyOf(&[claims::LIST_ORCHESTRATOR_HOSTS, claims::LIST_VM])
-            }
+            EventType::Orchestrator => Access::AnyOf(&[claims::LIST_ORCHESTRATOR_HOSTS, claims::LIST_VM]),
             EventType::ReverseProxy => Access::AnyOf(&[claims::LIST_REVERSE_PROXY_HOSTS]),
             EventType::CatalogCache => Access::AnyOf(&[claims::LIST_CACHE]),
-            EventType::JobManager => {
-                Access::AnyOf(&[claims::JOB_MANAGER_LIST, claims::JOB_MANAGER_LIST_OWN])
-            }
+            EventType::JobManager => Access::AnyOf(&[claims::JOB_MANAGER_LIST, claims::JOB_MANAGER_LIST_OWN]),
             EventType::Auth => Access::AnyOf(&[claims::LIST_USER]),
             EventType::System | EventType::SystemLogs => Access::SuperUser,
         }
@@ -92,18 +86,16 @@ impl fmt::Display for EventType {
 
 /// Unknown event type name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("Unknown event type {0:?}; known types: global, pdfm, system, system_logs, health, orchestrator, stats, reverse_proxy, catalog_cache, job_manager, auth")]
+#[error(
+    "Unknown event type {0:?}; known types: global, pdfm, system, system_logs, health, orchestrator, stats, reverse_proxy, catalog_cache, job_manager, auth"
+)]
 pub struct UnknownEventType(pub String);
 
 impl FromStr for EventType {
     type Err = UnknownEventType;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let t = s.trim().to_ascii_lowercase();
-        EventType::ALL
-            .iter()
-            .copied()
-            .find(|e| e.as_str() == t)
-            .ok_or_else(|| UnknownEventType(s.to_string()))
+        EventType::ALL.iter().copied().find(|e| e.as_str() == t).ok_or_else(|| UnknownEventType(s.to_string()))
     }
 }
 

@@ -13,6 +13,6 @@ pub mod events;
 pub mod principal;
 
 pub use access::{Access, Decision};
-pub use error::{ErrorKind, Classify};
+pub use error::{Classify, ErrorKind};
 pub use events::{Event, EventBus, EventType};
 pub use principal::{AuthMethod, Principal};

@@ -8,7 +8,9 @@ use hangar_store::StoreError;
 pub enum IdentityError {
     #[error("Invalid username, email or password")]
     InvalidCredentials,
-    #[error("Account {username} is locked after too many failed logins until {until} ({seconds} s from now); try again then or ask an administrator to unlock it")]
+    #[error(
+        "Account {username} is locked after too many failed logins until {until} ({seconds} s from now); try again then or ask an administrator to unlock it"
+    )]
     LockedOut { username: String, until: DateTime<Utc>, seconds: i64 },
     #[error("{0}")]
     Unauthenticated(String),
@@ -39,9 +41,7 @@ impl IdentityError {
 impl Classify for IdentityError {
     fn kind(&self) -> ErrorKind {
         match self {
-            IdentityError::InvalidCredentials | IdentityError::Unauthenticated(_) => {
-                ErrorKind::Unauthenticated
-            }
+            IdentityError::InvalidCredentials | IdentityError::Unauthenticated(_) => ErrorKind::Unauthenticated,
             IdentityError::LockedOut { .. } => ErrorKind::TooManyRequests,
             IdentityError::Forbidden(_) => ErrorKind::Forbidden,
             IdentityError::NotFound { .. } => ErrorKind::NotFound,
@@ -51,9 +51,7 @@ impl Classify for IdentityError {
             IdentityError::Store(StoreError::Conflict(_)) => ErrorKind::Conflict,
             IdentityError::Store(StoreError::Invalid(_)) => ErrorKind::BadRequest,
             IdentityError::Store(StoreError::Closed) => ErrorKind::Unavailable,
-            IdentityError::Store(_) | IdentityError::KeyConfig(_) | IdentityError::Internal(_) => {
-                ErrorKind::Internal
-            }
+            IdentityError::Store(_) | IdentityError::KeyConfig(_) | IdentityError::Internal(_) => ErrorKind::Internal,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Password policy and argon2id hashing.
 
-use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use argon2::Argon2;
+use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 
 use crate::error::{IdentityError, Result};
 

@@ -120,7 +120,14 @@ fn check_text(field: &str, v: &str, max: usize) -> Result<()> {
     Ok(())
 }
 
-fn audit(batch: Batch, actor: &Actor, action: &str, target_type: &str, target_id: &str, detail: Value) -> Result<Batch> {
+fn audit(
+    batch: Batch,
+    actor: &Actor,
+    action: &str,
+    target_type: &str,
+    target_id: &str,
+    detail: Value,
+) -> Result<Batch> {
     let entry = AuditEntry::new(actor, action, target_type, target_id, detail);
     Ok(batch.put(AUDIT_COLLECTION, &entry.id, to_value(&entry)?))
 }
@@ -411,7 +418,14 @@ impl Identity {
             }
             user.updated_at = t;
             let batch = Batch::new().require_revision(USERS, &user.id, rev).put(USERS, &user.id, to_value(&user)?);
-            let batch = audit(batch, &actor, if locked.is_some() { "user.lockout" } else { "user.login_failed" }, "user", &user.id, json!({}))?;
+            let batch = audit(
+                batch,
+                &actor,
+                if locked.is_some() { "user.lockout" } else { "user.login_failed" },
+                "user",
+                &user.id,
+                json!({}),
+            )?;
             // A lost race only loses one count; the other writer counted too.
             match self.commit(batch).await {
                 Ok(()) | Err(IdentityError::Store(StoreError::Conflict(_))) => {}
@@ -478,7 +492,9 @@ impl Identity {
             return Err(IdentityError::Unauthenticated(format!("User {} is disabled", user.username)));
         }
         if user.security_stamp != claims.stamp {
-            return Err(IdentityError::Unauthenticated("The token was revoked by a password change; log in again".into()));
+            return Err(IdentityError::Unauthenticated(
+                "The token was revoked by a password change; log in again".into(),
+            ));
         }
         let method = match claims.api_key_id {
             Some(id) => {
@@ -486,8 +502,14 @@ impl Identity {
                 let rec = self.inner.store.get(API_KEYS, &id).await?;
                 let key: Option<StoredApiKey> = rec.map(|r| from_value(r.value, "api key")).transpose()?;
                 match key {
-                    Some(k) if !k.revoked && !k.expires_at.is_some_and(|t| t <= now()) => AuthMethod::ApiKey { key_id: id },
-                    _ => return Err(IdentityError::Unauthenticated("The API key behind this token is no longer valid".into())),
+                    Some(k) if !k.revoked && k.expires_at.is_none_or(|t| t > now()) => {
+                        AuthMethod::ApiKey { key_id: id }
+                    }
+                    _ => {
+                        return Err(IdentityError::Unauthenticated(
+                            "The API key behind this token is no longer valid".into(),
+                        ));
+                    }
                 }
             }
             None => AuthMethod::Jwt,
@@ -521,7 +543,9 @@ impl Identity {
         let rec = self.inner.store.get(API_KEYS, &id).await?.ok_or_else(bad)?;
         let stored: StoredApiKey = from_value(rec.value, "api key")?;
         let presented = self.secret_hash(secret);
-        if aws_lc_rs::constant_time::verify_slices_are_equal(presented.as_bytes(), stored.secret_hash.as_bytes()).is_err() {
+        if aws_lc_rs::constant_time::verify_slices_are_equal(presented.as_bytes(), stored.secret_hash.as_bytes())
+            .is_err()
+        {
             return Err(bad());
         }
         if stored.revoked {
@@ -595,7 +619,8 @@ impl Identity {
         self.inner.options.password_policy.check(&input.password)?;
         let mut roles = Vec::new();
         for r in &input.roles {
-            let (role, _) = self.role(r).await?.ok_or_else(|| IdentityError::Invalid(format!("role {r:?} does not exist")))?;
+            let (role, _) =
+                self.role(r).await?.ok_or_else(|| IdentityError::Invalid(format!("role {r:?} does not exist")))?;
             if !roles.contains(&role.name) {
                 roles.push(role.name);
             }
@@ -608,7 +633,8 @@ impl Identity {
         }
         let mut claims = Vec::new();
         for c in &input.claims {
-            let claim = self.claim(c).await?.ok_or_else(|| IdentityError::Invalid(format!("claim {c:?} does not exist")))?;
+            let claim =
+                self.claim(c).await?.ok_or_else(|| IdentityError::Invalid(format!("claim {c:?} does not exist")))?;
             if !claims.contains(&claim.name) {
                 claims.push(claim.name);
             }
@@ -633,7 +659,14 @@ impl Identity {
             updated_at: t,
         };
         let batch = self.user_insert_batch(&user)?;
-        let batch = audit(batch, actor, "user.create", "user", &user.id, json!({"username": user.username, "roles": user.roles}))?;
+        let batch = audit(
+            batch,
+            actor,
+            "user.create",
+            "user",
+            &user.id,
+            json!({"username": user.username, "roles": user.roles}),
+        )?;
         match self.commit(batch).await {
             Err(IdentityError::Store(StoreError::Conflict(_))) => {
                 return Err(IdentityError::Conflict(format!(
@@ -660,10 +693,11 @@ impl Identity {
             let mut batch = Batch::new().require_revision(USERS, &user.id, rev).put(USERS, &user.id, to_value(&user)?);
             let new_email = user.email.to_lowercase();
             if new_email != old_email {
-                batch = batch
-                    .require_absent(USER_EMAILS, &new_email)
-                    .delete(USER_EMAILS, &old_email)
-                    .put(USER_EMAILS, &new_email, json!(user.id));
+                batch = batch.require_absent(USER_EMAILS, &new_email).delete(USER_EMAILS, &old_email).put(
+                    USER_EMAILS,
+                    &new_email,
+                    json!(user.id),
+                );
             }
             let batch = audit(batch, actor, action, "user", &user.id, detail.clone())?;
             match self.commit(batch).await {
@@ -865,20 +899,36 @@ impl Identity {
         Ok(self.role(name).await?.ok_or_else(|| IdentityError::not_found("Role", name))?.0)
     }
 
-    pub async fn create_role(&self, by: &Principal, actor: &Actor, name: &str, description: Option<String>, claims: Vec<String>) -> Result<Role> {
+    pub async fn create_role(
+        &self,
+        by: &Principal,
+        actor: &Actor,
+        name: &str,
+        description: Option<String>,
+        claims: Vec<String>,
+    ) -> Result<Role> {
         let n = normalise_name("role", name)?;
         let description = description.unwrap_or_default();
         check_text("description", &description, 1000)?;
         let mut cs = Vec::new();
         for c in &claims {
-            let claim = self.claim(c).await?.ok_or_else(|| IdentityError::Invalid(format!("claim {c:?} does not exist")))?;
+            let claim =
+                self.claim(c).await?.ok_or_else(|| IdentityError::Invalid(format!("claim {c:?} does not exist")))?;
             if !cs.contains(&claim.name) {
                 cs.push(claim.name);
             }
         }
         self.check_grantable(by, &[], &cs).await?;
         let t = now();
-        let role = Role { id: n.clone(), name: n.clone(), description, internal: false, claims: cs, created_at: t, updated_at: t };
+        let role = Role {
+            id: n.clone(),
+            name: n.clone(),
+            description,
+            internal: false,
+            claims: cs,
+            created_at: t,
+            updated_at: t,
+        };
         let batch = Batch::new().require_absent(ROLES, &n).put(ROLES, &n, to_value(&role)?);
         let batch = audit(batch, actor, "role.create", "role", &n, json!({"claims": role.claims}))?;
         match self.commit(batch).await {
@@ -912,7 +962,14 @@ impl Identity {
         Ok(())
     }
 
-    async fn modify_role<F: Fn(&mut Role)>(&self, actor: &Actor, name: &str, action: &str, detail: Value, f: F) -> Result<Role> {
+    async fn modify_role<F: Fn(&mut Role)>(
+        &self,
+        actor: &Actor,
+        name: &str,
+        action: &str,
+        detail: Value,
+        f: F,
+    ) -> Result<Role> {
         for _ in 0..8 {
             let (mut role, rev) = self.role(name).await?.ok_or_else(|| IdentityError::not_found("Role", name))?;
             f(&mut role);
@@ -955,8 +1012,10 @@ impl Identity {
         if !r.claims.contains(&cname) {
             return Err(IdentityError::not_found("Claim of the role", claim));
         }
-        self.modify_role(actor, role, "role.claim.remove", json!({"claim": cname}), |r| r.claims.retain(|c| *c != cname))
-            .await?;
+        self.modify_role(actor, role, "role.claim.remove", json!({"claim": cname}), |r| {
+            r.claims.retain(|c| *c != cname)
+        })
+        .await?;
         self.publish("ROLE_CLAIM_REMOVED", json!({"role_id": r.id, "claim_id": cname}));
         Ok(())
     }
@@ -977,7 +1036,17 @@ impl Identity {
         check_text("description", &description, 1000)?;
         let (group, resource, action) = claims::claim_metadata(&n);
         let t = now();
-        let c = Claim { id: n.clone(), name: n.clone(), description, internal: false, group, resource, action, created_at: t, updated_at: t };
+        let c = Claim {
+            id: n.clone(),
+            name: n.clone(),
+            description,
+            internal: false,
+            group,
+            resource,
+            action,
+            created_at: t,
+            updated_at: t,
+        };
         let batch = Batch::new().require_absent(CLAIMS, &n).put(CLAIMS, &n, to_value(&c)?);
         let batch = audit(batch, actor, "claim.create", "claim", &n, json!({}))?;
         match self.commit(batch).await {
@@ -1066,21 +1135,31 @@ impl Identity {
             _ => by.user_id.clone(),
         };
         if owner_id != by.user_id && !by.has_claim(claims::CREATE_API_KEY) {
-            return Err(IdentityError::Forbidden("Creating a key for another user needs the CREATE_API_KEY claim".into()));
+            return Err(IdentityError::Forbidden(
+                "Creating a key for another user needs the CREATE_API_KEY claim".into(),
+            ));
         }
         if owner_id != by.user_id && !by.is_super_user() {
             // A key for someone else would let the caller act as them.
             let (owner, _) = self.require_user(&owner_id).await?;
             let owner_p = self.principal_for(&owner, AuthMethod::Jwt).await?;
             if owner_p.is_super_user() || !owner_p.claims.is_subset(&by.claims) {
-                return Err(IdentityError::Forbidden("Cannot create a key for a user who holds permissions you do not".into()));
+                return Err(IdentityError::Forbidden(
+                    "Cannot create a key for a user who holds permissions you do not".into(),
+                ));
             }
         }
         let key = match &input.key {
             Some(k) => {
                 let k = k.trim().to_ascii_uppercase();
-                if k.is_empty() || k.len() > 64 || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') || k.contains(':') {
-                    return Err(IdentityError::Invalid("API key id must be 1 to 64 letters, digits, '_' or '-'".into()));
+                if k.is_empty()
+                    || k.len() > 64
+                    || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                    || k.contains(':')
+                {
+                    return Err(IdentityError::Invalid(
+                        "API key id must be 1 to 64 letters, digits, '_' or '-'".into(),
+                    ));
                 }
                 k
             }
@@ -1089,7 +1168,9 @@ impl Identity {
         let secret = match &input.secret {
             Some(s) => {
                 if s.chars().count() < 16 || s.len() > 256 {
-                    return Err(IdentityError::Policy("an API key secret must be 16 to 256 characters; omit it to have one generated".into()));
+                    return Err(IdentityError::Policy(
+                        "an API key secret must be 16 to 256 characters; omit it to have one generated".into(),
+                    ));
                 }
                 s.clone()
             }
@@ -1113,11 +1194,19 @@ impl Identity {
             created_at: t,
             updated_at: t,
         };
-        let batch = Batch::new()
-            .require_absent(API_KEY_INDEX, &key)
-            .put(API_KEYS, &stored.id, to_value(&stored)?)
-            .put(API_KEY_INDEX, &key, json!(stored.id));
-        let batch = audit(batch, actor, "api_key.create", "api_key", &stored.id, json!({"name": stored.name, "user_id": stored.user_id}))?;
+        let batch = Batch::new().require_absent(API_KEY_INDEX, &key).put(API_KEYS, &stored.id, to_value(&stored)?).put(
+            API_KEY_INDEX,
+            &key,
+            json!(stored.id),
+        );
+        let batch = audit(
+            batch,
+            actor,
+            "api_key.create",
+            "api_key",
+            &stored.id,
+            json!({"name": stored.name, "user_id": stored.user_id}),
+        )?;
         match self.commit(batch).await {
             Err(IdentityError::Store(StoreError::Conflict(_))) => {
                 return Err(IdentityError::Conflict(format!("An API key with id {key} already exists")));
@@ -1130,7 +1219,8 @@ impl Identity {
 
     pub async fn delete_api_key(&self, by: &Principal, actor: &Actor, ident: &str) -> Result<()> {
         let (k, rev) = self.find_api_key(by, ident, claims::DELETE_API_KEY).await?;
-        let batch = Batch::new().require_revision(API_KEYS, &k.id, rev).delete(API_KEYS, &k.id).delete(API_KEY_INDEX, &k.key);
+        let batch =
+            Batch::new().require_revision(API_KEYS, &k.id, rev).delete(API_KEYS, &k.id).delete(API_KEY_INDEX, &k.key);
         let batch = audit(batch, actor, "api_key.delete", "api_key", &k.id, json!({}))?;
         self.commit(batch).await
     }
@@ -1162,14 +1252,22 @@ impl Identity {
     }
 
     /// Record an audit entry for a change made outside this service.
-    pub async fn record(&self, actor: &Actor, action: &str, target_type: &str, target_id: &str, detail: Value) -> Result<()> {
+    pub async fn record(
+        &self,
+        actor: &Actor,
+        action: &str,
+        target_type: &str,
+        target_id: &str,
+        detail: Value,
+    ) -> Result<()> {
         let batch = audit(Batch::new(), actor, action, target_type, target_id, detail)?;
         self.commit(batch).await
     }
 }
 
 /// A valid argon2id hash of a random string, verified against on unknown users.
-const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$2Hfvl4L3eSvKMV0rZc1eH1ZmHbp6CWx2eRqvHbEFjDY";
+const DUMMY_HASH: &str =
+    "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$2Hfvl4L3eSvKMV0rZc1eH1ZmHbp6CWx2eRqvHbEFjDY";
 
 async fn hash_blocking(pw: String) -> Result<String> {
     tokio::task::spawn_blocking(move || password::hash(&pw))

@@ -141,9 +141,7 @@ impl TokenService {
             let secret = match &config.hmac_secret {
                 Some(s) if s.len() >= 32 => s.clone(),
                 Some(_) => {
-                    return Err(IdentityError::KeyConfig(
-                        "JWT_HMACS_SECRET must be at least 32 bytes long".into(),
-                    ));
+                    return Err(IdentityError::KeyConfig("JWT_HMACS_SECRET must be at least 32 bytes long".into()));
                 }
                 None => secrets::load_or_generate(&secrets_dir.join("jwt-hmac.key"), 64)?,
             };
@@ -186,7 +184,8 @@ impl TokenService {
             .map_err(|e| IdentityError::Internal(e.to_string()))?;
             let n = jwk.get("n").and_then(Value::as_str).unwrap_or_default().to_string();
             let e = jwk.get("e").and_then(Value::as_str).unwrap_or_default().to_string();
-            let decoding = DecodingKey::from_rsa_components(&n, &e).map_err(|e| IdentityError::KeyConfig(e.to_string()))?;
+            let decoding =
+                DecodingKey::from_rsa_components(&n, &e).map_err(|e| IdentityError::KeyConfig(e.to_string()))?;
             if let Some(o) = jwk.as_object_mut() {
                 o.insert("use".into(), json!("sig"));
                 o.insert("kid".into(), json!(key_id(n.as_bytes())));
@@ -245,17 +244,15 @@ impl TokenService {
         v.set_required_spec_claims(&["exp", "iat", "nbf", "iss", "aud", "sub"]);
         v.validate_nbf = true;
         v.leeway = 5;
-        jsonwebtoken::decode::<TokenClaims>(token, &self.decoding, &v)
-            .map(|d| d.claims)
-            .map_err(|e| {
-                use jsonwebtoken::errors::ErrorKind as K;
-                IdentityError::Unauthenticated(match e.kind() {
-                    K::ExpiredSignature => "The token has expired; log in again".into(),
-                    K::InvalidIssuer | K::InvalidAudience => "The token was not issued for this server".into(),
-                    K::ImmatureSignature => "The token is not valid yet".into(),
-                    _ => "The token is invalid".into(),
-                })
+        jsonwebtoken::decode::<TokenClaims>(token, &self.decoding, &v).map(|d| d.claims).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind as K;
+            IdentityError::Unauthenticated(match e.kind() {
+                K::ExpiredSignature => "The token has expired; log in again".into(),
+                K::InvalidIssuer | K::InvalidAudience => "The token was not issued for this server".into(),
+                K::ImmatureSignature => "The token is not valid yet".into(),
+                _ => "The token is invalid".into(),
             })
+        })
     }
 
     /// The JWKS document: the public key for RS*/EdDSA, an empty key set for HMAC.
@@ -322,11 +319,8 @@ mod tests {
     fn wrong_audience_or_issuer_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let s = svc(JwtAlgorithm::HS256, dir.path());
-        let other = TokenService::new(
-            TokenConfig { audience: "elsewhere".into(), ..Default::default() },
-            dir.path(),
-        )
-        .unwrap();
+        let other =
+            TokenService::new(TokenConfig { audience: "elsewhere".into(), ..Default::default() }, dir.path()).unwrap();
         let (t, _) = other.issue("u", "u", "u@x", vec![], vec![], "s", None).unwrap();
         let e = s.verify(&t).unwrap_err().to_string();
         assert!(e.contains("not issued for this server"), "{e}");

@@ -70,7 +70,13 @@ fn http() -> Result<reqwest::Client> {
 /// `http://host:port` -> `http://host:port/api/v1`.
 pub fn api_base(url: &str) -> String {
     let u = url.trim_end_matches('/');
-    if u.ends_with("/api/v1") { u.to_string() } else if u.ends_with("/api") { format!("{u}/v1") } else { format!("{u}/api/v1") }
+    if u.ends_with("/api/v1") {
+        u.to_string()
+    } else if u.ends_with("/api") {
+        format!("{u}/v1")
+    } else {
+        format!("{u}/api/v1")
+    }
 }
 
 impl Client {
@@ -81,14 +87,21 @@ impl Client {
             .map(String::from)
             .or_else(|| std::env::var("HANGAR_URL").ok())
             .or_else(|| saved.as_ref().map(|c| c.url.clone()))
-            .ok_or_else(|| anyhow!("no server: run `hangar login --url URL --username USER` first, or set HANGAR_URL"))?;
+            .ok_or_else(|| {
+                anyhow!("no server: run `hangar login --url URL --username USER` first, or set HANGAR_URL")
+            })?;
         let auth = if let Ok(k) = std::env::var("HANGAR_API_KEY") {
             Some(("x-api-key".to_string(), k))
         } else if let Ok(t) = std::env::var("HANGAR_TOKEN") {
             Some(("authorization".to_string(), format!("Bearer {t}")))
         } else if let Some(c) = saved.filter(|c| api_base(&c.url) == api_base(&url)) {
             if c.expires_at <= chrono::Utc::now().timestamp() {
-                bail!("the saved login for {} expired; run `hangar login --url {} --username {}` again", c.url, c.url, c.username);
+                bail!(
+                    "the saved login for {} expired; run `hangar login --url {} --username {}` again",
+                    c.url,
+                    c.url,
+                    c.username
+                );
             }
             Some(("authorization".to_string(), format!("Bearer {}", c.token)))
         } else {
@@ -113,9 +126,11 @@ impl Client {
         let resp = req.send().await.with_context(|| format!("cannot reach {url}"))?;
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();
-        let value: Value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        let value: Value =
+            if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
         if !status.is_success() {
-            let msg = value.get("message").and_then(Value::as_str).map(String::from).unwrap_or_else(|| value.to_string());
+            let msg =
+                value.get("message").and_then(Value::as_str).map(String::from).unwrap_or_else(|| value.to_string());
             let hint = match status.as_u16() {
                 401 => " (log in again with `hangar login`)",
                 403 => " (your user lacks the permission; ask an administrator)",

@@ -32,14 +32,24 @@ pub const KEYS: &[Key] = &[
     k("API_BODY_LIMIT", "1048576", "Largest accepted request body, in bytes"),
     k("LOG_LEVEL", "info", "trace, debug, info, warn or error (or a tracing filter)"),
     k("LOG_FORMAT", "text", "text or json"),
-    k("ENABLED_MODULES", "", "Comma list of modules (api, host, catalog, orchestrator, reverse_proxy); empty: every module this machine supports"),
+    k(
+        "ENABLED_MODULES",
+        "",
+        "Comma list of modules (api, host, catalog, orchestrator, reverse_proxy); empty: every module this machine supports",
+    ),
     k("HYPERVISOR", "auto", "Hypervisor driver of the host module: auto, qemu or parallels"),
-    s("ROOT_PASSWORD", "Password of the root user, set at every start; when unset a password is generated at first start and printed once"),
+    s(
+        "ROOT_PASSWORD",
+        "Password of the root user, set at every start; when unset a password is generated at first start and printed once",
+    ),
     k("ROOT_PASSWORD_FILE", "", "File holding the root password (instead of ROOT_PASSWORD)"),
     k("JWT_SIGN_ALGORITHM", "HS256", "HS256, HS384, HS512, RS256, RS384, RS512 or EdDSA"),
     k("JWT_DURATION", "15m", "Token lifetime (e.g. 15m, 1h)"),
     s("JWT_HMACS_SECRET", "HMAC secret (at least 32 bytes); generated into the data folder when unset"),
-    s("JWT_PRIVATE_KEY", "PEM private key for RS*/EdDSA: PEM text, base64 of the PEM, or a file path; EdDSA generates one when unset"),
+    s(
+        "JWT_PRIVATE_KEY",
+        "PEM private key for RS*/EdDSA: PEM text, base64 of the PEM, or a file path; EdDSA generates one when unset",
+    ),
     k("JWT_ISSUER", "hangar", "The tokens' iss claim"),
     k("JWT_AUDIENCE", "hangar-api", "The tokens' aud claim"),
     k("TLS_ENABLED", "false", "Serve HTTPS on TLS_PORT"),
@@ -48,7 +58,11 @@ pub const KEYS: &[Key] = &[
     s("TLS_PRIVATE_KEY", "Private key of the certificate: PEM text, base64 of the PEM, or a file path"),
     k("DISABLE_HTTP_WHEN_TLS", "false", "With TLS enabled, serve HTTPS only"),
     k("DATABASE_FOLDER", "", "Data folder; default /var/lib/hangar for root, ~/.local/share/hangar otherwise"),
-    k("DATABASE_ENCRYPTION_KEY_FILE", "", "Key file that encrypts the store at rest (AES-256-GCM; 32 bytes raw, hex or base64)"),
+    k(
+        "DATABASE_ENCRYPTION_KEY_FILE",
+        "",
+        "Key file that encrypts the store at rest (AES-256-GCM; 32 bytes raw, hex or base64)",
+    ),
     k("DATABASE_BACKUP_INTERVAL_MINUTES", "120", "Minutes between store backups; 0 disables scheduled backups"),
     k("DATABASE_NUMBER_BACKUP_FILES", "10", "Backups kept"),
     k("ENABLE_CORS", "true", "Answer CORS preflight requests"),
@@ -99,7 +113,11 @@ fn key(name: &str) -> Option<&'static Key> {
 
 impl Layers {
     /// Defaults, then the file, then the process environment, then flags.
-    pub fn load(file: Option<&Path>, env: &dyn Fn(&str) -> Option<String>, flags: &[(String, String)]) -> Result<Layers> {
+    pub fn load(
+        file: Option<&Path>,
+        env: &dyn Fn(&str) -> Option<String>,
+        flags: &[(String, String)],
+    ) -> Result<Layers> {
         let mut l = Layers::default();
         for k in KEYS {
             if !k.default.is_empty() {
@@ -107,7 +125,8 @@ impl Layers {
             }
         }
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the config file {}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the config file {}", path.display()))?;
             let table: toml::Table = text.parse().with_context(|| format!("{} is not valid TOML", path.display()))?;
             for (name, v) in table {
                 let Some(k) = key(&name) else {
@@ -118,7 +137,11 @@ impl Layers {
                     toml::Value::Integer(i) => i.to_string(),
                     toml::Value::Boolean(b) => b.to_string(),
                     toml::Value::Float(f) => f.to_string(),
-                    toml::Value::Array(a) => a.iter().map(|x| x.as_str().map(String::from).unwrap_or_else(|| x.to_string())).collect::<Vec<_>>().join(","),
+                    toml::Value::Array(a) => a
+                        .iter()
+                        .map(|x| x.as_str().map(String::from).unwrap_or_else(|| x.to_string()))
+                        .collect::<Vec<_>>()
+                        .join(","),
                     other => bail!("{}: key {name} has an unsupported value {other}", path.display()),
                 };
                 l.values.insert(k.name, (value, Source::File));
@@ -130,7 +153,9 @@ impl Layers {
             }
         }
         for (name, v) in flags {
-            let k = key(name).ok_or_else(|| anyhow!("unknown configuration key {name:?} in --set; `hangar config keys` lists the known keys"))?;
+            let k = key(name).ok_or_else(|| {
+                anyhow!("unknown configuration key {name:?} in --set; `hangar config keys` lists the known keys")
+            })?;
             l.values.insert(k.name, (v.clone(), Source::Flag));
         }
         Ok(l)

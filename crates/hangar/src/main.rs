@@ -153,7 +153,9 @@ enum ConfigCommand {
 #[derive(Subcommand)]
 enum UserCommand {
     List,
-    Get { user: String },
+    Get {
+        user: String,
+    },
     Create {
         #[arg(long)]
         username: String,
@@ -169,20 +171,42 @@ enum UserCommand {
         #[arg(long = "claim")]
         claims: Vec<String>,
     },
-    Delete { user: String },
-    Disable { user: String },
-    Enable { user: String },
-    Unlock { user: String },
-    AddRole { user: String, role: String },
-    RemoveRole { user: String, role: String },
-    AddClaim { user: String, claim: String },
-    RemoveClaim { user: String, claim: String },
+    Delete {
+        user: String,
+    },
+    Disable {
+        user: String,
+    },
+    Enable {
+        user: String,
+    },
+    Unlock {
+        user: String,
+    },
+    AddRole {
+        user: String,
+        role: String,
+    },
+    RemoveRole {
+        user: String,
+        role: String,
+    },
+    AddClaim {
+        user: String,
+        claim: String,
+    },
+    RemoveClaim {
+        user: String,
+        claim: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum RoleCommand {
     List,
-    Get { role: String },
+    Get {
+        role: String,
+    },
     Create {
         name: String,
         #[arg(long)]
@@ -190,9 +214,17 @@ enum RoleCommand {
         #[arg(long = "claim")]
         claims: Vec<String>,
     },
-    Delete { role: String },
-    AddClaim { role: String, claim: String },
-    RemoveClaim { role: String, claim: String },
+    Delete {
+        role: String,
+    },
+    AddClaim {
+        role: String,
+        claim: String,
+    },
+    RemoveClaim {
+        role: String,
+        claim: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -203,7 +235,9 @@ enum ClaimCommand {
         #[arg(long)]
         description: Option<String>,
     },
-    Delete { claim: String },
+    Delete {
+        claim: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -219,8 +253,12 @@ enum ApiKeyCommand {
         #[arg(long)]
         user: Option<String>,
     },
-    Delete { key: String },
-    Revoke { key: String },
+    Delete {
+        key: String,
+    },
+    Revoke {
+        key: String,
+    },
 }
 
 fn read_secret_stdin(what: &str) -> Result<String> {
@@ -255,7 +293,10 @@ fn init_tracing(l: &Layers) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_new(l.get("LOG_LEVEL").unwrap_or("info")).unwrap_or_else(|_| EnvFilter::new("info"));
     use std::io::IsTerminal;
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
     if l.get("LOG_FORMAT") == Some("json") {
         b.json().init();
     } else {
@@ -277,23 +318,48 @@ async fn run(cli: Cli) -> Result<()> {
                 println!("| Key | Default | Meaning |\n|---|---|---|");
                 for k in config::KEYS {
                     let d = if k.default.is_empty() { "–".to_string() } else { format!("`{}`", k.default) };
-                    println!("| `{}` | {} | {}{} |", k.name, d, k.help, if k.secret { " (secret: never logged)" } else { "" });
+                    println!(
+                        "| `{}` | {} | {}{} |",
+                        k.name,
+                        d,
+                        k.help,
+                        if k.secret { " (secret: never logged)" } else { "" }
+                    );
                 }
             } else {
-                let rows: Vec<Value> = config::KEYS.iter().map(|k| json!({"key": k.name, "default": k.default, "meaning": k.help})).collect();
+                let rows: Vec<Value> = config::KEYS
+                    .iter()
+                    .map(|k| json!({"key": k.name, "default": k.default, "meaning": k.help}))
+                    .collect();
                 print(out, &Value::Array(rows), &["key", "default", "meaning"]);
             }
             Ok(())
         }
         Command::Login { username, password_stdin } => {
-            let url = cli.url.clone().or_else(|| std::env::var("HANGAR_URL").ok()).context("give the server with --url URL")?;
-            let password = if password_stdin { read_secret_stdin("password")? } else { rpassword::prompt_password(format!("Password for {username}: "))? };
+            let url = cli
+                .url
+                .clone()
+                .or_else(|| std::env::var("HANGAR_URL").ok())
+                .context("give the server with --url URL")?;
+            let password = if password_stdin {
+                read_secret_stdin("password")?
+            } else {
+                rpassword::prompt_password(format!("Password for {username}: "))?
+            };
             let c = Client::anonymous(&url)?;
-            let body = if username.contains('@') { json!({"email": username, "password": password}) } else { json!({"username": username, "password": password}) };
+            let body = if username.contains('@') {
+                json!({"email": username, "password": password})
+            } else {
+                json!({"username": username, "password": password})
+            };
             let t = c.post("/auth/token", body).await?;
             let creds = Credentials {
                 url: url.clone(),
-                token: t.get("token").and_then(Value::as_str).context("the server answered without a token")?.to_string(),
+                token: t
+                    .get("token")
+                    .and_then(Value::as_str)
+                    .context("the server answered without a token")?
+                    .to_string(),
                 expires_at: t.get("expires_at").and_then(Value::as_i64).unwrap_or(0),
                 username: username.clone(),
             };
@@ -326,7 +392,11 @@ async fn run(cli: Cli) -> Result<()> {
             if let Some(a) = after {
                 path.push_str(&format!("&after={}", seg(&a)));
             }
-            print(out, &c.get(&path).await?, &["id", "at", "username", "via", "source_ip", "action", "target_type", "target_id"]);
+            print(
+                out,
+                &c.get(&path).await?,
+                &["id", "at", "username", "via", "source_ip", "action", "target_type", "target_id"],
+            );
             Ok(())
         }
     }
@@ -342,20 +412,37 @@ async fn user(c: Client, cmd: UserCommand, out: Output) -> Result<()> {
         UserCommand::List => (c.get("/auth/users").await?, USER_COLS),
         UserCommand::Get { user } => (c.get(&format!("/auth/users/{}", seg(&user))).await?, USER_COLS),
         UserCommand::Create { username, email, name, password_stdin, roles, claims } => {
-            let password = if password_stdin { read_secret_stdin("password")? } else { rpassword::prompt_password(format!("Password for {username}: "))? };
+            let password = if password_stdin {
+                read_secret_stdin("password")?
+            } else {
+                rpassword::prompt_password(format!("Password for {username}: "))?
+            };
             let body = json!({"username": username, "email": email, "name": name, "password": password, "roles": roles, "claims": claims});
             (c.post("/auth/users", body).await?, USER_COLS)
         }
-        UserCommand::Delete { user } => (c.delete(&format!("/auth/users/{}", seg(&user))).await.map(|_| json!({"deleted": user}))?, &["deleted"][..]),
-        UserCommand::Disable { user } => (c.put(&format!("/auth/users/{}", seg(&user)), Some(json!({"disabled": true}))).await?, USER_COLS),
-        UserCommand::Enable { user } => (c.put(&format!("/auth/users/{}", seg(&user)), Some(json!({"disabled": false}))).await?, USER_COLS),
-        UserCommand::Unlock { user } => (c.put(&format!("/auth/users/{}", seg(&user)), Some(json!({"unlock": true}))).await?, USER_COLS),
-        UserCommand::AddRole { user, role } => (c.post(&format!("/auth/users/{}/roles", seg(&user)), json!({"name": role})).await?, ROLE_COLS),
+        UserCommand::Delete { user } => (
+            c.delete(&format!("/auth/users/{}", seg(&user))).await.map(|_| json!({"deleted": user}))?,
+            &["deleted"][..],
+        ),
+        UserCommand::Disable { user } => {
+            (c.put(&format!("/auth/users/{}", seg(&user)), Some(json!({"disabled": true}))).await?, USER_COLS)
+        }
+        UserCommand::Enable { user } => {
+            (c.put(&format!("/auth/users/{}", seg(&user)), Some(json!({"disabled": false}))).await?, USER_COLS)
+        }
+        UserCommand::Unlock { user } => {
+            (c.put(&format!("/auth/users/{}", seg(&user)), Some(json!({"unlock": true}))).await?, USER_COLS)
+        }
+        UserCommand::AddRole { user, role } => {
+            (c.post(&format!("/auth/users/{}/roles", seg(&user)), json!({"name": role})).await?, ROLE_COLS)
+        }
         UserCommand::RemoveRole { user, role } => {
             c.delete(&format!("/auth/users/{}/roles/{}", seg(&user), seg(&role))).await?;
             (json!({"user": user, "removed_role": role}), &["user", "removed_role"][..])
         }
-        UserCommand::AddClaim { user, claim } => (c.post(&format!("/auth/users/{}/claims", seg(&user)), json!({"name": claim})).await?, CLAIM_COLS),
+        UserCommand::AddClaim { user, claim } => {
+            (c.post(&format!("/auth/users/{}/claims", seg(&user)), json!({"name": claim})).await?, CLAIM_COLS)
+        }
         UserCommand::RemoveClaim { user, claim } => {
             c.delete(&format!("/auth/users/{}/claims/{}", seg(&user), seg(&claim))).await?;
             (json!({"user": user, "removed_claim": claim}), &["user", "removed_claim"][..])
@@ -369,12 +456,17 @@ async fn role(c: Client, cmd: RoleCommand, out: Output) -> Result<()> {
     let (v, cols) = match cmd {
         RoleCommand::List => (c.get("/auth/roles").await?, ROLE_COLS),
         RoleCommand::Get { role } => (c.get(&format!("/auth/roles/{}", seg(&role))).await?, ROLE_COLS),
-        RoleCommand::Create { name, description, claims } => (c.post("/auth/roles", json!({"name": name, "description": description, "claims": claims})).await?, ROLE_COLS),
+        RoleCommand::Create { name, description, claims } => (
+            c.post("/auth/roles", json!({"name": name, "description": description, "claims": claims})).await?,
+            ROLE_COLS,
+        ),
         RoleCommand::Delete { role } => {
             c.delete(&format!("/auth/roles/{}", seg(&role))).await?;
             (json!({"deleted": role}), &["deleted"][..])
         }
-        RoleCommand::AddClaim { role, claim } => (c.post(&format!("/auth/roles/{}/claims", seg(&role)), json!({"name": claim})).await?, CLAIM_COLS),
+        RoleCommand::AddClaim { role, claim } => {
+            (c.post(&format!("/auth/roles/{}/claims", seg(&role)), json!({"name": claim})).await?, CLAIM_COLS)
+        }
         RoleCommand::RemoveClaim { role, claim } => {
             c.delete(&format!("/auth/roles/{}/claims/{}", seg(&role), seg(&claim))).await?;
             (json!({"role": role, "removed_claim": claim}), &["role", "removed_claim"][..])
@@ -387,7 +479,9 @@ async fn role(c: Client, cmd: RoleCommand, out: Output) -> Result<()> {
 async fn claim(c: Client, cmd: ClaimCommand, out: Output) -> Result<()> {
     let (v, cols) = match cmd {
         ClaimCommand::List => (c.get("/auth/claims").await?, CLAIM_COLS),
-        ClaimCommand::Create { name, description } => (c.post("/auth/claims", json!({"name": name, "description": description})).await?, CLAIM_COLS),
+        ClaimCommand::Create { name, description } => {
+            (c.post("/auth/claims", json!({"name": name, "description": description})).await?, CLAIM_COLS)
+        }
         ClaimCommand::Delete { claim } => {
             c.delete(&format!("/auth/claims/{}", seg(&claim))).await?;
             (json!({"deleted": claim}), &["deleted"][..])
@@ -411,7 +505,9 @@ async fn apikey(c: Client, cmd: ApiKeyCommand, out: Output) -> Result<()> {
             c.delete(&format!("/auth/api_keys/{}", seg(&key))).await?;
             (json!({"deleted": key}), &["deleted"][..])
         }
-        ApiKeyCommand::Revoke { key } => (c.put(&format!("/auth/api_keys/{}/revoke", seg(&key)), None).await?, KEY_COLS),
+        ApiKeyCommand::Revoke { key } => {
+            (c.put(&format!("/auth/api_keys/{}/revoke", seg(&key)), None).await?, KEY_COLS)
+        }
     };
     print(out, &v, cols);
     Ok(())
@@ -424,7 +520,11 @@ async fn db(cmd: DbCommand, out: Output) -> Result<()> {
     };
     let l = cfg.layers()?;
     let dir = serve::data_dir(&l)?;
-    let store = Arc::new(serve::open_store(&l, &dir, false).await.context("is the server still running? `hangar db` works on a stopped server's data folder")?);
+    let store = Arc::new(
+        serve::open_store(&l, &dir, false)
+            .await
+            .context("is the server still running? `hangar db` works on a stopped server's data folder")?,
+    );
     let result = async {
         match cmd {
             DbCommand::Export { out: file, .. } => {
@@ -434,20 +534,35 @@ async fn db(cmd: DbCommand, out: Output) -> Result<()> {
                     Some(f) => {
                         std::fs::write(&f, text).with_context(|| format!("cannot write {}", f.display()))?;
                         let n: usize = dump.collections.values().map(|c| c.len()).sum();
-                        print(out, &json!({"file": f.display().to_string(), "records": n, "revision": dump.revision}), &["file", "records", "revision"]);
+                        print(
+                            out,
+                            &json!({"file": f.display().to_string(), "records": n, "revision": dump.revision}),
+                            &["file", "records", "revision"],
+                        );
                     }
                     None => println!("{text}"),
                 }
             }
             DbCommand::Import { file, .. } => {
                 let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
-                let dump: hangar_store::Dump = serde_json::from_str(&text).with_context(|| format!("{} is not a Hangar export (made by `hangar db export`)", file.display()))?;
+                let dump: hangar_store::Dump = serde_json::from_str(&text).with_context(|| {
+                    format!("{} is not a Hangar export (made by `hangar db export`)", file.display())
+                })?;
                 if dump.format != hangar_store::DUMP_FORMAT {
-                    bail!("{} has export format {}, this version reads format {}", file.display(), dump.format, hangar_store::DUMP_FORMAT);
+                    bail!(
+                        "{} has export format {}, this version reads format {}",
+                        file.display(),
+                        dump.format,
+                        hangar_store::DUMP_FORMAT
+                    );
                 }
                 let n: usize = dump.collections.values().map(|c| c.len()).sum();
                 store.import(dump).await?;
-                print(out, &json!({"imported_records": n, "data_folder": dir.display().to_string()}), &["imported_records", "data_folder"]);
+                print(
+                    out,
+                    &json!({"imported_records": n, "data_folder": dir.display().to_string()}),
+                    &["imported_records", "data_folder"],
+                );
             }
             DbCommand::Backup { .. } => {
                 let p = store.backup_now().await?;

@@ -58,8 +58,13 @@ fn module_statuses(l: &Layers) -> Result<Vec<ModuleStatus>> {
             "host" => {
                 let hv = ["qemu-system-x86_64", "qemu-system-aarch64", "prlctl"].iter().find(|b| which(b).is_some());
                 match hv {
-                    Some(b) => (false, format!("not started: found {b}, but the host agent is not part of this build yet")),
-                    None => (false, "not started: no hypervisor found (neither qemu-system-* nor prlctl is on PATH)".to_string()),
+                    Some(b) => {
+                        (false, format!("not started: found {b}, but the host agent is not part of this build yet"))
+                    }
+                    None => (
+                        false,
+                        "not started: no hypervisor found (neither qemu-system-* nor prlctl is on PATH)".to_string(),
+                    ),
                 }
             }
             other => (false, format!("not started: the {other} module is not part of this build yet")),
@@ -77,7 +82,11 @@ fn which(bin: &str) -> Option<PathBuf> {
 }
 
 fn token_config(l: &Layers) -> Result<TokenConfig> {
-    let algorithm = l.get("JWT_SIGN_ALGORITHM").unwrap_or("HS256").parse().map_err(|e: hangar_identity::IdentityError| anyhow::anyhow!("{e}"))?;
+    let algorithm = l
+        .get("JWT_SIGN_ALGORITHM")
+        .unwrap_or("HS256")
+        .parse()
+        .map_err(|e: hangar_identity::IdentityError| anyhow::anyhow!("{e}"))?;
     let private_key_pem = match l.get("JWT_PRIVATE_KEY") {
         Some(v) => Some(read_pem("JWT_PRIVATE_KEY", v)?),
         None => None,
@@ -134,7 +143,10 @@ pub async fn run(l: Layers) -> Result<()> {
     let dyn_store: Arc<dyn Store> = store.clone();
     let bus = EventBus::default();
     let identity = identity(&l, dyn_store, &dir, bus.clone())?;
-    let generated = identity.bootstrap(root_password(&l)?.as_deref()).await.map_err(|e| anyhow::anyhow!("cannot seed users and roles: {e}"))?;
+    let generated = identity
+        .bootstrap(root_password(&l)?.as_deref())
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot seed users and roles: {e}"))?;
 
     let modules = module_statuses(&l)?;
     let info = ServerInfo {
@@ -160,7 +172,8 @@ pub async fn run(l: Layers) -> Result<()> {
     }
     let app = hangar_api::app(identity, bus, info, &config);
 
-    let host: std::net::IpAddr = l.get("API_HOST").unwrap_or("0.0.0.0").parse().context("API_HOST is not an IP address")?;
+    let host: std::net::IpAddr =
+        l.get("API_HOST").unwrap_or("0.0.0.0").parse().context("API_HOST is not an IP address")?;
     let tls = l.bool("TLS_ENABLED")?;
     let https_only = tls && l.bool("DISABLE_HTTP_WHEN_TLS")?;
     let handle: axum_server::Handle<SocketAddr> = axum_server::Handle::new();
@@ -170,20 +183,24 @@ pub async fn run(l: Layers) -> Result<()> {
         let addr = SocketAddr::new(host, l.number("API_PORT")?);
         let h = handle.clone();
         let svc = app.clone().into_make_service_with_connect_info::<SocketAddr>();
-        let listener = std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr} (API_PORT)"))?;
+        let listener =
+            std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr} (API_PORT)"))?;
         listener.set_nonblocking(true)?;
         let bound = listener.local_addr()?;
         announce.push(format!("http://{bound}"));
         servers.spawn(async move { axum_server::from_tcp(listener)?.handle(h).serve(svc).await });
     }
     if tls {
-        let cert = read_pem("TLS_CERTIFICATE", l.get("TLS_CERTIFICATE").context("TLS_ENABLED=true needs TLS_CERTIFICATE")?)?;
-        let key = read_pem("TLS_PRIVATE_KEY", l.get("TLS_PRIVATE_KEY").context("TLS_ENABLED=true needs TLS_PRIVATE_KEY")?)?;
+        let cert =
+            read_pem("TLS_CERTIFICATE", l.get("TLS_CERTIFICATE").context("TLS_ENABLED=true needs TLS_CERTIFICATE")?)?;
+        let key =
+            read_pem("TLS_PRIVATE_KEY", l.get("TLS_PRIVATE_KEY").context("TLS_ENABLED=true needs TLS_PRIVATE_KEY")?)?;
         let rustls = axum_server::tls_rustls::RustlsConfig::from_pem(cert, key)
             .await
             .context("TLS_CERTIFICATE/TLS_PRIVATE_KEY are not a usable certificate and key")?;
         let addr = SocketAddr::new(host, l.number("TLS_PORT")?);
-        let listener = std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr} (TLS_PORT)"))?;
+        let listener =
+            std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr} (TLS_PORT)"))?;
         listener.set_nonblocking(true)?;
         let bound = listener.local_addr()?;
         announce.push(format!("https://{bound}"));

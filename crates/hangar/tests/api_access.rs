@@ -1,6 +1,8 @@
 //! Every route, four callers, checked against the route's declared access; spoofed
 //! privilege headers; the committed OpenAPI document; a table of bad inputs.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::collections::BTreeSet;
@@ -45,7 +47,9 @@ async fn every_route_answers_as_its_declared_access_says() {
     let c = client();
     let root = login(&c, &s, "root", ROOT_PASSWORD).await;
     let (_uid, user) = make_user(&c, &s, &root, "plainuser").await;
-    let (st, key) = call(&c, Method::POST, &s.api("/auth/api_keys"), &Auth::Bearer(user.clone()), Some(json!({"name": "k1"})), &[]).await;
+    let (st, key) =
+        call(&c, Method::POST, &s.api("/auth/api_keys"), &Auth::Bearer(user.clone()), Some(json!({"name": "k1"})), &[])
+            .await;
     assert_eq!(st, 201, "{key}");
     let user_key = key["encoded"].as_str().unwrap().to_string();
 
@@ -74,7 +78,10 @@ async fn every_route_answers_as_its_declared_access_says() {
                 (_, None) => access.check(None),
             };
             match expected {
-                Decision::Allow => assert!(st != 401 && st != 403, "{who} {method} {path}: declared {access:?} allows it, got {st} {v}"),
+                Decision::Allow => assert!(
+                    st != 401 && st != 403,
+                    "{who} {method} {path}: declared {access:?} allows it, got {st} {v}"
+                ),
                 Decision::Unauthenticated => assert_eq!(st, 401, "{who} {method} {path}: expected 401, got {st} {v}"),
                 Decision::Forbidden { .. } => assert_eq!(st, 403, "{who} {method} {path}: expected 403, got {st} {v}"),
             }
@@ -151,7 +158,9 @@ async fn spoofed_privilege_headers_give_nothing() {
     assert_eq!(v["roles"], json!(["USER"]));
     assert_eq!(v["isSuperUser"], json!(false));
     // A client-chosen request id does not reach the audit log.
-    let (st, _) = call(&c, Method::GET, &s.api("/auth/me"), &Auth::Bearer(user.clone()), None, &[("x-request-id", "forged")]).await;
+    let (st, _) =
+        call(&c, Method::GET, &s.api("/auth/me"), &Auth::Bearer(user.clone()), None, &[("x-request-id", "forged")])
+            .await;
     assert_eq!(st, 200);
 }
 
@@ -164,7 +173,8 @@ async fn served_openapi_matches_the_committed_file() {
     assert_eq!(st, 200);
     assert_eq!(served["openapi"].as_str().map(|v| v.starts_with("3.1")), Some(true), "OpenAPI 3.1");
     let committed_path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/openapi.json");
-    let committed: Value = serde_json::from_str(&std::fs::read_to_string(committed_path).unwrap_or_default()).unwrap_or(Value::Null);
+    let committed: Value =
+        serde_json::from_str(&std::fs::read_to_string(committed_path).unwrap_or_default()).unwrap_or(Value::Null);
     assert!(
         committed == served,
         "docs/openapi.json differs from the served document; regenerate it with `cargo run -p hangar -- openapi > docs/openapi.json` and review the change"
@@ -193,31 +203,206 @@ async fn bad_inputs_get_a_4xx_with_the_error_body() {
     }
     let j = |v: Value| Some(serde_json::to_vec(&v).unwrap());
     let cases = vec![
-        Case { name: "malformed JSON", method: Method::POST, path: "/auth/users".into(), body: Some(b"{\"username\": ".to_vec()), content_type: "application/json", expect: 400 },
-        Case { name: "not JSON at all", method: Method::POST, path: "/auth/roles".into(), body: Some(b"\x00\xff\xfe".to_vec()), content_type: "application/json", expect: 400 },
-        Case { name: "wrong type", method: Method::POST, path: "/auth/users".into(), body: j(json!({"username": 5, "email": [], "password": true})), content_type: "application/json", expect: 422 },
-        Case { name: "missing field", method: Method::POST, path: "/auth/roles".into(), body: j(json!({})), content_type: "application/json", expect: 422 },
-        Case { name: "unknown field", method: Method::POST, path: "/auth/users".into(), body: j(json!({"username": "a", "email": "a@b.c", "password": "x", "admin": true})), content_type: "application/json", expect: 422 },
-        Case { name: "wrong content type", method: Method::POST, path: "/auth/roles".into(), body: Some(b"name=x".to_vec()), content_type: "text/plain", expect: 415 },
-        Case { name: "oversized body", method: Method::POST, path: "/auth/claims".into(), body: j(json!({"name": over})), content_type: "application/json", expect: 413 },
-        Case { name: "empty name", method: Method::POST, path: "/auth/roles".into(), body: j(json!({"name": ""})), content_type: "application/json", expect: 400 },
-        Case { name: "huge name", method: Method::POST, path: "/auth/claims".into(), body: j(json!({"name": huge})), content_type: "application/json", expect: 400 },
-        Case { name: "bad characters in a name", method: Method::POST, path: "/auth/roles".into(), body: j(json!({"name": "a/b;DROP"})), content_type: "application/json", expect: 400 },
-        Case { name: "bad email", method: Method::POST, path: "/auth/users".into(), body: j(json!({"username": "ok", "email": "not-an-email", "password": USER_PASSWORD})), content_type: "application/json", expect: 400 },
-        Case { name: "weak password", method: Method::POST, path: "/auth/users".into(), body: j(json!({"username": "ok2", "email": "ok2@x.test", "password": "short"})), content_type: "application/json", expect: 422 },
-        Case { name: "unknown role on create", method: Method::POST, path: "/auth/users".into(), body: j(json!({"username": "ok3", "email": "ok3@x.test", "password": USER_PASSWORD, "roles": ["NOPE"]})), content_type: "application/json", expect: 400 },
-        Case { name: "bad id", method: Method::GET, path: "/auth/users/%00%01".into(), body: None, content_type: "", expect: 404 },
-        Case { name: "long id", method: Method::GET, path: format!("/auth/roles/{}", "r".repeat(5000)), body: None, content_type: "", expect: 404 },
-        Case { name: "unknown event type", method: Method::GET, path: "/ws/subscribe?event_types=bogus".into(), body: None, content_type: "", expect: 400 },
-        Case { name: "bad query value", method: Method::GET, path: "/audit?limit=many".into(), body: None, content_type: "", expect: 400 },
-        Case { name: "unknown query key", method: Method::GET, path: "/audit?sneaky=1".into(), body: None, content_type: "", expect: 400 },
-        Case { name: "expiry in the past", method: Method::POST, path: "/auth/api_keys".into(), body: j(json!({"name": "k", "expires_at": "2001-01-01T00:00:00Z"})), content_type: "application/json", expect: 400 },
-        Case { name: "bad timestamp", method: Method::POST, path: "/auth/api_keys".into(), body: j(json!({"name": "k", "expires_at": "yesterday"})), content_type: "application/json", expect: 422 },
-        Case { name: "short secret", method: Method::POST, path: "/auth/api_keys".into(), body: j(json!({"name": "k", "secret": "abc"})), content_type: "application/json", expect: 422 },
-        Case { name: "unknown route", method: Method::GET, path: "/no/such/route".into(), body: None, content_type: "", expect: 404 },
-        Case { name: "wrong method", method: Method::PATCH, path: "/auth/users".into(), body: None, content_type: "", expect: 405 },
-        Case { name: "duplicate role", method: Method::POST, path: "/auth/roles".into(), body: j(json!({"name": "USER"})), content_type: "application/json", expect: 409 },
-        Case { name: "delete built-in role", method: Method::DELETE, path: "/auth/roles/ADMIN".into(), body: None, content_type: "", expect: 409 },
+        Case {
+            name: "malformed JSON",
+            method: Method::POST,
+            path: "/auth/users".into(),
+            body: Some(b"{\"username\": ".to_vec()),
+            content_type: "application/json",
+            expect: 400,
+        },
+        Case {
+            name: "not JSON at all",
+            method: Method::POST,
+            path: "/auth/roles".into(),
+            body: Some(b"\x00\xff\xfe".to_vec()),
+            content_type: "application/json",
+            expect: 400,
+        },
+        Case {
+            name: "wrong type",
+            method: Method::POST,
+            path: "/auth/users".into(),
+            body: j(json!({"username": 5, "email": [], "password": true})),
+            content_type: "application/json",
+            expect: 422,
+        },
+        Case {
+            name: "missing field",
+            method: Method::POST,
+            path: "/auth/roles".into(),
+            body: j(json!({})),
+            content_type: "application/json",
+            expect: 422,
+        },
+        Case {
+            name: "unknown field",
+            method: Method::POST,
+            path: "/auth/users".into(),
+            body: j(json!({"username": "a", "email": "a@b.c", "password": "x", "admin": true})),
+            content_type: "application/json",
+            expect: 422,
+        },
+        Case {
+            name: "wrong content type",
+            method: Method::POST,
+            path: "/auth/roles".into(),
+            body: Some(b"name=x".to_vec()),
+            content_type: "text/plain",
+            expect: 415,
+        },
+        Case {
+            name: "oversized body",
+            method: Method::POST,
+            path: "/auth/claims".into(),
+            body: j(json!({"name": over})),
+            content_type: "application/json",
+            expect: 413,
+        },
+        Case {
+            name: "empty name",
+            method: Method::POST,
+            path: "/auth/roles".into(),
+            body: j(json!({"name": ""})),
+            content_type: "application/json",
+            expect: 400,
+        },
+        Case {
+            name: "huge name",
+            method: Method::POST,
+            path: "/auth/claims".into(),
+            body: j(json!({"name": huge})),
+            content_type: "application/json",
+            expect: 400,
+        },
+        Case {
+            name: "bad characters in a name",
+            method: Method::POST,
+            path: "/auth/roles".into(),
+            body: j(json!({"name": "a/b;DROP"})),
+            content_type: "application/json",
+            expect: 400,
+        },
+        Case {
+            name: "bad email",
+            method: Method::POST,
+            path: "/auth/users".into(),
+            body: j(json!({"username": "ok", "email": "not-an-email", "password": USER_PASSWORD})),
+            content_type: "application/json",
+            expect: 400,
+        },
+        Case {
+            name: "weak password",
+            method: Method::POST,
+            path: "/auth/users".into(),
+            body: j(json!({"username": "ok2", "email": "ok2@x.test", "password": "short"})),
+            content_type: "application/json",
+            expect: 422,
+        },
+        Case {
+            name: "unknown role on create",
+            method: Method::POST,
+            path: "/auth/users".into(),
+            body: j(json!({"username": "ok3", "email": "ok3@x.test", "password": USER_PASSWORD, "roles": ["NOPE"]})),
+            content_type: "application/json",
+            expect: 400,
+        },
+        Case {
+            name: "bad id",
+            method: Method::GET,
+            path: "/auth/users/%00%01".into(),
+            body: None,
+            content_type: "",
+            expect: 404,
+        },
+        Case {
+            name: "long id",
+            method: Method::GET,
+            path: format!("/auth/roles/{}", "r".repeat(5000)),
+            body: None,
+            content_type: "",
+            expect: 404,
+        },
+        Case {
+            name: "unknown event type",
+            method: Method::GET,
+            path: "/ws/subscribe?event_types=bogus".into(),
+            body: None,
+            content_type: "",
+            expect: 400,
+        },
+        Case {
+            name: "bad query value",
+            method: Method::GET,
+            path: "/audit?limit=many".into(),
+            body: None,
+            content_type: "",
+            expect: 400,
+        },
+        Case {
+            name: "unknown query key",
+            method: Method::GET,
+            path: "/audit?sneaky=1".into(),
+            body: None,
+            content_type: "",
+            expect: 400,
+        },
+        Case {
+            name: "expiry in the past",
+            method: Method::POST,
+            path: "/auth/api_keys".into(),
+            body: j(json!({"name": "k", "expires_at": "2001-01-01T00:00:00Z"})),
+            content_type: "application/json",
+            expect: 400,
+        },
+        Case {
+            name: "bad timestamp",
+            method: Method::POST,
+            path: "/auth/api_keys".into(),
+            body: j(json!({"name": "k", "expires_at": "yesterday"})),
+            content_type: "application/json",
+            expect: 422,
+        },
+        Case {
+            name: "short secret",
+            method: Method::POST,
+            path: "/auth/api_keys".into(),
+            body: j(json!({"name": "k", "secret": "abc"})),
+            content_type: "application/json",
+            expect: 422,
+        },
+        Case {
+            name: "unknown route",
+            method: Method::GET,
+            path: "/no/such/route".into(),
+            body: None,
+            content_type: "",
+            expect: 404,
+        },
+        Case {
+            name: "wrong method",
+            method: Method::PATCH,
+            path: "/auth/users".into(),
+            body: None,
+            content_type: "",
+            expect: 405,
+        },
+        Case {
+            name: "duplicate role",
+            method: Method::POST,
+            path: "/auth/roles".into(),
+            body: j(json!({"name": "USER"})),
+            content_type: "application/json",
+            expect: 409,
+        },
+        Case {
+            name: "delete built-in role",
+            method: Method::DELETE,
+            path: "/auth/roles/ADMIN".into(),
+            body: None,
+            content_type: "",
+            expect: 409,
+        },
     ];
     for case in cases {
         let mut r = c.request(case.method.clone(), s.api(&case.path)).bearer_auth(&root);

@@ -1,6 +1,8 @@
 //! kill -9 at random moments while concurrent writers run: every acknowledged write is
 //! there after the restart, and the store always loads.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::collections::BTreeSet;
@@ -32,14 +34,16 @@ async fn acknowledged_writes_survive_sigkill() {
         let root = login(&c, &s, "root", ROOT_PASSWORD).await;
         let (st, list) = call(&c, Method::GET, &s.api("/auth/claims"), &Auth::Bearer(root.clone()), None, &[]).await;
         assert_eq!(st, 200, "round {round}: the store loads: {list}");
-        let present: BTreeSet<String> = list.as_array().unwrap().iter().filter_map(|c| c["name"].as_str().map(String::from)).collect();
+        let present: BTreeSet<String> =
+            list.as_array().unwrap().iter().filter_map(|c| c["name"].as_str().map(String::from)).collect();
         let missing: Vec<String> = acked.lock().unwrap().difference(&present).cloned().collect();
         assert!(missing.is_empty(), "round {round}: acknowledged writes lost after kill -9: {missing:?}");
         // Concurrent writers, then a kill at a random moment.
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut writers = Vec::new();
         for w in 0..6 {
-            let (c, url, root, acked, stop) = (c.clone(), s.api("/auth/claims"), root.clone(), acked.clone(), stop.clone());
+            let (c, url, root, acked, stop) =
+                (c.clone(), s.api("/auth/claims"), root.clone(), acked.clone(), stop.clone());
             writers.push(tokio::spawn(async move {
                 let mut i = 0;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -73,7 +77,8 @@ async fn acknowledged_writes_survive_sigkill() {
     let s = Server::start(dir.path(), &[]);
     let root = login(&c, &s, "root", ROOT_PASSWORD).await;
     let (_, list) = call(&c, Method::GET, &s.api("/auth/claims"), &Auth::Bearer(root), None, &[]).await;
-    let present: BTreeSet<String> = list.as_array().unwrap().iter().filter_map(|c| c["name"].as_str().map(String::from)).collect();
+    let present: BTreeSet<String> =
+        list.as_array().unwrap().iter().filter_map(|c| c["name"].as_str().map(String::from)).collect();
     let acked = acked.lock().unwrap();
     let missing: Vec<&String> = acked.difference(&present).collect();
     assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");

@@ -1,6 +1,8 @@
 //! Identity as a user sees it: lockout, revocation that takes effect at once, API keys
 //! that carry exactly their owner's permissions, the audit log, the websocket stream.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::Duration;
@@ -14,20 +16,45 @@ use tokio_tungstenite::tungstenite::Message;
 #[tokio::test]
 async fn lockout_really_blocks_until_it_ends() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start(dir.path(), &[("BRUTE_FORCE_MAX_LOGIN_ATTEMPTS", "3"), ("BRUTE_FORCE_LOCKOUT_DURATION", "2s"), ("BRUTE_FORCE_INCREMENTAL_WAIT", "false")]);
+    let s = Server::start(
+        dir.path(),
+        &[
+            ("BRUTE_FORCE_MAX_LOGIN_ATTEMPTS", "3"),
+            ("BRUTE_FORCE_LOCKOUT_DURATION", "2s"),
+            ("BRUTE_FORCE_INCREMENTAL_WAIT", "false"),
+        ],
+    );
     let c = client();
     let root = login(&c, &s, "root", ROOT_PASSWORD).await;
     make_user(&c, &s, &root, "victim").await;
     let url = s.api("/auth/token");
     for i in 0..2 {
-        let (st, v) = call(&c, Method::POST, &url, &Auth::None, Some(json!({"username": "victim", "password": "Wrong-Passw0rd!"})), &[]).await;
+        let (st, v) = call(
+            &c,
+            Method::POST,
+            &url,
+            &Auth::None,
+            Some(json!({"username": "victim", "password": "Wrong-Passw0rd!"})),
+            &[],
+        )
+        .await;
         assert_eq!(st, 401, "attempt {i}: {v}");
     }
-    let (st, v) = call(&c, Method::POST, &url, &Auth::None, Some(json!({"username": "victim", "password": "Wrong-Passw0rd!"})), &[]).await;
+    let (st, v) = call(
+        &c,
+        Method::POST,
+        &url,
+        &Auth::None,
+        Some(json!({"username": "victim", "password": "Wrong-Passw0rd!"})),
+        &[],
+    )
+    .await;
     assert_eq!(st, 429, "third failure locks: {v}");
     assert!(v["message"].as_str().unwrap().contains("locked"), "{v}");
     // The right password does not get in while locked, and the answer says so.
-    let (st, v) = call(&c, Method::POST, &url, &Auth::None, Some(json!({"username": "victim", "password": USER_PASSWORD})), &[]).await;
+    let (st, v) =
+        call(&c, Method::POST, &url, &Auth::None, Some(json!({"username": "victim", "password": USER_PASSWORD})), &[])
+            .await;
     assert_eq!(st, 429, "{v}");
     assert!(v["message"].as_str().unwrap().contains("try again"), "{v}");
     // Once the lockout ends, the right password works again.
@@ -36,7 +63,16 @@ async fn lockout_really_blocks_until_it_ends() {
         let c2 = c2.clone();
         let url = url.clone();
         async move {
-            call(&c2, Method::POST, &url, &Auth::None, Some(json!({"username": "victim", "password": USER_PASSWORD})), &[]).await.0 == 200
+            call(
+                &c2,
+                Method::POST,
+                &url,
+                &Auth::None,
+                Some(json!({"username": "victim", "password": USER_PASSWORD})),
+                &[],
+            )
+            .await
+            .0 == 200
         }
     })
     .await;
@@ -53,14 +89,24 @@ async fn disabled_deleted_or_repassworded_users_lose_their_tokens_at_once() {
     let me = s.api("/auth/me");
     assert_eq!(call(&c, Method::GET, &me, &Auth::Bearer(tok.clone()), None, &[]).await.0, 200);
     // Disable: the token dies; enable: it works again (it was not revoked).
-    let (st, _) = call(&c, Method::PUT, &s.api(&format!("/auth/users/{id}")), &rb, Some(json!({"disabled": true})), &[]).await;
+    let (st, _) =
+        call(&c, Method::PUT, &s.api(&format!("/auth/users/{id}")), &rb, Some(json!({"disabled": true})), &[]).await;
     assert_eq!(st, 200);
     assert_eq!(call(&c, Method::GET, &me, &Auth::Bearer(tok.clone()), None, &[]).await.0, 401);
-    let (st, _) = call(&c, Method::PUT, &s.api(&format!("/auth/users/{id}")), &rb, Some(json!({"disabled": false})), &[]).await;
+    let (st, _) =
+        call(&c, Method::PUT, &s.api(&format!("/auth/users/{id}")), &rb, Some(json!({"disabled": false})), &[]).await;
     assert_eq!(st, 200);
     assert_eq!(call(&c, Method::GET, &me, &Auth::Bearer(tok.clone()), None, &[]).await.0, 200);
     // A password change kills older tokens.
-    let (st, v) = call(&c, Method::PUT, &s.api("/auth/me/password"), &Auth::Bearer(tok.clone()), Some(json!({"current_password": USER_PASSWORD, "new_password": "Another-Passw0rd!"})), &[]).await;
+    let (st, v) = call(
+        &c,
+        Method::PUT,
+        &s.api("/auth/me/password"),
+        &Auth::Bearer(tok.clone()),
+        Some(json!({"current_password": USER_PASSWORD, "new_password": "Another-Passw0rd!"})),
+        &[],
+    )
+    .await;
     assert_eq!(st, 204, "{v}");
     assert_eq!(call(&c, Method::GET, &me, &Auth::Bearer(tok.clone()), None, &[]).await.0, 401);
     let tok2 = login(&c, &s, "alice", "Another-Passw0rd!").await;
@@ -68,7 +114,15 @@ async fn disabled_deleted_or_repassworded_users_lose_their_tokens_at_once() {
     // Role changes take effect on the next request, without a new token.
     let users = s.api("/auth/users");
     assert_eq!(call(&c, Method::GET, &users, &Auth::Bearer(tok2.clone()), None, &[]).await.0, 403);
-    let (st, _) = call(&c, Method::POST, &s.api(&format!("/auth/users/{id}/claims")), &rb, Some(json!({"name": "LIST_USER"})), &[]).await;
+    let (st, _) = call(
+        &c,
+        Method::POST,
+        &s.api(&format!("/auth/users/{id}/claims")),
+        &rb,
+        Some(json!({"name": "LIST_USER"})),
+        &[],
+    )
+    .await;
     assert_eq!(st, 201);
     assert_eq!(call(&c, Method::GET, &users, &Auth::Bearer(tok2.clone()), None, &[]).await.0, 200);
     // Delete: the token dies.
@@ -84,7 +138,8 @@ async fn disabled_deleted_or_repassworded_users_lose_their_tokens_at_once() {
     // JWT payload readable by clients: exp, email, uid, roles, claims.
     use base64::Engine;
     let payload = root.split('.').nth(1).unwrap();
-    let p: Value = serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+    let p: Value =
+        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
     for k in ["exp", "iat", "iss", "aud", "email", "uid", "roles", "claims"] {
         assert!(p.get(k).is_some(), "token payload lacks {k}: {p}");
     }
@@ -113,15 +168,26 @@ async fn api_keys_carry_exactly_their_owners_permissions() {
     assert_eq!(call(&c, Method::GET, &s.api("/audit"), &key, None, &[]).await.0, 403);
     // The key cannot mint a key for root either.
     let (_, me_root) = call(&c, Method::GET, &s.api("/auth/me"), &Auth::Bearer(root.clone()), None, &[]).await;
-    let (st, v) = call(&c, Method::POST, &s.api("/auth/api_keys"), &key, Some(json!({"name": "evil", "user_id": me_root["id"]})), &[]).await;
+    let (st, v) = call(
+        &c,
+        Method::POST,
+        &s.api("/auth/api_keys"),
+        &key,
+        Some(json!({"name": "evil", "user_id": me_root["id"]})),
+        &[],
+    )
+    .await;
     assert_eq!(st, 403, "{v}");
     // The key logs in as bob, with bob's claims.
-    let (st, t) = call(&c, Method::POST, &s.api("/auth/token"), &Auth::None, Some(json!({"api_key": encoded})), &[]).await;
+    let (st, t) =
+        call(&c, Method::POST, &s.api("/auth/token"), &Auth::None, Some(json!({"api_key": encoded})), &[]).await;
     assert_eq!(st, 200, "{t}");
     let minted = Auth::Bearer(t["token"].as_str().unwrap().to_string());
     assert_eq!(call(&c, Method::GET, &s.api("/auth/users"), &minted, None, &[]).await.0, 403);
     // Bob loses a permission: so does the key. Revoke: key and its tokens stop.
-    let (st, _) = call(&c, Method::PUT, &s.api(&format!("/auth/api_keys/{}/revoke", k["id"].as_str().unwrap())), &ub, None, &[]).await;
+    let (st, _) =
+        call(&c, Method::PUT, &s.api(&format!("/auth/api_keys/{}/revoke", k["id"].as_str().unwrap())), &ub, None, &[])
+            .await;
     assert_eq!(st, 200);
     assert_eq!(call(&c, Method::GET, &s.api("/auth/me"), &key, None, &[]).await.0, 401);
     assert_eq!(call(&c, Method::GET, &s.api("/auth/me"), &minted, None, &[]).await.0, 401);
@@ -130,7 +196,9 @@ async fn api_keys_carry_exactly_their_owners_permissions() {
     assert_eq!((st, v["code"].as_u64()), (401, Some(401)));
     // Expired keys do not work.
     let soon = (chrono::Utc::now() + chrono::Duration::seconds(2)).to_rfc3339();
-    let (st, k2) = call(&c, Method::POST, &s.api("/auth/api_keys"), &ub, Some(json!({"name": "short", "expires_at": soon})), &[]).await;
+    let (st, k2) =
+        call(&c, Method::POST, &s.api("/auth/api_keys"), &ub, Some(json!({"name": "short", "expires_at": soon})), &[])
+            .await;
     assert_eq!(st, 201);
     let k2 = Auth::ApiKey(k2["encoded"].as_str().unwrap().to_string());
     assert_eq!(call(&c, Method::GET, &s.api("/auth/me"), &k2, None, &[]).await.0, 200);
@@ -150,7 +218,15 @@ async fn audit_log_records_who_did_what_from_where() {
     let c = client();
     let root = login(&c, &s, "root", ROOT_PASSWORD).await;
     let rb = Auth::Bearer(root.clone());
-    let (st, _) = call(&c, Method::POST, &s.api("/auth/roles"), &rb, Some(json!({"name": "builders", "claims": ["LIST_VM"]})), &[]).await;
+    let (st, _) = call(
+        &c,
+        Method::POST,
+        &s.api("/auth/roles"),
+        &rb,
+        Some(json!({"name": "builders", "claims": ["LIST_VM"]})),
+        &[],
+    )
+    .await;
     assert_eq!(st, 201);
     let (st, entries) = call(&c, Method::GET, &s.api("/audit?limit=1000"), &rb, None, &[]).await;
     assert_eq!(st, 200);
@@ -171,13 +247,25 @@ async fn websocket_streams_auth_events_filtered_by_claims() {
     let (_uid, user) = make_user(&c, &s, &root, "watcher").await;
     let ws_url = s.url.replace("http://", "ws://");
     // The token in the query, as the reference's web UI sends it.
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{ws_url}/api/v1/ws/subscribe?event_types=auth,health&authorization={root}")).await.expect("root subscribes");
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!(
+        "{ws_url}/api/v1/ws/subscribe?event_types=auth,health&authorization={root}"
+    ))
+    .await
+    .expect("root subscribes");
     let first = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.unwrap().unwrap().unwrap();
     let hello: Value = serde_json::from_str(first.to_text().unwrap()).unwrap();
     assert_eq!(hello["message"], "CLIENT_SUBSCRIBED");
     // Ping / pong as the reference's load test does it.
     ws.send(Message::Text(json!({"type": "health", "message": "ping"}).to_string().into())).await.unwrap();
-    let (st, _) = call(&c, Method::POST, &s.api("/auth/claims"), &Auth::Bearer(root.clone()), Some(json!({"name": "DEPLOY"})), &[]).await;
+    let (st, _) = call(
+        &c,
+        Method::POST,
+        &s.api("/auth/claims"),
+        &Auth::Bearer(root.clone()),
+        Some(json!({"name": "DEPLOY"})),
+        &[],
+    )
+    .await;
     assert_eq!(st, 201);
     let mut got_pong = false;
     let mut got_claim = false;
@@ -192,7 +280,9 @@ async fn websocket_streams_auth_events_filtered_by_claims() {
         got_claim |= v["event_type"] == "auth" && v["message"] == "CLAIM_ADDED" && v["body"]["claim_id"] == "DEPLOY";
     }
     // A plain user may not read auth events, and says so at connect time.
-    let r = tokio_tungstenite::connect_async(format!("{ws_url}/api/v1/ws/subscribe?event_types=auth&access_token={user}")).await;
+    let r =
+        tokio_tungstenite::connect_async(format!("{ws_url}/api/v1/ws/subscribe?event_types=auth&access_token={user}"))
+            .await;
     match r {
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status().as_u16(), 403),
         other => panic!("expected 403, got {:?}", other.map(|_| ())),

@@ -1,12 +1,14 @@
 //! The server as an operator sees it: first start, restart, SIGTERM, a second process on
 //! the same data folder, TLS-only mode, `hangar db export/import`, the CLI login file.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
-use std::process::{Command, Stdio};
 use common::*;
 use reqwest::Method;
 use serde_json::{Value, json};
+use std::process::{Command, Stdio};
 
 #[tokio::test]
 async fn first_start_prints_data_folder_and_a_one_time_root_password() {
@@ -58,7 +60,13 @@ async fn data_survives_restart_and_moves_through_export_and_import() {
     make_user(&c, &s, &root, "carol").await;
     assert!(s.stop().success());
     let export = dir.path().join("export.json");
-    let out = Command::new(bin()).args(["db", "export", "--output", "json", "--data-dir"]).arg(dir.path()).arg("--out").arg(&export).output().unwrap();
+    let out = Command::new(bin())
+        .args(["db", "export", "--output", "json", "--data-dir"])
+        .arg(dir.path())
+        .arg("--out")
+        .arg(&export)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let dump: Value = serde_json::from_str(&std::fs::read_to_string(&export).unwrap()).unwrap();
     let users = dump["collections"]["users"].as_object().unwrap();
@@ -85,7 +93,23 @@ async fn https_only_mode_serves_the_api() {
     let cert = dir.path().join("cert.pem");
     let key = dir.path().join("key.pem");
     let st = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-addext", "basicConstraints=critical,CA:FALSE"])
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+        ])
         .arg("-keyout")
         .arg(&key)
         .arg("-out")
@@ -96,7 +120,13 @@ async fn https_only_mode_serves_the_api() {
     assert!(st.success());
     let s = Server::start(
         dir.path(),
-        &[("TLS_ENABLED", "true"), ("TLS_PORT", "0"), ("DISABLE_HTTP_WHEN_TLS", "true"), ("TLS_CERTIFICATE", cert.to_str().unwrap()), ("TLS_PRIVATE_KEY", key.to_str().unwrap())],
+        &[
+            ("TLS_ENABLED", "true"),
+            ("TLS_PORT", "0"),
+            ("DISABLE_HTTP_WHEN_TLS", "true"),
+            ("TLS_CERTIFICATE", cert.to_str().unwrap()),
+            ("TLS_PRIVATE_KEY", key.to_str().unwrap()),
+        ],
     );
     assert!(s.url.starts_with("https://"), "{}", s.url);
     assert!(!s.banner.iter().any(|l| l.contains("listening on http://")), "no plain HTTP listener: {:?}", s.banner);
@@ -104,7 +134,15 @@ async fn https_only_mode_serves_the_api() {
     let c = reqwest::Client::builder().tls_certs_only([ca]).build().unwrap();
     let (st, v) = call(&c, Method::GET, &format!("{}/api/health/probe", s.url), &Auth::None, None, &[]).await;
     assert_eq!((st, v["status"].as_str()), (200, Some("OK")));
-    let (st, v) = call(&c, Method::POST, &s.api("/auth/token"), &Auth::None, Some(json!({"email": "root@localhost", "password": ROOT_PASSWORD})), &[]).await;
+    let (st, v) = call(
+        &c,
+        Method::POST,
+        &s.api("/auth/token"),
+        &Auth::None,
+        Some(json!({"email": "root@localhost", "password": ROOT_PASSWORD})),
+        &[],
+    )
+    .await;
     assert_eq!(st, 200, "login over HTTPS: {v}");
     // A client that does not trust the certificate is refused.
     let strict = reqwest::Client::builder().build().unwrap();
@@ -132,12 +170,16 @@ async fn cli_login_stores_a_private_token_and_manages_users() {
         child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
         child.wait_with_output().unwrap()
     };
-    let out = cli(&["login", "--url", &s.url, "--username", "root", "--password-stdin", "--output", "json"], ROOT_PASSWORD);
+    let out =
+        cli(&["login", "--url", &s.url, "--username", "root", "--password-stdin", "--output", "json"], ROOT_PASSWORD);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let file = cfg.join("credentials.json");
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
-    let out = cli(&["user", "create", "--username", "dave", "--email", "dave@x.test", "--password-stdin", "--output", "json"], USER_PASSWORD);
+    let out = cli(
+        &["user", "create", "--username", "dave", "--email", "dave@x.test", "--password-stdin", "--output", "json"],
+        USER_PASSWORD,
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = cli(&["user", "list", "--output", "json"], "");
     let users: Value = serde_json::from_slice(&out.stdout).expect("JSON output");
@@ -150,7 +192,11 @@ async fn cli_login_stores_a_private_token_and_manages_users() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("404"));
     let out = cli(&["user", "create", "--username", "weak", "--email", "w@x.test", "--password-stdin"], "short");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("password needs"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("password needs"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = cli(&["logout"], "");
     assert!(out.status.success());
     let out = cli(&["user", "list"], "");
@@ -160,7 +206,8 @@ async fn cli_login_stores_a_private_token_and_manages_users() {
 #[test]
 fn bad_configuration_is_named_with_its_source() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(bin()).args(["serve", "--data-dir"]).arg(dir.path()).env("API_PORT", "eighty").output().unwrap();
+    let out =
+        Command::new(bin()).args(["serve", "--data-dir"]).arg(dir.path()).env("API_PORT", "eighty").output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("API_PORT") && err.contains("environment"), "{err}");
@@ -168,6 +215,11 @@ fn bad_configuration_is_named_with_its_source() {
     std::fs::write(&cfg, "api_prot = 1\n").unwrap();
     let out = Command::new(bin()).args(["serve", "--config"]).arg(&cfg).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown key"));
-    let out = Command::new(bin()).args(["serve", "--data-dir"]).arg(dir.path()).args(["--set", "ENABLED_MODULES=api,teleport"]).output().unwrap();
+    let out = Command::new(bin())
+        .args(["serve", "--data-dir"])
+        .arg(dir.path())
+        .args(["--set", "ENABLED_MODULES=api,teleport"])
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown module"));
 }

@@ -57,7 +57,11 @@ pub fn register(api: Api) -> Api {
 /// Log in: `{email or username, password}` or `{api_key}`, as JSON or a form body.
 #[utoipa::path(post, path = "/auth/token", tag = "auth", request_body = LoginRequest,
     responses((status = 200, body = TokenResponse), (status = 401, body = ApiErrorBody), (status = 429, description = "Locked out after failed logins", body = ApiErrorBody)))]
-async fn login(State(s): State<AppState>, ctx: RequestContext, JsonOrForm(req): JsonOrForm<LoginRequest>) -> R<axum::Json<TokenResponse>> {
+async fn login(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    JsonOrForm(req): JsonOrForm<LoginRequest>,
+) -> R<axum::Json<TokenResponse>> {
     if let Some(k) = req.api_key.filter(|k| !k.is_empty()) {
         return Ok(axum::Json(s.identity.login_api_key(&k).await?.into()));
     }
@@ -97,7 +101,11 @@ async fn me(State(s): State<AppState>, ctx: RequestContext) -> R<axum::Json<User
 
 /// Change the caller's own password; old tokens stop working.
 #[utoipa::path(put, path = "/auth/me/password", tag = "auth", request_body = ChangePasswordRequest, responses((status = 204), (status = 401, body = ApiErrorBody), (status = 422, body = ApiErrorBody)))]
-async fn change_password(State(s): State<AppState>, ctx: RequestContext, Json(req): Json<ChangePasswordRequest>) -> R<StatusCode> {
+async fn change_password(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Json(req): Json<ChangePasswordRequest>,
+) -> R<StatusCode> {
     let p = ctx.caller()?;
     // Proving the current password; a lockout applies as at login.
     s.identity.login(&p.user_id, &req.current_password, ctx.actor.source_ip.clone()).await?;
@@ -114,7 +122,11 @@ async fn list_users(State(s): State<AppState>) -> R<axum::Json<Vec<User>>> {
 
 #[utoipa::path(post, path = "/auth/users", tag = "users", request_body = CreateUserRequest,
     responses((status = 201, body = User), (status = 409, body = ApiErrorBody), (status = 422, body = ApiErrorBody)))]
-async fn create_user(State(s): State<AppState>, ctx: RequestContext, Json(req): Json<CreateUserRequest>) -> R<(StatusCode, axum::Json<User>)> {
+async fn create_user(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Json(req): Json<CreateUserRequest>,
+) -> R<(StatusCode, axum::Json<User>)> {
     let input = NewUser {
         username: req.username,
         name: req.name,
@@ -136,8 +148,19 @@ async fn get_user(State(s): State<AppState>, Path(id): Path<String>) -> R<axum::
 
 #[utoipa::path(put, path = "/auth/users/{id}", tag = "users", params(("id" = String, Path)), request_body = UpdateUserRequest,
     responses((status = 200, body = User), (status = 404, body = ApiErrorBody)))]
-async fn update_user(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<String>, Json(req): Json<UpdateUserRequest>) -> R<axum::Json<User>> {
-    let upd = UserUpdate { name: req.name, email: req.email, password: req.password, disabled: req.disabled, unlock: req.unlock };
+async fn update_user(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path(id): Path<String>,
+    Json(req): Json<UpdateUserRequest>,
+) -> R<axum::Json<User>> {
+    let upd = UserUpdate {
+        name: req.name,
+        email: req.email,
+        password: req.password,
+        disabled: req.disabled,
+        unlock: req.unlock,
+    };
     Ok(axum::Json(s.identity.update_user(ctx.caller()?, &ctx.actor, &id, upd).await?.into()))
 }
 
@@ -153,13 +176,22 @@ async fn user_roles(State(s): State<AppState>, Path(id): Path<String>) -> R<axum
 }
 
 #[utoipa::path(post, path = "/auth/users/{id}/roles", tag = "users", params(("id" = String, Path)), request_body = NameRequest, responses((status = 201, body = Role)))]
-async fn add_user_role(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<String>, Json(req): Json<NameRequest>) -> R<(StatusCode, axum::Json<Role>)> {
+async fn add_user_role(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path(id): Path<String>,
+    Json(req): Json<NameRequest>,
+) -> R<(StatusCode, axum::Json<Role>)> {
     let r = s.identity.add_user_role(ctx.caller()?, &ctx.actor, &id, &req.name).await?;
     Ok((StatusCode::CREATED, axum::Json(r.into())))
 }
 
 #[utoipa::path(delete, path = "/auth/users/{id}/roles/{role_id}", tag = "users", params(("id" = String, Path), ("role_id" = String, Path, description = "Role id or name")), responses((status = 202)))]
-async fn remove_user_role(State(s): State<AppState>, ctx: RequestContext, Path((id, role)): Path<(String, String)>) -> R<StatusCode> {
+async fn remove_user_role(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path((id, role)): Path<(String, String)>,
+) -> R<StatusCode> {
     s.identity.remove_user_role(ctx.caller()?, &ctx.actor, &id, &role).await?;
     Ok(StatusCode::ACCEPTED)
 }
@@ -170,13 +202,22 @@ async fn user_claims(State(s): State<AppState>, Path(id): Path<String>) -> R<axu
 }
 
 #[utoipa::path(post, path = "/auth/users/{id}/claims", tag = "users", params(("id" = String, Path)), request_body = NameRequest, responses((status = 201, body = Claim)))]
-async fn add_user_claim(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<String>, Json(req): Json<NameRequest>) -> R<(StatusCode, axum::Json<Claim>)> {
+async fn add_user_claim(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path(id): Path<String>,
+    Json(req): Json<NameRequest>,
+) -> R<(StatusCode, axum::Json<Claim>)> {
     let c = s.identity.add_user_claim(ctx.caller()?, &ctx.actor, &id, &req.name).await?;
     Ok((StatusCode::CREATED, axum::Json(c.into())))
 }
 
 #[utoipa::path(delete, path = "/auth/users/{id}/claims/{claim_id}", tag = "users", params(("id" = String, Path), ("claim_id" = String, Path, description = "Claim id or name")), responses((status = 202)))]
-async fn remove_user_claim(State(s): State<AppState>, ctx: RequestContext, Path((id, claim)): Path<(String, String)>) -> R<StatusCode> {
+async fn remove_user_claim(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path((id, claim)): Path<(String, String)>,
+) -> R<StatusCode> {
     s.identity.remove_user_claim(&ctx.actor, &id, &claim).await?;
     Ok(StatusCode::ACCEPTED)
 }
@@ -187,7 +228,11 @@ async fn list_roles(State(s): State<AppState>) -> R<axum::Json<Vec<Role>>> {
 }
 
 #[utoipa::path(post, path = "/auth/roles", tag = "roles", request_body = CreateRoleRequest, responses((status = 201, body = Role), (status = 409, body = ApiErrorBody)))]
-async fn create_role(State(s): State<AppState>, ctx: RequestContext, Json(req): Json<CreateRoleRequest>) -> R<(StatusCode, axum::Json<Role>)> {
+async fn create_role(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Json(req): Json<CreateRoleRequest>,
+) -> R<(StatusCode, axum::Json<Role>)> {
     let r = s.identity.create_role(ctx.caller()?, &ctx.actor, &req.name, req.description, req.claims).await?;
     Ok((StatusCode::CREATED, axum::Json(r.into())))
 }
@@ -216,13 +261,22 @@ async fn role_claims(State(s): State<AppState>, Path(id): Path<String>) -> R<axu
 }
 
 #[utoipa::path(post, path = "/auth/roles/{id}/claims", tag = "roles", params(("id" = String, Path)), request_body = NameRequest, responses((status = 201, body = Claim)))]
-async fn add_role_claim(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<String>, Json(req): Json<NameRequest>) -> R<(StatusCode, axum::Json<Claim>)> {
+async fn add_role_claim(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path(id): Path<String>,
+    Json(req): Json<NameRequest>,
+) -> R<(StatusCode, axum::Json<Claim>)> {
     let c = s.identity.add_role_claim(ctx.caller()?, &ctx.actor, &id, &req.name).await?;
     Ok((StatusCode::CREATED, axum::Json(c.into())))
 }
 
 #[utoipa::path(delete, path = "/auth/roles/{id}/claims/{claim_id}", tag = "roles", params(("id" = String, Path), ("claim_id" = String, Path)), responses((status = 202)))]
-async fn remove_role_claim(State(s): State<AppState>, ctx: RequestContext, Path((id, claim)): Path<(String, String)>) -> R<StatusCode> {
+async fn remove_role_claim(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path((id, claim)): Path<(String, String)>,
+) -> R<StatusCode> {
     s.identity.remove_role_claim(ctx.caller()?, &ctx.actor, &id, &claim).await?;
     Ok(StatusCode::ACCEPTED)
 }
@@ -242,7 +296,11 @@ async fn grouped_claims(State(s): State<AppState>) -> R<axum::Json<Vec<ClaimGrou
 }
 
 #[utoipa::path(post, path = "/auth/claims", tag = "claims", request_body = NameRequest, responses((status = 201, body = Claim), (status = 409, body = ApiErrorBody)))]
-async fn create_claim(State(s): State<AppState>, ctx: RequestContext, Json(req): Json<NameRequest>) -> R<(StatusCode, axum::Json<Claim>)> {
+async fn create_claim(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Json(req): Json<NameRequest>,
+) -> R<(StatusCode, axum::Json<Claim>)> {
     let c = s.identity.create_claim(&ctx.actor, &req.name, req.description).await?;
     Ok((StatusCode::CREATED, axum::Json(c.into())))
 }
@@ -267,8 +325,18 @@ async fn list_api_keys(State(s): State<AppState>, ctx: RequestContext) -> R<axum
 /// Create a key owned by the caller (or, with CREATE_API_KEY, by another user). The
 /// answer's `encoded` field is the only time the secret is shown.
 #[utoipa::path(post, path = "/auth/api_keys", tag = "api_keys", request_body = CreateApiKeyRequest, responses((status = 201, body = CreatedApiKey), (status = 409, body = ApiErrorBody)))]
-async fn create_api_key(State(s): State<AppState>, ctx: RequestContext, Json(req): Json<CreateApiKeyRequest>) -> R<(StatusCode, axum::Json<CreatedApiKey>)> {
-    let input = NewApiKey { name: req.name, key: req.key, secret: req.secret, expires_at: req.expires_at, user_id: req.user_id };
+async fn create_api_key(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Json(req): Json<CreateApiKeyRequest>,
+) -> R<(StatusCode, axum::Json<CreatedApiKey>)> {
+    let input = NewApiKey {
+        name: req.name,
+        key: req.key,
+        secret: req.secret,
+        expires_at: req.expires_at,
+        user_id: req.user_id,
+    };
     let k = s.identity.create_api_key(ctx.caller()?, &ctx.actor, input).await?;
     Ok((StatusCode::CREATED, axum::Json(CreatedApiKey { key: k.key.into(), encoded: k.encoded })))
 }
@@ -285,6 +353,10 @@ async fn delete_api_key(State(s): State<AppState>, ctx: RequestContext, Path(id)
 }
 
 #[utoipa::path(put, path = "/auth/api_keys/{id}/revoke", tag = "api_keys", params(("id" = String, Path)), responses((status = 200, body = ApiKey), (status = 404, body = ApiErrorBody)))]
-async fn revoke_api_key(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<String>) -> R<axum::Json<ApiKey>> {
+async fn revoke_api_key(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path(id): Path<String>,
+) -> R<axum::Json<ApiKey>> {
     Ok(axum::Json(s.identity.revoke_api_key(ctx.caller()?, &ctx.actor, &id).await?.into()))
 }

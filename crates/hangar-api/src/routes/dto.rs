@@ -147,7 +147,15 @@ pub struct Role {
 
 impl From<id::Role> for Role {
     fn from(r: id::Role) -> Self {
-        Role { id: r.id, name: r.name, description: r.description, internal: r.internal, claims: r.claims, created_at: r.created_at, updated_at: r.updated_at }
+        Role {
+            id: r.id,
+            name: r.name,
+            description: r.description,
+            internal: r.internal,
+            claims: r.claims,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        }
     }
 }
 

@@ -63,7 +63,10 @@ async fn version(State(s): State<AppState>) -> axum::Json<Version> {
 
 /// The audit log: every state change, oldest first, paged by id.
 #[utoipa::path(get, path = "/audit", tag = "audit", params(AuditQuery), responses((status = 200, body = Vec<AuditEntry>)))]
-async fn audit(State(s): State<AppState>, Query(q): Query<AuditQuery>) -> Result<axum::Json<Vec<AuditEntry>>, ApiError> {
+async fn audit(
+    State(s): State<AppState>,
+    Query(q): Query<AuditQuery>,
+) -> Result<axum::Json<Vec<AuditEntry>>, ApiError> {
     let entries = s.identity.list_audit(q.after.as_deref(), q.limit.unwrap_or(100)).await?;
     Ok(axum::Json(entries.into_iter().map(AuditEntry::from).collect()))
 }

@@ -11,11 +11,11 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
-use hangar_core::{Access, Decision, Event, EventType, Principal};
 use hangar_core::claims::READ_ONLY;
+use hangar_core::{Access, Decision, Event, EventType, Principal};
 use serde::Deserialize;
 use tokio::sync::broadcast::error::RecvError;
 use utoipa_axum::routes;
@@ -50,11 +50,17 @@ pub struct SubscribeQuery {
 /// Open the event stream (websocket upgrade).
 #[utoipa::path(get, path = "/ws/subscribe", tag = "events", params(SubscribeQuery),
     responses((status = 101, description = "Switching to the websocket protocol"), (status = 400, body = crate::ApiErrorBody), (status = 403, body = crate::ApiErrorBody)))]
-async fn subscribe(State(s): State<AppState>, ctx: RequestContext, Query(q): Query<SubscribeQuery>, ws: WebSocketUpgrade) -> Result<Response, ApiError> {
+async fn subscribe(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Query(q): Query<SubscribeQuery>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
     let principal = ctx.caller()?.clone();
     let mut types = BTreeSet::from([EventType::Global]);
     for t in q.event_types.as_deref().unwrap_or("").split(',').filter(|t| !t.trim().is_empty()) {
-        let t: EventType = t.parse().map_err(|e: hangar_core::events::UnknownEventType| ApiError::bad_request(e.to_string()))?;
+        let t: EventType =
+            t.parse().map_err(|e: hangar_core::events::UnknownEventType| ApiError::bad_request(e.to_string()))?;
         if let Decision::Forbidden { needed } = t.access().check(Some(&principal)) {
             return Err(ApiError::forbidden(format!("Event type {t} needs {needed}")));
         }
@@ -70,7 +76,13 @@ fn visible(e: &Event, p: &Principal, types: &BTreeSet<EventType>) -> bool {
         && e.audience.as_ref().is_none_or(|a| *a == p.user_id || p.is_super_user())
 }
 
-async fn run(s: AppState, mut socket: WebSocket, mut principal: Principal, credential: Option<Credential>, types: BTreeSet<EventType>) {
+async fn run(
+    s: AppState,
+    mut socket: WebSocket,
+    mut principal: Principal,
+    credential: Option<Credential>,
+    types: BTreeSet<EventType>,
+) {
     let mut rx = s.bus.subscribe();
     s.ws.connected.fetch_add(1, Ordering::Relaxed);
     let mut recheck = tokio::time::interval(Duration::from_secs(5));

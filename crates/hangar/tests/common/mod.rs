@@ -75,13 +75,21 @@ impl Server {
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     if let Ok(Some(st)) = child.try_wait() {
-                        panic!("hangar exited with {st} before it was ready: {}", std::fs::read_to_string(&stderr_path).unwrap_or_default());
+                        panic!(
+                            "hangar exited with {st} before it was ready: {}",
+                            std::fs::read_to_string(&stderr_path).unwrap_or_default()
+                        );
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
         }
-        let url = url.unwrap_or_else(|| panic!("hangar did not announce a listener; banner: {banner:?}; log: {}", std::fs::read_to_string(&stderr_path).unwrap_or_default()));
+        let url = url.unwrap_or_else(|| {
+            panic!(
+                "hangar did not announce a listener; banner: {banner:?}; log: {}",
+                std::fs::read_to_string(&stderr_path).unwrap_or_default()
+            )
+        });
         Server { child, url, dir: dir.to_path_buf(), banner, stderr_path }
     }
 
@@ -135,7 +143,14 @@ pub fn client() -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap()
 }
 
-pub async fn call(c: &reqwest::Client, method: reqwest::Method, url: &str, auth: &Auth, body: Option<Value>, headers: &[(&str, &str)]) -> (u16, Value) {
+pub async fn call(
+    c: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    auth: &Auth,
+    body: Option<Value>,
+    headers: &[(&str, &str)],
+) -> (u16, Value) {
     let mut r = c.request(method, url);
     match auth {
         Auth::None => {}
@@ -155,7 +170,15 @@ pub async fn call(c: &reqwest::Client, method: reqwest::Method, url: &str, auth:
 }
 
 pub async fn login(c: &reqwest::Client, s: &Server, user: &str, password: &str) -> String {
-    let (st, v) = call(c, reqwest::Method::POST, &s.api("/auth/token"), &Auth::None, Some(json!({"username": user, "password": password})), &[]).await;
+    let (st, v) = call(
+        c,
+        reqwest::Method::POST,
+        &s.api("/auth/token"),
+        &Auth::None,
+        Some(json!({"username": user, "password": password})),
+        &[],
+    )
+    .await;
     assert_eq!(st, 200, "login as {user}: {v}");
     v["token"].as_str().unwrap().to_string()
 }
