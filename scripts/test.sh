@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian 12 machine or a developer's:
+#   1. installs by package name what the tests need (QEMU, openssl, the test services),
+#   2. builds the small QEMU test guest (cached under $HANGAR_CACHE/guest),
+#   3. starts the S3 (moto), Azure Blob (Azurite) and Artifactory-like (nginx DAV) servers
+#      on 127.0.0.1,
+#   4. runs every test of the workspace,
+#   5. stops the servers, also when a test fails.
+# Extra arguments go to `cargo test` (e.g. `scripts/test.sh -p hangar`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CACHE="${HANGAR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hangar}"
+mkdir -p "$CACHE"
+started=$(date +%s)
+say() { echo "test.sh: $*" >&2; }
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else say "need root for: $*"; exit 1; fi
+}
+
+# Host packages the tests use directly. qemu-utils is named with qemu-system-x86 so that
+# qemu-img is never removed by the resolver.
+need=()
+command -v openssl >/dev/null || need+=(openssl)
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86 qemu-utils)
+command -v python3 >/dev/null || need+=(python3 python3-venv)
+command -v npm >/dev/null || need+=(npm)
+if [ ${#need[@]} -gt 0 ]; then
+    say "installing ${need[*]}"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+say "test guest image"
+scripts/build-guest-image.sh "$CACHE/guest"
+export HANGAR_GUEST_IMAGE_DIR="$CACHE/guest"
+
+say "test services"
+scripts/test-services.sh start >/dev/null
+trap 'scripts/test-services.sh stop >/dev/null 2>&1 || true' EXIT
+eval "$(scripts/test-services.sh env)"
+
+say "cargo test"
+cargo test --workspace --locked "$@"
+say "all tests passed in $(( $(date +%s) - started )) s"
