@@ -72,6 +72,14 @@ impl Default for CorsConfig {
     }
 }
 
+/// The services behind the API. A module that is off has `None`, and its routes answer
+/// 503 naming the module.
+#[derive(Clone)]
+pub struct Services {
+    pub identity: Identity,
+    pub bus: EventBus,
+}
+
 /// Everything handlers need. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
@@ -252,7 +260,8 @@ fn cors_layer(c: &CorsConfig) -> CorsLayer {
 }
 
 /// Build the whole HTTP application.
-pub fn app(identity: Identity, bus: EventBus, info: ServerInfo, config: &ApiConfig) -> Router {
+pub fn app(services: Services, info: ServerInfo, config: &ApiConfig) -> Router {
+    let Services { identity, bus } = services;
     let Api { router, table } = api();
     let (inner, doc) = router.split_for_parts();
     let doc = openapi::finish(doc);

@@ -170,7 +170,8 @@ pub async fn run(l: Layers) -> Result<()> {
     if !config.prefix.starts_with('/') || config.prefix.len() < 2 {
         bail!("API_PREFIX={:?} must start with '/' and name a path, such as /api", config.prefix);
     }
-    let app = hangar_api::app(identity, bus, info, &config);
+    let services = hangar_api::Services { identity, bus };
+    let app = hangar_api::app(services, info, &config);
 
     let host: std::net::IpAddr =
         l.get("API_HOST").unwrap_or("0.0.0.0").parse().context("API_HOST is not an IP address")?;
