@@ -35,11 +35,7 @@ where
     let span = tracing::debug_span!("command", command = %shown);
     async move {
         let mut cmd = Command::new(program);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
         let child = cmd.spawn().map_err(|e| HypervisorError::CommandFailed {
             command: shown.clone(),
             code: None,
@@ -48,31 +44,18 @@ where
         let out = match tokio::time::timeout(timeout, child.wait_with_output()).await {
             Ok(Ok(out)) => out,
             Ok(Err(e)) => {
-                return Err(HypervisorError::CommandFailed {
-                    command: shown,
-                    code: None,
-                    stderr: e.to_string(),
-                });
+                return Err(HypervisorError::CommandFailed { command: shown, code: None, stderr: e.to_string() });
             }
             Err(_) => {
-                return Err(HypervisorError::Timeout {
-                    command: shown,
-                    after: timeout,
-                });
+                return Err(HypervisorError::Timeout { command: shown, after: timeout });
             }
         };
         if !out.status.success() {
             let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
             tracing::debug!(code = ?out.status.code(), %stderr, "command failed");
-            return Err(HypervisorError::CommandFailed {
-                command: shown,
-                code: out.status.code(),
-                stderr,
-            });
+            return Err(HypervisorError::CommandFailed { command: shown, code: out.status.code(), stderr });
         }
-        Ok(CmdOutput {
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        })
+        Ok(CmdOutput { stdout: String::from_utf8_lossy(&out.stdout).into_owned() })
     }
     .instrument(span)
     .await

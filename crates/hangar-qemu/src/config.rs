@@ -120,10 +120,7 @@ pub struct NetworkConfig {
 
 impl Default for NetworkConfig {
     fn default() -> Self {
-        NetworkConfig {
-            restrict: true,
-            port_forwards: Vec::new(),
-        }
+        NetworkConfig { restrict: true, port_forwards: Vec::new() }
     }
 }
 
@@ -206,18 +203,14 @@ pub struct SnapshotBook {
 /// Reads and parses a JSON file.
 pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let bytes = std::fs::read(path).map_err(|e| HypervisorError::io(path, e))?;
-    serde_json::from_slice(&bytes).map_err(|e| HypervisorError::Parse {
-        command: format!("read {}", path.display()),
-        message: e.to_string(),
-    })
+    serde_json::from_slice(&bytes)
+        .map_err(|e| HypervisorError::Parse { command: format!("read {}", path.display()), message: e.to_string() })
 }
 
 /// Writes JSON atomically (temporary file, then rename).
 pub(crate) fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let text = serde_json::to_vec_pretty(value).map_err(|e| HypervisorError::Parse {
-        command: format!("write {}", path.display()),
-        message: e.to_string(),
-    })?;
+    let text = serde_json::to_vec_pretty(value)
+        .map_err(|e| HypervisorError::Parse { command: format!("write {}", path.display()), message: e.to_string() })?;
     let tmp = path.with_extension("json.tmp");
     std::fs::write(&tmp, text).map_err(|e| HypervisorError::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| HypervisorError::io(path, e))
@@ -239,7 +232,5 @@ pub(crate) fn disk_virtual_size(path: &Path) -> Option<u64> {
 /// Bytes a file really occupies on the host.
 pub(crate) fn allocated_size(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path)
-        .map(|m| m.blocks() * 512)
-        .unwrap_or(0)
+    std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
 }

@@ -101,11 +101,7 @@ pub(crate) struct Inner {
 }
 
 pub(crate) fn invalid(vm: &Vm, operation: &'static str, state: VmState) -> HypervisorError {
-    HypervisorError::InvalidState {
-        id: vm.id.clone(),
-        operation,
-        state,
-    }
+    HypervisorError::InvalidState { id: vm.id.clone(), operation, state }
 }
 
 /// Maps QMP `query-status` to a power state.
@@ -137,37 +133,24 @@ impl Inner {
     }
 
     pub fn all(&self) -> Vec<Arc<Vm>> {
-        let mut v: Vec<Arc<Vm>> = self
-            .vms
-            .lock()
-            .map(|m| m.values().cloned().collect())
-            .unwrap_or_default();
+        let mut v: Vec<Arc<Vm>> = self.vms.lock().map(|m| m.values().cloned().collect()).unwrap_or_default();
         v.sort_by_key(|a| a.name());
         v
     }
 
     /// Finds a VM by id, then by name.
     pub fn find(&self, key: &str) -> Result<Arc<Vm>> {
-        let map = self
-            .vms
-            .lock()
-            .map_err(|_| HypervisorError::Unavailable("driver state poisoned".into()))?;
+        let map = self.vms.lock().map_err(|_| HypervisorError::Unavailable("driver state poisoned".into()))?;
         if let Some(vm) = map.get(key) {
             return Ok(vm.clone());
         }
-        map.values()
-            .find(|vm| vm.name() == key)
-            .cloned()
-            .ok_or_else(|| HypervisorError::NotFound(key.to_string()))
+        map.values().find(|vm| vm.name() == key).cloned().ok_or_else(|| HypervisorError::NotFound(key.to_string()))
     }
 
     pub fn name_taken(&self, name: &str, except: Option<&str>) -> bool {
         self.vms
             .lock()
-            .map(|m| {
-                m.values()
-                    .any(|vm| vm.name() == name && Some(vm.id.as_str()) != except)
-            })
+            .map(|m| m.values().any(|vm| vm.name() == name && Some(vm.id.as_str()) != except))
             .unwrap_or(false)
     }
 
@@ -194,11 +177,7 @@ impl Inner {
             Err(_) => return,
         };
         if previous != new && previous != VmState::Unknown {
-            self.emit(VmEvent::StateChanged {
-                id: vm.id.clone(),
-                previous,
-                current: new,
-            });
+            self.emit(VmEvent::StateChanged { id: vm.id.clone(), previous, current: new });
         } else if previous != new {
             tracing::debug!(id = %vm.id, %new, "initial state");
         }
@@ -257,10 +236,7 @@ impl Inner {
         }
         match vm.live_pid() {
             Some(_) => match self.qmp(vm, Duration::from_secs(3)).await {
-                Ok(q) => match q
-                    .execute("query-status", None, Duration::from_secs(5))
-                    .await
-                {
+                Ok(q) => match q.execute("query-status", None, Duration::from_secs(5)).await {
                     Ok(v) => map_run_state(v.get("status").and_then(Value::as_str).unwrap_or("")),
                     Err(_) if vm.live_pid().is_none() => self.stopped_state(vm),
                     Err(_) => VmState::Unknown,
@@ -281,11 +257,7 @@ impl Inner {
         if let Ok(mut ips) = vm.ips.lock() {
             ips.clear();
         }
-        if vm.path(files::SUSPEND).exists() {
-            VmState::Suspended
-        } else {
-            VmState::Stopped
-        }
+        if vm.path(files::SUSPEND).exists() { VmState::Suspended } else { VmState::Stopped }
     }
 
     pub async fn refresh(&self, vm: &Arc<Vm>) -> VmState {
@@ -389,12 +361,7 @@ impl Inner {
             let ids: BTreeSet<String> = found.iter().map(|(_, c)| c.id.clone()).collect();
             let mut added = Vec::new();
             for (dir, cfg) in &found {
-                let known = self
-                    .vms
-                    .lock()
-                    .map(|m| m.get(&cfg.id).map(|vm| vm.dir.clone()))
-                    .ok()
-                    .flatten();
+                let known = self.vms.lock().map(|m| m.get(&cfg.id).map(|vm| vm.dir.clone())).ok().flatten();
                 match known {
                     Some(d) if &d == dir => {
                         if let Ok(m) = self.vms.lock()
@@ -409,11 +376,8 @@ impl Inner {
                     }
                 }
             }
-            let gone: Vec<String> = self
-                .vms
-                .lock()
-                .map(|m| m.keys().filter(|k| !ids.contains(*k)).cloned().collect())
-                .unwrap_or_default();
+            let gone: Vec<String> =
+                self.vms.lock().map(|m| m.keys().filter(|k| !ids.contains(*k)).cloned().collect()).unwrap_or_default();
             for id in gone {
                 self.remove(&id);
                 if emit_changes {
@@ -434,41 +398,23 @@ impl Inner {
         for vm in self.all() {
             let state = self.refresh(&vm).await;
             if state == VmState::Running && vm.pinned().is_none() {
-                self.refresh_ips(&vm, Duration::from_millis(1500), true)
-                    .await;
+                self.refresh_ips(&vm, Duration::from_millis(1500), true).await;
             }
         }
     }
 
     /// Asks the guest agent for the guest's addresses; emits `IpChanged` on a change.
-    pub async fn refresh_ips(
-        &self,
-        vm: &Arc<Vm>,
-        timeout: Duration,
-        only_if_idle: bool,
-    ) -> Vec<IpAddr> {
+    pub async fn refresh_ips(&self, vm: &Arc<Vm>, timeout: Duration, only_if_idle: bool) -> Vec<IpAddr> {
         let result = if only_if_idle {
             match vm.qga.try_lock() {
                 Ok(guard) => {
-                    self.qga_call_locked(
-                        vm,
-                        guard,
-                        "guest-network-get-interfaces",
-                        None,
-                        Instant::now() + timeout,
-                    )
-                    .await
+                    self.qga_call_locked(vm, guard, "guest-network-get-interfaces", None, Instant::now() + timeout)
+                        .await
                 }
                 Err(_) => return vm.ips.lock().map(|i| i.clone()).unwrap_or_default(),
             }
         } else {
-            self.qga_call(
-                vm,
-                "guest-network-get-interfaces",
-                None,
-                Instant::now() + timeout,
-            )
-            .await
+            self.qga_call(vm, "guest-network-get-interfaces", None, Instant::now() + timeout).await
         };
         let Ok(v) = result else {
             return vm.ips.lock().map(|i| i.clone()).unwrap_or_default();
@@ -478,19 +424,9 @@ impl Inner {
             if iface.get("name").and_then(Value::as_str) == Some("lo") {
                 continue;
             }
-            for a in iface
-                .get("ip-addresses")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                if let Some(ip) = a
-                    .get("ip-address")
-                    .and_then(Value::as_str)
-                    .and_then(|s| s.parse::<IpAddr>().ok())
-                {
-                    let link_local =
-                        matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80);
+            for a in iface.get("ip-addresses").and_then(Value::as_array).into_iter().flatten() {
+                if let Some(ip) = a.get("ip-address").and_then(Value::as_str).and_then(|s| s.parse::<IpAddr>().ok()) {
+                    let link_local = matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80);
                     if !ip.is_loopback() && !link_local {
                         ips.push(ip);
                     }
@@ -505,10 +441,7 @@ impl Inner {
             _ => false,
         };
         if changed {
-            self.emit(VmEvent::IpChanged {
-                id: vm.id.clone(),
-                ip_addresses: ips.clone(),
-            });
+            self.emit(VmEvent::IpChanged { id: vm.id.clone(), ip_addresses: ips.clone() });
         }
         ips
     }
@@ -517,16 +450,9 @@ impl Inner {
 
     /// One guest agent command, connecting and syncing first when needed; waits for the
     /// agent (booting guest) until `deadline`.
-    pub async fn qga_call(
-        &self,
-        vm: &Arc<Vm>,
-        command: &str,
-        args: Option<Value>,
-        deadline: Instant,
-    ) -> Result<Value> {
+    pub async fn qga_call(&self, vm: &Arc<Vm>, command: &str, args: Option<Value>, deadline: Instant) -> Result<Value> {
         let guard = vm.qga.lock().await;
-        self.qga_call_locked(vm, guard, command, args, deadline)
-            .await
+        self.qga_call_locked(vm, guard, command, args, deadline).await
     }
 
     async fn qga_call_locked(
@@ -543,9 +469,7 @@ impl Inner {
         let Some(q) = guard.as_mut() else {
             return Err(HypervisorError::Guest("no agent session".into()));
         };
-        let remaining = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_secs(2));
+        let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(2));
         match q.call(command, args, remaining).await {
             Ok(v) => Ok(v),
             Err(e) => {
@@ -570,11 +494,8 @@ impl Inner {
             }
         }
         disk_bytes += crate::config::allocated_size(&vm.path(files::SUSPEND));
-        let ip_addresses = if state == VmState::Running {
-            vm.ips.lock().map(|i| i.clone()).unwrap_or_default()
-        } else {
-            Vec::new()
-        };
+        let ip_addresses =
+            if state == VmState::Running { vm.ips.lock().map(|i| i.clone()).unwrap_or_default() } else { Vec::new() };
         Ok(VmInfo {
             id: cfg.id,
             name: cfg.name,
@@ -606,12 +527,7 @@ impl Inner {
             crate::config::Acceleration::Kvm => true,
             crate::config::Acceleration::Tcg => false,
             crate::config::Acceleration::Auto => {
-                *self
-                    .kvm
-                    .get_or_init(|| {
-                        crate::host::probe_kvm(&self.cfg.qemu_binary, &self.cfg.vms_root)
-                    })
-                    .await
+                *self.kvm.get_or_init(|| crate::host::probe_kvm(&self.cfg.qemu_binary, &self.cfg.vms_root)).await
             }
         }
     }
@@ -652,15 +568,9 @@ impl Inner {
         push("-serial");
         push(&format!("file:{}", opt_escape(&vm.path(files::CONSOLE))));
         push("-qmp");
-        push(&format!(
-            "unix:{},server=on,wait=off",
-            opt_escape(&vm.path(files::QMP))
-        ));
+        push(&format!("unix:{},server=on,wait=off", opt_escape(&vm.path(files::QMP))));
         push("-chardev");
-        push(&format!(
-            "socket,id=qga0,path={},server=on,wait=off",
-            opt_escape(&vm.path(files::QGA))
-        ));
+        push(&format!("socket,id=qga0,path={},server=on,wait=off", opt_escape(&vm.path(files::QGA))));
         push("-device");
         push("virtio-serial-pci,id=vser0");
         push("-device");
@@ -671,10 +581,7 @@ impl Inner {
         }
         for f in &cfg.network.port_forwards {
             let proto = if f.protocol == "udp" { "udp" } else { "tcp" };
-            netdev.push_str(&format!(
-                ",hostfwd={proto}:127.0.0.1:{}-:{}",
-                f.host_port, f.guest_port
-            ));
+            netdev.push_str(&format!(",hostfwd={proto}:127.0.0.1:{}-:{}", f.host_port, f.guest_port));
         }
         push("-netdev");
         push(&netdev);
@@ -682,11 +589,7 @@ impl Inner {
         push("virtio-net-pci,netdev=net0");
         for d in &cfg.disks {
             push("-drive");
-            push(&format!(
-                "file={},if=virtio,format={}",
-                opt_escape(&vm.path(&d.file)),
-                d.format
-            ));
+            push(&format!("file={},if=virtio,format={}", opt_escape(&vm.path(&d.file)), d.format));
         }
         if let Some(k) = &cfg.kernel {
             push("-kernel");
@@ -702,10 +605,7 @@ impl Inner {
         }
         if incoming {
             push("-incoming");
-            push(&format!(
-                "exec:cat {}",
-                sh_quote(&vm.path(files::SUSPEND).to_string_lossy())
-            ));
+            push(&format!("exec:cat {}", sh_quote(&vm.path(files::SUSPEND).to_string_lossy())));
         }
         if let Some(tag) = loadvm {
             push("-loadvm");
@@ -720,13 +620,7 @@ impl Inner {
     /// Starts QEMU daemonized (its own session, not our child once started) and attaches
     /// QMP. With `incoming`, restores the suspended state and resumes it.
     #[tracing::instrument(level = "info", skip(self, vm), fields(id = %vm.id))]
-    pub async fn launch(
-        &self,
-        vm: &Arc<Vm>,
-        incoming: bool,
-        loadvm: Option<&str>,
-        paused: bool,
-    ) -> Result<()> {
+    pub async fn launch(&self, vm: &Arc<Vm>, incoming: bool, loadvm: Option<&str>, paused: bool) -> Result<()> {
         let cfg = vm.config()?;
         for f in [files::PID, files::QMP, files::QGA] {
             let _ = std::fs::remove_file(vm.path(f));
@@ -734,16 +628,9 @@ impl Inner {
         vm.detach();
         let args = self.qemu_args(vm, &cfg, incoming, loadvm, paused).await;
         let log_path = vm.path(files::LOG);
-        let log =
-            std::fs::File::create(&log_path).map_err(|e| HypervisorError::io(&log_path, e))?;
-        let log2 = log
-            .try_clone()
-            .map_err(|e| HypervisorError::io(&log_path, e))?;
-        let shown = format!(
-            "{} (daemonize) for VM {}",
-            self.cfg.qemu_binary.display(),
-            vm.id
-        );
+        let log = std::fs::File::create(&log_path).map_err(|e| HypervisorError::io(&log_path, e))?;
+        let log2 = log.try_clone().map_err(|e| HypervisorError::io(&log_path, e))?;
+        let shown = format!("{} (daemonize) for VM {}", self.cfg.qemu_binary.display(), vm.id);
         let mut child = tokio::process::Command::new(&self.cfg.qemu_binary)
             .args(&args)
             .current_dir(&vm.dir)
@@ -760,37 +647,21 @@ impl Inner {
         let status = match tokio::time::timeout(self.cfg.command_timeout, child.wait()).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
-                return Err(HypervisorError::CommandFailed {
-                    command: shown,
-                    code: None,
-                    stderr: e.to_string(),
-                });
+                return Err(HypervisorError::CommandFailed { command: shown, code: None, stderr: e.to_string() });
             }
             Err(_) => {
-                return Err(HypervisorError::Timeout {
-                    command: shown,
-                    after: self.cfg.command_timeout,
-                });
+                return Err(HypervisorError::Timeout { command: shown, after: self.cfg.command_timeout });
             }
         };
         if !status.success() {
-            let stderr = std::fs::read_to_string(&log_path)
-                .unwrap_or_default()
-                .trim()
-                .to_string();
-            return Err(HypervisorError::CommandFailed {
-                command: shown,
-                code: status.code(),
-                stderr,
-            });
+            let stderr = std::fs::read_to_string(&log_path).unwrap_or_default().trim().to_string();
+            return Err(HypervisorError::CommandFailed { command: shown, code: status.code(), stderr });
         }
         let qmp = self.qmp(vm, Duration::from_secs(10)).await?;
         if incoming {
             let deadline = Instant::now() + self.cfg.long_timeout;
             loop {
-                let st = qmp
-                    .execute("query-status", None, Duration::from_secs(10))
-                    .await?;
+                let st = qmp.execute("query-status", None, Duration::from_secs(10)).await?;
                 let status = st.get("status").and_then(Value::as_str).unwrap_or("");
                 if status != "inmigrate" {
                     break;
@@ -803,15 +674,9 @@ impl Inner {
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            let meta: Value =
-                read_json(&vm.path(files::SUSPEND_META)).unwrap_or(json!({"was_running": true}));
-            let was_running = meta
-                .get("was_running")
-                .and_then(Value::as_bool)
-                .unwrap_or(true);
-            let st = qmp
-                .execute("query-status", None, Duration::from_secs(10))
-                .await?;
+            let meta: Value = read_json(&vm.path(files::SUSPEND_META)).unwrap_or(json!({"was_running": true}));
+            let was_running = meta.get("was_running").and_then(Value::as_bool).unwrap_or(true);
+            let st = qmp.execute("query-status", None, Duration::from_secs(10)).await?;
             if was_running && st.get("running").and_then(Value::as_bool) == Some(false) {
                 qmp.execute("cont", None, Duration::from_secs(10)).await?;
             }
@@ -845,23 +710,14 @@ impl Inner {
     }
 
     pub async fn qemu_version(&self) -> Result<String> {
-        let out = cmd::run(
-            &self.cfg.qemu_binary,
-            &["--version"],
-            self.cfg.command_timeout,
-        )
-        .await?;
+        let out = cmd::run(&self.cfg.qemu_binary, &["--version"], self.cfg.command_timeout).await?;
         Ok(crate::host::parse_version(&out.stdout))
     }
 }
 
 /// Follows one VM's QMP events; turns them (and the connection closing when QEMU exits)
 /// into state changes.
-async fn monitor(
-    inner: Weak<Inner>,
-    vm: Weak<Vm>,
-    mut events: tokio::sync::mpsc::UnboundedReceiver<QmpEvent>,
-) {
+async fn monitor(inner: Weak<Inner>, vm: Weak<Vm>, mut events: tokio::sync::mpsc::UnboundedReceiver<QmpEvent>) {
     while let Some(ev) = events.recv().await {
         let (Some(inner), Some(vm)) = (inner.upgrade(), vm.upgrade()) else {
             return;
@@ -930,11 +786,7 @@ impl Staging {
         let tmp = parent.join(format!(".staging-{id}"));
         let dest = parent.join(id);
         std::fs::create_dir_all(&tmp).map_err(|e| HypervisorError::io(&tmp, e))?;
-        Ok(Staging {
-            tmp,
-            dest,
-            done: false,
-        })
+        Ok(Staging { tmp, dest, done: false })
     }
 
     pub fn commit(mut self) -> Result<PathBuf> {

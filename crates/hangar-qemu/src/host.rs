@@ -10,9 +10,7 @@ use tokio::process::Command;
 /// A 512-byte boot sector that writes `OK\n` to COM1 and halts.
 fn probe_boot_sector() -> Vec<u8> {
     // mov dx,0x3f8; mov al,'O'; out dx,al; mov al,'K'; out dx,al; mov al,10; out dx,al; hlt; jmp $-1
-    let code: [u8; 15] = [
-        0xBA, 0xF8, 0x03, 0xB0, b'O', 0xEE, 0xB0, b'K', 0xEE, 0xB0, 0x0A, 0xEE, 0xF4, 0xEB, 0xFD,
-    ];
+    let code: [u8; 15] = [0xBA, 0xF8, 0x03, 0xB0, b'O', 0xEE, 0xB0, b'K', 0xEE, 0xB0, 0x0A, 0xEE, 0xF4, 0xEB, 0xFD];
     let mut img = vec![0u8; 512];
     img[..code.len()].copy_from_slice(&code);
     img[510] = 0x55;
@@ -36,17 +34,7 @@ pub(crate) async fn probe_kvm(qemu: &Path, scratch: &Path) -> bool {
     }
     let drive = format!("file={},format=raw,if=ide", img.display());
     let child = Command::new(qemu)
-        .args([
-            "-accel",
-            "kvm",
-            "-cpu",
-            "host",
-            "-machine",
-            "pc",
-            "-nodefaults",
-            "-display",
-            "none",
-        ])
+        .args(["-accel", "kvm", "-cpu", "host", "-machine", "pc", "-nodefaults", "-display", "none"])
         .args(["-no-reboot", "-serial", "stdio", "-drive", &drive])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -74,9 +62,7 @@ pub(crate) async fn probe_kvm(qemu: &Path, scratch: &Path) -> bool {
                 }
                 false
             };
-            let ok = tokio::time::timeout(Duration::from_secs(10), read)
-                .await
-                .unwrap_or(false);
+            let ok = tokio::time::timeout(Duration::from_secs(10), read).await.unwrap_or(false);
             let _ = child.kill().await;
             ok
         }

@@ -53,9 +53,7 @@ impl Drop for QemuDriver {
 
 impl std::fmt::Debug for QemuDriver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("QemuDriver")
-            .field("vms_root", &self.inner.cfg.vms_root)
-            .finish()
+        f.debug_struct("QemuDriver").field("vms_root", &self.inner.cfg.vms_root).finish()
     }
 }
 
@@ -64,10 +62,8 @@ impl QemuDriver {
     /// ones, and starts the periodic reconcile.
     #[tracing::instrument(level = "info", skip(cfg), fields(root = %cfg.vms_root.display()))]
     pub async fn new(mut cfg: QemuConfig) -> Result<QemuDriver> {
-        std::fs::create_dir_all(&cfg.vms_root)
-            .map_err(|e| HypervisorError::io(&cfg.vms_root, e))?;
-        cfg.vms_root = std::fs::canonicalize(&cfg.vms_root)
-            .map_err(|e| HypervisorError::io(&cfg.vms_root, e))?;
+        std::fs::create_dir_all(&cfg.vms_root).map_err(|e| HypervisorError::io(&cfg.vms_root, e))?;
+        cfg.vms_root = std::fs::canonicalize(&cfg.vms_root).map_err(|e| HypervisorError::io(&cfg.vms_root, e))?;
         let (events, _) = broadcast::channel(1024);
         let every = cfg.reconcile_interval;
         let inner = Arc::new_cyclic(|weak| Inner {
@@ -102,10 +98,7 @@ impl QemuDriver {
         if state != VmState::Running {
             return Err(driver::invalid(&vm, "wait for the agent of", state));
         }
-        self.inner
-            .qga_call(&vm, "guest-ping", None, Instant::now() + timeout)
-            .await
-            .map(|_| ())
+        self.inner.qga_call(&vm, "guest-ping", None, Instant::now() + timeout).await.map(|_| ())
     }
 
     /// Asks the guest agent for the guest's addresses now (loopback and link-local left out).

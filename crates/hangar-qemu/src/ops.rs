@@ -9,17 +9,14 @@ use async_trait::async_trait;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use hangar_hypervisor::{
-    CloneSpec, ConfigChange, CreateSpec, ExecOutput, ExecRequest, HostInfo, Hypervisor,
-    HypervisorError, HypervisorKind, PowerOp, RegisterSpec, Result, Snapshot, SnapshotOp, VmEvent,
-    VmInfo, VmState,
+    CloneSpec, ConfigChange, CreateSpec, ExecOutput, ExecRequest, HostInfo, Hypervisor, HypervisorError,
+    HypervisorKind, PowerOp, RegisterSpec, Result, Snapshot, SnapshotOp, VmEvent, VmInfo, VmState,
 };
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::QemuDriver;
-use crate::config::{
-    DiskConfig, ImageDescriptor, SnapshotMeta, VmConfig, files, read_json, write_json,
-};
+use crate::config::{DiskConfig, ImageDescriptor, SnapshotMeta, VmConfig, files, read_json, write_json};
 use crate::driver::{Inner, Staging, Vm, invalid, new_id, now};
 use crate::procs;
 
@@ -28,14 +25,8 @@ fn os(s: impl Into<OsString>) -> OsString {
 }
 
 fn validate_name(name: &str) -> Result<()> {
-    if name.trim().is_empty()
-        || name.len() > 200
-        || name.contains('/')
-        || name.chars().any(char::is_control)
-    {
-        return Err(HypervisorError::InvalidInput(format!(
-            "invalid VM name {name:?}"
-        )));
+    if name.trim().is_empty() || name.len() > 200 || name.contains('/') || name.chars().any(char::is_control) {
+        return Err(HypervisorError::InvalidInput(format!("invalid VM name {name:?}")));
     }
     Ok(())
 }
@@ -44,16 +35,12 @@ fn validate_resources(cpus: Option<u32>, memory_mb: Option<u64>) -> Result<()> {
     if let Some(c) = cpus
         && !(1..=255).contains(&c)
     {
-        return Err(HypervisorError::InvalidInput(format!(
-            "cpus must be 1..=255, not {c}"
-        )));
+        return Err(HypervisorError::InvalidInput(format!("cpus must be 1..=255, not {c}")));
     }
     if let Some(m) = memory_mb
         && !(16..=16 * 1024 * 1024).contains(&m)
     {
-        return Err(HypervisorError::InvalidInput(format!(
-            "memory must be 16 MiB or more, not {m} MiB"
-        )));
+        return Err(HypervisorError::InvalidInput(format!("memory must be 16 MiB or more, not {m} MiB")));
     }
     Ok(())
 }
@@ -70,29 +57,17 @@ fn resolve_image(image: &Path) -> Result<ResolvedImage> {
     let image = std::fs::canonicalize(image).map_err(|e| HypervisorError::io(image, e))?;
     if image.is_dir() {
         let d: ImageDescriptor = read_json(&image.join("image.json"))?;
-        return Ok(ResolvedImage {
-            disk: image.join(&d.disk),
-            descriptor: Some(d),
-        });
+        return Ok(ResolvedImage { disk: image.join(&d.disk), descriptor: Some(d) });
     }
     let beside = image.parent().map(|p| p.join("image.json"));
     if let Some(b) = beside
         && b.exists()
         && let Ok(d) = read_json::<ImageDescriptor>(&b)
-        && image
-            .file_name()
-            .map(|f| f.to_string_lossy() == d.disk)
-            .unwrap_or(false)
+        && image.file_name().map(|f| f.to_string_lossy() == d.disk).unwrap_or(false)
     {
-        return Ok(ResolvedImage {
-            disk: image,
-            descriptor: Some(d),
-        });
+        return Ok(ResolvedImage { disk: image, descriptor: Some(d) });
     }
-    Ok(ResolvedImage {
-        disk: image,
-        descriptor: None,
-    })
+    Ok(ResolvedImage { disk: image, descriptor: None })
 }
 
 impl QemuDriver {
@@ -105,12 +80,7 @@ impl Inner {
     async fn image_info(&self, path: &Path) -> Result<Value> {
         let out = self
             .qemu_img(
-                &[
-                    os("info"),
-                    os("-U"),
-                    os("--output=json"),
-                    path.as_os_str().to_owned(),
-                ],
+                &[os("info"), os("-U"), os("--output=json"), path.as_os_str().to_owned()],
                 self.cfg.command_timeout,
             )
             .await?;
@@ -134,9 +104,7 @@ impl Inner {
 
     async fn emit_updated(&self, vm: &Arc<Vm>) -> Result<VmInfo> {
         let info = self.fresh_info(vm).await?;
-        let _ = self.events.send(VmEvent::Updated {
-            vm: Box::new(info.clone()),
-        });
+        let _ = self.events.send(VmEvent::Updated { vm: Box::new(info.clone()) });
         Ok(info)
     }
 
@@ -149,14 +117,7 @@ impl Inner {
             VmState::Suspended => true,
             s => return Err(invalid(vm, op, s)),
         };
-        self.pin(
-            vm,
-            if incoming {
-                VmState::Resuming
-            } else {
-                VmState::Starting
-            },
-        );
+        self.pin(vm, if incoming { VmState::Resuming } else { VmState::Starting });
         let r = self.launch(vm, incoming, None, false).await;
         if r.is_err() {
             self.terminate(vm).await;
@@ -167,10 +128,8 @@ impl Inner {
 
     async fn stop(&self, vm: &Arc<Vm>, timeout: Duration) -> Result<()> {
         let state = self.state_for_op(vm).await;
-        if !matches!(
-            state,
-            VmState::Running | VmState::Paused | VmState::Starting | VmState::Unknown
-        ) || vm.live_pid().is_none()
+        if !matches!(state, VmState::Running | VmState::Paused | VmState::Starting | VmState::Unknown)
+            || vm.live_pid().is_none()
         {
             return Err(invalid(vm, "stop", state));
         }
@@ -181,8 +140,7 @@ impl Inner {
             if state == VmState::Paused {
                 q.execute("cont", None, Duration::from_secs(5)).await?;
             }
-            q.execute("system_powerdown", None, Duration::from_secs(5))
-                .await?;
+            q.execute("system_powerdown", None, Duration::from_secs(5)).await?;
             Ok::<_, HypervisorError>(())
         };
         if let Err(e) = graceful.await {
@@ -215,13 +173,7 @@ impl Inner {
         Err(invalid(vm, "kill", state))
     }
 
-    async fn simple_qmp(
-        &self,
-        vm: &Arc<Vm>,
-        op: &'static str,
-        allowed: &[VmState],
-        command: &str,
-    ) -> Result<()> {
+    async fn simple_qmp(&self, vm: &Arc<Vm>, op: &'static str, allowed: &[VmState], command: &str) -> Result<()> {
         let state = self.state_for_op(vm).await;
         if !allowed.contains(&state) {
             return Err(invalid(vm, op, state));
@@ -250,35 +202,17 @@ impl Inner {
         if was_running {
             q.execute("stop", None, Duration::from_secs(10)).await?;
         }
-        q.execute(
-            "migrate-set-parameters",
-            Some(json!({"max-bandwidth": 1u64 << 40})),
-            Duration::from_secs(10),
-        )
-        .await?;
-        let uri = format!(
-            "exec:cat > '{}'",
-            partial.to_string_lossy().replace('\'', r"'\''")
-        );
-        q.execute(
-            "migrate",
-            Some(json!({ "uri": uri })),
-            Duration::from_secs(10),
-        )
-        .await?;
+        q.execute("migrate-set-parameters", Some(json!({"max-bandwidth": 1u64 << 40})), Duration::from_secs(10))
+            .await?;
+        let uri = format!("exec:cat > '{}'", partial.to_string_lossy().replace('\'', r"'\''"));
+        q.execute("migrate", Some(json!({ "uri": uri })), Duration::from_secs(10)).await?;
         let deadline = Instant::now() + self.cfg.long_timeout;
         loop {
-            let st = q
-                .execute("query-migrate", None, Duration::from_secs(10))
-                .await?;
+            let st = q.execute("query-migrate", None, Duration::from_secs(10)).await?;
             match st.get("status").and_then(Value::as_str).unwrap_or("") {
                 "completed" => break,
                 "failed" | "cancelled" => {
-                    let why = st
-                        .get("error-desc")
-                        .and_then(Value::as_str)
-                        .unwrap_or("unknown")
-                        .to_string();
+                    let why = st.get("error-desc").and_then(Value::as_str).unwrap_or("unknown").to_string();
                     if was_running {
                         let _ = q.execute("cont", None, Duration::from_secs(10)).await;
                     }
@@ -291,9 +225,7 @@ impl Inner {
                 _ => {}
             }
             if Instant::now() >= deadline {
-                let _ = q
-                    .execute("migrate_cancel", None, Duration::from_secs(10))
-                    .await;
+                let _ = q.execute("migrate_cancel", None, Duration::from_secs(10)).await;
                 return Err(HypervisorError::Timeout {
                     command: "qmp migrate (suspend)".into(),
                     after: self.cfg.long_timeout,
@@ -301,12 +233,8 @@ impl Inner {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        write_json(
-            &vm.path(files::SUSPEND_META),
-            &json!({ "was_running": was_running, "suspended_at": now() }),
-        )?;
-        std::fs::rename(&partial, vm.path(files::SUSPEND))
-            .map_err(|e| HypervisorError::io(&partial, e))?;
+        write_json(&vm.path(files::SUSPEND_META), &json!({ "was_running": was_running, "suspended_at": now() }))?;
+        std::fs::rename(&partial, vm.path(files::SUSPEND)).map_err(|e| HypervisorError::io(&partial, e))?;
         self.terminate(vm).await;
         Ok(())
     }
@@ -315,32 +243,16 @@ impl Inner {
 
     async fn list_snapshots(&self, vm: &Arc<Vm>) -> Result<Vec<Snapshot>> {
         let cfg = vm.config()?;
-        let disk = vm.path(
-            &cfg.disks
-                .first()
-                .map(|d| d.file.clone())
-                .unwrap_or_else(|| files::DISK.into()),
-        );
+        let disk = vm.path(&cfg.disks.first().map(|d| d.file.clone()).unwrap_or_else(|| files::DISK.into()));
         let info = self.image_info(&disk).await?;
         let book = self.snapshot_book(vm);
         let mut out = Vec::new();
-        for s in info
-            .get("snapshots")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            let tag = s
-                .get("name")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string();
+        for s in info.get("snapshots").and_then(Value::as_array).into_iter().flatten() {
+            let tag = s.get("name").and_then(Value::as_str).unwrap_or_default().to_string();
             let with_memory = s.get("vm-state-size").and_then(Value::as_u64).unwrap_or(0) > 0;
             let meta = book.snapshots.iter().find(|m| m.id == tag);
             let created_at = meta.map(|m| m.created_at).or_else(|| {
-                s.get("date-sec")
-                    .and_then(Value::as_i64)
-                    .and_then(|t| chrono::DateTime::from_timestamp(t, 0))
+                s.get("date-sec").and_then(Value::as_i64).and_then(|t| chrono::DateTime::from_timestamp(t, 0))
             });
             out.push(Snapshot {
                 id: tag.clone(),
@@ -349,11 +261,7 @@ impl Inner {
                 created_at,
                 current: book.current.as_deref() == Some(tag.as_str()),
                 parent: meta.and_then(|m| m.parent.clone()),
-                state: if with_memory {
-                    VmState::Running
-                } else {
-                    VmState::Stopped
-                },
+                state: if with_memory { VmState::Running } else { VmState::Stopped },
             });
         }
         out.sort_by_key(|s| s.created_at);
@@ -362,12 +270,7 @@ impl Inner {
 
     fn disk_path(&self, vm: &Vm) -> Result<PathBuf> {
         let cfg = vm.config()?;
-        Ok(vm.path(
-            &cfg.disks
-                .first()
-                .map(|d| d.file.clone())
-                .unwrap_or_else(|| files::DISK.into()),
-        ))
+        Ok(vm.path(&cfg.disks.first().map(|d| d.file.clone()).unwrap_or_else(|| files::DISK.into())))
     }
 
     async fn hmp_checked(&self, vm: &Arc<Vm>, line: &str) -> Result<()> {
@@ -384,12 +287,7 @@ impl Inner {
         Ok(())
     }
 
-    async fn create_snapshot(
-        &self,
-        vm: &Arc<Vm>,
-        name: String,
-        description: String,
-    ) -> Result<Snapshot> {
+    async fn create_snapshot(&self, vm: &Arc<Vm>, name: String, description: String) -> Result<Snapshot> {
         let state = self.state_for_op(vm).await;
         let id = new_id();
         let with_memory = match state {
@@ -402,11 +300,8 @@ impl Inner {
             }
             VmState::Stopped => {
                 let disk = self.disk_path(vm)?;
-                self.qemu_img(
-                    &[os("snapshot"), os("-c"), os(&id), disk.into_os_string()],
-                    self.cfg.long_timeout,
-                )
-                .await?;
+                self.qemu_img(&[os("snapshot"), os("-c"), os(&id), disk.into_os_string()], self.cfg.long_timeout)
+                    .await?;
                 false
             }
             s => return Err(invalid(vm, "snapshot", s)),
@@ -430,11 +325,7 @@ impl Inner {
             created_at: Some(meta.created_at),
             current: true,
             parent: meta.parent,
-            state: if with_memory {
-                VmState::Running
-            } else {
-                VmState::Stopped
-            },
+            state: if with_memory { VmState::Running } else { VmState::Stopped },
         })
     }
 
@@ -442,27 +333,18 @@ impl Inner {
         let state = self.state_for_op(vm).await;
         for id in &ids {
             match state {
-                VmState::Running | VmState::Paused => {
-                    self.hmp_checked(vm, &format!("delvm {id}")).await?
-                }
+                VmState::Running | VmState::Paused => self.hmp_checked(vm, &format!("delvm {id}")).await?,
                 VmState::Stopped | VmState::Suspended => {
                     let disk = self.disk_path(vm)?;
-                    self.qemu_img(
-                        &[os("snapshot"), os("-d"), os(id), disk.into_os_string()],
-                        self.cfg.long_timeout,
-                    )
-                    .await?;
+                    self.qemu_img(&[os("snapshot"), os("-d"), os(id), disk.into_os_string()], self.cfg.long_timeout)
+                        .await?;
                 }
                 s => return Err(invalid(vm, "delete a snapshot of", s)),
             }
         }
         let mut book = self.snapshot_book(vm);
         for id in &ids {
-            let parent = book
-                .snapshots
-                .iter()
-                .find(|m| &m.id == id)
-                .and_then(|m| m.parent.clone());
+            let parent = book.snapshots.iter().find(|m| &m.id == id).and_then(|m| m.parent.clone());
             for m in book.snapshots.iter_mut() {
                 if m.parent.as_deref() == Some(id.as_str()) {
                     m.parent = parent.clone();
@@ -478,16 +360,11 @@ impl Inner {
 
     async fn revert(&self, vm: &Arc<Vm>, id: &str, skip_resume: bool) -> Result<()> {
         let snaps = self.list_snapshots(vm).await?;
-        let snap = snaps
-            .iter()
-            .find(|s| s.id == id)
-            .ok_or_else(|| HypervisorError::NotFound(format!("snapshot {id}")))?;
+        let snap =
+            snaps.iter().find(|s| s.id == id).ok_or_else(|| HypervisorError::NotFound(format!("snapshot {id}")))?;
         let with_memory = snap.state == VmState::Running;
         let mut state = self.state_for_op(vm).await;
-        if !matches!(
-            state,
-            VmState::Running | VmState::Paused | VmState::Stopped | VmState::Suspended
-        ) {
+        if !matches!(state, VmState::Running | VmState::Paused | VmState::Stopped | VmState::Suspended) {
             return Err(invalid(vm, "revert", state));
         }
         if state == VmState::Suspended {
@@ -526,11 +403,7 @@ impl Inner {
                 self.unpin(vm).await;
             }
             let disk = self.disk_path(vm)?;
-            self.qemu_img(
-                &[os("snapshot"), os("-a"), os(id), disk.into_os_string()],
-                self.cfg.long_timeout,
-            )
-            .await?;
+            self.qemu_img(&[os("snapshot"), os("-a"), os(id), disk.into_os_string()], self.cfg.long_timeout).await?;
         }
         let mut book = self.snapshot_book(vm);
         book.current = Some(id.to_string());
@@ -557,12 +430,7 @@ impl Inner {
         }
         let shown = req.argv.join(" ");
         let mut argv: Vec<String> = if req.shell {
-            let mut v = vec![
-                "/bin/sh".to_string(),
-                "-c".to_string(),
-                req.argv[0].clone(),
-                "sh".to_string(),
-            ];
+            let mut v = vec!["/bin/sh".to_string(), "-c".to_string(), req.argv[0].clone(), "sh".to_string()];
             v.extend(req.argv[1..].iter().cloned());
             v
         } else {
@@ -590,38 +458,20 @@ impl Inner {
         if let Some(input) = &req.stdin {
             args["input-data"] = json!(B64.encode(input));
         }
-        let started = self
-            .qga_call(vm, "guest-exec", Some(args), deadline)
-            .await?;
-        let pid = started.get("pid").and_then(Value::as_i64).ok_or_else(|| {
-            HypervisorError::Guest(format!("guest-exec returned no pid: {started}"))
-        })?;
+        let started = self.qga_call(vm, "guest-exec", Some(args), deadline).await?;
+        let pid = started
+            .get("pid")
+            .and_then(Value::as_i64)
+            .ok_or_else(|| HypervisorError::Guest(format!("guest-exec returned no pid: {started}")))?;
         let mut pause = Duration::from_millis(20);
         loop {
             if Instant::now() >= deadline {
                 tracing::info!(id = %vm.id, pid, "exec timed out; killing the guest process");
                 let kill = json!({ "path": "/bin/kill", "arg": ["-9", pid.to_string()], "capture-output": false });
-                let _ = self
-                    .qga_call(
-                        vm,
-                        "guest-exec",
-                        Some(kill),
-                        Instant::now() + Duration::from_secs(5),
-                    )
-                    .await;
-                return Err(HypervisorError::Timeout {
-                    command: shown,
-                    after: req.timeout,
-                });
+                let _ = self.qga_call(vm, "guest-exec", Some(kill), Instant::now() + Duration::from_secs(5)).await;
+                return Err(HypervisorError::Timeout { command: shown, after: req.timeout });
             }
-            let st = self
-                .qga_call(
-                    vm,
-                    "guest-exec-status",
-                    Some(json!({ "pid": pid })),
-                    deadline,
-                )
-                .await;
+            let st = self.qga_call(vm, "guest-exec-status", Some(json!({ "pid": pid })), deadline).await;
             let st = match st {
                 Ok(v) => v,
                 Err(HypervisorError::Timeout { .. }) => continue,
@@ -635,19 +485,13 @@ impl Inner {
                         .map(|b| String::from_utf8_lossy(&b).into_owned())
                         .unwrap_or_default()
                 };
-                let exit_code = match (
-                    st.get("exitcode").and_then(Value::as_i64),
-                    st.get("signal").and_then(Value::as_i64),
-                ) {
-                    (Some(c), _) => c as i32,
-                    (None, Some(sig)) => 128 + sig as i32,
-                    (None, None) => -1,
-                };
-                return Ok(ExecOutput {
-                    stdout: decode("out-data"),
-                    stderr: decode("err-data"),
-                    exit_code,
-                });
+                let exit_code =
+                    match (st.get("exitcode").and_then(Value::as_i64), st.get("signal").and_then(Value::as_i64)) {
+                        (Some(c), _) => c as i32,
+                        (None, Some(sig)) => 128 + sig as i32,
+                        (None, None) => -1,
+                    };
+                return Ok(ExecOutput { stdout: decode("out-data"), stderr: decode("err-data"), exit_code });
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(250));
@@ -681,53 +525,31 @@ impl Inner {
         use tokio::io::AsyncReadExt;
         let step = Duration::from_secs(60);
         let handle = self
-            .qga_call(
-                vm,
-                "guest-file-open",
-                Some(json!({ "path": remote, "mode": "w" })),
-                Instant::now() + step,
-            )
+            .qga_call(vm, "guest-file-open", Some(json!({ "path": remote, "mode": "w" })), Instant::now() + step)
             .await?;
-        let handle = handle
-            .as_i64()
-            .ok_or_else(|| HypervisorError::Guest(format!("guest-file-open returned {handle}")))?;
-        let mut file = tokio::fs::File::open(local)
-            .await
-            .map_err(|e| HypervisorError::io(local, e))?;
+        let handle =
+            handle.as_i64().ok_or_else(|| HypervisorError::Guest(format!("guest-file-open returned {handle}")))?;
+        let mut file = tokio::fs::File::open(local).await.map_err(|e| HypervisorError::io(local, e))?;
         let mut buf = vec![0u8; 256 * 1024];
         let result = async {
             loop {
-                let n = file
-                    .read(&mut buf)
-                    .await
-                    .map_err(|e| HypervisorError::io(local, e))?;
+                let n = file.read(&mut buf).await.map_err(|e| HypervisorError::io(local, e))?;
                 if n == 0 {
                     break;
                 }
                 let args = json!({ "handle": handle, "buf-b64": B64.encode(&buf[..n]) });
-                self.qga_call(vm, "guest-file-write", Some(args), Instant::now() + step)
-                    .await?;
+                self.qga_call(vm, "guest-file-write", Some(args), Instant::now() + step).await?;
             }
             Ok::<_, HypervisorError>(())
         }
         .await;
-        let closed = self
-            .qga_call(
-                vm,
-                "guest-file-close",
-                Some(json!({ "handle": handle })),
-                Instant::now() + step,
-            )
-            .await;
+        let closed =
+            self.qga_call(vm, "guest-file-close", Some(json!({ "handle": handle })), Instant::now() + step).await;
         result?;
         closed?;
-        let mode = std::fs::metadata(local)
-            .map_err(|e| HypervisorError::io(local, e))?
-            .permissions()
-            .mode();
+        let mode = std::fs::metadata(local).map_err(|e| HypervisorError::io(local, e))?.permissions().mode();
         if mode & 0o111 != 0 {
-            self.run_checked(vm, &["chmod", &format!("{:o}", mode & 0o7777), remote])
-                .await?;
+            self.run_checked(vm, &["chmod", &format!("{:o}", mode & 0o7777), remote]).await?;
         }
         Ok(())
     }
@@ -739,8 +561,7 @@ impl Inner {
         remote: &'a str,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>> {
         Box::pin(async move {
-            let meta =
-                std::fs::symlink_metadata(local).map_err(|e| HypervisorError::io(local, e))?;
+            let meta = std::fs::symlink_metadata(local).map_err(|e| HypervisorError::io(local, e))?;
             if meta.is_dir() {
                 self.run_checked(vm, &["mkdir", "-p", remote]).await?;
                 let mut entries: Vec<_> = std::fs::read_dir(local)
@@ -785,9 +606,7 @@ impl Hypervisor for QemuDriver {
             version,
             acceleration: if kvm { "kvm".into() } else { "tcg".into() },
             architecture: std::env::consts::ARCH.into(),
-            cpu_count: std::thread::available_parallelism()
-                .map(|n| n.get() as u32)
-                .unwrap_or(1),
+            cpu_count: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
             cpu_brand: crate::host::cpu_brand(),
             memory_bytes: crate::host::memory_bytes(),
             disk_total_bytes,
@@ -825,15 +644,8 @@ impl Hypervisor for QemuDriver {
         validate_resources(Some(spec.cpus), Some(spec.memory_mb))?;
         let image = resolve_image(&spec.image)?;
         let info = inner.image_info(&image.disk).await?;
-        let format = info
-            .get("format")
-            .and_then(Value::as_str)
-            .unwrap_or("raw")
-            .to_string();
-        let base_size = info
-            .get("virtual-size")
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
+        let format = info.get("format").and_then(Value::as_str).unwrap_or("raw").to_string();
+        let base_size = info.get("virtual-size").and_then(Value::as_u64).unwrap_or(0);
         if let Some(size) = spec.disk_bytes
             && size < base_size
         {
@@ -863,11 +675,7 @@ impl Hypervisor for QemuDriver {
         }
         inner.qemu_img(&args, inner.cfg.command_timeout).await?;
         let desc = image.descriptor.as_ref();
-        let base_dir = image
-            .disk
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
+        let base_dir = image.disk.parent().map(Path::to_path_buf).unwrap_or_default();
         let cfg = VmConfig {
             id: id.clone(),
             name: spec.name.clone(),
@@ -880,20 +688,11 @@ impl Hypervisor for QemuDriver {
                 base: Some(image.disk.clone()),
                 base_format: Some(format),
             }],
-            kernel: desc
-                .and_then(|d| d.kernel.as_ref())
-                .map(|k| base_dir.join(k)),
-            initrd: desc
-                .and_then(|d| d.initrd.as_ref())
-                .map(|k| base_dir.join(k)),
+            kernel: desc.and_then(|d| d.kernel.as_ref()).map(|k| base_dir.join(k)),
+            initrd: desc.and_then(|d| d.initrd.as_ref()).map(|k| base_dir.join(k)),
             append: desc.and_then(|d| d.append.clone()),
-            os: spec
-                .os
-                .or_else(|| desc.and_then(|d| d.os.clone()))
-                .unwrap_or_else(|| "linux".into()),
-            architecture: desc
-                .and_then(|d| d.architecture.clone())
-                .unwrap_or_else(|| "x86_64".into()),
+            os: spec.os.or_else(|| desc.and_then(|d| d.os.clone())).unwrap_or_else(|| "linux".into()),
+            architecture: desc.and_then(|d| d.architecture.clone()).unwrap_or_else(|| "x86_64".into()),
             owner: spec.owner,
             created_at: now(),
             network: Default::default(),
@@ -903,9 +702,7 @@ impl Hypervisor for QemuDriver {
         let dir = staging.commit()?;
         let vm = inner.insert(dir, &cfg);
         let info = inner.fresh_info(&vm).await?;
-        let _ = inner.events.send(VmEvent::Added {
-            vm: Box::new(info.clone()),
-        });
+        let _ = inner.events.send(VmEvent::Added { vm: Box::new(info.clone()) });
         Ok(info)
     }
 
@@ -938,14 +735,7 @@ impl Hypervisor for QemuDriver {
         for d in &src_cfg.disks {
             let from = src.path(&d.file);
             let to = staging.tmp.join(&d.file);
-            let mut args = vec![
-                os("convert"),
-                os("-q"),
-                os("-f"),
-                os(&d.format),
-                os("-O"),
-                os("qcow2"),
-            ];
+            let mut args = vec![os("convert"), os("-q"), os("-f"), os(&d.format), os("-O"), os("qcow2")];
             let mut base = None;
             if spec.linked
                 && let Some(b) = &d.base
@@ -979,9 +769,7 @@ impl Hypervisor for QemuDriver {
         }
         let vm = inner.insert(dir, &cfg);
         let info = inner.fresh_info(&vm).await?;
-        let _ = inner.events.send(VmEvent::Added {
-            vm: Box::new(info.clone()),
-        });
+        let _ = inner.events.send(VmEvent::Added { vm: Box::new(info.clone()) });
         Ok(info)
     }
 
@@ -1018,9 +806,7 @@ impl Hypervisor for QemuDriver {
         }
         let vm = inner.insert(dir, &cfg);
         let info = inner.fresh_info(&vm).await?;
-        let _ = inner.events.send(VmEvent::Added {
-            vm: Box::new(info.clone()),
-        });
+        let _ = inner.events.send(VmEvent::Added { vm: Box::new(info.clone()) });
         Ok(info)
     }
 
@@ -1072,34 +858,18 @@ impl Hypervisor for QemuDriver {
         match op {
             PowerOp::Start => inner.start(&vm, "start").await?,
             PowerOp::Stop { force: true, .. } | PowerOp::Kill => inner.kill(&vm).await?,
-            PowerOp::Stop {
-                force: false,
-                timeout,
-            } => inner.stop(&vm, timeout).await?,
-            PowerOp::Pause => {
-                inner
-                    .simple_qmp(&vm, "pause", &[VmState::Running], "stop")
-                    .await?
-            }
+            PowerOp::Stop { force: false, timeout } => inner.stop(&vm, timeout).await?,
+            PowerOp::Pause => inner.simple_qmp(&vm, "pause", &[VmState::Running], "stop").await?,
             PowerOp::Resume => {
                 if inner.refresh(&vm).await == VmState::Suspended {
                     inner.start(&vm, "resume").await?
                 } else {
-                    inner
-                        .simple_qmp(&vm, "resume", &[VmState::Paused], "cont")
-                        .await?
+                    inner.simple_qmp(&vm, "resume", &[VmState::Paused], "cont").await?
                 }
             }
             PowerOp::Suspend => inner.suspend(&vm).await?,
             PowerOp::Reset => {
-                inner
-                    .simple_qmp(
-                        &vm,
-                        "reset",
-                        &[VmState::Running, VmState::Paused],
-                        "system_reset",
-                    )
-                    .await?;
+                inner.simple_qmp(&vm, "reset", &[VmState::Running, VmState::Paused], "system_reset").await?;
                 vm.qga.lock().await.take();
             }
             PowerOp::Restart => {
@@ -1171,14 +941,8 @@ impl Hypervisor for QemuDriver {
         let vm = inner.find(vm)?;
         let _op = vm.op.lock().await;
         match op {
-            SnapshotOp::Create { name, description } => inner
-                .create_snapshot(&vm, name, description)
-                .await
-                .map(Some),
-            SnapshotOp::Delete {
-                snapshot_id,
-                delete_children,
-            } => {
+            SnapshotOp::Create { name, description } => inner.create_snapshot(&vm, name, description).await.map(Some),
+            SnapshotOp::Delete { snapshot_id, delete_children } => {
                 let existing = inner.list_snapshots(&vm).await?;
                 if !existing.iter().any(|s| s.id == snapshot_id) {
                     return Err(HypervisorError::NotFound(format!("snapshot {snapshot_id}")));
@@ -1201,21 +965,12 @@ impl Hypervisor for QemuDriver {
                 inner.delete_snapshots(&vm, ids).await.map(|_| None)
             }
             SnapshotOp::DeleteAll => {
-                let ids = inner
-                    .list_snapshots(&vm)
-                    .await?
-                    .into_iter()
-                    .map(|s| s.id)
-                    .collect();
+                let ids = inner.list_snapshots(&vm).await?.into_iter().map(|s| s.id).collect();
                 inner.delete_snapshots(&vm, ids).await.map(|_| None)
             }
-            SnapshotOp::Revert {
-                snapshot_id,
-                skip_resume,
-            } => inner
-                .revert(&vm, &snapshot_id, skip_resume)
-                .await
-                .map(|_| None),
+            SnapshotOp::Revert { snapshot_id, skip_resume } => {
+                inner.revert(&vm, &snapshot_id, skip_resume).await.map(|_| None)
+            }
         }
     }
 

@@ -20,9 +20,7 @@ pub(crate) fn alive(pid: i32, marker: &Path) -> bool {
         Ok(s) => s,
         Err(_) => return false,
     };
-    let state = stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().next());
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
     if matches!(state, Some("Z") | Some("X") | None) {
         return false;
     }

@@ -39,10 +39,7 @@ impl Qga {
             }
             match UnixStream::connect(path).await {
                 Ok(s) => {
-                    let mut q = Qga {
-                        path: path.to_path_buf(),
-                        stream: BufReader::new(s),
-                    };
+                    let mut q = Qga { path: path.to_path_buf(), stream: BufReader::new(s) };
                     match q.sync(deadline).await {
                         Ok(()) => return Ok(q),
                         Err(e) => last_err = e.to_string(),
@@ -63,16 +60,10 @@ impl Qga {
             let id: u64 = u64::from(uuid::Uuid::new_v4().as_fields().0);
             let mut msg = vec![0xFFu8];
             msg.extend_from_slice(
-                json!({"execute": "guest-sync-delimited", "arguments": {"id": id}})
-                    .to_string()
-                    .as_bytes(),
+                json!({"execute": "guest-sync-delimited", "arguments": {"id": id}}).to_string().as_bytes(),
             );
             msg.push(b'\n');
-            self.stream
-                .get_mut()
-                .write_all(&msg)
-                .await
-                .map_err(guest_err)?;
+            self.stream.get_mut().write_all(&msg).await.map_err(guest_err)?;
             let attempt_end = (Instant::now() + Duration::from_secs(1)).min(deadline);
             loop {
                 let remaining = attempt_end.saturating_duration_since(Instant::now());
@@ -99,16 +90,9 @@ impl Qga {
     async fn read_message(&mut self) -> Result<Value> {
         loop {
             let mut buf = Vec::new();
-            let n = self
-                .stream
-                .read_until(b'\n', &mut buf)
-                .await
-                .map_err(guest_err)?;
+            let n = self.stream.read_until(b'\n', &mut buf).await.map_err(guest_err)?;
             if n == 0 {
-                return Err(guest_err(format!(
-                    "agent socket {} closed",
-                    self.path.display()
-                )));
+                return Err(guest_err(format!("agent socket {} closed", self.path.display())));
             }
             buf.retain(|b| *b != 0xFF);
             let text = String::from_utf8_lossy(&buf);
@@ -126,12 +110,7 @@ impl Qga {
     /// Runs one agent command and returns its `return` member. On a timeout the session
     /// must be dropped (the caller does).
     #[tracing::instrument(level = "debug", name = "qga", skip(self, arguments))]
-    pub async fn call(
-        &mut self,
-        command: &str,
-        arguments: Option<Value>,
-        timeout: Duration,
-    ) -> Result<Value> {
+    pub async fn call(&mut self, command: &str, arguments: Option<Value>, timeout: Duration) -> Result<Value> {
         let mut msg = json!({ "execute": command });
         if let Some(a) = arguments {
             msg["arguments"] = a;
@@ -139,27 +118,17 @@ impl Qga {
         let mut line = msg.to_string().into_bytes();
         line.push(b'\n');
         let fut = async {
-            self.stream
-                .get_mut()
-                .write_all(&line)
-                .await
-                .map_err(guest_err)?;
+            self.stream.get_mut().write_all(&line).await.map_err(guest_err)?;
             let v = self.read_message().await?;
             if let Some(r) = v.get("return") {
                 Ok(r.clone())
             } else {
-                let desc = v
-                    .pointer("/error/desc")
-                    .and_then(Value::as_str)
-                    .unwrap_or("unknown error");
+                let desc = v.pointer("/error/desc").and_then(Value::as_str).unwrap_or("unknown error");
                 Err(HypervisorError::Guest(format!("{command}: {desc}")))
             }
         };
         tokio::time::timeout(timeout, fut)
             .await
-            .map_err(|_| HypervisorError::Timeout {
-                command: format!("guest agent {command}"),
-                after: timeout,
-            })?
+            .map_err(|_| HypervisorError::Timeout { command: format!("guest agent {command}"), after: timeout })?
     }
 }

@@ -57,10 +57,7 @@ impl Qmp {
     /// yet, reads the greeting and negotiates capabilities. Events arrive on the returned
     /// receiver, which closes when the connection does (QEMU exited).
     #[tracing::instrument(level = "debug", name = "qmp_connect", fields(path = %path.display()))]
-    pub async fn connect(
-        path: &Path,
-        timeout: Duration,
-    ) -> Result<(Qmp, mpsc::UnboundedReceiver<QmpEvent>)> {
+    pub async fn connect(path: &Path, timeout: Duration) -> Result<(Qmp, mpsc::UnboundedReceiver<QmpEvent>)> {
         let deadline = Instant::now() + timeout;
         let stream = loop {
             match UnixStream::connect(path).await {
@@ -75,16 +72,14 @@ impl Qmp {
         };
         let (read, write) = stream.into_split();
         let mut lines = BufReader::new(read).lines();
-        let remaining = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_secs(1));
+        let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
         let greeting = tokio::time::timeout(remaining, lines.next_line())
             .await
             .map_err(|_| qmp_err(path, "no greeting"))?
             .map_err(|e| qmp_err(path, e))?
             .ok_or_else(|| qmp_err(path, "closed before the greeting"))?;
-        let greeting: Value = serde_json::from_str(&greeting)
-            .map_err(|e| qmp_err(path, format!("bad greeting: {e}")))?;
+        let greeting: Value =
+            serde_json::from_str(&greeting).map_err(|e| qmp_err(path, format!("bad greeting: {e}")))?;
         if greeting.get("QMP").is_none() {
             return Err(qmp_err(path, format!("unexpected greeting {greeting}")));
         }
@@ -108,10 +103,7 @@ impl Qmp {
                 if let Some(event) = msg.get("event").and_then(Value::as_str) {
                     let data = msg.get("data").cloned().unwrap_or(Value::Null);
                     tracing::debug!(path = %reader_path.display(), event, "QMP event");
-                    let _ = events_tx.send(QmpEvent {
-                        event: event.to_string(),
-                        data,
-                    });
+                    let _ = events_tx.send(QmpEvent { event: event.to_string(), data });
                     continue;
                 }
                 let Some(id) = msg.get("id").and_then(Value::as_u64) else {
@@ -120,21 +112,11 @@ impl Qmp {
                 let result = if let Some(ret) = msg.get("return") {
                     Ok(ret.clone())
                 } else {
-                    let desc = msg
-                        .pointer("/error/desc")
-                        .and_then(Value::as_str)
-                        .unwrap_or("unknown error")
-                        .to_string();
-                    Err(HypervisorError::CommandFailed {
-                        command: "qmp".into(),
-                        code: None,
-                        stderr: desc,
-                    })
+                    let desc =
+                        msg.pointer("/error/desc").and_then(Value::as_str).unwrap_or("unknown error").to_string();
+                    Err(HypervisorError::CommandFailed { command: "qmp".into(), code: None, stderr: desc })
                 };
-                let waiter = reader_pending
-                    .lock()
-                    .ok()
-                    .and_then(|mut p| p.as_mut().and_then(|m| m.remove(&id)));
+                let waiter = reader_pending.lock().ok().and_then(|mut p| p.as_mut().and_then(|m| m.remove(&id)));
                 if let Some(w) = waiter {
                     let _ = w.send(result);
                 }
@@ -151,8 +133,7 @@ impl Qmp {
             next_id: AtomicU64::new(1),
             reader,
         };
-        qmp.execute("qmp_capabilities", None, Duration::from_secs(5))
-            .await?;
+        qmp.execute("qmp_capabilities", None, Duration::from_secs(5)).await?;
         Ok((qmp, events_rx))
     }
 
@@ -163,19 +144,11 @@ impl Qmp {
 
     /// Runs one command and returns its `return` member.
     #[tracing::instrument(level = "debug", name = "qmp", skip(self, arguments), fields(path = %self.path.display()))]
-    pub async fn execute(
-        &self,
-        command: &str,
-        arguments: Option<Value>,
-        timeout: Duration,
-    ) -> Result<Value> {
+    pub async fn execute(&self, command: &str, arguments: Option<Value>, timeout: Duration) -> Result<Value> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
-            let mut p = self
-                .pending
-                .lock()
-                .map_err(|_| qmp_err(&self.path, "poisoned"))?;
+            let mut p = self.pending.lock().map_err(|_| qmp_err(&self.path, "poisoned"))?;
             match p.as_mut() {
                 Some(map) => {
                     map.insert(id, tx);
@@ -196,18 +169,13 @@ impl Qmp {
         };
         let outcome = tokio::time::timeout(timeout, async {
             write.await.map_err(|e| qmp_err(&self.path, e))?;
-            rx.await
-                .map_err(|_| qmp_err(&self.path, "connection closed"))?
+            rx.await.map_err(|_| qmp_err(&self.path, "connection closed"))?
         })
         .await;
         match outcome {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(HypervisorError::CommandFailed { stderr, code, .. })) => {
-                Err(HypervisorError::CommandFailed {
-                    command: format!("qmp {command}"),
-                    code,
-                    stderr,
-                })
+                Err(HypervisorError::CommandFailed { command: format!("qmp {command}"), code, stderr })
             }
             Ok(Err(e)) => Err(e),
             Err(_) => {
@@ -216,23 +184,14 @@ impl Qmp {
                 {
                     m.remove(&id);
                 }
-                Err(HypervisorError::Timeout {
-                    command: format!("qmp {command}"),
-                    after: timeout,
-                })
+                Err(HypervisorError::Timeout { command: format!("qmp {command}"), after: timeout })
             }
         }
     }
 
     /// Runs a human monitor (HMP) command line and returns its text output.
     pub async fn hmp(&self, command_line: &str, timeout: Duration) -> Result<String> {
-        let out = self
-            .execute(
-                "human-monitor-command",
-                Some(json!({ "command-line": command_line })),
-                timeout,
-            )
-            .await?;
+        let out = self.execute("human-monitor-command", Some(json!({ "command-line": command_line })), timeout).await?;
         Ok(out.as_str().unwrap_or_default().to_string())
     }
 }

@@ -24,19 +24,11 @@ async fn host_info_reports_qemu_and_its_acceleration() {
 fn a_missing_image_names_the_build_script() {
     let missing = std::env::temp_dir().join("hangar-no-such-image");
     let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "host_info_reports_qemu_and_its_acceleration",
-            "--nocapture",
-        ])
+        .args(["--exact", "host_info_reports_qemu_and_its_acceleration", "--nocapture"])
         .env("HANGAR_GUEST_IMAGE_DIR", &missing)
         .output()
         .unwrap();
-    assert!(
-        !out.status.success(),
-        "the test must fail without the image"
-    );
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the test must fail without the image");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(text.contains("scripts/build-guest-image.sh"), "{text}");
 }

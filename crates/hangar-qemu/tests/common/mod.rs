@@ -44,9 +44,7 @@ pub fn guest_image() -> PathBuf {
 }
 
 fn which(bin: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
-        .unwrap_or(false)
+    std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file())).unwrap_or(false)
 }
 
 /// Kills every QEMU whose pid file lies under the given folders when dropped.
@@ -63,9 +61,8 @@ impl QemuGuard {
             };
             for e in rd.flatten() {
                 let dir = e.path();
-                if let Some(pid) = std::fs::read_to_string(dir.join("qemu.pid"))
-                    .ok()
-                    .and_then(|s| s.trim().parse::<i32>().ok())
+                if let Some(pid) =
+                    std::fs::read_to_string(dir.join("qemu.pid")).ok().and_then(|s| s.trim().parse::<i32>().ok())
                     && qemu_alive(pid, &dir)
                 {
                     out.push(pid);
@@ -79,10 +76,7 @@ impl QemuGuard {
 impl Drop for QemuGuard {
     fn drop(&mut self) {
         for pid in self.pids() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
         }
     }
 }
@@ -92,10 +86,7 @@ pub fn qemu_alive(pid: i32, dir: &Path) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return false;
     };
-    let state = stat
-        .rsplit_once(')')
-        .and_then(|(_, r)| r.split_whitespace().next())
-        .unwrap_or("Z");
+    let state = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next()).unwrap_or("Z");
     if state == "Z" || state == "X" {
         return false;
     }
@@ -114,12 +105,7 @@ pub fn qemu_processes_under(root: &Path) -> Vec<i32> {
         };
         let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
         let is_qemu = cmdline.windows(11).any(|w| w == b"qemu-system");
-        if is_qemu
-            && cmdline
-                .windows(marker.len())
-                .any(|w| w == marker.as_slice())
-            && qemu_alive(pid, root)
-        {
+        if is_qemu && cmdline.windows(marker.len()).any(|w| w == marker.as_slice()) && qemu_alive(pid, root) {
             out.push(pid);
         }
     }
@@ -135,9 +121,7 @@ pub struct Fixture {
 
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_test_writer()
         .try_init();
 }
@@ -146,20 +130,10 @@ pub fn init_tracing() {
 pub async fn fixture() -> Fixture {
     init_tracing();
     let image = guest_image();
-    let root = tempfile::Builder::new()
-        .prefix("hq")
-        .tempdir_in("/tmp")
-        .unwrap();
+    let root = tempfile::Builder::new().prefix("hq").tempdir_in("/tmp").unwrap();
     let driver = Arc::new(QemuDriver::new(config(root.path())).await.unwrap());
-    let guard = QemuGuard {
-        dirs: vec![std::fs::canonicalize(root.path()).unwrap()],
-    };
-    Fixture {
-        root,
-        image,
-        driver,
-        guard,
-    }
+    let guard = QemuGuard { dirs: vec![std::fs::canonicalize(root.path()).unwrap()] };
+    Fixture { root, image, driver, guard }
 }
 
 pub fn config(root: &Path) -> QemuConfig {
@@ -209,9 +183,7 @@ pub async fn run(d: &QemuDriver, vm: &str, cmd: &str) -> ExecOutput {
 /// Creates and starts a VM and waits until its guest agent answers.
 pub async fn boot(d: &QemuDriver, name: &str, image: &Path) -> VmInfo {
     let vm = d.create(spec(name, image)).await.unwrap();
-    d.power(&vm.id, hangar_hypervisor::PowerOp::Start)
-        .await
-        .unwrap();
+    d.power(&vm.id, hangar_hypervisor::PowerOp::Start).await.unwrap();
     d.wait_for_agent(&vm.id, BOOT).await.unwrap();
     d.get(&vm.id).await.unwrap()
 }
