@@ -36,10 +36,7 @@ struct State {
 
 impl State {
     fn tick(&mut self, at: SystemTime) -> u128 {
-        let nanos = at
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
+        let nanos = at.duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         self.clock = nanos.max(self.clock + 1);
         self.clock
     }
@@ -79,28 +76,18 @@ impl ChunkCache {
                 if !is_hash(&hash) {
                     continue;
                 }
-                let meta = f
-                    .metadata()
-                    .map_err(io_err("stat cache entry", &f.path()))?;
+                let meta = f.metadata().map_err(io_err("stat cache entry", &f.path()))?;
                 found.push((hash, meta.len(), meta.modified().unwrap_or(UNIX_EPOCH)));
             }
         }
         found.sort_by_key(|(_, _, m)| *m);
-        let mut state = State {
-            entries: HashMap::new(),
-            total: 0,
-            clock: 0,
-        };
+        let mut state = State { entries: HashMap::new(), total: 0, clock: 0 };
         for (hash, size, modified) in found {
             let t = state.tick(modified);
             state.total += size;
             state.entries.insert(hash, (size, t));
         }
-        Ok(ChunkCache {
-            dir,
-            limits,
-            state: Mutex::new(state),
-        })
+        Ok(ChunkCache { dir, limits, state: Mutex::new(state) })
     }
 
     fn path_of(&self, hash: &str) -> PathBuf {
@@ -108,9 +95,7 @@ impl ChunkCache {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Bytes held.
@@ -145,10 +130,7 @@ impl ChunkCache {
         let read = tokio::task::spawn_blocking(move || -> io::Result<Vec<u8>> {
             let data = fs::read(&path)?;
             let now = SystemTime::now();
-            fs::File::options()
-                .write(true)
-                .open(&path)
-                .and_then(|f| f.set_modified(now))?;
+            fs::File::options().write(true).open(&path).and_then(|f| f.set_modified(now))?;
             Ok(data)
         })
         .await;
@@ -193,10 +175,7 @@ impl ChunkCache {
             return Err(ImageError::Manifest(format!("bad chunk hash {hash:?}")));
         }
         let path = self.path_of(hash);
-        let tmp = self
-            .dir
-            .join(".tmp")
-            .join(format!("{hash}.{}", uuid::Uuid::new_v4().simple()));
+        let tmp = self.dir.join(".tmp").join(format!("{hash}.{}", uuid::Uuid::new_v4().simple()));
         let len = data.len() as u64;
         tokio::task::spawn_blocking(move || -> Result<()> {
             let write = || -> io::Result<()> {
@@ -227,18 +206,14 @@ impl ChunkCache {
 
     /// Free bytes on the cache's file system.
     pub fn free_bytes(&self) -> Result<u64> {
-        let st = rustix::fs::statvfs(&self.dir)
-            .map_err(|e| io_err("statvfs", &self.dir)(io::Error::from(e)))?;
+        let st = rustix::fs::statvfs(&self.dir).map_err(|e| io_err("statvfs", &self.dir)(io::Error::from(e)))?;
         Ok(st.f_bavail.saturating_mul(st.f_frsize))
     }
 
     /// Evicts least recently used chunks until the cache is within its
     /// limits. Returns nothing; evictions are logged.
     pub async fn evict(&self) -> Result<()> {
-        let CacheLimits {
-            max_bytes,
-            keep_free_bytes,
-        } = self.limits;
+        let CacheLimits { max_bytes, keep_free_bytes } = self.limits;
         if max_bytes.is_none() && keep_free_bytes.is_none() {
             return Ok(());
         }
@@ -290,10 +265,7 @@ mod tests {
     #[tokio::test]
     async fn evicts_least_recently_used_first_and_persists() {
         let dir = tempfile::tempdir().unwrap();
-        let limits = CacheLimits {
-            max_bytes: Some(3000),
-            keep_free_bytes: None,
-        };
+        let limits = CacheLimits { max_bytes: Some(3000), keep_free_bytes: None };
         let cache = ChunkCache::open(dir.path(), limits).unwrap();
         for i in 0..3 {
             cache.insert(&h(i), vec![i; 1000].into()).await.unwrap();
@@ -305,10 +277,7 @@ mod tests {
         assert!(cache.contains(&h(0)) && !cache.contains(&h(1)));
         assert!(cache.contains(&h(2)) && cache.contains(&h(3)));
         assert_eq!(cache.total_bytes(), 3000);
-        assert!(
-            !dir.path().join(&h(1)[..2]).join(h(1)).exists(),
-            "evicted file still on disk"
-        );
+        assert!(!dir.path().join(&h(1)[..2]).join(h(1)).exists(), "evicted file still on disk");
         drop(cache);
         let reopened = ChunkCache::open(dir.path(), limits).unwrap();
         assert_eq!(reopened.len(), 3);
@@ -319,18 +288,9 @@ mod tests {
     #[tokio::test]
     async fn keep_free_evicts_everything_when_the_disk_is_short() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = ChunkCache::open(
-            dir.path(),
-            CacheLimits {
-                max_bytes: None,
-                keep_free_bytes: Some(u64::MAX),
-            },
-        )
-        .unwrap();
+        let cache =
+            ChunkCache::open(dir.path(), CacheLimits { max_bytes: None, keep_free_bytes: Some(u64::MAX) }).unwrap();
         cache.insert(&h(1), vec![1; 10].into()).await.unwrap();
-        assert!(
-            cache.is_empty(),
-            "an impossible free-space target must empty the cache"
-        );
+        assert!(cache.is_empty(), "an impossible free-space target must empty the cache");
     }
 }

@@ -84,10 +84,7 @@ pub enum ImageError {
 /// Result alias of this crate.
 pub type Result<T, E = ImageError> = std::result::Result<T, E>;
 
-pub(crate) fn io_err(
-    op: &'static str,
-    path: &std::path::Path,
-) -> impl FnOnce(std::io::Error) -> ImageError {
+pub(crate) fn io_err(op: &'static str, path: &std::path::Path) -> impl FnOnce(std::io::Error) -> ImageError {
     let path = path.display().to_string();
     move |source| ImageError::Io { op, path, source }
 }
@@ -97,18 +94,11 @@ pub(crate) fn join_err(e: tokio::task::JoinError) -> ImageError {
 }
 
 /// zstd-decompresses a stored chunk and checks its length and blake3 hash.
-pub fn decode_chunk(
-    stored: &[u8],
-    hash: &str,
-    length: u64,
-) -> std::result::Result<Vec<u8>, String> {
+pub fn decode_chunk(stored: &[u8], hash: &str, length: u64) -> std::result::Result<Vec<u8>, String> {
     let cap = usize::try_from(length).map_err(|_| "length does not fit in memory".to_string())?;
     let data = zstd::bulk::decompress(stored, cap).map_err(|e| format!("zstd: {e}"))?;
     if data.len() as u64 != length {
-        return Err(format!(
-            "decompressed to {} bytes, expected {length}",
-            data.len()
-        ));
+        return Err(format!("decompressed to {} bytes, expected {length}", data.len()));
     }
     let actual = blake3::hash(&data).to_hex();
     if actual.as_str() != hash {

@@ -41,11 +41,7 @@ impl Default for ChunkParams {
     /// of the change) low, while a 100 GiB image still has only about 100k
     /// chunks; 4 MiB bounds the memory a transfer holds per chunk in flight.
     fn default() -> Self {
-        ChunkParams {
-            min: 256 * 1024,
-            avg: 1024 * 1024,
-            max: 4 * 1024 * 1024,
-        }
+        ChunkParams { min: 256 * 1024, avg: 1024 * 1024, max: 4 * 1024 * 1024 }
     }
 }
 
@@ -123,9 +119,7 @@ impl Entry {
     /// The entry's relative path.
     pub fn path(&self) -> &str {
         match self {
-            Entry::Dir { path, .. } | Entry::File { path, .. } | Entry::Symlink { path, .. } => {
-                path
-            }
+            Entry::Dir { path, .. } | Entry::File { path, .. } | Entry::Symlink { path, .. } => path,
         }
     }
 }
@@ -170,12 +164,9 @@ impl Manifest {
 
     /// Parses, checks the hash and validates a manifest.
     pub fn from_json(bytes: &[u8]) -> Result<Self, ImageError> {
-        let m: Manifest = serde_json::from_slice(bytes)
-            .map_err(|e| ImageError::Manifest(format!("not a manifest: {e}")))?;
-        let claimed = m
-            .manifest_hash
-            .clone()
-            .ok_or_else(|| ImageError::Manifest("manifest_hash missing".into()))?;
+        let m: Manifest =
+            serde_json::from_slice(bytes).map_err(|e| ImageError::Manifest(format!("not a manifest: {e}")))?;
+        let claimed = m.manifest_hash.clone().ok_or_else(|| ImageError::Manifest("manifest_hash missing".into()))?;
         let mut bare = m.clone();
         bare.manifest_hash = None;
         let body = serde_json::to_vec(&bare).map_err(|e| ImageError::Manifest(e.to_string()))?;
@@ -197,16 +188,10 @@ impl Manifest {
             return bad(format!("format {:?} is not {FORMAT_NAME}", self.format));
         }
         if self.format_version != FORMAT_VERSION {
-            return bad(format!(
-                "format version {} is not supported",
-                self.format_version
-            ));
+            return bad(format!("format version {} is not supported", self.format_version));
         }
         if self.compression != "zstd" || self.hash != "blake3" {
-            return bad(format!(
-                "unsupported compression/hash {}/{}",
-                self.compression, self.hash
-            ));
+            return bad(format!("unsupported compression/hash {}/{}", self.compression, self.hash));
         }
         let mut previous: Option<&str> = None;
         for e in &self.entries {
@@ -222,18 +207,13 @@ impl Manifest {
                 let mut at = 0u64;
                 for c in chunks {
                     if c.offset() != at || c.length() == 0 {
-                        return bad(format!(
-                            "{path}: chunk at {} does not follow {at}",
-                            c.offset()
-                        ));
+                        return bad(format!("{path}: chunk at {} does not follow {at}", c.offset()));
                     }
                     if let ChunkRef::Data { hash, length, .. } = c {
                         if *length > MAX_CHUNK_LEN {
                             return bad(format!("{path}: chunk of {length} bytes is too long"));
                         }
-                        if hash.len() != 64
-                            || !hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-                        {
+                        if hash.len() != 64 || !hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
                             return bad(format!("{path}: bad chunk hash {hash:?}"));
                         }
                     }
@@ -252,9 +232,7 @@ impl Manifest {
     /// The regular files, with their index in `entries`.
     pub fn files(&self) -> impl Iterator<Item = (&str, u64, &[ChunkRef])> {
         self.entries.iter().filter_map(|e| match e {
-            Entry::File {
-                path, size, chunks, ..
-            } => Some((path.as_str(), *size, chunks.as_slice())),
+            Entry::File { path, size, chunks, .. } => Some((path.as_str(), *size, chunks.as_slice())),
             _ => None,
         })
     }
@@ -263,16 +241,9 @@ impl Manifest {
 /// A relative path is safe: non-empty `/`-separated components, none empty,
 /// `.` or `..`, no NUL.
 pub fn validate_path(path: &str) -> Result<(), ImageError> {
-    let ok = !path.is_empty()
-        && !path.contains('\0')
-        && path
-            .split('/')
-            .all(|c| !c.is_empty() && c != "." && c != "..");
-    if ok {
-        Ok(())
-    } else {
-        Err(ImageError::Manifest(format!("unsafe path {path:?}")))
-    }
+    let ok =
+        !path.is_empty() && !path.contains('\0') && path.split('/').all(|c| !c.is_empty() && c != "." && c != "..");
+    if ok { Ok(()) } else { Err(ImageError::Manifest(format!("unsafe path {path:?}"))) }
 }
 
 #[cfg(test)]
@@ -288,31 +259,17 @@ mod tests {
             compression: "zstd".into(),
             hash: "blake3".into(),
             entries: vec![
-                Entry::Dir {
-                    path: "a".into(),
-                    mode: 0o755,
-                },
+                Entry::Dir { path: "a".into(), mode: 0o755 },
                 Entry::File {
                     path: "a/f".into(),
                     mode: 0o644,
                     size: 30,
                     chunks: vec![
-                        ChunkRef::Data {
-                            offset: 0,
-                            length: 10,
-                            hash: "0".repeat(64),
-                            stored: 5,
-                        },
-                        ChunkRef::Hole {
-                            offset: 10,
-                            length: 20,
-                        },
+                        ChunkRef::Data { offset: 0, length: 10, hash: "0".repeat(64), stored: 5 },
+                        ChunkRef::Hole { offset: 10, length: 20 },
                     ],
                 },
-                Entry::Symlink {
-                    path: "b".into(),
-                    target: "a/f".into(),
-                },
+                Entry::Symlink { path: "b".into(), target: "a/f".into() },
             ],
             total_size: 30,
             hole_size: 20,
@@ -327,9 +284,7 @@ mod tests {
         let json = sample().to_json().unwrap();
         let back = Manifest::from_json(&json).unwrap();
         assert_eq!(back.entries, sample().entries);
-        let tampered = String::from_utf8(json)
-            .unwrap()
-            .replace("\"size\": 30", "\"size\": 31");
+        let tampered = String::from_utf8(json).unwrap().replace("\"size\": 30", "\"size\": 31");
         let err = Manifest::from_json(tampered.as_bytes()).unwrap_err();
         assert!(err.to_string().contains("hash mismatch"), "{err}");
     }
@@ -337,10 +292,7 @@ mod tests {
     #[test]
     fn rejects_unsafe_or_inconsistent_manifests() {
         let mut m = sample();
-        m.entries.push(Entry::Dir {
-            path: "../escape".into(),
-            mode: 0o755,
-        });
+        m.entries.push(Entry::Dir { path: "../escape".into(), mode: 0o755 });
         assert!(m.validate().is_err());
         let mut m = sample();
         if let Entry::File { size, .. } = &mut m.entries[1] {

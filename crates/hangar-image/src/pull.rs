@@ -122,21 +122,16 @@ fn finish(manifest: &Manifest, tmp: &Path) -> Result<()> {
     for e in &manifest.entries {
         if let Entry::File { path, mode, .. } = e {
             let p = tmp.join(path);
-            let f = fs::File::options()
-                .write(true)
-                .open(&p)
-                .map_err(io_err("open", &p))?;
+            let f = fs::File::options().write(true).open(&p).map_err(io_err("open", &p))?;
             f.sync_all().map_err(io_err("sync", &p))?;
-            fs::set_permissions(&p, fs::Permissions::from_mode(*mode))
-                .map_err(io_err("chmod", &p))?;
+            fs::set_permissions(&p, fs::Permissions::from_mode(*mode)).map_err(io_err("chmod", &p))?;
         }
     }
     // Deepest folders first, so a read-only folder is locked last.
     for e in manifest.entries.iter().rev() {
         if let Entry::Dir { path, mode } = e {
             let p = tmp.join(path);
-            fs::set_permissions(&p, fs::Permissions::from_mode(*mode))
-                .map_err(io_err("chmod", &p))?;
+            fs::set_permissions(&p, fs::Permissions::from_mode(*mode)).map_err(io_err("chmod", &p))?;
         }
     }
     Ok(())
@@ -183,11 +178,7 @@ pub async fn pull(
 
     let m = manifest.clone();
     let t = tmp.clone();
-    let file_paths = Arc::new(
-        tokio::task::spawn_blocking(move || prepare(&m, &t))
-            .await
-            .map_err(join_err)??,
-    );
+    let file_paths = Arc::new(tokio::task::spawn_blocking(move || prepare(&m, &t)).await.map_err(join_err)??);
 
     // Distinct chunks in first-use order, each with every place it goes.
     let mut uses: Vec<Use> = Vec::new();
@@ -199,18 +190,9 @@ pub async fn pull(
         for c in chunks {
             match c {
                 ChunkRef::Hole { length, .. } => hole_bytes += length,
-                ChunkRef::Data {
-                    offset,
-                    length,
-                    hash,
-                    ..
-                } => {
+                ChunkRef::Data { offset, length, hash, .. } => {
                     let i = *index.entry(hash.as_str()).or_insert_with(|| {
-                        uses.push(Use {
-                            hash: hash.clone(),
-                            length: *length,
-                            targets: Vec::new(),
-                        });
+                        uses.push(Use { hash: hash.clone(), length: *length, targets: Vec::new() });
                         uses.len() - 1
                     });
                     uses[i].targets.push((file_idx, *offset));
@@ -223,11 +205,7 @@ pub async fn pull(
     tracker.set_phase(Phase::Transferring);
     tracker.add_bytes(hole_bytes);
 
-    let concurrency = if opts.concurrency == 0 {
-        8
-    } else {
-        opts.concurrency
-    };
+    let concurrency = if opts.concurrency == 0 { 8 } else { opts.concurrency };
     let results: Vec<(bool, u64)> = futures::stream::iter(uses)
         .map(|u| {
             let store = store.clone();
@@ -264,16 +242,8 @@ pub async fn pull(
     let chunks_downloaded = results.iter().filter(|(net, _)| *net).count() as u64;
     let bytes_downloaded = results.iter().map(|(_, b)| *b).sum();
     let chunks_from_cache = results.len() as u64 - chunks_downloaded;
-    info!(
-        chunks_downloaded,
-        bytes_downloaded, chunks_from_cache, "image pulled"
-    );
-    Ok(PullReport {
-        manifest,
-        chunks_downloaded,
-        bytes_downloaded,
-        chunks_from_cache,
-    })
+    info!(chunks_downloaded, bytes_downloaded, chunks_from_cache, "image pulled");
+    Ok(PullReport { manifest, chunks_downloaded, bytes_downloaded, chunks_from_cache })
 }
 
 /// Gets one chunk (cache first), verifies it, writes it everywhere it goes.
@@ -293,10 +263,7 @@ async fn fetch_and_write(
         && let Some(stored) = cache.get(&u.hash).await
     {
         let (hash, length) = (u.hash.clone(), u.length);
-        match tokio::task::spawn_blocking(move || decode_chunk(&stored, &hash, length))
-            .await
-            .map_err(join_err)?
-        {
+        match tokio::task::spawn_blocking(move || decode_chunk(&stored, &hash, length)).await.map_err(join_err)? {
             Ok(d) => data = Some(d),
             Err(reason) => {
                 warn!(hash = %u.hash, %reason, "cached chunk does not verify; dropping it");
@@ -347,10 +314,7 @@ async fn fetch_and_write(
             let Some(path) = file_paths.get(file_idx) else {
                 continue;
             };
-            let f = fs::File::options()
-                .write(true)
-                .open(path)
-                .map_err(io_err("open", path))?;
+            let f = fs::File::options().write(true).open(path).map_err(io_err("open", path))?;
             write_sparse(&f, &data, offset).map_err(io_err("write", path))?;
         }
         Ok(())
@@ -384,9 +348,6 @@ mod tests {
         assert_eq!(&back[1000..1000 + data.len()], &data[..]);
         assert!(back[..1000].iter().all(|&b| b == 0));
         let allocated = fs::metadata(&p).unwrap().blocks() * 512;
-        assert!(
-            allocated < 64 * 1024,
-            "zero run was written: {allocated} bytes allocated"
-        );
+        assert!(allocated < 64 * 1024, "zero run was written: {allocated} bytes allocated");
     }
 }

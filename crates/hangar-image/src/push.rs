@@ -13,9 +13,7 @@ use hangar_blobstore::BlobStore;
 use tokio::sync::mpsc;
 use tracing::{info, instrument};
 
-use crate::manifest::{
-    CHUNK_PREFIX, ChunkParams, ChunkRef, Entry, FORMAT_NAME, FORMAT_VERSION, Manifest, chunk_key,
-};
+use crate::manifest::{CHUNK_PREFIX, ChunkParams, ChunkRef, Entry, FORMAT_NAME, FORMAT_VERSION, Manifest, chunk_key};
 use crate::progress::{Phase, ProgressFn, Tracker};
 use crate::{ImageError, Result, io_err, join_err};
 
@@ -34,12 +32,7 @@ pub struct PushOptions {
 
 impl Default for PushOptions {
     fn default() -> Self {
-        PushOptions {
-            concurrency: 8,
-            zstd_level: 3,
-            chunking: ChunkParams::default(),
-            progress: None,
-        }
+        PushOptions { concurrency: 8, zstd_level: 3, chunking: ChunkParams::default(), progress: None }
     }
 }
 
@@ -85,10 +78,7 @@ fn walk(root: &Path) -> Result<Vec<Walked>> {
             let abs = entry.path();
             let rel_path = abs
                 .strip_prefix(root)
-                .map_err(|e| ImageError::Unsupported {
-                    path: abs.display().to_string(),
-                    reason: e.to_string(),
-                })?;
+                .map_err(|e| ImageError::Unsupported { path: abs.display().to_string(), reason: e.to_string() })?;
             let rel = rel_path
                 .to_str()
                 .ok_or_else(|| ImageError::Unsupported {
@@ -102,10 +92,7 @@ fn walk(root: &Path) -> Result<Vec<Walked>> {
             let kind = if ft.is_dir() {
                 Kind::Dir { mode }
             } else if ft.is_file() {
-                Kind::File {
-                    mode,
-                    size: meta.len(),
-                }
+                Kind::File { mode, size: meta.len() }
             } else if ft.is_symlink() {
                 let target = fs::read_link(&abs).map_err(io_err("read link", &abs))?;
                 Kind::Symlink {
@@ -118,17 +105,10 @@ fn walk(root: &Path) -> Result<Vec<Walked>> {
                         .to_string(),
                 }
             } else {
-                return Err(ImageError::Unsupported {
-                    path: rel,
-                    reason: "not a file, folder or symlink".into(),
-                });
+                return Err(ImageError::Unsupported { path: rel, reason: "not a file, folder or symlink".into() });
             };
             let is_dir = matches!(kind, Kind::Dir { .. });
-            out.push(Walked {
-                rel,
-                abs: abs.clone(),
-                kind,
-            });
+            out.push(Walked { rel, abs: abs.clone(), kind });
             if is_dir {
                 visit(root, &abs, out)?;
             }
@@ -154,14 +134,30 @@ struct Job {
     data: Vec<u8>,
 }
 
-fn is_zero(data: &[u8]) -> bool {
-    // OR-folding fixed 64-byte blocks vectorises well; stop at the first
-    // non-zero block.
-    let mut blocks = data.chunks_exact(64);
-    blocks
-        .by_ref()
-        .all(|b| b.iter().fold(0u8, |acc, &x| acc | x) == 0)
-        && blocks.remainder().iter().all(|&x| x == 0)
+/// Zero runs at least this long at the start or end of a chunk are stored
+/// as holes rather than inside the chunk.
+const MIN_EDGE_HOLE: usize = 64 * 1024;
+
+/// Number of zero bytes at the start of `data`.
+fn leading_zeros(data: &[u8]) -> usize {
+    // OR-folding fixed 64-byte blocks vectorises well.
+    let blocks = data.chunks_exact(64).take_while(|b| b.iter().fold(0u8, |acc, &x| acc | x) == 0).count();
+    let at = blocks * 64;
+    at + data[at..].iter().take_while(|&&x| x == 0).count()
+}
+
+/// Number of zero bytes at the end of `data`.
+fn trailing_zeros(data: &[u8]) -> usize {
+    let blocks = data.rchunks_exact(64).take_while(|b| b.iter().fold(0u8, |acc, &x| acc | x) == 0).count();
+    let at = data.len() - blocks * 64;
+    blocks * 64 + data[..at].iter().rev().take_while(|&&x| x == 0).count()
+}
+
+fn add_hole(refs: &mut Vec<ChunkRef>, at: u64, length: u64) {
+    match refs.last_mut() {
+        Some(ChunkRef::Hole { offset, length: l }) if *offset + *l == at => *l += length,
+        _ => refs.push(ChunkRef::Hole { offset: at, length }),
+    }
 }
 
 /// Reads and chunks every file, sending new chunks to the uploaders.
@@ -178,10 +174,7 @@ fn produce(
     for w in walked {
         match w.kind {
             Kind::Dir { mode } => entries.push(Entry::Dir { path: w.rel, mode }),
-            Kind::Symlink { target } => entries.push(Entry::Symlink {
-                path: w.rel,
-                target,
-            }),
+            Kind::Symlink { target } => entries.push(Entry::Symlink { path: w.rel, target }),
             Kind::File { mode, size } => {
                 let file = fs::File::open(&w.abs).map_err(io_err("open", &w.abs))?;
                 let mut refs: Vec<ChunkRef> = Vec::new();
@@ -201,55 +194,53 @@ fn produce(
                     })?;
                     let length = c.length as u64;
                     covered += length;
-                    if is_zero(&c.data) {
+                    let mut data = c.data;
+                    let lead = leading_zeros(&data);
+                    if lead == data.len() {
                         holes += length;
-                        match refs.last_mut() {
-                            Some(ChunkRef::Hole { offset, length: l })
-                                if *offset + *l == c.offset =>
-                            {
-                                *l += length;
-                            }
-                            _ => refs.push(ChunkRef::Hole {
-                                offset: c.offset,
-                                length,
-                            }),
-                        }
+                        add_hole(&mut refs, c.offset, length);
                         tracker.add_bytes(length);
                         continue;
                     }
-                    let hash = blake3::hash(&c.data).to_hex().to_string();
-                    refs.push(ChunkRef::Data {
-                        offset: c.offset,
-                        length,
-                        hash: hash.clone(),
-                        stored: 0,
-                    });
+                    // Zero runs at either end of a chunk (where a zero region
+                    // begins or ends) become holes too; the rest is the chunk.
+                    let trail = trailing_zeros(&data);
+                    let lead = if lead >= MIN_EDGE_HOLE { lead } else { 0 };
+                    let trail = if trail >= MIN_EDGE_HOLE { trail } else { 0 };
+                    if lead > 0 {
+                        add_hole(&mut refs, c.offset, lead as u64);
+                    }
+                    if lead > 0 || trail > 0 {
+                        data = data[lead..data.len() - trail].to_vec();
+                    }
+                    let data_offset = c.offset + lead as u64;
+                    let data_len = data.len() as u64;
+                    let edge_holes = (lead + trail) as u64;
+                    holes += edge_holes;
+                    tracker.add_bytes(edge_holes);
+                    let hash = blake3::hash(&data).to_hex().to_string();
+                    refs.push(ChunkRef::Data { offset: data_offset, length: data_len, hash: hash.clone(), stored: 0 });
+                    if trail > 0 {
+                        add_hole(&mut refs, data_offset + data_len, trail as u64);
+                    }
                     if !seen.insert(hash.clone()) {
-                        tracker.add_bytes(length);
+                        tracker.add_bytes(data_len);
                         continue;
                     }
                     tracker.add_chunk_total();
                     if present.contains(&hash) {
-                        tracker.chunk_done(length, None);
+                        tracker.chunk_done(data_len, None);
                         continue;
                     }
-                    tx.blocking_send(Job { hash, data: c.data })
-                        .map_err(|_| ImageError::Task("uploads stopped".into()))?;
+                    tx.blocking_send(Job { hash, data }).map_err(|_| ImageError::Task("uploads stopped".into()))?;
                 }
                 if covered != size {
                     return Err(ImageError::Unsupported {
                         path: w.rel,
-                        reason: format!(
-                            "file changed while pushing ({size} bytes, read {covered})"
-                        ),
+                        reason: format!("file changed while pushing ({size} bytes, read {covered})"),
                     });
                 }
-                entries.push(Entry::File {
-                    path: w.rel,
-                    mode,
-                    size,
-                    chunks: refs,
-                });
+                entries.push(Entry::File { path: w.rel, mode, size, chunks: refs });
             }
         }
     }
@@ -273,9 +264,7 @@ pub async fn push(
     hangar_blobstore::validate_key(manifest_key)?;
     let tracker = Arc::new(Tracker::new(opts.progress.clone()));
     let src = source.to_path_buf();
-    let walked = tokio::task::spawn_blocking(move || walk(&src))
-        .await
-        .map_err(join_err)??;
+    let walked = tokio::task::spawn_blocking(move || walk(&src)).await.map_err(join_err)??;
     let total_size: u64 = walked
         .iter()
         .map(|w| match w.kind {
@@ -305,11 +294,7 @@ pub async fn push(
     };
 
     let level = opts.zstd_level;
-    let uploads =
-        futures::stream::unfold(
-            rx,
-            |mut rx| async move { rx.recv().await.map(|job| (job, rx)) },
-        )
+    let uploads = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|job| (job, rx)) })
         .map(|job| {
             let store = store.clone();
             let tracker = tracker.clone();
@@ -317,15 +302,12 @@ pub async fn push(
                 let length = job.data.len() as u64;
                 let hash = job.hash;
                 let data = job.data;
-                let compressed =
-                    tokio::task::spawn_blocking(move || zstd::bulk::compress(&data, level))
-                        .await
-                        .map_err(join_err)?
-                        .map_err(|e| ImageError::Task(format!("zstd: {e}")))?;
+                let compressed = tokio::task::spawn_blocking(move || zstd::bulk::compress(&data, level))
+                    .await
+                    .map_err(join_err)?
+                    .map_err(|e| ImageError::Task(format!("zstd: {e}")))?;
                 let clen = compressed.len() as u64;
-                store
-                    .put(&chunk_key(&hash), Bytes::from(compressed))
-                    .await?;
+                store.put(&chunk_key(&hash), Bytes::from(compressed)).await?;
                 tracker.chunk_done(length, Some(clen));
                 Ok::<_, ImageError>((hash, clen))
             }
@@ -351,9 +333,10 @@ pub async fn push(
         if let Entry::File { chunks, .. } = e {
             for c in chunks.iter_mut() {
                 if let ChunkRef::Data { hash, stored, .. } = c {
-                    *stored = stored_sizes.get(hash.as_str()).copied().ok_or_else(|| {
-                        ImageError::Task(format!("chunk {hash} was neither present nor uploaded"))
-                    })?;
+                    *stored = stored_sizes
+                        .get(hash.as_str())
+                        .copied()
+                        .ok_or_else(|| ImageError::Task(format!("chunk {hash} was neither present nor uploaded")))?;
                 }
             }
         }
@@ -367,10 +350,7 @@ pub async fn push(
             }
         }
     }
-    let chunks_present = unique
-        .keys()
-        .filter(|h| chunks_present_before.contains(**h))
-        .count() as u64;
+    let chunks_present = unique.keys().filter(|h| chunks_present_before.contains(**h)).count() as u64;
     let manifest = Manifest {
         format: FORMAT_NAME.into(),
         format_version: FORMAT_VERSION,
@@ -388,31 +368,25 @@ pub async fn push(
     let json = manifest.to_json()?;
     store.put(manifest_key, Bytes::from(json)).await?;
     tracker.set_phase(Phase::Done);
-    info!(
-        chunks_uploaded,
-        bytes_uploaded, chunks_present, total_size, "image pushed"
-    );
-    Ok(PushReport {
-        manifest,
-        chunks_uploaded,
-        bytes_uploaded,
-        chunks_present,
-    })
+    info!(chunks_uploaded, bytes_uploaded, chunks_present, total_size, "image pushed");
+    Ok(PushReport { manifest, chunks_uploaded, bytes_uploaded, chunks_present })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::is_zero;
+    use super::{leading_zeros, trailing_zeros};
 
     #[test]
-    fn zero_detection() {
-        assert!(is_zero(&[]));
-        assert!(is_zero(&[0; 100]));
+    fn zero_runs_at_the_edges() {
+        assert_eq!((leading_zeros(&[]), trailing_zeros(&[])), (0, 0));
+        assert_eq!((leading_zeros(&[0; 100]), trailing_zeros(&[0; 100])), (100, 100));
         let mut v = vec![0u8; 1000];
         v[999] = 1;
-        assert!(!is_zero(&v));
+        assert_eq!((leading_zeros(&v), trailing_zeros(&v)), (999, 0));
         v[999] = 0;
         v[3] = 1;
-        assert!(!is_zero(&v));
+        assert_eq!((leading_zeros(&v), trailing_zeros(&v)), (3, 996));
+        v[130] = 7;
+        assert_eq!((leading_zeros(&v), trailing_zeros(&v)), (3, 869));
     }
 }

@@ -130,10 +130,7 @@ pub fn generate(dir: &Path, disk_size: u64, seed: u64) -> io::Result<u64> {
     fs::write(dir.join("NVRAM.dat"), nvram)?;
     fs::set_permissions(dir.join("NVRAM.dat"), fs::Permissions::from_mode(0o600))?;
     fs::create_dir(dir.join("disk.hdd"))?;
-    fs::write(
-        dir.join("disk.hdd/DiskDescriptor.xml"),
-        compressible(&mut rng, 1500),
-    )?;
+    fs::write(dir.join("disk.hdd/DiskDescriptor.xml"), compressible(&mut rng, 1500))?;
     let zeros = write_disk(&dir.join(DISK), disk_size, seed)?;
     fs::create_dir(dir.join("Snapshots"))?;
     fs::set_permissions(dir.join("Snapshots"), fs::Permissions::from_mode(0o750))?;
@@ -171,11 +168,7 @@ pub fn fingerprint(dir: &Path) -> io::Result<BTreeMap<String, String>> {
         for e in fs::read_dir(d)? {
             let e = e?;
             let p = e.path();
-            let rel = p
-                .strip_prefix(root)
-                .map_err(io::Error::other)?
-                .to_string_lossy()
-                .into_owned();
+            let rel = p.strip_prefix(root).map_err(io::Error::other)?.to_string_lossy().into_owned();
             let m = fs::symlink_metadata(&p)?;
             let mode = m.permissions().mode() & 0o7777;
             if m.file_type().is_symlink() {
@@ -194,10 +187,7 @@ pub fn fingerprint(dir: &Path) -> io::Result<BTreeMap<String, String>> {
                     }
                     h.update(&buf[..n]);
                 }
-                out.insert(
-                    rel,
-                    format!("file {mode:o} {} {}", m.len(), h.finalize().to_hex()),
-                );
+                out.insert(rel, format!("file {mode:o} {} {}", m.len(), h.finalize().to_hex()));
             }
         }
         Ok(())

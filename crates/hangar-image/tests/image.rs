@@ -11,21 +11,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hangar_blobstore::conformance::{TestServer, unique_root};
-use hangar_blobstore::{
-    BlobStore, CountingStore, PrefixedStore, local::LocalStore, open_connection_string,
-};
+use hangar_blobstore::{BlobStore, CountingStore, PrefixedStore, local::LocalStore, open_connection_string};
 use hangar_image::testimage::{self, DISK};
 use hangar_image::{
-    CacheLimits, ChunkCache, ImageError, Phase, Progress, PullOptions, PushOptions,
-    progress_channel, pull, push,
+    CacheLimits, ChunkCache, ImageError, Phase, Progress, PullOptions, PushOptions, progress_channel, pull, push,
 };
 
 fn image_size() -> u64 {
-    if std::env::var("HANGAR_TEST_BIG_IMAGE").is_ok_and(|v| v == "1") {
-        512 << 20
-    } else {
-        64 << 20
-    }
+    if std::env::var("HANGAR_TEST_BIG_IMAGE").is_ok_and(|v| v == "1") { 512 << 20 } else { 64 << 20 }
 }
 
 fn local_store(dir: &Path) -> Arc<dyn BlobStore> {
@@ -43,11 +36,7 @@ fn partial_dirs(dir: &Path) -> Vec<String> {
 
 /// Waits (with a deadline, no fixed sleeps) until `cond` holds on the
 /// latest progress.
-async fn wait_progress(
-    rx: &mut tokio::sync::watch::Receiver<Progress>,
-    what: &str,
-    cond: impl Fn(&Progress) -> bool,
-) {
+async fn wait_progress(rx: &mut tokio::sync::watch::Receiver<Progress>, what: &str, cond: impl Fn(&Progress) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         if cond(&rx.borrow_and_update()) {
@@ -73,51 +62,32 @@ async fn round_trip(store: Arc<dyn BlobStore>, label: &str) {
         store.clone(),
         &src,
         "images/vm/v1.json",
-        &PushOptions {
-            progress: Some(progress),
-            ..PushOptions::default()
-        },
+        &PushOptions { progress: Some(progress), ..PushOptions::default() },
     )
     .await
     .unwrap_or_else(|e| panic!("{label}: push failed: {e}"));
     let last = *rx.borrow_and_update();
     assert_eq!(last.phase, Phase::Done, "{label}");
-    assert!(
-        last.total_known && last.chunks_done == last.chunks_total,
-        "{label}: {last:?}"
-    );
+    assert!(last.total_known && last.chunks_done == last.chunks_total, "{label}: {last:?}");
     assert_eq!(last.bytes_done, last.bytes_total, "{label}: {last:?}");
     let m = &pushed.manifest;
+    println!("{label}: {} of {zero_bytes} zero bytes recorded as holes", m.hole_size);
     assert!(
-        m.hole_size >= zero_bytes / 2,
+        m.hole_size * 10 >= zero_bytes * 9,
         "{label}: only {} of {zero_bytes} zero bytes became holes",
         m.hole_size
     );
-    assert!(
-        m.stored_size < m.total_size - m.hole_size,
-        "{label}: nothing was compressed"
-    );
-    assert_eq!(
-        pushed.chunks_uploaded, m.unique_chunks,
-        "{label}: fresh store"
-    );
+    assert!(m.stored_size < m.total_size - m.hole_size, "{label}: nothing was compressed");
+    assert_eq!(pushed.chunks_uploaded, m.unique_chunks, "{label}: fresh store");
 
     // The store holds exactly the manifest and the image's chunks.
     let listed = store.list("").await.unwrap();
-    let chunks: Vec<_> = listed
-        .iter()
-        .filter(|o| o.key.starts_with("chunks/"))
-        .collect();
+    let chunks: Vec<_> = listed.iter().filter(|o| o.key.starts_with("chunks/")).collect();
     assert_eq!(chunks.len() as u64, m.unique_chunks, "{label}");
-    assert_eq!(
-        chunks.iter().map(|o| o.size).sum::<u64>(),
-        m.stored_size,
-        "{label}"
-    );
+    assert_eq!(chunks.iter().map(|o| o.size).sum::<u64>(), m.stored_size, "{label}");
     assert_eq!(listed.len() as u64, m.unique_chunks + 1, "{label}");
 
-    let cache =
-        Arc::new(ChunkCache::open(work.path().join("cache"), CacheLimits::default()).unwrap());
+    let cache = Arc::new(ChunkCache::open(work.path().join("cache"), CacheLimits::default()).unwrap());
     let dest = work.path().join("out").join("vm.pvm");
     std::fs::create_dir(work.path().join("out")).unwrap();
     let (progress, mut rx) = progress_channel();
@@ -125,11 +95,7 @@ async fn round_trip(store: Arc<dyn BlobStore>, label: &str) {
         store.clone(),
         "images/vm/v1.json",
         &dest,
-        &PullOptions {
-            concurrency: 8,
-            cache: Some(cache.clone()),
-            progress: Some(progress),
-        },
+        &PullOptions { concurrency: 8, cache: Some(cache.clone()), progress: Some(progress) },
     )
     .await
     .unwrap_or_else(|e| panic!("{label}: pull failed: {e}"));
@@ -141,11 +107,7 @@ async fn round_trip(store: Arc<dyn BlobStore>, label: &str) {
     );
     assert_eq!(pulled.chunks_downloaded, m.unique_chunks, "{label}");
     assert_eq!(pulled.bytes_downloaded, m.stored_size, "{label}");
-    assert_eq!(
-        cache.len() as u64,
-        m.unique_chunks,
-        "{label}: cache not filled"
-    );
+    assert_eq!(cache.len() as u64, m.unique_chunks, "{label}: cache not filled");
 
     assert_eq!(
         testimage::fingerprint(&src).unwrap(),
@@ -169,37 +131,16 @@ async fn round_trip(store: Arc<dyn BlobStore>, label: &str) {
         counting.clone(),
         "images/vm/v1.json",
         &work.path().join("out").join("vm2.pvm"),
-        &PullOptions {
-            cache: Some(cache.clone()),
-            ..PullOptions::default()
-        },
+        &PullOptions { cache: Some(cache.clone()), ..PullOptions::default() },
     )
     .await
     .unwrap();
-    assert_eq!(
-        (again.chunks_downloaded, again.chunks_from_cache),
-        (0, m.unique_chunks),
-        "{label}"
-    );
-    assert_eq!(
-        counting.counts().gets,
-        1,
-        "{label}: only the manifest should be read"
-    );
+    assert_eq!((again.chunks_downloaded, again.chunks_from_cache), (0, m.unique_chunks), "{label}");
+    assert_eq!(counting.counts().gets, 1, "{label}: only the manifest should be read");
 
     // Pulling onto an existing destination is refused.
-    let err = pull(
-        store.clone(),
-        "images/vm/v1.json",
-        &dest,
-        &PullOptions::default(),
-    )
-    .await
-    .unwrap_err();
-    assert!(
-        matches!(err, ImageError::DestinationExists(_)),
-        "{label}: {err}"
-    );
+    let err = pull(store.clone(), "images/vm/v1.json", &dest, &PullOptions::default()).await.unwrap_err();
+    assert!(matches!(err, ImageError::DestinationExists(_)), "{label}: {err}");
 
     for o in store.list("").await.unwrap() {
         store.delete(&o.key).await.unwrap();
@@ -222,8 +163,7 @@ async fn round_trip_server(server: TestServer) {
     if let Err(e) = store.list("nothing-here").await {
         panic!("{server:?} does not answer: {e}\n{}", server.failure_hint());
     }
-    let store: Arc<dyn BlobStore> =
-        Arc::new(PrefixedStore::new(store, &unique_root("image")).unwrap());
+    let store: Arc<dyn BlobStore> = Arc::new(PrefixedStore::new(store, &unique_root("image")).unwrap());
     round_trip(store, &format!("{server:?}")).await;
 }
 
@@ -249,25 +189,17 @@ async fn new_version_uploads_only_changed_chunks() {
     let disk_size = image_size();
     let v1 = work.path().join("v1");
     testimage::generate(&v1, disk_size, 21).unwrap();
-    let r1 = push(store.clone(), &v1, "m/v1.json", &PushOptions::default())
-        .await
-        .unwrap();
+    let r1 = push(store.clone(), &v1, "m/v1.json", &PushOptions::default()).await.unwrap();
     let before = store.list("chunks").await.unwrap();
 
     let v2 = work.path().join("v2");
     testimage::generate(&v2, disk_size, 21).unwrap();
     let changed = testimage::mutate_disk(&v2, 0.05, 2, 99).unwrap();
-    let r2 = push(store.clone(), &v2, "m/v2.json", &PushOptions::default())
-        .await
-        .unwrap();
+    let r2 = push(store.clone(), &v2, "m/v2.json", &PushOptions::default()).await.unwrap();
     let after = store.list("chunks").await.unwrap();
 
     let old: std::collections::HashSet<_> = before.iter().map(|o| o.key.as_str()).collect();
-    let new_bytes: u64 = after
-        .iter()
-        .filter(|o| !old.contains(o.key.as_str()))
-        .map(|o| o.size)
-        .sum();
+    let new_bytes: u64 = after.iter().filter(|o| !old.contains(o.key.as_str())).map(|o| o.size).sum();
     let v1_bytes = r1.manifest.total_size;
     println!(
         "v2: {changed} bytes changed of {v1_bytes}; new objects {new_bytes} bytes = {:.1}% of v1's size, {:.1}% of v1's stored {} bytes",
@@ -275,29 +207,15 @@ async fn new_version_uploads_only_changed_chunks() {
         new_bytes as f64 * 100.0 / r1.manifest.stored_size as f64,
         r1.manifest.stored_size
     );
-    assert!(
-        changed >= v1_bytes / 25,
-        "the test changed too little ({changed} bytes)"
-    );
+    assert!(changed >= v1_bytes / 25, "the test changed too little ({changed} bytes)");
     assert!(new_bytes > 0, "nothing uploaded for a changed image");
-    assert!(
-        new_bytes * 10 <= v1_bytes,
-        "v2 uploaded {new_bytes} bytes, more than 10% of v1's {v1_bytes}"
-    );
+    assert!(new_bytes * 10 <= v1_bytes, "v2 uploaded {new_bytes} bytes, more than 10% of v1's {v1_bytes}");
     assert_eq!(new_bytes, r2.bytes_uploaded);
-    assert!(
-        r2.chunks_present > 0
-            && r2.chunks_present + r2.chunks_uploaded == r2.manifest.unique_chunks
-    );
+    assert!(r2.chunks_present > 0 && r2.chunks_present + r2.chunks_uploaded == r2.manifest.unique_chunks);
 
     let dest = work.path().join("pulled-v2");
-    pull(store.clone(), "m/v2.json", &dest, &PullOptions::default())
-        .await
-        .unwrap();
-    assert_eq!(
-        testimage::fingerprint(&v2).unwrap(),
-        testimage::fingerprint(&dest).unwrap()
-    );
+    pull(store.clone(), "m/v2.json", &dest, &PullOptions::default()).await.unwrap();
+    assert_eq!(testimage::fingerprint(&v2).unwrap(), testimage::fingerprint(&dest).unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -311,49 +229,26 @@ async fn interrupted_push_reruns_only_missing_chunks() {
     let s = store.clone();
     let p = src.clone();
     let task = tokio::spawn(async move {
-        push(
-            s,
-            &p,
-            "m/vm.json",
-            &PushOptions {
-                concurrency: 2,
-                progress: Some(progress),
-                ..PushOptions::default()
-            },
-        )
-        .await
+        push(s, &p, "m/vm.json", &PushOptions { concurrency: 2, progress: Some(progress), ..PushOptions::default() })
+            .await
     });
     wait_progress(&mut rx, "5 chunk uploads", |p| p.chunks_transferred >= 5).await;
     task.abort();
-    assert!(
-        task.await.unwrap_err().is_cancelled(),
-        "push finished before it could be interrupted"
-    );
-    assert!(
-        store.head("m/vm.json").await.unwrap().is_none(),
-        "manifest written by an interrupted push"
-    );
+    assert!(task.await.unwrap_err().is_cancelled(), "push finished before it could be interrupted");
+    assert!(store.head("m/vm.json").await.unwrap().is_none(), "manifest written by an interrupted push");
     let stored_after_kill = store.list("chunks").await.unwrap().len() as u64;
     assert!(stored_after_kill >= 5);
 
     let counting = Arc::new(CountingStore::new(store.clone()));
-    let report = push(counting.clone(), &src, "m/vm.json", &PushOptions::default())
-        .await
-        .unwrap();
+    let report = push(counting.clone(), &src, "m/vm.json", &PushOptions::default()).await.unwrap();
     let unique = report.manifest.unique_chunks;
     println!(
         "interrupted push: {stored_after_kill} of {unique} chunks stored; rerun uploaded {}",
         report.chunks_uploaded
     );
     assert!(report.chunks_present >= 5, "{report:?}");
-    assert!(
-        report.chunks_uploaded < unique,
-        "the rerun uploaded everything again"
-    );
-    assert!(
-        report.chunks_uploaded > 0,
-        "the push was not interrupted mid-way"
-    );
+    assert!(report.chunks_uploaded < unique, "the rerun uploaded everything again");
+    assert!(report.chunks_uploaded > 0, "the push was not interrupted mid-way");
     assert_eq!(report.chunks_present + report.chunks_uploaded, unique);
     // Uploads counted at the store: the missing chunks plus the manifest.
     assert_eq!(counting.counts().puts, report.chunks_uploaded + 1);
@@ -361,9 +256,7 @@ async fn interrupted_push_reruns_only_missing_chunks() {
 
     // A third run uploads only the manifest.
     let counting = Arc::new(CountingStore::new(store.clone()));
-    push(counting.clone(), &src, "m/vm.json", &PushOptions::default())
-        .await
-        .unwrap();
+    push(counting.clone(), &src, "m/vm.json", &PushOptions::default()).await.unwrap();
     assert_eq!(counting.counts().puts, 1);
 }
 
@@ -373,77 +266,42 @@ async fn interrupted_pull_resumes_from_the_cache() {
     let store = local_store(&work.path().join("store"));
     let src = work.path().join("vm");
     testimage::generate(&src, image_size(), 41).unwrap();
-    let pushed = push(store.clone(), &src, "m/vm.json", &PushOptions::default())
-        .await
-        .unwrap();
+    let pushed = push(store.clone(), &src, "m/vm.json", &PushOptions::default()).await.unwrap();
     let unique = pushed.manifest.unique_chunks;
 
-    let cache =
-        Arc::new(ChunkCache::open(work.path().join("cache"), CacheLimits::default()).unwrap());
+    let cache = Arc::new(ChunkCache::open(work.path().join("cache"), CacheLimits::default()).unwrap());
     let out = work.path().join("out");
     std::fs::create_dir(&out).unwrap();
     let dest = out.join("vm");
     let (progress, mut rx) = progress_channel();
     let (s, d, c) = (store.clone(), dest.clone(), cache.clone());
     let task = tokio::spawn(async move {
-        pull(
-            s,
-            "m/vm.json",
-            &d,
-            &PullOptions {
-                concurrency: 2,
-                cache: Some(c),
-                progress: Some(progress),
-            },
-        )
-        .await
+        pull(s, "m/vm.json", &d, &PullOptions { concurrency: 2, cache: Some(c), progress: Some(progress) }).await
     });
     wait_progress(&mut rx, "5 chunk downloads", |p| p.chunks_transferred >= 5).await;
     task.abort();
-    assert!(
-        task.await.unwrap_err().is_cancelled(),
-        "pull finished before it could be interrupted"
-    );
+    assert!(task.await.unwrap_err().is_cancelled(), "pull finished before it could be interrupted");
     assert!(!dest.exists(), "an interrupted pull left a destination");
-    assert!(
-        partial_dirs(&out).is_empty(),
-        "an interrupted pull left {:?}",
-        partial_dirs(&out)
-    );
+    assert!(partial_dirs(&out).is_empty(), "an interrupted pull left {:?}", partial_dirs(&out));
     let cached = cache.len() as u64;
-    assert!(
-        cached >= 5 && cached < unique,
-        "cache holds {cached} of {unique}"
-    );
+    assert!(cached >= 5 && cached < unique, "cache holds {cached} of {unique}");
 
     let counting = Arc::new(CountingStore::new(store.clone()));
     let report = pull(
         counting.clone(),
         "m/vm.json",
         &dest,
-        &PullOptions {
-            cache: Some(cache.clone()),
-            ..PullOptions::default()
-        },
+        &PullOptions { cache: Some(cache.clone()), ..PullOptions::default() },
     )
     .await
     .unwrap();
-    println!(
-        "interrupted pull: {cached} of {unique} chunks cached; rerun downloaded {}",
-        report.chunks_downloaded
-    );
+    println!("interrupted pull: {cached} of {unique} chunks cached; rerun downloaded {}", report.chunks_downloaded);
     assert!(report.chunks_from_cache >= cached.min(5), "{report:?}");
     assert_eq!(report.chunks_from_cache + report.chunks_downloaded, unique);
-    assert!(
-        report.chunks_downloaded < unique,
-        "the rerun downloaded everything again"
-    );
+    assert!(report.chunks_downloaded < unique, "the rerun downloaded everything again");
     // Downloads counted at the store: the manifest plus the missing chunks.
     assert_eq!(counting.counts().gets, report.chunks_downloaded + 1);
-    assert_eq!(
-        testimage::fingerprint(&src).unwrap(),
-        testimage::fingerprint(&dest).unwrap()
-    );
+    assert_eq!(testimage::fingerprint(&src).unwrap(), testimage::fingerprint(&dest).unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -452,9 +310,7 @@ async fn corrupt_chunk_fails_the_pull_and_names_it() {
     let store = local_store(&work.path().join("store"));
     let src = work.path().join("vm");
     testimage::generate(&src, 16 << 20, 51).unwrap();
-    let pushed = push(store.clone(), &src, "m/vm.json", &PushOptions::default())
-        .await
-        .unwrap();
+    let pushed = push(store.clone(), &src, "m/vm.json", &PushOptions::default()).await.unwrap();
 
     // Flip one byte in the middle of the disk's first stored chunk.
     let (victim, offset) = pushed
@@ -477,26 +333,13 @@ async fn corrupt_chunk_fails_the_pull_and_names_it() {
     let out = work.path().join("out");
     std::fs::create_dir(&out).unwrap();
     let dest = out.join("vm");
-    let cache =
-        Arc::new(ChunkCache::open(work.path().join("cache"), CacheLimits::default()).unwrap());
-    let err = pull(
-        store.clone(),
-        "m/vm.json",
-        &dest,
-        &PullOptions {
-            cache: Some(cache.clone()),
-            ..PullOptions::default()
-        },
-    )
-    .await
-    .unwrap_err();
+    let cache = Arc::new(ChunkCache::open(work.path().join("cache"), CacheLimits::default()).unwrap());
+    let err =
+        pull(store.clone(), "m/vm.json", &dest, &PullOptions { cache: Some(cache.clone()), ..PullOptions::default() })
+            .await
+            .unwrap_err();
     match &err {
-        ImageError::CorruptChunk {
-            hash,
-            path,
-            offset: at,
-            ..
-        } => {
+        ImageError::CorruptChunk { hash, path, offset: at, .. } => {
             assert_eq!(hash, &victim);
             assert_eq!(path, DISK);
             assert_eq!(*at, offset);
@@ -506,11 +349,7 @@ async fn corrupt_chunk_fails_the_pull_and_names_it() {
     let msg = err.to_string();
     assert!(msg.contains(&victim) && msg.contains(DISK), "{msg}");
     assert!(!dest.exists(), "a failed pull left a destination");
-    assert!(
-        partial_dirs(&out).is_empty(),
-        "a failed pull left {:?}",
-        partial_dirs(&out)
-    );
+    assert!(partial_dirs(&out).is_empty(), "a failed pull left {:?}", partial_dirs(&out));
     assert!(!cache.contains(&victim), "a corrupt chunk was cached");
 }
 
@@ -520,27 +359,19 @@ async fn corrupt_cache_entry_is_downloaded_again() {
     let store = local_store(&work.path().join("store"));
     let src = work.path().join("vm");
     testimage::generate(&src, 8 << 20, 61).unwrap();
-    push(store.clone(), &src, "m/vm.json", &PushOptions::default())
-        .await
-        .unwrap();
+    push(store.clone(), &src, "m/vm.json", &PushOptions::default()).await.unwrap();
     let cache_dir = work.path().join("cache");
     let cache = Arc::new(ChunkCache::open(&cache_dir, CacheLimits::default()).unwrap());
     let first = pull(
         store.clone(),
         "m/vm.json",
         &work.path().join("a"),
-        &PullOptions {
-            cache: Some(cache.clone()),
-            ..PullOptions::default()
-        },
+        &PullOptions { cache: Some(cache.clone()), ..PullOptions::default() },
     )
     .await
     .unwrap();
     // Damage one cached chunk on disk.
-    let hash = store.list("chunks").await.unwrap()[0]
-        .key
-        .trim_start_matches("chunks/")
-        .to_string();
+    let hash = store.list("chunks").await.unwrap()[0].key.trim_start_matches("chunks/").to_string();
     let path = cache_dir.join(&hash[..2]).join(&hash);
     let mut bytes = std::fs::read(&path).unwrap();
     let mid = bytes.len() / 2;
@@ -552,18 +383,12 @@ async fn corrupt_cache_entry_is_downloaded_again() {
         counting.clone(),
         "m/vm.json",
         &work.path().join("b"),
-        &PullOptions {
-            cache: Some(cache.clone()),
-            ..PullOptions::default()
-        },
+        &PullOptions { cache: Some(cache.clone()), ..PullOptions::default() },
     )
     .await
     .unwrap();
     assert_eq!(second.chunks_downloaded, 1);
     assert_eq!(second.chunks_from_cache, first.manifest.unique_chunks - 1);
     assert_eq!(counting.counts().gets, 2);
-    assert_eq!(
-        testimage::fingerprint(&src).unwrap(),
-        testimage::fingerprint(&work.path().join("b")).unwrap()
-    );
+    assert_eq!(testimage::fingerprint(&src).unwrap(), testimage::fingerprint(&work.path().join("b")).unwrap());
 }
