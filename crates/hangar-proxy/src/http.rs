@@ -1,0 +1,514 @@
+//! HTTP forwarding: routing, header rules, upgrades, error answers.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{
+    ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_MAX_AGE,
+    ACCESS_CONTROL_REQUEST_HEADERS, ACCESS_CONTROL_REQUEST_METHOD, CONNECTION, CONTENT_TYPE, HOST, HeaderMap,
+    HeaderName, HeaderValue, ORIGIN, TE, UPGRADE, VARY, WWW_AUTHENTICATE,
+};
+use http::uri::{Authority, PathAndQuery};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::auth::ProxyAuth;
+use crate::compile::{CompiledRoute, HostKind, HttpHost};
+use crate::config::{Schema, Target};
+use crate::error::ProxyError;
+use crate::events::{EventSink, ProxyEvent};
+use crate::listener::ListenerCtx;
+use crate::resolve::TargetCache;
+use crate::tls::{UpstreamTrust, client_config};
+
+/// The body of every answer: the target's streamed body, or one the proxy made.
+pub(crate) type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const TRAILER: HeaderName = HeaderName::from_static("trailer");
+const TRANSFER_ENCODING: HeaderName = HeaderName::from_static("transfer-encoding");
+
+/// The pooled clients towards targets, one per way of speaking.
+pub(crate) struct Upstreams {
+    http: Client<HttpConnector, Incoming>,
+    https: Client<HttpsConnector<HttpConnector>, Incoming>,
+    https_h1: Client<HttpsConnector<HttpConnector>, Incoming>,
+    h2c: Client<HttpConnector, Incoming>,
+}
+
+impl Upstreams {
+    pub(crate) fn new(trust: &UpstreamTrust, pool_idle: Duration) -> Result<Self, ProxyError> {
+        let mut tcp = HttpConnector::new();
+        tcp.set_nodelay(true);
+        tcp.enforce_http(false);
+        tcp.set_connect_timeout(Some(Duration::from_secs(10)));
+        let tls = client_config(trust)?;
+        let https_conn = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls.clone())
+            .https_only()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(tcp.clone());
+        let https_h1_conn = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http1()
+            .wrap_connector(tcp.clone());
+        let mut b = Client::builder(TokioExecutor::new());
+        b.pool_timer(TokioTimer::new()).timer(TokioTimer::new()).pool_idle_timeout(pool_idle);
+        let h2c = {
+            let mut b2 = b.clone();
+            b2.http2_only(true);
+            b2.build(tcp.clone())
+        };
+        Ok(Upstreams { http: b.build(tcp), https: b.build(https_conn), https_h1: b.build(https_h1_conn), h2c })
+    }
+}
+
+/// What every listener shares.
+pub(crate) struct Shared {
+    pub upstreams: Upstreams,
+    pub targets: Arc<TargetCache>,
+    pub auth: Option<Arc<dyn ProxyAuth>>,
+    pub events: EventSink,
+}
+
+/// Per-connection request handler.
+#[derive(Clone)]
+pub(crate) struct ProxyService {
+    pub shared: Arc<Shared>,
+    pub listener: Arc<ListenerCtx>,
+    pub peer_ip: HeaderValue,
+    pub tls: bool,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    code: u16,
+    error: &'a str,
+    message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target: Option<String>,
+}
+
+/// A JSON error answer `{code, error, message[, target]}`.
+pub(crate) fn error_response(status: StatusCode, message: String, target: Option<String>) -> Response<ProxyBody> {
+    let error = match status.as_u16() {
+        401 => "unauthorized",
+        404 => "not_found",
+        502 => "bad_gateway",
+        504 => "gateway_timeout",
+        _ => "internal_error",
+    };
+    let body = serde_json::to_vec(&ErrorBody { code: status.as_u16(), error, message, target }).unwrap_or_default();
+    let mut r = Response::new(Either::Right(Full::new(Bytes::from(body))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Remove hop-by-hop headers: the fixed list, every `Proxy-*` header and every header named in
+/// `Connection`. Returns whether `TE: trailers` was asked for (it may be passed on).
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
+    let te_trailers = has_token(headers, &TE, "trailers");
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in [CONNECTION, KEEP_ALIVE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE] {
+        headers.remove(n);
+    }
+    if headers.keys().any(|k| k.as_str().starts_with("proxy-")) {
+        let proxy: Vec<HeaderName> = headers.keys().filter(|k| k.as_str().starts_with("proxy-")).cloned().collect();
+        for n in proxy {
+            headers.remove(n);
+        }
+    }
+    te_trailers
+}
+
+fn apply_rules(headers: &mut HeaderMap, rules: &[(HeaderName, Option<HeaderValue>)]) {
+    for (name, value) in rules {
+        match value {
+            Some(v) => {
+                headers.insert(name.clone(), v.clone());
+            }
+            None => {
+                headers.remove(name);
+            }
+        }
+    }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+impl ProxyService {
+    /// Answer one request.
+    pub(crate) async fn handle(self, req: Request<Incoming>) -> Response<ProxyBody> {
+        self.listener.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let state = self.listener.state.load_full();
+        let HostKind::Http(host) = &state.kind else {
+            return error_response(StatusCode::BAD_GATEWAY, "this listener forwards raw TCP".into(), None);
+        };
+        let origin = if host.cors.is_some() { req.headers().get(ORIGIN).cloned() } else { None };
+        let mut resp = self.route(&state.key, host, req).await;
+        if let (Some(cors), Some(origin)) = (&host.cors, origin)
+            && let Some(allow) = cors.allow_origin(&origin)
+        {
+            resp.headers_mut().insert(ACCESS_CONTROL_ALLOW_ORIGIN, allow);
+            resp.headers_mut().append(VARY, HeaderValue::from_static("Origin"));
+        }
+        resp
+    }
+
+    async fn route(&self, host_id: &str, host: &HttpHost, req: Request<Incoming>) -> Response<ProxyBody> {
+        // CORS preflight is answered here (browsers send no credentials with it).
+        if let Some(cors) = &host.cors
+            && req.method() == Method::OPTIONS
+            && req.headers().contains_key(ACCESS_CONTROL_REQUEST_METHOD)
+            && let Some(origin) = req.headers().get(ORIGIN)
+        {
+            let mut r = Response::new(Either::Right(Full::new(Bytes::new())));
+            *r.status_mut() = StatusCode::NO_CONTENT;
+            if let Some(allow) = cors.allow_origin(origin) {
+                let h = r.headers_mut();
+                h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, allow);
+                h.insert(ACCESS_CONTROL_ALLOW_METHODS, cors.methods.clone());
+                let requested = req.headers().get(ACCESS_CONTROL_REQUEST_HEADERS).cloned();
+                if let Some(allowed) = cors.headers.clone().or(requested) {
+                    h.insert(ACCESS_CONTROL_ALLOW_HEADERS, allowed);
+                }
+                h.insert(ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+            }
+            return r;
+        }
+
+        let host_hv: Option<HeaderValue> = req
+            .headers()
+            .get(HOST)
+            .cloned()
+            .or_else(|| req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+        let host_str = host_hv.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("");
+        let path = req.uri().path();
+        let Some(route) =
+            host.routes.iter().find(|r| r.path.matches(path) && r.host.as_ref().is_none_or(|m| m.matches(host_str)))
+        else {
+            return error_response(StatusCode::NOT_FOUND, format!("no route of this proxy host matches {path}"), None);
+        };
+
+        if host.require_auth {
+            let Some(auth) = &self.shared.auth else {
+                return unauthorized(
+                    "this proxy host requires authentication but no authenticator is configured".into(),
+                );
+            };
+            if let Err(rej) = auth.check(host_id, req.headers()).await {
+                return unauthorized(rej.reason);
+            }
+        }
+
+        let span = tracing::debug_span!("proxy_http", host = host_id, route = %route.id, method = %req.method(), path);
+        self.forward(host_id, host, route, req, host_hv).instrument(span).await
+    }
+
+    async fn forward(
+        &self,
+        host_id: &str,
+        host: &HttpHost,
+        route: &CompiledRoute,
+        mut req: Request<Incoming>,
+        host_hv: Option<HeaderValue>,
+    ) -> Response<ProxyBody> {
+        let authority: Authority = match (&route.target, &route.authority) {
+            (_, Some(a)) => a.clone(),
+            (Target::Vm { vm_id, port }, None) => match self.shared.targets.ip(vm_id).await {
+                Ok(ip) => match SocketAddr::new(ip, *port).to_string().parse() {
+                    Ok(a) => a,
+                    Err(_) => return error_response(StatusCode::BAD_GATEWAY, format!("bad address {ip}"), None),
+                },
+                Err(e) => {
+                    let target = route.target.to_string();
+                    self.route_failed(host_id, route, &target, &e.to_string());
+                    return error_response(
+                        StatusCode::BAD_GATEWAY,
+                        format!("target {target} cannot be reached: {e}"),
+                        Some(target),
+                    );
+                }
+            },
+            (Target::Host { .. }, None) => {
+                return error_response(StatusCode::INTERNAL_SERVER_ERROR, "route target has no address".into(), None);
+            }
+        };
+        let target_desc = match &route.target {
+            Target::Host { .. } => authority.to_string(),
+            Target::Vm { vm_id, .. } => format!("{authority} (vm {vm_id})"),
+        };
+
+        // Upgrades (websocket and others) exist in HTTP/1.1 only.
+        let upgrade = if req.version() <= Version::HTTP_11 && has_token(req.headers(), &CONNECTION, "upgrade") {
+            req.headers().get(UPGRADE).cloned()
+        } else {
+            None
+        };
+        let downstream_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+
+        let (mut parts, body) = req.into_parts();
+        let h = &mut parts.headers;
+        let te_trailers = strip_hop_by_hop(h);
+        if let Some(up) = &upgrade {
+            h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            h.insert(UPGRADE, up.clone());
+        }
+        if te_trailers {
+            h.insert(TE, HeaderValue::from_static("trailers"));
+        }
+        if host.require_auth
+            && let Some(auth) = &self.shared.auth
+        {
+            for n in auth.credential_headers() {
+                h.remove(n);
+            }
+        }
+        // X-Forwarded-*: For is the client's list plus the socket peer; Host and Proto are ours.
+        let xff = {
+            let prior: Vec<&str> = h.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
+            if prior.is_empty() {
+                self.peer_ip.clone()
+            } else {
+                let mut s = prior.join(", ");
+                s.push_str(", ");
+                s.push_str(self.peer_ip.to_str().unwrap_or(""));
+                HeaderValue::from_str(&s).unwrap_or_else(|_| self.peer_ip.clone())
+            }
+        };
+        h.insert(X_FORWARDED_FOR, xff);
+        match &host_hv {
+            Some(v) => h.insert(X_FORWARDED_HOST, v.clone()),
+            None => h.remove(X_FORWARDED_HOST),
+        };
+        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(if self.tls { "https" } else { "http" }));
+        match route.schema {
+            Schema::H2c => {
+                h.remove(HOST);
+            }
+            Schema::Http | Schema::Https => {
+                if let Some(v) = host_hv
+                    && !h.contains_key(HOST)
+                {
+                    h.insert(HOST, v);
+                }
+            }
+        }
+        apply_rules(h, &route.request_headers);
+
+        let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        parts.uri =
+            match Uri::builder().scheme(route.schema.uri_scheme()).authority(authority).path_and_query(pq).build() {
+                Ok(u) => u,
+                Err(e) => {
+                    return error_response(StatusCode::BAD_GATEWAY, format!("cannot build target URI: {e}"), None);
+                }
+            };
+        parts.version = if route.schema == Schema::H2c { Version::HTTP_2 } else { Version::HTTP_11 };
+        let out = Request::from_parts(parts, body);
+
+        let ups = &self.shared.upstreams;
+        let fut = match (route.schema, upgrade.is_some()) {
+            (Schema::Http, _) => ups.http.request(out),
+            (Schema::Https, false) => ups.https.request(out),
+            (Schema::Https, true) => ups.https_h1.request(out),
+            (Schema::H2c, _) => ups.h2c.request(out),
+        };
+        let mut resp = match tokio::time::timeout(route.timeout, fut).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                let msg = error_chain(&e);
+                if let Target::Vm { vm_id, .. } = &route.target
+                    && e.is_connect()
+                {
+                    self.shared.targets.forget(vm_id);
+                }
+                self.route_failed(host_id, route, &target_desc, &msg);
+                let what = if e.is_connect() { "refused or unreachable" } else { "failed" };
+                return error_response(
+                    StatusCode::BAD_GATEWAY,
+                    format!("target {target_desc} {what}: {msg}"),
+                    Some(target_desc),
+                );
+            }
+            Err(_) => {
+                let msg = format!("no answer within {} s", route.timeout.as_secs());
+                self.route_failed(host_id, route, &target_desc, &msg);
+                return error_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!("target {target_desc} timed out: {msg}"),
+                    Some(target_desc),
+                );
+            }
+        };
+
+        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        if switching && let Some(down) = downstream_upgrade {
+            let up = hyper::upgrade::on(&mut resp);
+            let hard = self.listener.hard.clone();
+            let span = tracing::debug_span!("proxy_upgrade", host = host_id, route = %route.id, target = %target_desc);
+            self.listener.conns.spawn(
+                async move {
+                    let (d, u) = tokio::join!(down, up);
+                    match (d, u) {
+                        (Ok(d), Ok(u)) => {
+                            let mut d = TokioIo::new(d);
+                            let mut u = TokioIo::new(u);
+                            tokio::select! {
+                                r = tokio::io::copy_bidirectional(&mut d, &mut u) => match r {
+                                    Ok((a, b)) => tracing::debug!(to_target = a, to_client = b, "upgraded connection closed"),
+                                    Err(e) => tracing::debug!(error = %e, "upgraded connection ended with an error"),
+                                },
+                                _ = hard.cancelled() => tracing::debug!("upgraded connection cut at shutdown"),
+                            }
+                        }
+                        (d, u) => tracing::debug!(client = ?d.err(), target = ?u.err(), "upgrade did not complete"),
+                    }
+                }
+                .instrument(span),
+            );
+        }
+        let (mut parts, body) = resp.into_parts();
+        let resp_upgrade = if switching { parts.headers.get(UPGRADE).cloned() } else { None };
+        strip_hop_by_hop(&mut parts.headers);
+        if let Some(up) = resp_upgrade {
+            parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(UPGRADE, up);
+        }
+        apply_rules(&mut parts.headers, &route.response_headers);
+        parts.version = Version::HTTP_11;
+        Response::from_parts(parts, Either::Left(body))
+    }
+
+    fn route_failed(&self, host_id: &str, route: &CompiledRoute, target: &str, error: &str) {
+        tracing::warn!(host = host_id, route = %route.id, target, error, "proxy target failed");
+        self.shared.events.send(ProxyEvent::RouteFailed {
+            host_id: host_id.to_string(),
+            route_id: route.id.clone(),
+            target: target.to_string(),
+            error: error.to_string(),
+        });
+    }
+}
+
+fn unauthorized(reason: String) -> Response<ProxyBody> {
+    let mut r = error_response(StatusCode::UNAUTHORIZED, reason, None);
+    r.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    r
+}
+
+/// The HTTP server settings of listeners.
+pub(crate) fn server_builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .max_buf_size(1024 * 1024)
+        .keep_alive(true);
+    b.http2().timer(TokioTimer::new()).keep_alive_interval(Some(Duration::from_secs(30)));
+    b
+}
+
+/// Serve one accepted (and, for TLS, handshaken) connection until it ends, or until `graceful`
+/// asks it to finish its requests, or `hard` cuts it.
+pub(crate) async fn serve_connection<I>(
+    io: I,
+    svc: ProxyService,
+    builder: &auto::Builder<TokioExecutor>,
+    graceful: CancellationToken,
+    hard: CancellationToken,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let svc = svc.clone();
+        async move { Ok::<_, Infallible>(svc.handle(req).await) }
+    });
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            }
+        }
+        _ = graceful.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = hard.cancelled() => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("keep-alive, X-Secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("proxy-authorization", HeaderValue::from_static("Basic x"));
+        h.insert("proxy-foo", HeaderValue::from_static("1"));
+        h.insert(TE, HeaderValue::from_static("trailers, deflate"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        assert!(strip_hop_by_hop(&mut h));
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-keep"));
+    }
+}

@@ -1,0 +1,233 @@
+//! One listener: its accept loop, its connections, its counters.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::HeaderValue;
+use hyper_util::rt::TokioExecutor;
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::compile::{HostKind, HostState, TcpHost};
+use crate::config::{BindAddr, Target};
+use crate::events::ProxyEvent;
+use crate::http::{ProxyService, Shared, serve_connection};
+use crate::tcp::{SpliceEnd, splice};
+
+/// Counters of one listener.
+#[derive(Default)]
+pub(crate) struct Stats {
+    pub active: AtomicU64,
+    pub total: AtomicU64,
+    pub requests: AtomicU64,
+    pub refused: AtomicU64,
+}
+
+/// What a running listener's tasks share.
+pub(crate) struct ListenerCtx {
+    pub key: String,
+    pub state: ArcSwap<HostState>,
+    pub stats: Stats,
+    /// Connections and upgraded tunnels.
+    pub conns: TaskTracker,
+    /// Stop accepting; connections finish what they are doing.
+    pub graceful: CancellationToken,
+    /// Cut everything.
+    pub hard: CancellationToken,
+}
+
+/// Timeouts used by listeners.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ListenerTimeouts {
+    pub tls_handshake: Duration,
+    pub connect: Duration,
+}
+
+/// A started listener.
+pub(crate) struct Running {
+    pub local: SocketAddr,
+    pub ctx: Arc<ListenerCtx>,
+    pub accept: JoinHandle<()>,
+}
+
+struct ActiveGuard<'a>(&'a AtomicU64);
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Bind and start accepting.
+pub(crate) async fn start(
+    key: &str,
+    bind: &BindAddr,
+    state: Arc<HostState>,
+    shared: Arc<Shared>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    timeouts: ListenerTimeouts,
+) -> io::Result<Running> {
+    let listener = TcpListener::bind((bind.host.as_str(), bind.port)).await?;
+    let local = listener.local_addr()?;
+    let ctx = Arc::new(ListenerCtx {
+        key: key.to_string(),
+        state: ArcSwap::new(state),
+        stats: Stats::default(),
+        conns: TaskTracker::new(),
+        graceful: CancellationToken::new(),
+        hard: CancellationToken::new(),
+    });
+    let span = tracing::info_span!("proxy_listener", host = key, address = %local);
+    let accept = tokio::spawn(accept_loop(listener, ctx.clone(), shared, builder, timeouts).instrument(span));
+    tracing::info!(host = key, address = %local, "proxy listener started");
+    Ok(Running { local, ctx, accept })
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    ctx: Arc<ListenerCtx>,
+    shared: Arc<Shared>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    timeouts: ListenerTimeouts,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = ctx.graceful.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                ctx.conns.spawn(handle_conn(stream, peer, ctx.clone(), shared.clone(), builder.clone(), timeouts));
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off a little instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::select! {
+                    _ = ctx.graceful.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+            }
+        }
+    }
+    tracing::info!("proxy listener stopped accepting");
+}
+
+async fn handle_conn(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<ListenerCtx>,
+    shared: Arc<Shared>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    timeouts: ListenerTimeouts,
+) {
+    let _ = stream.set_nodelay(true);
+    let state = ctx.state.load_full();
+    ctx.stats.total.fetch_add(1, Ordering::Relaxed);
+    ctx.stats.active.fetch_add(1, Ordering::Relaxed);
+    let _active = ActiveGuard(&ctx.stats.active);
+    match &state.kind {
+        HostKind::Tcp(t) => {
+            let Ok(_permit) = t.limit.clone().try_acquire_owned() else {
+                ctx.stats.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(host = %ctx.key, %peer, "connection refused: the tcp route's max_connections is reached");
+                return;
+            };
+            let span = tracing::info_span!("proxy_tcp", host = %ctx.key, %peer, target = %t.target);
+            tcp_conn(stream, &state, t, &ctx, &shared, timeouts).instrument(span).await;
+        }
+        HostKind::Http(_) => {
+            let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+            let svc = ProxyService { shared, listener: ctx.clone(), peer_ip, tls: state.tls.is_some() };
+            let (graceful, hard) = (ctx.graceful.clone(), ctx.hard.clone());
+            match &state.tls {
+                None => serve_connection(stream, svc, &builder, graceful, hard).await,
+                Some(acc) => match tokio::time::timeout(timeouts.tls_handshake, acc.accept(stream)).await {
+                    Ok(Ok(tls)) => serve_connection(tls, svc, &builder, graceful, hard).await,
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                },
+            }
+        }
+    }
+}
+
+async fn tcp_conn(
+    client: TcpStream,
+    state: &HostState,
+    t: &TcpHost,
+    ctx: &ListenerCtx,
+    shared: &Shared,
+    timeouts: ListenerTimeouts,
+) {
+    let fail = |target: String, error: String| {
+        tracing::warn!(%target, %error, "tcp target failed");
+        shared.events.send(ProxyEvent::RouteFailed {
+            host_id: ctx.key.clone(),
+            route_id: t.route_id.clone(),
+            target,
+            error,
+        });
+    };
+    let (addr, vm): (SocketAddr, Option<&str>) = match &t.target {
+        Target::Vm { vm_id, port } => match shared.targets.ip(vm_id).await {
+            Ok(ip) => (SocketAddr::new(ip, *port), Some(vm_id.as_str())),
+            Err(e) => return fail(t.target.to_string(), e.to_string()),
+        },
+        Target::Host { host, port } => match tokio::net::lookup_host((host.as_str(), *port)).await {
+            Ok(mut addrs) => match addrs.next() {
+                Some(a) => (a, None),
+                None => return fail(t.target.to_string(), "name has no address".into()),
+            },
+            Err(e) => return fail(t.target.to_string(), e.to_string()),
+        },
+    };
+    let upstream = match tokio::time::timeout(timeouts.connect, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            if let Some(vm) = vm {
+                shared.targets.forget(vm);
+            }
+            return fail(addr.to_string(), e.to_string());
+        }
+        Err(_) => {
+            if let Some(vm) = vm {
+                shared.targets.forget(vm);
+            }
+            return fail(addr.to_string(), "connect timed out".into());
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    let (ur, uw) = upstream.into_split();
+    let result = match &state.tls {
+        None => {
+            let (cr, cw) = client.into_split();
+            splice((cr, cw), (ur, uw), t.idle, &ctx.hard).await
+        }
+        Some(acc) => match tokio::time::timeout(timeouts.tls_handshake, acc.accept(client)).await {
+            Ok(Ok(tls)) => {
+                let (cr, cw) = tokio::io::split(tls);
+                splice((cr, cw), (ur, uw), t.idle, &ctx.hard).await
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")),
+        },
+    };
+    match result {
+        Ok(SpliceEnd::Done(up, down)) => {
+            tracing::debug!(%addr, to_target = up, to_client = down, "tcp connection closed")
+        }
+        Ok(SpliceEnd::Idle) => {
+            tracing::debug!(%addr, idle_s = t.idle.as_secs(), "tcp connection closed after idle timeout")
+        }
+        Ok(SpliceEnd::Cancelled) => tracing::debug!(%addr, "tcp connection cut at shutdown"),
+        Err(e) => tracing::debug!(%addr, error = %e, "tcp connection ended with an error"),
+    }
+}
