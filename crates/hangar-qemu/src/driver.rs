@@ -355,7 +355,7 @@ impl Inner {
     /// repairs states and refreshes guest IPs.
     #[tracing::instrument(level = "debug", skip(self))]
     pub async fn reconcile(&self, emit_changes: bool) {
-        let found = {
+        {
             let _reg = self.registry.lock().await;
             let found = self.scan();
             let ids: BTreeSet<String> = found.iter().map(|(_, c)| c.id.clone()).collect();
@@ -392,9 +392,7 @@ impl Inner {
                     }
                 }
             }
-            found
-        };
-        let _ = found;
+        }
         for vm in self.all() {
             let state = self.refresh(&vm).await;
             if state == VmState::Running && vm.pinned().is_none() {
