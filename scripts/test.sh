@@ -19,11 +19,10 @@ as_root() {
     if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else say "need root for: $*"; exit 1; fi
 }
 
-# Host packages the tests use directly. qemu-utils is named with qemu-system-x86 so that
-# qemu-img is never removed by the resolver.
+# Host packages the tests use directly. QEMU itself is installed by
+# scripts/build-guest-image.sh, which knows how to pair qemu-utils with the system emulator.
 need=()
 command -v openssl >/dev/null || need+=(openssl)
-command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86 qemu-utils)
 command -v python3 >/dev/null || need+=(python3 python3-venv)
 command -v npm >/dev/null || need+=(npm)
 if [ ${#need[@]} -gt 0 ]; then

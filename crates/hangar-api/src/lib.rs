@@ -78,6 +78,7 @@ impl Default for CorsConfig {
 pub struct Services {
     pub identity: Identity,
     pub bus: EventBus,
+    pub host: Option<Arc<hangar_host::Host>>,
 }
 
 /// Everything handlers need. Cheap to clone.
@@ -85,6 +86,8 @@ pub struct Services {
 pub struct AppState {
     pub identity: Identity,
     pub bus: EventBus,
+    /// The host module, when it runs.
+    pub host: Option<Arc<hangar_host::Host>>,
     pub info: Arc<ServerInfo>,
     pub api_prefix: String,
     pub access: Arc<AccessTable>,
@@ -161,6 +164,7 @@ pub fn api() -> Api {
     let api = Api::new();
     let api = routes::system::register(api);
     let api = routes::auth::register(api);
+    let api = routes::machines::register(api);
     routes::ws::register(api)
 }
 
@@ -261,7 +265,7 @@ fn cors_layer(c: &CorsConfig) -> CorsLayer {
 
 /// Build the whole HTTP application.
 pub fn app(services: Services, info: ServerInfo, config: &ApiConfig) -> Router {
-    let Services { identity, bus } = services;
+    let Services { identity, bus, host } = services;
     let Api { router, table } = api();
     let (inner, doc) = router.split_for_parts();
     let doc = openapi::finish(doc);
@@ -269,6 +273,7 @@ pub fn app(services: Services, info: ServerInfo, config: &ApiConfig) -> Router {
     let state = AppState {
         identity,
         bus: bus.clone(),
+        host,
         info: Arc::new(info),
         api_prefix: config.prefix.clone(),
         access,

@@ -322,3 +322,21 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// (and should reconcile with `list`).
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<VmEvent>;
 }
+
+impl hangar_core::Classify for HypervisorError {
+    fn kind(&self) -> hangar_core::ErrorKind {
+        use hangar_core::ErrorKind as K;
+        match self {
+            HypervisorError::NotFound(_) => K::NotFound,
+            HypervisorError::InvalidState { .. } | HypervisorError::AlreadyExists(_) => K::Conflict,
+            HypervisorError::InvalidInput(_) => K::BadRequest,
+            HypervisorError::Unsupported { .. } => K::Unprocessable,
+            HypervisorError::Timeout { .. } | HypervisorError::Unavailable(_) | HypervisorError::Guest(_) => {
+                K::Unavailable
+            }
+            HypervisorError::CommandFailed { .. } | HypervisorError::Parse { .. } | HypervisorError::Io { .. } => {
+                K::Internal
+            }
+        }
+    }
+}

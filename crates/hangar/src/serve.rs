@@ -42,44 +42,65 @@ pub async fn open_store(l: &Layers, dir: &Path, with_backups: bool) -> Result<Js
     JsonStore::open(dir.join("store"), opts).await.map_err(|e| anyhow::anyhow!("cannot open the store: {e}"))
 }
 
-fn module_statuses(l: &Layers) -> Result<Vec<ModuleStatus>> {
+/// Which modules the configuration asks for (`ENABLED_MODULES`, or all when unset).
+fn wanted_modules(l: &Layers) -> Result<Vec<&'static str>> {
     let requested = l.list("ENABLED_MODULES");
     for m in &requested {
         if !MODULES.contains(&m.as_str()) {
             bail!("ENABLED_MODULES names an unknown module {m:?}; modules are {}", MODULES.join(", "));
         }
     }
-    let explicit = !requested.is_empty();
-    let mut out = Vec::new();
-    for m in MODULES {
-        let wanted = *m == "api" || !explicit || requested.iter().any(|r| r == m);
-        let (healthy, message) = match *m {
-            "api" => (true, "serving".to_string()),
-            "host" => {
-                let hv = ["qemu-system-x86_64", "qemu-system-aarch64", "prlctl"].iter().find(|b| which(b).is_some());
-                match hv {
-                    Some(b) => {
-                        (false, format!("not started: found {b}, but the host agent is not part of this build yet"))
-                    }
-                    None => (
-                        false,
-                        "not started: no hypervisor found (neither qemu-system-* nor prlctl is on PATH)".to_string(),
-                    ),
-                }
-            }
-            other => (false, format!("not started: the {other} module is not part of this build yet")),
-        };
-        out.push(ModuleStatus { name: m.to_string(), enabled: wanted && healthy, healthy, message });
-        if wanted && !healthy && explicit {
-            warn!(module = m, "{}", out.last().map(|s| s.message.as_str()).unwrap_or(""));
-        }
-    }
-    Ok(out)
+    Ok(MODULES.iter().copied().filter(|m| *m == "api" || requested.is_empty() || requested.iter().any(|r| r == m)).collect())
 }
 
-fn which(bin: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(bin)).find(|f| f.is_file()))
+/// Start the host module over the configured hypervisor driver.
+async fn start_host(l: &Layers, dir: &Path, bus: EventBus) -> Result<Arc<hangar_host::Host>> {
+    let cfg = hangar_host::HostConfig {
+        driver: l.get("HYPERVISOR").unwrap_or("auto").parse().map_err(|e: hangar_host::HostError| anyhow::anyhow!("{e}"))?,
+        vms_dir: l.string("HOST_VMS_FOLDER").map(PathBuf::from).unwrap_or_else(|| dir.join("vms")),
+        images_dir: l.string("HOST_IMAGES_FOLDER").map(PathBuf::from).unwrap_or_else(|| dir.join("images")),
+        prlctl: l.string("PRLCTL_PATH").map(PathBuf::from),
+        prlsrvctl: l.string("PRLSRVCTL_PATH").map(PathBuf::from),
+        qemu_binary: l.string("QEMU_BINARY").map(PathBuf::from),
+        acceleration: l.get("QEMU_ACCELERATION").unwrap_or("auto").to_ascii_lowercase(),
+        reserved_cpu: l.number("SYSTEM_RESERVED_CPU")?,
+        reserved_memory_mb: l.number("SYSTEM_RESERVED_MEMORY")?,
+        reserved_disk_mb: l.number("SYSTEM_RESERVED_DISK")?,
+    };
+    let _ = std::fs::create_dir_all(&cfg.images_dir);
+    let hv = hangar_host::open_driver(&cfg).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(hangar_host::Host::new(hv, bus, cfg))
 }
+
+async fn module_statuses(l: &Layers, dir: &Path, bus: EventBus) -> Result<(Vec<ModuleStatus>, Option<Arc<hangar_host::Host>>)> {
+    let wanted = wanted_modules(l)?;
+    let explicit = !l.list("ENABLED_MODULES").is_empty();
+    let mut out = Vec::new();
+    let mut host = None;
+    for m in MODULES {
+        let want = wanted.contains(m);
+        let (running, message) = match *m {
+            "api" => (true, "serving".to_string()),
+            "host" if !want => (false, "not requested in ENABLED_MODULES".to_string()),
+            "host" => match start_host(l, dir, bus.clone()).await {
+                Ok(h) => {
+                    let info = h.driver().host_info().await.ok();
+                    let detail = info.map(|i| format!("{} {} ({})", i.hypervisor, i.version, i.acceleration)).unwrap_or_else(|| h.kind().to_string());
+                    host = Some(h);
+                    (true, format!("driving {detail}"))
+                }
+                Err(e) => (false, format!("cannot run: {e:#}")),
+            },
+            other => (false, format!("the {other} module is not part of this build yet")),
+        };
+        if want && !running && explicit {
+            warn!(module = m, "{message}");
+        }
+        out.push(ModuleStatus { name: m.to_string(), enabled: running, healthy: running, message });
+    }
+    Ok((out, host))
+}
+
 
 fn token_config(l: &Layers) -> Result<TokenConfig> {
     let algorithm = l
@@ -148,7 +169,7 @@ pub async fn run(l: Layers) -> Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot seed users and roles: {e}"))?;
 
-    let modules = module_statuses(&l)?;
+    let (modules, host) = module_statuses(&l, &dir, bus.clone()).await?;
     let info = ServerInfo {
         version: env!("CARGO_PKG_VERSION").into(),
         started_at: chrono::Utc::now(),
@@ -170,7 +191,7 @@ pub async fn run(l: Layers) -> Result<()> {
     if !config.prefix.starts_with('/') || config.prefix.len() < 2 {
         bail!("API_PREFIX={:?} must start with '/' and name a path, such as /api", config.prefix);
     }
-    let services = hangar_api::Services { identity, bus };
+    let services = hangar_api::Services { identity, bus, host };
     let app = hangar_api::app(services, info, &config);
 
     let host: std::net::IpAddr =

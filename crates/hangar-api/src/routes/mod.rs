@@ -3,5 +3,6 @@
 
 pub mod auth;
 pub mod dto;
+pub mod machines;
 pub mod system;
 pub mod ws;

@@ -1,0 +1,448 @@
+//! The host module: the VMs of one host.
+//!
+//! [`Host`] wraps one `dyn Hypervisor` (QEMU or Parallels, chosen by [`open_driver`]) and
+//! adds what the API needs on top of a driver: VM ownership, local images by name, async
+//! creation as a [`jobs::Job`] with weighted steps, host hardware with the system
+//! reservation, and the translation of driver events into `pdfm` events on the bus.
+//! It knows nothing about HTTP.
+
+pub mod jobs;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hangar_core::{Classify, ErrorKind, Event, EventBus, EventType};
+use hangar_hypervisor::{
+    CloneSpec, ConfigChange, CreateSpec, ExecOutput, ExecRequest, HostInfo, Hypervisor, HypervisorError,
+    HypervisorKind, PowerOp, RegisterSpec, Snapshot, SnapshotOp, VmEvent, VmInfo, VmState,
+};
+use serde::Serialize;
+use serde_json::json;
+use tracing::{Instrument, info, info_span, warn};
+
+pub use jobs::{Job, JobHandle, JobState, Jobs};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl Classify for HostError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            HostError::Hypervisor(e) => e.kind(),
+            HostError::Invalid(_) => ErrorKind::BadRequest,
+            HostError::NotFound(_) => ErrorKind::NotFound,
+            HostError::Forbidden(_) => ErrorKind::Forbidden,
+            HostError::Unavailable(_) => ErrorKind::Unavailable,
+        }
+    }
+}
+
+pub type Result<T, E = HostError> = std::result::Result<T, E>;
+
+/// Which driver to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriverChoice {
+    Auto,
+    Qemu,
+    Parallels,
+}
+
+impl std::str::FromStr for DriverChoice {
+    type Err = HostError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "" | "auto" => Ok(DriverChoice::Auto),
+            "qemu" | "kvm" => Ok(DriverChoice::Qemu),
+            "parallels" | "prlctl" => Ok(DriverChoice::Parallels),
+            other => Err(HostError::Invalid(format!("HYPERVISOR={other:?}: use auto, qemu or parallels"))),
+        }
+    }
+}
+
+/// Settings of the host module.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    pub driver: DriverChoice,
+    /// Folder of QEMU VMs.
+    pub vms_dir: PathBuf,
+    /// Folder of local images, each a sub-folder addressed by name in create requests.
+    pub images_dir: PathBuf,
+    pub prlctl: Option<PathBuf>,
+    pub prlsrvctl: Option<PathBuf>,
+    pub qemu_binary: Option<PathBuf>,
+    /// `auto`, `kvm` or `tcg`.
+    pub acceleration: String,
+    /// `SYSTEM_RESERVED_CPU`, `_MEMORY` (MiB), `_DISK` (MiB).
+    pub reserved_cpu: u32,
+    pub reserved_memory_mb: u64,
+    pub reserved_disk_mb: u64,
+}
+
+fn on_path(bin: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(bin)).find(|f| f.is_file()))
+}
+
+/// Open the configured driver. `Auto` takes Parallels when `prlctl` is found, QEMU when
+/// `qemu-system-x86_64` is, and fails naming what is missing otherwise.
+pub async fn open_driver(cfg: &HostConfig) -> Result<Arc<dyn Hypervisor>> {
+    let prlctl = cfg.prlctl.clone().or_else(|| on_path("prlctl"));
+    let qemu = cfg.qemu_binary.clone().or_else(|| on_path("qemu-system-x86_64"));
+    let choice = match cfg.driver {
+        DriverChoice::Auto if prlctl.is_some() => DriverChoice::Parallels,
+        DriverChoice::Auto if qemu.is_some() => DriverChoice::Qemu,
+        DriverChoice::Auto => {
+            return Err(HostError::Unavailable(
+                "no hypervisor found: neither prlctl (Parallels Desktop) nor qemu-system-x86_64 is on PATH".into(),
+            ));
+        }
+        c => c,
+    };
+    match choice {
+        DriverChoice::Parallels => {
+            let prlctl = prlctl.ok_or_else(|| HostError::Unavailable("HYPERVISOR=parallels but prlctl is not found; set PRLCTL_PATH".into()))?;
+            let mut pc = hangar_parallels::ParallelsConfig { prlctl: prlctl.clone(), ..Default::default() };
+            pc.prlsrvctl = cfg.prlsrvctl.clone().or_else(|| prlctl.parent().map(|d| d.join("prlsrvctl"))).unwrap_or_default();
+            let d = hangar_parallels::ParallelsDriver::new(pc).map_err(HostError::Hypervisor)?;
+            Ok(Arc::new(d))
+        }
+        _ => {
+            let mut qc = hangar_qemu::QemuConfig::new(&cfg.vms_dir);
+            if let Some(q) = qemu {
+                qc.qemu_binary = q;
+            }
+            qc.acceleration = match cfg.acceleration.as_str() {
+                "kvm" => hangar_qemu::Acceleration::Kvm,
+                "tcg" => hangar_qemu::Acceleration::Tcg,
+                _ => hangar_qemu::Acceleration::Auto,
+            };
+            std::fs::create_dir_all(&cfg.vms_dir)
+                .map_err(|e| HostError::Unavailable(format!("cannot create {}: {e}", cfg.vms_dir.display())))?;
+            let d = hangar_qemu::QemuDriver::new(qc).await.map_err(HostError::Hypervisor)?;
+            Ok(Arc::new(d))
+        }
+    }
+}
+
+/// What to create a VM from.
+#[derive(Debug, Clone)]
+pub enum ImageSource {
+    /// A local image by name (a folder in the images folder).
+    Local(String),
+    /// A folder prepared by another module (e.g. the catalog's host cache).
+    Folder(PathBuf),
+}
+
+/// A create request, after the API parsed it.
+#[derive(Debug, Clone)]
+pub struct CreateRequest {
+    pub name: String,
+    pub image: ImageSource,
+    pub cpus: Option<u32>,
+    pub memory_mb: Option<u64>,
+    pub disk_bytes: Option<u64>,
+    /// The Hangar user the VM is for (shown as its `user` on QEMU hosts).
+    pub owner: String,
+    /// The host account that owns the VM on Parallels hosts (a macOS user); only when the
+    /// request names one explicitly.
+    pub host_user: Option<String>,
+    pub description: String,
+    pub start: bool,
+}
+
+/// Host hardware with the system reservation and what VMs use.
+#[derive(Debug, Clone, Serialize)]
+pub struct Hardware {
+    pub info: HostInfo,
+    pub total_cpu: u32,
+    pub total_memory_mb: u64,
+    pub total_disk_mb: u64,
+    pub reserved_cpu: u32,
+    pub reserved_memory_mb: u64,
+    pub reserved_disk_mb: u64,
+    pub in_use_cpu: u32,
+    pub in_use_memory_mb: u64,
+    pub in_use_disk_mb: u64,
+    pub available_cpu: u32,
+    pub available_memory_mb: u64,
+    pub available_disk_mb: u64,
+    pub running_vms: usize,
+    pub mac_vms_running: usize,
+}
+
+/// The host module.
+pub struct Host {
+    hv: Arc<dyn Hypervisor>,
+    pub jobs: Jobs,
+    config: HostConfig,
+}
+
+fn check_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 100
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_. ".contains(c))
+        && !name.starts_with('.')
+        && name.trim() == name;
+    if ok { Ok(()) } else { Err(HostError::Invalid(format!("VM name {name:?} is invalid: use 1 to 100 letters, digits, spaces, '-', '_' or '.'"))) }
+}
+
+impl Host {
+    /// Wrap a driver and start forwarding its events to the bus.
+    pub fn new(hv: Arc<dyn Hypervisor>, bus: EventBus, config: HostConfig) -> Arc<Host> {
+        let host = Arc::new(Host { hv: hv.clone(), jobs: Jobs::new(bus.clone()), config });
+        let mut rx = hv.subscribe();
+        tokio::spawn(async move {
+            loop {
+                match rx.recv().await {
+                    Ok(e) => bus.publish(translate(&e)),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        warn!(dropped = n, "VM events dropped; the driver's reconcile repairs the view");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        });
+        host
+    }
+
+    pub fn driver(&self) -> &Arc<dyn Hypervisor> {
+        &self.hv
+    }
+
+    pub fn kind(&self) -> HypervisorKind {
+        self.hv.kind()
+    }
+
+    pub async fn list(&self) -> Result<Vec<VmInfo>> {
+        Ok(self.hv.list().await?)
+    }
+
+    pub async fn get(&self, vm: &str) -> Result<VmInfo> {
+        Ok(self.hv.get(vm).await?)
+    }
+
+    fn image_path(&self, source: &ImageSource) -> Result<PathBuf> {
+        match source {
+            ImageSource::Folder(p) => Ok(p.clone()),
+            ImageSource::Local(name) => {
+                let ok = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) && !name.starts_with('.');
+                if !ok {
+                    return Err(HostError::Invalid(format!("image name {name:?} is invalid")));
+                }
+                let p = self.config.images_dir.join(name);
+                if !p.exists() {
+                    let known = self.local_images().join(", ");
+                    return Err(HostError::NotFound(format!(
+                        "no local image {name:?} in {}; known images: {}",
+                        self.config.images_dir.display(),
+                        if known.is_empty() { "none" } else { &known }
+                    )));
+                }
+                Ok(p)
+            }
+        }
+    }
+
+    /// Names of the local images.
+    pub fn local_images(&self) -> Vec<String> {
+        let mut out: Vec<String> = std::fs::read_dir(&self.config.images_dir)
+            .map(|rd| rd.filter_map(|e| e.ok()).filter(|e| e.path().is_dir()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+
+    /// Create (and optionally start) a VM, reporting progress on `job` when given.
+    pub async fn create(&self, req: CreateRequest, job: Option<&JobHandle>) -> Result<VmInfo> {
+        check_name(&req.name)?;
+        let image = self.image_path(&req.image)?;
+        let span = info_span!("vm_create", name = %req.name, owner = %req.owner);
+        async {
+            if let Some(j) = job {
+                j.step(0, 0.0, "creating the VM");
+            }
+            let spec = CreateSpec {
+                name: req.name.clone(),
+                image,
+                cpus: req.cpus.unwrap_or(2).clamp(1, 256),
+                memory_mb: req.memory_mb.unwrap_or(2048).clamp(64, 1 << 20),
+                disk_bytes: req.disk_bytes,
+                description: req.description.clone(),
+                owner: match self.hv.kind() {
+                    HypervisorKind::Qemu => Some(req.owner.clone()),
+                    HypervisorKind::Parallels => req.host_user.clone(),
+                },
+                os: None,
+            };
+            let mut vm = self.hv.create(spec).await?;
+            info!(id = %vm.id, "VM created");
+            if let Some(j) = job {
+                j.step(0, 100.0, "created");
+            }
+            if req.start {
+                if let Some(j) = job {
+                    j.step(1, 0.0, "starting");
+                }
+                vm = self.hv.power(&vm.id, PowerOp::Start).await?;
+                if let Some(j) = job {
+                    j.step(1, 100.0, "started");
+                }
+            }
+            Ok(vm)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Create in the background; the job carries progress and the result.
+    /// `job_owner` (a user id) sees the job; `req.owner` owns the VM.
+    pub fn create_async_for(self: &Arc<Self>, job_owner: &str, req: CreateRequest) -> JobHandle {
+        let job = self.jobs.start(job_owner, "virtual_machine", "create", &[("create", 3), ("start", 1)]);
+        let host = self.clone();
+        let handle = job.clone();
+        tokio::spawn(async move {
+            match host.create(req, Some(&handle)).await {
+                Ok(vm) => handle.complete(json!({"id": vm.id, "name": vm.name, "current_state": vm.state.as_str()})),
+                Err(e) => handle.fail(e.to_string()),
+            }
+        });
+        job
+    }
+
+    pub async fn power(&self, vm: &str, op: PowerOp) -> Result<VmInfo> {
+        let span = info_span!("vm_power", vm = %vm, op = op.name());
+        Ok(self.hv.power(vm, op).instrument(span).await?)
+    }
+
+    pub async fn delete(&self, vm: &str, force: bool) -> Result<()> {
+        let info = self.hv.get(vm).await?;
+        if !matches!(info.state, VmState::Stopped | VmState::Suspended | VmState::Unknown) {
+            if !force {
+                return Err(HostError::Hypervisor(HypervisorError::InvalidState { id: info.id, operation: "delete", state: info.state }));
+            }
+            self.hv.power(&info.id, PowerOp::Kill).await?;
+        }
+        Ok(self.hv.delete(&info.id).await?)
+    }
+
+    pub async fn register(&self, path: &Path, spec: RegisterSpec) -> Result<VmInfo> {
+        Ok(self.hv.register(path, spec).await?)
+    }
+
+    pub async fn unregister(&self, vm: &str) -> Result<()> {
+        Ok(self.hv.unregister(vm).await?)
+    }
+
+    pub async fn rename(&self, vm: &str, new_name: &str) -> Result<VmInfo> {
+        check_name(new_name)?;
+        Ok(self.hv.rename(vm, new_name).await?)
+    }
+
+    pub async fn configure(&self, vm: &str, change: ConfigChange) -> Result<VmInfo> {
+        Ok(self.hv.configure(vm, change).await?)
+    }
+
+    pub async fn clone_vm(&self, vm: &str, spec: CloneSpec) -> Result<VmInfo> {
+        check_name(&spec.name)?;
+        Ok(self.hv.clone_vm(vm, spec).await?)
+    }
+
+    pub async fn snapshots(&self, vm: &str) -> Result<Vec<Snapshot>> {
+        Ok(self.hv.snapshots(vm).await?)
+    }
+
+    pub async fn snapshot(&self, vm: &str, op: SnapshotOp) -> Result<Option<Snapshot>> {
+        Ok(self.hv.snapshot(vm, op).await?)
+    }
+
+    pub async fn exec(&self, vm: &str, req: ExecRequest) -> Result<ExecOutput> {
+        let span = info_span!("vm_exec", vm = %vm);
+        Ok(self.hv.exec(vm, req).instrument(span).await?)
+    }
+
+    pub async fn upload(&self, vm: &str, local: &Path, remote: &str) -> Result<()> {
+        Ok(self.hv.upload(vm, local, remote).await?)
+    }
+
+    /// Hardware, reservation, use and availability.
+    pub async fn hardware(&self) -> Result<Hardware> {
+        let info = self.hv.host_info().await?;
+        let vms = self.hv.list().await?;
+        let running: Vec<&VmInfo> = vms.iter().filter(|v| matches!(v.state, VmState::Running | VmState::Paused | VmState::Starting)).collect();
+        let in_use_cpu: u32 = running.iter().map(|v| v.cpus).sum();
+        let in_use_memory_mb: u64 = running.iter().map(|v| v.memory_mb).sum();
+        let in_use_disk_mb: u64 = vms.iter().map(|v| v.disk_bytes / (1 << 20)).sum();
+        let total_memory_mb = info.memory_bytes / (1 << 20);
+        let total_disk_mb = info.disk_total_bytes / (1 << 20);
+        let c = &self.config;
+        Ok(Hardware {
+            total_cpu: info.cpu_count,
+            total_memory_mb,
+            total_disk_mb,
+            reserved_cpu: c.reserved_cpu,
+            reserved_memory_mb: c.reserved_memory_mb,
+            reserved_disk_mb: c.reserved_disk_mb,
+            in_use_cpu,
+            in_use_memory_mb,
+            in_use_disk_mb,
+            available_cpu: info.cpu_count.saturating_sub(c.reserved_cpu).saturating_sub(in_use_cpu),
+            available_memory_mb: total_memory_mb.saturating_sub(c.reserved_memory_mb).saturating_sub(in_use_memory_mb),
+            available_disk_mb: (info.disk_free_bytes / (1 << 20)).saturating_sub(c.reserved_disk_mb),
+            running_vms: running.len(),
+            mac_vms_running: running.iter().filter(|v| v.os.to_ascii_lowercase().contains("mac")).count(),
+            info,
+        })
+    }
+
+    /// Wait until the VM's guest answers a trivial command, up to `timeout`.
+    pub async fn wait_ready(&self, vm: &str, timeout: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let req = ExecRequest {
+                argv: vec!["true".into()],
+                shell: false,
+                env: BTreeMap::new(),
+                working_dir: None,
+                user: None,
+                timeout: Duration::from_secs(5),
+                stdin: None,
+            };
+            match self.hv.exec(vm, req).await {
+                Ok(o) if o.exit_code == 0 => return Ok(()),
+                Err(HypervisorError::NotFound(n)) => return Err(HostError::Hypervisor(HypervisorError::NotFound(n))),
+                _ => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(HostError::Unavailable(format!("VM {vm} did not answer within {timeout:?}")));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+/// A driver event as a reference-style `pdfm` event.
+pub fn translate(e: &VmEvent) -> Event {
+    match e {
+        VmEvent::Added { vm } => Event::new(EventType::Pdfm, "VM_ADDED", json!({"vm_id": vm.id, "name": vm.name, "new_vm": {"ID": vm.id, "Name": vm.name, "State": vm.state.as_str()}})),
+        VmEvent::Removed { id } => Event::new(EventType::Pdfm, "VM_REMOVED", json!({"vm_id": id})),
+        VmEvent::StateChanged { id, previous, current } => Event::new(
+            EventType::Pdfm,
+            "VM_STATE_CHANGED",
+            json!({"vm_id": id, "previous_state": previous.as_str(), "current_state": current.as_str()}),
+        ),
+        VmEvent::IpChanged { id, ip_addresses } => Event::new(EventType::Pdfm, "VM_IP_CHANGED", json!({"vm_id": id, "ip_addresses": ip_addresses})),
+        VmEvent::Updated { vm } => Event::new(EventType::Pdfm, "VM_UPDATED", json!({"vm_id": vm.id, "name": vm.name, "state": vm.state.as_str()})),
+    }
+}
