@@ -1,5 +1,7 @@
 //! HTTP proxying through real sockets: routing, headers, errors, websocket, HTTP/2, TLS, auth.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::sync::Arc;

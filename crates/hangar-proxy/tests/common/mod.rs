@@ -1,5 +1,5 @@
 //! Real upstreams and helpers for the proxy tests.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
