@@ -1,0 +1,41 @@
+//! A standalone Hangar proxy for benchmarks (see `bench/proxy.sh`).
+//!
+//! `proxy_bench http LISTEN TARGET` forwards HTTP from LISTEN to TARGET (both `ip:port`);
+//! `proxy_bench tcp LISTEN TARGET` forwards raw TCP. Runs until SIGINT or SIGTERM.
+
+use std::error::Error;
+use std::net::SocketAddr;
+
+use hangar_proxy::{ProxyManager, ReverseProxyConfig};
+use serde_json::json;
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [mode, listen, target] = args.as_slice() else {
+        return Err("usage: proxy_bench http|tcp LISTEN_IP:PORT TARGET_IP:PORT".into());
+    };
+    let listen: SocketAddr = listen.parse()?;
+    let target: SocketAddr = target.parse()?;
+    let mut host = json!({"id": "bench", "host": listen.ip().to_string(), "port": listen.port()});
+    let route = json!({"id": "r", "target_host": target.ip().to_string(), "target_port": target.port()});
+    match mode.as_str() {
+        "http" => host["http_routes"] = json!([route]),
+        "tcp" => host["tcp_route"] = route,
+        other => return Err(format!("unknown mode {other:?}").into()),
+    }
+    let cfg: ReverseProxyConfig = serde_json::from_value(json!({"hosts": [host]}))?;
+    let m = ProxyManager::builder().build()?;
+    let report = m.apply(&cfg).await?;
+    if let Some((_, e)) = report.failed.first() {
+        return Err(e.clone().into());
+    }
+    println!("proxy_bench {mode} listening on {listen} -> {target}");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    m.shutdown().await;
+    Ok(())
+}
