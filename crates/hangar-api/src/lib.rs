@@ -79,6 +79,8 @@ pub struct Services {
     pub identity: Identity,
     pub bus: EventBus,
     pub host: Option<Arc<hangar_host::Host>>,
+    /// The catalog module, when it runs.
+    pub catalog: Option<Arc<hangar_catalog::Catalog>>,
 }
 
 /// Everything handlers need. Cheap to clone.
@@ -88,6 +90,8 @@ pub struct AppState {
     pub bus: EventBus,
     /// The host module, when it runs.
     pub host: Option<Arc<hangar_host::Host>>,
+    /// The catalog module, when it runs.
+    pub catalog: Option<Arc<hangar_catalog::Catalog>>,
     pub info: Arc<ServerInfo>,
     pub api_prefix: String,
     pub access: Arc<AccessTable>,
@@ -164,6 +168,7 @@ pub fn api() -> Api {
     let api = Api::new();
     let api = routes::system::register(api);
     let api = routes::auth::register(api);
+    let api = routes::catalog::register(api);
     let api = routes::machines::register(api);
     routes::ws::register(api)
 }
@@ -265,7 +270,7 @@ fn cors_layer(c: &CorsConfig) -> CorsLayer {
 
 /// Build the whole HTTP application.
 pub fn app(services: Services, info: ServerInfo, config: &ApiConfig) -> Router {
-    let Services { identity, bus, host } = services;
+    let Services { identity, bus, host, catalog } = services;
     let Api { router, table } = api();
     let (inner, doc) = router.split_for_parts();
     let doc = openapi::finish(doc);
@@ -274,6 +279,7 @@ pub fn app(services: Services, info: ServerInfo, config: &ApiConfig) -> Router {
         identity,
         bus: bus.clone(),
         host,
+        catalog,
         info: Arc::new(info),
         api_prefix: config.prefix.clone(),
         access,

@@ -89,6 +89,9 @@ pub struct HostConfig {
     pub reserved_cpu: u32,
     pub reserved_memory_mb: u64,
     pub reserved_disk_mb: u64,
+    /// Folder whose files `POST /machines/{id}/upload {path}` may copy into guests;
+    /// `None` disables host-path uploads.
+    pub upload_root: Option<PathBuf>,
 }
 
 fn on_path(bin: &str) -> Option<PathBuf> {
@@ -374,6 +377,20 @@ impl Host {
 
     pub async fn upload(&self, vm: &str, local: &Path, remote: &str) -> Result<()> {
         Ok(self.hv.upload(vm, local, remote).await?)
+    }
+
+    /// Copy a file that is already on the host into the guest. Only files under the
+    /// configured upload folder qualify, so the API cannot read arbitrary host files.
+    pub async fn upload_host_path(&self, vm: &str, path: &Path, remote: &str) -> Result<()> {
+        let root = self.config.upload_root.as_ref().ok_or_else(|| {
+            HostError::Forbidden("uploads from host paths are disabled; set HOST_UPLOAD_FOLDER, or send the bytes with PUT /machines/{id}/files".into())
+        })?;
+        let root = std::fs::canonicalize(root).map_err(|e| HostError::Unavailable(format!("HOST_UPLOAD_FOLDER: {e}")))?;
+        let real = std::fs::canonicalize(path).map_err(|_| HostError::NotFound(format!("{} does not exist on the host", path.display())))?;
+        if !real.starts_with(&root) {
+            return Err(HostError::Forbidden(format!("{} is outside the upload folder {}", path.display(), root.display())));
+        }
+        Ok(self.hv.upload(vm, &real, remote).await?)
     }
 
     /// Hardware, reservation, use and availability.

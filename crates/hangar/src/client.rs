@@ -115,8 +115,27 @@ impl Client {
     }
 
     pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value> {
+        self.call_with_headers(method, path, body, &[]).await
+    }
+
+    /// Upload raw bytes with PUT.
+    pub async fn put_bytes(&self, path: &str, bytes: Vec<u8>) -> Result<Value> {
+        self.send(reqwest::Method::PUT, path, None, Some(bytes), &[]).await
+    }
+
+    pub async fn call_with_headers(&self, method: reqwest::Method, path: &str, body: Option<Value>, headers: &[(&str, &str)]) -> Result<Value> {
+        self.send(method, path, body, None, headers).await
+    }
+
+    async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>, raw: Option<Vec<u8>>, headers: &[(&str, &str)]) -> Result<Value> {
         let url = format!("{}{}", self.base, path);
         let mut req = self.http.request(method.clone(), &url);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        if let Some(r) = raw {
+            req = req.header("content-type", "application/octet-stream").body(r);
+        }
         if let Some((h, v)) = &self.auth {
             req = req.header(h.as_str(), v.as_str());
         }

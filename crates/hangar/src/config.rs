@@ -40,6 +40,7 @@ pub const KEYS: &[Key] = &[
     k("HYPERVISOR", "auto", "Hypervisor driver of the host module: auto, qemu or parallels"),
     k("HOST_VMS_FOLDER", "", "Folder of the QEMU driver's VMs; default <data folder>/vms"),
     k("HOST_IMAGES_FOLDER", "", "Folder of local images (one sub-folder per image, created from by name); default <data folder>/images"),
+    k("HOST_UPLOAD_FOLDER", "", "Folder whose files POST /machines/{id}/upload may copy into guests; unset: host-path uploads are disabled"),
     k("PRLCTL_PATH", "", "Path of prlctl (default: found on PATH); prlsrvctl is looked up beside it unless PRLSRVCTL_PATH is set"),
     k("PRLSRVCTL_PATH", "", "Path of prlsrvctl"),
     k("QEMU_BINARY", "", "Path of qemu-system-x86_64 (default: found on PATH)"),

@@ -1,9 +1,11 @@
 //! `hangar`: the server (`hangar serve`) and the CLI that manages it.
 
+mod catalog_cmd;
 mod client;
 mod config;
 mod output;
 mod serve;
+mod vm_cmd;
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -109,6 +111,20 @@ enum Command {
     },
     /// Print the OpenAPI document (what the server serves at /api/v1/openapi.json).
     Openapi,
+    /// Catalog images: push, pull, list, get, taint, untaint, revoke, delete, import.
+    Catalog {
+        #[command(subcommand)]
+        command: catalog_cmd::CatalogCommand,
+    },
+    /// Push an image as a PDFile describes it (the same as `hangar catalog push FILE`).
+    Push(catalog_cmd::PushArgs),
+    /// Pull an image as a PDFile describes it (the same as `hangar catalog pull FILE`).
+    Pull(catalog_cmd::PullArgs),
+    /// VMs of a host.
+    Vm {
+        #[command(subcommand)]
+        command: vm_cmd::VmCommand,
+    },
     /// The audit log (SUPER_USER).
     Audit {
         #[arg(long)]
@@ -368,6 +384,9 @@ async fn run(cli: Cli) -> Result<()> {
             print(out, &v, &["url", "username", "expires_at", "credentials_file"]);
             Ok(())
         }
+        Command::Catalog { command } => catalog_cmd::run(command, cli.url.as_deref(), out).await,
+        Command::Push(a) => catalog_cmd::push(a, cli.url.as_deref(), out).await,
+        Command::Pull(a) => catalog_cmd::pull(a, cli.url.as_deref(), out).await,
         Command::Openapi => {
             let doc = serde_json::to_value(hangar_api::openapi_document())?;
             println!("{}", serde_json::to_string_pretty(&doc)?);
@@ -386,6 +405,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Role { command } => role(Client::connect(cli.url.as_deref())?, command, out).await,
         Command::Claim { command } => claim(Client::connect(cli.url.as_deref())?, command, out).await,
         Command::Apikey { command } => apikey(Client::connect(cli.url.as_deref())?, command, out).await,
+        Command::Vm { command } => vm_cmd::run(Client::connect(cli.url.as_deref())?, command, out).await,
         Command::Audit { after, limit } => {
             let c = Client::connect(cli.url.as_deref())?;
             let mut path = format!("/audit?limit={limit}");

@@ -66,6 +66,7 @@ async fn start_host(l: &Layers, dir: &Path, bus: EventBus) -> Result<Arc<hangar_
         reserved_cpu: l.number("SYSTEM_RESERVED_CPU")?,
         reserved_memory_mb: l.number("SYSTEM_RESERVED_MEMORY")?,
         reserved_disk_mb: l.number("SYSTEM_RESERVED_DISK")?,
+        upload_root: l.string("HOST_UPLOAD_FOLDER").map(PathBuf::from),
     };
     let _ = std::fs::create_dir_all(&cfg.images_dir);
     let hv = hangar_host::open_driver(&cfg).await.map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -169,7 +170,11 @@ pub async fn run(l: Layers) -> Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot seed users and roles: {e}"))?;
 
-    let (modules, host) = module_statuses(&l, &dir, bus.clone()).await?;
+    let (mut modules, host) = module_statuses(&l, &dir, bus.clone()).await?;
+    // ----- catalog module (crates/hangar-catalog, started in catalog_cmd.rs) -----
+    let catalog_store: Arc<dyn Store> = store.clone();
+    let catalog = crate::catalog_cmd::start_catalog(&l, catalog_store, &dir, bus.clone(), &mut modules)?;
+    // ----- end of catalog module -----
     let info = ServerInfo {
         version: env!("CARGO_PKG_VERSION").into(),
         started_at: chrono::Utc::now(),
@@ -191,7 +196,7 @@ pub async fn run(l: Layers) -> Result<()> {
     if !config.prefix.starts_with('/') || config.prefix.len() < 2 {
         bail!("API_PREFIX={:?} must start with '/' and name a path, such as /api", config.prefix);
     }
-    let services = hangar_api::Services { identity, bus, host };
+    let services = hangar_api::Services { identity, bus, host, catalog };
     let app = hangar_api::app(services, info, &config);
 
     let host: std::net::IpAddr =

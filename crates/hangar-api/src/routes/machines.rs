@@ -47,6 +47,7 @@ pub fn register(api: Api) -> Api {
         .add(Access::AllOf(&[UPDATE_VM]), routes!(set_machine))
         .add(Access::AllOf(&[EXECUTE_COMMAND_VM]), routes!(execute))
         .add(Access::AllOf(&[UPDATE_VM]), (s, p, upload_raw.layer(DefaultBodyLimit::max(512 << 20))))
+        .add(Access::AllOf(&[UPDATE_VM]), routes!(upload_host_file))
         .add(Access::AllOf(&[UPDATE_VM]), routes!(rename))
         .add(Access::AllOf(&[CREATE_VM]), routes!(clone_machine))
         .add(Access::AnyOf(&[LIST_SNAPSHOT_VM, LIST_OWN_VM_SNAPSHOT]), routes!(list_snapshots))
@@ -616,6 +617,24 @@ async fn upload_bytes(State(s): State<AppState>, ctx: RequestContext, Path(id): 
     let _ = tokio::fs::remove_file(&tmp).await;
     r.map_err(ApiError::from_domain)?;
     let _ = s.identity.record(&ctx.actor, "vm.upload", "vm", &vm.id, json!({"remote_path": q.remote_path, "bytes": body.len()})).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct UploadRequest {
+    /// A file on the host, inside the host's upload folder (HOST_UPLOAD_FOLDER).
+    pub path: String,
+    pub remote_path: String,
+}
+
+/// The reference's upload: copy a file that is already on the host into the guest.
+#[utoipa::path(post, path = "/machines/{id}/upload", tag = "machines", params(("id" = String, Path)), request_body = UploadRequest,
+    responses((status = 204), (status = 403, body = ApiErrorBody, description = "Outside the upload folder, or host-path uploads disabled")))]
+async fn upload_host_file(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<String>, Json(req): Json<UploadRequest>) -> R<StatusCode> {
+    let h = host(&s)?;
+    let vm = h.get(&id).await.map_err(ApiError::from_domain)?;
+    h.upload_host_path(&vm.id, std::path::Path::new(&req.path), &req.remote_path).await.map_err(ApiError::from_domain)?;
+    let _ = s.identity.record(&ctx.actor, "vm.upload", "vm", &vm.id, json!({"path": req.path, "remote_path": req.remote_path})).await;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -2,6 +2,7 @@
 //! its routes to the [`crate::Api`] with their access rules.
 
 pub mod auth;
+pub mod catalog;
 pub mod dto;
 pub mod machines;
 pub mod system;

@@ -33,6 +33,11 @@ impl Server {
     }
 
     pub fn start_with(dir: &Path, settings: &[(&str, &str)], root_password: bool) -> Server {
+        Self::start_full(dir, settings, root_password, &[])
+    }
+
+    /// Start with extra environment variables for the server process.
+    pub fn start_full(dir: &Path, settings: &[(&str, &str)], root_password: bool, env: &[(&str, &str)]) -> Server {
         std::fs::create_dir_all(dir).unwrap();
         let stderr_path = dir.join(format!("server-{}.log", std::process::id()));
         let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&stderr_path).unwrap();
@@ -46,6 +51,9 @@ impl Server {
             cmd.env("ROOT_PASSWORD", ROOT_PASSWORD);
         }
         cmd.env("LOG_LEVEL", "info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
         let mut child = cmd.stdout(Stdio::piped()).stderr(stderr).stdin(Stdio::null()).spawn().expect("spawn hangar");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel::<String>();
