@@ -212,6 +212,8 @@ impl Catalog {
         let key = manifest_key(&req.catalog_id, &version, arch);
         let report = hangar_image::push(store.clone(), &source, &key, &hangar_image::PushOptions::default()).await?;
         info!(pack_key, pack_size, chunks = report.chunks_uploaded, "reference pack converted");
+        // Read back what was written: the registered hash is the stored manifest's.
+        let image = hangar_image::Manifest::from_json(&store.get(&key).await?)?;
         let m = Meta {
             description: meta.description.unwrap_or_default(),
             vm_type: meta.vm_type.or(bundle_type),
@@ -233,7 +235,7 @@ impl Catalog {
             arch,
             &req.connection,
             &config,
-            report.manifest,
+            image,
             m,
             req.overwrite,
             "import",

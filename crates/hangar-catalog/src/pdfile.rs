@@ -560,7 +560,8 @@ mod tests {
 
     #[test]
     fn table_of_accepted_forms() {
-        let cases: &[(&str, &dyn Fn(&PdFile) -> bool)] = &[
+        type Check = dyn Fn(&PdFile) -> bool;
+        let cases: &[(&str, &Check)] = &[
             ("run push", &|f| f.command == Some(PdCommand::Push)),
             ("DO Pull", &|f| f.command == Some(PdCommand::Pull)),
             ("LIST", &|f| f.command == Some(PdCommand::List)),

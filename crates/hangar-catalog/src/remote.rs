@@ -8,7 +8,7 @@ use std::ops::Range;
 use std::path::Path;
 
 use async_trait::async_trait;
-use bytes::Bytes;
+pub use bytes::Bytes;
 use hangar_blobstore::{BlobError, BlobStore, ObjectInfo};
 use hangar_image::manifest::CHUNK_PREFIX;
 
@@ -71,15 +71,13 @@ pub struct RemoteImageStore {
 
 impl RemoteImageStore {
     /// `api_base` is the server's API root (`http://host:port/api/v1`);
-    /// `manifest` is the image manifest from the pull answer, served at
-    /// `manifest_key`.
+    /// the entry is `(catalog id, version, architecture)`; `manifest` is the
+    /// image manifest from the pull answer, served at `manifest_key`.
     pub fn new(
         http: reqwest::Client,
         api_base: &str,
         auth: RemoteAuth,
-        catalog_id: &str,
-        version: &str,
-        architecture: &str,
+        (catalog_id, version, architecture): (&str, &str, &str),
         manifest_key: &str,
         manifest: Bytes,
     ) -> Self {

@@ -34,6 +34,9 @@ pub const MAX_ID_LEN: usize = 128;
 /// changed the record in between.
 const RETRIES: usize = 8;
 
+/// The chunks of one registered image: (image hash, chunk hashes).
+type ChunkSet = (String, Arc<HashSet<String>>);
+
 /// Where the catalog keeps its key and cache.
 #[derive(Debug, Clone)]
 pub struct CatalogOptions {
@@ -63,7 +66,7 @@ pub struct Catalog {
     cache_limits: CacheLimits,
     chunk_cache: tokio::sync::OnceCell<Arc<ChunkCache>>,
     stores: Mutex<HashMap<String, Arc<dyn BlobStore>>>,
-    chunk_sets: Mutex<HashMap<String, (String, Arc<HashSet<String>>)>>,
+    chunk_sets: Mutex<HashMap<String, ChunkSet>>,
     host_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -464,7 +467,10 @@ impl Catalog {
             provider_id: provider_id.clone(),
             provider_type: config.provider().to_string(),
             manifest_key: manifest_key(catalog_id, version, arch),
-            image_hash: image.manifest_hash.clone().unwrap_or_default(),
+            image_hash: image
+                .manifest_hash
+                .clone()
+                .ok_or_else(|| CatalogError::Internal("image manifest without its hash".into()))?,
             size: image.total_size,
             pack_size: image.stored_size,
             chunk_count: image.unique_chunks,
@@ -552,6 +558,7 @@ impl Catalog {
 
     /// Read-modify-write of one visible entry (exact version), retried when a
     /// concurrent writer got in between. `f` returns the audit detail.
+    #[allow(clippy::too_many_arguments)]
     async fn modify<F>(
         &self,
         p: &Principal,

@@ -87,7 +87,7 @@ fn arch(a: &str) -> R<Architecture> {
 
 /// Minimum requirements of a VM made from the image. Memory and disk in MiB.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, ToSchema)]
-pub struct Requirements {
+pub struct CatalogRequirements {
     #[serde(default)]
     pub cpu: u32,
     #[serde(default)]
@@ -96,21 +96,21 @@ pub struct Requirements {
     pub disk: u64,
 }
 
-impl From<MinimumRequirements> for Requirements {
+impl From<MinimumRequirements> for CatalogRequirements {
     fn from(r: MinimumRequirements) -> Self {
-        Requirements { cpu: r.cpu, memory: r.memory, disk: r.disk }
+        CatalogRequirements { cpu: r.cpu, memory: r.memory, disk: r.disk }
     }
 }
 
-impl From<Requirements> for MinimumRequirements {
-    fn from(r: Requirements) -> Self {
+impl From<CatalogRequirements> for MinimumRequirements {
+    fn from(r: CatalogRequirements) -> Self {
         MinimumRequirements { cpu: r.cpu, memory: r.memory, disk: r.disk }
     }
 }
 
 /// Where an image's bytes are. Never carries credentials.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct ProviderInfo {
+pub struct CatalogProviderInfo {
     /// `aws-s3`, `minio`, `azure-storage-account`, `artifactory` or `local-storage`.
     #[serde(rename = "type")]
     pub provider_type: String,
@@ -136,8 +136,8 @@ pub struct CatalogManifest {
     pub required_roles: Vec<String>,
     pub required_claims: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub minimum_requirements: Option<Requirements>,
-    pub provider: ProviderInfo,
+    pub minimum_requirements: Option<CatalogRequirements>,
+    pub provider: CatalogProviderInfo,
     /// Logical size of the image in bytes.
     pub size: u64,
     /// Stored (compressed, deduplicated) size in bytes.
@@ -186,8 +186,8 @@ impl From<Manifest> for CatalogManifest {
             tags: m.tags,
             required_roles: m.required_roles,
             required_claims: m.required_claims,
-            minimum_requirements: m.minimum_requirements.map(Requirements::from),
-            provider: ProviderInfo { provider_type: m.provider_type, id: m.provider_id },
+            minimum_requirements: m.minimum_requirements.map(CatalogRequirements::from),
+            provider: CatalogProviderInfo { provider_type: m.provider_type, id: m.provider_id },
             size: m.size,
             pack_size: m.pack_size,
             chunk_count: m.chunk_count,
@@ -219,7 +219,7 @@ fn many(v: Vec<Manifest>) -> axum::Json<Vec<CatalogManifest>> {
 /// Register an image whose chunks and image manifest were uploaded to a provider.
 #[derive(Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct PushRequest {
+pub struct CatalogPushRequest {
     pub catalog_id: String,
     pub version: String,
     /// `x86_64` or `arm64` (aliases `amd64`, `aarch64`, `arm` accepted).
@@ -234,7 +234,7 @@ pub struct PushRequest {
     pub required_roles: Vec<String>,
     #[serde(default)]
     pub required_claims: Vec<String>,
-    pub minimum_requirements: Option<Requirements>,
+    pub minimum_requirements: Option<CatalogRequirements>,
     /// The provider's connection string (`provider=aws-s3;bucket=...`). Stored
     /// encrypted; never returned.
     pub connection: String,
@@ -243,8 +243,8 @@ pub struct PushRequest {
     pub overwrite: bool,
 }
 
-impl From<PushRequest> for NewManifest {
-    fn from(r: PushRequest) -> Self {
+impl From<CatalogPushRequest> for NewManifest {
+    fn from(r: CatalogPushRequest) -> Self {
         NewManifest {
             catalog_id: r.catalog_id,
             version: r.version,
@@ -263,7 +263,7 @@ impl From<PushRequest> for NewManifest {
 
 /// Which image to pull. `version` defaults to `latest`, `architecture` to the server's.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
-pub struct PullRequest {
+pub struct CatalogPullRequest {
     pub catalog_id: String,
     pub version: Option<String>,
     pub architecture: Option<String>,
@@ -271,7 +271,7 @@ pub struct PullRequest {
 
 /// What a puller needs: the manifest, the image manifest, and where to fetch chunks.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct PullResponse {
+pub struct CatalogPullResponse {
     pub manifest: CatalogManifest,
     /// The image manifest (hangar-image format, self-checking).
     #[schema(value_type = Object)]
@@ -282,7 +282,7 @@ pub struct PullResponse {
     pub chunks_path: String,
 }
 
-fn pull_response(t: PullTicket) -> R<axum::Json<PullResponse>> {
+fn pull_response(t: PullTicket) -> R<axum::Json<CatalogPullResponse>> {
     let image: Value = serde_json::from_slice(&t.image_manifest)
         .map_err(|e| ApiError::internal(format!("the stored image manifest is not JSON: {e}")))?;
     let m = t.manifest;
@@ -292,7 +292,7 @@ fn pull_response(t: PullTicket) -> R<axum::Json<PullResponse>> {
         hangar_catalog::remote::segment(&m.version),
         m.architecture
     );
-    Ok(axum::Json(PullResponse {
+    Ok(axum::Json(CatalogPullResponse {
         manifest_key: m.manifest_key.clone(),
         manifest: m.into(),
         image_manifest: image,
@@ -303,7 +303,7 @@ fn pull_response(t: PullTicket) -> R<axum::Json<PullResponse>> {
 /// Import a reference catalog entry (`.meta` + `.pdpack`) from a provider.
 #[derive(Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct ImportBody {
+pub struct CatalogImportRequest {
     /// The provider's connection string. Stored encrypted; never returned.
     pub connection: String,
     pub catalog_id: String,
@@ -326,34 +326,34 @@ pub struct DeleteQuery {
 /// Optional body of `taint`.
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct TaintRequest {
+pub struct CatalogTaintRequest {
     /// Why, shown to whoever tries to pull it.
     pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
-pub struct ClaimsBody {
+pub struct CatalogClaimsBody {
     #[serde(default)]
     pub required_claims: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
-pub struct RolesBody {
+pub struct CatalogRolesBody {
     #[serde(default)]
     pub required_roles: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
-pub struct TagsBody {
+pub struct CatalogTagsBody {
     #[serde(default)]
     pub tags: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct MetadataBody {
+pub struct CatalogMetadataBody {
     pub description: Option<String>,
-    pub minimum_requirements: Option<Requirements>,
+    pub minimum_requirements: Option<CatalogRequirements>,
     #[serde(rename = "type", alias = "vm_type")]
     pub vm_type: Option<String>,
 }
@@ -391,7 +391,7 @@ impl From<CacheItem> for CachedImage {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct CacheList {
+pub struct CatalogCacheList {
     pub total_size: u64,
     pub manifests: Vec<CachedImage>,
 }
@@ -461,37 +461,37 @@ async fn get_one(
 // ----- register, pull, import --------------------------------------------------------
 
 /// Register a pushed image (its chunks and image manifest must already be in the provider).
-#[utoipa::path(post, path = "/catalog", tag = "catalog", request_body = PushRequest,
+#[utoipa::path(post, path = "/catalog", tag = "catalog", request_body = CatalogPushRequest,
     responses((status = 201, body = CatalogManifest), (status = 400, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 422, body = ApiErrorBody)))]
 async fn create(
     State(s): State<AppState>,
     ctx: RequestContext,
-    Json(req): Json<PushRequest>,
+    Json(req): Json<CatalogPushRequest>,
 ) -> R<(StatusCode, axum::Json<CatalogManifest>)> {
     let m = catalog(&s)?.register(ctx.caller()?, &ctx.actor, req.into()).await?;
     Ok((StatusCode::CREATED, axum::Json(m.into())))
 }
 
 /// Register a pushed image; what `hangar catalog push` calls after uploading the chunks.
-#[utoipa::path(post, path = "/catalog/push", tag = "catalog", request_body = PushRequest,
+#[utoipa::path(post, path = "/catalog/push", tag = "catalog", request_body = CatalogPushRequest,
     responses((status = 201, body = CatalogManifest), (status = 400, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 422, body = ApiErrorBody)))]
 async fn push(
     State(s): State<AppState>,
     ctx: RequestContext,
-    Json(req): Json<PushRequest>,
+    Json(req): Json<CatalogPushRequest>,
 ) -> R<(StatusCode, axum::Json<CatalogManifest>)> {
     let m = catalog(&s)?.register(ctx.caller()?, &ctx.actor, req.into()).await?;
     Ok((StatusCode::CREATED, axum::Json(m.into())))
 }
 
 /// Resolve an image for download and count the download. Tainted or revoked versions answer 409.
-#[utoipa::path(put, path = "/catalog/pull", tag = "catalog", request_body = PullRequest,
-    responses((status = 200, body = PullResponse), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+#[utoipa::path(put, path = "/catalog/pull", tag = "catalog", request_body = CatalogPullRequest,
+    responses((status = 200, body = CatalogPullResponse), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
 async fn pull(
     State(s): State<AppState>,
     ctx: RequestContext,
-    Json(req): Json<PullRequest>,
-) -> R<axum::Json<PullResponse>> {
+    Json(req): Json<CatalogPullRequest>,
+) -> R<axum::Json<CatalogPullResponse>> {
     let a = match req.architecture.as_deref() {
         Some(a) => arch(a)?,
         None => Architecture::host().ok_or_else(|| ApiError::bad_request("Give the architecture"))?,
@@ -503,12 +503,12 @@ async fn pull(
 /// The same as `PUT /catalog/pull` for one manifest (the reference's download route).
 #[utoipa::path(get, path = "/catalog/{catalog_id}/{version}/{architecture}/download", tag = "catalog",
     params(("catalog_id" = String, Path), ("version" = String, Path), ("architecture" = String, Path)),
-    responses((status = 200, body = PullResponse), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+    responses((status = 200, body = CatalogPullResponse), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
 async fn download(
     State(s): State<AppState>,
     ctx: RequestContext,
     Path((id, version, a)): Path<(String, String, String)>,
-) -> R<axum::Json<PullResponse>> {
+) -> R<axum::Json<CatalogPullResponse>> {
     pull_response(catalog(&s)?.pull(ctx.caller()?, &ctx.actor, &id, &version, arch(&a)?).await?)
 }
 
@@ -527,12 +527,12 @@ async fn chunk(
 
 /// Import a reference catalog entry (`<id>/<name>.meta` and its `.pdpack`, tar or tar.gz)
 /// from any provider, converting it to the chunked format in the same provider.
-#[utoipa::path(put, path = "/catalog/import", tag = "catalog", request_body = ImportBody,
+#[utoipa::path(put, path = "/catalog/import", tag = "catalog", request_body = CatalogImportRequest,
     responses((status = 201, body = CatalogManifest), (status = 400, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 422, body = ApiErrorBody)))]
 async fn import(
     State(s): State<AppState>,
     ctx: RequestContext,
-    Json(b): Json<ImportBody>,
+    Json(b): Json<CatalogImportRequest>,
 ) -> R<(StatusCode, axum::Json<CatalogManifest>)> {
     let req = ImportRequest {
         connection: b.connection,
@@ -593,7 +593,7 @@ async fn delete_one(
 
 /// Make a version unpullable until it is untainted. Body optional: `{reason}`.
 #[utoipa::path(patch, path = "/catalog/{catalog_id}/{version}/{architecture}/taint", tag = "catalog",
-    params(("catalog_id" = String, Path), ("version" = String, Path), ("architecture" = String, Path)), request_body(content = Option<TaintRequest>),
+    params(("catalog_id" = String, Path), ("version" = String, Path), ("architecture" = String, Path)), request_body(content = Option<CatalogTaintRequest>),
     responses((status = 200, body = CatalogManifest), (status = 404, body = ApiErrorBody)))]
 async fn taint(
     State(s): State<AppState>,
@@ -601,7 +601,7 @@ async fn taint(
     Path((id, version, a)): Path<(String, String, String)>,
     body: Bytes,
 ) -> R<axum::Json<CatalogManifest>> {
-    let req: TaintRequest = optional_body(&body)?;
+    let req: CatalogTaintRequest = optional_body(&body)?;
     Ok(axum::Json(catalog(&s)?.taint(ctx.caller()?, &ctx.actor, &id, &version, arch(&a)?, req.reason).await?.into()))
 }
 
@@ -645,91 +645,91 @@ async fn patch(
 
 /// Add required claims: a caller must hold all of them to see or pull the manifest.
 #[utoipa::path(patch, path = "/catalog/{catalog_id}/{version}/{architecture}/claims", tag = "catalog",
-    params(("catalog_id" = String, Path), ("version" = String, Path), ("architecture" = String, Path)), request_body = ClaimsBody,
+    params(("catalog_id" = String, Path), ("version" = String, Path), ("architecture" = String, Path)), request_body = CatalogClaimsBody,
     responses((status = 200, body = CatalogManifest), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody)))]
 async fn add_claims(
     State(s): State<AppState>,
     ctx: RequestContext,
     Path(p): Path<(String, String, String)>,
-    Json(b): Json<ClaimsBody>,
+    Json(b): Json<CatalogClaimsBody>,
 ) -> R<axum::Json<CatalogManifest>> {
     patch(&s, &ctx, p, ListField::Claims, true, b.required_claims).await
 }
 
 /// Remove required claims.
 #[utoipa::path(delete, path = "/catalog/{catalog_id}/{version}/{architecture}/claims", tag = "catalog",
-    params(("catalog_id" = String, Path), ("version" = String, Path), ("architecture" = String, Path)), request_body = ClaimsBody,
+    params(("catalog_id" = String, Path), ("version" = String, Path), ("architecture" = String, Path)), request_body = CatalogClaimsBody,
     responses((status = 200, body = CatalogManifest), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody)))]
 async fn remove_claims(
     State(s): State<AppState>,
     ctx: RequestContext,
     Path(p): Path<(String, String, String)>,
-    Json(b): Json<ClaimsBody>,
+    Json(b): Json<CatalogClaimsBody>,
 ) -> R<axum::Json<CatalogManifest>> {
     patch(&s, &ctx, p, ListField::Claims, false, b.required_claims).await
 }
 
 /// Add required roles: a caller must hold all of them to see or pull the manifest.
 #[utoipa::path(patch, path = "/catalog/{catalog_id}/{version}/{architecture}/roles", tag = "catalog",
-    params(("catalog_id" = String, Path), ("version" = String, Path), ("architecture" = String, Path)), request_body = RolesBody,
+    params(("catalog_id" = String, Path), ("version" = String, Path), ("architecture" = String, Path)), request_body = CatalogRolesBody,
     responses((status = 200, body = CatalogManifest), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody)))]
 async fn add_roles(
     State(s): State<AppState>,
     ctx: RequestContext,
     Path(p): Path<(String, String, String)>,
-    Json(b): Json<RolesBody>,
+    Json(b): Json<CatalogRolesBody>,
 ) -> R<axum::Json<CatalogManifest>> {
     patch(&s, &ctx, p, ListField::Roles, true, b.required_roles).await
 }
 
 /// Remove required roles.
 #[utoipa::path(delete, path = "/catalog/{catalog_id}/{version}/{architecture}/roles", tag = "catalog",
-    params(("catalog_id" = String, Path), ("version" = String, Path), ("architecture" = String, Path)), request_body = RolesBody,
+    params(("catalog_id" = String, Path), ("version" = String, Path), ("architecture" = String, Path)), request_body = CatalogRolesBody,
     responses((status = 200, body = CatalogManifest), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody)))]
 async fn remove_roles(
     State(s): State<AppState>,
     ctx: RequestContext,
     Path(p): Path<(String, String, String)>,
-    Json(b): Json<RolesBody>,
+    Json(b): Json<CatalogRolesBody>,
 ) -> R<axum::Json<CatalogManifest>> {
     patch(&s, &ctx, p, ListField::Roles, false, b.required_roles).await
 }
 
 /// Add tags.
 #[utoipa::path(patch, path = "/catalog/{catalog_id}/{version}/{architecture}/tags", tag = "catalog",
-    params(("catalog_id" = String, Path), ("version" = String, Path), ("architecture" = String, Path)), request_body = TagsBody,
+    params(("catalog_id" = String, Path), ("version" = String, Path), ("architecture" = String, Path)), request_body = CatalogTagsBody,
     responses((status = 200, body = CatalogManifest), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody)))]
 async fn add_tags(
     State(s): State<AppState>,
     ctx: RequestContext,
     Path(p): Path<(String, String, String)>,
-    Json(b): Json<TagsBody>,
+    Json(b): Json<CatalogTagsBody>,
 ) -> R<axum::Json<CatalogManifest>> {
     patch(&s, &ctx, p, ListField::Tags, true, b.tags).await
 }
 
 /// Remove tags.
 #[utoipa::path(delete, path = "/catalog/{catalog_id}/{version}/{architecture}/tags", tag = "catalog",
-    params(("catalog_id" = String, Path), ("version" = String, Path), ("architecture" = String, Path)), request_body = TagsBody,
+    params(("catalog_id" = String, Path), ("version" = String, Path), ("architecture" = String, Path)), request_body = CatalogTagsBody,
     responses((status = 200, body = CatalogManifest), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody)))]
 async fn remove_tags(
     State(s): State<AppState>,
     ctx: RequestContext,
     Path(p): Path<(String, String, String)>,
-    Json(b): Json<TagsBody>,
+    Json(b): Json<CatalogTagsBody>,
 ) -> R<axum::Json<CatalogManifest>> {
     patch(&s, &ctx, p, ListField::Tags, false, b.tags).await
 }
 
 /// Change the description, minimum requirements or VM type.
 #[utoipa::path(put, path = "/catalog/{catalog_id}/{version}/{architecture}/metadata", tag = "catalog",
-    params(("catalog_id" = String, Path), ("version" = String, Path), ("architecture" = String, Path)), request_body = MetadataBody,
+    params(("catalog_id" = String, Path), ("version" = String, Path), ("architecture" = String, Path)), request_body = CatalogMetadataBody,
     responses((status = 200, body = CatalogManifest), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody)))]
 async fn metadata(
     State(s): State<AppState>,
     ctx: RequestContext,
     Path((id, version, a)): Path<(String, String, String)>,
-    Json(b): Json<MetadataBody>,
+    Json(b): Json<CatalogMetadataBody>,
 ) -> R<axum::Json<CatalogManifest>> {
     let upd = MetadataUpdate {
         description: b.description,
@@ -742,11 +742,11 @@ async fn metadata(
 // ----- host cache --------------------------------------------------------------------
 
 /// The images in this host's catalog cache.
-#[utoipa::path(get, path = "/catalog/cache", tag = "catalog-cache", responses((status = 200, body = CacheList)))]
-async fn cache_list(State(s): State<AppState>) -> R<axum::Json<CacheList>> {
+#[utoipa::path(get, path = "/catalog/cache", tag = "catalog-cache", responses((status = 200, body = CatalogCacheList)))]
+async fn cache_list(State(s): State<AppState>) -> R<axum::Json<CatalogCacheList>> {
     let items = catalog(&s)?.cache_list().await?;
     let total_size = items.iter().map(|i| i.size).sum();
-    Ok(axum::Json(CacheList { total_size, manifests: items.into_iter().map(CachedImage::from).collect() }))
+    Ok(axum::Json(CatalogCacheList { total_size, manifests: items.into_iter().map(CachedImage::from).collect() }))
 }
 
 /// Empty this host's catalog cache.
