@@ -269,3 +269,64 @@ async fn machines_api_boots_a_real_qemu_guest() {
     let procs = std::process::Command::new("pgrep").args(["-f", &pattern]).output().unwrap();
     assert!(procs.stdout.is_empty(), "qemu processes left: {}", String::from_utf8_lossy(&procs.stdout));
 }
+
+#[test]
+fn vm_cli_drives_the_host_module() {
+    let dir = tempfile::tempdir().unwrap();
+    let tools = dir.path().join("tools");
+    let state = dir.path().join("prl-state");
+    std::fs::create_dir_all(&tools).unwrap();
+    std::fs::create_dir_all(&state).unwrap();
+    let fake = fake_prlctl();
+    std::os::unix::fs::symlink(&fake, tools.join("prlctl")).unwrap();
+    std::os::unix::fs::symlink(&fake, tools.join("prlsrvctl")).unwrap();
+    let prl = |args: &[&str]| {
+        let out = std::process::Command::new(tools.join("prlctl")).args(args).env("FAKE_PRL_STATE_DIR", &state).output().unwrap();
+        assert!(out.status.success());
+    };
+    prl(&["create", "golden", "--distribution", "ubuntu"]);
+    prl(&["unregister", "golden"]);
+    let images = dir.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    std::fs::rename(state.join("Parallels/golden.pvm"), images.join("golden.pvm")).unwrap();
+    let s = Server::start_full(
+        &dir.path().join("data"),
+        &[("HYPERVISOR", "parallels"), ("PRLCTL_PATH", tools.join("prlctl").to_str().unwrap()), ("HOST_IMAGES_FOLDER", images.to_str().unwrap())],
+        true,
+        &[("FAKE_PRL_STATE_DIR", state.to_str().unwrap())],
+    );
+    let cfg = dir.path().join("cli");
+    let cli = |args: &[&str], stdin: &str| {
+        use std::io::Write;
+        let mut child = std::process::Command::new(bin())
+            .args(args)
+            .env("HANGAR_CONFIG_DIR", &cfg)
+            .env_remove("HANGAR_URL")
+            .env_remove("HANGAR_TOKEN")
+            .env_remove("HANGAR_API_KEY")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    assert!(cli(&["login", "--url", &s.url, "--username", "root", "--password-stdin"], ROOT_PASSWORD).status.success());
+    let out = cli(&["vm", "create", "cli-vm", "--image", "golden.pvm", "--start", "--output", "json"], "");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let created: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(created["name"], "cli-vm");
+    assert_eq!(created["current_state"], "running");
+    let out = cli(&["vm", "exec", "cli-vm", "echo from-guest; exit 7"], "");
+    assert_eq!(out.status.code(), Some(7), "exec passes the exit code through");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "from-guest");
+    let out = cli(&["vm", "list", "--output", "json", "--filter", "Name=^cli-"], "");
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let out = cli(&["vm", "pause", "no-such-vm"], "");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("404"));
+    assert!(cli(&["vm", "stop", "cli-vm", "--force"], "").status.success());
+    assert!(cli(&["vm", "delete", "cli-vm"], "").status.success());
+}
