@@ -63,10 +63,13 @@ pub fn start_catalog(
 
 /// `hangar catalog ...`.
 #[derive(Subcommand)]
+#[command(disable_version_flag = true)]
 pub enum CatalogCommand {
     /// Pack a local image folder, upload its chunks to a storage provider, register it.
+    #[command(disable_version_flag = true)]
     Push(PushArgs),
     /// Download an image through the catalog server into a local folder.
+    #[command(disable_version_flag = true)]
     Pull(PullArgs),
     /// Every manifest you may see.
     List,
@@ -75,6 +78,7 @@ pub enum CatalogCommand {
     /// Make a version unpullable until it is untainted.
     Taint {
         catalog_id: String,
+        #[arg(id = "image_version", value_name = "VERSION")]
         version: String,
         architecture: String,
         #[arg(long)]
@@ -87,6 +91,7 @@ pub enum CatalogCommand {
     /// Delete an id, a version, or one architecture of it.
     Delete {
         catalog_id: String,
+        #[arg(id = "image_version", value_name = "VERSION")]
         version: Option<String>,
         architecture: Option<String>,
         /// Also delete the image and its unshared chunks in storage.
@@ -94,6 +99,7 @@ pub enum CatalogCommand {
         clean_remote: bool,
     },
     /// Import a reference catalog entry (.meta + .pdpack) from a provider.
+    #[command(disable_version_flag = true)]
     Import {
         /// Provider connection string (or HANGAR_CATALOG_PROVIDER).
         #[arg(long, env = "HANGAR_CATALOG_PROVIDER", hide_env_values = true)]
@@ -114,6 +120,7 @@ pub enum CatalogCommand {
 
 /// What to push; flags override the PDFile's values.
 #[derive(Args, Clone, Default)]
+#[command(disable_version_flag = true)]
 pub struct PushArgs {
     /// A PDFile (`TO`, `PROVIDER`, `CATALOG_ID`, `VERSION`, `LOCAL_PATH`, ...).
     pub file: Option<PathBuf>,
@@ -154,6 +161,7 @@ pub struct PushArgs {
 
 /// What to pull; flags override the PDFile's values.
 #[derive(Args, Clone, Default)]
+#[command(disable_version_flag = true)]
 pub struct PullArgs {
     /// A PDFile (`FROM`, `CATALOG_ID`, `VERSION`, `ARCHITECTURE`, `DESTINATION`, ...).
     pub file: Option<PathBuf>,
