@@ -297,3 +297,59 @@ pub(crate) fn normalise_names(kind: &str, names: &[String], upper: bool) -> Resu
     }
     Ok(out.into_iter().collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use hangar_core::AuthMethod;
+
+    use super::*;
+
+    fn p(roles: &[&str], claims: &[&str]) -> Principal {
+        Principal {
+            user_id: "u".into(),
+            username: "u".into(),
+            email: "u@x".into(),
+            roles: roles.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>(),
+            claims: claims.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>(),
+            method: AuthMethod::Jwt,
+        }
+    }
+
+    #[test]
+    fn visibility_needs_every_required_role_and_claim() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        // (caller roles, caller claims, required roles, required claims, visible)
+        let cases: &[(&[&str], &[&str], &[&str], &[&str], bool)] = &[
+            (&["USER"], &[], &[], &[], true),
+            (&["USER"], &["A"], &[], &["A"], true),
+            (&["USER"], &[], &[], &["A"], false),
+            (&["USER"], &["A"], &[], &["A", "B"], false),
+            (&["USER"], &["A", "B", "C"], &[], &["A", "B"], true),
+            (&["USER"], &["A"], &["QA"], &["A"], false),
+            (&["USER", "QA"], &["A"], &["QA"], &["A"], true),
+            (&["QA"], &[], &["QA"], &[], true),
+            // A claim named like a role does not count as the role, and vice versa.
+            (&["USER"], &["QA"], &["QA"], &[], false),
+            (&["A"], &[], &[], &["A"], false),
+            (&["SUPER_USER"], &[], &["QA"], &["A", "B"], true),
+        ];
+        for (roles, claims, req_roles, req_claims, want) in cases {
+            assert_eq!(
+                visible(&p(roles, claims), &s(req_roles), &s(req_claims)),
+                *want,
+                "caller {roles:?}/{claims:?} vs required {req_roles:?}/{req_claims:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn names_are_normalised_and_checked() {
+        let v = |x: &[&str]| x.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(normalise_names("claim", &v(&["team-a", " TEAM_A ", "b,c"]), true).unwrap(), ["B", "C", "TEAM_A"]);
+        assert_eq!(normalise_names("tag", &v(&["CI", "ci", "linux"]), false).unwrap(), ["CI", "ci", "linux"]);
+        assert!(normalise_names("claim", &v(&["a.b"]), true).is_err());
+        assert!(normalise_names("tag", &v(&["<script>"]), false).is_err());
+    }
+}

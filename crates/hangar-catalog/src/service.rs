@@ -230,12 +230,14 @@ impl Catalog {
     #[instrument(skip_all, fields(user = %p.username))]
     pub async fn list(&self, p: &Principal) -> Result<Vec<Manifest>> {
         let mut v: Vec<Manifest> = self.all().await?.into_iter().filter(|m| m.visible_to(p)).collect();
-        v.sort_by(|a, b| {
-            a.catalog_id
-                .to_ascii_lowercase()
-                .cmp(&b.catalog_id.to_ascii_lowercase())
-                .then_with(|| version::compare((&b.version, b.created_at), (&a.version, a.created_at)))
-                .then_with(|| a.architecture.cmp(&b.architecture))
+        // A total order (sorting with a partial one may panic): id, then newest first by
+        // (semver, creation time, name), then architecture.
+        v.sort_by_cached_key(|m| {
+            (
+                m.catalog_id.to_ascii_lowercase(),
+                std::cmp::Reverse(version::sort_key(&m.version, m.created_at)),
+                m.architecture,
+            )
         });
         Ok(v)
     }

@@ -69,6 +69,12 @@ pub fn compare(a: (&str, DateTime<Utc>), b: (&str, DateTime<Utc>)) -> Ordering {
     }
 }
 
+/// A total-order key for listing versions oldest to newest: semantic versions after
+/// the others and in semver order, then creation time, then the name.
+pub fn sort_key(v: &str, created: DateTime<Utc>) -> (Option<semver::Version>, DateTime<Utc>, String) {
+    (parse_semver(v), created, v.to_string())
+}
+
 /// Picks the newest of `candidates` (each given as version name and creation
 /// time) by the rule in the module docs. Returns its index.
 pub fn pick_latest<T>(candidates: &[T], key: impl Fn(&T) -> (&str, DateTime<Utc>)) -> Option<usize> {
@@ -130,6 +136,19 @@ mod tests {
         assert_eq!(latest(&[("nightly-a", 1), ("nightly-b", 3), ("nightly-c", 2)]), "nightly-b");
         // One non-semver version makes the whole set use creation time.
         assert_eq!(latest(&[("2.0.0", 1), ("1.0.0", 2), ("beta", 0)]), "1.0.0");
+    }
+
+    #[test]
+    fn listing_order_is_total_even_for_mixed_versions() {
+        // A mix that has no consistent "compare" order (semver says 2.0.0 > 1.0.0, times
+        // say otherwise, beta sits between) still sorts deterministically.
+        let mut v = vec![("1.0.0", t(5)), ("beta", t(3)), ("2.0.0", t(1)), ("1.10.0", t(2)), ("alpha", t(4))];
+        for _ in 0..3 {
+            v.sort_by_key(|(n, c)| sort_key(n, *c));
+            let names: Vec<&str> = v.iter().map(|x| x.0).collect();
+            assert_eq!(names, ["beta", "alpha", "1.0.0", "1.10.0", "2.0.0"]);
+            v.reverse();
+        }
     }
 
     #[test]
