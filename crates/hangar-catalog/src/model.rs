@@ -321,7 +321,8 @@ mod tests {
     fn visibility_needs_every_required_role_and_claim() {
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         // (caller roles, caller claims, required roles, required claims, visible)
-        let cases: &[(&[&str], &[&str], &[&str], &[&str], bool)] = &[
+        type Case<'a> = (&'a [&'a str], &'a [&'a str], &'a [&'a str], &'a [&'a str], bool);
+        let cases: &[Case] = &[
             (&["USER"], &[], &[], &[], true),
             (&["USER"], &["A"], &[], &["A"], true),
             (&["USER"], &[], &[], &["A"], false),

@@ -142,7 +142,7 @@ mod tests {
     fn listing_order_is_total_even_for_mixed_versions() {
         // A mix that has no consistent "compare" order (semver says 2.0.0 > 1.0.0, times
         // say otherwise, beta sits between) still sorts deterministically.
-        let mut v = vec![("1.0.0", t(5)), ("beta", t(3)), ("2.0.0", t(1)), ("1.10.0", t(2)), ("alpha", t(4))];
+        let mut v = [("1.0.0", t(5)), ("beta", t(3)), ("2.0.0", t(1)), ("1.10.0", t(2)), ("alpha", t(4))];
         for _ in 0..3 {
             v.sort_by_key(|(n, c)| sort_key(n, *c));
             let names: Vec<&str> = v.iter().map(|x| x.0).collect();
