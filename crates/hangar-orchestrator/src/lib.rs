@@ -1,0 +1,29 @@
+//! Hangar's orchestrator core (no HTTP): a fleet of hosts, placement that never
+//! oversubscribes, and survival of host failures.
+//!
+//! * [`registry`]: hosts in the store, credentials sealed with AES-256-GCM, single-use
+//!   enrollment tokens.
+//! * [`health`]: the per-host health state machine (heartbeats, checks, silence).
+//! * [`placement`]: filters, scoring and the "why not" answer; pure logic.
+//! * [`reservations`]: the ledger that holds capacity from decision to confirmation, and
+//!   the waiting queue.
+//! * [`scheduler`]: ties them together with a [`client::HostConnector`]: create, delete,
+//!   refresh, health ticks, VM TTLs and the reaper.
+//! * [`fake`]: an in-memory host for tests and benchmarks.
+//!
+//! The HTTP routes, the HTTP [`client::HostClient`] and the agent side live elsewhere.
+
+pub mod client;
+pub mod clock;
+pub mod error;
+pub mod model;
+pub mod placement;
+pub mod reservations;
+pub mod sealer;
+
+pub use client::{HostClient, HostClientError, HostConnector, HostCreateVm, HostEvent, VmOp};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use error::{OrchestratorError, Result};
+pub use model::*;
+pub use placement::{Caller, Decision, NoCapacity, PlacementRequest, Profile, Reason};
+pub use reservations::{Reservation, Reservations};

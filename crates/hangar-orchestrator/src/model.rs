@@ -1,0 +1,442 @@
+//! The orchestrator's data model: hosts, their resources, VM summaries and credentials.
+//!
+//! [`Host`] is the view type: everything an API caller may see. Host credentials live only
+//! in [`HostCredentials`], which has no `Serialize` implementation and a redacted `Debug`,
+//! and are stored sealed (see [`crate::sealer`]) next to the view, never inside it.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use hangar_hypervisor::{HypervisorKind, VmState};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{OrchestratorError, Result};
+
+/// Store collection of hosts (view plus sealed credentials).
+pub const HOSTS: &str = "orchestrator_hosts";
+/// Store collection of enrollment tokens, keyed by the token's hash.
+pub const ENROLLMENT_TOKENS: &str = "orchestrator_enrollment_tokens";
+/// Store collection of VMs created through the orchestrator.
+pub const VMS: &str = "orchestrator_vms";
+
+/// An operating system, of a host or of a guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Os {
+    /// macOS (`macos`, `macosx`, `darwin`).
+    Macos,
+    /// Linux.
+    Linux,
+    /// Windows (`windows`, `win-11`, ...).
+    Windows,
+}
+
+impl Os {
+    /// Lower-case name.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Os::Macos => "macos",
+            Os::Linux => "linux",
+            Os::Windows => "windows",
+        }
+    }
+
+    /// Parses the OS names drivers and clients use (`macosx`, `darwin`, `win-11`, `ubuntu`...).
+    pub fn parse_lenient(s: &str) -> Option<Os> {
+        let s = s.trim().to_ascii_lowercase();
+        if s.starts_with("mac") || s == "darwin" || s == "osx" {
+            Some(Os::Macos)
+        } else if s.starts_with("win") {
+            Some(Os::Windows)
+        } else if ["linux", "ubuntu", "debian", "fedora", "centos", "rhel", "redhat", "alpine", "arch", "suse"]
+            .iter()
+            .any(|p| s.starts_with(p))
+        {
+            Some(Os::Linux)
+        } else {
+            None
+        }
+    }
+}
+
+impl fmt::Display for Os {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Os {
+    type Err = OrchestratorError;
+    fn from_str(s: &str) -> Result<Self> {
+        Os::parse_lenient(s).ok_or_else(|| {
+            OrchestratorError::Invalid(format!("unknown operating system {s:?}; use macos, linux or windows"))
+        })
+    }
+}
+
+/// Normalises an architecture name: `x86_64` (also `amd64`, `x64`) or `arm64` (also `aarch64`).
+pub fn normalize_arch(s: &str) -> Result<String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "x86_64" | "amd64" | "x64" | "x86-64" => Ok("x86_64".into()),
+        "arm64" | "aarch64" | "arm" => Ok("arm64".into()),
+        other => Err(OrchestratorError::Invalid(format!("unknown architecture {other:?}; use x86_64 or arm64"))),
+    }
+}
+
+/// An amount of the three resources placement accounts for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ResourceSet {
+    /// Logical CPUs.
+    pub cpu: u32,
+    /// Memory in MiB.
+    pub memory_mb: u64,
+    /// Disk in MiB.
+    pub disk_mb: u64,
+}
+
+impl ResourceSet {
+    /// A resource set.
+    pub const fn new(cpu: u32, memory_mb: u64, disk_mb: u64) -> Self {
+        ResourceSet { cpu, memory_mb, disk_mb }
+    }
+
+    /// Component-wise sum, saturating.
+    pub fn saturating_add(self, o: ResourceSet) -> ResourceSet {
+        ResourceSet {
+            cpu: self.cpu.saturating_add(o.cpu),
+            memory_mb: self.memory_mb.saturating_add(o.memory_mb),
+            disk_mb: self.disk_mb.saturating_add(o.disk_mb),
+        }
+    }
+
+    /// Component-wise difference, floored at zero.
+    pub fn saturating_sub(self, o: ResourceSet) -> ResourceSet {
+        ResourceSet {
+            cpu: self.cpu.saturating_sub(o.cpu),
+            memory_mb: self.memory_mb.saturating_sub(o.memory_mb),
+            disk_mb: self.disk_mb.saturating_sub(o.disk_mb),
+        }
+    }
+
+    /// Component-wise minimum.
+    pub fn min(self, o: ResourceSet) -> ResourceSet {
+        ResourceSet {
+            cpu: self.cpu.min(o.cpu),
+            memory_mb: self.memory_mb.min(o.memory_mb),
+            disk_mb: self.disk_mb.min(o.disk_mb),
+        }
+    }
+
+    /// Whether every component of `self` is at most the one of `o`.
+    pub fn fits_in(&self, o: &ResourceSet) -> bool {
+        self.cpu <= o.cpu && self.memory_mb <= o.memory_mb && self.disk_mb <= o.disk_mb
+    }
+}
+
+/// A host's resources as it reports them (the reference's `GetHardwareUsage` shape).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostResources {
+    /// What the machine has (disk: the volume that holds VMs).
+    pub total: ResourceSet,
+    /// Kept for the host system itself; never given to VMs.
+    pub system_reserved: ResourceSet,
+    /// Used by VMs (CPU, memory: running VMs; disk: everything used on the volume).
+    pub in_use: ResourceSet,
+    /// Free for new VMs.
+    pub available: ResourceSet,
+}
+
+impl HostResources {
+    /// Resources with `available = total - system_reserved - in_use`.
+    pub fn from_usage(total: ResourceSet, system_reserved: ResourceSet, in_use: ResourceSet) -> Self {
+        HostResources {
+            total,
+            system_reserved,
+            in_use,
+            available: total.saturating_sub(system_reserved).saturating_sub(in_use),
+        }
+    }
+
+    /// What VMs may use at most: `total - system_reserved`.
+    pub fn capacity(&self) -> ResourceSet {
+        self.total.saturating_sub(self.system_reserved)
+    }
+
+    /// Account for a VM the host now runs (before the host reports it).
+    pub fn add_vm(&mut self, r: ResourceSet) {
+        self.in_use = self.in_use.saturating_add(r);
+        self.available = self.available.saturating_sub(r);
+    }
+
+    /// Account for a VM the host no longer runs.
+    pub fn remove_vm(&mut self, r: ResourceSet) {
+        self.in_use = self.in_use.saturating_sub(r);
+        self.available = self.available.saturating_add(r).min(self.capacity().saturating_sub(self.in_use));
+    }
+}
+
+/// A host's health as the orchestrator sees it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HostState {
+    /// It answered recently.
+    Healthy,
+    /// It failed a check or was silent too long.
+    Unhealthy,
+    /// Nothing heard since registration or start-up.
+    #[default]
+    Unknown,
+}
+
+impl HostState {
+    /// Lower-case name.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            HostState::Healthy => "healthy",
+            HostState::Unhealthy => "unhealthy",
+            HostState::Unknown => "unknown",
+        }
+    }
+}
+
+impl fmt::Display for HostState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One VM on a host, as the orchestrator last saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmSummary {
+    /// The VM's id on its host.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Power state; `unknown` while its host is unhealthy.
+    pub state: VmState,
+    /// Guest OS as the driver names it (`macosx`, `linux`, `win-11`, ...).
+    pub os: String,
+    /// CPUs.
+    pub cpu: u32,
+    /// Memory in MiB.
+    pub memory_mb: u64,
+    /// Disk in MiB.
+    pub disk_mb: u64,
+}
+
+impl VmSummary {
+    /// Whether the guest is macOS (by its OS, never by its name).
+    pub fn is_macos(&self) -> bool {
+        Os::parse_lenient(&self.os) == Some(Os::Macos)
+    }
+
+    /// Whether the VM holds host CPU and memory (running, or on its way in or out).
+    pub fn is_active(&self) -> bool {
+        !matches!(self.state, VmState::Stopped | VmState::Suspended)
+    }
+
+    /// The resources the VM holds.
+    pub fn resources(&self) -> ResourceSet {
+        ResourceSet::new(self.cpu, self.memory_mb, self.disk_mb)
+    }
+}
+
+/// A catalog image a host holds in its cache.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct CachedImage {
+    /// Catalog id.
+    pub catalog_id: String,
+    /// Version.
+    pub version: String,
+    /// Architecture (`x86_64` or `arm64`).
+    pub architecture: String,
+}
+
+/// What a host says about itself (its `hardware()` answer).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostHardware {
+    /// `x86_64` or `arm64`.
+    pub architecture: String,
+    /// Host OS.
+    pub os: Os,
+    /// Hypervisor on the host.
+    pub hypervisor: HypervisorKind,
+    /// Resources.
+    pub resources: HostResources,
+    /// Images in the host's catalog cache.
+    pub cached_images: Vec<CachedImage>,
+    /// Whether the image cache is on the same volume as the VMs (the reference's 3x rule)
+    /// rather than another one (2x).
+    pub cache_on_vm_volume: bool,
+}
+
+/// A registered host: the view every API caller with `LIST_ORCHESTRATOR_HOSTS` may see.
+/// It holds no credentials.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Host {
+    /// Id (UUID).
+    pub id: String,
+    /// Unique name.
+    pub name: String,
+    /// Base URL of the host's API (`https://mac-01:8080/api`).
+    pub url: String,
+    /// Free text.
+    pub description: String,
+    /// Tags requests can require (compared case-insensitively).
+    pub tags: BTreeSet<String>,
+    /// Whether the scheduler may place VMs on it.
+    pub enabled: bool,
+    /// `x86_64` or `arm64`, once known.
+    pub architecture: Option<String>,
+    /// Host OS, once known.
+    pub os: Option<Os>,
+    /// Hypervisor, once known.
+    pub hypervisor: Option<HypervisorKind>,
+    /// Resources, once reported.
+    pub resources: Option<HostResources>,
+    /// Health.
+    pub state: HostState,
+    /// When the host was last heard from.
+    pub last_seen: Option<DateTime<Utc>>,
+    /// Why it is unhealthy.
+    pub last_error: Option<String>,
+    /// Its VMs as last seen.
+    pub vms: Vec<VmSummary>,
+    /// Images in its cache.
+    pub cached_images: Vec<CachedImage>,
+    /// Whether its image cache shares the VM volume (3x disk rule) or not (2x).
+    pub cache_on_vm_volume: bool,
+    /// Callers need every one of these roles to use the host (super users always can).
+    pub required_roles: BTreeSet<String>,
+    /// Callers need every one of these claims to use the host.
+    pub required_claims: BTreeSet<String>,
+    /// Whether credentials are stored for it (the credentials themselves are never shown).
+    pub has_credentials: bool,
+    /// Registration time.
+    pub created_at: DateTime<Utc>,
+    /// Last configuration or status change written.
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Host {
+    /// Whether the host has `tag`, case-insensitively.
+    pub fn has_tag(&self, tag: &str) -> bool {
+        self.tags.iter().any(|t| t.eq_ignore_ascii_case(tag))
+    }
+
+    /// Running macOS VMs (Apple's licence allows two per Mac).
+    pub fn running_macos_vms(&self) -> usize {
+        self.vms.iter().filter(|v| v.is_active() && v.is_macos()).count()
+    }
+
+    /// Apply what the host reported about itself.
+    pub fn apply_hardware(&mut self, hw: &HostHardware) {
+        self.architecture = Some(hw.architecture.clone());
+        self.os = Some(hw.os);
+        self.hypervisor = Some(hw.hypervisor);
+        self.resources = Some(hw.resources);
+        self.cached_images = hw.cached_images.clone();
+        self.cache_on_vm_volume = hw.cache_on_vm_volume;
+    }
+}
+
+/// How the orchestrator authenticates to a host. Never serialised into any view;
+/// `Debug` shows only the kind.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum HostCredentials {
+    /// Username and password (the orchestrator logs in to get a token).
+    Basic {
+        /// User name on the host.
+        username: String,
+        /// Password.
+        password: String,
+    },
+    /// An API key sent as `X-Api-Key`.
+    ApiKey {
+        /// The key.
+        api_key: String,
+    },
+}
+
+impl fmt::Debug for HostCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostCredentials::Basic { .. } => f.write_str("HostCredentials::Basic(<redacted>)"),
+            HostCredentials::ApiKey { .. } => f.write_str("HostCredentials::ApiKey(<redacted>)"),
+        }
+    }
+}
+
+/// What registering a host takes.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RegisterHost {
+    /// Unique name; defaults to the URL's host name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Base URL of the host's API.
+    pub url: String,
+    /// Free text.
+    #[serde(default)]
+    pub description: String,
+    /// Tags.
+    #[serde(default)]
+    pub tags: BTreeSet<String>,
+    /// Credentials, stored sealed.
+    #[serde(default, alias = "authentication")]
+    pub credentials: Option<HostCredentials>,
+    /// Roles a caller needs to use the host.
+    #[serde(default)]
+    pub required_roles: BTreeSet<String>,
+    /// Claims a caller needs to use the host.
+    #[serde(default)]
+    pub required_claims: BTreeSet<String>,
+    /// Start disabled (out of scheduling).
+    #[serde(default)]
+    pub disabled: bool,
+}
+
+/// A partial host update; `None` leaves a field alone.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct UpdateHost {
+    /// New name.
+    pub name: Option<String>,
+    /// New URL.
+    pub url: Option<String>,
+    /// New description.
+    pub description: Option<String>,
+    /// New tags (replace the old ones).
+    pub tags: Option<BTreeSet<String>>,
+    /// New credentials.
+    #[serde(alias = "authentication")]
+    pub credentials: Option<HostCredentials>,
+    /// New required roles.
+    pub required_roles: Option<BTreeSet<String>>,
+    /// New required claims.
+    pub required_claims: Option<BTreeSet<String>>,
+}
+
+/// A VM created through the orchestrator, with its expiry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OrchestratedVm {
+    /// The VM's id on its host.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Host id.
+    pub host_id: String,
+    /// The user it was made for.
+    pub owner: String,
+    /// Guest OS.
+    pub os: Os,
+    /// What it was given.
+    pub resources: ResourceSet,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// When the reaper deletes it; `None`: never.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Why the last deletion attempt failed.
+    pub last_error: Option<String>,
+}
