@@ -591,3 +591,81 @@ async fn imports_a_reference_meta_and_pdpack() {
     );
     assert!(!r.ok && r.stderr.contains("422") && r.stderr.contains("no reference entry"), "{}", r.stderr);
 }
+
+#[tokio::test]
+async fn bad_inputs_get_a_4xx_with_the_error_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("server"), &[]);
+    let c = client();
+    let root = login(&c, &s, "root", ROOT_PASSWORD).await;
+    let provider = local_provider(&dir.path().join("provider"));
+    let cases: Vec<(Method, &str, Option<Value>, u16)> = vec![
+        (Method::POST, "/catalog/push", Some(json!({"catalog_id": "x"})), 422),
+        (
+            Method::POST,
+            "/catalog/push",
+            Some(
+                json!({"catalog_id": "x", "version": "1", "architecture": "x86_64", "connection": provider, "colour": 1}),
+            ),
+            422,
+        ),
+        (
+            Method::POST,
+            "/catalog/push",
+            Some(json!({"catalog_id": "x", "version": "1", "architecture": "sparc", "connection": provider})),
+            400,
+        ),
+        (
+            Method::POST,
+            "/catalog/push",
+            Some(json!({"catalog_id": "../x", "version": "1", "architecture": "x86_64", "connection": provider})),
+            400,
+        ),
+        (
+            Method::POST,
+            "/catalog/push",
+            Some(json!({"catalog_id": "x", "version": "1 2", "architecture": "x86_64", "connection": provider})),
+            400,
+        ),
+        (
+            Method::POST,
+            "/catalog/push",
+            Some(json!({"catalog_id": "x", "version": "1", "architecture": "x86_64", "connection": "provider=nope"})),
+            400,
+        ),
+        (
+            Method::POST,
+            "/catalog/push",
+            Some(json!({"catalog_id": "x", "version": "1", "architecture": "x86_64", "connection": provider})),
+            422,
+        ),
+        (Method::PUT, "/catalog/pull", Some(json!({"catalog_id": "x", "architecture": "mips"})), 400),
+        (Method::PUT, "/catalog/pull", Some(json!({"catalog_id": "x", "architecture": "x86_64"})), 404),
+        (Method::GET, "/catalog/x/1/x86_64/chunks/not-a-hash", None, 400),
+        (Method::PATCH, "/catalog/x/1/x86_64/taint", None, 404),
+        (Method::PATCH, "/catalog/x/1/x86_64/claims", Some(json!({"required_claims": "A"})), 422),
+        (Method::DELETE, "/catalog/cache/x", None, 404),
+        (
+            Method::PUT,
+            "/catalog/import",
+            Some(json!({"catalog_id": "x", "architecture": "x86_64", "connection": provider})),
+            422,
+        ),
+    ];
+    for (m, path, body, want) in cases {
+        let (st, v) = api(&s, m.clone(), path, &root, body).await;
+        assert_eq!(st, want, "{m} {path}: {v}");
+        assert_eq!(v["code"].as_u64(), Some(want as u64), "{m} {path}: {v}");
+        assert!(v["message"].as_str().is_some_and(|t| !t.is_empty()), "{v}");
+    }
+    // Malformed JSON is a 400.
+    let r = c
+        .post(s.api("/catalog/push"))
+        .bearer_auth(&root)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+}
