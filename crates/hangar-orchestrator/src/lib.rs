@@ -16,8 +16,11 @@
 pub mod client;
 pub mod clock;
 pub mod error;
+pub mod fake;
+pub mod health;
 pub mod model;
 pub mod placement;
+pub mod registry;
 pub mod reservations;
 pub mod sealer;
 
