@@ -719,6 +719,78 @@ impl Catalog {
         .await
     }
 
+    /// Replaces the provider connection of an entry (rotated keys, a moved
+    /// endpoint). The new connection must reach the same image: its manifest at
+    /// the entry's key with the registered hash.
+    #[instrument(skip_all, fields(user = %p.username, catalog_id, version))]
+    pub async fn set_connection(
+        &self,
+        p: &Principal,
+        actor: &Actor,
+        catalog_id: &str,
+        version: &str,
+        arch: Architecture,
+        connection: &str,
+    ) -> Result<Manifest> {
+        let current = self.get(p, catalog_id, version, arch).await?;
+        if current.version != version {
+            return Err(not_found(catalog_id, Some(version), Some(arch)));
+        }
+        let (config, store) = self.open_connection(connection)?;
+        let raw = store.get(&current.manifest_key).await.map_err(|e| {
+            if e.is_not_found() {
+                CatalogError::Unprocessable(format!(
+                    "the new connection does not reach the image of {catalog_id} {version} ({arch}): nothing at {:?}",
+                    current.manifest_key
+                ))
+            } else {
+                e.into()
+            }
+        })?;
+        parse_image(&raw, &current).map_err(|_| {
+            CatalogError::Unprocessable("the new connection reaches a different image than the one registered".into())
+        })?;
+        let provider_id = self.sealer.provider_id(connection);
+        if self.store.get(PROVIDERS, &provider_id).await?.is_none() {
+            let sp = StoredProvider {
+                id: provider_id.clone(),
+                provider_type: config.provider().to_string(),
+                sealed: self.sealer.seal(&provider_id, connection)?,
+                created_at: Utc::now(),
+            };
+            let batch = Batch::new().put(PROVIDERS, &provider_id, to_value(&sp)?);
+            let batch = Self::audit(
+                batch,
+                actor,
+                "catalog.provider.add",
+                &provider_id,
+                json!({"provider_type": sp.provider_type}),
+            )?;
+            self.store.commit(batch).await?;
+        }
+        let kind = config.provider().to_string();
+        let m = self
+            .modify(
+                p,
+                actor,
+                catalog_id,
+                version,
+                arch,
+                "catalog.manifest.connection",
+                "CATALOG_MANIFEST_UPDATED",
+                |m| {
+                    let old = std::mem::replace(&mut m.provider_id, provider_id.clone());
+                    m.provider_type = kind.clone();
+                    Ok(json!({"old_provider_id": old, "provider_id": provider_id, "provider_type": kind}))
+                },
+            )
+            .await?;
+        if let Ok(mut sets) = self.chunk_sets.lock() {
+            sets.remove(&m.id);
+        }
+        Ok(m)
+    }
+
     /// Changes description, minimum requirements or VM type.
     pub async fn update_metadata(
         &self,

@@ -308,6 +308,23 @@ async fn connection_strings_are_sealed_at_rest() {
     let text = serde_json::to_string(&m).unwrap();
     assert!(!text.contains("provider=") && !text.contains(&e.connection), "{text}");
     assert_eq!(m.provider_type, "local-storage");
+
+    // The connection can be replaced by one that reaches the same image, not by another.
+    let x = Architecture::X86_64;
+    let same = format!("provider=local-storage;catalog_path={}/", e.root.join("provider").display());
+    let m2 = e.catalog.set_connection(&root, &actor(&root), "img", "1.0.0", x, &same).await.unwrap();
+    assert_ne!(m2.provider_id, m.provider_id);
+    assert!(e.catalog.pull(&root, &actor(&root), "img", "1.0.0", x).await.is_ok());
+    let elsewhere = format!("provider=local-storage;catalog_path={}", e.root.join("empty").display());
+    let err = e.catalog.set_connection(&root, &actor(&root), "img", "1.0.0", x, &elsewhere).await.unwrap_err();
+    assert!(matches!(err, CatalogError::Unprocessable(_)), "{err}");
+    let bob = principal("bob", &["USER"], &[]);
+    e.catalog
+        .patch_list(&root, &actor(&root), "img", "1.0.0", x, hangar_catalog::ListField::Claims, true, &["X".into()])
+        .await
+        .unwrap();
+    let err = e.catalog.set_connection(&bob, &actor(&bob), "img", "1.0.0", x, &same).await.unwrap_err();
+    assert!(matches!(err, CatalogError::NotFound(_)), "{err}");
 }
 
 #[tokio::test]

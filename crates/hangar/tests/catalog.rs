@@ -471,6 +471,7 @@ async fn s3_round_trip_and_no_answer_contains_the_provider_secret() {
         (&root, Method::PUT, "/catalog/s3img/2.0.0/x86_64/metadata", Some(json!({"description": "d"}))),
         (&root, Method::PATCH, "/catalog/s3img/2.0.0/x86_64/taint", None),
         (&root, Method::PATCH, "/catalog/s3img/2.0.0/x86_64/untaint", None),
+        (&root, Method::PATCH, "/catalog/s3img/2.0.0/x86_64/connection", Some(json!({"connection": provider}))),
         (&root, Method::GET, "/catalog/cache", None),
         (&root, Method::GET, "/audit?limit=1000", None),
         // Failing registrations must not echo the connection either.

@@ -62,6 +62,7 @@ pub fn register(api: Api) -> Api {
         .add(UPDATE, routes!(add_tags))
         .add(UPDATE, routes!(remove_tags))
         .add(UPDATE, routes!(metadata))
+        .add(UPDATE, routes!(connection))
 }
 
 impl From<CatalogError> for ApiError {
@@ -737,6 +738,28 @@ async fn metadata(
         vm_type: b.vm_type,
     };
     Ok(axum::Json(catalog(&s)?.update_metadata(ctx.caller()?, &ctx.actor, &id, &version, arch(&a)?, upd).await?.into()))
+}
+
+/// A new provider connection string for a manifest.
+#[derive(Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogConnectionRequest {
+    /// Stored encrypted; never returned. Must reach the same image.
+    pub connection: String,
+}
+
+/// Replace the provider connection (rotated keys, moved endpoint); it must reach the same image.
+#[utoipa::path(patch, path = "/catalog/{catalog_id}/{version}/{architecture}/connection", tag = "catalog",
+    params(("catalog_id" = String, Path), ("version" = String, Path), ("architecture" = String, Path)), request_body = CatalogConnectionRequest,
+    responses((status = 200, body = CatalogManifest), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody), (status = 422, body = ApiErrorBody)))]
+async fn connection(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path((id, version, a)): Path<(String, String, String)>,
+    Json(b): Json<CatalogConnectionRequest>,
+) -> R<axum::Json<CatalogManifest>> {
+    let m = catalog(&s)?.set_connection(ctx.caller()?, &ctx.actor, &id, &version, arch(&a)?, &b.connection).await?;
+    Ok(axum::Json(m.into()))
 }
 
 // ----- host cache --------------------------------------------------------------------
