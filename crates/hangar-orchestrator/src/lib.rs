@@ -22,11 +22,15 @@ pub mod model;
 pub mod placement;
 pub mod registry;
 pub mod reservations;
+pub mod scheduler;
 pub mod sealer;
 
 pub use client::{HostClient, HostClientError, HostConnector, HostCreateVm, HostEvent, VmOp};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{OrchestratorError, Result};
+pub use health::{HealthConfig, HostHealth, Observation, Transition};
 pub use model::*;
 pub use placement::{Caller, Decision, NoCapacity, PlacementRequest, Profile, Reason};
+pub use registry::{EnrollmentToken, HostRegistry, IssuedToken};
 pub use reservations::{Reservation, Reservations};
+pub use scheduler::{BackgroundIntervals, CreateVm, ReapReport, Scheduler, SchedulerConfig};
