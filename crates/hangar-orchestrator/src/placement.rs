@@ -323,9 +323,8 @@ pub fn check_host(
     }
     let cap = resources.capacity();
     let after = free.saturating_sub(needs);
-    let load = |cap: u64, free: u64| {
-        cap.saturating_sub(free).saturating_mul(1_000_000).checked_div(cap).unwrap_or(1_000_000)
-    };
+    let load =
+        |cap: u64, free: u64| cap.saturating_sub(free).saturating_mul(1_000_000).checked_div(cap).unwrap_or(1_000_000);
     let load_ppm = load(u64::from(cap.cpu), u64::from(after.cpu)).max(load(cap.memory_mb, after.memory_mb));
     Ok((needs, load_ppm))
 }
