@@ -330,3 +330,56 @@ fn vm_cli_drives_the_host_module() {
     assert!(cli(&["vm", "stop", "cli-vm", "--force"], "").status.success());
     assert!(cli(&["vm", "delete", "cli-vm"], "").status.success());
 }
+
+#[tokio::test]
+async fn a_vm_is_created_from_a_catalog_image_through_the_host_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let tools = dir.path().join("tools");
+    let state = dir.path().join("prl-state");
+    std::fs::create_dir_all(&tools).unwrap();
+    std::fs::create_dir_all(&state).unwrap();
+    let fake = fake_prlctl();
+    std::os::unix::fs::symlink(&fake, tools.join("prlctl")).unwrap();
+    std::os::unix::fs::symlink(&fake, tools.join("prlsrvctl")).unwrap();
+    let out = std::process::Command::new(tools.join("prlctl")).args(["create", "golden", "--distribution", "ubuntu"]).env("FAKE_PRL_STATE_DIR", &state).output().unwrap();
+    assert!(out.status.success());
+    std::process::Command::new(tools.join("prlctl")).args(["unregister", "golden"]).env("FAKE_PRL_STATE_DIR", &state).output().unwrap();
+    let bundle = dir.path().join("golden.pvm");
+    std::fs::rename(state.join("Parallels/golden.pvm"), &bundle).unwrap();
+    let s = Server::start_full(
+        &dir.path().join("data"),
+        &[("HYPERVISOR", "parallels"), ("PRLCTL_PATH", tools.join("prlctl").to_str().unwrap())],
+        true,
+        &[("FAKE_PRL_STATE_DIR", state.to_str().unwrap())],
+    );
+    let c = client();
+    let root = login(&c, &s, "root", ROOT_PASSWORD).await;
+    let ra = Auth::Bearer(root.clone());
+    // Push the bundle to a local-folder provider with the CLI.
+    let provider = format!("provider=local-storage;catalog_path={}", dir.path().join("store").display());
+    let out = std::process::Command::new(bin())
+        .args(["--output", "json", "--url", &s.url, "catalog", "push", "--provider", &provider, "--catalog-id", "golden", "--version", "1.0.0", "--architecture", "amd64", "--path"])
+        .arg(&bundle)
+        .env("HANGAR_TOKEN", &root)
+        .env("HANGAR_CONFIG_DIR", dir.path().join("cli"))
+        .env("XDG_CACHE_HOME", dir.path().join("cli-cache"))
+        .env_remove("HANGAR_URL")
+        .env_remove("HANGAR_API_KEY")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "push: {}", String::from_utf8_lossy(&out.stderr));
+    // The reference clients' create body, `connection` included.
+    let body = |name: &str| json!({"name": name, "architecture": "x86_64", "start_on_create": true, "catalog_manifest": {"catalog_id": "golden", "version": "latest", "connection": "host=http://ignored"}});
+    let (st, v) = call(&c, Method::POST, &s.api("/machines"), &ra, Some(body("from-catalog-1")), &[]).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["current_state"], "running");
+    let (st, v) = call(&c, Method::POST, &s.api("/machines"), &ra, Some(body("from-catalog-2")), &[]).await;
+    assert_eq!(st, 200, "second VM from the cached image: {v}");
+    // A tainted image makes no VM.
+    let (st, v) = call(&c, Method::PATCH, &s.api("/catalog/golden/1.0.0/x86_64/taint"), &ra, None, &[]).await;
+    assert!(st < 300, "taint: {st} {v}");
+    let (st, v) = call(&c, Method::POST, &s.api("/machines"), &ra, Some(body("from-catalog-3")), &[]).await;
+    assert!(st == 409 || st == 404, "a tainted image is not pulled: {st} {v}");
+    let (_, list) = call(&c, Method::GET, &s.api("/machines"), &ra, None, &[]).await;
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+}

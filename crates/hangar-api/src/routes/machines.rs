@@ -242,12 +242,29 @@ fn num(v: &Option<Value>, what: &str) -> R<Option<u64>> {
     }
 }
 
-fn create_request(p: &Principal, req: CreateMachineRequest) -> R<CreateRequest> {
+/// Pull the image a `catalog_manifest` names through the host cache (the catalog module
+/// checks the caller's access and the manifest's taint), or take the local `image`.
+async fn image_source(s: &AppState, ctx: &RequestContext, req: &CreateMachineRequest) -> R<ImageSource> {
+    if let Some(m) = &req.catalog_manifest {
+        let catalog = s.catalog.as_ref().ok_or_else(|| {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "catalog_manifest needs the catalog module on this server, which is not running; use image")
+        })?;
+        let field = |k: &str| m.get(k).and_then(Value::as_str).map(str::trim).filter(|v| !v.is_empty());
+        let id = field("catalog_id").ok_or_else(|| ApiError::bad_request("catalog_manifest.catalog_id is required"))?;
+        let version = field("version").unwrap_or("latest");
+        let arch_text = field("architecture").or(req.architecture.as_deref()).unwrap_or("x86_64");
+        let arch: hangar_catalog::Architecture =
+            arch_text.parse().map_err(|_| ApiError::bad_request(format!("architecture {arch_text:?} is unknown; use x86_64 or arm64")))?;
+        let folder = catalog.pull_to_host(ctx.caller()?, &ctx.actor, id, version, arch).await.map_err(ApiError::from_domain)?;
+        return Ok(ImageSource::Folder(folder));
+    }
+    let image = req.image.clone().ok_or_else(|| ApiError::bad_request("Say what to create the VM from: image (a local image name) or catalog_manifest"))?;
+    Ok(ImageSource::Local(image))
+}
+
+fn create_request(p: &Principal, req: CreateMachineRequest, image: ImageSource) -> R<CreateRequest> {
     if req.packer_template.is_some() || req.vagrant_box.is_some() {
         return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "packer_template and vagrant_box are not supported; use image or catalog_manifest"));
-    }
-    if req.catalog_manifest.is_some() {
-        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "catalog_manifest needs the catalog module on this host, which is not running; use image"));
     }
     if let Some(a) = &req.architecture {
         let a = a.to_ascii_lowercase();
@@ -255,7 +272,6 @@ fn create_request(p: &Principal, req: CreateMachineRequest) -> R<CreateRequest> 
             return Err(ApiError::bad_request(format!("architecture {a:?} is unknown; use x86_64 or arm64")));
         }
     }
-    let image = req.image.clone().ok_or_else(|| ApiError::bad_request("Say what to create the VM from: image (a local image name) or catalog_manifest"))?;
     let specs = req.specs.as_ref();
     let explicit = req.owner.clone().filter(|o| !o.is_empty());
     let owner = match req.owner.filter(|o| !o.is_empty()) {
@@ -267,7 +283,7 @@ fn create_request(p: &Principal, req: CreateMachineRequest) -> R<CreateRequest> 
     };
     Ok(CreateRequest {
         name: req.name,
-        image: ImageSource::Local(image),
+        image,
         cpus: num(&specs.and_then(|s| s.cpu.clone()), "specs.cpu")?.map(|v| v.min(1024) as u32),
         memory_mb: num(&specs.and_then(|s| s.memory.clone()), "specs.memory")?,
         disk_bytes: num(&specs.and_then(|s| s.disk.clone()), "specs.disk")?.map(|m| m.saturating_mul(1 << 20)),
@@ -282,7 +298,8 @@ fn create_request(p: &Principal, req: CreateMachineRequest) -> R<CreateRequest> 
     responses((status = 200, body = CreateMachineResponse), (status = 400, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
 async fn create_machine(State(s): State<AppState>, ctx: RequestContext, Json(req): Json<CreateMachineRequest>) -> R<axum::Json<CreateMachineResponse>> {
     let h = host(&s)?;
-    let req = create_request(ctx.caller()?, req)?;
+    let image = image_source(&s, &ctx, &req).await?;
+    let req = create_request(ctx.caller()?, req, image)?;
     let owner = req.owner.clone();
     let vm = h.create(req, None).await.map_err(ApiError::from_domain)?;
     let _ = s.identity.record(&ctx.actor, "vm.create", "vm", &vm.id, json!({"name": vm.name})).await;
@@ -294,7 +311,8 @@ async fn create_machine(State(s): State<AppState>, ctx: RequestContext, Json(req
 async fn create_machine_async(State(s): State<AppState>, ctx: RequestContext, Json(req): Json<CreateMachineRequest>) -> R<(StatusCode, axum::Json<Job>)> {
     let h = host(&s)?;
     let p = ctx.caller()?;
-    let req = create_request(p, req)?;
+    let image = image_source(&s, &ctx, &req).await?;
+    let req = create_request(p, req, image)?;
     // The job belongs to the caller (by user id), whatever the VM's owner.
     let handle = h.create_async_for(&p.user_id, req);
     let _ = s.identity.record(&ctx.actor, "vm.create_async", "job", &handle.id, json!({})).await;
