@@ -7,7 +7,10 @@
 # TCP: bytes pushed to a sink directly and through Hangar's TCP route
 # (crates/hangar-proxy/examples/tcp_throughput.rs).
 #
-# Usage: bench/proxy.sh        (env: THREADS=2 CONNS=64 DURATION=10s FILE_BYTES=1024
+# The three HTTP paths are measured in turns, ROUNDS times, and the medians are reported, so
+# that load from other processes on the machine hits them alike.
+#
+# Usage: bench/proxy.sh        (env: THREADS=2 CONNS=64 DURATION=10s ROUNDS=3 FILE_BYTES=1024
 #                               TCP_MIB=4096 TCP_STREAMS=1 BASE_PORT=18480)
 # Installs wrk and nginx-light with apt-get when missing. Stops everything it started.
 set -euo pipefail
@@ -16,6 +19,7 @@ cd "$(dirname "$0")/.."
 THREADS="${THREADS:-2}"
 CONNS="${CONNS:-64}"
 DURATION="${DURATION:-10s}"
+ROUNDS="${ROUNDS:-3}"
 FILE_BYTES="${FILE_BYTES:-1024}"
 TCP_MIB="${TCP_MIB:-4096}"
 TCP_STREAMS="${TCP_STREAMS:-1}"
@@ -105,23 +109,35 @@ to_ms() { # wrk latency like 812.00us / 1.23ms / 1.02s -> ms
     awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n += 0; else if (v ~ /s$/) n *= 1000; printf "%.3f", n }'
 }
 
+median() { sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+
 declare -A RPS P50 P99
-run_wrk() { # name port
-    wrk -t"$THREADS" -c"$CONNS" -d2s "http://127.0.0.1:$2/file.txt" >/dev/null # warm-up
+run_wrk() { # name port: appends one measurement
     local out
     out="$(wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency "http://127.0.0.1:$2/file.txt")"
     if grep -q 'Non-2xx' <<<"$out"; then echo "$1: errors: $out" >&2; exit 1; fi
-    RPS[$1]="$(awk '/^Requests\/sec:/ { print $2 }' <<<"$out")"
-    P50[$1]="$(to_ms "$(awk '$1 == "50%" { print $2 }' <<<"$out")")"
-    P99[$1]="$(to_ms "$(awk '$1 == "99%" { print $2 }' <<<"$out")")"
+    RPS[$1]+="$(awk '/^Requests\/sec:/ { print $2 }' <<<"$out") "
+    P50[$1]+="$(to_ms "$(awk '$1 == "50%" { print $2 }' <<<"$out")") "
+    P99[$1]+="$(to_ms "$(awk '$1 == "99%" { print $2 }' <<<"$out")") "
 }
 
-run_wrk direct "$UP_PORT"
-run_wrk nginx "$NGINX_PORT"
-run_wrk hangar "$HANGAR_PORT"
+for p in $UP_PORT $NGINX_PORT $HANGAR_PORT; do
+    wrk -t"$THREADS" -c"$CONNS" -d2s "http://127.0.0.1:$p/file.txt" >/dev/null # warm-up
+done
+for round in $(seq 1 "$ROUNDS"); do
+    run_wrk direct "$UP_PORT"
+    run_wrk nginx "$NGINX_PORT"
+    run_wrk hangar "$HANGAR_PORT"
+    echo "round $round: requests/s direct $(awk '{ print $NF }' <<<"${RPS[direct]}") nginx $(awk '{ print $NF }' <<<"${RPS[nginx]}") hangar $(awk '{ print $NF }' <<<"${RPS[hangar]}")" >&2
+done
+for k in direct nginx hangar; do
+    RPS[$k]="$(tr ' ' '\n' <<<"${RPS[$k]}" | grep . | median)"
+    P50[$k]="$(tr ' ' '\n' <<<"${P50[$k]}" | grep . | median)"
+    P99[$k]="$(tr ' ' '\n' <<<"${P99[$k]}" | grep . | median)"
+done
 
 echo
-echo "HTTP: wrk -t$THREADS -c$CONNS -d$DURATION --latency, GET of a $FILE_BYTES-byte static file from nginx ($(nproc) cores)"
+echo "HTTP: wrk -t$THREADS -c$CONNS -d$DURATION --latency, median of $ROUNDS rounds, GET of a $FILE_BYTES-byte static file from nginx ($(nproc) cores)"
 printf '%-22s %12s %10s %10s\n' "path" "requests/s" "p50 ms" "p99 ms"
 printf '%-22s %12s %10s %10s\n' "upstream, direct" "${RPS[direct]}" "${P50[direct]}" "${P99[direct]}"
 printf '%-22s %12s %10s %10s\n' "nginx proxy" "${RPS[nginx]}" "${P50[nginx]}" "${P99[nginx]}"

@@ -9,8 +9,16 @@ use std::net::SocketAddr;
 use hangar_proxy::{ProxyManager, ReverseProxyConfig};
 use serde_json::json;
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn Error>> {
+fn main() -> Result<(), Box<dyn Error>> {
+    // PROXY_BENCH_WORKERS: tokio worker threads (default: one per core).
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = std::env::var("PROXY_BENCH_WORKERS").ok().and_then(|v| v.parse().ok()) {
+        rt.worker_threads(n);
+    }
+    rt.enable_all().build()?.block_on(run())
+}
+
+async fn run() -> Result<(), Box<dyn Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [mode, listen, target] = args.as_slice() else {
         return Err("usage: proxy_bench http|tcp LISTEN_IP:PORT TARGET_IP:PORT".into());

@@ -7,22 +7,29 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use http::header::{
     ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_MAX_AGE,
     ACCESS_CONTROL_REQUEST_HEADERS, ACCESS_CONTROL_REQUEST_METHOD, CONNECTION, CONTENT_TYPE, HOST, HeaderMap,
     HeaderName, HeaderValue, ORIGIN, TE, UPGRADE, VARY, WWW_AUTHENTICATE,
 };
-use http::uri::{Authority, PathAndQuery};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use hyper::client::conn::http1;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use serde::Serialize;
+use std::future::Future;
+use std::pin::Pin;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -90,6 +97,19 @@ pub(crate) struct Shared {
     pub events: EventSink,
 }
 
+/// A future driving one upstream connection.
+type UpConn = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The upstream connection an HTTP/1.1 keep-alive client connection keeps for itself.
+///
+/// Requests of one HTTP/1 connection come one after the other, so they can reuse one upstream
+/// connection without a shared pool, and that connection is driven by the client
+/// connection's own task ([`serve_connection`]): no hand-over between tasks per request.
+pub(crate) struct Sticky {
+    slot: std::sync::Mutex<Option<(Authority, http1::SendRequest<Incoming>)>>,
+    drive: mpsc::UnboundedSender<UpConn>,
+}
+
 /// Per-connection request handler.
 #[derive(Clone)]
 pub(crate) struct ProxyService {
@@ -97,6 +117,31 @@ pub(crate) struct ProxyService {
     pub listener: Arc<ListenerCtx>,
     pub peer_ip: HeaderValue,
     pub tls: bool,
+    pub sticky: Option<Arc<Sticky>>,
+}
+
+/// Why a target did not answer.
+enum UpstreamError {
+    Connect(std::io::Error),
+    Http(hyper::Error),
+    Pooled(hyper_util::client::legacy::Error),
+}
+
+impl UpstreamError {
+    fn is_connect(&self) -> bool {
+        match self {
+            UpstreamError::Connect(_) => true,
+            UpstreamError::Http(_) => false,
+            UpstreamError::Pooled(e) => e.is_connect(),
+        }
+    }
+    fn message(&self) -> String {
+        match self {
+            UpstreamError::Connect(e) => format!("connect: {e}"),
+            UpstreamError::Http(e) => error_chain(e),
+            UpstreamError::Pooled(e) => error_chain(e),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -136,6 +181,20 @@ fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
 /// Remove hop-by-hop headers: the fixed list, every `Proxy-*` header and every header named in
 /// `Connection`. Returns whether `TE: trailers` was asked for (it may be passed on).
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
+    // One pass over the names first: most messages carry none of these.
+    let mut found = false;
+    for k in headers.keys() {
+        let n = k.as_str();
+        if matches!(n, "connection" | "keep-alive" | "te" | "trailer" | "transfer-encoding" | "upgrade")
+            || n.starts_with("proxy-")
+        {
+            found = true;
+            break;
+        }
+    }
+    if !found {
+        return false;
+    }
     let te_trailers = has_token(headers, &TE, "trailers");
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
@@ -150,11 +209,9 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
     for n in [CONNECTION, KEEP_ALIVE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE] {
         headers.remove(n);
     }
-    if headers.keys().any(|k| k.as_str().starts_with("proxy-")) {
-        let proxy: Vec<HeaderName> = headers.keys().filter(|k| k.as_str().starts_with("proxy-")).cloned().collect();
-        for n in proxy {
-            headers.remove(n);
-        }
+    let proxy: Vec<HeaderName> = headers.keys().filter(|k| k.as_str().starts_with("proxy-")).cloned().collect();
+    for n in proxy {
+        headers.remove(n);
     }
     te_trailers
 }
@@ -284,9 +341,12 @@ impl ProxyService {
                 return error_response(StatusCode::INTERNAL_SERVER_ERROR, "route target has no address".into(), None);
             }
         };
-        let target_desc = match &route.target {
-            Target::Host { .. } => authority.to_string(),
-            Target::Vm { vm_id, .. } => format!("{authority} (vm {vm_id})"),
+        let target_desc = {
+            let authority = authority.clone();
+            move || match &route.target {
+                Target::Host { .. } => authority.to_string(),
+                Target::Vm { vm_id, .. } => format!("{authority} (vm {vm_id})"),
+            }
         };
 
         // Upgrades (websocket and others) exist in HTTP/1.1 only.
@@ -296,6 +356,17 @@ impl ProxyService {
             None
         };
         let downstream_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+        let sticky = match &self.sticky {
+            Some(s)
+                if route.schema == Schema::Http
+                    && upgrade.is_none()
+                    && req.version() == Version::HTTP_11
+                    && !has_token(req.headers(), &CONNECTION, "close") =>
+            {
+                Some(s.clone())
+            }
+            _ => None,
+        };
 
         let (mut parts, body) = req.into_parts();
         let h = &mut parts.headers;
@@ -347,32 +418,40 @@ impl ProxyService {
         apply_rules(h, &route.request_headers);
 
         let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-        parts.uri =
-            match Uri::builder().scheme(route.schema.uri_scheme()).authority(authority).path_and_query(pq).build() {
-                Ok(u) => u,
-                Err(e) => {
-                    return error_response(StatusCode::BAD_GATEWAY, format!("cannot build target URI: {e}"), None);
-                }
-            };
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(if route.schema == Schema::Https { Scheme::HTTPS } else { Scheme::HTTP });
+        uri.authority = Some(authority.clone());
+        uri.path_and_query = Some(pq);
+        parts.uri = match Uri::from_parts(uri) {
+            Ok(u) => u,
+            Err(e) => return error_response(StatusCode::BAD_GATEWAY, format!("cannot build target URI: {e}"), None),
+        };
         parts.version = if route.schema == Schema::H2c { Version::HTTP_2 } else { Version::HTTP_11 };
         let out = Request::from_parts(parts, body);
 
         let ups = &self.shared.upstreams;
-        let fut = match (route.schema, upgrade.is_some()) {
-            (Schema::Http, _) => ups.http.request(out),
-            (Schema::Https, false) => ups.https.request(out),
-            (Schema::Https, true) => ups.https_h1.request(out),
-            (Schema::H2c, _) => ups.h2c.request(out),
+        let send = async {
+            if let Some(sticky) = &sticky {
+                return send_sticky(sticky, authority, out).await;
+            }
+            let fut = match (route.schema, upgrade.is_some()) {
+                (Schema::Http, _) => ups.http.request(out),
+                (Schema::Https, false) => ups.https.request(out),
+                (Schema::Https, true) => ups.https_h1.request(out),
+                (Schema::H2c, _) => ups.h2c.request(out),
+            };
+            fut.await.map_err(UpstreamError::Pooled)
         };
-        let mut resp = match tokio::time::timeout(route.timeout, fut).await {
+        let mut resp = match tokio::time::timeout(route.timeout, send).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
-                let msg = error_chain(&e);
+                let msg = e.message();
                 if let Target::Vm { vm_id, .. } = &route.target
                     && e.is_connect()
                 {
                     self.shared.targets.forget(vm_id);
                 }
+                let target_desc = target_desc();
                 self.route_failed(host_id, route, &target_desc, &msg);
                 let what = if e.is_connect() { "refused or unreachable" } else { "failed" };
                 return error_response(
@@ -383,6 +462,7 @@ impl ProxyService {
             }
             Err(_) => {
                 let msg = format!("no answer within {} s", route.timeout.as_secs());
+                let target_desc = target_desc();
                 self.route_failed(host_id, route, &target_desc, &msg);
                 return error_response(
                     StatusCode::GATEWAY_TIMEOUT,
@@ -396,7 +476,8 @@ impl ProxyService {
         if switching && let Some(down) = downstream_upgrade {
             let up = hyper::upgrade::on(&mut resp);
             let hard = self.listener.hard.clone();
-            let span = tracing::debug_span!("proxy_upgrade", host = host_id, route = %route.id, target = %target_desc);
+            let span =
+                tracing::debug_span!("proxy_upgrade", host = host_id, route = %route.id, target = %target_desc());
             self.listener.conns.spawn(
                 async move {
                     let (d, u) = tokio::join!(down, up);
@@ -441,6 +522,61 @@ impl ProxyService {
     }
 }
 
+/// Send on the connection's own upstream connection, opening one when there is none for this
+/// target or the last one closed.
+async fn send_sticky(
+    sticky: &Sticky,
+    authority: Authority,
+    mut req: Request<Incoming>,
+) -> Result<Response<Incoming>, UpstreamError> {
+    // The low-level client writes the URI as given: origin-form (Host is already set).
+    let pq = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+    *req.uri_mut() = Uri::from(pq);
+    let kept = {
+        let mut slot = sticky.slot.lock().unwrap_or_else(|e| e.into_inner());
+        match slot.take() {
+            Some((a, s)) if a == authority && !s.is_closed() => Some(s),
+            _ => None,
+        }
+    };
+    let mut kept = match kept {
+        Some(mut s) => s.ready().await.ok().map(|_| s),
+        None => None,
+    };
+    loop {
+        let (mut sender, reused) = match kept.take() {
+            Some(s) => (s, true),
+            None => (connect_sticky(sticky, &authority).await?, false),
+        };
+        match sender.try_send_request(req).await {
+            Ok(resp) => {
+                *sticky.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some((authority, sender));
+                return Ok(resp);
+            }
+            Err(mut e) => match e.take_message() {
+                // The kept connection closed before taking the request: use a new one.
+                Some(r) if reused => req = r,
+                _ => return Err(UpstreamError::Http(e.into_error())),
+            },
+        }
+    }
+}
+
+async fn connect_sticky(sticky: &Sticky, authority: &Authority) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
+    let stream = TcpStream::connect(authority.as_str()).await.map_err(UpstreamError::Connect)?;
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.map_err(UpstreamError::Http)?;
+    let conn: UpConn = Box::pin(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream connection ended with an error");
+        }
+    });
+    if let Err(mpsc::error::SendError(conn)) = sticky.drive.send(conn) {
+        tokio::spawn(conn);
+    }
+    Ok(sender)
+}
+
 fn unauthorized(reason: String) -> Response<ProxyBody> {
     let mut r = error_response(StatusCode::UNAUTHORIZED, reason, None);
     r.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -463,31 +599,40 @@ pub(crate) fn server_builder(header_read_timeout: Duration) -> auto::Builder<Tok
 /// asks it to finish its requests, or `hard` cuts it.
 pub(crate) async fn serve_connection<I>(
     io: I,
-    svc: ProxyService,
+    mut svc: ProxyService,
     builder: &auto::Builder<TokioExecutor>,
     graceful: CancellationToken,
     hard: CancellationToken,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let (drive, mut to_drive) = mpsc::unbounded_channel::<UpConn>();
+    svc.sticky = Some(Arc::new(Sticky { slot: std::sync::Mutex::new(None), drive }));
     let service = hyper::service::service_fn(move |req| {
         let svc = svc.clone();
         async move { Ok::<_, Infallible>(svc.handle(req).await) }
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "HTTP connection ended with an error");
+    // Upstream connections of this client connection, driven here; dropped with it.
+    let mut upstream = FuturesUnordered::<UpConn>::new();
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            biased;
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "HTTP connection ended with an error");
+                }
+                break;
             }
-        }
-        _ = graceful.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = hard.cancelled() => {}
+            Some(c) = to_drive.recv() => upstream.push(c),
+            Some(()) = upstream.next(), if !upstream.is_empty() => {}
+            _ = graceful.cancelled(), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
             }
+            _ = hard.cancelled() => break,
         }
     }
 }

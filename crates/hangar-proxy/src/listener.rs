@@ -145,7 +145,7 @@ async fn handle_conn(
         }
         HostKind::Http(_) => {
             let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
-            let svc = ProxyService { shared, listener: ctx.clone(), peer_ip, tls: state.tls.is_some() };
+            let svc = ProxyService { shared, listener: ctx.clone(), peer_ip, tls: state.tls.is_some(), sticky: None };
             let (graceful, hard) = (ctx.graceful.clone(), ctx.hard.clone());
             match &state.tls {
                 None => serve_connection(stream, svc, &builder, graceful, hard).await,
