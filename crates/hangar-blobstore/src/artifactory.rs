@@ -44,12 +44,7 @@ pub struct ArtifactoryStore {
 }
 
 fn backend(op: &'static str, key: &str, message: impl Into<String>) -> BlobError {
-    BlobError::Backend {
-        provider: PROVIDER,
-        op,
-        key: key.to_string(),
-        message: message.into(),
-    }
+    BlobError::Backend { provider: PROVIDER, op, key: key.to_string(), message: message.into() }
 }
 
 /// SHA-256 and SHA-1 of `data`, hex encoded.
@@ -67,16 +62,9 @@ impl ArtifactoryStore {
             .connect_timeout(std::time::Duration::from_secs(15))
             .danger_accept_invalid_certs(c.ignore_cert)
             .build()
-            .map_err(|e| ConfigError::Client {
-                provider: PROVIDER,
-                message: e.to_string(),
-            })?;
-        let repo_base = reqwest::Url::parse(&format!("{}/{}/", c.url, c.repo)).map_err(|e| {
-            ConfigError::InvalidValue {
-                key: "url",
-                reason: e.to_string(),
-            }
-        })?;
+            .map_err(|e| ConfigError::Client { provider: PROVIDER, message: e.to_string() })?;
+        let repo_base = reqwest::Url::parse(&format!("{}/{}/", c.url, c.repo))
+            .map_err(|e| ConfigError::InvalidValue { key: "url", reason: e.to_string() })?;
         Ok(ArtifactoryStore {
             client,
             base: c.url.clone(),
@@ -89,27 +77,21 @@ impl ArtifactoryStore {
 
     fn url(&self, key: &str) -> Result<reqwest::Url> {
         validate_key(key)?;
-        self.repo_base
-            .join(key)
-            .map_err(|e| backend("url", key, e.to_string()))
+        self.repo_base.join(key).map_err(|e| backend("url", key, e.to_string()))
     }
 
     fn request(&self, method: Method, url: reqwest::Url) -> RequestBuilder {
         let rb = self.client.request(method, url);
         match &self.auth {
             ArtifactoryAuth::None => rb,
-            ArtifactoryAuth::Basic { username, password } => {
-                rb.basic_auth(username, Some(password.expose()))
-            }
+            ArtifactoryAuth::Basic { username, password } => rb.basic_auth(username, Some(password.expose())),
             ArtifactoryAuth::ApiKey(k) => rb.header("X-JFrog-Art-Api", k.expose()),
             ArtifactoryAuth::Bearer(t) => rb.bearer_auth(t.expose()),
         }
     }
 
     async fn send(&self, op: &'static str, key: &str, rb: RequestBuilder) -> Result<Response> {
-        rb.send()
-            .await
-            .map_err(|e| backend(op, key, format!("request failed: {e}")))
+        rb.send().await.map_err(|e| backend(op, key, format!("request failed: {e}")))
     }
 
     /// Turns a non-success status into the matching error.
@@ -121,9 +103,7 @@ impl ArtifactoryStore {
         let body = resp.text().await.unwrap_or_default();
         let snippet: String = body.chars().take(300).collect();
         Err(match status {
-            StatusCode::NOT_FOUND => BlobError::NotFound {
-                key: key.to_string(),
-            },
+            StatusCode::NOT_FOUND => BlobError::NotFound { key: key.to_string() },
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => BlobError::Unauthorized {
                 provider: PROVIDER,
                 op,
@@ -154,40 +134,24 @@ impl ArtifactoryStore {
     }
 
     async fn list_storage_api(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
-        let url = format!(
-            "{}/api/storage/{}/{}?list&deep=1&listFolders=0",
-            self.base, self.repo, prefix
-        );
+        let url = format!("{}/api/storage/{}/{}?list&deep=1&listFolders=0", self.base, self.repo, prefix);
         let url = reqwest::Url::parse(&url).map_err(|e| backend("list", prefix, e.to_string()))?;
-        let resp = self
-            .send("list", prefix, self.request(Method::GET, url))
-            .await?;
+        let resp = self.send("list", prefix, self.request(Method::GET, url)).await?;
         let resp = match self.check("list", prefix, resp).await {
             Err(BlobError::NotFound { .. }) => return Ok(Vec::new()),
             other => other?,
         };
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| backend("list", prefix, e.to_string()))?;
+        let body = resp.bytes().await.map_err(|e| backend("list", prefix, e.to_string()))?;
         parse_file_list(prefix, &body)
     }
 
     async fn list_webdav(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
         let base_path = self.repo_base.path().to_string();
         let mut out = Vec::new();
-        let mut folders = vec![if prefix.is_empty() {
-            String::new()
-        } else {
-            format!("{prefix}/")
-        }];
-        let propfind =
-            Method::from_bytes(b"PROPFIND").map_err(|e| backend("list", prefix, e.to_string()))?;
+        let mut folders = vec![if prefix.is_empty() { String::new() } else { format!("{prefix}/") }];
+        let propfind = Method::from_bytes(b"PROPFIND").map_err(|e| backend("list", prefix, e.to_string()))?;
         while let Some(folder) = folders.pop() {
-            let url = self
-                .repo_base
-                .join(&folder)
-                .map_err(|e| backend("list", &folder, e.to_string()))?;
+            let url = self.repo_base.join(&folder).map_err(|e| backend("list", &folder, e.to_string()))?;
             let rb = self
                 .request(propfind.clone(), url)
                 .header("Depth", "1")
@@ -200,10 +164,7 @@ impl ArtifactoryStore {
                 Err(BlobError::NotFound { .. }) => continue,
                 other => other?,
             };
-            let body = resp
-                .text()
-                .await
-                .map_err(|e| backend("list", &folder, e.to_string()))?;
+            let body = resp.text().await.map_err(|e| backend("list", &folder, e.to_string()))?;
             for entry in parse_multistatus(&body).map_err(|m| backend("list", &folder, m))? {
                 let Some(rel) = entry.path.strip_prefix(&base_path) else {
                     continue;
@@ -218,23 +179,14 @@ impl ArtifactoryStore {
                 if entry.is_dir {
                     folders.push(format!("{rel}/"));
                 } else {
-                    out.push(ObjectInfo {
-                        key: rel.to_string(),
-                        size: entry.size,
-                    });
+                    out.push(ObjectInfo { key: rel.to_string(), size: entry.size });
                 }
             }
         }
         Ok(out)
     }
 
-    async fn put_body(
-        &self,
-        key: &str,
-        body: reqwest::Body,
-        len: u64,
-        sums: (String, String),
-    ) -> Result<()> {
+    async fn put_body(&self, key: &str, body: reqwest::Body, len: u64, sums: (String, String)) -> Result<()> {
         let url = self.url(key)?;
         let rb = self
             .request(Method::PUT, url)
@@ -263,16 +215,12 @@ fn parse_file_list(prefix: &str, body: &[u8]) -> Result<Vec<ObjectInfo>> {
         #[serde(default)]
         folder: bool,
     }
-    let listing: Listing = serde_json::from_slice(body)
-        .map_err(|e| backend("list", prefix, format!("bad file list JSON: {e}")))?;
+    let listing: Listing =
+        serde_json::from_slice(body).map_err(|e| backend("list", prefix, format!("bad file list JSON: {e}")))?;
     let mut out = Vec::new();
     for e in listing.files.into_iter().filter(|e| !e.folder) {
         let rel = e.uri.trim_start_matches('/');
-        let key = if prefix.is_empty() {
-            rel.to_string()
-        } else {
-            format!("{prefix}/{rel}")
-        };
+        let key = if prefix.is_empty() { rel.to_string() } else { format!("{prefix}/{rel}") };
         if validate_key(&key).is_ok() {
             out.push(ObjectInfo { key, size: e.size });
         }
@@ -297,16 +245,9 @@ fn parse_multistatus(xml: &str) -> std::result::Result<Vec<DavEntry>, String> {
     let mut current: Option<DavEntry> = None;
     let mut text_target: Option<&'static str> = None;
     loop {
-        match reader
-            .read_event()
-            .map_err(|e| format!("bad PROPFIND XML: {e}"))?
-        {
+        match reader.read_event().map_err(|e| format!("bad PROPFIND XML: {e}"))? {
             Event::Start(e) | Event::Empty(e) if e.local_name().as_ref() == b"response" => {
-                current = Some(DavEntry {
-                    path: String::new(),
-                    is_dir: false,
-                    size: 0,
-                });
+                current = Some(DavEntry { path: String::new(), is_dir: false, size: 0 });
             }
             Event::Start(e) => match e.local_name().as_ref() {
                 b"href" => text_target = Some("href"),
@@ -355,9 +296,7 @@ fn href_path(href: &str) -> String {
         Ok(u) => u.path().to_string(),
         Err(_) => href.to_string(),
     };
-    percent_encoding::percent_decode_str(&path)
-        .decode_utf8_lossy()
-        .into_owned()
+    percent_encoding::percent_decode_str(&path).decode_utf8_lossy().into_owned()
 }
 
 #[async_trait]
@@ -371,18 +310,13 @@ impl BlobStore for ArtifactoryStore {
         validate_key(key)?;
         let sums = checksums(&data);
         let len = data.len() as u64;
-        self.put_body(key, reqwest::Body::from(data), len, sums)
-            .await
+        self.put_body(key, reqwest::Body::from(data), len, sums).await
     }
 
     #[instrument(skip(self))]
     async fn put_file(&self, key: &str, path: &Path) -> Result<u64> {
         validate_key(key)?;
-        let io = |source| BlobError::Io {
-            op: "put_file",
-            key: path.display().to_string(),
-            source,
-        };
+        let io = |source| BlobError::Io { op: "put_file", key: path.display().to_string(), source };
         // First pass: checksums (Artifactory wants them before the body).
         let p = path.to_path_buf();
         let (len, sums) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
@@ -401,10 +335,7 @@ impl BlobStore for ArtifactoryStore {
                 sha1.update(&buf[..n]);
                 len += n as u64;
             }
-            Ok((
-                len,
-                (hex::encode(sha256.finish()), hex::encode(sha1.finish())),
-            ))
+            Ok((len, (hex::encode(sha256.finish()), hex::encode(sha1.finish()))))
         })
         .await
         .map_err(|e| backend("put_file", key, e.to_string()))?
@@ -412,75 +343,50 @@ impl BlobStore for ArtifactoryStore {
         // Second pass: stream the body.
         let file = tokio::fs::File::open(path).await.map_err(io)?;
         let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20);
-        self.put_body(key, reqwest::Body::wrap_stream(stream), len, sums)
-            .await?;
+        self.put_body(key, reqwest::Body::wrap_stream(stream), len, sums).await?;
         Ok(len)
     }
 
     #[instrument(skip(self))]
     async fn get(&self, key: &str) -> Result<Bytes> {
         let url = self.url(key)?;
-        let resp = self
-            .send("get", key, self.request(Method::GET, url))
-            .await?;
+        let resp = self.send("get", key, self.request(Method::GET, url)).await?;
         let resp = self.check("get", key, resp).await?;
-        resp.bytes()
-            .await
-            .map_err(|e| backend("get", key, e.to_string()))
+        resp.bytes().await.map_err(|e| backend("get", key, e.to_string()))
     }
 
     #[instrument(skip(self))]
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
         let url = self.url(key)?;
         if range.start >= range.end {
-            return Err(BlobError::InvalidRange {
-                key: key.to_string(),
-                start: range.start,
-                end: range.end,
-                size: 0,
-            });
+            return Err(BlobError::InvalidRange { key: key.to_string(), start: range.start, end: range.end, size: 0 });
         }
-        let rb = self.request(Method::GET, url).header(
-            header::RANGE,
-            format!("bytes={}-{}", range.start, range.end - 1),
-        );
+        let rb =
+            self.request(Method::GET, url).header(header::RANGE, format!("bytes={}-{}", range.start, range.end - 1));
         let resp = self.send("get_range", key, rb).await?;
         if resp.status() == StatusCode::RANGE_NOT_SATISFIABLE {
             let size = match self.head(key).await? {
                 Some(info) => info.size,
                 None => 0,
             };
-            return Err(BlobError::InvalidRange {
-                key: key.to_string(),
-                start: range.start,
-                end: range.end,
-                size,
-            });
+            return Err(BlobError::InvalidRange { key: key.to_string(), start: range.start, end: range.end, size });
         }
         let resp = self.check("get_range", key, resp).await?;
         let partial = resp.status() == StatusCode::PARTIAL_CONTENT;
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| backend("get_range", key, e.to_string()))?;
+        let body = resp.bytes().await.map_err(|e| backend("get_range", key, e.to_string()))?;
         if partial {
             return Ok(body);
         }
         // The server ignored Range and sent the whole object: cut it here.
         let r = clamp_range(key, &range, body.len() as u64)?;
-        let (s, e) = (
-            usize::try_from(r.start).unwrap_or(usize::MAX),
-            usize::try_from(r.end).unwrap_or(usize::MAX),
-        );
+        let (s, e) = (usize::try_from(r.start).unwrap_or(usize::MAX), usize::try_from(r.end).unwrap_or(usize::MAX));
         Ok(body.slice(s..e))
     }
 
     #[instrument(skip(self))]
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
         let url = self.url(key)?;
-        let resp = self
-            .send("head", key, self.request(Method::HEAD, url))
-            .await?;
+        let resp = self.send("head", key, self.request(Method::HEAD, url)).await?;
         let resp = match self.check("head", key, resp).await {
             Err(BlobError::NotFound { .. }) => return Ok(None),
             other => other?,
@@ -491,10 +397,7 @@ impl BlobStore for ArtifactoryStore {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
             .ok_or_else(|| backend("head", key, "no Content-Length in HEAD answer"))?;
-        Ok(Some(ObjectInfo {
-            key: key.to_string(),
-            size,
-        }))
+        Ok(Some(ObjectInfo { key: key.to_string(), size }))
     }
 
     #[instrument(skip(self))]
@@ -512,9 +415,7 @@ impl BlobStore for ArtifactoryStore {
     #[instrument(skip(self))]
     async fn delete(&self, key: &str) -> Result<()> {
         let url = self.url(key)?;
-        let resp = self
-            .send("delete", key, self.request(Method::DELETE, url))
-            .await?;
+        let resp = self.send("delete", key, self.request(Method::DELETE, url)).await?;
         match self.check("delete", key, resp).await {
             Ok(_) | Err(BlobError::NotFound { .. }) => Ok(()),
             Err(e) => Err(e),
@@ -539,21 +440,9 @@ mod tests {
         assert_eq!(
             entries,
             vec![
-                DavEntry {
-                    path: "/repo/chunks/".into(),
-                    is_dir: true,
-                    size: 0
-                },
-                DavEntry {
-                    path: "/repo/chunks/ab+c".into(),
-                    is_dir: false,
-                    size: 42
-                },
-                DavEntry {
-                    path: "/repo/chunks/sub/".into(),
-                    is_dir: true,
-                    size: 0
-                },
+                DavEntry { path: "/repo/chunks/".into(), is_dir: true, size: 0 },
+                DavEntry { path: "/repo/chunks/ab+c".into(), is_dir: false, size: 42 },
+                DavEntry { path: "/repo/chunks/sub/".into(), is_dir: true, size: 0 },
             ]
         );
     }
@@ -566,26 +455,14 @@ mod tests {
         let list = parse_file_list("chunks", body).unwrap();
         assert_eq!(
             list,
-            vec![
-                ObjectInfo {
-                    key: "chunks/a1".into(),
-                    size: 10
-                },
-                ObjectInfo {
-                    key: "chunks/sub/b2".into(),
-                    size: 3
-                },
-            ]
+            vec![ObjectInfo { key: "chunks/a1".into(), size: 10 }, ObjectInfo { key: "chunks/sub/b2".into(), size: 3 },]
         );
     }
 
     #[test]
     fn checksums_match_known_values() {
         let (sha256, sha1) = checksums(b"abc");
-        assert_eq!(
-            sha256,
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        assert_eq!(sha256, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
         assert_eq!(sha1, "a9993e364706816aba3e25717850c26c9cd0d89d");
     }
 }

@@ -58,9 +58,7 @@ pub enum ConfigError {
     #[error("connection string has no provider= key")]
     MissingProvider,
     /// The provider is not one we know.
-    #[error(
-        "unknown provider {0:?} (expected aws-s3, minio, azure-storage-account, artifactory or local-storage)"
-    )]
+    #[error("unknown provider {0:?} (expected aws-s3, minio, azure-storage-account, artifactory or local-storage)")]
     UnknownProvider(String),
     /// A key this provider does not take.
     #[error("provider {provider}: unknown key {key:?}")]
@@ -242,10 +240,7 @@ impl fmt::Display for StoreConfig {
                 pairs.push(("region", Some(c.region.clone())));
                 pairs.push(("access_key", masked(&c.access_key).map(str::to_string)));
                 pairs.push(("secret_key", masked(&c.secret_key).map(str::to_string)));
-                pairs.push((
-                    "session_token",
-                    masked(&c.session_token).map(str::to_string),
-                ));
+                pairs.push(("session_token", masked(&c.session_token).map(str::to_string)));
                 if c.use_environment_authentication {
                     pairs.push(("use_environment_authentication", Some("true".into())));
                 }
@@ -304,10 +299,7 @@ impl Pairs {
     }
 
     fn required(&mut self, key: &'static str) -> Result<String, ConfigError> {
-        self.take(key).ok_or(ConfigError::MissingKey {
-            provider: self.provider,
-            key,
-        })
+        self.take(key).ok_or(ConfigError::MissingKey { provider: self.provider, key })
     }
 
     fn secret(&mut self, key: &str) -> Option<Secret> {
@@ -329,10 +321,8 @@ impl Pairs {
                 if p.is_empty() {
                     return Ok(None);
                 }
-                crate::validate_key(&p).map_err(|e| ConfigError::InvalidValue {
-                    key: "prefix",
-                    reason: e.to_string(),
-                })?;
+                crate::validate_key(&p)
+                    .map_err(|e| ConfigError::InvalidValue { key: "prefix", reason: e.to_string() })?;
                 Ok(Some(p))
             }
         }
@@ -340,10 +330,7 @@ impl Pairs {
 
     fn finish(self) -> Result<(), ConfigError> {
         match self.map.into_keys().next() {
-            Some(key) => Err(ConfigError::UnknownKey {
-                provider: self.provider,
-                key,
-            }),
+            Some(key) => Err(ConfigError::UnknownKey { provider: self.provider, key }),
             None => Ok(()),
         }
     }
@@ -353,18 +340,11 @@ fn parse_bool(key: &'static str, value: &str) -> Result<bool, ConfigError> {
     match value.to_ascii_lowercase().as_str() {
         "true" | "1" | "yes" | "on" => Ok(true),
         "false" | "0" | "no" | "off" => Ok(false),
-        other => Err(ConfigError::InvalidValue {
-            key,
-            reason: format!("{other:?} is not a boolean"),
-        }),
+        other => Err(ConfigError::InvalidValue { key, reason: format!("{other:?} is not a boolean") }),
     }
 }
 
-fn endpoint_url(
-    key: &'static str,
-    raw: &str,
-    use_ssl: Option<bool>,
-) -> Result<String, ConfigError> {
+fn endpoint_url(key: &'static str, raw: &str, use_ssl: Option<bool>) -> Result<String, ConfigError> {
     let with_scheme = if raw.contains("://") {
         raw.to_string()
     } else if use_ssl.unwrap_or(false) {
@@ -372,10 +352,8 @@ fn endpoint_url(
     } else {
         format!("http://{raw}")
     };
-    let url = reqwest::Url::parse(&with_scheme).map_err(|e| ConfigError::InvalidValue {
-        key,
-        reason: format!("{raw:?} is not a URL: {e}"),
-    })?;
+    let url = reqwest::Url::parse(&with_scheme)
+        .map_err(|e| ConfigError::InvalidValue { key, reason: format!("{raw:?} is not a URL: {e}") })?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(ConfigError::InvalidValue {
             key,
@@ -387,10 +365,7 @@ fn endpoint_url(
 
 fn name_value(key: &'static str, value: String) -> Result<String, ConfigError> {
     if value.contains('/') || value.chars().any(char::is_whitespace) {
-        return Err(ConfigError::InvalidValue {
-            key,
-            reason: format!("{value:?} must not contain '/' or spaces"),
-        });
+        return Err(ConfigError::InvalidValue { key, reason: format!("{value:?} must not contain '/' or spaces") });
     }
     Ok(value)
 }
@@ -409,11 +384,7 @@ impl FromStr for StoreConfig {
                 // Never echo a segment that might be a secret: show its key
                 // shape only.
                 let shown: String = segment.chars().take(24).collect();
-                return Err(ConfigError::Malformed(if segment.len() > 24 {
-                    format!("{shown}...")
-                } else {
-                    shown
-                }));
+                return Err(ConfigError::Malformed(if segment.len() > 24 { format!("{shown}...") } else { shown }));
             };
             let k = k.trim().to_ascii_lowercase();
             if map.insert(k.clone(), v.trim().to_string()).is_some() {
@@ -430,33 +401,20 @@ impl FromStr for StoreConfig {
             "local-storage" | "local" => "local-storage",
             _ => return Err(ConfigError::UnknownProvider(provider)),
         };
-        let mut p = Pairs {
-            provider: name,
-            map,
-        };
+        let mut p = Pairs { provider: name, map };
         let config = match name {
             "aws-s3" | "minio" => {
-                let flavor = if name == "aws-s3" {
-                    S3Flavor::Aws
-                } else {
-                    S3Flavor::Minio
-                };
+                let flavor = if name == "aws-s3" { S3Flavor::Aws } else { S3Flavor::Minio };
                 let use_ssl = match p.take("use_ssl") {
                     Some(v) if flavor == S3Flavor::Minio => Some(parse_bool("use_ssl", &v)?),
                     Some(_) => {
-                        return Err(ConfigError::UnknownKey {
-                            provider: name,
-                            key: "use_ssl".into(),
-                        });
+                        return Err(ConfigError::UnknownKey { provider: name, key: "use_ssl".into() });
                     }
                     None => None,
                 };
                 let endpoint = match (flavor, p.take("endpoint")) {
                     (S3Flavor::Minio, None) => {
-                        return Err(ConfigError::MissingKey {
-                            provider: name,
-                            key: "endpoint",
-                        });
+                        return Err(ConfigError::MissingKey { provider: name, key: "endpoint" });
                     }
                     (_, Some(e)) => Some(endpoint_url("endpoint", &e, use_ssl)?),
                     (S3Flavor::Aws, None) => None,
@@ -473,25 +431,16 @@ impl FromStr for StoreConfig {
                     ignore_cert: p.flag("ignore_cert")?,
                     prefix: p.prefix()?,
                 };
-                if !c.use_environment_authentication
-                    && c.access_key.is_some() != c.secret_key.is_some()
-                {
+                if !c.use_environment_authentication && c.access_key.is_some() != c.secret_key.is_some() {
                     return Err(ConfigError::MissingKey {
                         provider: name,
-                        key: if c.access_key.is_some() {
-                            "secret_key"
-                        } else {
-                            "access_key"
-                        },
+                        key: if c.access_key.is_some() { "secret_key" } else { "access_key" },
                     });
                 }
                 StoreConfig::S3(c)
             }
             "azure-storage-account" => StoreConfig::Azure(AzureConfig {
-                account_name: name_value(
-                    "storage_account_name",
-                    p.required("storage_account_name")?,
-                )?,
+                account_name: name_value("storage_account_name", p.required("storage_account_name")?)?,
                 account_key: Secret(p.required("storage_account_key")?),
                 container_name: name_value("container_name", p.required("container_name")?)?,
                 endpoint: match p.take("endpoint") {
@@ -503,41 +452,29 @@ impl FromStr for StoreConfig {
             "artifactory" => {
                 let raw_url = p.required("url")?;
                 let mut url = reqwest::Url::parse(&endpoint_url("url", &raw_url, Some(true))?)
-                    .map_err(|e| ConfigError::InvalidValue {
-                        key: "url",
-                        reason: e.to_string(),
-                    })?;
+                    .map_err(|e| ConfigError::InvalidValue { key: "url", reason: e.to_string() })?;
                 if let Some(port) = p.take("port") {
                     let port: u16 = port.parse().map_err(|_| ConfigError::InvalidValue {
                         key: "port",
                         reason: format!("{port:?} is not a port number"),
                     })?;
-                    url.set_port(Some(port))
-                        .map_err(|()| ConfigError::InvalidValue {
-                            key: "port",
-                            reason: "cannot set a port on this URL".into(),
-                        })?;
+                    url.set_port(Some(port)).map_err(|()| ConfigError::InvalidValue {
+                        key: "port",
+                        reason: "cannot set a port on this URL".into(),
+                    })?;
                 }
                 let username = p.take("username");
                 let password = p.secret("password");
                 let access_key = p.secret("access_key");
                 let auth = match (username, password, access_key) {
-                    (Some(username), Some(password), None) => {
-                        ArtifactoryAuth::Basic { username, password }
-                    }
+                    (Some(username), Some(password), None) => ArtifactoryAuth::Basic { username, password },
                     (None, None, Some(key)) => token_auth(key),
                     (None, None, None) => ArtifactoryAuth::None,
                     (Some(_), None, None) => {
-                        return Err(ConfigError::MissingKey {
-                            provider: name,
-                            key: "password",
-                        });
+                        return Err(ConfigError::MissingKey { provider: name, key: "password" });
                     }
                     (None, Some(_), None) => {
-                        return Err(ConfigError::MissingKey {
-                            provider: name,
-                            key: "username",
-                        });
+                        return Err(ConfigError::MissingKey { provider: name, key: "username" });
                     }
                     _ => {
                         return Err(ConfigError::InvalidValue {
@@ -555,9 +492,7 @@ impl FromStr for StoreConfig {
                 })
             }
             _ => StoreConfig::Local(LocalConfig {
-                catalog_path: PathBuf::from(
-                    p.take("catalog_path").unwrap_or_else(|| "./catalog".into()),
-                ),
+                catalog_path: PathBuf::from(p.take("catalog_path").unwrap_or_else(|| "./catalog".into())),
             }),
         };
         p.finish()?;
@@ -571,11 +506,7 @@ impl FromStr for StoreConfig {
 fn token_auth(key: Secret) -> ArtifactoryAuth {
     let v = key.expose();
     let is_jwt = v.starts_with("eyJ") && v.split('.').count() == 3;
-    if is_jwt || v.starts_with("cmVmdGtu") {
-        ArtifactoryAuth::Bearer(key)
-    } else {
-        ArtifactoryAuth::ApiKey(key)
-    }
+    if is_jwt || v.starts_with("cmVmdGtu") { ArtifactoryAuth::Bearer(key) } else { ArtifactoryAuth::ApiKey(key) }
 }
 
 #[cfg(test)]
@@ -592,25 +523,15 @@ mod tests {
 
     #[test]
     fn aws_s3() {
-        let c = parse(
-            "provider=aws-s3;bucket=images;region=eu-west-1;access_key=AKIAXXX;secret_key=topsecret",
-        );
-        let StoreConfig::S3(s3) = &c else {
-            panic!("not s3")
-        };
+        let c = parse("provider=aws-s3;bucket=images;region=eu-west-1;access_key=AKIAXXX;secret_key=topsecret");
+        let StoreConfig::S3(s3) = &c else { panic!("not s3") };
         assert_eq!(s3.flavor, S3Flavor::Aws);
         assert_eq!(s3.bucket, "images");
         assert_eq!(s3.region, "eu-west-1");
         assert_eq!(s3.endpoint, None);
-        assert_eq!(
-            s3.secret_key.as_ref().map(Secret::expose),
-            Some("topsecret")
-        );
+        assert_eq!(s3.secret_key.as_ref().map(Secret::expose), Some("topsecret"));
         let shown = format!("{c} {c:?}");
-        assert!(
-            !shown.contains("topsecret") && !shown.contains("AKIAXXX"),
-            "{shown}"
-        );
+        assert!(!shown.contains("topsecret") && !shown.contains("AKIAXXX"), "{shown}");
         assert!(shown.contains("bucket=images"));
     }
 
@@ -624,10 +545,7 @@ mod tests {
         assert_eq!(s3.endpoint.as_deref(), Some("https://minio.local"));
         assert!(matches!(
             "provider=minio;bucket=b".parse::<StoreConfig>(),
-            Err(ConfigError::MissingKey {
-                key: "endpoint",
-                ..
-            })
+            Err(ConfigError::MissingKey { key: "endpoint", .. })
         ));
     }
 
@@ -648,63 +566,33 @@ mod tests {
         let c = parse(
             "provider=artifactory;url=https://jf.example/artifactory;port=8443;repo=vms;username=u;password=hunter2",
         );
-        let StoreConfig::Artifactory(a) = &c else {
-            panic!()
-        };
+        let StoreConfig::Artifactory(a) = &c else { panic!() };
         assert_eq!(a.url, "https://jf.example:8443/artifactory");
         assert!(matches!(&a.auth, ArtifactoryAuth::Basic { username, .. } if username == "u"));
         assert!(!format!("{c}{c:?}").contains("hunter2"));
         let c = parse("provider=artifactory;url=jf.example;repo=vms;access_key=AKCpLegacyKey");
-        let StoreConfig::Artifactory(a) = &c else {
-            panic!()
-        };
+        let StoreConfig::Artifactory(a) = &c else { panic!() };
         assert!(matches!(a.auth, ArtifactoryAuth::ApiKey(_)));
         assert_eq!(a.url, "https://jf.example");
-        let c =
-            parse("provider=artifactory;url=jf.example;repo=vms;access_key=eyJhbGc.eyJzdWIi.sig");
-        let StoreConfig::Artifactory(a) = &c else {
-            panic!()
-        };
+        let c = parse("provider=artifactory;url=jf.example;repo=vms;access_key=eyJhbGc.eyJzdWIi.sig");
+        let StoreConfig::Artifactory(a) = &c else { panic!() };
         assert!(matches!(a.auth, ArtifactoryAuth::Bearer(_)));
         assert!(!format!("{c}{c:?}").contains("eyJ"));
-        assert!(
-            "provider=artifactory;url=x;repo=r;username=u"
-                .parse::<StoreConfig>()
-                .is_err()
-        );
+        assert!("provider=artifactory;url=x;repo=r;username=u".parse::<StoreConfig>().is_err());
     }
 
     #[test]
     fn local_default_and_errors() {
         let c = parse("provider=local-storage");
-        assert_eq!(
-            c,
-            StoreConfig::Local(LocalConfig {
-                catalog_path: "./catalog".into()
-            })
-        );
+        assert_eq!(c, StoreConfig::Local(LocalConfig { catalog_path: "./catalog".into() }));
         let c = parse("PROVIDER=local-storage; CATALOG_PATH=/srv/cat ;");
-        assert_eq!(
-            c,
-            StoreConfig::Local(LocalConfig {
-                catalog_path: "/srv/cat".into()
-            })
-        );
+        assert_eq!(c, StoreConfig::Local(LocalConfig { catalog_path: "/srv/cat".into() }));
         assert_eq!(
             "provider=local-storage;catalogpath=/x".parse::<StoreConfig>(),
-            Err(ConfigError::UnknownKey {
-                provider: "local-storage",
-                key: "catalogpath".into()
-            })
+            Err(ConfigError::UnknownKey { provider: "local-storage", key: "catalogpath".into() })
         );
-        assert_eq!(
-            "bucket=x".parse::<StoreConfig>(),
-            Err(ConfigError::MissingProvider)
-        );
-        assert!(matches!(
-            "provider=gcs".parse::<StoreConfig>(),
-            Err(ConfigError::UnknownProvider(_))
-        ));
+        assert_eq!("bucket=x".parse::<StoreConfig>(), Err(ConfigError::MissingProvider));
+        assert!(matches!("provider=gcs".parse::<StoreConfig>(), Err(ConfigError::UnknownProvider(_))));
         let err = "provider=aws-s3;bucket=b;supersecretvalue".parse::<StoreConfig>();
         assert!(matches!(err, Err(ConfigError::Malformed(_))));
     }
@@ -713,10 +601,6 @@ mod tests {
     fn prefix_is_validated() {
         let c = parse("provider=aws-s3;bucket=b;prefix=/team/images/");
         assert_eq!(c.prefix(), Some("team/images"));
-        assert!(
-            "provider=aws-s3;bucket=b;prefix=../x"
-                .parse::<StoreConfig>()
-                .is_err()
-        );
+        assert!("provider=aws-s3;bucket=b;prefix=../x".parse::<StoreConfig>().is_err());
     }
 }

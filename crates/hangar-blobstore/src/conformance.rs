@@ -46,22 +46,13 @@ pub async fn run(store: Arc<dyn BlobStore>, root: &str) -> Result<(), String> {
     let small = Bytes::from(pattern(1000, 1));
     ok("put small", s.put(&k("a/small"), small.clone()).await)?;
     let got = ok("get small", s.get(&k("a/small")).await)?;
-    ensure!(
-        got == small,
-        "{provider}: get returned different bytes than put"
-    );
+    ensure!(got == small, "{provider}: get returned different bytes than put");
     let head = ok("head small", s.head(&k("a/small")).await)?;
-    ensure!(
-        head.as_ref().map(|h| h.size) == Some(1000),
-        "{provider}: head of a 1000-byte object gave {head:?}"
-    );
+    ensure!(head.as_ref().map(|h| h.size) == Some(1000), "{provider}: head of a 1000-byte object gave {head:?}");
 
     // Missing objects.
     let missing = k("a/missing");
-    ensure!(
-        ok("head missing", s.head(&missing).await)?.is_none(),
-        "{provider}: head of a missing key is not None"
-    );
+    ensure!(ok("head missing", s.head(&missing).await)?.is_none(), "{provider}: head of a missing key is not None");
     match s.get(&missing).await {
         Err(BlobError::NotFound { .. }) => {}
         other => return Err(format!("{provider}: get of a missing key gave {other:?}")),
@@ -69,43 +60,21 @@ pub async fn run(store: Arc<dyn BlobStore>, root: &str) -> Result<(), String> {
     ok("delete missing", s.delete(&missing).await)?;
 
     // Overwrite replaces the whole object.
-    ok(
-        "overwrite",
-        s.put(&k("a/small"), Bytes::from_static(b"short")).await,
-    )?;
+    ok("overwrite", s.put(&k("a/small"), Bytes::from_static(b"short")).await)?;
     let got = ok("get overwritten", s.get(&k("a/small")).await)?;
-    ensure!(
-        &got[..] == b"short",
-        "{provider}: overwrite left {} bytes",
-        got.len()
-    );
+    ensure!(&got[..] == b"short", "{provider}: overwrite left {} bytes", got.len());
 
     // Ranged reads.
     let data = Bytes::from(pattern(10_000, 2));
     ok("put ranged", s.put(&k("r/obj"), data.clone()).await)?;
-    let mid = ok(
-        "get_range middle",
-        s.get_range(&k("r/obj"), 1000..1010).await,
-    )?;
-    ensure!(
-        mid == data.slice(1000..1010),
-        "{provider}: ranged read 1000..1010 wrong"
-    );
-    let tail = ok(
-        "get_range past end",
-        s.get_range(&k("r/obj"), 9990..20_000).await,
-    )?;
-    ensure!(
-        tail == data.slice(9990..),
-        "{provider}: range past the end not clamped (got {} bytes)",
-        tail.len()
-    );
+    let mid = ok("get_range middle", s.get_range(&k("r/obj"), 1000..1010).await)?;
+    ensure!(mid == data.slice(1000..1010), "{provider}: ranged read 1000..1010 wrong");
+    let tail = ok("get_range past end", s.get_range(&k("r/obj"), 9990..20_000).await)?;
+    ensure!(tail == data.slice(9990..), "{provider}: range past the end not clamped (got {} bytes)", tail.len());
     match s.get_range(&k("r/obj"), 10_000..10_010).await {
         Err(BlobError::InvalidRange { .. }) => {}
         other => {
-            return Err(format!(
-                "{provider}: range starting at the end gave {other:?}"
-            ));
+            return Err(format!("{provider}: range starting at the end gave {other:?}"));
         }
     }
     match s.get_range(&missing, 0..10).await {
@@ -115,10 +84,7 @@ pub async fn run(store: Arc<dyn BlobStore>, root: &str) -> Result<(), String> {
 
     // Empty objects.
     ok("put empty", s.put(&k("e/empty"), Bytes::new()).await)?;
-    ensure!(
-        ok("get empty", s.get(&k("e/empty")).await)?.is_empty(),
-        "{provider}: empty object not empty"
-    );
+    ensure!(ok("get empty", s.get(&k("e/empty")).await)?.is_empty(), "{provider}: empty object not empty");
     ensure!(
         ok("head empty", s.head(&k("e/empty")).await)?.map(|h| h.size) == Some(0),
         "{provider}: head of an empty object"
@@ -126,33 +92,18 @@ pub async fn run(store: Arc<dyn BlobStore>, root: &str) -> Result<(), String> {
 
     // Listing with prefixes.
     for name in ["l/p/a", "l/p/b/c", "l/pp/x"] {
-        ok(
-            "put for list",
-            s.put(&k(name), Bytes::from(name.as_bytes().to_vec())).await,
-        )?;
+        ok("put for list", s.put(&k(name), Bytes::from(name.as_bytes().to_vec())).await)?;
     }
     let listed = ok("list", s.list(&k("l/p")).await)?;
     let keys: Vec<_> = listed.iter().map(|o| o.key.clone()).collect();
+    ensure!(keys == vec![k("l/p/a"), k("l/p/b/c")], "{provider}: list({}) gave {keys:?}", k("l/p"));
     ensure!(
-        keys == vec![k("l/p/a"), k("l/p/b/c")],
-        "{provider}: list({}) gave {keys:?}",
-        k("l/p")
-    );
-    ensure!(
-        listed
-            .iter()
-            .all(|o| o.size == o.key.len() as u64 - root.len() as u64 - 1),
+        listed.iter().all(|o| o.size == o.key.len() as u64 - root.len() as u64 - 1),
         "{provider}: list sizes wrong: {listed:?}"
     );
     let with_slash = ok("list with slash", s.list(&format!("{}/", k("l/p"))).await)?;
-    ensure!(
-        with_slash == listed,
-        "{provider}: list with a trailing '/' differs"
-    );
-    ensure!(
-        ok("list none", s.list(&k("nothing")).await)?.is_empty(),
-        "{provider}: list of an empty prefix not empty"
-    );
+    ensure!(with_slash == listed, "{provider}: list with a trailing '/' differs");
+    ensure!(ok("list none", s.list(&k("nothing")).await)?.is_empty(), "{provider}: list of an empty prefix not empty");
 
     // Invalid keys are refused before any request.
     match s.put("../escape", Bytes::from_static(b"x")).await {
@@ -161,10 +112,7 @@ pub async fn run(store: Arc<dyn BlobStore>, root: &str) -> Result<(), String> {
     }
 
     // Files, small and multipart-sized.
-    let dir = std::env::temp_dir().join(format!(
-        "hangar-conformance-{}",
-        uuid::Uuid::new_v4().simple()
-    ));
+    let dir = std::env::temp_dir().join(format!("hangar-conformance-{}", uuid::Uuid::new_v4().simple()));
     ok(
         "tempdir",
         std::fs::create_dir_all(&dir).map_err(|e| BlobError::Io {
@@ -182,55 +130,31 @@ pub async fn run(store: Arc<dyn BlobStore>, root: &str) -> Result<(), String> {
     for i in 0..16u64 {
         let st = store.clone();
         let key = k(&format!("c/{i}"));
-        tasks.push(tokio::spawn(async move {
-            st.put(&key, Bytes::from(pattern(50_000, i + 100))).await
-        }));
+        tasks.push(tokio::spawn(async move { st.put(&key, Bytes::from(pattern(50_000, i + 100))).await }));
     }
     for t in tasks {
-        let joined = t
-            .await
-            .map_err(|e| format!("{provider}: put task failed: {e}"))?;
+        let joined = t.await.map_err(|e| format!("{provider}: put task failed: {e}"))?;
         ok("concurrent put", joined)?;
     }
     for i in 0..16u64 {
         let got = ok("get concurrent", s.get(&k(&format!("c/{i}"))).await)?;
-        ensure!(
-            got[..] == pattern(50_000, i + 100)[..],
-            "{provider}: concurrent object {i} corrupted"
-        );
+        ensure!(got[..] == pattern(50_000, i + 100)[..], "{provider}: concurrent object {i} corrupted");
     }
 
     // Delete, then clean everything up.
     ok("delete", s.delete(&k("a/small")).await)?;
-    ensure!(
-        ok("head deleted", s.head(&k("a/small")).await)?.is_none(),
-        "{provider}: object still there after delete"
-    );
+    ensure!(ok("head deleted", s.head(&k("a/small")).await)?.is_none(), "{provider}: object still there after delete");
     let all = ok("list all", s.list(root).await)?;
-    ensure!(
-        !all.iter().any(|o| o.key == k("a/small")),
-        "{provider}: deleted object still listed"
-    );
-    ensure!(
-        all.len() == 23,
-        "{provider}: expected 23 objects under {root}, listed {}",
-        all.len()
-    );
+    ensure!(!all.iter().any(|o| o.key == k("a/small")), "{provider}: deleted object still listed");
+    ensure!(all.len() == 23, "{provider}: expected 23 objects under {root}, listed {}", all.len());
     for o in all {
         ok("cleanup", s.delete(&o.key).await)?;
     }
-    ensure!(
-        ok("list after cleanup", s.list(root).await)?.is_empty(),
-        "{provider}: objects left after deleting all"
-    );
+    ensure!(ok("list after cleanup", s.list(root).await)?.is_empty(), "{provider}: objects left after deleting all");
     Ok(())
 }
 
-async fn files(
-    s: &dyn BlobStore,
-    k: &dyn Fn(&str) -> String,
-    dir: &std::path::Path,
-) -> Result<(), String> {
+async fn files(s: &dyn BlobStore, k: &dyn Fn(&str) -> String, dir: &std::path::Path) -> Result<(), String> {
     let provider = s.provider();
     let io = |e: std::io::Error| format!("temp file: {e}");
     let small = dir.join("small");
@@ -238,10 +162,7 @@ async fn files(
     let n = ok("put_file small", s.put_file(&k("f/small"), &small).await)?;
     ensure!(n == 5000, "{provider}: put_file reported {n} bytes");
     let got = ok("get file small", s.get(&k("f/small")).await)?;
-    ensure!(
-        got[..] == pattern(5000, 3)[..],
-        "{provider}: put_file small content differs"
-    );
+    ensure!(got[..] == pattern(5000, 3)[..], "{provider}: put_file small content differs");
 
     let big_len = usize::try_from(MULTIPART_THRESHOLD).unwrap_or(usize::MAX) + 3 * 1024 * 1024 + 17;
     let big_data = pattern(big_len, 4);
@@ -250,21 +171,12 @@ async fn files(
     let n = ok("put_file big", s.put_file(&k("f/big"), &big).await)?;
     ensure!(n == big_len as u64, "{provider}: put_file big reported {n}");
     let head = ok("head big", s.head(&k("f/big")).await)?;
-    ensure!(
-        head.map(|h| h.size) == Some(big_len as u64),
-        "{provider}: big object size wrong"
-    );
+    ensure!(head.map(|h| h.size) == Some(big_len as u64), "{provider}: big object size wrong");
     let got = ok("get big", s.get(&k("f/big")).await)?;
-    ensure!(
-        blake3::hash(&got) == blake3::hash(&big_data),
-        "{provider}: multipart object content differs"
-    );
+    ensure!(blake3::hash(&got) == blake3::hash(&big_data), "{provider}: multipart object content differs");
     let at = (big_len - 100) as u64;
     let part = ok("get_range big", s.get_range(&k("f/big"), at..at + 50).await)?;
-    ensure!(
-        part[..] == big_data[big_len - 100..big_len - 50],
-        "{provider}: ranged read in the last part wrong"
-    );
+    ensure!(part[..] == big_data[big_len - 100..big_len - 50], "{provider}: ranged read in the last part wrong");
     Ok(())
 }
 
@@ -298,11 +210,8 @@ impl TestServer {
     /// when its env var is unset (the caller then reports that the test did
     /// not run; when it is set, an unreachable server must fail the test).
     pub fn connection_string(self) -> Option<String> {
-        let var =
-            |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_string());
-        let endpoint = std::env::var(self.env_var())
-            .ok()
-            .filter(|v| !v.is_empty())?;
+        let var = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_string());
+        let endpoint = std::env::var(self.env_var()).ok().filter(|v| !v.is_empty())?;
         Some(match self {
             TestServer::S3 => format!(
                 "provider=minio;endpoint={endpoint};bucket={};region=us-east-1;access_key=testing;secret_key=testing",

@@ -181,10 +181,7 @@ pub trait BlobStore: Send + Sync + fmt::Debug {
 /// separated by single `/`, each segment made of ASCII letters, digits and
 /// `-_.+=@,~`, not starting with `.` (so `.`/`..` and hidden names are out).
 pub fn validate_key(key: &str) -> Result<()> {
-    let bad = |reason| BlobError::InvalidKey {
-        key: key.to_string(),
-        reason,
-    };
+    let bad = |reason| BlobError::InvalidKey { key: key.to_string(), reason };
     if key.is_empty() {
         return Err(bad("empty key"));
     }
@@ -199,11 +196,7 @@ pub fn validate_key(key: &str) -> Result<()> {
 
 /// Like [`validate_key`] but also accepts the empty prefix (list everything).
 pub fn validate_prefix(prefix: &str) -> Result<()> {
-    if prefix.is_empty() {
-        Ok(())
-    } else {
-        validate_key(prefix.trim_end_matches('/'))
-    }
+    if prefix.is_empty() { Ok(()) } else { validate_key(prefix.trim_end_matches('/')) }
 }
 
 fn validate_segment(segment: &str) -> std::result::Result<(), &'static str> {
@@ -213,10 +206,7 @@ fn validate_segment(segment: &str) -> std::result::Result<(), &'static str> {
     if segment.starts_with('.') {
         return Err("path segment starts with '.'");
     }
-    if !segment
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"-_.+=@,~".contains(&b))
-    {
+    if !segment.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.+=@,~".contains(&b)) {
         return Err("character outside [A-Za-z0-9-_.+=@,~/]");
     }
     Ok(())
@@ -226,12 +216,7 @@ fn validate_segment(segment: &str) -> std::result::Result<(), &'static str> {
 /// range, or [`BlobError::InvalidRange`].
 pub fn clamp_range(key: &str, range: &Range<u64>, size: u64) -> Result<Range<u64>> {
     if range.start >= range.end || range.start >= size {
-        return Err(BlobError::InvalidRange {
-            key: key.to_string(),
-            start: range.start,
-            end: range.end,
-            size,
-        });
+        return Err(BlobError::InvalidRange { key: key.to_string(), start: range.start, end: range.end, size });
     }
     Ok(range.start..range.end.min(size))
 }
@@ -264,17 +249,10 @@ mod tests {
 
     #[test]
     fn keys_are_validated() {
-        for good in [
-            "a",
-            "chunks/0af3",
-            "m/v1.2/x86_64/image.json",
-            "a-b_c+d=e@f,g~h",
-        ] {
+        for good in ["a", "chunks/0af3", "m/v1.2/x86_64/image.json", "a-b_c+d=e@f,g~h"] {
             assert!(validate_key(good).is_ok(), "{good}");
         }
-        for bad in [
-            "", "/a", "a/", "a//b", "../x", "a/../b", ".hidden", "a b", "a\\b", "é", "a?b",
-        ] {
+        for bad in ["", "/a", "a/", "a//b", "../x", "a/../b", ".hidden", "a b", "a\\b", "é", "a?b"] {
             assert!(validate_key(bad).is_err(), "{bad:?} accepted");
         }
         assert!(validate_key(&"a".repeat(MAX_KEY_LEN + 1)).is_err());

@@ -35,14 +35,12 @@ async fn blocking<T: Send + 'static>(
     key: &str,
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| BlobError::Backend {
-            provider: PROVIDER,
-            op,
-            key: key.to_string(),
-            message: format!("worker task failed: {e}"),
-        })?
+    tokio::task::spawn_blocking(f).await.map_err(|e| BlobError::Backend {
+        provider: PROVIDER,
+        op,
+        key: key.to_string(),
+        message: format!("worker task failed: {e}"),
+    })?
 }
 
 impl LocalStore {
@@ -75,9 +73,7 @@ impl LocalStore {
         target: &Path,
         fill: impl FnOnce(&mut File) -> io::Result<u64>,
     ) -> Result<u64> {
-        let tmp = root
-            .join(TMP_DIR)
-            .join(format!("{}.tmp", uuid::Uuid::new_v4().simple()));
+        let tmp = root.join(TMP_DIR).join(format!("{}.tmp", uuid::Uuid::new_v4().simple()));
         let result = (|| {
             let mut file = File::create(&tmp)?;
             let n = fill(&mut file)?;
@@ -118,10 +114,7 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<ObjectInfo>) -> io::Result<()> {
             };
             let key = rel.to_string_lossy().into_owned();
             if validate_key(&key).is_ok() {
-                out.push(ObjectInfo {
-                    key,
-                    size: entry.metadata()?.len(),
-                });
+                out.push(ObjectInfo { key, size: entry.metadata()?.len() });
             }
         }
     }
@@ -190,8 +183,7 @@ impl BlobStore for LocalStore {
             };
             let size = file.metadata().map_err(io_err("get_range", &k))?.len();
             let r = clamp_range(&k, &range, size)?;
-            file.seek(SeekFrom::Start(r.start))
-                .map_err(io_err("get_range", &k))?;
+            file.seek(SeekFrom::Start(r.start)).map_err(io_err("get_range", &k))?;
             let len = usize::try_from(r.end - r.start).map_err(|_| BlobError::InvalidRange {
                 key: k.clone(),
                 start: r.start,
@@ -210,10 +202,7 @@ impl BlobStore for LocalStore {
         let path = self.path_of(key)?;
         let k = key.to_string();
         blocking("head", key, move || match fs::metadata(&path) {
-            Ok(m) if m.is_file() => Ok(Some(ObjectInfo {
-                key: k,
-                size: m.len(),
-            })),
+            Ok(m) if m.is_file() => Ok(Some(ObjectInfo { key: k, size: m.len() })),
             Ok(_) => Ok(None),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_err("head", &k)(e)),
@@ -229,11 +218,7 @@ impl BlobStore for LocalStore {
         let p = prefix.clone();
         blocking("list", &prefix, move || {
             let mut out = Vec::new();
-            let dir = if p.is_empty() {
-                root.clone()
-            } else {
-                root.join(&p)
-            };
+            let dir = if p.is_empty() { root.clone() } else { root.join(&p) };
             walk(&root, &dir, &mut out).map_err(io_err("list", &p))?;
             out.sort_by(|a, b| a.key.cmp(&b.key));
             Ok(out)

@@ -16,8 +16,8 @@ use tracing::instrument;
 
 use crate::config::{AzureConfig, ConfigError, S3Config, S3Flavor};
 use crate::{
-    BlobError, BlobStore, MULTIPART_CONCURRENCY, MULTIPART_PART_SIZE, MULTIPART_THRESHOLD,
-    ObjectInfo, Result, clamp_range, validate_key, validate_prefix,
+    BlobError, BlobStore, MULTIPART_CONCURRENCY, MULTIPART_PART_SIZE, MULTIPART_THRESHOLD, ObjectInfo, Result,
+    clamp_range, validate_key, validate_prefix,
 };
 
 /// A [`BlobStore`] over any `object_store` implementation.
@@ -39,17 +39,11 @@ impl ObjectStoreBlobStore {
             S3Flavor::Aws => "aws-s3",
             S3Flavor::Minio => "minio",
         };
-        let mut b = if c.use_environment_authentication {
-            AmazonS3Builder::from_env()
-        } else {
-            AmazonS3Builder::new()
-        };
+        let mut b = if c.use_environment_authentication { AmazonS3Builder::from_env() } else { AmazonS3Builder::new() };
         b = b.with_bucket_name(&c.bucket).with_region(&c.region);
         let mut opts = ClientOptions::new();
         if let Some(endpoint) = &c.endpoint {
-            b = b
-                .with_endpoint(endpoint)
-                .with_virtual_hosted_style_request(false);
+            b = b.with_endpoint(endpoint).with_virtual_hosted_style_request(false);
             if endpoint.starts_with("http://") {
                 opts = opts.with_allow_http(true);
             }
@@ -69,10 +63,7 @@ impl ObjectStoreBlobStore {
         let store = b
             .with_client_options(opts)
             .build()
-            .map_err(|e| ConfigError::Client {
-                provider,
-                message: e.to_string(),
-            })?;
+            .map_err(|e| ConfigError::Client { provider, message: e.to_string() })?;
         Ok(Self::from_object_store(Arc::new(store), provider))
     }
 
@@ -93,10 +84,7 @@ impl ObjectStoreBlobStore {
         let store = b
             .with_client_options(opts)
             .build()
-            .map_err(|e| ConfigError::Client {
-                provider,
-                message: e.to_string(),
-            })?;
+            .map_err(|e| ConfigError::Client { provider, message: e.to_string() })?;
         Ok(Self::from_object_store(Arc::new(store), provider))
     }
 
@@ -107,9 +95,7 @@ impl ObjectStoreBlobStore {
 
     fn map_err(&self, op: &'static str, key: &str, e: object_store::Error) -> BlobError {
         match e {
-            object_store::Error::NotFound { .. } => BlobError::NotFound {
-                key: key.to_string(),
-            },
+            object_store::Error::NotFound { .. } => BlobError::NotFound { key: key.to_string() },
             object_store::Error::Unauthenticated { source, .. }
             | object_store::Error::PermissionDenied { source, .. } => BlobError::Unauthorized {
                 provider: self.provider,
@@ -117,12 +103,9 @@ impl ObjectStoreBlobStore {
                 key: key.to_string(),
                 message: source.to_string(),
             },
-            other => BlobError::Backend {
-                provider: self.provider,
-                op,
-                key: key.to_string(),
-                message: other.to_string(),
-            },
+            other => {
+                BlobError::Backend { provider: self.provider, op, key: key.to_string(), message: other.to_string() }
+            }
         }
     }
 }
@@ -136,21 +119,14 @@ impl BlobStore for ObjectStoreBlobStore {
     #[instrument(skip(self, data), fields(provider = self.provider, len = data.len()))]
     async fn put(&self, key: &str, data: Bytes) -> Result<()> {
         let path = Self::path(key)?;
-        self.inner
-            .put(&path, PutPayload::from(data))
-            .await
-            .map_err(|e| self.map_err("put", key, e))?;
+        self.inner.put(&path, PutPayload::from(data)).await.map_err(|e| self.map_err("put", key, e))?;
         Ok(())
     }
 
     #[instrument(skip(self), fields(provider = self.provider))]
     async fn put_file(&self, key: &str, path: &FsPath) -> Result<u64> {
         let location = Self::path(key)?;
-        let io = |source| BlobError::Io {
-            op: "put_file",
-            key: path.display().to_string(),
-            source,
-        };
+        let io = |source| BlobError::Io { op: "put_file", key: path.display().to_string(), source };
         let mut file = tokio::fs::File::open(path).await.map_err(io)?;
         let size = file.metadata().await.map_err(io)?.len();
         if size < MULTIPART_THRESHOLD {
@@ -160,11 +136,7 @@ impl BlobStore for ObjectStoreBlobStore {
             self.put(key, Bytes::from(buf)).await?;
             return Ok(n);
         }
-        let upload = self
-            .inner
-            .put_multipart(&location)
-            .await
-            .map_err(|e| self.map_err("put_file", key, e))?;
+        let upload = self.inner.put_multipart(&location).await.map_err(|e| self.map_err("put_file", key, e))?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, MULTIPART_PART_SIZE);
         let mut total = 0u64;
         let mut buf = vec![0u8; MULTIPART_PART_SIZE];
@@ -184,37 +156,22 @@ impl BlobStore for ObjectStoreBlobStore {
             writer.write(&buf[..n]);
             total += n as u64;
         }
-        writer
-            .finish()
-            .await
-            .map_err(|e| self.map_err("put_file", key, e))?;
+        writer.finish().await.map_err(|e| self.map_err("put_file", key, e))?;
         Ok(total)
     }
 
     #[instrument(skip(self), fields(provider = self.provider))]
     async fn get(&self, key: &str) -> Result<Bytes> {
         let path = Self::path(key)?;
-        let result = self
-            .inner
-            .get(&path)
-            .await
-            .map_err(|e| self.map_err("get", key, e))?;
-        result
-            .bytes()
-            .await
-            .map_err(|e| self.map_err("get", key, e))
+        let result = self.inner.get(&path).await.map_err(|e| self.map_err("get", key, e))?;
+        result.bytes().await.map_err(|e| self.map_err("get", key, e))
     }
 
     #[instrument(skip(self), fields(provider = self.provider))]
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
         let path = Self::path(key)?;
         if range.start >= range.end {
-            return Err(BlobError::InvalidRange {
-                key: key.to_string(),
-                start: range.start,
-                end: range.end,
-                size: 0,
-            });
+            return Err(BlobError::InvalidRange { key: key.to_string(), start: range.start, end: range.end, size: 0 });
         }
         // object_store rejects ranges past the end; clamp against the size
         // like an HTTP server would.
@@ -223,20 +180,14 @@ impl BlobStore for ObjectStoreBlobStore {
             Err(e) => return Err(self.map_err("get_range", key, e)),
         };
         let r = clamp_range(key, &range, size)?;
-        self.inner
-            .get_range(&path, r)
-            .await
-            .map_err(|e| self.map_err("get_range", key, e))
+        self.inner.get_range(&path, r).await.map_err(|e| self.map_err("get_range", key, e))
     }
 
     #[instrument(skip(self), fields(provider = self.provider))]
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
         let path = Self::path(key)?;
         match self.inner.head(&path).await {
-            Ok(meta) => Ok(Some(ObjectInfo {
-                key: key.to_string(),
-                size: meta.size,
-            })),
+            Ok(meta) => Ok(Some(ObjectInfo { key: key.to_string(), size: meta.size })),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(self.map_err("head", key, e)),
         }
@@ -248,19 +199,10 @@ impl BlobStore for ObjectStoreBlobStore {
         let trimmed = prefix.trim_end_matches('/');
         let p = Path::from(trimmed);
         let prefix_path = if trimmed.is_empty() { None } else { Some(&p) };
-        let metas: Vec<_> = self
-            .inner
-            .list(prefix_path)
-            .try_collect()
-            .await
-            .map_err(|e| self.map_err("list", prefix, e))?;
-        let mut out: Vec<ObjectInfo> = metas
-            .into_iter()
-            .map(|m| ObjectInfo {
-                key: m.location.to_string(),
-                size: m.size,
-            })
-            .collect();
+        let metas: Vec<_> =
+            self.inner.list(prefix_path).try_collect().await.map_err(|e| self.map_err("list", prefix, e))?;
+        let mut out: Vec<ObjectInfo> =
+            metas.into_iter().map(|m| ObjectInfo { key: m.location.to_string(), size: m.size }).collect();
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
     }

@@ -33,19 +33,13 @@ impl PrefixedStore {
 
     fn strip(&self, info: ObjectInfo) -> Option<ObjectInfo> {
         let rest = info.key.strip_prefix(&self.prefix)?.strip_prefix('/')?;
-        Some(ObjectInfo {
-            key: rest.to_string(),
-            size: info.size,
-        })
+        Some(ObjectInfo { key: rest.to_string(), size: info.size })
     }
 
     fn unprefix_err(&self, e: BlobError) -> BlobError {
         match e {
             BlobError::NotFound { key } => BlobError::NotFound {
-                key: key
-                    .strip_prefix(&format!("{}/", self.prefix))
-                    .map(str::to_string)
-                    .unwrap_or(key),
+                key: key.strip_prefix(&format!("{}/", self.prefix)).map(str::to_string).unwrap_or(key),
             },
             other => other,
         }
@@ -65,40 +59,20 @@ impl BlobStore for PrefixedStore {
     }
     async fn get(&self, key: &str) -> Result<Bytes> {
         let full = self.full(key)?;
-        self.inner
-            .get(&full)
-            .await
-            .map_err(|e| self.unprefix_err(e))
+        self.inner.get(&full).await.map_err(|e| self.unprefix_err(e))
     }
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
         let full = self.full(key)?;
-        self.inner
-            .get_range(&full, range)
-            .await
-            .map_err(|e| self.unprefix_err(e))
+        self.inner.get_range(&full, range).await.map_err(|e| self.unprefix_err(e))
     }
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
-        Ok(self
-            .inner
-            .head(&self.full(key)?)
-            .await?
-            .and_then(|i| self.strip(i)))
+        Ok(self.inner.head(&self.full(key)?).await?.and_then(|i| self.strip(i)))
     }
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
         validate_prefix(prefix)?;
         let p = prefix.trim_end_matches('/');
-        let full = if p.is_empty() {
-            self.prefix.clone()
-        } else {
-            format!("{}/{p}", self.prefix)
-        };
-        Ok(self
-            .inner
-            .list(&full)
-            .await?
-            .into_iter()
-            .filter_map(|i| self.strip(i))
-            .collect())
+        let full = if p.is_empty() { self.prefix.clone() } else { format!("{}/{p}", self.prefix) };
+        Ok(self.inner.list(&full).await?.into_iter().filter_map(|i| self.strip(i)).collect())
     }
     async fn delete(&self, key: &str) -> Result<()> {
         self.inner.delete(&self.full(key)?).await

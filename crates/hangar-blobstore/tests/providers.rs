@@ -13,35 +13,21 @@ use hangar_blobstore::{BlobError, BlobStore, local::LocalStore, open_connection_
 async fn local_store_conforms() {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn BlobStore> = Arc::new(LocalStore::new(dir.path()).unwrap());
-    conformance::run(store, &unique_root("local"))
-        .await
-        .unwrap();
+    conformance::run(store, &unique_root("local")).await.unwrap();
     // Atomic writes leave no temp files behind.
-    let tmp = std::fs::read_dir(dir.path().join(".hangar-tmp"))
-        .unwrap()
-        .count();
+    let tmp = std::fs::read_dir(dir.path().join(".hangar-tmp")).unwrap().count();
     assert_eq!(tmp, 0, "temp files left in .hangar-tmp");
 }
 
 #[tokio::test]
 async fn local_store_via_connection_string_and_prefix() {
     let dir = tempfile::tempdir().unwrap();
-    let cs = format!(
-        "provider=local-storage;catalog_path={}",
-        dir.path().display()
-    );
+    let cs = format!("provider=local-storage;catalog_path={}", dir.path().display());
     let store = open_connection_string(&cs).unwrap();
-    let prefixed: Arc<dyn BlobStore> =
-        Arc::new(hangar_blobstore::PrefixedStore::new(store.clone(), "team/a").unwrap());
+    let prefixed: Arc<dyn BlobStore> = Arc::new(hangar_blobstore::PrefixedStore::new(store.clone(), "team/a").unwrap());
     conformance::run(prefixed.clone(), "suite").await.unwrap();
-    prefixed
-        .put("x/y", Bytes::from_static(b"hello"))
-        .await
-        .unwrap();
-    assert_eq!(
-        std::fs::read(dir.path().join("team/a/x/y")).unwrap(),
-        b"hello"
-    );
+    prefixed.put("x/y", Bytes::from_static(b"hello")).await.unwrap();
+    assert_eq!(std::fs::read(dir.path().join("team/a/x/y")).unwrap(), b"hello");
     assert_eq!(store.list("team").await.unwrap().len(), 1);
 }
 
@@ -52,10 +38,7 @@ async fn server_conforms(server: TestServer) {
     };
     let store = open_connection_string(&cs).unwrap();
     if let Err(e) = conformance::run(store, &unique_root("conformance")).await {
-        panic!(
-            "{server:?} failed the conformance suite: {e}\n{}",
-            server.failure_hint()
-        );
+        panic!("{server:?} failed the conformance suite: {e}\n{}", server.failure_hint());
     }
 }
 
@@ -85,10 +68,7 @@ async fn artifactory_like_rejects_a_wrong_password() {
     let store = open_connection_string(&cs).unwrap();
     match store.put("auth-check/x", Bytes::from_static(b"x")).await {
         Err(BlobError::Unauthorized { .. }) => {}
-        other => panic!(
-            "expected Unauthorized, got {other:?}\n{}",
-            server.failure_hint()
-        ),
+        other => panic!("expected Unauthorized, got {other:?}\n{}", server.failure_hint()),
     }
 }
 

@@ -115,9 +115,12 @@ pub async fn open_driver(cfg: &HostConfig) -> Result<Arc<dyn Hypervisor>> {
     };
     match choice {
         DriverChoice::Parallels => {
-            let prlctl = prlctl.ok_or_else(|| HostError::Unavailable("HYPERVISOR=parallels but prlctl is not found; set PRLCTL_PATH".into()))?;
+            let prlctl = prlctl.ok_or_else(|| {
+                HostError::Unavailable("HYPERVISOR=parallels but prlctl is not found; set PRLCTL_PATH".into())
+            })?;
             let mut pc = hangar_parallels::ParallelsConfig { prlctl: prlctl.clone(), ..Default::default() };
-            pc.prlsrvctl = cfg.prlsrvctl.clone().or_else(|| prlctl.parent().map(|d| d.join("prlsrvctl"))).unwrap_or_default();
+            pc.prlsrvctl =
+                cfg.prlsrvctl.clone().or_else(|| prlctl.parent().map(|d| d.join("prlsrvctl"))).unwrap_or_default();
             let d = hangar_parallels::ParallelsDriver::new(pc).map_err(HostError::Hypervisor)?;
             Ok(Arc::new(d))
         }
@@ -198,7 +201,13 @@ fn check_name(name: &str) -> Result<()> {
         && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_. ".contains(c))
         && !name.starts_with('.')
         && name.trim() == name;
-    if ok { Ok(()) } else { Err(HostError::Invalid(format!("VM name {name:?} is invalid: use 1 to 100 letters, digits, spaces, '-', '_' or '.'"))) }
+    if ok {
+        Ok(())
+    } else {
+        Err(HostError::Invalid(format!(
+            "VM name {name:?} is invalid: use 1 to 100 letters, digits, spaces, '-', '_' or '.'"
+        )))
+    }
 }
 
 impl Host {
@@ -240,7 +249,9 @@ impl Host {
         match source {
             ImageSource::Folder(p) => Ok(p.clone()),
             ImageSource::Local(name) => {
-                let ok = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) && !name.starts_with('.');
+                let ok = !name.is_empty()
+                    && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                    && !name.starts_with('.');
                 if !ok {
                     return Err(HostError::Invalid(format!("image name {name:?} is invalid")));
                 }
@@ -261,7 +272,12 @@ impl Host {
     /// Names of the local images.
     pub fn local_images(&self) -> Vec<String> {
         let mut out: Vec<String> = std::fs::read_dir(&self.config.images_dir)
-            .map(|rd| rd.filter_map(|e| e.ok()).filter(|e| e.path().is_dir()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default();
         out.sort();
         out
@@ -333,7 +349,11 @@ impl Host {
         let info = self.hv.get(vm).await?;
         if !matches!(info.state, VmState::Stopped | VmState::Suspended | VmState::Unknown) {
             if !force {
-                return Err(HostError::Hypervisor(HypervisorError::InvalidState { id: info.id, operation: "delete", state: info.state }));
+                return Err(HostError::Hypervisor(HypervisorError::InvalidState {
+                    id: info.id,
+                    operation: "delete",
+                    state: info.state,
+                }));
             }
             self.hv.power(&info.id, PowerOp::Kill).await?;
         }
@@ -385,10 +405,16 @@ impl Host {
         let root = self.config.upload_root.as_ref().ok_or_else(|| {
             HostError::Forbidden("uploads from host paths are disabled; set HOST_UPLOAD_FOLDER, or send the bytes with PUT /machines/{id}/files".into())
         })?;
-        let root = std::fs::canonicalize(root).map_err(|e| HostError::Unavailable(format!("HOST_UPLOAD_FOLDER: {e}")))?;
-        let real = std::fs::canonicalize(path).map_err(|_| HostError::NotFound(format!("{} does not exist on the host", path.display())))?;
+        let root =
+            std::fs::canonicalize(root).map_err(|e| HostError::Unavailable(format!("HOST_UPLOAD_FOLDER: {e}")))?;
+        let real = std::fs::canonicalize(path)
+            .map_err(|_| HostError::NotFound(format!("{} does not exist on the host", path.display())))?;
         if !real.starts_with(&root) {
-            return Err(HostError::Forbidden(format!("{} is outside the upload folder {}", path.display(), root.display())));
+            return Err(HostError::Forbidden(format!(
+                "{} is outside the upload folder {}",
+                path.display(),
+                root.display()
+            )));
         }
         Ok(self.hv.upload(vm, &real, remote).await?)
     }
@@ -397,7 +423,8 @@ impl Host {
     pub async fn hardware(&self) -> Result<Hardware> {
         let info = self.hv.host_info().await?;
         let vms = self.hv.list().await?;
-        let running: Vec<&VmInfo> = vms.iter().filter(|v| matches!(v.state, VmState::Running | VmState::Paused | VmState::Starting)).collect();
+        let running: Vec<&VmInfo> =
+            vms.iter().filter(|v| matches!(v.state, VmState::Running | VmState::Paused | VmState::Starting)).collect();
         let in_use_cpu: u32 = running.iter().map(|v| v.cpus).sum();
         let in_use_memory_mb: u64 = running.iter().map(|v| v.memory_mb).sum();
         let in_use_disk_mb: u64 = vms.iter().map(|v| v.disk_bytes / (1 << 20)).sum();
@@ -452,14 +479,24 @@ impl Host {
 /// A driver event as a reference-style `pdfm` event.
 pub fn translate(e: &VmEvent) -> Event {
     match e {
-        VmEvent::Added { vm } => Event::new(EventType::Pdfm, "VM_ADDED", json!({"vm_id": vm.id, "name": vm.name, "new_vm": {"ID": vm.id, "Name": vm.name, "State": vm.state.as_str()}})),
+        VmEvent::Added { vm } => Event::new(
+            EventType::Pdfm,
+            "VM_ADDED",
+            json!({"vm_id": vm.id, "name": vm.name, "new_vm": {"ID": vm.id, "Name": vm.name, "State": vm.state.as_str()}}),
+        ),
         VmEvent::Removed { id } => Event::new(EventType::Pdfm, "VM_REMOVED", json!({"vm_id": id})),
         VmEvent::StateChanged { id, previous, current } => Event::new(
             EventType::Pdfm,
             "VM_STATE_CHANGED",
             json!({"vm_id": id, "previous_state": previous.as_str(), "current_state": current.as_str()}),
         ),
-        VmEvent::IpChanged { id, ip_addresses } => Event::new(EventType::Pdfm, "VM_IP_CHANGED", json!({"vm_id": id, "ip_addresses": ip_addresses})),
-        VmEvent::Updated { vm } => Event::new(EventType::Pdfm, "VM_UPDATED", json!({"vm_id": vm.id, "name": vm.name, "state": vm.state.as_str()})),
+        VmEvent::IpChanged { id, ip_addresses } => {
+            Event::new(EventType::Pdfm, "VM_IP_CHANGED", json!({"vm_id": id, "ip_addresses": ip_addresses}))
+        }
+        VmEvent::Updated { vm } => Event::new(
+            EventType::Pdfm,
+            "VM_UPDATED",
+            json!({"vm_id": vm.id, "name": vm.name, "state": vm.state.as_str()}),
+        ),
     }
 }

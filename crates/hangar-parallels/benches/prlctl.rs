@@ -10,11 +10,8 @@ use hangar_hypervisor::Hypervisor;
 use hangar_parallels::{ParallelsConfig, ParallelsDriver, parse};
 
 fn main() {
-    let fixture = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/list-info.json"
-    ))
-    .unwrap();
+    let fixture =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/list-info.json")).unwrap();
     let v: serde_json::Value = serde_json::from_str(&fixture).unwrap();
     let one = v[0].clone();
     let many: Vec<serde_json::Value> = (0..200)
@@ -51,8 +48,7 @@ fn main() {
         std::os::unix::fs::symlink(exe, bin.join("prlctl")).unwrap();
         std::os::unix::fs::symlink(exe, bin.join("prlsrvctl")).unwrap();
         let mut cfg = ParallelsConfig::with_tools_in(&bin);
-        cfg.env
-            .insert("FAKE_PRL_STATE_DIR".into(), state.display().to_string());
+        cfg.env.insert("FAKE_PRL_STATE_DIR".into(), state.display().to_string());
         cfg.watch_events = false;
         cfg.assume_root = Some(false);
         let d = ParallelsDriver::new(cfg).unwrap();
@@ -64,9 +60,7 @@ fn main() {
                 .unwrap();
             assert!(out.status.success());
         }
-        let time = |label: &str, n: u32, took: Duration| {
-            println!("{label}: {:?} per call ({n} calls)", took / n)
-        };
+        let time = |label: &str, n: u32, took: Duration| println!("{label}: {:?} per call ({n} calls)", took / n);
         let n = 50;
         let t = Instant::now();
         for _ in 0..n {
@@ -77,14 +71,8 @@ fn main() {
         for _ in 0..n {
             assert_eq!(d.list().await.unwrap().len(), 20);
         }
-        time(
-            "driver.list, 20 VMs (2 prlctl calls + bundle sizes) vs fake",
-            n,
-            t.elapsed(),
-        );
-        d.power("bench-3", hangar_hypervisor::PowerOp::Start)
-            .await
-            .unwrap();
+        time("driver.list, 20 VMs (2 prlctl calls + bundle sizes) vs fake", n, t.elapsed());
+        d.power("bench-3", hangar_hypervisor::PowerOp::Start).await.unwrap();
         let req = hangar_hypervisor::ExecRequest {
             argv: vec!["true".into()],
             shell: false,
@@ -98,10 +86,6 @@ fn main() {
         for _ in 0..n {
             d.exec("bench-3", req.clone()).await.unwrap();
         }
-        time(
-            "driver.exec `true` (get + prlctl exec) vs fake",
-            n,
-            t.elapsed(),
-        );
+        time("driver.exec `true` (get + prlctl exec) vs fake", n, t.elapsed());
     });
 }

@@ -84,13 +84,7 @@ impl Invocation {
                     tool_path.display().to_string(),
                 ];
                 args.extend(tool_args.iter().cloned());
-                Invocation {
-                    tool,
-                    tool_args,
-                    program: sudo_path.to_path_buf(),
-                    args,
-                    setuid_user: None,
-                }
+                Invocation { tool, tool_args, program: sudo_path.to_path_buf(), args, setuid_user: None }
             }
             (Some(user), RunAs::Setuid) => Invocation {
                 tool,
@@ -191,18 +185,11 @@ impl Runner {
     /// killed on drop).
     pub fn command(&self, inv: &Invocation) -> Result<tokio::process::Command> {
         let mut cmd = tokio::process::Command::new(&inv.program);
-        cmd.args(&inv.args)
-            .envs(&self.env)
-            .kill_on_drop(true)
-            .process_group(0);
+        cmd.args(&inv.args).envs(&self.env).kill_on_drop(true).process_group(0);
         if let Some(user) = &inv.setuid_user {
             let entry = nix::unistd::User::from_name(user)
-                .map_err(|e| {
-                    HypervisorError::Unavailable(format!("cannot look up host user {user:?}: {e}"))
-                })?
-                .ok_or_else(|| {
-                    HypervisorError::InvalidInput(format!("no host user named {user:?}"))
-                })?;
+                .map_err(|e| HypervisorError::Unavailable(format!("cannot look up host user {user:?}: {e}")))?
+                .ok_or_else(|| HypervisorError::InvalidInput(format!("no host user named {user:?}")))?;
             cmd.uid(entry.uid.as_raw())
                 .gid(entry.gid.as_raw())
                 .env("HOME", &entry.dir)
@@ -214,30 +201,16 @@ impl Runner {
 
     /// Run an invocation to completion within `timeout`. A non-zero exit is not an error
     /// here (see [`Output::code`]); spawn failures, deadlines and I/O are.
-    pub async fn run(
-        &self,
-        inv: &Invocation,
-        input: Option<Input>,
-        timeout: Duration,
-    ) -> Result<Output> {
+    pub async fn run(&self, inv: &Invocation, input: Option<Input>, timeout: Duration) -> Result<Output> {
         let span = tracing::debug_span!("prl_command", command = %inv);
         self.run_inner(inv, input, timeout).instrument(span).await
     }
 
-    async fn run_inner(
-        &self,
-        inv: &Invocation,
-        input: Option<Input>,
-        timeout: Duration,
-    ) -> Result<Output> {
+    async fn run_inner(&self, inv: &Invocation, input: Option<Input>, timeout: Duration) -> Result<Output> {
         let mut cmd = self.command(inv)?;
-        cmd.stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        cmd.stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 HypervisorError::Unavailable(format!("{} not found: {e}", inv.program.display()))
@@ -246,10 +219,7 @@ impl Runner {
             }
         })?;
         drop(cmd);
-        let pgid = child
-            .id()
-            .and_then(|p| i32::try_from(p).ok())
-            .map(Pid::from_raw);
+        let pgid = child.id().and_then(|p| i32::try_from(p).ok()).map(Pid::from_raw);
         let mut guard = GroupGuard(pgid);
         let writer = match (input, child.stdin.take()) {
             (Some(input), Some(mut stdin)) => Some(tokio::spawn(async move {
@@ -274,10 +244,7 @@ impl Runner {
             Err(_) => {
                 debug!("deadline reached; terminating the process group");
                 guard.signal(Signal::SIGTERM);
-                if tokio::time::timeout(self.kill_grace, child.wait())
-                    .await
-                    .is_err()
-                {
+                if tokio::time::timeout(self.kill_grace, child.wait()).await.is_err() {
                     guard.signal(Signal::SIGKILL);
                     let _ = child.kill().await;
                 }
@@ -289,24 +256,15 @@ impl Runner {
                 if let Some(w) = writer {
                     w.abort();
                 }
-                return Err(HypervisorError::Timeout {
-                    command: inv.to_string(),
-                    after: timeout,
-                });
+                return Err(HypervisorError::Timeout { command: inv.to_string(), after: timeout });
             }
         };
         guard.disarm();
         // Output pipes may be held open by leftovers of the tool; do not wait forever.
-        let stdout = tokio::time::timeout(self.kill_grace, out_task)
-            .await
-            .ok()
-            .and_then(|r| r.ok())
-            .unwrap_or_default();
-        let stderr = tokio::time::timeout(self.kill_grace, err_task)
-            .await
-            .ok()
-            .and_then(|r| r.ok())
-            .unwrap_or_default();
+        let stdout =
+            tokio::time::timeout(self.kill_grace, out_task).await.ok().and_then(|r| r.ok()).unwrap_or_default();
+        let stderr =
+            tokio::time::timeout(self.kill_grace, err_task).await.ok().and_then(|r| r.ok()).unwrap_or_default();
         if let Some(w) = writer
             && let Ok(Ok(Err(e))) = tokio::time::timeout(self.kill_grace, w).await
             && e.kind() != std::io::ErrorKind::BrokenPipe
@@ -325,11 +283,7 @@ impl Runner {
 pub fn sh_quote(word: &str) -> String {
     if !word.is_empty()
         && word.bytes().all(|b| {
-            b.is_ascii_alphanumeric()
-                || matches!(
-                    b,
-                    b'-' | b'_' | b'.' | b'/' | b':' | b'=' | b'@' | b'+' | b','
-                )
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/' | b':' | b'=' | b'@' | b'+' | b',')
         })
     {
         return word.to_string();
@@ -358,19 +312,7 @@ mod tests {
             Path::new("/usr/bin/sudo"),
         );
         assert_eq!(inv.program, Path::new("/usr/bin/sudo"));
-        assert_eq!(
-            inv.args,
-            args(&[
-                "-n",
-                "-H",
-                "-u",
-                "alice",
-                "--",
-                "/usr/local/bin/prlctl",
-                "start",
-                "vm-1"
-            ])
-        );
+        assert_eq!(inv.args, args(&["-n", "-H", "-u", "alice", "--", "/usr/local/bin/prlctl", "start", "vm-1"]));
         assert_eq!(inv.setuid_user, None);
         assert_eq!(inv.to_string(), "prlctl start vm-1");
     }
@@ -409,11 +351,7 @@ mod tests {
                 root,
                 Path::new("/usr/bin/sudo"),
             );
-            assert_eq!(
-                inv.program,
-                Path::new("prlsrvctl"),
-                "{owner:?} {root} {mode:?}"
-            );
+            assert_eq!(inv.program, Path::new("prlsrvctl"), "{owner:?} {root} {mode:?}");
             assert_eq!(inv.args, args(&["info", "--json"]));
             assert_eq!(inv.setuid_user, None);
         }

@@ -18,10 +18,7 @@ use crate::{Inner, parse};
 
 pub(crate) fn spawn(handle: &Handle, inner: Arc<Inner>, cancel: CancellationToken) {
     for scope in inner.scopes() {
-        let span = info_span!(
-            "parallels.monitor_events",
-            user = scope.as_deref().unwrap_or("-")
-        );
+        let span = info_span!("parallels.monitor_events", user = scope.as_deref().unwrap_or("-"));
         handle.spawn(monitor_loop(inner.clone(), scope, cancel.clone()).instrument(span));
     }
     handle.spawn(reconcile_loop(inner, cancel).instrument(info_span!("parallels.reconcile")));
@@ -35,23 +32,14 @@ fn send(inner: &Inner, event: VmEvent) {
 /// Events that turn `old` into `new`.
 pub(crate) fn diff(old: Option<&VmInfo>, new: &VmInfo) -> Vec<VmEvent> {
     let Some(old) = old else {
-        return vec![VmEvent::Added {
-            vm: Box::new(new.clone()),
-        }];
+        return vec![VmEvent::Added { vm: Box::new(new.clone()) }];
     };
     let mut out = Vec::new();
     if old.state != new.state {
-        out.push(VmEvent::StateChanged {
-            id: new.id.clone(),
-            previous: old.state,
-            current: new.state,
-        });
+        out.push(VmEvent::StateChanged { id: new.id.clone(), previous: old.state, current: new.state });
     }
     if old.ip_addresses != new.ip_addresses {
-        out.push(VmEvent::IpChanged {
-            id: new.id.clone(),
-            ip_addresses: new.ip_addresses.clone(),
-        });
+        out.push(VmEvent::IpChanged { id: new.id.clone(), ip_addresses: new.ip_addresses.clone() });
     }
     // `disk_bytes` moves all the time on a running VM; it is not a configuration change.
     let config_changed = old.name != new.name
@@ -65,9 +53,7 @@ pub(crate) fn diff(old: Option<&VmInfo>, new: &VmInfo) -> Vec<VmEvent> {
         || old.is_template != new.is_template
         || old.architecture != new.architecture;
     if config_changed {
-        out.push(VmEvent::Updated {
-            vm: Box::new(new.clone()),
-        });
+        out.push(VmEvent::Updated { vm: Box::new(new.clone()) });
     }
     out
 }
@@ -89,11 +75,7 @@ async fn refresh(inner: &Inner, id: &str) {
             }
         }
         Err(HypervisorError::NotFound(_)) => {
-            let was_known = inner
-                .known
-                .lock()
-                .map(|mut k| k.remove(id).is_some())
-                .unwrap_or(false);
+            let was_known = inner.known.lock().map(|mut k| k.remove(id).is_some()).unwrap_or(false);
             if was_known {
                 send(inner, VmEvent::Removed { id: id.to_string() });
             }
@@ -122,30 +104,16 @@ pub(crate) async fn handle_line(inner: &Inner, line: &str) {
     match event.name.as_str() {
         "vm_state_changed" if !event.info.vm_state_name.trim().is_empty() => {
             let current = parse::vm_state(&event.info.vm_state_name);
-            let previous = inner.known.lock().ok().and_then(|mut known| {
-                known
-                    .get_mut(&id)
-                    .map(|vm| std::mem::replace(&mut vm.state, current))
-            });
+            let previous = inner
+                .known
+                .lock()
+                .ok()
+                .and_then(|mut known| known.get_mut(&id).map(|vm| std::mem::replace(&mut vm.state, current)));
             match previous {
                 Some(p) if p == current => {}
-                Some(previous) => send(
-                    inner,
-                    VmEvent::StateChanged {
-                        id,
-                        previous,
-                        current,
-                    },
-                ),
+                Some(previous) => send(inner, VmEvent::StateChanged { id, previous, current }),
                 None => {
-                    send(
-                        inner,
-                        VmEvent::StateChanged {
-                            id: id.clone(),
-                            previous: VmState::Unknown,
-                            current,
-                        },
-                    );
+                    send(inner, VmEvent::StateChanged { id: id.clone(), previous: VmState::Unknown, current });
                     refresh(inner, &id).await;
                 }
             }
@@ -156,11 +124,7 @@ pub(crate) async fn handle_line(inner: &Inner, line: &str) {
             }
             send(inner, VmEvent::Removed { id });
         }
-        "vm_state_changed"
-        | "vm_added"
-        | "vm_registered"
-        | "vm_config_changed"
-        | "vm_tools_state_changed" => {
+        "vm_state_changed" | "vm_added" | "vm_registered" | "vm_config_changed" | "vm_tools_state_changed" => {
             refresh(inner, &id).await;
         }
         other => debug!(event = other, %id, "event not tracked"),
@@ -191,44 +155,32 @@ async fn monitor_loop(inner: Arc<Inner>, scope: Option<String>, cancel: Cancella
     }
 }
 
-async fn monitor_once(
-    inner: &Inner,
-    scope: Option<&str>,
-    cancel: &CancellationToken,
-) -> Result<()> {
-    let inv = inner.invocation(
-        Tool::Prlctl,
-        vec!["monitor-events".to_string(), "--json".to_string()],
-        scope,
-    );
+async fn monitor_once(inner: &Inner, scope: Option<&str>, cancel: &CancellationToken) -> Result<()> {
+    let inv = inner.invocation(Tool::Prlctl, vec!["monitor-events".to_string(), "--json".to_string()], scope);
     let mut cmd = inner.runner.command(&inv)?;
     cmd.stdin(Stdio::null()).stderr(Stdio::null());
     let spawn_err = |e: std::io::Error| HypervisorError::io(&inv.program, e);
-    let (mut child, reader): (tokio::process::Child, Box<dyn AsyncBufRead + Unpin + Send>) =
-        if inner.cfg.monitor_pty {
-            let pty = nix::pty::openpty(None, None).map_err(|e| {
-                HypervisorError::Unavailable(format!("cannot open a pseudo-terminal: {e}"))
-            })?;
-            cmd.stdout(Stdio::from(pty.slave));
-            let child = cmd.spawn().map_err(spawn_err)?;
-            // Our copy of the terminal's slave side goes with the command, so the master
-            // reports end-of-file when the child is gone.
-            drop(cmd);
-            let master = tokio::fs::File::from_std(std::fs::File::from(pty.master));
-            (child, Box::new(BufReader::new(master)))
-        } else {
-            cmd.stdout(Stdio::piped());
-            let mut child = cmd.spawn().map_err(spawn_err)?;
-            drop(cmd);
-            let stdout = child.stdout.take().ok_or_else(|| {
-                HypervisorError::Unavailable("monitor-events has no stdout".to_string())
-            })?;
-            (child, Box::new(BufReader::new(stdout)))
-        };
-    let pgid = child
-        .id()
-        .and_then(|p| i32::try_from(p).ok())
-        .map(nix::unistd::Pid::from_raw);
+    let (mut child, reader): (tokio::process::Child, Box<dyn AsyncBufRead + Unpin + Send>) = if inner.cfg.monitor_pty {
+        let pty = nix::pty::openpty(None, None)
+            .map_err(|e| HypervisorError::Unavailable(format!("cannot open a pseudo-terminal: {e}")))?;
+        cmd.stdout(Stdio::from(pty.slave));
+        let child = cmd.spawn().map_err(spawn_err)?;
+        // Our copy of the terminal's slave side goes with the command, so the master
+        // reports end-of-file when the child is gone.
+        drop(cmd);
+        let master = tokio::fs::File::from_std(std::fs::File::from(pty.master));
+        (child, Box::new(BufReader::new(master)))
+    } else {
+        cmd.stdout(Stdio::piped());
+        let mut child = cmd.spawn().map_err(spawn_err)?;
+        drop(cmd);
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| HypervisorError::Unavailable("monitor-events has no stdout".to_string()))?;
+        (child, Box::new(BufReader::new(stdout)))
+    };
+    let pgid = child.id().and_then(|p| i32::try_from(p).ok()).map(nix::unistd::Pid::from_raw);
     let _guard = GroupGuard(pgid);
     debug!(pid = ?child.id(), "monitor-events started");
     let mut lines = reader.lines();
@@ -256,8 +208,7 @@ async fn reconcile_loop(inner: Arc<Inner>, cancel: CancellationToken) {
     loop {
         match inner.list().await {
             Ok(vms) => {
-                let fresh: HashMap<String, VmInfo> =
-                    vms.into_iter().map(|v| (v.id.clone(), v)).collect();
+                let fresh: HashMap<String, VmInfo> = vms.into_iter().map(|v| (v.id.clone(), v)).collect();
                 let events = match inner.known.lock() {
                     Ok(mut known) => {
                         let mut events = Vec::new();

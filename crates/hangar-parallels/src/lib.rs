@@ -23,9 +23,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use hangar_hypervisor::{
-    CloneSpec, ConfigChange, CreateSpec, ExecOutput, ExecRequest, HostInfo, Hypervisor,
-    HypervisorError, HypervisorKind, PowerOp, RegisterSpec, Result, Snapshot, SnapshotOp, VmEvent,
-    VmInfo, VmState,
+    CloneSpec, ConfigChange, CreateSpec, ExecOutput, ExecRequest, HostInfo, Hypervisor, HypervisorError,
+    HypervisorKind, PowerOp, RegisterSpec, Result, Snapshot, SnapshotOp, VmEvent, VmInfo, VmState,
 };
 use tokio::sync::{Semaphore, broadcast};
 use tokio_util::sync::CancellationToken;
@@ -104,11 +103,7 @@ impl Default for ParallelsConfig {
 impl ParallelsConfig {
     /// Defaults with both tools found in `dir` (for example a folder of test symlinks).
     pub fn with_tools_in(dir: &Path) -> Self {
-        ParallelsConfig {
-            prlctl: dir.join("prlctl"),
-            prlsrvctl: dir.join("prlsrvctl"),
-            ..Default::default()
-        }
+        ParallelsConfig { prlctl: dir.join("prlctl"), prlsrvctl: dir.join("prlsrvctl"), ..Default::default() }
     }
 }
 
@@ -143,11 +138,7 @@ fn require(vm: &VmInfo, operation: &'static str, allowed: &[VmState]) -> Result<
     if allowed.contains(&vm.state) {
         Ok(())
     } else {
-        Err(HypervisorError::InvalidState {
-            id: vm.id.clone(),
-            operation,
-            state: vm.state,
-        })
+        Err(HypervisorError::InvalidState { id: vm.id.clone(), operation, state: vm.state })
     }
 }
 
@@ -160,9 +151,7 @@ fn is_not_found(stderr: &str) -> bool {
 
 fn validate_name(name: &str) -> Result<()> {
     if name.trim().is_empty() || name.contains('/') || name.contains('\0') || name.len() > 255 {
-        return Err(HypervisorError::InvalidInput(format!(
-            "invalid VM name {name:?}"
-        )));
+        return Err(HypervisorError::InvalidInput(format!("invalid VM name {name:?}")));
     }
     Ok(())
 }
@@ -207,9 +196,7 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
 
 fn chown_tree(path: &Path, user: &str) -> Result<()> {
     let entry = nix::unistd::User::from_name(user)
-        .map_err(|e| {
-            HypervisorError::Unavailable(format!("cannot look up host user {user:?}: {e}"))
-        })?
+        .map_err(|e| HypervisorError::Unavailable(format!("cannot look up host user {user:?}: {e}")))?
         .ok_or_else(|| HypervisorError::InvalidInput(format!("no host user named {user:?}")))?;
     let mut stack = vec![path.to_path_buf()];
     while let Some(p) = stack.pop() {
@@ -222,10 +209,7 @@ fn chown_tree(path: &Path, user: &str) -> Result<()> {
         )
         .map_err(|e| HypervisorError::io(&p, std::io::Error::from(e)))?;
         if p.is_dir() && !p.is_symlink() {
-            for child in std::fs::read_dir(&p)
-                .map_err(|e| HypervisorError::io(&p, e))?
-                .flatten()
-            {
+            for child in std::fs::read_dir(&p).map_err(|e| HypervisorError::io(&p, e))?.flatten() {
                 stack.push(child.path());
             }
         }
@@ -291,25 +275,12 @@ impl Inner {
         }
     }
 
-    pub(crate) fn invocation(
-        &self,
-        tool: Tool,
-        args: Vec<String>,
-        owner: Option<&str>,
-    ) -> Invocation {
+    pub(crate) fn invocation(&self, tool: Tool, args: Vec<String>, owner: Option<&str>) -> Invocation {
         let path = match tool {
             Tool::Prlctl => &self.cfg.prlctl,
             Tool::Prlsrvctl => &self.cfg.prlsrvctl,
         };
-        Invocation::build(
-            tool,
-            path,
-            args,
-            owner,
-            self.cfg.run_as,
-            self.is_root,
-            &self.cfg.sudo,
-        )
+        Invocation::build(tool, path, args, owner, self.cfg.run_as, self.is_root, &self.cfg.sudo)
     }
 
     /// Run and require exit code 0; a not-found message becomes `NotFound(subject)`.
@@ -331,10 +302,7 @@ impl Inner {
             return Err(HypervisorError::NotFound(subject.to_string()));
         }
         if out.stderr.to_ascii_lowercase().contains("already exists")
-            || out
-                .stderr
-                .to_ascii_lowercase()
-                .contains("is already registered")
+            || out.stderr.to_ascii_lowercase().contains("is already registered")
         {
             return Err(HypervisorError::AlreadyExists(subject.to_string()));
         }
@@ -347,24 +315,11 @@ impl Inner {
 
     async fn prlctl(&self, owner: Option<&str>, args: &[&str]) -> Result<(Invocation, Output)> {
         let subject = args.get(1).copied().unwrap_or_default().to_string();
-        self.call(
-            Tool::Prlctl,
-            owner,
-            Self::str_args(args),
-            None,
-            self.cfg.command_timeout,
-            &subject,
-        )
-        .await
+        self.call(Tool::Prlctl, owner, Self::str_args(args), None, self.cfg.command_timeout, &subject).await
     }
 
     /// `prlctl list [<vm>] -a -i [-t] --json` as `owner`.
-    async fn list_raw(
-        &self,
-        owner: Option<&str>,
-        key: Option<&str>,
-        templates: bool,
-    ) -> Result<Vec<VmInfo>> {
+    async fn list_raw(&self, owner: Option<&str>, key: Option<&str>, templates: bool) -> Result<Vec<VmInfo>> {
         let mut args = vec!["list"];
         if let Some(vm) = key {
             args.push(vm);
@@ -374,34 +329,19 @@ impl Inner {
             args.push("-t");
         }
         args.push("--json");
-        let (inv, out) = self
-            .prlctl(owner, &args)
-            .await
-            .map_err(|e| match (e, key) {
-                (HypervisorError::NotFound(_), Some(vm)) => {
-                    HypervisorError::NotFound(vm.to_string())
-                }
-                (e, _) => e,
-            })?;
-        let vms = parse::vm_list(&out.stdout).map_err(|message| HypervisorError::Parse {
-            command: inv.to_string(),
-            message,
+        let (inv, out) = self.prlctl(owner, &args).await.map_err(|e| match (e, key) {
+            (HypervisorError::NotFound(_), Some(vm)) => HypervisorError::NotFound(vm.to_string()),
+            (e, _) => e,
         })?;
+        let vms = parse::vm_list(&out.stdout)
+            .map_err(|message| HypervisorError::Parse { command: inv.to_string(), message })?;
         let mut infos = Vec::with_capacity(vms.len());
         for vm in vms {
             // The bulk list may omit `Home`; the single-VM form has it.
             let vm = if vm.home_dir().as_os_str().is_empty() && key.is_none() {
-                let (inv1, out1) = self
-                    .prlctl(
-                        owner,
-                        &["list", parse::trim_id(&vm.id), "-a", "-i", "--json"],
-                    )
-                    .await?;
+                let (inv1, out1) = self.prlctl(owner, &["list", parse::trim_id(&vm.id), "-a", "-i", "--json"]).await?;
                 parse::vm_list(&out1.stdout)
-                    .map_err(|message| HypervisorError::Parse {
-                        command: inv1.to_string(),
-                        message,
-                    })?
+                    .map_err(|message| HypervisorError::Parse { command: inv1.to_string(), message })?
                     .into_iter()
                     .next()
                     .unwrap_or(vm)
@@ -412,9 +352,7 @@ impl Inner {
             let size = if home.as_os_str().is_empty() {
                 0
             } else {
-                tokio::task::spawn_blocking(move || dir_size(&home))
-                    .await
-                    .unwrap_or(0)
+                tokio::task::spawn_blocking(move || dir_size(&home)).await.unwrap_or(0)
             };
             let info = vm.to_info(owner.map(str::to_string), size);
             if let Ok(mut owners) = self.owners.lock() {
@@ -437,9 +375,7 @@ impl Inner {
     pub(crate) async fn get(&self, vm: &str) -> Result<VmInfo> {
         let key = parse::trim_id(vm);
         if key.is_empty() {
-            return Err(HypervisorError::InvalidInput(
-                "empty VM id or name".to_string(),
-            ));
+            return Err(HypervisorError::InvalidInput("empty VM id or name".to_string()));
         }
         let mut scopes = self.scopes();
         let cached = self.owners.lock().ok().and_then(|o| o.get(key).cloned());
@@ -463,19 +399,10 @@ impl Inner {
     }
 
     async fn snapshot_list(&self, vm: &VmInfo) -> Result<Vec<Snapshot>> {
-        let (inv, out) = self
-            .prlctl(vm.owner.as_deref(), &["snapshot-list", &vm.id, "--json"])
-            .await?;
-        let entries =
-            parse::snapshot_map(&out.stdout).map_err(|message| HypervisorError::Parse {
-                command: inv.to_string(),
-                message,
-            })?;
-        let notes = self
-            .snapshot_notes
-            .lock()
-            .map(|n| n.clone())
-            .unwrap_or_default();
+        let (inv, out) = self.prlctl(vm.owner.as_deref(), &["snapshot-list", &vm.id, "--json"]).await?;
+        let entries = parse::snapshot_map(&out.stdout)
+            .map_err(|message| HypervisorError::Parse { command: inv.to_string(), message })?;
+        let notes = self.snapshot_notes.lock().map(|n| n.clone()).unwrap_or_default();
         Ok(parse::snapshots(entries, &notes))
     }
 
@@ -488,36 +415,15 @@ impl Inner {
         allowed: &[VmState],
         timeout: Duration,
     ) -> Result<()> {
-        let res = self
-            .call(
-                Tool::Prlctl,
-                vm.owner.as_deref(),
-                Self::str_args(args),
-                None,
-                timeout,
-                &vm.id,
-            )
-            .await;
+        let res = self.call(Tool::Prlctl, vm.owner.as_deref(), Self::str_args(args), None, timeout, &vm.id).await;
         match res {
             Ok(_) => Ok(()),
-            Err(HypervisorError::CommandFailed {
-                command,
-                code,
-                stderr,
-            }) => {
+            Err(HypervisorError::CommandFailed { command, code, stderr }) => {
                 let now = self.get(&vm.id).await?;
                 if allowed.contains(&now.state) {
-                    Err(HypervisorError::CommandFailed {
-                        command,
-                        code,
-                        stderr,
-                    })
+                    Err(HypervisorError::CommandFailed { command, code, stderr })
                 } else {
-                    Err(HypervisorError::InvalidState {
-                        id: now.id,
-                        operation: op,
-                        state: now.state,
-                    })
+                    Err(HypervisorError::InvalidState { id: now.id, operation: op, state: now.state })
                 }
             }
             Err(e) => Err(e),
@@ -531,19 +437,12 @@ impl ParallelsDriver {
     /// dropped.
     pub fn new(cfg: ParallelsConfig) -> Result<Self> {
         if cfg.command_timeout.is_zero() {
-            return Err(HypervisorError::InvalidInput(
-                "command_timeout must be positive".to_string(),
-            ));
+            return Err(HypervisorError::InvalidInput("command_timeout must be positive".to_string()));
         }
-        let is_root = cfg
-            .assume_root
-            .unwrap_or_else(|| nix::unistd::geteuid().is_root());
+        let is_root = cfg.assume_root.unwrap_or_else(|| nix::unistd::geteuid().is_root());
         let (events, _) = broadcast::channel(cfg.event_capacity.max(16));
         let inner = Arc::new(Inner {
-            runner: Runner {
-                env: cfg.env.clone(),
-                kill_grace: cfg.kill_grace,
-            },
+            runner: Runner { env: cfg.env.clone(), kill_grace: cfg.kill_grace },
             exec_slots: Semaphore::new(cfg.max_concurrent_exec.max(1)),
             cfg,
             is_root,
@@ -569,8 +468,7 @@ impl ParallelsDriver {
 
     /// The invocation the driver would spawn for `prlctl ARGS` as `owner` (for inspection).
     pub fn prlctl_invocation(&self, args: &[&str], owner: Option<&str>) -> Invocation {
-        self.inner
-            .invocation(Tool::Prlctl, Inner::str_args(args), owner)
+        self.inner.invocation(Tool::Prlctl, Inner::str_args(args), owner)
     }
 
     /// `prlsrvctl user list --json`: host users known to Parallels Desktop.
@@ -586,10 +484,7 @@ impl ParallelsDriver {
                 "user list",
             )
             .await?;
-        parse::user_list(&out.stdout).map_err(|message| HypervisorError::Parse {
-            command: inv.to_string(),
-            message,
-        })
+        parse::user_list(&out.stdout).map_err(|message| HypervisorError::Parse { command: inv.to_string(), message })
     }
 
     async fn server_info(&self, owner: Option<&str>) -> Result<parse::PrlServerInfo> {
@@ -604,10 +499,7 @@ impl ParallelsDriver {
                 "info",
             )
             .await?;
-        parse::server_info(&out.stdout).map_err(|message| HypervisorError::Parse {
-            command: inv.to_string(),
-            message,
-        })
+        parse::server_info(&out.stdout).map_err(|message| HypervisorError::Parse { command: inv.to_string(), message })
     }
 
     fn guest_is_windows(vm: &VmInfo) -> bool {
@@ -621,15 +513,10 @@ impl ParallelsDriver {
             return Err(HypervisorError::InvalidInput("empty command".to_string()));
         };
         for key in req.env.keys() {
-            let valid = key
-                .chars()
-                .next()
-                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            let valid = key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
                 && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !valid {
-                return Err(HypervisorError::InvalidInput(format!(
-                    "invalid environment variable name {key:?}"
-                )));
+                return Err(HypervisorError::InvalidInput(format!("invalid environment variable name {key:?}")));
             }
         }
         let program: Vec<String> = if req.shell {
@@ -661,8 +548,7 @@ impl ParallelsDriver {
         if !req.env.is_empty() || req.working_dir.is_some() || req.user.is_some() {
             return Err(HypervisorError::Unsupported {
                 driver: HypervisorKind::Parallels,
-                what: "environment, working folder or user for commands in Windows guests"
-                    .to_string(),
+                what: "environment, working folder or user for commands in Windows guests".to_string(),
             });
         }
         let Some(first) = req.argv.first() else {
@@ -687,24 +573,15 @@ impl ParallelsDriver {
 
     /// `prlctl exec` with a prepared command line; the guest's exit code is returned, not
     /// treated as an error, unless prlctl itself reports a failure.
-    async fn exec_line(
-        &self,
-        vm: &VmInfo,
-        line: String,
-        input: Option<Input>,
-        timeout: Duration,
-    ) -> Result<Output> {
+    async fn exec_line(&self, vm: &VmInfo, line: String, input: Option<Input>, timeout: Duration) -> Result<Output> {
         let _slot = self
             .inner
             .exec_slots
             .acquire()
             .await
             .map_err(|_| HypervisorError::Unavailable("driver shutting down".to_string()))?;
-        let inv = self.inner.invocation(
-            Tool::Prlctl,
-            vec!["exec".to_string(), vm.id.clone(), line],
-            vm.owner.as_deref(),
-        );
+        let inv =
+            self.inner.invocation(Tool::Prlctl, vec!["exec".to_string(), vm.id.clone(), line], vm.owner.as_deref());
         let out = self.inner.runner.run(&inv, input, timeout).await?;
         if out.code == Some(255) && out.stderr.trim_start().starts_with("Failed to") {
             if is_not_found(&out.stderr) {
@@ -712,11 +589,7 @@ impl ParallelsDriver {
             }
             let now = self.inner.get(&vm.id).await?;
             if now.state != VmState::Running {
-                return Err(HypervisorError::InvalidState {
-                    id: now.id,
-                    operation: "exec",
-                    state: now.state,
-                });
+                return Err(HypervisorError::InvalidState { id: now.id, operation: "exec", state: now.state });
             }
             return Err(HypervisorError::CommandFailed {
                 command: inv.to_string(),
@@ -738,11 +611,7 @@ impl Hypervisor for ParallelsDriver {
         async {
             let info = self.server_info(None).await?;
             let (os_name, os_version) = parse::os_name_version(&info.os);
-            let vm_home = if info.vm_home.is_empty() {
-                PathBuf::from("/")
-            } else {
-                PathBuf::from(&info.vm_home)
-            };
+            let vm_home = if info.vm_home.is_empty() { PathBuf::from("/") } else { PathBuf::from(&info.vm_home) };
             // The block counts are u32 on macOS and u64 on Linux.
             #[allow(clippy::unnecessary_cast)]
             let (disk_total_bytes, disk_free_bytes) = match nix::sys::statvfs::statvfs(&vm_home) {
@@ -757,12 +626,8 @@ impl Hypervisor for ParallelsDriver {
                 hypervisor: HypervisorKind::Parallels,
                 version: parse::version_number(&info.version),
                 acceleration: "hvf".to_string(),
-                architecture: if std::env::consts::ARCH == "aarch64" {
-                    "arm64"
-                } else {
-                    std::env::consts::ARCH
-                }
-                .to_string(),
+                architecture: if std::env::consts::ARCH == "aarch64" { "arm64" } else { std::env::consts::ARCH }
+                    .to_string(),
                 cpu_count: host.cpu_count,
                 cpu_brand: host.cpu_brand,
                 memory_bytes: host.memory_bytes,
@@ -778,17 +643,11 @@ impl Hypervisor for ParallelsDriver {
     }
 
     async fn list(&self) -> Result<Vec<VmInfo>> {
-        self.inner
-            .list()
-            .instrument(info_span!("parallels.list"))
-            .await
+        self.inner.list().instrument(info_span!("parallels.list")).await
     }
 
     async fn get(&self, vm: &str) -> Result<VmInfo> {
-        self.inner
-            .get(vm)
-            .instrument(info_span!("parallels.get", vm))
-            .await
+        self.inner.get(vm).instrument(info_span!("parallels.get", vm)).await
     }
 
     async fn create(&self, spec: CreateSpec) -> Result<VmInfo> {
@@ -817,7 +676,8 @@ impl Hypervisor for ParallelsDriver {
             if folder.exists() {
                 return Err(HypervisorError::AlreadyExists(spec.name.clone()));
             }
-            let mut cleanup = CreateCleanup { inner: self.inner.clone(), folder: Some(folder.clone()), registered: None };
+            let mut cleanup =
+                CreateCleanup { inner: self.inner.clone(), folder: Some(folder.clone()), registered: None };
             {
                 let (from, to) = (spec.image.clone(), folder.clone());
                 tokio::task::spawn_blocking(move || copy_tree(&from, &to))
@@ -841,7 +701,21 @@ impl Hypervisor for ParallelsDriver {
             let cpus = spec.cpus.to_string();
             let mem = spec.memory_mb.to_string();
             self.inner
-                .prlctl(owner, &["set", &id, "--name", &spec.name, "--cpus", &cpus, "--memsize", &mem, "--description", &spec.description])
+                .prlctl(
+                    owner,
+                    &[
+                        "set",
+                        &id,
+                        "--name",
+                        &spec.name,
+                        "--cpus",
+                        &cpus,
+                        "--memsize",
+                        &mem,
+                        "--description",
+                        &spec.description,
+                    ],
+                )
                 .await?;
             if let Some(bytes) = spec.disk_bytes {
                 let mb = bytes.div_ceil(1 << 20).to_string();
@@ -867,12 +741,7 @@ impl Hypervisor for ParallelsDriver {
             if self.inner.find_by_name(&spec.name).await?.is_some() {
                 return Err(HypervisorError::AlreadyExists(spec.name.clone()));
             }
-            let mut args = vec![
-                "clone".to_string(),
-                src.id.clone(),
-                "--name".to_string(),
-                spec.name.clone(),
-            ];
+            let mut args = vec!["clone".to_string(), src.id.clone(), "--name".to_string(), spec.name.clone()];
             if spec.linked {
                 args.push("--linked".to_string());
             }
@@ -881,14 +750,7 @@ impl Hypervisor for ParallelsDriver {
                 args.push(dst.display().to_string());
             }
             self.inner
-                .call(
-                    Tool::Prlctl,
-                    src.owner.as_deref(),
-                    args,
-                    None,
-                    self.inner.cfg.command_timeout,
-                    &spec.name,
-                )
+                .call(Tool::Prlctl, src.owner.as_deref(), args, None, self.inner.cfg.command_timeout, &spec.name)
                 .await?;
             self.inner.get(&spec.name).await
         }
@@ -900,10 +762,7 @@ impl Hypervisor for ParallelsDriver {
         let span = info_span!("parallels.register", path = %path.display());
         async move {
             if !path.join("config.pvs").is_file() {
-                return Err(HypervisorError::InvalidInput(format!(
-                    "{} is not a Parallels bundle",
-                    path.display()
-                )));
+                return Err(HypervisorError::InvalidInput(format!("{} is not a Parallels bundle", path.display())));
             }
             if let Some(name) = &spec.name {
                 validate_name(name)?;
@@ -916,22 +775,9 @@ impl Hypervisor for ParallelsDriver {
             let mut args = vec!["register".to_string(), path_s.clone()];
             let new_id = spec.regenerate_id.then(|| uuid::Uuid::new_v4().to_string());
             if let Some(id) = &new_id {
-                args.extend([
-                    "--uuid".to_string(),
-                    id.clone(),
-                    "--regenerate-src-uuid".to_string(),
-                ]);
+                args.extend(["--uuid".to_string(), id.clone(), "--regenerate-src-uuid".to_string()]);
             }
-            self.inner
-                .call(
-                    Tool::Prlctl,
-                    owner,
-                    args,
-                    None,
-                    self.inner.cfg.command_timeout,
-                    &path_s,
-                )
-                .await?;
+            self.inner.call(Tool::Prlctl, owner, args, None, self.inner.cfg.command_timeout, &path_s).await?;
             let info = match new_id {
                 Some(id) => self.inner.get(&id).await?,
                 None => {
@@ -940,18 +786,13 @@ impl Hypervisor for ParallelsDriver {
                         .list()
                         .await?
                         .into_iter()
-                        .find(|v| {
-                            std::fs::canonicalize(&v.home).unwrap_or_else(|_| v.home.clone())
-                                == want
-                        })
+                        .find(|v| std::fs::canonicalize(&v.home).unwrap_or_else(|_| v.home.clone()) == want)
                         .ok_or_else(|| HypervisorError::NotFound(path_s.clone()))?
                 }
             };
             match &spec.name {
                 Some(name) if *name != info.name => {
-                    self.inner
-                        .prlctl(info.owner.as_deref(), &["set", &info.id, "--name", name])
-                        .await?;
+                    self.inner.prlctl(info.owner.as_deref(), &["set", &info.id, "--name", name]).await?;
                     self.inner.get(&info.id).await
                 }
                 _ => Ok(info),
@@ -964,14 +805,8 @@ impl Hypervisor for ParallelsDriver {
     async fn unregister(&self, vm: &str) -> Result<()> {
         async {
             let info = self.inner.get(vm).await?;
-            require(
-                &info,
-                "unregister",
-                &[VmState::Stopped, VmState::Suspended, VmState::Unknown],
-            )?;
-            self.inner
-                .prlctl(info.owner.as_deref(), &["unregister", &info.id])
-                .await?;
+            require(&info, "unregister", &[VmState::Stopped, VmState::Suspended, VmState::Unknown])?;
+            self.inner.prlctl(info.owner.as_deref(), &["unregister", &info.id]).await?;
             Ok(())
         }
         .instrument(info_span!("parallels.unregister", vm))
@@ -983,13 +818,7 @@ impl Hypervisor for ParallelsDriver {
             let info = self.inner.get(vm).await?;
             require(&info, "delete", &[VmState::Stopped, VmState::Unknown])?;
             self.inner
-                .power_call(
-                    &info,
-                    "delete",
-                    &["delete", &info.id],
-                    &[VmState::Stopped],
-                    self.inner.cfg.command_timeout,
-                )
+                .power_call(&info, "delete", &["delete", &info.id], &[VmState::Stopped], self.inner.cfg.command_timeout)
                 .await
         }
         .instrument(info_span!("parallels.delete", vm))
@@ -1003,27 +832,20 @@ impl Hypervisor for ParallelsDriver {
             let info = self.inner.get(vm).await?;
             let id = info.id.as_str();
             let t = self.inner.cfg.command_timeout;
-            let run = |name: &'static str,
-                       args: Vec<&'static str>,
-                       allowed: &'static [VmState],
-                       timeout: Duration| {
+            let run = |name: &'static str, args: Vec<&'static str>, allowed: &'static [VmState], timeout: Duration| {
                 let info = &info;
                 async move {
                     require(info, name, allowed)?;
                     let mut full = vec![args[0], id];
                     full.extend(&args[1..]);
-                    self.inner
-                        .power_call(info, name, &full, allowed, timeout)
-                        .await
+                    self.inner.power_call(info, name, &full, allowed, timeout).await
                 }
             };
             match op {
                 PowerOp::Start => run("start", vec!["start"], &[Stopped, Suspended], t).await?,
                 PowerOp::Stop { force, timeout } => match info.state {
                     Suspended => run("stop", vec!["stop", "--drop-state"], &[Suspended], t).await?,
-                    _ if force => {
-                        run("stop", vec!["stop", "--kill"], &[Running, Paused], t).await?
-                    }
+                    _ if force => run("stop", vec!["stop", "--kill"], &[Running, Paused], t).await?,
                     _ => {
                         let graceful = if timeout.is_zero() { t } else { timeout };
                         match run("stop", vec!["stop"], &[Running, Paused], graceful).await {
@@ -1033,13 +855,7 @@ impl Hypervisor for ParallelsDriver {
                                 let now = self.inner.get(id).await?;
                                 if now.state != Stopped {
                                     self.inner
-                                        .power_call(
-                                            &now,
-                                            "stop",
-                                            &["stop", id, "--kill"],
-                                            &[Running, Paused],
-                                            t,
-                                        )
+                                        .power_call(&now, "stop", &["stop", id, "--kill"], &[Running, Paused], t)
                                         .await?;
                                 }
                             }
@@ -1097,9 +913,7 @@ impl Hypervisor for ParallelsDriver {
                 require(&info, "configure", &[VmState::Stopped])?;
             }
             if change.cpus == Some(0) || change.memory_mb == Some(0) {
-                return Err(HypervisorError::InvalidInput(
-                    "cpus and memory must be positive".to_string(),
-                ));
+                return Err(HypervisorError::InvalidInput("cpus and memory must be positive".to_string()));
             }
             let mut args = vec!["set".to_string(), info.id.clone()];
             if let Some(c) = change.cpus {
@@ -1116,13 +930,7 @@ impl Hypervisor for ParallelsDriver {
             }
             let str_args: Vec<&str> = args.iter().map(String::as_str).collect();
             self.inner
-                .power_call(
-                    &info,
-                    "configure",
-                    &str_args,
-                    &[VmState::Stopped],
-                    self.inner.cfg.command_timeout,
-                )
+                .power_call(&info, "configure", &str_args, &[VmState::Stopped], self.inner.cfg.command_timeout)
                 .await?;
             self.inner.get(&info.id).await
         }
@@ -1154,11 +962,9 @@ impl Hypervisor for ParallelsDriver {
                         args.extend(["--description", description.as_str()]);
                     }
                     let (inv, out) = self.inner.prlctl(owner, &args).await?;
-                    let sid = parse::created_snapshot_id(&out.stdout).ok_or_else(|| {
-                        HypervisorError::Parse {
-                            command: inv.to_string(),
-                            message: "no {snapshot id} in the output".to_string(),
-                        }
+                    let sid = parse::created_snapshot_id(&out.stdout).ok_or_else(|| HypervisorError::Parse {
+                        command: inv.to_string(),
+                        message: "no {snapshot id} in the output".to_string(),
                     })?;
                     if let Ok(mut notes) = self.inner.snapshot_notes.lock() {
                         notes.insert(sid.clone(), description.clone());
@@ -1172,10 +978,7 @@ impl Hypervisor for ParallelsDriver {
                         .ok_or_else(|| HypervisorError::NotFound(sid.clone()))?;
                     Ok(Some(snap))
                 }
-                SnapshotOp::Delete {
-                    snapshot_id,
-                    delete_children,
-                } => {
+                SnapshotOp::Delete { snapshot_id, delete_children } => {
                     let sid = parse::trim_id(&snapshot_id).to_string();
                     let snaps = self.inner.snapshot_list(&info).await?;
                     if !snaps.iter().any(|s| s.id.eq_ignore_ascii_case(&sid)) {
@@ -1191,23 +994,14 @@ impl Hypervisor for ParallelsDriver {
                 SnapshotOp::DeleteAll => {
                     let snaps = self.inner.snapshot_list(&info).await?;
                     let ids: Vec<&str> = snaps.iter().map(|s| s.id.as_str()).collect();
-                    for root in snaps
-                        .iter()
-                        .filter(|s| s.parent.as_deref().is_none_or(|p| !ids.contains(&p)))
-                    {
+                    for root in snaps.iter().filter(|s| s.parent.as_deref().is_none_or(|p| !ids.contains(&p))) {
                         self.inner
-                            .prlctl(
-                                owner,
-                                &["snapshot-delete", &info.id, "--id", &root.id, "--children"],
-                            )
+                            .prlctl(owner, &["snapshot-delete", &info.id, "--id", &root.id, "--children"])
                             .await?;
                     }
                     Ok(None)
                 }
-                SnapshotOp::Revert {
-                    snapshot_id,
-                    skip_resume,
-                } => {
+                SnapshotOp::Revert { snapshot_id, skip_resume } => {
                     let sid = parse::trim_id(&snapshot_id).to_string();
                     let snaps = self.inner.snapshot_list(&info).await?;
                     if !snaps.iter().any(|s| s.id.eq_ignore_ascii_case(&sid)) {
@@ -1236,19 +1030,9 @@ impl Hypervisor for ParallelsDriver {
             } else {
                 Self::unix_command_line(&req)?
             };
-            let timeout = if req.timeout.is_zero() {
-                self.inner.cfg.command_timeout
-            } else {
-                req.timeout
-            };
-            let out = self
-                .exec_line(&info, line, req.stdin.clone().map(Input::Bytes), timeout)
-                .await?;
-            Ok(ExecOutput {
-                stdout: out.stdout,
-                stderr: out.stderr,
-                exit_code: out.code.unwrap_or(-1),
-            })
+            let timeout = if req.timeout.is_zero() { self.inner.cfg.command_timeout } else { req.timeout };
+            let out = self.exec_line(&info, line, req.stdin.clone().map(Input::Bytes), timeout).await?;
+            Ok(ExecOutput { stdout: out.stdout, stderr: out.stderr, exit_code: out.code.unwrap_or(-1) })
         }
         .instrument(span)
         .await
@@ -1258,9 +1042,7 @@ impl Hypervisor for ParallelsDriver {
         let span = info_span!("parallels.upload", vm, local = %local.display(), remote);
         async move {
             if remote.is_empty() {
-                return Err(HypervisorError::InvalidInput(
-                    "empty remote path".to_string(),
-                ));
+                return Err(HypervisorError::InvalidInput("empty remote path".to_string()));
             }
             let info = self.inner.get(vm).await?;
             require(&info, "upload", &[VmState::Running])?;
@@ -1270,20 +1052,14 @@ impl Hypervisor for ParallelsDriver {
                     what: "uploads into Windows guests".to_string(),
                 });
             }
-            let meta = tokio::fs::metadata(local)
-                .await
-                .map_err(|e| HypervisorError::io(local, e))?;
+            let meta = tokio::fs::metadata(local).await.map_err(|e| HypervisorError::io(local, e))?;
             let timeout = self.inner.cfg.upload_timeout;
             let out = if meta.is_dir() {
                 // Stream a tar of the folder into `tar x` in the guest.
-                let archive = tempfile::NamedTempFile::new()
-                    .map_err(|e| HypervisorError::io(std::env::temp_dir(), e))?;
-                let (src, file) = (
-                    local.to_path_buf(),
-                    archive
-                        .reopen()
-                        .map_err(|e| HypervisorError::io(archive.path(), e))?,
-                );
+                let archive =
+                    tempfile::NamedTempFile::new().map_err(|e| HypervisorError::io(std::env::temp_dir(), e))?;
+                let (src, file) =
+                    (local.to_path_buf(), archive.reopen().map_err(|e| HypervisorError::io(archive.path(), e))?);
                 tokio::task::spawn_blocking(move || {
                     let mut builder = tar::Builder::new(file);
                     builder.follow_symlinks(false);
@@ -1295,20 +1071,11 @@ impl Hypervisor for ParallelsDriver {
                 .map_err(|e| HypervisorError::io(local, e))?;
                 let q = sh_quote(remote);
                 let line = format!("mkdir -p {q} && tar xf - -C {q}");
-                self.exec_line(
-                    &info,
-                    line,
-                    Some(Input::File(archive.path().to_path_buf())),
-                    timeout,
-                )
-                .await?
+                self.exec_line(&info, line, Some(Input::File(archive.path().to_path_buf())), timeout).await?
             } else {
                 let target = if remote.ends_with('/') {
                     let name = local.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
-                        HypervisorError::InvalidInput(format!(
-                            "{} has no file name",
-                            local.display()
-                        ))
+                        HypervisorError::InvalidInput(format!("{} has no file name", local.display()))
                     })?;
                     format!("{remote}{name}")
                 } else {
@@ -1316,8 +1083,7 @@ impl Hypervisor for ParallelsDriver {
                 };
                 let q = sh_quote(&target);
                 let line = format!("mkdir -p \"$(dirname {q})\" && cat > {q}");
-                self.exec_line(&info, line, Some(Input::File(local.to_path_buf())), timeout)
-                    .await?
+                self.exec_line(&info, line, Some(Input::File(local.to_path_buf())), timeout).await?
             };
             if out.code != Some(0) {
                 return Err(HypervisorError::Guest(format!(
@@ -1347,43 +1113,27 @@ mod host {
     }
 
     async fn sysctl(name: &str) -> Option<String> {
-        let out = tokio::process::Command::new("sysctl")
-            .args(["-n", name])
-            .kill_on_drop(true)
-            .output()
-            .await
-            .ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        let out = tokio::process::Command::new("sysctl").args(["-n", name]).kill_on_drop(true).output().await.ok()?;
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
     pub async fn facts() -> Facts {
-        let cpu_count = std::thread::available_parallelism()
-            .map(|n| n.get() as u32)
-            .unwrap_or(1);
+        let cpu_count = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
         if cfg!(target_os = "macos") {
             return Facts {
                 cpu_count,
                 cpu_brand: sysctl("machdep.cpu.brand_string").await.unwrap_or_default(),
-                memory_bytes: sysctl("hw.memsize")
-                    .await
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(0),
+                memory_bytes: sysctl("hw.memsize").await.and_then(|s| s.parse().ok()).unwrap_or(0),
             };
         }
-        let cpuinfo = tokio::fs::read_to_string("/proc/cpuinfo")
-            .await
-            .unwrap_or_default();
+        let cpuinfo = tokio::fs::read_to_string("/proc/cpuinfo").await.unwrap_or_default();
         let cpu_brand = cpuinfo
             .lines()
             .find(|l| l.starts_with("model name"))
             .and_then(|l| l.split_once(':'))
             .map(|(_, v)| v.trim().to_string())
             .unwrap_or_default();
-        let meminfo = tokio::fs::read_to_string("/proc/meminfo")
-            .await
-            .unwrap_or_default();
+        let meminfo = tokio::fs::read_to_string("/proc/meminfo").await.unwrap_or_default();
         let memory_bytes = meminfo
             .lines()
             .find(|l| l.starts_with("MemTotal:"))
@@ -1391,11 +1141,7 @@ mod host {
             .and_then(|kb| kb.parse::<u64>().ok())
             .map(|kb| kb * 1024)
             .unwrap_or(0);
-        Facts {
-            cpu_count,
-            cpu_brand,
-            memory_bytes,
-        }
+        Facts { cpu_count, cpu_brand, memory_bytes }
     }
 }
 
@@ -1433,14 +1179,8 @@ mod tests {
         );
         let mut bad = req(&["true"]);
         bad.env.insert("A B".into(), "1".into());
-        assert!(matches!(
-            ParallelsDriver::unix_command_line(&bad),
-            Err(HypervisorError::InvalidInput(_))
-        ));
-        assert!(matches!(
-            ParallelsDriver::unix_command_line(&req(&[])),
-            Err(HypervisorError::InvalidInput(_))
-        ));
+        assert!(matches!(ParallelsDriver::unix_command_line(&bad), Err(HypervisorError::InvalidInput(_))));
+        assert!(matches!(ParallelsDriver::unix_command_line(&req(&[])), Err(HypervisorError::InvalidInput(_))));
     }
 
     #[test]
@@ -1451,43 +1191,22 @@ mod tests {
         );
         let mut r = req(&["set"]);
         r.env.insert("A".into(), "1".into());
-        assert!(matches!(
-            ParallelsDriver::windows_command_line(&r),
-            Err(HypervisorError::Unsupported { .. })
-        ));
+        assert!(matches!(ParallelsDriver::windows_command_line(&r), Err(HypervisorError::Unsupported { .. })));
     }
 
     #[test]
     fn driver_builds_sudo_invocations_for_owned_vms_when_root() {
-        let cfg = ParallelsConfig {
-            assume_root: Some(true),
-            watch_events: false,
-            ..ParallelsConfig::default()
-        };
+        let cfg = ParallelsConfig { assume_root: Some(true), watch_events: false, ..ParallelsConfig::default() };
         let d = ParallelsDriver::new(cfg).unwrap();
         let inv = d.prlctl_invocation(&["stop", "abc", "--kill"], Some("alice"));
         assert_eq!(inv.program, PathBuf::from("/usr/bin/sudo"));
         assert_eq!(
             inv.args,
-            [
-                "-n",
-                "-H",
-                "-u",
-                "alice",
-                "--",
-                "/usr/local/bin/prlctl",
-                "stop",
-                "abc",
-                "--kill"
-            ]
-            .map(String::from)
-            .to_vec()
+            ["-n", "-H", "-u", "alice", "--", "/usr/local/bin/prlctl", "stop", "abc", "--kill"]
+                .map(String::from)
+                .to_vec()
         );
-        let cfg = ParallelsConfig {
-            assume_root: Some(false),
-            watch_events: false,
-            ..ParallelsConfig::default()
-        };
+        let cfg = ParallelsConfig { assume_root: Some(false), watch_events: false, ..ParallelsConfig::default() };
         let d = ParallelsDriver::new(cfg).unwrap();
         let inv = d.prlctl_invocation(&["stop", "abc"], Some("alice"));
         assert_eq!(inv.program, PathBuf::from("/usr/local/bin/prlctl"));

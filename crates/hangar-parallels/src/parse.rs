@@ -43,10 +43,7 @@ fn number<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
 fn flag<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
     Ok(match Value::deserialize(d)? {
         Value::Bool(b) => b,
-        Value::String(s) => matches!(
-            s.trim().to_ascii_lowercase().as_str(),
-            "yes" | "on" | "true" | "1"
-        ),
+        Value::String(s) => matches!(s.trim().to_ascii_lowercase().as_str(), "yes" | "on" | "true" | "1"),
         Value::Number(n) => n.as_u64().unwrap_or(0) != 0,
         _ => false,
     })
@@ -233,10 +230,7 @@ pub fn vm_list(out: &str) -> Result<Vec<PrlVm>, String> {
             .filter_map(|v| PrlVm::deserialize(v).ok())
             .filter(|vm| !trim_id(&vm.id).is_empty())
             .collect()),
-        other => Err(format!(
-            "expected a JSON array of VMs, got {}",
-            kind(&other)
-        )),
+        other => Err(format!("expected a JSON array of VMs, got {}", kind(&other))),
     }
 }
 
@@ -249,17 +243,10 @@ pub fn snapshot_map(out: &str) -> Result<Vec<(String, PrlSnapshot)>, String> {
     match json_document(out)? {
         Value::Object(map) => Ok(map
             .into_iter()
-            .filter_map(|(k, v)| {
-                PrlSnapshot::deserialize(v)
-                    .ok()
-                    .map(|s| (trim_id(&k).to_string(), s))
-            })
+            .filter_map(|(k, v)| PrlSnapshot::deserialize(v).ok().map(|s| (trim_id(&k).to_string(), s)))
             .filter(|(k, _)| !k.is_empty())
             .collect()),
-        other => Err(format!(
-            "expected a JSON object of snapshots, got {}",
-            kind(&other)
-        )),
+        other => Err(format!("expected a JSON object of snapshots, got {}", kind(&other))),
     }
 }
 
@@ -274,14 +261,8 @@ pub fn server_info(out: &str) -> Result<PrlServerInfo, String> {
 /// `prlsrvctl user list --json`.
 pub fn user_list(out: &str) -> Result<Vec<PrlUser>, String> {
     match json_document(out)? {
-        Value::Array(items) => Ok(items
-            .into_iter()
-            .filter_map(|v| PrlUser::deserialize(v).ok())
-            .collect()),
-        other => Err(format!(
-            "expected a JSON array of users, got {}",
-            kind(&other)
-        )),
+        Value::Array(items) => Ok(items.into_iter().filter_map(|v| PrlUser::deserialize(v).ok()).collect()),
+        other => Err(format!("expected a JSON array of users, got {}", kind(&other))),
     }
 }
 
@@ -325,9 +306,7 @@ pub fn size_bytes(s: &str) -> Option<u64> {
     if s.is_empty() {
         return None;
     }
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let num: f64 = num.parse().ok()?;
     if !num.is_finite() || num < 0.0 {
@@ -393,12 +372,7 @@ impl PrlVm {
             .network
             .ip_addresses
             .iter()
-            .filter_map(|a| {
-                a.ip.trim()
-                    .split('/')
-                    .next()
-                    .and_then(|ip| ip.parse::<IpAddr>().ok())
-            })
+            .filter_map(|a| a.ip.trim().split('/').next().and_then(|ip| ip.parse::<IpAddr>().ok()))
             .collect();
         VmInfo {
             id: trim_id(&self.id).to_string(),
@@ -427,18 +401,12 @@ pub fn snapshot_date(s: &str) -> Option<DateTime<Utc>> {
         return Some(dt.with_timezone(&Utc));
     }
     let naive = NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S").ok()?;
-    chrono::Local
-        .from_local_datetime(&naive)
-        .earliest()
-        .map(|d| d.with_timezone(&Utc))
+    chrono::Local.from_local_datetime(&naive).earliest().map(|d| d.with_timezone(&Utc))
 }
 
 /// Turn `snapshot-list` entries into [`Snapshot`]s, oldest first. `descriptions` fills in
 /// what the JSON list does not carry.
-pub fn snapshots(
-    entries: Vec<(String, PrlSnapshot)>,
-    descriptions: &BTreeMap<String, String>,
-) -> Vec<Snapshot> {
+pub fn snapshots(entries: Vec<(String, PrlSnapshot)>, descriptions: &BTreeMap<String, String>) -> Vec<Snapshot> {
     let mut out: Vec<Snapshot> = entries
         .into_iter()
         .map(|(id, s)| {
@@ -454,29 +422,19 @@ pub fn snapshots(
             }
         })
         .collect();
-    out.sort_by(|a, b| {
-        a.created_at
-            .cmp(&b.created_at)
-            .then_with(|| a.id.cmp(&b.id))
-    });
+    out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then_with(|| a.id.cmp(&b.id)));
     out
 }
 
 /// `"Desktop 26.1.0-57287"` → `"26.1.0-57287"`.
 pub fn version_number(v: &str) -> String {
-    v.split_whitespace()
-        .find(|w| w.starts_with(|c: char| c.is_ascii_digit()))
-        .unwrap_or(v.trim())
-        .to_string()
+    v.split_whitespace().find(|w| w.starts_with(|c: char| c.is_ascii_digit())).unwrap_or(v.trim()).to_string()
 }
 
 /// `"Mac OS X 15.5(24F74)"` → (`"Mac OS X"`, `"15.5"`).
 pub fn os_name_version(os: &str) -> (String, String) {
     let words: Vec<&str> = os.split_whitespace().collect();
-    match words
-        .iter()
-        .position(|w| w.starts_with(|c: char| c.is_ascii_digit()))
-    {
+    match words.iter().position(|w| w.starts_with(|c: char| c.is_ascii_digit())) {
         Some(i) => {
             let version = words[i].split('(').next().unwrap_or(words[i]).to_string();
             (words[..i].join(" "), version)
@@ -532,14 +490,8 @@ mod tests {
     fn versions_and_os() {
         assert_eq!(version_number("Desktop 26.1.0-57287"), "26.1.0-57287");
         assert_eq!(version_number("19.1.0-54729"), "19.1.0-54729");
-        assert_eq!(
-            os_name_version("Mac OS X 15.5(24F74)"),
-            ("Mac OS X".to_string(), "15.5".to_string())
-        );
-        assert_eq!(
-            os_name_version("macOS"),
-            ("macOS".to_string(), String::new())
-        );
+        assert_eq!(os_name_version("Mac OS X 15.5(24F74)"), ("Mac OS X".to_string(), "15.5".to_string()));
+        assert_eq!(os_name_version("macOS"), ("macOS".to_string(), String::new()));
     }
 
     #[test]

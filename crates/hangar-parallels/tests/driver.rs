@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use common::{Fake, eventually, process_gone};
 use hangar_hypervisor::{
-    CloneSpec, ConfigChange, CreateSpec, ExecRequest, Hypervisor, HypervisorError, HypervisorKind,
-    PowerOp, RegisterSpec, SnapshotOp, VmEvent, VmInfo, VmState,
+    CloneSpec, ConfigChange, CreateSpec, ExecRequest, Hypervisor, HypervisorError, HypervisorKind, PowerOp,
+    RegisterSpec, SnapshotOp, VmEvent, VmInfo, VmState,
 };
 use hangar_parallels::ParallelsDriver;
 
@@ -69,10 +69,7 @@ async fn create_list_get_and_configure() {
     // The image stays registered and untouched; both are listed.
     let all = d.list().await.unwrap();
     let names: Vec<&str> = all.iter().map(|v| v.name.as_str()).collect();
-    assert!(
-        names.contains(&"golden") && names.contains(&"ci-1"),
-        "{names:?}"
-    );
+    assert!(names.contains(&"golden") && names.contains(&"ci-1"), "{names:?}");
 
     assert_eq!(d.get(&vm.id).await.unwrap(), vm);
     assert_eq!(d.get("ci-1").await.unwrap().id, vm.id);
@@ -80,50 +77,24 @@ async fn create_list_get_and_configure() {
     assert!(matches!(d.get("nope").await, Err(HypervisorError::NotFound(n)) if n == "nope"));
 
     // Same name again: refused before anything is copied.
-    assert!(matches!(
-        d.create(spec("ci-1", &image)).await,
-        Err(HypervisorError::AlreadyExists(_))
-    ));
+    assert!(matches!(d.create(spec("ci-1", &image)).await, Err(HypervisorError::AlreadyExists(_))));
     // Not a bundle.
     let not_bundle = fake.dir.path().join("nothing-here");
-    assert!(matches!(
-        d.create(spec("ci-2", &not_bundle)).await,
-        Err(HypervisorError::InvalidInput(_))
-    ));
+    assert!(matches!(d.create(spec("ci-2", &not_bundle)).await, Err(HypervisorError::InvalidInput(_))));
 
     let changed = d
-        .configure(
-            &vm.id,
-            ConfigChange {
-                cpus: Some(6),
-                memory_mb: Some(8192),
-                description: Some("new".into()),
-            },
-        )
+        .configure(&vm.id, ConfigChange { cpus: Some(6), memory_mb: Some(8192), description: Some("new".into()) })
         .await
         .unwrap();
-    assert_eq!(
-        (
-            changed.cpus,
-            changed.memory_mb,
-            changed.description.as_str()
-        ),
-        (6, 8192, "new")
-    );
+    assert_eq!((changed.cpus, changed.memory_mb, changed.description.as_str()), (6, 8192, "new"));
     // The fake's own view agrees (a separate process reads the state).
     let json = fake.ok(&["list", &vm.id, "-a", "-i", "--json"]);
     assert!(json.contains("\"size\": \"8192Mb\""), "{json}");
 
     let renamed = d.rename(&vm.id, "ci-renamed").await.unwrap();
     assert_eq!(renamed.name, "ci-renamed");
-    assert!(matches!(
-        d.rename(&vm.id, "golden").await,
-        Err(HypervisorError::AlreadyExists(_))
-    ));
-    assert!(matches!(
-        d.rename(&vm.id, "a/b").await,
-        Err(HypervisorError::InvalidInput(_))
-    ));
+    assert!(matches!(d.rename(&vm.id, "golden").await, Err(HypervisorError::AlreadyExists(_))));
+    assert!(matches!(d.rename(&vm.id, "a/b").await, Err(HypervisorError::InvalidInput(_))));
 }
 
 #[tokio::test]
@@ -140,16 +111,9 @@ async fn failed_create_leaves_nothing_behind() {
         "{err}"
     );
     let folder = fake.vm_home().join("too-big.pvm");
-    eventually(
-        "cleanup of the half-made VM",
-        Duration::from_secs(10),
-        || {
-            !folder.exists()
-                && !fake
-                    .ok(&["list", "-a", "--json"])
-                    .contains(&format!("\"{}\"", "too-big"))
-        },
-    )
+    eventually("cleanup of the half-made VM", Duration::from_secs(10), || {
+        !folder.exists() && !fake.ok(&["list", "-a", "--json"]).contains(&format!("\"{}\"", "too-big"))
+    })
     .await;
     assert_eq!(d.list().await.unwrap().len(), 1);
 }
@@ -164,59 +128,20 @@ async fn power_cycle_and_invalid_states() {
 
     // Invalid states are refused with the current state named.
     match d.power(&vm.id, PowerOp::Start).await {
-        Err(HypervisorError::InvalidState {
-            operation: "start",
-            state: VmState::Running,
-            id,
-        }) => assert_eq!(id, vm.id),
+        Err(HypervisorError::InvalidState { operation: "start", state: VmState::Running, id }) => assert_eq!(id, vm.id),
         other => panic!("expected InvalidState, got {other:?}"),
     }
     let err = d.delete(&vm.id).await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            HypervisorError::InvalidState {
-                operation: "delete",
-                state: VmState::Running,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert!(matches!(err, HypervisorError::InvalidState { operation: "delete", state: VmState::Running, .. }), "{err}");
     assert!(err.to_string().contains("running"));
     assert!(matches!(
-        d.configure(
-            &vm.id,
-            ConfigChange {
-                cpus: Some(1),
-                ..Default::default()
-            }
-        )
-        .await,
-        Err(HypervisorError::InvalidState {
-            operation: "configure",
-            state: VmState::Running,
-            ..
-        })
+        d.configure(&vm.id, ConfigChange { cpus: Some(1), ..Default::default() }).await,
+        Err(HypervisorError::InvalidState { operation: "configure", state: VmState::Running, .. })
     ));
-    assert!(matches!(
-        d.rename(&vm.id, "x").await,
-        Err(HypervisorError::InvalidState {
-            operation: "rename",
-            ..
-        })
-    ));
+    assert!(matches!(d.rename(&vm.id, "x").await, Err(HypervisorError::InvalidState { operation: "rename", .. })));
     // A description can change while running.
-    let described = d
-        .configure(
-            &vm.id,
-            ConfigChange {
-                description: Some("busy".into()),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let described =
+        d.configure(&vm.id, ConfigChange { description: Some("busy".into()), ..Default::default() }).await.unwrap();
     assert_eq!(described.description, "busy");
 
     let steps: &[(PowerOp, VmState)] = &[
@@ -228,65 +153,28 @@ async fn power_cycle_and_invalid_states() {
         (PowerOp::Restart, VmState::Running),
         (PowerOp::Suspend, VmState::Suspended),
         (PowerOp::Resume, VmState::Running),
-        (
-            PowerOp::Stop {
-                force: false,
-                timeout: Duration::from_secs(30),
-            },
-            VmState::Stopped,
-        ),
+        (PowerOp::Stop { force: false, timeout: Duration::from_secs(30) }, VmState::Stopped),
         (PowerOp::Start, VmState::Running),
         (PowerOp::Kill, VmState::Stopped),
         (PowerOp::Start, VmState::Running),
         (PowerOp::Suspend, VmState::Suspended),
-        (
-            PowerOp::Stop {
-                force: true,
-                timeout: Duration::ZERO,
-            },
-            VmState::Stopped,
-        ),
+        (PowerOp::Stop { force: true, timeout: Duration::ZERO }, VmState::Stopped),
     ];
     for (op, want) in steps {
-        let got = d
-            .power(&vm.id, *op)
-            .await
-            .unwrap_or_else(|e| panic!("{op:?}: {e}"));
+        let got = d.power(&vm.id, *op).await.unwrap_or_else(|e| panic!("{op:?}: {e}"));
         assert_eq!(got.state, *want, "after {op:?}");
         // The fake, asked separately, agrees.
         let short = fake.ok(&["list", &vm.id, "-a", "--json"]);
-        assert!(
-            short.contains(&format!("\"status\": \"{}\"", want.as_str())),
-            "{op:?}: {short}"
-        );
+        assert!(short.contains(&format!("\"status\": \"{}\"", want.as_str())), "{op:?}: {short}");
     }
-    assert!(
-        d.get(&vm.id).await.unwrap().ip_addresses.is_empty(),
-        "a stopped VM has no IP"
-    );
-    for op in [
-        PowerOp::Pause,
-        PowerOp::Resume,
-        PowerOp::Suspend,
-        PowerOp::Reset,
-        PowerOp::Restart,
-        PowerOp::Kill,
-    ] {
+    assert!(d.get(&vm.id).await.unwrap().ip_addresses.is_empty(), "a stopped VM has no IP");
+    for op in [PowerOp::Pause, PowerOp::Resume, PowerOp::Suspend, PowerOp::Reset, PowerOp::Restart, PowerOp::Kill] {
         assert!(
-            matches!(
-                d.power(&vm.id, op).await,
-                Err(HypervisorError::InvalidState {
-                    state: VmState::Stopped,
-                    ..
-                })
-            ),
+            matches!(d.power(&vm.id, op).await, Err(HypervisorError::InvalidState { state: VmState::Stopped, .. })),
             "{op:?} on a stopped VM"
         );
     }
-    assert!(matches!(
-        d.power("missing", PowerOp::Start).await,
-        Err(HypervisorError::NotFound(_))
-    ));
+    assert!(matches!(d.power("missing", PowerOp::Start).await, Err(HypervisorError::NotFound(_))));
 }
 
 #[tokio::test]
@@ -296,21 +184,14 @@ async fn exec_passes_env_stdin_workdir_and_exit_code() {
     let vm = running_vm(&fake, &d, "ex").await;
 
     let mut req = exec_req(&["sh", "-c", "echo \"out:$GREETING\"; echo err >&2; exit 7"]);
-    req.env
-        .insert("GREETING".into(), "hello world 'quoted'".into());
+    req.env.insert("GREETING".into(), "hello world 'quoted'".into());
     let out = d.exec(&vm.id, req).await.unwrap();
     assert_eq!(out.stdout, "out:hello world 'quoted'\n");
     assert_eq!(out.stderr, "err\n");
     assert_eq!(out.exit_code, 7);
 
     // Arguments with spaces and shell characters arrive as single words.
-    let out = d
-        .exec(
-            &vm.id,
-            exec_req(&["printf", "[%s]", "a b", "$HOME", "*", ";"]),
-        )
-        .await
-        .unwrap();
+    let out = d.exec(&vm.id, exec_req(&["printf", "[%s]", "a b", "$HOME", "*", ";"])).await.unwrap();
     assert_eq!(out.stdout, "[a b][$HOME][*][;]");
     assert_eq!(out.exit_code, 0);
 
@@ -327,27 +208,14 @@ async fn exec_passes_env_stdin_workdir_and_exit_code() {
     assert_eq!(d.exec(&vm.id, wd).await.unwrap().stdout, "/\n");
 
     // The guest's environment is its own, not the agent's.
-    let out = d
-        .exec(
-            &vm.id,
-            exec_req(&["sh", "-c", "echo ${FAKE_PRL_STATE_DIR:-unset}"]),
-        )
-        .await
-        .unwrap();
+    let out = d.exec(&vm.id, exec_req(&["sh", "-c", "echo ${FAKE_PRL_STATE_DIR:-unset}"])).await.unwrap();
     assert_eq!(out.stdout, "unset\n");
 
-    assert!(matches!(
-        d.exec(&vm.id, exec_req(&[])).await,
-        Err(HypervisorError::InvalidInput(_))
-    ));
+    assert!(matches!(d.exec(&vm.id, exec_req(&[])).await, Err(HypervisorError::InvalidInput(_))));
     d.power(&vm.id, PowerOp::Kill).await.unwrap();
     assert!(matches!(
         d.exec(&vm.id, exec_req(&["true"])).await,
-        Err(HypervisorError::InvalidState {
-            operation: "exec",
-            state: VmState::Stopped,
-            ..
-        })
+        Err(HypervisorError::InvalidState { operation: "exec", state: VmState::Stopped, .. })
     ));
 }
 
@@ -360,21 +228,10 @@ async fn upload_files_and_folders() {
     let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
     std::fs::write(&local, &data).unwrap();
 
-    d.upload(&vm.id, &local, "incoming/nested/payload.bin")
-        .await
-        .unwrap();
-    let out = d
-        .exec(
-            &vm.id,
-            exec_req(&["wc", "-c", "incoming/nested/payload.bin"]),
-        )
-        .await
-        .unwrap();
+    d.upload(&vm.id, &local, "incoming/nested/payload.bin").await.unwrap();
+    let out = d.exec(&vm.id, exec_req(&["wc", "-c", "incoming/nested/payload.bin"])).await.unwrap();
     assert_eq!(out.stdout.split_whitespace().next(), Some("200000"));
-    assert_eq!(
-        std::fs::read(vm.home.join("guest/incoming/nested/payload.bin")).unwrap(),
-        data
-    );
+    assert_eq!(std::fs::read(vm.home.join("guest/incoming/nested/payload.bin")).unwrap(), data);
 
     d.upload(&vm.id, &local, "into-dir/").await.unwrap();
     assert!(vm.home.join("guest/into-dir/payload.bin").is_file());
@@ -384,27 +241,14 @@ async fn upload_files_and_folders() {
     std::fs::write(folder.join("a.txt"), "A").unwrap();
     std::fs::write(folder.join("sub/b.txt"), "B").unwrap();
     d.upload(&vm.id, &folder, "copied tree").await.unwrap();
-    let out = d
-        .exec(
-            &vm.id,
-            exec_req(&["cat", "copied tree/a.txt", "copied tree/sub/b.txt"]),
-        )
-        .await
-        .unwrap();
+    let out = d.exec(&vm.id, exec_req(&["cat", "copied tree/a.txt", "copied tree/sub/b.txt"])).await.unwrap();
     assert_eq!(out.stdout, "AB");
 
-    assert!(matches!(
-        d.upload(&vm.id, &fake.dir.path().join("missing"), "x")
-            .await,
-        Err(HypervisorError::Io { .. })
-    ));
+    assert!(matches!(d.upload(&vm.id, &fake.dir.path().join("missing"), "x").await, Err(HypervisorError::Io { .. })));
     d.power(&vm.id, PowerOp::Kill).await.unwrap();
     assert!(matches!(
         d.upload(&vm.id, &local, "x").await,
-        Err(HypervisorError::InvalidState {
-            operation: "upload",
-            ..
-        })
+        Err(HypervisorError::InvalidState { operation: "upload", .. })
     ));
 }
 
@@ -417,35 +261,18 @@ async fn snapshots_create_list_revert_delete() {
     assert!(d.snapshots(&vm.id).await.unwrap().is_empty());
 
     let s1 = d
-        .snapshot(
-            &vm.id,
-            SnapshotOp::Create {
-                name: "cold".into(),
-                description: "stopped state".into(),
-            },
-        )
+        .snapshot(&vm.id, SnapshotOp::Create { name: "cold".into(), description: "stopped state".into() })
         .await
         .unwrap()
         .unwrap();
     assert_eq!(
-        (
-            s1.name.as_str(),
-            s1.description.as_str(),
-            s1.state,
-            s1.current
-        ),
+        (s1.name.as_str(), s1.description.as_str(), s1.state, s1.current),
         ("cold", "stopped state", VmState::Stopped, true)
     );
     assert!(s1.created_at.is_some());
     d.power(&vm.id, PowerOp::Start).await.unwrap();
     let s2 = d
-        .snapshot(
-            &vm.id,
-            SnapshotOp::Create {
-                name: "warm".into(),
-                description: String::new(),
-            },
-        )
+        .snapshot(&vm.id, SnapshotOp::Create { name: "warm".into(), description: String::new() })
         .await
         .unwrap()
         .unwrap();
@@ -458,95 +285,32 @@ async fn snapshots_create_list_revert_delete() {
     assert!(!list.iter().find(|s| s.id == s1.id).unwrap().current);
 
     // Reverting to a stopped-state snapshot stops the VM.
-    d.snapshot(
-        &vm.id,
-        SnapshotOp::Revert {
-            snapshot_id: s1.id.clone(),
-            skip_resume: false,
-        },
-    )
-    .await
-    .unwrap();
+    d.snapshot(&vm.id, SnapshotOp::Revert { snapshot_id: s1.id.clone(), skip_resume: false }).await.unwrap();
     assert_eq!(d.get(&vm.id).await.unwrap().state, VmState::Stopped);
-    assert!(
-        d.snapshots(&vm.id)
-            .await
-            .unwrap()
-            .iter()
-            .find(|s| s.id == s1.id)
-            .unwrap()
-            .current
-    );
+    assert!(d.snapshots(&vm.id).await.unwrap().iter().find(|s| s.id == s1.id).unwrap().current);
     // Reverting to a running snapshot with skip_resume leaves it paused.
-    d.snapshot(
-        &vm.id,
-        SnapshotOp::Revert {
-            snapshot_id: format!("{{{}}}", s2.id),
-            skip_resume: true,
-        },
-    )
-    .await
-    .unwrap();
+    d.snapshot(&vm.id, SnapshotOp::Revert { snapshot_id: format!("{{{}}}", s2.id), skip_resume: true }).await.unwrap();
     assert_eq!(d.get(&vm.id).await.unwrap().state, VmState::Paused);
 
     assert!(matches!(
-        d.snapshot(
-            &vm.id,
-            SnapshotOp::Revert {
-                snapshot_id: "nope".into(),
-                skip_resume: false
-            }
-        )
-        .await,
+        d.snapshot(&vm.id, SnapshotOp::Revert { snapshot_id: "nope".into(), skip_resume: false }).await,
         Err(HypervisorError::NotFound(_))
     ));
     // Deleting the parent without children keeps the child (re-parented).
-    d.snapshot(
-        &vm.id,
-        SnapshotOp::Delete {
-            snapshot_id: s1.id.clone(),
-            delete_children: false,
-        },
-    )
-    .await
-    .unwrap();
+    d.snapshot(&vm.id, SnapshotOp::Delete { snapshot_id: s1.id.clone(), delete_children: false }).await.unwrap();
     let left = d.snapshots(&vm.id).await.unwrap();
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].id, s2.id);
     assert_eq!(left[0].parent, None);
 
-    let s3 = d
-        .snapshot(
-            &vm.id,
-            SnapshotOp::Create {
-                name: "c".into(),
-                description: String::new(),
-            },
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    let s3 =
+        d.snapshot(&vm.id, SnapshotOp::Create { name: "c".into(), description: String::new() }).await.unwrap().unwrap();
     assert_eq!(s3.parent.as_deref(), Some(s2.id.as_str()));
-    d.snapshot(
-        &vm.id,
-        SnapshotOp::Create {
-            name: "d".into(),
-            description: String::new(),
-        },
-    )
-    .await
-    .unwrap();
+    d.snapshot(&vm.id, SnapshotOp::Create { name: "d".into(), description: String::new() }).await.unwrap();
     d.snapshot(&vm.id, SnapshotOp::DeleteAll).await.unwrap();
     assert!(d.snapshots(&vm.id).await.unwrap().is_empty());
     assert!(matches!(
-        d.snapshot(
-            &vm.id,
-            SnapshotOp::Delete {
-                snapshot_id: s3.id,
-                delete_children: true
-            }
-        )
-        .await,
+        d.snapshot(&vm.id, SnapshotOp::Delete { snapshot_id: s3.id, delete_children: true }).await,
         Err(HypervisorError::NotFound(_))
     ));
 }
@@ -559,40 +323,17 @@ async fn clone_linked_and_full() {
     let src = d.create(spec("src", &image)).await.unwrap();
     std::fs::write(src.home.join("guest/marker"), "from the source").unwrap();
 
-    let full = d
-        .clone_vm(
-            &src.id,
-            CloneSpec {
-                name: "full".into(),
-                linked: false,
-                destination: None,
-            },
-        )
-        .await
-        .unwrap();
+    let full = d.clone_vm(&src.id, CloneSpec { name: "full".into(), linked: false, destination: None }).await.unwrap();
     assert_ne!(full.id, src.id);
     assert_eq!(full.state, VmState::Stopped);
     assert_eq!((full.cpus, full.memory_mb), (src.cpus, src.memory_mb));
-    assert_eq!(
-        std::fs::read_to_string(full.home.join("guest/marker")).unwrap(),
-        "from the source"
-    );
-    assert!(
-        d.snapshots(&src.id).await.unwrap().is_empty(),
-        "a full clone needs no snapshot"
-    );
+    assert_eq!(std::fs::read_to_string(full.home.join("guest/marker")).unwrap(), "from the source");
+    assert!(d.snapshots(&src.id).await.unwrap().is_empty(), "a full clone needs no snapshot");
 
     let dst = fake.dir.path().join("elsewhere");
     std::fs::create_dir_all(&dst).unwrap();
     let linked = d
-        .clone_vm(
-            &src.name,
-            CloneSpec {
-                name: "linked".into(),
-                linked: true,
-                destination: Some(dst.clone()),
-            },
-        )
+        .clone_vm(&src.name, CloneSpec { name: "linked".into(), linked: true, destination: Some(dst.clone()) })
         .await
         .unwrap();
     assert_eq!(linked.home, dst.join("linked.pvm"));
@@ -600,33 +341,13 @@ async fn clone_linked_and_full() {
     assert_eq!(d.snapshots(&src.id).await.unwrap().len(), 1);
 
     assert!(matches!(
-        d.clone_vm(
-            &src.id,
-            CloneSpec {
-                name: "full".into(),
-                linked: false,
-                destination: None
-            }
-        )
-        .await,
+        d.clone_vm(&src.id, CloneSpec { name: "full".into(), linked: false, destination: None }).await,
         Err(HypervisorError::AlreadyExists(_))
     ));
     d.power(&src.id, PowerOp::Start).await.unwrap();
     assert!(matches!(
-        d.clone_vm(
-            &src.id,
-            CloneSpec {
-                name: "hot".into(),
-                linked: false,
-                destination: None
-            }
-        )
-        .await,
-        Err(HypervisorError::InvalidState {
-            operation: "clone",
-            state: VmState::Running,
-            ..
-        })
+        d.clone_vm(&src.id, CloneSpec { name: "hot".into(), linked: false, destination: None }).await,
+        Err(HypervisorError::InvalidState { operation: "clone", state: VmState::Running, .. })
     ));
     assert_eq!(d.list().await.unwrap().len(), 4);
 }
@@ -639,62 +360,36 @@ async fn register_unregister_delete() {
     let vm = d.create(spec("reg", &image)).await.unwrap();
 
     d.unregister(&vm.id).await.unwrap();
-    assert!(matches!(
-        d.get(&vm.id).await,
-        Err(HypervisorError::NotFound(_))
-    ));
-    assert!(
-        vm.home.join("config.pvs").is_file(),
-        "unregister keeps the files"
-    );
+    assert!(matches!(d.get(&vm.id).await, Err(HypervisorError::NotFound(_))));
+    assert!(vm.home.join("config.pvs").is_file(), "unregister keeps the files");
 
     let back = d.register(&vm.home, RegisterSpec::default()).await.unwrap();
     assert_eq!(back.id, vm.id, "the bundle keeps its id");
     assert_eq!(back.name, "reg");
-    assert!(matches!(
-        d.register(&vm.home, RegisterSpec::default()).await,
-        Err(HypervisorError::AlreadyExists(_))
-    ));
+    assert!(matches!(d.register(&vm.home, RegisterSpec::default()).await, Err(HypervisorError::AlreadyExists(_))));
 
     d.unregister("reg").await.unwrap();
     let renamed = d
-        .register(
-            &vm.home,
-            RegisterSpec {
-                name: Some("reg-2".into()),
-                owner: None,
-                regenerate_id: true,
-            },
-        )
+        .register(&vm.home, RegisterSpec { name: Some("reg-2".into()), owner: None, regenerate_id: true })
         .await
         .unwrap();
     assert_ne!(renamed.id, vm.id);
     assert_eq!(renamed.name, "reg-2");
     assert!(matches!(
-        d.register(&fake.dir.path().join("no-bundle"), RegisterSpec::default())
-            .await,
+        d.register(&fake.dir.path().join("no-bundle"), RegisterSpec::default()).await,
         Err(HypervisorError::InvalidInput(_))
     ));
 
     d.power(&renamed.id, PowerOp::Start).await.unwrap();
     assert!(matches!(
         d.unregister(&renamed.id).await,
-        Err(HypervisorError::InvalidState {
-            operation: "unregister",
-            ..
-        })
+        Err(HypervisorError::InvalidState { operation: "unregister", .. })
     ));
     d.power(&renamed.id, PowerOp::Kill).await.unwrap();
     d.delete(&renamed.id).await.unwrap();
     assert!(!vm.home.exists(), "delete removes the bundle");
-    assert!(matches!(
-        d.get(&renamed.id).await,
-        Err(HypervisorError::NotFound(_))
-    ));
-    assert!(matches!(
-        d.delete(&renamed.id).await,
-        Err(HypervisorError::NotFound(_))
-    ));
+    assert!(matches!(d.get(&renamed.id).await, Err(HypervisorError::NotFound(_))));
+    assert!(matches!(d.delete(&renamed.id).await, Err(HypervisorError::NotFound(_))));
 }
 
 #[tokio::test]
@@ -711,10 +406,7 @@ async fn host_info_and_users() {
     assert!(host.disk_total_bytes >= host.disk_free_bytes && host.disk_total_bytes > 0);
     let users = d.users().await.unwrap();
     assert_eq!(users.len(), 1);
-    assert_eq!(
-        users[0].default_vm_home,
-        fake.vm_home().display().to_string()
-    );
+    assert_eq!(users[0].default_vm_home, fake.vm_home().display().to_string());
 }
 
 #[tokio::test]
@@ -725,8 +417,7 @@ async fn garbled_output_is_a_parse_error_naming_the_command() {
     let vm = ok.create(spec("garble", &image)).await.unwrap();
 
     let mut cfg = fake.config();
-    cfg.env
-        .insert("FAKE_PRL_GARBLE".into(), "list,snapshot-list,info".into());
+    cfg.env.insert("FAKE_PRL_GARBLE".into(), "list,snapshot-list,info".into());
     let d = ParallelsDriver::new(cfg).unwrap();
     match d.list().await {
         Err(HypervisorError::Parse { command, message }) => {
@@ -749,8 +440,7 @@ async fn garbled_output_is_a_parse_error_naming_the_command() {
     }
 
     let mut cfg = fake.config();
-    cfg.env
-        .insert("FAKE_PRL_GARBLE".into(), "snapshot-list,snapshot".into());
+    cfg.env.insert("FAKE_PRL_GARBLE".into(), "snapshot-list,snapshot".into());
     let d = ParallelsDriver::new(cfg).unwrap();
     assert!(
         matches!(d.snapshots(&vm.id).await, Err(HypervisorError::Parse { command, .. }) if command.starts_with("prlctl snapshot-list"))
@@ -790,10 +480,7 @@ async fn hanging_command_times_out_and_leaves_no_process() {
         .map(|e| e.unwrap().file_name().to_string_lossy().parse().unwrap())
         .collect();
     assert_eq!(pids.len(), 2, "the fake and its child: {pids:?}");
-    eventually("the hung processes to die", Duration::from_secs(5), || {
-        pids.iter().all(|p| process_gone(*p))
-    })
-    .await;
+    eventually("the hung processes to die", Duration::from_secs(5), || pids.iter().all(|p| process_gone(*p))).await;
 }
 
 #[tokio::test]
@@ -810,16 +497,7 @@ async fn concurrent_invocations_are_safe() {
     let sets = (0..8).map(|i| {
         let d = &d;
         let id = vm.id.clone();
-        async move {
-            d.configure(
-                &id,
-                ConfigChange {
-                    description: Some(format!("d{i}")),
-                    ..Default::default()
-                },
-            )
-            .await
-        }
+        async move { d.configure(&id, ConfigChange { description: Some(format!("d{i}")), ..Default::default() }).await }
     });
     for r in futures_join(sets).await {
         r.unwrap();
@@ -844,11 +522,7 @@ async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> 
                 }
             }
         }
-        if pending {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
-        }
+        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
     })
     .await;
     out.extend(results.into_iter().flatten());
@@ -874,10 +548,7 @@ async fn monitor_events_deliver_changes_made_by_other_invocations() {
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut n = 0;
     'ready: loop {
-        assert!(
-            Instant::now() < deadline,
-            "monitor-events never delivered an event"
-        );
+        assert!(Instant::now() < deadline, "monitor-events never delivered an event");
         n += 1;
         fake.ok(&["set", "watched", "--description", &format!("probe {n}")]);
         let until = Instant::now() + Duration::from_millis(500);
@@ -894,11 +565,7 @@ async fn monitor_events_deliver_changes_made_by_other_invocations() {
     let got = tokio::time::timeout(Duration::from_secs(1), async {
         loop {
             match rx.recv().await {
-                Ok(VmEvent::StateChanged {
-                    id: eid,
-                    previous,
-                    current,
-                }) if eid == id => return (previous, current),
+                Ok(VmEvent::StateChanged { id: eid, previous, current }) if eid == id => return (previous, current),
                 Ok(_) => continue,
                 Err(e) => panic!("event channel: {e}"),
             }
@@ -931,8 +598,7 @@ async fn reconcile_reports_drift() {
     let mut cfg = fake.config();
     cfg.watch_events = true;
     // No live monitor (`monitor-events` hangs silently): only the reconcile sees changes.
-    cfg.env
-        .insert("FAKE_PRL_HANG".into(), "monitor-events".into());
+    cfg.env.insert("FAKE_PRL_HANG".into(), "monitor-events".into());
     cfg.reconcile_interval = Duration::from_millis(200);
     let d = ParallelsDriver::new(cfg).unwrap();
     let mut rx = d.subscribe();
@@ -941,16 +607,12 @@ async fn reconcile_reports_drift() {
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut n = 0;
     'primed: loop {
-        assert!(
-            Instant::now() < deadline,
-            "the reconcile never reported a change"
-        );
+        assert!(Instant::now() < deadline, "the reconcile never reported a change");
         n += 1;
         fake.ok(&["set", "drift", "--description", &format!("probe {n}")]);
         let until = Instant::now() + Duration::from_secs(1);
         while let Ok(Ok(ev)) = tokio::time::timeout_at(until.into(), rx.recv()).await {
-            if matches!(&ev, VmEvent::Updated { vm } if vm.name == "drift" && vm.description == format!("probe {n}"))
-            {
+            if matches!(&ev, VmEvent::Updated { vm } if vm.name == "drift" && vm.description == format!("probe {n}")) {
                 break 'primed;
             }
         }
@@ -963,33 +625,20 @@ async fn reconcile_reports_drift() {
             .await
             .expect("no StateChanged from the reconcile")
             .unwrap();
-        if matches!(
-            ev,
-            VmEvent::StateChanged {
-                previous: VmState::Stopped,
-                current: VmState::Running,
-                ..
-            }
-        ) {
+        if matches!(ev, VmEvent::StateChanged { previous: VmState::Stopped, current: VmState::Running, .. }) {
             break;
         }
     }
     fake.make_vm("newcomer");
     loop {
-        let ev = tokio::time::timeout_at(until.into(), rx.recv())
-            .await
-            .expect("no Added for the newcomer")
-            .unwrap();
+        let ev = tokio::time::timeout_at(until.into(), rx.recv()).await.expect("no Added for the newcomer").unwrap();
         if matches!(&ev, VmEvent::Added { vm } if vm.name == "newcomer") {
             break;
         }
     }
     fake.ok(&["delete", "newcomer"]);
     loop {
-        let ev = tokio::time::timeout_at(until.into(), rx.recv())
-            .await
-            .expect("no Removed for the newcomer")
-            .unwrap();
+        let ev = tokio::time::timeout_at(until.into(), rx.recv()).await.expect("no Removed for the newcomer").unwrap();
         if matches!(ev, VmEvent::Removed { .. }) {
             break;
         }
@@ -1005,10 +654,8 @@ async fn dead_monitor_is_restarted_with_backoff() {
     cfg.reconcile_interval = Duration::from_secs(3600);
     cfg.monitor_backoff = (Duration::from_millis(50), Duration::from_millis(400));
     // Each `monitor-events` prints garbage and exits at once.
-    cfg.env
-        .insert("FAKE_PRL_GARBLE".into(), "monitor-events".into());
-    cfg.env
-        .insert("FAKE_PRL_LOG".into(), log.display().to_string());
+    cfg.env.insert("FAKE_PRL_GARBLE".into(), "monitor-events".into());
+    cfg.env.insert("FAKE_PRL_LOG".into(), log.display().to_string());
     let started = Instant::now();
     let d = ParallelsDriver::new(cfg).unwrap();
     let count = || {
@@ -1018,17 +665,9 @@ async fn dead_monitor_is_restarted_with_backoff() {
             .filter(|l| l.starts_with("prlctl monitor-events --json"))
             .count()
     };
-    eventually(
-        "monitor-events to be restarted 4 times",
-        Duration::from_secs(20),
-        || count() >= 4,
-    )
-    .await;
+    eventually("monitor-events to be restarted 4 times", Duration::from_secs(20), || count() >= 4).await;
     // Backoff doubles from 50 ms: the fourth start comes at least 50+100+200 ms after the first.
     let took = started.elapsed();
-    assert!(
-        took >= Duration::from_millis(350),
-        "4 starts in {took:?}: no backoff"
-    );
+    assert!(took >= Duration::from_millis(350), "4 starts in {took:?}: no backoff");
     drop(d);
 }

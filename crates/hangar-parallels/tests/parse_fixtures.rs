@@ -12,9 +12,7 @@ use hangar_hypervisor::{HypervisorKind, VmState};
 use hangar_parallels::parse;
 
 fn fixture(name: &str) -> String {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
@@ -29,20 +27,14 @@ fn full_vm_list() {
     assert_eq!(ubuntu.description, "golden image");
     assert_eq!(ubuntu.state, VmState::Running);
     assert_eq!(ubuntu.os, "ubuntu");
-    assert_eq!(
-        ubuntu.home,
-        PathBuf::from("/Users/ci/Parallels/ubuntu-ci.pvm")
-    );
+    assert_eq!(ubuntu.home, PathBuf::from("/Users/ci/Parallels/ubuntu-ci.pvm"));
     assert_eq!(ubuntu.cpus, 4);
     assert_eq!(ubuntu.memory_mb, 8192);
     assert_eq!(ubuntu.disk_virtual_bytes, 131072u64 << 20);
     assert_eq!(ubuntu.disk_bytes, 123);
     assert_eq!(
         ubuntu.ip_addresses,
-        vec![
-            "10.211.55.7".parse::<IpAddr>().unwrap(),
-            "fdb2:2c26:f4e4:0:21c:42ff:fea1:b2c3".parse().unwrap()
-        ]
+        vec!["10.211.55.7".parse::<IpAddr>().unwrap(), "fdb2:2c26:f4e4:0:21c:42ff:fea1:b2c3".parse().unwrap()]
     );
     assert_eq!(ubuntu.owner.as_deref(), Some("ci"));
     assert_eq!(ubuntu.hypervisor, HypervisorKind::Parallels);
@@ -53,10 +45,7 @@ fn full_vm_list() {
     let mac = vms[1].to_info(None, 0);
     assert_eq!(mac.id, "9a0b1c2d-3e4f-4a5b-8c6d-7e8f9a0b1c2d");
     assert_eq!(mac.state, VmState::Suspended);
-    assert_eq!(
-        mac.home,
-        PathBuf::from("/Users/ci/Parallels/macos-15.macvm")
-    );
+    assert_eq!(mac.home, PathBuf::from("/Users/ci/Parallels/macos-15.macvm"));
     assert_eq!(mac.memory_mb, 8192);
     assert_eq!(mac.disk_virtual_bytes, 92160u64 << 20);
     assert_eq!(mac.architecture, "arm64");
@@ -75,10 +64,7 @@ fn odd_vm_list_unknown_missing_and_mistyped_fields() {
     assert_eq!(odd.cpus, 2, "numeric strings are numbers");
     assert_eq!(odd.memory_mb, 4096, "a bare number is megabytes");
     assert_eq!(odd.disk_virtual_bytes, 0, "a mistyped hdd0 is defaulted");
-    assert!(
-        odd.ip_addresses.is_empty(),
-        "a mistyped Network is defaulted"
-    );
+    assert!(odd.ip_addresses.is_empty(), "a mistyped Network is defaulted");
     assert_eq!(odd.architecture, "x86_64");
     assert_eq!(odd.description, "");
 
@@ -93,14 +79,9 @@ fn odd_vm_list_unknown_missing_and_mistyped_fields() {
 
 #[test]
 fn garbage_is_an_error_not_a_panic() {
-    for bad in [
-        "",
-        "not json",
-        "[{\"ID\": \"{7d3c\u{1b}[0m\u{fffd} PRL_ERR",
-        "{\"ID\": \"x\"}",
-        "42",
-        "\u{0}\u{1}\u{2}",
-    ] {
+    for bad in
+        ["", "not json", "[{\"ID\": \"{7d3c\u{1b}[0m\u{fffd} PRL_ERR", "{\"ID\": \"x\"}", "42", "\u{0}\u{1}\u{2}"]
+    {
         assert!(parse::vm_list(bad).is_err(), "{bad:?}");
     }
     assert!(parse::server_info("[]").is_err());
@@ -113,10 +94,7 @@ fn garbage_is_an_error_not_a_panic() {
 fn snapshot_list_keyed_by_braced_ids() {
     let entries = parse::snapshot_map(&fixture("snapshot-list.json")).unwrap();
     let mut notes = BTreeMap::new();
-    notes.insert(
-        "5e6f7a8b-9c0d-4e1f-8a2b-3c4d5e6f7a8b".to_string(),
-        "made by hangar".to_string(),
-    );
+    notes.insert("5e6f7a8b-9c0d-4e1f-8a2b-3c4d5e6f7a8b".to_string(), "made by hangar".to_string());
     let snaps = parse::snapshots(entries, &notes);
     assert_eq!(snaps.len(), 3);
     // Undated first (None sorts first), then oldest to newest.
@@ -135,10 +113,7 @@ fn snapshot_list_keyed_by_braced_ids() {
     assert!(root.created_at.is_some());
 
     let child = &snaps[2];
-    assert_eq!(
-        child.parent.as_deref(),
-        Some("0dc70c48-9688-435e-9ce4-7770f75c16bb")
-    );
+    assert_eq!(child.parent.as_deref(), Some("0dc70c48-9688-435e-9ce4-7770f75c16bb"));
     assert_eq!(child.state, VmState::Running);
     assert!(child.current);
     assert_eq!(child.description, "made by hangar");
@@ -161,10 +136,7 @@ fn server_info_and_users() {
     assert_eq!(info.license.state, "valid");
     assert_eq!(info.hostname, "mac-mini-07.local");
     assert_eq!(info.hardware_id, "{2d7b4b2e-0c1f-5a6e-8d3c-4b5a69788f90}");
-    assert_eq!(
-        parse::os_name_version(&info.os),
-        ("Mac OS X".to_string(), "15.5".to_string())
-    );
+    assert_eq!(parse::os_name_version(&info.os), ("Mac OS X".to_string(), "15.5".to_string()));
 
     let unlicensed = parse::server_info(&fixture("prlsrvctl-info-unlicensed.json")).unwrap();
     assert_eq!(unlicensed.license.state, "invalid");
@@ -184,14 +156,8 @@ fn monitor_event_lines() {
     let events: Vec<_> = text.lines().map(|l| parse::event(l).unwrap()).collect();
     assert_eq!(events.len(), 4);
     assert_eq!(events[0].name, "vm_state_changed");
-    assert_eq!(
-        parse::trim_id(&events[0].vm_id),
-        "4ebbe3e8-3f1a-4c1e-9a57-8c2f0a1b2c3d"
-    );
-    assert_eq!(
-        parse::vm_state(&events[0].info.vm_state_name),
-        VmState::Running
-    );
+    assert_eq!(parse::trim_id(&events[0].vm_id), "4ebbe3e8-3f1a-4c1e-9a57-8c2f0a1b2c3d");
+    assert_eq!(parse::vm_state(&events[0].info.vm_state_name), VmState::Running);
     assert_eq!(events[1].name, "vm_config_changed");
     assert_eq!(events[1].info.vm_state_name, "");
     assert_eq!(events[2].name, "vm_unregistered");

@@ -27,8 +27,7 @@ fn filesystem_of(path: &Path) -> String {
         .filter_map(|line| {
             let mut parts = line.split_whitespace();
             let (_, mount, fs) = (parts.next()?, parts.next()?, parts.next()?);
-            path.starts_with(mount)
-                .then(|| (mount.len(), format!("{fs} ({mount})")))
+            path.starts_with(mount).then(|| (mount.len(), format!("{fs} ({mount})")))
         })
         .max()
         .map(|(_, fs)| fs)
@@ -101,10 +100,7 @@ async fn measure(store: Arc<JsonStore>, writers: usize, label: &str) -> Row {
 }
 
 async fn fresh_store(base: &Path, name: &str, key: Option<EncryptionKey>) -> Arc<JsonStore> {
-    let options = JsonStoreOptions {
-        encryption_key: key,
-        ..JsonStoreOptions::default()
-    };
+    let options = JsonStoreOptions { encryption_key: key, ..JsonStoreOptions::default() };
     let store = match JsonStore::open(base.join(name), options).await {
         Ok(store) => store,
         Err(e) => panic!("open failed: {e}"),
@@ -133,13 +129,8 @@ async fn main() {
         Ok(dir) => dir,
         Err(e) => panic!("cannot make a temp dir: {e}"),
     };
-    println!(
-        "JSON store durable commits; data folder on {}",
-        filesystem_of(base.path())
-    );
-    println!(
-        "{PRELOAD} records preloaded; each commit puts one ~250-byte record; budget {BUDGET:?} per row"
-    );
+    println!("JSON store durable commits; data folder on {}", filesystem_of(base.path()));
+    println!("{PRELOAD} records preloaded; each commit puts one ~250-byte record; budget {BUDGET:?} per row");
     let mut rows = Vec::new();
     for (encrypted, tag) in [(false, "plain"), (true, "AES-256-GCM")] {
         for writers in [1usize, 16] {
@@ -152,10 +143,7 @@ async fn main() {
                 None
             };
             let store = fresh_store(base.path(), &format!("{tag}-{writers}"), key).await;
-            let label = format!(
-                "{tag}, {writers} writer{}",
-                if writers == 1 { "" } else { "s" }
-            );
+            let label = format!("{tag}, {writers} writer{}", if writers == 1 { "" } else { "s" });
             rows.push(measure(Arc::clone(&store), writers, &label).await);
             if let Err(e) = store.close().await {
                 panic!("close failed: {e}");
@@ -163,14 +151,8 @@ async fn main() {
         }
     }
     println!();
-    println!(
-        "| {:<24} | {:>8} | {:>10} | {:>10} | {:>10} |",
-        "case", "commits", "commits/s", "p50", "p99"
-    );
-    println!(
-        "|{:-<26}|{:->10}|{:->12}|{:->12}|{:->12}|",
-        "", "", "", "", ""
-    );
+    println!("| {:<24} | {:>8} | {:>10} | {:>10} | {:>10} |", "case", "commits", "commits/s", "p50", "p99");
+    println!("|{:-<26}|{:->10}|{:->12}|{:->12}|{:->12}|", "", "", "", "", "");
     for row in rows {
         println!(
             "| {:<24} | {:>8} | {:>10.0} | {:>10} | {:>10} |",

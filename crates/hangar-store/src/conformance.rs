@@ -36,11 +36,7 @@ macro_rules! ok {
     ($case:expr, $e:expr) => {
         match $e {
             Ok(v) => v,
-            Err(err) => panic!(
-                "conformance case `{}`: `{}` failed: {err}",
-                $case,
-                stringify!($e)
-            ),
+            Err(err) => panic!("conformance case `{}`: `{}` failed: {err}", $case, stringify!($e)),
         }
     };
 }
@@ -91,11 +87,7 @@ where
 }
 
 async fn put(store: &dyn Store, case: &str, collection: &str, id: &str, value: Value) -> u64 {
-    ok!(
-        case,
-        store.commit(Batch::new().put(collection, id, value)).await
-    )
-    .revision
+    ok!(case, store.commit(Batch::new().put(collection, id, value)).await).revision
 }
 
 fn ids(records: &[crate::Record]) -> Vec<String> {
@@ -104,65 +96,23 @@ fn ids(records: &[crate::Record]) -> Vec<String> {
 
 async fn get_put_delete(store: Arc<dyn Store>) {
     let case = "get_put_delete";
-    check!(
-        case,
-        ok!(case, store.get("things", "a").await).is_none(),
-        "a missing record must be None"
-    );
+    check!(case, ok!(case, store.get("things", "a").await).is_none(), "a missing record must be None");
     let rev = put(&*store, case, "things", "a", json!({"n": 1})).await;
     let got = ok!(case, store.get("things", "a").await);
-    let Some(record) = got else {
-        panic!("conformance case `{case}`: a put record must be readable")
-    };
-    check!(
-        case,
-        record.id == "a" && record.value == json!({"n": 1}),
-        "read back {record:?}"
-    );
-    check!(
-        case,
-        record.revision == rev,
-        "record revision {} != commit revision {rev}",
-        record.revision
-    );
+    let Some(record) = got else { panic!("conformance case `{case}`: a put record must be readable") };
+    check!(case, record.id == "a" && record.value == json!({"n": 1}), "read back {record:?}");
+    check!(case, record.revision == rev, "record revision {} != commit revision {rev}", record.revision);
     let rev2 = put(&*store, case, "things", "a", json!({"n": 2})).await;
-    check!(
-        case,
-        rev2 > rev,
-        "overwrite must get a higher revision ({rev2} <= {rev})"
-    );
+    check!(case, rev2 > rev, "overwrite must get a higher revision ({rev2} <= {rev})");
     let record = ok!(case, store.get("things", "a").await);
-    check!(
-        case,
-        record.as_ref().map(|r| &r.value) == Some(&json!({"n": 2})),
-        "overwrite not visible: {record:?}"
-    );
-    check!(
-        case,
-        ok!(case, store.get("other", "a").await).is_none(),
-        "collections must be separate"
-    );
+    check!(case, record.as_ref().map(|r| &r.value) == Some(&json!({"n": 2})), "overwrite not visible: {record:?}");
+    check!(case, ok!(case, store.get("other", "a").await).is_none(), "collections must be separate");
     ok!(case, store.commit(Batch::new().delete("things", "a")).await);
-    check!(
-        case,
-        ok!(case, store.get("things", "a").await).is_none(),
-        "deleted record still readable"
-    );
+    check!(case, ok!(case, store.get("things", "a").await).is_none(), "deleted record still readable");
     // Deleting what does not exist is not an error.
-    ok!(
-        case,
-        store.commit(Batch::new().delete("things", "never")).await
-    );
-    check!(
-        case,
-        ok!(case, store.list("things").await).is_empty(),
-        "collection must be empty after delete"
-    );
-    check!(
-        case,
-        ok!(case, store.list("unknown").await).is_empty(),
-        "unknown collection must list empty"
-    );
+    ok!(case, store.commit(Batch::new().delete("things", "never")).await);
+    check!(case, ok!(case, store.list("things").await).is_empty(), "collection must be empty after delete");
+    check!(case, ok!(case, store.list("unknown").await).is_empty(), "unknown collection must list empty");
     // An empty batch is accepted and writes nothing.
     ok!(case, store.commit(Batch::new()).await);
 }
@@ -176,18 +126,9 @@ async fn list_ordering(store: Arc<dyn Store>) {
     put(&*store, case, "elsewhere", "0", json!(null)).await;
     names.sort();
     let listed = ok!(case, store.list("sorted").await);
-    check!(
-        case,
-        ids(&listed) == names,
-        "list must be sorted by id in byte order: {:?}",
-        ids(&listed)
-    );
+    check!(case, ids(&listed) == names, "list must be sorted by id in byte order: {:?}", ids(&listed));
     let by_id: BTreeMap<_, _> = listed.iter().map(|r| (r.id.as_str(), &r.value)).collect();
-    check!(
-        case,
-        by_id.get("aa") == Some(&&json!(3)),
-        "values must match ids"
-    );
+    check!(case, by_id.get("aa") == Some(&&json!(3)), "values must match ids");
 }
 
 async fn list_page(store: Arc<dyn Store>) {
@@ -205,45 +146,19 @@ async fn list_page(store: Arc<dyn Store>) {
         if page.is_empty() {
             break;
         }
-        check!(
-            case,
-            page.len() <= 10,
-            "page larger than the limit: {}",
-            page.len()
-        );
+        check!(case, page.len() <= 10, "page larger than the limit: {}", page.len());
         after = page.last().map(|r| r.id.clone());
         seen.extend(ids(&page));
         pages += 1;
         check!(case, pages <= 3, "too many pages");
     }
     let all = ids(&ok!(case, store.list("paged").await));
-    check!(
-        case,
-        pages == 3 && seen == all,
-        "pages must cover the list in order: {seen:?}"
-    );
+    check!(case, pages == 3 && seen == all, "pages must cover the list in order: {seen:?}");
     let from_gap = ok!(case, store.list_page("paged", Some("id-04x"), 2).await);
-    check!(
-        case,
-        ids(&from_gap) == ["id-05", "id-06"],
-        "after an absent id: {:?}",
-        ids(&from_gap)
-    );
-    check!(
-        case,
-        ok!(case, store.list_page("paged", None, 0).await).is_empty(),
-        "limit 0 must be empty"
-    );
-    check!(
-        case,
-        ok!(case, store.list_page("paged", Some("id-24"), 5).await).is_empty(),
-        "after the last id"
-    );
-    check!(
-        case,
-        ok!(case, store.list_page("nothing", None, 5).await).is_empty(),
-        "unknown collection"
-    );
+    check!(case, ids(&from_gap) == ["id-05", "id-06"], "after an absent id: {:?}", ids(&from_gap));
+    check!(case, ok!(case, store.list_page("paged", None, 0).await).is_empty(), "limit 0 must be empty");
+    check!(case, ok!(case, store.list_page("paged", Some("id-24"), 5).await).is_empty(), "after the last id");
+    check!(case, ok!(case, store.list_page("nothing", None, 5).await).is_empty(), "unknown collection");
 }
 
 async fn batch_atomicity(store: Arc<dyn Store>) {
@@ -256,165 +171,58 @@ async fn batch_atomicity(store: Arc<dyn Store>) {
         .require_absent("users", "taken");
     match store.commit(failing).await {
         Err(StoreError::Conflict(msg)) => {
-            check!(
-                case,
-                msg.contains("taken"),
-                "a conflict must name the record: {msg}"
-            );
+            check!(case, msg.contains("taken"), "a conflict must name the record: {msg}");
         }
         other => panic!("conformance case `{case}`: expected Conflict, got {other:?}"),
     }
-    check!(
-        case,
-        ok!(case, store.get("users", "new-1").await).is_none(),
-        "failed batch wrote users/new-1"
-    );
-    check!(
-        case,
-        ok!(case, store.get("roles", "new-2").await).is_none(),
-        "failed batch wrote roles/new-2"
-    );
-    check!(
-        case,
-        ok!(case, store.get("users", "taken").await).is_some(),
-        "failed batch deleted users/taken"
-    );
+    check!(case, ok!(case, store.get("users", "new-1").await).is_none(), "failed batch wrote users/new-1");
+    check!(case, ok!(case, store.get("roles", "new-2").await).is_none(), "failed batch wrote roles/new-2");
+    check!(case, ok!(case, store.get("users", "taken").await).is_some(), "failed batch deleted users/taken");
     let done = ok!(
         case,
         store
-            .commit(
-                Batch::new()
-                    .put("users", "u", json!(1))
-                    .put("roles", "r", json!(2))
-                    .delete("users", "taken")
-            )
+            .commit(Batch::new().put("users", "u", json!(1)).put("roles", "r", json!(2)).delete("users", "taken"))
             .await
     );
     let u = ok!(case, store.get("users", "u").await);
     let r = ok!(case, store.get("roles", "r").await);
     check!(
         case,
-        u.map(|x| x.revision) == Some(done.revision)
-            && r.map(|x| x.revision) == Some(done.revision),
+        u.map(|x| x.revision) == Some(done.revision) && r.map(|x| x.revision) == Some(done.revision),
         "every record of a batch must carry the batch's revision"
     );
-    check!(
-        case,
-        ok!(case, store.get("users", "taken").await).is_none(),
-        "delete in a batch must apply"
-    );
+    check!(case, ok!(case, store.get("users", "taken").await).is_none(), "delete in a batch must apply");
 }
 
 async fn absent_condition(store: Arc<dyn Store>) {
     let case = "absent_condition";
-    ok!(
-        case,
-        store
-            .commit(
-                Batch::new()
-                    .require_absent("c", "x")
-                    .put("c", "x", json!(1))
-            )
-            .await
-    );
-    let again = store
-        .commit(
-            Batch::new()
-                .require_absent("c", "x")
-                .put("c", "x", json!(2)),
-        )
-        .await;
-    check!(
-        case,
-        matches!(again, Err(StoreError::Conflict(_))),
-        "second create must conflict: {again:?}"
-    );
+    ok!(case, store.commit(Batch::new().require_absent("c", "x").put("c", "x", json!(1))).await);
+    let again = store.commit(Batch::new().require_absent("c", "x").put("c", "x", json!(2))).await;
+    check!(case, matches!(again, Err(StoreError::Conflict(_))), "second create must conflict: {again:?}");
     let value = ok!(case, store.get("c", "x").await).map(|r| r.value);
-    check!(
-        case,
-        value == Some(json!(1)),
-        "the conflicting create must not write: {value:?}"
-    );
+    check!(case, value == Some(json!(1)), "the conflicting create must not write: {value:?}");
     ok!(case, store.commit(Batch::new().delete("c", "x")).await);
-    ok!(
-        case,
-        store
-            .commit(
-                Batch::new()
-                    .require_absent("c", "x")
-                    .put("c", "x", json!(3))
-            )
-            .await
-    );
+    ok!(case, store.commit(Batch::new().require_absent("c", "x").put("c", "x", json!(3))).await);
 }
 
 async fn revision_condition(store: Arc<dyn Store>) {
     let case = "revision_condition";
     let rev = put(&*store, case, "c", "doc", json!("v1")).await;
-    let rev2 = ok!(
-        case,
-        store
-            .commit(
-                Batch::new()
-                    .require_revision("c", "doc", rev)
-                    .put("c", "doc", json!("v2"))
-            )
-            .await
-    )
-    .revision;
-    let stale = store
-        .commit(
-            Batch::new()
-                .require_revision("c", "doc", rev)
-                .put("c", "doc", json!("v3")),
-        )
-        .await;
+    let rev2 =
+        ok!(case, store.commit(Batch::new().require_revision("c", "doc", rev).put("c", "doc", json!("v2"))).await)
+            .revision;
+    let stale = store.commit(Batch::new().require_revision("c", "doc", rev).put("c", "doc", json!("v3"))).await;
     match stale {
-        Err(StoreError::Conflict(msg)) => check!(
-            case,
-            msg.contains("doc"),
-            "conflict must name the record: {msg}"
-        ),
+        Err(StoreError::Conflict(msg)) => check!(case, msg.contains("doc"), "conflict must name the record: {msg}"),
         other => panic!("conformance case `{case}`: stale revision must conflict, got {other:?}"),
     }
     let value = ok!(case, store.get("c", "doc").await).map(|r| r.value);
-    check!(
-        case,
-        value == Some(json!("v2")),
-        "stale update wrote: {value:?}"
-    );
-    let missing = store
-        .commit(
-            Batch::new()
-                .require_revision("c", "nope", 1)
-                .put("c", "nope", json!(0)),
-        )
-        .await;
-    check!(
-        case,
-        matches!(missing, Err(StoreError::Conflict(_))),
-        "revision on a missing record: {missing:?}"
-    );
-    check!(
-        case,
-        ok!(case, store.get("c", "nope").await).is_none(),
-        "the failed batch wrote c/nope"
-    );
-    ok!(
-        case,
-        store
-            .commit(
-                Batch::new()
-                    .require_revision("c", "doc", rev2)
-                    .delete("c", "doc")
-            )
-            .await
-    );
-    check!(
-        case,
-        ok!(case, store.get("c", "doc").await).is_none(),
-        "conditional delete must apply"
-    );
+    check!(case, value == Some(json!("v2")), "stale update wrote: {value:?}");
+    let missing = store.commit(Batch::new().require_revision("c", "nope", 1).put("c", "nope", json!(0))).await;
+    check!(case, matches!(missing, Err(StoreError::Conflict(_))), "revision on a missing record: {missing:?}");
+    check!(case, ok!(case, store.get("c", "nope").await).is_none(), "the failed batch wrote c/nope");
+    ok!(case, store.commit(Batch::new().require_revision("c", "doc", rev2).delete("c", "doc")).await);
+    check!(case, ok!(case, store.get("c", "doc").await).is_none(), "conditional delete must apply");
 }
 
 async fn revisions_increase(store: Arc<dyn Store>) {
@@ -426,12 +234,7 @@ async fn revisions_increase(store: Arc<dyn Store>) {
         last = rev;
     }
     let dump = ok!(case, store.export().await);
-    check!(
-        case,
-        dump.revision >= last,
-        "export revision {} below the last commit {last}",
-        dump.revision
-    );
+    check!(case, dump.revision >= last, "export revision {} below the last commit {last}", dump.revision);
 }
 
 async fn racing_creates(store: Arc<dyn Store>) {
@@ -440,13 +243,7 @@ async fn racing_creates(store: Arc<dyn Store>) {
     for writer in 0..16 {
         let store = Arc::clone(&store);
         tasks.spawn(async move {
-            store
-                .commit(Batch::new().require_absent("race", "the-one").put(
-                    "race",
-                    "the-one",
-                    json!(writer),
-                ))
-                .await
+            store.commit(Batch::new().require_absent("race", "the-one").put("race", "the-one", json!(writer))).await
         });
     }
     let mut wins = Vec::new();
@@ -458,18 +255,9 @@ async fn racing_creates(store: Arc<dyn Store>) {
             Err(other) => panic!("conformance case `{case}`: unexpected error {other}"),
         }
     }
-    check!(
-        case,
-        wins.len() == 1 && conflicts == 15,
-        "{} winners, {conflicts} conflicts",
-        wins.len()
-    );
+    check!(case, wins.len() == 1 && conflicts == 15, "{} winners, {conflicts} conflicts", wins.len());
     let record = ok!(case, store.get("race", "the-one").await);
-    check!(
-        case,
-        record.map(|r| r.revision) == wins.first().copied(),
-        "the winner's write must be stored"
-    );
+    check!(case, record.map(|r| r.revision) == wins.first().copied(), "the winner's write must be stored");
 }
 
 async fn racing_updates(store: Arc<dyn Store>) {
@@ -486,9 +274,11 @@ async fn racing_updates(store: Arc<dyn Store>) {
                         return Err(StoreError::Engine("counter vanished".into()));
                     };
                     let n = current.value.as_i64().unwrap_or(-1000);
-                    let attempt = Batch::new()
-                        .require_revision("counters", "n", current.revision)
-                        .put("counters", "n", json!(n + 1));
+                    let attempt = Batch::new().require_revision("counters", "n", current.revision).put(
+                        "counters",
+                        "n",
+                        json!(n + 1),
+                    );
                     match store.commit(attempt).await {
                         Ok(_) => break,
                         Err(StoreError::Conflict(_)) => continue,
@@ -503,11 +293,7 @@ async fn racing_updates(store: Arc<dyn Store>) {
         ok!(case, ok!(case, joined));
     }
     let value = ok!(case, store.get("counters", "n").await).map(|r| r.value);
-    check!(
-        case,
-        value == Some(json!(40)),
-        "40 conditional increments must give 40, got {value:?}"
-    );
+    check!(case, value == Some(json!(40)), "40 conditional increments must give 40, got {value:?}");
 }
 
 fn sample_dump() -> Dump {
@@ -515,22 +301,12 @@ fn sample_dump() -> Dump {
     collections.insert(
         "users".to_string(),
         BTreeMap::from([
-            (
-                "alice".to_string(),
-                json!({"name": "Alice", "roles": ["admin"]}),
-            ),
+            ("alice".to_string(), json!({"name": "Alice", "roles": ["admin"]})),
             ("bob".to_string(), json!({"name": "Bob"})),
         ]),
     );
-    collections.insert(
-        "hosts".to_string(),
-        BTreeMap::from([("h1".to_string(), json!([1, 2, 3]))]),
-    );
-    Dump {
-        format: DUMP_FORMAT,
-        revision: 7,
-        collections,
-    }
+    collections.insert("hosts".to_string(), BTreeMap::from([("h1".to_string(), json!([1, 2, 3]))]));
+    Dump { format: DUMP_FORMAT, revision: 7, collections }
 }
 
 async fn export_import(store: Arc<dyn Store>) {
@@ -540,58 +316,22 @@ async fn export_import(store: Arc<dyn Store>) {
     let dump = sample_dump();
     ok!(case, store.import(dump.clone()).await);
     let exported = ok!(case, store.export().await);
-    check!(
-        case,
-        exported.format == DUMP_FORMAT,
-        "export format {}",
-        exported.format
-    );
-    check!(
-        case,
-        exported.collections == dump.collections,
-        "export after import differs: {exported:?}"
-    );
-    check!(
-        case,
-        exported.revision > before,
-        "import must move the revision forward"
-    );
-    check!(
-        case,
-        ok!(case, store.get("stale", "gone").await).is_none(),
-        "import must replace everything"
-    );
+    check!(case, exported.format == DUMP_FORMAT, "export format {}", exported.format);
+    check!(case, exported.collections == dump.collections, "export after import differs: {exported:?}");
+    check!(case, exported.revision > before, "import must move the revision forward");
+    check!(case, ok!(case, store.get("stale", "gone").await).is_none(), "import must replace everything");
     let alice = ok!(case, store.get("users", "alice").await);
-    let Some(alice) = alice else {
-        panic!("conformance case `{case}`: imported record missing")
-    };
+    let Some(alice) = alice else { panic!("conformance case `{case}`: imported record missing") };
     // Conditions work on imported records with the revision they report.
     ok!(
         case,
         store
-            .commit(
-                Batch::new()
-                    .require_revision("users", "alice", alice.revision)
-                    .put("users", "alice", json!(1))
-            )
+            .commit(Batch::new().require_revision("users", "alice", alice.revision).put("users", "alice", json!(1)))
             .await
     );
-    let bad = store
-        .import(Dump {
-            format: DUMP_FORMAT + 100,
-            ..sample_dump()
-        })
-        .await;
-    check!(
-        case,
-        matches!(bad, Err(StoreError::Invalid(_))),
-        "unknown dump format must be Invalid: {bad:?}"
-    );
-    check!(
-        case,
-        ok!(case, store.get("users", "bob").await).is_some(),
-        "a refused import must change nothing"
-    );
+    let bad = store.import(Dump { format: DUMP_FORMAT + 100, ..sample_dump() }).await;
+    check!(case, matches!(bad, Err(StoreError::Invalid(_))), "unknown dump format must be Invalid: {bad:?}");
+    check!(case, ok!(case, store.get("users", "bob").await).is_some(), "a refused import must change nothing");
 }
 
 async fn export_into_fresh_store<F: Fn() -> StoreFuture>(make: &F) {
@@ -599,11 +339,7 @@ async fn export_into_fresh_store<F: Fn() -> StoreFuture>(make: &F) {
     let source = make().await;
     let mut batch = Batch::new();
     for i in 0..50 {
-        batch = batch.put(
-            &format!("col-{}", i % 4),
-            &format!("id-{i}"),
-            json!({"i": i, "s": "x".repeat(i)}),
-        );
+        batch = batch.put(&format!("col-{}", i % 4), &format!("id-{i}"), json!({"i": i, "s": "x".repeat(i)}));
     }
     ok!(case, source.commit(batch).await);
     let dump = ok!(case, source.export().await);
@@ -611,18 +347,10 @@ async fn export_into_fresh_store<F: Fn() -> StoreFuture>(make: &F) {
     put(&*target, case, "junk", "j", json!(true)).await;
     ok!(case, target.import(dump.clone()).await);
     let copy = ok!(case, target.export().await);
-    check!(
-        case,
-        copy.collections == dump.collections,
-        "round trip through a fresh store differs"
-    );
+    check!(case, copy.collections == dump.collections, "round trip through a fresh store differs");
     let json_text = ok!(case, serde_json::to_string(&dump));
     let parsed: Dump = ok!(case, serde_json::from_str(&json_text));
-    check!(
-        case,
-        parsed == dump,
-        "a dump must survive JSON serialisation"
-    );
+    check!(case, parsed == dump, "a dump must survive JSON serialisation");
     ok!(case, source.close().await);
     ok!(case, target.close().await);
 }
@@ -630,31 +358,21 @@ async fn export_into_fresh_store<F: Fn() -> StoreFuture>(make: &F) {
 async fn large_values(store: Arc<dyn Store>) {
     let case = "large_values";
     let big_string = "0123456789abcdef".repeat(256 * 1024); // 4 MiB
-    let big_array: Vec<Value> = (0..50_000)
-        .map(|i| json!({"i": i, "tag": format!("t{i}")}))
-        .collect();
+    let big_array: Vec<Value> = (0..50_000).map(|i| json!({"i": i, "tag": format!("t{i}")})).collect();
     ok!(
         case,
         store
-            .commit(
-                Batch::new()
-                    .put("big", "string", json!({"s": big_string}))
-                    .put("big", "array", Value::Array(big_array.clone()))
-            )
+            .commit(Batch::new().put("big", "string", json!({"s": big_string})).put(
+                "big",
+                "array",
+                Value::Array(big_array.clone())
+            ))
             .await
     );
     let s = ok!(case, store.get("big", "string").await).map(|r| r.value);
-    check!(
-        case,
-        s == Some(json!({"s": big_string})),
-        "4 MiB string did not round trip"
-    );
+    check!(case, s == Some(json!({"s": big_string})), "4 MiB string did not round trip");
     let a = ok!(case, store.get("big", "array").await).map(|r| r.value);
-    check!(
-        case,
-        a == Some(Value::Array(big_array)),
-        "50k element array did not round trip"
-    );
+    check!(case, a == Some(Value::Array(big_array)), "50k element array did not round trip");
 }
 
 async fn unicode_ids(store: Arc<dyn Store>) {
@@ -673,27 +391,15 @@ async fn unicode_ids(store: Arc<dyn Store>) {
     }
     for id in odd {
         let got = ok!(case, store.get("ユーザー/users", id).await).map(|r| r.value);
-        check!(
-            case,
-            got == Some(json!({"id": id})),
-            "id {id:?} did not round trip: {got:?}"
-        );
+        check!(case, got == Some(json!({"id": id})), "id {id:?} did not round trip: {got:?}");
     }
     let listed = ids(&ok!(case, store.list("ユーザー/users").await));
     let mut expected: Vec<String> = odd.iter().map(|s| s.to_string()).collect();
     expected.sort();
-    check!(
-        case,
-        listed == expected,
-        "unicode ids must list in byte order: {listed:?}"
-    );
+    check!(case, listed == expected, "unicode ids must list in byte order: {listed:?}");
     let long_id = "é".repeat(256); // 512 bytes
     put(&*store, case, "long", &long_id, json!(1)).await;
-    check!(
-        case,
-        ok!(case, store.get("long", &long_id).await).is_some(),
-        "a 512-byte id must work"
-    );
+    check!(case, ok!(case, store.get("long", &long_id).await).is_some(), "a 512-byte id must work");
 }
 
 async fn invalid_input(store: Arc<dyn Store>) {
@@ -702,22 +408,12 @@ async fn invalid_input(store: Arc<dyn Store>) {
         Batch::new().put("", "id", json!(1)),
         Batch::new().put("c", "", json!(1)),
         Batch::new().put("c", "nul\0id", json!(1)),
-        Batch::new()
-            .put("c", "fine", json!(1))
-            .require_absent("c", ""),
+        Batch::new().put("c", "fine", json!(1)).require_absent("c", ""),
     ] {
         let answer = store.commit(batch.clone()).await;
-        check!(
-            case,
-            matches!(answer, Err(StoreError::Invalid(_))),
-            "{batch:?} must be Invalid: {answer:?}"
-        );
+        check!(case, matches!(answer, Err(StoreError::Invalid(_))), "{batch:?} must be Invalid: {answer:?}");
     }
-    check!(
-        case,
-        ok!(case, store.get("c", "fine").await).is_none(),
-        "an invalid batch must write nothing"
-    );
+    check!(case, ok!(case, store.get("c", "fine").await).is_none(), "an invalid batch must write nothing");
 }
 
 async fn close_then_closed(store: Arc<dyn Store>) {
@@ -725,27 +421,11 @@ async fn close_then_closed(store: Arc<dyn Store>) {
     put(&*store, case, "c", "x", json!(1)).await;
     ok!(case, store.close().await);
     let get = store.get("c", "x").await;
-    check!(
-        case,
-        matches!(get, Err(StoreError::Closed)),
-        "get after close: {get:?}"
-    );
+    check!(case, matches!(get, Err(StoreError::Closed)), "get after close: {get:?}");
     let list = store.list("c").await;
-    check!(
-        case,
-        matches!(list, Err(StoreError::Closed)),
-        "list after close: {list:?}"
-    );
+    check!(case, matches!(list, Err(StoreError::Closed)), "list after close: {list:?}");
     let commit = store.commit(Batch::new().put("c", "y", json!(2))).await;
-    check!(
-        case,
-        matches!(commit, Err(StoreError::Closed)),
-        "commit after close: {commit:?}"
-    );
+    check!(case, matches!(commit, Err(StoreError::Closed)), "commit after close: {commit:?}");
     let export = store.export().await;
-    check!(
-        case,
-        matches!(export, Err(StoreError::Closed)),
-        "export after close: {export:?}"
-    );
+    check!(case, matches!(export, Err(StoreError::Closed)), "export after close: {export:?}");
 }

@@ -108,9 +108,7 @@ pub use crypto::EncryptionKey;
 use journal::{HEADER_LEN, HeaderError};
 use snapshot::{Model, Stored};
 
-use crate::{
-    Batch, Committed, Condition, DUMP_FORMAT, Dump, Op, Record, Result, Store, StoreError,
-};
+use crate::{Batch, Committed, Condition, DUMP_FORMAT, Dump, Op, Record, Result, Store, StoreError};
 
 /// Name of the snapshot file in the data folder.
 pub const SNAPSHOT_FILE: &str = "data.json";
@@ -165,23 +163,11 @@ impl Default for JsonStoreOptions {
 type Reply<T> = oneshot::Sender<Result<T>>;
 
 enum Request {
-    Commit {
-        batch: Batch,
-        reply: Reply<Committed>,
-    },
-    Import {
-        dump: Dump,
-        reply: Reply<()>,
-    },
-    Backup {
-        reply: Reply<PathBuf>,
-    },
-    Compact {
-        reply: Reply<()>,
-    },
-    Close {
-        reply: Reply<()>,
-    },
+    Commit { batch: Batch, reply: Reply<Committed> },
+    Import { dump: Dump, reply: Reply<()> },
+    Backup { reply: Reply<PathBuf> },
+    Compact { reply: Reply<()> },
+    Close { reply: Reply<()> },
 }
 
 struct Shared {
@@ -212,10 +198,7 @@ impl std::fmt::Debug for JsonStore {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io {
-        path: path.display().to_string(),
-        source,
-    }
+    move |source| StoreError::Io { path: path.display().to_string(), source }
 }
 
 fn poisoned() -> StoreError {
@@ -224,16 +207,13 @@ fn poisoned() -> StoreError {
 
 fn random_id() -> Result<[u8; 16]> {
     let mut id = [0u8; 16];
-    aws_lc_rs::rand::fill(&mut id)
-        .map_err(|_| StoreError::Engine("the system random generator failed".into()))?;
+    aws_lc_rs::rand::fill(&mut id).map_err(|_| StoreError::Engine("the system random generator failed".into()))?;
     Ok(id)
 }
 
 /// fsyncs a directory so a rename or a new file in it is durable.
 fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
 }
 
 /// Writes `bytes` to `tmp` and fsyncs it. The caller renames it into place.
@@ -298,16 +278,11 @@ fn recover_journal(
 ) -> Result<Recovered> {
     let shown = path.display().to_string();
     let header = journal::decode_header(bytes, cipher).map_err(|e| match e {
-        HeaderError::Damaged(detail) => StoreError::Corrupt {
-            path: shown.clone(),
-            detail,
-        },
-        HeaderError::WrongKey => StoreError::WrongKey {
-            path: shown.clone(),
-        },
-        HeaderError::EncryptionMismatch { encrypted: true } => StoreError::Invalid(format!(
-            "{shown} is encrypted: configure the store's encryption key file to open it"
-        )),
+        HeaderError::Damaged(detail) => StoreError::Corrupt { path: shown.clone(), detail },
+        HeaderError::WrongKey => StoreError::WrongKey { path: shown.clone() },
+        HeaderError::EncryptionMismatch { encrypted: true } => {
+            StoreError::Invalid(format!("{shown} is encrypted: configure the store's encryption key file to open it"))
+        }
         HeaderError::EncryptionMismatch { encrypted: false } => StoreError::Invalid(format!(
             "{shown} is not encrypted but an encryption key was configured; open it without a key"
         )),
@@ -320,24 +295,14 @@ fn recover_journal(
         match journal::parse_frame_at(bytes, offset, &id) {
             Ok(frame) => {
                 if frame.revision <= model.revision && applied == 0 {
-                    debug!(
-                        revision = frame.revision,
-                        "skipping a frame already in the snapshot"
-                    );
+                    debug!(revision = frame.revision, "skipping a frame already in the snapshot");
                 } else if frame.revision == model.revision + 1 {
-                    let plain =
-                        journal::open_payload(bytes, &frame, &id, cipher).ok_or_else(|| {
-                            StoreError::WrongKey {
-                                path: shown.clone(),
-                            }
-                        })?;
-                    let ops: Vec<Op> =
-                        serde_json::from_slice(&plain).map_err(|e| StoreError::Corrupt {
-                            path: shown.clone(),
-                            detail: format!(
-                                "frame at offset {offset} is intact but not a batch: {e}"
-                            ),
-                        })?;
+                    let plain = journal::open_payload(bytes, &frame, &id, cipher)
+                        .ok_or_else(|| StoreError::WrongKey { path: shown.clone() })?;
+                    let ops: Vec<Op> = serde_json::from_slice(&plain).map_err(|e| StoreError::Corrupt {
+                        path: shown.clone(),
+                        detail: format!("frame at offset {offset} is intact but not a batch: {e}"),
+                    })?;
                     model.apply(frame.revision, ops);
                     applied += 1;
                 } else {
@@ -383,19 +348,11 @@ fn recover_journal(
                         "journal tail is torn or damaged; truncating it to the last good commit"
                     );
                 }
-                return Ok(Recovered {
-                    journal_id: id,
-                    good_len: offset,
-                    frames,
-                });
+                return Ok(Recovered { journal_id: id, good_len: offset, frames });
             }
         }
     }
-    Ok(Recovered {
-        journal_id: id,
-        good_len: offset,
-        frames,
-    })
+    Ok(Recovered { journal_id: id, good_len: offset, frames })
 }
 
 impl JsonStore {
@@ -442,11 +399,7 @@ impl JsonStore {
             Err(fs::TryLockError::Error(e)) => return Err(io_err(&lock_path)(e)),
         }
 
-        let cipher = options
-            .encryption_key
-            .as_ref()
-            .map(Cipher::new)
-            .transpose()?;
+        let cipher = options.encryption_key.as_ref().map(Cipher::new).transpose()?;
         remove_if_present(&dir.join(SNAPSHOT_TMP))?;
         remove_if_present(&dir.join(JOURNAL_TMP))?;
         for tmp in leftover_backup_temps(&dir) {
@@ -455,11 +408,7 @@ impl JsonStore {
 
         let snapshot_path = dir.join(SNAPSHOT_FILE);
         let mut model = match fs::read(&snapshot_path) {
-            Ok(bytes) => snapshot::decode(
-                &bytes,
-                cipher.as_ref(),
-                &snapshot_path.display().to_string(),
-            )?,
+            Ok(bytes) => snapshot::decode(&bytes, cipher.as_ref(), &snapshot_path.display().to_string())?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Model::default(),
             Err(e) => return Err(io_err(&snapshot_path)(e)),
         };
@@ -479,12 +428,8 @@ impl JsonStore {
                     options.salvage_damaged_journal,
                 )?;
                 if found.good_len < bytes.len() {
-                    let file = OpenOptions::new()
-                        .write(true)
-                        .open(&journal_path)
-                        .map_err(io_err(&journal_path))?;
-                    file.set_len(found.good_len as u64)
-                        .map_err(io_err(&journal_path))?;
+                    let file = OpenOptions::new().write(true).open(&journal_path).map_err(io_err(&journal_path))?;
+                    file.set_len(found.good_len as u64).map_err(io_err(&journal_path))?;
                     file.sync_all().map_err(io_err(&journal_path))?;
                 }
                 (found.journal_id, found.good_len, found.frames)
@@ -502,16 +447,8 @@ impl JsonStore {
                 (id, HEADER_LEN, 0)
             }
         };
-        let journal = OpenOptions::new()
-            .append(true)
-            .open(&journal_path)
-            .map_err(io_err(&journal_path))?;
-        info!(
-            revision = model.revision,
-            frames,
-            encrypted = cipher.is_some(),
-            "store opened"
-        );
+        let journal = OpenOptions::new().append(true).open(&journal_path).map_err(io_err(&journal_path))?;
+        info!(revision = model.revision, frames, encrypted = cipher.is_some(), "store opened");
 
         let model = Arc::new(RwLock::new(model));
         let (sender, receiver) = mpsc::channel();
@@ -599,19 +536,11 @@ fn leftover_backup_temps(dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = fs::read_dir(dir.join(BACKUP_DIR)) else {
         return Vec::new();
     };
-    entries
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|ext| ext == "tmp"))
-        .collect()
+    entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|ext| ext == "tmp")).collect()
 }
 
 fn to_record(id: &str, stored: &Stored) -> Record {
-    Record {
-        id: id.to_string(),
-        revision: stored.revision,
-        value: stored.value.clone(),
-    }
+    Record { id: id.to_string(), revision: stored.revision, value: stored.value.clone() }
 }
 
 #[async_trait]
@@ -622,11 +551,7 @@ impl Store for JsonStore {
 
     async fn get(&self, collection: &str, id: &str) -> Result<Option<Record>> {
         let model = self.read()?;
-        Ok(model
-            .collections
-            .get(collection)
-            .and_then(|c| c.get(id))
-            .map(|s| to_record(id, s)))
+        Ok(model.collections.get(collection).and_then(|c| c.get(id)).map(|s| to_record(id, s)))
     }
 
     async fn list(&self, collection: &str) -> Result<Vec<Record>> {
@@ -638,12 +563,7 @@ impl Store for JsonStore {
             .unwrap_or_default())
     }
 
-    async fn list_page(
-        &self,
-        collection: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<Record>> {
+    async fn list_page(&self, collection: &str, after: Option<&str>, limit: usize) -> Result<Vec<Record>> {
         let model = self.read()?;
         let Some(records) = model.collections.get(collection) else {
             return Ok(Vec::new());
@@ -652,11 +572,7 @@ impl Store for JsonStore {
             Some(after) => Bound::Excluded(after),
             None => Bound::Unbounded,
         };
-        Ok(records
-            .range::<str, _>((start, Bound::Unbounded))
-            .take(limit)
-            .map(|(id, s)| to_record(id, s))
-            .collect())
+        Ok(records.range::<str, _>((start, Bound::Unbounded)).take(limit).map(|(id, s)| to_record(id, s)).collect())
     }
 
     #[tracing::instrument(level = "debug", name = "store_commit", skip_all, fields(ops = batch.ops.len(), conditions = batch.conditions.len()))]
@@ -674,13 +590,7 @@ impl Store for JsonStore {
                 .collections
                 .iter()
                 .map(|(name, records)| {
-                    (
-                        name.clone(),
-                        records
-                            .iter()
-                            .map(|(id, s)| (id.clone(), s.value.clone()))
-                            .collect(),
-                    )
+                    (name.clone(), records.iter().map(|(id, s)| (id.clone(), s.value.clone())).collect())
                 })
                 .collect(),
         })
@@ -702,13 +612,9 @@ impl Store for JsonStore {
             return Ok(());
         };
         let (reply, answer) = oneshot::channel();
-        sender
-            .send(Request::Close { reply })
-            .map_err(|_| StoreError::Closed)?;
+        sender.send(Request::Close { reply }).map_err(|_| StoreError::Closed)?;
         drop(sender);
-        answer
-            .await
-            .map_err(|_| StoreError::Engine("the store writer stopped before closing".into()))?
+        answer.await.map_err(|_| StoreError::Engine("the store writer stopped before closing".into()))?
     }
 }
 
@@ -786,11 +692,8 @@ impl Writer {
                     }
                     Request::Close { reply } => {
                         self.commit_group(std::mem::take(&mut group));
-                        let result = if self.failed.is_none() && self.journal_frames > 0 {
-                            self.compact()
-                        } else {
-                            Ok(())
-                        };
+                        let result =
+                            if self.failed.is_none() && self.journal_frames > 0 { self.compact() } else { Ok(()) };
                         self.lock = None;
                         info!(dir = %self.dir.display(), "store closed");
                         let _ = reply.send(result);
@@ -831,8 +734,7 @@ impl Writer {
             }
             return;
         }
-        let mut outcomes: Vec<(Reply<Committed>, Result<Committed>)> =
-            Vec::with_capacity(group.len());
+        let mut outcomes: Vec<(Reply<Committed>, Result<Committed>)> = Vec::with_capacity(group.len());
         let mut accepted: Vec<Accepted> = Vec::new();
         let mut buffer = Vec::new();
         {
@@ -859,23 +761,12 @@ impl Writer {
                 let plain = match serde_json::to_vec(&batch.ops) {
                     Ok(plain) => plain,
                     Err(e) => {
-                        outcomes.push((
-                            reply,
-                            Err(StoreError::Invalid(format!(
-                                "batch is not serialisable: {e}"
-                            ))),
-                        ));
+                        outcomes.push((reply, Err(StoreError::Invalid(format!("batch is not serialisable: {e}")))));
                         continue;
                     }
                 };
                 let next = revision + 1;
-                match journal::encode_frame(
-                    &mut buffer,
-                    &self.journal_id,
-                    next,
-                    &plain,
-                    self.cipher.as_ref(),
-                ) {
+                match journal::encode_frame(&mut buffer, &self.journal_id, next, &plain, self.cipher.as_ref()) {
                     Ok(Some(_)) => {}
                     Ok(None) => {
                         outcomes.push((
@@ -895,27 +786,17 @@ impl Writer {
                 }
                 for op in &batch.ops {
                     match op {
-                        Op::Put { collection, id, .. } => {
-                            overlay.insert((collection.clone(), id.clone()), Some(next))
-                        }
-                        Op::Delete { collection, id } => {
-                            overlay.insert((collection.clone(), id.clone()), None)
-                        }
+                        Op::Put { collection, id, .. } => overlay.insert((collection.clone(), id.clone()), Some(next)),
+                        Op::Delete { collection, id } => overlay.insert((collection.clone(), id.clone()), None),
                     };
                 }
                 revision = next;
-                accepted.push(Accepted {
-                    revision: next,
-                    ops: batch.ops,
-                });
+                accepted.push(Accepted { revision: next, ops: batch.ops });
                 outcomes.push((reply, Ok(Committed { revision: next })));
             }
         }
         if !buffer.is_empty() {
-            let written = self
-                .journal
-                .write_all(&buffer)
-                .and_then(|()| self.journal.sync_data());
+            let written = self.journal.write_all(&buffer).and_then(|()| self.journal.sync_data());
             if let Err(e) = written {
                 let why = format!("journal write failed: {e}");
                 self.mark_failed(why.clone());
@@ -986,9 +867,7 @@ impl Writer {
         write_synced(&tmp, bytes)?;
         fs::rename(&tmp, &path).map_err(io_err(&path))?;
         if let Err(e) = sync_dir(&self.dir) {
-            self.mark_failed(format!(
-                "fsync of the data folder after replacing data.json failed: {e}"
-            ));
+            self.mark_failed(format!("fsync of the data folder after replacing data.json failed: {e}"));
             return Err(e);
         }
         Ok(())
@@ -1003,10 +882,7 @@ impl Writer {
         write_synced(&tmp, &header)?;
         fs::rename(&tmp, &path).map_err(io_err(&path))?;
         // From here the old handle points to an unlinked file: switch or stop writing.
-        let opened = OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .map_err(io_err(&path));
+        let opened = OpenOptions::new().append(true).open(&path).map_err(io_err(&path));
         let synced = opened.and_then(|file| sync_dir(&self.dir).map(|()| file));
         match synced {
             Ok(file) => {
@@ -1027,11 +903,7 @@ impl Writer {
         if let Some(e) = self.failure() {
             return Err(e);
         }
-        let span = info_span!(
-            "store_compact",
-            frames = self.journal_frames,
-            bytes = self.journal_bytes
-        );
+        let span = info_span!("store_compact", frames = self.journal_frames, bytes = self.journal_bytes);
         let _entered = span.enter();
         let started = Instant::now();
         let bytes = self.encode_model()?;
@@ -1051,18 +923,12 @@ impl Writer {
             return Err(e);
         }
         let revision = self.model.read().map_err(|_| poisoned())?.revision + 1;
-        let mut model = Model {
-            revision,
-            collections: Default::default(),
-        };
+        let mut model = Model { revision, collections: Default::default() };
         for (name, records) in dump.collections {
             if records.is_empty() {
                 continue;
             }
-            let records = records
-                .into_iter()
-                .map(|(id, value)| (id, Stored { revision, value }))
-                .collect();
+            let records = records.into_iter().map(|(id, value)| (id, Stored { revision, value })).collect();
             model.collections.insert(name, records);
         }
         let bytes = snapshot::encode(&model, self.cipher.as_ref())?;
@@ -1083,10 +949,7 @@ impl Writer {
         let bytes = self.encode_model()?;
         let dir = self.dir.join(BACKUP_DIR);
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        let name = format!(
-            "data-{}.json",
-            chrono::Utc::now().format("%Y%m%dT%H%M%S%.6fZ")
-        );
+        let name = format!("data-{}.json", chrono::Utc::now().format("%Y%m%dT%H%M%S%.6fZ"));
         let path = dir.join(&name);
         replace_file(&dir, &path, &dir.join(format!(".{name}.tmp")), &bytes)?;
         let files = backup_files(&self.dir)?;
@@ -1116,9 +979,7 @@ fn check_conditions(
 ) -> std::result::Result<(), String> {
     for condition in conditions {
         let (collection, id) = match condition {
-            Condition::Absent { collection, id } | Condition::Revision { collection, id, .. } => {
-                (collection, id)
-            }
+            Condition::Absent { collection, id } | Condition::Revision { collection, id, .. } => (collection, id),
         };
         let current = match overlay.get(&(collection.clone(), id.clone())) {
             Some(pending) => *pending,
@@ -1126,29 +987,13 @@ fn check_conditions(
         };
         match (condition, current) {
             (Condition::Absent { .. }, Some(revision)) => {
-                return Err(format!(
-                    "{collection}/{id} already exists (revision {revision})"
-                ));
+                return Err(format!("{collection}/{id} already exists (revision {revision})"));
             }
-            (
-                Condition::Revision {
-                    revision: expected, ..
-                },
-                None,
-            ) => {
-                return Err(format!(
-                    "{collection}/{id} does not exist (expected revision {expected})"
-                ));
+            (Condition::Revision { revision: expected, .. }, None) => {
+                return Err(format!("{collection}/{id} does not exist (expected revision {expected})"));
             }
-            (
-                Condition::Revision {
-                    revision: expected, ..
-                },
-                Some(actual),
-            ) if actual != *expected => {
-                return Err(format!(
-                    "{collection}/{id} is at revision {actual}, expected {expected}"
-                ));
+            (Condition::Revision { revision: expected, .. }, Some(actual)) if actual != *expected => {
+                return Err(format!("{collection}/{id} is at revision {actual}, expected {expected}"));
             }
             _ => {}
         }

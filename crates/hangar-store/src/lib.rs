@@ -28,15 +28,10 @@ pub fn validate_key(kind: &str, key: &str) -> Result<()> {
         return Err(StoreError::Invalid(format!("empty {kind}")));
     }
     if key.len() > MAX_KEY_LEN {
-        return Err(StoreError::Invalid(format!(
-            "{kind} is {} bytes long, the limit is {MAX_KEY_LEN}",
-            key.len()
-        )));
+        return Err(StoreError::Invalid(format!("{kind} is {} bytes long, the limit is {MAX_KEY_LEN}", key.len())));
     }
     if key.contains('\0') {
-        return Err(StoreError::Invalid(format!(
-            "{kind} contains a NUL character"
-        )));
+        return Err(StoreError::Invalid(format!("{kind} contains a NUL character")));
     }
     Ok(())
 }
@@ -54,15 +49,8 @@ pub struct Record {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
-    Put {
-        collection: String,
-        id: String,
-        value: Value,
-    },
-    Delete {
-        collection: String,
-        id: String,
-    },
+    Put { collection: String, id: String, value: Value },
+    Delete { collection: String, id: String },
 }
 
 /// A precondition checked atomically with the batch's writes.
@@ -72,11 +60,7 @@ pub enum Condition {
     /// No record with this id exists.
     Absent { collection: String, id: String },
     /// The record exists and was last written at exactly this revision.
-    Revision {
-        collection: String,
-        id: String,
-        revision: u64,
-    },
+    Revision { collection: String, id: String, revision: u64 },
 }
 
 /// An atomic unit of writes.
@@ -91,33 +75,19 @@ impl Batch {
         Self::default()
     }
     pub fn put(mut self, collection: &str, id: &str, value: Value) -> Self {
-        self.ops.push(Op::Put {
-            collection: collection.into(),
-            id: id.into(),
-            value,
-        });
+        self.ops.push(Op::Put { collection: collection.into(), id: id.into(), value });
         self
     }
     pub fn delete(mut self, collection: &str, id: &str) -> Self {
-        self.ops.push(Op::Delete {
-            collection: collection.into(),
-            id: id.into(),
-        });
+        self.ops.push(Op::Delete { collection: collection.into(), id: id.into() });
         self
     }
     pub fn require_absent(mut self, collection: &str, id: &str) -> Self {
-        self.conditions.push(Condition::Absent {
-            collection: collection.into(),
-            id: id.into(),
-        });
+        self.conditions.push(Condition::Absent { collection: collection.into(), id: id.into() });
         self
     }
     pub fn require_revision(mut self, collection: &str, id: &str, revision: u64) -> Self {
-        self.conditions.push(Condition::Revision {
-            collection: collection.into(),
-            id: id.into(),
-            revision,
-        });
+        self.conditions.push(Condition::Revision { collection: collection.into(), id: id.into(), revision });
         self
     }
     pub fn is_empty(&self) -> bool {
@@ -127,8 +97,7 @@ impl Batch {
     /// this before writing anything, so an invalid batch answers [`StoreError::Invalid`].
     pub fn validate(&self) -> Result<()> {
         for condition in &self.conditions {
-            let (Condition::Absent { collection, id } | Condition::Revision { collection, id, .. }) =
-                condition;
+            let (Condition::Absent { collection, id } | Condition::Revision { collection, id, .. }) = condition;
             validate_key("collection", collection)?;
             validate_key("id", id)?;
         }
@@ -222,12 +191,7 @@ pub trait Store: Send + Sync + 'static {
     /// Every record of a collection, sorted by id.
     async fn list(&self, collection: &str) -> Result<Vec<Record>>;
     /// Up to `limit` records with id greater than `after`, sorted by id.
-    async fn list_page(
-        &self,
-        collection: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<Record>>;
+    async fn list_page(&self, collection: &str, after: Option<&str>, limit: usize) -> Result<Vec<Record>>;
     /// Apply a batch atomically. When this returns `Ok`, the batch is durable.
     async fn commit(&self, batch: Batch) -> Result<Committed>;
     /// Everything, as plain JSON.

@@ -69,30 +69,12 @@ async fn verify(dir: &std::path::Path, acks: &BTreeMap<String, u64>, max_counter
     };
     let records = store.list("records").await.unwrap();
     let present: std::collections::BTreeSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
-    let missing: Vec<&String> = acks
-        .keys()
-        .filter(|id| !present.contains(id.as_str()))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "run {run}: acknowledged commits lost after kill -9: {missing:?}"
-    );
-    let counter = store
-        .get("counters", "total")
-        .await
-        .unwrap()
-        .map(|r| r.value.as_u64().unwrap())
-        .unwrap_or(0);
-    assert!(
-        counter >= max_counter,
-        "run {run}: counter {counter} below the acknowledged {max_counter}"
-    );
+    let missing: Vec<&String> = acks.keys().filter(|id| !present.contains(id.as_str())).collect();
+    assert!(missing.is_empty(), "run {run}: acknowledged commits lost after kill -9: {missing:?}");
+    let counter = store.get("counters", "total").await.unwrap().map(|r| r.value.as_u64().unwrap()).unwrap_or(0);
+    assert!(counter >= max_counter, "run {run}: counter {counter} below the acknowledged {max_counter}");
     // Each batch adds one record and bumps the counter: a torn batch would break this.
-    assert_eq!(
-        counter as usize,
-        records.len(),
-        "run {run}: counter and record count disagree"
-    );
+    assert_eq!(counter as usize, records.len(), "run {run}: counter and record count disagree");
     store.close().await.unwrap();
 }
 
@@ -101,13 +83,7 @@ async fn acknowledged_commits_survive_kill_9() {
     let seed = std::env::var("HANGAR_CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
+        .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 | 1);
     println!("crash test seed {seed} (set HANGAR_CRASH_SEED to replay)");
     let mut rng = Rng(seed);
     let dir = tempfile::tempdir().unwrap();
@@ -118,11 +94,7 @@ async fn acknowledged_commits_survive_kill_9() {
         let (mut child, lines) = spawn_writer(dir.path(), run);
         // One run in five is killed as soon as it starts (possibly during recovery); the
         // others after a random number of acknowledged commits.
-        let target = if rng.next().is_multiple_of(5) {
-            0
-        } else {
-            1 + rng.next() % 120
-        } as usize;
+        let target = if rng.next().is_multiple_of(5) { 0 } else { 1 + rng.next() % 120 } as usize;
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut seen = 0usize;
         while seen < target {
@@ -146,10 +118,7 @@ async fn acknowledged_commits_survive_kill_9() {
         }
         child.kill().unwrap(); // SIGKILL
         let status = child.wait().unwrap();
-        assert!(
-            !status.success(),
-            "run {run}: the writer was not killed: {status:?}"
-        );
+        assert!(!status.success(), "run {run}: the writer was not killed: {status:?}");
         // Acks printed before the kill count too: they were acknowledged.
         for line in lines.iter() {
             take_line(&line, &mut acks, &mut max_counter);
@@ -160,14 +129,7 @@ async fn acknowledged_commits_survive_kill_9() {
             verify(dir.path(), &acks, max_counter, run).await;
         }
     }
-    println!(
-        "{RUNS} kills ({kills_after_acks} mid-write), {} acknowledged commits checked",
-        acks.len()
-    );
+    println!("{RUNS} kills ({kills_after_acks} mid-write), {} acknowledged commits checked", acks.len());
     assert!(kills_after_acks >= 10, "too few kills happened mid-write");
-    assert!(
-        acks.len() >= 100,
-        "too few acknowledged commits to mean anything: {}",
-        acks.len()
-    );
+    assert!(acks.len() >= 100, "too few acknowledged commits to mean anything: {}", acks.len());
 }

@@ -20,10 +20,7 @@ fn plain() -> JsonStoreOptions {
 }
 
 fn with_key(key: &EncryptionKey) -> JsonStoreOptions {
-    JsonStoreOptions {
-        encryption_key: Some(key.clone()),
-        ..JsonStoreOptions::default()
-    }
+    JsonStoreOptions { encryption_key: Some(key.clone()), ..JsonStoreOptions::default() }
 }
 
 /// Opens, retrying while a dropped store's writer thread still holds the lock.
@@ -32,9 +29,7 @@ async fn open_when_free(dir: &Path, options: JsonStoreOptions) -> JsonStore {
     loop {
         match JsonStore::open(dir, options.clone()).await {
             Ok(store) => return store,
-            Err(StoreError::Locked { .. }) if Instant::now() < deadline => {
-                tokio::task::yield_now().await
-            }
+            Err(StoreError::Locked { .. }) if Instant::now() < deadline => tokio::task::yield_now().await,
             Err(e) => panic!("open failed: {e}"),
         }
     }
@@ -49,11 +44,7 @@ fn frame_starts(journal: &[u8]) -> Vec<usize> {
         starts.push(at);
         at += FRAME_HEADER_LEN + len;
     }
-    assert_eq!(
-        at,
-        journal.len(),
-        "test parser out of step with the journal"
-    );
+    assert_eq!(at, journal.len(), "test parser out of step with the journal");
     starts
 }
 
@@ -73,18 +64,12 @@ async fn five_commits(options: JsonStoreOptions) -> tempfile::TempDir {
     drop(store);
     // Wait for the writer to let go, without touching the files.
     let lock_free = || {
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(dir.path().join(LOCK_FILE))
-            .unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(dir.path().join(LOCK_FILE)).unwrap();
         f.try_lock().is_ok()
     };
     let deadline = Instant::now() + Duration::from_secs(10);
     while !lock_free() {
-        assert!(
-            Instant::now() < deadline,
-            "the dropped store never released its lock"
-        );
+        assert!(Instant::now() < deadline, "the dropped store never released its lock");
         std::thread::yield_now();
     }
     dir
@@ -98,71 +83,30 @@ fn copy_store(from: &Path, journal: &[u8]) -> tempfile::TempDir {
 }
 
 async fn ids(store: &JsonStore) -> Vec<String> {
-    store
-        .list("c")
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| r.id)
-        .collect()
+    store.list("c").await.unwrap().into_iter().map(|r| r.id).collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn reopen_keeps_data_with_and_without_close() {
     let dir = tempfile::tempdir().unwrap();
     let store = JsonStore::open(dir.path(), plain()).await.unwrap();
-    store
-        .commit(
-            Batch::new()
-                .put("users", "alice", json!({"n": 1}))
-                .put("users", "bob", json!(2)),
-        )
-        .await
-        .unwrap();
-    store
-        .commit(
-            Batch::new()
-                .delete("users", "bob")
-                .put("hosts", "h1", json!([1])),
-        )
-        .await
-        .unwrap();
+    store.commit(Batch::new().put("users", "alice", json!({"n": 1})).put("users", "bob", json!(2))).await.unwrap();
+    store.commit(Batch::new().delete("users", "bob").put("hosts", "h1", json!([1]))).await.unwrap();
     let rev = store.revision().unwrap();
     drop(store); // journal replay path
     let store = open_when_free(dir.path(), plain()).await;
     assert_eq!(store.revision().unwrap(), rev);
-    assert_eq!(
-        store.get("users", "alice").await.unwrap().unwrap().value,
-        json!({"n": 1})
-    );
+    assert_eq!(store.get("users", "alice").await.unwrap().unwrap().value, json!({"n": 1}));
     assert!(store.get("users", "bob").await.unwrap().is_none());
-    store
-        .commit(Batch::new().put("users", "carol", json!(3)))
-        .await
-        .unwrap();
+    store.commit(Batch::new().put("users", "carol", json!(3))).await.unwrap();
     store.close().await.unwrap(); // compaction path
     let snapshot = std::fs::read_to_string(dir.path().join(SNAPSHOT_FILE)).unwrap();
     let doc: serde_json::Value = serde_json::from_str(&snapshot).unwrap();
-    assert_eq!(
-        doc["collections"]["users"]["carol"]["value"],
-        json!(3),
-        "data.json must be readable JSON"
-    );
-    assert_eq!(
-        std::fs::metadata(dir.path().join(JOURNAL_FILE))
-            .unwrap()
-            .len() as usize,
-        HEADER_LEN
-    );
+    assert_eq!(doc["collections"]["users"]["carol"]["value"], json!(3), "data.json must be readable JSON");
+    assert_eq!(std::fs::metadata(dir.path().join(JOURNAL_FILE)).unwrap().len() as usize, HEADER_LEN);
     let store = JsonStore::open(dir.path(), plain()).await.unwrap();
     assert_eq!(store.revision().unwrap(), rev + 1);
-    let users: Vec<String> = store
-        .list("users")
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| r.id)
-        .collect();
+    let users: Vec<String> = store.list("users").await.unwrap().into_iter().map(|r| r.id).collect();
     assert_eq!(users, ["alice", "carol"]);
     store.close().await.unwrap();
 }
@@ -180,25 +124,13 @@ async fn torn_tail_at_every_offset_recovers_the_last_good_commit() {
         assert_eq!(store.revision().unwrap(), 4, "cut at {cut}");
         assert_eq!(ids(&store).await, ["k2", "k3", "k4"], "cut at {cut}");
         drop(store);
-        let len = std::fs::metadata(dir.path().join(JOURNAL_FILE))
-            .unwrap()
-            .len() as usize;
-        assert_eq!(
-            len, last,
-            "cut at {cut}: the torn tail must be truncated away"
-        );
+        let len = std::fs::metadata(dir.path().join(JOURNAL_FILE)).unwrap().len() as usize;
+        assert_eq!(len, last, "cut at {cut}: the torn tail must be truncated away");
     }
     // After recovery the store keeps working and the new commit lands after the cut.
     let dir = copy_store(source.path(), &journal[..last + 9]);
     let store = JsonStore::open(dir.path(), plain()).await.unwrap();
-    assert_eq!(
-        store
-            .commit(Batch::new().put("c", "after", json!(1)))
-            .await
-            .unwrap()
-            .revision,
-        5
-    );
+    assert_eq!(store.commit(Batch::new().put("c", "after", json!(1))).await.unwrap().revision, 5);
     drop(store);
     let store = open_when_free(dir.path(), plain()).await;
     assert_eq!(ids(&store).await, ["after", "k2", "k3", "k4"]);
@@ -220,12 +152,7 @@ async fn garbage_after_the_last_frame_is_dropped() {
     // Random bytes, zeros (a preallocated tail), and a fake frame header with the magic.
     let mut fake_frame = vec![0xF7, b'H', b'F', 0x01, 10, 0, 0, 0, 6, 0, 0, 0, 0, 0, 0, 0];
     fake_frame.extend_from_slice(&[0xAB; 16 + 10]);
-    for tail in [
-        garbage.clone(),
-        vec![0u8; 512],
-        fake_frame,
-        garbage[..3].to_vec(),
-    ] {
+    for tail in [garbage.clone(), vec![0u8; 512], fake_frame, garbage[..3].to_vec()] {
         let mut damaged = journal.clone();
         damaged.extend_from_slice(&tail);
         let dir = copy_store(source.path(), &damaged);
@@ -233,11 +160,7 @@ async fn garbage_after_the_last_frame_is_dropped() {
         assert_eq!(store.revision().unwrap(), 5);
         assert_eq!(ids(&store).await, ["k2", "k3", "k4", "k5"]);
         drop(store);
-        assert_eq!(
-            std::fs::read(dir.path().join(JOURNAL_FILE)).unwrap(),
-            journal,
-            "garbage must be cut"
-        );
+        assert_eq!(std::fs::read(dir.path().join(JOURNAL_FILE)).unwrap(), journal, "garbage must be cut");
     }
 }
 
@@ -254,22 +177,12 @@ async fn damage_in_the_middle_is_refused_unless_salvaged() {
         match JsonStore::open(dir.path(), plain()).await {
             Err(StoreError::Corrupt { path, detail }) => {
                 assert!(path.ends_with(JOURNAL_FILE), "{path}");
-                assert!(
-                    detail.contains(&format!("offset {}", starts[1])),
-                    "{detail}"
-                );
+                assert!(detail.contains(&format!("offset {}", starts[1])), "{detail}");
             }
             other => panic!("flipped byte at {at}: expected Corrupt, got {other:?}"),
         }
-        assert_eq!(
-            std::fs::read(dir.path().join(JOURNAL_FILE)).unwrap(),
-            damaged,
-            "refusal must change nothing"
-        );
-        let salvage = JsonStoreOptions {
-            salvage_damaged_journal: true,
-            ..plain()
-        };
+        assert_eq!(std::fs::read(dir.path().join(JOURNAL_FILE)).unwrap(), damaged, "refusal must change nothing");
+        let salvage = JsonStoreOptions { salvage_damaged_journal: true, ..plain() };
         let store = JsonStore::open(dir.path(), salvage).await.unwrap();
         assert_eq!(store.revision().unwrap(), 1);
         assert_eq!(ids(&store).await, ["k1"]);
@@ -279,16 +192,9 @@ async fn damage_in_the_middle_is_refused_unless_salvaged() {
     let mut bad_header = journal.clone();
     bad_header[20] ^= 1;
     let dir = copy_store(source.path(), &bad_header);
-    assert!(matches!(
-        JsonStore::open(dir.path(), plain()).await,
-        Err(StoreError::Corrupt { .. })
-    ));
+    assert!(matches!(JsonStore::open(dir.path(), plain()).await, Err(StoreError::Corrupt { .. })));
     let dir = copy_store(source.path(), &journal);
-    std::fs::write(
-        dir.path().join(SNAPSHOT_FILE),
-        b"{\"format\": \"hangar-json-st",
-    )
-    .unwrap();
+    std::fs::write(dir.path().join(SNAPSHOT_FILE), b"{\"format\": \"hangar-json-st").unwrap();
     match JsonStore::open(dir.path(), plain()).await {
         Err(StoreError::Corrupt { path, .. }) => assert!(path.ends_with(SNAPSHOT_FILE)),
         other => panic!("expected Corrupt for a damaged snapshot, got {other:?}"),
@@ -304,10 +210,7 @@ async fn leftover_temp_files_are_ignored_and_removed() {
     std::fs::write(&tmp_journal, b"HNGR").unwrap();
     let store = JsonStore::open(source.path(), plain()).await.unwrap();
     assert_eq!(store.revision().unwrap(), 5);
-    assert!(
-        !tmp_snapshot.exists() && !tmp_journal.exists(),
-        "temp files must be removed"
-    );
+    assert!(!tmp_snapshot.exists() && !tmp_journal.exists(), "temp files must be removed");
     store.close().await.unwrap();
 }
 
@@ -323,14 +226,7 @@ async fn compaction_interrupted_before_the_journal_reset_replays_nothing_twice()
     let store = JsonStore::open(source.path(), plain()).await.unwrap();
     assert_eq!(store.revision().unwrap(), 5);
     assert_eq!(ids(&store).await, ["k2", "k3", "k4", "k5"]);
-    assert_eq!(
-        store
-            .commit(Batch::new().put("c", "k6", json!(6)))
-            .await
-            .unwrap()
-            .revision,
-        6
-    );
+    assert_eq!(store.commit(Batch::new().put("c", "k6", json!(6))).await.unwrap().revision, 6);
     drop(store);
     let store = open_when_free(source.path(), plain()).await;
     assert_eq!(ids(&store).await, ["k2", "k3", "k4", "k5", "k6"]);
@@ -340,22 +236,13 @@ async fn compaction_interrupted_before_the_journal_reset_replays_nothing_twice()
 #[tokio::test(flavor = "multi_thread")]
 async fn compaction_policy_keeps_the_journal_short() {
     let dir = tempfile::tempdir().unwrap();
-    let options = JsonStoreOptions {
-        compact_journal_frames: 4,
-        ..plain()
-    };
+    let options = JsonStoreOptions { compact_journal_frames: 4, ..plain() };
     let store = JsonStore::open(dir.path(), options.clone()).await.unwrap();
     for i in 0..10 {
-        store
-            .commit(Batch::new().put("c", &format!("k{i:02}"), json!(i)))
-            .await
-            .unwrap();
+        store.commit(Batch::new().put("c", &format!("k{i:02}"), json!(i))).await.unwrap();
     }
     let journal = std::fs::read(dir.path().join(JOURNAL_FILE)).unwrap();
-    assert!(
-        frame_starts(&journal).len() < 4,
-        "the journal must be compacted after 4 frames"
-    );
+    assert!(frame_starts(&journal).len() < 4, "the journal must be compacted after 4 frames");
     let doc: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join(SNAPSHOT_FILE)).unwrap()).unwrap();
     assert_eq!(doc["revision"], json!(8));
@@ -369,32 +256,17 @@ async fn compaction_policy_keeps_the_journal_short() {
 async fn import_is_durable_without_close() {
     let dir = tempfile::tempdir().unwrap();
     let store = JsonStore::open(dir.path(), plain()).await.unwrap();
-    store
-        .commit(Batch::new().put("old", "x", json!(1)))
-        .await
-        .unwrap();
+    store.commit(Batch::new().put("old", "x", json!(1))).await.unwrap();
     let mut dump = store.export().await.unwrap();
     dump.collections.clear();
-    dump.collections.insert(
-        "new".into(),
-        [("y".to_string(), json!("imported"))].into_iter().collect(),
-    );
+    dump.collections.insert("new".into(), [("y".to_string(), json!("imported"))].into_iter().collect());
     store.import(dump).await.unwrap();
-    store
-        .commit(Batch::new().put("new", "z", json!("after")))
-        .await
-        .unwrap();
+    store.commit(Batch::new().put("new", "z", json!("after"))).await.unwrap();
     drop(store);
     let store = open_when_free(dir.path(), plain()).await;
     assert!(store.get("old", "x").await.unwrap().is_none());
-    assert_eq!(
-        store.get("new", "y").await.unwrap().unwrap().value,
-        json!("imported")
-    );
-    assert_eq!(
-        store.get("new", "z").await.unwrap().unwrap().value,
-        json!("after")
-    );
+    assert_eq!(store.get("new", "y").await.unwrap().unwrap().value, json!("imported"));
+    assert_eq!(store.get("new", "z").await.unwrap().unwrap().value, json!("after"));
     store.close().await.unwrap();
 }
 
@@ -414,20 +286,11 @@ async fn encryption_round_trip_and_key_errors() {
     let dir = tempfile::tempdir().unwrap();
     let store = JsonStore::open(dir.path(), with_key(&key)).await.unwrap();
     assert!(store.is_encrypted());
-    store
-        .commit(Batch::new().put("secrets", "s1", json!({"password": secret})))
-        .await
-        .unwrap();
-    store
-        .commit(Batch::new().put("secrets", "s2", json!(secret)))
-        .await
-        .unwrap();
+    store.commit(Batch::new().put("secrets", "s1", json!({"password": secret}))).await.unwrap();
+    store.commit(Batch::new().put("secrets", "s2", json!(secret))).await.unwrap();
     let journal = std::fs::read(dir.path().join(JOURNAL_FILE)).unwrap();
     assert_eq!(frame_starts(&journal).len(), 2);
-    assert!(
-        !contains(&journal, secret.as_bytes()) && !contains(&journal, b"secrets"),
-        "journal leaks plaintext"
-    );
+    assert!(!contains(&journal, secret.as_bytes()) && !contains(&journal, b"secrets"), "journal leaks plaintext");
     // export is plain JSON even for an encrypted store.
     let dump = store.export().await.unwrap();
     assert_eq!(dump.collections["secrets"]["s2"], json!(secret));
@@ -435,24 +298,15 @@ async fn encryption_round_trip_and_key_errors() {
 
     // Journal replay with the right key.
     let store = open_when_free(dir.path(), with_key(&key)).await;
-    assert_eq!(
-        store.get("secrets", "s1").await.unwrap().unwrap().value,
-        json!({"password": secret})
-    );
+    assert_eq!(store.get("secrets", "s1").await.unwrap().unwrap().value, json!({"password": secret}));
     store.close().await.unwrap();
     let snapshot = std::fs::read(dir.path().join(SNAPSHOT_FILE)).unwrap();
-    assert!(
-        !contains(&snapshot, secret.as_bytes()),
-        "snapshot leaks plaintext"
-    );
+    assert!(!contains(&snapshot, secret.as_bytes()), "snapshot leaks plaintext");
     let doc: serde_json::Value = serde_json::from_slice(&snapshot).unwrap();
     assert_eq!(doc["encryption"], json!("AES-256-GCM"));
 
     let wrong = EncryptionKey::generate().unwrap();
-    assert!(matches!(
-        JsonStore::open(dir.path(), with_key(&wrong)).await,
-        Err(StoreError::WrongKey { .. })
-    ));
+    assert!(matches!(JsonStore::open(dir.path(), with_key(&wrong)).await, Err(StoreError::WrongKey { .. })));
     match JsonStore::open(dir.path(), plain()).await {
         Err(StoreError::Invalid(msg)) => assert!(msg.contains("encrypted"), "{msg}"),
         other => panic!("opening an encrypted store without a key: {other:?}"),
@@ -460,10 +314,7 @@ async fn encryption_round_trip_and_key_errors() {
     // The same with frames in the journal (no snapshot to fail first on a fresh store).
     let dir2 = tempfile::tempdir().unwrap();
     let store = JsonStore::open(dir2.path(), with_key(&key)).await.unwrap();
-    store
-        .commit(Batch::new().put("secrets", "s", json!(1)))
-        .await
-        .unwrap();
+    store.commit(Batch::new().put("secrets", "s", json!(1))).await.unwrap();
     drop(store);
     let store = open_when_free(dir2.path(), with_key(&key)).await;
     drop(store);
@@ -471,31 +322,20 @@ async fn encryption_round_trip_and_key_errors() {
     loop {
         match JsonStore::open(dir2.path(), with_key(&wrong)).await {
             Err(StoreError::WrongKey { .. }) => break,
-            Err(StoreError::Locked { .. }) if Instant::now() < deadline => {
-                tokio::task::yield_now().await
-            }
+            Err(StoreError::Locked { .. }) if Instant::now() < deadline => tokio::task::yield_now().await,
             other => panic!("wrong key with a journal: {other:?}"),
         }
     }
     // Frames are bound to their revision: swapping two encrypted payloads (with checksums
     // recomputed, as an attacker could) is caught as WrongKey, never loaded.
     let store = JsonStore::open(dir2.path(), with_key(&key)).await.unwrap();
-    store
-        .commit(Batch::new().put("secrets", "t", json!(2)))
-        .await
-        .unwrap();
+    store.commit(Batch::new().put("secrets", "t", json!(2))).await.unwrap();
     drop(store);
     let store = open_when_free(dir2.path(), with_key(&key)).await;
     store.close().await.unwrap();
     let store = JsonStore::open(dir2.path(), with_key(&key)).await.unwrap();
-    store
-        .commit(Batch::new().put("secrets", "u", json!(3)))
-        .await
-        .unwrap();
-    store
-        .commit(Batch::new().put("secrets", "v", json!(4)))
-        .await
-        .unwrap();
+    store.commit(Batch::new().put("secrets", "u", json!(3))).await.unwrap();
+    store.commit(Batch::new().put("secrets", "v", json!(4))).await.unwrap();
     drop(store);
     let store = open_when_free(dir2.path(), with_key(&key)).await;
     let base = store.revision().unwrap() - 2;
@@ -504,11 +344,7 @@ async fn encryption_round_trip_and_key_errors() {
     let starts = frame_starts(&journal);
     assert_eq!(starts.len(), 2);
     let payload = |i: usize| {
-        let end = if i + 1 < starts.len() {
-            starts[i + 1]
-        } else {
-            journal.len()
-        };
+        let end = if i + 1 < starts.len() { starts[i + 1] } else { journal.len() };
         journal[starts[i] + FRAME_HEADER_LEN..end].to_vec()
     };
     let journal_id = &journal[16..32];
@@ -531,19 +367,14 @@ async fn encryption_round_trip_and_key_errors() {
     loop {
         match JsonStore::open(dir2.path(), with_key(&key)).await {
             Err(StoreError::WrongKey { .. }) => break,
-            Err(StoreError::Locked { .. }) if Instant::now() < deadline => {
-                tokio::task::yield_now().await
-            }
+            Err(StoreError::Locked { .. }) if Instant::now() < deadline => tokio::task::yield_now().await,
             other => panic!("reordered frames: {other:?}"),
         }
     }
     // The untouched journal still opens (the test's frame rebuilding is faithful).
     std::fs::write(dir2.path().join(JOURNAL_FILE), &journal).unwrap();
     let store = JsonStore::open(dir2.path(), with_key(&key)).await.unwrap();
-    assert_eq!(
-        store.get("secrets", "v").await.unwrap().unwrap().value,
-        json!(4)
-    );
+    assert_eq!(store.get("secrets", "v").await.unwrap().unwrap().value, json!(4));
     store.close().await.unwrap();
 
     // A plain store refuses a key.
@@ -589,17 +420,10 @@ async fn second_open_from_another_process_is_refused() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "opened");
 
     // The other process holds it; we are refused until it closes.
-    let mut child = helper(&["hold", dir_arg])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = helper(&["hold", dir_arg]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     assert_eq!(lines.next().unwrap().unwrap(), "held");
-    assert!(matches!(
-        JsonStore::open(dir.path(), plain()).await,
-        Err(StoreError::Locked { .. })
-    ));
+    assert!(matches!(JsonStore::open(dir.path(), plain()).await, Err(StoreError::Locked { .. })));
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(b"bye\n").unwrap();
     drop(stdin);
@@ -610,34 +434,20 @@ async fn second_open_from_another_process_is_refused() {
 }
 
 fn names(files: &[PathBuf]) -> BTreeSet<String> {
-    files
-        .iter()
-        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
-        .collect()
+    files.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn scheduled_backups_are_taken_and_pruned() {
     let dir = tempfile::tempdir().unwrap();
-    let options = JsonStoreOptions {
-        backup_interval: Some(Duration::from_millis(20)),
-        backup_retention: 3,
-        ..plain()
-    };
+    let options = JsonStoreOptions { backup_interval: Some(Duration::from_millis(20)), backup_retention: 3, ..plain() };
     let store = JsonStore::open(dir.path(), options).await.unwrap();
     let mut seen = BTreeSet::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut i = 0;
     while seen.len() < 8 {
-        assert!(
-            Instant::now() < deadline,
-            "only {} backups within 30 s",
-            seen.len()
-        );
-        store
-            .commit(Batch::new().put("c", &format!("k{i}"), json!(i)))
-            .await
-            .unwrap();
+        assert!(Instant::now() < deadline, "only {} backups within 30 s", seen.len());
+        store.commit(Batch::new().put("c", &format!("k{i}"), json!(i))).await.unwrap();
         i += 1;
         let now = backup_files(dir.path()).unwrap();
         // A new backup is made durable before the oldest is removed, so 4 can show briefly.
@@ -648,18 +458,9 @@ async fn scheduled_backups_are_taken_and_pruned() {
     let path = store.backup_now().await.unwrap();
     let kept = backup_files(dir.path()).unwrap();
     assert_eq!(kept.len(), 3);
-    assert_eq!(
-        kept.last(),
-        Some(&path),
-        "backup_now must write the newest backup"
-    );
+    assert_eq!(kept.last(), Some(&path), "backup_now must write the newest backup");
     assert!(path.starts_with(dir.path().join(BACKUP_DIR)));
-    assert!(
-        names(&kept)
-            .iter()
-            .all(|n| n.starts_with("data-") && n.ends_with("Z.json")),
-        "{kept:?}"
-    );
+    assert!(names(&kept).iter().all(|n| n.starts_with("data-") && n.ends_with("Z.json")), "{kept:?}");
     // The backup is a consistent snapshot: it opens as a store holding every commit so far.
     let restored = tempfile::tempdir().unwrap();
     std::fs::copy(&path, restored.path().join(SNAPSHOT_FILE)).unwrap();
@@ -674,42 +475,24 @@ async fn scheduled_backups_are_taken_and_pruned() {
 async fn backups_of_an_encrypted_store_are_encrypted() {
     let key = EncryptionKey::generate().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let options = JsonStoreOptions {
-        backup_retention: 2,
-        ..with_key(&key)
-    };
+    let options = JsonStoreOptions { backup_retention: 2, ..with_key(&key) };
     let store = JsonStore::open(dir.path(), options).await.unwrap();
     for i in 0..3 {
-        store
-            .commit(Batch::new().put("secrets", "s", json!(format!("hidden-value-{i}"))))
-            .await
-            .unwrap();
+        store.commit(Batch::new().put("secrets", "s", json!(format!("hidden-value-{i}")))).await.unwrap();
         store.backup_now().await.unwrap();
     }
     let kept = backup_files(dir.path()).unwrap();
     assert_eq!(kept.len(), 2, "retention 2: {kept:?}");
     let newest = std::fs::read(kept.last().unwrap()).unwrap();
-    assert!(
-        !contains(&newest, b"hidden-value"),
-        "backup leaks plaintext"
-    );
+    assert!(!contains(&newest, b"hidden-value"), "backup leaks plaintext");
     let restored = tempfile::tempdir().unwrap();
     std::fs::write(restored.path().join(SNAPSHOT_FILE), &newest).unwrap();
     assert!(matches!(
-        JsonStore::open(
-            restored.path(),
-            with_key(&EncryptionKey::generate().unwrap())
-        )
-        .await,
+        JsonStore::open(restored.path(), with_key(&EncryptionKey::generate().unwrap())).await,
         Err(StoreError::WrongKey { .. })
     ));
-    let copy = JsonStore::open(restored.path(), with_key(&key))
-        .await
-        .unwrap();
-    assert_eq!(
-        copy.get("secrets", "s").await.unwrap().unwrap().value,
-        json!("hidden-value-2")
-    );
+    let copy = JsonStore::open(restored.path(), with_key(&key)).await.unwrap();
+    assert_eq!(copy.get("secrets", "s").await.unwrap().unwrap().value, json!("hidden-value-2"));
     copy.close().await.unwrap();
     store.close().await.unwrap();
 }

@@ -123,11 +123,24 @@ impl Client {
         self.send(reqwest::Method::PUT, path, None, Some(bytes), &[]).await
     }
 
-    pub async fn call_with_headers(&self, method: reqwest::Method, path: &str, body: Option<Value>, headers: &[(&str, &str)]) -> Result<Value> {
+    pub async fn call_with_headers(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> Result<Value> {
         self.send(method, path, body, None, headers).await
     }
 
-    async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>, raw: Option<Vec<u8>>, headers: &[(&str, &str)]) -> Result<Value> {
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        raw: Option<Vec<u8>>,
+        headers: &[(&str, &str)],
+    ) -> Result<Value> {
         let url = format!("{}{}", self.base, path);
         let mut req = self.http.request(method.clone(), &url);
         for (k, v) in headers {

@@ -50,13 +50,21 @@ fn wanted_modules(l: &Layers) -> Result<Vec<&'static str>> {
             bail!("ENABLED_MODULES names an unknown module {m:?}; modules are {}", MODULES.join(", "));
         }
     }
-    Ok(MODULES.iter().copied().filter(|m| *m == "api" || requested.is_empty() || requested.iter().any(|r| r == m)).collect())
+    Ok(MODULES
+        .iter()
+        .copied()
+        .filter(|m| *m == "api" || requested.is_empty() || requested.iter().any(|r| r == m))
+        .collect())
 }
 
 /// Start the host module over the configured hypervisor driver.
 async fn start_host(l: &Layers, dir: &Path, bus: EventBus) -> Result<Arc<hangar_host::Host>> {
     let cfg = hangar_host::HostConfig {
-        driver: l.get("HYPERVISOR").unwrap_or("auto").parse().map_err(|e: hangar_host::HostError| anyhow::anyhow!("{e}"))?,
+        driver: l
+            .get("HYPERVISOR")
+            .unwrap_or("auto")
+            .parse()
+            .map_err(|e: hangar_host::HostError| anyhow::anyhow!("{e}"))?,
         vms_dir: l.string("HOST_VMS_FOLDER").map(PathBuf::from).unwrap_or_else(|| dir.join("vms")),
         images_dir: l.string("HOST_IMAGES_FOLDER").map(PathBuf::from).unwrap_or_else(|| dir.join("images")),
         prlctl: l.string("PRLCTL_PATH").map(PathBuf::from),
@@ -73,7 +81,11 @@ async fn start_host(l: &Layers, dir: &Path, bus: EventBus) -> Result<Arc<hangar_
     Ok(hangar_host::Host::new(hv, bus, cfg))
 }
 
-async fn module_statuses(l: &Layers, dir: &Path, bus: EventBus) -> Result<(Vec<ModuleStatus>, Option<Arc<hangar_host::Host>>)> {
+async fn module_statuses(
+    l: &Layers,
+    dir: &Path,
+    bus: EventBus,
+) -> Result<(Vec<ModuleStatus>, Option<Arc<hangar_host::Host>>)> {
     let wanted = wanted_modules(l)?;
     let explicit = !l.list("ENABLED_MODULES").is_empty();
     let mut out = Vec::new();
@@ -86,7 +98,9 @@ async fn module_statuses(l: &Layers, dir: &Path, bus: EventBus) -> Result<(Vec<M
             "host" => match start_host(l, dir, bus.clone()).await {
                 Ok(h) => {
                     let info = h.driver().host_info().await.ok();
-                    let detail = info.map(|i| format!("{} {} ({})", i.hypervisor, i.version, i.acceleration)).unwrap_or_else(|| h.kind().to_string());
+                    let detail = info
+                        .map(|i| format!("{} {} ({})", i.hypervisor, i.version, i.acceleration))
+                        .unwrap_or_else(|| h.kind().to_string());
                     host = Some(h);
                     (true, format!("driving {detail}"))
                 }
@@ -101,7 +115,6 @@ async fn module_statuses(l: &Layers, dir: &Path, bus: EventBus) -> Result<(Vec<M
     }
     Ok((out, host))
 }
-
 
 fn token_config(l: &Layers) -> Result<TokenConfig> {
     let algorithm = l

@@ -17,7 +17,9 @@ pub enum VmCommand {
         #[arg(long)]
         filter: Option<String>,
     },
-    Get { vm: String },
+    Get {
+        vm: String,
+    },
     /// Create a VM from a local image and wait for it (a progress bar follows the job).
     Create {
         name: String,
@@ -32,16 +34,26 @@ pub enum VmCommand {
         #[arg(long)]
         start: bool,
     },
-    Start { vm: String },
+    Start {
+        vm: String,
+    },
     Stop {
         vm: String,
         #[arg(long)]
         force: bool,
     },
-    Pause { vm: String },
-    Resume { vm: String },
-    Suspend { vm: String },
-    Restart { vm: String },
+    Pause {
+        vm: String,
+    },
+    Resume {
+        vm: String,
+    },
+    Suspend {
+        vm: String,
+    },
+    Restart {
+        vm: String,
+    },
     Delete {
         vm: String,
         #[arg(long)]
@@ -61,7 +73,11 @@ pub enum VmCommand {
         timeout: u64,
     },
     /// Copy a local file into the guest.
-    Upload { vm: String, file: PathBuf, remote_path: String },
+    Upload {
+        vm: String,
+        file: PathBuf,
+        remote_path: String,
+    },
     Clone {
         vm: String,
         name: String,
@@ -76,15 +92,23 @@ pub enum VmCommand {
 
 #[derive(Subcommand)]
 pub enum SnapshotCommand {
-    List { vm: String },
+    List {
+        vm: String,
+    },
     Create {
         vm: String,
         name: String,
         #[arg(long, default_value = "")]
         description: String,
     },
-    Delete { vm: String, snapshot: String },
-    Revert { vm: String, snapshot: String },
+    Delete {
+        vm: String,
+        snapshot: String,
+    },
+    Revert {
+        vm: String,
+        snapshot: String,
+    },
 }
 
 const VM_COLS: &[&str] = &["ID", "Name", "State", "OS", "hypervisor", "internal_ip_address", "user"];
@@ -151,7 +175,9 @@ pub async fn run(c: Client, cmd: VmCommand, out: Output) -> Result<()> {
             (done["result"].clone(), &["id", "name", "current_state"][..])
         }
         VmCommand::Start { vm } => (c.put(&vm_path(&vm, "/start"), None).await?, STATUS_COLS),
-        VmCommand::Stop { vm, force } => (c.put(&vm_path(&vm, if force { "/stop?force=true" } else { "/stop" }), None).await?, STATUS_COLS),
+        VmCommand::Stop { vm, force } => {
+            (c.put(&vm_path(&vm, if force { "/stop?force=true" } else { "/stop" }), None).await?, STATUS_COLS)
+        }
         VmCommand::Pause { vm } => (c.put(&vm_path(&vm, "/pause"), None).await?, STATUS_COLS),
         VmCommand::Resume { vm } => (c.put(&vm_path(&vm, "/resume"), None).await?, STATUS_COLS),
         VmCommand::Suspend { vm } => (c.put(&vm_path(&vm, "/suspend"), None).await?, STATUS_COLS),
@@ -187,11 +213,20 @@ pub async fn run(c: Client, cmd: VmCommand, out: Output) -> Result<()> {
             c.put_bytes(&format!("{}?remote_path={}", vm_path(&vm, "/files"), seg(&remote_path)), bytes).await?;
             (json!({"vm": vm, "remote_path": remote_path, "bytes": n}), &["vm", "remote_path", "bytes"][..])
         }
-        VmCommand::Clone { vm, name, linked } => (c.put(&vm_path(&vm, "/clone"), Some(json!({"clone_name": name, "linked": linked}))).await?, &["id", "name", "status"][..]),
+        VmCommand::Clone { vm, name, linked } => (
+            c.put(&vm_path(&vm, "/clone"), Some(json!({"clone_name": name, "linked": linked}))).await?,
+            &["id", "name", "status"][..],
+        ),
         VmCommand::Snapshot { command } => match command {
-            SnapshotCommand::List { vm } => (c.get(&vm_path(&vm, "/snapshots")).await?, &["id", "name", "date", "current", "state"][..]),
+            SnapshotCommand::List { vm } => {
+                (c.get(&vm_path(&vm, "/snapshots")).await?, &["id", "name", "date", "current", "state"][..])
+            }
             SnapshotCommand::Create { vm, name, description } => (
-                c.post(&vm_path(&vm, "/snapshots"), json!({"snapshot_name": name, "snapshot_description": description})).await?,
+                c.post(
+                    &vm_path(&vm, "/snapshots"),
+                    json!({"snapshot_name": name, "snapshot_description": description}),
+                )
+                .await?,
                 &["id", "name", "date", "state"][..],
             ),
             SnapshotCommand::Delete { vm, snapshot } => {

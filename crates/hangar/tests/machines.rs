@@ -19,7 +19,10 @@ fn fake_prlctl() -> PathBuf {
     let fake = dir.join("hangar-fake-prlctl");
     if !fake.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = std::process::Command::new(cargo).args(["build", "-p", "hangar-parallels", "--bin", "hangar-fake-prlctl"]).status().unwrap();
+        let st = std::process::Command::new(cargo)
+            .args(["build", "-p", "hangar-parallels", "--bin", "hangar-fake-prlctl"])
+            .status()
+            .unwrap();
         assert!(st.success(), "building the fake prlctl");
     }
     assert!(fake.exists(), "{} missing", fake.display());
@@ -50,7 +53,11 @@ async fn machines_api_over_the_parallels_driver() {
     std::os::unix::fs::symlink(&fake, tools.join("prlctl")).unwrap();
     std::os::unix::fs::symlink(&fake, tools.join("prlsrvctl")).unwrap();
     let prl = |args: &[&str]| {
-        let out = std::process::Command::new(tools.join("prlctl")).args(args).env("FAKE_PRL_STATE_DIR", &state).output().unwrap();
+        let out = std::process::Command::new(tools.join("prlctl"))
+            .args(args)
+            .env("FAKE_PRL_STATE_DIR", &state)
+            .output()
+            .unwrap();
         assert!(out.status.success(), "prlctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     };
     // A golden bundle in the host's images folder.
@@ -63,7 +70,11 @@ async fn machines_api_over_the_parallels_driver() {
     let data = dir.path().join("data");
     let s = Server::start_full(
         &data,
-        &[("HYPERVISOR", "parallels"), ("PRLCTL_PATH", tools.join("prlctl").to_str().unwrap()), ("HOST_IMAGES_FOLDER", images.to_str().unwrap())],
+        &[
+            ("HYPERVISOR", "parallels"),
+            ("PRLCTL_PATH", tools.join("prlctl").to_str().unwrap()),
+            ("HOST_IMAGES_FOLDER", images.to_str().unwrap()),
+        ],
         true,
         &[("FAKE_PRL_STATE_DIR", state.to_str().unwrap())],
     );
@@ -76,7 +87,10 @@ async fn machines_api_over_the_parallels_driver() {
 
     // Events: VM state changes reach the websocket.
     let ws_url = s.url.replace("http://", "ws://");
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{ws_url}/api/v1/ws/subscribe?event_types=pdfm&access_token={root}")).await.unwrap();
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("{ws_url}/api/v1/ws/subscribe?event_types=pdfm&access_token={root}"))
+            .await
+            .unwrap();
 
     let (st, v) = call(&c, Method::POST, &s.api("/machines"), &ra, Some(json!({"name": "ci-1", "image": "golden.pvm", "start_on_create": true, "specs": {"cpu": "2", "memory": "2048"}})), &[]).await;
     assert_eq!(st, 200, "create: {v}");
@@ -102,7 +116,9 @@ async fn machines_api_over_the_parallels_driver() {
     // A plain user may look but not touch.
     let (st, _) = call(&c, Method::PUT, &s.api(&format!("/machines/{id}/stop")), &ua, None, &[]).await;
     assert_eq!(st, 403);
-    let (st, _) = call(&c, Method::PUT, &s.api(&format!("/machines/{id}/execute")), &ua, Some(json!({"command": "id"})), &[]).await;
+    let (st, _) =
+        call(&c, Method::PUT, &s.api(&format!("/machines/{id}/execute")), &ua, Some(json!({"command": "id"})), &[])
+            .await;
     assert_eq!(st, 403);
 
     // Exec: output, exit code and environment come back.
@@ -141,26 +157,61 @@ async fn machines_api_over_the_parallels_driver() {
     }
 
     // Snapshots, clone, rename.
-    let (st, snap) = call(&c, Method::POST, &s.api(&format!("/machines/{id}/snapshots")), &ra, Some(json!({"snapshot_name": "before"})), &[]).await;
+    let (st, snap) = call(
+        &c,
+        Method::POST,
+        &s.api(&format!("/machines/{id}/snapshots")),
+        &ra,
+        Some(json!({"snapshot_name": "before"})),
+        &[],
+    )
+    .await;
     assert_eq!(st, 201, "{snap}");
     let (_, snaps) = call(&c, Method::GET, &s.api(&format!("/machines/{id}/snapshots")), &ra, None, &[]).await;
     assert_eq!(snaps.as_array().unwrap().len(), 1);
-    let (st, cl) = call(&c, Method::PUT, &s.api(&format!("/machines/{id}/clone")), &ra, Some(json!({"clone_name": "ci-1-copy"})), &[]).await;
+    let (st, cl) = call(
+        &c,
+        Method::PUT,
+        &s.api(&format!("/machines/{id}/clone")),
+        &ra,
+        Some(json!({"clone_name": "ci-1-copy"})),
+        &[],
+    )
+    .await;
     assert_eq!(st, 200, "{cl}");
-    let (st, _) = call(&c, Method::PUT, &s.api(&format!("/machines/{}/rename", cl["id"].as_str().unwrap())), &ra, Some(json!({"new_name": "ci-2"})), &[]).await;
+    let (st, _) = call(
+        &c,
+        Method::PUT,
+        &s.api(&format!("/machines/{}/rename", cl["id"].as_str().unwrap())),
+        &ra,
+        Some(json!({"new_name": "ci-2"})),
+        &[],
+    )
+    .await;
     assert_eq!(st, 200);
-    let (st, v) = call(&c, Method::PUT, &s.api(&format!("/machines/{id}/rename")), &ra, Some(json!({"new_name": "ci-2"})), &[]).await;
+    let (st, v) =
+        call(&c, Method::PUT, &s.api(&format!("/machines/{id}/rename")), &ra, Some(json!({"new_name": "ci-2"})), &[])
+            .await;
     assert_eq!(st, 409, "name taken: {v}");
 
     // Async create reports progress and its result through a job.
-    let (st, job) = call(&c, Method::POST, &s.api("/machines/async"), &ra, Some(json!({"name": "ci-async", "image": "golden.pvm"})), &[]).await;
+    let (st, job) = call(
+        &c,
+        Method::POST,
+        &s.api("/machines/async"),
+        &ra,
+        Some(json!({"name": "ci-async", "image": "golden.pvm"})),
+        &[],
+    )
+    .await;
     assert_eq!(st, 202, "{job}");
     let j = wait_job(&c, &s, &ra, job["id"].as_str().unwrap()).await;
     assert_eq!(j["state"], "completed", "{j}");
     assert_eq!(j["progress"].as_f64(), Some(100.0));
     assert_eq!(j["result"]["name"], "ci-async");
     // Another user's job is invisible.
-    let (st, _) = call(&c, Method::GET, &s.api(&format!("/jobs/{}", job["id"].as_str().unwrap())), &ua, None, &[]).await;
+    let (st, _) =
+        call(&c, Method::GET, &s.api(&format!("/jobs/{}", job["id"].as_str().unwrap())), &ua, None, &[]).await;
     assert_eq!(st, 404);
 
     // Hardware, bad requests, delete.
@@ -168,11 +219,15 @@ async fn machines_api_over_the_parallels_driver() {
     assert_eq!(st, 200, "{hw}");
     assert!(hw["total"]["logical_cpu_count"].as_u64().unwrap() > 0);
     assert_eq!(hw["hypervisor"], "parallels");
-    let (st, _) = call(&c, Method::POST, &s.api("/machines"), &ra, Some(json!({"name": "x", "image": "../etc"})), &[]).await;
+    let (st, _) =
+        call(&c, Method::POST, &s.api("/machines"), &ra, Some(json!({"name": "x", "image": "../etc"})), &[]).await;
     assert_eq!(st, 400);
-    let (st, _) = call(&c, Method::POST, &s.api("/machines"), &ra, Some(json!({"name": "x", "image": "missing"})), &[]).await;
+    let (st, _) =
+        call(&c, Method::POST, &s.api("/machines"), &ra, Some(json!({"name": "x", "image": "missing"})), &[]).await;
     assert_eq!(st, 404);
-    let (st, _) = call(&c, Method::POST, &s.api("/machines"), &ra, Some(json!({"name": "bad/name", "image": "golden.pvm"})), &[]).await;
+    let (st, _) =
+        call(&c, Method::POST, &s.api("/machines"), &ra, Some(json!({"name": "bad/name", "image": "golden.pvm"})), &[])
+            .await;
     assert_eq!(st, 400);
     let (st, _) = call(&c, Method::DELETE, &s.api(&format!("/machines/{id}")), &ra, None, &[]).await;
     assert_eq!(st, 202);
@@ -190,7 +245,15 @@ fn guest_image() -> PathBuf {
 }
 
 async fn exec(c: &reqwest::Client, s: &Server, a: &Auth, id: &str, cmd: &str) -> (u16, Value) {
-    call(c, Method::PUT, &s.api(&format!("/machines/{id}/execute")), a, Some(json!({"command": cmd, "timeout": 30})), &[]).await
+    call(
+        c,
+        Method::PUT,
+        &s.api(&format!("/machines/{id}/execute")),
+        a,
+        Some(json!({"command": cmd, "timeout": 30})),
+        &[],
+    )
+    .await
 }
 
 #[tokio::test]
@@ -202,7 +265,12 @@ async fn machines_api_boots_a_real_qemu_guest() {
     std::os::unix::fs::symlink(&image, images.join("test-guest")).unwrap();
     let data = dir.path().join("d");
     let vms = dir.path().join("vms");
-    let settings = [("HYPERVISOR", "qemu"), ("QEMU_ACCELERATION", "tcg"), ("HOST_IMAGES_FOLDER", images.to_str().unwrap()), ("HOST_VMS_FOLDER", vms.to_str().unwrap())];
+    let settings = [
+        ("HYPERVISOR", "qemu"),
+        ("QEMU_ACCELERATION", "tcg"),
+        ("HOST_IMAGES_FOLDER", images.to_str().unwrap()),
+        ("HOST_VMS_FOLDER", vms.to_str().unwrap()),
+    ];
     let mut s = Server::start(&data, &settings);
     let c = client();
     let root = login(&c, &s, "root", ROOT_PASSWORD).await;
@@ -215,7 +283,10 @@ async fn machines_api_boots_a_real_qemu_guest() {
     let (s_url, ra2, id2) = (s.api(&format!("/machines/{id}/execute")), ra.clone(), id.clone());
     wait_for("the guest agent", Duration::from_secs(240), || {
         let (c2, u, a) = (c2.clone(), s_url.clone(), ra2.clone());
-        async move { call(&c2, Method::PUT, &u, &a, Some(json!({"command": "true", "timeout": 5})), &[]).await.1["exit_code"] == 0 }
+        async move {
+            call(&c2, Method::PUT, &u, &a, Some(json!({"command": "true", "timeout": 5})), &[]).await.1["exit_code"]
+                == 0
+        }
     })
     .await;
     let _ = id2;
@@ -237,22 +308,49 @@ async fn machines_api_boots_a_real_qemu_guest() {
     assert_eq!(out["stdout"].as_str().map(str::trim), Some("survivor"), "{out}");
     // Upload bytes and read them back.
     let payload = "uploaded through hangar\n";
-    let r = c.put(s.api(&format!("/machines/{id}/files?remote_path=/data/up.txt"))).bearer_auth(match &ra { Auth::Bearer(t) => t, _ => unreachable!() }).body(payload).send().await.unwrap();
+    let r = c
+        .put(s.api(&format!("/machines/{id}/files?remote_path=/data/up.txt")))
+        .bearer_auth(match &ra {
+            Auth::Bearer(t) => t,
+            _ => unreachable!(),
+        })
+        .body(payload)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 204, "{}", r.text().await.unwrap());
     let (_, out) = exec(&c, &s, &ra, &id, "cat /data/up.txt").await;
     assert_eq!(out["stdout"], payload);
     // Snapshot, change, revert, check.
-    let (st, snap) = call(&c, Method::POST, &s.api(&format!("/machines/{id}/snapshots")), &ra, Some(json!({"snapshot_name": "clean"})), &[]).await;
+    let (st, snap) = call(
+        &c,
+        Method::POST,
+        &s.api(&format!("/machines/{id}/snapshots")),
+        &ra,
+        Some(json!({"snapshot_name": "clean"})),
+        &[],
+    )
+    .await;
     assert_eq!(st, 201, "{snap}");
     exec(&c, &s, &ra, &id, "echo changed > /data/up.txt && sync").await;
-    let (st, v) = call(&c, Method::POST, &s.api(&format!("/machines/{id}/snapshots/{}/revert", snap["id"].as_str().unwrap())), &ra, None, &[]).await;
+    let (st, v) = call(
+        &c,
+        Method::POST,
+        &s.api(&format!("/machines/{id}/snapshots/{}/revert", snap["id"].as_str().unwrap())),
+        &ra,
+        None,
+        &[],
+    )
+    .await;
     assert_eq!(st, 202, "{v}");
     let (_, out) = exec(&c, &s, &ra, &id, "cat /data/up.txt").await;
     assert_eq!(out["stdout"], payload, "revert restored the file");
     // Suspend and resume keep the guest's state.
     let (st, v) = call(&c, Method::PUT, &s.api(&format!("/machines/{id}/suspend")), &ra, None, &[]).await;
     assert_eq!((st, v["status"].as_str()), (200, Some("suspended")), "{v}");
-    let (st, v) = call(&c, Method::PUT, &s.api(&format!("/machines/{id}/execute")), &ra, Some(json!({"command": "true"})), &[]).await;
+    let (st, v) =
+        call(&c, Method::PUT, &s.api(&format!("/machines/{id}/execute")), &ra, Some(json!({"command": "true"})), &[])
+            .await;
     assert_eq!(st, 409, "exec on a suspended VM: {v}");
     let (st, _) = call(&c, Method::PUT, &s.api(&format!("/machines/{id}/resume")), &ra, None, &[]).await;
     assert_eq!(st, 200);
@@ -263,7 +361,9 @@ async fn machines_api_boots_a_real_qemu_guest() {
     assert_eq!((st, v["status"].as_str()), (200, Some("stopped")), "{v}");
     let (st, _) = call(&c, Method::DELETE, &s.api(&format!("/machines/{id}")), &ra, None, &[]).await;
     assert_eq!(st, 202);
-    let left: Vec<_> = std::fs::read_dir(&vms).map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name()).collect()).unwrap_or_default();
+    let left: Vec<_> = std::fs::read_dir(&vms)
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
     assert!(left.is_empty(), "VM files left: {left:?}");
     let pattern = format!("qemu-system.*{}", vms.display());
     let procs = std::process::Command::new("pgrep").args(["-f", &pattern]).output().unwrap();
@@ -281,7 +381,11 @@ fn vm_cli_drives_the_host_module() {
     std::os::unix::fs::symlink(&fake, tools.join("prlctl")).unwrap();
     std::os::unix::fs::symlink(&fake, tools.join("prlsrvctl")).unwrap();
     let prl = |args: &[&str]| {
-        let out = std::process::Command::new(tools.join("prlctl")).args(args).env("FAKE_PRL_STATE_DIR", &state).output().unwrap();
+        let out = std::process::Command::new(tools.join("prlctl"))
+            .args(args)
+            .env("FAKE_PRL_STATE_DIR", &state)
+            .output()
+            .unwrap();
         assert!(out.status.success());
     };
     prl(&["create", "golden", "--distribution", "ubuntu"]);
@@ -291,7 +395,11 @@ fn vm_cli_drives_the_host_module() {
     std::fs::rename(state.join("Parallels/golden.pvm"), images.join("golden.pvm")).unwrap();
     let s = Server::start_full(
         &dir.path().join("data"),
-        &[("HYPERVISOR", "parallels"), ("PRLCTL_PATH", tools.join("prlctl").to_str().unwrap()), ("HOST_IMAGES_FOLDER", images.to_str().unwrap())],
+        &[
+            ("HYPERVISOR", "parallels"),
+            ("PRLCTL_PATH", tools.join("prlctl").to_str().unwrap()),
+            ("HOST_IMAGES_FOLDER", images.to_str().unwrap()),
+        ],
         true,
         &[("FAKE_PRL_STATE_DIR", state.to_str().unwrap())],
     );
@@ -341,9 +449,17 @@ async fn a_vm_is_created_from_a_catalog_image_through_the_host_cache() {
     let fake = fake_prlctl();
     std::os::unix::fs::symlink(&fake, tools.join("prlctl")).unwrap();
     std::os::unix::fs::symlink(&fake, tools.join("prlsrvctl")).unwrap();
-    let out = std::process::Command::new(tools.join("prlctl")).args(["create", "golden", "--distribution", "ubuntu"]).env("FAKE_PRL_STATE_DIR", &state).output().unwrap();
+    let out = std::process::Command::new(tools.join("prlctl"))
+        .args(["create", "golden", "--distribution", "ubuntu"])
+        .env("FAKE_PRL_STATE_DIR", &state)
+        .output()
+        .unwrap();
     assert!(out.status.success());
-    std::process::Command::new(tools.join("prlctl")).args(["unregister", "golden"]).env("FAKE_PRL_STATE_DIR", &state).output().unwrap();
+    std::process::Command::new(tools.join("prlctl"))
+        .args(["unregister", "golden"])
+        .env("FAKE_PRL_STATE_DIR", &state)
+        .output()
+        .unwrap();
     let bundle = dir.path().join("golden.pvm");
     std::fs::rename(state.join("Parallels/golden.pvm"), &bundle).unwrap();
     let s = Server::start_full(
@@ -358,7 +474,23 @@ async fn a_vm_is_created_from_a_catalog_image_through_the_host_cache() {
     // Push the bundle to a local-folder provider with the CLI.
     let provider = format!("provider=local-storage;catalog_path={}", dir.path().join("store").display());
     let out = std::process::Command::new(bin())
-        .args(["--output", "json", "--url", &s.url, "catalog", "push", "--provider", &provider, "--catalog-id", "golden", "--version", "1.0.0", "--architecture", "amd64", "--path"])
+        .args([
+            "--output",
+            "json",
+            "--url",
+            &s.url,
+            "catalog",
+            "push",
+            "--provider",
+            &provider,
+            "--catalog-id",
+            "golden",
+            "--version",
+            "1.0.0",
+            "--architecture",
+            "amd64",
+            "--path",
+        ])
         .arg(&bundle)
         .env("HANGAR_TOKEN", &root)
         .env("HANGAR_CONFIG_DIR", dir.path().join("cli"))

@@ -63,7 +63,10 @@ pub fn register(api: Api) -> Api {
 
 fn host(s: &AppState) -> R<&Arc<Host>> {
     s.host.as_ref().ok_or_else(|| {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "The host module is not running on this server; see GET /health/system")
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The host module is not running on this server; see GET /health/system",
+        )
     })
 }
 
@@ -181,7 +184,8 @@ fn filter_items(headers: &HeaderMap, items: Vec<Value>) -> R<Vec<Value>> {
     responses((status = 200, body = Vec<Machine>)))]
 async fn list_machines(State(s): State<AppState>, headers: HeaderMap) -> R<axum::Json<Vec<Value>>> {
     let vms = host(&s)?.list().await.map_err(ApiError::from_domain)?;
-    let items: Vec<Value> = vms.into_iter().map(|v| serde_json::to_value(Machine::from(v)).unwrap_or(Value::Null)).collect();
+    let items: Vec<Value> =
+        vms.into_iter().map(|v| serde_json::to_value(Machine::from(v)).unwrap_or(Value::Null)).collect();
     Ok(axum::Json(filter_items(&headers, items)?))
 }
 
@@ -235,9 +239,13 @@ pub struct CreateMachineResponse {
 fn num(v: &Option<Value>, what: &str) -> R<Option<u64>> {
     match v {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => n.as_u64().map(Some).ok_or_else(|| ApiError::bad_request(format!("{what} must be a positive whole number"))),
+        Some(Value::Number(n)) => {
+            n.as_u64().map(Some).ok_or_else(|| ApiError::bad_request(format!("{what} must be a positive whole number")))
+        }
         Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
-        Some(Value::String(s)) => s.trim().parse().map(Some).map_err(|_| ApiError::bad_request(format!("{what} {s:?} is not a number"))),
+        Some(Value::String(s)) => {
+            s.trim().parse().map(Some).map_err(|_| ApiError::bad_request(format!("{what} {s:?} is not a number")))
+        }
         Some(_) => Err(ApiError::bad_request(format!("{what} must be a number"))),
     }
 }
@@ -247,24 +255,34 @@ fn num(v: &Option<Value>, what: &str) -> R<Option<u64>> {
 async fn image_source(s: &AppState, ctx: &RequestContext, req: &CreateMachineRequest) -> R<ImageSource> {
     if let Some(m) = &req.catalog_manifest {
         let catalog = s.catalog.as_ref().ok_or_else(|| {
-            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "catalog_manifest needs the catalog module on this server, which is not running; use image")
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "catalog_manifest needs the catalog module on this server, which is not running; use image",
+            )
         })?;
         let field = |k: &str| m.get(k).and_then(Value::as_str).map(str::trim).filter(|v| !v.is_empty());
         let id = field("catalog_id").ok_or_else(|| ApiError::bad_request("catalog_manifest.catalog_id is required"))?;
         let version = field("version").unwrap_or("latest");
         let arch_text = field("architecture").or(req.architecture.as_deref()).unwrap_or("x86_64");
-        let arch: hangar_catalog::Architecture =
-            arch_text.parse().map_err(|_| ApiError::bad_request(format!("architecture {arch_text:?} is unknown; use x86_64 or arm64")))?;
-        let folder = catalog.pull_to_host(ctx.caller()?, &ctx.actor, id, version, arch).await.map_err(ApiError::from_domain)?;
+        let arch: hangar_catalog::Architecture = arch_text.parse().map_err(|_| {
+            ApiError::bad_request(format!("architecture {arch_text:?} is unknown; use x86_64 or arm64"))
+        })?;
+        let folder =
+            catalog.pull_to_host(ctx.caller()?, &ctx.actor, id, version, arch).await.map_err(ApiError::from_domain)?;
         return Ok(ImageSource::Folder(folder));
     }
-    let image = req.image.clone().ok_or_else(|| ApiError::bad_request("Say what to create the VM from: image (a local image name) or catalog_manifest"))?;
+    let image = req.image.clone().ok_or_else(|| {
+        ApiError::bad_request("Say what to create the VM from: image (a local image name) or catalog_manifest")
+    })?;
     Ok(ImageSource::Local(image))
 }
 
 fn create_request(p: &Principal, req: CreateMachineRequest, image: ImageSource) -> R<CreateRequest> {
     if req.packer_template.is_some() || req.vagrant_box.is_some() {
-        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "packer_template and vagrant_box are not supported; use image or catalog_manifest"));
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "packer_template and vagrant_box are not supported; use image or catalog_manifest",
+        ));
     }
     if let Some(a) = &req.architecture {
         let a = a.to_ascii_lowercase();
@@ -296,7 +314,11 @@ fn create_request(p: &Principal, req: CreateMachineRequest, image: ImageSource) 
 
 #[utoipa::path(post, path = "/machines", tag = "machines", request_body = CreateMachineRequest,
     responses((status = 200, body = CreateMachineResponse), (status = 400, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
-async fn create_machine(State(s): State<AppState>, ctx: RequestContext, Json(req): Json<CreateMachineRequest>) -> R<axum::Json<CreateMachineResponse>> {
+async fn create_machine(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Json(req): Json<CreateMachineRequest>,
+) -> R<axum::Json<CreateMachineResponse>> {
     let h = host(&s)?;
     let image = image_source(&s, &ctx, &req).await?;
     let req = create_request(ctx.caller()?, req, image)?;
@@ -308,7 +330,11 @@ async fn create_machine(State(s): State<AppState>, ctx: RequestContext, Json(req
 
 #[utoipa::path(post, path = "/machines/async", tag = "machines", request_body = CreateMachineRequest,
     responses((status = 202, body = Object, description = "The job; follow it at /jobs/{id}")))]
-async fn create_machine_async(State(s): State<AppState>, ctx: RequestContext, Json(req): Json<CreateMachineRequest>) -> R<(StatusCode, axum::Json<Job>)> {
+async fn create_machine_async(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Json(req): Json<CreateMachineRequest>,
+) -> R<(StatusCode, axum::Json<Job>)> {
     let h = host(&s)?;
     let p = ctx.caller()?;
     let image = image_source(&s, &ctx, &req).await?;
@@ -329,7 +355,12 @@ pub struct ForceQuery {
 
 #[utoipa::path(delete, path = "/machines/{id}", tag = "machines", params(("id" = String, Path), ForceQuery),
     responses((status = 202), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
-async fn delete_machine(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<String>, Query(q): Query<ForceQuery>) -> R<StatusCode> {
+async fn delete_machine(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path(id): Path<String>,
+    Query(q): Query<ForceQuery>,
+) -> R<StatusCode> {
     let h = host(&s)?;
     let vm = h.get(&id).await.map_err(ApiError::from_domain)?;
     h.delete(&vm.id, q.force).await.map_err(ApiError::from_domain)?;
@@ -352,14 +383,22 @@ pub struct RegisterRequest {
 }
 
 #[utoipa::path(post, path = "/machines/register", tag = "machines", request_body = RegisterRequest, responses((status = 200, body = Machine)))]
-async fn register_machine(State(s): State<AppState>, ctx: RequestContext, Json(req): Json<RegisterRequest>) -> R<axum::Json<Machine>> {
+async fn register_machine(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Json(req): Json<RegisterRequest>,
+) -> R<axum::Json<Machine>> {
     let h = host(&s)?;
     let p = ctx.caller()?;
     let path = std::path::PathBuf::from(&req.path);
     if !path.is_absolute() || req.path.contains("..") {
         return Err(ApiError::bad_request("path must be an absolute path without '..'"));
     }
-    let spec = RegisterSpec { name: req.machine_name, owner: Some(req.owner.unwrap_or_else(|| p.username.clone())), regenerate_id: req.regenerate_source_uuid };
+    let spec = RegisterSpec {
+        name: req.machine_name,
+        owner: Some(req.owner.unwrap_or_else(|| p.username.clone())),
+        regenerate_id: req.regenerate_source_uuid,
+    };
     let vm = h.register(&path, spec).await.map_err(ApiError::from_domain)?;
     let _ = s.identity.record(&ctx.actor, "vm.register", "vm", &vm.id, json!({"path": req.path})).await;
     Ok(axum::Json(vm.into()))
@@ -412,7 +451,12 @@ async fn start(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<St
 }
 
 #[utoipa::path(put, path = "/machines/{id}/stop", tag = "machines", params(("id" = String, Path), ForceQuery), responses((status = 200, body = MachineStatus), (status = 409, body = ApiErrorBody)))]
-async fn stop(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<String>, Query(q): Query<ForceQuery>) -> R<axum::Json<MachineStatus>> {
+async fn stop(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path(id): Path<String>,
+    Query(q): Query<ForceQuery>,
+) -> R<axum::Json<MachineStatus>> {
     power(&s, &ctx, &id, PowerOp::Stop { force: q.force, timeout: Duration::from_secs(60) }).await
 }
 
@@ -422,7 +466,11 @@ async fn kill(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<Str
 }
 
 #[utoipa::path(put, path = "/machines/{id}/restart", tag = "machines", params(("id" = String, Path)), responses((status = 200, body = MachineStatus)))]
-async fn restart(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<String>) -> R<axum::Json<MachineStatus>> {
+async fn restart(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path(id): Path<String>,
+) -> R<axum::Json<MachineStatus>> {
     power(&s, &ctx, &id, PowerOp::Restart).await
 }
 
@@ -432,7 +480,11 @@ async fn pause(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<St
 }
 
 #[utoipa::path(put, path = "/machines/{id}/resume", tag = "machines", params(("id" = String, Path)), responses((status = 200, body = MachineStatus)))]
-async fn resume(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<String>) -> R<axum::Json<MachineStatus>> {
+async fn resume(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path(id): Path<String>,
+) -> R<axum::Json<MachineStatus>> {
     power(&s, &ctx, &id, PowerOp::Resume).await
 }
 
@@ -442,7 +494,11 @@ async fn reset(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<St
 }
 
 #[utoipa::path(put, path = "/machines/{id}/suspend", tag = "machines", params(("id" = String, Path)), responses((status = 200, body = MachineStatus)))]
-async fn suspend(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<String>) -> R<axum::Json<MachineStatus>> {
+async fn suspend(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path(id): Path<String>,
+) -> R<axum::Json<MachineStatus>> {
     power(&s, &ctx, &id, PowerOp::Suspend).await
 }
 
@@ -495,7 +551,12 @@ pub struct SetResponse {
 /// `cpu set N`, `memory set MiB`, `machine rename NAME`, `machine clone NAME`,
 /// `machine description TEXT`. Each operation reports its own status.
 #[utoipa::path(put, path = "/machines/{id}/set", tag = "machines", params(("id" = String, Path)), request_body = SetRequest, responses((status = 200, body = SetResponse)))]
-async fn set_machine(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<String>, Json(req): Json<SetRequest>) -> R<axum::Json<SetResponse>> {
+async fn set_machine(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path(id): Path<String>,
+    Json(req): Json<SetRequest>,
+) -> R<axum::Json<SetResponse>> {
     let h = host(&s)?;
     let vm = h.get(&id).await.map_err(ApiError::from_domain)?;
     if req.operations.len() > 64 {
@@ -510,7 +571,10 @@ async fn set_machine(State(s): State<AppState>, ctx: RequestContext, Path(id): P
                 ("state", state) => {
                     let p = match state {
                         "start" => PowerOp::Start,
-                        "stop" => PowerOp::Stop { force: op.flags.iter().any(|f| f == "force"), timeout: Duration::from_secs(60) },
+                        "stop" => PowerOp::Stop {
+                            force: op.flags.iter().any(|f| f == "force"),
+                            timeout: Duration::from_secs(60),
+                        },
                         "kill" => PowerOp::Kill,
                         "pause" => PowerOp::Pause,
                         "resume" => PowerOp::Resume,
@@ -522,12 +586,24 @@ async fn set_machine(State(s): State<AppState>, ctx: RequestContext, Path(id): P
                     h.power(&vm.id, p).await.map(|_| ()).map_err(ApiError::from_domain)
                 }
                 ("cpu", "set") => {
-                    let n: u32 = op.value.trim().parse().map_err(|_| ApiError::bad_request(format!("cpu value {:?} is not a number", op.value)))?;
-                    h.configure(&vm.id, ConfigChange { cpus: Some(n), ..Default::default() }).await.map(|_| ()).map_err(ApiError::from_domain)
+                    let n: u32 = op
+                        .value
+                        .trim()
+                        .parse()
+                        .map_err(|_| ApiError::bad_request(format!("cpu value {:?} is not a number", op.value)))?;
+                    h.configure(&vm.id, ConfigChange { cpus: Some(n), ..Default::default() })
+                        .await
+                        .map(|_| ())
+                        .map_err(ApiError::from_domain)
                 }
                 ("memory", "set") => {
-                    let n: u64 = op.value.trim().trim_end_matches(['M', 'b', 'B']).parse().map_err(|_| ApiError::bad_request(format!("memory value {:?} is not a number of MiB", op.value)))?;
-                    h.configure(&vm.id, ConfigChange { memory_mb: Some(n), ..Default::default() }).await.map(|_| ()).map_err(ApiError::from_domain)
+                    let n: u64 = op.value.trim().trim_end_matches(['M', 'b', 'B']).parse().map_err(|_| {
+                        ApiError::bad_request(format!("memory value {:?} is not a number of MiB", op.value))
+                    })?;
+                    h.configure(&vm.id, ConfigChange { memory_mb: Some(n), ..Default::default() })
+                        .await
+                        .map(|_| ())
+                        .map_err(ApiError::from_domain)
                 }
                 ("machine", "rename") => h.rename(&vm.id, &op.value).await.map(|_| ()).map_err(ApiError::from_domain),
                 ("machine", "description") | ("machine", "set-description") => h
@@ -537,12 +613,21 @@ async fn set_machine(State(s): State<AppState>, ctx: RequestContext, Path(id): P
                     .map_err(ApiError::from_domain),
                 ("machine", "clone") => {
                     let dst = op.options.iter().find(|o| o.flag == "dst").map(|o| std::path::PathBuf::from(&o.value));
-                    h.clone_vm(&vm.id, CloneSpec { name: op.value.clone(), linked: op.flags.iter().any(|f| f == "linked"), destination: dst })
-                        .await
-                        .map(|_| ())
-                        .map_err(ApiError::from_domain)
+                    h.clone_vm(
+                        &vm.id,
+                        CloneSpec {
+                            name: op.value.clone(),
+                            linked: op.flags.iter().any(|f| f == "linked"),
+                            destination: dst,
+                        },
+                    )
+                    .await
+                    .map(|_| ())
+                    .map_err(ApiError::from_domain)
                 }
-                (g, o) => Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("operation {g} {o} is not supported"))),
+                (g, o) => {
+                    Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("operation {g} {o} is not supported")))
+                }
             }
         }
         .await;
@@ -586,15 +671,24 @@ pub struct ExecuteResponse {
 
 #[utoipa::path(put, path = "/machines/{id}/execute", tag = "machines", params(("id" = String, Path)), request_body = ExecuteRequest,
     responses((status = 200, body = ExecuteResponse), (status = 409, body = ApiErrorBody, description = "The VM is not running")))]
-async fn execute(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<String>, Json(req): Json<ExecuteRequest>) -> R<axum::Json<ExecuteResponse>> {
+async fn execute(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path(id): Path<String>,
+    Json(req): Json<ExecuteRequest>,
+) -> R<axum::Json<ExecuteResponse>> {
     let h = host(&s)?;
     if req.command.trim().is_empty() {
         return Err(ApiError::bad_request("command is empty"));
     }
     if req.use_ssh || req.script.is_some() {
-        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "use_ssh and script are not supported; send the command line in command"));
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "use_ssh and script are not supported; send the command line in command",
+        ));
     }
-    let command = if req.use_sudo { format!("sudo -n -- /bin/sh -c {}", shell_quote(&req.command)) } else { req.command.clone() };
+    let command =
+        if req.use_sudo { format!("sudo -n -- /bin/sh -c {}", shell_quote(&req.command)) } else { req.command.clone() };
     let er = ExecRequest {
         argv: vec![command],
         shell: true,
@@ -623,7 +717,13 @@ pub struct UploadQuery {
 /// Upload the request body into the guest at `remote_path` (up to 512 MiB).
 #[utoipa::path(put, path = "/machines/{id}/files", tag = "machines", params(("id" = String, Path), UploadQuery),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"), responses((status = 204), (status = 409, body = ApiErrorBody)))]
-async fn upload_bytes(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<String>, Query(q): Query<UploadQuery>, body: Bytes) -> R<StatusCode> {
+async fn upload_bytes(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path(id): Path<String>,
+    Query(q): Query<UploadQuery>,
+    body: Bytes,
+) -> R<StatusCode> {
     let h = host(&s)?;
     if q.remote_path.is_empty() || q.remote_path.contains('\0') {
         return Err(ApiError::bad_request("remote_path is empty or invalid"));
@@ -634,7 +734,10 @@ async fn upload_bytes(State(s): State<AppState>, ctx: RequestContext, Path(id): 
     let r = h.upload(&vm.id, &tmp, &q.remote_path).await;
     let _ = tokio::fs::remove_file(&tmp).await;
     r.map_err(ApiError::from_domain)?;
-    let _ = s.identity.record(&ctx.actor, "vm.upload", "vm", &vm.id, json!({"remote_path": q.remote_path, "bytes": body.len()})).await;
+    let _ = s
+        .identity
+        .record(&ctx.actor, "vm.upload", "vm", &vm.id, json!({"remote_path": q.remote_path, "bytes": body.len()}))
+        .await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -648,11 +751,21 @@ pub struct UploadRequest {
 /// The reference's upload: copy a file that is already on the host into the guest.
 #[utoipa::path(post, path = "/machines/{id}/upload", tag = "machines", params(("id" = String, Path)), request_body = UploadRequest,
     responses((status = 204), (status = 403, body = ApiErrorBody, description = "Outside the upload folder, or host-path uploads disabled")))]
-async fn upload_host_file(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<String>, Json(req): Json<UploadRequest>) -> R<StatusCode> {
+async fn upload_host_file(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path(id): Path<String>,
+    Json(req): Json<UploadRequest>,
+) -> R<StatusCode> {
     let h = host(&s)?;
     let vm = h.get(&id).await.map_err(ApiError::from_domain)?;
-    h.upload_host_path(&vm.id, std::path::Path::new(&req.path), &req.remote_path).await.map_err(ApiError::from_domain)?;
-    let _ = s.identity.record(&ctx.actor, "vm.upload", "vm", &vm.id, json!({"path": req.path, "remote_path": req.remote_path})).await;
+    h.upload_host_path(&vm.id, std::path::Path::new(&req.path), &req.remote_path)
+        .await
+        .map_err(ApiError::from_domain)?;
+    let _ = s
+        .identity
+        .record(&ctx.actor, "vm.upload", "vm", &vm.id, json!({"path": req.path, "remote_path": req.remote_path}))
+        .await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -663,11 +776,19 @@ pub struct RenameRequest {
 }
 
 #[utoipa::path(put, path = "/machines/{id}/rename", tag = "machines", params(("id" = String, Path)), request_body = RenameRequest, responses((status = 200, body = Machine)))]
-async fn rename(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<String>, Json(req): Json<RenameRequest>) -> R<axum::Json<Machine>> {
+async fn rename(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path(id): Path<String>,
+    Json(req): Json<RenameRequest>,
+) -> R<axum::Json<Machine>> {
     let h = host(&s)?;
     let mut vm = h.rename(&id, &req.new_name).await.map_err(ApiError::from_domain)?;
     if let Some(d) = req.description {
-        vm = h.configure(&vm.id, ConfigChange { description: Some(d), ..Default::default() }).await.map_err(ApiError::from_domain)?;
+        vm = h
+            .configure(&vm.id, ConfigChange { description: Some(d), ..Default::default() })
+            .await
+            .map_err(ApiError::from_domain)?;
     }
     let _ = s.identity.record(&ctx.actor, "vm.rename", "vm", &vm.id, json!({"name": vm.name})).await;
     Ok(axum::Json(vm.into()))
@@ -690,12 +811,18 @@ pub struct CloneResponse {
 }
 
 #[utoipa::path(put, path = "/machines/{id}/clone", tag = "machines", params(("id" = String, Path)), request_body = CloneRequest, responses((status = 200, body = CloneResponse)))]
-async fn clone_machine(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<String>, Json(req): Json<CloneRequest>) -> R<axum::Json<CloneResponse>> {
+async fn clone_machine(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path(id): Path<String>,
+    Json(req): Json<CloneRequest>,
+) -> R<axum::Json<CloneResponse>> {
     let h = host(&s)?;
     if req.destination_path.as_deref().is_some_and(|d| !d.starts_with('/') || d.contains("..")) {
         return Err(ApiError::bad_request("destination_path must be an absolute path without '..'"));
     }
-    let spec = CloneSpec { name: req.clone_name, linked: req.linked, destination: req.destination_path.map(Into::into) };
+    let spec =
+        CloneSpec { name: req.clone_name, linked: req.linked, destination: req.destination_path.map(Into::into) };
     let vm = h.clone_vm(&id, spec).await.map_err(ApiError::from_domain)?;
     let _ = s.identity.record(&ctx.actor, "vm.clone", "vm", &vm.id, json!({"source": id})).await;
     Ok(axum::Json(CloneResponse { id: vm.id, name: vm.name, status: vm.state.as_str().into() }))
@@ -714,7 +841,15 @@ pub struct SnapshotDto {
 
 impl From<hangar_hypervisor::Snapshot> for SnapshotDto {
     fn from(s: hangar_hypervisor::Snapshot) -> Self {
-        SnapshotDto { id: s.id, name: s.name, description: s.description, date: s.created_at, current: s.current, parent: s.parent, state: s.state.as_str().into() }
+        SnapshotDto {
+            id: s.id,
+            name: s.name,
+            description: s.description,
+            date: s.created_at,
+            current: s.current,
+            parent: s.parent,
+            state: s.state.as_str().into(),
+        }
     }
 }
 
@@ -728,7 +863,11 @@ async fn vm_for_snapshots(s: &AppState, p: &Principal, id: &str, all_claim: &str
 }
 
 #[utoipa::path(get, path = "/machines/{id}/snapshots", tag = "snapshots", params(("id" = String, Path)), responses((status = 200, body = Vec<SnapshotDto>)))]
-async fn list_snapshots(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<String>) -> R<axum::Json<Vec<SnapshotDto>>> {
+async fn list_snapshots(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path(id): Path<String>,
+) -> R<axum::Json<Vec<SnapshotDto>>> {
     let vm = vm_for_snapshots(&s, ctx.caller()?, &id, LIST_SNAPSHOT_VM).await?;
     let list = host(&s)?.snapshots(&vm.id).await.map_err(ApiError::from_domain)?;
     Ok(axum::Json(list.into_iter().map(Into::into).collect()))
@@ -742,7 +881,12 @@ pub struct CreateSnapshotRequest {
 }
 
 #[utoipa::path(post, path = "/machines/{id}/snapshots", tag = "snapshots", params(("id" = String, Path)), request_body = CreateSnapshotRequest, responses((status = 201, body = SnapshotDto)))]
-async fn create_snapshot(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<String>, Json(req): Json<CreateSnapshotRequest>) -> R<(StatusCode, axum::Json<Value>)> {
+async fn create_snapshot(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path(id): Path<String>,
+    Json(req): Json<CreateSnapshotRequest>,
+) -> R<(StatusCode, axum::Json<Value>)> {
     let vm = vm_for_snapshots(&s, ctx.caller()?, &id, CREATE_SNAPSHOT_VM).await?;
     if req.snapshot_name.trim().is_empty() || req.snapshot_name.len() > 200 {
         return Err(ApiError::bad_request("snapshot_name must be 1 to 200 characters"));
@@ -763,9 +907,17 @@ pub struct DeleteSnapshotQuery {
 }
 
 #[utoipa::path(delete, path = "/machines/{id}/snapshots/{snapshot_id}", tag = "snapshots", params(("id" = String, Path), ("snapshot_id" = String, Path), DeleteSnapshotQuery), responses((status = 202)))]
-async fn delete_snapshot(State(s): State<AppState>, ctx: RequestContext, Path((id, sid)): Path<(String, String)>, Query(q): Query<DeleteSnapshotQuery>) -> R<StatusCode> {
+async fn delete_snapshot(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path((id, sid)): Path<(String, String)>,
+    Query(q): Query<DeleteSnapshotQuery>,
+) -> R<StatusCode> {
     let vm = vm_for_snapshots(&s, ctx.caller()?, &id, DELETE_SNAPSHOT_VM).await?;
-    host(&s)?.snapshot(&vm.id, SnapshotOp::Delete { snapshot_id: sid, delete_children: q.delete_children }).await.map_err(ApiError::from_domain)?;
+    host(&s)?
+        .snapshot(&vm.id, SnapshotOp::Delete { snapshot_id: sid, delete_children: q.delete_children })
+        .await
+        .map_err(ApiError::from_domain)?;
     let _ = s.identity.record(&ctx.actor, "vm.snapshot.delete", "vm", &vm.id, json!({})).await;
     Ok(StatusCode::ACCEPTED)
 }
@@ -785,14 +937,24 @@ pub struct RevertRequest {
 }
 
 #[utoipa::path(post, path = "/machines/{id}/snapshots/{snapshot_id}/revert", tag = "snapshots", params(("id" = String, Path), ("snapshot_id" = String, Path)), request_body = RevertRequest, responses((status = 202)))]
-async fn revert_snapshot(State(s): State<AppState>, ctx: RequestContext, Path((id, sid)): Path<(String, String)>, body: Bytes) -> R<StatusCode> {
+async fn revert_snapshot(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path((id, sid)): Path<(String, String)>,
+    body: Bytes,
+) -> R<StatusCode> {
     let vm = vm_for_snapshots(&s, ctx.caller()?, &id, REVERT_SNAPSHOT_VM).await?;
     let skip = if body.iter().all(|b| b.is_ascii_whitespace()) {
         false
     } else {
-        serde_json::from_slice::<RevertRequest>(&body).map_err(|e| ApiError::bad_request(format!("The body is not a revert request: {e}")))?.skip_resume
+        serde_json::from_slice::<RevertRequest>(&body)
+            .map_err(|e| ApiError::bad_request(format!("The body is not a revert request: {e}")))?
+            .skip_resume
     };
-    host(&s)?.snapshot(&vm.id, SnapshotOp::Revert { snapshot_id: sid, skip_resume: skip }).await.map_err(ApiError::from_domain)?;
+    host(&s)?
+        .snapshot(&vm.id, SnapshotOp::Revert { snapshot_id: sid, skip_resume: skip })
+        .await
+        .map_err(ApiError::from_domain)?;
     let _ = s.identity.record(&ctx.actor, "vm.snapshot.revert", "vm", &vm.id, json!({})).await;
     Ok(StatusCode::ACCEPTED)
 }
@@ -849,7 +1011,11 @@ async fn hardware(State(s): State<AppState>) -> R<axum::Json<HardwareResponse>> 
         total: res(hw.total_cpu, hw.total_memory_mb, hw.total_disk_mb),
         system_reserved: res(hw.reserved_cpu, hw.reserved_memory_mb, hw.reserved_disk_mb),
         total_in_use: res(hw.in_use_cpu, hw.in_use_memory_mb, hw.in_use_disk_mb),
-        total_reserved: res(hw.reserved_cpu + hw.in_use_cpu, hw.reserved_memory_mb + hw.in_use_memory_mb, hw.reserved_disk_mb + hw.in_use_disk_mb),
+        total_reserved: res(
+            hw.reserved_cpu + hw.in_use_cpu,
+            hw.reserved_memory_mb + hw.in_use_memory_mb,
+            hw.reserved_disk_mb + hw.in_use_disk_mb,
+        ),
         total_available: res(hw.available_cpu, hw.available_memory_mb, hw.available_disk_mb),
         running_vms: hw.running_vms,
         mac_vms_running: hw.mac_vms_running,
@@ -872,14 +1038,22 @@ async fn list_jobs(State(s): State<AppState>, ctx: RequestContext) -> R<axum::Js
 async fn get_job(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<String>) -> R<axum::Json<Job>> {
     let p = ctx.caller()?;
     let h = host(&s)?;
-    h.jobs.get(&id).filter(|j| job_visible(p, j)).map(axum::Json).ok_or_else(|| ApiError::not_found(format!("Job {id:?} not found")))
+    h.jobs
+        .get(&id)
+        .filter(|j| job_visible(p, j))
+        .map(axum::Json)
+        .ok_or_else(|| ApiError::not_found(format!("Job {id:?} not found")))
 }
 
 #[utoipa::path(delete, path = "/jobs/{id}", tag = "jobs", params(("id" = String, Path)), responses((status = 202), (status = 409, body = ApiErrorBody)))]
 async fn delete_job(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<String>) -> R<StatusCode> {
     let p = ctx.caller()?;
     let h = host(&s)?;
-    let j = h.jobs.get(&id).filter(|j| job_visible(p, j)).ok_or_else(|| ApiError::not_found(format!("Job {id:?} not found")))?;
+    let j = h
+        .jobs
+        .get(&id)
+        .filter(|j| job_visible(p, j))
+        .ok_or_else(|| ApiError::not_found(format!("Job {id:?} not found")))?;
     h.jobs.remove(&j.id).map_err(|e| ApiError::new(StatusCode::CONFLICT, format!("Job {id} is {e}")))?;
     Ok(StatusCode::ACCEPTED)
 }

@@ -31,10 +31,7 @@ impl Fake {
     /// Driver settings for this fake, without the event watchers.
     pub fn config(&self) -> ParallelsConfig {
         let mut cfg = ParallelsConfig::with_tools_in(&self.bin);
-        cfg.env.insert(
-            "FAKE_PRL_STATE_DIR".into(),
-            self.state.display().to_string(),
-        );
+        cfg.env.insert("FAKE_PRL_STATE_DIR".into(), self.state.display().to_string());
         cfg.command_timeout = Duration::from_secs(60);
         cfg.kill_grace = Duration::from_millis(500);
         cfg.watch_events = false;
@@ -63,11 +60,7 @@ impl Fake {
     /// `prlctl ARGS` that must succeed; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.prlctl(args);
-        assert!(
-            out.status.success(),
-            "prlctl {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "prlctl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -82,10 +75,7 @@ impl Fake {
 pub async fn eventually<F: FnMut() -> bool>(what: &str, timeout: Duration, mut cond: F) {
     let start = Instant::now();
     while !cond() {
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
         tokio::task::yield_now().await;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -95,10 +85,7 @@ pub async fn eventually<F: FnMut() -> bool>(what: &str, timeout: Duration, mut c
 pub fn process_gone(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,
-        Ok(stat) => stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Ok(stat) => stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
     }
 }
 

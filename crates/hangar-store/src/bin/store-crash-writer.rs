@@ -33,18 +33,11 @@ async fn writer(store: Arc<JsonStore>, run: String, writer: usize) -> Result<(),
         loop {
             let counter = store.get("counters", "total").await?;
             let (condition, next) = match &counter {
-                Some(record) => (
-                    Some(record.revision),
-                    record.value.as_u64().unwrap_or(0) + 1,
-                ),
+                Some(record) => (Some(record.revision), record.value.as_u64().unwrap_or(0) + 1),
                 None => (None, 1),
             };
             let mut batch = Batch::new()
-                .put(
-                    "records",
-                    &id,
-                    json!({"run": run, "writer": writer, "seq": seq, "filler": filler}),
-                )
+                .put("records", &id, json!({"run": run, "writer": writer, "seq": seq, "filler": filler}))
                 .put("counters", "total", json!(next));
             batch = match condition {
                 Some(revision) => batch.require_revision("counters", "total", revision),
@@ -136,12 +129,7 @@ async fn try_open(dir: &str) -> ExitCode {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .as_slice()
-    {
+    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["write", dir, run, writers] => match writers.parse() {
             Ok(writers) => write(dir, run, writers).await,
             Err(_) => {
@@ -152,9 +140,7 @@ async fn main() -> ExitCode {
         ["hold", dir] => hold(dir).await,
         ["try-open", dir] => try_open(dir).await,
         _ => {
-            eprintln!(
-                "usage: store-crash-writer write <dir> <run> <writers> | hold <dir> | try-open <dir>"
-            );
+            eprintln!("usage: store-crash-writer write <dir> <run> <writers> | hold <dir> | try-open <dir>");
             ExitCode::FAILURE
         }
     }

@@ -75,10 +75,7 @@ impl EncryptionKey {
                 )
             })?;
         let bytes = <[u8; 32]>::try_from(decoded.as_slice()).map_err(|_| {
-            StoreError::Invalid(format!(
-                "encryption key: base64 decodes to {} bytes, expected 32",
-                decoded.len()
-            ))
+            StoreError::Invalid(format!("encryption key: base64 decodes to {} bytes, expected 32", decoded.len()))
         })?;
         Ok(Self { bytes })
     }
@@ -86,10 +83,8 @@ impl EncryptionKey {
     /// Reads and parses a key file.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let content = std::fs::read(path).map_err(|source| StoreError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let content =
+            std::fs::read(path).map_err(|source| StoreError::Io { path: path.display().to_string(), source })?;
         Self::parse(&content)
     }
 
@@ -140,11 +135,7 @@ impl Cipher {
         let (nonce, body) = sealed.split_at(NONCE_LEN);
         let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
         let mut in_out = body.to_vec();
-        let plain_len = self
-            .key
-            .open_in_place(nonce, Aad::from(aad), &mut in_out)
-            .ok()?
-            .len();
+        let plain_len = self.key.open_in_place(nonce, Aad::from(aad), &mut in_out).ok()?.len();
         in_out.truncate(plain_len);
         Some(in_out)
     }
@@ -166,14 +157,8 @@ mod tests {
         assert_eq!(EncryptionKey::parse(hex_text.as_bytes()).unwrap(), key);
         assert_eq!(EncryptionKey::parse(b64.as_bytes()).unwrap(), key);
         assert_eq!(EncryptionKey::parse(b64_nopad.as_bytes()).unwrap(), key);
-        assert!(matches!(
-            EncryptionKey::parse(b"too short"),
-            Err(StoreError::Invalid(_))
-        ));
-        assert!(matches!(
-            EncryptionKey::parse(&[0xff; 31]),
-            Err(StoreError::Invalid(_))
-        ));
+        assert!(matches!(EncryptionKey::parse(b"too short"), Err(StoreError::Invalid(_))));
+        assert!(matches!(EncryptionKey::parse(&[0xff; 31]), Err(StoreError::Invalid(_))));
         assert_eq!(format!("{key:?}"), "EncryptionKey(<redacted>)");
     }
 

@@ -62,10 +62,7 @@ fn keycheck_aad(journal_id: &[u8; 16]) -> Vec<u8> {
 }
 
 /// Encodes a header for a new journal.
-pub(crate) fn encode_header(
-    journal_id: [u8; 16],
-    cipher: Option<&Cipher>,
-) -> crate::Result<Vec<u8>> {
+pub(crate) fn encode_header(journal_id: [u8; 16], cipher: Option<&Cipher>) -> crate::Result<Vec<u8>> {
     let mut out = Vec::with_capacity(HEADER_LEN);
     out.extend_from_slice(HEADER_MAGIC);
     out.extend_from_slice(&JOURNAL_VERSION.to_le_bytes());
@@ -88,27 +85,18 @@ pub(crate) fn encode_header(
 /// Decodes and checks a header against the configured key.
 pub(crate) fn decode_header(buf: &[u8], cipher: Option<&Cipher>) -> Result<Header, HeaderError> {
     let Some(header) = buf.get(..HEADER_LEN) else {
-        return Err(HeaderError::Damaged(format!(
-            "journal header is {} bytes, expected {HEADER_LEN}",
-            buf.len()
-        )));
+        return Err(HeaderError::Damaged(format!("journal header is {} bytes, expected {HEADER_LEN}", buf.len())));
     };
     let (body, sum) = header.split_at(HEADER_LEN - 16);
     if &body[..8] != HEADER_MAGIC {
-        return Err(HeaderError::Damaged(
-            "not a Hangar journal (bad magic)".into(),
-        ));
+        return Err(HeaderError::Damaged("not a Hangar journal (bad magic)".into()));
     }
     if checksum16(&[body]) != sum {
-        return Err(HeaderError::Damaged(
-            "journal header checksum mismatch".into(),
-        ));
+        return Err(HeaderError::Damaged("journal header checksum mismatch".into()));
     }
     let version = u32::from_le_bytes([body[8], body[9], body[10], body[11]]);
     if version != JOURNAL_VERSION {
-        return Err(HeaderError::Damaged(format!(
-            "unsupported journal version {version}"
-        )));
+        return Err(HeaderError::Damaged(format!("unsupported journal version {version}")));
     }
     let flags = u32::from_le_bytes([body[12], body[13], body[14], body[15]]);
     let encrypted = flags & FLAG_ENCRYPTED != 0;
@@ -124,10 +112,7 @@ pub(crate) fn decode_header(buf: &[u8], cipher: Option<&Cipher>) -> Result<Heade
         (false, None) => {}
         (encrypted, _) => return Err(HeaderError::EncryptionMismatch { encrypted }),
     }
-    Ok(Header {
-        encrypted,
-        journal_id,
-    })
+    Ok(Header { encrypted, journal_id })
 }
 
 fn frame_aad(journal_id: &[u8; 16], revision: u64) -> Vec<u8> {
@@ -179,11 +164,7 @@ pub(crate) struct Frame {
 }
 
 /// Parses the frame starting at `offset`, or says why there is no good frame there.
-pub(crate) fn parse_frame_at(
-    buf: &[u8],
-    offset: usize,
-    journal_id: &[u8; 16],
-) -> Result<Frame, &'static str> {
+pub(crate) fn parse_frame_at(buf: &[u8], offset: usize, journal_id: &[u8; 16]) -> Result<Frame, &'static str> {
     let Some(rest) = buf.get(offset..) else {
         return Err("offset past the end");
     };
@@ -201,18 +182,12 @@ pub(crate) fn parse_frame_at(
     let Some(payload) = rest.get(FRAME_HEADER_LEN..FRAME_HEADER_LEN + len) else {
         return Err("short frame payload");
     };
-    let rev_bytes: [u8; 8] = [
-        head[8], head[9], head[10], head[11], head[12], head[13], head[14], head[15],
-    ];
+    let rev_bytes: [u8; 8] = [head[8], head[9], head[10], head[11], head[12], head[13], head[14], head[15]];
     if checksum16(&[journal_id, &len_bytes, &rev_bytes, payload]) != head[16..32] {
         return Err("frame checksum mismatch");
     }
     let start = offset + FRAME_HEADER_LEN;
-    Ok(Frame {
-        revision: u64::from_le_bytes(rev_bytes),
-        payload: start..start + len,
-        end: start + len,
-    })
+    Ok(Frame { revision: u64::from_le_bytes(rev_bytes), payload: start..start + len, end: start + len })
 }
 
 /// Offset of the first good frame that starts after `from`, if any. Used to tell a torn
@@ -255,21 +230,11 @@ mod tests {
     fn frames_round_trip_and_damage_is_found() {
         let id = [7u8; 16];
         let mut buf = encode_header(id, None).unwrap();
-        assert_eq!(
-            decode_header(&buf, None).unwrap(),
-            Header {
-                encrypted: false,
-                journal_id: id
-            }
-        );
+        assert_eq!(decode_header(&buf, None).unwrap(), Header { encrypted: false, journal_id: id });
         let first = buf.len();
-        encode_frame(&mut buf, &id, 1, b"[1]", None)
-            .unwrap()
-            .unwrap();
+        encode_frame(&mut buf, &id, 1, b"[1]", None).unwrap().unwrap();
         let second = buf.len();
-        encode_frame(&mut buf, &id, 2, b"[2]", None)
-            .unwrap()
-            .unwrap();
+        encode_frame(&mut buf, &id, 2, b"[2]", None).unwrap().unwrap();
         let f1 = parse_frame_at(&buf, first, &id).unwrap();
         assert_eq!((f1.revision, f1.end), (1, second));
         assert_eq!(&buf[f1.payload.clone()], b"[1]");
@@ -277,10 +242,7 @@ mod tests {
         assert!(parse_frame_at(&buf, first, &[8u8; 16]).is_err());
         let mut damaged = buf.clone();
         damaged[first + FRAME_HEADER_LEN] ^= 0x20;
-        assert_eq!(
-            parse_frame_at(&damaged, first, &id),
-            Err("frame checksum mismatch")
-        );
+        assert_eq!(parse_frame_at(&damaged, first, &id), Err("frame checksum mismatch"));
         assert_eq!(next_good_frame(&damaged, first + 1, &id), Some(second));
         assert_eq!(next_good_frame(&damaged, second + 1, &id), None);
     }
@@ -292,25 +254,14 @@ mod tests {
         let id = [1u8; 16];
         let header = encode_header(id, Some(&key)).unwrap();
         assert!(decode_header(&header, Some(&key)).unwrap().encrypted);
-        assert!(matches!(
-            decode_header(&header, Some(&other)),
-            Err(HeaderError::WrongKey)
-        ));
-        assert!(matches!(
-            decode_header(&header, None),
-            Err(HeaderError::EncryptionMismatch { encrypted: true })
-        ));
+        assert!(matches!(decode_header(&header, Some(&other)), Err(HeaderError::WrongKey)));
+        assert!(matches!(decode_header(&header, None), Err(HeaderError::EncryptionMismatch { encrypted: true })));
         let mut buf = header;
         let at = buf.len();
-        encode_frame(&mut buf, &id, 9, b"secret ops", Some(&key))
-            .unwrap()
-            .unwrap();
+        encode_frame(&mut buf, &id, 9, b"secret ops", Some(&key)).unwrap().unwrap();
         let frame = parse_frame_at(&buf, at, &id).unwrap();
         assert!(!buf.windows(10).any(|w| w == b"secret ops"));
-        assert_eq!(
-            open_payload(&buf, &frame, &id, Some(&key)).unwrap(),
-            b"secret ops"
-        );
+        assert_eq!(open_payload(&buf, &frame, &id, Some(&key)).unwrap(), b"secret ops");
         assert!(open_payload(&buf, &frame, &id, Some(&other)).is_none());
     }
 }

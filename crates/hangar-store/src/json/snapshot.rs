@@ -39,15 +39,8 @@ impl Model {
     pub(crate) fn apply(&mut self, revision: u64, ops: Vec<Op>) {
         for op in ops {
             match op {
-                Op::Put {
-                    collection,
-                    id,
-                    value,
-                } => {
-                    self.collections
-                        .entry(collection)
-                        .or_default()
-                        .insert(id, Stored { revision, value });
+                Op::Put { collection, id, value } => {
+                    self.collections.entry(collection).or_default().insert(id, Stored { revision, value });
                 }
                 Op::Delete { collection, id } => {
                     if let Some(records) = self.collections.get_mut(&collection) {
@@ -64,10 +57,7 @@ impl Model {
 
     /// Revision of a record, if it exists.
     pub(crate) fn record_revision(&self, collection: &str, id: &str) -> Option<u64> {
-        self.collections
-            .get(collection)?
-            .get(id)
-            .map(|r| r.revision)
+        self.collections.get(collection)?.get(id).map(|r| r.revision)
     }
 }
 
@@ -110,8 +100,7 @@ pub(crate) fn encode(model: &Model, cipher: Option<&Cipher>) -> Result<Vec<u8>> 
         revision: model.revision,
         collections: &model.collections,
     };
-    let json_err =
-        |e: serde_json::Error| StoreError::Engine(format!("cannot serialise the snapshot: {e}"));
+    let json_err = |e: serde_json::Error| StoreError::Engine(format!("cannot serialise the snapshot: {e}"));
     match cipher {
         None => {
             let mut out = serde_json::to_vec_pretty(&plain).map_err(json_err)?;
@@ -137,44 +126,30 @@ pub(crate) fn encode(model: &Model, cipher: Option<&Cipher>) -> Result<Vec<u8>> 
 
 /// Parses a snapshot written by [`encode`]. `path` names the file in errors.
 pub(crate) fn decode(bytes: &[u8], cipher: Option<&Cipher>, path: &str) -> Result<Model> {
-    let corrupt = |detail: String| StoreError::Corrupt {
-        path: path.to_string(),
-        detail,
-    };
+    let corrupt = |detail: String| StoreError::Corrupt { path: path.to_string(), detail };
     let envelope: Envelope =
         serde_json::from_slice(bytes).map_err(|e| corrupt(format!("not a valid snapshot: {e}")))?;
     if envelope.format != SNAPSHOT_FORMAT {
-        return Err(corrupt(format!(
-            "unknown snapshot format {:?}",
-            envelope.format
-        )));
+        return Err(corrupt(format!("unknown snapshot format {:?}", envelope.format)));
     }
     if envelope.version != SNAPSHOT_VERSION {
-        return Err(corrupt(format!(
-            "unsupported snapshot version {}",
-            envelope.version
-        )));
+        return Err(corrupt(format!("unsupported snapshot version {}", envelope.version)));
     }
     match (envelope.encryption, cipher) {
-        (None, None) => Ok(Model {
-            revision: envelope.revision,
-            collections: envelope.collections.unwrap_or_default(),
-        }),
+        (None, None) => {
+            Ok(Model { revision: envelope.revision, collections: envelope.collections.unwrap_or_default() })
+        }
         (Some(alg), Some(cipher)) => {
             if alg != SNAPSHOT_CIPHER {
                 return Err(corrupt(format!("unknown snapshot encryption {alg:?}")));
             }
-            let text = envelope
-                .nonce_and_ciphertext
-                .ok_or_else(|| corrupt("encrypted snapshot without ciphertext".into()))?;
+            let text =
+                envelope.nonce_and_ciphertext.ok_or_else(|| corrupt("encrypted snapshot without ciphertext".into()))?;
             let sealed = base64::engine::general_purpose::STANDARD
                 .decode(text)
                 .map_err(|e| corrupt(format!("encrypted snapshot: bad base64: {e}")))?;
-            let inner = cipher
-                .open(SNAPSHOT_AAD, &sealed)
-                .ok_or_else(|| StoreError::WrongKey {
-                    path: path.to_string(),
-                })?;
+            let inner =
+                cipher.open(SNAPSHOT_AAD, &sealed).ok_or_else(|| StoreError::WrongKey { path: path.to_string() })?;
             decode(&inner, None, path)
         }
         (Some(_), None) => Err(StoreError::Invalid(format!(
@@ -197,11 +172,7 @@ mod tests {
         let mut model = Model::default();
         model.apply(
             1,
-            vec![Op::Put {
-                collection: "users".into(),
-                id: "ünï".into(),
-                value: serde_json::json!({"a": 1}),
-            }],
+            vec![Op::Put { collection: "users".into(), id: "ünï".into(), value: serde_json::json!({"a": 1}) }],
         );
         model
     }
@@ -217,21 +188,9 @@ mod tests {
         assert!(!String::from_utf8_lossy(&sealed).contains("users"));
         assert_eq!(decode(&sealed, Some(&cipher), "p").unwrap(), model);
         let other = Cipher::new(&EncryptionKey::generate().unwrap()).unwrap();
-        assert!(matches!(
-            decode(&sealed, Some(&other), "p"),
-            Err(StoreError::WrongKey { .. })
-        ));
-        assert!(matches!(
-            decode(&sealed, None, "p"),
-            Err(StoreError::Invalid(_))
-        ));
-        assert!(matches!(
-            decode(&plain, Some(&cipher), "p"),
-            Err(StoreError::Invalid(_))
-        ));
-        assert!(matches!(
-            decode(b"{\"format\":", None, "p"),
-            Err(StoreError::Corrupt { .. })
-        ));
+        assert!(matches!(decode(&sealed, Some(&other), "p"), Err(StoreError::WrongKey { .. })));
+        assert!(matches!(decode(&sealed, None, "p"), Err(StoreError::Invalid(_))));
+        assert!(matches!(decode(&plain, Some(&cipher), "p"), Err(StoreError::Invalid(_))));
+        assert!(matches!(decode(b"{\"format\":", None, "p"), Err(StoreError::Corrupt { .. })));
     }
 }

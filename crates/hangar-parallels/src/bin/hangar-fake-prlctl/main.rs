@@ -43,34 +43,19 @@ pub struct Fail {
 
 impl Fail {
     pub fn not_found() -> Self {
-        Fail {
-            code: EXIT_FAILED,
-            message: NOT_FOUND.to_string(),
-        }
+        Fail { code: EXIT_FAILED, message: NOT_FOUND.to_string() }
     }
     pub fn op(message: impl Into<String>) -> Self {
-        Fail {
-            code: EXIT_FAILED,
-            message: message.into(),
-        }
+        Fail { code: EXIT_FAILED, message: message.into() }
     }
     pub fn usage(message: impl Into<String>) -> Self {
-        Fail {
-            code: EXIT_USAGE,
-            message: message.into(),
-        }
+        Fail { code: EXIT_USAGE, message: message.into() }
     }
     pub fn io(what: &str, e: &std::io::Error) -> Self {
-        Fail {
-            code: EXIT_FAILED,
-            message: format!("Failed to {what}: {e}"),
-        }
+        Fail { code: EXIT_FAILED, message: format!("Failed to {what}: {e}") }
     }
     pub fn internal(message: impl Into<String>) -> Self {
-        Fail {
-            code: EXIT_FAILED,
-            message: message.into(),
-        }
+        Fail { code: EXIT_FAILED, message: message.into() }
     }
 }
 
@@ -92,18 +77,10 @@ pub struct Opts {
 
 impl Opts {
     pub fn value(&self, long: &str) -> Option<&str> {
-        self.values
-            .iter()
-            .rev()
-            .find(|(k, _)| *k == long)
-            .map(|(_, v)| v.as_str())
+        self.values.iter().rev().find(|(k, _)| *k == long).map(|(_, v)| v.as_str())
     }
     pub fn all(&self, long: &str) -> Vec<&str> {
-        self.values
-            .iter()
-            .filter(|(k, _)| *k == long)
-            .map(|(_, v)| v.as_str())
-            .collect()
+        self.values.iter().filter(|(k, _)| *k == long).map(|(_, v)| v.as_str()).collect()
     }
     pub fn flag(&self, long: &str) -> bool {
         self.flags.contains(&long)
@@ -124,22 +101,18 @@ pub fn parse_opts(args: &[String], spec: &[OptSpec]) -> Result<Opts, Fail> {
                 Some((n, v)) if n.starts_with("--") => (n, Some(v.to_string())),
                 _ => (arg.as_str(), None),
             };
-            let Some((long, _, takes)) = spec
-                .iter()
-                .find(|(l, s, _)| *l == name || (!s.is_empty() && *s == name))
+            let Some((long, _, takes)) = spec.iter().find(|(l, s, _)| *l == name || (!s.is_empty() && *s == name))
             else {
-                return Err(Fail::usage(format!(
-                    "Unrecognized option: {name}\nSee 'prlctl --help' for usage."
-                )));
+                return Err(Fail::usage(format!("Unrecognized option: {name}\nSee 'prlctl --help' for usage.")));
             };
             if *takes {
                 let value = match inline {
                     Some(v) => v,
                     None => {
                         i += 1;
-                        args.get(i).cloned().ok_or_else(|| {
-                            Fail::usage(format!("The {long} option requires a value."))
-                        })?
+                        args.get(i)
+                            .cloned()
+                            .ok_or_else(|| Fail::usage(format!("The {long} option requires a value.")))?
                     }
                 };
                 opts.values.push((long, value));
@@ -155,9 +128,7 @@ pub fn parse_opts(args: &[String], spec: &[OptSpec]) -> Result<Opts, Fail> {
 }
 
 fn listed(var: &str, sub: &str) -> bool {
-    std::env::var(var)
-        .map(|v| v.split(',').any(|s| s.trim() == sub))
-        .unwrap_or(false)
+    std::env::var(var).map(|v| v.split(',').any(|s| s.trim() == sub)).unwrap_or(false)
 }
 
 /// Hang forever with a child in our process group; record both pids for tests.
@@ -180,19 +151,13 @@ fn hang(state: Option<&PathBuf>) -> ! {
 }
 
 fn garbled(sub: &str) -> String {
-    format!(
-        "[{{\"ID\": \"{{7d3c\u{1b}[0m\u{fffd}\u{fffd} PRL_ERR {sub} \"Hardware\": {{\"cpu\": [,,\n"
-    )
+    format!("[{{\"ID\": \"{{7d3c\u{1b}[0m\u{fffd}\u{fffd} PRL_ERR {sub} \"Hardware\": {{\"cpu\": [,,\n")
 }
 
 fn main() -> ExitCode {
     let mut args: Vec<String> = std::env::args().collect();
     let argv0 = args.first().cloned().unwrap_or_default();
-    let mut tool = std::path::Path::new(&argv0)
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or_default()
-        .to_string();
+    let mut tool = std::path::Path::new(&argv0).file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
     args.remove(0);
     if tool != "prlctl" && tool != "prlsrvctl" {
         match args.first().map(String::as_str) {
@@ -212,11 +177,7 @@ fn main() -> ExitCode {
     let sub = args.first().cloned().unwrap_or_default();
     if let Some(log) = std::env::var_os("FAKE_PRL_LOG") {
         // One line per invocation (tool and argv), for tests that count calls.
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-        {
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
             let _ = writeln!(f, "{tool} {}", args.join(" "));
         }
     }
@@ -229,18 +190,11 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let Some(state_dir) = state_dir else {
-        eprintln!(
-            "{tool}: FAKE_PRL_STATE_DIR is not set (this is the Hangar test double, not Parallels Desktop)"
-        );
+        eprintln!("{tool}: FAKE_PRL_STATE_DIR is not set (this is the Hangar test double, not Parallels Desktop)");
         return ExitCode::from(EXIT_FAILED);
     };
-    let result = store::Store::open(state_dir).and_then(|store| {
-        if tool == "prlctl" {
-            prlctl::run(&store, &args)
-        } else {
-            prlsrvctl::run(&store, &args)
-        }
-    });
+    let result = store::Store::open(state_dir)
+        .and_then(|store| if tool == "prlctl" { prlctl::run(&store, &args) } else { prlsrvctl::run(&store, &args) });
     match result {
         Ok(Done::Out(text)) => {
             let mut out = std::io::stdout().lock();

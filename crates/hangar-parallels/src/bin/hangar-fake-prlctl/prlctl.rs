@@ -13,9 +13,7 @@ const VERSION: &str = "prlctl version 26.1.0 (57287)";
 
 pub fn run(store: &Store, args: &[String]) -> Result<Done, Fail> {
     let Some(sub) = args.first() else {
-        return Err(Fail::usage(
-            "Usage: prlctl <command> [<args>]\nSee 'prlctl --help'.",
-        ));
+        return Err(Fail::usage("Usage: prlctl <command> [<args>]\nSee 'prlctl --help'."));
     };
     let rest = &args[1..];
     match sub.as_str() {
@@ -26,9 +24,7 @@ pub fn run(store: &Store, args: &[String]) -> Result<Done, Fail> {
         "register" => register(store, rest),
         "unregister" => unregister(store, rest),
         "delete" => delete(store, rest),
-        "start" | "stop" | "pause" | "resume" | "suspend" | "reset" | "restart" => {
-            power(store, sub, rest)
-        }
+        "start" | "stop" | "pause" | "resume" | "suspend" | "reset" | "restart" => power(store, sub, rest),
         "set" => set(store, rest),
         "snapshot" => snapshot(store, rest),
         "snapshot-list" => snapshot_list(store, rest),
@@ -36,9 +32,7 @@ pub fn run(store: &Store, args: &[String]) -> Result<Done, Fail> {
         "snapshot-switch" => snapshot_switch(store, rest),
         "exec" => exec(store, rest),
         "monitor-events" => monitor_events(store, rest),
-        other => Err(Fail::usage(format!(
-            "Unknown command: {other}\nSee 'prlctl --help'."
-        ))),
+        other => Err(Fail::usage(format!("Unknown command: {other}\nSee 'prlctl --help'."))),
     }
 }
 
@@ -57,11 +51,7 @@ fn state_error(verb: &str, vm: &Vm) -> Fail {
 }
 
 fn host_arch() -> &'static str {
-    if cfg!(target_arch = "aarch64") {
-        "arm"
-    } else {
-        "x86"
-    }
+    if cfg!(target_arch = "aarch64") { "arm" } else { "x86" }
 }
 
 fn new_mac() -> String {
@@ -90,9 +80,7 @@ fn list(store: &Store, args: &[String]) -> Result<Done, Fail> {
             .filter(|vm| opts.flag("--all") || vm.state != "stopped")
             .collect(),
         _ => {
-            return Err(Fail::usage(
-                "Usage: prlctl list [<ID | name>] [-a] [-i] [-f] [-j]",
-            ));
+            return Err(Fail::usage("Usage: prlctl list [<ID | name>] [-a] [-i] [-f] [-j]"));
         }
     };
     drop(lock);
@@ -127,18 +115,12 @@ fn list(store: &Store, args: &[String]) -> Result<Done, Fail> {
 }
 
 fn pretty(v: &serde_json::Value) -> Result<String, Fail> {
-    serde_json::to_string_pretty(v)
-        .map(|s| s + "\n")
-        .map_err(|e| Fail::internal(e.to_string()))
+    serde_json::to_string_pretty(v).map(|s| s + "\n").map_err(|e| Fail::internal(e.to_string()))
 }
 
 fn create(store: &Store, args: &[String]) -> Result<Done, Fail> {
-    const SPEC: &[OptSpec] = &[
-        ("--ostype", "-o", true),
-        ("--distribution", "-d", true),
-        ("--dst", "", true),
-        ("--no-hdd", "", false),
-    ];
+    const SPEC: &[OptSpec] =
+        &[("--ostype", "-o", true), ("--distribution", "-d", true), ("--dst", "", true), ("--no-hdd", "", false)];
     let opts = parse_opts(args, SPEC)?;
     let name = one_vm(&opts, "create")?;
     let (os, vm_type, ext) = match (opts.value("--distribution"), opts.value("--ostype")) {
@@ -155,16 +137,10 @@ fn create(store: &Store, args: &[String]) -> Result<Done, Fail> {
             "Failed to create the VM: The virtual machine with the name \"{name}\" already exists."
         )));
     }
-    let dst = opts
-        .value("--dst")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| store.vm_home());
+    let dst = opts.value("--dst").map(PathBuf::from).unwrap_or_else(|| store.vm_home());
     let home = dst.join(format!("{name}.{ext}"));
     if home.exists() {
-        return Err(Fail::op(format!(
-            "Failed to create the VM: The directory {} already exists.",
-            home.display()
-        )));
+        return Err(Fail::op(format!("Failed to create the VM: The directory {} already exists.", home.display())));
     }
     make_bundle(&home)?;
     let macos = vm_type == "APPLE_VZ_VM";
@@ -180,11 +156,7 @@ fn create(store: &Store, args: &[String]) -> Result<Done, Fail> {
         cpus: if macos { 4 } else { 2 },
         memory_mb: if macos { 4096 } else { 2048 },
         hdd_mb: if opts.flag("--no-hdd") { 0 } else { 65536 },
-        arch: if macos {
-            "arm".to_string()
-        } else {
-            host_arch().to_string()
-        },
+        arch: if macos { "arm".to_string() } else { host_arch().to_string() },
         mac: new_mac(),
         source_uuid: uuid::Uuid::new_v4().to_string(),
         linked_parent: None,
@@ -200,10 +172,8 @@ fn create(store: &Store, args: &[String]) -> Result<Done, Fail> {
 }
 
 fn make_bundle(home: &Path) -> Result<(), Fail> {
-    std::fs::create_dir_all(home.join("harddisk.hdd"))
-        .map_err(|e| Fail::io("create the VM bundle", &e))?;
-    std::fs::create_dir_all(home.join("guest"))
-        .map_err(|e| Fail::io("create the VM bundle", &e))?;
+    std::fs::create_dir_all(home.join("harddisk.hdd")).map_err(|e| Fail::io("create the VM bundle", &e))?;
+    std::fs::create_dir_all(home.join("guest")).map_err(|e| Fail::io("create the VM bundle", &e))?;
     std::fs::write(
         home.join("harddisk.hdd").join("DiskDescriptor.xml"),
         "<?xml version='1.0' encoding='UTF-8'?>\n<Parallels_disk_image Version=\"1.0\"/>\n",
@@ -236,22 +206,11 @@ fn clone(store: &Store, args: &[String]) -> Result<Done, Fail> {
             "Failed to clone the VM: The virtual machine with the name \"{name}\" already exists."
         )));
     }
-    let ext = src
-        .home
-        .extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or("pvm")
-        .to_string();
-    let dst = opts
-        .value("--dst")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| store.vm_home());
+    let ext = src.home.extension().and_then(|e| e.to_str()).unwrap_or("pvm").to_string();
+    let dst = opts.value("--dst").map(PathBuf::from).unwrap_or_else(|| store.vm_home());
     let home = dst.join(format!("{name}.{ext}"));
     if home.exists() {
-        return Err(Fail::op(format!(
-            "Failed to clone the VM: The directory {} already exists.",
-            home.display()
-        )));
+        return Err(Fail::op(format!("Failed to clone the VM: The directory {} already exists.", home.display())));
     }
     let linked = opts.flag("--linked");
     if linked {
@@ -293,10 +252,7 @@ fn clone(store: &Store, args: &[String]) -> Result<Done, Fail> {
     };
     store.save(&lock, &vm)?;
     store.event(&lock, &vm.id, "vm_added", None)?;
-    Ok(Done::Out(format!(
-        "Clone the {} VM to the VM {}...\nThe VM has been successfully cloned.\n",
-        src.name, name
-    )))
+    Ok(Done::Out(format!("Clone the {} VM to the VM {}...\nThe VM has been successfully cloned.\n", src.name, name)))
 }
 
 fn register(store: &Store, args: &[String]) -> Result<Done, Fail> {
@@ -308,9 +264,7 @@ fn register(store: &Store, args: &[String]) -> Result<Done, Fail> {
     ];
     let opts = parse_opts(args, SPEC)?;
     let [path] = opts.pos.as_slice() else {
-        return Err(Fail::usage(
-            "Usage: prlctl register <path> [--uuid <UUID>] [--regenerate-src-uuid] [--force]",
-        ));
+        return Err(Fail::usage("Usage: prlctl register <path> [--uuid <UUID>] [--regenerate-src-uuid] [--force]"));
     };
     let path = PathBuf::from(path.trim_end_matches('/'));
     let path = std::fs::canonicalize(&path).map_err(|_| {
@@ -330,8 +284,7 @@ fn register(store: &Store, args: &[String]) -> Result<Done, Fail> {
     }
     if let Some(uuid) = opts.value("--uuid") {
         let uuid = uuid.trim_start_matches('{').trim_end_matches('}');
-        let parsed = uuid::Uuid::parse_str(uuid)
-            .map_err(|_| Fail::usage(format!("Invalid UUID: {uuid}")))?;
+        let parsed = uuid::Uuid::parse_str(uuid).map_err(|_| Fail::usage(format!("Invalid UUID: {uuid}")))?;
         vm.id = parsed.to_string();
     }
     if registered.iter().any(|r| r.id == vm.id) {
@@ -348,9 +301,7 @@ fn register(store: &Store, args: &[String]) -> Result<Done, Fail> {
     }
     store.save(&lock, &vm)?;
     store.event(&lock, &vm.id, "vm_added", None)?;
-    Ok(Done::Out(
-        "Register the VM...\nThe VM has been successfully registered.\n".to_string(),
-    ))
+    Ok(Done::Out("Register the VM...\nThe VM has been successfully registered.\n".to_string()))
 }
 
 fn unregister(store: &Store, args: &[String]) -> Result<Done, Fail> {
@@ -367,9 +318,7 @@ fn unregister(store: &Store, args: &[String]) -> Result<Done, Fail> {
     store.save(&lock, &vm)?;
     store.remove(&lock, &vm.id)?;
     store.event(&lock, &vm.id, "vm_unregistered", None)?;
-    Ok(Done::Out(
-        "Unregistering the VM...\nThe VM has been successfully unregistered.\n".to_string(),
-    ))
+    Ok(Done::Out("Unregistering the VM...\nThe VM has been successfully unregistered.\n".to_string()))
 }
 
 fn delete(store: &Store, args: &[String]) -> Result<Done, Fail> {
@@ -385,17 +334,11 @@ fn delete(store: &Store, args: &[String]) -> Result<Done, Fail> {
         std::fs::remove_dir_all(&vm.home).map_err(|e| Fail::io("remove the VM files", &e))?;
     }
     store.event(&lock, &vm.id, "vm_deleted", None)?;
-    Ok(Done::Out(
-        "Removing the VM...\nThe VM has been successfully removed.\n".to_string(),
-    ))
+    Ok(Done::Out("Removing the VM...\nThe VM has been successfully removed.\n".to_string()))
 }
 
 fn power(store: &Store, sub: &str, args: &[String]) -> Result<Done, Fail> {
-    let spec: &[OptSpec] = if sub == "stop" {
-        &[("--kill", "", false), ("--drop-state", "", false)]
-    } else {
-        &[]
-    };
+    let spec: &[OptSpec] = if sub == "stop" { &[("--kill", "", false), ("--drop-state", "", false)] } else { &[] };
     let opts = parse_opts(args, spec)?;
     let key = one_vm(&opts, sub)?;
     let lock = store.lock()?;
@@ -406,12 +349,7 @@ fn power(store: &Store, sub: &str, args: &[String]) -> Result<Done, Fail> {
         "stop" => (&["running", "paused"], "stopped", "Stopping", "stopped"),
         "pause" => (&["running"], "paused", "Pausing", "paused"),
         "resume" => (&["paused", "suspended"], "running", "Resuming", "resumed"),
-        "suspend" => (
-            &["running", "paused"],
-            "suspended",
-            "Suspending",
-            "suspended",
-        ),
+        "suspend" => (&["running", "paused"], "suspended", "Suspending", "suspended"),
         "reset" => (&["running", "paused"], "running", "Resetting", "reset"),
         _ => (&["running"], "running", "Restarting", "restarted"),
     };
@@ -428,9 +366,7 @@ fn power(store: &Store, sub: &str, args: &[String]) -> Result<Done, Fail> {
     }
     store.save(&lock, &vm)?;
     store.event(&lock, &vm.id, "vm_state_changed", Some(next))?;
-    Ok(Done::Out(format!(
-        "{progress} the VM...\nThe VM has been successfully {done}.\n"
-    )))
+    Ok(Done::Out(format!("{progress} the VM...\nThe VM has been successfully {done}.\n")))
 }
 
 fn parse_mb(v: &str) -> Result<u64, Fail> {
@@ -443,9 +379,7 @@ fn parse_mb(v: &str) -> Result<u64, Fail> {
     } else {
         (lower.clone(), 1)
     };
-    num.parse::<u64>()
-        .map(|n| n * mult)
-        .map_err(|_| Fail::usage(format!("Invalid size: {t}")))
+    num.parse::<u64>().map(|n| n * mult).map_err(|_| Fail::usage(format!("Invalid size: {t}")))
 }
 
 fn set(store: &Store, args: &[String]) -> Result<Done, Fail> {
@@ -466,11 +400,7 @@ fn set(store: &Store, args: &[String]) -> Result<Done, Fail> {
         if name.is_empty() {
             return Err(Fail::usage("The VM name cannot be empty."));
         }
-        if store
-            .all(&lock)?
-            .iter()
-            .any(|o| o.name == name && o.id != vm.id)
-        {
+        if store.all(&lock)?.iter().any(|o| o.name == name && o.id != vm.id) {
             return Err(Fail::op(format!(
                 "Failed to configure the VM: The virtual machine with the name \"{name}\" already exists."
             )));
@@ -487,13 +417,9 @@ fn set(store: &Store, args: &[String]) -> Result<Done, Fail> {
         return Err(state_error("configure", &vm));
     }
     if let Some(c) = opts.value("--cpus") {
-        let n: u32 = c
-            .parse()
-            .map_err(|_| Fail::usage(format!("Invalid number of CPUs: {c}")))?;
+        let n: u32 = c.parse().map_err(|_| Fail::usage(format!("Invalid number of CPUs: {c}")))?;
         if n == 0 || n > 32 {
-            return Err(Fail::op(format!(
-                "Failed to configure the VM: Invalid number of CPUs: {n}."
-            )));
+            return Err(Fail::op(format!("Failed to configure the VM: Invalid number of CPUs: {n}.")));
         }
         vm.cpus = n;
         out.push_str(&format!("Set cpus({n}): {n}\n"));
@@ -501,9 +427,7 @@ fn set(store: &Store, args: &[String]) -> Result<Done, Fail> {
     if let Some(m) = opts.value("--memsize") {
         let mb = parse_mb(m)?;
         if mb < 128 {
-            return Err(Fail::op(format!(
-                "Failed to configure the VM: Invalid memory size: {mb}Mb."
-            )));
+            return Err(Fail::op(format!("Failed to configure the VM: Invalid memory size: {mb}Mb.")));
         }
         vm.memory_mb = mb;
         out.push_str(&format!("Set the memsize parameter to {mb}Mb.\n"));
@@ -515,20 +439,13 @@ fn set(store: &Store, args: &[String]) -> Result<Done, Fail> {
             }
             let mb = parse_mb(size)?;
             if mb < vm.hdd_mb {
-                return Err(Fail::op(
-                    "Failed to configure the VM: The disk cannot be shrunk.".to_string(),
-                ));
+                return Err(Fail::op("Failed to configure the VM: The disk cannot be shrunk.".to_string()));
             }
             vm.hdd_mb = mb;
-            out.push_str(&format!(
-                "Configure hdd0 (+) sata:0 image='{}harddisk.hdd' {mb}Mb\n",
-                vm.home.display()
-            ));
+            out.push_str(&format!("Configure hdd0 (+) sata:0 image='{}harddisk.hdd' {mb}Mb\n", vm.home.display()));
         }
         (Some(dev), Some(_)) => {
-            return Err(Fail::op(format!(
-                "Failed to configure the VM: The device {dev} does not exist."
-            )));
+            return Err(Fail::op(format!("Failed to configure the VM: The device {dev} does not exist.")));
         }
         (None, Some(_)) => return Err(Fail::usage("The --size option requires --device-set.")),
         (Some(_), None) => {}
@@ -561,38 +478,23 @@ fn new_snapshot(vm: &Vm, name: &str, description: &str) -> Snap {
 }
 
 fn snapshot(store: &Store, args: &[String]) -> Result<Done, Fail> {
-    let opts = parse_opts(
-        args,
-        &[("--name", "-n", true), ("--description", "-d", true)],
-    )?;
+    let opts = parse_opts(args, &[("--name", "-n", true), ("--description", "-d", true)])?;
     let key = one_vm(&opts, "snapshot")?;
     let lock = store.lock()?;
     let mut vm = store.find(&lock, &key)?;
     let default_name = format!("Snapshot {}", vm.snapshots.len() + 1);
-    let snap = new_snapshot(
-        &vm,
-        opts.value("--name").unwrap_or(&default_name),
-        opts.value("--description").unwrap_or(""),
-    );
+    let snap =
+        new_snapshot(&vm, opts.value("--name").unwrap_or(&default_name), opts.value("--description").unwrap_or(""));
     let id = snap.id.clone();
     vm.current_snapshot = Some(id.clone());
     vm.snapshots.push(snap);
     store.save(&lock, &vm)?;
     store.event(&lock, &vm.id, "vm_snapshots_tree_changed", None)?;
-    Ok(Done::Out(format!(
-        "Creating the snapshot...\nThe snapshot with id {{{id}}} has been successfully created.\n"
-    )))
+    Ok(Done::Out(format!("Creating the snapshot...\nThe snapshot with id {{{id}}} has been successfully created.\n")))
 }
 
 fn snapshot_list(store: &Store, args: &[String]) -> Result<Done, Fail> {
-    let opts = parse_opts(
-        args,
-        &[
-            ("--json", "-j", false),
-            ("--tree", "-t", false),
-            ("--id", "-i", true),
-        ],
-    )?;
+    let opts = parse_opts(args, &[("--json", "-j", false), ("--tree", "-t", false), ("--id", "-i", true)])?;
     let key = one_vm(&opts, "snapshot-list")?;
     let lock = store.lock()?;
     let vm = store.find(&lock, &key)?;
@@ -602,16 +504,8 @@ fn snapshot_list(store: &Store, args: &[String]) -> Result<Done, Fail> {
     }
     let mut out = format!("{:<40} {}\n", "PARENT_SNAPSHOT_ID", "SNAPSHOT_ID");
     for s in &vm.snapshots {
-        let cur = if vm.current_snapshot.as_deref() == Some(s.id.as_str()) {
-            "*"
-        } else {
-            " "
-        };
-        let parent = s
-            .parent
-            .as_ref()
-            .map(|p| format!("{{{p}}}"))
-            .unwrap_or_default();
+        let cur = if vm.current_snapshot.as_deref() == Some(s.id.as_str()) { "*" } else { " " };
+        let parent = s.parent.as_ref().map(|p| format!("{{{p}}}")).unwrap_or_default();
         out.push_str(&format!("{parent:<40}{cur}{{{}}}\n", s.id));
     }
     Ok(Done::Out(out))
@@ -622,11 +516,7 @@ fn find_snap<'a>(vm: &'a Vm, sid: &str) -> Result<&'a Snap, Fail> {
     vm.snapshots
         .iter()
         .find(|s| s.id.eq_ignore_ascii_case(sid))
-        .ok_or_else(|| {
-            Fail::op(format!(
-                "Failed to find the snapshot: The snapshot with ID {{{sid}}} does not exist."
-            ))
-        })
+        .ok_or_else(|| Fail::op(format!("Failed to find the snapshot: The snapshot with ID {{{sid}}} does not exist.")))
 }
 
 fn snapshot_delete(store: &Store, args: &[String]) -> Result<Done, Fail> {
@@ -643,12 +533,7 @@ fn snapshot_delete(store: &Store, args: &[String]) -> Result<Done, Fail> {
         let mut i = 0;
         while i < doomed.len() {
             let parent = doomed[i].clone();
-            doomed.extend(
-                vm.snapshots
-                    .iter()
-                    .filter(|s| s.parent.as_deref() == Some(&parent))
-                    .map(|s| s.id.clone()),
-            );
+            doomed.extend(vm.snapshots.iter().filter(|s| s.parent.as_deref() == Some(&parent)).map(|s| s.id.clone()));
             i += 1;
         }
     } else {
@@ -666,9 +551,7 @@ fn snapshot_delete(store: &Store, args: &[String]) -> Result<Done, Fail> {
     vm.snapshots.retain(|s| !doomed.contains(&s.id));
     store.save(&lock, &vm)?;
     store.event(&lock, &vm.id, "vm_snapshots_tree_changed", None)?;
-    Ok(Done::Out(
-        "Deleting the snapshot...\nThe snapshot has been successfully deleted.\n".to_string(),
-    ))
+    Ok(Done::Out("Deleting the snapshot...\nThe snapshot has been successfully deleted.\n".to_string()))
 }
 
 fn snapshot_switch(store: &Store, args: &[String]) -> Result<Done, Fail> {
@@ -695,9 +578,7 @@ fn snapshot_switch(store: &Store, args: &[String]) -> Result<Done, Fail> {
     if previous != next {
         store.event(&lock, &vm.id, "vm_state_changed", Some(next))?;
     }
-    Ok(Done::Out(
-        "Switch to the snapshot...\nThe VM has been successfully switched.\n".to_string(),
-    ))
+    Ok(Done::Out("Switch to the snapshot...\nThe VM has been successfully switched.\n".to_string()))
 }
 
 /// `prlctl exec <vm> [--current-user] <command> [args...]`: the command runs through the
@@ -706,9 +587,7 @@ fn snapshot_switch(store: &Store, args: &[String]) -> Result<Done, Fail> {
 /// environment, and stdin/stdout/stderr and the exit code passed through.
 fn exec(store: &Store, args: &[String]) -> Result<Done, Fail> {
     let Some(key) = args.first() else {
-        return Err(Fail::usage(
-            "Usage: prlctl exec <ID | name> [--current-user] <command> [arg ...]",
-        ));
+        return Err(Fail::usage("Usage: prlctl exec <ID | name> [--current-user] <command> [arg ...]"));
     };
     let mut i = 1;
     while let Some(a) = args.get(i) {
@@ -719,9 +598,7 @@ fn exec(store: &Store, args: &[String]) -> Result<Done, Fail> {
     }
     let command = &args[i..];
     if command.is_empty() {
-        return Err(Fail::usage(
-            "Usage: prlctl exec <ID | name> [--current-user] <command> [arg ...]",
-        ));
+        return Err(Fail::usage("Usage: prlctl exec <ID | name> [--current-user] <command> [arg ...]"));
     }
     let lock = store.lock()?;
     let vm = store.find(&lock, key)?;
@@ -740,10 +617,7 @@ fn exec(store: &Store, args: &[String]) -> Result<Done, Fail> {
         .arg(&line)
         .current_dir(&guest)
         .env_clear()
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        )
+        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
         .env("HOME", &guest)
         .env("LANG", "C.UTF-8")
         .status()
@@ -769,20 +643,15 @@ fn monitor_events(store: &Store, args: &[String]) -> Result<Done, Fail> {
         .read(true)
         .open(&path)
         .map_err(|e| Fail::io("open the event log", &e))?;
-    let mut pos = file
-        .seek(SeekFrom::End(0))
-        .map_err(|e| Fail::io("read the event log", &e))?;
+    let mut pos = file.seek(SeekFrom::End(0)).map_err(|e| Fail::io("read the event log", &e))?;
     let mut pending = String::new();
     let stdout = std::io::stdout();
     loop {
         let len = file.metadata().map(|m| m.len()).unwrap_or(pos);
         if len > pos {
-            file.seek(SeekFrom::Start(pos))
-                .map_err(|e| Fail::io("read the event log", &e))?;
+            file.seek(SeekFrom::Start(pos)).map_err(|e| Fail::io("read the event log", &e))?;
             let mut buf = String::new();
-            let n = file
-                .read_to_string(&mut buf)
-                .map_err(|e| Fail::io("read the event log", &e))?;
+            let n = file.read_to_string(&mut buf).map_err(|e| Fail::io("read the event log", &e))?;
             pos += n as u64;
             pending.push_str(&buf);
             while let Some(nl) = pending.find('\n') {
@@ -802,11 +671,7 @@ fn monitor_events(store: &Store, args: &[String]) -> Result<Done, Fail> {
                     )
                 };
                 let mut out = stdout.lock();
-                if out
-                    .write_all(text.as_bytes())
-                    .and_then(|()| out.flush())
-                    .is_err()
-                {
+                if out.write_all(text.as_bytes()).and_then(|()| out.flush()).is_err() {
                     return Ok(Done::Code(0));
                 }
             }

@@ -20,12 +20,8 @@ fn user() -> String {
 pub fn run(store: &Store, args: &[String]) -> Result<Done, Fail> {
     match args.first().map(String::as_str) {
         Some("info") => info(store, &args[1..]),
-        Some("user") if args.get(1).map(String::as_str) == Some("list") => {
-            user_list(store, &args[2..])
-        }
-        Some(other) => Err(Fail::usage(format!(
-            "Unknown command: {other}\nSee 'prlsrvctl --help'."
-        ))),
+        Some("user") if args.get(1).map(String::as_str) == Some("list") => user_list(store, &args[2..]),
+        Some(other) => Err(Fail::usage(format!("Unknown command: {other}\nSee 'prlsrvctl --help'."))),
         None => Err(Fail::usage("Usage: prlsrvctl <command> [<args>]")),
     }
 }
@@ -48,11 +44,7 @@ fn info(store: &Store, args: &[String]) -> Result<Done, Fail> {
             "deferred_activation": "no",
             "uuid": "3c0a8f0e-6b8a-4e4e-9d0b-2a1f6c4d5e6f"
         });
-        return Ok(Done::Out(if json {
-            format!("{v:#}\n")
-        } else {
-            "License: state=\"valid\"\n".to_string()
-        }));
+        return Ok(Done::Out(if json { format!("{v:#}\n") } else { "License: state=\"valid\"\n".to_string() }));
     }
     let host = hostname();
     let v = json!({

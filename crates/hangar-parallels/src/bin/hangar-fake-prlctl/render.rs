@@ -138,10 +138,7 @@ pub fn snapshot_list(vm: &Vm) -> Value {
 pub fn list_table(vms: &[Vm], header: bool) -> String {
     let mut out = String::new();
     if header {
-        out.push_str(&format!(
-            "{:<38} {:<12} {:<15} {}\n",
-            "UUID", "STATUS", "IP_ADDR", "NAME"
-        ));
+        out.push_str(&format!("{:<38} {:<12} {:<15} {}\n", "UUID", "STATUS", "IP_ADDR", "NAME"));
     }
     for vm in vms {
         out.push_str(&format!(

@@ -65,9 +65,7 @@ impl Vm {
         if self.state != "running" {
             return None;
         }
-        let n = self.id.bytes().fold(0u32, |acc, b| {
-            acc.wrapping_mul(31).wrapping_add(u32::from(b))
-        });
+        let n = self.id.bytes().fold(0u32, |acc, b| acc.wrapping_mul(31).wrapping_add(u32::from(b)));
         Some(format!("10.211.55.{}", 2 + n % 250))
     }
 }
@@ -84,10 +82,8 @@ pub struct Locked {
 
 impl Store {
     pub fn open(root: PathBuf) -> Result<Self, Fail> {
-        fs::create_dir_all(root.join("vms"))
-            .map_err(|e| Fail::io("create the state folder", &e))?;
-        fs::create_dir_all(root.join("Parallels"))
-            .map_err(|e| Fail::io("create the VM folder", &e))?;
+        fs::create_dir_all(root.join("vms")).map_err(|e| Fail::io("create the state folder", &e))?;
+        fs::create_dir_all(root.join("Parallels")).map_err(|e| Fail::io("create the VM folder", &e))?;
         Ok(Store { root })
     }
 
@@ -108,15 +104,13 @@ impl Store {
             .write(true)
             .open(self.root.join(".lock"))
             .map_err(|e| Fail::io("open the lock file", &e))?;
-        file.lock()
-            .map_err(|e| Fail::io("lock the state folder", &e))?;
+        file.lock().map_err(|e| Fail::io("lock the state folder", &e))?;
         Ok(Locked { _file: file })
     }
 
     pub fn all(&self, _lock: &Locked) -> Result<Vec<Vm>, Fail> {
         let mut vms = Vec::new();
-        let dir = fs::read_dir(self.root.join("vms"))
-            .map_err(|e| Fail::io("read the state folder", &e))?;
+        let dir = fs::read_dir(self.root.join("vms")).map_err(|e| Fail::io("read the state folder", &e))?;
         for entry in dir {
             let entry = entry.map_err(|e| Fail::io("read the state folder", &e))?;
             let path = entry.path();
@@ -124,9 +118,8 @@ impl Store {
                 continue;
             }
             let text = fs::read_to_string(&path).map_err(|e| Fail::io("read a VM record", &e))?;
-            let vm: Vm = serde_json::from_str(&text).map_err(|e| {
-                Fail::internal(format!("corrupt VM record {}: {e}", path.display()))
-            })?;
+            let vm: Vm = serde_json::from_str(&text)
+                .map_err(|e| Fail::internal(format!("corrupt VM record {}: {e}", path.display())))?;
             vms.push(vm);
         }
         vms.sort_by(|a, b| a.name.cmp(&b.name));
@@ -145,10 +138,7 @@ impl Store {
     /// Write the VM record and its bundle's `config.pvs`.
     pub fn save(&self, _lock: &Locked, vm: &Vm) -> Result<(), Fail> {
         let text = serde_json::to_string_pretty(vm).map_err(|e| Fail::internal(e.to_string()))?;
-        write_atomic(
-            &self.root.join("vms").join(format!("{}.json", vm.id)),
-            text.as_bytes(),
-        )?;
+        write_atomic(&self.root.join("vms").join(format!("{}.json", vm.id)), text.as_bytes())?;
         if vm.home.is_dir() {
             write_atomic(&vm.home.join("config.pvs"), text.as_bytes())?;
         }
@@ -162,13 +152,7 @@ impl Store {
     }
 
     /// Append one event for `monitor-events` (NDJSON, the real field names).
-    pub fn event(
-        &self,
-        _lock: &Locked,
-        vm_id: &str,
-        name: &str,
-        state: Option<&str>,
-    ) -> Result<(), Fail> {
+    pub fn event(&self, _lock: &Locked, vm_id: &str, name: &str, state: Option<&str>) -> Result<(), Fail> {
         let mut event = serde_json::json!({
             "Timestamp": chrono::Local::now().format("%Y-%m-%d %H:%M:%S").to_string(),
             "VM ID": format!("{{{vm_id}}}"),
@@ -183,8 +167,7 @@ impl Store {
             .open(self.events_path())
             .map_err(|e| Fail::io("open the event log", &e))?;
         let line = format!("{event}\n");
-        file.write_all(line.as_bytes())
-            .map_err(|e| Fail::io("write the event log", &e))
+        file.write_all(line.as_bytes()).map_err(|e| Fail::io("write the event log", &e))
     }
 }
 
@@ -216,17 +199,13 @@ pub fn copy_dir(from: &Path, to: &Path) -> Result<(), Fail> {
     fs::create_dir_all(to).map_err(|e| Fail::io("create the bundle", &e))?;
     for entry in fs::read_dir(from).map_err(|e| Fail::io("read the bundle", &e))? {
         let entry = entry.map_err(|e| Fail::io("read the bundle", &e))?;
-        let kind = entry
-            .file_type()
-            .map_err(|e| Fail::io("read the bundle", &e))?;
+        let kind = entry.file_type().map_err(|e| Fail::io("read the bundle", &e))?;
         let dest = to.join(entry.file_name());
         if kind.is_dir() {
             copy_dir(&entry.path(), &dest)?;
         } else if kind.is_symlink() {
-            let target =
-                fs::read_link(entry.path()).map_err(|e| Fail::io("read the bundle", &e))?;
-            std::os::unix::fs::symlink(target, &dest)
-                .map_err(|e| Fail::io("copy the bundle", &e))?;
+            let target = fs::read_link(entry.path()).map_err(|e| Fail::io("read the bundle", &e))?;
+            std::os::unix::fs::symlink(target, &dest).map_err(|e| Fail::io("copy the bundle", &e))?;
         } else {
             fs::copy(entry.path(), &dest).map_err(|e| Fail::io("copy the bundle", &e))?;
         }
