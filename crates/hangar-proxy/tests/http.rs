@@ -89,6 +89,38 @@ async fn headers_are_rewritten() {
 }
 
 #[tokio::test]
+async fn keep_alive_clients_reuse_one_upstream_connection() {
+    let up = http_upstream("127.0.0.1:0", "up").await;
+    let m = manager();
+    let cfg = config(json!({"hosts": [{"id": "web", "host": "127.0.0.1", "port": 0, "http_routes": [
+        {"id": "r", "path": "/", "target_host": "127.0.0.1", "target_port": up.addr.port()}
+    ]}]}));
+    let addr = apply(&m, &cfg, "web").await;
+    let client = reqwest::Client::builder().http1_only().pool_max_idle_per_host(1).build().unwrap();
+    let get = |path: &'static str| {
+        let client = client.clone();
+        async move {
+            let r = client.get(format!("http://{addr}{path}")).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    for path in ["/1", "/2", "/3"] {
+        assert_eq!(get(path).await["uri"], path);
+    }
+    assert_eq!(
+        up.conns.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one upstream connection for one client connection"
+    );
+    // The target closes its side: the next request goes out on a new connection.
+    assert_eq!(get("/close").await["uri"], "/close");
+    assert_eq!(get("/4").await["uri"], "/4");
+    assert_eq!(up.conns.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(m.status().await.listener("web").unwrap().total_connections, 1, "the client kept its connection");
+}
+
+#[tokio::test]
 async fn unreachable_target_is_502_and_slow_target_is_504() {
     let up = http_upstream("127.0.0.1:0", "up").await;
     let dead = closed_port().await;

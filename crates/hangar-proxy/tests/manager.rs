@@ -66,8 +66,16 @@ async fn vm_address_change_and_updates_leave_other_listeners_alone() {
     round_trip(&mut held, b"before").await;
 
     assert_eq!(label(web).await, "old-ip");
+    // A keep-alive client too (its requests share one upstream connection).
+    let keep_alive = reqwest::Client::builder().http1_only().build().unwrap();
+    let ka_label = || async {
+        let v: serde_json::Value = keep_alive.get(format!("http://{web}/")).send().await.unwrap().json().await.unwrap();
+        v["label"].as_str().unwrap().to_string()
+    };
+    assert_eq!(ka_label().await, "old-ip");
     resolver.set("vm-1", "127.0.0.2".parse().unwrap());
     wait_for("the new VM address to be used", Duration::from_secs(10), || async { label(web).await == "new-ip" }).await;
+    assert_eq!(ka_label().await, "new-ip", "a kept connection follows the VM too");
     assert_eq!(local(&m, "web").await, web, "the listener was not restarted");
     round_trip(&mut held, b"after ip change").await;
 

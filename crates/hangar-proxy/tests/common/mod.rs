@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -22,6 +24,8 @@ use tokio::task::JoinHandle;
 /// A server task that stops when dropped.
 pub struct Server {
     pub addr: SocketAddr,
+    /// Connections accepted so far.
+    pub conns: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -32,7 +36,8 @@ impl Drop for Server {
 }
 
 /// An HTTP upstream (HTTP/1.1 and cleartext HTTP/2) that answers every request with a JSON
-/// description of what it received. `/slow...` answers after 30 s.
+/// description of what it received. `/slow...` answers after 30 s; `/close...` closes the
+/// connection after answering.
 pub async fn http_upstream(bind: &str, label: &'static str) -> Server {
     let listener = TcpListener::bind(bind).await.unwrap();
     serve_http_upstream(listener, label)
@@ -40,16 +45,19 @@ pub async fn http_upstream(bind: &str, label: &'static str) -> Server {
 
 pub fn serve_http_upstream(listener: TcpListener, label: &'static str) -> Server {
     let addr = listener.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let counter = conns.clone();
     let task = tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else { continue };
+            counter.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| describe(req, label));
                 let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), svc).await;
             });
         }
     });
-    Server { addr, task }
+    Server { addr, conns, task }
 }
 
 async fn describe(req: Request<Incoming>, label: &'static str) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -76,7 +84,9 @@ async fn describe(req: Request<Incoming>, label: &'static str) -> Result<Respons
     h.insert("content-type", "application/json".parse().unwrap());
     h.insert("x-upstream", label.parse().unwrap());
     h.insert("x-remove-me", "yes".parse().unwrap());
-    if parts.version == http::Version::HTTP_11 {
+    if parts.uri.path().starts_with("/close") {
+        h.insert("connection", "close".parse().unwrap());
+    } else if parts.version == http::Version::HTTP_11 {
         h.insert("x-resp-hop", "1".parse().unwrap());
         h.insert("connection", "x-resp-hop".parse().unwrap());
     }
@@ -107,7 +117,7 @@ pub async fn ws_upstream(bind: &str, label: &'static str) -> Server {
             });
         }
     });
-    Server { addr, task }
+    Server { addr, conns: Arc::default(), task }
 }
 
 /// A TCP upstream. `echo_at_eof`: collect everything until the client half-closes, then send it
@@ -133,7 +143,7 @@ pub async fn tcp_upstream(bind: &str, echo_at_eof: bool) -> Server {
             });
         }
     });
-    Server { addr, task }
+    Server { addr, conns: Arc::default(), task }
 }
 
 /// A port on 127.0.0.1 that nothing listens on.
