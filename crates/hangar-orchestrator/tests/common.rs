@@ -1,5 +1,5 @@
 //! Shared set-up: a JSON store in a temporary folder, a manual clock, fake hosts.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -1,4 +1,5 @@
 //! Placement: every filter, the "why not" message, scoring and the reservation ledger.
+#![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

@@ -1,4 +1,5 @@
 //! Host registry: enrollment tokens, credential secrecy, persistence across restarts.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
