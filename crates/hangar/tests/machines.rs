@@ -42,42 +42,61 @@ async fn wait_job(c: &reqwest::Client, s: &Server, auth: &Auth, id: &str) -> Val
     }
 }
 
-#[tokio::test]
-async fn machines_api_over_the_parallels_driver() {
-    let dir = tempfile::tempdir().unwrap();
-    let tools = dir.path().join("tools");
-    let state = dir.path().join("prl-state");
-    std::fs::create_dir_all(&tools).unwrap();
-    std::fs::create_dir_all(&state).unwrap();
-    let fake = fake_prlctl();
-    std::os::unix::fs::symlink(&fake, tools.join("prlctl")).unwrap();
-    std::os::unix::fs::symlink(&fake, tools.join("prlsrvctl")).unwrap();
-    let prl = |args: &[&str]| {
-        let out = std::process::Command::new(tools.join("prlctl"))
+/// A fake Parallels host: `prlctl`/`prlsrvctl` links in `tools`, VM state in `state`, and a
+/// golden bundle `images/golden.pvm` made with the fake itself.
+struct FakeParallels {
+    tools: PathBuf,
+    state: PathBuf,
+    images: PathBuf,
+}
+
+impl FakeParallels {
+    fn new(dir: &Path) -> FakeParallels {
+        let tools = dir.join("tools");
+        let state = dir.join("prl-state");
+        let images = dir.join("images");
+        for d in [&tools, &state, &images] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let fake = fake_prlctl();
+        std::os::unix::fs::symlink(&fake, tools.join("prlctl")).unwrap();
+        std::os::unix::fs::symlink(&fake, tools.join("prlsrvctl")).unwrap();
+        let f = FakeParallels { tools, state, images };
+        f.prlctl(&["create", "golden", "--distribution", "ubuntu"]);
+        f.prlctl(&["unregister", "golden"]);
+        std::fs::rename(f.state.join("Parallels/golden.pvm"), f.images.join("golden.pvm")).unwrap();
+        f
+    }
+
+    fn prlctl(&self, args: &[&str]) {
+        let out = std::process::Command::new(self.tools.join("prlctl"))
             .args(args)
-            .env("FAKE_PRL_STATE_DIR", &state)
+            .env("FAKE_PRL_STATE_DIR", &self.state)
             .output()
             .unwrap();
         assert!(out.status.success(), "prlctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    // A golden bundle in the host's images folder.
-    prl(&["create", "golden", "--distribution", "ubuntu"]);
-    prl(&["unregister", "golden"]);
-    let images = dir.path().join("images");
-    std::fs::create_dir_all(&images).unwrap();
-    std::fs::rename(state.join("Parallels/golden.pvm"), images.join("golden.pvm")).unwrap();
+    }
 
-    let data = dir.path().join("data");
-    let s = Server::start_full(
-        &data,
-        &[
-            ("HYPERVISOR", "parallels"),
-            ("PRLCTL_PATH", tools.join("prlctl").to_str().unwrap()),
-            ("HOST_IMAGES_FOLDER", images.to_str().unwrap()),
-        ],
-        true,
-        &[("FAKE_PRL_STATE_DIR", state.to_str().unwrap())],
-    );
+    /// Start a server whose host module drives this fake.
+    fn server(&self, data: &Path) -> Server {
+        Server::start_full(
+            data,
+            &[
+                ("HYPERVISOR", "parallels"),
+                ("PRLCTL_PATH", self.tools.join("prlctl").to_str().unwrap()),
+                ("HOST_IMAGES_FOLDER", self.images.to_str().unwrap()),
+            ],
+            true,
+            &[("FAKE_PRL_STATE_DIR", self.state.to_str().unwrap())],
+        )
+    }
+}
+
+#[tokio::test]
+async fn machines_api_over_the_parallels_driver() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeParallels::new(dir.path());
+    let s = fake.server(&dir.path().join("data"));
     assert!(s.banner.iter().any(|l| l.contains("module host") && l.contains("running")), "{:?}", s.banner);
     let c = client();
     let root = login(&c, &s, "root", ROOT_PASSWORD).await;
@@ -373,36 +392,8 @@ async fn machines_api_boots_a_real_qemu_guest() {
 #[test]
 fn vm_cli_drives_the_host_module() {
     let dir = tempfile::tempdir().unwrap();
-    let tools = dir.path().join("tools");
-    let state = dir.path().join("prl-state");
-    std::fs::create_dir_all(&tools).unwrap();
-    std::fs::create_dir_all(&state).unwrap();
-    let fake = fake_prlctl();
-    std::os::unix::fs::symlink(&fake, tools.join("prlctl")).unwrap();
-    std::os::unix::fs::symlink(&fake, tools.join("prlsrvctl")).unwrap();
-    let prl = |args: &[&str]| {
-        let out = std::process::Command::new(tools.join("prlctl"))
-            .args(args)
-            .env("FAKE_PRL_STATE_DIR", &state)
-            .output()
-            .unwrap();
-        assert!(out.status.success());
-    };
-    prl(&["create", "golden", "--distribution", "ubuntu"]);
-    prl(&["unregister", "golden"]);
-    let images = dir.path().join("images");
-    std::fs::create_dir_all(&images).unwrap();
-    std::fs::rename(state.join("Parallels/golden.pvm"), images.join("golden.pvm")).unwrap();
-    let s = Server::start_full(
-        &dir.path().join("data"),
-        &[
-            ("HYPERVISOR", "parallels"),
-            ("PRLCTL_PATH", tools.join("prlctl").to_str().unwrap()),
-            ("HOST_IMAGES_FOLDER", images.to_str().unwrap()),
-        ],
-        true,
-        &[("FAKE_PRL_STATE_DIR", state.to_str().unwrap())],
-    );
+    let fake = FakeParallels::new(dir.path());
+    let s = fake.server(&dir.path().join("data"));
     let cfg = dir.path().join("cli");
     let cli = |args: &[&str], stdin: &str| {
         use std::io::Write;
@@ -442,32 +433,9 @@ fn vm_cli_drives_the_host_module() {
 #[tokio::test]
 async fn a_vm_is_created_from_a_catalog_image_through_the_host_cache() {
     let dir = tempfile::tempdir().unwrap();
-    let tools = dir.path().join("tools");
-    let state = dir.path().join("prl-state");
-    std::fs::create_dir_all(&tools).unwrap();
-    std::fs::create_dir_all(&state).unwrap();
-    let fake = fake_prlctl();
-    std::os::unix::fs::symlink(&fake, tools.join("prlctl")).unwrap();
-    std::os::unix::fs::symlink(&fake, tools.join("prlsrvctl")).unwrap();
-    let out = std::process::Command::new(tools.join("prlctl"))
-        .args(["create", "golden", "--distribution", "ubuntu"])
-        .env("FAKE_PRL_STATE_DIR", &state)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    std::process::Command::new(tools.join("prlctl"))
-        .args(["unregister", "golden"])
-        .env("FAKE_PRL_STATE_DIR", &state)
-        .output()
-        .unwrap();
-    let bundle = dir.path().join("golden.pvm");
-    std::fs::rename(state.join("Parallels/golden.pvm"), &bundle).unwrap();
-    let s = Server::start_full(
-        &dir.path().join("data"),
-        &[("HYPERVISOR", "parallels"), ("PRLCTL_PATH", tools.join("prlctl").to_str().unwrap())],
-        true,
-        &[("FAKE_PRL_STATE_DIR", state.to_str().unwrap())],
-    );
+    let fake = FakeParallels::new(dir.path());
+    let bundle = fake.images.join("golden.pvm");
+    let s = fake.server(&dir.path().join("data"));
     let c = client();
     let root = login(&c, &s, "root", ROOT_PASSWORD).await;
     let ra = Auth::Bearer(root.clone());
