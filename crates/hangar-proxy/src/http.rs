@@ -408,10 +408,12 @@ impl ProxyService {
                 h.remove(HOST);
             }
             Schema::Http | Schema::Https => {
-                if let Some(v) = host_hv
-                    && !h.contains_key(HOST)
-                {
-                    h.insert(HOST, v);
+                if !h.contains_key(HOST) {
+                    // HTTP/2 clients send :authority instead; HTTP/1.0 ones may send nothing.
+                    let v = host_hv.or_else(|| HeaderValue::from_str(authority.as_str()).ok());
+                    if let Some(v) = v {
+                        h.insert(HOST, v);
+                    }
                 }
             }
         }

@@ -86,6 +86,13 @@ async fn headers_are_rewritten() {
     assert_eq!(r.header("x-served-by"), Some("hangar"));
     assert_eq!(r.header("x-remove-me"), None);
     assert_eq!(r.header("x-resp-hop"), None, "a header named in the upstream's Connection is removed");
+
+    // An HTTP/1.0 request without Host: the target still gets one (its own address).
+    let r = raw_http(addr, "GET /old HTTP/1.0\r\n\r\n").await;
+    assert_eq!(r.status, 200);
+    let h = &r.json()["headers"];
+    assert_eq!(h["host"], json!([up.addr.to_string()]));
+    assert!(h.get("x-forwarded-host").is_none(), "{h}");
 }
 
 #[tokio::test]
