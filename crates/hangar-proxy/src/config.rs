@@ -18,7 +18,7 @@ use crate::error::ConfigError;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ReverseProxyConfig {
-    /// When false, [`crate::ProxyManager::apply`] stops every listener.
+    /// When false, [`crate::ProxyManager::apply`] stops every listener. Defaults to true.
     pub enabled: bool,
     /// The bind address used by proxy hosts whose own `host` is empty (reference default `0.0.0.0`).
     pub host: String,

@@ -28,7 +28,13 @@ use crate::tls::UpstreamTrust;
 /// a host whose address is unchanged takes its new routes, TLS material and limits in place
 /// (its open connections are not touched; new connections and requests use the new settings);
 /// a host that moved, was removed or failed earlier is stopped gracefully and, if still
-/// wanted, started again. Other hosts are not disturbed.
+/// wanted, started again. Other hosts are not disturbed. A host whose configuration is
+/// unchanged is left alone: TLS files are read again only when the host's settings change.
+///
+/// Clones share the same listeners; the listeners are cut when the last clone is dropped
+/// (call [`ProxyManager::shutdown`] for a graceful stop). Listeners run on the Tokio runtime
+/// that calls [`ProxyManager::apply`].
+#[derive(Clone)]
 pub struct ProxyManager {
     inner: Arc<Inner>,
 }
