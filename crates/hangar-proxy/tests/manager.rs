@@ -27,8 +27,13 @@ async fn twin_upstreams() -> (Server, Server) {
     for _ in 0..20 {
         let a = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = a.local_addr().unwrap().port();
-        if let Ok(b) = TcpListener::bind(("127.0.0.2", port)).await {
-            return (serve_http_upstream(a, "old-ip"), serve_http_upstream(b, "new-ip"));
+        match TcpListener::bind(("127.0.0.2", port)).await {
+            Ok(b) => return (serve_http_upstream(a, "old-ip"), serve_http_upstream(b, "new-ip")),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => panic!(
+                "127.0.0.2 is not a local address here ({e}); Linux has all of 127.0.0.0/8 on lo, \
+                 on macOS run `sudo ifconfig lo0 alias 127.0.0.2 up`"
+            ),
+            Err(_) => {}
         }
     }
     panic!("no port free on both 127.0.0.1 and 127.0.0.2");
