@@ -229,7 +229,9 @@ pub struct VmSummary {
 impl VmSummary {
     /// Whether the guest is macOS (by its OS, never by its name).
     pub fn is_macos(&self) -> bool {
-        Os::parse_lenient(&self.os) == Some(Os::Macos)
+        let os = self.os.trim_start().as_bytes();
+        (os.len() >= 3 && os[..3].eq_ignore_ascii_case(b"mac"))
+            || ["darwin", "osx"].iter().any(|n| self.os.trim().eq_ignore_ascii_case(n))
     }
 
     /// Whether the VM holds host CPU and memory (running, or on its way in or out).

@@ -272,6 +272,15 @@ pub fn check_host(
     host: &Host,
     reserved: HostReserved,
 ) -> Result<(ResourceSet, u64), Reason> {
+    check_host_with(request, host, || reserved)
+}
+
+/// [`check_host`], looking the reservations up only once the cheap filters passed.
+fn check_host_with(
+    request: &PlacementRequest,
+    host: &Host,
+    reserved: impl FnOnce() -> HostReserved,
+) -> Result<(ResourceSet, u64), Reason> {
     if request.exclude.contains(&host.id) {
         return Err(Reason::Excluded);
     }
@@ -307,6 +316,7 @@ pub fn check_host(
     if !request.tags.iter().all(|t| host.has_tag(t)) {
         return Err(Reason::Tags);
     }
+    let reserved = reserved();
     if request.is_macos() && host.running_macos_vms() + reserved.macos_vms >= MAX_MACOS_VMS {
         return Err(Reason::MacosLimit);
     }
@@ -343,8 +353,14 @@ where
     let mut refused = NoCapacity::default();
     for host in hosts {
         refused.hosts += 1;
-        let held = reserved.get(&host.id).copied().unwrap_or_default();
-        match check_host(request, host, held) {
+        let held = || {
+            if reserved.is_empty() {
+                HostReserved::default()
+            } else {
+                reserved.get(&host.id).copied().unwrap_or_default()
+            }
+        };
+        match check_host_with(request, host, held) {
             Err(reason) => *refused.reasons.entry(reason).or_insert(0) += 1,
             Ok((needs, load)) => {
                 let cached = request.cached_on(host);

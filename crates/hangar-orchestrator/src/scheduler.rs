@@ -336,11 +336,12 @@ impl Scheduler {
     async fn adopt(&self, host: Host, vms: Vec<VmSummary>) -> Result<Host> {
         let now = self.inner.clock.now();
         lock(&self.inner.health).insert(host.id.clone(), HostHealth::new(now, self.inner.config.health));
-        self.inner.registry.update_in_memory(&host.id, |h| h.vms = vms);
-        self.observe(&host.id, Observation::CheckSucceeded).await?;
-        self.inner.registry.persist_status(&host.id, Batch::new(), None, |_| {}).await?;
-        self.drain();
-        self.inner.registry.get(&host.id)
+        let t = self.apply_observation(&host.id, Observation::CheckSucceeded)?;
+        let host = self.inner.registry.persist_status(&host.id, Batch::new(), None, |h| h.vms = vms).await?;
+        if let Some(t) = &t {
+            self.announce(&host, t);
+        }
+        Ok(host)
     }
 
     /// Registers a host after checking that it answers (the reference fails registration
@@ -392,48 +393,56 @@ impl Scheduler {
     /// state is written, `HOST_HEALTH_UPDATE` is published, the VMs of a host that went
     /// unhealthy become `unknown`, and a host that came back is offered to waiting requests.
     pub async fn observe(&self, host_id: &str, obs: Observation) -> Result<Option<Transition>> {
-        let now = self.inner.clock.now();
-        let transition = {
-            let mut health = lock(&self.inner.health);
-            let h = health.entry(host_id.to_string()).or_insert_with(|| HostHealth::new(now, self.inner.config.health));
-            let t = h.observe(now, obs);
-            let (state, last_seen, last_error) = (h.state(), h.last_seen(), h.last_error().map(str::to_string));
-            // Applied in memory under the health lock, so views follow the machine's order.
-            let found = self.inner.registry.update_in_memory(host_id, |host| {
-                host.state = state;
-                host.last_seen = last_seen;
-                host.last_error = last_error;
-                if state != HostState::Healthy {
-                    for vm in &mut host.vms {
-                        vm.state = VmState::Unknown;
-                    }
-                }
-            });
-            if found.is_none() {
-                health.remove(host_id);
-                return Err(OrchestratorError::not_found("host", host_id));
-            }
-            t
-        };
+        let transition = self.apply_observation(host_id, obs)?;
         if let Some(t) = &transition {
             let host = self.inner.registry.persist_status(host_id, Batch::new(), None, |_| {}).await?;
-            info!(host = %host_id, from = %t.from, to = %t.to, reason = ?t.reason, "host health changed");
-            self.publish(
-                "HOST_HEALTH_UPDATE",
-                json!({
-                    "host_id": host_id,
-                    "name": host.name,
-                    "state": t.to,
-                    "previous": t.from,
-                    "last_seen": host.last_seen,
-                    "reason": t.reason,
-                }),
-            );
-            if t.to == HostState::Healthy {
-                self.drain();
-            }
+            self.announce(&host, t);
         }
         Ok(transition)
+    }
+
+    /// The in-memory half of [`Scheduler::observe`]: feeds the machine and updates the view.
+    fn apply_observation(&self, host_id: &str, obs: Observation) -> Result<Option<Transition>> {
+        let now = self.inner.clock.now();
+        let mut health = lock(&self.inner.health);
+        let h = health.entry(host_id.to_string()).or_insert_with(|| HostHealth::new(now, self.inner.config.health));
+        let t = h.observe(now, obs);
+        let (state, last_seen, last_error) = (h.state(), h.last_seen(), h.last_error().map(str::to_string));
+        // Applied in memory under the health lock, so views follow the machine's order.
+        let found = self.inner.registry.update_in_memory(host_id, |host| {
+            host.state = state;
+            host.last_seen = last_seen;
+            host.last_error = last_error;
+            if state != HostState::Healthy {
+                for vm in &mut host.vms {
+                    vm.state = VmState::Unknown;
+                }
+            }
+        });
+        if found.is_none() {
+            health.remove(host_id);
+            return Err(OrchestratorError::not_found("host", host_id));
+        }
+        Ok(t)
+    }
+
+    /// Publishes a transition (after it was written) and serves waiters if the host is back.
+    fn announce(&self, host: &Host, t: &Transition) {
+        info!(host = %host.id, from = %t.from, to = %t.to, reason = ?t.reason, "host health changed");
+        self.publish(
+            "HOST_HEALTH_UPDATE",
+            json!({
+                "host_id": host.id,
+                "name": host.name,
+                "state": t.to,
+                "previous": t.from,
+                "last_seen": host.last_seen,
+                "reason": t.reason,
+            }),
+        );
+        if t.to == HostState::Healthy {
+            self.drain();
+        }
     }
 
     /// Runs silence detection over every host.
