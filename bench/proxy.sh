@@ -91,8 +91,10 @@ nginx_conf proxy "upstream up { server 127.0.0.1:$UP_PORT; keepalive 128; }
         proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\";
         proxy_set_header Host \$host; proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
         proxy_set_header X-Forwarded-Host \$host; proxy_set_header X-Forwarded-Proto \$scheme; } }"
+NGINX_PROXY_MASTER=${PIDS[-1]}
 "$BIN/proxy_bench" http "127.0.0.1:$HANGAR_PORT" "127.0.0.1:$UP_PORT" >/dev/null &
 PIDS+=($!)
+HANGAR_PID=$!
 "$BIN/tcp_throughput" sink "127.0.0.1:$SINK_PORT" >/dev/null &
 PIDS+=($!)
 "$BIN/proxy_bench" tcp "127.0.0.1:$TCP_PROXY_PORT" "127.0.0.1:$SINK_PORT" >/dev/null &
@@ -111,16 +113,28 @@ to_ms() { # wrk latency like 812.00us / 1.23ms / 1.02s -> ms
 
 median() { sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
-declare -A RPS P50 P99
+cpu_ticks() { # utime+stime of the given processes, all threads, in clock ticks
+    local t=0 p
+    for p in "$@"; do t=$((t + $(awk '{ print $14 + $15 }' "/proc/$p/stat"))); done
+    echo "$t"
+}
+declare -A RPS P50 P99 CPU REQS PROCS
+PROCS[direct]=""
+PROCS[hangar]="$HANGAR_PID"
 run_wrk() { # name port: appends one measurement
-    local out
+    local out c0 c1
+    c0=$(cpu_ticks ${PROCS[$1]})
     out="$(wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency "http://127.0.0.1:$2/file.txt")"
+    c1=$(cpu_ticks ${PROCS[$1]})
+    CPU[$1]=$((${CPU[$1]:-0} + c1 - c0))
+    REQS[$1]=$((${REQS[$1]:-0} + $(awk '/requests in/ { print $1 }' <<<"$out")))
     if grep -q 'Non-2xx' <<<"$out"; then echo "$1: errors: $out" >&2; exit 1; fi
     RPS[$1]+="$(awk '/^Requests\/sec:/ { print $2 }' <<<"$out") "
     P50[$1]+="$(to_ms "$(awk '$1 == "50%" { print $2 }' <<<"$out")") "
     P99[$1]+="$(to_ms "$(awk '$1 == "99%" { print $2 }' <<<"$out")") "
 }
 
+PROCS[nginx]="$NGINX_PROXY_MASTER $(pgrep -P "$NGINX_PROXY_MASTER" | tr '\n' ' ')"
 for p in $UP_PORT $NGINX_PORT $HANGAR_PORT; do
     wrk -t"$THREADS" -c"$CONNS" -d2s "http://127.0.0.1:$p/file.txt" >/dev/null # warm-up
 done
@@ -138,10 +152,11 @@ done
 
 echo
 echo "HTTP: wrk -t$THREADS -c$CONNS -d$DURATION --latency, median of $ROUNDS rounds, GET of a $FILE_BYTES-byte static file from nginx ($(nproc) cores)"
-printf '%-22s %12s %10s %10s\n' "path" "requests/s" "p50 ms" "p99 ms"
-printf '%-22s %12s %10s %10s\n' "upstream, direct" "${RPS[direct]}" "${P50[direct]}" "${P99[direct]}"
-printf '%-22s %12s %10s %10s\n' "nginx proxy" "${RPS[nginx]}" "${P50[nginx]}" "${P99[nginx]}"
-printf '%-22s %12s %10s %10s\n' "hangar proxy" "${RPS[hangar]}" "${P50[hangar]}" "${P99[hangar]}"
+cpu_per_req() { awk -v t="${CPU[$1]}" -v n="${REQS[$1]}" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }'; }
+printf '%-22s %12s %10s %10s %16s\n' "path" "requests/s" "p50 ms" "p99 ms" "proxy CPU us/req"
+printf '%-22s %12s %10s %10s %16s\n' "upstream, direct" "${RPS[direct]}" "${P50[direct]}" "${P99[direct]}" "-"
+printf '%-22s %12s %10s %10s %16s\n' "nginx proxy" "${RPS[nginx]}" "${P50[nginx]}" "${P99[nginx]}" "$(cpu_per_req nginx)"
+printf '%-22s %12s %10s %10s %16s\n' "hangar proxy" "${RPS[hangar]}" "${P50[hangar]}" "${P99[hangar]}" "$(cpu_per_req hangar)"
 awk -v h="${RPS[hangar]}" -v n="${RPS[nginx]}" -v hp="${P99[hangar]}" -v np="${P99[nginx]}" 'BEGIN {
     printf "hangar/nginx: requests/s %.2fx (goal >= 0.90), p99 %.2fx (goal <= 1.20)\n", h / n, hp / np }'
 
