@@ -117,3 +117,66 @@ async fn unreachable_tcp_target_closes_and_reports() {
     .unwrap();
     assert_eq!(e, ("t".to_string(), format!("127.0.0.1:{dead}")));
 }
+
+#[tokio::test]
+async fn vm_targets_and_tls_termination() {
+    use std::sync::Arc;
+
+    use hangar_proxy::{MapResolver, ProxyEvent};
+    use rustls_pki_types::pem::PemObject;
+
+    let up = tcp_upstream("127.0.0.1:0", false).await;
+    let resolver = Arc::new(MapResolver::new());
+    resolver.set("vm-7", "127.0.0.1".parse().unwrap());
+    let m = ProxyManager::builder().resolver(resolver.clone()).build().unwrap();
+    let mut events = m.subscribe();
+    let (ca, leaf, key) = test_pki();
+    let cfg = config(json!({"hosts": [
+        {"id": "vm", "host": "127.0.0.1", "port": 0,
+         "tcp_route": {"id": "t", "target_vm_id": "vm-7", "target_port": up.addr.port()}},
+        {"id": "tls", "host": "127.0.0.1", "port": 0, "tls": {"enabled": true, "cert": leaf, "key": key},
+         "tcp_route": {"target_host": "127.0.0.1", "target_port": up.addr.port()}}
+    ]}));
+    m.apply(&cfg).await.unwrap();
+    let vm = local(&m, "vm").await;
+    let tls = local(&m, "tls").await;
+
+    let mut s = TcpStream::connect(vm).await.unwrap();
+    round_trip(&mut s, b"to the vm").await;
+    resolver.remove("vm-7");
+    // The open connection stays; new ones find no address and are closed.
+    round_trip(&mut s, b"still open").await;
+    wait_for("connections to the gone VM to be refused", Duration::from_secs(10), || async {
+        let mut s = TcpStream::connect(vm).await.unwrap();
+        closed_within(&mut s, Duration::from_secs(5)).await
+    })
+    .await;
+    let failed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let ProxyEvent::RouteFailed { error, .. } = events.recv().await.unwrap() {
+                return error;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(failed.contains("has no IP address"), "{failed}");
+
+    // TLS terminated by the listener, verified by the client; plain bytes to the target.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls_pki_types::CertificateDer::from_pem_slice(ca.as_bytes()).unwrap()).unwrap();
+    let client_cfg =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_cfg));
+    let tcp = TcpStream::connect(tls).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut t = connector.connect(name, tcp).await.unwrap();
+    t.write_all(b"over tls").await.unwrap();
+    let mut got = [0u8; 8];
+    tokio::time::timeout(Duration::from_secs(10), t.read_exact(&mut got)).await.unwrap().unwrap();
+    assert_eq!(&got, b"over tls");
+}
