@@ -130,7 +130,9 @@ pub struct ReapReport {
 pub struct BackgroundIntervals {
     /// Silence detection, reservation expiry and queue service.
     pub tick: Duration,
-    /// Hardware and VM refresh of every host (the health probe).
+    /// Hardware and VM refresh of every host (the health probe). Keep it below
+    /// [`HealthConfig::unhealthy_after`] unless hosts stream events (heartbeats), or silent
+    /// but healthy hosts flap.
     pub check: Duration,
     /// VM TTL reaper.
     pub reap: Duration,
@@ -140,7 +142,7 @@ impl Default for BackgroundIntervals {
     fn default() -> Self {
         BackgroundIntervals {
             tick: Duration::from_secs(1),
-            check: Duration::from_secs(30),
+            check: Duration::from_secs(5),
             reap: Duration::from_secs(30),
         }
     }
