@@ -81,6 +81,8 @@ pub struct Services {
     pub host: Option<Arc<hangar_host::Host>>,
     /// The catalog module, when it runs.
     pub catalog: Option<Arc<hangar_catalog::Catalog>>,
+    /// The reverse_proxy module, when it runs.
+    pub reverse_proxy: Option<Arc<hangar_reverse_proxy::ReverseProxy>>,
 }
 
 /// Everything handlers need. Cheap to clone.
@@ -92,6 +94,8 @@ pub struct AppState {
     pub host: Option<Arc<hangar_host::Host>>,
     /// The catalog module, when it runs.
     pub catalog: Option<Arc<hangar_catalog::Catalog>>,
+    /// The reverse_proxy module, when it runs.
+    pub reverse_proxy: Option<Arc<hangar_reverse_proxy::ReverseProxy>>,
     pub info: Arc<ServerInfo>,
     pub api_prefix: String,
     pub access: Arc<AccessTable>,
@@ -170,6 +174,7 @@ pub fn api() -> Api {
     let api = routes::auth::register(api);
     let api = routes::catalog::register(api);
     let api = routes::machines::register(api);
+    let api = routes::reverse_proxy::register(api);
     routes::ws::register(api)
 }
 
@@ -270,7 +275,7 @@ fn cors_layer(c: &CorsConfig) -> CorsLayer {
 
 /// Build the whole HTTP application.
 pub fn app(services: Services, info: ServerInfo, config: &ApiConfig) -> Router {
-    let Services { identity, bus, host, catalog } = services;
+    let Services { identity, bus, host, catalog, reverse_proxy } = services;
     let Api { router, table } = api();
     let (inner, doc) = router.split_for_parts();
     let doc = openapi::finish(doc);
@@ -280,6 +285,7 @@ pub fn app(services: Services, info: ServerInfo, config: &ApiConfig) -> Router {
         bus: bus.clone(),
         host,
         catalog,
+        reverse_proxy,
         info: Arc::new(info),
         api_prefix: config.prefix.clone(),
         access,

@@ -116,6 +116,46 @@ async fn module_statuses(
     Ok((out, host))
 }
 
+/// Start the reverse_proxy module when it is wanted, and record its status.
+async fn start_reverse_proxy(
+    l: &Layers,
+    store: Arc<JsonStore>,
+    dir: &Path,
+    bus: EventBus,
+    identity: &Identity,
+    host: Option<&Arc<hangar_host::Host>>,
+    modules: &mut [ModuleStatus],
+) -> Result<Option<Arc<hangar_reverse_proxy::ReverseProxy>>> {
+    let Some(status) = modules.iter_mut().find(|m| m.name == "reverse_proxy") else { return Ok(None) };
+    if !wanted_modules(l)?.contains(&"reverse_proxy") {
+        status.message = "not requested in ENABLED_MODULES".into();
+        return Ok(None);
+    }
+    let mut builder =
+        hangar_proxy::ProxyManager::builder().auth(hangar_reverse_proxy::IdentityAuth::new(identity.clone()));
+    if let Some(h) = host {
+        builder = builder.resolver(hangar_reverse_proxy::HostResolver::new(h.clone()));
+    }
+    let manager = builder.build().map_err(|e| anyhow::anyhow!("reverse proxy: {e}"))?;
+    let dyn_store: Arc<dyn Store> = store;
+    match hangar_reverse_proxy::ReverseProxy::start(dyn_store, manager, bus, dir).await {
+        Ok(rp) => {
+            status.enabled = true;
+            status.healthy = true;
+            status.message = if host.is_some() {
+                "serving the stored proxy hosts; VM targets follow the host module".into()
+            } else {
+                "serving the stored proxy hosts; VM targets need the host module".into()
+            };
+            Ok(Some(rp))
+        }
+        Err(e) => {
+            status.message = format!("cannot run: {e}");
+            Ok(None)
+        }
+    }
+}
+
 fn token_config(l: &Layers) -> Result<TokenConfig> {
     let algorithm = l
         .get("JWT_SIGN_ALGORITHM")
@@ -188,6 +228,8 @@ pub async fn run(l: Layers) -> Result<()> {
     let catalog_store: Arc<dyn Store> = store.clone();
     let catalog = crate::catalog_cmd::start_catalog(&l, catalog_store, &dir, bus.clone(), &mut modules)?;
     // ----- end of catalog module -----
+    let reverse_proxy =
+        start_reverse_proxy(&l, store.clone(), &dir, bus.clone(), &identity, host.as_ref(), &mut modules).await?;
     let info = ServerInfo {
         version: env!("CARGO_PKG_VERSION").into(),
         started_at: chrono::Utc::now(),
@@ -209,7 +251,7 @@ pub async fn run(l: Layers) -> Result<()> {
     if !config.prefix.starts_with('/') || config.prefix.len() < 2 {
         bail!("API_PREFIX={:?} must start with '/' and name a path, such as /api", config.prefix);
     }
-    let services = hangar_api::Services { identity, bus, host, catalog };
+    let services = hangar_api::Services { identity, bus, host, catalog, reverse_proxy: reverse_proxy.clone() };
     let app = hangar_api::app(services, info, &config);
 
     let host: std::net::IpAddr =

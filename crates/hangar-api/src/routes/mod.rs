@@ -5,5 +5,6 @@ pub mod auth;
 pub mod catalog;
 pub mod dto;
 pub mod machines;
+pub mod reverse_proxy;
 pub mod system;
 pub mod ws;
