@@ -83,6 +83,8 @@ pub struct Services {
     pub catalog: Option<Arc<hangar_catalog::Catalog>>,
     /// The reverse_proxy module, when it runs.
     pub reverse_proxy: Option<Arc<hangar_reverse_proxy::ReverseProxy>>,
+    /// The orchestrator module, when it runs.
+    pub orchestrator: Option<Arc<hangar_orchestrator::HttpOrchestrator>>,
 }
 
 /// Everything handlers need. Cheap to clone.
@@ -96,6 +98,8 @@ pub struct AppState {
     pub catalog: Option<Arc<hangar_catalog::Catalog>>,
     /// The reverse_proxy module, when it runs.
     pub reverse_proxy: Option<Arc<hangar_reverse_proxy::ReverseProxy>>,
+    /// The orchestrator module, when it runs.
+    pub orchestrator: Option<Arc<hangar_orchestrator::HttpOrchestrator>>,
     pub info: Arc<ServerInfo>,
     pub api_prefix: String,
     pub access: Arc<AccessTable>,
@@ -175,6 +179,7 @@ pub fn api() -> Api {
     let api = routes::catalog::register(api);
     let api = routes::machines::register(api);
     let api = routes::reverse_proxy::register(api);
+    let api = routes::orchestrator::register(api);
     routes::ws::register(api)
 }
 
@@ -275,7 +280,7 @@ fn cors_layer(c: &CorsConfig) -> CorsLayer {
 
 /// Build the whole HTTP application.
 pub fn app(services: Services, info: ServerInfo, config: &ApiConfig) -> Router {
-    let Services { identity, bus, host, catalog, reverse_proxy } = services;
+    let Services { identity, bus, host, catalog, reverse_proxy, orchestrator } = services;
     let Api { router, table } = api();
     let (inner, doc) = router.split_for_parts();
     let doc = openapi::finish(doc);
@@ -286,6 +291,7 @@ pub fn app(services: Services, info: ServerInfo, config: &ApiConfig) -> Router {
         host,
         catalog,
         reverse_proxy,
+        orchestrator,
         info: Arc::new(info),
         api_prefix: config.prefix.clone(),
         access,

@@ -18,6 +18,7 @@ pub mod clock;
 pub mod error;
 pub mod fake;
 pub mod health;
+pub mod http_client;
 pub mod model;
 pub mod placement;
 pub mod registry;
@@ -29,6 +30,7 @@ pub use client::{HostClient, HostClientError, HostConnector, HostCreateVm, HostE
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{OrchestratorError, Result};
 pub use health::{HealthConfig, HostHealth, Observation, Transition};
+pub use http_client::{HttpConnector, HttpHostClient, HttpOrchestrator};
 pub use model::*;
 pub use placement::{Caller, Decision, NoCapacity, PlacementRequest, Profile, Reason};
 pub use registry::{EnrollmentToken, HostRegistry, IssuedToken};

@@ -60,6 +60,9 @@ pub const KEYS: &[Key] = &[
     k("SYSTEM_RESERVED_CPU", "1", "CPUs kept for the host, not offered to VMs"),
     k("SYSTEM_RESERVED_MEMORY", "2048", "Memory (MiB) kept for the host"),
     k("SYSTEM_RESERVED_DISK", "20000", "Disk (MiB) kept for the host"),
+    k("ORCHESTRATOR_PLACEMENT", "spread", "Orchestrator placement: spread (least loaded host first) or pack"),
+    k("ORCHESTRATOR_CHECK_INTERVAL", "5s", "How often the orchestrator checks each host"),
+    k("ORCHESTRATOR_UNHEALTHY_AFTER", "10s", "Silence after which the orchestrator marks a host unhealthy"),
     s(
         "ROOT_PASSWORD",
         "Password of the root user, set at every start; when unset a password is generated at first start and printed once",

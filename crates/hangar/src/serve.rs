@@ -156,6 +156,53 @@ async fn start_reverse_proxy(
     }
 }
 
+/// Start the orchestrator module when it is wanted, and record its status.
+async fn start_orchestrator(
+    l: &Layers,
+    store: Arc<JsonStore>,
+    dir: &Path,
+    bus: EventBus,
+    modules: &mut [ModuleStatus],
+) -> Result<Option<Arc<hangar_orchestrator::HttpOrchestrator>>> {
+    let Some(status) = modules.iter_mut().find(|m| m.name == "orchestrator") else { return Ok(None) };
+    if !wanted_modules(l)?.contains(&"orchestrator") {
+        status.message = "not requested in ENABLED_MODULES".into();
+        return Ok(None);
+    }
+    let profile = match l.get("ORCHESTRATOR_PLACEMENT").unwrap_or("spread").to_ascii_lowercase().as_str() {
+        "spread" => hangar_orchestrator::Profile::Spread,
+        "pack" => hangar_orchestrator::Profile::Pack,
+        other => bail!("ORCHESTRATOR_PLACEMENT={other:?}: use spread or pack"),
+    };
+    let check = l.duration("ORCHESTRATOR_CHECK_INTERVAL")?.max(std::time::Duration::from_millis(200));
+    let unhealthy_after = l.duration("ORCHESTRATOR_UNHEALTHY_AFTER")?.max(check);
+    let config = hangar_orchestrator::SchedulerConfig {
+        profile,
+        health: hangar_orchestrator::HealthConfig { unhealthy_after },
+        call_timeout: check.max(std::time::Duration::from_secs(2)),
+        ..Default::default()
+    };
+    let dyn_store: Arc<dyn Store> = store;
+    let clock: Arc<dyn hangar_orchestrator::Clock> = Arc::new(hangar_orchestrator::SystemClock);
+    let registry = match hangar_orchestrator::HostRegistry::open(dyn_store, dir, bus.clone(), clock).await {
+        Ok(r) => Arc::new(r),
+        Err(e) => {
+            status.message = format!("cannot run: {e}");
+            return Ok(None);
+        }
+    };
+    let connector = hangar_orchestrator::HttpConnector::new(std::time::Duration::from_secs(5))
+        .map_err(|e| anyhow::anyhow!("orchestrator: {e}"))?;
+    let scheduler = hangar_orchestrator::Scheduler::new(registry, Arc::new(connector.clone()), bus, config);
+    let every = hangar_orchestrator::BackgroundIntervals { check, ..Default::default() };
+    let o = hangar_orchestrator::HttpOrchestrator::start(scheduler, connector, every);
+    status.enabled = true;
+    status.healthy = true;
+    status.message =
+        format!("{} registered hosts, checked every {} ms", o.scheduler.registry().len(), check.as_millis());
+    Ok(Some(Arc::new(o)))
+}
+
 fn token_config(l: &Layers) -> Result<TokenConfig> {
     let algorithm = l
         .get("JWT_SIGN_ALGORITHM")
@@ -230,6 +277,7 @@ pub async fn run(l: Layers) -> Result<()> {
     // ----- end of catalog module -----
     let reverse_proxy =
         start_reverse_proxy(&l, store.clone(), &dir, bus.clone(), &identity, host.as_ref(), &mut modules).await?;
+    let orchestrator = start_orchestrator(&l, store.clone(), &dir, bus.clone(), &mut modules).await?;
     let info = ServerInfo {
         version: env!("CARGO_PKG_VERSION").into(),
         started_at: chrono::Utc::now(),
@@ -251,7 +299,8 @@ pub async fn run(l: Layers) -> Result<()> {
     if !config.prefix.starts_with('/') || config.prefix.len() < 2 {
         bail!("API_PREFIX={:?} must start with '/' and name a path, such as /api", config.prefix);
     }
-    let services = hangar_api::Services { identity, bus, host, catalog, reverse_proxy: reverse_proxy.clone() };
+    let services =
+        hangar_api::Services { identity, bus, host, catalog, reverse_proxy: reverse_proxy.clone(), orchestrator };
     let app = hangar_api::app(services, info, &config);
 
     let host: std::net::IpAddr =

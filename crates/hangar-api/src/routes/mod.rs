@@ -5,6 +5,7 @@ pub mod auth;
 pub mod catalog;
 pub mod dto;
 pub mod machines;
+pub mod orchestrator;
 pub mod reverse_proxy;
 pub mod system;
 pub mod ws;
