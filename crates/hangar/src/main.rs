@@ -394,11 +394,16 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Logout => {
             let p = client::credentials_path();
-            match std::fs::remove_file(&p) {
-                Ok(()) => println!("removed {}", p.display()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => println!("not logged in"),
+            let removed = match std::fs::remove_file(&p) {
+                Ok(()) => true,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
                 Err(e) => return Err(e.into()),
-            }
+            };
+            print(
+                out,
+                &json!({"logged_out": removed, "credentials_file": p.display().to_string()}),
+                &["logged_out", "credentials_file"],
+            );
             Ok(())
         }
         Command::User { command } => user(Client::connect(cli.url.as_deref())?, command, out).await,
