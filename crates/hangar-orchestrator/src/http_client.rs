@@ -1,5 +1,7 @@
 //! [`HostClient`] and [`HostConnector`] over HTTP: the orchestrator talks to a host
-//! agent's own API (`/api/v1/config/hardware`, `/api/v1/machines...`).
+//! agent's own API (`/api/v1/config/hardware`, `/api/v1/machines...`). A host's
+//! registered URL includes the API prefix (`http://host:3080/api`, what
+//! [`crate::registry::check_url`] makes of a bare `http://host:3080`).
 //!
 //! Authentication uses the host's stored credentials: with a username and password the
 //! client logs in at `/api/v1/auth/token` and sends the bearer token (logging in again
@@ -44,9 +46,12 @@ impl HttpConnector {
 
     /// A concrete client for `url` (for operations the [`HostClient`] seam lacks, like exec).
     pub fn client_for(&self, url: &str, credentials: Option<HostCredentials>) -> Arc<HttpHostClient> {
+        // Registered URLs carry the API prefix (`http://h:3080/api`); accept `.../api/v1` too.
+        let trimmed = url.trim_end_matches('/');
+        let base = trimmed.strip_suffix("/v1").unwrap_or(trimmed).to_string();
         Arc::new(HttpHostClient {
             http: self.http.clone(),
-            base: url.trim_end_matches('/').to_string(),
+            base,
             credentials,
             token: Mutex::new(None),
             poll_interval: self.poll_interval,
@@ -195,7 +200,7 @@ fn power_path(op: PowerOp) -> (&'static str, Option<String>) {
 }
 
 impl HttpHostClient {
-    /// The host's base URL.
+    /// The host's base URL (with the API prefix, without `/v1`).
     pub fn base(&self) -> &str {
         &self.base
     }
@@ -205,12 +210,12 @@ impl HttpHostClient {
     }
 
     async fn login(&self, username: &str, password: &str) -> Result<String, HostClientError> {
-        let url = format!("{}/api/v1/auth/token", self.base);
+        let url = format!("{}/v1/auth/token", self.base);
         let resp = self
             .http
             .post(&url)
             .timeout(Duration::from_secs(30))
-            .json(&json!({"email": username, "username": username, "password": password}))
+            .json(&json!({"username": username, "password": password}))
             .send()
             .await
             .map_err(transport)?;
@@ -235,7 +240,7 @@ impl HttpHostClient {
         timeout: Duration,
         fresh_login: bool,
     ) -> Result<(StatusCode, String), HostClientError> {
-        let url = format!("{}/api/v1{}", self.base, path);
+        let url = format!("{}/v1{}", self.base, path);
         let mut req = self.http.request(method.clone(), &url).timeout(timeout);
         match &self.credentials {
             Some(HostCredentials::ApiKey { api_key }) => req = req.header("X-Api-Key", api_key),
@@ -257,7 +262,7 @@ impl HttpHostClient {
         Ok((status, text))
     }
 
-    /// Sends a request to `/api/v1{path}` and returns the JSON answer.
+    /// Sends a request to `{base}/v1{path}` and returns the JSON answer.
     #[instrument(skip(self, body), fields(host = %self.base))]
     pub async fn request(
         &self,

@@ -1,0 +1,299 @@
+//! The orchestrator end to end: one orchestrator process and two host-agent processes
+//! (each its own data folder, the fake `prlctl` as hypervisor), all on 127.0.0.1. Hosts
+//! are registered with credentials (a password for one, an API key for the other), VMs
+//! are placed and spread, exec goes through the orchestrator, a full fleet answers "no
+//! capacity" with the reason, a host killed with kill -9 turns unhealthy and new VMs go to
+//! the other one, and a restarted orchestrator keeps its hosts.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+/// The fake prlctl binary, built by `cargo test --workspace`; built here when missing.
+fn fake_prlctl() -> PathBuf {
+    let dir = Path::new(bin()).parent().unwrap().to_path_buf();
+    let fake = dir.join("hangar-fake-prlctl");
+    if !fake.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = std::process::Command::new(cargo)
+            .args(["build", "-p", "hangar-parallels", "--bin", "hangar-fake-prlctl"])
+            .status()
+            .unwrap();
+        assert!(st.success(), "building the fake prlctl");
+    }
+    assert!(fake.exists(), "{} missing", fake.display());
+    fake
+}
+
+/// A fake Parallels host: `prlctl`/`prlsrvctl` links, VM state and a golden image.
+struct FakeParallels {
+    tools: PathBuf,
+    state: PathBuf,
+    images: PathBuf,
+}
+
+impl FakeParallels {
+    fn new(dir: &Path) -> FakeParallels {
+        let tools = dir.join("tools");
+        let state = dir.join("prl-state");
+        let images = dir.join("images");
+        for d in [&tools, &state, &images] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let fake = fake_prlctl();
+        std::os::unix::fs::symlink(&fake, tools.join("prlctl")).unwrap();
+        std::os::unix::fs::symlink(&fake, tools.join("prlsrvctl")).unwrap();
+        let f = FakeParallels { tools, state, images };
+        f.prlctl(&["create", "golden", "--distribution", "ubuntu"]);
+        f.prlctl(&["unregister", "golden"]);
+        std::fs::rename(f.state.join("Parallels/golden.pvm"), f.images.join("golden.pvm")).unwrap();
+        f
+    }
+
+    fn prlctl(&self, args: &[&str]) {
+        let out = std::process::Command::new(self.tools.join("prlctl"))
+            .args(args)
+            .env("FAKE_PRL_STATE_DIR", &self.state)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "prlctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// A host agent (api and host modules) driving this fake.
+    fn agent(&self, data: &Path, extra: &[(&str, &str)]) -> Server {
+        let prlctl = self.tools.join("prlctl");
+        let images = self.images.to_str().unwrap().to_string();
+        let mut settings: Vec<(&str, &str)> = vec![
+            ("ENABLED_MODULES", "api,host"),
+            ("HYPERVISOR", "parallels"),
+            ("PRLCTL_PATH", prlctl.to_str().unwrap()),
+            ("HOST_IMAGES_FOLDER", &images),
+        ];
+        settings.extend_from_slice(extra);
+        Server::start_full(data, &settings, true, &[("FAKE_PRL_STATE_DIR", self.state.to_str().unwrap())])
+    }
+}
+
+fn orchestrator(data: &Path) -> Server {
+    Server::start(
+        data,
+        &[
+            ("ENABLED_MODULES", "api,orchestrator"),
+            ("ORCHESTRATOR_CHECK_INTERVAL", "1s"),
+            ("ORCHESTRATOR_UNHEALTHY_AFTER", "3s"),
+        ],
+    )
+}
+
+async fn host_state(c: &reqwest::Client, o: &Server, auth: &Auth, id: &str) -> String {
+    let (st, v) = call(c, Method::GET, &o.api(&format!("/orchestrator/hosts/{id}")), auth, None, &[]).await;
+    assert_eq!(st, 200, "{v}");
+    v["state"].as_str().unwrap_or_default().to_string()
+}
+
+async fn create(c: &reqwest::Client, o: &Server, auth: &Auth, name: &str, memory: u64) -> (u16, Value) {
+    call(
+        c,
+        Method::POST,
+        &o.api("/orchestrator/machines"),
+        auth,
+        Some(json!({"name": name, "image": "golden.pvm", "architecture": "x86_64", "start_on_create": true,
+            "specs": {"cpu": "1", "memory": memory.to_string()}})),
+        &[],
+    )
+    .await
+}
+
+#[tokio::test]
+async fn orchestrator_places_forwards_and_survives_host_loss_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = client();
+
+    // A throwaway agent tells what the machine offers, so the real agents can keep
+    // room for exactly one 2 GiB VM each (SYSTEM_RESERVED_MEMORY).
+    let probe_fake = FakeParallels::new(&dir.path().join("probe"));
+    let mut probe = probe_fake.agent(&dir.path().join("probe/data"), &[]);
+    let token = login(&c, &probe, "root", ROOT_PASSWORD).await;
+    let (st, hw) = call(&c, Method::GET, &probe.api("/config/hardware"), &Auth::Bearer(token), None, &[]).await;
+    assert_eq!(st, 200, "{hw}");
+    let total_mem = hw["total"]["memory_size"].as_f64().unwrap() as u64;
+    probe.stop();
+    assert!(total_mem > 4096, "the machine reports {total_mem} MiB");
+    let reserved_mem = (total_mem - 3072).to_string();
+    let reserved = [("SYSTEM_RESERVED_MEMORY", reserved_mem.as_str()), ("SYSTEM_RESERVED_CPU", "0")];
+
+    let fake_a = FakeParallels::new(&dir.path().join("a"));
+    let fake_b = FakeParallels::new(&dir.path().join("b"));
+    let agent_a = fake_a.agent(&dir.path().join("a/data"), &reserved);
+    let mut agent_b = fake_b.agent(&dir.path().join("b/data"), &reserved);
+    let mut orch = orchestrator(&dir.path().join("orch"));
+    assert!(
+        orch.banner.iter().any(|l| l.contains("module orchestrator") && l.contains("running")),
+        "{:?}",
+        orch.banner
+    );
+
+    let root = Auth::Bearer(login(&c, &orch, "root", ROOT_PASSWORD).await);
+    let root_o = login(&c, &orch, "root", ROOT_PASSWORD).await;
+    let (_, user) = make_user(&c, &orch, &root_o, "plain").await;
+    let user = Auth::Bearer(user);
+
+    // Host B is reached with an API key made on B.
+    let b_token = login(&c, &agent_b, "root", ROOT_PASSWORD).await;
+    let (st, key) = call(
+        &c,
+        Method::POST,
+        &agent_b.api("/auth/api_keys"),
+        &Auth::Bearer(b_token),
+        Some(json!({"name": "orchestrator"})),
+        &[],
+    )
+    .await;
+    assert_eq!(st, 201, "{key}");
+    let b_key = key["encoded"].as_str().unwrap().to_string();
+
+    // Registration: credentials are stored, never answered.
+    let (st, a) = call(&c, Method::POST, &orch.api("/orchestrator/hosts"), &root,
+        Some(json!({"name": "host-a", "host": agent_a.url, "authentication": {"username": "root", "password": ROOT_PASSWORD}})), &[]).await;
+    assert_eq!(st, 201, "{a}");
+    let (st, b) = call(
+        &c,
+        Method::POST,
+        &orch.api("/orchestrator/hosts"),
+        &root,
+        Some(json!({"name": "host-b", "url": agent_b.url, "authentication": {"api_key": b_key}})),
+        &[],
+    )
+    .await;
+    assert_eq!(st, 201, "{b}");
+    let (a_id, b_id) = (a["id"].as_str().unwrap().to_string(), b["id"].as_str().unwrap().to_string());
+    let (st, hosts) = call(&c, Method::GET, &orch.api("/orchestrator/hosts"), &root, None, &[]).await;
+    assert_eq!(st, 200);
+    assert_eq!(hosts.as_array().unwrap().len(), 2);
+    let text = hosts.to_string();
+    assert!(!text.contains(ROOT_PASSWORD) && !text.contains(&b_key), "credentials leaked: {text}");
+    assert!(
+        hosts.as_array().unwrap().iter().all(|h| h["has_credentials"] == true && h["state"] == "healthy"),
+        "{hosts}"
+    );
+    // Wrong credentials are refused at registration (the host is probed).
+    let (st, v) = call(&c, Method::POST, &orch.api("/orchestrator/hosts"), &root,
+        Some(json!({"name": "host-x", "url": agent_a.url, "authentication": {"username": "root", "password": "wrong-password"}})), &[]).await;
+    assert!(st >= 400, "{st} {v}");
+    // A plain user cannot manage hosts.
+    let (st, _) =
+        call(&c, Method::POST, &orch.api("/orchestrator/hosts"), &user, Some(json!({"url": agent_a.url})), &[]).await;
+    assert_eq!(st, 403);
+
+    // Live hardware and the fleet overview.
+    let (st, hw) =
+        call(&c, Method::GET, &orch.api(&format!("/orchestrator/hosts/{a_id}/hardware")), &root, None, &[]).await;
+    assert_eq!(st, 200, "{hw}");
+    assert_eq!(hw["hypervisor"], "parallels");
+    let (st, ov) = call(&c, Method::GET, &orch.api("/orchestrator/overview/resources"), &root, None, &[]).await;
+    assert_eq!(st, 200, "{ov}");
+    assert_eq!(ov["total"]["memory_mb"].as_u64().unwrap(), 2 * total_mem, "{ov}");
+
+    // Two VMs spread over the two hosts.
+    let (st, vm1) = create(&c, &orch, &root, "orch-1", 2048).await;
+    assert_eq!(st, 200, "{vm1}");
+    assert_eq!((vm1["owner"].as_str(), vm1["current_state"].as_str()), (Some("root"), Some("running")), "{vm1}");
+    let (st, vm2) = create(&c, &orch, &root, "orch-2", 2048).await;
+    assert_eq!(st, 200, "{vm2}");
+    assert_ne!(vm1["host_id"], vm2["host_id"], "spread placement: {vm1} {vm2}");
+    let (st, list) = call(&c, Method::GET, &orch.api("/orchestrator/machines"), &user, None, &[]).await;
+    assert_eq!(st, 200);
+    let listed: Vec<(String, String)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v["id"].as_str().unwrap().to_string(), v["host_id"].as_str().unwrap().to_string()))
+        .collect();
+    assert!(listed.contains(&(vm1["id"].as_str().unwrap().into(), vm1["host_id"].as_str().unwrap().into())), "{list}");
+    assert!(listed.contains(&(vm2["id"].as_str().unwrap().into(), vm2["host_id"].as_str().unwrap().into())), "{list}");
+
+    // Exec through the orchestrator; a plain user may not.
+    let vm1_id = vm1["id"].as_str().unwrap().to_string();
+    let (st, out) = call(
+        &c,
+        Method::PUT,
+        &orch.api(&format!("/orchestrator/machines/{vm1_id}/execute")),
+        &root,
+        Some(json!({"command": "echo via-orchestrator; exit 4"})),
+        &[],
+    )
+    .await;
+    assert_eq!(st, 200, "{out}");
+    assert_eq!(out["stdout"].as_str().unwrap().trim(), "via-orchestrator");
+    assert_eq!(out["exit_code"], 4);
+    let (st, _) = call(
+        &c,
+        Method::PUT,
+        &orch.api(&format!("/orchestrator/machines/{vm1_id}/execute")),
+        &user,
+        Some(json!({"command": "id"})),
+        &[],
+    )
+    .await;
+    assert_eq!(st, 403);
+    let (st, _) =
+        call(&c, Method::PUT, &orch.api(&format!("/orchestrator/machines/{vm1_id}/stop")), &user, None, &[]).await;
+    assert_eq!(st, 403);
+
+    // Full fleet: the answer says why, per group of hosts.
+    let (st, v) = create(&c, &orch, &root, "orch-3", 2048).await;
+    assert!(st == 503 || st == 409, "{st} {v}");
+    assert!(v["message"].as_str().unwrap().contains("lack memory"), "{v}");
+
+    // Host B dies: it turns unhealthy within the deadline, and once A has room again the
+    // next VM goes to A.
+    agent_b.kill9();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if host_state(&c, &orch, &root, &b_id).await == "unhealthy" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "host B still not unhealthy 20 s after kill -9");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(host_state(&c, &orch, &root, &a_id).await, "healthy");
+    let on_a = if vm1["host_id"] == a_id.as_str() { vm1["id"].clone() } else { vm2["id"].clone() };
+    let (st, v) = call(
+        &c,
+        Method::DELETE,
+        &orch.api(&format!("/orchestrator/machines/{}", on_a.as_str().unwrap())),
+        &root,
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(st, 202, "{v}");
+    let (st, vm4) = create(&c, &orch, &root, "orch-4", 2048).await;
+    assert_eq!(st, 200, "{vm4}");
+    assert_eq!(vm4["host_id"], a_id.as_str(), "{vm4}");
+
+    // A restarted orchestrator keeps its hosts (and their credentials: A still answers).
+    assert!(orch.stop().success());
+    let orch = orchestrator(&dir.path().join("orch"));
+    let root = Auth::Bearer(login(&c, &orch, "root", ROOT_PASSWORD).await);
+    let (st, hosts) = call(&c, Method::GET, &orch.api("/orchestrator/hosts"), &root, None, &[]).await;
+    assert_eq!(st, 200);
+    let mut ids: Vec<&str> = hosts.as_array().unwrap().iter().map(|h| h["id"].as_str().unwrap()).collect();
+    ids.sort();
+    let mut want = vec![a_id.as_str(), b_id.as_str()];
+    want.sort();
+    assert_eq!(ids, want);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while host_state(&c, &orch, &root, &a_id).await != "healthy" {
+        assert!(tokio::time::Instant::now() < deadline, "host A not healthy again after the restart");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(agent_a);
+}
