@@ -2,7 +2,6 @@
 //! once, written atomically with mode 0600, read back on every start.
 
 use std::fs;
-use std::io::Write;
 use std::path::Path;
 
 use crate::error::{IdentityError, Result};
@@ -31,15 +30,6 @@ pub fn load_or_create_with(path: &Path, make: impl FnOnce() -> Result<Vec<u8>>) 
 
 /// Write a file readable only by its owner: temp file, fsync, rename, fsync the folder.
 pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let err = |e: std::io::Error| IdentityError::Internal(format!("cannot write {}: {e}", path.display()));
-    let dir = path.parent().ok_or_else(|| IdentityError::Internal("secret path has no folder".into()))?;
-    fs::create_dir_all(dir).map_err(err)?;
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(err)?;
-    f.write_all(bytes).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    fs::rename(&tmp, path).map_err(err)?;
-    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
-    Ok(())
+    hangar_store::sealed::write_private(path, bytes)
+        .map_err(|e| IdentityError::Internal(format!("cannot write {}: {e}", path.display())))
 }

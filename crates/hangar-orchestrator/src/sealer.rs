@@ -5,30 +5,26 @@
 //! The additional data is the host id, so a sealed blob copied onto another host's record
 //! does not open.
 
-use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
+use hangar_store::sealed::{self, SealError};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{OrchestratorError, Result};
 use crate::model::HostCredentials;
 
-/// File name of the key, under `<data>/secrets/`.
 pub const KEY_FILE: &str = "orchestrator-hosts.key";
 
-const KEY_LEN: usize = 32;
-
-fn internal(msg: impl Into<String>) -> OrchestratorError {
-    OrchestratorError::Internal(msg.into())
+fn internal(e: SealError) -> OrchestratorError {
+    OrchestratorError::Internal(match e {
+        SealError::Tampered => "cannot open host credentials: wrong key, or the record was altered".into(),
+        other => format!("host credential key: {other}"),
+    })
 }
 
-/// Seals and opens host credentials.
+/// Seals host credentials with the orchestrator's key; see [`hangar_store::sealed`].
 pub struct Sealer {
-    key: LessSafeKey,
+    inner: sealed::Sealer,
 }
 
 impl std::fmt::Debug for Sealer {
@@ -37,7 +33,6 @@ impl std::fmt::Debug for Sealer {
     }
 }
 
-/// The serialised form of credentials, only ever inside a sealed blob.
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 enum Plain {
@@ -46,28 +41,13 @@ enum Plain {
 }
 
 impl Sealer {
-    /// Builds a sealer from 32 raw key bytes.
     pub fn from_key(bytes: &[u8]) -> Result<Self> {
-        if bytes.len() != KEY_LEN {
-            return Err(internal(format!("the host credential key must be {KEY_LEN} bytes, not {}", bytes.len())));
-        }
-        let key = UnboundKey::new(&AES_256_GCM, bytes).map_err(|_| internal("cannot use the host credential key"))?;
-        Ok(Sealer { key: LessSafeKey::new(key) })
+        Ok(Sealer { inner: sealed::Sealer::from_key(bytes).map_err(internal)? })
     }
 
-    /// Loads the key from `<data_dir>/secrets/orchestrator-hosts.key`, generating it (mode
-    /// 0600) when missing.
+    /// The key under `<data>/secrets/`, created on first use.
     pub fn load_or_create(data_dir: &Path) -> Result<Self> {
-        let path = key_path(data_dir);
-        match fs::read(&path) {
-            Ok(b) => return Sealer::from_key(&b),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(internal(format!("cannot read {}: {e}", path.display()))),
-        }
-        let mut key = [0u8; KEY_LEN];
-        aws_lc_rs::rand::fill(&mut key).map_err(|_| internal("no randomness"))?;
-        write_private(&path, &key)?;
-        Sealer::from_key(&key)
+        Ok(Sealer { inner: sealed::Sealer::load_or_create(&key_path(data_dir)).map_err(internal)? })
     }
 
     /// Seals credentials for the host `host_id`.
@@ -78,33 +58,16 @@ impl Sealer {
             }
             HostCredentials::ApiKey { api_key } => Plain::ApiKey { api_key: api_key.clone() },
         };
-        let mut buf = serde_json::to_vec(&plain).map_err(|e| internal(format!("serialise credentials: {e}")))?;
-        let mut nonce = [0u8; NONCE_LEN];
-        aws_lc_rs::rand::fill(&mut nonce).map_err(|_| internal("no randomness"))?;
-        self.key
-            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(host_id.as_bytes()), &mut buf)
-            .map_err(|_| internal("cannot seal host credentials"))?;
-        let mut out = Vec::with_capacity(NONCE_LEN + buf.len());
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(&buf);
-        Ok(STANDARD.encode(out))
+        let buf = serde_json::to_vec(&plain)
+            .map_err(|e| OrchestratorError::Internal(format!("serialise credentials: {e}")))?;
+        self.inner.seal(host_id, &buf).map_err(internal)
     }
 
     /// Opens credentials sealed for `host_id`.
     pub fn open(&self, host_id: &str, sealed: &str) -> Result<HostCredentials> {
-        let raw = STANDARD.decode(sealed).map_err(|_| internal("sealed host credentials are not base64"))?;
-        if raw.len() < NONCE_LEN + AES_256_GCM.tag_len() {
-            return Err(internal("sealed host credentials are truncated"));
-        }
-        let (nonce, body) = raw.split_at(NONCE_LEN);
-        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| internal("bad nonce"))?;
-        let mut body = body.to_vec();
-        let plain = self
-            .key
-            .open_in_place(nonce, Aad::from(host_id.as_bytes()), &mut body)
-            .map_err(|_| internal("cannot open host credentials: wrong key, or the record was altered"))?;
-        let plain: Plain = serde_json::from_slice(plain)
-            .map_err(|e| internal(format!("sealed host credentials are unreadable: {e}")))?;
+        let plain = self.inner.open(host_id, sealed).map_err(internal)?;
+        let plain: Plain = serde_json::from_slice(&plain)
+            .map_err(|e| OrchestratorError::Internal(format!("sealed host credentials are unreadable: {e}")))?;
         Ok(match plain {
             Plain::Basic { username, password } => HostCredentials::Basic { username, password },
             Plain::ApiKey { api_key } => HostCredentials::ApiKey { api_key },
@@ -117,21 +80,6 @@ pub fn key_path(data_dir: &Path) -> PathBuf {
     data_dir.join("secrets").join(KEY_FILE)
 }
 
-/// Writes a file only its owner can read: temp file (0600), fsync, rename, fsync the folder.
-fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let err = |e: std::io::Error| internal(format!("cannot write {}: {e}", path.display()));
-    let dir = path.parent().ok_or_else(|| internal("key path has no folder"))?;
-    fs::create_dir_all(dir).map_err(err)?;
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(err)?;
-    f.write_all(bytes).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    fs::rename(&tmp, path).map_err(err)?;
-    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
@@ -142,7 +90,7 @@ mod tests {
     fn key_file_is_private_and_reused() {
         let dir = tempfile::tempdir().unwrap();
         let s1 = Sealer::load_or_create(dir.path()).unwrap();
-        let mode = fs::metadata(key_path(dir.path())).unwrap().permissions().mode() & 0o777;
+        let mode = std::fs::metadata(key_path(dir.path())).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let creds = HostCredentials::Basic { username: "u".into(), password: "hunter2".into() };
         let sealed = s1.seal("h1", &creds).unwrap();
@@ -157,10 +105,12 @@ mod tests {
         let creds = HostCredentials::ApiKey { api_key: "k-123".into() };
         let sealed = s.seal("h1", &creds).unwrap();
         assert!(s.open("h2", &sealed).is_err(), "opened with another host's id");
-        let mut raw = STANDARD.decode(&sealed).unwrap();
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut raw = b64.decode(&sealed).unwrap();
         let last = raw.len() - 1;
         raw[last] ^= 1;
-        assert!(s.open("h1", &STANDARD.encode(raw)).is_err(), "tampered blob opened");
+        assert!(s.open("h1", &b64.encode(raw)).is_err(), "tampered blob opened");
         let other = Sealer::from_key(&[8u8; 32]).unwrap();
         assert!(other.open("h1", &sealed).is_err(), "opened with another key");
         // Two seals of the same value differ (fresh nonce).

@@ -16,6 +16,7 @@ use serde_json::Value;
 
 pub mod conformance;
 pub mod json;
+pub mod sealed;
 
 pub use json::{EncryptionKey, JsonStore, JsonStoreOptions};
 
