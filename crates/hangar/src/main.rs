@@ -3,6 +3,7 @@
 mod catalog_cmd;
 mod client;
 mod config;
+mod host_cmd;
 mod output;
 mod serve;
 mod vm_cmd;
@@ -124,6 +125,11 @@ enum Command {
     Vm {
         #[command(subcommand)]
         command: vm_cmd::VmCommand,
+    },
+    /// The orchestrator's hosts: list, add, remove, enable, disable, token.
+    Host {
+        #[command(subcommand)]
+        command: host_cmd::HostCommand,
     },
     /// The audit log (SUPER_USER).
     Audit {
@@ -411,6 +417,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Claim { command } => claim(Client::connect(cli.url.as_deref())?, command, out).await,
         Command::Apikey { command } => apikey(Client::connect(cli.url.as_deref())?, command, out).await,
         Command::Vm { command } => vm_cmd::run(Client::connect(cli.url.as_deref())?, command, out).await,
+        Command::Host { command } => host_cmd::run(cli.url.as_deref(), command, out).await,
         Command::Audit { after, limit } => {
             let c = Client::connect(cli.url.as_deref())?;
             let mut path = format!("/audit?limit={limit}");

@@ -116,15 +116,15 @@ async fn orchestrator_places_forwards_and_survives_host_loss_and_restart() {
     let dir = tempfile::tempdir().unwrap();
     let c = client();
 
-    // A throwaway agent tells what the machine offers, so the real agents can keep
-    // room for exactly one 2 GiB VM each (SYSTEM_RESERVED_MEMORY).
+    // A first agent tells what the machine offers, so agents A and B can keep room for
+    // exactly one 2 GiB VM each (SYSTEM_RESERVED_MEMORY). It joins the fleet at the end,
+    // through the CLI with an enrollment token.
     let probe_fake = FakeParallels::new(&dir.path().join("probe"));
-    let mut probe = probe_fake.agent(&dir.path().join("probe/data"), &[]);
+    let probe = probe_fake.agent(&dir.path().join("probe/data"), &[]);
     let token = login(&c, &probe, "root", ROOT_PASSWORD).await;
     let (st, hw) = call(&c, Method::GET, &probe.api("/config/hardware"), &Auth::Bearer(token), None, &[]).await;
     assert_eq!(st, 200, "{hw}");
     let total_mem = hw["total"]["memory_size"].as_f64().unwrap() as u64;
-    probe.stop();
     assert!(total_mem > 4096, "the machine reports {total_mem} MiB");
     let reserved_mem = (total_mem - 3072).to_string();
     let reserved = [("SYSTEM_RESERVED_MEMORY", reserved_mem.as_str()), ("SYSTEM_RESERVED_CPU", "0")];
@@ -295,5 +295,54 @@ async fn orchestrator_places_forwards_and_survives_host_loss_and_restart() {
         assert!(tokio::time::Instant::now() < deadline, "host A not healthy again after the restart");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // The CLI: an enrollment token, a host joining with it (once), list, disable, remove.
+    let cfg = dir.path().join("cli");
+    let root_token = login(&c, &orch, "root", ROOT_PASSWORD).await;
+    let cli = |args: &[&str], env: &[(&str, &str)], stdin: &str| {
+        use std::io::Write;
+        let mut cmd = std::process::Command::new(bin());
+        cmd.args(args)
+            .env("HANGAR_CONFIG_DIR", &cfg)
+            .env("HANGAR_URL", &orch.url)
+            .env("HANGAR_TOKEN", &root_token)
+            .env_remove("HANGAR_API_KEY")
+            .env_remove("HANGAR_ENROLLMENT_TOKEN")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let json_of = |o: &std::process::Output| -> Value {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let t = json_of(&cli(&["host", "token", "probe-host", "--ttl", "10m", "--output", "json"], &[], ""));
+    let token = t["token"].as_str().unwrap().to_string();
+    let join = ["host", "add", &probe.url, "--username", "root", "--secret-stdin", "--disabled", "--output", "json"];
+    // Joining needs no user login: the token alone.
+    let joined = json_of(&cli(&join, &[("HANGAR_ENROLLMENT_TOKEN", &token), ("HANGAR_TOKEN", "")], ROOT_PASSWORD));
+    assert_eq!((joined["name"].as_str(), joined["enabled"].as_bool()), (Some("probe-host"), Some(false)), "{joined}");
+    let again = cli(&join, &[("HANGAR_ENROLLMENT_TOKEN", &token), ("HANGAR_TOKEN", "")], ROOT_PASSWORD);
+    assert!(!again.status.success(), "a token registers one host only");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("401"), "{}", String::from_utf8_lossy(&again.stderr));
+    let list = json_of(&cli(&["host", "list", "--output", "json"], &[], ""));
+    assert_eq!(list.as_array().unwrap().len(), 3, "{list}");
+    let disabled = json_of(&cli(&["host", "disable", "host-a", "--output", "json"], &[], ""));
+    assert_eq!(disabled["enabled"], false);
+    let (st, v) = create(&c, &orch, &root, "orch-5", 2048).await;
+    assert!(st == 503 || st == 409, "every host is disabled or down: {st} {v}");
+    assert!(v["message"].as_str().unwrap().contains("disabled"), "{v}");
+    let enabled = json_of(&cli(&["host", "enable", "host-a", "--output", "json"], &[], ""));
+    assert_eq!(enabled["enabled"], true);
+    assert!(cli(&["host", "remove", "probe-host"], &[], "").status.success());
+    let list = json_of(&cli(&["host", "list", "--output", "json"], &[], ""));
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
     drop(agent_a);
+    drop(probe);
 }
