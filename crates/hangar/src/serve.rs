@@ -179,7 +179,6 @@ async fn start_orchestrator(
     let config = hangar_orchestrator::SchedulerConfig {
         profile,
         health: hangar_orchestrator::HealthConfig { unhealthy_after },
-        call_timeout: check.max(std::time::Duration::from_secs(2)),
         ..Default::default()
     };
     let dyn_store: Arc<dyn Store> = store;

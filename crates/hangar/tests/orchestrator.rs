@@ -87,7 +87,7 @@ fn orchestrator(data: &Path) -> Server {
         &[
             ("ENABLED_MODULES", "api,orchestrator"),
             ("ORCHESTRATOR_CHECK_INTERVAL", "1s"),
-            ("ORCHESTRATOR_UNHEALTHY_AFTER", "3s"),
+            ("ORCHESTRATOR_UNHEALTHY_AFTER", "10s"),
         ],
     )
 }
@@ -275,9 +275,37 @@ async fn orchestrator_places_forwards_and_survives_host_loss_and_restart() {
     )
     .await;
     assert_eq!(st, 202, "{v}");
-    let (st, vm4) = create(&c, &orch, &root, "orch-4", 2048).await;
+    let (st, vm4) = call(
+        &c,
+        Method::POST,
+        &orch.api("/orchestrator/machines"),
+        &root,
+        Some(json!({"name": "orch-4", "image": "golden.pvm", "start_on_create": true, "ttl_seconds": 3600,
+            "specs": {"cpu": "1", "memory": "2048"}})),
+        &[],
+    )
+    .await;
     assert_eq!(st, 200, "{vm4}");
     assert_eq!(vm4["host_id"], a_id.as_str(), "{vm4}");
+    // Its expiry can be pushed back.
+    let vm4_id = vm4["id"].as_str().unwrap();
+    let expires = |v: &Value| chrono::DateTime::parse_from_rfc3339(v["expires_at"].as_str().unwrap()).unwrap();
+    let before = expires(&vm4);
+    let (st, ext) = call(
+        &c,
+        Method::PUT,
+        &orch.api(&format!("/orchestrator/machines/{vm4_id}/extend")),
+        &root,
+        Some(json!({"ttl_seconds": 600})),
+        &[],
+    )
+    .await;
+    assert_eq!(st, 200, "{ext}");
+    assert_eq!((expires(&ext) - before).num_seconds(), 600, "{ext}");
+    let (st, got) =
+        call(&c, Method::GET, &orch.api(&format!("/orchestrator/machines/{vm4_id}")), &user, None, &[]).await;
+    assert_eq!(st, 200, "{got}");
+    assert_eq!((got["host_id"].as_str(), got["owner"].as_str()), (Some(a_id.as_str()), Some("root")), "{got}");
 
     // A restarted orchestrator keeps its hosts (and their credentials: A still answers).
     assert!(orch.stop().success());
