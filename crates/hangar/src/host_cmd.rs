@@ -134,7 +134,7 @@ pub async fn run(url_flag: Option<&str>, cmd: HostCommand, out: Output) -> Resul
             let ttl: Duration = humantime::parse_duration(&ttl)
                 .map_err(|_| anyhow!("--ttl {ttl:?} is not a duration such as 15m or 2h"))?;
             let v = Client::connect(url_flag)?
-                .post("/orchestrator/enrollment-tokens", json!({"host_name": host_name, "ttl_seconds": ttl.as_secs()}))
+                .post("/orchestrator/enrollment-token", json!({"host_name": host_name, "ttl_seconds": ttl.as_secs()}))
                 .await?;
             (v, &["token", "host_name", "expires_at"][..])
         }

@@ -196,10 +196,14 @@ async fn orchestrator_places_forwards_and_survives_host_loss_and_restart() {
     let (st, hw) =
         call(&c, Method::GET, &orch.api(&format!("/orchestrator/hosts/{a_id}/hardware")), &root, None, &[]).await;
     assert_eq!(st, 200, "{hw}");
-    assert_eq!(hw["hypervisor"], "parallels");
+    assert_eq!(hw["hypervisor"], "parallels", "the host's own hardware answer: {hw}");
+    assert!(hw["total_available"]["logical_cpu_count"].is_u64(), "{hw}");
     let (st, ov) = call(&c, Method::GET, &orch.api("/orchestrator/overview/resources"), &root, None, &[]).await;
     assert_eq!(st, 200, "{ov}");
-    assert_eq!(ov["total"]["memory_mb"].as_u64().unwrap(), 2 * total_mem, "{ov}");
+    let groups = ov.as_array().unwrap();
+    assert_eq!(groups.len(), 1, "one CPU type: {ov}");
+    assert_eq!(groups[0]["total"]["memory_size"].as_f64().unwrap() as u64, 2 * total_mem, "{ov}");
+    assert_eq!(groups[0]["hosts"].as_array().unwrap().len(), 2, "{ov}");
 
     // Two VMs spread over the two hosts.
     let (st, vm1) = create(&c, &orch, &root, "orch-1", 2048).await;
@@ -208,13 +212,13 @@ async fn orchestrator_places_forwards_and_survives_host_loss_and_restart() {
     let (st, vm2) = create(&c, &orch, &root, "orch-2", 2048).await;
     assert_eq!(st, 200, "{vm2}");
     assert_ne!(vm1["host_id"], vm2["host_id"], "spread placement: {vm1} {vm2}");
-    let (st, list) = call(&c, Method::GET, &orch.api("/orchestrator/machines"), &user, None, &[]).await;
+    let (st, list) = call(&c, Method::GET, &orch.api("/orchestrator/machines/"), &user, None, &[]).await;
     assert_eq!(st, 200);
     let listed: Vec<(String, String)> = list
         .as_array()
         .unwrap()
         .iter()
-        .map(|v| (v["id"].as_str().unwrap().to_string(), v["host_id"].as_str().unwrap().to_string()))
+        .map(|v| (v["ID"].as_str().unwrap().to_string(), v["host_id"].as_str().unwrap().to_string()))
         .collect();
     assert!(listed.contains(&(vm1["id"].as_str().unwrap().into(), vm1["host_id"].as_str().unwrap().into())), "{list}");
     assert!(listed.contains(&(vm2["id"].as_str().unwrap().into(), vm2["host_id"].as_str().unwrap().into())), "{list}");
@@ -352,6 +356,9 @@ async fn orchestrator_places_forwards_and_survives_host_loss_and_restart() {
     };
     let t = json_of(&cli(&["host", "token", "probe-host", "--ttl", "10m", "--output", "json"], &[], ""));
     let token = t["token"].as_str().unwrap().to_string();
+    let validate = format!("/orchestrator/enrollment-token/{token}/validate");
+    let (st, v) = call(&c, Method::GET, &orch.api(&validate), &Auth::None, None, &[]).await;
+    assert_eq!((st, v["valid"].as_bool(), v["host_name"].as_str()), (200, Some(true), Some("probe-host")), "{v}");
     let join = ["host", "add", &probe.url, "--username", "root", "--secret-stdin", "--disabled", "--output", "json"];
     // Joining needs no user login: the token alone.
     let joined = json_of(&cli(&join, &[("HANGAR_ENROLLMENT_TOKEN", &token), ("HANGAR_TOKEN", "")], ROOT_PASSWORD));
@@ -359,6 +366,8 @@ async fn orchestrator_places_forwards_and_survives_host_loss_and_restart() {
     let again = cli(&join, &[("HANGAR_ENROLLMENT_TOKEN", &token), ("HANGAR_TOKEN", "")], ROOT_PASSWORD);
     assert!(!again.status.success(), "a token registers one host only");
     assert!(String::from_utf8_lossy(&again.stderr).contains("401"), "{}", String::from_utf8_lossy(&again.stderr));
+    let (_, v) = call(&c, Method::GET, &orch.api(&validate), &Auth::None, None, &[]).await;
+    assert_eq!(v["valid"], false, "used up: {v}");
     let list = json_of(&cli(&["host", "list", "--output", "json"], &[], ""));
     assert_eq!(list.as_array().unwrap().len(), 3, "{list}");
     let disabled = json_of(&cli(&["host", "disable", "host-a", "--output", "json"], &[], ""));

@@ -18,9 +18,8 @@ use hangar_core::Access;
 use hangar_core::Principal;
 use hangar_core::claims::*;
 use hangar_hypervisor::PowerOp;
-use hangar_orchestrator::{
-    Caller, CreateVm, Host, HostClient, HttpOrchestrator, Os, RegisterHost, ResourceSet, UpdateHost,
-};
+use hangar_orchestrator::{Caller, CreateVm, Host, HttpOrchestrator, Os, RegisterHost, ResourceSet, UpdateHost};
+use http::Method;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use utoipa::ToSchema;
@@ -47,6 +46,7 @@ pub fn register(api: Api) -> Api {
         .add(MANAGE_HOSTS, routes!(disable_host))
         .add(LIST_HOSTS, routes!(host_hardware))
         .add(MANAGE_HOSTS, routes!(create_token))
+        .add(Access::Public, routes!(validate_token))
         .add(LIST_HOSTS, routes!(overview_resources))
         .add(Access::AllOf(&[LIST_VM]), routes!(list_machines))
         .add(Access::AllOf(&[CREATE_VM]), routes!(create_machine))
@@ -78,7 +78,12 @@ fn parse<T: serde::de::DeserializeOwned>(v: Value, what: &str) -> R<T> {
 
 fn host_view(h: &Host) -> Value {
     // `Host` holds no credentials; `has_credentials` says whether some are stored.
-    serde_json::to_value(h).unwrap_or(Value::Null)
+    let mut v = serde_json::to_value(h).unwrap_or(Value::Null);
+    if let Some(o) = v.as_object_mut() {
+        // The reference names the URL `host`.
+        o.insert("host".into(), json!(h.url));
+    }
+    v
 }
 
 /// Whether the caller may use `host` (its required roles and claims).
@@ -208,29 +213,33 @@ async fn disable_host(State(s): State<AppState>, ctx: RequestContext, Path(id): 
     set_enabled(&s, &ctx, &id, false).await
 }
 
-/// The host's hardware, read from the host now.
+/// The host's own `/config/hardware` answer, read from the host now (what the Terraform
+/// provider reads).
 #[utoipa::path(get, path = "/orchestrator/hosts/{id}/hardware", tag = "orchestrator", params(("id" = String, Path)),
     responses((status = 200, body = Object), (status = 404, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
 async fn host_hardware(State(s): State<AppState>, Path(id): Path<String>) -> R<axum::Json<Value>> {
     let o = module(&s)?;
     let host = o.scheduler.registry().get(&id).map_err(ApiError::from_domain)?;
     let client = o.host_client(&host.id).map_err(ApiError::from_domain)?;
-    let hw = client.hardware().await.map_err(|source| {
-        ApiError::from_domain(hangar_orchestrator::OrchestratorError::Host { host: host.id.clone(), source })
-    })?;
-    Ok(axum::Json(serde_json::to_value(hw).unwrap_or(Value::Null)))
+    let hw =
+        client.request(Method::GET, "/config/hardware", None, Duration::from_secs(30)).await.map_err(|source| {
+            ApiError::from_domain(hangar_orchestrator::OrchestratorError::Host { host: host.id.clone(), source })
+        })?;
+    Ok(axum::Json(hw))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct TokenRequest {
     /// Name the joining host gets.
     pub host_name: String,
-    /// Lifetime in seconds (default 900).
+    /// Lifetime in minutes (the reference's field; default 15).
+    pub ttl_minutes: Option<u64>,
+    /// Lifetime in seconds (takes precedence over `ttl_minutes`).
     pub ttl_seconds: Option<u64>,
 }
 
 /// A single-use enrollment token; the token itself is answered only here.
-#[utoipa::path(post, path = "/orchestrator/enrollment-tokens", tag = "orchestrator", request_body = TokenRequest,
+#[utoipa::path(post, path = "/orchestrator/enrollment-token", tag = "orchestrator", request_body = TokenRequest,
     responses((status = 201, body = Object), (status = 400, body = ApiErrorBody)))]
 async fn create_token(
     State(s): State<AppState>,
@@ -241,7 +250,11 @@ async fn create_token(
     let issued = o
         .scheduler
         .registry()
-        .create_enrollment_token(&ctx.actor, &req.host_name, req.ttl_seconds.map(Duration::from_secs))
+        .create_enrollment_token(
+            &ctx.actor,
+            &req.host_name,
+            req.ttl_seconds.or(req.ttl_minutes.map(|m| m.saturating_mul(60))).map(Duration::from_secs),
+        )
         .await
         .map_err(ApiError::from_domain)?;
     let info = issued.info;
@@ -252,27 +265,48 @@ async fn create_token(
     ))
 }
 
-/// Resources summed across hosts (healthy or not), with the per-host figures.
-#[utoipa::path(get, path = "/orchestrator/overview/resources", tag = "orchestrator", responses((status = 200, body = Object)))]
-async fn overview_resources(State(s): State<AppState>) -> R<axum::Json<Value>> {
+fn usage(r: ResourceSet) -> Value {
+    json!({"logical_cpu_count": r.cpu, "memory_size": r.memory_mb as f64, "disk_size": r.disk_mb as f64})
+}
+
+/// Whether an enrollment token is valid now (it is not used up by the check).
+#[utoipa::path(get, path = "/orchestrator/enrollment-token/{token}/validate", tag = "orchestrator", params(("token" = String, Path)),
+    responses((status = 200, body = Object)))]
+async fn validate_token(State(s): State<AppState>, Path(token): Path<String>) -> R<axum::Json<Value>> {
     let o = module(&s)?;
-    let mut sum = [ResourceSet::default(); 4];
-    let mut hosts = Vec::new();
+    Ok(axum::Json(match o.scheduler.registry().validate_enrollment_token(&token).await {
+        Ok(info) => json!({"valid": true, "host_name": info.host_name, "expires_at": info.expires_at}),
+        Err(_) => json!({"valid": false}),
+    }))
+}
+
+/// Resources summed across hosts per CPU type (the reference's list of system usages),
+/// each entry with its host ids.
+#[utoipa::path(get, path = "/orchestrator/overview/resources", tag = "orchestrator", responses((status = 200, body = Vec<Object>)))]
+async fn overview_resources(State(s): State<AppState>) -> R<axum::Json<Vec<Value>>> {
+    let o = module(&s)?;
+    let mut groups: std::collections::BTreeMap<String, ([ResourceSet; 4], Vec<String>)> = Default::default();
     for h in o.scheduler.registry().list() {
-        if let Some(r) = &h.resources {
-            for (acc, v) in sum.iter_mut().zip([r.total, r.system_reserved, r.in_use, r.available]) {
-                *acc = acc.saturating_add(v);
-            }
+        let Some(r) = &h.resources else { continue };
+        let arch = h.architecture.clone().unwrap_or_else(|| "unknown".into());
+        let (sum, ids) = groups.entry(arch).or_default();
+        for (acc, v) in sum.iter_mut().zip([r.total, r.system_reserved, r.in_use, r.available]) {
+            *acc = acc.saturating_add(v);
         }
-        hosts.push(
-            json!({"host_id": h.id, "host": h.name, "state": h.state, "enabled": h.enabled, "resources": h.resources}),
-        );
+        ids.push(h.id.clone());
     }
-    let [total, system_reserved, total_in_use, total_available] = sum;
-    Ok(axum::Json(json!({
-        "total": total, "system_reserved": system_reserved, "total_in_use": total_in_use,
-        "total_available": total_available, "hosts": hosts,
-    })))
+    Ok(axum::Json(
+        groups
+            .into_iter()
+            .map(|(cpu_type, ([total, reserved, in_use, available], host_ids))| {
+                json!({
+                    "cpu_type": cpu_type, "total": usage(total), "system_reserved": usage(reserved),
+                    "total_in_use": usage(in_use), "total_reserved": usage(reserved.saturating_add(in_use)),
+                    "total_available": usage(available), "hosts": host_ids,
+                })
+            })
+            .collect(),
+    ))
 }
 
 // ----- machines ------------------------------------------------------------------------
@@ -282,11 +316,17 @@ fn vm_view(
     vm: &hangar_orchestrator::VmSummary,
     record: Option<&hangar_orchestrator::OrchestratedVm>,
 ) -> Value {
+    let owner = record.map(|r| r.owner.clone());
+    // The reference's key names (what clients read), then Hangar's.
     json!({
+        "ID": vm.id, "Name": vm.name, "State": vm.state, "OS": vm.os, "user": owner.clone().unwrap_or_default(),
+        "Hardware": {"cpu": {"cpus": vm.cpu}, "memory": {"size": format!("{}Mb", vm.memory_mb)},
+            "hdd0": {"size": format!("{}Mb", vm.disk_mb)}},
+        "internal_ip_address": "",
         "id": vm.id, "name": vm.name, "state": vm.state, "os": vm.os,
         "cpu": vm.cpu, "memory_mb": vm.memory_mb, "disk_mb": vm.disk_mb,
         "host_id": h.id, "host": h.name, "host_state": h.state,
-        "owner": record.map(|r| r.owner.clone()),
+        "owner": owner,
         "expires_at": record.and_then(|r| r.expires_at),
     })
 }
@@ -463,7 +503,7 @@ pub struct ForceQuery {
 macro_rules! power_route {
     ($fn:ident, $path:literal, $op:expr) => {
         #[utoipa::path(put, path = $path, tag = "orchestrator", params(("id" = String, Path)),
-                    responses((status = 200, body = Object), (status = 404, body = ApiErrorBody)))]
+                            responses((status = 200, body = Object), (status = 404, body = ApiErrorBody)))]
         async fn $fn(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<String>) -> R<axum::Json<Value>> {
             power(&s, &ctx, &id, $op).await
         }
