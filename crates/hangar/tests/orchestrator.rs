@@ -310,6 +310,15 @@ async fn orchestrator_places_forwards_and_survives_host_loss_and_restart() {
         call(&c, Method::GET, &orch.api(&format!("/orchestrator/machines/{vm4_id}")), &user, None, &[]).await;
     assert_eq!(st, 200, "{got}");
     assert_eq!((got["host_id"].as_str(), got["owner"].as_str()), (Some(a_id.as_str()), Some("root")), "{got}");
+    let (st, status) =
+        call(&c, Method::GET, &orch.api(&format!("/orchestrator/machines/{vm4_id}/status")), &user, None, &[]).await;
+    assert_eq!((st, status["status"].as_str()), (200, Some("running")), "{status}");
+    let (st, v) =
+        call(&c, Method::PUT, &orch.api(&format!("/orchestrator/machines/{vm4_id}/stop")), &root, None, &[]).await;
+    assert_eq!(st, 200, "{v}");
+    let (_, status) =
+        call(&c, Method::GET, &orch.api(&format!("/orchestrator/machines/{vm4_id}/status")), &user, None, &[]).await;
+    assert_eq!(status["status"], "stopped", "{status}");
 
     // A restarted orchestrator keeps its hosts (and their credentials: A still answers).
     assert!(orch.stop().success());

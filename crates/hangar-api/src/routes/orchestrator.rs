@@ -59,6 +59,9 @@ pub fn register(api: Api) -> Api {
         .add(Access::AllOf(&[UPDATE_VM_STATES]), routes!(pause))
         .add(Access::AllOf(&[UPDATE_VM_STATES]), routes!(resume))
         .add(Access::AllOf(&[UPDATE_VM_STATES]), routes!(suspend))
+        .add(Access::AllOf(&[UPDATE_VM_STATES]), routes!(reset))
+        .add(Access::AllOf(&[LIST_VM]), routes!(machine_status))
+        .add(LIST_HOSTS, routes!(overview_host_resources))
         .add(Access::AllOf(&[EXECUTE_COMMAND_VM]), routes!(execute))
         .add(Access::AllOf(&[UPDATE_VM]), routes!(extend))
 }
@@ -309,6 +312,19 @@ async fn overview_resources(State(s): State<AppState>) -> R<axum::Json<Vec<Value
     ))
 }
 
+/// One host's resources, as the orchestrator last saw them.
+#[utoipa::path(get, path = "/orchestrator/overview/{id}/resources", tag = "orchestrator", params(("id" = String, Path)),
+    responses((status = 200, body = Object), (status = 404, body = ApiErrorBody)))]
+async fn overview_host_resources(State(s): State<AppState>, Path(id): Path<String>) -> R<axum::Json<Value>> {
+    let h = module(&s)?.scheduler.registry().get(&id).map_err(ApiError::from_domain)?;
+    let r = h.resources.unwrap_or_default();
+    Ok(axum::Json(json!({
+        "host_id": h.id, "cpu_type": h.architecture, "state": h.state,
+        "total": usage(r.total), "system_reserved": usage(r.system_reserved), "total_in_use": usage(r.in_use),
+        "total_reserved": usage(r.system_reserved.saturating_add(r.in_use)), "total_available": usage(r.available),
+    })))
+}
+
 // ----- machines ------------------------------------------------------------------------
 
 fn vm_view(
@@ -503,7 +519,7 @@ pub struct ForceQuery {
 macro_rules! power_route {
     ($fn:ident, $path:literal, $op:expr) => {
         #[utoipa::path(put, path = $path, tag = "orchestrator", params(("id" = String, Path)),
-                            responses((status = 200, body = Object), (status = 404, body = ApiErrorBody)))]
+                                    responses((status = 200, body = Object), (status = 404, body = ApiErrorBody)))]
         async fn $fn(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<String>) -> R<axum::Json<Value>> {
             power(&s, &ctx, &id, $op).await
         }
@@ -516,6 +532,28 @@ power_route!(restart, "/orchestrator/machines/{id}/restart", PowerOp::Restart);
 power_route!(pause, "/orchestrator/machines/{id}/pause", PowerOp::Pause);
 power_route!(resume, "/orchestrator/machines/{id}/resume", PowerOp::Resume);
 power_route!(suspend, "/orchestrator/machines/{id}/suspend", PowerOp::Suspend);
+power_route!(reset, "/orchestrator/machines/{id}/reset", PowerOp::Reset);
+
+/// The VM's status, read from its host now (the host's `/machines/{id}/status` answer).
+#[utoipa::path(get, path = "/orchestrator/machines/{id}/status", tag = "orchestrator", params(("id" = String, Path)),
+    responses((status = 200, body = Object), (status = 404, body = ApiErrorBody)))]
+async fn machine_status(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path(id): Path<String>,
+) -> R<axum::Json<Value>> {
+    let o = module(&s)?;
+    let host = vm_host(o, ctx.caller()?, &id).await?;
+    let client = o.host_client(&host.id).map_err(ApiError::from_domain)?;
+    let path = format!("/machines/{}/status", id.replace('/', "%2F"));
+    let mut v = client.request(Method::GET, &path, None, Duration::from_secs(30)).await.map_err(|source| {
+        ApiError::from_domain(hangar_orchestrator::OrchestratorError::Host { host: host.id.clone(), source })
+    })?;
+    if let Some(m) = v.as_object_mut() {
+        m.insert("host_id".into(), json!(host.id));
+    }
+    Ok(axum::Json(v))
+}
 
 #[utoipa::path(put, path = "/orchestrator/machines/{id}/stop", tag = "orchestrator", params(("id" = String, Path), ForceQuery),
     responses((status = 200, body = Object), (status = 404, body = ApiErrorBody)))]
