@@ -41,7 +41,9 @@ impl ObjectStoreBlobStore {
         };
         let mut b = if c.use_environment_authentication { AmazonS3Builder::from_env() } else { AmazonS3Builder::new() };
         b = b.with_bucket_name(&c.bucket).with_region(&c.region);
-        let mut opts = ClientOptions::new();
+        // Servers commonly drop idle keep-alive connections after about 5 s (Node-based ones
+        // such as Azurite do); reusing one that is being closed fails the request. Stay below.
+        let mut opts = ClientOptions::new().with_pool_idle_timeout(std::time::Duration::from_secs(3));
         if let Some(endpoint) = &c.endpoint {
             b = b.with_endpoint(endpoint).with_virtual_hosted_style_request(false);
             if endpoint.starts_with("http://") {
@@ -74,7 +76,9 @@ impl ObjectStoreBlobStore {
             .with_account(&c.account_name)
             .with_access_key(c.account_key.expose())
             .with_container_name(&c.container_name);
-        let mut opts = ClientOptions::new();
+        // Servers commonly drop idle keep-alive connections after about 5 s (Node-based ones
+        // such as Azurite do); reusing one that is being closed fails the request. Stay below.
+        let mut opts = ClientOptions::new().with_pool_idle_timeout(std::time::Duration::from_secs(3));
         if let Some(endpoint) = &c.endpoint {
             b = b.with_endpoint(endpoint.clone());
             if endpoint.starts_with("http://") {
@@ -210,9 +214,18 @@ impl BlobStore for ObjectStoreBlobStore {
     #[instrument(skip(self), fields(provider = self.provider))]
     async fn delete(&self, key: &str) -> Result<()> {
         let path = Self::path(key)?;
-        match self.inner.delete(&path).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(self.map_err("delete", key, e)),
+        // Delete is idempotent, and some backends send it as a non-retried POST (Azure's
+        // batch delete), so a dropped connection is retried here.
+        let mut attempt = 0;
+        loop {
+            match self.inner.delete(&path).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => return Ok(()),
+                Err(object_store::Error::Generic { .. }) if attempt < 2 => {
+                    attempt += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
+                }
+                Err(e) => return Err(self.map_err("delete", key, e)),
+            }
         }
     }
 }
