@@ -5,29 +5,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use common::*;
 use futures::StreamExt;
 use reqwest::Method;
 use serde_json::{Value, json};
-
-/// The fake prlctl binary, built by `cargo test --workspace`; built here when missing.
-fn fake_prlctl() -> PathBuf {
-    let dir = Path::new(bin()).parent().unwrap().to_path_buf();
-    let fake = dir.join("hangar-fake-prlctl");
-    if !fake.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = std::process::Command::new(cargo)
-            .args(["build", "-p", "hangar-parallels", "--bin", "hangar-fake-prlctl"])
-            .status()
-            .unwrap();
-        assert!(st.success(), "building the fake prlctl");
-    }
-    assert!(fake.exists(), "{} missing", fake.display());
-    fake
-}
 
 async fn wait_job(c: &reqwest::Client, s: &Server, auth: &Auth, id: &str) -> Value {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
@@ -42,61 +26,11 @@ async fn wait_job(c: &reqwest::Client, s: &Server, auth: &Auth, id: &str) -> Val
     }
 }
 
-/// A fake Parallels host: `prlctl`/`prlsrvctl` links in `tools`, VM state in `state`, and a
-/// golden bundle `images/golden.pvm` made with the fake itself.
-struct FakeParallels {
-    tools: PathBuf,
-    state: PathBuf,
-    images: PathBuf,
-}
-
-impl FakeParallels {
-    fn new(dir: &Path) -> FakeParallels {
-        let tools = dir.join("tools");
-        let state = dir.join("prl-state");
-        let images = dir.join("images");
-        for d in [&tools, &state, &images] {
-            std::fs::create_dir_all(d).unwrap();
-        }
-        let fake = fake_prlctl();
-        std::os::unix::fs::symlink(&fake, tools.join("prlctl")).unwrap();
-        std::os::unix::fs::symlink(&fake, tools.join("prlsrvctl")).unwrap();
-        let f = FakeParallels { tools, state, images };
-        f.prlctl(&["create", "golden", "--distribution", "ubuntu"]);
-        f.prlctl(&["unregister", "golden"]);
-        std::fs::rename(f.state.join("Parallels/golden.pvm"), f.images.join("golden.pvm")).unwrap();
-        f
-    }
-
-    fn prlctl(&self, args: &[&str]) {
-        let out = std::process::Command::new(self.tools.join("prlctl"))
-            .args(args)
-            .env("FAKE_PRL_STATE_DIR", &self.state)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "prlctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-
-    /// Start a server whose host module drives this fake.
-    fn server(&self, data: &Path) -> Server {
-        Server::start_full(
-            data,
-            &[
-                ("HYPERVISOR", "parallels"),
-                ("PRLCTL_PATH", self.tools.join("prlctl").to_str().unwrap()),
-                ("HOST_IMAGES_FOLDER", self.images.to_str().unwrap()),
-            ],
-            true,
-            &[("FAKE_PRL_STATE_DIR", self.state.to_str().unwrap())],
-        )
-    }
-}
-
 #[tokio::test]
 async fn machines_api_over_the_parallels_driver() {
     let dir = tempfile::tempdir().unwrap();
     let fake = FakeParallels::new(dir.path());
-    let s = fake.server(&dir.path().join("data"));
+    let s = fake.server(&dir.path().join("data"), &[]);
     assert!(s.banner.iter().any(|l| l.contains("module host") && l.contains("running")), "{:?}", s.banner);
     let c = client();
     let root = login(&c, &s, "root", ROOT_PASSWORD).await;
@@ -393,7 +327,7 @@ async fn machines_api_boots_a_real_qemu_guest() {
 fn vm_cli_drives_the_host_module() {
     let dir = tempfile::tempdir().unwrap();
     let fake = FakeParallels::new(dir.path());
-    let s = fake.server(&dir.path().join("data"));
+    let s = fake.server(&dir.path().join("data"), &[]);
     let cfg = dir.path().join("cli");
     let cli = |args: &[&str], stdin: &str| {
         use std::io::Write;
@@ -435,7 +369,7 @@ async fn a_vm_is_created_from_a_catalog_image_through_the_host_cache() {
     let dir = tempfile::tempdir().unwrap();
     let fake = FakeParallels::new(dir.path());
     let bundle = fake.images.join("golden.pvm");
-    let s = fake.server(&dir.path().join("data"));
+    let s = fake.server(&dir.path().join("data"), &[]);
     let c = client();
     let root = login(&c, &s, "root", ROOT_PASSWORD).await;
     let ra = Auth::Bearer(root.clone());

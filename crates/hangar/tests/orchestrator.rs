@@ -9,77 +9,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use common::*;
 use reqwest::Method;
 use serde_json::{Value, json};
-
-/// The fake prlctl binary, built by `cargo test --workspace`; built here when missing.
-fn fake_prlctl() -> PathBuf {
-    let dir = Path::new(bin()).parent().unwrap().to_path_buf();
-    let fake = dir.join("hangar-fake-prlctl");
-    if !fake.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = std::process::Command::new(cargo)
-            .args(["build", "-p", "hangar-parallels", "--bin", "hangar-fake-prlctl"])
-            .status()
-            .unwrap();
-        assert!(st.success(), "building the fake prlctl");
-    }
-    assert!(fake.exists(), "{} missing", fake.display());
-    fake
-}
-
-/// A fake Parallels host: `prlctl`/`prlsrvctl` links, VM state and a golden image.
-struct FakeParallels {
-    tools: PathBuf,
-    state: PathBuf,
-    images: PathBuf,
-}
-
-impl FakeParallels {
-    fn new(dir: &Path) -> FakeParallels {
-        let tools = dir.join("tools");
-        let state = dir.join("prl-state");
-        let images = dir.join("images");
-        for d in [&tools, &state, &images] {
-            std::fs::create_dir_all(d).unwrap();
-        }
-        let fake = fake_prlctl();
-        std::os::unix::fs::symlink(&fake, tools.join("prlctl")).unwrap();
-        std::os::unix::fs::symlink(&fake, tools.join("prlsrvctl")).unwrap();
-        let f = FakeParallels { tools, state, images };
-        f.prlctl(&["create", "golden", "--distribution", "ubuntu"]);
-        f.prlctl(&["unregister", "golden"]);
-        std::fs::rename(f.state.join("Parallels/golden.pvm"), f.images.join("golden.pvm")).unwrap();
-        f
-    }
-
-    fn prlctl(&self, args: &[&str]) {
-        let out = std::process::Command::new(self.tools.join("prlctl"))
-            .args(args)
-            .env("FAKE_PRL_STATE_DIR", &self.state)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "prlctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-
-    /// A host agent (api and host modules) driving this fake.
-    fn agent(&self, data: &Path, extra: &[(&str, &str)]) -> Server {
-        let prlctl = self.tools.join("prlctl");
-        let images = self.images.to_str().unwrap().to_string();
-        let mut settings: Vec<(&str, &str)> = vec![
-            ("ENABLED_MODULES", "api,host"),
-            ("HYPERVISOR", "parallels"),
-            ("PRLCTL_PATH", prlctl.to_str().unwrap()),
-            ("HOST_IMAGES_FOLDER", &images),
-        ];
-        settings.extend_from_slice(extra);
-        Server::start_full(data, &settings, true, &[("FAKE_PRL_STATE_DIR", self.state.to_str().unwrap())])
-    }
-}
 
 fn orchestrator(data: &Path) -> Server {
     Server::start(

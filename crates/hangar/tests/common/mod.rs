@@ -222,3 +222,72 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The fake prlctl binary, built by `cargo test --workspace`; built here when missing.
+pub fn fake_prlctl() -> PathBuf {
+    let dir = Path::new(bin()).parent().unwrap().to_path_buf();
+    let fake = dir.join("hangar-fake-prlctl");
+    if !fake.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = Command::new(cargo)
+            .args(["build", "-p", "hangar-parallels", "--bin", "hangar-fake-prlctl"])
+            .status()
+            .unwrap();
+        assert!(st.success(), "building the fake prlctl");
+    }
+    assert!(fake.exists(), "{} missing", fake.display());
+    fake
+}
+
+/// A fake Parallels host: `prlctl`/`prlsrvctl` links in `tools`, VM state in `state`, and a
+/// golden bundle `images/golden.pvm` made with the fake itself.
+pub struct FakeParallels {
+    pub tools: PathBuf,
+    pub state: PathBuf,
+    pub images: PathBuf,
+}
+
+impl FakeParallels {
+    pub fn new(dir: &Path) -> FakeParallels {
+        let tools = dir.join("tools");
+        let state = dir.join("prl-state");
+        let images = dir.join("images");
+        for d in [&tools, &state, &images] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let fake = fake_prlctl();
+        std::os::unix::fs::symlink(&fake, tools.join("prlctl")).unwrap();
+        std::os::unix::fs::symlink(&fake, tools.join("prlsrvctl")).unwrap();
+        let f = FakeParallels { tools, state, images };
+        f.prlctl(&["create", "golden", "--distribution", "ubuntu"]);
+        f.prlctl(&["unregister", "golden"]);
+        std::fs::rename(f.state.join("Parallels/golden.pvm"), f.images.join("golden.pvm")).unwrap();
+        f
+    }
+
+    pub fn prlctl(&self, args: &[&str]) {
+        let out =
+            Command::new(self.tools.join("prlctl")).args(args).env("FAKE_PRL_STATE_DIR", &self.state).output().unwrap();
+        assert!(out.status.success(), "prlctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// A server whose host module drives this fake, with extra settings.
+    pub fn server(&self, data: &Path, extra: &[(&str, &str)]) -> Server {
+        let prlctl = self.tools.join("prlctl");
+        let images = self.images.to_str().unwrap().to_string();
+        let mut settings: Vec<(&str, &str)> = vec![
+            ("HYPERVISOR", "parallels"),
+            ("PRLCTL_PATH", prlctl.to_str().unwrap()),
+            ("HOST_IMAGES_FOLDER", &images),
+        ];
+        settings.extend_from_slice(extra);
+        Server::start_full(data, &settings, true, &[("FAKE_PRL_STATE_DIR", self.state.to_str().unwrap())])
+    }
+
+    /// A host agent (api and host modules only) driving this fake.
+    pub fn agent(&self, data: &Path, extra: &[(&str, &str)]) -> Server {
+        let mut settings = vec![("ENABLED_MODULES", "api,host")];
+        settings.extend_from_slice(extra);
+        self.server(data, &settings)
+    }
+}
