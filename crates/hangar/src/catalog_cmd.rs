@@ -43,7 +43,17 @@ pub fn start_catalog(
     let (catalog, running, message) = if !wanted {
         (None, false, "not requested in ENABLED_MODULES".to_string())
     } else {
-        match Catalog::new(store, bus, CatalogOptions::new(dir)) {
+        let mut options = CatalogOptions::new(dir);
+        options.cache_dir = l.string("CATALOG_CACHE_FOLDER").map(std::path::PathBuf::from);
+        let mib = |key: &str| -> Result<Option<u64>> {
+            Ok(match l.get(key) {
+                Some(_) => Some(l.number::<u64>(key)?.saturating_mul(1 << 20)),
+                None => None,
+            })
+        };
+        options.cache_limits.keep_free_bytes = mib("CATALOG_CACHE_KEEP_FREE_DISK_SPACE")?;
+        options.cache_limits.max_bytes = mib("CATALOG_CACHE_MAX_SIZE")?;
+        match Catalog::new(store, bus, options) {
             Ok(c) => {
                 let msg = format!("serving manifests; host image cache in {}", c.cache_dir().display());
                 (Some(Arc::new(c)), true, msg)
