@@ -236,7 +236,8 @@ pub struct CreateMachineResponse {
 }
 
 /// A number that clients send as a number or a string ("2", "2048").
-fn num(v: &Option<Value>, what: &str) -> R<Option<u64>> {
+/// Also used by the orchestrator's create.
+pub(crate) fn num(v: &Option<Value>, what: &str) -> R<Option<u64>> {
     match v {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => {

@@ -25,6 +25,7 @@ use serde_json::{Value, json};
 use utoipa::ToSchema;
 use utoipa_axum::routes;
 
+use super::machines::num;
 use crate::auth::RequestContext;
 use crate::error::{ApiError, ApiErrorBody};
 use crate::extract::{Json, Path, Query};
@@ -375,16 +376,6 @@ async fn get_machine(State(s): State<AppState>, ctx: RequestContext, Path(id): P
     Ok(axum::Json(vm_view(&host, vm, record.as_ref())))
 }
 
-#[derive(Debug, Clone, Deserialize, ToSchema)]
-pub struct OrchestratorSpecs {
-    #[schema(value_type = Option<String>)]
-    pub cpu: Option<Value>,
-    #[schema(value_type = Option<String>)]
-    pub memory: Option<Value>,
-    #[schema(value_type = Option<String>)]
-    pub disk: Option<Value>,
-}
-
 /// Create a VM somewhere in the fleet, in the host API's shape plus placement hints.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct OrchestratorCreateRequest {
@@ -398,7 +389,7 @@ pub struct OrchestratorCreateRequest {
     /// `{catalog_id, version}`.
     #[schema(value_type = Option<Object>)]
     pub catalog_manifest: Option<Value>,
-    pub specs: Option<OrchestratorSpecs>,
+    pub specs: Option<super::machines::Specs>,
     /// Guest OS (`macos`, `linux`, `windows`), for the macOS limit.
     pub os: Option<String>,
     /// Tags the host must all have.
@@ -410,20 +401,6 @@ pub struct OrchestratorCreateRequest {
     pub ttl_seconds: Option<u64>,
     /// Wait up to this many seconds for capacity instead of failing at once.
     pub wait_seconds: Option<u64>,
-}
-
-fn num(v: &Option<Value>, what: &str) -> R<Option<u64>> {
-    match v {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => {
-            n.as_u64().map(Some).ok_or_else(|| ApiError::bad_request(format!("{what} must be a positive whole number")))
-        }
-        Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
-        Some(Value::String(s)) => {
-            s.trim().parse().map(Some).map_err(|_| ApiError::bad_request(format!("{what} {s:?} is not a number")))
-        }
-        Some(_) => Err(ApiError::bad_request(format!("{what} must be a number"))),
-    }
 }
 
 /// Create a VM on the host placement chooses. Answers `{id, name, owner, current_state, host, host_id}`;
