@@ -36,6 +36,7 @@ use tracing::Instrument;
 use crate::auth::ProxyAuth;
 use crate::compile::{CompiledRoute, HostKind, HttpHost};
 use crate::config::{Schema, Target};
+use crate::dial::VmDialer;
 use crate::error::ProxyError;
 use crate::events::{EventSink, ProxyEvent};
 use crate::listener::ListenerCtx;
@@ -93,6 +94,7 @@ impl Upstreams {
 pub(crate) struct Shared {
     pub upstreams: Upstreams,
     pub targets: Arc<TargetCache>,
+    pub dialer: Option<Arc<dyn VmDialer>>,
     pub auth: Option<Arc<dyn ProxyAuth>>,
     pub events: EventSink,
 }
@@ -106,8 +108,84 @@ type UpConn = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// connection without a shared pool, and that connection is driven by the client
 /// connection's own task ([`serve_connection`]): no hand-over between tasks per request.
 pub(crate) struct Sticky {
-    slot: std::sync::Mutex<Option<(Authority, http1::SendRequest<Incoming>)>>,
+    slot: std::sync::Mutex<Option<(Dest, http1::SendRequest<Incoming>)>>,
     drive: mpsc::UnboundedSender<UpConn>,
+}
+
+/// Where a request goes: an address connected over TCP, or a VM reached through the dialer.
+#[derive(Clone, PartialEq, Eq)]
+enum Dest {
+    Addr(Authority),
+    Dial { vm: String, port: u16 },
+}
+
+impl Dest {
+    /// Open a byte stream to the target and run an HTTP/1.1 client handshake on it.
+    async fn http1(
+        &self,
+        dialer: Option<&Arc<dyn VmDialer>>,
+    ) -> Result<(http1::SendRequest<Incoming>, UpConn), UpstreamError> {
+        fn drive<I>(conn: http1::Connection<I, Incoming>) -> UpConn
+        where
+            I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+        {
+            Box::pin(async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    tracing::debug!(error = %e, "upstream connection ended with an error");
+                }
+            })
+        }
+        match self {
+            Dest::Addr(a) => {
+                let stream = TcpStream::connect(a.as_str()).await.map_err(UpstreamError::Connect)?;
+                let _ = stream.set_nodelay(true);
+                let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.map_err(UpstreamError::Http)?;
+                Ok((sender, drive(conn)))
+            }
+            Dest::Dial { vm, port } => {
+                let io = dial(dialer, vm, *port).await?;
+                let (sender, conn) = http1::handshake(TokioIo::new(io)).await.map_err(UpstreamError::Http)?;
+                Ok((sender, drive(conn)))
+            }
+        }
+    }
+}
+
+async fn dial(dialer: Option<&Arc<dyn VmDialer>>, vm: &str, port: u16) -> Result<crate::dial::BoxedIo, UpstreamError> {
+    let Some(d) = dialer else {
+        return Err(UpstreamError::Connect(std::io::Error::other("no VM dialer is configured")));
+    };
+    d.dial(vm, port).await.map_err(UpstreamError::Connect)
+}
+
+/// Send one request on a new connection through the dialer (no pooling): upgrades, HTTP/1.0,
+/// `Connection: close` and h2c requests to dialed VMs.
+async fn send_dialed_once(
+    dialer: Option<&Arc<dyn VmDialer>>,
+    vm: &str,
+    port: u16,
+    schema: Schema,
+    mut req: Request<Incoming>,
+) -> Result<Response<Incoming>, UpstreamError> {
+    if schema == Schema::H2c {
+        let io = dial(dialer, vm, port).await?;
+        let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(UpstreamError::Http)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream h2c connection ended with an error");
+            }
+        });
+        return sender.send_request(req).await.map_err(UpstreamError::Http);
+    }
+    let pq = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+    *req.uri_mut() = Uri::from(pq);
+    let (mut sender, conn) = Dest::Dial { vm: vm.to_string(), port }.http1(dialer).await?;
+    tokio::spawn(conn);
+    sender.send_request(req).await.map_err(UpstreamError::Http)
 }
 
 /// Per-connection request handler.
@@ -320,8 +398,19 @@ impl ProxyService {
         mut req: Request<Incoming>,
         host_hv: Option<HeaderValue>,
     ) -> Response<ProxyBody> {
+        let dialer = self.shared.dialer.as_ref();
+        let dialed = match &route.target {
+            Target::Vm { vm_id, port } if dialer.is_some() => Some((vm_id.as_str(), *port)),
+            _ => None,
+        };
         let authority: Authority = match (&route.target, &route.authority) {
             (_, Some(a)) => a.clone(),
+            (Target::Vm { vm_id, port }, None) if dialer.is_some() => {
+                // Only written into h2c requests' :authority; the dialer decides where bytes go.
+                Authority::try_from(format!("{vm_id}:{port}"))
+                    .or_else(|_| Authority::try_from(format!("localhost:{port}")))
+                    .unwrap_or_else(|_| Authority::from_static("localhost"))
+            }
             (Target::Vm { vm_id, port }, None) => match self.shared.targets.ip(vm_id).await {
                 Ok(ip) => match SocketAddr::new(ip, *port).to_string().parse() {
                     Ok(a) => a,
@@ -345,6 +434,7 @@ impl ProxyService {
             let authority = authority.clone();
             move || match &route.target {
                 Target::Host { .. } => authority.to_string(),
+                Target::Vm { vm_id, port } if dialed.is_some() => format!("vm {vm_id} port {port} (dialed)"),
                 Target::Vm { vm_id, .. } => format!("{authority} (vm {vm_id})"),
             }
         };
@@ -433,8 +523,15 @@ impl ProxyService {
 
         let ups = &self.shared.upstreams;
         let send = async {
+            let dest = match dialed {
+                Some((vm, port)) => Dest::Dial { vm: vm.to_string(), port },
+                None => Dest::Addr(authority),
+            };
             if let Some(sticky) = &sticky {
-                return send_sticky(sticky, authority, out).await;
+                return send_sticky(sticky, dest, dialer, out).await;
+            }
+            if let Some((vm, port)) = dialed {
+                return send_dialed_once(dialer, vm, port, route.schema, out).await;
             }
             let fut = match (route.schema, upgrade.is_some()) {
                 (Schema::Http, _) => ups.http.request(out),
@@ -450,6 +547,7 @@ impl ProxyService {
                 let msg = e.message();
                 if let Target::Vm { vm_id, .. } = &route.target
                     && e.is_connect()
+                    && dialed.is_none()
                 {
                     self.shared.targets.forget(vm_id);
                 }
@@ -528,7 +626,8 @@ impl ProxyService {
 /// target or the last one closed.
 async fn send_sticky(
     sticky: &Sticky,
-    authority: Authority,
+    dest: Dest,
+    dialer: Option<&Arc<dyn VmDialer>>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Incoming>, UpstreamError> {
     // The low-level client writes the URI as given: origin-form (Host is already set).
@@ -537,7 +636,7 @@ async fn send_sticky(
     let kept = {
         let mut slot = sticky.slot.lock().unwrap_or_else(|e| e.into_inner());
         match slot.take() {
-            Some((a, s)) if a == authority && !s.is_closed() => Some(s),
+            Some((d, s)) if d == dest && !s.is_closed() => Some(s),
             _ => None,
         }
     };
@@ -548,11 +647,17 @@ async fn send_sticky(
     loop {
         let (mut sender, reused) = match kept.take() {
             Some(s) => (s, true),
-            None => (connect_sticky(sticky, &authority).await?, false),
+            None => {
+                let (sender, conn) = dest.http1(dialer).await?;
+                if let Err(mpsc::error::SendError(conn)) = sticky.drive.send(conn) {
+                    tokio::spawn(conn);
+                }
+                (sender, false)
+            }
         };
         match sender.try_send_request(req).await {
             Ok(resp) => {
-                *sticky.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some((authority, sender));
+                *sticky.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some((dest, sender));
                 return Ok(resp);
             }
             Err(mut e) => match e.take_message() {
@@ -562,21 +667,6 @@ async fn send_sticky(
             },
         }
     }
-}
-
-async fn connect_sticky(sticky: &Sticky, authority: &Authority) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
-    let stream = TcpStream::connect(authority.as_str()).await.map_err(UpstreamError::Connect)?;
-    let _ = stream.set_nodelay(true);
-    let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.map_err(UpstreamError::Http)?;
-    let conn: UpConn = Box::pin(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "upstream connection ended with an error");
-        }
-    });
-    if let Err(mpsc::error::SendError(conn)) = sticky.drive.send(conn) {
-        tokio::spawn(conn);
-    }
-    Ok(sender)
 }
 
 fn unauthorized(reason: String) -> Response<ProxyBody> {

@@ -14,6 +14,8 @@
 //! Seams for the rest of Hangar:
 //! * [`TargetResolver`] turns VM ids into IPs, with a change feed so a VM that got a new address
 //!   is reached by the next connection, no restart needed;
+//! * [`VmDialer`] reaches VM targets by another path than their IP (a tunnel through the host
+//!   that owns the VM), when one is given to [`ProxyManagerBuilder::vm_dialer`];
 //! * [`ProxyAuth`] checks requests to hosts with `require_auth` (401 `{code, error, message}`
 //!   otherwise);
 //! * [`ProxyEvent`]s go out on a broadcast channel ([`ProxyManager::subscribe`]).
@@ -24,6 +26,7 @@
 mod auth;
 mod compile;
 mod config;
+mod dial;
 mod error;
 mod events;
 mod http;
@@ -38,6 +41,7 @@ pub use config::{
     BindAddr, CorsConfig, DEFAULT_ROUTE_TIMEOUT_SECS, DEFAULT_TCP_IDLE_SECS, DEFAULT_TCP_MAX_CONNECTIONS, HttpRoute,
     ProxyHost, ReverseProxyConfig, Schema, Target, TcpRoute, TlsConfig,
 };
+pub use dial::{BoxedIo, UpstreamIo, VmDialer};
 pub use error::{ConfigError, ProxyError, ResolveError};
 pub use events::ProxyEvent;
 pub use manager::{

@@ -176,6 +176,16 @@ async fn tcp_conn(
             error,
         });
     };
+    if let (Target::Vm { vm_id, port }, Some(dialer)) = (&t.target, &shared.dialer) {
+        let desc = t.target.to_string();
+        let upstream = match tokio::time::timeout(timeouts.connect, dialer.dial(vm_id, *port)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return fail(desc, format!("dial: {e}")),
+            Err(_) => return fail(desc, "dial timed out".into()),
+        };
+        let result = splice_with(client, tokio::io::split(upstream), state, t, ctx, timeouts).await;
+        return log_end(&desc, t, result);
+    }
     let (addr, vm): (SocketAddr, Option<&str>) = match &t.target {
         Target::Vm { vm_id, port } => match shared.targets.ip(vm_id).await {
             Ok(ip) => (SocketAddr::new(ip, *port), Some(vm_id.as_str())),
@@ -205,8 +215,24 @@ async fn tcp_conn(
         }
     };
     let _ = upstream.set_nodelay(true);
-    let (ur, uw) = upstream.into_split();
-    let result = match &state.tls {
+    let result = splice_with(client, upstream.into_split(), state, t, ctx, timeouts).await;
+    log_end(&addr.to_string(), t, result);
+}
+
+/// Splice the client (after the TLS handshake, when the listener has TLS) with the target's halves.
+async fn splice_with<TR, TW>(
+    client: TcpStream,
+    (ur, uw): (TR, TW),
+    state: &HostState,
+    t: &TcpHost,
+    ctx: &ListenerCtx,
+    timeouts: ListenerTimeouts,
+) -> io::Result<SpliceEnd>
+where
+    TR: tokio::io::AsyncRead + Unpin,
+    TW: tokio::io::AsyncWrite + Unpin,
+{
+    match &state.tls {
         None => {
             let (cr, cw) = client.into_split();
             splice((cr, cw), (ur, uw), t.idle, &ctx.hard).await
@@ -219,7 +245,10 @@ async fn tcp_conn(
             Ok(Err(e)) => Err(e),
             Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")),
         },
-    };
+    }
+}
+
+fn log_end(addr: &str, t: &TcpHost, result: io::Result<SpliceEnd>) {
     match result {
         Ok(SpliceEnd::Done(up, down)) => {
             tracing::debug!(%addr, to_target = up, to_client = down, "tcp connection closed")

@@ -14,7 +14,9 @@ use tokio::task::JoinHandle;
 
 use crate::auth::ProxyAuth;
 use crate::compile::{CompiledHost, compile_config};
-use crate::config::{BindAddr, ProxyHost, ReverseProxyConfig};
+use crate::config::{BindAddr, ProxyHost, ReverseProxyConfig, Schema, Target};
+use crate::dial::VmDialer;
+use crate::error::ConfigError;
 use crate::error::ProxyError;
 use crate::events::{EventSink, ProxyEvent};
 use crate::http::{Shared, Upstreams, server_builder};
@@ -65,6 +67,7 @@ struct Entry {
 /// Builds a [`ProxyManager`].
 pub struct ProxyManagerBuilder {
     resolver: Option<Arc<dyn TargetResolver>>,
+    dialer: Option<Arc<dyn VmDialer>>,
     auth: Option<Arc<dyn ProxyAuth>>,
     trust: UpstreamTrust,
     grace: Duration,
@@ -79,6 +82,7 @@ impl Default for ProxyManagerBuilder {
     fn default() -> Self {
         ProxyManagerBuilder {
             resolver: None,
+            dialer: None,
             auth: None,
             trust: UpstreamTrust::Platform,
             grace: Duration::from_secs(5),
@@ -95,6 +99,14 @@ impl ProxyManagerBuilder {
     /// How VM ids become addresses. Without one, VM targets answer 502.
     pub fn resolver(mut self, r: Arc<dyn TargetResolver>) -> Self {
         self.resolver = Some(r);
+        self
+    }
+    /// Reach VM targets through `d` instead of resolving their IP and connecting over TCP:
+    /// TCP routes and `http`/`h2c` HTTP routes to a VM then use [`VmDialer::dial`] (the resolver
+    /// is not asked). `https` routes to a VM are refused by [`ProxyManager::apply`] with a
+    /// configuration error, since TLS to the target through a dialer is not supported.
+    pub fn vm_dialer(mut self, d: Arc<dyn VmDialer>) -> Self {
+        self.dialer = Some(d);
         self
     }
     /// Who checks requests to hosts with `require_auth`. Without one, such hosts answer 401.
@@ -134,6 +146,7 @@ impl ProxyManagerBuilder {
         let shared = Arc::new(Shared {
             upstreams: Upstreams::new(&self.trust, self.pool_idle)?,
             targets: Arc::new(TargetCache::new(self.resolver, sink.clone())),
+            dialer: self.dialer,
             auth: self.auth,
             events: sink,
         });
@@ -262,6 +275,9 @@ impl ProxyManager {
         let span = tracing::info_span!("proxy_apply", hosts = config.hosts.len(), enabled = config.enabled);
         let _e = span.enter();
         let compiled = if config.enabled { compile_config(config)? } else { Vec::new() };
+        if self.inner.shared.dialer.is_some() {
+            refuse_https_to_dialed_vms(config)?;
+        }
         drop(_e);
         if !self.inner.watching.swap(true, Ordering::AcqRel) {
             self.inner.shared.targets.spawn_watch();
@@ -413,6 +429,25 @@ impl ProxyManager {
     fn send(&self, e: ProxyEvent) {
         self.inner.shared.events.send(e);
     }
+}
+
+/// With a [`VmDialer`], VM targets are byte streams without TLS: `https` routes to a VM are refused.
+fn refuse_https_to_dialed_vms(config: &ReverseProxyConfig) -> Result<(), ConfigError> {
+    for h in &config.hosts {
+        for r in &h.http_routes {
+            if r.schema == Schema::Https
+                && let Ok(Target::Vm { vm_id, .. }) = r.target()
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "host {:?}, route {:?}: https to VM {vm_id:?} is not supported when VMs are reached through a \
+                     dialer (tunnel); use schema http or h2c",
+                    h.key(),
+                    r.id
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Drop for Inner {
