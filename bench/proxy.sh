@@ -11,7 +11,7 @@
 # that load from other processes on the machine hits them alike.
 #
 # Usage: bench/proxy.sh        (env: THREADS=2 CONNS=64 DURATION=10s ROUNDS=3 FILE_BYTES=1024
-#                               TCP_MIB=4096 TCP_STREAMS=1 BASE_PORT=18480)
+#                               TCP_MIB=4096 TCP_STREAMS=1 BASE_PORT=18480 CARGO_TARGET_DIR)
 # Installs wrk and nginx-light with apt-get when missing. Stops everything it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,8 +37,10 @@ if ! command -v wrk >/dev/null || ! command -v nginx >/dev/null; then
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends wrk nginx-light
 fi
 
+# An existing CARGO_TARGET_DIR is honoured (a separate one keeps the release build off the
+# shared target directory's lock).
 cargo build --release -p hangar-proxy --example proxy_bench --example tcp_throughput
-BIN=target/release/examples
+BIN="${CARGO_TARGET_DIR:-target}/release/examples"
 
 WORK="$(mktemp -d)"
 chmod 755 "$WORK"
