@@ -163,6 +163,7 @@ fn create(store: &Store, args: &[String]) -> Result<Done, Fail> {
         snapshots: Vec::new(),
         current_snapshot: None,
         started_at: None,
+        ip_address: None,
     };
     store.save(&lock, &vm)?;
     store.event(&lock, &vm.id, "vm_added", None)?;
@@ -248,6 +249,7 @@ fn clone(store: &Store, args: &[String]) -> Result<Done, Fail> {
         snapshots: Vec::new(),
         current_snapshot: None,
         started_at: None,
+        ip_address: None,
         ..src.clone()
     };
     store.save(&lock, &vm)?;

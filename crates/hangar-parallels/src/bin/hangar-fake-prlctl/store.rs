@@ -52,6 +52,11 @@ pub struct Vm {
     pub current_snapshot: Option<String>,
     /// Unix seconds of the last start, for `Uptime`.
     pub started_at: Option<i64>,
+    /// Tests: the IPv4 address to report while the VM runs instead of the derived
+    /// `10.211.55.x` (set `"ip_address": "127.0.0.1"` in the VM's record to reach a
+    /// service on the test machine as if it ran in the guest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_address: Option<String>,
 }
 
 impl Vm {
@@ -64,6 +69,9 @@ impl Vm {
     pub fn ip(&self) -> Option<String> {
         if self.state != "running" {
             return None;
+        }
+        if let Some(ip) = &self.ip_address {
+            return Some(ip.clone());
         }
         let n = self.id.bytes().fold(0u32, |acc, b| acc.wrapping_mul(31).wrapping_add(u32::from(b)));
         Some(format!("10.211.55.{}", 2 + n % 250))
