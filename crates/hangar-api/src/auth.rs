@@ -25,6 +25,32 @@ use crate::error::ApiError;
 /// Paths (relative to the API root) that accept the token in the query string.
 const QUERY_TOKEN_PATHS: &[&str] = &["/ws/subscribe"];
 
+/// The enrollment-token rule, the one exception to a route's declared [`Access`]: these
+/// routes (method, path relative to the API root) also accept a request that carries an
+/// `X-Enrollment-Token` header and no other credential. Such a request reaches the handler
+/// with no principal and the token in [`RequestContext::enrollment_token`]; the handler
+/// must validate and consume the token atomically (a host joining the orchestrator, as the
+/// reference's `POST /orchestrator/hosts` allows). On every other route the header is
+/// never read, so it grants nothing there.
+pub const ENROLLMENT_TOKEN_ROUTES: &[(&str, &str)] = &[("POST", "/orchestrator/hosts")];
+
+/// The header that carries an enrollment token.
+pub const ENROLLMENT_TOKEN_HEADER: &str = "x-enrollment-token";
+
+/// The enrollment token of a request, when the route takes one (see [`ENROLLMENT_TOKEN_ROUTES`]).
+fn enrollment_token(req: &Request, rel_path: &str) -> Result<Option<String>, ApiError> {
+    if !ENROLLMENT_TOKEN_ROUTES.iter().any(|(m, p)| req.method().as_str() == *m && rel_path == *p) {
+        return Ok(None);
+    }
+    let Some(v) = req.headers().get(ENROLLMENT_TOKEN_HEADER) else { return Ok(None) };
+    let v = v.to_str().map_err(|_| ApiError::unauthorized("The X-Enrollment-Token header is not valid text"))?;
+    let v = v.trim();
+    if v.is_empty() {
+        return Err(ApiError::unauthorized("The X-Enrollment-Token header is empty"));
+    }
+    Ok(Some(v.to_string()))
+}
+
 /// The declared rule of every route: (method, path relative to the API root) -> access.
 #[derive(Debug, Clone, Default)]
 pub struct AccessTable {
@@ -60,6 +86,9 @@ pub struct RequestContext {
     pub credential: Option<Credential>,
     pub actor: Actor,
     pub request_id: Option<String>,
+    /// The enrollment token of a request let through by the enrollment-token rule (no
+    /// principal then); see [`ENROLLMENT_TOKEN_ROUTES`]. The handler must consume it.
+    pub enrollment_token: Option<String>,
 }
 
 impl RequestContext {
@@ -204,6 +233,14 @@ pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Ne
             Err(e) => return e.into_response(),
         }
     };
+    // The enrollment-token rule: only on its routes, only without another credential.
+    let enrollment = match credential {
+        Some(_) => None,
+        None => match enrollment_token(&req, &rel) {
+            Ok(t) => t,
+            Err(e) => return e.into_response(),
+        },
+    };
     let principal = match &credential {
         Some(c) => match authenticate(&state, c).await {
             Ok(p) => Some(p),
@@ -213,6 +250,7 @@ pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Ne
     };
     match access.check(principal.as_ref()) {
         Decision::Allow => {}
+        Decision::Unauthenticated if enrollment.is_some() => {}
         Decision::Unauthenticated => {
             return ApiError::unauthorized("Authentication required: send 'Authorization: Bearer <token>' (from POST /api/v1/auth/token) or 'X-Api-Key'").into_response();
         }
@@ -242,7 +280,17 @@ pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Ne
     if let Some(p) = &principal {
         tracing::Span::current().record("user", p.username.as_str());
     }
-    req.extensions_mut().insert(RequestContext { principal, credential, actor, request_id });
+    let actor = match &enrollment {
+        Some(_) => Actor { username: "enrollment".into(), via: "enrollment_token".into(), ..actor },
+        None => actor,
+    };
+    req.extensions_mut().insert(RequestContext {
+        principal,
+        credential,
+        actor,
+        request_id,
+        enrollment_token: enrollment,
+    });
     next.run(req).await
 }
 

@@ -116,6 +116,33 @@ pub struct CreateVm {
     pub wait: Option<Duration>,
 }
 
+/// A step of a VM creation, reported while it happens (what an async create job shows).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreateProgress {
+    /// Looking for a host (attempt 1, then one more per host that failed the create).
+    Placing {
+        /// Attempt number, from 1.
+        attempt: usize,
+    },
+    /// Nothing fits now: the request waits in the queue.
+    Queued {
+        /// Why nothing fits, per group of hosts.
+        reason: String,
+        /// The request's queue priority.
+        priority: i32,
+    },
+    /// A host was chosen and capacity reserved on it; the host is creating the VM.
+    Creating {
+        /// The chosen host.
+        host_id: String,
+        /// Attempt number, from 1.
+        attempt: usize,
+    },
+}
+
+/// Receives [`CreateProgress`] reports.
+pub type ProgressFn<'a> = &'a (dyn Fn(CreateProgress) + Send + Sync);
+
 /// What one reaper pass did.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ReapReport {
@@ -625,7 +652,13 @@ impl Scheduler {
         self.inner.registry.with_hosts(|hosts| self.inner.ledger.reserve(req, hosts, profile))
     }
 
-    async fn reserve_or_wait(&self, req: &PlacementRequest, priority: i32, wait: Option<Duration>) -> Result<Granted> {
+    async fn reserve_or_wait(
+        &self,
+        req: &PlacementRequest,
+        priority: i32,
+        wait: Option<Duration>,
+        progress: ProgressFn<'_>,
+    ) -> Result<Granted> {
         let Some(wait) = wait.filter(|w| !w.is_zero()) else {
             return Ok(self.reserve(req)?);
         };
@@ -635,7 +668,8 @@ impl Scheduler {
         match queued {
             Ok(g) => Ok(g),
             Err((no, ticket)) => {
-                debug!(reason = %no, "request queued");
+                debug!(reason = %no, priority, "request queued");
+                progress(CreateProgress::Queued { reason: no.to_string(), priority });
                 let started = Instant::now();
                 match self.inner.ledger.wait(ticket, wait).await {
                     Some(g) => Ok(g),
@@ -651,9 +685,22 @@ impl Scheduler {
 
     // ----- VMs ---------------------------------------------------------------------------
 
-    /// Creates a VM on a host the scheduler chooses.
-    #[instrument(skip(self, caller, actor, req), fields(vm = %req.name))]
+    /// Creates a VM on a host the scheduler chooses (or on the pinned host, whose capacity
+    /// is still reserved). With [`CreateVm::wait`], a request nothing fits waits in the queue
+    /// (by [`CreateVm::priority`], then arrival) until capacity frees or the wait ends.
     pub async fn create_vm(&self, caller: Caller, actor: &Actor, req: CreateVm) -> Result<OrchestratedVm> {
+        self.create_vm_reporting(caller, actor, req, &|_| {}).await
+    }
+
+    /// [`Scheduler::create_vm`], reporting each step to `progress`.
+    #[instrument(skip(self, caller, actor, req, progress), fields(vm = %req.name))]
+    pub async fn create_vm_reporting(
+        &self,
+        caller: Caller,
+        actor: &Actor,
+        req: CreateVm,
+        progress: ProgressFn<'_>,
+    ) -> Result<OrchestratedVm> {
         if req.name.trim().is_empty() || req.name.len() > 100 {
             return Err(OrchestratorError::Invalid("a VM needs a name of 1 to 100 characters".into()));
         }
@@ -668,7 +715,8 @@ impl Scheduler {
         preq.os = Some(os);
         let mut last: Option<(String, HostClientError)> = None;
         for attempt in 1..=self.inner.config.create_attempts.max(1) {
-            let (decision, reservation) = match self.reserve_or_wait(&preq, req.priority, req.wait).await {
+            progress(CreateProgress::Placing { attempt });
+            let (decision, reservation) = match self.reserve_or_wait(&preq, req.priority, req.wait, progress).await {
                 Ok(g) => g,
                 Err(e) => {
                     return Err(match (e, last) {
@@ -680,6 +728,7 @@ impl Scheduler {
                 }
             };
             debug!(attempt, host = %decision.host_id, "placed");
+            progress(CreateProgress::Creating { host_id: decision.host_id.clone(), attempt });
             match self.create_on(&decision.host_id, &reservation, &req, os).await {
                 Ok(vm) => return self.confirm(actor, &decision.host_id, reservation, vm, &req, os, ttl).await,
                 Err(e) => {

@@ -9,7 +9,7 @@
 //! credentials.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -17,8 +17,12 @@ use axum::http::{HeaderMap, StatusCode};
 use hangar_core::Access;
 use hangar_core::Principal;
 use hangar_core::claims::*;
+use hangar_host::{Job, Jobs};
 use hangar_hypervisor::PowerOp;
-use hangar_orchestrator::{Caller, CreateVm, Host, HttpOrchestrator, Os, RegisterHost, ResourceSet, UpdateHost};
+use hangar_orchestrator::scheduler::CreateProgress;
+use hangar_orchestrator::{
+    Caller, CreateVm, Host, HttpOrchestrator, OrchestratorError, Os, RegisterHost, ResourceSet, UpdateHost,
+};
 use http::Method;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -35,6 +39,7 @@ type R<T> = Result<T, ApiError>;
 
 const LIST_HOSTS: Access = Access::AllOf(&[LIST_ORCHESTRATOR_HOSTS]);
 const MANAGE_HOSTS: Access = Access::AllOf(&[MANAGE_ORCHESTRATOR_HOSTS]);
+const JOBS: Access = Access::AnyOf(&[JOB_MANAGER_LIST, JOB_MANAGER_LIST_OWN]);
 
 pub fn register(api: Api) -> Api {
     api.add(LIST_HOSTS, routes!(list_hosts))
@@ -51,6 +56,9 @@ pub fn register(api: Api) -> Api {
         .add(LIST_HOSTS, routes!(overview_resources))
         .add(Access::AllOf(&[LIST_VM]), routes!(list_machines))
         .add(Access::AllOf(&[CREATE_VM]), routes!(create_machine))
+        .add(Access::AllOf(&[CREATE_VM]), routes!(create_machine_async))
+        .add(JOBS, routes!(list_jobs))
+        .add(JOBS, routes!(get_job))
         .add(Access::AllOf(&[LIST_VM]), routes!(get_machine))
         .add(Access::AllOf(&[DELETE_VM]), routes!(delete_machine))
         .add(Access::AllOf(&[UPDATE_VM_STATES]), routes!(start))
@@ -65,6 +73,21 @@ pub fn register(api: Api) -> Api {
         .add(LIST_HOSTS, routes!(overview_host_resources))
         .add(Access::AllOf(&[EXECUTE_COMMAND_VM]), routes!(execute))
         .add(Access::AllOf(&[UPDATE_VM]), routes!(extend))
+        .add(Access::AllOf(&[LIST_VM]), routes!(host_list_machines))
+        .add(Access::AllOf(&[CREATE_VM]), routes!(host_create_machine))
+        .add(Access::AllOf(&[CREATE_VM]), routes!(host_create_machine_async))
+        .add(Access::AllOf(&[LIST_VM]), routes!(host_get_machine))
+        .add(Access::AllOf(&[DELETE_VM]), routes!(host_delete_machine))
+        .add(Access::AllOf(&[LIST_VM]), routes!(host_machine_status))
+        .add(Access::AllOf(&[EXECUTE_COMMAND_VM]), routes!(host_execute))
+        .add(Access::AllOf(&[UPDATE_VM_STATES]), routes!(host_start))
+        .add(Access::AllOf(&[UPDATE_VM_STATES]), routes!(host_stop))
+        .add(Access::AllOf(&[UPDATE_VM_STATES]), routes!(host_kill))
+        .add(Access::AllOf(&[UPDATE_VM_STATES]), routes!(host_restart))
+        .add(Access::AllOf(&[UPDATE_VM_STATES]), routes!(host_pause))
+        .add(Access::AllOf(&[UPDATE_VM_STATES]), routes!(host_resume))
+        .add(Access::AllOf(&[UPDATE_VM_STATES]), routes!(host_suspend))
+        .add(Access::AllOf(&[UPDATE_VM_STATES]), routes!(host_reset))
 }
 
 fn module(s: &AppState) -> R<&Arc<HttpOrchestrator>> {
@@ -115,8 +138,14 @@ async fn list_hosts(State(s): State<AppState>) -> R<axum::Json<Vec<Value>>> {
 }
 
 /// Register a host: `{host|url, name, description, tags, authentication: {username, password} | {api_key}, required_roles, required_claims}`.
+///
+/// Needs MANAGE_ORCHESTRATOR_HOSTS, or (as in the reference) no credential but a valid
+/// single-use `X-Enrollment-Token` header: the host then joins with the token's name and
+/// the token is used up in the same write. A bad, used or expired token answers 401.
 #[utoipa::path(post, path = "/orchestrator/hosts", tag = "orchestrator", request_body = Object,
-    responses((status = 201, body = Object), (status = 400, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
+    params(("X-Enrollment-Token" = Option<String>, Header, description = "An enrollment token, instead of a user credential")),
+    responses((status = 201, body = Object), (status = 400, body = ApiErrorBody), (status = 401, body = ApiErrorBody),
+        (status = 409, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
 async fn register_host(
     State(s): State<AppState>,
     ctx: RequestContext,
@@ -124,7 +153,13 @@ async fn register_host(
 ) -> R<(StatusCode, axum::Json<Value>)> {
     let o = module(&s)?;
     let req = register_body(body)?;
-    let h = o.scheduler.register_host(&ctx.actor, req).await.map_err(ApiError::from_domain)?;
+    let h = match (&ctx.principal, &ctx.enrollment_token) {
+        (Some(_), _) => o.scheduler.register_host(&ctx.actor, req).await,
+        // Let through by the enrollment-token rule: the token is checked and consumed here.
+        (None, Some(token)) => o.scheduler.join_with_token(token, req).await,
+        (None, None) => return Err(ApiError::unauthorized("Authentication required")),
+    }
+    .map_err(ApiError::from_domain)?;
     Ok((StatusCode::CREATED, axum::Json(host_view(&h))))
 }
 
@@ -369,12 +404,30 @@ async fn list_machines(State(s): State<AppState>, ctx: RequestContext) -> R<axum
 #[utoipa::path(get, path = "/orchestrator/machines/{id}", tag = "orchestrator", params(("id" = String, Path)),
     responses((status = 200, body = Object), (status = 404, body = ApiErrorBody)))]
 async fn get_machine(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<String>) -> R<axum::Json<Value>> {
-    let o = module(&s)?;
-    let host = vm_host(o, ctx.caller()?, &id).await?;
-    let record = o.scheduler.vm(&id).await.ok();
+    let host = vm_host(module(&s)?, ctx.caller()?, &id).await?;
+    machine_on(&s, host, &id).await
+}
+
+async fn machine_on(s: &AppState, host: Host, id: &str) -> R<axum::Json<Value>> {
+    let o = module(s)?;
+    let record = o.scheduler.vm(id).await.ok();
     let vm = host.vms.iter().find(|v| v.id == id).ok_or_else(|| ApiError::not_found(format!("VM {id:?} not found")))?;
     Ok(axum::Json(vm_view(&host, vm, record.as_ref())))
 }
+
+/// Wait for capacity instead of failing at once when no host can take the VM.
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+pub struct QueueRequest {
+    /// Higher is served first (then arrival order). Default 0.
+    #[serde(default)]
+    pub priority: i32,
+    /// Give up after this many seconds (at most 3600): 503 "No capacity within Ns" with
+    /// the reasons per group of hosts.
+    pub timeout_seconds: u64,
+}
+
+/// Longest a request may wait for capacity.
+const MAX_QUEUE_WAIT: u64 = 3600;
 
 /// Create a VM somewhere in the fleet, in the host API's shape plus placement hints.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -399,21 +452,15 @@ pub struct OrchestratorCreateRequest {
     pub host: Option<String>,
     /// Delete the VM this many seconds after creation.
     pub ttl_seconds: Option<u64>,
-    /// Wait up to this many seconds for capacity instead of failing at once.
+    /// Wait for capacity in the queue (priority and timeout).
+    pub queue: Option<QueueRequest>,
+    /// Wait up to this many seconds for capacity (priority 0); `queue` takes precedence.
     pub wait_seconds: Option<u64>,
 }
 
-/// Create a VM on the host placement chooses. Answers `{id, name, owner, current_state, host, host_id}`;
-/// 503 with the per-group reasons when no host can take it.
-#[utoipa::path(post, path = "/orchestrator/machines", tag = "orchestrator", request_body = OrchestratorCreateRequest,
-    responses((status = 200, body = Object), (status = 400, body = ApiErrorBody), (status = 503, body = ApiErrorBody, description = "No host can take the VM")))]
-async fn create_machine(
-    State(s): State<AppState>,
-    ctx: RequestContext,
-    Json(req): Json<OrchestratorCreateRequest>,
-) -> R<axum::Json<Value>> {
-    let o = module(&s)?;
-    let p = ctx.caller()?;
+/// The scheduler's create request for an API request; `pinned` (a host id) overrides the
+/// body's `host`.
+fn create_request(p: &Principal, req: &OrchestratorCreateRequest, pinned: Option<String>) -> R<CreateVm> {
     let owner = match req.owner.clone().filter(|o| !o.is_empty()) {
         Some(o) if o != p.username && !p.is_super_user() => {
             return Err(ApiError::forbidden("Only a SUPER_USER can create a VM for another owner"));
@@ -435,8 +482,12 @@ async fn create_machine(
         Some(t) => Some(Os::parse_lenient(t).ok_or_else(|| ApiError::bad_request(format!("os {t:?} is unknown")))?),
         None => None,
     };
+    let (priority, wait) = match (req.queue, req.wait_seconds) {
+        (Some(q), _) => (q.priority, Some(q.timeout_seconds)),
+        (None, w) => (0, w),
+    };
     let specs = req.specs.as_ref();
-    let create = CreateVm {
+    Ok(CreateVm {
         name: req.name.clone(),
         image,
         version,
@@ -446,39 +497,193 @@ async fn create_machine(
         memory_mb: num(&specs.and_then(|s| s.memory.clone()), "specs.memory")?,
         disk_mb: num(&specs.and_then(|s| s.disk.clone()), "specs.disk")?,
         tags: req.tags.clone(),
-        host: req.host.clone(),
-        owner: owner.clone(),
+        host: pinned.or_else(|| req.host.clone()),
+        owner,
         start: req.start_on_create,
         ttl: req.ttl_seconds.map(Duration::from_secs),
-        wait: req.wait_seconds.map(|w| Duration::from_secs(w.min(3600))),
+        priority,
+        wait: wait.map(|w| Duration::from_secs(w.min(MAX_QUEUE_WAIT))),
         ..Default::default()
-    };
-    let vm = o.scheduler.create_vm(Caller::from(p), &ctx.actor, create).await.map_err(ApiError::from_domain)?;
+    })
+}
+
+/// A create failure as the API answers it: a queue timeout names the wait in seconds.
+fn create_error(e: OrchestratorError, wait: Option<Duration>) -> ApiError {
+    match e {
+        OrchestratorError::QueueTimeout { last, waited_ms } => {
+            let secs = wait.map(|w| w.as_secs()).unwrap_or(waited_ms / 1000);
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("No capacity within {secs}s: {last}"))
+        }
+        e => ApiError::from_domain(e),
+    }
+}
+
+/// The answer to a create: `{id, name, owner, current_state, host, host_id, expires_at}`.
+fn created_view(o: &HttpOrchestrator, vm: &hangar_orchestrator::OrchestratedVm, start: bool) -> R<Value> {
     let host = o.scheduler.registry().get(&vm.host_id).map_err(ApiError::from_domain)?;
     let state = host
         .vms
         .iter()
         .find(|v| v.id == vm.id)
         .map(|v| v.state.as_str().to_string())
-        .unwrap_or_else(|| if req.start_on_create { "running".into() } else { "stopped".into() });
-    Ok(axum::Json(json!({
+        .unwrap_or_else(|| if start { "running".into() } else { "stopped".into() });
+    Ok(json!({
         "id": vm.id, "name": vm.name, "owner": vm.owner, "current_state": state,
         "host": host.name, "host_id": host.id, "expires_at": vm.expires_at,
-    })))
+    }))
+}
+
+async fn create_sync(
+    s: &AppState,
+    ctx: &RequestContext,
+    req: &OrchestratorCreateRequest,
+    pinned: Option<String>,
+) -> R<axum::Json<Value>> {
+    let o = module(s)?;
+    let p = ctx.caller()?;
+    let create = create_request(p, req, pinned)?;
+    let wait = create.wait;
+    let vm = o.scheduler.create_vm(Caller::from(p), &ctx.actor, create).await.map_err(|e| create_error(e, wait))?;
+    Ok(axum::Json(created_view(o, &vm, req.start_on_create)?))
+}
+
+/// Create a VM on the host placement chooses. Answers `{id, name, owner, current_state, host, host_id}`;
+/// 503 with the per-group reasons when no host can take it (after waiting in the queue
+/// when the body has `queue: {priority, timeout_seconds}`).
+#[utoipa::path(post, path = "/orchestrator/machines", tag = "orchestrator", request_body = OrchestratorCreateRequest,
+    responses((status = 200, body = Object), (status = 400, body = ApiErrorBody), (status = 503, body = ApiErrorBody, description = "No host can take the VM")))]
+async fn create_machine(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Json(req): Json<OrchestratorCreateRequest>,
+) -> R<axum::Json<Value>> {
+    create_sync(&s, &ctx, &req, None).await
+}
+
+// ----- async creation: jobs ------------------------------------------------------------
+
+/// The orchestrator's jobs, one set per running orchestrator. They live here, beside the
+/// routes, because the API state has no slot for them; an entry goes with its orchestrator.
+fn jobs_of(s: &AppState, o: &Arc<HttpOrchestrator>) -> Jobs {
+    static ALL: std::sync::Mutex<Vec<(Weak<HttpOrchestrator>, Jobs)>> = std::sync::Mutex::new(Vec::new());
+    let mut all = ALL.lock().unwrap_or_else(|e| e.into_inner());
+    all.retain(|(w, _)| w.strong_count() > 0);
+    if let Some((_, j)) = all.iter().find(|(w, _)| std::ptr::eq(w.as_ptr(), Arc::as_ptr(o))) {
+        return j.clone();
+    }
+    let jobs = Jobs::new(s.bus.clone());
+    all.push((Arc::downgrade(o), jobs.clone()));
+    jobs
+}
+
+/// Steps of an orchestrator create job.
+const CREATE_STEPS: &[(&str, u32)] = &[("placing", 1), ("creating", 9)];
+
+/// Starts a create in the background and answers its job (202).
+async fn create_async(
+    s: &AppState,
+    ctx: &RequestContext,
+    req: &OrchestratorCreateRequest,
+    pinned: Option<String>,
+) -> R<(StatusCode, axum::Json<Job>)> {
+    let o = module(s)?.clone();
+    let p = ctx.caller()?;
+    let create = create_request(p, req, pinned)?;
+    let jobs = jobs_of(s, &o);
+    // The job belongs to the caller (by user id), whatever the VM's owner.
+    let handle = jobs.start(&p.user_id, "orchestrator_vm", "create", CREATE_STEPS);
+    let job = jobs.get(&handle.id).ok_or_else(|| ApiError::internal("job vanished"))?;
+    let _ = s
+        .identity
+        .record(&ctx.actor, "orchestrator.vm.create_async", "job", &handle.id, json!({"name": req.name}))
+        .await;
+    let caller = Caller::from(p);
+    let actor = ctx.actor.clone();
+    let start = req.start_on_create;
+    let span = tracing::info_span!("orchestrator_create_job", job = %handle.id, vm = %create.name);
+    tokio::spawn(tracing::Instrument::instrument(
+        async move {
+            let wait = create.wait;
+            let reporter = handle.clone();
+            let registry = o.scheduler.registry().clone();
+            let progress = move |step: CreateProgress| match step {
+                CreateProgress::Placing { attempt: 1 } => reporter.step(0, 0.0, "placing"),
+                CreateProgress::Placing { attempt } => reporter.step(0, 0.0, &format!("placing (attempt {attempt})")),
+                CreateProgress::Queued { reason, priority } => {
+                    reporter.step(0, 0.0, &format!("queued: waiting for capacity (priority {priority}); now {reason}"))
+                }
+                CreateProgress::Creating { host_id, .. } => {
+                    let name = registry.get(&host_id).map(|h| h.name).unwrap_or_else(|_| host_id.clone());
+                    reporter.step(1, 0.0, &format!("creating on host {name}"));
+                }
+            };
+            match o.scheduler.create_vm_reporting(caller, &actor, create, &progress).await {
+                Ok(vm) => match created_view(&o, &vm, start) {
+                    Ok(v) => handle.complete(v),
+                    Err(e) => handle.fail(e.message),
+                },
+                Err(e) => handle.fail(create_error(e, wait).message),
+            }
+        },
+        span,
+    ));
+    Ok((StatusCode::ACCEPTED, axum::Json(job)))
+}
+
+/// Create a VM in the background: answers 202 with a job at once; follow it at
+/// `/orchestrator/jobs/{id}` or on the websocket (`job_manager` events). Its message goes
+/// `queued` → `placing` → `creating on host X` → `done`, or the job fails with the reason.
+#[utoipa::path(post, path = "/orchestrator/machines/async", tag = "orchestrator", request_body = OrchestratorCreateRequest,
+    responses((status = 202, body = Object, description = "The job; follow it at /orchestrator/jobs/{id}"), (status = 400, body = ApiErrorBody)))]
+async fn create_machine_async(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Json(req): Json<OrchestratorCreateRequest>,
+) -> R<(StatusCode, axum::Json<Job>)> {
+    create_async(&s, &ctx, &req, None).await
+}
+
+fn job_visible(p: &Principal, j: &Job) -> bool {
+    p.has_claim(JOB_MANAGER_LIST) || j.owner == p.user_id
+}
+
+/// The orchestrator's jobs the caller may see (its own, or all with JOB_MANAGER_LIST).
+#[utoipa::path(get, path = "/orchestrator/jobs", tag = "orchestrator", responses((status = 200, body = Vec<Object>)))]
+async fn list_jobs(State(s): State<AppState>, ctx: RequestContext) -> R<axum::Json<Vec<Job>>> {
+    let p = ctx.caller()?;
+    let o = module(&s)?;
+    Ok(axum::Json(jobs_of(&s, o).list(None).into_iter().filter(|j| job_visible(p, j)).collect()))
+}
+
+/// One orchestrator job: state, progress, message, and the created VM as `result`.
+#[utoipa::path(get, path = "/orchestrator/jobs/{id}", tag = "orchestrator", params(("id" = String, Path)),
+    responses((status = 200, body = Object), (status = 404, body = ApiErrorBody)))]
+async fn get_job(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<String>) -> R<axum::Json<Job>> {
+    let p = ctx.caller()?;
+    let o = module(&s)?;
+    jobs_of(&s, o)
+        .get(&id)
+        .filter(|j| job_visible(p, j))
+        .map(axum::Json)
+        .ok_or_else(|| ApiError::not_found(format!("Job {id:?} not found")))
 }
 
 #[utoipa::path(delete, path = "/orchestrator/machines/{id}", tag = "orchestrator", params(("id" = String, Path)),
     responses((status = 202), (status = 404, body = ApiErrorBody)))]
 async fn delete_machine(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<String>) -> R<StatusCode> {
-    let o = module(&s)?;
-    vm_host(o, ctx.caller()?, &id).await?;
-    o.scheduler.delete_vm(&ctx.actor, &id).await.map_err(ApiError::from_domain)?;
+    vm_host(module(&s)?, ctx.caller()?, &id).await?;
+    module(&s)?.scheduler.delete_vm(&ctx.actor, &id).await.map_err(ApiError::from_domain)?;
     Ok(StatusCode::ACCEPTED)
 }
 
 async fn power(s: &AppState, ctx: &RequestContext, id: &str, op: PowerOp) -> R<axum::Json<Value>> {
+    let host = vm_host(module(s)?, ctx.caller()?, id).await?;
+    power_on(s, ctx, host, id, op).await
+}
+
+/// Forwards a power operation to `host`, which the caller was checked to may use.
+async fn power_on(s: &AppState, ctx: &RequestContext, host: Host, id: &str, op: PowerOp) -> R<axum::Json<Value>> {
     let o = module(s)?;
-    let host = vm_host(o, ctx.caller()?, id).await?;
     o.scheduler.power(id, op).await.map_err(ApiError::from_domain)?;
     let _ = s
         .identity
@@ -519,8 +724,13 @@ async fn machine_status(
     ctx: RequestContext,
     Path(id): Path<String>,
 ) -> R<axum::Json<Value>> {
-    let o = module(&s)?;
-    let host = vm_host(o, ctx.caller()?, &id).await?;
+    let host = vm_host(module(&s)?, ctx.caller()?, &id).await?;
+    status_on(&s, host, &id).await
+}
+
+/// The VM's status read from `host` now.
+async fn status_on(s: &AppState, host: Host, id: &str) -> R<axum::Json<Value>> {
+    let o = module(s)?;
     let client = o.host_client(&host.id).map_err(ApiError::from_domain)?;
     let path = format!("/machines/{}/status", id.replace('/', "%2F"));
     let mut v = client.request(Method::GET, &path, None, Duration::from_secs(30)).await.map_err(|source| {
@@ -552,14 +762,19 @@ async fn execute(
     Path(id): Path<String>,
     Json(body): Json<Value>,
 ) -> R<axum::Json<Value>> {
-    let o = module(&s)?;
-    let host = vm_host(o, ctx.caller()?, &id).await?;
+    let host = vm_host(module(&s)?, ctx.caller()?, &id).await?;
+    execute_on(&s, &ctx, host, &id, body).await
+}
+
+/// Runs a command in the VM on `host`.
+async fn execute_on(s: &AppState, ctx: &RequestContext, host: Host, id: &str, body: Value) -> R<axum::Json<Value>> {
+    let o = module(s)?;
     let client = o.host_client(&host.id).map_err(ApiError::from_domain)?;
     let timeout = body.get("timeout").and_then(Value::as_u64).unwrap_or(300).clamp(1, 24 * 3600) + 30;
-    let out = client.execute(&id, body, Duration::from_secs(timeout)).await.map_err(|source| {
+    let out = client.execute(id, body, Duration::from_secs(timeout)).await.map_err(|source| {
         ApiError::from_domain(hangar_orchestrator::OrchestratorError::Host { host: host.id.clone(), source })
     })?;
-    let _ = s.identity.record(&ctx.actor, "orchestrator.vm.execute", "vm", &id, json!({"host": host.id})).await;
+    let _ = s.identity.record(&ctx.actor, "orchestrator.vm.execute", "vm", id, json!({"host": host.id})).await;
     Ok(axum::Json(out))
 }
 
@@ -587,3 +802,158 @@ async fn extend(
         .map_err(ApiError::from_domain)?;
     Ok(axum::Json(serde_json::to_value(vm).unwrap_or(Value::Null)))
 }
+
+// ----- one host's machines -------------------------------------------------------------
+//
+// `/orchestrator/hosts/{id}/machines/...`: the same operations on a named host, with the
+// same claims as the cross-host routes and the same check that the caller may use the
+// host. A VM that is not on that host is a 404.
+
+/// The host (id or name), after checking the caller may use it.
+fn usable_host(o: &HttpOrchestrator, p: &Principal, id: &str) -> R<Host> {
+    let host = o.scheduler.registry().get(id).map_err(ApiError::from_domain)?;
+    check_host_access(p, &host)?;
+    Ok(host)
+}
+
+/// The host, after checking the caller may use it and that `vm_id` lives on it.
+async fn host_vm(s: &AppState, ctx: &RequestContext, host_id: &str, vm_id: &str) -> R<Host> {
+    let o = module(s)?;
+    let host = usable_host(o, ctx.caller()?, host_id)?;
+    match o.scheduler.host_of(vm_id).await {
+        Ok(h) if h == host.id => Ok(host),
+        Ok(_) | Err(OrchestratorError::NotFound { .. }) => {
+            Err(ApiError::not_found(format!("VM {vm_id:?} not found on host {}", host.name)))
+        }
+        Err(e) => Err(ApiError::from_domain(e)),
+    }
+}
+
+/// The VMs of one host.
+#[utoipa::path(get, path = "/orchestrator/hosts/{id}/machines", tag = "orchestrator", params(("id" = String, Path, description = "Host id or name")),
+    responses((status = 200, body = Vec<Object>), (status = 403, body = ApiErrorBody), (status = 404, body = ApiErrorBody)))]
+async fn host_list_machines(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path(id): Path<String>,
+) -> R<axum::Json<Vec<Value>>> {
+    let o = module(&s)?;
+    let host = usable_host(o, ctx.caller()?, &id)?;
+    let records = o.scheduler.list_vms().await.map_err(ApiError::from_domain)?;
+    Ok(axum::Json(host.vms.iter().map(|vm| vm_view(&host, vm, records.iter().find(|r| r.id == vm.id))).collect()))
+}
+
+/// Create a VM on this host: no placement, but its capacity is still reserved, so a full
+/// host answers 503 (or the request waits with `queue`).
+#[utoipa::path(post, path = "/orchestrator/hosts/{id}/machines", tag = "orchestrator", params(("id" = String, Path)),
+    request_body = OrchestratorCreateRequest,
+    responses((status = 200, body = Object), (status = 400, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
+async fn host_create_machine(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path(id): Path<String>,
+    Json(req): Json<OrchestratorCreateRequest>,
+) -> R<axum::Json<Value>> {
+    let host = usable_host(module(&s)?, ctx.caller()?, &id)?;
+    create_sync(&s, &ctx, &req, Some(host.id)).await
+}
+
+/// [`host_create_machine`] in the background: 202 with a job.
+#[utoipa::path(post, path = "/orchestrator/hosts/{id}/machines/async", tag = "orchestrator", params(("id" = String, Path)),
+    request_body = OrchestratorCreateRequest,
+    responses((status = 202, body = Object), (status = 400, body = ApiErrorBody)))]
+async fn host_create_machine_async(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path(id): Path<String>,
+    Json(req): Json<OrchestratorCreateRequest>,
+) -> R<(StatusCode, axum::Json<Job>)> {
+    let host = usable_host(module(&s)?, ctx.caller()?, &id)?;
+    create_async(&s, &ctx, &req, Some(host.id)).await
+}
+
+#[utoipa::path(get, path = "/orchestrator/hosts/{id}/machines/{vm_id}", tag = "orchestrator",
+    params(("id" = String, Path), ("vm_id" = String, Path)),
+    responses((status = 200, body = Object), (status = 404, body = ApiErrorBody)))]
+async fn host_get_machine(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path((id, vm_id)): Path<(String, String)>,
+) -> R<axum::Json<Value>> {
+    let host = host_vm(&s, &ctx, &id, &vm_id).await?;
+    machine_on(&s, host, &vm_id).await
+}
+
+#[utoipa::path(delete, path = "/orchestrator/hosts/{id}/machines/{vm_id}", tag = "orchestrator",
+    params(("id" = String, Path), ("vm_id" = String, Path)),
+    responses((status = 202), (status = 404, body = ApiErrorBody)))]
+async fn host_delete_machine(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path((id, vm_id)): Path<(String, String)>,
+) -> R<StatusCode> {
+    host_vm(&s, &ctx, &id, &vm_id).await?;
+    module(&s)?.scheduler.delete_vm(&ctx.actor, &vm_id).await.map_err(ApiError::from_domain)?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+#[utoipa::path(get, path = "/orchestrator/hosts/{id}/machines/{vm_id}/status", tag = "orchestrator",
+    params(("id" = String, Path), ("vm_id" = String, Path)),
+    responses((status = 200, body = Object), (status = 404, body = ApiErrorBody)))]
+async fn host_machine_status(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path((id, vm_id)): Path<(String, String)>,
+) -> R<axum::Json<Value>> {
+    let host = host_vm(&s, &ctx, &id, &vm_id).await?;
+    status_on(&s, host, &vm_id).await
+}
+
+#[utoipa::path(put, path = "/orchestrator/hosts/{id}/machines/{vm_id}/execute", tag = "orchestrator",
+    params(("id" = String, Path), ("vm_id" = String, Path)), request_body = Object,
+    responses((status = 200, body = Object), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+async fn host_execute(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path((id, vm_id)): Path<(String, String)>,
+    Json(body): Json<Value>,
+) -> R<axum::Json<Value>> {
+    let host = host_vm(&s, &ctx, &id, &vm_id).await?;
+    execute_on(&s, &ctx, host, &vm_id, body).await
+}
+
+#[utoipa::path(put, path = "/orchestrator/hosts/{id}/machines/{vm_id}/stop", tag = "orchestrator",
+    params(("id" = String, Path), ("vm_id" = String, Path), ForceQuery),
+    responses((status = 200, body = Object), (status = 404, body = ApiErrorBody)))]
+async fn host_stop(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path((id, vm_id)): Path<(String, String)>,
+    Query(q): Query<ForceQuery>,
+) -> R<axum::Json<Value>> {
+    let host = host_vm(&s, &ctx, &id, &vm_id).await?;
+    power_on(&s, &ctx, host, &vm_id, PowerOp::Stop { force: q.force, timeout: Duration::from_secs(60) }).await
+}
+
+macro_rules! host_power_route {
+    ($fn:ident, $path:literal, $op:expr) => {
+        #[utoipa::path(put, path = $path, tag = "orchestrator", params(("id" = String, Path), ("vm_id" = String, Path)),
+                                    responses((status = 200, body = Object), (status = 404, body = ApiErrorBody)))]
+        async fn $fn(
+            State(s): State<AppState>,
+            ctx: RequestContext,
+            Path((id, vm_id)): Path<(String, String)>,
+        ) -> R<axum::Json<Value>> {
+            let host = host_vm(&s, &ctx, &id, &vm_id).await?;
+            power_on(&s, &ctx, host, &vm_id, $op).await
+        }
+    };
+}
+
+host_power_route!(host_start, "/orchestrator/hosts/{id}/machines/{vm_id}/start", PowerOp::Start);
+host_power_route!(host_kill, "/orchestrator/hosts/{id}/machines/{vm_id}/kill", PowerOp::Kill);
+host_power_route!(host_restart, "/orchestrator/hosts/{id}/machines/{vm_id}/restart", PowerOp::Restart);
+host_power_route!(host_pause, "/orchestrator/hosts/{id}/machines/{vm_id}/pause", PowerOp::Pause);
+host_power_route!(host_resume, "/orchestrator/hosts/{id}/machines/{vm_id}/resume", PowerOp::Resume);
+host_power_route!(host_suspend, "/orchestrator/hosts/{id}/machines/{vm_id}/suspend", PowerOp::Suspend);
+host_power_route!(host_reset, "/orchestrator/hosts/{id}/machines/{vm_id}/reset", PowerOp::Reset);
