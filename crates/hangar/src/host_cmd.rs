@@ -3,15 +3,19 @@
 //! Secrets never go on the command line: a host's password or API key is read from
 //! standard input (or prompted for), and an enrollment token from
 //! `HANGAR_ENROLLMENT_TOKEN`.
+//!
+//! `hangar agent join` (also `hangar host join`) runs on a host agent: it makes an API key
+//! on this host for the orchestrator (or takes one) and registers the host with the
+//! orchestrator using a single-use enrollment token.
 
 use std::io::Read;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
-use crate::client::{Client, seg};
+use crate::client::{Client, load_credentials, seg};
 use crate::output::{Output, print};
 
 #[derive(Subcommand)]
@@ -54,6 +58,9 @@ pub enum HostCommand {
     Enable { host: String },
     /// Take a host out of scheduling.
     Disable { host: String },
+    /// Register the host this CLI talks to (--url, HANGAR_URL or the saved login) with an
+    /// orchestrator, using an enrollment token. The same as `hangar agent join`.
+    Join(JoinArgs),
     /// Make a single-use enrollment token for a host to join with.
     Token {
         /// Name the joining host gets.
@@ -62,6 +69,43 @@ pub enum HostCommand {
         #[arg(long, default_value = "15m")]
         ttl: String,
     },
+}
+
+/// `hangar agent ...`: commands run on a host agent.
+#[derive(Subcommand)]
+pub enum AgentCommand {
+    /// Register this host (--url, HANGAR_URL or the saved login) with an orchestrator,
+    /// using an enrollment token made there with `hangar host token NAME`.
+    Join(JoinArgs),
+}
+
+/// Arguments of `hangar agent join` and `hangar host join`.
+#[derive(Args)]
+pub struct JoinArgs {
+    /// The orchestrator's URL, e.g. http://orchestrator:3080.
+    #[arg(long, value_name = "URL")]
+    pub orchestrator: String,
+    /// The single-use enrollment token (from `hangar host token NAME` on the orchestrator).
+    #[arg(long, env = "HANGAR_ENROLLMENT_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// The host's name; the token already fixes it, so this only checks it.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Tags, comma-separated (a,b).
+    #[arg(long, value_delimiter = ',')]
+    pub tags: Vec<String>,
+    #[arg(long, default_value = "")]
+    pub description: String,
+    /// The URL the orchestrator reaches this host at, when it differs from --url.
+    #[arg(long, value_name = "URL")]
+    pub advertise_url: Option<String>,
+    /// An API key of this host for the orchestrator to use, instead of making a new one
+    /// with the current login.
+    #[arg(long, env = "HANGAR_HOST_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Join disabled (out of scheduling).
+    #[arg(long)]
+    pub disabled: bool,
 }
 
 const HOST_COLS: &[&str] = &["id", "name", "url", "state", "enabled", "architecture", "hypervisor", "last_error"];
@@ -78,6 +122,77 @@ fn read_stdin(what: &str) -> Result<String> {
 
 fn host_path(host: &str, rest: &str) -> String {
     format!("/orchestrator/hosts/{}{rest}", seg(host))
+}
+
+/// Runs `hangar agent join`: see [`JoinArgs`]. `url_flag` is this host's URL.
+pub async fn join(url_flag: Option<&str>, args: JoinArgs) -> Result<Value> {
+    let token = args.token.trim();
+    if token.is_empty() {
+        bail!("--token is empty: make a token on the orchestrator with `hangar host token NAME`");
+    }
+    let orch = Client::anonymous(&args.orchestrator)?;
+    let check = orch
+        .get(&format!("/orchestrator/enrollment-token/{}/validate", seg(token)))
+        .await
+        .with_context(|| format!("cannot check the enrollment token with the orchestrator at {}", args.orchestrator))?;
+    if check["valid"] != true {
+        bail!(
+            "the orchestrator at {} says the enrollment token is invalid, expired or already used; \
+             make a new one there with `hangar host token NAME`",
+            args.orchestrator
+        );
+    }
+    let token_name = check["host_name"].as_str().unwrap_or_default().to_string();
+    if let Some(n) = &args.name
+        && *n != token_name
+    {
+        bail!(
+            "the enrollment token is for a host named {token_name:?}, not {n:?}; drop --name or make a token for {n:?}"
+        );
+    }
+    let local = url_flag
+        .map(String::from)
+        .or_else(|| std::env::var("HANGAR_URL").ok().filter(|u| !u.is_empty()))
+        .or_else(|| load_credentials().map(|c| c.url))
+        .ok_or_else(|| {
+            anyhow!("which host joins? Pass this host's --url (or set HANGAR_URL, or `hangar login` to it)")
+        })?;
+    // The API key the orchestrator will use on this host: given, or made now.
+    let (api_key, made) = match &args.api_key {
+        Some(k) if !k.trim().is_empty() => (k.trim().to_string(), None),
+        _ => {
+            let here = Client::connect(Some(&local))?;
+            let key_name = format!("orchestrator-{token_name}-{}", chrono::Utc::now().timestamp());
+            let k = here.post("/auth/api_keys", json!({"name": key_name})).await.with_context(|| {
+                format!(
+                    "cannot make an API key on {local} for the orchestrator: log in to this host first \
+                     (`hangar login --url {local} --username USER`) or pass --api-key"
+                )
+            })?;
+            let encoded =
+                k["encoded"].as_str().ok_or_else(|| anyhow!("the host answered an API key without `encoded`"))?;
+            (encoded.to_string(), k["id"].as_str().map(|id| (here, id.to_string())))
+        }
+    };
+    let body = json!({"url": args.advertise_url.as_deref().unwrap_or(&local), "tags": args.tags,
+        "description": args.description, "disabled": args.disabled, "authentication": {"api_key": api_key}});
+    let joined = orch
+        .call_with_headers(reqwest::Method::POST, "/orchestrator/hosts", Some(body), &[("X-Enrollment-Token", token)])
+        .await;
+    match joined {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            // Do not leave behind a key nobody uses.
+            if let Some((here, id)) = made {
+                let _ = here.delete(&format!("/auth/api_keys/{}", seg(&id))).await;
+            }
+            Err(e.context(format!(
+                "the orchestrator at {} refused to register this host (if the token was refused, \
+                 make a new one with `hangar host token NAME`)",
+                args.orchestrator
+            )))
+        }
+    }
 }
 
 /// Runs one `hangar host` command against the server at `url_flag` (or the saved login).
@@ -120,6 +235,7 @@ pub async fn run(url_flag: Option<&str>, cmd: HostCommand, out: Output) -> Resul
             };
             (v, HOST_COLS)
         }
+        HostCommand::Join(args) => (join(url_flag, args).await?, HOST_COLS),
         HostCommand::Remove { host } => {
             Client::connect(url_flag)?.delete(&host_path(&host, "")).await?;
             (json!({"removed": host}), &["removed"][..])

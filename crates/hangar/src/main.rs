@@ -126,10 +126,15 @@ enum Command {
         #[command(subcommand)]
         command: vm_cmd::VmCommand,
     },
-    /// The orchestrator's hosts: list, add, remove, enable, disable, token.
+    /// The orchestrator's hosts: list, add, join, remove, enable, disable, token.
     Host {
         #[command(subcommand)]
         command: host_cmd::HostCommand,
+    },
+    /// Commands run on a host agent: join an orchestrator.
+    Agent {
+        #[command(subcommand)]
+        command: host_cmd::AgentCommand,
     },
     /// The audit log (SUPER_USER).
     Audit {
@@ -418,6 +423,11 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Apikey { command } => apikey(Client::connect(cli.url.as_deref())?, command, out).await,
         Command::Vm { command } => vm_cmd::run(Client::connect(cli.url.as_deref())?, command, out).await,
         Command::Host { command } => host_cmd::run(cli.url.as_deref(), command, out).await,
+        Command::Agent { command: host_cmd::AgentCommand::Join(args) } => {
+            let v = host_cmd::join(cli.url.as_deref(), args).await?;
+            print(out, &v, &["id", "name", "url", "state", "enabled"]);
+            Ok(())
+        }
         Command::Audit { after, limit } => {
             let c = Client::connect(cli.url.as_deref())?;
             let mut path = format!("/audit?limit={limit}");
