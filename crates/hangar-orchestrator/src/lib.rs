@@ -25,6 +25,7 @@ pub mod registry;
 pub mod reservations;
 pub mod scheduler;
 pub mod sealer;
+pub mod tunnel;
 
 pub use client::{HostClient, HostClientError, HostConnector, HostCreateVm, HostEvent, VmOp};
 pub use clock::{Clock, ManualClock, SystemClock};

@@ -1,0 +1,506 @@
+//! Port-forward tunnels: a TCP byte stream carried over a websocket.
+//!
+//! The wire protocol of `GET .../machines/{id}/port-forward/{port}` (host and orchestrator
+//! routes, the CLI's `hangar vm port-forward`):
+//!
+//! * binary frames carry the bytes, in order, both ways;
+//! * an **empty** binary frame means "no more bytes from me" (TCP half-close): the receiver
+//!   shuts down the write side of its TCP connection and keeps reading;
+//! * a close frame ends the tunnel both ways; it is sent once both directions ended;
+//! * both sides send a ping every [`PING_EVERY`] so idle proxies keep the connection.
+//!
+//! This module holds the client side built on `tokio-tungstenite`: [`connect`] opens a
+//! tunnel (`ws://` or `wss://` through rustls with the platform verifier, as the rest of
+//! Hangar's clients trust), [`splice`] copies between a tunnel and any byte stream,
+//! [`into_io`] turns a tunnel into a byte stream, and [`HostTunnels`] opens tunnels to the
+//! host that owns a VM with the orchestrator's stored host credentials.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tracing::{Instrument, debug, info_span};
+
+use crate::model::HostCredentials;
+
+/// How often each side pings an open tunnel.
+pub const PING_EVERY: Duration = Duration::from_secs(30);
+
+/// How long opening a tunnel (TCP, TLS and the websocket handshake) may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Size of one read from the byte stream, so the largest binary frame.
+const CHUNK: usize = 64 * 1024;
+
+/// A byte stream a tunnel can run over, or that a tunnel is turned into.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// A boxed [`Io`].
+pub type BoxIo = Box<dyn Io>;
+
+/// An open tunnel (client side).
+pub type Tunnel = WebSocketStream<BoxIo>;
+
+/// Why a tunnel could not be opened or ran into trouble.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    /// The URL is not a usable `ws://`, `wss://`, `http://` or `https://` URL.
+    #[error("{0}")]
+    Url(String),
+    /// No TCP connection (or no answer in time).
+    #[error("Cannot reach {addr}: {message}")]
+    Connect {
+        /// Where we tried to go.
+        addr: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The TLS handshake failed (an untrusted certificate, say).
+    #[error("TLS with {host} failed: {message}")]
+    Tls {
+        /// The server name.
+        host: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The server answered the upgrade with an HTTP error (the VM is not running, the port
+    /// refused, the caller may not, ...).
+    #[error("{status}: {message}")]
+    Refused {
+        /// The HTTP status.
+        status: u16,
+        /// The server's message.
+        message: String,
+    },
+    /// Anything else on the websocket.
+    #[error("websocket: {0}")]
+    Protocol(String),
+}
+
+/// Bytes moved by [`splice`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// From the tunnel into the byte stream.
+    pub from_tunnel: u64,
+    /// From the byte stream into the tunnel.
+    pub to_tunnel: u64,
+}
+
+/// The one crypto provider of the workspace, with the platform's trust store (what
+/// `reqwest` trusts too, so the CLI's and the orchestrator's HTTP calls and their tunnels
+/// accept the same servers; `SSL_CERT_FILE` adds roots on Linux).
+fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
+    static CONFIG: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            use rustls_platform_verifier::BuilderVerifierExt;
+            let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+            let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_platform_verifier()
+                .map_err(|e| e.to_string())?
+                .with_no_client_auth();
+            cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Ok(Arc::new(cfg))
+        })
+        .clone()
+}
+
+/// `http(s)://h:p/api/v1` + `/machines/x/port-forward/22` → `ws(s)://h:p/api/v1/machines/x/port-forward/22`.
+pub fn ws_url(api_base: &str, path: &str) -> Result<String, TunnelError> {
+    let base = api_base.trim_end_matches('/');
+    let url = if let Some(rest) = base.strip_prefix("https://") {
+        format!("wss://{rest}{path}")
+    } else if let Some(rest) = base.strip_prefix("http://") {
+        format!("ws://{rest}{path}")
+    } else if base.starts_with("ws://") || base.starts_with("wss://") {
+        format!("{base}{path}")
+    } else {
+        return Err(TunnelError::Url(format!("{api_base:?} is not an http:// or https:// URL")));
+    };
+    Ok(url)
+}
+
+/// The `message` of a JSON error body, or the text itself.
+fn message_of(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|v| v.get("message").and_then(Value::as_str).map(str::to_string))
+        .unwrap_or_else(|| text.chars().take(500).collect())
+}
+
+/// Open a tunnel at `url` (`ws://` or `wss://`), sending `headers` (the credential) with
+/// the upgrade request.
+pub async fn connect(url: &str, headers: &[(&str, &str)]) -> Result<Tunnel, TunnelError> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, connect_inner(url, headers)).await {
+        Ok(r) => r,
+        Err(_) => Err(TunnelError::Connect {
+            addr: url.to_string(),
+            message: format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()),
+        }),
+    }
+}
+
+async fn connect_inner(url: &str, headers: &[(&str, &str)]) -> Result<Tunnel, TunnelError> {
+    let parsed = url::Url::parse(url).map_err(|e| TunnelError::Url(format!("{url:?}: {e}")))?;
+    let tls = match parsed.scheme() {
+        "ws" => false,
+        "wss" => true,
+        other => return Err(TunnelError::Url(format!("{url:?}: scheme {other} is not ws or wss"))),
+    };
+    let port = parsed.port_or_known_default().unwrap_or(if tls { 443 } else { 80 });
+    let (host, tcp) = match parsed.host() {
+        Some(url::Host::Ipv4(a)) => (a.to_string(), tokio::net::TcpStream::connect((a, port)).await),
+        Some(url::Host::Ipv6(a)) => (a.to_string(), tokio::net::TcpStream::connect((a, port)).await),
+        Some(url::Host::Domain(d)) => (d.to_string(), tokio::net::TcpStream::connect((d, port)).await),
+        None => return Err(TunnelError::Url(format!("{url:?} has no host"))),
+    };
+    let tcp = tcp.map_err(|e| TunnelError::Connect { addr: format!("{host}:{port}"), message: e.to_string() })?;
+    let _ = tcp.set_nodelay(true);
+    let stream: BoxIo = if tls {
+        let cfg = tls_config().map_err(|message| TunnelError::Tls { host: host.clone(), message })?;
+        let name = rustls_pki_types::ServerName::try_from(host.clone())
+            .map_err(|e| TunnelError::Tls { host: host.clone(), message: e.to_string() })?;
+        let s = tokio_rustls::TlsConnector::from(cfg)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| TunnelError::Tls { host: host.clone(), message: e.to_string() })?;
+        Box::new(s)
+    } else {
+        Box::new(tcp)
+    };
+    let mut req = url.into_client_request().map_err(|e| TunnelError::Url(format!("{url:?}: {e}")))?;
+    for (k, v) in headers {
+        let name = HeaderName::from_bytes(k.as_bytes()).map_err(|e| TunnelError::Protocol(e.to_string()))?;
+        let value = HeaderValue::from_str(v).map_err(|_| TunnelError::Protocol(format!("header {k} is not valid")))?;
+        req.headers_mut().insert(name, value);
+    }
+    match tokio_tungstenite::client_async(req, stream).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::Error::Http(resp)) => Err(TunnelError::Refused {
+            status: resp.status().as_u16(),
+            message: resp.body().as_deref().map(message_of).unwrap_or_default(),
+        }),
+        Err(e) => Err(TunnelError::Protocol(e.to_string())),
+    }
+}
+
+fn ws_err(e: tungstenite::Error) -> std::io::Error {
+    std::io::Error::other(e)
+}
+
+/// Copy bytes both ways between the tunnel `ws` and the byte stream `io` until both
+/// directions ended (see the module documentation for half-close and close), then close
+/// the tunnel.
+pub async fn splice<S, I>(mut ws: WebSocketStream<S>, mut io: I) -> std::io::Result<Traffic>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; CHUNK];
+    let mut traffic = Traffic::default();
+    let (mut tunnel_done, mut io_done) = (false, false);
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
+    let result = loop {
+        if tunnel_done && io_done {
+            let _ = ws.close(Some(CloseFrame { code: CloseCode::Normal, reason: "done".into() })).await;
+            break Ok(());
+        }
+        tokio::select! {
+            m = ws.next() => match m {
+                Some(Ok(Message::Binary(b))) if tunnel_done => {
+                    if !b.is_empty() {
+                        break Err(std::io::Error::other("the peer sent bytes after it ended its stream"));
+                    }
+                }
+                Some(Ok(Message::Binary(b))) => {
+                    if b.is_empty() {
+                        tunnel_done = true;
+                        let _ = io.shutdown().await;
+                    } else if let Err(e) = io.write_all(&b).await {
+                        break Err(e);
+                    } else {
+                        traffic.from_tunnel += b.len() as u64;
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None => {
+                    let _ = io.shutdown().await;
+                    return Ok(traffic);
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    let _ = io.shutdown().await;
+                    return Err(ws_err(e));
+                }
+            },
+            n = io.read(&mut buf), if !io_done => match n {
+                Ok(0) => {
+                    io_done = true;
+                    if let Err(e) = ws.send(Message::Binary(Bytes::new())).await {
+                        return Err(ws_err(e));
+                    }
+                }
+                Ok(n) => {
+                    if let Err(e) = ws.send(Message::Binary(Bytes::copy_from_slice(&buf[..n]))).await {
+                        return Err(ws_err(e));
+                    }
+                    traffic.to_tunnel += n as u64;
+                }
+                Err(e) => break Err(e),
+            },
+            _ = ping.tick() => {
+                if let Err(e) = ws.send(Message::Ping(Bytes::new())).await {
+                    return Err(ws_err(e));
+                }
+            }
+        }
+    };
+    if let Err(e) = &result {
+        let reason = e.to_string().chars().take(100).collect::<String>();
+        let _ = ws.close(Some(CloseFrame { code: CloseCode::Error, reason: reason.into() })).await;
+    }
+    result.map(|_| traffic)
+}
+
+/// Turn a tunnel into a byte stream: the tunnel is spliced (on a task) with one end of an
+/// in-memory pipe and the other end is returned. Shutting down its write side sends the
+/// half-close; dropping it ends the tunnel.
+pub fn into_io<S>(ws: WebSocketStream<S>) -> tokio::io::DuplexStream
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mine, theirs) = tokio::io::duplex(CHUNK * 4);
+    tokio::spawn(async move {
+        if let Err(e) = splice(ws, theirs).await {
+            debug!(error = %e, "tunnel ended with an error");
+        }
+    });
+    mine
+}
+
+/// A shared HTTP client for logins to hosts.
+fn http() -> Result<reqwest::Client, TunnelError> {
+    static CLIENT: OnceLock<Result<reqwest::Client, String>> = OnceLock::new();
+    CLIENT
+        .get_or_init(|| {
+            reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .timeout(Duration::from_secs(30))
+                .build()
+                .map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(TunnelError::Protocol)
+}
+
+/// Opens tunnels to a VM's port through the host that owns the VM, with the host's stored
+/// credentials (an API key as `X-Api-Key`, or a login whose token is kept and renewed once
+/// when the host refuses it).
+pub struct HostTunnels {
+    scheduler: crate::Scheduler,
+    tokens: Mutex<HashMap<String, String>>,
+}
+
+impl std::fmt::Debug for HostTunnels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostTunnels").finish_non_exhaustive()
+    }
+}
+
+/// Why [`HostTunnels::open`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HostTunnelError {
+    /// The orchestrator does not know the VM or its host.
+    #[error(transparent)]
+    Orchestrator(#[from] crate::OrchestratorError),
+    /// The host could not be reached or refused the tunnel.
+    #[error("Host {host}: {source}")]
+    Host {
+        /// The host's id.
+        host: String,
+        /// What happened.
+        source: TunnelError,
+    },
+}
+
+impl HostTunnels {
+    /// Tunnels through the hosts of `scheduler`'s registry.
+    pub fn new(scheduler: crate::Scheduler) -> Arc<Self> {
+        Arc::new(HostTunnels { scheduler, tokens: Mutex::new(HashMap::new()) })
+    }
+
+    /// The id of the host that runs `vm`.
+    pub async fn host_of(&self, vm: &str) -> crate::Result<crate::Host> {
+        let host_id = self.scheduler.host_of(vm).await?;
+        self.scheduler.registry().get(&host_id)
+    }
+
+    async fn login(&self, base: &str, username: &str, password: &str) -> Result<String, TunnelError> {
+        let url = format!("{base}/v1/auth/token");
+        let resp = http()?
+            .post(&url)
+            .json(&json!({"username": username, "password": password}))
+            .send()
+            .await
+            .map_err(|e| TunnelError::Connect { addr: url.clone(), message: e.to_string() })?;
+        let status = resp.status();
+        let body = resp.bytes().await.unwrap_or_default();
+        if status != StatusCode::OK {
+            return Err(TunnelError::Refused {
+                status: status.as_u16(),
+                message: format!("login refused: {}", message_of(&body)),
+            });
+        }
+        serde_json::from_slice::<Value>(&body)
+            .ok()
+            .and_then(|v| v.get("token").and_then(Value::as_str).map(str::to_string))
+            .ok_or_else(|| TunnelError::Protocol("the host's login answer has no token".into()))
+    }
+
+    /// Open a tunnel to `port` of `vm` on the host that owns it.
+    pub async fn open(&self, vm: &str, port: u16) -> Result<Tunnel, HostTunnelError> {
+        let host = self.host_of(vm).await?;
+        let span = info_span!("orchestrator.tunnel", vm, port, host = %host.id);
+        self.open_on(&host, vm, port).instrument(span).await
+    }
+
+    async fn open_on(&self, host: &crate::Host, vm: &str, port: u16) -> Result<Tunnel, HostTunnelError> {
+        let herr = |source| HostTunnelError::Host { host: host.id.clone(), source };
+        let creds = self.scheduler.registry().credentials(&host.id)?;
+        // Registered URLs carry the API prefix (`http://h:3080/api`); accept `.../api/v1` too.
+        let trimmed = host.url.trim_end_matches('/');
+        let base = trimmed.strip_suffix("/v1").unwrap_or(trimmed);
+        let path = format!("/v1/machines/{}/port-forward/{port}", segment(vm));
+        let url = ws_url(base, &path).map_err(herr)?;
+        match creds {
+            None => connect(&url, &[]).await.map_err(herr),
+            Some(HostCredentials::ApiKey { api_key }) => connect(&url, &[("x-api-key", &api_key)]).await.map_err(herr),
+            Some(HostCredentials::Basic { username, password }) => {
+                let cached = self.tokens.lock().unwrap_or_else(|e| e.into_inner()).get(&host.id).cloned();
+                let mut fresh = false;
+                let token = match cached {
+                    Some(t) => t,
+                    None => {
+                        fresh = true;
+                        self.login(base, &username, &password).await.map_err(herr)?
+                    }
+                };
+                self.tokens.lock().unwrap_or_else(|e| e.into_inner()).insert(host.id.clone(), token.clone());
+                match connect(&url, &[("authorization", &format!("Bearer {token}"))]).await {
+                    Err(TunnelError::Refused { status: 401, .. }) if !fresh => {
+                        debug!("the host refused the cached token; logging in again");
+                        let token = self.login(base, &username, &password).await.map_err(herr)?;
+                        self.tokens.lock().unwrap_or_else(|e| e.into_inner()).insert(host.id.clone(), token.clone());
+                        connect(&url, &[("authorization", &format!("Bearer {token}"))]).await.map_err(herr)
+                    }
+                    other => other.map_err(herr),
+                }
+            }
+        }
+    }
+}
+
+/// Percent-encode one path segment.
+fn segment(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_turn_into_websocket_urls() {
+        assert_eq!(ws_url("http://h:1/api/v1", "/x").unwrap(), "ws://h:1/api/v1/x");
+        assert_eq!(ws_url("https://h/api/v1/", "/x").unwrap(), "wss://h/api/v1/x");
+        assert!(ws_url("ftp://h", "/x").is_err());
+        assert_eq!(segment("a b/c"), "a%20b%2Fc");
+    }
+
+    /// Both directions, a large payload and half-close, over a real websocket on loopback.
+    #[tokio::test]
+    async fn splice_carries_bytes_and_half_close_both_ways() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Server side: accept the websocket and turn it into a byte stream that echoes.
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+            let mut io = into_io(ws);
+            let mut all = Vec::new();
+            io.read_to_end(&mut all).await.unwrap();
+            io.write_all(&all).await.unwrap();
+            io.shutdown().await.unwrap();
+        });
+        let ws = connect(&format!("ws://{addr}/"), &[]).await.unwrap();
+        let (mut mine, theirs) = tokio::io::duplex(1 << 16);
+        let pump = tokio::spawn(splice(ws, theirs));
+        let payload: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        let writer = {
+            let p = payload.clone();
+            let (mut r, mut w) = tokio::io::split(mine);
+            let t = tokio::spawn(async move {
+                w.write_all(&p).await.unwrap();
+                w.shutdown().await.unwrap();
+                w
+            });
+            let mut back = Vec::new();
+            r.read_to_end(&mut back).await.unwrap();
+            let w = t.await.unwrap();
+            mine = r.unsplit(w);
+            back
+        };
+        assert_eq!(writer.len(), payload.len());
+        assert!(writer == payload, "the echoed bytes differ");
+        drop(mine);
+        let traffic = pump.await.unwrap().unwrap();
+        assert_eq!(traffic, Traffic { from_tunnel: 1_000_000, to_tunnel: 1_000_000 });
+    }
+
+    #[tokio::test]
+    async fn a_refused_upgrade_carries_the_status_and_message() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let _ = tcp.read(&mut buf).await.unwrap();
+            let body = r#"{"message":"VM x is not running"}"#;
+            let resp = format!(
+                "HTTP/1.1 409 Conflict\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            tcp.write_all(resp.as_bytes()).await.unwrap();
+        });
+        match connect(&format!("ws://{addr}/"), &[]).await {
+            Err(TunnelError::Refused { status, message }) => {
+                assert_eq!(status, 409);
+                assert_eq!(message, "VM x is not running");
+            }
+            Err(other) => panic!("expected a refusal, got {other}"),
+            Ok(_) => panic!("expected a refusal, the upgrade succeeded"),
+        }
+    }
+}
