@@ -180,6 +180,7 @@ pub fn api() -> Api {
     let api = routes::machines::register(api);
     let api = routes::reverse_proxy::register(api);
     let api = routes::orchestrator::register(api);
+    let api = routes::port_forward::register(api);
     routes::ws::register(api)
 }
 

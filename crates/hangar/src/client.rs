@@ -110,6 +110,16 @@ impl Client {
         Ok(Client { http: http()?, base: api_base(&url), auth })
     }
 
+    /// The API base URL (`http://host:port/api/v1`).
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// The credential header (name, value) this client sends, if any (for websockets).
+    pub fn auth_header(&self) -> Option<(&str, &str)> {
+        self.auth.as_ref().map(|(h, v)| (h.as_str(), v.as_str()))
+    }
+
     pub fn anonymous(url: &str) -> Result<Client> {
         Ok(Client { http: http()?, base: api_base(url), auth: None })
     }

@@ -88,6 +88,17 @@ pub enum VmCommand {
         #[command(subcommand)]
         command: SnapshotCommand,
     },
+    /// Forward a local TCP port to a port of the VM through the API, like `kubectl
+    /// port-forward`: each local connection opens a websocket to the server (a host, or an
+    /// orchestrator that relays through the VM's host). Ctrl-C stops.
+    PortForward {
+        vm: String,
+        /// LOCAL:REMOTE (or one PORT for both); LOCAL 0 picks a free port.
+        ports: String,
+        /// Local address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        address: std::net::IpAddr,
+    },
 }
 
 #[derive(Subcommand)]
@@ -157,8 +168,72 @@ async fn follow_job(c: &Client, id: &str, out: Output) -> Result<Value> {
     }
 }
 
+/// `LOCAL:REMOTE` or `PORT`.
+fn parse_ports(spec: &str) -> Result<(u16, u16)> {
+    let bad = || anyhow::anyhow!("{spec:?}: write LOCAL:REMOTE (e.g. 2222:22) or one PORT");
+    let (l, r) = spec.split_once(':').unwrap_or((spec, spec));
+    let local: u16 = l.trim().parse().map_err(|_| bad())?;
+    let remote: u16 = r.trim().parse().map_err(|_| bad())?;
+    if remote == 0 {
+        bail!("{spec:?}: the VM port must be between 1 and 65535");
+    }
+    Ok((local, remote))
+}
+
+/// Find the VM on the server: on its host module first, else through its orchestrator.
+/// Returns the route to open for each connection.
+async fn port_forward_route(c: &Client, vm: &str, remote: u16) -> Result<String> {
+    let id_of = |v: &Value| v["ID"].as_str().or(v["id"].as_str()).unwrap_or(vm).to_string();
+    match c.get(&vm_path(vm, "")).await {
+        Ok(v) => Ok(format!("/machines/{}/port-forward/{remote}", seg(&id_of(&v)))),
+        Err(host_err) => match c.get(&format!("/orchestrator/machines/{}", seg(vm))).await {
+            Ok(v) => Ok(format!("/orchestrator/machines/{}/port-forward/{remote}", seg(&id_of(&v)))),
+            Err(_) => Err(host_err),
+        },
+    }
+}
+
+async fn port_forward(c: &Client, vm: &str, ports: &str, address: std::net::IpAddr) -> Result<()> {
+    let (local, remote) = parse_ports(ports)?;
+    let route = port_forward_route(c, vm, remote).await?;
+    let url = hangar_orchestrator::tunnel::ws_url(c.base(), &route)?;
+    let headers: Vec<(String, String)> =
+        c.auth_header().map(|(h, v)| vec![(h.to_string(), v.to_string())]).unwrap_or_default();
+    let listener = tokio::net::TcpListener::bind((address, local))
+        .await
+        .with_context(|| format!("cannot listen on {address}:{local}"))?;
+    let bound = listener.local_addr()?;
+    println!("Forwarding {bound} -> {vm}:{remote}");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let headers = std::sync::Arc::new(headers);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            a = listener.accept() => a.context("accepting a local connection")?,
+            _ = tokio::signal::ctrl_c() => {
+                eprintln!("Stopped forwarding {bound}");
+                return Ok(());
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let (url, headers, vm) = (url.clone(), headers.clone(), vm.to_string());
+        tokio::spawn(async move {
+            let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            match hangar_orchestrator::tunnel::connect(&url, &h).await {
+                Ok(ws) => {
+                    if let Err(e) = hangar_orchestrator::tunnel::splice(ws, tcp).await {
+                        eprintln!("connection from {peer} to {vm}:{remote} ended: {e}");
+                    }
+                }
+                Err(e) => eprintln!("connection from {peer}: cannot open the tunnel to {vm}:{remote}: {e}"),
+            }
+        });
+    }
+}
+
 pub async fn run(c: Client, cmd: VmCommand, out: Output) -> Result<()> {
     let (v, cols): (Value, &[&str]) = match cmd {
+        VmCommand::PortForward { vm, ports, address } => return port_forward(&c, &vm, &ports, address).await,
         VmCommand::List { filter } => {
             let v = match filter {
                 Some(f) => c.call_with_headers(reqwest::Method::GET, "/machines", None, &[("X-Filter", &f)]).await?,

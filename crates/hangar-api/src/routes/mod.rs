@@ -6,6 +6,7 @@ pub mod catalog;
 pub mod dto;
 pub mod machines;
 pub mod orchestrator;
+pub mod port_forward;
 pub mod reverse_proxy;
 pub mod system;
 pub mod ws;

@@ -1,0 +1,275 @@
+//! Port-forward: a TCP connection to a VM's port carried over a websocket, like
+//! `kubectl port-forward` (`hangar vm port-forward VM LOCAL:REMOTE` is the client).
+//!
+//! * `GET /machines/{id}/port-forward/{port}` (host module): the host connects to the VM's
+//!   current IP address and `port`, then upgrades; the websocket carries the byte stream.
+//! * `GET /orchestrator/machines/{id}/port-forward/{port}`: the orchestrator opens the same
+//!   route on the host that owns the VM (with its stored host credentials) and relays.
+//!
+//! Both need `EXECUTE_COMMAND_VM`, like running a command in the VM; the orchestrator also
+//! checks the caller may use the VM's host (its required roles and claims), as its execute
+//! route does. The connection to the VM is made before the upgrade, so a VM that is not
+//! running answers 409, a port that refuses answers 502, and a VM that does not answer in
+//! time 504, each with a message. On the websocket, binary frames carry the bytes, an empty
+//! binary frame is a half-close and a close frame ends the tunnel (the protocol is spelled
+//! out in `hangar_orchestrator::tunnel`). The server pings every 30 s and checks the
+//! caller's credential again every [`RECHECK_EVERY`]: a disabled user, a revoked key or a
+//! lost claim closes the tunnel with code 1008.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::http::StatusCode;
+use axum::response::Response;
+use hangar_core::Access;
+use hangar_core::claims::EXECUTE_COMMAND_VM;
+use hangar_hypervisor::VmState;
+use hangar_orchestrator::tunnel::{HostTunnelError, HostTunnels, PING_EVERY, TunnelError, into_io};
+use serde_json::json;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tracing::{Instrument, debug, info, info_span};
+use utoipa_axum::routes;
+
+use crate::auth::{Credential, RequestContext, authenticate};
+use crate::error::{ApiError, ApiErrorBody};
+use crate::extract::Path;
+use crate::{Api, AppState};
+
+type R<T> = Result<T, ApiError>;
+
+/// How often an open tunnel checks its caller's credential again.
+pub const RECHECK_EVERY: Duration = Duration::from_secs(10);
+
+/// How long the host waits for the VM to accept the connection.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+const CHUNK: usize = 64 * 1024;
+
+pub fn register(api: Api) -> Api {
+    api.add(Access::AllOf(&[EXECUTE_COMMAND_VM]), routes!(host_port_forward))
+        .add(Access::AllOf(&[EXECUTE_COMMAND_VM]), routes!(orchestrator_port_forward))
+}
+
+/// Open a TCP tunnel to `port` of the VM (websocket upgrade; binary frames carry the bytes,
+/// an empty binary frame is a half-close).
+#[utoipa::path(get, path = "/machines/{id}/port-forward/{port}", tag = "machines",
+    params(("id" = String, Path, description = "VM id or name"), ("port" = u16, Path, description = "TCP port in the VM")),
+    responses((status = 101, description = "Switching to the websocket protocol; the tunnel is open"),
+        (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody),
+        (status = 409, body = ApiErrorBody, description = "The VM is not running or has no IP address"),
+        (status = 502, body = ApiErrorBody, description = "The VM refused the connection"),
+        (status = 504, body = ApiErrorBody, description = "The VM did not answer in time")))]
+async fn host_port_forward(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path((id, port)): Path<(String, u16)>,
+    ws: WebSocketUpgrade,
+) -> R<Response> {
+    let h = s.host.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The host module is not running on this server; see GET /health/system",
+        )
+    })?;
+    let caller = ctx.caller()?.clone();
+    if port == 0 {
+        return Err(ApiError::bad_request("port must be between 1 and 65535"));
+    }
+    let vm = h.get(&id).await.map_err(ApiError::from_domain)?;
+    if vm.state != VmState::Running {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("VM {} is {}; start it before forwarding a port", vm.name, vm.state.as_str()),
+        ));
+    }
+    let ip = vm.ip_addresses.iter().find(|i| i.is_ipv4()).or(vm.ip_addresses.first()).copied().ok_or_else(|| {
+        ApiError::new(StatusCode::CONFLICT, format!("VM {} has no IP address yet; try again once it booted", vm.name))
+    })?;
+    let span = info_span!("port_forward", vm = %vm.id, port, user = %caller.username);
+    let addr = SocketAddr::new(ip, port);
+    let tcp =
+        match tokio::time::timeout(DIAL_TIMEOUT, tokio::net::TcpStream::connect(addr)).instrument(span.clone()).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    format!("VM {} refused a connection on port {port}: {e}", vm.name),
+                ));
+            }
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "VM {} did not accept a connection on port {port} within {} s",
+                        vm.name,
+                        DIAL_TIMEOUT.as_secs()
+                    ),
+                ));
+            }
+        };
+    let _ = tcp.set_nodelay(true);
+    let _ = s.identity.record(&ctx.actor, "vm.port_forward", "vm", &vm.id, json!({"port": port})).await;
+    let credential = ctx.credential.clone();
+    Ok(ws.on_upgrade(move |socket| run(s, socket, tcp, credential).instrument(span)))
+}
+
+/// Open a TCP tunnel to `port` of a VM on any host of the fleet, through that host.
+#[utoipa::path(get, path = "/orchestrator/machines/{id}/port-forward/{port}", tag = "orchestrator",
+    params(("id" = String, Path, description = "VM id"), ("port" = u16, Path, description = "TCP port in the VM")),
+    responses((status = 101, description = "Switching to the websocket protocol; the tunnel is open"),
+        (status = 400, body = ApiErrorBody), (status = 403, body = ApiErrorBody), (status = 404, body = ApiErrorBody),
+        (status = 409, body = ApiErrorBody, description = "The VM is not running or has no IP address"),
+        (status = 502, body = ApiErrorBody, description = "The VM refused the connection, or its host could not be reached"),
+        (status = 504, body = ApiErrorBody, description = "The VM did not answer in time")))]
+async fn orchestrator_port_forward(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path((id, port)): Path<(String, u16)>,
+    ws: WebSocketUpgrade,
+) -> R<Response> {
+    let o = s.orchestrator.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The orchestrator module is not running on this server; see GET /health/system",
+        )
+    })?;
+    let caller = ctx.caller()?.clone();
+    if port == 0 {
+        return Err(ApiError::bad_request("port must be between 1 and 65535"));
+    }
+    let tunnels = HostTunnels::new(o.scheduler.clone());
+    let host = tunnels.host_of(&id).await.map_err(ApiError::from_domain)?;
+    if !hangar_orchestrator::Caller::from(&caller).may_use(&host) {
+        return Err(ApiError::forbidden(format!("Host {} needs roles or claims this caller does not hold", host.name)));
+    }
+    let span = info_span!("orchestrator.port_forward", vm = %id, port, host = %host.id, user = %caller.username);
+    let tunnel = tunnels.open(&id, port).instrument(span.clone()).await.map_err(|e| host_error(&host.name, e))?;
+    let _ = s
+        .identity
+        .record(&ctx.actor, "orchestrator.vm.port_forward", "vm", &id, json!({"port": port, "host": host.id}))
+        .await;
+    let credential = ctx.credential.clone();
+    Ok(ws.on_upgrade(move |socket| run(s, socket, into_io(tunnel), credential).instrument(span)))
+}
+
+/// The host's answer, as the orchestrator's caller should see it.
+fn host_error(host: &str, e: HostTunnelError) -> ApiError {
+    match e {
+        HostTunnelError::Orchestrator(e) => ApiError::from_domain(e),
+        HostTunnelError::Host { source: TunnelError::Refused { status, message }, .. } => {
+            let status = match status {
+                // The host refused the orchestrator's own credential: not the caller's fault.
+                401 | 403 => StatusCode::BAD_GATEWAY,
+                s => StatusCode::from_u16(s).unwrap_or(StatusCode::BAD_GATEWAY),
+            };
+            ApiError::new(status, format!("Host {host}: {message}"))
+        }
+        HostTunnelError::Host { source, .. } => {
+            ApiError::new(StatusCode::BAD_GATEWAY, format!("Host {host}: {source}"))
+        }
+    }
+}
+
+/// Whether the credential still authenticates a caller who may forward ports.
+async fn still_allowed(s: &AppState, credential: &Option<Credential>) -> bool {
+    let Some(c) = credential else { return false };
+    match authenticate(s, c).await {
+        Ok(p) => Access::AllOf(&[EXECUTE_COMMAND_VM]).check(Some(&p)) == hangar_core::Decision::Allow,
+        Err(_) => false,
+    }
+}
+
+async fn run<I>(s: AppState, socket: WebSocket, io: I, credential: Option<Credential>)
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    info!("tunnel open");
+    match splice(&s, socket, io, &credential).await {
+        Ok((from_client, to_client)) => info!(from_client, to_client, "tunnel closed"),
+        Err(e) => debug!(error = %e, "tunnel ended with an error"),
+    }
+}
+
+fn close(code: u16, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame { code, reason: reason.chars().take(120).collect::<String>().into() }))
+}
+
+/// Copy between the caller's websocket and the VM's byte stream (see the module docs).
+async fn splice<I>(
+    s: &AppState,
+    mut ws: WebSocket,
+    mut io: I,
+    credential: &Option<Credential>,
+) -> std::io::Result<(u64, u64)>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; CHUNK];
+    let (mut from_client, mut to_client) = (0u64, 0u64);
+    let (mut client_done, mut vm_done) = (false, false);
+    let start = tokio::time::Instant::now();
+    let mut ping = tokio::time::interval_at(start + PING_EVERY, PING_EVERY);
+    let mut recheck = tokio::time::interval_at(start + RECHECK_EVERY, RECHECK_EVERY);
+    let gone = |e: axum::Error| std::io::Error::other(e);
+    loop {
+        if client_done && vm_done {
+            let _ = ws.send(close(1000, "done")).await;
+            return Ok((from_client, to_client));
+        }
+        tokio::select! {
+            m = ws.recv() => match m {
+                Some(Ok(Message::Binary(b))) if client_done => {
+                    if !b.is_empty() {
+                        let _ = ws.send(close(1002, "bytes after the end of the stream")).await;
+                        return Err(std::io::Error::other("the client sent bytes after it ended its stream"));
+                    }
+                }
+                Some(Ok(Message::Binary(b))) => {
+                    if b.is_empty() {
+                        client_done = true;
+                        let _ = io.shutdown().await;
+                    } else if let Err(e) = io.write_all(&b).await {
+                        let _ = ws.send(close(1011, &format!("the VM side closed: {e}"))).await;
+                        return Err(e);
+                    } else {
+                        from_client += b.len() as u64;
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None => {
+                    let _ = io.shutdown().await;
+                    return Ok((from_client, to_client));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    let _ = io.shutdown().await;
+                    return Err(gone(e));
+                }
+            },
+            n = io.read(&mut buf), if !vm_done => match n {
+                Ok(0) => {
+                    vm_done = true;
+                    ws.send(Message::Binary(Bytes::new())).await.map_err(gone)?;
+                }
+                Ok(n) => {
+                    ws.send(Message::Binary(Bytes::copy_from_slice(&buf[..n]))).await.map_err(gone)?;
+                    to_client += n as u64;
+                }
+                Err(e) => {
+                    let _ = ws.send(close(1011, &format!("the VM side failed: {e}"))).await;
+                    return Err(e);
+                }
+            },
+            _ = ping.tick() => ws.send(Message::Ping(Bytes::new())).await.map_err(gone)?,
+            _ = recheck.tick() => {
+                if !still_allowed(s, credential).await {
+                    let _ = ws.send(close(1008, "credentials no longer valid")).await;
+                    let _ = io.shutdown().await;
+                    return Ok((from_client, to_client));
+                }
+            }
+        }
+    }
+}
