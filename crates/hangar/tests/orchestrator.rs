@@ -3,7 +3,9 @@
 //! are registered with credentials (a password for one, an API key for the other), VMs
 //! are placed and spread, exec goes through the orchestrator, a full fleet answers "no
 //! capacity" with the reason, a host killed with kill -9 turns unhealthy and new VMs go to
-//! the other one, and a restarted orchestrator keeps its hosts.
+//! the other one, and a restarted orchestrator keeps its hosts. A second test covers
+//! joining with enrollment tokens (CLI and HTTP), async creation with jobs, the capacity
+//! queue and one host's machine routes.
 
 #![allow(clippy::unwrap_used)]
 
@@ -326,4 +328,292 @@ async fn orchestrator_places_forwards_and_survives_host_loss_and_restart() {
     assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
     drop(agent_a);
     drop(probe);
+}
+
+async fn job_of(c: &reqwest::Client, o: &Server, auth: &Auth, id: &str) -> Value {
+    let (st, j) = call(c, Method::GET, &o.api(&format!("/orchestrator/jobs/{id}")), auth, None, &[]).await;
+    assert_eq!(st, 200, "{j}");
+    j
+}
+
+/// Waits until the job's state is `state` and its message starts with `message`.
+async fn wait_job(c: &reqwest::Client, o: &Server, auth: &Auth, id: &str, state: &str, message: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let j = job_of(c, o, auth, id).await;
+        if j["state"] == state && j["message"].as_str().unwrap_or_default().starts_with(message) {
+            return j;
+        }
+        assert!(j["state"] != "failed" || state == "failed", "job failed: {j}");
+        assert!(tokio::time::Instant::now() < deadline, "job {id} not {state}/{message:?} after 30 s: {j}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Enrollment with a token (through `hangar agent join`, `hangar host join` and the
+/// reference's `POST /orchestrator/hosts` + `X-Enrollment-Token`), tokens refused when
+/// used, expired or sent to another route; async creation with jobs; the capacity queue
+/// (a timeout, and priority order when VMs are deleted); one host's machine routes.
+#[tokio::test]
+async fn orchestrator_token_join_queue_async_and_per_host_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = client();
+    let fake_a = FakeParallels::new(&dir.path().join("a"));
+    let fake_b = FakeParallels::new(&dir.path().join("b"));
+    let agent_a = fake_a.agent(&dir.path().join("a/data"), &[]);
+    let agent_b = fake_b.agent(&dir.path().join("b/data"), &[]);
+    let orch = orchestrator(&dir.path().join("orch"));
+    let root_t = login(&c, &orch, "root", ROOT_PASSWORD).await;
+    let root = Auth::Bearer(root_t.clone());
+    let (_, user) = make_user(&c, &orch, &root_t, "plain").await;
+    let user = Auth::Bearer(user);
+    let token_for = |name: &'static str, ttl: u64| {
+        let (c, orch, root) = (c.clone(), orch.api("/orchestrator/enrollment-token"), root.clone());
+        async move {
+            let (st, t) =
+                call(&c, Method::POST, &orch, &root, Some(json!({"host_name": name, "ttl_seconds": ttl})), &[]).await;
+            assert_eq!(st, 201, "{t}");
+            t["token"].as_str().unwrap().to_string()
+        }
+    };
+    let cli = |args: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = std::process::Command::new(bin());
+        cmd.args(args)
+            .env("HANGAR_CONFIG_DIR", dir.path().join("cli"))
+            .env_remove("HANGAR_URL")
+            .env_remove("HANGAR_TOKEN")
+            .env_remove("HANGAR_API_KEY")
+            .env_remove("HANGAR_ENROLLMENT_TOKEN")
+            .env_remove("HANGAR_HOST_API_KEY")
+            .stdin(std::process::Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).to_string();
+
+    // `hangar agent join` on host A: logged in to A, it makes an API key there and joins.
+    let token_a = token_for("host-a", 600).await;
+    let a_login = login(&c, &agent_a, "root", ROOT_PASSWORD).await;
+    let join_a = ["agent", "join", "--orchestrator", &orch.url, "--token", &token_a, "--tags", "ci,fast"];
+    let out = cli(
+        &[&join_a[..], &["--output", "json"]].concat(),
+        &[("HANGAR_URL", &agent_a.url), ("HANGAR_TOKEN", &a_login)],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let a: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (a["name"].as_str(), a["state"].as_str(), a["has_credentials"].as_bool()),
+        (Some("host-a"), Some("healthy"), Some(true)),
+        "{a}"
+    );
+    assert_eq!(a["tags"], json!(["ci", "fast"]), "{a}");
+    let a_id = a["id"].as_str().unwrap().to_string();
+    let (_, keys) =
+        call(&c, Method::GET, &agent_a.api("/auth/api_keys"), &Auth::Bearer(a_login.clone()), None, &[]).await;
+    assert!(keys.to_string().contains("orchestrator-host-a"), "the key the orchestrator uses was made on A: {keys}");
+    // The same token again: refused, and the CLI says how to get a new one.
+    let out = cli(&join_a, &[("HANGAR_URL", &agent_a.url), ("HANGAR_TOKEN", &a_login)]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("invalid, expired or already used") && stderr(&out).contains("hangar host token"),
+        "{}",
+        stderr(&out)
+    );
+    // `hangar host join` without a login on the host: a clear error, and the token is not used up.
+    let token_b = token_for("host-b", 600).await;
+    let out = cli(&["host", "join", "--orchestrator", &orch.url, "--token", &token_b, "--url", &agent_b.url], &[]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("hangar login") && stderr(&out).contains("--api-key"), "{}", stderr(&out));
+    let validate_b = orch.api(&format!("/orchestrator/enrollment-token/{token_b}/validate"));
+    let (_, v) = call(&c, Method::GET, &validate_b, &Auth::None, None, &[]).await;
+    assert_eq!(v["valid"], true, "{v}");
+
+    // A token grants nothing but joining: other routes, other methods, or with a user's
+    // credential, it is not read.
+    let tok = [("X-Enrollment-Token", token_b.as_str())];
+    for (m, path) in [
+        (Method::GET, "/orchestrator/hosts".to_string()),
+        (Method::PUT, format!("/orchestrator/hosts/{a_id}/disable")),
+        (Method::DELETE, format!("/orchestrator/hosts/{a_id}")),
+        (Method::POST, "/orchestrator/enrollment-token".to_string()),
+        (Method::POST, "/orchestrator/hosts/join/x".to_string()),
+    ] {
+        let (st, v) = call(&c, m.clone(), &orch.api(&path), &Auth::None, Some(json!({"host_name": "x"})), &tok).await;
+        assert!(st == 401 || st == 404 || st == 405, "{m} {path} with only a token: {st} {v}");
+    }
+    let body_b = json!({"host": agent_b.url, "authentication": {"username": "root", "password": ROOT_PASSWORD}});
+    let (st, v) = call(&c, Method::POST, &orch.api("/orchestrator/hosts"), &user, Some(body_b.clone()), &tok).await;
+    assert_eq!(st, 403, "a USER's credential with a token stays a USER: {v}");
+    let (_, v) = call(&c, Method::GET, &validate_b, &Auth::None, None, &[]).await;
+    assert_eq!(v["valid"], true, "refused requests do not use the token up: {v}");
+    // The reference's path: POST /orchestrator/hosts with only the token.
+    let (st, b) =
+        call(&c, Method::POST, &orch.api("/orchestrator/hosts"), &Auth::None, Some(body_b.clone()), &tok).await;
+    assert_eq!(st, 201, "{b}");
+    assert_eq!(b["name"], "host-b", "{b}");
+    let b_id = b["id"].as_str().unwrap().to_string();
+    // Reused, expired and unknown tokens: 401 with the error body.
+    let expiring = token_for("host-c", 1).await;
+    let validate_c = orch.api(&format!("/orchestrator/enrollment-token/{expiring}/validate"));
+    wait_for("the 1 s token to expire", Duration::from_secs(10), || async {
+        call(&c, Method::GET, &validate_c, &Auth::None, None, &[]).await.1["valid"] == false
+    })
+    .await;
+    for t in [token_b.as_str(), expiring.as_str(), "hgt_not-a-token"] {
+        let (st, v) = call(
+            &c,
+            Method::POST,
+            &orch.api("/orchestrator/hosts"),
+            &Auth::None,
+            Some(body_b.clone()),
+            &[("X-Enrollment-Token", t)],
+        )
+        .await;
+        assert_eq!((st, v["code"].as_u64()), (401, Some(401)), "{v}");
+        assert!(v["message"].as_str().unwrap().contains("enrollment token"), "{v}");
+    }
+    let (_, hosts) = call(&c, Method::GET, &orch.api("/orchestrator/hosts"), &root, None, &[]).await;
+    assert_eq!(hosts.as_array().unwrap().len(), 2, "{hosts}");
+
+    // Each host has room for exactly one VM of `mem` MiB.
+    let available = |h: &Value| h["resources"]["available"]["memory_mb"].as_u64().unwrap();
+    let (_, a) = call(&c, Method::GET, &orch.api(&format!("/orchestrator/hosts/{a_id}")), &root, None, &[]).await;
+    let (_, b) = call(&c, Method::GET, &orch.api(&format!("/orchestrator/hosts/{b_id}")), &root, None, &[]).await;
+    let mem = available(&a).min(available(&b));
+    assert!(mem * 2 > available(&a).max(available(&b)) && mem > 1024, "{a} {b}");
+    let spec = |name: &str, extra: Value| {
+        let mut v = json!({"name": name, "image": "golden.pvm", "start_on_create": true,
+            "specs": {"cpu": "1", "memory": mem.to_string()}});
+        v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        v
+    };
+
+    // One host's machines: create there (no placement), then async placement fills the other.
+    let (st, vm1) = call(
+        &c,
+        Method::POST,
+        &orch.api(&format!("/orchestrator/hosts/{a_id}/machines")),
+        &root,
+        Some(spec("q-1", json!({}))),
+        &[],
+    )
+    .await;
+    assert_eq!(st, 200, "{vm1}");
+    assert_eq!(vm1["host_id"], a_id.as_str(), "{vm1}");
+    let vm1_id = vm1["id"].as_str().unwrap().to_string();
+    let (st, job) =
+        call(&c, Method::POST, &orch.api("/orchestrator/machines/async"), &root, Some(spec("q-2", json!({}))), &[])
+            .await;
+    assert_eq!(st, 202, "{job}");
+    let job2 = job["id"].as_str().unwrap().to_string();
+    let j = wait_job(&c, &orch, &root, &job2, "completed", "done").await;
+    assert_eq!(j["result"]["host_id"], b_id.as_str(), "{j}");
+    assert_eq!(j["progress"].as_f64(), Some(100.0), "{j}");
+    let vm2_id = j["result"]["id"].as_str().unwrap().to_string();
+    // Another caller does not see the job.
+    let (st, _) = call(&c, Method::GET, &orch.api(&format!("/orchestrator/jobs/{job2}")), &user, None, &[]).await;
+    assert_eq!(st, 404);
+
+    // Full: a pinned create has no room either (capacity is still checked), and a queued
+    // request with a short timeout gives up clearly.
+    let (st, v) = call(
+        &c,
+        Method::POST,
+        &orch.api(&format!("/orchestrator/hosts/{a_id}/machines")),
+        &root,
+        Some(spec("q-x", json!({}))),
+        &[],
+    )
+    .await;
+    assert_eq!(st, 503, "{v}");
+    let (st, v) = call(
+        &c,
+        Method::POST,
+        &orch.api("/orchestrator/machines"),
+        &root,
+        Some(spec("q-x", json!({"queue": {"priority": 0, "timeout_seconds": 1}}))),
+        &[],
+    )
+    .await;
+    assert_eq!(st, 503, "{v}");
+    let msg = v["message"].as_str().unwrap();
+    assert!(msg.contains("No capacity within 1s") && msg.contains("2 lack"), "{v}");
+
+    // Two requests wait in the queue, the low-priority one first; each deletion serves the
+    // highest priority that fits.
+    let queued = |name: &'static str, priority: i32| {
+        let (c, url, root, body) = (
+            c.clone(),
+            orch.api("/orchestrator/machines/async"),
+            root.clone(),
+            spec(name, json!({"queue": {"priority": priority, "timeout_seconds": 120}})),
+        );
+        async move {
+            let (st, job) = call(&c, Method::POST, &url, &root, Some(body), &[]).await;
+            assert_eq!(st, 202, "{job}");
+            job["id"].as_str().unwrap().to_string()
+        }
+    };
+    let low = queued("q-low", 1).await;
+    wait_job(&c, &orch, &root, &low, "running", "queued").await;
+    let high = queued("q-high", 5).await;
+    let j = wait_job(&c, &orch, &root, &high, "running", "queued").await;
+    assert!(j["message"].as_str().unwrap().contains("2 lack"), "the job says why it waits: {j}");
+    let (st, v) =
+        call(&c, Method::DELETE, &orch.api(&format!("/orchestrator/hosts/{a_id}/machines/{vm1_id}")), &root, None, &[])
+            .await;
+    assert_eq!(st, 202, "{v}");
+    let j = wait_job(&c, &orch, &root, &high, "completed", "done").await;
+    assert_eq!(j["result"]["host_id"], a_id.as_str(), "{j}");
+    let vm_high = j["result"]["id"].as_str().unwrap().to_string();
+    let j = job_of(&c, &orch, &root, &low).await;
+    assert!(j["state"] == "running" && j["message"].as_str().unwrap().starts_with("queued"), "low still waits: {j}");
+    let (st, v) =
+        call(&c, Method::DELETE, &orch.api(&format!("/orchestrator/machines/{vm2_id}")), &root, None, &[]).await;
+    assert_eq!(st, 202, "{v}");
+    let j = wait_job(&c, &orch, &root, &low, "completed", "done").await;
+    assert_eq!(j["result"]["host_id"], b_id.as_str(), "{j}");
+
+    // One host's machine routes, with the same claims as the cross-host ones.
+    let on_a = |rest: &str| orch.api(&format!("/orchestrator/hosts/{a_id}/machines{rest}"));
+    let (st, list) = call(&c, Method::GET, &on_a(""), &user, None, &[]).await;
+    assert_eq!(st, 200, "{list}");
+    let ids: Vec<&str> = list.as_array().unwrap().iter().map(|v| v["ID"].as_str().unwrap()).collect();
+    assert_eq!(ids, vec![vm_high.as_str()], "{list}");
+    let (st, v) = call(&c, Method::GET, &on_a(&format!("/{vm_high}")), &user, None, &[]).await;
+    assert_eq!((st, v["host_id"].as_str()), (200, Some(a_id.as_str())), "{v}");
+    let (st, v) =
+        call(&c, Method::GET, &orch.api(&format!("/orchestrator/hosts/{b_id}/machines/{vm_high}")), &root, None, &[])
+            .await;
+    assert_eq!(st, 404, "a VM of A is not found through B: {v}");
+    let (st, out) = call(
+        &c,
+        Method::PUT,
+        &on_a(&format!("/{vm_high}/execute")),
+        &root,
+        Some(json!({"command": "echo per-host"})),
+        &[],
+    )
+    .await;
+    assert_eq!((st, out["stdout"].as_str().map(str::trim)), (200, Some("per-host")), "{out}");
+    for (m, rest) in [(Method::PUT, "/execute"), (Method::PUT, "/stop"), (Method::DELETE, "")] {
+        let (st, v) =
+            call(&c, m.clone(), &on_a(&format!("/{vm_high}{rest}")), &user, Some(json!({"command": "id"})), &[]).await;
+        assert_eq!(st, 403, "a USER may not {m} {rest} through the orchestrator: {v}");
+    }
+    let (st, v) = call(&c, Method::PUT, &on_a(&format!("/{vm_high}/stop")), &root, None, &[]).await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = call(&c, Method::GET, &on_a(&format!("/{vm_high}/status")), &user, None, &[]).await;
+    assert_eq!((st, v["status"].as_str()), (200, Some("stopped")), "{v}");
+    let (st, v) = call(&c, Method::PUT, &on_a(&format!("/{vm_high}/start")), &root, None, &[]).await;
+    assert_eq!(st, 200, "{v}");
+    let (_, v) = call(&c, Method::GET, &on_a(&format!("/{vm_high}/status")), &root, None, &[]).await;
+    assert_eq!(v["status"], "running", "{v}");
+    let (st, _) = call(&c, Method::DELETE, &on_a(&format!("/{vm_high}")), &root, None, &[]).await;
+    assert_eq!(st, 202);
+    let (_, list) = call(&c, Method::GET, &on_a(""), &root, None, &[]).await;
+    assert_eq!(list, json!([]), "{list}");
+    drop((agent_a, agent_b));
 }
