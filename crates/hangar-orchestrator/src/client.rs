@@ -9,10 +9,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
-use hangar_hypervisor::PowerOp;
+use hangar_hypervisor::{PowerOp, VmState};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Host, HostCredentials, HostHardware, HostResources, Os, VmSummary};
+use crate::model::{CachedImage, Host, HostCredentials, HostHardware, HostResources, Os, VmSummary};
 
 /// What a host client can fail with.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -98,10 +98,30 @@ pub enum HostEvent {
         /// Its id.
         id: String,
     },
+    /// A VM's power state changed (the rest of it did not).
+    VmState {
+        /// Its id.
+        id: String,
+        /// The new state.
+        state: VmState,
+    },
     /// The host's resources changed.
     Resources {
         /// The new figures.
         resources: HostResources,
+    },
+    /// The images in the host's catalog cache changed; this is the whole new list.
+    CacheChanged {
+        /// Every cached image.
+        images: Vec<CachedImage>,
+    },
+    /// The host's whole state, read when the stream (re)connects: everything before it is
+    /// superseded.
+    Synced {
+        /// Hardware, resources and cache.
+        hardware: HostHardware,
+        /// Every VM on the host.
+        vms: Vec<VmSummary>,
     },
 }
 
@@ -116,8 +136,15 @@ pub trait HostClient: Send + Sync + 'static {
     async fn create_vm(&self, req: HostCreateVm) -> Result<VmSummary, HostClientError>;
     /// Operate on a VM.
     async fn vm_op(&self, id: &str, op: VmOp) -> Result<(), HostClientError>;
-    /// The host's event stream. It ends when the connection drops; call again to reconnect.
+    /// The host's event stream. Its first item is [`HostEvent::Synced`] (the state read
+    /// after subscribing, so no change falls between the two); it carries
+    /// [`HostEvent::Heartbeat`]s while the host is quiet and ends when the connection
+    /// drops or the host stops answering. Call again to reconnect.
     async fn events(&self) -> Result<BoxStream<'static, HostEvent>, HostClientError>;
+    /// A lightweight liveness check (no VM listing).
+    async fn ping(&self) -> Result<(), HostClientError> {
+        self.hardware().await.map(|_| ())
+    }
 }
 
 /// Makes clients for registered hosts.

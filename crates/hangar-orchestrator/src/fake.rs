@@ -2,6 +2,10 @@
 //! with real capacity accounting (it refuses a VM that does not fit, and counts such
 //! attempts), and a [`FakeConnector`] maps host URLs to fake hosts.
 //!
+//! Events: [`HostClient::events`] starts with a [`HostEvent::Synced`] and follows every
+//! change the fake makes or is told to [`FakeHost::emit`]; taking the host down ends the
+//! open streams, like a dropped websocket.
+//!
 //! Failure injection: [`FakeHost::set_down`] makes every call fail as unreachable;
 //! [`FakeHost::fail_next_creates`] makes creations fail; [`FakeHost::set_create_delay`]
 //! slows them down.
@@ -12,6 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::StreamExt;
 use futures::stream::BoxStream;
 use hangar_hypervisor::{HypervisorKind, PowerOp, VmState};
 use tokio::sync::broadcast;
@@ -67,6 +72,7 @@ struct State {
     spec: FakeHostSpec,
     vms: BTreeMap<String, VmSummary>,
     down: bool,
+    ping_fails: bool,
     fail_creates: usize,
     create_delay: Duration,
 }
@@ -91,7 +97,9 @@ impl State {
 /// An in-memory host.
 pub struct FakeHost {
     state: Mutex<State>,
-    events: broadcast::Sender<HostEvent>,
+    /// `None` ends the open streams.
+    events: broadcast::Sender<Option<HostEvent>>,
+    streams: AtomicUsize,
     creates: AtomicUsize,
     refused_oversubscription: AtomicUsize,
 }
@@ -111,10 +119,12 @@ impl FakeHost {
                 spec,
                 vms: BTreeMap::new(),
                 down: false,
+                ping_fails: false,
                 fail_creates: 0,
                 create_delay: Duration::ZERO,
             }),
             events,
+            streams: AtomicUsize::new(0),
             creates: AtomicUsize::new(0),
             refused_oversubscription: AtomicUsize::new(0),
         })
@@ -127,6 +137,26 @@ impl FakeHost {
     /// Make every call fail as unreachable (`true`) or answer again.
     pub fn set_down(&self, down: bool) {
         self.lock().down = down;
+        if down {
+            let _ = self.events.send(None);
+        }
+    }
+
+    /// Make health checks ([`HostClient::ping`]) time out while everything else works (a
+    /// host whose connection hangs).
+    pub fn set_ping_fails(&self, fails: bool) {
+        self.lock().ping_fails = fails;
+    }
+
+    /// Replace the images in the host's cache (and tell the event streams).
+    pub fn set_cached_images(&self, images: Vec<CachedImage>) {
+        self.lock().spec.cached_images = images.clone();
+        self.emit(HostEvent::CacheChanged { images });
+    }
+
+    /// Event streams opened so far.
+    pub fn streams_opened(&self) -> usize {
+        self.streams.load(Ordering::SeqCst)
     }
 
     /// Make the next `n` creations fail.
@@ -161,7 +191,7 @@ impl FakeHost {
 
     /// Push an event to subscribers of [`HostClient::events`].
     pub fn emit(&self, event: HostEvent) {
-        let _ = self.events.send(event);
+        let _ = self.events.send(Some(event));
     }
 
     /// Add a VM behind the orchestrator's back (as if made locally on the host).
@@ -271,17 +301,22 @@ impl HostClient for FakeHost {
 
     async fn events(&self) -> Result<BoxStream<'static, HostEvent>, HostClientError> {
         self.check_up()?;
+        // Subscribe first, then read the state: no change falls between the two.
         let rx = self.events.subscribe();
-        let stream = futures::stream::unfold(rx, |mut rx| async move {
-            loop {
-                match rx.recv().await {
-                    Ok(e) => return Some((e, rx)),
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(broadcast::error::RecvError::Closed) => return None,
-                }
-            }
-        });
-        Ok(Box::pin(stream))
+        let synced = HostEvent::Synced { hardware: self.hardware().await?, vms: self.list_vms().await? };
+        self.streams.fetch_add(1, Ordering::SeqCst);
+        // `None` (host down), lost events (lagged) and a closed channel all end the stream,
+        // so the reader resyncs.
+        let rest = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.ok().flatten().map(|e| (e, rx)) });
+        Ok(Box::pin(futures::stream::once(async move { synced }).chain(rest)))
+    }
+
+    async fn ping(&self) -> Result<(), HostClientError> {
+        self.check_up()?;
+        if self.lock().ping_fails {
+            return Err(HostClientError::Timeout("health check (fake host hangs)".into()));
+        }
+        Ok(())
     }
 }
 

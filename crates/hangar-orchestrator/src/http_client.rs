@@ -7,30 +7,47 @@
 //! client logs in at `/api/v1/auth/token` and sends the bearer token (logging in again
 //! once when the host answers 401); with an API key it sends `X-Api-Key`.
 //!
-//! Events: the host's websocket is not read yet; [`HttpHostClient::events`] polls the VM
-//! list and the hardware every [`HttpConnector::poll_interval`] and ends at the first
-//! failure, which is what the scheduler needs to notice a host going away.
+//! Events: [`HttpHostClient::events`] subscribes to the host's websocket
+//! (`/api/v1/ws/subscribe?event_types=pdfm,catalog_cache`, with the same credentials as
+//! the HTTP calls), then reads the whole state once ([`HostEvent::Synced`]: hardware,
+//! catalog cache, VM list). After that only events move the view: `VM_ADDED` and
+//! `VM_UPDATED` fetch that one VM, `VM_STATE_CHANGED` and `VM_REMOVED` need no call, and
+//! after VM or cache changes the host's resources are read once more (debounced; the host
+//! pushes no resource events), cache events re-read the cache list. The stream pings the
+//! host every [`EVENT_PING_EVERY`] (the reference's `health` ping) and ends when the
+//! connection closes, when the host is silent for [`EVENT_SILENCE_LIMIT`], or when the
+//! host reports dropped events, so the scheduler marks the host and resyncs.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
+use futures::{SinkExt, StreamExt};
 use hangar_hypervisor::{HypervisorKind, PowerOp, VmState};
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
 use tracing::{debug, instrument};
 
 use crate::client::{HostClient, HostClientError, HostConnector, HostCreateVm, HostEvent, VmOp};
-use crate::model::{Host, HostCredentials, HostHardware, HostResources, Os, ResourceSet, VmSummary};
+use crate::model::{CachedImage, Host, HostCredentials, HostHardware, HostResources, Os, ResourceSet, VmSummary};
+use crate::tunnel::{self, Tunnel, TunnelError};
+
+/// How often the event stream pings the host.
+pub const EVENT_PING_EVERY: Duration = Duration::from_secs(2);
+/// Silence (no event, no pong) after which the event stream counts as dead.
+pub const EVENT_SILENCE_LIMIT: Duration = Duration::from_secs(6);
+/// Pause after a VM or cache event before the host's resources are read again, so a burst
+/// of events costs one read.
+const RESOURCES_DEBOUNCE: Duration = Duration::from_millis(200);
 
 /// Makes [`HttpHostClient`]s.
 #[derive(Debug, Clone)]
 pub struct HttpConnector {
     http: reqwest::Client,
-    /// How often the polling event stream looks at the host.
-    pub poll_interval: Duration,
 }
 
 impl HttpConnector {
@@ -41,7 +58,7 @@ impl HttpConnector {
             .connect_timeout(connect_timeout)
             .build()
             .map_err(|e| HostClientError::Protocol(format!("cannot build the HTTP client: {e}")))?;
-        Ok(HttpConnector { http, poll_interval: Duration::from_secs(2) })
+        Ok(HttpConnector { http })
     }
 
     /// A concrete client for `url` (for operations the [`HostClient`] seam lacks, like exec).
@@ -49,13 +66,7 @@ impl HttpConnector {
         // Registered URLs carry the API prefix (`http://h:3080/api`); accept `.../api/v1` too.
         let trimmed = url.trim_end_matches('/');
         let base = trimmed.strip_suffix("/v1").unwrap_or(trimmed).to_string();
-        Arc::new(HttpHostClient {
-            http: self.http.clone(),
-            base,
-            credentials,
-            token: Mutex::new(None),
-            poll_interval: self.poll_interval,
-        })
+        Arc::new(HttpHostClient { http: self.http.clone(), base, credentials, token: Mutex::new(None) })
     }
 }
 
@@ -84,7 +95,6 @@ pub struct HttpHostClient {
     base: String,
     credentials: Option<HostCredentials>,
     token: Mutex<Option<String>>,
-    poll_interval: Duration,
 }
 
 impl std::fmt::Debug for HttpHostClient {
@@ -184,6 +194,32 @@ fn vm_from(v: &Value) -> Option<VmSummary> {
     let disk_mb = hw.and_then(|h| h.pointer("/hdd0/size")).map(parse_mb).unwrap_or(0);
     let state: VmState = serde_json::from_value(json!(field("State").to_ascii_lowercase())).unwrap_or(VmState::Unknown);
     Some(VmSummary { id, name: field("Name"), state, os: field("OS"), cpu, memory_mb, disk_mb })
+}
+
+/// The images of a `GET /catalog/cache` answer (`{"manifests": [{catalog_id, version,
+/// architecture, ...}]}`), architectures normalised, sorted and without duplicates.
+fn cache_list(v: &Value) -> Vec<CachedImage> {
+    let mut out: Vec<CachedImage> = v
+        .get("manifests")
+        .and_then(Value::as_array)
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|m| {
+                    let field = |k: &str| m.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+                    let (catalog_id, version, arch) = (field("catalog_id"), field("version"), field("architecture"));
+                    if catalog_id.is_empty() {
+                        return None;
+                    }
+                    let architecture = crate::model::normalize_arch(&arch).unwrap_or(arch);
+                    Some(CachedImage { catalog_id, version, architecture })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out.dedup();
+    out
 }
 
 fn power_path(op: PowerOp) -> (&'static str, Option<String>) {
@@ -290,15 +326,18 @@ impl HttpHostClient {
         self.request(Method::PUT, &format!("/machines/{vm_id}/execute"), Some(body), timeout).await
     }
 
-    /// One VM as the host shows it (its full JSON).
-    pub async fn machine(&self, vm_id: &str) -> Result<Value, HostClientError> {
-        self.request(Method::GET, &format!("/machines/{vm_id}"), None, Duration::from_secs(30)).await
+    /// A second client for the same host, sharing the connection pool and token.
+    fn duplicate(&self) -> HttpHostClient {
+        HttpHostClient {
+            http: self.http.clone(),
+            base: self.base.clone(),
+            credentials: self.credentials.clone(),
+            token: Mutex::new(self.cached_token()),
+        }
     }
-}
 
-#[async_trait]
-impl HostClient for HttpHostClient {
-    async fn hardware(&self) -> Result<HostHardware, HostClientError> {
+    /// Hardware and resources, without the cache list.
+    async fn hardware_only(&self) -> Result<HostHardware, HostClientError> {
         let v = self.request(Method::GET, "/config/hardware", None, Duration::from_secs(30)).await?;
         let hw: Hardware =
             serde_json::from_value(v).map_err(|e| HostClientError::Protocol(format!("hardware answer: {e}")))?;
@@ -316,6 +355,77 @@ impl HostClient for HttpHostClient {
             available: hw.total_available.set(),
         };
         Ok(HostHardware { architecture, os, hypervisor, resources, cached_images: vec![], cache_on_vm_volume: true })
+    }
+
+    /// The catalog images in the host's cache (`GET /catalog/cache`); empty when the host
+    /// runs no catalog module or does not let these credentials read its cache.
+    pub async fn cached_images(&self) -> Vec<CachedImage> {
+        match self.request(Method::GET, "/catalog/cache", None, Duration::from_secs(30)).await {
+            Ok(v) => cache_list(&v),
+            Err(e) => {
+                debug!(host = %self.base, error = %e, "no catalog cache list");
+                Vec::new()
+            }
+        }
+    }
+
+    /// The authentication headers for a websocket upgrade.
+    async fn auth_headers(&self, fresh_login: bool) -> Result<Vec<(&'static str, String)>, HostClientError> {
+        Ok(match &self.credentials {
+            Some(HostCredentials::ApiKey { api_key }) => vec![("X-Api-Key", api_key.clone())],
+            Some(HostCredentials::Basic { username, password }) => {
+                let token = match (fresh_login, self.cached_token()) {
+                    (false, Some(t)) => t,
+                    _ => self.login(username, password).await?,
+                };
+                vec![("Authorization", format!("Bearer {token}"))]
+            }
+            None => vec![],
+        })
+    }
+
+    /// Opens the host's event websocket: VM and cache events, or VM events only when the
+    /// credentials may not read the cache; logs in again once when the token is refused.
+    #[instrument(skip(self), fields(host = %self.base))]
+    async fn subscribe(&self) -> Result<Tunnel, HostClientError> {
+        let mut fresh = false;
+        let mut types = "pdfm,catalog_cache";
+        loop {
+            let url = tunnel::ws_url(&self.base, &format!("/v1/ws/subscribe?event_types={types}"))
+                .map_err(|e| HostClientError::Protocol(e.to_string()))?;
+            let headers = self.auth_headers(fresh).await?;
+            let refs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            match tunnel::connect(&url, &refs).await {
+                Ok(ws) => return Ok(ws),
+                Err(TunnelError::Refused { status: 401, .. })
+                    if !fresh && matches!(self.credentials, Some(HostCredentials::Basic { .. })) =>
+                {
+                    fresh = true;
+                }
+                Err(TunnelError::Refused { status: 403, .. }) if types != "pdfm" => types = "pdfm",
+                Err(TunnelError::Refused { status, message }) => {
+                    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+                    return Err(status_error(code, &json!({ "message": message }).to_string()));
+                }
+                Err(e @ TunnelError::Connect { .. }) => return Err(HostClientError::Unreachable(e.to_string())),
+                Err(e @ TunnelError::Tls { .. }) => return Err(HostClientError::Unreachable(e.to_string())),
+                Err(e) => return Err(HostClientError::Protocol(e.to_string())),
+            }
+        }
+    }
+
+    /// One VM as the host shows it (its full JSON).
+    pub async fn machine(&self, vm_id: &str) -> Result<Value, HostClientError> {
+        self.request(Method::GET, &format!("/machines/{vm_id}"), None, Duration::from_secs(30)).await
+    }
+}
+
+#[async_trait]
+impl HostClient for HttpHostClient {
+    async fn hardware(&self) -> Result<HostHardware, HostClientError> {
+        let mut hw = self.hardware_only().await?;
+        hw.cached_images = self.cached_images().await;
+        Ok(hw)
     }
 
     async fn list_vms(&self) -> Result<Vec<VmSummary>, HostClientError> {
@@ -373,29 +483,150 @@ impl HostClient for HttpHostClient {
     }
 
     async fn events(&self) -> Result<BoxStream<'static, HostEvent>, HostClientError> {
-        // Prove the host answers before handing out a stream.
-        self.hardware().await?;
-        let me = HttpHostClient {
-            http: self.http.clone(),
-            base: self.base.clone(),
-            credentials: self.credentials.clone(),
-            token: Mutex::new(self.cached_token()),
-            poll_interval: self.poll_interval,
+        // Subscribe first, then read the state: no change falls between the two.
+        let ws = self.subscribe().await?;
+        let me = self.duplicate();
+        let synced = HostEvent::Synced { hardware: me.hardware().await?, vms: me.list_vms().await? };
+        let mut ping = tokio::time::interval(EVENT_PING_EVERY);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let follow = Follow {
+            client: me,
+            ws,
+            pending: VecDeque::from([synced]),
+            ping,
+            last_heard: tokio::time::Instant::now(),
+            resources_due: None,
         };
-        let stream = futures::stream::unfold((me, Vec::<HostEvent>::new()), |(me, mut pending)| async move {
-            loop {
-                if let Some(e) = pending.pop() {
-                    return Some((e, (me, pending)));
-                }
-                tokio::time::sleep(me.poll_interval).await;
-                let hw = me.hardware().await.ok()?;
-                let vms = me.list_vms().await.ok()?;
-                pending.push(HostEvent::Heartbeat);
-                pending.push(HostEvent::Resources { resources: hw.resources });
-                pending.extend(vms.into_iter().map(|vm| HostEvent::VmChanged { vm }));
+        Ok(Box::pin(futures::stream::unfold(follow, |mut f| async move {
+            let e = f.next().await?;
+            Some((e, f))
+        })))
+    }
+
+    async fn ping(&self) -> Result<(), HostClientError> {
+        self.request(Method::GET, "/health/probe", None, Duration::from_secs(10)).await.map(|_| ())
+    }
+}
+
+/// The reference's event envelope (the fields the orchestrator reads).
+#[derive(Deserialize)]
+struct Envelope {
+    #[serde(default)]
+    event_type: String,
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    body: Value,
+}
+
+/// An open event stream being read.
+struct Follow {
+    client: HttpHostClient,
+    ws: Tunnel,
+    pending: VecDeque<HostEvent>,
+    ping: tokio::time::Interval,
+    last_heard: tokio::time::Instant,
+    resources_due: Option<tokio::time::Instant>,
+}
+
+impl Follow {
+    /// The next event, or `None` when the stream is over.
+    async fn next(&mut self) -> Option<HostEvent> {
+        loop {
+            if let Some(e) = self.pending.pop_front() {
+                return Some(e);
             }
-        });
-        Ok(Box::pin(stream))
+            let due = self.resources_due;
+            tokio::select! {
+                msg = self.ws.next() => {
+                    self.last_heard = tokio::time::Instant::now();
+                    match msg {
+                        Some(Ok(Message::Text(t))) => self.on_text(t.as_str()).await?,
+                        Some(Ok(Message::Close(frame))) => {
+                            debug!(host = %self.client.base, ?frame, "event stream closed by the host");
+                            return None;
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => {
+                            debug!(host = %self.client.base, error = %e, "event stream failed");
+                            return None;
+                        }
+                        None => return None,
+                    }
+                }
+                _ = self.ping.tick() => {
+                    if self.last_heard.elapsed() > EVENT_SILENCE_LIMIT {
+                        debug!(host = %self.client.base, "event stream silent; giving up on it");
+                        return None;
+                    }
+                    let ping = Message::Text(r#"{"type":"health","message":"ping"}"#.into());
+                    if self.ws.send(ping).await.is_err() {
+                        return None;
+                    }
+                }
+                _ = async { match due { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
+                    self.resources_due = None;
+                    match self.client.hardware_only().await {
+                        Ok(hw) => self.pending.push_back(HostEvent::Resources { resources: hw.resources }),
+                        Err(e) if e.is_host_down() => return None,
+                        Err(e) => debug!(host = %self.client.base, error = %e, "cannot read resources"),
+                    }
+                }
+            }
+        }
+    }
+
+    fn resources_changed(&mut self) {
+        if self.resources_due.is_none() {
+            self.resources_due = Some(tokio::time::Instant::now() + RESOURCES_DEBOUNCE);
+        }
+    }
+
+    /// Turns one message into events; `None` ends the stream.
+    async fn on_text(&mut self, text: &str) -> Option<()> {
+        let Ok(e) = serde_json::from_str::<Envelope>(text) else {
+            debug!(host = %self.client.base, "unreadable event ignored");
+            return Some(());
+        };
+        let vm_id = e.body.get("vm_id").and_then(Value::as_str).unwrap_or_default().to_string();
+        match (e.event_type.as_str(), e.message.as_str()) {
+            ("pdfm", "VM_ADDED" | "VM_UPDATED") if !vm_id.is_empty() => {
+                match self.client.machine(&vm_id).await {
+                    Ok(v) => {
+                        if let Some(vm) = vm_from(&v) {
+                            self.pending.push_back(HostEvent::VmChanged { vm });
+                        }
+                    }
+                    Err(HostClientError::NotFound(_)) => self.pending.push_back(HostEvent::VmRemoved { id: vm_id }),
+                    Err(e) if e.is_host_down() => return None,
+                    Err(e) => debug!(host = %self.client.base, vm = %vm_id, error = %e, "cannot read a changed VM"),
+                }
+                self.resources_changed();
+            }
+            ("pdfm", "VM_STATE_CHANGED") if !vm_id.is_empty() => {
+                let state = e.body.get("current_state").and_then(Value::as_str).unwrap_or_default();
+                let state: VmState =
+                    serde_json::from_value(json!(state.to_ascii_lowercase())).unwrap_or(VmState::Unknown);
+                self.pending.push_back(HostEvent::VmState { id: vm_id, state });
+                self.resources_changed();
+            }
+            ("pdfm", "VM_REMOVED") if !vm_id.is_empty() => {
+                self.pending.push_back(HostEvent::VmRemoved { id: vm_id });
+                self.resources_changed();
+            }
+            ("catalog_cache", _) => {
+                let images = self.client.cached_images().await;
+                self.pending.push_back(HostEvent::CacheChanged { images });
+                self.resources_changed();
+            }
+            // The host's buffer overflowed: what was lost can only be recovered by a resync.
+            ("global", "EVENTS_DROPPED") => {
+                debug!(host = %self.client.base, "the host dropped events; resyncing");
+                return None;
+            }
+            _ => self.pending.push_back(HostEvent::Heartbeat),
+        }
+        Some(())
     }
 }
 

@@ -170,6 +170,25 @@ impl HostResources {
         self.available = self.available.saturating_sub(r);
     }
 
+    /// These figures, never counting less CPU and memory in use than the active VMs in
+    /// `vms` hold. A host's report can predate a VM the orchestrator already counts (a
+    /// creation confirmed while the report was on its way); taking the larger figure keeps
+    /// placement from promising that room twice. The next report after the host sees the
+    /// VM agrees again. Disk is left as reported (hosts count what VMs really use there).
+    pub fn covering(self, vms: &[VmSummary]) -> HostResources {
+        let (cpu, memory_mb) = vms
+            .iter()
+            .filter(|v| v.is_active())
+            .fold((0u32, 0u64), |(c, m), v| (c.saturating_add(v.cpu), m.saturating_add(v.memory_mb)));
+        let in_use = ResourceSet {
+            cpu: self.in_use.cpu.max(cpu),
+            memory_mb: self.in_use.memory_mb.max(memory_mb),
+            ..self.in_use
+        };
+        let extra = in_use.saturating_sub(self.in_use);
+        HostResources { in_use, available: self.available.saturating_sub(extra), ..self }
+    }
+
     /// Account for a VM the host no longer runs.
     pub fn remove_vm(&mut self, r: ResourceSet) {
         self.in_use = self.in_use.saturating_sub(r);

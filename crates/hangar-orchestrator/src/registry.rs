@@ -195,7 +195,12 @@ impl HostRegistry {
         for rec in store.list(HOSTS).await? {
             let stored: StoredHost = from_value(rec.value, "host")?;
             let mut host = stored.host;
+            // Nothing is known until the host is heard from again (its event stream resyncs
+            // the view): the stored VMs are shown, but in state `unknown`.
             host.state = HostState::Unknown;
+            for vm in &mut host.vms {
+                vm.state = hangar_hypervisor::VmState::Unknown;
+            }
             cache.insert(host.id.clone(), Cached { host, revision: rec.revision, sealed: stored.sealed_credentials });
         }
         info!(hosts = cache.len(), "host registry opened");
@@ -486,6 +491,32 @@ impl HostRegistry {
         let c = cache.get_mut(id)?;
         f(&mut c.host);
         Some(c.host.clone())
+    }
+
+    /// Commits `extra` writes with an optional audit entry, then changes the host's
+    /// runtime status in memory, without rewriting the host record and without the registry's
+    /// write gate. For per-VM records (creations, deletions): the host's VM list and
+    /// resources are runtime status that every (re)connection resyncs from the host, so
+    /// they need not be durable, while `extra` is acknowledged only once it is. Concurrent
+    /// callers are grouped into one durable write by the store.
+    pub async fn commit_with_status(
+        &self,
+        id: &str,
+        extra: Batch,
+        audit_entry: Option<(&Actor, &str, Value)>,
+        f: impl FnOnce(&mut Host),
+    ) -> Result<()> {
+        let mut batch = extra;
+        if let Some((actor, action, detail)) = audit_entry {
+            batch = audit(batch, actor, action, id, detail)?;
+        }
+        if !self.read().contains_key(id) {
+            return Err(OrchestratorError::not_found("host", id));
+        }
+        self.store.commit(batch).await?;
+        // Committed: a host unregistered meanwhile has no view left to change.
+        self.update_in_memory(id, f);
+        Ok(())
     }
 
     /// Changes a host (in memory first, so concurrent in-memory updates are not lost) and

@@ -11,7 +11,7 @@
 //! so the counts stay consistent.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -24,7 +24,7 @@ use hangar_store::{Batch, StoreError};
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
-use tracing::{debug, info, instrument, warn};
+use tracing::{Instrument, debug, info, instrument, warn};
 
 use crate::client::{HostClient, HostClientError, HostConnector, HostCreateVm, HostEvent, VmOp};
 use crate::clock::{self, Clock};
@@ -157,9 +157,9 @@ pub struct ReapReport {
 pub struct BackgroundIntervals {
     /// Silence detection, reservation expiry and queue service.
     pub tick: Duration,
-    /// Hardware and VM refresh of every host (the health probe). Keep it below
-    /// [`HealthConfig::unhealthy_after`] unless hosts stream events (heartbeats), or silent
-    /// but healthy hosts flap.
+    /// Lightweight health check of every host whose event stream is up (a ping, no
+    /// listing), and start of event streams for hosts that have none. Hosts whose stream is
+    /// down are checked by its reconnection attempts instead.
     pub check: Duration,
     /// VM TTL reaper.
     pub reap: Duration,
@@ -169,16 +169,17 @@ impl Default for BackgroundIntervals {
     fn default() -> Self {
         BackgroundIntervals {
             tick: Duration::from_secs(1),
-            check: Duration::from_secs(5),
+            check: Duration::from_secs(2),
             reap: Duration::from_secs(30),
         }
     }
 }
 
-/// Background tasks; dropping this stops them.
+/// Background tasks; dropping this stops them (the event streams included).
 #[derive(Debug)]
 pub struct Background {
     handles: Vec<JoinHandle<()>>,
+    scheduler: Option<Scheduler>,
 }
 
 impl Drop for Background {
@@ -186,7 +187,33 @@ impl Drop for Background {
         for h in &self.handles {
             h.abort();
         }
+        if let Some(s) = &self.scheduler {
+            s.stop_watchers();
+        }
     }
+}
+
+/// Longest pause between two attempts to reopen a host's event stream.
+pub const RECONNECT_CAP: Duration = Duration::from_secs(5);
+const RECONNECT_FIRST: Duration = Duration::from_millis(250);
+
+/// The pause before reconnection attempt `attempt` (0-based): 250 ms doubling up to
+/// [`RECONNECT_CAP`], each multiplied by a random factor in [0.5, 1) so hosts that went
+/// away together do not all come back at the same instant.
+pub fn reconnect_delay(attempt: u32) -> Duration {
+    let base = RECONNECT_FIRST.saturating_mul(1u32 << attempt.min(16)).min(RECONNECT_CAP);
+    let mut b = [0u8; 2];
+    let r = if aws_lc_rs::rand::fill(&mut b).is_ok() { u16::from_le_bytes(b) } else { u16::MAX / 2 };
+    base.mul_f64(0.5 + f64::from(r) / f64::from(u16::MAX) / 2.0)
+}
+
+/// One host's event-stream follower.
+struct Watcher {
+    task: tokio::task::AbortHandle,
+    /// The stream is open (its first resync applied).
+    connected: Arc<AtomicBool>,
+    /// Ends the current stream (a failed health check) so it is reopened and resynced.
+    reset: Arc<tokio::sync::Notify>,
 }
 
 fn to_value<T: Serialize>(v: &T) -> Result<Value> {
@@ -245,6 +272,8 @@ struct Inner {
     /// confirmation does not drop the VM from the counts.
     recent: Mutex<HashMap<String, Vec<(u64, VmSummary)>>>,
     seq: AtomicU64,
+    /// Event-stream followers per host.
+    watchers: Mutex<HashMap<String, Watcher>>,
 }
 
 /// The scheduler. Cheap to clone.
@@ -298,6 +327,7 @@ impl Scheduler {
                 busy_vms: Mutex::new(HashSet::new()),
                 recent: Mutex::new(HashMap::new()),
                 seq: AtomicU64::new(1),
+                watchers: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -395,6 +425,7 @@ impl Scheduler {
     pub async fn update_host(&self, actor: &Actor, id: &str, change: UpdateHost) -> Result<Host> {
         let h = self.inner.registry.update(actor, id, change).await?;
         lock(&self.inner.clients).remove(&h.id);
+        self.restart_watcher(&h.id);
         self.drain();
         Ok(h)
     }
@@ -412,6 +443,9 @@ impl Scheduler {
         let id = self.inner.registry.get(id)?.id;
         let h = self.inner.registry.delete(actor, &id).await?;
         self.forget_host(&id);
+        if let Some(w) = lock(&self.inner.watchers).remove(&id) {
+            w.task.abort();
+        }
         lock(&self.inner.health).remove(&id);
         Ok(h)
     }
@@ -488,7 +522,8 @@ impl Scheduler {
     }
 
     /// Reads a host's hardware and VMs; success refreshes its view and marks it healthy,
-    /// failure marks it unhealthy with the error.
+    /// failure marks it unhealthy with the error. (A full resync on demand; the event
+    /// stream resyncs by itself at each (re)connection.)
     #[instrument(skip(self))]
     pub async fn check_host(&self, host_id: &str) -> Result<Host> {
         let started_at = self.inner.seq.load(Ordering::SeqCst);
@@ -504,25 +539,10 @@ impl Scheduler {
         let answer = async { Ok::<_, HostClientError>((client.hardware().await?, client.list_vms().await?)) };
         match timed(t, "hardware and VM list", answer).await {
             Ok((hw, vms)) => {
-                let recent: Vec<VmSummary> = {
-                    let mut recent = lock(&self.inner.recent);
-                    let list = recent.entry(host_id.to_string()).or_default();
-                    list.retain(|(seq, _)| *seq >= started_at);
-                    list.iter().map(|(_, vm)| vm.clone()).collect()
-                };
-                self.inner.registry.update_in_memory(host_id, |h| {
-                    h.apply_hardware(&hw);
-                    h.vms = vms;
-                    for vm in recent {
-                        if !h.vms.iter().any(|v| v.id == vm.id) {
-                            view_upsert(h, vm);
-                        }
-                    }
-                });
+                self.apply_sync(host_id, &hw, vms, started_at);
                 self.observe(host_id, Observation::CheckSucceeded).await?;
-                let host = self.inner.registry.persist_status(host_id, Batch::new(), None, |_| {}).await?;
                 self.drain();
-                Ok(host)
+                self.inner.registry.get(host_id)
             }
             Err(e) => {
                 if e.is_host_down() {
@@ -534,13 +554,75 @@ impl Scheduler {
         }
     }
 
-    /// Checks every host, a few at a time.
+    /// Replaces a host's view with a full read of it (started when the VM sequence was at
+    /// `started_at`), keeping VMs confirmed since then that the read may predate.
+    fn apply_sync(&self, host_id: &str, hw: &HostHardware, vms: Vec<VmSummary>, started_at: u64) {
+        let recent: Vec<VmSummary> = {
+            let mut recent = lock(&self.inner.recent);
+            let list = recent.entry(host_id.to_string()).or_default();
+            list.retain(|(seq, _)| *seq >= started_at);
+            list.iter().map(|(_, vm)| vm.clone()).collect()
+        };
+        self.inner.registry.update_in_memory(host_id, |h| {
+            h.apply_hardware(hw);
+            h.vms = vms;
+            for vm in recent {
+                if !h.vms.iter().any(|v| v.id == vm.id) {
+                    view_upsert(h, vm);
+                }
+            }
+            h.resources = h.resources.map(|r| r.covering(&h.vms));
+        });
+    }
+
+    /// The lightweight health check of every host: hosts whose event stream is up are
+    /// pinged (a failure counts against the host and reopens its stream); hosts whose
+    /// stream is down are left to its reconnection attempts, which are their check; hosts
+    /// without a stream follower (no background running) get a full [`Scheduler::check_host`].
     pub async fn check_all(&self) {
         let ids = self.inner.registry.ids();
+        let timeout = self.inner.config.call_timeout.min(Duration::from_secs(3));
         futures::stream::iter(ids)
-            .for_each_concurrent(16, |id| async move {
-                if let Err(e) = self.check_host(&id).await {
-                    debug!(host = %id, error = %e, "host check");
+            .for_each_concurrent(64, |id| async move {
+                let watcher = lock(&self.inner.watchers)
+                    .get(&id)
+                    .map(|w| (w.connected.clone(), w.reset.clone(), w.task.is_finished()));
+                let (connected, reset) = match watcher {
+                    Some((c, r, false)) => (c, r),
+                    Some((_, _, true)) => return,
+                    None => {
+                        if let Err(e) = self.check_host(&id).await {
+                            debug!(host = %id, error = %e, "host check");
+                        }
+                        return;
+                    }
+                };
+                if !connected.load(Ordering::SeqCst) {
+                    return;
+                }
+                let client = match self.client(&id).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        debug!(host = %id, error = %e, "health check: no client");
+                        return;
+                    }
+                };
+                let result = timed(timeout, "health check", client.ping()).await;
+                // The stream may have closed meanwhile: it reported that itself.
+                if !connected.load(Ordering::SeqCst) {
+                    return;
+                }
+                let healthy = self.inner.registry.get(&id).map(|h| h.state == HostState::Healthy).unwrap_or(false);
+                match result {
+                    // A healthy host stays so; an unhealthy one comes back through a resync.
+                    Ok(()) if healthy => {
+                        let _ = self.observe(&id, Observation::Heartbeat).await;
+                    }
+                    Ok(()) => reset.notify_one(),
+                    Err(e) => {
+                        let _ = self.observe(&id, Observation::CheckFailed(format!("health check: {e}"))).await;
+                        reset.notify_one();
+                    }
                 }
             })
             .await;
@@ -548,25 +630,55 @@ impl Scheduler {
 
     /// Applies one event pushed by a host.
     pub async fn handle_event(&self, host_id: &str, event: HostEvent) -> Result<()> {
-        let t = self.observe(host_id, Observation::Heartbeat).await?;
+        let now = self.inner.seq.load(Ordering::SeqCst);
+        self.apply_event(host_id, event, now).await
+    }
+
+    /// [`Scheduler::handle_event`] for a stream opened when the VM sequence was at `since`.
+    async fn apply_event(&self, host_id: &str, event: HostEvent, since: u64) -> Result<()> {
+        let mut freed = false;
+        let synced = matches!(event, HostEvent::Synced { .. });
         match event {
             HostEvent::Heartbeat => {}
             HostEvent::VmChanged { vm } => {
+                freed = true;
                 self.inner.registry.update_in_memory(host_id, |h| view_upsert(h, vm));
             }
+            HostEvent::VmState { id, state } => {
+                freed = true;
+                self.inner.registry.update_in_memory(host_id, |h| {
+                    if let Some(vm) = h.vms.iter().find(|v| v.id == id).cloned() {
+                        view_upsert(h, VmSummary { state, ..vm });
+                    }
+                });
+            }
             HostEvent::VmRemoved { id } => {
+                freed = true;
                 self.inner.registry.update_in_memory(host_id, |h| {
                     view_remove(h, &id);
                 });
-                self.drain();
             }
             HostEvent::Resources { resources } => {
-                self.inner.registry.update_in_memory(host_id, |h| h.resources = Some(resources));
-                self.drain();
+                freed = true;
+                self.inner.registry.update_in_memory(host_id, |h| h.resources = Some(resources.covering(&h.vms)));
+            }
+            HostEvent::CacheChanged { images } => {
+                self.inner.registry.update_in_memory(host_id, |h| h.cached_images = images);
+            }
+            HostEvent::Synced { hardware, vms } => {
+                freed = true;
+                self.apply_sync(host_id, &hardware, vms, since);
             }
         }
-        if t.is_some_and(|t| t.from == HostState::Unhealthy) {
-            // Back from an outage: the VM list is stale; refresh it in the background.
+        // Heard from: healthy (after the view changed, so a host coming back shows its
+        // VMs' real states, never `unknown` ones, once healthy).
+        let t = self.observe(host_id, Observation::Heartbeat).await?;
+        if freed {
+            self.drain();
+        }
+        if !synced && t.is_some_and(|t| t.from == HostState::Unhealthy) {
+            // Back without a resync (silence ended while the stream stayed open): the VM
+            // list is stale; refresh it in the background.
             let me = self.clone();
             let id = host_id.to_string();
             tokio::spawn(async move {
@@ -576,37 +688,113 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Follows a host's event stream until the host is unregistered, reconnecting with a
-    /// backoff (1 s doubling to 30 s) when the stream ends or fails.
+    /// Follows a host's event stream until the host is unregistered: each (re)connection
+    /// starts with a full resync, a closed stream counts at once as a failed check, and
+    /// reconnection attempts back off ([`reconnect_delay`], at most [`RECONNECT_CAP`]).
+    /// Replaces an earlier follower of the same host.
     pub fn watch_events(&self, host_id: &str) -> JoinHandle<()> {
+        let connected = Arc::new(AtomicBool::new(false));
+        let reset = Arc::new(tokio::sync::Notify::new());
         let me = self.clone();
         let id = host_id.to_string();
-        tokio::spawn(async move {
-            let mut backoff = Duration::from_secs(1);
-            loop {
-                if me.inner.registry.get(&id).is_err() {
-                    break;
-                }
-                match me.client(&id).await {
-                    Ok(client) => match client.events().await {
-                        Ok(mut stream) => {
-                            backoff = Duration::from_secs(1);
-                            while let Some(e) = stream.next().await {
-                                if let Err(OrchestratorError::NotFound { .. }) = me.handle_event(&id, e).await {
-                                    return;
-                                }
-                            }
-                        }
-                        Err(e) => {
-                            let _ = me.observe(&id, Observation::CheckFailed(e.to_string())).await;
-                        }
-                    },
-                    Err(e) => debug!(host = %id, error = %e, "event stream: no client"),
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+        let (c, r) = (connected.clone(), reset.clone());
+        let handle = tokio::spawn(
+            async move { me.follow(&id, &c, &r).await }.instrument(tracing::info_span!("host_events", host = %host_id)),
+        );
+        let old = lock(&self.inner.watchers)
+            .insert(host_id.to_string(), Watcher { task: handle.abort_handle(), connected, reset });
+        if let Some(old) = old {
+            old.task.abort();
+        }
+        handle
+    }
+
+    async fn follow(&self, id: &str, connected: &AtomicBool, reset: &tokio::sync::Notify) {
+        let mut attempt = 0u32;
+        loop {
+            if self.inner.registry.get(id).is_err() {
+                return;
             }
-        })
+            let since = self.inner.seq.load(Ordering::SeqCst);
+            let opened = match self.client(id).await {
+                Ok(c) => timed(self.inner.config.call_timeout, "opening the event stream", c.events()).await,
+                Err(OrchestratorError::Host { source, .. }) => Err(source),
+                Err(OrchestratorError::NotFound { .. }) => return,
+                Err(e) => Err(HostClientError::Protocol(e.to_string())),
+            };
+            match opened {
+                Ok(mut stream) => {
+                    debug!(host = %id, "event stream open");
+                    attempt = 0;
+                    let why = loop {
+                        tokio::select! {
+                            e = stream.next() => match e {
+                                Some(e) => {
+                                    match self.apply_event(id, e, since).await {
+                                        Ok(()) => connected.store(true, Ordering::SeqCst),
+                                        Err(OrchestratorError::NotFound { .. }) => return,
+                                        Err(e) => debug!(host = %id, error = %e, "event not applied"),
+                                    }
+                                }
+                                None => break "the host's event stream closed".to_string(),
+                            },
+                            _ = reset.notified() => break "the host failed a health check".to_string(),
+                        }
+                    };
+                    connected.store(false, Ordering::SeqCst);
+                    lock(&self.inner.clients).remove(id);
+                    debug!(host = %id, reason = %why, "event stream ended");
+                    let _ = self.observe(id, Observation::CheckFailed(why)).await;
+                }
+                Err(e) => {
+                    if e.is_host_down() {
+                        lock(&self.inner.clients).remove(id);
+                    }
+                    let _ = self.observe(id, Observation::CheckFailed(e.to_string())).await;
+                }
+            }
+            tokio::time::sleep(reconnect_delay(attempt)).await;
+            attempt = attempt.saturating_add(1);
+        }
+    }
+
+    /// Starts event-stream followers for hosts that have none and stops those of hosts
+    /// that are gone.
+    fn watch_all(&self) {
+        let ids: HashSet<String> = self.inner.registry.ids().into_iter().collect();
+        let missing: Vec<String> = {
+            let mut w = lock(&self.inner.watchers);
+            w.retain(|id, watcher| {
+                let keep = ids.contains(id) && !watcher.task.is_finished();
+                if !keep {
+                    watcher.task.abort();
+                }
+                keep
+            });
+            ids.iter().filter(|id| !w.contains_key(*id)).cloned().collect()
+        };
+        for id in missing {
+            drop(self.watch_events(&id));
+        }
+    }
+
+    /// Reopens a host's event stream (after its URL or credentials changed).
+    fn restart_watcher(&self, host_id: &str) {
+        if let Some(w) = lock(&self.inner.watchers).get(host_id) {
+            w.reset.notify_one();
+        }
+    }
+
+    /// Stops every event-stream follower.
+    fn stop_watchers(&self) {
+        for (_, w) in lock(&self.inner.watchers).drain() {
+            w.task.abort();
+        }
+    }
+
+    /// Whether a host's event stream is open.
+    pub fn events_connected(&self, host_id: &str) -> bool {
+        lock(&self.inner.watchers).get(host_id).is_some_and(|w| w.connected.load(Ordering::SeqCst))
     }
 
     // ----- placement ----------------------------------------------------------------------
@@ -813,7 +1001,7 @@ impl Scheduler {
         let written = self
             .inner
             .registry
-            .persist_status(host_id, extra, Some((actor, "orchestrator.vm.create", detail)), |h| {
+            .commit_with_status(host_id, extra, Some((actor, "orchestrator.vm.create", detail)), |h| {
                 view_upsert(h, vm.clone())
             })
             .await;
@@ -933,7 +1121,7 @@ impl Scheduler {
         let r = self
             .inner
             .registry
-            .persist_status(&host_id, extra, Some((actor, action, detail)), |h| {
+            .commit_with_status(&host_id, extra, Some((actor, action, detail)), |h| {
                 view_remove(h, vm_id);
             })
             .await;
@@ -1057,8 +1245,10 @@ impl Scheduler {
         let me = self.clone();
         handles.push(tokio::spawn(async move {
             let mut i = tokio::time::interval(every.check);
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 i.tick().await;
+                me.watch_all();
                 me.check_all().await;
                 let _ = me.inner.registry.purge_expired_tokens().await;
             }
@@ -1073,7 +1263,7 @@ impl Scheduler {
                 }
             }
         }));
-        Background { handles }
+        Background { handles, scheduler: Some(self.clone()) }
     }
 }
 
