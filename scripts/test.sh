@@ -25,11 +25,18 @@ need=()
 command -v openssl >/dev/null || need+=(openssl)
 command -v python3 >/dev/null || need+=(python3 python3-venv)
 command -v npm >/dev/null || need+=(npm)
+command -v ip >/dev/null || need+=(iproute2)
+command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
 if [ ${#need[@]} -gt 0 ]; then
     say "installing ${need[*]}"
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
+
+# The fleet test (crates/hangar/tests/fleet.rs) puts QEMU guests on the bridge hgvmbr0
+# inside a network namespace; qemu-bridge-helper attaches only to bridges allowed here.
+as_root mkdir -p /etc/qemu
+grep -qx 'allow hgvmbr0' /etc/qemu/bridge.conf 2>/dev/null || echo 'allow hgvmbr0' | as_root tee -a /etc/qemu/bridge.conf >/dev/null
 
 say "test guest image"
 scripts/build-guest-image.sh "$CACHE/guest"

@@ -85,6 +85,8 @@ pub struct HostConfig {
     pub qemu_binary: Option<PathBuf>,
     /// `auto`, `kvm` or `tcg`.
     pub acceleration: String,
+    /// Bridge QEMU VMs join (`QEMU_NETWORK_BRIDGE`); `None` is user-mode networking.
+    pub qemu_bridge: Option<String>,
     /// `SYSTEM_RESERVED_CPU`, `_MEMORY` (MiB), `_DISK` (MiB).
     pub reserved_cpu: u32,
     pub reserved_memory_mb: u64,
@@ -134,6 +136,7 @@ pub async fn open_driver(cfg: &HostConfig) -> Result<Arc<dyn Hypervisor>> {
                 "tcg" => hangar_qemu::Acceleration::Tcg,
                 _ => hangar_qemu::Acceleration::Auto,
             };
+            qc.bridge = cfg.qemu_bridge.clone();
             std::fs::create_dir_all(&cfg.vms_dir)
                 .map_err(|e| HostError::Unavailable(format!("cannot create {}: {e}", cfg.vms_dir.display())))?;
             let d = hangar_qemu::QemuDriver::new(qc).await.map_err(HostError::Hypervisor)?;

@@ -66,6 +66,10 @@ pub struct QemuConfig {
     pub command_timeout: Duration,
     /// Timeout for long operations: suspend, savevm/loadvm, full clones.
     pub long_timeout: Duration,
+    /// Bridge that new VMs' NICs join (through `qemu-bridge-helper`, which must allow it in
+    /// `/etc/qemu/bridge.conf`); the guests then get their addresses from whatever DHCP
+    /// server serves that bridge. `None`: user-mode networking (no inbound reach).
+    pub bridge: Option<String>,
 }
 
 impl QemuConfig {
@@ -80,6 +84,7 @@ impl QemuConfig {
             reconcile_interval: Duration::from_secs(5),
             command_timeout: Duration::from_secs(60),
             long_timeout: Duration::from_secs(600),
+            bridge: None,
         }
     }
 }
@@ -114,13 +119,35 @@ pub struct NetworkConfig {
     /// User-mode networking with `restrict=on`: the guest reaches nothing outside.
     /// Turn it off only inside a network namespace with no route out.
     pub restrict: bool,
+    /// Ignored when `bridge` is set.
     #[serde(default)]
     pub port_forwards: Vec<PortForward>,
+    /// The NIC joins this bridge instead of user-mode networking.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+    /// The NIC's MAC address (unique per VM, so VMs sharing a bridge do not clash).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+/// A locally administered unicast MAC (QEMU's 52:54:00 prefix) derived from a VM id.
+pub fn mac_for(id: &str) -> String {
+    let h = blake3::hash(id.as_bytes());
+    let b = h.as_bytes();
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
+}
+
+/// A bridge name QEMU's helper accepts (Linux interface names: 1–15 characters, no `/`,
+/// whitespace or `,`).
+pub fn valid_bridge_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
 }
 
 impl Default for NetworkConfig {
     fn default() -> Self {
-        NetworkConfig { restrict: true, port_forwards: Vec::new() }
+        NetworkConfig { restrict: true, port_forwards: Vec::new(), bridge: None, mac: None }
     }
 }
 

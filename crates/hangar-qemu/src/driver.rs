@@ -573,18 +573,26 @@ impl Inner {
         push("virtio-serial-pci,id=vser0");
         push("-device");
         push("virtserialport,chardev=qga0,name=org.qemu.guest_agent.0");
-        let mut netdev = String::from("user,id=net0");
-        if cfg.network.restrict {
-            netdev.push_str(",restrict=on");
+        if let Some(br) = &cfg.network.bridge {
+            push("-netdev");
+            push(&format!("bridge,id=net0,br={br}"));
+        } else {
+            let mut netdev = String::from("user,id=net0");
+            if cfg.network.restrict {
+                netdev.push_str(",restrict=on");
+            }
+            for f in &cfg.network.port_forwards {
+                let proto = if f.protocol == "udp" { "udp" } else { "tcp" };
+                netdev.push_str(&format!(",hostfwd={proto}:127.0.0.1:{}-:{}", f.host_port, f.guest_port));
+            }
+            push("-netdev");
+            push(&netdev);
         }
-        for f in &cfg.network.port_forwards {
-            let proto = if f.protocol == "udp" { "udp" } else { "tcp" };
-            netdev.push_str(&format!(",hostfwd={proto}:127.0.0.1:{}-:{}", f.host_port, f.guest_port));
-        }
-        push("-netdev");
-        push(&netdev);
         push("-device");
-        push("virtio-net-pci,netdev=net0");
+        match &cfg.network.mac {
+            Some(mac) => push(&format!("virtio-net-pci,netdev=net0,mac={mac}")),
+            None => push("virtio-net-pci,netdev=net0"),
+        }
         for d in &cfg.disks {
             push("-drive");
             push(&format!("file={},if=virtio,format={}", opt_escape(&vm.path(&d.file)), d.format));

@@ -64,6 +64,21 @@ impl QemuDriver {
     pub async fn new(mut cfg: QemuConfig) -> Result<QemuDriver> {
         std::fs::create_dir_all(&cfg.vms_root).map_err(|e| HypervisorError::io(&cfg.vms_root, e))?;
         cfg.vms_root = std::fs::canonicalize(&cfg.vms_root).map_err(|e| HypervisorError::io(&cfg.vms_root, e))?;
+        if let Some(br) = &cfg.bridge {
+            if !config::valid_bridge_name(br) {
+                return Err(HypervisorError::InvalidInput(format!(
+                    "bridge {br:?} is not an interface name (1-15 letters, digits, '-', '_' or '.')"
+                )));
+            }
+            let acl = std::fs::read_to_string("/etc/qemu/bridge.conf").unwrap_or_default();
+            let allowed = acl.lines().any(|l| {
+                let mut w = l.split_whitespace();
+                w.next() == Some("allow") && matches!(w.next(), Some(n) if n == br || n == "all")
+            });
+            if !allowed {
+                tracing::warn!(bridge = %br, "/etc/qemu/bridge.conf has no `allow {br}` line: qemu-bridge-helper will refuse to attach VMs to it");
+            }
+        }
         let (events, _) = broadcast::channel(1024);
         let every = cfg.reconcile_interval;
         let inner = Arc::new_cyclic(|weak| Inner {

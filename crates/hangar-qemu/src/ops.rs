@@ -695,7 +695,11 @@ impl Hypervisor for QemuDriver {
             architecture: desc.and_then(|d| d.architecture.clone()).unwrap_or_else(|| "x86_64".into()),
             owner: spec.owner,
             created_at: now(),
-            network: Default::default(),
+            network: crate::config::NetworkConfig {
+                mac: inner.cfg.bridge.as_ref().map(|_| crate::config::mac_for(&id)),
+                bridge: inner.cfg.bridge.clone(),
+                ..Default::default()
+            },
             is_template: false,
         };
         write_json(&staging.tmp.join(files::CONFIG), &cfg)?;
@@ -754,12 +758,17 @@ impl Hypervisor for QemuDriver {
                 base: base.map(|b| b.0),
             });
         }
+        let mut network = src_cfg.network.clone();
+        if network.mac.is_some() {
+            network.mac = Some(crate::config::mac_for(&id));
+        }
         let cfg = VmConfig {
             id: id.clone(),
             name: spec.name.clone(),
             disks,
             created_at: now(),
             is_template: false,
+            network,
             ..src_cfg
         };
         write_json(&staging.tmp.join(files::CONFIG), &cfg)?;
@@ -795,6 +804,9 @@ impl Hypervisor for QemuDriver {
         }
         if spec.regenerate_id || inner.find(&cfg.id).is_ok() {
             cfg.id = new_id();
+            if cfg.network.mac.is_some() {
+                cfg.network.mac = Some(crate::config::mac_for(&cfg.id));
+            }
         }
         if spec.owner.is_some() {
             cfg.owner = spec.owner;

@@ -57,6 +57,11 @@ pub const KEYS: &[Key] = &[
     k("PRLSRVCTL_PATH", "", "Path of prlsrvctl"),
     k("QEMU_BINARY", "", "Path of qemu-system-x86_64 (default: found on PATH)"),
     k("QEMU_ACCELERATION", "auto", "auto (KVM when a real probe works, TCG otherwise), kvm or tcg"),
+    k(
+        "QEMU_NETWORK_BRIDGE",
+        "",
+        "Bridge new QEMU VMs join (allowed in /etc/qemu/bridge.conf; a DHCP server on it gives their IPs); empty: user-mode networking",
+    ),
     k("SYSTEM_RESERVED_CPU", "1", "CPUs kept for the host, not offered to VMs"),
     k("SYSTEM_RESERVED_MEMORY", "2048", "Memory (MiB) kept for the host"),
     k("SYSTEM_RESERVED_DISK", "20000", "Disk (MiB) kept for the host"),

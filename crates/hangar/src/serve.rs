@@ -71,6 +71,7 @@ async fn start_host(l: &Layers, dir: &Path, bus: EventBus) -> Result<Arc<hangar_
         prlsrvctl: l.string("PRLSRVCTL_PATH").map(PathBuf::from),
         qemu_binary: l.string("QEMU_BINARY").map(PathBuf::from),
         acceleration: l.get("QEMU_ACCELERATION").unwrap_or("auto").to_ascii_lowercase(),
+        qemu_bridge: l.string("QEMU_NETWORK_BRIDGE"),
         reserved_cpu: l.number("SYSTEM_RESERVED_CPU")?,
         reserved_memory_mb: l.number("SYSTEM_RESERVED_MEMORY")?,
         reserved_disk_mb: l.number("SYSTEM_RESERVED_DISK")?,

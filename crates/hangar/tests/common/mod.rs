@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+pub mod netns;
+
 pub const ROOT_PASSWORD: &str = "Root-Passw0rd!-test";
 pub const USER_PASSWORD: &str = "User-Passw0rd!-test";
 
@@ -38,11 +40,37 @@ impl Server {
 
     /// Start with extra environment variables for the server process.
     pub fn start_full(dir: &Path, settings: &[(&str, &str)], root_password: bool, env: &[(&str, &str)]) -> Server {
+        Self::launch(None, ("127.0.0.1", 0), dir, settings, root_password, env)
+    }
+
+    /// Start inside network namespace `netns` (through `ip netns exec`, so the process is
+    /// the server itself), listening on `addr`.
+    pub fn start_in(netns: &str, addr: (&str, u16), dir: &Path, settings: &[(&str, &str)]) -> Server {
+        Self::launch(Some(netns), addr, dir, settings, true, &[])
+    }
+
+    /// Start with everything chosen: namespace, listen address, settings and environment.
+    pub fn launch(
+        netns: Option<&str>,
+        addr: (&str, u16),
+        dir: &Path,
+        settings: &[(&str, &str)],
+        root_password: bool,
+        env: &[(&str, &str)],
+    ) -> Server {
         std::fs::create_dir_all(dir).unwrap();
         let stderr_path = dir.join(format!("server-{}.log", std::process::id()));
         let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&stderr_path).unwrap();
-        let mut cmd = Command::new(bin());
-        cmd.arg("serve").arg("--data-dir").arg(dir).arg("--port").arg("0").arg("--set").arg("API_HOST=127.0.0.1");
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, bin()]);
+                c
+            }
+            None => Command::new(bin()),
+        };
+        cmd.arg("serve").arg("--data-dir").arg(dir).arg("--port").arg(addr.1.to_string());
+        cmd.arg("--set").arg(format!("API_HOST={}", addr.0));
         for (k, v) in settings {
             cmd.arg("--set").arg(format!("{k}={v}"));
         }
