@@ -322,7 +322,7 @@ async fn fleet_scenario() {
 
     // h1 and h2 are registered by an administrator, h3 joins by itself with a token.
     let mut ids = std::collections::HashMap::new();
-    for (role, tags) in [("h1", vec!["qemu"]), ("h2", vec!["mac"]), ("h3", vec!["mac"])] {
+    for (role, tags) in [("h1", vec!["qemu"]), ("h2", vec!["mac"])] {
         let (st, h) = call(
             &c,
             Method::POST,
@@ -336,6 +336,59 @@ async fn fleet_scenario() {
         assert_eq!(st, 201, "register {role}: {h}");
         ids.insert(role, h["id"].as_str().unwrap().to_string());
     }
+    let (st, tok) = call(
+        &c,
+        Method::POST,
+        &orch.api("/orchestrator/enrollment-token"),
+        &root,
+        Some(json!({"host_name": "h3", "ttl_seconds": 600})),
+        &[],
+    )
+    .await;
+    assert!(st == 200 || st == 201, "{tok}");
+    let token = tok["token"].as_str().unwrap().to_string();
+    let h3_home = dir.join("h3-home");
+    let out = cli_in(
+        &fabric,
+        "h3",
+        &h3_home,
+        &["--url", &h3.url, "login", "--username", "root", "--password-stdin"],
+        ROOT_PASSWORD,
+    );
+    assert!(out.status.success(), "login on h3: {}", String::from_utf8_lossy(&out.stderr));
+    let out = cli_in(
+        &fabric,
+        "h3",
+        &h3_home,
+        &[
+            "agent",
+            "join",
+            "--orchestrator",
+            &orch.url,
+            "--token",
+            &token,
+            "--url",
+            &h3.url,
+            "--name",
+            "h3",
+            "--tags",
+            "mac",
+        ],
+        "",
+    );
+    assert!(
+        out.status.success(),
+        "hangar agent join: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (st, hosts) = call(&c, Method::GET, &orch.api("/orchestrator/hosts"), &root, None, &[]).await;
+    assert_eq!(st, 200);
+    let h3_id = hosts.as_array().unwrap().iter().find(|h| h["name"] == "h3").unwrap_or_else(|| panic!("{hosts}"))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    ids.insert("h3", h3_id);
     for (role, id) in &ids {
         until_state(&c, &orch, &root, id, "healthy", Duration::from_secs(10)).await;
         eprintln!("fleet: {role} is {id}");
