@@ -13,7 +13,8 @@
 //! tunnel (`ws://` or `wss://` through rustls with the platform verifier, as the rest of
 //! Hangar's clients trust), [`splice`] copies between a tunnel and any byte stream,
 //! [`into_io`] turns a tunnel into a byte stream, and [`HostTunnels`] opens tunnels to the
-//! host that owns a VM with the orchestrator's stored host credentials.
+//! host that owns a VM with the orchestrator's stored host credentials; it is also the
+//! [`hangar_proxy::VmDialer`] the orchestrator's reverse proxy reaches VM targets with.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -411,6 +412,18 @@ impl HostTunnels {
                 }
             }
         }
+    }
+}
+
+/// The reverse proxy on an orchestrator reaches VM targets through their hosts.
+#[async_trait::async_trait]
+impl hangar_proxy::VmDialer for HostTunnels {
+    async fn dial(&self, vm: &str, port: u16) -> std::io::Result<hangar_proxy::BoxedIo> {
+        let tunnel = self.open(vm, port).await.map_err(|e| {
+            debug!(vm, port, error = %e, "no tunnel to the VM");
+            std::io::Error::new(std::io::ErrorKind::ConnectionRefused, e.to_string())
+        })?;
+        Ok(Box::new(into_io(tunnel)))
     }
 }
 

@@ -347,6 +347,124 @@ impl ReverseProxy {
     }
 }
 
+/// What [`ReverseProxy::import`] did, by host name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImportReport {
+    pub created: Vec<String>,
+    pub updated: Vec<String>,
+    pub unchanged: Vec<String>,
+    /// Whether `enabled`, `host` or `port` changed.
+    pub settings_changed: bool,
+}
+
+impl ReverseProxy {
+    /// Import the configuration file's `reverse_proxy` block (the reference's shape:
+    /// `{enabled, host, port, ssl, cors, hosts: [{name, host, port, ssl, http_routes: [...],
+    /// tcp_route: {...}}]}`).
+    ///
+    /// **The file wins for what it names.** Each host of the block, matched by `name`, is
+    /// created, or replaces the stored host of that name (keeping its id), so an API change
+    /// to a host the file defines lasts until the next start. Hosts only in the store are
+    /// kept. `enabled`, `host` and `port` are taken when the block sets them. Routes without
+    /// an id get stable ones (`file-<n>`, `file-tcp`), so importing the same block again
+    /// changes nothing and writes nothing.
+    pub async fn import(&self, actor: &Actor, block: &serde_json::Value) -> Result<ImportReport> {
+        let file: ReverseProxyConfig = serde_json::from_value(block.clone())
+            .map_err(|e| ReverseProxyError::Invalid(format!("the reverse_proxy block: {e}")))?;
+        let _w = self.writer.lock().await;
+        let mut cfg = self.config().await?;
+        let mut report = ImportReport::default();
+        let mut batch = Batch::new();
+        let set = |k: &str| block.get(k).is_some();
+        let before = (cfg.enabled, cfg.host.clone(), cfg.port);
+        if set("enabled") {
+            cfg.enabled = file.enabled;
+        }
+        if set("host") {
+            cfg.host = file.host.clone();
+        }
+        if set("port") {
+            cfg.port = file.port;
+        }
+        if before != (cfg.enabled, cfg.host.clone(), cfg.port) {
+            report.settings_changed = true;
+            batch =
+                batch.put(SETTINGS, "settings", json!({"enabled": cfg.enabled, "host": cfg.host, "port": cfg.port}));
+        }
+        for mut host in file.hosts {
+            if host.name.trim().is_empty() {
+                return Err(ReverseProxyError::Invalid(
+                    "every host of the reverse_proxy block needs a name (hosts are matched by name)".into(),
+                ));
+            }
+            for (i, r) in host.http_routes.iter_mut().enumerate() {
+                if r.id.is_empty() {
+                    r.id = format!("file-{i}");
+                }
+            }
+            if let Some(t) = &mut host.tcp_route
+                && t.id.is_empty()
+            {
+                t.id = "file-tcp".into();
+            }
+            match cfg.hosts.iter().position(|h| h.name == host.name) {
+                Some(pos) => {
+                    host.id = cfg.hosts[pos].id.clone();
+                    self.externalise_key(&mut host)?;
+                    if cfg.hosts[pos] == host {
+                        report.unchanged.push(host.name.clone());
+                        continue;
+                    }
+                    report.updated.push(host.name.clone());
+                    batch = batch.put(HOSTS, &host.id, to_value(&host)?);
+                    cfg.hosts[pos] = host;
+                }
+                None => {
+                    if host.id.is_empty() || cfg.hosts.iter().any(|h| h.id == host.id) {
+                        host.id = uuid::Uuid::now_v7().to_string();
+                    }
+                    self.externalise_key(&mut host)?;
+                    report.created.push(host.name.clone());
+                    batch = batch.require_absent(HOSTS, &host.id).put(HOSTS, &host.id, to_value(&host)?);
+                    cfg.hosts.push(host);
+                }
+            }
+        }
+        if report.settings_changed || !report.created.is_empty() || !report.updated.is_empty() {
+            self.commit(actor, &cfg, batch, "reverse_proxy.import", "config file").await?;
+        }
+        Ok(report)
+    }
+}
+
+/// VM targets on a server that runs the host module and the orchestrator: a VM of the local
+/// host module is reached at its IP, any other through `fleet` (the orchestrator's tunnels).
+pub struct LocalFirstDialer {
+    local: Arc<HostResolver>,
+    fleet: Arc<dyn hangar_proxy::VmDialer>,
+}
+
+impl LocalFirstDialer {
+    pub fn new(local: Arc<HostResolver>, fleet: Arc<dyn hangar_proxy::VmDialer>) -> Arc<Self> {
+        Arc::new(LocalFirstDialer { local, fleet })
+    }
+}
+
+#[async_trait]
+impl hangar_proxy::VmDialer for LocalFirstDialer {
+    async fn dial(&self, vm: &str, port: u16) -> std::io::Result<hangar_proxy::BoxedIo> {
+        match self.local.resolve(vm).await {
+            Ok(ip) => {
+                let s = tokio::net::TcpStream::connect((ip, port)).await?;
+                let _ = s.set_nodelay(true);
+                Ok(Box::new(s))
+            }
+            Err(ResolveError::UnknownVm(_)) => self.fleet.dial(vm, port).await,
+            Err(e) => Err(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, e.to_string())),
+        }
+    }
+}
+
 fn fill_route_ids(h: &mut ProxyHost) {
     for r in &mut h.http_routes {
         if r.id.is_empty() {

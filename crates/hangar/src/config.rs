@@ -134,6 +134,8 @@ impl std::fmt::Display for Source {
 #[derive(Debug, Clone, Default)]
 pub struct Layers {
     values: BTreeMap<&'static str, (String, Source)>,
+    /// The file's `[reverse_proxy]` table (the reference's `reverse_proxy:` block), as JSON.
+    reverse_proxy: Option<serde_json::Value>,
 }
 
 fn key(name: &str) -> Option<&'static Key> {
@@ -159,6 +161,16 @@ impl Layers {
                 .with_context(|| format!("cannot read the config file {}", path.display()))?;
             let table: toml::Table = text.parse().with_context(|| format!("{} is not valid TOML", path.display()))?;
             for (name, v) in table {
+                if name.eq_ignore_ascii_case("reverse_proxy") {
+                    if !v.is_table() {
+                        bail!("{}: reverse_proxy must be a table ([reverse_proxy])", path.display());
+                    }
+                    l.reverse_proxy = Some(
+                        serde_json::to_value(&v)
+                            .with_context(|| format!("{}: the reverse_proxy table", path.display()))?,
+                    );
+                    continue;
+                }
                 let Some(k) = key(&name) else {
                     bail!("{}: unknown key {name:?}; `hangar config keys` lists the known keys", path.display());
                 };
@@ -189,6 +201,13 @@ impl Layers {
             l.values.insert(k.name, (v.clone(), Source::Flag));
         }
         Ok(l)
+    }
+
+    /// The configuration file's `[reverse_proxy]` table (listeners and routes, the reference's
+    /// `reverse_proxy:` block), imported into the store at start; see
+    /// `hangar_reverse_proxy::ReverseProxy::import` for how it merges.
+    pub fn reverse_proxy_block(&self) -> Option<&serde_json::Value> {
+        self.reverse_proxy.as_ref()
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
@@ -290,6 +309,25 @@ mod tests {
         assert_eq!(l.get("LOG_LEVEL"), Some("warn"));
         assert_eq!(l.duration("JWT_DURATION").unwrap(), Duration::from_secs(3600));
         assert_eq!(l.get("API_PREFIX"), Some("/api"));
+    }
+
+    #[test]
+    fn the_reverse_proxy_table_is_kept_as_json() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "api_port = 4000\n[reverse_proxy]\nhost = \"127.0.0.1\"\n[[reverse_proxy.hosts]]\nname = \"web\"\nport = \"8080\"\n[[reverse_proxy.hosts.http_routes]]\npath = \"/\"\ntarget_host = \"10.0.0.2\"\ntarget_port = 80\n",
+        )
+        .unwrap();
+        let l = Layers::load(Some(&f), &|_| None, &[]).unwrap();
+        assert_eq!(l.number::<u16>("API_PORT").unwrap(), 4000);
+        let rp = l.reverse_proxy_block().unwrap();
+        assert_eq!(rp["host"], "127.0.0.1");
+        assert_eq!(rp["hosts"][0]["name"], "web");
+        assert_eq!(rp["hosts"][0]["http_routes"][0]["target_port"], 80);
+        std::fs::write(&f, "reverse_proxy = 1\n").unwrap();
+        assert!(Layers::load(Some(&f), &|_| None, &[]).is_err());
     }
 
     #[test]

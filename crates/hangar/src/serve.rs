@@ -117,7 +117,12 @@ async fn module_statuses(
     Ok((out, host))
 }
 
-/// Start the reverse_proxy module when it is wanted, and record its status.
+/// Start the reverse_proxy module when it is wanted, and record its status. VM targets go
+/// to the local host module's VMs by IP; with the orchestrator on, to any VM of the fleet
+/// through a tunnel to its host (local VMs first when both run). Once it runs, the file's
+/// `[reverse_proxy]` table is imported into the store (`ReverseProxy::import`: the
+/// file wins for the hosts it names).
+#[allow(clippy::too_many_arguments)]
 async fn start_reverse_proxy(
     l: &Layers,
     store: Arc<JsonStore>,
@@ -125,6 +130,7 @@ async fn start_reverse_proxy(
     bus: EventBus,
     identity: &Identity,
     host: Option<&Arc<hangar_host::Host>>,
+    orchestrator: Option<&Arc<hangar_orchestrator::HttpOrchestrator>>,
     modules: &mut [ModuleStatus],
 ) -> Result<Option<Arc<hangar_reverse_proxy::ReverseProxy>>> {
     let Some(status) = modules.iter_mut().find(|m| m.name == "reverse_proxy") else { return Ok(None) };
@@ -134,8 +140,16 @@ async fn start_reverse_proxy(
     }
     let mut builder =
         hangar_proxy::ProxyManager::builder().auth(hangar_reverse_proxy::IdentityAuth::new(identity.clone()));
-    if let Some(h) = host {
-        builder = builder.resolver(hangar_reverse_proxy::HostResolver::new(h.clone()));
+    let local = host.map(|h| hangar_reverse_proxy::HostResolver::new(h.clone()));
+    if let Some(r) = &local {
+        builder = builder.resolver(r.clone());
+    }
+    if let Some(o) = orchestrator {
+        let fleet: Arc<dyn hangar_proxy::VmDialer> = hangar_orchestrator::tunnel::HostTunnels::new(o.scheduler.clone());
+        builder = builder.vm_dialer(match &local {
+            Some(r) => hangar_reverse_proxy::LocalFirstDialer::new(r.clone(), fleet),
+            None => fleet,
+        });
     }
     let manager = builder.build().map_err(|e| anyhow::anyhow!("reverse proxy: {e}"))?;
     let dyn_store: Arc<dyn Store> = store;
@@ -143,11 +157,32 @@ async fn start_reverse_proxy(
         Ok(rp) => {
             status.enabled = true;
             status.healthy = true;
-            status.message = if host.is_some() {
-                "serving the stored proxy hosts; VM targets follow the host module".into()
-            } else {
-                "serving the stored proxy hosts; VM targets need the host module".into()
+            status.message = match (host.is_some(), orchestrator.is_some()) {
+                (_, true) => "serving the stored proxy hosts; VM targets reached through their hosts".into(),
+                (true, false) => "serving the stored proxy hosts; VM targets follow the host module".into(),
+                (false, false) => "serving the stored proxy hosts; VM targets need the host module".into(),
             };
+            if let Some(block) = l.reverse_proxy_block() {
+                let actor = hangar_core::audit::Actor {
+                    username: "config-file".into(),
+                    via: "config_file".into(),
+                    ..hangar_core::audit::Actor::system()
+                };
+                match rp.import(&actor, block).await {
+                    Ok(r) => info!(
+                        created = r.created.len(),
+                        updated = r.updated.len(),
+                        unchanged = r.unchanged.len(),
+                        "imported the configuration file's reverse_proxy block"
+                    ),
+                    Err(e) => {
+                        warn!(error = %e, "the configuration file's reverse_proxy block was not imported");
+                        status.healthy = false;
+                        status.message =
+                            format!("{}; the config file's reverse_proxy block was not imported: {e}", status.message);
+                    }
+                }
+            }
             Ok(Some(rp))
         }
         Err(e) => {
@@ -275,9 +310,18 @@ pub async fn run(l: Layers) -> Result<()> {
     let catalog_store: Arc<dyn Store> = store.clone();
     let catalog = crate::catalog_cmd::start_catalog(&l, catalog_store, &dir, bus.clone(), &mut modules)?;
     // ----- end of catalog module -----
-    let reverse_proxy =
-        start_reverse_proxy(&l, store.clone(), &dir, bus.clone(), &identity, host.as_ref(), &mut modules).await?;
     let orchestrator = start_orchestrator(&l, store.clone(), &dir, bus.clone(), &mut modules).await?;
+    let reverse_proxy = start_reverse_proxy(
+        &l,
+        store.clone(),
+        &dir,
+        bus.clone(),
+        &identity,
+        host.as_ref(),
+        orchestrator.as_ref(),
+        &mut modules,
+    )
+    .await?;
     let info = ServerInfo {
         version: env!("CARGO_PKG_VERSION").into(),
         started_at: chrono::Utc::now(),
