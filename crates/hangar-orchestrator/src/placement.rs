@@ -397,3 +397,108 @@ where
         None => Err(refused),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{CachedImage, HostResources};
+
+    fn host(id: &str, cpu: u32, memory_mb: u64) -> Host {
+        let t = chrono::DateTime::<chrono::Utc>::UNIX_EPOCH;
+        Host {
+            id: id.into(),
+            name: format!("name-{id}"),
+            url: format!("http://{id}:8080/api"),
+            description: String::new(),
+            tags: BTreeSet::new(),
+            enabled: true,
+            architecture: Some("x86_64".into()),
+            os: Some(Os::Linux),
+            hypervisor: Some(HypervisorKind::Qemu),
+            resources: Some(HostResources::from_usage(
+                ResourceSet::new(cpu, memory_mb, 1_000_000),
+                ResourceSet::default(),
+                ResourceSet::default(),
+            )),
+            state: HostState::Healthy,
+            last_seen: Some(t),
+            last_error: None,
+            vms: Vec::new(),
+            cached_images: Vec::new(),
+            cache_on_vm_volume: true,
+            required_roles: BTreeSet::new(),
+            required_claims: BTreeSet::new(),
+            has_credentials: false,
+            created_at: t,
+            updated_at: t,
+        }
+    }
+
+    fn caching(mut h: Host, id: &str, version: &str, arch: &str) -> Host {
+        h.cached_images.push(CachedImage { catalog_id: id.into(), version: version.into(), architecture: arch.into() });
+        h
+    }
+
+    fn ubuntu(version: &str) -> PlacementRequest {
+        PlacementRequest {
+            resources: ResourceSet::new(2, 2048, 0),
+            architecture: "x86_64".into(),
+            os: Some(Os::Linux),
+            image: Some(ImageRef { catalog_id: "ubuntu".into(), version: version.into(), size_mb: Some(10_000) }),
+            ..Default::default()
+        }
+    }
+
+    fn chosen(r: &PlacementRequest, hosts: &[&Host], profile: Profile) -> (String, bool) {
+        let d = place(r, hosts.iter().copied(), &ReservedByHost::new(), profile).unwrap();
+        (d.host_id, d.cached)
+    }
+
+    #[test]
+    fn a_host_caching_the_image_wins_under_either_profile() {
+        let (small, big, mid) = (host("a-small", 4, 8192), host("b-big", 64, 262_144), host("c-mid", 16, 32_768));
+        let r = ubuntu("24.04");
+        // Without cache: spread takes the emptiest after placement, pack the fullest.
+        assert_eq!(chosen(&r, &[&small, &big, &mid], Profile::Spread), ("b-big".into(), false));
+        assert_eq!(chosen(&r, &[&small, &big, &mid], Profile::Pack), ("a-small".into(), false));
+        // The middle host caches it: first under both profiles.
+        let mid = caching(mid, "ubuntu", "24.04", "x86_64");
+        assert_eq!(chosen(&r, &[&small, &big, &mid], Profile::Spread), ("c-mid".into(), true));
+        assert_eq!(chosen(&r, &[&small, &big, &mid], Profile::Pack), ("c-mid".into(), true));
+        // Among several caching hosts, the profile decides again.
+        let small = caching(small, "ubuntu", "24.04", "x86_64");
+        assert_eq!(chosen(&r, &[&small, &big, &mid], Profile::Spread), ("c-mid".into(), true));
+        assert_eq!(chosen(&r, &[&small, &big, &mid], Profile::Pack), ("a-small".into(), true));
+    }
+
+    #[test]
+    fn only_the_same_id_version_and_architecture_count_as_cached() {
+        let big = host("b-big", 64, 262_144);
+        let other_version = caching(host("a", 8, 16_384), "ubuntu", "22.04", "x86_64");
+        let other_arch = caching(host("c", 8, 16_384), "ubuntu", "24.04", "arm64");
+        let other_id = caching(host("d", 8, 16_384), "debian", "24.04", "x86_64");
+        let r = ubuntu("24.04");
+        assert_eq!(
+            chosen(&r, &[&other_version, &big, &other_arch, &other_id], Profile::Spread),
+            ("b-big".into(), false)
+        );
+        // A request without an image never prefers a caching host.
+        let mut plain = r.clone();
+        plain.image = None;
+        let cached = caching(host("a", 8, 16_384), "ubuntu", "24.04", "x86_64");
+        assert_eq!(chosen(&plain, &[&cached, &big], Profile::Spread), ("b-big".into(), false));
+    }
+
+    #[test]
+    fn ties_go_to_the_smallest_host_id_whatever_the_order() {
+        let hosts: Vec<Host> =
+            ["h3", "h1", "h2"].iter().map(|id| caching(host(id, 8, 16_384), "ubuntu", "24.04", "x86_64")).collect();
+        let r = ubuntu("24.04");
+        for profile in [Profile::Spread, Profile::Pack] {
+            let fwd: Vec<&Host> = hosts.iter().collect();
+            let rev: Vec<&Host> = hosts.iter().rev().collect();
+            assert_eq!(chosen(&r, &fwd, profile), ("h1".into(), true));
+            assert_eq!(chosen(&r, &rev, profile), ("h1".into(), true));
+        }
+    }
+}

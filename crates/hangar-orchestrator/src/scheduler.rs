@@ -123,6 +123,8 @@ pub enum CreateProgress {
     Placing {
         /// Attempt number, from 1.
         attempt: usize,
+        /// Why the previous attempt's host failed the create (from attempt 2).
+        previous_failure: Option<String>,
     },
     /// Nothing fits now: the request waits in the queue.
     Queued {
@@ -274,6 +276,8 @@ struct Inner {
     seq: AtomicU64,
     /// Event-stream followers per host.
     watchers: Mutex<HashMap<String, Watcher>>,
+    /// The background runs: new hosts get a follower at once.
+    following: AtomicBool,
 }
 
 /// The scheduler. Cheap to clone.
@@ -328,6 +332,7 @@ impl Scheduler {
                 recent: Mutex::new(HashMap::new()),
                 seq: AtomicU64::new(1),
                 watchers: Mutex::new(HashMap::new()),
+                following: AtomicBool::new(false),
             }),
         }
     }
@@ -399,6 +404,9 @@ impl Scheduler {
         let host = self.inner.registry.persist_status(&host.id, Batch::new(), None, |h| h.vms = vms).await?;
         if let Some(t) = &t {
             self.announce(&host, t);
+        }
+        if self.inner.following.load(Ordering::SeqCst) {
+            drop(self.watch_events(&host.id));
         }
         Ok(host)
     }
@@ -787,6 +795,7 @@ impl Scheduler {
 
     /// Stops every event-stream follower.
     fn stop_watchers(&self) {
+        self.inner.following.store(false, Ordering::SeqCst);
         for (_, w) in lock(&self.inner.watchers).drain() {
             w.task.abort();
         }
@@ -903,7 +912,10 @@ impl Scheduler {
         preq.os = Some(os);
         let mut last: Option<(String, HostClientError)> = None;
         for attempt in 1..=self.inner.config.create_attempts.max(1) {
-            progress(CreateProgress::Placing { attempt });
+            progress(CreateProgress::Placing {
+                attempt,
+                previous_failure: last.as_ref().map(|(host, e)| format!("host {host}: {e}")),
+            });
             let (decision, reservation) = match self.reserve_or_wait(&preq, req.priority, req.wait, progress).await {
                 Ok(g) => g,
                 Err(e) => {
@@ -1233,6 +1245,7 @@ impl Scheduler {
     /// Starts the background loops: ticks (silence, reservation expiry, queue), host checks
     /// and the reaper. Dropping the returned value stops them.
     pub fn spawn_background(&self, every: BackgroundIntervals) -> Background {
+        self.inner.following.store(true, Ordering::SeqCst);
         let mut handles = Vec::new();
         let me = self.clone();
         handles.push(tokio::spawn(async move {

@@ -211,7 +211,8 @@ async fn start_orchestrator(
         other => bail!("ORCHESTRATOR_PLACEMENT={other:?}: use spread or pack"),
     };
     let check = l.duration("ORCHESTRATOR_CHECK_INTERVAL")?.max(std::time::Duration::from_millis(200));
-    let unhealthy_after = l.duration("ORCHESTRATOR_UNHEALTHY_AFTER")?.max(check);
+    // Hosts' event streams carry a heartbeat every 2 s whatever the check interval.
+    let unhealthy_after = l.duration("ORCHESTRATOR_UNHEALTHY_AFTER")?.max(std::time::Duration::from_secs(3));
     let config = hangar_orchestrator::SchedulerConfig {
         profile,
         health: hangar_orchestrator::HealthConfig { unhealthy_after },
