@@ -8,7 +8,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-const BUF: usize = 64 * 1024;
+/// Copy buffers start small (idle interactive connections such as SSH stay cheap) and double
+/// while reads fill them, up to `MAX_BUF` for bulk transfers (fewer, larger syscalls).
+const MIN_BUF: usize = 16 * 1024;
+const MAX_BUF: usize = 512 * 1024;
 
 /// The time of the last byte moved, in milliseconds since `start`.
 struct Activity {
@@ -32,7 +35,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; BUF];
+    let mut buf = vec![0u8; MIN_BUF];
     let mut total = 0u64;
     loop {
         let n = r.read(&mut buf).await?;
@@ -44,6 +47,9 @@ where
         w.write_all(&buf[..n]).await?;
         total += n as u64;
         act.touch();
+        if n == buf.len() && buf.len() < MAX_BUF {
+            buf.resize(buf.len() * 2, 0);
+        }
     }
 }
 
