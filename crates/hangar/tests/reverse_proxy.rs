@@ -120,3 +120,145 @@ async fn a_proxy_host_made_over_rest_forwards_at_once() {
     let (_, cfg) = call(&c, Method::GET, &s.api("/reverse-proxy"), &ra, None, &[]).await;
     assert_eq!(cfg["hosts"].as_array().unwrap().len(), 0, "{cfg}");
 }
+
+/// A CA, and a certificate for `localhost` and 127.0.0.1 signed by it: (CA PEM, leaf PEM, leaf key PEM).
+fn test_pki() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "Hangar reverse-proxy test CA");
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let mut leaf_params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    leaf_params.is_ca = IsCa::ExplicitNoCa;
+    leaf_params.distinguished_name.push(DnType::CommonName, "localhost");
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = leaf_params.signed_by(&leaf_key, &ca).unwrap();
+    (ca.pem(), leaf.pem(), leaf_key.serialize_pem())
+}
+
+#[tokio::test]
+async fn a_tls_listener_is_verified_by_a_client_that_trusts_its_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &[("ENABLED_MODULES", "api,reverse_proxy")]);
+    let c = client();
+    let ra = Auth::Bearer(login(&c, &s, "root", ROOT_PASSWORD).await);
+    let (up, _) = upstream().await;
+    let (ca, cert, key) = test_pki();
+    let body = json!({
+        "name": "secure", "host": "127.0.0.1", "port": "0",
+        "tls": {"enabled": true, "cert": cert, "key": key},
+        "http_routes": [{"path": "/", "target_host": "127.0.0.1", "target_port": up}]
+    });
+    let (st, h) = call(&c, Method::POST, &s.api("/reverse-proxy/hosts"), &ra, Some(body), &[]).await;
+    assert_eq!(st, 201, "{h}");
+    assert!(!h.to_string().contains("PRIVATE KEY"), "the key came back: {h}");
+    let addr: std::net::SocketAddr =
+        h["listener"]["local_address"].as_str().expect("the listener runs").parse().unwrap();
+
+    // A client that trusts only the test CA and checks the name `localhost`.
+    let trusting = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).unwrap())
+        .resolve("localhost", addr)
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let r = trusting.get(format!("https://localhost:{}/over-tls", addr.port())).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["path"], "/over-tls");
+    assert_eq!(v["headers"]["x-forwarded-proto"], "https", "{v}");
+
+    // The same request from a client that does not trust the CA fails at the handshake.
+    let stranger = reqwest::Client::builder().resolve("localhost", addr).build().unwrap();
+    let e = stranger.get(format!("https://localhost:{}/over-tls", addr.port())).send().await.unwrap_err();
+    assert!(e.is_connect(), "expected a certificate failure, got {e:?}");
+}
+
+#[tokio::test]
+async fn the_config_file_reverse_proxy_table_is_imported_and_the_file_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, seen) = upstream().await;
+    let config = dir.path().join("hangar.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "enabled_modules = \"api,reverse_proxy\"\n\n[reverse_proxy]\nhost = \"127.0.0.1\"\n\n\
+             [[reverse_proxy.hosts]]\nname = \"from-file\"\nhost = \"127.0.0.1\"\nport = \"0\"\n\n\
+             [[reverse_proxy.hosts.http_routes]]\npath = \"/\"\ntarget_host = \"127.0.0.1\"\ntarget_port = {up}\n\
+             request_headers = {{ X-From = \"file\" }}\n"
+        ),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let start = || Server::start_full(&data, &[], true, &[("HANGAR_CONFIG", config.to_str().unwrap())]);
+    let c = client();
+    let hosts = |s: &Server, auth: Auth| {
+        let c = c.clone();
+        let url = s.api("/reverse-proxy/hosts");
+        async move {
+            let (st, v) = call(&c, Method::GET, &url, &auth, None, &[]).await;
+            assert_eq!(st, 200, "{v}");
+            v.as_array().unwrap().clone()
+        }
+    };
+    let imports = |s: &Server, auth: Auth| {
+        let c = c.clone();
+        let url = s.api("/audit?limit=1000");
+        async move {
+            let (st, v) = call(&c, Method::GET, &url, &auth, None, &[]).await;
+            assert_eq!(st, 200, "{v}");
+            v.as_array().unwrap().iter().filter(|e| e["action"] == "reverse_proxy.import").count()
+        }
+    };
+    let via = |h: &Value| {
+        let c = c.clone();
+        let addr = h["listener"]["local_address"].as_str().unwrap_or_else(|| panic!("no listener: {h}")).to_string();
+        async move {
+            let r = c.get(format!("http://{addr}/x")).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    };
+
+    // First start: the file's host exists and serves.
+    let mut s = start();
+    let ra = Auth::Bearer(login(&c, &s, "root", ROOT_PASSWORD).await);
+    let list = hosts(&s, ra.clone()).await;
+    assert_eq!(list.len(), 1, "{list:?}");
+    let file_host = list[0].clone();
+    assert_eq!(file_host["name"], "from-file");
+    via(&file_host).await;
+    assert_eq!(seen.lock().unwrap().last().unwrap()["headers"]["x-from"], "file");
+    assert_eq!(imports(&s, ra.clone()).await, 1);
+
+    // The API changes the file's host and adds its own.
+    let id = file_host["id"].as_str().unwrap().to_string();
+    let mut changed = file_host.clone();
+    changed["http_routes"][0]["request_headers"] = json!({"X-From": "api"});
+    changed.as_object_mut().unwrap().remove("listener");
+    let (st, v) = call(&c, Method::PUT, &s.api(&format!("/reverse-proxy/hosts/{id}")), &ra, Some(changed), &[]).await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = call(&c, Method::POST, &s.api("/reverse-proxy/hosts"), &ra,
+        Some(json!({"name": "api-made", "host": "127.0.0.1", "port": "0", "tcp_route": {"target_host": "127.0.0.1", "target_port": up}})), &[]).await;
+    assert_eq!(st, 201, "{v}");
+    s.stop();
+
+    // Restart: the file wins for its host (same id), the API's host stays.
+    let mut s = start();
+    let ra = Auth::Bearer(login(&c, &s, "root", ROOT_PASSWORD).await);
+    let list = hosts(&s, ra.clone()).await;
+    assert_eq!(list.len(), 2, "{list:?}");
+    let file_host = list.iter().find(|h| h["name"] == "from-file").unwrap().clone();
+    assert_eq!(file_host["id"], id.as_str(), "the file's host keeps its id");
+    assert!(list.iter().any(|h| h["name"] == "api-made"));
+    via(&file_host).await;
+    assert_eq!(seen.lock().unwrap().last().unwrap()["headers"]["x-from"], "file", "the file wins");
+    assert_eq!(imports(&s, ra.clone()).await, 2);
+    s.stop();
+
+    // Another start with the same file changes nothing and writes nothing.
+    let s = start();
+    let ra = Auth::Bearer(login(&c, &s, "root", ROOT_PASSWORD).await);
+    assert_eq!(hosts(&s, ra.clone()).await.len(), 2);
+    assert_eq!(imports(&s, ra).await, 2, "importing the same file again is a no-op");
+}
