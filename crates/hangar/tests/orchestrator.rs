@@ -575,6 +575,27 @@ async fn orchestrator_token_join_queue_async_and_per_host_routes() {
     assert_eq!(st, 202, "{v}");
     let j = wait_job(&c, &orch, &root, &low, "completed", "done").await;
     assert_eq!(j["result"]["host_id"], b_id.as_str(), "{j}");
+    let vm_low = j["result"]["id"].as_str().unwrap().to_string();
+
+    // Snapshots through /orchestrator/machines/{id}/...: a USER may not touch another
+    // user's VM's snapshots.
+    let vm_url = |id: &str, rest: &str| orch.api(&format!("/orchestrator/machines/{id}{rest}"));
+    let snap = json!({"snapshot_name": "s1", "snapshot_description": ""});
+    let (st, v) = call(&c, Method::POST, &vm_url(&vm_high, "/snapshots"), &user, Some(snap.clone()), &[]).await;
+    assert_eq!(st, 403, "not the USER's VM: {v}");
+    let (st, v) = call(&c, Method::POST, &vm_url(&vm_low, "/snapshots"), &user, Some(snap.clone()), &[]).await;
+    assert_eq!(st, 403, "not the USER's VM: {v}");
+    let (st, v) = call(&c, Method::POST, &vm_url(&vm_low, "/snapshots"), &root, Some(snap.clone()), &[]).await;
+    assert_eq!(st, 201, "{v}");
+    let (st, list) = call(&c, Method::GET, &vm_url(&vm_low, "/snapshots"), &root, None, &[]).await;
+    assert_eq!(st, 200, "{list}");
+    assert!(list.to_string().contains("s1"), "{list}");
+    let (st, v) = call(&c, Method::DELETE, &vm_url(&vm_low, "/snapshots"), &user, None, &[]).await;
+    assert_eq!(st, 403, "{v}");
+    let (st, v) = call(&c, Method::DELETE, &vm_url(&vm_low, "/snapshots"), &root, None, &[]).await;
+    assert_eq!(st, 202, "{v}");
+    let (_, list) = call(&c, Method::GET, &vm_url(&vm_low, "/snapshots"), &root, None, &[]).await;
+    assert!(!list.to_string().contains("s1"), "{list}");
 
     // One host's machine routes, with the same claims as the cross-host ones.
     let on_a = |rest: &str| orch.api(&format!("/orchestrator/hosts/{a_id}/machines{rest}"));
@@ -607,6 +628,12 @@ async fn orchestrator_token_join_queue_async_and_per_host_routes() {
     assert_eq!(st, 200, "{v}");
     let (st, v) = call(&c, Method::GET, &on_a(&format!("/{vm_high}/status")), &user, None, &[]).await;
     assert_eq!((st, v["status"].as_str()), (200, Some("stopped")), "{v}");
+    // A stopped VM can be renamed (not by a USER).
+    let rename = json!({"new_name": "q-high-renamed"});
+    let (st, _) = call(&c, Method::PUT, &vm_url(&vm_high, "/rename"), &user, Some(rename.clone()), &[]).await;
+    assert_eq!(st, 403);
+    let (st, v) = call(&c, Method::PUT, &vm_url(&vm_high, "/rename"), &root, Some(rename), &[]).await;
+    assert_eq!((st, v["Name"].as_str()), (200, Some("q-high-renamed")), "{v}");
     let (st, v) = call(&c, Method::PUT, &on_a(&format!("/{vm_high}/start")), &root, None, &[]).await;
     assert_eq!(st, 200, "{v}");
     let (_, v) = call(&c, Method::GET, &on_a(&format!("/{vm_high}/status")), &root, None, &[]).await;

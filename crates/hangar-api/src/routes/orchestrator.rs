@@ -73,6 +73,13 @@ pub fn register(api: Api) -> Api {
         .add(LIST_HOSTS, routes!(overview_host_resources))
         .add(Access::AllOf(&[EXECUTE_COMMAND_VM]), routes!(execute))
         .add(Access::AllOf(&[UPDATE_VM]), routes!(extend))
+        .add(Access::AllOf(&[UPDATE_VM]), routes!(rename))
+        .add(Access::AllOf(&[CREATE_VM]), routes!(clone_machine))
+        .add(Access::AnyOf(&[LIST_SNAPSHOT_VM, LIST_OWN_VM_SNAPSHOT]), routes!(list_snapshots))
+        .add(Access::AnyOf(&[CREATE_SNAPSHOT_VM, CREATE_OWN_VM_SNAPSHOT]), routes!(create_snapshot))
+        .add(Access::AnyOf(&[DELETE_SNAPSHOT_VM, DELETE_OWN_VM_SNAPSHOT]), routes!(delete_snapshot))
+        .add(Access::AnyOf(&[DELETE_ALL_SNAPSHOTS_VM, DELETE_ALL_OWN_VM_SNAPSHOTS]), routes!(delete_all_snapshots))
+        .add(Access::AnyOf(&[REVERT_SNAPSHOT_VM, REVERT_OWN_VM_SNAPSHOT]), routes!(revert_snapshot))
         .add(Access::AllOf(&[LIST_VM]), routes!(host_list_machines))
         .add(Access::AllOf(&[CREATE_VM]), routes!(host_create_machine))
         .add(Access::AllOf(&[CREATE_VM]), routes!(host_create_machine_async))
@@ -607,8 +614,10 @@ async fn create_async(
             let reporter = handle.clone();
             let registry = o.scheduler.registry().clone();
             let progress = move |step: CreateProgress| match step {
-                CreateProgress::Placing { attempt: 1 } => reporter.step(0, 0.0, "placing"),
-                CreateProgress::Placing { attempt } => reporter.step(0, 0.0, &format!("placing (attempt {attempt})")),
+                CreateProgress::Placing { previous_failure: None, .. } => reporter.step(0, 0.0, "placing"),
+                CreateProgress::Placing { attempt, previous_failure: Some(e) } => {
+                    reporter.step(0, 0.0, &format!("placing (attempt {attempt}; {e})"))
+                }
                 CreateProgress::Queued { reason, priority } => {
                     reporter.step(0, 0.0, &format!("queued: waiting for capacity (priority {priority}); now {reason}"))
                 }
@@ -957,3 +966,192 @@ host_power_route!(host_pause, "/orchestrator/hosts/{id}/machines/{vm_id}/pause",
 host_power_route!(host_resume, "/orchestrator/hosts/{id}/machines/{vm_id}/resume", PowerOp::Resume);
 host_power_route!(host_suspend, "/orchestrator/hosts/{id}/machines/{vm_id}/suspend", PowerOp::Suspend);
 host_power_route!(host_reset, "/orchestrator/hosts/{id}/machines/{vm_id}/reset", PowerOp::Reset);
+
+// ----- rename, clone, snapshots (forwarded as they are) ------------------------------------
+
+#[allow(clippy::too_many_arguments)]
+/// Forwards a request about VM `id` to `host` with the orchestrator's credentials (the
+/// caller was checked first) and records it in the audit log.
+async fn forward(
+    s: &AppState,
+    ctx: &RequestContext,
+    host: &Host,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+    action: &str,
+    id: &str,
+) -> R<Value> {
+    let o = module(s)?;
+    let client = o.host_client(&host.id).map_err(ApiError::from_domain)?;
+    let v = client.request(method, path, body, Duration::from_secs(300)).await.map_err(|source| {
+        ApiError::from_domain(hangar_orchestrator::OrchestratorError::Host { host: host.id.clone(), source })
+    })?;
+    let _ = s.identity.record(&ctx.actor, action, "vm", id, json!({"host": host.id})).await;
+    Ok(v)
+}
+
+fn vm_path(id: &str, rest: &str) -> String {
+    format!("/machines/{}{rest}", seg(id))
+}
+
+/// One path segment, percent-encoded.
+fn seg(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A caller holding only the `*_OWN_*` claim may touch only VMs it owns (as recorded by
+/// the orchestrator when it created them).
+async fn check_own(o: &HttpOrchestrator, p: &Principal, id: &str, all_claim: &str) -> R<()> {
+    if p.has_claim(all_claim) {
+        return Ok(());
+    }
+    match o.scheduler.vm(id).await {
+        Ok(vm) if vm.owner == p.username => Ok(()),
+        _ => Err(ApiError::forbidden(format!("VM {id} is not yours; this needs {all_claim}"))),
+    }
+}
+
+/// Rename a VM on its host (the host's `/machines/{id}/rename` body).
+#[utoipa::path(put, path = "/orchestrator/machines/{id}/rename", tag = "orchestrator", params(("id" = String, Path)),
+    request_body = super::machines::RenameRequest, responses((status = 200, body = Object), (status = 404, body = ApiErrorBody)))]
+async fn rename(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path(id): Path<String>,
+    Json(body): Json<Value>,
+) -> R<axum::Json<Value>> {
+    let host = vm_host(module(&s)?, ctx.caller()?, &id).await?;
+    let v = forward(&s, &ctx, &host, Method::PUT, &vm_path(&id, "/rename"), Some(body), "orchestrator.vm.rename", &id)
+        .await?;
+    Ok(axum::Json(v))
+}
+
+/// Clone a VM on its host (the host's `/machines/{id}/clone` body). The clone is made
+/// stopped, on the same host.
+#[utoipa::path(put, path = "/orchestrator/machines/{id}/clone", tag = "orchestrator", params(("id" = String, Path)),
+    request_body = super::machines::CloneRequest, responses((status = 200, body = Object), (status = 404, body = ApiErrorBody)))]
+async fn clone_machine(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path(id): Path<String>,
+    Json(body): Json<Value>,
+) -> R<axum::Json<Value>> {
+    let host = vm_host(module(&s)?, ctx.caller()?, &id).await?;
+    let mut v =
+        forward(&s, &ctx, &host, Method::PUT, &vm_path(&id, "/clone"), Some(body), "orchestrator.vm.clone", &id)
+            .await?;
+    if let Some(m) = v.as_object_mut() {
+        m.insert("host_id".into(), json!(host.id));
+    }
+    Ok(axum::Json(v))
+}
+
+#[utoipa::path(get, path = "/orchestrator/machines/{id}/snapshots", tag = "orchestrator", params(("id" = String, Path)),
+    responses((status = 200, body = Vec<Object>), (status = 404, body = ApiErrorBody)))]
+async fn list_snapshots(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path(id): Path<String>,
+) -> R<axum::Json<Value>> {
+    let o = module(&s)?;
+    let host = vm_host(o, ctx.caller()?, &id).await?;
+    check_own(o, ctx.caller()?, &id, LIST_SNAPSHOT_VM).await?;
+    let client = o.host_client(&host.id).map_err(ApiError::from_domain)?;
+    let v = client.request(Method::GET, &vm_path(&id, "/snapshots"), None, Duration::from_secs(60)).await.map_err(
+        |source| ApiError::from_domain(hangar_orchestrator::OrchestratorError::Host { host: host.id.clone(), source }),
+    )?;
+    Ok(axum::Json(v))
+}
+
+#[utoipa::path(post, path = "/orchestrator/machines/{id}/snapshots", tag = "orchestrator", params(("id" = String, Path)),
+    request_body = super::machines::CreateSnapshotRequest, responses((status = 201, body = Object), (status = 404, body = ApiErrorBody)))]
+async fn create_snapshot(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path(id): Path<String>,
+    Json(body): Json<Value>,
+) -> R<(StatusCode, axum::Json<Value>)> {
+    let o = module(&s)?;
+    let host = vm_host(o, ctx.caller()?, &id).await?;
+    check_own(o, ctx.caller()?, &id, CREATE_SNAPSHOT_VM).await?;
+    let v = forward(
+        &s,
+        &ctx,
+        &host,
+        Method::POST,
+        &vm_path(&id, "/snapshots"),
+        Some(body),
+        "orchestrator.vm.snapshot",
+        &id,
+    )
+    .await?;
+    Ok((StatusCode::CREATED, axum::Json(v)))
+}
+
+#[utoipa::path(delete, path = "/orchestrator/machines/{id}/snapshots/{snapshot_id}", tag = "orchestrator",
+    params(("id" = String, Path), ("snapshot_id" = String, Path), super::machines::DeleteSnapshotQuery),
+    responses((status = 202), (status = 404, body = ApiErrorBody)))]
+async fn delete_snapshot(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path((id, snapshot)): Path<(String, String)>,
+    Query(q): Query<super::machines::DeleteSnapshotQuery>,
+) -> R<StatusCode> {
+    let o = module(&s)?;
+    let host = vm_host(o, ctx.caller()?, &id).await?;
+    check_own(o, ctx.caller()?, &id, DELETE_SNAPSHOT_VM).await?;
+    let path = vm_path(&id, &format!("/snapshots/{}?delete_children={}", seg(&snapshot), q.delete_children));
+    forward(&s, &ctx, &host, Method::DELETE, &path, None, "orchestrator.vm.snapshot.delete", &id).await?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+#[utoipa::path(delete, path = "/orchestrator/machines/{id}/snapshots", tag = "orchestrator", params(("id" = String, Path)),
+    responses((status = 202), (status = 404, body = ApiErrorBody)))]
+async fn delete_all_snapshots(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<String>) -> R<StatusCode> {
+    let o = module(&s)?;
+    let host = vm_host(o, ctx.caller()?, &id).await?;
+    check_own(o, ctx.caller()?, &id, DELETE_ALL_SNAPSHOTS_VM).await?;
+    forward(
+        &s,
+        &ctx,
+        &host,
+        Method::DELETE,
+        &vm_path(&id, "/snapshots"),
+        None,
+        "orchestrator.vm.snapshot.delete_all",
+        &id,
+    )
+    .await?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+#[utoipa::path(post, path = "/orchestrator/machines/{id}/snapshots/{snapshot_id}/revert", tag = "orchestrator",
+    params(("id" = String, Path), ("snapshot_id" = String, Path)), request_body = super::machines::RevertRequest,
+    responses((status = 202), (status = 404, body = ApiErrorBody)))]
+async fn revert_snapshot(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path((id, snapshot)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> R<StatusCode> {
+    let o = module(&s)?;
+    let host = vm_host(o, ctx.caller()?, &id).await?;
+    check_own(o, ctx.caller()?, &id, REVERT_SNAPSHOT_VM).await?;
+    let path = vm_path(&id, &format!("/snapshots/{}/revert", seg(&snapshot)));
+    let body = if body.iter().all(|b| b.is_ascii_whitespace()) {
+        json!({})
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("The body is not JSON: {e}")))?
+    };
+    forward(&s, &ctx, &host, Method::POST, &path, Some(body), "orchestrator.vm.snapshot.revert", &id).await?;
+    Ok(StatusCode::ACCEPTED)
+}
