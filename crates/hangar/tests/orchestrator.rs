@@ -512,8 +512,15 @@ async fn orchestrator_token_join_queue_async_and_per_host_routes() {
     assert_eq!(j["result"]["host_id"], b_id.as_str(), "{j}");
     assert_eq!(j["progress"].as_f64(), Some(100.0), "{j}");
     let vm2_id = j["result"]["id"].as_str().unwrap().to_string();
-    // Another caller does not see the job.
-    let (st, _) = call(&c, Method::GET, &orch.api(&format!("/orchestrator/jobs/{job2}")), &user, None, &[]).await;
+    // Another caller does not see the job; its owner can forget it once finished.
+    let job_url = orch.api(&format!("/orchestrator/jobs/{job2}"));
+    let (st, _) = call(&c, Method::GET, &job_url, &user, None, &[]).await;
+    assert_eq!(st, 404);
+    let (st, _) = call(&c, Method::DELETE, &job_url, &user, None, &[]).await;
+    assert_eq!(st, 404);
+    let (st, _) = call(&c, Method::DELETE, &job_url, &root, None, &[]).await;
+    assert_eq!(st, 202);
+    let (st, _) = call(&c, Method::GET, &job_url, &root, None, &[]).await;
     assert_eq!(st, 404);
 
     // Full: a pinned create has no room either (capacity is still checked), and a queued

@@ -59,6 +59,7 @@ pub fn register(api: Api) -> Api {
         .add(Access::AllOf(&[CREATE_VM]), routes!(create_machine_async))
         .add(JOBS, routes!(list_jobs))
         .add(JOBS, routes!(get_job))
+        .add(Access::AnyOf(&[JOB_MANAGER_DELETE, JOB_MANAGER_LIST_OWN]), routes!(delete_job))
         .add(Access::AllOf(&[LIST_VM]), routes!(get_machine))
         .add(Access::AllOf(&[DELETE_VM]), routes!(delete_machine))
         .add(Access::AllOf(&[UPDATE_VM_STATES]), routes!(start))
@@ -810,6 +811,20 @@ async fn extend(
         .await
         .map_err(ApiError::from_domain)?;
     Ok(axum::Json(serde_json::to_value(vm).unwrap_or(Value::Null)))
+}
+
+/// Forget a finished job (409 while it runs).
+#[utoipa::path(delete, path = "/orchestrator/jobs/{id}", tag = "orchestrator", params(("id" = String, Path)),
+    responses((status = 202), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+async fn delete_job(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<String>) -> R<StatusCode> {
+    let p = ctx.caller()?;
+    let jobs = jobs_of(&s, module(&s)?);
+    let j = jobs
+        .get(&id)
+        .filter(|j| job_visible(p, j) || p.has_claim(JOB_MANAGER_DELETE))
+        .ok_or_else(|| ApiError::not_found(format!("Job {id:?} not found")))?;
+    jobs.remove(&j.id).map_err(|e| ApiError::new(StatusCode::CONFLICT, format!("Job {id} is {e}")))?;
+    Ok(StatusCode::ACCEPTED)
 }
 
 // ----- one host's machines -------------------------------------------------------------
