@@ -15,6 +15,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
+use futures::StreamExt;
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -503,6 +504,13 @@ async fn orchestrator_token_join_queue_async_and_per_host_routes() {
     assert_eq!(st, 200, "{vm1}");
     assert_eq!(vm1["host_id"], a_id.as_str(), "{vm1}");
     let vm1_id = vm1["id"].as_str().unwrap().to_string();
+    // The job's progress also reaches the websocket as job_manager events.
+    let ws_url = orch.url.replace("http://", "ws://");
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!(
+        "{ws_url}/api/v1/ws/subscribe?event_types=job_manager&access_token={root_t}"
+    ))
+    .await
+    .unwrap();
     let (st, job) =
         call(&c, Method::POST, &orch.api("/orchestrator/machines/async"), &root, Some(spec("q-2", json!({}))), &[])
             .await;
@@ -512,6 +520,19 @@ async fn orchestrator_token_join_queue_async_and_per_host_routes() {
     assert_eq!(j["result"]["host_id"], b_id.as_str(), "{j}");
     assert_eq!(j["progress"].as_f64(), Some(100.0), "{j}");
     let vm2_id = j["result"]["id"].as_str().unwrap().to_string();
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !seen.iter().any(|(m, id): &(String, String)| m == "JOB_COMPLETED" && *id == job2) {
+        let msg = tokio::time::timeout_at(deadline, ws.next()).await.expect("job events arrive").unwrap().unwrap();
+        let Ok(text) = msg.to_text() else { continue };
+        let Ok(e) = serde_json::from_str::<Value>(text) else { continue };
+        seen.push((
+            e["message"].as_str().unwrap_or("").to_string(),
+            e["body"]["id"].as_str().unwrap_or("").to_string(),
+        ));
+    }
+    assert!(seen.iter().any(|(m, id)| m == "JOB_UPDATED" && *id == job2), "{seen:?}");
+    drop(ws);
     // Another caller does not see the job; its owner can forget it once finished.
     let job_url = orch.api(&format!("/orchestrator/jobs/{job2}"));
     let (st, _) = call(&c, Method::GET, &job_url, &user, None, &[]).await;
