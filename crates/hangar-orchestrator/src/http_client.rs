@@ -439,9 +439,12 @@ impl HostClient for HttpHostClient {
         if let Some(d) = req.disk_mb {
             specs["disk"] = json!(d.to_string());
         }
+        // No `owner`: on a host an explicit owner names the OS account the VM runs as
+        // (Parallels), not a Hangar user. The orchestrator keeps the Hangar owner in its own
+        // record and checks it before forwarding; on the host the VM belongs to the
+        // orchestrator's credential.
         let mut body = json!({
             "name": req.name,
-            "owner": req.owner,
             "architecture": req.architecture,
             "start_on_create": req.start,
             "specs": specs,
