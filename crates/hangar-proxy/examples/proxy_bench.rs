@@ -11,6 +11,9 @@ use serde_json::json;
 
 fn main() -> Result<(), Box<dyn Error>> {
     // PROXY_BENCH_WORKERS: tokio worker threads (default: one per core).
+    if std::env::var("PROXY_BENCH_RT").as_deref() == Ok("current") {
+        return tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(run());
+    }
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = std::env::var("PROXY_BENCH_WORKERS").ok().and_then(|v| v.parse().ok()) {
         rt.worker_threads(n);

@@ -259,37 +259,54 @@ fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
 /// Remove hop-by-hop headers: the fixed list, every `Proxy-*` header and every header named in
 /// `Connection`. Returns whether `TE: trailers` was asked for (it may be passed on).
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
-    // One pass over the names first: most messages carry none of these.
-    let mut found = false;
+    // One pass over the names first: most messages carry none of these, or only `Connection`,
+    // and each removal costs a lookup.
+    const FIXED: [HeaderName; 4] = [KEEP_ALIVE, TRAILER, TRANSFER_ENCODING, UPGRADE];
+    let (mut conn, mut te, mut proxy) = (false, false, false);
+    let mut fixed = [false; 4];
     for k in headers.keys() {
-        let n = k.as_str();
-        if matches!(n, "connection" | "keep-alive" | "te" | "trailer" | "transfer-encoding" | "upgrade")
-            || n.starts_with("proxy-")
-        {
-            found = true;
-            break;
+        match k.as_str() {
+            "connection" => conn = true,
+            "te" => te = true,
+            "keep-alive" => fixed[0] = true,
+            "trailer" => fixed[1] = true,
+            "transfer-encoding" => fixed[2] = true,
+            "upgrade" => fixed[3] = true,
+            n if n.starts_with("proxy-") => proxy = true,
+            _ => {}
         }
     }
-    if !found {
-        return false;
+    let te_trailers = te && has_token(headers, &TE, "trailers");
+    if conn {
+        // `Connection: keep-alive` and `close` name no other header; collect only real names.
+        let mut named: Vec<HeaderName> = Vec::new();
+        for t in headers.get_all(CONNECTION).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')) {
+            let t = t.trim();
+            if t.is_empty() || t.eq_ignore_ascii_case("keep-alive") || t.eq_ignore_ascii_case("close") {
+                continue;
+            }
+            if let Ok(n) = HeaderName::from_bytes(t.as_bytes()) {
+                named.push(n);
+            }
+        }
+        for n in named {
+            headers.remove(n);
+        }
+        headers.remove(CONNECTION);
     }
-    let te_trailers = has_token(headers, &TE, "trailers");
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        headers.remove(n);
+    if te {
+        headers.remove(TE);
     }
-    for n in [CONNECTION, KEEP_ALIVE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE] {
-        headers.remove(n);
+    for (name, present) in FIXED.into_iter().zip(fixed) {
+        if present {
+            headers.remove(name);
+        }
     }
-    let proxy: Vec<HeaderName> = headers.keys().filter(|k| k.as_str().starts_with("proxy-")).cloned().collect();
-    for n in proxy {
-        headers.remove(n);
+    if proxy {
+        let names: Vec<HeaderName> = headers.keys().filter(|k| k.as_str().starts_with("proxy-")).cloned().collect();
+        for n in names {
+            headers.remove(n);
+        }
     }
     te_trailers
 }
@@ -323,7 +340,7 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 
 impl ProxyService {
     /// Answer one request.
-    pub(crate) async fn handle(self, req: Request<Incoming>) -> Response<ProxyBody> {
+    pub(crate) async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         self.listener.stats.requests.fetch_add(1, Ordering::Relaxed);
         let state = self.listener.state.load_full();
         let HostKind::Http(host) = &state.kind else {
@@ -510,13 +527,20 @@ impl ProxyService {
         apply_rules(h, &route.request_headers);
 
         let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(if route.schema == Schema::Https { Scheme::HTTPS } else { Scheme::HTTP });
-        uri.authority = Some(authority.clone());
-        uri.path_and_query = Some(pq);
-        parts.uri = match Uri::from_parts(uri) {
-            Ok(u) => u,
-            Err(e) => return error_response(StatusCode::BAD_GATEWAY, format!("cannot build target URI: {e}"), None),
+        parts.uri = if sticky.is_some() {
+            // The connection's own HTTP/1.1 client writes the URI as given: origin-form.
+            Uri::from(pq)
+        } else {
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(if route.schema == Schema::Https { Scheme::HTTPS } else { Scheme::HTTP });
+            uri.authority = Some(authority.clone());
+            uri.path_and_query = Some(pq);
+            match Uri::from_parts(uri) {
+                Ok(u) => u,
+                Err(e) => {
+                    return error_response(StatusCode::BAD_GATEWAY, format!("cannot build target URI: {e}"), None);
+                }
+            }
         };
         parts.version = if route.schema == Schema::H2c { Version::HTTP_2 } else { Version::HTTP_11 };
         let out = Request::from_parts(parts, body);
@@ -631,8 +655,10 @@ async fn send_sticky(
     mut req: Request<Incoming>,
 ) -> Result<Response<Incoming>, UpstreamError> {
     // The low-level client writes the URI as given: origin-form (Host is already set).
-    let pq = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-    *req.uri_mut() = Uri::from(pq);
+    if req.uri().authority().is_some() {
+        let pq = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *req.uri_mut() = Uri::from(pq);
+    }
     let kept = {
         let mut slot = sticky.slot.lock().unwrap_or_else(|e| e.into_inner());
         match slot.take() {
@@ -700,6 +726,8 @@ pub(crate) async fn serve_connection<I>(
 {
     let (drive, mut to_drive) = mpsc::unbounded_channel::<UpConn>();
     svc.sticky = Some(Arc::new(Sticky { slot: std::sync::Mutex::new(None), drive }));
+    // One reference count per request rather than a clone of every field.
+    let svc = Arc::new(svc);
     let service = hyper::service::service_fn(move |req| {
         let svc = svc.clone();
         async move { Ok::<_, Infallible>(svc.handle(req).await) }
@@ -747,5 +775,19 @@ mod tests {
         assert!(strip_hop_by_hop(&mut h));
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-keep"));
+
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("keep-alive"));
+        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("content-length", HeaderValue::from_static("3"));
+        assert!(!strip_hop_by_hop(&mut h));
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("content-length"));
+
+        let mut h = HeaderMap::new();
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        assert!(!strip_hop_by_hop(&mut h));
+        assert_eq!(h.len(), 1, "{h:?}");
     }
 }
