@@ -22,6 +22,7 @@ use tracing::{info, instrument, warn};
 use crate::clock::{self, Clock};
 use crate::error::{OrchestratorError, Result};
 use crate::model::*;
+use crate::placement::{HostSlot, PlacementIndex};
 use crate::sealer::Sealer;
 
 /// Default lifetime of an enrollment token (the reference's 15 minutes).
@@ -169,6 +170,9 @@ pub struct HostRegistry {
     bus: EventBus,
     clock: Arc<dyn Clock>,
     cache: RwLock<BTreeMap<String, Cached>>,
+    /// Compact snapshots of the cached views for placement, changed only while the cache's
+    /// write lock is held (lock order: cache, then index), so they follow the views exactly.
+    index: RwLock<PlacementIndex>,
     /// Serialises writes, so check-then-write sequences (unique names) are atomic here;
     /// store conditions guard against anything else.
     write: tokio::sync::Mutex<()>,
@@ -204,7 +208,16 @@ impl HostRegistry {
             cache.insert(host.id.clone(), Cached { host, revision: rec.revision, sealed: stored.sealed_credentials });
         }
         info!(hosts = cache.len(), "host registry opened");
-        Ok(HostRegistry { store, sealer, bus, clock, cache: RwLock::new(cache), write: tokio::sync::Mutex::new(()) })
+        let index = RwLock::new(PlacementIndex::build(cache.values().map(|c| &c.host)));
+        Ok(HostRegistry {
+            store,
+            sealer,
+            bus,
+            clock,
+            cache: RwLock::new(cache),
+            index,
+            write: tokio::sync::Mutex::new(()),
+        })
     }
 
     fn read(&self) -> RwLockReadGuard<'_, BTreeMap<String, Cached>> {
@@ -213,6 +226,10 @@ impl HostRegistry {
 
     fn write_cache(&self) -> RwLockWriteGuard<'_, BTreeMap<String, Cached>> {
         self.cache.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn index_write(&self) -> RwLockWriteGuard<'_, PlacementIndex> {
+        self.index.write().unwrap_or_else(|e| e.into_inner())
     }
 
     fn publish(&self, message: &str, body: Value) {
@@ -275,6 +292,13 @@ impl HostRegistry {
         let cache = self.read();
         let hosts: Vec<&Host> = cache.values().map(|c| &c.host).collect();
         f(&hosts)
+    }
+
+    /// Runs `f` over the placement snapshot of every host (in no particular order). Do not
+    /// call back into the registry's writers from `f`.
+    pub fn with_placement<R>(&self, f: impl FnOnce(&[HostSlot]) -> R) -> R {
+        let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+        f(index.slots())
     }
 
     /// The host's credentials, opened. Only for building a host client.
@@ -380,7 +404,11 @@ impl HostRegistry {
             json!({"name": host.name, "url": host.url, "tags": host.tags, "has_credentials": host.has_credentials}),
         )?;
         let committed = self.store.commit(batch).await?;
-        self.write_cache().insert(host.id.clone(), Cached { host: host.clone(), revision: committed.revision, sealed });
+        {
+            let mut cache = self.write_cache();
+            cache.insert(host.id.clone(), Cached { host: host.clone(), revision: committed.revision, sealed });
+            self.index_write().upsert(&host);
+        }
         info!(host = %host.id, name = %host.name, "host registered");
         self.publish("HOST_REGISTERED", json!({"host_id": host.id, "name": host.name}));
         Ok(host)
@@ -447,6 +475,7 @@ impl HostRegistry {
                 c.host = host.clone();
                 c.revision = committed.revision;
                 c.sealed = sealed;
+                self.index_write().upsert(&c.host);
             }
         }
         self.publish("HOST_UPDATED", json!({"host_id": id, "changed": changed}));
@@ -478,19 +507,24 @@ impl HostRegistry {
         let batch = Batch::new().require_revision(HOSTS, id, revision).delete(HOSTS, id);
         let batch = audit(batch, actor, "orchestrator.host.delete", id, json!({"name": host.name}))?;
         self.store.commit(batch).await?;
-        self.write_cache().remove(id);
+        {
+            let mut cache = self.write_cache();
+            cache.remove(id);
+            self.index_write().remove(id);
+        }
         info!(host = %id, "host unregistered");
         self.publish("HOST_REMOVED", json!({"host_id": id, "name": host.name}));
         Ok(host)
     }
 
-    /// Changes a host's runtime status in memory only (last seen, VM states). Returns the
-    /// new view, or `None` when the host is gone.
-    pub fn update_in_memory(&self, id: &str, f: impl FnOnce(&mut Host)) -> Option<Host> {
+    /// Changes a host's runtime status in memory only (last seen, VM states), in place
+    /// (the view is not copied). Returns `false` when the host is gone.
+    pub fn update_in_memory(&self, id: &str, f: impl FnOnce(&mut Host)) -> bool {
         let mut cache = self.write_cache();
-        let c = cache.get_mut(id)?;
+        let Some(c) = cache.get_mut(id) else { return false };
         f(&mut c.host);
-        Some(c.host.clone())
+        self.index_write().upsert(&c.host);
+        true
     }
 
     /// Commits `extra` writes with an optional audit entry, then changes the host's
@@ -535,6 +569,7 @@ impl HostRegistry {
             let c = cache.get_mut(id).ok_or_else(|| OrchestratorError::not_found("host", id))?;
             f(&mut c.host);
             c.host.updated_at = now;
+            self.index_write().upsert(&c.host);
             (c.host.clone(), c.revision, c.sealed.clone())
         };
         let mut batch = extra;

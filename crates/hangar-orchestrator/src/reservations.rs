@@ -20,7 +20,7 @@ use tracing::debug;
 
 use crate::clock::{self, Clock};
 use crate::model::{Host, ResourceSet};
-use crate::placement::{self, Decision, HostReserved, NoCapacity, PlacementRequest, Profile, ReservedByHost};
+use crate::placement::{self, Decision, HostReserved, HostSlot, NoCapacity, PlacementRequest, Profile, ReservedByHost};
 
 /// Capacity held for a VM being created.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -54,6 +54,9 @@ struct Ledger {
     by_host: ReservedByHost,
     next_seq: u64,
     waiters: BTreeMap<(Reverse<i32>, u64), Waiter>,
+    /// No reservation lapses before this (a lower bound: renewals only push expiries
+    /// later), so most calls skip the expiry scan.
+    earliest_expiry: Option<DateTime<Utc>>,
 }
 
 impl Ledger {
@@ -71,6 +74,7 @@ impl Ledger {
         h.resources = h.resources.saturating_add(r.resources);
         h.macos_vms += usize::from(r.macos);
         h.count += 1;
+        self.earliest_expiry = Some(self.earliest_expiry.map_or(r.expires_at, |e| e.min(r.expires_at)));
         self.items.insert(r.id, r.clone());
         r
     }
@@ -89,7 +93,11 @@ impl Ledger {
     }
 
     fn purge(&mut self, now: DateTime<Utc>) -> usize {
+        if self.earliest_expiry.is_none_or(|e| e > now) {
+            return 0;
+        }
         let expired: Vec<u64> = self.items.values().filter(|r| r.expires_at <= now).map(|r| r.id).collect();
+        self.earliest_expiry = self.items.values().filter(|r| r.expires_at > now).map(|r| r.expires_at).min();
         for id in &expired {
             if let Some(r) = self.remove(*id) {
                 debug!(reservation = r.id, host = %r.host_id, "reservation lapsed");
@@ -136,10 +144,21 @@ impl Reservations {
     where
         I: IntoIterator<Item = &'a Host>,
     {
+        let slots: Vec<HostSlot> = hosts.into_iter().map(HostSlot::of).collect();
+        self.reserve_slots(request, &slots, profile)
+    }
+
+    /// [`Reservations::reserve`] over host snapshots (the scheduler's placement index).
+    pub fn reserve_slots(
+        &self,
+        request: &PlacementRequest,
+        slots: &[HostSlot],
+        profile: Profile,
+    ) -> Result<Granted, NoCapacity> {
         let now = self.clock.now();
         let mut l = self.lock();
         l.purge(now);
-        let decision = placement::place(request, hosts, &l.by_host, profile)?;
+        let decision = placement::place_slots(request, slots, &l.by_host, profile)?;
         let r = l.insert(&decision, now, self.ttl);
         Ok((decision, r))
     }
@@ -156,10 +175,22 @@ impl Reservations {
     where
         I: IntoIterator<Item = &'a Host>,
     {
+        let slots: Vec<HostSlot> = hosts.into_iter().map(HostSlot::of).collect();
+        self.reserve_or_enqueue_slots(request, &slots, profile, priority)
+    }
+
+    /// [`Reservations::reserve_or_enqueue`] over host snapshots.
+    pub fn reserve_or_enqueue_slots(
+        &self,
+        request: &PlacementRequest,
+        slots: &[HostSlot],
+        profile: Profile,
+        priority: i32,
+    ) -> Result<Granted, (NoCapacity, Ticket)> {
         let now = self.clock.now();
         let mut l = self.lock();
         l.purge(now);
-        match placement::place(request, hosts, &l.by_host, profile) {
+        match placement::place_slots(request, slots, &l.by_host, profile) {
             Ok(decision) => {
                 let r = l.insert(&decision, now, self.ttl);
                 Ok((decision, r))
@@ -180,6 +211,12 @@ impl Reservations {
     where
         I: IntoIterator<Item = &'a Host> + Clone,
     {
+        let slots: Vec<HostSlot> = hosts.into_iter().map(HostSlot::of).collect();
+        self.drain_slots(&slots, profile)
+    }
+
+    /// [`Reservations::drain`] over host snapshots.
+    pub fn drain_slots(&self, slots: &[HostSlot], profile: Profile) -> usize {
         let now = self.clock.now();
         let mut l = self.lock();
         l.purge(now);
@@ -194,7 +231,7 @@ impl Reservations {
                 l.waiters.remove(&key);
                 continue;
             }
-            let Ok(decision) = placement::place(&w.request, hosts.clone(), &l.by_host, profile) else { continue };
+            let Ok(decision) = placement::place_slots(&w.request, slots, &l.by_host, profile) else { continue };
             let Some(w) = l.waiters.remove(&key) else { continue };
             let r = l.insert(&decision, now, self.ttl);
             let id = r.id;

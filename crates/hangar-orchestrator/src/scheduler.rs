@@ -490,7 +490,7 @@ impl Scheduler {
                 }
             }
         });
-        if found.is_none() {
+        if !found {
             health.remove(host_id);
             return Err(OrchestratorError::not_found("host", host_id));
         }
@@ -840,13 +840,13 @@ impl Scheduler {
             return 0;
         }
         let profile = self.inner.config.profile;
-        self.inner.registry.with_host_slice(|hosts| self.inner.ledger.drain(hosts.iter().copied(), profile))
+        self.inner.registry.with_placement(|slots| self.inner.ledger.drain_slots(slots, profile))
     }
 
     /// Places and reserves without creating anything (what `create_vm` does first).
     pub fn reserve(&self, req: &PlacementRequest) -> std::result::Result<Granted, NoCapacity> {
         let profile = self.inner.config.profile;
-        self.inner.registry.with_hosts(|hosts| self.inner.ledger.reserve(req, hosts, profile))
+        self.inner.registry.with_placement(|slots| self.inner.ledger.reserve_slots(req, slots, profile))
     }
 
     async fn reserve_or_wait(
@@ -860,8 +860,10 @@ impl Scheduler {
             return Ok(self.reserve(req)?);
         };
         let profile = self.inner.config.profile;
-        let queued =
-            self.inner.registry.with_hosts(|hosts| self.inner.ledger.reserve_or_enqueue(req, hosts, profile, priority));
+        let queued = self
+            .inner
+            .registry
+            .with_placement(|slots| self.inner.ledger.reserve_or_enqueue_slots(req, slots, profile, priority));
         match queued {
             Ok(g) => Ok(g),
             Err((no, ticket)) => {
