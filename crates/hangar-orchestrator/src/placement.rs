@@ -14,6 +14,7 @@
 //! (`spread`: the least loaded after placement, `pack`: the most loaded); ties go to the
 //! smallest host id.
 
+use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::sync::Arc;
@@ -290,28 +291,53 @@ fn fnv(bytes: impl IntoIterator<Item = u8>, mut h: u64) -> u64 {
     h
 }
 
-/// The bloom bit of a tag (case-insensitive).
-fn tag_bit(tag: &str) -> u64 {
-    1u64 << (fnv(tag.bytes().map(|b| b.to_ascii_lowercase()), FNV_OFFSET) % 64)
+/// Exact set membership as bits: each distinct key gets one of 64 bit positions for good
+/// (never reused, so a bit always means the same key). Keys that come after the 64th get
+/// none; hosts holding such keys are checked on their real data instead.
+#[derive(Debug)]
+struct Bits<K> {
+    of: HashMap<K, u8>,
 }
 
-/// The bloom bit of a cached image (0xff never occurs in UTF-8, so the fields cannot run
-/// into each other).
-fn image_bit(catalog_id: &str, version: &str, architecture: &str) -> u64 {
-    let h = fnv(catalog_id.bytes(), FNV_OFFSET);
-    let h = fnv(version.bytes().chain([0xff]), fnv([0xff], h));
-    let h = fnv(architecture.bytes(), fnv([0xff], h));
-    1u64 << (h % 64)
+impl<K> Default for Bits<K> {
+    fn default() -> Self {
+        Bits { of: HashMap::new() }
+    }
 }
 
-/// The first 16 bytes of an id, zero-padded, big-endian: orders like the id itself
-/// whenever two prefixes differ.
-fn id_prefix(id: &str) -> u128 {
-    let mut b = [0u8; 16];
+impl<K: std::hash::Hash + Eq> Bits<K> {
+    fn get<Q>(&self, k: &Q) -> Option<u64>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        self.of.get(k).map(|b| 1u64 << b)
+    }
+
+    fn intern(&mut self, k: K) -> Option<u64> {
+        if let Some(b) = self.of.get(&k) {
+            return Some(1u64 << b);
+        }
+        let n = u8::try_from(self.of.len()).ok().filter(|n| *n < 64)?;
+        self.of.insert(k, n);
+        Some(1u64 << n)
+    }
+}
+
+/// A cached image as a key: catalog id, version, architecture.
+type ImageKey = (String, String, String);
+
+/// The first 32 bytes of an id, zero-padded, as two big-endian numbers: orders like the id
+/// itself whenever two prefixes differ (host ids are UUIDs: their first 32 characters
+/// already differ).
+fn id_prefix(id: &str) -> (u128, u128) {
+    let mut b = [0u8; 32];
     for (d, s) in b.iter_mut().zip(id.bytes()) {
         *d = s;
     }
-    u128::from_be_bytes(b)
+    let (hi, lo) = b.split_at(16);
+    let num = |s: &[u8]| u128::from_be_bytes(s.try_into().unwrap_or([0; 16]));
+    (num(hi), num(lo))
 }
 
 /// Architecture, coded for a cheap comparison.
@@ -374,15 +400,21 @@ impl SlotDetail {
 /// A compact snapshot of one host: everything placement's scan reads, in one small
 /// record, so a scan over thousands of hosts touches one contiguous array instead of full
 /// host views. Kept up to date by the registry whenever a host's view changes
-/// ([`PlacementIndex`]); [`HostSlot::of`] builds one from a view.
+/// ([`PlacementIndex`]).
 #[derive(Debug, Clone)]
 pub struct HostSlot {
     id_hash: u64,
-    id_prefix: u128,
+    id_prefix: (u128, u128),
     available: ResourceSet,
     capacity: ResourceSet,
-    tag_bloom: u64,
-    image_bloom: u64,
+    /// The host's tags (lower-case) as bits of the index's tag set.
+    tag_bits: u64,
+    /// Some tag of the host has no bit.
+    tags_overflow: bool,
+    /// The host's cached images as bits of the index's image set.
+    image_bits: u64,
+    /// Some cached image of the host has no bit.
+    images_overflow: bool,
     macos_running: usize,
     arch: Arch,
     os: Option<Os>,
@@ -398,15 +430,17 @@ pub struct HostSlot {
 }
 
 impl HostSlot {
-    /// The snapshot of `host`.
-    pub fn of(host: &Host) -> HostSlot {
+    /// The snapshot of `host`, its tags and images coded in `tags` and `images`.
+    fn of(host: &Host, tags: &mut Bits<String>, images: &mut Bits<ImageKey>) -> HostSlot {
         let mut s = HostSlot {
             id_hash: fnv(host.id.bytes(), FNV_OFFSET),
             id_prefix: id_prefix(&host.id),
             available: ResourceSet::default(),
             capacity: ResourceSet::default(),
-            tag_bloom: 0,
-            image_bloom: 0,
+            tag_bits: 0,
+            tags_overflow: false,
+            image_bits: 0,
+            images_overflow: false,
             macos_running: 0,
             arch: Arch::Other,
             os: None,
@@ -418,28 +452,46 @@ impl HostSlot {
             cache_on_vm_volume: true,
             detail: Arc::new(SlotDetail::of(host)),
         };
+        s.code_sets(tags, images);
         s.refresh_hot(host);
         s
     }
 
     /// Brings the snapshot up to date with `host` (the same host), sharing the rarely
-    /// changing part when it did not change.
-    pub fn refresh(&mut self, host: &Host) {
+    /// changing part (and its coded tags and images) when it did not change.
+    fn refresh(&mut self, host: &Host, tags: &mut Bits<String>, images: &mut Bits<ImageKey>) {
         if !self.detail.describes(host) {
             self.detail = Arc::new(SlotDetail::of(host));
             self.id_hash = fnv(host.id.bytes(), FNV_OFFSET);
             self.id_prefix = id_prefix(&host.id);
+            self.code_sets(tags, images);
         }
         self.refresh_hot(host);
+    }
+
+    fn code_sets(&mut self, tags: &mut Bits<String>, images: &mut Bits<ImageKey>) {
+        let (mut tag_bits, mut tags_overflow) = (0, false);
+        for t in &self.detail.tags {
+            match tags.intern(t.to_ascii_lowercase()) {
+                Some(b) => tag_bits |= b,
+                None => tags_overflow = true,
+            }
+        }
+        let (mut image_bits, mut images_overflow) = (0, false);
+        for c in &self.detail.cached_images {
+            match images.intern((c.catalog_id.clone(), c.version.clone(), c.architecture.clone())) {
+                Some(b) => image_bits |= b,
+                None => images_overflow = true,
+            }
+        }
+        (self.tag_bits, self.tags_overflow, self.image_bits, self.images_overflow) =
+            (tag_bits, tags_overflow, image_bits, images_overflow);
     }
 
     fn refresh_hot(&mut self, h: &Host) {
         let res = h.resources.unwrap_or_default();
         self.available = res.available;
         self.capacity = res.capacity();
-        self.tag_bloom = h.tags.iter().fold(0, |m, t| m | tag_bit(t));
-        self.image_bloom =
-            h.cached_images.iter().fold(0, |m, c| m | image_bit(&c.catalog_id, &c.version, &c.architecture));
         self.macos_running = h.running_macos_vms();
         self.arch = h.architecture.as_deref().map_or(Arch::Other, Arch::of);
         self.os = h.os;
@@ -471,6 +523,8 @@ impl HostSlot {
 pub struct PlacementIndex {
     slots: Vec<HostSlot>,
     pos: HashMap<String, usize>,
+    tags: Bits<String>,
+    images: Bits<ImageKey>,
 }
 
 impl PlacementIndex {
@@ -485,12 +539,13 @@ impl PlacementIndex {
 
     /// Adds `host` or refreshes its snapshot.
     pub fn upsert(&mut self, host: &Host) {
-        if let Some(slot) = self.pos.get(&host.id).and_then(|&i| self.slots.get_mut(i)) {
-            slot.refresh(host);
+        let PlacementIndex { slots, pos, tags, images } = self;
+        if let Some(slot) = pos.get(&host.id).and_then(|&i| slots.get_mut(i)) {
+            slot.refresh(host, tags, images);
             return;
         }
-        self.pos.insert(host.id.clone(), self.slots.len());
-        self.slots.push(HostSlot::of(host));
+        pos.insert(host.id.clone(), slots.len());
+        slots.push(HostSlot::of(host, tags, images));
     }
 
     /// Forgets a host.
@@ -503,11 +558,6 @@ impl PlacementIndex {
         if let Some(moved) = self.slots.get(i) {
             self.pos.insert(moved.detail.id.clone(), i);
         }
-    }
-
-    /// Every snapshot.
-    pub fn slots(&self) -> &[HostSlot] {
-        &self.slots
     }
 
     /// Number of hosts.
@@ -525,26 +575,32 @@ impl PlacementIndex {
 struct Prepared<'r> {
     request: &'r PlacementRequest,
     arch: Arch,
+    /// Bits of the request's tags that have one.
     tag_mask: u64,
-    image_bit: u64,
+    /// Some requested tag has no bit (only hosts with tags beyond the 64th may have it).
+    tags_unknown: bool,
+    /// The image's bit; `None` when it has none (only hosts with images beyond the 64th
+    /// may cache it).
+    image_bit: Option<u64>,
     macos: bool,
     /// Holdings by id hash (sorted), verified by id.
     held: Vec<(u64, &'r str, HostReserved)>,
 }
 
 impl<'r> Prepared<'r> {
-    fn new(request: &'r PlacementRequest, reserved: &'r ReservedByHost) -> Self {
+    fn new(request: &'r PlacementRequest, index: &PlacementIndex, reserved: &'r ReservedByHost) -> Self {
         let mut held: Vec<(u64, &str, HostReserved)> =
             reserved.iter().map(|(id, r)| (fnv(id.bytes(), FNV_OFFSET), id.as_str(), *r)).collect();
         held.sort_unstable_by_key(|e| e.0);
+        let tag_bits: Vec<Option<u64>> = request.tags.iter().map(|t| index.tags.get(&t.to_ascii_lowercase())).collect();
         Prepared {
             request,
             arch: Arch::of(&request.architecture),
-            tag_mask: request.tags.iter().fold(0, |m, t| m | tag_bit(t)),
-            image_bit: request
-                .image
-                .as_ref()
-                .map_or(0, |i| image_bit(&i.catalog_id, &i.version, &request.architecture)),
+            tag_mask: tag_bits.iter().flatten().fold(0, |m, b| m | b),
+            tags_unknown: tag_bits.iter().any(Option::is_none),
+            image_bit: request.image.as_ref().and_then(|i| {
+                index.images.get(&(i.catalog_id.clone(), i.version.clone(), request.architecture.clone()))
+            }),
             macos: request.is_macos(),
             held,
         }
@@ -566,13 +622,17 @@ impl<'r> Prepared<'r> {
     }
 
     fn cached_on(&self, s: &HostSlot) -> bool {
-        match &self.request.image {
-            Some(img) if s.image_bloom & self.image_bit != 0 => s.detail.cached_images.iter().any(|c| {
-                c.catalog_id == img.catalog_id
-                    && c.version == img.version
-                    && c.architecture == self.request.architecture
-            }),
-            _ => false,
+        match (&self.request.image, self.image_bit) {
+            (None, _) => false,
+            (Some(_), Some(bit)) => s.image_bits & bit != 0,
+            (Some(img), None) => {
+                s.images_overflow
+                    && s.detail.cached_images.iter().any(|c| {
+                        c.catalog_id == img.catalog_id
+                            && c.version == img.version
+                            && c.architecture == self.request.architecture
+                    })
+            }
         }
     }
 }
@@ -584,8 +644,52 @@ pub fn check_host(
     reserved: HostReserved,
 ) -> Result<(ResourceSet, u64), Reason> {
     let none = ReservedByHost::new();
-    let p = Prepared::new(request, &none);
-    check_slot(&p, &HostSlot::of(host), || reserved).map(|(needs, load, _)| (needs, load))
+    let index = PlacementIndex::build([host]);
+    let p = Prepared::new(request, &index, &none);
+    let slot = index.slots.first().ok_or(Reason::NoHardware)?;
+    check_slot(&p, slot, || reserved).map(|(needs, load, _)| (needs, load.ppm()))
+}
+
+/// A host's load after placement, kept as used and capacity of CPU and memory so the scan
+/// compares loads by multiplication; the parts per million (a division each) are worked
+/// out only for the host that leads.
+#[derive(Debug, Clone, Copy)]
+struct Load {
+    cpu: (u64, u64),
+    memory: (u64, u64),
+}
+
+/// `used` of `cap` in parts per million (a host without capacity counts as full).
+fn ppm(used: u64, cap: u64) -> u64 {
+    used.saturating_mul(1_000_000).checked_div(cap).unwrap_or(1_000_000)
+}
+
+/// [`ppm`]`(used, cap)` compared with `b`, without dividing.
+fn cmp_ppm(used: u64, cap: u64, b: u64) -> Ordering {
+    if cap == 0 {
+        return 1_000_000u64.cmp(&b);
+    }
+    let (x, c, b) = (u128::from(used.saturating_mul(1_000_000)), u128::from(cap), u128::from(b));
+    // floor(x / c) < b  <=>  x < b * c;   floor(x / c) > b  <=>  x >= (b + 1) * c.
+    if x < b * c {
+        Ordering::Less
+    } else if x >= (b + 1) * c {
+        Ordering::Greater
+    } else {
+        Ordering::Equal
+    }
+}
+
+impl Load {
+    /// The larger of CPU and memory load, in parts per million.
+    fn ppm(&self) -> u64 {
+        ppm(self.cpu.0, self.cpu.1).max(ppm(self.memory.0, self.memory.1))
+    }
+
+    /// [`Load::ppm`] compared with `b`, without dividing.
+    fn cmp_ppm(&self, b: u64) -> Ordering {
+        cmp_ppm(self.cpu.0, self.cpu.1, b).max(cmp_ppm(self.memory.0, self.memory.1, b))
+    }
 }
 
 /// The filters over one snapshot, in the documented order; the reservations are looked up
@@ -595,7 +699,7 @@ fn check_slot(
     p: &Prepared<'_>,
     s: &HostSlot,
     reserved: impl FnOnce() -> HostReserved,
-) -> Result<(ResourceSet, u64, bool), Reason> {
+) -> Result<(ResourceSet, Load, bool), Reason> {
     let request = p.request;
     if !request.exclude.is_empty() && request.exclude.contains(&s.detail.id) {
         return Err(Reason::Excluded);
@@ -634,9 +738,10 @@ fn check_slot(
     if p.macos && (s.os != Some(Os::Macos) || s.hypervisor != Some(HypervisorKind::Parallels)) {
         return Err(Reason::Platform);
     }
-    if p.tag_mask & !s.tag_bloom != 0
-        || (!request.tags.is_empty()
-            && !request.tags.iter().all(|t| s.detail.tags.iter().any(|h| h.eq_ignore_ascii_case(t))))
+    if p.tag_mask & !s.tag_bits != 0
+        || (p.tags_unknown
+            && !(s.tags_overflow
+                && request.tags.iter().all(|t| s.detail.tags.iter().any(|h| h.eq_ignore_ascii_case(t)))))
     {
         return Err(Reason::Tags);
     }
@@ -658,10 +763,12 @@ fn check_slot(
     }
     let cap = s.capacity;
     let after = free.saturating_sub(needs);
-    let load =
-        |cap: u64, free: u64| cap.saturating_sub(free).saturating_mul(1_000_000).checked_div(cap).unwrap_or(1_000_000);
-    let load_ppm = load(u64::from(cap.cpu), u64::from(after.cpu)).max(load(cap.memory_mb, after.memory_mb));
-    Ok((needs, load_ppm, cached))
+    let (cpu_cap, memory_cap) = (u64::from(cap.cpu), cap.memory_mb);
+    let load = Load {
+        cpu: (cpu_cap.saturating_sub(u64::from(after.cpu)), cpu_cap),
+        memory: (memory_cap.saturating_sub(after.memory_mb), memory_cap),
+    };
+    Ok((needs, load, cached))
 }
 
 /// Every reason, in declaration order (indexes of the per-reason counters).
@@ -692,25 +799,22 @@ pub fn place<'a, I>(
 where
     I: IntoIterator<Item = &'a Host>,
 {
-    let slots: Vec<HostSlot> = hosts.into_iter().map(HostSlot::of).collect();
-    place_slots(request, &slots, reserved, profile)
+    place_indexed(request, &PlacementIndex::build(hosts), reserved, profile)
 }
 
-/// [`place`] over host snapshots (what the scheduler uses, from its [`PlacementIndex`]).
-pub fn place_slots<'a, I>(
+/// [`place`] over the snapshots of an index (what the scheduler uses: the registry keeps
+/// one in step with its views).
+pub fn place_indexed(
     request: &PlacementRequest,
-    slots: I,
+    index: &PlacementIndex,
     reserved: &ReservedByHost,
     profile: Profile,
-) -> Result<Decision, NoCapacity>
-where
-    I: IntoIterator<Item = &'a HostSlot>,
-{
-    let p = Prepared::new(request, reserved);
+) -> Result<Decision, NoCapacity> {
+    let p = Prepared::new(request, index, reserved);
     let mut best: Option<(bool, u64, &HostSlot, ResourceSet)> = None;
     let mut hosts = 0usize;
     let mut refused = [0usize; REASONS.len()];
-    for s in slots {
+    for s in &index.slots {
         hosts += 1;
         match check_slot(&p, s, || p.held_on(s)) {
             Err(reason) => {
@@ -724,18 +828,17 @@ where
                     Some((b_cached, b_load, b, _)) => {
                         if cached != *b_cached {
                             cached
-                        } else if load != *b_load {
-                            match profile {
-                                Profile::Spread => load < *b_load,
-                                Profile::Pack => load > *b_load,
-                            }
                         } else {
-                            s.id_before(b)
+                            match (load.cmp_ppm(*b_load), profile) {
+                                (Ordering::Equal, _) => s.id_before(b),
+                                (o, Profile::Spread) => o == Ordering::Less,
+                                (o, Profile::Pack) => o == Ordering::Greater,
+                            }
                         }
                     }
                 };
                 if better {
-                    best = Some((cached, load, s, needs));
+                    best = Some((cached, load.ppm(), s, needs));
                 }
             }
         }
@@ -878,7 +981,7 @@ mod tests {
         let same = |hosts: &[Host], idx: &PlacementIndex, r: &PlacementRequest| {
             let held = ReservedByHost::new();
             let a = place(r, hosts, &held, Profile::Spread);
-            let b = place_slots(r, idx.slots(), &held, Profile::Spread);
+            let b = place_indexed(r, idx, &held, Profile::Spread);
             assert_eq!(a, b);
             a
         };
@@ -944,5 +1047,50 @@ mod tests {
         held.insert(b.id.clone(), HostReserved { resources: ResourceSet::new(7, 0, 0), macos_vms: 0, count: 1 });
         let d = place(&r, [&a, &b], &held, Profile::Spread).unwrap();
         assert_eq!(d.host_id, a.id, "the held host is fuller");
+    }
+    /// Beyond 64 distinct tags or images, hosts are checked on their real data: still
+    /// exact, case-insensitive for tags, and the cached host still comes first.
+    #[test]
+    fn tags_and_images_beyond_the_64th_are_still_exact() {
+        let hosts: Vec<Host> = (0..70)
+            .map(|i| {
+                let mut h = caching(host(&format!("h{i:02}"), 8, 16_384), "img", &format!("v{i}"), "x86_64");
+                h.tags.insert(format!("Tag-{i}"));
+                h
+            })
+            .collect();
+        let idx = PlacementIndex::build(&hosts);
+        assert_eq!((idx.tags.of.len(), idx.images.of.len()), (64, 64));
+        let held = ReservedByHost::new();
+        for i in [3, 63, 64, 69] {
+            let mut r = ubuntu("x");
+            r.tags = [format!("tag-{i}")].into();
+            let d = place_indexed(&r, &idx, &held, Profile::Spread).unwrap();
+            assert_eq!(d.host_id, format!("h{i:02}"), "tag {i}");
+            r.tags.clear();
+            r.image = Some(ImageRef { catalog_id: "img".into(), version: format!("v{i}"), size_mb: None });
+            let d = place_indexed(&r, &idx, &held, Profile::Pack).unwrap();
+            assert_eq!((d.host_id, d.cached), (format!("h{i:02}"), true), "image {i}");
+        }
+        let mut r = ubuntu("x");
+        r.tags = ["tag-70".to_string()].into();
+        assert_eq!(place_indexed(&r, &idx, &held, Profile::Spread).unwrap_err().count(Reason::Tags), 70);
+        r.tags = ["tag-1".to_string(), "tag-66".to_string()].into();
+        assert_eq!(place_indexed(&r, &idx, &held, Profile::Spread).unwrap_err().count(Reason::Tags), 70);
+    }
+
+    proptest::proptest! {
+        /// Comparing loads by multiplication agrees with comparing their parts per million.
+        #[test]
+        fn load_comparison_without_division_agrees(
+            used in proptest::prop_oneof![0u64..300_000, proptest::num::u64::ANY],
+            cap in proptest::prop_oneof![0u64..300_000, proptest::num::u64::ANY],
+            b in proptest::prop_oneof![0u64..1_100_000, proptest::num::u64::ANY],
+            near in proptest::bool::ANY,
+        ) {
+            // Often ask about the exact value and its neighbours.
+            let b = if near { ppm(used, cap).saturating_add(b % 3).saturating_sub(1) } else { b };
+            proptest::prop_assert_eq!(cmp_ppm(used, cap, b), ppm(used, cap).cmp(&b));
+        }
     }
 }

@@ -22,7 +22,7 @@ use tracing::{info, instrument, warn};
 use crate::clock::{self, Clock};
 use crate::error::{OrchestratorError, Result};
 use crate::model::*;
-use crate::placement::{HostSlot, PlacementIndex};
+use crate::placement::PlacementIndex;
 use crate::sealer::Sealer;
 
 /// Default lifetime of an enrollment token (the reference's 15 minutes).
@@ -294,11 +294,11 @@ impl HostRegistry {
         f(&hosts)
     }
 
-    /// Runs `f` over the placement snapshot of every host (in no particular order). Do not
-    /// call back into the registry's writers from `f`.
-    pub fn with_placement<R>(&self, f: impl FnOnce(&[HostSlot]) -> R) -> R {
+    /// Runs `f` with the placement index (a compact snapshot of every host, in step with
+    /// the views). Do not call back into the registry's writers from `f`.
+    pub fn with_placement<R>(&self, f: impl FnOnce(&PlacementIndex) -> R) -> R {
         let index = self.index.read().unwrap_or_else(|e| e.into_inner());
-        f(index.slots())
+        f(&index)
     }
 
     /// The host's credentials, opened. Only for building a host client.

@@ -20,7 +20,9 @@ use tracing::debug;
 
 use crate::clock::{self, Clock};
 use crate::model::{Host, ResourceSet};
-use crate::placement::{self, Decision, HostReserved, HostSlot, NoCapacity, PlacementRequest, Profile, ReservedByHost};
+use crate::placement::{
+    self, Decision, HostReserved, NoCapacity, PlacementIndex, PlacementRequest, Profile, ReservedByHost,
+};
 
 /// Capacity held for a VM being created.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -144,21 +146,21 @@ impl Reservations {
     where
         I: IntoIterator<Item = &'a Host>,
     {
-        let slots: Vec<HostSlot> = hosts.into_iter().map(HostSlot::of).collect();
-        self.reserve_slots(request, &slots, profile)
+        let index = PlacementIndex::build(hosts);
+        self.reserve_indexed(request, &index, profile)
     }
 
-    /// [`Reservations::reserve`] over host snapshots (the scheduler's placement index).
-    pub fn reserve_slots(
+    /// [`Reservations::reserve`] over a placement index (the registry's).
+    pub fn reserve_indexed(
         &self,
         request: &PlacementRequest,
-        slots: &[HostSlot],
+        index: &PlacementIndex,
         profile: Profile,
     ) -> Result<Granted, NoCapacity> {
         let now = self.clock.now();
         let mut l = self.lock();
         l.purge(now);
-        let decision = placement::place_slots(request, slots, &l.by_host, profile)?;
+        let decision = placement::place_indexed(request, index, &l.by_host, profile)?;
         let r = l.insert(&decision, now, self.ttl);
         Ok((decision, r))
     }
@@ -175,22 +177,22 @@ impl Reservations {
     where
         I: IntoIterator<Item = &'a Host>,
     {
-        let slots: Vec<HostSlot> = hosts.into_iter().map(HostSlot::of).collect();
-        self.reserve_or_enqueue_slots(request, &slots, profile, priority)
+        let index = PlacementIndex::build(hosts);
+        self.reserve_or_enqueue_indexed(request, &index, profile, priority)
     }
 
-    /// [`Reservations::reserve_or_enqueue`] over host snapshots.
-    pub fn reserve_or_enqueue_slots(
+    /// [`Reservations::reserve_or_enqueue`] over a placement index.
+    pub fn reserve_or_enqueue_indexed(
         &self,
         request: &PlacementRequest,
-        slots: &[HostSlot],
+        index: &PlacementIndex,
         profile: Profile,
         priority: i32,
     ) -> Result<Granted, (NoCapacity, Ticket)> {
         let now = self.clock.now();
         let mut l = self.lock();
         l.purge(now);
-        match placement::place_slots(request, slots, &l.by_host, profile) {
+        match placement::place_indexed(request, index, &l.by_host, profile) {
             Ok(decision) => {
                 let r = l.insert(&decision, now, self.ttl);
                 Ok((decision, r))
@@ -211,12 +213,12 @@ impl Reservations {
     where
         I: IntoIterator<Item = &'a Host> + Clone,
     {
-        let slots: Vec<HostSlot> = hosts.into_iter().map(HostSlot::of).collect();
-        self.drain_slots(&slots, profile)
+        let index = PlacementIndex::build(hosts);
+        self.drain_indexed(&index, profile)
     }
 
-    /// [`Reservations::drain`] over host snapshots.
-    pub fn drain_slots(&self, slots: &[HostSlot], profile: Profile) -> usize {
+    /// [`Reservations::drain`] over a placement index.
+    pub fn drain_indexed(&self, index: &PlacementIndex, profile: Profile) -> usize {
         let now = self.clock.now();
         let mut l = self.lock();
         l.purge(now);
@@ -231,7 +233,7 @@ impl Reservations {
                 l.waiters.remove(&key);
                 continue;
             }
-            let Ok(decision) = placement::place_slots(&w.request, slots, &l.by_host, profile) else { continue };
+            let Ok(decision) = placement::place_indexed(&w.request, index, &l.by_host, profile) else { continue };
             let Some(w) = l.waiters.remove(&key) else { continue };
             let r = l.insert(&decision, now, self.ttl);
             let id = r.id;

@@ -840,13 +840,13 @@ impl Scheduler {
             return 0;
         }
         let profile = self.inner.config.profile;
-        self.inner.registry.with_placement(|slots| self.inner.ledger.drain_slots(slots, profile))
+        self.inner.registry.with_placement(|index| self.inner.ledger.drain_indexed(index, profile))
     }
 
     /// Places and reserves without creating anything (what `create_vm` does first).
     pub fn reserve(&self, req: &PlacementRequest) -> std::result::Result<Granted, NoCapacity> {
         let profile = self.inner.config.profile;
-        self.inner.registry.with_placement(|slots| self.inner.ledger.reserve_slots(req, slots, profile))
+        self.inner.registry.with_placement(|index| self.inner.ledger.reserve_indexed(req, index, profile))
     }
 
     async fn reserve_or_wait(
@@ -863,7 +863,7 @@ impl Scheduler {
         let queued = self
             .inner
             .registry
-            .with_placement(|slots| self.inner.ledger.reserve_or_enqueue_slots(req, slots, profile, priority));
+            .with_placement(|index| self.inner.ledger.reserve_or_enqueue_indexed(req, index, profile, priority));
         match queued {
             Ok(g) => Ok(g),
             Err((no, ticket)) => {
