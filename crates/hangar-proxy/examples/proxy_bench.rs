@@ -10,7 +10,8 @@ use hangar_proxy::{ProxyManager, ReverseProxyConfig};
 use serde_json::json;
 
 fn main() -> Result<(), Box<dyn Error>> {
-    // PROXY_BENCH_WORKERS: tokio worker threads (default: one per core).
+    // PROXY_BENCH_RT=current: a single-threaded runtime (for profiling, e.g. under callgrind);
+    // otherwise PROXY_BENCH_WORKERS: tokio worker threads (default: one per core).
     if std::env::var("PROXY_BENCH_RT").as_deref() == Ok("current") {
         return tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(run());
     }
