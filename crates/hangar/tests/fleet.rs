@@ -11,8 +11,9 @@
 //! orchestrator on a real guest, a host whose cable is cut and a host killed with kill -9
 //! turn unhealthy and new VMs go elsewhere, both come back by themselves, a restarted
 //! orchestrator keeps its state, and services inside the guest (HTTP on 8080, TCP echo on
-//! 7777) are reached through h1's reverse proxy, also after a restart that gives the guest
-//! a new IP.
+//! 7777) are reached through h1's reverse proxy, through routes on the orchestrator (which
+//! tunnel through h1) and through `hangar vm port-forward`, also after a restart that gives
+//! the guest a new IP.
 
 #![allow(clippy::unwrap_used)]
 
@@ -462,6 +463,73 @@ async fn fleet_scenario() {
     assert_eq!(page.status(), 200);
     assert_eq!(page.text().await.unwrap().trim(), "hello-from-guest");
 
+    // The same services through the orchestrator: its routes reach the VM through the host
+    // that owns it (the orchestrator cannot route to h1's VM network at all).
+    let orch_addr = fabric.addr("orch");
+    let (st, v) = call(
+        &c,
+        Method::POST,
+        &orch.api("/reverse-proxy/hosts"),
+        &root,
+        Some(json!({"name": "fleet-echo", "host": orch_addr, "port": "7301",
+            "tcp_route": {"target_vm_id": guest_id, "target_port": "7777"}})),
+        &[],
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
+    let (st, v) = call(
+        &c,
+        Method::POST,
+        &orch.api("/reverse-proxy/hosts"),
+        &root,
+        Some(json!({"name": "fleet-web", "host": orch_addr, "port": "7302",
+            "http_routes": [{"path": "/", "target_vm_id": guest_id, "target_port": "8080"}]})),
+        &[],
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
+    let orch_echo = format!("{orch_addr}:7301");
+    assert_eq!(tcp_echo(&orch_echo, b"ping-through-orchestrator\n").await, b"ping-through-orchestrator\n");
+    let page = c.get(format!("http://{orch_addr}:7302/index.html")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert_eq!(page.text().await.unwrap().trim(), "hello-from-guest");
+
+    // `hangar vm port-forward` through the orchestrator: an SSH-like exchange (a banner one
+    // way, a reply the other, then bulk bytes) over a local port in the client namespace.
+    let cli_home = dir.join("cli-home");
+    let out = cli_in(
+        &fabric,
+        "cli",
+        &cli_home,
+        &["--url", &orch.url, "login", "--username", "root", "--password-stdin"],
+        ROOT_PASSWORD,
+    );
+    assert!(out.status.success(), "login on the orchestrator: {}", String::from_utf8_lossy(&out.stderr));
+    let mut pf = fabric
+        .exec("cli", bin())
+        .args(["vm", "port-forward", &guest_id, "17777:7777"])
+        .env("HANGAR_CONFIG_DIR", &cli_home)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pf_out = pf.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(pf_out).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let line = rx.recv_timeout(Duration::from_secs(30)).expect("port-forward announced nothing");
+    assert!(line.contains("Forwarding") && line.contains("17777"), "{line}");
+    let banner = b"SSH-2.0-hangar-test\r\n".to_vec();
+    assert_eq!(tcp_echo("127.0.0.1:17777", &banner).await, banner);
+    let bulk: Vec<u8> = (0..256 * 1024).map(|i| (i * 7 % 251) as u8).collect();
+    assert_eq!(tcp_echo("127.0.0.1:17777", &bulk).await, bulk, "256 KiB both ways");
+    let _ = pf.kill();
+    let _ = pf.wait();
+
     // Cable cut: h3 turns unhealthy within 10 s, its VM shows as unknown, and new VMs go
     // to h2. The cable back: h3 is healthy again by itself.
     let on_h3 = if m1["host_id"] == ids["h3"].as_str() { &m1 } else { &m2 };
@@ -543,6 +611,7 @@ async fn fleet_scenario() {
     }
     let page = c.get(format!("http://{h1_addr}:7202/index.html")).send().await.unwrap();
     assert_eq!(page.text().await.unwrap().trim(), "hello-from-guest");
+    assert_eq!(tcp_echo(&orch_echo, b"orchestrator-after-restart\n").await, b"orchestrator-after-restart\n");
 
     // Clean up through the orchestrator; nothing of the guest stays on h1.
     for vm in ids_of(&after) {
