@@ -343,7 +343,7 @@ fn id_prefix(id: &str) -> (u128, u128) {
 /// Architecture, coded for a cheap comparison.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Arch {
-    X86_64,
+    X86_64 = 0,
     Arm64,
     /// Anything else: compared as text.
     Other,
@@ -518,11 +518,13 @@ impl HostSlot {
 }
 
 /// Snapshots of every host, kept in step with the registry's views (upsert on every
-/// change, remove on unregistration). Order is irrelevant: ties go by host id.
+/// change, remove on unregistration), grouped by architecture (`x86_64`, `arm64`, anything
+/// else or not reported) so a placement scans only its architecture's group unless nothing
+/// fits. Order is irrelevant: ties go by host id.
 #[derive(Debug, Default)]
 pub struct PlacementIndex {
-    slots: Vec<HostSlot>,
-    pos: HashMap<String, usize>,
+    groups: [Vec<HostSlot>; 3],
+    pos: HashMap<String, (usize, usize)>,
     tags: Bits<String>,
     images: Bits<ImageKey>,
 }
@@ -539,35 +541,56 @@ impl PlacementIndex {
 
     /// Adds `host` or refreshes its snapshot.
     pub fn upsert(&mut self, host: &Host) {
-        let PlacementIndex { slots, pos, tags, images } = self;
-        if let Some(slot) = pos.get(&host.id).and_then(|&i| slots.get_mut(i)) {
+        let PlacementIndex { groups, pos, tags, images } = self;
+        let at = pos.get(&host.id).copied();
+        if let Some((g, i)) = at
+            && let Some(slot) = groups.get_mut(g).and_then(|v| v.get_mut(i))
+        {
             slot.refresh(host, tags, images);
+            if slot.arch as usize == g {
+                return;
+            }
+            // Another architecture now: move it to its group.
+            let slot = slot.clone();
+            self.remove(&host.id);
+            self.insert(slot);
             return;
         }
-        pos.insert(host.id.clone(), slots.len());
-        slots.push(HostSlot::of(host, tags, images));
+        let slot = HostSlot::of(host, tags, images);
+        self.insert(slot);
+    }
+
+    fn insert(&mut self, slot: HostSlot) {
+        let g = slot.arch as usize;
+        if let Some(group) = self.groups.get_mut(g) {
+            self.pos.insert(slot.detail.id.clone(), (g, group.len()));
+            group.push(slot);
+        }
     }
 
     /// Forgets a host.
     pub fn remove(&mut self, id: &str) {
-        let Some(i) = self.pos.remove(id) else { return };
-        if i >= self.slots.len() {
-            return;
+        let Some((g, i)) = self.pos.remove(id) else { return };
+        let Some(group) = self.groups.get_mut(g).filter(|v| i < v.len()) else { return };
+        group.swap_remove(i);
+        if let Some(moved) = group.get(i) {
+            self.pos.insert(moved.detail.id.clone(), (g, i));
         }
-        self.slots.swap_remove(i);
-        if let Some(moved) = self.slots.get(i) {
-            self.pos.insert(moved.detail.id.clone(), i);
-        }
+    }
+
+    /// Every snapshot.
+    fn slots(&self) -> impl Iterator<Item = &HostSlot> {
+        self.groups.iter().flatten()
     }
 
     /// Number of hosts.
     pub fn len(&self) -> usize {
-        self.slots.len()
+        self.groups.iter().map(Vec::len).sum()
     }
 
     /// Whether no host is indexed.
     pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
+        self.len() == 0
     }
 }
 
@@ -646,7 +669,7 @@ pub fn check_host(
     let none = ReservedByHost::new();
     let index = PlacementIndex::build([host]);
     let p = Prepared::new(request, &index, &none);
-    let slot = index.slots.first().ok_or(Reason::NoHardware)?;
+    let slot = index.slots().next().ok_or(Reason::NoHardware)?;
     check_slot(&p, slot, || reserved).map(|(needs, load, _)| (needs, load.ppm()))
 }
 
@@ -811,12 +834,51 @@ pub fn place_indexed(
     profile: Profile,
 ) -> Result<Decision, NoCapacity> {
     let p = Prepared::new(request, index, reserved);
-    let mut best: Option<(bool, u64, &HostSlot, ResourceSet)> = None;
+    // Hosts of another architecture never fit: look at the request's group first, and at
+    // every host only to say why nothing fits.
+    let group = match p.arch {
+        Arch::Other => None,
+        a => index.groups.get(a as usize),
+    };
+    let found = match group {
+        Some(g) => scan(&p, g.iter(), profile),
+        None => scan(&p, index.slots(), profile),
+    };
+    let (best, hosts, refused) = match found {
+        (None, ..) if group.is_some() => scan(&p, index.slots(), profile),
+        other => other,
+    };
+    match best {
+        Some((cached, load_ppm, s, needs)) => Ok(Decision {
+            host_id: s.detail.id.clone(),
+            host_name: s.detail.name.clone(),
+            needs,
+            macos: p.macos,
+            cached,
+            load_ppm,
+        }),
+        None => Err(NoCapacity {
+            hosts,
+            reasons: REASONS.iter().zip(refused).filter(|(_, n)| *n > 0).map(|(r, n)| (*r, n)).collect(),
+        }),
+    }
+}
+
+/// The best host: cached, load in parts per million, host and needs.
+type Best<'a> = Option<(bool, u64, &'a HostSlot, ResourceSet)>;
+
+/// Checks `slots`: the best host, how many were looked at and how many failed each filter.
+fn scan<'a>(
+    p: &Prepared<'_>,
+    slots: impl Iterator<Item = &'a HostSlot>,
+    profile: Profile,
+) -> (Best<'a>, usize, [usize; REASONS.len()]) {
+    let mut best: Best<'a> = None;
     let mut hosts = 0usize;
     let mut refused = [0usize; REASONS.len()];
-    for s in &index.slots {
+    for s in slots {
         hosts += 1;
-        match check_slot(&p, s, || p.held_on(s)) {
+        match check_slot(p, s, || p.held_on(s)) {
             Err(reason) => {
                 if let Some(n) = refused.get_mut(reason as usize) {
                     *n += 1;
@@ -843,20 +905,7 @@ pub fn place_indexed(
             }
         }
     }
-    match best {
-        Some((cached, load_ppm, s, needs)) => Ok(Decision {
-            host_id: s.detail.id.clone(),
-            host_name: s.detail.name.clone(),
-            needs,
-            macos: p.macos,
-            cached,
-            load_ppm,
-        }),
-        None => Err(NoCapacity {
-            hosts,
-            reasons: REASONS.iter().zip(refused).filter(|(_, n)| *n > 0).map(|(r, n)| (*r, n)).collect(),
-        }),
-    }
+    (best, hosts, refused)
 }
 
 #[cfg(test)]
@@ -1031,6 +1080,33 @@ mod tests {
         r.tags.clear();
         // h4, h5 and h6 tie on memory (25% after placement): the smallest id wins.
         assert_eq!(same(&hosts, &idx, &r).unwrap().host_id, "h4");
+    }
+
+    /// A host that reports another architecture moves group: requests for its new
+    /// architecture find it, the old one's no longer do, and reasons still cover every host.
+    #[test]
+    fn hosts_follow_their_architecture_across_groups() {
+        let mut hosts = vec![host("a", 8, 16_384), host("b", 16, 32_768), host("c", 8, 16_384)];
+        hosts[2].architecture = None;
+        let mut idx = PlacementIndex::build(&hosts);
+        let held = ReservedByHost::new();
+        let mut arm = ubuntu("24.04");
+        arm.architecture = "arm64".into();
+        let no = place_indexed(&arm, &idx, &held, Profile::Spread).unwrap_err();
+        assert_eq!((no.hosts, no.count(Reason::Architecture), no.count(Reason::NoHardware)), (3, 2, 1));
+        hosts[1].architecture = Some("arm64".into());
+        idx.upsert(&hosts[1]);
+        assert_eq!(place_indexed(&arm, &idx, &held, Profile::Spread).unwrap().host_id, "b");
+        assert_eq!(place_indexed(&ubuntu("24.04"), &idx, &held, Profile::Spread).unwrap().host_id, "a");
+        hosts[2].architecture = Some("riscv64".into());
+        idx.upsert(&hosts[2]);
+        let mut riscv = ubuntu("24.04");
+        riscv.architecture = "riscv64".into();
+        assert_eq!(place_indexed(&riscv, &idx, &held, Profile::Spread).unwrap().host_id, "c");
+        idx.remove("b");
+        assert_eq!(idx.len(), 2);
+        let no = place_indexed(&arm, &idx, &held, Profile::Spread).unwrap_err();
+        assert_eq!((no.hosts, no.count(Reason::Architecture)), (2, 2));
     }
 
     /// Holdings are found by id even when ids share a long prefix (the tie-break and the
