@@ -37,7 +37,9 @@ async fn run() -> Result<(), Box<dyn Error>> {
         other => return Err(format!("unknown mode {other:?}").into()),
     }
     let cfg: ReverseProxyConfig = serde_json::from_value(json!({"hosts": [host]}))?;
-    let m = ProxyManager::builder().build()?;
+    // PROXY_BENCH_IO_THREADS: the manager's dedicated I/O threads (default 0: this runtime).
+    let io_threads = std::env::var("PROXY_BENCH_IO_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let m = ProxyManager::builder().io_threads(io_threads).build()?;
     let report = m.apply(&cfg).await?;
     if let Some((_, e)) = report.failed.first() {
         return Err(e.clone().into());

@@ -49,6 +49,9 @@ pub enum ProxyError {
     /// The TLS client configuration for `https` targets could not be built.
     #[error("TLS client setup for https targets failed: {0}")]
     UpstreamTls(String),
+    /// The dedicated I/O threads could not be started.
+    #[error("cannot start the proxy's I/O threads: {0}")]
+    Runtime(#[source] std::io::Error),
 }
 
 /// Why a VM id could not be turned into an address. Produced by [`crate::TargetResolver`]

@@ -55,7 +55,7 @@ pub(crate) struct ListenerTimeouts {
 pub(crate) struct Running {
     pub local: SocketAddr,
     pub ctx: Arc<ListenerCtx>,
-    pub accept: JoinHandle<()>,
+    pub accept: Vec<JoinHandle<()>>,
 }
 
 struct ActiveGuard<'a>(&'a AtomicU64);
@@ -66,7 +66,8 @@ impl Drop for ActiveGuard<'_> {
     }
 }
 
-/// Bind and start accepting.
+/// Bind and start accepting: on the calling runtime when `io` is empty, else one listening
+/// socket per runtime of `io` (`SO_REUSEPORT`, so the kernel spreads connections over them).
 pub(crate) async fn start(
     key: &str,
     bind: &BindAddr,
@@ -74,9 +75,8 @@ pub(crate) async fn start(
     shared: Arc<Shared>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     timeouts: ListenerTimeouts,
+    io: &[tokio::runtime::Handle],
 ) -> io::Result<Running> {
-    let listener = TcpListener::bind((bind.host.as_str(), bind.port)).await?;
-    let local = listener.local_addr()?;
     let ctx = Arc::new(ListenerCtx {
         key: key.to_string(),
         state: ArcSwap::new(state),
@@ -85,9 +85,69 @@ pub(crate) async fn start(
         graceful: CancellationToken::new(),
         hard: CancellationToken::new(),
     });
-    let span = tracing::info_span!("proxy_listener", host = key, address = %local);
-    let accept = tokio::spawn(accept_loop(listener, ctx.clone(), shared, builder, timeouts).instrument(span));
-    tracing::info!(host = key, address = %local, "proxy listener started");
+    if io.is_empty() {
+        let listener = TcpListener::bind((bind.host.as_str(), bind.port)).await?;
+        let local = listener.local_addr()?;
+        let span = tracing::info_span!("proxy_listener", host = key, address = %local);
+        let accept = tokio::spawn(accept_loop(listener, ctx.clone(), shared, builder, timeouts).instrument(span));
+        tracing::info!(host = key, address = %local, "proxy listener started");
+        return Ok(Running { local, ctx, accept: vec![accept] });
+    }
+    let mut addr = tokio::net::lookup_host((bind.host.as_str(), bind.port))
+        .await?
+        .next()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{} has no address", bind.host)))?;
+    // Bind every socket before listening on any, so a failure leaves nothing behind.
+    let mut sockets = Vec::with_capacity(io.len());
+    for _ in io {
+        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        if io.len() > 1 {
+            socket.set_reuseport(true)?;
+        }
+        socket.bind(addr)?;
+        // With port 0, the others join the port the first one got.
+        addr = socket.local_addr()?;
+        sockets.push(socket);
+    }
+    let local = addr;
+    let mut accept = Vec::with_capacity(io.len());
+    let mut listening = Vec::with_capacity(io.len());
+    for (socket, rt) in sockets.into_iter().zip(io) {
+        let span = tracing::info_span!("proxy_listener", host = key, address = %local);
+        let (ctx, shared, builder) = (ctx.clone(), shared.clone(), builder.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        listening.push(rx);
+        // The listener registers with the reactor of the runtime it is created on.
+        accept.push(
+            rt.spawn(
+                async move {
+                    match socket.listen(1024) {
+                        Ok(listener) => {
+                            let _ = tx.send(Ok(()));
+                            accept_loop(listener, ctx, shared, builder, timeouts).await
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                        }
+                    }
+                }
+                .instrument(span),
+            ),
+        );
+    }
+    // Return once every socket accepts connections.
+    for rx in listening {
+        let r = rx.await.unwrap_or_else(|_| Err(io::Error::other("the proxy's I/O thread stopped")));
+        if let Err(e) = r {
+            ctx.graceful.cancel();
+            for h in accept {
+                let _ = h.await;
+            }
+            return Err(e);
+        }
+    }
+    tracing::info!(host = key, address = %local, threads = io.len(), "proxy listener started");
     Ok(Running { local, ctx, accept })
 }
 

@@ -223,3 +223,43 @@ async fn shutdown_lets_requests_finish_then_closes() {
     assert!(slow.is_empty(), "the slow request cannot have been answered: {}", String::from_utf8_lossy(&slow));
     assert!(m.status().await.listeners.is_empty());
 }
+
+#[tokio::test]
+async fn dedicated_io_threads_serve_update_and_stop() {
+    let a = http_upstream("127.0.0.1:0", "a").await;
+    let b = http_upstream("127.0.0.1:0", "b").await;
+    let echo = tcp_upstream("127.0.0.1:0", false).await;
+    let m = ProxyManager::builder().io_threads(2).build().unwrap();
+    let cfg = |port: u16| {
+        config(json!({"hosts": [
+            {"id": "web", "host": "127.0.0.1", "port": 0, "http_routes": [
+                {"id": "r", "path": "/", "target_host": "127.0.0.1", "target_port": port}]},
+            {"id": "tcp", "host": "127.0.0.1", "port": 0,
+             "tcp_route": {"target_host": "127.0.0.1", "target_port": echo.addr.port()}}
+        ]}))
+    };
+    let web = apply(&m, &cfg(a.addr.port()), "web").await;
+    let tcp = local(&m, "tcp").await;
+    // Many connections, so that both threads' sockets take some (the kernel spreads them).
+    for i in 0..16 {
+        let r = raw_http(web, &format!("GET /{i} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["label"], "a");
+    }
+    let mut s = TcpStream::connect(tcp).await.unwrap();
+    round_trip(&mut s, b"ping").await;
+
+    // Updated in place: the same address, the new target.
+    let report = m.apply(&cfg(b.addr.port())).await.unwrap();
+    assert_eq!(report.updated, ["web"]);
+    assert_eq!(local(&m, "web").await, web);
+    for i in 0..8 {
+        let r = raw_http(web, &format!("GET /{i} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")).await;
+        assert_eq!(r.json()["label"], "b");
+    }
+    assert_eq!(m.status().await.listener("web").unwrap().requests, 24);
+
+    drop(s);
+    m.shutdown().await;
+    assert!(TcpStream::connect(web).await.is_err(), "every thread's socket is closed after shutdown");
+}
