@@ -617,3 +617,14 @@ async fn db(cmd: DbCommand, out: Output) -> Result<()> {
     store.close().await?;
     result
 }
+
+#[cfg(test)]
+mod tests {
+    /// clap checks the whole command tree (unique names, valid `requires`) only in debug
+    /// builds, and only for the commands that run; this walks all of them.
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

@@ -20,10 +20,12 @@ pub enum VmCommand {
     Get {
         vm: String,
     },
-    /// Create a VM from a local image and wait for it (a progress bar follows the job).
+    /// Create a VM from a local image and wait for it (a progress bar follows the job). With
+    /// --orchestrator the server at --url is an orchestrator that places the VM on a host.
     Create {
         name: String,
-        /// A local image name on the host.
+        /// An image name on the host (a local image, or with --orchestrator a local image of
+        /// the hosts or a catalog id when --version is given).
         #[arg(long)]
         image: String,
         #[arg(long)]
@@ -33,6 +35,27 @@ pub enum VmCommand {
         memory: Option<u64>,
         #[arg(long)]
         start: bool,
+        /// Place the VM through the orchestrator at --url.
+        #[arg(long)]
+        orchestrator: bool,
+        /// With --orchestrator: catalog version of --image (then --image is a catalog id).
+        #[arg(long, requires = "orchestrator")]
+        catalog_version: Option<String>,
+        /// With --orchestrator: x86_64 or arm64.
+        #[arg(long, requires = "orchestrator")]
+        architecture: Option<String>,
+        /// With --orchestrator: tags the host must have (a,b).
+        #[arg(long, requires = "orchestrator", value_delimiter = ',')]
+        tags: Vec<String>,
+        /// With --orchestrator: delete the VM this many seconds after creation unless extended.
+        #[arg(long, requires = "orchestrator")]
+        ttl: Option<u64>,
+        /// With --orchestrator: wait up to this many seconds for capacity instead of failing.
+        #[arg(long, requires = "orchestrator")]
+        wait: Option<u64>,
+        /// With --orchestrator and --wait: queue priority (higher first).
+        #[arg(long, requires = "wait", default_value_t = 0)]
+        priority: i32,
     },
     Start {
         vm: String,
@@ -130,7 +153,8 @@ fn vm_path(vm: &str, rest: &str) -> String {
 }
 
 /// Follow a job to its end, with a progress bar on a terminal.
-async fn follow_job(c: &Client, id: &str, out: Output) -> Result<Value> {
+/// Follow job `id` under `base` (`/jobs` on a host, `/orchestrator/jobs` on an orchestrator).
+async fn follow_job(c: &Client, base: &str, id: &str, out: Output) -> Result<Value> {
     use std::io::IsTerminal;
     let bar = (out == Output::Table && std::io::stderr().is_terminal()).then(|| {
         let b = indicatif::ProgressBar::new(100);
@@ -141,7 +165,7 @@ async fn follow_job(c: &Client, id: &str, out: Output) -> Result<Value> {
     });
     let deadline = tokio::time::Instant::now() + Duration::from_secs(6 * 3600);
     loop {
-        let j = c.get(&format!("/jobs/{}", seg(id))).await?;
+        let j = c.get(&format!("{base}/{}", seg(id))).await?;
         if let Some(b) = &bar {
             b.set_position(j["progress"].as_f64().unwrap_or(0.0) as u64);
             b.set_message(j["message"].as_str().unwrap_or("").to_string());
@@ -242,12 +266,49 @@ pub async fn run(c: Client, cmd: VmCommand, out: Output) -> Result<()> {
             (v, VM_COLS)
         }
         VmCommand::Get { vm } => (c.get(&vm_path(&vm, "")).await?, VM_COLS),
-        VmCommand::Create { name, image, cpus, memory, start } => {
-            let body = json!({"name": name, "image": image, "start_on_create": start, "specs": {"cpu": cpus, "memory": memory}});
-            let job = c.post("/machines/async", body).await?;
-            let id = job["id"].as_str().context("the server answered without a job id")?.to_string();
-            let done = follow_job(&c, &id, out).await?;
-            (done["result"].clone(), &["id", "name", "current_state"][..])
+        VmCommand::Create {
+            name,
+            image,
+            cpus,
+            memory,
+            start,
+            orchestrator,
+            catalog_version,
+            architecture,
+            tags,
+            ttl,
+            wait,
+            priority,
+        } => {
+            let specs = json!({"cpu": cpus.map(|n| n.to_string()), "memory": memory.map(|n| n.to_string())});
+            if !orchestrator {
+                let body = json!({"name": name, "image": image, "start_on_create": start, "specs": specs});
+                let job = c.post("/machines/async", body).await?;
+                let id = job["id"].as_str().context("the server answered without a job id")?.to_string();
+                let done = follow_job(&c, "/jobs", &id, out).await?;
+                print(out, &done["result"], &["id", "name", "current_state"]);
+                return Ok(());
+            }
+            let mut body = json!({"name": name, "start_on_create": start, "specs": specs, "tags": tags});
+            match catalog_version {
+                Some(v) => {
+                    body["catalog_manifest"] = json!({"catalog_id": image, "version": v, "architecture": architecture})
+                }
+                None => body["image"] = json!(image),
+            }
+            if let Some(a) = architecture {
+                body["architecture"] = json!(a);
+            }
+            if let Some(t) = ttl {
+                body["ttl_seconds"] = json!(t);
+            }
+            if let Some(w) = wait {
+                body["queue"] = json!({"priority": priority, "timeout_seconds": w});
+            }
+            let job = c.post("/orchestrator/machines/async", body).await?;
+            let id = job["id"].as_str().context("the orchestrator answered without a job id")?.to_string();
+            let done = follow_job(&c, "/orchestrator/jobs", &id, out).await?;
+            (done["result"].clone(), &["id", "name", "current_state", "host", "host_id"][..])
         }
         VmCommand::Start { vm } => (c.put(&vm_path(&vm, "/start"), None).await?, STATUS_COLS),
         VmCommand::Stop { vm, force } => {

@@ -557,7 +557,35 @@ async fn fleet_scenario() {
     h2.kill9();
     let took = until_state(&c, &orch, &root, &ids["h2"], "unhealthy", Duration::from_secs(10)).await;
     eprintln!("fleet: kill -9 -> unhealthy in {:.1} s", took.as_secs_f64());
-    let m4 = create(&c, &orch, &root, mac_vm("mac-4")).await;
+    // This one through the CLI: `hangar vm create --orchestrator` places it and follows the job.
+    let out = cli_in(
+        &fabric,
+        "cli",
+        &cli_home,
+        &[
+            "--output",
+            "json",
+            "vm",
+            "create",
+            "mac-4",
+            "--orchestrator",
+            "--image",
+            "golden.pvm",
+            "--tags",
+            "mac",
+            "--cpus",
+            "1",
+            "--memory",
+            "1024",
+            "--start",
+            "--ttl",
+            "3600",
+        ],
+        "",
+    );
+    assert!(out.status.success(), "hangar vm create --orchestrator: {}", String::from_utf8_lossy(&out.stderr));
+    let m4: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
     assert_eq!(m4["host_id"], ids["h3"].as_str(), "{m4}");
     h2 = agent(&fabric, "h2", &dir, Some(&fake2), &image);
     let took = until_state(&c, &orch, &root, &ids["h2"], "healthy", Duration::from_secs(30)).await;
