@@ -40,6 +40,13 @@ async fn a_proxy_host_made_over_rest_forwards_at_once() {
     let root = login(&c, &s, "root", ROOT_PASSWORD).await;
     let ra = Auth::Bearer(root.clone());
     let (up, seen) = upstream().await;
+    // Route state changes reach the websocket event stream.
+    let ws_url = s.url.replace("http://", "ws://");
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!(
+        "{ws_url}/api/v1/ws/subscribe?event_types=reverse_proxy&access_token={root}"
+    ))
+    .await
+    .unwrap();
 
     let key_pem = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIBV8c3ryFXJ8aMZ1xP7y3zZ6sWmV3h1hN4cQ9gQ8b0Xy\n-----END PRIVATE KEY-----\n";
     let body = json!({
@@ -53,6 +60,24 @@ async fn a_proxy_host_made_over_rest_forwards_at_once() {
     assert!(!h.to_string().contains("MC4CAQAw"));
     let addr = h["listener"]["local_address"].as_str().expect("the listener runs").to_string();
     let id = h["id"].as_str().unwrap().to_string();
+    {
+        use futures::StreamExt;
+        let mut seen_msgs = Vec::new();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !(seen_msgs.iter().any(|m: &String| m.contains("REVERSE_PROXY_UPDATED"))
+            && seen_msgs.iter().any(|m| m.contains("REVERSE_PROXY_HOST_STATE_CHANGED")))
+        {
+            let msg = tokio::time::timeout_at(deadline, ws.next())
+                .await
+                .unwrap_or_else(|_| panic!("no reverse_proxy events within 10 s; got {seen_msgs:?}"))
+                .unwrap()
+                .unwrap();
+            if let tokio_tungstenite::tungstenite::Message::Text(t) = msg {
+                seen_msgs.push(t.to_string());
+            }
+        }
+        assert!(seen_msgs.iter().all(|m| !m.contains("MC4CAQAw")), "no key in events: {seen_msgs:?}");
+    }
 
     let r = c.get(format!("http://{addr}/hello?x=1")).send().await.unwrap();
     assert_eq!(r.status(), 200);
