@@ -612,6 +612,27 @@ async fn fleet_scenario() {
     assert_eq!(ids_of(&before), ids_of(&after), "VMs after an orchestrator restart");
     assert_eq!(ids_of(&after).len(), 5, "{after}");
 
+    // Drain: a disabled host takes no new VMs, and its running VMs keep running.
+    let out = cli_in(&fabric, "cli", &cli_home, &["--output", "json", "host", "disable", "h2"], "");
+    assert!(out.status.success(), "hangar host disable: {}", String::from_utf8_lossy(&out.stderr));
+    let (st, v) = call(&c, Method::POST, &orch.api("/orchestrator/machines"), &root, Some(mac_vm("mac-5")), &[]).await;
+    assert_eq!(st, 503, "h2 drained, h3 full: {v}");
+    assert!(v["message"].as_str().unwrap().contains("disabled"), "{v}");
+    for vm in [&m3, if m1["host_id"] == ids["h2"].as_str() { &m1 } else { &m2 }] {
+        let (st, v) = call(
+            &c,
+            Method::GET,
+            &orch.api(&format!("/orchestrator/machines/{}/status", vm["id"].as_str().unwrap())),
+            &root,
+            None,
+            &[],
+        )
+        .await;
+        assert_eq!((st, v["status"].as_str()), (200, Some("running")), "a drained host's VM keeps running: {v}");
+    }
+    let out = cli_in(&fabric, "cli", &cli_home, &["--output", "json", "host", "enable", "h2"], "");
+    assert!(out.status.success(), "hangar host enable: {}", String::from_utf8_lossy(&out.stderr));
+
     // A restart that changes the guest's address: the DHCP pool moves, the guest reboots,
     // and the same proxy listener reaches it at its new address.
     drop(dhcp);
