@@ -66,7 +66,11 @@ pub const KEYS: &[Key] = &[
     k("SYSTEM_RESERVED_MEMORY", "2048", "Memory (MiB) kept for the host"),
     k("SYSTEM_RESERVED_DISK", "20000", "Disk (MiB) kept for the host"),
     k("ORCHESTRATOR_PLACEMENT", "spread", "Orchestrator placement: spread (least loaded host first) or pack"),
-    k("ORCHESTRATOR_CHECK_INTERVAL", "2s", "How often the orchestrator probes each host (besides its event stream's pings)"),
+    k(
+        "ORCHESTRATOR_CHECK_INTERVAL",
+        "2s",
+        "How often the orchestrator probes each host (besides its event stream's pings)",
+    ),
     k("ORCHESTRATOR_UNHEALTHY_AFTER", "10s", "Silence after which the orchestrator marks a host unhealthy"),
     s(
         "ROOT_PASSWORD",
