@@ -47,17 +47,7 @@ impl RemoteAuth {
 }
 
 /// Percent-encodes one path segment.
-pub fn segment(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
+pub use hangar_core::path_segment as segment;
 
 /// A read-only store over one catalog entry on a server.
 #[derive(Debug)]

@@ -16,3 +16,28 @@ pub use access::{Access, Decision};
 pub use error::{Classify, ErrorKind};
 pub use events::{Event, EventBus, EventType};
 pub use principal::{AuthMethod, Principal};
+
+/// Percent-encode one URL path segment: everything but the RFC 3986 unreserved characters,
+/// so a name with `/`, spaces or `%` stays one segment. Every HTTP client in Hangar (CLI,
+/// orchestrator, catalog remote store) builds paths with it.
+pub fn path_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod path_segment_tests {
+    #[test]
+    fn reserved_characters_are_encoded() {
+        assert_eq!(super::path_segment("a b/c%d"), "a%20b%2Fc%25d");
+        assert_eq!(super::path_segment("v1.2-x_y~z"), "v1.2-x_y~z");
+        assert_eq!(super::path_segment("é"), "%C3%A9");
+    }
+}

@@ -427,18 +427,7 @@ impl hangar_proxy::VmDialer for HostTunnels {
     }
 }
 
-/// Percent-encode one path segment.
-fn segment(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
+use hangar_core::path_segment as segment;
 
 #[cfg(test)]
 mod tests {

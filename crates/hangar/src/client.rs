@@ -197,15 +197,5 @@ impl Client {
     }
 }
 
-/// Percent-encode one path segment.
-pub fn seg(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~@".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
+/// One path segment, percent-encoded.
+pub use hangar_core::path_segment as seg;

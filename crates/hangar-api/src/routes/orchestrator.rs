@@ -1010,19 +1010,6 @@ fn vm_path(id: &str, rest: &str) -> String {
     format!("/machines/{}{rest}", seg(id))
 }
 
-/// One path segment, percent-encoded.
-fn seg(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 /// A caller holding only the `*_OWN_*` claim may touch only VMs it owns (as recorded by
 /// the orchestrator when it created them).
 async fn check_own(o: &HttpOrchestrator, p: &Principal, id: &str, all_claim: &str) -> R<()> {
@@ -1170,3 +1157,5 @@ async fn revert_snapshot(
     forward(&s, &ctx, &host, Method::POST, &path, Some(body), "orchestrator.vm.snapshot.revert", &id).await?;
     Ok(StatusCode::ACCEPTED)
 }
+
+use hangar_core::path_segment as seg;
