@@ -285,6 +285,21 @@ async fn tcp_echo(addr: &str, msg: &[u8]) -> Vec<u8> {
     got
 }
 
+/// Two reverse-proxy listeners on `server` at `addr`: `port` a TCP route to the guest's echo
+/// service (7777), `port + 1` an HTTP route to its web server (8080).
+async fn expose_guest(c: &reqwest::Client, server: &Server, auth: &Auth, addr: &str, port: u16, vm: &str) {
+    let listeners = [
+        json!({"name": format!("echo-{port}"), "host": addr, "port": port.to_string(),
+            "tcp_route": {"target_vm_id": vm, "target_port": "7777"}}),
+        json!({"name": format!("web-{port}"), "host": addr, "port": (port + 1).to_string(),
+            "http_routes": [{"path": "/", "target_vm_id": vm, "target_port": "8080"}]}),
+    ];
+    for body in listeners {
+        let (st, v) = call(c, Method::POST, &server.api("/reverse-proxy/hosts"), auth, Some(body), &[]).await;
+        assert_eq!(st, 201, "{v}");
+    }
+}
+
 /// Run the CLI inside a node, with its own credentials folder and `stdin` as input.
 fn cli_in(fabric: &Fabric, role: &str, home: &Path, args: &[&str], stdin: &str) -> std::process::Output {
     use std::io::Write;
@@ -435,28 +450,7 @@ async fn fleet_scenario() {
     let first_ip = guest_ip(&c, &h1, &h1_root, &guest_id, None).await;
     eprintln!("fleet: guest address {first_ip}");
     let h1_addr = fabric.addr("h1");
-    let (st, v) = call(
-        &c,
-        Method::POST,
-        &h1.api("/reverse-proxy/hosts"),
-        &h1_root,
-        Some(json!({"name": "guest-echo", "host": h1_addr, "port": "7201",
-            "tcp_route": {"target_vm_id": guest_id, "target_port": "7777"}})),
-        &[],
-    )
-    .await;
-    assert_eq!(st, 201, "{v}");
-    let (st, v) = call(
-        &c,
-        Method::POST,
-        &h1.api("/reverse-proxy/hosts"),
-        &h1_root,
-        Some(json!({"name": "guest-web", "host": h1_addr, "port": "7202",
-            "http_routes": [{"path": "/", "target_vm_id": guest_id, "target_port": "8080"}]})),
-        &[],
-    )
-    .await;
-    assert_eq!(st, 201, "{v}");
+    expose_guest(&c, &h1, &h1_root, &h1_addr, 7201, &guest_id).await;
     let echo_addr = format!("{h1_addr}:7201");
     assert_eq!(tcp_echo(&echo_addr, b"ping-through-h1\n").await, b"ping-through-h1\n");
     let page = c.get(format!("http://{h1_addr}:7202/index.html")).send().await.unwrap();
@@ -466,28 +460,7 @@ async fn fleet_scenario() {
     // The same services through the orchestrator: its routes reach the VM through the host
     // that owns it (the orchestrator cannot route to h1's VM network at all).
     let orch_addr = fabric.addr("orch");
-    let (st, v) = call(
-        &c,
-        Method::POST,
-        &orch.api("/reverse-proxy/hosts"),
-        &root,
-        Some(json!({"name": "fleet-echo", "host": orch_addr, "port": "7301",
-            "tcp_route": {"target_vm_id": guest_id, "target_port": "7777"}})),
-        &[],
-    )
-    .await;
-    assert_eq!(st, 201, "{v}");
-    let (st, v) = call(
-        &c,
-        Method::POST,
-        &orch.api("/reverse-proxy/hosts"),
-        &root,
-        Some(json!({"name": "fleet-web", "host": orch_addr, "port": "7302",
-            "http_routes": [{"path": "/", "target_vm_id": guest_id, "target_port": "8080"}]})),
-        &[],
-    )
-    .await;
-    assert_eq!(st, 201, "{v}");
+    expose_guest(&c, &orch, &root, &orch_addr, 7301, &guest_id).await;
     let orch_echo = format!("{orch_addr}:7301");
     assert_eq!(tcp_echo(&orch_echo, b"ping-through-orchestrator\n").await, b"ping-through-orchestrator\n");
     let page = c.get(format!("http://{orch_addr}:7302/index.html")).send().await.unwrap();

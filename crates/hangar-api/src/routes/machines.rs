@@ -1024,7 +1024,8 @@ async fn hardware(State(s): State<AppState>) -> R<axum::Json<HardwareResponse>> 
     }))
 }
 
-fn job_visible(p: &Principal, j: &Job) -> bool {
+/// Whether a caller may see a job (host or orchestrator): its own, or all with JOB_MANAGER_LIST.
+pub(crate) fn job_visible(p: &Principal, j: &Job) -> bool {
     p.has_claim(JOB_MANAGER_LIST) || j.owner == p.user_id
 }
 

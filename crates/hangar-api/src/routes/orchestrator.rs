@@ -653,9 +653,7 @@ async fn create_machine_async(
     create_async(&s, &ctx, &req, None).await
 }
 
-fn job_visible(p: &Principal, j: &Job) -> bool {
-    p.has_claim(JOB_MANAGER_LIST) || j.owner == p.user_id
-}
+use super::machines::job_visible;
 
 /// The orchestrator's jobs the caller may see (its own, or all with JOB_MANAGER_LIST).
 #[utoipa::path(get, path = "/orchestrator/jobs", tag = "orchestrator", responses((status = 200, body = Vec<Object>)))]
