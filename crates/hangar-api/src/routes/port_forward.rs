@@ -24,12 +24,13 @@ use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::http::StatusCode;
 use axum::response::Response;
+use futures::StreamExt;
 use hangar_core::Access;
 use hangar_core::claims::EXECUTE_COMMAND_VM;
 use hangar_hypervisor::VmState;
-use hangar_orchestrator::tunnel::{HostTunnelError, HostTunnels, PING_EVERY, TunnelError, into_io};
+use hangar_orchestrator::tunnel::{Frame, HostTunnelError, HostTunnels, PumpEnd, TunnelError, Wire, into_io, pump};
 use serde_json::json;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{Instrument, debug, info, info_span};
 use utoipa_axum::routes;
 
@@ -45,8 +46,6 @@ pub const RECHECK_EVERY: Duration = Duration::from_secs(10);
 
 /// How long the host waits for the VM to accept the connection.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
-
-const CHUNK: usize = 64 * 1024;
 
 pub fn register(api: Api) -> Api {
     api.add(Access::AllOf(&[EXECUTE_COMMAND_VM]), routes!(host_port_forward))
@@ -193,83 +192,41 @@ where
     }
 }
 
-fn close(code: u16, reason: &str) -> Message {
-    Message::Close(Some(CloseFrame { code, reason: reason.chars().take(120).collect::<String>().into() }))
+fn wire() -> Wire<Message> {
+    Wire {
+        binary: Message::Binary,
+        ping: || Message::Ping(Bytes::new()),
+        close: |code, reason| Message::Close(Some(CloseFrame { code, reason: reason.into() })),
+        frame: |m| match m {
+            Message::Binary(b) if b.is_empty() => Frame::End,
+            Message::Binary(b) => Frame::Data(b),
+            Message::Close(_) => Frame::Close,
+            _ => Frame::Other,
+        },
+    }
 }
 
-/// Copy between the caller's websocket and the VM's byte stream (see the module docs).
-async fn splice<I>(
-    s: &AppState,
-    mut ws: WebSocket,
-    mut io: I,
-    credential: &Option<Credential>,
-) -> std::io::Result<(u64, u64)>
+/// Copy between the caller's websocket and the VM's byte stream (see the module docs), the
+/// two directions independent (`hangar_orchestrator::tunnel::pump`); the caller's credential
+/// is checked again every [`RECHECK_EVERY`] and the tunnel closed (1008) when it no longer
+/// allows port forwarding.
+async fn splice<I>(s: &AppState, ws: WebSocket, io: I, credential: &Option<Credential>) -> std::io::Result<(u64, u64)>
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; CHUNK];
-    let (mut from_client, mut to_client) = (0u64, 0u64);
-    let (mut client_done, mut vm_done) = (false, false);
-    let start = tokio::time::Instant::now();
-    let mut ping = tokio::time::interval_at(start + PING_EVERY, PING_EVERY);
-    let mut recheck = tokio::time::interval_at(start + RECHECK_EVERY, RECHECK_EVERY);
-    let gone = |e: axum::Error| std::io::Error::other(e);
-    loop {
-        if client_done && vm_done {
-            let _ = ws.send(close(1000, "done")).await;
-            return Ok((from_client, to_client));
-        }
-        tokio::select! {
-            m = ws.recv() => match m {
-                Some(Ok(Message::Binary(b))) if client_done => {
-                    if !b.is_empty() {
-                        let _ = ws.send(close(1002, "bytes after the end of the stream")).await;
-                        return Err(std::io::Error::other("the client sent bytes after it ended its stream"));
-                    }
-                }
-                Some(Ok(Message::Binary(b))) => {
-                    if b.is_empty() {
-                        client_done = true;
-                        let _ = io.shutdown().await;
-                    } else if let Err(e) = io.write_all(&b).await {
-                        let _ = ws.send(close(1011, &format!("the VM side closed: {e}"))).await;
-                        return Err(e);
-                    } else {
-                        from_client += b.len() as u64;
-                    }
-                }
-                Some(Ok(Message::Close(_))) | None => {
-                    let _ = io.shutdown().await;
-                    return Ok((from_client, to_client));
-                }
-                Some(Ok(_)) => {}
-                Some(Err(e)) => {
-                    let _ = io.shutdown().await;
-                    return Err(gone(e));
-                }
-            },
-            n = io.read(&mut buf), if !vm_done => match n {
-                Ok(0) => {
-                    vm_done = true;
-                    ws.send(Message::Binary(Bytes::new())).await.map_err(gone)?;
-                }
-                Ok(n) => {
-                    ws.send(Message::Binary(Bytes::copy_from_slice(&buf[..n]))).await.map_err(gone)?;
-                    to_client += n as u64;
-                }
-                Err(e) => {
-                    let _ = ws.send(close(1011, &format!("the VM side failed: {e}"))).await;
-                    return Err(e);
-                }
-            },
-            _ = ping.tick() => ws.send(Message::Ping(Bytes::new())).await.map_err(gone)?,
-            _ = recheck.tick() => {
-                if !still_allowed(s, credential).await {
-                    let _ = ws.send(close(1008, "credentials no longer valid")).await;
-                    let _ = io.shutdown().await;
-                    return Ok((from_client, to_client));
-                }
+    let (sink, stream) = ws.split();
+    let recheck = async {
+        let mut every = tokio::time::interval_at(tokio::time::Instant::now() + RECHECK_EVERY, RECHECK_EVERY);
+        loop {
+            every.tick().await;
+            if !still_allowed(s, credential).await {
+                return (1008, "credentials no longer valid".to_string());
             }
         }
+    };
+    let (end, traffic) = pump(stream, sink, io, wire(), recheck).await;
+    if let Ok(PumpEnd::Stopped) = end {
+        info!("tunnel closed: credentials no longer valid");
     }
+    end.map(|_| (traffic.from_tunnel, traffic.to_tunnel))
 }
