@@ -342,6 +342,34 @@ pub struct Host {
 }
 
 impl Host {
+    /// A host nothing has been heard from yet: enabled, state unknown, no hardware, VMs,
+    /// cache, tags, access rules or credentials. Registration and tests fill in the rest.
+    pub fn new(id: impl Into<String>, name: impl Into<String>, url: impl Into<String>, now: DateTime<Utc>) -> Host {
+        Host {
+            id: id.into(),
+            name: name.into(),
+            url: url.into(),
+            description: String::new(),
+            tags: BTreeSet::new(),
+            enabled: true,
+            architecture: None,
+            os: None,
+            hypervisor: None,
+            resources: None,
+            state: HostState::Unknown,
+            last_seen: None,
+            last_error: None,
+            vms: Vec::new(),
+            cached_images: Vec::new(),
+            cache_on_vm_volume: true,
+            required_roles: BTreeSet::new(),
+            required_claims: BTreeSet::new(),
+            has_credentials: false,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
     /// Whether the host has `tag`, case-insensitively.
     pub fn has_tag(&self, tag: &str) -> bool {
         self.tags.iter().any(|t| t.eq_ignore_ascii_case(tag))

@@ -916,12 +916,6 @@ mod tests {
     fn host(id: &str, cpu: u32, memory_mb: u64) -> Host {
         let t = chrono::DateTime::<chrono::Utc>::UNIX_EPOCH;
         Host {
-            id: id.into(),
-            name: format!("name-{id}"),
-            url: format!("http://{id}:8080/api"),
-            description: String::new(),
-            tags: BTreeSet::new(),
-            enabled: true,
             architecture: Some("x86_64".into()),
             os: Some(Os::Linux),
             hypervisor: Some(HypervisorKind::Qemu),
@@ -932,15 +926,7 @@ mod tests {
             )),
             state: HostState::Healthy,
             last_seen: Some(t),
-            last_error: None,
-            vms: Vec::new(),
-            cached_images: Vec::new(),
-            cache_on_vm_volume: true,
-            required_roles: BTreeSet::new(),
-            required_claims: BTreeSet::new(),
-            has_credentials: false,
-            created_at: t,
-            updated_at: t,
+            ..Host::new(id, format!("name-{id}"), format!("http://{id}:8080/api"), t)
         }
     }
 

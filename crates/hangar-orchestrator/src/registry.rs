@@ -345,27 +345,13 @@ impl HostRegistry {
         }
         let now = self.clock.now();
         let mut host = Host {
-            id: uuid::Uuid::now_v7().to_string(),
-            name,
-            url,
             description: req.description.clone(),
             tags: check_tags(&req.tags)?,
             enabled: !req.disabled,
-            architecture: None,
-            os: None,
-            hypervisor: None,
-            resources: None,
-            state: HostState::Unknown,
-            last_seen: None,
-            last_error: None,
-            vms: Vec::new(),
-            cached_images: Vec::new(),
-            cache_on_vm_volume: true,
             required_roles: req.required_roles.clone(),
             required_claims: req.required_claims.clone(),
             has_credentials: req.credentials.is_some(),
-            created_at: now,
-            updated_at: now,
+            ..Host::new(uuid::Uuid::now_v7().to_string(), name, url, now)
         };
         if let Some(hw) = hw {
             host.apply_hardware(hw);

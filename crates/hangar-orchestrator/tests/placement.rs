@@ -16,12 +16,6 @@ fn t0() -> DateTime<Utc> {
 
 fn linux_host(id: &str, cpu: u32, mem: u64, disk: u64) -> Host {
     Host {
-        id: id.into(),
-        name: format!("name-{id}"),
-        url: format!("http://{id}:8080/api"),
-        description: String::new(),
-        tags: BTreeSet::new(),
-        enabled: true,
         architecture: Some("x86_64".into()),
         os: Some(Os::Linux),
         hypervisor: Some(HypervisorKind::Qemu),
@@ -32,15 +26,7 @@ fn linux_host(id: &str, cpu: u32, mem: u64, disk: u64) -> Host {
         )),
         state: HostState::Healthy,
         last_seen: Some(t0()),
-        last_error: None,
-        vms: Vec::new(),
-        cached_images: Vec::new(),
-        cache_on_vm_volume: true,
-        required_roles: BTreeSet::new(),
-        required_claims: BTreeSet::new(),
-        has_credentials: false,
-        created_at: t0(),
-        updated_at: t0(),
+        ..Host::new(id, format!("name-{id}"), format!("http://{id}:8080/api"), t0())
     }
 }
 

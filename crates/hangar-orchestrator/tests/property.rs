@@ -2,7 +2,6 @@
 //! through the ledger; no host ever gets more than its capacity minus the system reservation.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -78,11 +77,6 @@ fn build(i: usize, g: &HostGen) -> Host {
         cap.disk_mb * g.used_pct / 100,
     );
     Host {
-        id: format!("host-{i:03}"),
-        name: format!("h{i}"),
-        url: format!("http://h{i}/api"),
-        description: String::new(),
-        tags: BTreeSet::new(),
         enabled: g.enabled,
         architecture: Some(if g.mac { "arm64" } else { "x86_64" }.into()),
         os: Some(if g.mac { Os::Macos } else { Os::Linux }),
@@ -90,15 +84,8 @@ fn build(i: usize, g: &HostGen) -> Host {
         resources: Some(HostResources::from_usage(total, sys, in_use)),
         state: if g.healthy { HostState::Healthy } else { HostState::Unhealthy },
         last_seen: Some(t0()),
-        last_error: None,
         vms,
-        cached_images: Vec::new(),
-        cache_on_vm_volume: true,
-        required_roles: BTreeSet::new(),
-        required_claims: BTreeSet::new(),
-        has_credentials: false,
-        created_at: t0(),
-        updated_at: t0(),
+        ..Host::new(format!("host-{i:03}"), format!("h{i}"), format!("http://h{i}/api"), t0())
     }
 }
 
