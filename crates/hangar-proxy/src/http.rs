@@ -97,6 +97,8 @@ pub(crate) struct Shared {
     pub dialer: Option<Arc<dyn VmDialer>>,
     pub auth: Option<Arc<dyn ProxyAuth>>,
     pub events: EventSink,
+    /// Time allowed for a client to send a request's head (idle keep-alive included).
+    pub header_read: Duration,
 }
 
 /// A future driving one upstream connection.
@@ -112,42 +114,65 @@ pub(crate) struct Sticky {
     drive: mpsc::UnboundedSender<UpConn>,
 }
 
+/// A route's target, resolved for one request.
+pub(crate) struct Resolved {
+    pub dest: Dest,
+    /// The target's address; for a dialed VM only a label (written into h2c requests).
+    pub authority: Authority,
+}
+
+impl Resolved {
+    /// How the target is named in errors and events.
+    pub(crate) fn describe(&self, route: &CompiledRoute) -> String {
+        match (&route.target, &self.dest) {
+            (Target::Host { .. }, _) => self.authority.to_string(),
+            (Target::Vm { vm_id, port }, Dest::Dial { .. }) => format!("vm {vm_id} port {port} (dialed)"),
+            (Target::Vm { vm_id, .. }, Dest::Addr(_)) => format!("{} (vm {vm_id})", self.authority),
+        }
+    }
+}
+
 /// Where a request goes: an address connected over TCP, or a VM reached through the dialer.
 #[derive(Clone, PartialEq, Eq)]
-enum Dest {
+pub(crate) enum Dest {
     Addr(Authority),
     Dial { vm: String, port: u16 },
 }
 
+/// A byte stream to a target: a TCP connection, or what a [`VmDialer`] gave.
+pub(crate) type UpIo = tokio_util::either::Either<TcpStream, crate::dial::BoxedIo>;
+
 impl Dest {
+    /// Open a byte stream to the target.
+    pub(crate) async fn connect(&self, dialer: Option<&Arc<dyn VmDialer>>) -> Result<UpIo, std::io::Error> {
+        match self {
+            Dest::Addr(a) => {
+                let stream = TcpStream::connect(a.as_str()).await?;
+                let _ = stream.set_nodelay(true);
+                Ok(UpIo::Left(stream))
+            }
+            Dest::Dial { vm, port } => match dialer {
+                Some(d) => Ok(UpIo::Right(d.dial(vm, *port).await?)),
+                None => Err(std::io::Error::other("no VM dialer is configured")),
+            },
+        }
+    }
+
     /// Open a byte stream to the target and run an HTTP/1.1 client handshake on it.
     async fn http1(
         &self,
         dialer: Option<&Arc<dyn VmDialer>>,
     ) -> Result<(http1::SendRequest<Incoming>, UpConn), UpstreamError> {
-        fn drive<I>(conn: http1::Connection<I, Incoming>) -> UpConn
-        where
-            I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-        {
+        let io = self.connect(dialer).await.map_err(UpstreamError::Connect)?;
+        let (sender, conn) = http1::handshake(TokioIo::new(io)).await.map_err(UpstreamError::Http)?;
+        Ok((
+            sender,
             Box::pin(async move {
                 if let Err(e) = conn.with_upgrades().await {
                     tracing::debug!(error = %e, "upstream connection ended with an error");
                 }
-            })
-        }
-        match self {
-            Dest::Addr(a) => {
-                let stream = TcpStream::connect(a.as_str()).await.map_err(UpstreamError::Connect)?;
-                let _ = stream.set_nodelay(true);
-                let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.map_err(UpstreamError::Http)?;
-                Ok((sender, drive(conn)))
-            }
-            Dest::Dial { vm, port } => {
-                let io = dial(dialer, vm, *port).await?;
-                let (sender, conn) = http1::handshake(TokioIo::new(io)).await.map_err(UpstreamError::Http)?;
-                Ok((sender, drive(conn)))
-            }
-        }
+            }),
+        ))
     }
 }
 
@@ -231,20 +256,41 @@ struct ErrorBody<'a> {
     target: Option<String>,
 }
 
+/// An answer the proxy makes itself: a JSON error body `{code, error, message[, target]}`.
+pub(crate) struct Reply {
+    pub status: StatusCode,
+    pub body: Vec<u8>,
+    /// Sent as `WWW-Authenticate: Bearer` (401 answers).
+    pub bearer: bool,
+}
+
+impl Reply {
+    pub(crate) fn error(status: StatusCode, message: String, target: Option<String>) -> Reply {
+        let error = match status.as_u16() {
+            401 => "unauthorized",
+            404 => "not_found",
+            502 => "bad_gateway",
+            504 => "gateway_timeout",
+            _ => "internal_error",
+        };
+        let body = serde_json::to_vec(&ErrorBody { code: status.as_u16(), error, message, target }).unwrap_or_default();
+        Reply { status, body, bearer: status == StatusCode::UNAUTHORIZED }
+    }
+
+    pub(crate) fn into_response(self) -> Response<ProxyBody> {
+        let mut r = Response::new(Either::Right(Full::new(Bytes::from(self.body))));
+        *r.status_mut() = self.status;
+        r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if self.bearer {
+            r.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        r
+    }
+}
+
 /// A JSON error answer `{code, error, message[, target]}`.
 pub(crate) fn error_response(status: StatusCode, message: String, target: Option<String>) -> Response<ProxyBody> {
-    let error = match status.as_u16() {
-        401 => "unauthorized",
-        404 => "not_found",
-        502 => "bad_gateway",
-        504 => "gateway_timeout",
-        _ => "internal_error",
-    };
-    let body = serde_json::to_vec(&ErrorBody { code: status.as_u16(), error, message, target }).unwrap_or_default();
-    let mut r = Response::new(Either::Right(Full::new(Bytes::from(body))));
-    *r.status_mut() = status;
-    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r
+    Reply::error(status, message, target).into_response()
 }
 
 fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
@@ -416,45 +462,11 @@ impl ProxyService {
         host_hv: Option<HeaderValue>,
     ) -> Response<ProxyBody> {
         let dialer = self.shared.dialer.as_ref();
-        let dialed = match &route.target {
-            Target::Vm { vm_id, port } if dialer.is_some() => Some((vm_id.as_str(), *port)),
-            _ => None,
+        let target = match self.resolve(host_id, route).await {
+            Ok(t) => t,
+            Err(reply) => return reply.into_response(),
         };
-        let authority: Authority = match (&route.target, &route.authority) {
-            (_, Some(a)) => a.clone(),
-            (Target::Vm { vm_id, port }, None) if dialer.is_some() => {
-                // Only written into h2c requests' :authority; the dialer decides where bytes go.
-                Authority::try_from(format!("{vm_id}:{port}"))
-                    .or_else(|_| Authority::try_from(format!("localhost:{port}")))
-                    .unwrap_or_else(|_| Authority::from_static("localhost"))
-            }
-            (Target::Vm { vm_id, port }, None) => match self.shared.targets.ip(vm_id).await {
-                Ok(ip) => match SocketAddr::new(ip, *port).to_string().parse() {
-                    Ok(a) => a,
-                    Err(_) => return error_response(StatusCode::BAD_GATEWAY, format!("bad address {ip}"), None),
-                },
-                Err(e) => {
-                    let target = route.target.to_string();
-                    self.route_failed(host_id, route, &target, &e.to_string());
-                    return error_response(
-                        StatusCode::BAD_GATEWAY,
-                        format!("target {target} cannot be reached: {e}"),
-                        Some(target),
-                    );
-                }
-            },
-            (Target::Host { .. }, None) => {
-                return error_response(StatusCode::INTERNAL_SERVER_ERROR, "route target has no address".into(), None);
-            }
-        };
-        let target_desc = {
-            let authority = authority.clone();
-            move || match &route.target {
-                Target::Host { .. } => authority.to_string(),
-                Target::Vm { vm_id, port } if dialed.is_some() => format!("vm {vm_id} port {port} (dialed)"),
-                Target::Vm { vm_id, .. } => format!("{authority} (vm {vm_id})"),
-            }
-        };
+        let authority = target.authority.clone();
 
         // Upgrades (websocket and others) exist in HTTP/1.1 only.
         let upgrade = if req.version() <= Version::HTTP_11 && has_token(req.headers(), &CONNECTION, "upgrade") {
@@ -547,15 +559,11 @@ impl ProxyService {
 
         let ups = &self.shared.upstreams;
         let send = async {
-            let dest = match dialed {
-                Some((vm, port)) => Dest::Dial { vm: vm.to_string(), port },
-                None => Dest::Addr(authority),
-            };
             if let Some(sticky) = &sticky {
-                return send_sticky(sticky, dest, dialer, out).await;
+                return send_sticky(sticky, target.dest.clone(), dialer, out).await;
             }
-            if let Some((vm, port)) = dialed {
-                return send_dialed_once(dialer, vm, port, route.schema, out).await;
+            if let Dest::Dial { vm, port } = &target.dest {
+                return send_dialed_once(dialer, vm, *port, route.schema, out).await;
             }
             let fut = match (route.schema, upgrade.is_some()) {
                 (Schema::Http, _) => ups.http.request(out),
@@ -568,40 +576,16 @@ impl ProxyService {
         let mut resp = match tokio::time::timeout(route.timeout, send).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
-                let msg = e.message();
-                if let Target::Vm { vm_id, .. } = &route.target
-                    && e.is_connect()
-                    && dialed.is_none()
-                {
-                    self.shared.targets.forget(vm_id);
-                }
-                let target_desc = target_desc();
-                self.route_failed(host_id, route, &target_desc, &msg);
-                let what = if e.is_connect() { "refused or unreachable" } else { "failed" };
-                return error_response(
-                    StatusCode::BAD_GATEWAY,
-                    format!("target {target_desc} {what}: {msg}"),
-                    Some(target_desc),
-                );
+                return self.target_failed(host_id, route, &target, e.is_connect(), &e.message()).into_response();
             }
-            Err(_) => {
-                let msg = format!("no answer within {} s", route.timeout.as_secs());
-                let target_desc = target_desc();
-                self.route_failed(host_id, route, &target_desc, &msg);
-                return error_response(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!("target {target_desc} timed out: {msg}"),
-                    Some(target_desc),
-                );
-            }
+            Err(_) => return self.target_timed_out(host_id, route, &target).into_response(),
         };
 
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         if switching && let Some(down) = downstream_upgrade {
             let up = hyper::upgrade::on(&mut resp);
             let hard = self.listener.hard.clone();
-            let span =
-                tracing::debug_span!("proxy_upgrade", host = host_id, route = %route.id, target = %target_desc());
+            let span = tracing::debug_span!("proxy_upgrade", host = host_id, route = %route.id, target = %target.describe(route));
             self.listener.conns.spawn(
                 async move {
                     let (d, u) = tokio::join!(down, up);
@@ -633,6 +617,68 @@ impl ProxyService {
         apply_rules(&mut parts.headers, &route.response_headers);
         parts.version = Version::HTTP_11;
         Response::from_parts(parts, Either::Left(body))
+    }
+
+    /// Resolve a route's target for one request: a VM's current address, or its dialer.
+    pub(crate) async fn resolve(&self, host_id: &str, route: &CompiledRoute) -> Result<Resolved, Reply> {
+        let dialer = self.shared.dialer.is_some();
+        match (&route.target, &route.authority) {
+            (Target::Vm { vm_id, port }, _) if dialer => Ok(Resolved {
+                dest: Dest::Dial { vm: vm_id.clone(), port: *port },
+                // Only written into h2c requests' :authority; the dialer decides where bytes go.
+                authority: Authority::try_from(format!("{vm_id}:{port}"))
+                    .or_else(|_| Authority::try_from(format!("localhost:{port}")))
+                    .unwrap_or_else(|_| Authority::from_static("localhost")),
+            }),
+            (_, Some(a)) => Ok(Resolved { dest: Dest::Addr(a.clone()), authority: a.clone() }),
+            (Target::Vm { vm_id, port }, None) => match self.shared.targets.ip(vm_id).await {
+                Ok(ip) => match Authority::try_from(SocketAddr::new(ip, *port).to_string()) {
+                    Ok(a) => Ok(Resolved { dest: Dest::Addr(a.clone()), authority: a }),
+                    Err(_) => Err(Reply::error(StatusCode::BAD_GATEWAY, format!("bad address {ip}"), None)),
+                },
+                Err(e) => {
+                    let target = route.target.to_string();
+                    self.route_failed(host_id, route, &target, &e.to_string());
+                    Err(Reply::error(
+                        StatusCode::BAD_GATEWAY,
+                        format!("target {target} cannot be reached: {e}"),
+                        Some(target),
+                    ))
+                }
+            },
+            (Target::Host { .. }, None) => {
+                Err(Reply::error(StatusCode::INTERNAL_SERVER_ERROR, "route target has no address".into(), None))
+            }
+        }
+    }
+
+    /// A target that did not answer: a VM's address is forgotten after a connect error (it may
+    /// have a new one), the event stream is told, and the client gets a 502.
+    pub(crate) fn target_failed(
+        &self,
+        host_id: &str,
+        route: &CompiledRoute,
+        target: &Resolved,
+        connect: bool,
+        msg: &str,
+    ) -> Reply {
+        if let (Target::Vm { vm_id, .. }, Dest::Addr(_)) = (&route.target, &target.dest)
+            && connect
+        {
+            self.shared.targets.forget(vm_id);
+        }
+        let desc = target.describe(route);
+        self.route_failed(host_id, route, &desc, msg);
+        let what = if connect { "refused or unreachable" } else { "failed" };
+        Reply::error(StatusCode::BAD_GATEWAY, format!("target {desc} {what}: {msg}"), Some(desc))
+    }
+
+    /// A target that did not answer within the route's timeout: 504.
+    pub(crate) fn target_timed_out(&self, host_id: &str, route: &CompiledRoute, target: &Resolved) -> Reply {
+        let msg = format!("no answer within {} s", route.timeout.as_secs());
+        let desc = target.describe(route);
+        self.route_failed(host_id, route, &desc, &msg);
+        Reply::error(StatusCode::GATEWAY_TIMEOUT, format!("target {desc} timed out: {msg}"), Some(desc))
     }
 
     fn route_failed(&self, host_id: &str, route: &CompiledRoute, target: &str, error: &str) {
@@ -696,9 +742,7 @@ async fn send_sticky(
 }
 
 fn unauthorized(reason: String) -> Response<ProxyBody> {
-    let mut r = error_response(StatusCode::UNAUTHORIZED, reason, None);
-    r.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    r
+    error_response(StatusCode::UNAUTHORIZED, reason, None)
 }
 
 /// The HTTP server settings of listeners.
@@ -724,6 +768,14 @@ pub(crate) async fn serve_connection<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // Plain HTTP/1.1 first; hyper takes over, with the bytes read, for anything else.
+    let io = tokio::select! {
+        lane = crate::h1::serve(io, &svc, svc.shared.header_read, &graceful) => match lane {
+            crate::h1::Lane::Done => return,
+            crate::h1::Lane::Hyper(io) => io,
+        },
+        _ = hard.cancelled() => return,
+    };
     let (drive, mut to_drive) = mpsc::unbounded_channel::<UpConn>();
     svc.sticky = Some(Arc::new(Sticky { slot: std::sync::Mutex::new(None), drive }));
     // One reference count per request rather than a clone of every field.

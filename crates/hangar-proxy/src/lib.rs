@@ -29,6 +29,7 @@ mod config;
 mod dial;
 mod error;
 mod events;
+mod h1;
 mod http;
 mod listener;
 mod manager;

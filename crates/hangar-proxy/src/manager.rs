@@ -186,6 +186,7 @@ impl ProxyManagerBuilder {
             dialer: self.dialer,
             auth: self.auth,
             events: sink,
+            header_read: self.header_read,
         });
         Ok(ProxyManager {
             inner: Arc::new(Inner {
