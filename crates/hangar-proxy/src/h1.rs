@@ -10,8 +10,8 @@
 //!
 //! Everything else goes to hyper, with the bytes already read, for the rest of the connection:
 //! HTTP/2, HTTP/1.0, upgrades, `Expect`, `Transfer-Encoding` or large request bodies,
-//! `Connection: close`, targets not in origin form, a missing or repeated `Host`, CORS or
-//! authenticated hosts, routes that are not plain `http`, unmatched paths, and every head
+//! `Connection: close`, targets not in origin form, a missing or repeated `Host`, CORS hosts,
+//! routes that are not plain `http`, unmatched paths, and every head
 //! `httparse` refuses (hyper then answers the error). The hand-over happens only between
 //! requests, so no message is ever split between the two.
 
@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures::FutureExt;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use httparse::Status;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
@@ -108,6 +109,8 @@ struct Plan {
     head_request: bool,
     /// Safe to send again on a new connection when a kept one turns out closed.
     idempotent: bool,
+    /// The request's headers, for a host that requires authentication.
+    auth: Option<HeaderMap>,
 }
 
 /// How an answer's body is delimited.
@@ -212,6 +215,15 @@ where
     I: AsyncWrite + Unpin,
 {
     let host_id = plan.state.key.as_str();
+    if let Some(headers) = &plan.auth {
+        let checked = match &svc.shared.auth {
+            Some(auth) => auth.check(host_id, headers).await.map_err(|r| r.reason),
+            None => Err("this proxy host requires authentication but no authenticator is configured".into()),
+        };
+        if let Err(reason) = checked {
+            return send_reply(client, out, Reply::error(StatusCode::UNAUTHORIZED, reason, None)).await;
+        }
+    }
     let target = match svc.resolve(host_id, route).await {
         Ok(t) => t,
         Err(reply) => return send_reply(client, out, reply).await,
@@ -564,7 +576,7 @@ fn plan(buf: &[u8], svc: &ProxyService, out: &mut Vec<u8>) -> Parsed {
     let Some(host) = host else { return Parsed::Hyper };
     let state = svc.listener.state.load_full();
     let HostKind::Http(http) = &state.kind else { return Parsed::Hyper };
-    if http.cors.is_some() || http.require_auth {
+    if http.cors.is_some() {
         return Parsed::Hyper;
     }
     let path = target.split_once('?').map_or(target, |(p, _)| p);
@@ -581,6 +593,20 @@ fn plan(buf: &[u8], svc: &ProxyService, out: &mut Vec<u8>) -> Parsed {
         return Parsed::Hyper;
     }
 
+    // A protected host sees the whole head; its credentials never reach the target.
+    let (auth, credentials) = if http.require_auth {
+        let mut map = HeaderMap::with_capacity(req.headers.len());
+        for h in req.headers.iter() {
+            let (Ok(name), Ok(value)) = (HeaderName::from_bytes(h.name.as_bytes()), HeaderValue::from_bytes(h.value))
+            else {
+                return Parsed::Hyper;
+            };
+            map.append(name, value);
+        }
+        (Some(map), svc.shared.auth.as_ref().map(|a| a.credential_headers()).unwrap_or_default())
+    } else {
+        (None, Vec::new())
+    };
     let rules = &route.request_headers;
     let ruled = |name: &str| rules.iter().any(|(r, _)| name.eq_ignore_ascii_case(r.as_str()));
     out.clear();
@@ -596,6 +622,7 @@ fn plan(buf: &[u8], svc: &ProxyService, out: &mut Vec<u8>) -> Parsed {
             || name.eq_ignore_ascii_case("x-forwarded-proto")
             || named.iter().any(|n| name.as_bytes().eq_ignore_ascii_case(n))
             || ruled(name)
+            || credentials.iter().any(|c| name.eq_ignore_ascii_case(c.as_str()))
         {
             continue;
         }
@@ -632,6 +659,7 @@ fn plan(buf: &[u8], svc: &ProxyService, out: &mut Vec<u8>) -> Parsed {
         body_len: length.unwrap_or(0) as usize,
         head_request: method == "HEAD",
         idempotent,
+        auth,
         state,
     })
 }

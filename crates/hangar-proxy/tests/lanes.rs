@@ -1,0 +1,199 @@
+//! The two ways an HTTP/1.1 request goes through the proxy agree.
+//!
+//! A keep-alive request is forwarded by the connection's own fast lane; a `Connection: close`
+//! request goes through hyper. Each case sends the same request both ways and compares what
+//! the target received and what the client got back.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::*;
+use hangar_proxy::{AuthRejection, MapResolver, ProxyAuth, ProxyManager};
+use http::HeaderMap;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// One answer read from a kept connection, framed by its `Content-Length`.
+async fn read_one(s: &mut TcpStream, buf: &mut Vec<u8>) -> RawResponse {
+    let deadline = Duration::from_secs(10);
+    let head_end = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(deadline, s.read(&mut chunk)).await.expect("answer in time").unwrap();
+        assert!(n > 0, "the proxy closed a kept connection: {}", String::from_utf8_lossy(buf));
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let len: usize = headers.iter().find(|(k, _)| k == "content-length").map_or(0, |(_, v)| v.parse().unwrap());
+    while buf.len() < head_end + 4 + len {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(deadline, s.read(&mut chunk)).await.expect("body in time").unwrap();
+        assert!(n > 0, "the proxy closed mid-answer");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = buf[head_end + 4..head_end + 4 + len].to_vec();
+    buf.drain(..head_end + 4 + len);
+    RawResponse { status, headers, body }
+}
+
+/// Send `request` (a head without `Connection: close`, perhaps a body) both ways: as two
+/// requests on one kept connection (the second proves it stays open) and on a connection of
+/// its own with `Connection: close`.
+async fn both_ways(addr: SocketAddr, request: &str) -> (RawResponse, RawResponse) {
+    let (head, body) = request.split_once("\r\n\r\n").expect("a request head");
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut buf = Vec::new();
+    s.write_all(format!("{head}\r\n\r\n{body}{head}\r\n\r\n{body}").as_bytes()).await.unwrap();
+    let kept = read_one(&mut s, &mut buf).await;
+    let again = read_one(&mut s, &mut buf).await;
+    assert_eq!(kept.status, again.status, "the same request on the same kept connection");
+    let closed = raw_http(addr, &format!("{head}\r\nConnection: close\r\n\r\n{body}")).await;
+    (kept, closed)
+}
+
+/// The answer's headers, without those that depend on the time or the connection.
+fn answer_headers(r: &RawResponse) -> BTreeMap<String, Vec<String>> {
+    let mut m: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (k, v) in &r.headers {
+        if !["date", "connection", "content-length", "transfer-encoding"].contains(&k.as_str()) {
+            m.entry(k.clone()).or_default().push(v.clone());
+        }
+    }
+    m
+}
+
+fn assert_same(kept: &RawResponse, closed: &RawResponse) {
+    assert_eq!(kept.status, closed.status);
+    assert_eq!(answer_headers(kept), answer_headers(closed));
+    if kept.header("content-type") == Some("application/json") {
+        let (mut a, mut b) = (kept.json(), closed.json());
+        // Messages of failed targets name the underlying error in each lane's words.
+        if a.get("error").is_some() && b.get("error").is_some() {
+            a.as_object_mut().unwrap().remove("message");
+            b.as_object_mut().unwrap().remove("message");
+        }
+        assert_eq!(a, b);
+    } else {
+        assert_eq!(kept.body, closed.body);
+    }
+}
+
+#[tokio::test]
+async fn header_rules_agree() {
+    let up = http_upstream("127.0.0.1:0", "up").await;
+    let m = ProxyManager::builder().build().unwrap();
+    let cfg = config(json!({"hosts": [{"id": "web", "host": "127.0.0.1", "port": 0, "http_routes": [{
+        "id": "r", "path": "/", "target_host": "127.0.0.1", "target_port": up.addr.port(),
+        "request_headers": {"X-Added": "yes", "X-Remove": "", "X-Forwarded-Proto": "from-rule"},
+        "response_headers": {"X-Served-By": "hangar", "X-Remove-Me": ""}
+    }]}]}));
+    let addr = apply(&m, &cfg, "web").await;
+    let (kept, closed) = both_ways(
+        addr,
+        "POST /h?q=1 HTTP/1.1\r\nHost: proxy.test:1234\r\nConnection: X-Secret\r\nX-Secret: s\r\n\
+         Keep-Alive: timeout=5\r\nProxy-Authorization: Basic eA==\r\nProxy-Foo: 1\r\nTE: trailers, deflate\r\n\
+         X-Forwarded-For: 10.0.0.1\r\nX-Forwarded-For: 10.0.0.2\r\nX-Forwarded-Host: evil.test\r\n\
+         X-Remove: bye\r\nX-Multi: a\r\nX-Multi: b\r\nContent-Length: 5\r\n\r\nhello",
+    )
+    .await;
+    assert_same(&kept, &closed);
+    let seen = kept.json();
+    let h = &seen["headers"];
+    assert_eq!(h["x-forwarded-for"], json!(["10.0.0.1, 10.0.0.2, 127.0.0.1"]));
+    assert_eq!(h["x-forwarded-host"], json!(["proxy.test:1234"]));
+    assert_eq!(h["x-forwarded-proto"], json!(["from-rule"]), "a rule wins over the proxy's own value");
+    assert_eq!(h["te"], json!(["trailers"]));
+    assert_eq!(h["x-multi"], json!(["a", "b"]));
+    assert_eq!(h["x-added"], json!(["yes"]));
+    for gone in ["x-secret", "keep-alive", "proxy-authorization", "proxy-foo", "x-remove", "connection"] {
+        assert!(h.get(gone).is_none(), "{gone} reached the target: {h}");
+    }
+    assert_eq!(seen["body_len"], 5);
+    assert_eq!(seen["uri"], "/h?q=1");
+    assert_eq!(kept.header("x-served-by"), Some("hangar"));
+    assert_eq!(kept.header("x-remove-me"), None);
+    assert_eq!(kept.header("x-resp-hop"), None, "a header the target's Connection names is dropped");
+}
+
+struct TokenAuth;
+
+#[async_trait]
+impl ProxyAuth for TokenAuth {
+    async fn check(&self, _host_id: &str, headers: &HeaderMap) -> Result<(), AuthRejection> {
+        match headers.get("authorization").and_then(|v| v.to_str().ok()) {
+            Some("Bearer good") if headers.contains_key("x-other") => Ok(()),
+            Some("Bearer good") => Err(AuthRejection::new("the checker sees every header")),
+            Some(_) => Err(AuthRejection::new("the token is not valid")),
+            None => Err(AuthRejection::new("a bearer token is required")),
+        }
+    }
+}
+
+#[tokio::test]
+async fn authentication_agrees_and_credentials_stay_behind() {
+    let up = http_upstream("127.0.0.1:0", "up").await;
+    let m = ProxyManager::builder().auth(Arc::new(TokenAuth)).build().unwrap();
+    let cfg = config(json!({"hosts": [{"id": "web", "host": "127.0.0.1", "port": 0, "require_auth": true,
+        "http_routes": [{"id": "r", "path": "/", "target_host": "127.0.0.1", "target_port": up.addr.port()}]}]}));
+    let addr = apply(&m, &cfg, "web").await;
+
+    for (request, status) in [
+        ("GET / HTTP/1.1\r\nHost: x\r\n\r\n", 401),
+        ("GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer bad\r\n\r\n", 401),
+        ("GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer good\r\n\r\n", 401),
+        ("GET /ok HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer good\r\nX-Other: 1\r\n\r\n", 200),
+    ] {
+        let (kept, closed) = both_ways(addr, request).await;
+        assert_same(&kept, &closed);
+        assert_eq!(kept.status, status, "{request:?}: {}", String::from_utf8_lossy(&kept.body));
+        if status == 401 {
+            assert_eq!(kept.header("www-authenticate"), Some("Bearer"));
+        } else {
+            assert!(kept.json()["headers"].get("authorization").is_none(), "the token must not reach the target");
+        }
+    }
+}
+
+#[tokio::test]
+async fn vm_targets_and_failures_agree() {
+    let up = http_upstream("127.0.0.1:0", "vm").await;
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let resolver = Arc::new(MapResolver::new());
+    resolver.set("vm-1", "127.0.0.1".parse().unwrap());
+    let m = ProxyManager::builder().resolver(resolver).build().unwrap();
+    let cfg = config(json!({"hosts": [{"id": "web", "host": "127.0.0.1", "port": 0, "http_routes": [
+        {"id": "vm", "path": "/vm", "target_vm_id": "vm-1", "target_port": up.addr.port()},
+        {"id": "gone", "path": "/gone", "target_vm_id": "vm-unknown", "target_port": 80},
+        {"id": "refused", "path": "/refused", "target_host": "127.0.0.1", "target_port": closed_port().await},
+        {"id": "silent", "path": "/silent", "target_host": "127.0.0.1",
+         "target_port": silent.local_addr().unwrap().port(), "timeout_seconds": 1}
+    ]}]}));
+    let addr = apply(&m, &cfg, "web").await;
+
+    let (kept, closed) = both_ways(addr, "GET /vm/x HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_same(&kept, &closed);
+    assert_eq!(kept.json()["label"], "vm");
+    for (path, status) in [("/gone", 502), ("/refused", 502), ("/silent", 504), ("/nothing", 404)] {
+        let (kept, closed) = both_ways(addr, &format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")).await;
+        assert_same(&kept, &closed);
+        assert_eq!(kept.status, status, "{path}");
+        let body: Value = kept.json();
+        assert_eq!(body["code"], status);
+    }
+}
