@@ -3,7 +3,8 @@
 #
 # HTTP: an nginx upstream serves a small static file; wrk loads (a) the upstream directly,
 # (b) nginx proxying to it (HTTP/1.1 keep-alive upstream pool, X-Forwarded-* set), and
-# (c) Hangar's proxy (crates/hangar-proxy/examples/proxy_bench.rs) in front of the same upstream.
+# (c) Hangar's proxy (crates/hangar-proxy/examples/proxy_bench.rs) in front of the same upstream
+# (wrk's keep-alive GETs take its HTTP/1.1 fast lane; HYPER_LANE=1 also measures hyper's path).
 # TCP: bytes pushed to a sink directly and through Hangar's TCP route
 # (crates/hangar-proxy/examples/tcp_throughput.rs).
 #
@@ -11,7 +12,8 @@
 # that load from other processes on the machine hits them alike.
 #
 # Usage: bench/proxy.sh        (env: THREADS=2 CONNS=64 DURATION=10s ROUNDS=3 FILE_BYTES=1024
-#                               TCP_MIB=4096 TCP_STREAMS=1 BASE_PORT=18480 CARGO_TARGET_DIR)
+#                               TCP_MIB=4096 TCP_STREAMS=1 BASE_PORT=18480 CARGO_TARGET_DIR
+#                               HYPER_LANE=1 adds a row for a host hyper serves: one with CORS)
 # Installs wrk and nginx-light with apt-get when missing. Stops everything it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +31,8 @@ NGINX_PORT=$((BASE_PORT + 1))
 HANGAR_PORT=$((BASE_PORT + 2))
 SINK_PORT=$((BASE_PORT + 3))
 TCP_PROXY_PORT=$((BASE_PORT + 4))
+HYPER_PORT=$((BASE_PORT + 5))
+HYPER_LANE="${HYPER_LANE:-0}"
 
 if ! command -v wrk >/dev/null || ! command -v nginx >/dev/null; then
     SUDO=""
@@ -97,14 +101,23 @@ NGINX_PROXY_MASTER=${PIDS[-1]}
 "$BIN/proxy_bench" http "127.0.0.1:$HANGAR_PORT" "127.0.0.1:$UP_PORT" >/dev/null &
 PIDS+=($!)
 HANGAR_PID=$!
+PATHS="direct nginx hangar"
+HTTP_PORTS="$UP_PORT $NGINX_PORT $HANGAR_PORT"
+if [ "$HYPER_LANE" = 1 ]; then
+    "$BIN/proxy_bench" http-hyper "127.0.0.1:$HYPER_PORT" "127.0.0.1:$UP_PORT" >/dev/null &
+    PIDS+=($!)
+    HYPER_PID=$!
+    PATHS="$PATHS hyper"
+    HTTP_PORTS="$HTTP_PORTS $HYPER_PORT"
+fi
 "$BIN/tcp_throughput" sink "127.0.0.1:$SINK_PORT" >/dev/null &
 PIDS+=($!)
 "$BIN/proxy_bench" tcp "127.0.0.1:$TCP_PROXY_PORT" "127.0.0.1:$SINK_PORT" >/dev/null &
 PIDS+=($!)
-for p in $UP_PORT $NGINX_PORT $HANGAR_PORT $SINK_PORT $TCP_PROXY_PORT; do wait_port "$p"; done
+for p in $HTTP_PORTS $SINK_PORT $TCP_PROXY_PORT; do wait_port "$p"; done
 
 # Sanity: every path serves the file.
-for p in $UP_PORT $NGINX_PORT $HANGAR_PORT; do
+for p in $HTTP_PORTS; do
     got="$(exec 3<>"/dev/tcp/127.0.0.1/$p"; printf 'GET /file.txt HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n' >&3; cat <&3)"
     case "$got" in "HTTP/1.1 200"*) ;; *) echo "port $p did not serve the file: ${got:0:200}" >&2; exit 1 ;; esac
 done
@@ -123,6 +136,8 @@ cpu_ticks() { # utime+stime of the given processes, all threads, in clock ticks
 declare -A RPS P50 P99 CPU REQS PROCS
 PROCS[direct]=""
 PROCS[hangar]="$HANGAR_PID"
+PROCS[hyper]="${HYPER_PID:-}"
+declare -A PORT=([direct]=$UP_PORT [nginx]=$NGINX_PORT [hangar]=$HANGAR_PORT [hyper]=$HYPER_PORT)
 run_wrk() { # name port: appends one measurement
     local out c0 c1
     c0=$(cpu_ticks ${PROCS[$1]})
@@ -137,16 +152,18 @@ run_wrk() { # name port: appends one measurement
 }
 
 PROCS[nginx]="$NGINX_PROXY_MASTER $(pgrep -P "$NGINX_PROXY_MASTER" | tr '\n' ' ')"
-for p in $UP_PORT $NGINX_PORT $HANGAR_PORT; do
+for p in $HTTP_PORTS; do
     wrk -t"$THREADS" -c"$CONNS" -d2s "http://127.0.0.1:$p/file.txt" >/dev/null # warm-up
 done
 for round in $(seq 1 "$ROUNDS"); do
-    run_wrk direct "$UP_PORT"
-    run_wrk nginx "$NGINX_PORT"
-    run_wrk hangar "$HANGAR_PORT"
-    echo "round $round: requests/s direct $(awk '{ print $NF }' <<<"${RPS[direct]}") nginx $(awk '{ print $NF }' <<<"${RPS[nginx]}") hangar $(awk '{ print $NF }' <<<"${RPS[hangar]}")" >&2
+    line="round $round: requests/s"
+    for k in $PATHS; do
+        run_wrk "$k" "${PORT[$k]}"
+        line="$line $k $(awk '{ print $NF }' <<<"${RPS[$k]}")"
+    done
+    echo "$line" >&2
 done
-for k in direct nginx hangar; do
+for k in $PATHS; do
     RPS[$k]="$(tr ' ' '\n' <<<"${RPS[$k]}" | grep . | median)"
     P50[$k]="$(tr ' ' '\n' <<<"${P50[$k]}" | grep . | median)"
     P99[$k]="$(tr ' ' '\n' <<<"${P99[$k]}" | grep . | median)"
@@ -159,6 +176,9 @@ printf '%-22s %12s %10s %10s %16s\n' "path" "requests/s" "p50 ms" "p99 ms" "prox
 printf '%-22s %12s %10s %10s %16s\n' "upstream, direct" "${RPS[direct]}" "${P50[direct]}" "${P99[direct]}" "-"
 printf '%-22s %12s %10s %10s %16s\n' "nginx proxy" "${RPS[nginx]}" "${P50[nginx]}" "${P99[nginx]}" "$(cpu_per_req nginx)"
 printf '%-22s %12s %10s %10s %16s\n' "hangar proxy" "${RPS[hangar]}" "${P50[hangar]}" "${P99[hangar]}" "$(cpu_per_req hangar)"
+if [ "$HYPER_LANE" = 1 ]; then
+    printf '%-22s %12s %10s %10s %16s\n' "hangar, hyper (CORS)" "${RPS[hyper]}" "${P50[hyper]}" "${P99[hyper]}" "$(cpu_per_req hyper)"
+fi
 awk -v h="${RPS[hangar]}" -v n="${RPS[nginx]}" -v hp="${P99[hangar]}" -v np="${P99[nginx]}" 'BEGIN {
     printf "hangar/nginx: requests/s %.2fx (goal >= 0.90), p99 %.2fx (goal <= 1.20)\n", h / n, hp / np }'
 

@@ -1,7 +1,9 @@
 //! A standalone Hangar proxy for benchmarks (see `bench/proxy.sh`).
 //!
 //! `proxy_bench http LISTEN TARGET` forwards HTTP from LISTEN to TARGET (both `ip:port`);
-//! `proxy_bench tcp LISTEN TARGET` forwards raw TCP. Runs until SIGINT or SIGTERM.
+//! `proxy_bench tcp LISTEN TARGET` forwards raw TCP; `proxy_bench http-hyper LISTEN TARGET`
+//! forwards HTTP from a host with CORS enabled, which hyper serves instead of the HTTP/1.1 fast
+//! lane (to measure the general path). Runs until SIGINT or SIGTERM.
 
 use std::error::Error;
 use std::net::SocketAddr;
@@ -25,7 +27,7 @@ fn main() -> Result<(), Box<dyn Error>> {
 async fn run() -> Result<(), Box<dyn Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [mode, listen, target] = args.as_slice() else {
-        return Err("usage: proxy_bench http|tcp LISTEN_IP:PORT TARGET_IP:PORT".into());
+        return Err("usage: proxy_bench http|http-hyper|tcp LISTEN_IP:PORT TARGET_IP:PORT".into());
     };
     let listen: SocketAddr = listen.parse()?;
     let target: SocketAddr = target.parse()?;
@@ -33,6 +35,10 @@ async fn run() -> Result<(), Box<dyn Error>> {
     let route = json!({"id": "r", "target_host": target.ip().to_string(), "target_port": target.port()});
     match mode.as_str() {
         "http" => host["http_routes"] = json!([route]),
+        "http-hyper" => {
+            host["http_routes"] = json!([route]);
+            host["cors"] = json!({"enabled": true, "allowed_origins": ["https://bench.test"]});
+        }
         "tcp" => host["tcp_route"] = route,
         other => return Err(format!("unknown mode {other:?}").into()),
     }
