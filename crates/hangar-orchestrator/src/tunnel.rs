@@ -260,7 +260,7 @@ where
     let io_err = |e: &dyn std::fmt::Display| std::io::Error::other(e.to_string());
     let (mut rd, mut wr) = tokio::io::split(io);
     // To the writer: (message, whether it is the last one: the close).
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(M, bool)>(8);
+    let (tx, rx) = tokio::sync::mpsc::channel::<(M, bool)>(8);
     let mut stream = stream;
     let from_tunnel = std::sync::atomic::AtomicU64::new(0);
     let to_tunnel = std::sync::atomic::AtomicU64::new(0);
@@ -314,8 +314,10 @@ where
             count(&to_tunnel, n);
         }
     };
-    // The only writer of the websocket: data, pings, and the final close (after which it ends).
+    // The only writer of the websocket: data, pings, and the last message (after which it
+    // ends). It owns the queue's receiver, so once it ended nobody waits for room in the queue.
     let writer = async {
+        let mut rx = rx;
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
         loop {
             let (msg, last) = tokio::select! {
@@ -332,7 +334,8 @@ where
         }
     };
     tokio::pin!(tunnel_to_io, io_to_tunnel, writer, stop);
-    let (mut tunnel_ended, mut io_ended) = (false, false);
+    let (mut tunnel_ended, mut io_ended, mut writer_ended) = (false, false, false);
+    let mut stop_close = None;
     let end: std::io::Result<PumpEnd> = loop {
         if tunnel_ended && io_ended {
             break Ok(PumpEnd::Done);
@@ -347,32 +350,36 @@ where
                 Ok(()) => io_ended = true,
                 Err(e) => break Err(e),
             },
-            r = &mut writer => match r {
-                Ok(()) => break Ok(PumpEnd::Closed),
-                Err(e) => break Err(e),
+            r = &mut writer => {
+                writer_ended = true;
+                match r {
+                    Ok(()) => break Ok(PumpEnd::Closed),
+                    Err(e) => break Err(e),
+                }
             },
             (code, reason) = &mut stop => {
-                let _ = tx.send(((wire.close)(code, reason), true)).await;
+                stop_close = Some((wire.close)(code, reason));
                 break Ok(PumpEnd::Stopped);
             }
         }
     };
-    // Say goodbye (unless the peer already closed), flushing what the writer still holds.
-    match &end {
-        Ok(PumpEnd::Done) => {
-            let _ = tx.send(((wire.close)(1000, "done".into()), true)).await;
-        }
-        Err(e) => {
-            let reason = e.to_string().chars().take(100).collect::<String>();
-            let _ = tx.send(((wire.close)(1011, reason), true)).await;
-        }
-        Ok(PumpEnd::Closed) | Ok(PumpEnd::Stopped) => {
-            let _ = tx.try_send(((wire.ping)(), true));
-        }
+    // Say goodbye through the writer, unless it ended already (it failed; a finished async
+    // block must not be polled again). The last message is a close (both directions done, an
+    // error, or stop's code and reason) or, when the peer closed, a ping that only makes the
+    // writer end once it sent what it holds. The writer is the only one making room in the queue, so it is
+    // driven while the last message waits for room: the queue is full whenever the peer
+    // reads slower than the byte stream fills it, and awaiting the send alone then waited
+    // forever. The writer ends after the last message; a peer that stopped reading gets 5 s.
+    if !writer_ended {
+        let last = match &end {
+            Ok(PumpEnd::Done) => (wire.close)(1000, "done".into()),
+            Err(e) => (wire.close)(1011, e.to_string().chars().take(100).collect()),
+            Ok(PumpEnd::Closed) | Ok(PumpEnd::Stopped) => stop_close.unwrap_or_else(wire.ping),
+        };
+        // The send fails only once the writer ended (and dropped the queue).
+        let goodbye = async { tokio::join!(tx.send((last, true)), &mut writer) };
+        let _ = tokio::time::timeout(Duration::from_secs(5), goodbye).await;
     }
-    drop(tx);
-    // The writer ends after the last message; a peer that stopped reading gets 5 s.
-    let _ = tokio::time::timeout(Duration::from_secs(5), &mut writer).await;
     let relaxed = std::sync::atomic::Ordering::Relaxed;
     (end, Traffic { from_tunnel: from_tunnel.load(relaxed), to_tunnel: to_tunnel.load(relaxed) })
 }
@@ -558,6 +565,12 @@ use hangar_core::path_segment as segment;
 
 #[cfg(test)]
 mod tests {
+    use std::collections::VecDeque;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use tokio::io::ReadBuf;
+
     use super::*;
 
     #[test]
@@ -569,12 +582,26 @@ mod tests {
     }
 
     /// Both directions full at once (8 MB through a streaming echo), then the half-close,
-    /// over a real websocket on loopback. The previous splice, which wrote one direction
-    /// while it held the other, deadlocked here every time. Multi-threaded like the servers
-    /// and the CLI: on a current-thread runtime this test still hangs now and then (about
-    /// one run in six, not explained yet).
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    /// over a real websocket on loopback, on both runtime flavours. The previous splice, which
+    /// wrote one direction while it held the other, deadlocked here every time. Until the
+    /// pump drove its writer while saying goodbye this also hung now and then (about one run
+    /// in six on a current-thread runtime; multi-threaded runs were only luckier): the echo side's
+    /// byte stream ended while its writer was blocked on the socket with the queue to it full
+    /// (8 messages), and the pump then awaited room for its close without polling the writer,
+    /// the only one making room, so the last few hundred KB never left (both sockets idle with
+    /// empty buffers). The tests with a full queue below pin that down without timing luck.
+    #[tokio::test(flavor = "current_thread")]
     async fn splice_carries_bytes_and_half_close_both_ways() {
+        splice_round_trip().await;
+    }
+
+    /// [`splice_carries_bytes_and_half_close_both_ways`] multi-threaded, like the servers and the CLI.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn splice_carries_bytes_and_half_close_both_ways_multi_thread() {
+        splice_round_trip().await;
+    }
+
+    async fn splice_round_trip() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         // Server side: accept the websocket and turn it into a byte stream that echoes.
@@ -610,6 +637,100 @@ mod tests {
         drop(mine);
         let traffic = pump.await.unwrap().unwrap();
         assert_eq!(traffic, Traffic { from_tunnel: 8_000_000, to_tunnel: 8_000_000 });
+    }
+
+    /// A byte stream that reads the given chunks, one a read, then its end, and takes any write.
+    struct Chunks(VecDeque<Vec<u8>>);
+
+    impl AsyncRead for Chunks {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            if let Some(chunk) = self.0.pop_front() {
+                buf.put_slice(&chunk);
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Chunks {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// The pump's goodbye when its queue to the writer is full: a peer that does not read yet
+    /// (a rendezvous channel: it holds one message, then the writer waits), a byte stream of
+    /// 8 chunks and its end, so the writer holds chunk 1 and the queue (8) chunks 2 to 8 and
+    /// the half-close. `stop` fires once that is so; otherwise the peer's half-close ended
+    /// the other direction already. Then the peer reads everything: it must get the chunks,
+    /// the half-close and the close, and the pump must end.
+    async fn goodbye_with_a_full_queue(by_stop: bool) -> (PumpEnd, Vec<Message>) {
+        let peer_end: Vec<Result<Message, std::io::Error>> =
+            if by_stop { Vec::new() } else { vec![Ok(Message::Binary(Bytes::new()))] };
+        let stream = futures::stream::iter(peer_end).chain(futures::stream::pending());
+        let (sink, sent) = futures::channel::mpsc::channel::<Message>(0);
+        let io = Chunks((1..=8u8).map(|i| vec![i; 100]).collect());
+        let (fire, fired) = tokio::sync::oneshot::channel::<()>();
+        let stop = async move {
+            let _ = fired.await;
+            (4000, "stop".to_string())
+        };
+        let pump = pump(stream, sink, io, tungstenite_wire(), stop);
+        tokio::pin!(pump);
+        // Everything that can go without the peer reading goes in a few polls.
+        for _ in 0..16 {
+            assert!(futures::poll!(&mut pump).is_pending());
+        }
+        if by_stop {
+            let _ = fire.send(());
+            for _ in 0..16 {
+                assert!(futures::poll!(&mut pump).is_pending());
+            }
+        }
+        let both = async { tokio::join!(pump, sent.collect::<Vec<Message>>()) };
+        let ((end, traffic), sent) =
+            tokio::time::timeout(Duration::from_secs(10), both).await.expect("the pump hung saying goodbye");
+        assert_eq!(traffic.to_tunnel, 800);
+        let mut sent = sent.into_iter();
+        for i in 1..=8u8 {
+            assert_eq!(sent.next(), Some(Message::Binary(Bytes::from(vec![i; 100]))));
+        }
+        assert_eq!(sent.next(), Some(Message::Binary(Bytes::new())), "the half-close");
+        (end.expect("the pump failed"), sent.collect())
+    }
+
+    #[tokio::test]
+    async fn the_goodbye_drives_the_writer_when_the_queue_is_full() {
+        let (end, rest) = goodbye_with_a_full_queue(false).await;
+        assert_eq!(end, PumpEnd::Done);
+        assert_eq!(rest, vec![(tungstenite_wire().close)(1000, "done".into())]);
+    }
+
+    #[tokio::test]
+    async fn stop_drives_the_writer_when_the_queue_is_full() {
+        let (end, rest) = goodbye_with_a_full_queue(true).await;
+        assert_eq!(end, PumpEnd::Stopped);
+        assert_eq!(rest, vec![(tungstenite_wire().close)(4000, "stop".into())]);
+    }
+
+    /// A writer that failed (the peer went away) ended the pump; the goodbye must not poll it again.
+    #[tokio::test]
+    async fn a_failed_writer_ends_the_pump_with_its_error() {
+        let (sink, sent) = futures::channel::mpsc::channel::<Message>(0);
+        drop(sent);
+        let io = Chunks(VecDeque::from([vec![1u8; 100]]));
+        let stream = futures::stream::pending::<Result<Message, std::io::Error>>();
+        let (end, _) = pump(stream, sink, io, tungstenite_wire(), std::future::pending()).await;
+        assert!(end.is_err(), "{end:?}");
     }
 
     #[tokio::test]
