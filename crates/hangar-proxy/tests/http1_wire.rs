@@ -335,6 +335,17 @@ impl Upstream {
     }
 }
 
+/// One more GET of `path` on the kept client connection: it reaches the upstream (on `conn` or
+/// a new connection) and its answer comes back whole, so the connection is still usable.
+async fn round_trip(client: &mut Wire, up: &mut Upstream, conn: &mut Option<Wire>, path: &str) {
+    client.send(get(path)).await;
+    let req = up.next_request(conn).await;
+    assert_eq!(req.target(), path);
+    conn.as_mut().unwrap().send(ok(path)).await;
+    let r = client.answer(false).await;
+    assert_eq!((r.status(), r.text().as_str()), (200, path));
+}
+
 /// A 200 answer with a Content-Length body.
 fn ok(body: &str) -> String {
     format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}", body.len())
@@ -486,10 +497,7 @@ async fn chunked_request_body_arrives_with_the_same_content() {
     let r = client.answer(false).await;
     assert_eq!((r.status(), r.text().as_str()), (200, "got it"));
 
-    client.send(get("/after")).await;
-    assert_eq!(up.next_request(&mut conn).await.target(), "/after");
-    conn.as_mut().unwrap().send(ok("after")).await;
-    assert_eq!(client.answer(false).await.text(), "after");
+    round_trip(&mut client, &mut up, &mut conn, "/after").await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -519,12 +527,7 @@ async fn chunked_response_with_trailers_keeps_the_connection_usable() {
         assert!(k.eq_ignore_ascii_case("x-checksum") && v == "42", "trailer {k}: {v}");
     }
 
-    client.send(get("/second")).await;
-    let req = up.next_request(&mut conn).await;
-    assert_eq!(req.target(), "/second");
-    conn.as_mut().unwrap().send(ok("second")).await;
-    let r = client.answer(false).await;
-    assert_eq!((r.status(), r.text().as_str()), (200, "second"));
+    round_trip(&mut client, &mut up, &mut conn, "/second").await;
     assert!(client.buf.is_empty(), "stray bytes after the answers: {:?}", String::from_utf8_lossy(&client.buf));
 }
 
@@ -582,12 +585,7 @@ async fn head_answer_has_no_body() {
     assert!(!r.has("transfer-encoding"), "{:?}", r.headers);
 
     // Any body byte after the HEAD answer would break the next answer.
-    client.send(get("/after-head")).await;
-    let req = up.next_request(&mut conn).await;
-    assert_eq!(req.target(), "/after-head");
-    conn.as_mut().unwrap().send(ok("after head")).await;
-    let r = client.answer(false).await;
-    assert_eq!((r.status(), r.text().as_str()), (200, "after head"));
+    round_trip(&mut client, &mut up, &mut conn, "/after-head").await;
 }
 
 #[tokio::test]
@@ -614,12 +612,7 @@ async fn no_content_and_not_modified_have_no_body() {
     assert_eq!(r.header("etag"), Some("\"v1\""));
     assert!(!r.has("transfer-encoding"), "a 304 with Transfer-Encoding: {:?}", r.headers);
 
-    client.send(get("/after")).await;
-    let req = up.next_request(&mut conn).await;
-    assert_eq!(req.target(), "/after");
-    conn.as_mut().unwrap().send(ok("after")).await;
-    let r = client.answer(false).await;
-    assert_eq!((r.status(), r.text().as_str()), (200, "after"));
+    round_trip(&mut client, &mut up, &mut conn, "/after").await;
 }
 
 #[tokio::test]
@@ -658,10 +651,7 @@ async fn informational_answer_then_final_answer() {
     let r = client.answer(false).await;
     assert_eq!((r.status(), r.text().as_str()), (200, "final"));
 
-    client.send(get("/after")).await;
-    up.next_request(&mut conn).await;
-    conn.as_mut().unwrap().send(ok("after")).await;
-    assert_eq!(client.answer(false).await.text(), "after");
+    round_trip(&mut client, &mut up, &mut conn, "/after").await;
 }
 
 // ---------------------------------------------------------------------------------------------
