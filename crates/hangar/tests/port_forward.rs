@@ -2,16 +2,17 @@
 //! fake `prlctl` (the VM's address set to 127.0.0.1 in the fake's state, so a "banner then
 //! echo" TCP server on the test machine plays the VM's SSH port), the `hangar vm
 //! port-forward` CLI, and an orchestrator that relays through the VM's host, both for
-//! port-forward and for a reverse-proxy TCP route to the VM.
+//! port-forward and for a reverse-proxy TCP route to the VM. The same again with servers
+//! that speak only HTTPS (wss:// tunnels), trusted through `SSL_CERT_FILE`.
 
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use hangar_orchestrator::tunnel::{self, TunnelError};
@@ -83,8 +84,6 @@ async fn ssh_like_session(addr: &str) {
     assert!(back == payload, "the echoed bytes differ");
 }
 
-/// `hangar vm port-forward VM 0:PORT` against `url` with `token`; returns the child and the
-/// local address it announced.
 /// The CLI child, killed when dropped (also when an assertion fails), so no forwarder
 /// outlives its test.
 struct Forwarder(Child);
@@ -96,18 +95,37 @@ impl Drop for Forwarder {
     }
 }
 
+/// `hangar vm port-forward VM 0:PORT` against `url` with `token`; returns the child and the
+/// local address it announced.
 fn cli_port_forward(url: &str, token: &str, vm: &str, port: u16, home: &Path) -> (Forwarder, String) {
-    let mut child = Command::new(bin())
-        .args(["vm", "port-forward", vm, &format!("0:{port}")])
+    cli_port_forward_with(url, token, vm, port, home, &[])
+}
+
+/// The `hangar vm port-forward` command line, environment included.
+fn port_forward_command(url: &str, token: &str, vm: &str, port: u16, home: &Path) -> Command {
+    let mut cmd = Command::new(bin());
+    cmd.args(["vm", "port-forward", vm, &format!("0:{port}")])
         .env("HANGAR_URL", url)
         .env("HANGAR_TOKEN", token)
         .env("HANGAR_CONFIG_DIR", home)
         .env_remove("HANGAR_API_KEY")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
+        .env_remove("SSL_CERT_FILE")
+        .env_remove("SSL_CERT_DIR");
+    cmd
+}
+
+/// [`cli_port_forward`] with extra environment (`SSL_CERT_FILE`, say).
+fn cli_port_forward_with(
+    url: &str,
+    token: &str,
+    vm: &str,
+    port: u16,
+    home: &Path,
+    env: &[(&str, &Path)],
+) -> (Forwarder, String) {
+    let mut cmd = port_forward_command(url, token, vm, port, home);
+    cmd.envs(env.iter().copied());
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).stdin(Stdio::null()).spawn().unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let child = Forwarder(child);
     let mut line = String::new();
@@ -231,4 +249,268 @@ async fn port_forward_and_a_tcp_route_through_an_orchestrator() {
     let addr = h["listener"]["local_address"].as_str().unwrap_or_else(|| panic!("the listener runs: {h}")).to_string();
     ssh_like_session(&addr).await;
     assert!(!orch.log().contains(ROOT_PASSWORD), "a secret reached the orchestrator's log");
+}
+
+/// A test CA and a leaf for `localhost` and `127.0.0.1` it signed, as PEM files.
+struct Pki {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+fn test_pki(dir: &Path, name: &str) -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    std::fs::create_dir_all(dir).unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, format!("Hangar port-forward test CA {name}"));
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let mut leaf_params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    leaf_params.is_ca = IsCa::ExplicitNoCa;
+    leaf_params.distinguished_name.push(DnType::CommonName, "localhost");
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = leaf_params.signed_by(&leaf_key, &ca).unwrap();
+    let pki = Pki {
+        ca: dir.join(format!("{name}-ca.pem")),
+        cert: dir.join(format!("{name}-cert.pem")),
+        key: dir.join(format!("{name}-key.pem")),
+    };
+    std::fs::write(&pki.ca, ca.pem()).unwrap();
+    std::fs::write(&pki.cert, leaf.pem()).unwrap();
+    std::fs::write(&pki.key, leaf_key.serialize_pem()).unwrap();
+    pki
+}
+
+/// Settings that make a server speak HTTPS only, with `pki`'s leaf.
+fn https_only(pki: &Pki) -> [(&'static str, &str); 5] {
+    [
+        ("TLS_ENABLED", "true"),
+        ("TLS_PORT", "0"),
+        ("DISABLE_HTTP_WHEN_TLS", "true"),
+        ("TLS_CERTIFICATE", pki.cert.to_str().unwrap()),
+        ("TLS_PRIVATE_KEY", pki.key.to_str().unwrap()),
+    ]
+}
+
+fn assert_https_only(s: &Server) {
+    assert!(s.url.starts_with("https://"), "{}", s.url);
+    assert!(!s.banner.iter().any(|l| l.contains("listening on http://")), "a plain HTTP listener: {:?}", s.banner);
+}
+
+/// An HTTP client of the test that trusts only `pki`'s CA.
+fn tls_client(pki: &Pki) -> reqwest::Client {
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&pki.ca).unwrap()).unwrap();
+    reqwest::Client::builder().tls_certs_only([ca]).timeout(Duration::from_secs(30)).build().unwrap()
+}
+
+/// What a finished process left: its status, stdout and stderr.
+struct Finished {
+    status: std::process::ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+/// Run `cmd` to its end, failing the test if it still runs after `limit` (it is killed
+/// then). Its output goes to files under `dir`, so a full pipe never blocks it; the wait
+/// yields to the runtime, so this test's own servers keep serving meanwhile.
+async fn run_with_deadline(mut cmd: Command, limit: Duration, dir: &Path, name: &str) -> Finished {
+    std::fs::create_dir_all(dir).unwrap();
+    let (out, err) = (dir.join(format!("{name}.stdout")), dir.join(format!("{name}.stderr")));
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{name} still ran after {limit:?}; stdout: {}; stderr: {}",
+                std::fs::read_to_string(&out).unwrap_or_default(),
+                std::fs::read_to_string(&err).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    Finished {
+        status,
+        stdout: std::fs::read_to_string(&out).unwrap_or_default(),
+        stderr: std::fs::read_to_string(&err).unwrap_or_default(),
+    }
+}
+
+/// The CLI run with `trust` as its only trusted CA file (or the platform's store when
+/// `None`) fails at once, says why (TLS, the certificate) and never starts forwarding.
+async fn cli_refuses_untrusted(s: &Server, token: &str, vm: &str, port: u16, dir: &Path, trust: Option<&Path>) {
+    let mut cmd = port_forward_command(&s.url, token, vm, port, &dir.join("cli-home"));
+    if let Some(ca) = trust {
+        cmd.env("SSL_CERT_FILE", ca);
+    }
+    let name = if trust.is_some() { "cli-wrong-ca" } else { "cli-platform-store" };
+    let done = run_with_deadline(cmd, Duration::from_secs(30), dir, name).await;
+    assert!(!done.status.success(), "{name}: the CLI succeeded; stdout: {}", done.stdout);
+    assert!(!done.stdout.contains("Forwarding"), "{name}: it started forwarding: {}", done.stdout);
+    let err = done.stderr.to_lowercase();
+    assert!(
+        err.contains("certificate") && err.contains("unknownissuer"),
+        "{name}: stderr does not name the certificate problem: {}",
+        done.stderr
+    );
+    assert!(!done.stderr.contains(token), "{name}: the token reached stderr");
+}
+
+const PROBE_URL: &str = "HANGAR_TEST_WSS_PROBE_URL";
+const PROBE_TOKEN: &str = "HANGAR_TEST_WSS_PROBE_TOKEN";
+const PROBE_DONE: &str = "wss probe: all checks passed";
+
+/// `tunnel::connect` over wss:// needs the test CA among the roots of the platform verifier,
+/// which come from `SSL_CERT_FILE` when the process first verifies a certificate; this test
+/// process cannot change its own environment safely while other tests run, so
+/// `port_forward_through_a_host_over_tls` runs this test in a child process of the same
+/// binary with `SSL_CERT_FILE` set. On its own (no probe URL) it does nothing.
+#[tokio::test]
+#[ignore = "run by port_forward_through_a_host_over_tls in a child process"]
+async fn wss_probe_in_a_child_process() {
+    let (Ok(url), Ok(token)) = (std::env::var(PROBE_URL), std::env::var(PROBE_TOKEN)) else { return };
+    assert!(url.starts_with("wss://"), "{url}");
+    // TLS does not stand in for authentication: no credential, or a bogus one, is a 401.
+    let (st, msg) = refused_status(tunnel::connect(&url, &[]).await);
+    assert_eq!(st, 401, "no credential: {msg}");
+    let (st, msg) = refused_status(tunnel::connect(&url, &[("authorization", "Bearer not-a-token")]).await);
+    assert_eq!(st, 401, "a bogus token: {msg}");
+    let (st, msg) = refused_status(tunnel::connect(&url, &[("x-api-key", "not-a-key")]).await);
+    assert_eq!(st, 401, "a bogus API key: {msg}");
+    // The right credential opens the tunnel, and the service's banner comes through it.
+    let ws = tunnel::connect(&url, &[("authorization", &format!("Bearer {token}"))]).await.unwrap();
+    let mut io = tokio::io::BufReader::new(tunnel::into_io(ws));
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(20), io.read_line(&mut line)).await.expect("banner in time").unwrap();
+    assert_eq!(line.as_bytes(), BANNER);
+    io.write_all(b"ping over wss\n").await.unwrap();
+    line.clear();
+    tokio::time::timeout(Duration::from_secs(20), io.read_line(&mut line)).await.expect("echo in time").unwrap();
+    assert_eq!(line, "ping over wss\n");
+    println!("{PROBE_DONE}");
+}
+
+#[tokio::test]
+async fn port_forward_through_a_host_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = test_pki(&dir.path().join("pki"), "good");
+    let stranger = test_pki(&dir.path().join("pki"), "stranger");
+    let fake = FakeParallels::new(dir.path());
+    let s = fake.agent(&dir.path().join("data"), &https_only(&pki));
+    assert_https_only(&s);
+    let c = tls_client(&pki);
+    let root = login(&c, &s, "root", ROOT_PASSWORD).await;
+    let id = create_vm(&c, &s.api("/machines"), &Auth::Bearer(root.clone()), "pf-tls").await;
+    set_fake_ip(&fake, &id, "127.0.0.1");
+    let port = banner_echo_server().await;
+    let url = tunnel::ws_url(&s.api(""), &format!("/machines/{id}/port-forward/{port}")).unwrap();
+    assert!(url.starts_with("wss://127.0.0.1:"), "{url}");
+
+    // This process does not trust the test CA: the tunnel fails at the handshake, saying so.
+    match tunnel::connect(&url, &[("authorization", &format!("Bearer {root}"))]).await {
+        Err(e @ TunnelError::Tls { .. }) => {
+            assert!(e.to_string().contains("certificate"), "{e}")
+        }
+        Err(e) => panic!("expected a TLS error, got {e}"),
+        Ok(_) => panic!("a tunnel opened with a certificate nobody trusts"),
+    }
+
+    // A process that trusts it (SSL_CERT_FILE): 401 without a credential, a working tunnel with one.
+    let mut probe = Command::new(std::env::current_exe().unwrap());
+    probe
+        .args(["wss_probe_in_a_child_process", "--exact", "--ignored", "--nocapture", "--test-threads", "1"])
+        .env(PROBE_URL, &url)
+        .env(PROBE_TOKEN, &root)
+        .env("SSL_CERT_FILE", &pki.ca)
+        .env_remove("SSL_CERT_DIR");
+    let done = run_with_deadline(probe, Duration::from_secs(60), &dir.path().join("probe"), "probe").await;
+    assert!(
+        done.status.success() && done.stdout.contains(PROBE_DONE),
+        "the wss probe failed ({}): {}\n{}",
+        done.status,
+        done.stdout,
+        done.stderr
+    );
+
+    // The CLI trusting the CA carries two SSH-like sessions at once over wss://.
+    let home = dir.path().join("cli");
+    let (cli, local) = cli_port_forward_with(&s.url, &root, "pf-tls", port, &home, &[("SSL_CERT_FILE", &pki.ca)]);
+    tokio::join!(ssh_like_session(&local), ssh_like_session(&local));
+    drop(cli);
+
+    // The CLI trusting another CA, or only the platform's store, stops with a certificate error.
+    cli_refuses_untrusted(&s, &root, "pf-tls", port, dir.path(), Some(&stranger.ca)).await;
+    cli_refuses_untrusted(&s, &root, "pf-tls", port, dir.path(), None).await;
+    assert!(!s.log().contains(ROOT_PASSWORD) && !s.log().contains(&root), "a secret reached the log");
+}
+
+#[tokio::test]
+async fn port_forward_and_a_tcp_route_through_an_orchestrator_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = test_pki(&dir.path().join("pki"), "good");
+    let fake = FakeParallels::new(&dir.path().join("a"));
+    let mut agent_settings = vec![("SYSTEM_RESERVED_CPU", "0")];
+    agent_settings.extend(https_only(&pki));
+    let agent = fake.agent(&dir.path().join("a/data"), &agent_settings);
+    assert_https_only(&agent);
+    let mut orch_settings =
+        vec![("ENABLED_MODULES", "api,orchestrator,reverse_proxy"), ("ORCHESTRATOR_CHECK_INTERVAL", "1s")];
+    orch_settings.extend(https_only(&pki));
+    // The orchestrator trusts the test CA for its calls and tunnels to the host.
+    let orch = Server::start_full(
+        &dir.path().join("orch"),
+        &orch_settings,
+        true,
+        &[("SSL_CERT_FILE", pki.ca.to_str().unwrap())],
+    );
+    assert_https_only(&orch);
+    let c = tls_client(&pki);
+    let root = login(&c, &orch, "root", ROOT_PASSWORD).await;
+    let ra = Auth::Bearer(root.clone());
+    let (st, h) = call(&c, Method::POST, &orch.api("/orchestrator/hosts"), &ra,
+        Some(json!({"name": "host-a", "host": agent.url, "authentication": {"username": "root", "password": ROOT_PASSWORD}})), &[]).await;
+    assert_eq!(st, 201, "{h}");
+    let id = create_vm(&c, &orch.api("/orchestrator/machines"), &ra, "pf-otls").await;
+    set_fake_ip(&fake, &id, "127.0.0.1");
+    let port = banner_echo_server().await;
+
+    // The CLI (trusting the CA) → wss:// → the orchestrator → wss:// → the host → the VM.
+    let (cli, local) =
+        cli_port_forward_with(&orch.url, &root, &id, port, &dir.path().join("cli"), &[("SSL_CERT_FILE", &pki.ca)]);
+    tokio::join!(ssh_like_session(&local), ssh_like_session(&local));
+    drop(cli);
+
+    // A reverse-proxy TCP route on the orchestrator to the VM reaches it over the wss:// tunnel.
+    let body = json!({"name": "ssh", "host": "127.0.0.1", "port": "0",
+        "tcp_route": {"target_vm_id": id, "target_port": port}});
+    let (st, h) = call(&c, Method::POST, &orch.api("/reverse-proxy/hosts"), &ra, Some(body), &[]).await;
+    assert_eq!(st, 201, "{h}");
+    let addr = h["listener"]["local_address"].as_str().unwrap_or_else(|| panic!("the listener runs: {h}")).to_string();
+    ssh_like_session(&addr).await;
+    assert!(!orch.log().contains(ROOT_PASSWORD), "a secret reached the orchestrator's log");
+
+    // An orchestrator that trusts another CA cannot reach the host: registration is refused.
+    let stranger = test_pki(&dir.path().join("pki"), "stranger");
+    let other = Server::start_full(
+        &dir.path().join("orch-stranger"),
+        &[("ENABLED_MODULES", "api,orchestrator")],
+        true,
+        &[("SSL_CERT_FILE", stranger.ca.to_str().unwrap())],
+    );
+    let plain = client();
+    let other_root = Auth::Bearer(login(&plain, &other, "root", ROOT_PASSWORD).await);
+    let (st, h) = call(&plain, Method::POST, &other.api("/orchestrator/hosts"), &other_root,
+        Some(json!({"name": "host-a", "host": agent.url, "authentication": {"username": "root", "password": ROOT_PASSWORD}})), &[]).await;
+    assert_eq!(st, 503, "{h}");
+    assert!(h["message"].as_str().is_some_and(|m| m.contains(&agent.url)), "{h}");
 }
