@@ -28,3 +28,37 @@ pub enum ErrorKind {
 pub trait Classify {
     fn kind(&self) -> ErrorKind;
 }
+
+/// An error and its sources in one line, `outer: inner: cause`, each part said once
+/// (libraries such as reqwest and hyper keep the telling cause, like a refused certificate,
+/// in the sources only).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_chain;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn chains_name_every_cause_once() {
+        let e = Outer(std::io::Error::other("invalid peer certificate: UnknownIssuer"));
+        assert_eq!(error_chain(&e), "outer: invalid peer certificate: UnknownIssuer");
+        let plain = std::io::Error::other("alone");
+        assert_eq!(error_chain(&plain), "alone");
+    }
+}

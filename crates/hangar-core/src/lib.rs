@@ -13,7 +13,7 @@ pub mod events;
 pub mod principal;
 
 pub use access::{Access, Decision};
-pub use error::{Classify, ErrorKind};
+pub use error::{Classify, ErrorKind, error_chain};
 pub use events::{Event, EventBus, EventType};
 pub use principal::{AuthMethod, Principal};
 

@@ -104,12 +104,14 @@ impl std::fmt::Debug for HttpHostClient {
 }
 
 fn transport(e: reqwest::Error) -> HostClientError {
+    // The cause (a refused certificate, a reset) is in the sources only.
+    let message = hangar_core::error_chain(&e);
     if e.is_timeout() {
-        HostClientError::Timeout(e.to_string())
+        HostClientError::Timeout(message)
     } else if e.is_connect() || e.is_request() {
-        HostClientError::Unreachable(e.to_string())
+        HostClientError::Unreachable(message)
     } else {
-        HostClientError::Protocol(e.to_string())
+        HostClientError::Protocol(message)
     }
 }
 

@@ -179,7 +179,7 @@ async fn connect_inner(url: &str, headers: &[(&str, &str)]) -> Result<Tunnel, Tu
         let s = tokio_rustls::TlsConnector::from(cfg)
             .connect(name, tcp)
             .await
-            .map_err(|e| TunnelError::Tls { host: host.clone(), message: e.to_string() })?;
+            .map_err(|e| TunnelError::Tls { host: host.clone(), message: hangar_core::error_chain(&e) })?;
         Box::new(s)
     } else {
         Box::new(tcp)
@@ -491,7 +491,7 @@ impl HostTunnels {
             .json(&json!({"username": username, "password": password}))
             .send()
             .await
-            .map_err(|e| TunnelError::Connect { addr: url.clone(), message: e.to_string() })?;
+            .map_err(|e| TunnelError::Connect { addr: url.clone(), message: hangar_core::error_chain(&e) })?;
         let status = resp.status();
         let body = resp.bytes().await.unwrap_or_default();
         if status != StatusCode::OK {

@@ -513,4 +513,5 @@ async fn port_forward_and_a_tcp_route_through_an_orchestrator_over_tls() {
         Some(json!({"name": "host-a", "host": agent.url, "authentication": {"username": "root", "password": ROOT_PASSWORD}})), &[]).await;
     assert_eq!(st, 503, "{h}");
     assert!(h["message"].as_str().is_some_and(|m| m.contains(&agent.url)), "{h}");
+    assert!(h["message"].as_str().is_some_and(|m| m.contains("certificate")), "the reason is named: {h}");
 }
