@@ -13,7 +13,7 @@
 #
 # Usage: bench/proxy.sh        (env: THREADS=2 CONNS=64 DURATION=10s ROUNDS=3 FILE_BYTES=1024
 #                               TCP_MIB=4096 TCP_STREAMS=1 BASE_PORT=18480 CARGO_TARGET_DIR
-#                               HYPER_LANE=1 adds a row for a host hyper serves: one with CORS)
+#                               HYPER_LANE=1 adds a row with the fast lane off: hyper serves all)
 # Installs wrk and nginx-light with apt-get when missing. Stops everything it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -177,7 +177,7 @@ printf '%-22s %12s %10s %10s %16s\n' "upstream, direct" "${RPS[direct]}" "${P50[
 printf '%-22s %12s %10s %10s %16s\n' "nginx proxy" "${RPS[nginx]}" "${P50[nginx]}" "${P99[nginx]}" "$(cpu_per_req nginx)"
 printf '%-22s %12s %10s %10s %16s\n' "hangar proxy" "${RPS[hangar]}" "${P50[hangar]}" "${P99[hangar]}" "$(cpu_per_req hangar)"
 if [ "$HYPER_LANE" = 1 ]; then
-    printf '%-22s %12s %10s %10s %16s\n' "hangar, hyper (CORS)" "${RPS[hyper]}" "${P50[hyper]}" "${P99[hyper]}" "$(cpu_per_req hyper)"
+    printf '%-22s %12s %10s %10s %16s\n' "hangar, hyper lane" "${RPS[hyper]}" "${P50[hyper]}" "${P99[hyper]}" "$(cpu_per_req hyper)"
 fi
 awk -v h="${RPS[hangar]}" -v n="${RPS[nginx]}" -v hp="${P99[hangar]}" -v np="${P99[nginx]}" 'BEGIN {
     printf "hangar/nginx: requests/s %.2fx (goal >= 0.90), p99 %.2fx (goal <= 1.20)\n", h / n, hp / np }'

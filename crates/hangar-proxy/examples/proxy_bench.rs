@@ -2,8 +2,9 @@
 //!
 //! `proxy_bench http LISTEN TARGET` forwards HTTP from LISTEN to TARGET (both `ip:port`);
 //! `proxy_bench tcp LISTEN TARGET` forwards raw TCP; `proxy_bench http-hyper LISTEN TARGET`
-//! forwards HTTP from a host with CORS enabled, which hyper serves instead of the HTTP/1.1 fast
-//! lane (to measure the general path). Runs until SIGINT or SIGTERM.
+//! forwards HTTP with the HTTP/1.1 fast lane off, so hyper serves every request (to measure
+//! the general path: HTTP/2, upgrades and the other cases the fast lane hands over). Runs
+//! until SIGINT or SIGTERM.
 
 use std::error::Error;
 use std::net::SocketAddr;
@@ -34,18 +35,14 @@ async fn run() -> Result<(), Box<dyn Error>> {
     let mut host = json!({"id": "bench", "host": listen.ip().to_string(), "port": listen.port()});
     let route = json!({"id": "r", "target_host": target.ip().to_string(), "target_port": target.port()});
     match mode.as_str() {
-        "http" => host["http_routes"] = json!([route]),
-        "http-hyper" => {
-            host["http_routes"] = json!([route]);
-            host["cors"] = json!({"enabled": true, "allowed_origins": ["https://bench.test"]});
-        }
+        "http" | "http-hyper" => host["http_routes"] = json!([route]),
         "tcp" => host["tcp_route"] = route,
         other => return Err(format!("unknown mode {other:?}").into()),
     }
     let cfg: ReverseProxyConfig = serde_json::from_value(json!({"hosts": [host]}))?;
     // PROXY_BENCH_IO_THREADS: the manager's dedicated I/O threads (default 0: this runtime).
     let io_threads = std::env::var("PROXY_BENCH_IO_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
-    let m = ProxyManager::builder().io_threads(io_threads).build()?;
+    let m = ProxyManager::builder().io_threads(io_threads).http1_fast_lane(mode != "http-hyper").build()?;
     let report = m.apply(&cfg).await?;
     if let Some((_, e)) = report.failed.first() {
         return Err(e.clone().into());

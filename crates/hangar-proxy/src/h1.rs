@@ -10,7 +10,7 @@
 //!
 //! Everything else goes to hyper, with the bytes already read, for the rest of the connection:
 //! HTTP/2, HTTP/1.0, upgrades, `Expect`, `Transfer-Encoding` or large request bodies,
-//! `Connection: close`, targets not in origin form, a missing or repeated `Host`, CORS hosts,
+//! `Connection: close`, targets not in origin form, a missing or repeated `Host`,
 //! routes that are not plain `http`, unmatched paths, and every head
 //! `httparse` refuses (hyper then answers the error). The hand-over happens only between
 //! requests, so no message is ever split between the two.
@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures::FutureExt;
+use http::header::ACCESS_CONTROL_ALLOW_ORIGIN;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use httparse::Status;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -33,7 +34,7 @@ use tracing::Instrument;
 
 use crate::compile::{CompiledRoute, HostKind, HostState};
 use crate::config::Schema;
-use crate::http::{Dest, ProxyService, Reply, Resolved, UpIo};
+use crate::http::{Dest, ProxyService, Reply, Resolved, UpIo, preflight};
 
 /// The largest request or response head read (as hyper's default buffer).
 const MAX_HEAD: usize = 64 * 1024;
@@ -49,6 +50,13 @@ const MAX_LINE: usize = 8 * 1024;
 pub(crate) struct Prefixed<I> {
     pre: Bytes,
     io: I,
+}
+
+impl<I> Prefixed<I> {
+    /// A stream with nothing read from it yet.
+    pub(crate) fn new(io: I) -> Self {
+        Prefixed { pre: Bytes::new(), io }
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
@@ -103,7 +111,7 @@ struct Upstream {
 /// What a request head asks for, when the fast lane can serve it.
 struct Plan {
     state: Arc<HostState>,
-    route: usize,
+    action: Action,
     head_len: usize,
     body_len: usize,
     head_request: bool,
@@ -111,6 +119,17 @@ struct Plan {
     idempotent: bool,
     /// The request's headers, for a host that requires authentication.
     auth: Option<HeaderMap>,
+    /// `Access-Control-Allow-Origin` for the answer, when the host has CORS and allows the
+    /// request's origin.
+    cors: Option<HeaderValue>,
+}
+
+/// What the proxy does with a request.
+enum Action {
+    /// Forward it by this route (an index into the host's routes).
+    Forward(usize),
+    /// Answer a CORS preflight itself, with these headers.
+    Preflight(Vec<(HeaderName, HeaderValue)>),
 }
 
 /// How an answer's body is delimited.
@@ -188,9 +207,14 @@ where
         out.extend_from_slice(&cbuf[plan.head_len..plan.head_len + plan.body_len]);
         cbuf.advance(plan.head_len + plan.body_len);
         let HostKind::Http(host) = &plan.state.kind else { return Lane::Done };
-        let Some(route) = host.routes.get(plan.route) else { return Lane::Done };
-        let span = tracing::debug_span!("proxy_http", host = %plan.state.key, route = %route.id);
-        let keep = exchange(&mut io, svc, &plan, route, &mut out, &mut upstream).instrument(span).await;
+        let keep = match &plan.action {
+            Action::Forward(index) => {
+                let Some(route) = host.routes.get(*index) else { return Lane::Done };
+                let span = tracing::debug_span!("proxy_http", host = %plan.state.key, route = %route.id);
+                exchange(&mut io, svc, &plan, route, &mut out, &mut upstream).instrument(span).await
+            }
+            Action::Preflight(headers) => send_preflight(&mut io, &mut out, headers, plan.cors.as_ref()).await,
+        };
         if !keep {
             let _ = io.shutdown().await;
             return Lane::Done;
@@ -221,12 +245,13 @@ where
             None => Err("this proxy host requires authentication but no authenticator is configured".into()),
         };
         if let Err(reason) = checked {
-            return send_reply(client, out, Reply::error(StatusCode::UNAUTHORIZED, reason, None)).await;
+            let reply = Reply::error(StatusCode::UNAUTHORIZED, reason, None);
+            return send_reply(client, out, reply, plan.cors.as_ref()).await;
         }
     }
     let target = match svc.resolve(host_id, route).await {
         Ok(t) => t,
-        Err(reply) => return send_reply(client, out, reply).await,
+        Err(reply) => return send_reply(client, out, reply, plan.cors.as_ref()).await,
     };
     let answered = tokio::time::timeout(route.timeout, request(svc, &target, plan, route, out, upstream)).await;
     let answer = match answered {
@@ -237,12 +262,12 @@ where
                 Failure::Connect(e) => svc.target_failed(host_id, route, &target, true, &format!("connect: {e}")),
                 Failure::Other(m) => svc.target_failed(host_id, route, &target, false, &m),
             };
-            return send_reply(client, out, reply).await;
+            return send_reply(client, out, reply, plan.cors.as_ref()).await;
         }
         Err(_) => {
             *upstream = None;
             let reply = svc.target_timed_out(host_id, route, &target);
-            return send_reply(client, out, reply).await;
+            return send_reply(client, out, reply, plan.cors.as_ref()).await;
         }
     };
     let Some(up) = upstream.as_mut() else { return false };
@@ -413,6 +438,7 @@ fn answer_head(
             || named.iter().any(|n| name.as_bytes().eq_ignore_ascii_case(n))
             || (chunked.is_some() && name.eq_ignore_ascii_case("content-length"))
             || route.response_headers.iter().any(|(r, _)| name.eq_ignore_ascii_case(r.as_str()))
+            || (plan.cors.is_some() && name.eq_ignore_ascii_case("access-control-allow-origin"))
         {
             continue;
         }
@@ -422,10 +448,13 @@ fn answer_head(
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
     for (name, value) in &route.response_headers {
-        if let Some(v) = value {
+        if let Some(v) = value
+            && (plan.cors.is_none() || name != ACCESS_CONTROL_ALLOW_ORIGIN)
+        {
             header(out, name.as_str().as_bytes(), v.as_bytes());
         }
     }
+    cors_headers(out, plan.cors.as_ref());
     if framing == Framing::Close {
         out.extend_from_slice(b"connection: close\r\n");
     }
@@ -499,8 +528,40 @@ where
     }
 }
 
+/// Answer a CORS preflight: 204 with the preflight's headers.
+async fn send_preflight<I: AsyncWrite + Unpin>(
+    client: &mut I,
+    out: &mut Vec<u8>,
+    headers: &[(HeaderName, HeaderValue)],
+    cors: Option<&HeaderValue>,
+) -> bool {
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 204 No Content\r\n");
+    for (name, value) in headers {
+        header(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if cors.is_some() {
+        out.extend_from_slice(b"vary: Origin\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    client.write_all(out).await.is_ok()
+}
+
+/// The CORS headers of an answer to an allowed origin.
+fn cors_headers(out: &mut Vec<u8>, cors: Option<&HeaderValue>) {
+    if let Some(allow) = cors {
+        header(out, b"access-control-allow-origin", allow.as_bytes());
+        out.extend_from_slice(b"vary: Origin\r\n");
+    }
+}
+
 /// Send an answer the proxy made, on a connection that then stays open.
-async fn send_reply<I: AsyncWrite + Unpin>(client: &mut I, out: &mut Vec<u8>, reply: Reply) -> bool {
+async fn send_reply<I: AsyncWrite + Unpin>(
+    client: &mut I,
+    out: &mut Vec<u8>,
+    reply: Reply,
+    cors: Option<&HeaderValue>,
+) -> bool {
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(reply.status.as_str().as_bytes());
@@ -510,6 +571,7 @@ async fn send_reply<I: AsyncWrite + Unpin>(client: &mut I, out: &mut Vec<u8>, re
     if reply.bearer {
         out.extend_from_slice(b"www-authenticate: Bearer\r\n");
     }
+    cors_headers(out, cors);
     out.extend_from_slice(format!("content-length: {}\r\n\r\n", reply.body.len()).as_bytes());
     out.extend_from_slice(&reply.body);
     client.write_all(out).await.is_ok()
@@ -541,6 +603,7 @@ fn plan(buf: &[u8], svc: &ProxyService, out: &mut Vec<u8>) -> Parsed {
     let mut te_trailers = false;
     let mut named: Vec<&[u8]> = Vec::new();
     let mut forwarded_for: Vec<&[u8]> = Vec::new();
+    let (mut origin, mut preflight_method, mut preflight_headers) = (None, false, None);
     for h in req.headers.iter() {
         let (name, v) = (h.name, h.value);
         if name.eq_ignore_ascii_case("host") {
@@ -571,13 +634,41 @@ fn plan(buf: &[u8], svc: &ProxyService, out: &mut Vec<u8>) -> Parsed {
             te_trailers |= tokens(v).any(|t| t.eq_ignore_ascii_case(b"trailers"));
         } else if name.eq_ignore_ascii_case("x-forwarded-for") {
             forwarded_for.push(v);
+        } else if name.eq_ignore_ascii_case("origin") {
+            origin = origin.or(Some(v));
+        } else if name.eq_ignore_ascii_case("access-control-request-method") {
+            preflight_method = true;
+        } else if name.eq_ignore_ascii_case("access-control-request-headers") {
+            preflight_headers = preflight_headers.or(Some(v));
         }
     }
     let Some(host) = host else { return Parsed::Hyper };
     let state = svc.listener.state.load_full();
     let HostKind::Http(http) = &state.kind else { return Parsed::Hyper };
-    if http.cors.is_some() {
-        return Parsed::Hyper;
+    let origin = match (&http.cors, origin) {
+        (Some(_), Some(o)) => match HeaderValue::from_bytes(o) {
+            Ok(o) => Some(o),
+            Err(_) => return Parsed::Hyper,
+        },
+        _ => None,
+    };
+    let cors = http.cors.as_ref().zip(origin.as_ref()).and_then(|(c, o)| c.allow_origin(o));
+    let idempotent = matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE");
+    let body_len = length.unwrap_or(0) as usize;
+    // A CORS preflight is answered here, before routing (browsers send no credentials with it).
+    if let (Some(c), Some(o), "OPTIONS", true) = (&http.cors, &origin, method, preflight_method) {
+        let requested = preflight_headers.and_then(|v| HeaderValue::from_bytes(v).ok());
+        let action = Action::Preflight(preflight(c, o, requested.as_ref()));
+        return Parsed::Fast(Plan {
+            action,
+            head_len,
+            body_len,
+            head_request: false,
+            idempotent,
+            auth: None,
+            cors,
+            state,
+        });
     }
     let path = target.split_once('?').map_or(target, |(p, _)| p);
     let host_str = std::str::from_utf8(host).unwrap_or("");
@@ -652,14 +743,14 @@ fn plan(buf: &[u8], svc: &ProxyService, out: &mut Vec<u8>) -> Parsed {
         }
     }
     out.extend_from_slice(b"\r\n");
-    let idempotent = matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE");
     Parsed::Fast(Plan {
-        route: index,
+        action: Action::Forward(index),
         head_len,
-        body_len: length.unwrap_or(0) as usize,
+        body_len,
         head_request: method == "HEAD",
         idempotent,
         auth,
+        cors,
         state,
     })
 }

@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::auth::ProxyAuth;
-use crate::compile::{CompiledRoute, HostKind, HttpHost};
+use crate::compile::{CompiledCors, CompiledRoute, HostKind, HttpHost};
 use crate::config::{Schema, Target};
 use crate::dial::VmDialer;
 use crate::error::ProxyError;
@@ -100,6 +100,8 @@ pub(crate) struct Shared {
     pub events: EventSink,
     /// Time allowed for a client to send a request's head (idle keep-alive included).
     pub header_read: Duration,
+    /// Plain HTTP/1.1 requests go through [`crate::h1`] first.
+    pub fast_lane: bool,
 }
 
 /// A future driving one upstream connection.
@@ -358,6 +360,21 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
     te_trailers
 }
 
+/// The headers of the answer to a CORS preflight from `origin` (none when it is not allowed).
+pub(crate) fn preflight(
+    cors: &CompiledCors,
+    origin: &HeaderValue,
+    requested_headers: Option<&HeaderValue>,
+) -> Vec<(HeaderName, HeaderValue)> {
+    let Some(allow) = cors.allow_origin(origin) else { return Vec::new() };
+    let mut h = vec![(ACCESS_CONTROL_ALLOW_ORIGIN, allow), (ACCESS_CONTROL_ALLOW_METHODS, cors.methods.clone())];
+    if let Some(allowed) = cors.headers.clone().or_else(|| requested_headers.cloned()) {
+        h.push((ACCESS_CONTROL_ALLOW_HEADERS, allowed));
+    }
+    h.push((ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600")));
+    h
+}
+
 fn apply_rules(headers: &mut HeaderMap, rules: &[(HeaderName, Option<HeaderValue>)]) {
     for (name, value) in rules {
         match value {
@@ -399,15 +416,8 @@ impl ProxyService {
         {
             let mut r = Response::new(Either::Right(Full::new(Bytes::new())));
             *r.status_mut() = StatusCode::NO_CONTENT;
-            if let Some(allow) = cors.allow_origin(origin) {
-                let h = r.headers_mut();
-                h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, allow);
-                h.insert(ACCESS_CONTROL_ALLOW_METHODS, cors.methods.clone());
-                let requested = req.headers().get(ACCESS_CONTROL_REQUEST_HEADERS).cloned();
-                if let Some(allowed) = cors.headers.clone().or(requested) {
-                    h.insert(ACCESS_CONTROL_ALLOW_HEADERS, allowed);
-                }
-                h.insert(ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+            for (name, value) in preflight(cors, origin, req.headers().get(ACCESS_CONTROL_REQUEST_HEADERS)) {
+                r.headers_mut().insert(name, value);
             }
             return r;
         }
@@ -756,12 +766,16 @@ pub(crate) async fn serve_connection<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     // Plain HTTP/1.1 first; hyper takes over, with the bytes read, for anything else.
-    let io = tokio::select! {
-        lane = crate::h1::serve(io, &svc, svc.shared.header_read, &graceful) => match lane {
-            crate::h1::Lane::Done => return,
-            crate::h1::Lane::Hyper(io) => io,
-        },
-        _ = hard.cancelled() => return,
+    let io = if svc.shared.fast_lane {
+        tokio::select! {
+            lane = crate::h1::serve(io, &svc, svc.shared.header_read, &graceful) => match lane {
+                crate::h1::Lane::Done => return,
+                crate::h1::Lane::Hyper(io) => io,
+            },
+            _ = hard.cancelled() => return,
+        }
+    } else {
+        crate::h1::Prefixed::new(io)
     };
     let (drive, mut to_drive) = mpsc::unbounded_channel::<UpConn>();
     svc.sticky = Some(Arc::new(Sticky { slot: std::sync::Mutex::new(None), drive }));

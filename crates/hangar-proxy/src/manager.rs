@@ -103,6 +103,7 @@ pub struct ProxyManagerBuilder {
     pool_idle: Duration,
     event_capacity: usize,
     io_threads: usize,
+    fast_lane: bool,
 }
 
 impl Default for ProxyManagerBuilder {
@@ -119,6 +120,7 @@ impl Default for ProxyManagerBuilder {
             pool_idle: Duration::from_secs(90),
             event_capacity: 1024,
             io_threads: 0,
+            fast_lane: true,
         }
     }
 }
@@ -176,6 +178,12 @@ impl ProxyManagerBuilder {
         self.io_threads = n;
         self
     }
+    /// Serve plain HTTP/1.1 keep-alive requests in the fast lane (default `true`); `false`
+    /// leaves every request to hyper (to compare the two, or as an escape hatch).
+    pub fn http1_fast_lane(mut self, enabled: bool) -> Self {
+        self.fast_lane = enabled;
+        self
+    }
     /// Build the manager. Nothing listens until [`ProxyManager::apply`].
     pub fn build(self) -> Result<ProxyManager, ProxyError> {
         let (events, _) = broadcast::channel(self.event_capacity.max(1));
@@ -187,6 +195,7 @@ impl ProxyManagerBuilder {
             auth: self.auth,
             events: sink,
             header_read: self.header_read,
+            fast_lane: self.fast_lane,
         });
         Ok(ProxyManager {
             inner: Arc::new(Inner {

@@ -197,3 +197,43 @@ async fn vm_targets_and_failures_agree() {
         assert_eq!(body["code"], status);
     }
 }
+
+#[tokio::test]
+async fn cors_agrees() {
+    let up = http_upstream("127.0.0.1:0", "up").await;
+    let m = ProxyManager::builder().build().unwrap();
+    let cfg = config(json!({"hosts": [{"id": "web", "host": "127.0.0.1", "port": 0,
+    "cors": {"enabled": true, "allowed_origins": ["https://ui.test"]},
+    "http_routes": [
+        {"id": "r", "path": "/a", "target_host": "127.0.0.1", "target_port": up.addr.port(),
+         "response_headers": {"Access-Control-Allow-Origin": "https://rule.test", "X-Rule": "1"}},
+        {"id": "down", "path": "/down", "target_host": "127.0.0.1", "target_port": closed_port().await}
+    ]}]}));
+    let addr = apply(&m, &cfg, "web").await;
+    let allowed = "Origin: https://ui.test\r\n";
+    let other = "Origin: https://evil.test\r\n";
+    for (request, status, allow) in [
+        (format!("GET /a HTTP/1.1\r\nHost: x\r\n{allowed}\r\n"), 200, Some("https://ui.test")),
+        (format!("GET /a HTTP/1.1\r\nHost: x\r\n{other}\r\n"), 200, Some("https://rule.test")),
+        ("GET /a HTTP/1.1\r\nHost: x\r\n\r\n".to_string(), 200, Some("https://rule.test")),
+        (format!("GET /down HTTP/1.1\r\nHost: x\r\n{allowed}\r\n"), 502, Some("https://ui.test")),
+        (
+            format!(
+                "OPTIONS /a HTTP/1.1\r\nHost: x\r\n{allowed}Access-Control-Request-Method: PUT\r\n\
+                 Access-Control-Request-Headers: authorization\r\n\r\n"
+            ),
+            204,
+            Some("https://ui.test"),
+        ),
+        (format!("OPTIONS /a HTTP/1.1\r\nHost: x\r\n{other}Access-Control-Request-Method: PUT\r\n\r\n"), 204, None),
+    ] {
+        let (kept, closed) = both_ways(addr, &request).await;
+        assert_same(&kept, &closed);
+        assert_eq!(kept.status, status, "{request:?}");
+        assert_eq!(kept.header("access-control-allow-origin"), allow, "{request:?}: {:?}", kept.headers);
+        if status == 204 && allow.is_some() {
+            assert_eq!(kept.header("access-control-allow-headers"), Some("authorization"));
+            assert_eq!(kept.header("access-control-max-age"), Some("600"));
+        }
+    }
+}
