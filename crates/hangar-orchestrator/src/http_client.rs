@@ -66,7 +66,13 @@ impl HttpConnector {
         // Registered URLs carry the API prefix (`http://h:3080/api`); accept `.../api/v1` too.
         let trimmed = url.trim_end_matches('/');
         let base = trimmed.strip_suffix("/v1").unwrap_or(trimmed).to_string();
-        Arc::new(HttpHostClient { http: self.http.clone(), base, credentials, token: Mutex::new(None) })
+        Arc::new(HttpHostClient {
+            http: self.http.clone(),
+            base,
+            credentials,
+            token: Mutex::new(None),
+            logins: tokio::sync::Mutex::new(()),
+        })
     }
 }
 
@@ -95,6 +101,8 @@ pub struct HttpHostClient {
     base: String,
     credentials: Option<HostCredentials>,
     token: Mutex<Option<String>>,
+    /// One login at a time: requests made together share it.
+    logins: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for HttpHostClient {
@@ -247,6 +255,21 @@ impl HttpHostClient {
         self.token.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// The bearer token: the cached one, or a new login when there is none or `fresh` asks
+    /// for one (the cached one was refused). A caller that waited for another's login takes
+    /// its token, so requests made together log in once.
+    async fn bearer(&self, username: &str, password: &str, fresh: bool) -> Result<String, HostClientError> {
+        let before = self.cached_token();
+        if !fresh && let Some(t) = &before {
+            return Ok(t.clone());
+        }
+        let _one = self.logins.lock().await;
+        if let Some(t) = self.cached_token().filter(|t| before.as_ref() != Some(t)) {
+            return Ok(t);
+        }
+        self.login(username, password).await
+    }
+
     async fn login(&self, username: &str, password: &str) -> Result<String, HostClientError> {
         let url = format!("{}/v1/auth/token", self.base);
         let resp = self
@@ -283,11 +306,7 @@ impl HttpHostClient {
         match &self.credentials {
             Some(HostCredentials::ApiKey { api_key }) => req = req.header("X-Api-Key", api_key),
             Some(HostCredentials::Basic { username, password }) => {
-                let token = match (fresh_login, self.cached_token()) {
-                    (false, Some(t)) => t,
-                    _ => self.login(username, password).await?,
-                };
-                req = req.bearer_auth(token);
+                req = req.bearer_auth(self.bearer(username, password, fresh_login).await?);
             }
             None => {}
         }
@@ -335,6 +354,7 @@ impl HttpHostClient {
             base: self.base.clone(),
             credentials: self.credentials.clone(),
             token: Mutex::new(self.cached_token()),
+            logins: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -376,11 +396,7 @@ impl HttpHostClient {
         Ok(match &self.credentials {
             Some(HostCredentials::ApiKey { api_key }) => vec![("X-Api-Key", api_key.clone())],
             Some(HostCredentials::Basic { username, password }) => {
-                let token = match (fresh_login, self.cached_token()) {
-                    (false, Some(t)) => t,
-                    _ => self.login(username, password).await?,
-                };
-                vec![("Authorization", format!("Bearer {token}"))]
+                vec![("Authorization", format!("Bearer {}", self.bearer(username, password, fresh_login).await?))]
             }
             None => vec![],
         })

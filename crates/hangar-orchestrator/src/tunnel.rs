@@ -448,6 +448,8 @@ fn http() -> Result<reqwest::Client, TunnelError> {
 pub struct HostTunnels {
     scheduler: crate::Scheduler,
     tokens: Mutex<HashMap<String, String>>,
+    /// One login at a time: tunnels opened together share it.
+    logins: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for HostTunnels {
@@ -475,7 +477,7 @@ pub enum HostTunnelError {
 impl HostTunnels {
     /// Tunnels through the hosts of `scheduler`'s registry.
     pub fn new(scheduler: crate::Scheduler) -> Arc<Self> {
-        Arc::new(HostTunnels { scheduler, tokens: Mutex::new(HashMap::new()) })
+        Arc::new(HostTunnels { scheduler, tokens: Mutex::new(HashMap::new()), logins: tokio::sync::Mutex::new(()) })
     }
 
     /// The id of the host that runs `vm`.
@@ -506,6 +508,37 @@ impl HostTunnels {
             .ok_or_else(|| TunnelError::Protocol("the host's login answer has no token".into()))
     }
 
+    /// The host's login token and whether it is new: the cached one, or a new login when
+    /// there is none or the cached one was `refused`. A caller that waited for another's
+    /// login takes its token, so tunnels opened together log in once.
+    async fn token(
+        &self,
+        host: &str,
+        base: &str,
+        username: &str,
+        password: &str,
+        refused: Option<&str>,
+    ) -> Result<(String, bool), TunnelError> {
+        let cached = || {
+            self.tokens
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(host)
+                .filter(|t| Some(t.as_str()) != refused)
+                .cloned()
+        };
+        if let Some(t) = cached() {
+            return Ok((t, false));
+        }
+        let _one = self.logins.lock().await;
+        if let Some(t) = cached() {
+            return Ok((t, true));
+        }
+        let t = self.login(base, username, password).await?;
+        self.tokens.lock().unwrap_or_else(|e| e.into_inner()).insert(host.to_string(), t.clone());
+        Ok((t, true))
+    }
+
     /// Open a tunnel to `port` of `vm` on the host that owns it.
     pub async fn open(&self, vm: &str, port: u16) -> Result<Tunnel, HostTunnelError> {
         let host = self.host_of(vm).await?;
@@ -525,21 +558,12 @@ impl HostTunnels {
             None => connect(&url, &[]).await.map_err(herr),
             Some(HostCredentials::ApiKey { api_key }) => connect(&url, &[("x-api-key", &api_key)]).await.map_err(herr),
             Some(HostCredentials::Basic { username, password }) => {
-                let cached = self.tokens.lock().unwrap_or_else(|e| e.into_inner()).get(&host.id).cloned();
-                let mut fresh = false;
-                let token = match cached {
-                    Some(t) => t,
-                    None => {
-                        fresh = true;
-                        self.login(base, &username, &password).await.map_err(herr)?
-                    }
-                };
-                self.tokens.lock().unwrap_or_else(|e| e.into_inner()).insert(host.id.clone(), token.clone());
+                let (token, fresh) = self.token(&host.id, base, &username, &password, None).await.map_err(herr)?;
                 match connect(&url, &[("authorization", &format!("Bearer {token}"))]).await {
                     Err(TunnelError::Refused { status: 401, .. }) if !fresh => {
                         debug!("the host refused the cached token; logging in again");
-                        let token = self.login(base, &username, &password).await.map_err(herr)?;
-                        self.tokens.lock().unwrap_or_else(|e| e.into_inner()).insert(host.id.clone(), token.clone());
+                        let (token, _) =
+                            self.token(&host.id, base, &username, &password, Some(&token)).await.map_err(herr)?;
                         connect(&url, &[("authorization", &format!("Bearer {token}"))]).await.map_err(herr)
                     }
                     other => other.map_err(herr),
