@@ -85,6 +85,8 @@ pub struct Services {
     pub reverse_proxy: Option<Arc<hangar_reverse_proxy::ReverseProxy>>,
     /// The orchestrator module, when it runs.
     pub orchestrator: Option<Arc<hangar_orchestrator::HttpOrchestrator>>,
+    /// The orchestrator's jobs (async creates), in the store; set when the orchestrator runs.
+    pub orchestrator_jobs: Option<hangar_host::Jobs>,
 }
 
 /// Everything handlers need. Cheap to clone.
@@ -100,6 +102,8 @@ pub struct AppState {
     pub reverse_proxy: Option<Arc<hangar_reverse_proxy::ReverseProxy>>,
     /// The orchestrator module, when it runs.
     pub orchestrator: Option<Arc<hangar_orchestrator::HttpOrchestrator>>,
+    /// The orchestrator's jobs (async creates), in the store; set when the orchestrator runs.
+    pub orchestrator_jobs: Option<hangar_host::Jobs>,
     pub info: Arc<ServerInfo>,
     pub api_prefix: String,
     pub access: Arc<AccessTable>,
@@ -281,7 +285,7 @@ fn cors_layer(c: &CorsConfig) -> CorsLayer {
 
 /// Build the whole HTTP application.
 pub fn app(services: Services, info: ServerInfo, config: &ApiConfig) -> Router {
-    let Services { identity, bus, host, catalog, reverse_proxy, orchestrator } = services;
+    let Services { identity, bus, host, catalog, reverse_proxy, orchestrator, orchestrator_jobs } = services;
     let Api { router, table } = api();
     let (inner, doc) = router.split_for_parts();
     let doc = openapi::finish(doc);
@@ -293,6 +297,7 @@ pub fn app(services: Services, info: ServerInfo, config: &ApiConfig) -> Router {
         catalog,
         reverse_proxy,
         orchestrator,
+        orchestrator_jobs,
         info: Arc::new(info),
         api_prefix: config.prefix.clone(),
         access,

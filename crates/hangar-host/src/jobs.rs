@@ -1,16 +1,56 @@
 //! Jobs: long operations with weighted steps, percent done, ETA, and a final result or
 //! error. Every change is published on the event bus (`job_manager`), addressed to the
 //! job's owner.
+//!
+//! Jobs are records in the store (one collection per job set): a job is committed when it
+//! starts, before anyone is told its id, and again when it reaches a terminal state
+//! (completed or failed). Progress in between lives only in memory and on the bus. On open,
+//! a job the store still has as pending or running was cut short by a restart: it is marked
+//! failed, with [`RESTART_ERROR`], and committed.
+//!
+//! Retention: a finished job is kept for [`RETENTION`] (24 h) after it finished
+//! (`updated_at`), then removed from memory and the store. Pruning is lazy: it happens when
+//! the set is opened and in the same commit that starts a new job, so an idle server does
+//! no work for it.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use chrono::{DateTime, Utc};
-use hangar_core::{Event, EventBus, EventType};
-use serde::Serialize;
+use chrono::{DateTime, TimeDelta, Utc};
+use hangar_core::{Classify, ErrorKind, Event, EventBus, EventType};
+use hangar_store::{Batch, Store, StoreError};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use tracing::warn;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// How long a finished job is kept after it finished.
+pub const RETENTION: TimeDelta = TimeDelta::hours(24);
+
+/// The error of a job that was pending or running when the server stopped.
+pub const RESTART_ERROR: &str = "The server restarted before the job finished; its outcome is unknown: check the machine list, and start the job again if needed";
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobsError {
+    #[error("Cannot record the job in the store: {0}")]
+    Store(#[from] StoreError),
+    #[error("Job {0:?} not found")]
+    NotFound(String),
+    #[error("Job {0} is still running; delete it once it has finished")]
+    Running(String),
+}
+
+impl Classify for JobsError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            JobsError::NotFound(_) => ErrorKind::NotFound,
+            JobsError::Running(_) | JobsError::Store(StoreError::Conflict(_)) => ErrorKind::Conflict,
+            JobsError::Store(StoreError::Closed) => ErrorKind::Unavailable,
+            JobsError::Store(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     Pending,
@@ -19,7 +59,13 @@ pub enum JobState {
     Failed,
 }
 
-#[derive(Debug, Clone, Serialize)]
+impl JobState {
+    pub fn is_finished(self) -> bool {
+        matches!(self, JobState::Completed | JobState::Failed)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobStep {
     pub name: String,
     pub weight: u32,
@@ -29,7 +75,7 @@ pub struct JobStep {
     pub message: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Job {
     pub id: String,
     pub owner: String,
@@ -48,10 +94,12 @@ pub struct Job {
     pub updated_at: DateTime<Utc>,
 }
 
-/// All jobs of this process.
+/// One set of jobs (the host's, or the orchestrator's), kept in one store collection.
 #[derive(Clone)]
 pub struct Jobs {
     inner: Arc<Mutex<BTreeMap<String, Job>>>,
+    store: Arc<dyn Store>,
+    collection: String,
     bus: EventBus,
 }
 
@@ -62,18 +110,95 @@ pub struct JobHandle {
     pub id: String,
 }
 
+/// Recompute progress, ETA and `updated_at` after a change.
+fn refresh(job: &mut Job, now: DateTime<Utc>) {
+    let total: u32 = job.steps.iter().map(|s| s.weight).sum();
+    let done: f64 = job.steps.iter().map(|s| s.weight as f64 * s.current_percentage / 100.0).sum();
+    job.progress = if total == 0 { 0.0 } else { (done * 100.0 / total as f64).clamp(0.0, 100.0) };
+    let elapsed = (now - job.created_at).num_milliseconds().max(1) as f64 / 1000.0;
+    job.eta_seconds = (job.progress > 0.0 && job.progress < 100.0)
+        .then(|| (elapsed * (100.0 - job.progress) / job.progress).round() as u64);
+    job.updated_at = now;
+}
+
+fn to_value(job: &Job) -> Value {
+    serde_json::to_value(job).unwrap_or(Value::Null)
+}
+
 impl Jobs {
-    pub fn new(bus: EventBus) -> Self {
-        Jobs { inner: Arc::default(), bus }
+    /// Open the job set kept in `collection`: load it, mark the jobs a restart cut short as
+    /// failed, drop the expired ones, and commit both before answering.
+    pub async fn open(store: Arc<dyn Store>, collection: &str, bus: EventBus) -> Result<Jobs, JobsError> {
+        Self::open_at(store, collection, bus, Utc::now()).await
+    }
+
+    async fn open_at(
+        store: Arc<dyn Store>,
+        collection: &str,
+        bus: EventBus,
+        now: DateTime<Utc>,
+    ) -> Result<Jobs, JobsError> {
+        let mut map = BTreeMap::new();
+        let mut batch = Batch::new();
+        for record in store.list(collection).await? {
+            let mut job: Job = match serde_json::from_value(record.value) {
+                Ok(j) => j,
+                Err(e) => {
+                    warn!(collection, id = %record.id, error = %e, "unreadable job record removed");
+                    batch = batch.delete(collection, &record.id);
+                    continue;
+                }
+            };
+            if !job.state.is_finished() {
+                job.state = JobState::Failed;
+                for s in &mut job.steps {
+                    if s.state == JobState::Running {
+                        s.state = JobState::Failed;
+                    }
+                }
+                job.message = RESTART_ERROR.into();
+                job.error = Some(RESTART_ERROR.into());
+                job.eta_seconds = None;
+                job.updated_at = now;
+                batch = batch.put(collection, &record.id, to_value(&job));
+            }
+            map.insert(record.id, job);
+        }
+        let expired = expired(&map, now);
+        for id in &expired {
+            map.remove(id);
+            batch = batch.delete(collection, id);
+        }
+        if !batch.is_empty() {
+            store.commit(batch).await?;
+        }
+        Ok(Jobs { inner: Arc::new(Mutex::new(map)), store, collection: collection.into(), bus })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Job>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Start a job with the given `(step name, weight)` list.
-    pub fn start(&self, owner: &str, job_type: &str, operation: &str, steps: &[(&str, u32)]) -> JobHandle {
-        let now = Utc::now();
+    /// Start a job with the given `(step name, weight)` list. When this returns `Ok`, the
+    /// job is in the store (with the expired jobs removed in the same commit).
+    pub async fn start(
+        &self,
+        owner: &str,
+        job_type: &str,
+        operation: &str,
+        steps: &[(&str, u32)],
+    ) -> Result<JobHandle, JobsError> {
+        self.start_at(owner, job_type, operation, steps, Utc::now()).await
+    }
+
+    async fn start_at(
+        &self,
+        owner: &str,
+        job_type: &str,
+        operation: &str,
+        steps: &[(&str, u32)],
+        now: DateTime<Utc>,
+    ) -> Result<JobHandle, JobsError> {
         let job = Job {
             id: uuid::Uuid::now_v7().to_string(),
             owner: owner.into(),
@@ -98,15 +223,27 @@ impl Jobs {
             created_at: now,
             updated_at: now,
         };
+        let expired = expired(&self.lock(), now);
+        let mut batch =
+            Batch::new().require_absent(&self.collection, &job.id).put(&self.collection, &job.id, to_value(&job));
+        for id in &expired {
+            batch = batch.delete(&self.collection, id);
+        }
+        self.store.commit(batch).await?;
         let id = job.id.clone();
-        self.lock().insert(id.clone(), job.clone());
+        {
+            let mut m = self.lock();
+            for e in &expired {
+                m.remove(e);
+            }
+            m.insert(id.clone(), job.clone());
+        }
         self.publish(&job, "JOB_CREATED");
-        JobHandle { jobs: self.clone(), id }
+        Ok(JobHandle { jobs: self.clone(), id })
     }
 
     fn publish(&self, job: &Job, message: &str) {
-        let body = serde_json::to_value(job).unwrap_or(Value::Null);
-        self.bus.publish(Event::new(EventType::JobManager, message, body).for_user(job.owner.clone()));
+        self.bus.publish(Event::new(EventType::JobManager, message, to_value(job)).for_user(job.owner.clone()));
     }
 
     pub fn get(&self, id: &str) -> Option<Job> {
@@ -118,35 +255,59 @@ impl Jobs {
         self.lock().values().filter(|j| owner.is_none_or(|o| j.owner == o)).cloned().collect()
     }
 
-    /// Remove a finished job. `Err` names why not.
-    pub fn remove(&self, id: &str) -> Result<(), &'static str> {
-        let mut m = self.lock();
-        match m.get(id) {
-            None => Err("not found"),
-            Some(j) if matches!(j.state, JobState::Pending | JobState::Running) => Err("still running"),
-            Some(_) => {
-                m.remove(id);
-                Ok(())
-            }
+    /// Remove a finished job, from memory and the store.
+    pub async fn remove(&self, id: &str) -> Result<(), JobsError> {
+        match self.lock().get(id) {
+            None => return Err(JobsError::NotFound(id.into())),
+            Some(j) if !j.state.is_finished() => return Err(JobsError::Running(id.into())),
+            Some(_) => {}
         }
+        self.store.commit(Batch::new().delete(&self.collection, id)).await?;
+        self.lock().remove(id);
+        Ok(())
     }
 
+    /// A progress change: memory and the bus only. Ignored once the job has finished.
     fn update(&self, id: &str, message: &str, f: impl FnOnce(&mut Job)) {
         let snapshot = {
             let mut m = self.lock();
             let Some(job) = m.get_mut(id) else { return };
+            if job.state.is_finished() {
+                return;
+            }
             f(job);
-            let total: u32 = job.steps.iter().map(|s| s.weight).sum();
-            let done: f64 = job.steps.iter().map(|s| s.weight as f64 * s.current_percentage / 100.0).sum();
-            job.progress = if total == 0 { 0.0 } else { (done * 100.0 / total as f64).clamp(0.0, 100.0) };
-            let elapsed = (Utc::now() - job.created_at).num_milliseconds().max(1) as f64 / 1000.0;
-            job.eta_seconds = (job.progress > 0.0 && job.progress < 100.0)
-                .then(|| (elapsed * (100.0 - job.progress) / job.progress).round() as u64);
-            job.updated_at = Utc::now();
+            refresh(job, Utc::now());
             job.clone()
         };
         self.publish(&snapshot, message);
     }
+
+    /// A terminal change: committed to the store first, then shown and published. A
+    /// failed commit is logged and the change still shown: the job then reads as cut short
+    /// by a restart after the next start.
+    async fn finish(&self, id: &str, message: &str, f: impl FnOnce(&mut Job)) {
+        let snapshot = {
+            let m = self.lock();
+            let Some(job) = m.get(id) else { return };
+            if job.state.is_finished() {
+                return;
+            }
+            let mut job = job.clone();
+            f(&mut job);
+            refresh(&mut job, Utc::now());
+            job
+        };
+        if let Err(e) = self.store.commit(Batch::new().put(&self.collection, id, to_value(&snapshot))).await {
+            warn!(job = id, error = %e, "the job's final state was not stored; after a restart it reads as interrupted");
+        }
+        self.lock().insert(id.to_string(), snapshot.clone());
+        self.publish(&snapshot, message);
+    }
+}
+
+/// Finished jobs that finished more than [`RETENTION`] before `now`.
+fn expired(map: &BTreeMap<String, Job>, now: DateTime<Utc>) -> Vec<String> {
+    map.values().filter(|j| j.state.is_finished() && now - j.updated_at > RETENTION).map(|j| j.id.clone()).collect()
 }
 
 impl JobHandle {
@@ -168,50 +329,162 @@ impl JobHandle {
         });
     }
 
-    pub fn complete(&self, result: Value) {
-        self.jobs.update(&self.id, "JOB_COMPLETED", |j| {
-            j.state = JobState::Completed;
-            for s in &mut j.steps {
-                s.state = JobState::Completed;
-                s.current_percentage = 100.0;
-            }
-            j.result = Some(result);
-            j.message = "done".into();
-        });
+    /// The job succeeded with `result`; committed before it is shown.
+    pub async fn complete(&self, result: Value) {
+        self.jobs
+            .finish(&self.id, "JOB_COMPLETED", |j| {
+                j.state = JobState::Completed;
+                for s in &mut j.steps {
+                    s.state = JobState::Completed;
+                    s.current_percentage = 100.0;
+                }
+                j.result = Some(result);
+                j.message = "done".into();
+            })
+            .await;
     }
 
-    pub fn fail(&self, error: String) {
-        self.jobs.update(&self.id, "JOB_FAILED", |j| {
-            j.state = JobState::Failed;
-            for s in &mut j.steps {
-                if s.state == JobState::Running {
-                    s.state = JobState::Failed;
+    /// The job failed with `error`; committed before it is shown.
+    pub async fn fail(&self, error: String) {
+        self.jobs
+            .finish(&self.id, "JOB_FAILED", |j| {
+                j.state = JobState::Failed;
+                for s in &mut j.steps {
+                    if s.state == JobState::Running {
+                        s.state = JobState::Failed;
+                    }
                 }
-            }
-            j.message = error.clone();
-            j.error = Some(error);
-        });
+                j.message = error.clone();
+                j.error = Some(error);
+            })
+            .await;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hangar_store::{JsonStore, JsonStoreOptions};
 
-    #[test]
-    fn progress_is_weighted_and_finishes_at_100() {
-        let jobs = Jobs::new(EventBus::default());
-        let h = jobs.start("u", "vm", "create", &[("copy", 3), ("boot", 1)]);
+    async fn store(dir: &std::path::Path) -> Arc<dyn Store> {
+        Arc::new(JsonStore::open(dir.join("db"), JsonStoreOptions::default()).await.unwrap())
+    }
+
+    const C: &str = "test_jobs";
+
+    #[tokio::test]
+    async fn progress_is_weighted_and_finishes_at_100() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = Jobs::open(store(dir.path()).await, C, EventBus::default()).await.unwrap();
+        let h = jobs.start("u", "vm", "create", &[("copy", 3), ("boot", 1)]).await.unwrap();
         h.step(0, 50.0, "copying");
         let j = jobs.get(&h.id).unwrap();
         assert!((j.progress - 37.5).abs() < 0.01, "{}", j.progress);
         h.step(1, 0.0, "booting");
         assert!((jobs.get(&h.id).unwrap().progress - 75.0).abs() < 0.01);
-        assert_eq!(jobs.remove(&h.id), Err("still running"));
-        h.complete(serde_json::json!({"id": "x"}));
+        assert!(matches!(jobs.remove(&h.id).await, Err(JobsError::Running(_))));
+        h.complete(serde_json::json!({"id": "x"})).await;
         let j = jobs.get(&h.id).unwrap();
         assert_eq!((j.state, j.progress as u32), (JobState::Completed, 100));
+        // A late progress report does not reopen a finished job.
+        h.step(1, 10.0, "late");
+        assert_eq!(jobs.get(&h.id).unwrap().state, JobState::Completed);
         assert_eq!(jobs.list(Some("other")).len(), 0);
-        assert!(jobs.remove(&h.id).is_ok());
+        jobs.remove(&h.id).await.unwrap();
+        assert!(matches!(jobs.remove(&h.id).await, Err(JobsError::NotFound(_))));
+    }
+
+    /// Started and finished jobs are in the store; progress is not; a reopen marks the
+    /// unfinished ones failed with the restart error, and that is stored too.
+    #[tokio::test]
+    async fn a_reopen_marks_unfinished_jobs_failed_and_keeps_finished_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path()).await;
+        let jobs = Jobs::open(s.clone(), C, EventBus::default()).await.unwrap();
+        let done = jobs.start("u", "vm", "create", &[("a", 1)]).await.unwrap();
+        done.complete(serde_json::json!({"id": "vm-1"})).await;
+        let failed = jobs.start("u", "vm", "create", &[("a", 1)]).await.unwrap();
+        failed.fail("no space".into()).await;
+        let running = jobs.start("v", "vm", "create", &[("a", 1), ("b", 1)]).await.unwrap();
+        running.step(0, 40.0, "copying");
+        let pending = jobs.start("v", "vm", "create", &[("a", 1)]).await.unwrap();
+        // Progress is not committed.
+        let stored: Job = serde_json::from_value(s.get(C, &running.id).await.unwrap().unwrap().value).unwrap();
+        assert_eq!((stored.state, stored.progress as u32), (JobState::Pending, 0));
+        drop(jobs);
+
+        let again = Jobs::open(s.clone(), C, EventBus::default()).await.unwrap();
+        let j = again.get(&done.id).unwrap();
+        assert_eq!((j.state, j.result.clone()), (JobState::Completed, Some(serde_json::json!({"id": "vm-1"}))));
+        assert_eq!(again.get(&failed.id).unwrap().error.as_deref(), Some("no space"));
+        for id in [&running.id, &pending.id] {
+            let j = again.get(id).unwrap();
+            assert_eq!((j.state, j.error.as_deref(), j.owner.as_str()), (JobState::Failed, Some(RESTART_ERROR), "v"));
+            let stored: Job = serde_json::from_value(s.get(C, id).await.unwrap().unwrap().value).unwrap();
+            assert_eq!(stored.state, JobState::Failed, "the marking is committed");
+        }
+        // A removed job is gone from the store as well.
+        again.remove(&done.id).await.unwrap();
+        assert!(s.get(C, &done.id).await.unwrap().is_none());
+        let third = Jobs::open(s, C, EventBus::default()).await.unwrap();
+        assert!(third.get(&done.id).is_none());
+        assert_eq!(third.list(None).len(), 3);
+    }
+
+    fn finished(id: &str, state: JobState, at: DateTime<Utc>) -> Job {
+        Job {
+            id: id.into(),
+            owner: "u".into(),
+            job_type: "vm".into(),
+            job_operation: "create".into(),
+            state,
+            progress: 100.0,
+            message: String::new(),
+            steps: vec![],
+            eta_seconds: None,
+            result: None,
+            error: None,
+            created_at: at,
+            updated_at: at,
+        }
+    }
+
+    /// A finished job goes once it finished more than RETENTION ago: when a job starts and
+    /// when the set opens; younger finished jobs and unfinished ones of any age stay.
+    #[tokio::test]
+    async fn finished_jobs_expire_after_the_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path()).await;
+        let t0 = Utc::now() - TimeDelta::days(30);
+        let young_at = t0 + TimeDelta::hours(20);
+        let seed = Batch::new().put(C, "old", to_value(&finished("old", JobState::Completed, t0))).put(
+            C,
+            "young",
+            to_value(&finished("young", JobState::Failed, young_at)),
+        );
+        s.commit(seed).await.unwrap();
+        let jobs = Jobs::open_at(s.clone(), C, EventBus::default(), t0 + TimeDelta::hours(1)).await.unwrap();
+        assert_eq!(jobs.list(None).len(), 2);
+        let long = jobs.start_at("u", "vm", "create", &[("a", 1)], t0).await.unwrap();
+
+        // At exactly the retention, the old job stays.
+        jobs.start_at("u", "vm", "create", &[("a", 1)], t0 + RETENTION).await.unwrap();
+        assert!(jobs.get("old").is_some());
+        // Past it, the next start removes it from memory and the store, and only it.
+        jobs.start_at("u", "vm", "create", &[("a", 1)], t0 + RETENTION + TimeDelta::seconds(1)).await.unwrap();
+        assert!(jobs.get("old").is_none(), "expired in memory");
+        assert!(s.get(C, "old").await.unwrap().is_none(), "expired in the store");
+        assert!(jobs.get("young").is_some());
+        assert!(jobs.get(&long.id).is_some(), "an unfinished job never expires");
+        assert_eq!(jobs.list(None).len(), 4);
+
+        // Opening prunes too; the jobs a restart cut short count as finished at the open.
+        let later = young_at + RETENTION + TimeDelta::seconds(1);
+        let reopened = Jobs::open_at(s.clone(), C, EventBus::default(), later).await.unwrap();
+        assert!(reopened.get("young").is_none());
+        assert!(s.get(C, "young").await.unwrap().is_none());
+        let j = reopened.get(&long.id).unwrap();
+        assert_eq!((j.state, j.updated_at), (JobState::Failed, later));
+        assert_eq!(reopened.list(None).len(), 3);
     }
 }

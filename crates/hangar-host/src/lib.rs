@@ -22,7 +22,7 @@ use serde::Serialize;
 use serde_json::json;
 use tracing::{Instrument, info, info_span, warn};
 
-pub use jobs::{Job, JobHandle, JobState, Jobs};
+pub use jobs::{Job, JobHandle, JobState, Jobs, JobsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
@@ -36,6 +36,8 @@ pub enum HostError {
     Forbidden(String),
     #[error("{0}")]
     Unavailable(String),
+    #[error(transparent)]
+    Jobs(#[from] JobsError),
 }
 
 impl Classify for HostError {
@@ -46,6 +48,7 @@ impl Classify for HostError {
             HostError::NotFound(_) => ErrorKind::NotFound,
             HostError::Forbidden(_) => ErrorKind::Forbidden,
             HostError::Unavailable(_) => ErrorKind::Unavailable,
+            HostError::Jobs(e) => e.kind(),
         }
     }
 }
@@ -214,9 +217,10 @@ fn check_name(name: &str) -> Result<()> {
 }
 
 impl Host {
-    /// Wrap a driver and start forwarding its events to the bus.
-    pub fn new(hv: Arc<dyn Hypervisor>, bus: EventBus, config: HostConfig) -> Arc<Host> {
-        let host = Arc::new(Host { hv: hv.clone(), jobs: Jobs::new(bus.clone()), config });
+    /// Wrap a driver and start forwarding its events to the bus. `jobs` is the host's job
+    /// set, opened on the store ([`Jobs::open`]).
+    pub fn new(hv: Arc<dyn Hypervisor>, jobs: Jobs, bus: EventBus, config: HostConfig) -> Arc<Host> {
+        let host = Arc::new(Host { hv: hv.clone(), jobs, config });
         let mut rx = hv.subscribe();
         tokio::spawn(async move {
             loop {
@@ -328,19 +332,21 @@ impl Host {
         .await
     }
 
-    /// Create in the background; the job carries progress and the result.
-    /// `job_owner` (a user id) sees the job; `req.owner` owns the VM.
-    pub fn create_async_for(self: &Arc<Self>, job_owner: &str, req: CreateRequest) -> JobHandle {
-        let job = self.jobs.start(job_owner, "virtual_machine", "create", &[("create", 3), ("start", 1)]);
+    /// Create in the background; the job carries progress and the result. The job is in the
+    /// store when this returns. `job_owner` (a user id) sees the job; `req.owner` owns the VM.
+    pub async fn create_async_for(self: &Arc<Self>, job_owner: &str, req: CreateRequest) -> Result<JobHandle> {
+        let job = self.jobs.start(job_owner, "virtual_machine", "create", &[("create", 3), ("start", 1)]).await?;
         let host = self.clone();
         let handle = job.clone();
         tokio::spawn(async move {
             match host.create(req, Some(&handle)).await {
-                Ok(vm) => handle.complete(json!({"id": vm.id, "name": vm.name, "current_state": vm.state.as_str()})),
-                Err(e) => handle.fail(e.to_string()),
+                Ok(vm) => {
+                    handle.complete(json!({"id": vm.id, "name": vm.name, "current_state": vm.state.as_str()})).await
+                }
+                Err(e) => handle.fail(e.to_string()).await,
             }
         });
-        job
+        Ok(job)
     }
 
     pub async fn power(&self, vm: &str, op: PowerOp) -> Result<VmInfo> {

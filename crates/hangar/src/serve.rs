@@ -57,8 +57,13 @@ fn wanted_modules(l: &Layers) -> Result<Vec<&'static str>> {
         .collect())
 }
 
-/// Start the host module over the configured hypervisor driver.
-async fn start_host(l: &Layers, dir: &Path, bus: EventBus) -> Result<Arc<hangar_host::Host>> {
+/// Store collection of the host module's jobs.
+const HOST_JOBS: &str = "host_jobs";
+/// Store collection of the orchestrator's jobs.
+const ORCHESTRATOR_JOBS: &str = "orchestrator_jobs";
+
+/// Start the host module over the configured hypervisor driver, with its jobs in the store.
+async fn start_host(l: &Layers, store: Arc<dyn Store>, dir: &Path, bus: EventBus) -> Result<Arc<hangar_host::Host>> {
     let cfg = hangar_host::HostConfig {
         driver: l
             .get("HYPERVISOR")
@@ -79,11 +84,13 @@ async fn start_host(l: &Layers, dir: &Path, bus: EventBus) -> Result<Arc<hangar_
     };
     let _ = std::fs::create_dir_all(&cfg.images_dir);
     let hv = hangar_host::open_driver(&cfg).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(hangar_host::Host::new(hv, bus, cfg))
+    let jobs = hangar_host::Jobs::open(store, HOST_JOBS, bus.clone()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(hangar_host::Host::new(hv, jobs, bus, cfg))
 }
 
 async fn module_statuses(
     l: &Layers,
+    store: Arc<dyn Store>,
     dir: &Path,
     bus: EventBus,
 ) -> Result<(Vec<ModuleStatus>, Option<Arc<hangar_host::Host>>)> {
@@ -96,7 +103,7 @@ async fn module_statuses(
         let (running, message) = match *m {
             "api" => (true, "serving".to_string()),
             "host" if !want => (false, "not requested in ENABLED_MODULES".to_string()),
-            "host" => match start_host(l, dir, bus.clone()).await {
+            "host" => match start_host(l, store.clone(), dir, bus.clone()).await {
                 Ok(h) => {
                     let info = h.driver().host_info().await.ok();
                     let detail = info
@@ -197,14 +204,18 @@ async fn start_reverse_proxy(
     }
 }
 
-/// Start the orchestrator module when it is wanted, and record its status.
+/// The orchestrator module and its jobs.
+type Orchestrator = (Arc<hangar_orchestrator::HttpOrchestrator>, hangar_host::Jobs);
+
+/// Start the orchestrator module (with its jobs, in the store) when it is wanted, and
+/// record its status.
 async fn start_orchestrator(
     l: &Layers,
     store: Arc<JsonStore>,
     dir: &Path,
     bus: EventBus,
     modules: &mut [ModuleStatus],
-) -> Result<Option<Arc<hangar_orchestrator::HttpOrchestrator>>> {
+) -> Result<Option<Orchestrator>> {
     let Some(status) = modules.iter_mut().find(|m| m.name == "orchestrator") else { return Ok(None) };
     if !wanted_modules(l)?.contains(&"orchestrator") {
         status.message = "not requested in ENABLED_MODULES".into();
@@ -224,6 +235,13 @@ async fn start_orchestrator(
         ..Default::default()
     };
     let dyn_store: Arc<dyn Store> = store;
+    let jobs = match hangar_host::Jobs::open(dyn_store.clone(), ORCHESTRATOR_JOBS, bus.clone()).await {
+        Ok(j) => j,
+        Err(e) => {
+            status.message = format!("cannot run: {e}");
+            return Ok(None);
+        }
+    };
     let clock: Arc<dyn hangar_orchestrator::Clock> = Arc::new(hangar_orchestrator::SystemClock);
     let registry = match hangar_orchestrator::HostRegistry::open(dyn_store, dir, bus.clone(), clock).await {
         Ok(r) => Arc::new(r),
@@ -241,7 +259,7 @@ async fn start_orchestrator(
     status.healthy = true;
     status.message =
         format!("{} registered hosts, checked every {} ms", o.scheduler.registry().len(), check.as_millis());
-    Ok(Some(Arc::new(o)))
+    Ok(Some((Arc::new(o), jobs)))
 }
 
 fn token_config(l: &Layers) -> Result<TokenConfig> {
@@ -311,12 +329,13 @@ pub async fn run(l: Layers) -> Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot seed users and roles: {e}"))?;
 
-    let (mut modules, host) = module_statuses(&l, &dir, bus.clone()).await?;
+    let (mut modules, host) = module_statuses(&l, store.clone(), &dir, bus.clone()).await?;
     // ----- catalog module (crates/hangar-catalog, started in catalog_cmd.rs) -----
     let catalog_store: Arc<dyn Store> = store.clone();
     let catalog = crate::catalog_cmd::start_catalog(&l, catalog_store, &dir, bus.clone(), &mut modules)?;
     // ----- end of catalog module -----
-    let orchestrator = start_orchestrator(&l, store.clone(), &dir, bus.clone(), &mut modules).await?;
+    let (orchestrator, orchestrator_jobs) =
+        start_orchestrator(&l, store.clone(), &dir, bus.clone(), &mut modules).await?.unzip();
     let reverse_proxy = start_reverse_proxy(
         &l,
         store.clone(),
@@ -349,8 +368,15 @@ pub async fn run(l: Layers) -> Result<()> {
     if !config.prefix.starts_with('/') || config.prefix.len() < 2 {
         bail!("API_PREFIX={:?} must start with '/' and name a path, such as /api", config.prefix);
     }
-    let services =
-        hangar_api::Services { identity, bus, host, catalog, reverse_proxy: reverse_proxy.clone(), orchestrator };
+    let services = hangar_api::Services {
+        identity,
+        bus,
+        host,
+        catalog,
+        reverse_proxy: reverse_proxy.clone(),
+        orchestrator,
+        orchestrator_jobs,
+    };
     let app = hangar_api::app(services, info, &config);
 
     let host: std::net::IpAddr =

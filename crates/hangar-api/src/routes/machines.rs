@@ -341,7 +341,7 @@ async fn create_machine_async(
     let image = image_source(&s, &ctx, &req).await?;
     let req = create_request(p, req, image)?;
     // The job belongs to the caller (by user id), whatever the VM's owner.
-    let handle = h.create_async_for(&p.user_id, req);
+    let handle = h.create_async_for(&p.user_id, req).await.map_err(ApiError::from_domain)?;
     let _ = s.identity.record(&ctx.actor, "vm.create_async", "job", &handle.id, json!({})).await;
     let job = h.jobs.get(&handle.id).ok_or_else(|| ApiError::internal("job vanished"))?;
     Ok((StatusCode::ACCEPTED, axum::Json(job)))
@@ -1056,6 +1056,6 @@ async fn delete_job(State(s): State<AppState>, ctx: RequestContext, Path(id): Pa
         .get(&id)
         .filter(|j| job_visible(p, j))
         .ok_or_else(|| ApiError::not_found(format!("Job {id:?} not found")))?;
-    h.jobs.remove(&j.id).map_err(|e| ApiError::new(StatusCode::CONFLICT, format!("Job {id} is {e}")))?;
+    h.jobs.remove(&j.id).await.map_err(ApiError::from_domain)?;
     Ok(StatusCode::ACCEPTED)
 }

@@ -9,7 +9,7 @@
 //! credentials.
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -570,18 +570,10 @@ async fn create_machine(
 
 // ----- async creation: jobs ------------------------------------------------------------
 
-/// The orchestrator's jobs, one set per running orchestrator. They live here, beside the
-/// routes, because the API state has no slot for them; an entry goes with its orchestrator.
-fn jobs_of(s: &AppState, o: &Arc<HttpOrchestrator>) -> Jobs {
-    static ALL: std::sync::Mutex<Vec<(Weak<HttpOrchestrator>, Jobs)>> = std::sync::Mutex::new(Vec::new());
-    let mut all = ALL.lock().unwrap_or_else(|e| e.into_inner());
-    all.retain(|(w, _)| w.strong_count() > 0);
-    if let Some((_, j)) = all.iter().find(|(w, _)| std::ptr::eq(w.as_ptr(), Arc::as_ptr(o))) {
-        return j.clone();
-    }
-    let jobs = Jobs::new(s.bus.clone());
-    all.push((Arc::downgrade(o), jobs.clone()));
-    jobs
+/// The orchestrator's jobs (kept in the store, opened with the module).
+fn jobs_of(s: &AppState) -> R<&Jobs> {
+    module(s)?;
+    s.orchestrator_jobs.as_ref().ok_or_else(|| ApiError::internal("the orchestrator runs without its job set"))
 }
 
 /// Steps of an orchestrator create job.
@@ -597,9 +589,11 @@ async fn create_async(
     let o = module(s)?.clone();
     let p = ctx.caller()?;
     let create = create_request(p, req, pinned)?;
-    let jobs = jobs_of(s, &o);
-    // The job belongs to the caller (by user id), whatever the VM's owner.
-    let handle = jobs.start(&p.user_id, "orchestrator_vm", "create", CREATE_STEPS);
+    let jobs = jobs_of(s)?;
+    // The job belongs to the caller (by user id), whatever the VM's owner; it is in the
+    // store before the 202 goes out.
+    let handle =
+        jobs.start(&p.user_id, "orchestrator_vm", "create", CREATE_STEPS).await.map_err(ApiError::from_domain)?;
     let job = jobs.get(&handle.id).ok_or_else(|| ApiError::internal("job vanished"))?;
     let _ = s
         .identity
@@ -629,10 +623,10 @@ async fn create_async(
             };
             match o.scheduler.create_vm_reporting(caller, &actor, create, &progress).await {
                 Ok(vm) => match created_view(&o, &vm, start) {
-                    Ok(v) => handle.complete(v),
-                    Err(e) => handle.fail(e.message),
+                    Ok(v) => handle.complete(v).await,
+                    Err(e) => handle.fail(e.message).await,
                 },
-                Err(e) => handle.fail(create_error(e, wait).message),
+                Err(e) => handle.fail(create_error(e, wait).message).await,
             }
         },
         span,
@@ -659,8 +653,7 @@ use super::machines::job_visible;
 #[utoipa::path(get, path = "/orchestrator/jobs", tag = "orchestrator", responses((status = 200, body = Vec<Object>)))]
 async fn list_jobs(State(s): State<AppState>, ctx: RequestContext) -> R<axum::Json<Vec<Job>>> {
     let p = ctx.caller()?;
-    let o = module(&s)?;
-    Ok(axum::Json(jobs_of(&s, o).list(None).into_iter().filter(|j| job_visible(p, j)).collect()))
+    Ok(axum::Json(jobs_of(&s)?.list(None).into_iter().filter(|j| job_visible(p, j)).collect()))
 }
 
 /// One orchestrator job: state, progress, message, and the created VM as `result`.
@@ -668,8 +661,7 @@ async fn list_jobs(State(s): State<AppState>, ctx: RequestContext) -> R<axum::Js
     responses((status = 200, body = Object), (status = 404, body = ApiErrorBody)))]
 async fn get_job(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<String>) -> R<axum::Json<Job>> {
     let p = ctx.caller()?;
-    let o = module(&s)?;
-    jobs_of(&s, o)
+    jobs_of(&s)?
         .get(&id)
         .filter(|j| job_visible(p, j))
         .map(axum::Json)
@@ -816,12 +808,12 @@ async fn extend(
     responses((status = 202), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
 async fn delete_job(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<String>) -> R<StatusCode> {
     let p = ctx.caller()?;
-    let jobs = jobs_of(&s, module(&s)?);
+    let jobs = jobs_of(&s)?;
     let j = jobs
         .get(&id)
         .filter(|j| job_visible(p, j) || p.has_claim(JOB_MANAGER_DELETE))
         .ok_or_else(|| ApiError::not_found(format!("Job {id:?} not found")))?;
-    jobs.remove(&j.id).map_err(|e| ApiError::new(StatusCode::CONFLICT, format!("Job {id} is {e}")))?;
+    jobs.remove(&j.id).await.map_err(ApiError::from_domain)?;
     Ok(StatusCode::ACCEPTED)
 }
 
