@@ -188,6 +188,100 @@ async fn machines_api_over_the_parallels_driver() {
     assert_eq!((st, v["code"].as_u64()), (404, Some(404)));
 }
 
+/// An async create acknowledged with 202, then kill -9 while its job runs (the fake
+/// `prlctl register` hangs): after a restart on the same data folder the job answers 200,
+/// `failed` with the restart message, to its owner only, and the next create works.
+#[tokio::test]
+async fn an_acknowledged_job_survives_kill9_as_failed_by_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeParallels::new(dir.path());
+    let data = dir.path().join("data");
+    let mut s = fake.server_env(&data, &[], &[("FAKE_PRL_HANG", "register")]);
+    let c = client();
+    let root = login(&c, &s, "root", ROOT_PASSWORD).await;
+    let ra = Auth::Bearer(root.clone());
+    make_user(&c, &s, &root, "viewer").await;
+    let body = json!({"name": "ci-cut", "image": "golden.pvm"});
+    let (st, job) = call(&c, Method::POST, &s.api("/machines/async"), &ra, Some(body), &[]).await;
+    assert_eq!(st, 202, "{job}");
+    let id = job["id"].as_str().unwrap().to_string();
+    // Kill while the job runs: its driver call hangs.
+    let hung = fake.state.join("hung-pids");
+    wait_for("the create to hang in prlctl register", Duration::from_secs(30), || async {
+        std::fs::read_dir(&hung).map(|mut d| d.next().is_some()).unwrap_or(false)
+    })
+    .await;
+    let (st, j) = call(&c, Method::GET, &s.api(&format!("/jobs/{id}")), &ra, None, &[]).await;
+    assert_eq!((st, j["state"].as_str()), (200, Some("running")), "{j}");
+    s.kill9();
+    fake.kill_hung();
+
+    let s = fake.server(&data, &[]);
+    let root = login(&c, &s, "root", ROOT_PASSWORD).await;
+    let ra = Auth::Bearer(root);
+    let (st, j) = call(&c, Method::GET, &s.api(&format!("/jobs/{id}")), &ra, None, &[]).await;
+    assert_eq!(st, 200, "the acknowledged job is known after kill -9: {j}");
+    assert_eq!(j["state"], "failed", "{j}");
+    assert!(j["error"].as_str().unwrap().contains("server restarted before the job finished"), "{j}");
+    assert_eq!(j["message"], j["error"], "{j}");
+    let (_, list) = call(&c, Method::GET, &s.api("/jobs"), &ra, None, &[]).await;
+    assert!(list.as_array().unwrap().iter().any(|j| j["id"] == id.as_str()), "{list}");
+    // Still its owner's alone.
+    let ua = Auth::Bearer(login(&c, &s, "viewer", USER_PASSWORD).await);
+    let (st, _) = call(&c, Method::GET, &s.api(&format!("/jobs/{id}")), &ua, None, &[]).await;
+    assert_eq!(st, 404);
+    // The server works on: a new async create completes.
+    let body = json!({"name": "ci-after", "image": "golden.pvm"});
+    let (st, job) = call(&c, Method::POST, &s.api("/machines/async"), &ra, Some(body), &[]).await;
+    assert_eq!(st, 202, "{job}");
+    let j = wait_job(&c, &s, &ra, job["id"].as_str().unwrap()).await;
+    assert_eq!(j["state"], "completed", "{j}");
+}
+
+/// A completed job and a failed one survive a graceful restart with their result and error;
+/// a deleted job stays deleted.
+#[tokio::test]
+async fn finished_jobs_survive_a_graceful_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeParallels::new(dir.path());
+    let data = dir.path().join("data");
+    let mut s = fake.server(&data, &[]);
+    let c = client();
+    let ra = Auth::Bearer(login(&c, &s, "root", ROOT_PASSWORD).await);
+    let mut ids = Vec::new();
+    for body in [
+        json!({"name": "ci-kept", "image": "golden.pvm", "start_on_create": true}),
+        json!({"name": "ci-kept", "image": "golden.pvm"}),
+        json!({"name": "ci-gone", "image": "golden.pvm"}),
+    ] {
+        let (st, job) = call(&c, Method::POST, &s.api("/machines/async"), &ra, Some(body), &[]).await;
+        assert_eq!(st, 202, "{job}");
+        let id = job["id"].as_str().unwrap().to_string();
+        wait_job(&c, &s, &ra, &id).await;
+        ids.push(id);
+    }
+    let (_, done) = call(&c, Method::GET, &s.api(&format!("/jobs/{}", ids[0])), &ra, None, &[]).await;
+    assert_eq!(
+        (done["state"].as_str(), done["result"]["current_state"].as_str()),
+        (Some("completed"), Some("running"))
+    );
+    let (_, failed) = call(&c, Method::GET, &s.api(&format!("/jobs/{}", ids[1])), &ra, None, &[]).await;
+    assert_eq!(failed["state"], "failed", "the name is taken: {failed}");
+    let (st, _) = call(&c, Method::DELETE, &s.api(&format!("/jobs/{}", ids[2])), &ra, None, &[]).await;
+    assert_eq!(st, 202);
+    assert!(s.stop().success());
+
+    let s = fake.server(&data, &[]);
+    let ra = Auth::Bearer(login(&c, &s, "root", ROOT_PASSWORD).await);
+    let (st, j) = call(&c, Method::GET, &s.api(&format!("/jobs/{}", ids[0])), &ra, None, &[]).await;
+    assert_eq!(st, 200, "{j}");
+    assert_eq!(j, done, "the completed job is as it was");
+    let (st, j) = call(&c, Method::GET, &s.api(&format!("/jobs/{}", ids[1])), &ra, None, &[]).await;
+    assert_eq!((st, &j), (200, &failed), "the failed job keeps its own error");
+    let (st, _) = call(&c, Method::GET, &s.api(&format!("/jobs/{}", ids[2])), &ra, None, &[]).await;
+    assert_eq!(st, 404, "a deleted job stays deleted");
+}
+
 fn guest_image() -> PathBuf {
     let dir = std::env::var("HANGAR_GUEST_IMAGE_DIR").unwrap_or_else(|_| {
         panic!("HANGAR_GUEST_IMAGE_DIR is not set: build the test guest with scripts/build-guest-image.sh DIR (scripts/test.sh does it)")

@@ -672,3 +672,45 @@ async fn orchestrator_token_join_queue_async_and_per_host_routes() {
     assert_eq!(list, json!([]), "{list}");
     drop((agent_a, agent_b));
 }
+
+/// Orchestrator jobs are in the store: a job acknowledged with 202 and waiting in the queue
+/// (no host registered) when the orchestrator is killed with -9 answers `failed` with the
+/// restart message after a restart, never 404; a job that had failed keeps its own error;
+/// both read the same after a further graceful restart.
+#[tokio::test]
+async fn orchestrator_jobs_survive_kill9_and_graceful_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("orch");
+    let c = client();
+    let mut orch = orchestrator(&data);
+    let root = Auth::Bearer(login(&c, &orch, "root", ROOT_PASSWORD).await);
+    let spec = |name: &str, timeout: u64| {
+        json!({"name": name, "image": "golden.pvm", "specs": {"cpu": "1", "memory": "1024"},
+            "queue": {"priority": 0, "timeout_seconds": timeout}})
+    };
+    let url = orch.api("/orchestrator/machines/async");
+    let (st, job) = call(&c, Method::POST, &url, &root, Some(spec("gives-up", 1)), &[]).await;
+    assert_eq!(st, 202, "{job}");
+    let gave_up = job["id"].as_str().unwrap().to_string();
+    let gave_up_job = wait_job(&c, &orch, &root, &gave_up, "failed", "No capacity").await;
+    let (st, job) = call(&c, Method::POST, &url, &root, Some(spec("waits", 600)), &[]).await;
+    assert_eq!(st, 202, "{job}");
+    let waits = job["id"].as_str().unwrap().to_string();
+    wait_job(&c, &orch, &root, &waits, "running", "queued").await;
+    orch.kill9();
+
+    let mut orch = orchestrator(&data);
+    let root = Auth::Bearer(login(&c, &orch, "root", ROOT_PASSWORD).await);
+    let cut = job_of(&c, &orch, &root, &waits).await;
+    assert_eq!(cut["state"], "failed", "{cut}");
+    assert!(cut["error"].as_str().unwrap().contains("server restarted before the job finished"), "{cut}");
+    assert_eq!(job_of(&c, &orch, &root, &gave_up).await, gave_up_job, "a failed job keeps its own error");
+    let (st, list) = call(&c, Method::GET, &orch.api("/orchestrator/jobs"), &root, None, &[]).await;
+    assert_eq!((st, list.as_array().map(Vec::len)), (200, Some(2)), "{list}");
+    assert!(orch.stop().success());
+
+    let orch = orchestrator(&data);
+    let root = Auth::Bearer(login(&c, &orch, "root", ROOT_PASSWORD).await);
+    assert_eq!(job_of(&c, &orch, &root, &waits).await, cut, "the restart marking is stored once");
+    assert_eq!(job_of(&c, &orch, &root, &gave_up).await, gave_up_job);
+}

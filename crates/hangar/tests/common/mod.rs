@@ -301,6 +301,12 @@ impl FakeParallels {
 
     /// A server whose host module drives this fake, with extra settings.
     pub fn server(&self, data: &Path, extra: &[(&str, &str)]) -> Server {
+        self.server_env(data, extra, &[])
+    }
+
+    /// A server driving this fake, with extra settings and extra environment for the fake
+    /// (such as `FAKE_PRL_HANG`).
+    pub fn server_env(&self, data: &Path, extra: &[(&str, &str)], env: &[(&str, &str)]) -> Server {
         let prlctl = self.tools.join("prlctl");
         let images = self.images.to_str().unwrap().to_string();
         let mut settings: Vec<(&str, &str)> = vec![
@@ -309,7 +315,19 @@ impl FakeParallels {
             ("HOST_IMAGES_FOLDER", &images),
         ];
         settings.extend_from_slice(extra);
-        Server::start_full(data, &settings, true, &[("FAKE_PRL_STATE_DIR", self.state.to_str().unwrap())])
+        let mut env = env.to_vec();
+        env.push(("FAKE_PRL_STATE_DIR", self.state.to_str().unwrap()));
+        Server::start_full(data, &settings, true, &env)
+    }
+
+    /// Kill the fake's processes that hang (`FAKE_PRL_HANG`), by the pids they recorded.
+    pub fn kill_hung(&self) {
+        let Ok(rd) = std::fs::read_dir(self.state.join("hung-pids")) else { return };
+        for e in rd.flatten() {
+            let pid = e.file_name().to_string_lossy().into_owned();
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 
     /// A host agent (api and host modules only) driving this fake.
