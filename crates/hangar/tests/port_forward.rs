@@ -216,8 +216,7 @@ async fn port_forward_and_a_tcp_route_through_an_orchestrator() {
     );
     let root = login(&c, &orch, "root", ROOT_PASSWORD).await;
     let ra = Auth::Bearer(root.clone());
-    let (st, h) = call(&c, Method::POST, &orch.api("/orchestrator/hosts"), &ra,
-        Some(json!({"name": "host-a", "host": agent.url, "authentication": {"username": "root", "password": ROOT_PASSWORD}})), &[]).await;
+    let (st, h) = register_host(&c, &orch, &ra, &agent).await;
     assert_eq!(st, 201, "{h}");
     let id = create_vm(&c, &orch.api("/orchestrator/machines"), &ra, "pf-o").await;
     set_fake_ip(&fake, &id, "127.0.0.1");
@@ -258,28 +257,26 @@ struct Pki {
     key: PathBuf,
 }
 
-fn test_pki(dir: &Path, name: &str) -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose};
+/// A new CA and its leaf for localhost, written to files named after `name` in `dir`.
+fn test_pki_files(dir: &Path, name: &str) -> Pki {
     std::fs::create_dir_all(dir).unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, format!("Hangar port-forward test CA {name}"));
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let mut leaf_params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-    leaf_params.is_ca = IsCa::ExplicitNoCa;
-    leaf_params.distinguished_name.push(DnType::CommonName, "localhost");
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf = leaf_params.signed_by(&leaf_key, &ca).unwrap();
+    let (ca, cert, key) = test_pki();
     let pki = Pki {
         ca: dir.join(format!("{name}-ca.pem")),
         cert: dir.join(format!("{name}-cert.pem")),
         key: dir.join(format!("{name}-key.pem")),
     };
-    std::fs::write(&pki.ca, ca.pem()).unwrap();
-    std::fs::write(&pki.cert, leaf.pem()).unwrap();
-    std::fs::write(&pki.key, leaf_key.serialize_pem()).unwrap();
+    std::fs::write(&pki.ca, ca).unwrap();
+    std::fs::write(&pki.cert, cert).unwrap();
+    std::fs::write(&pki.key, key).unwrap();
     pki
+}
+
+/// Register `agent` as host `host-a` of the orchestrator `orch`, with the root login.
+async fn register_host(c: &reqwest::Client, orch: &Server, auth: &Auth, agent: &Server) -> (u16, Value) {
+    let body =
+        json!({"name": "host-a", "host": agent.url, "authentication": {"username": "root", "password": ROOT_PASSWORD}});
+    call(c, Method::POST, &orch.api("/orchestrator/hosts"), auth, Some(body), &[]).await
 }
 
 /// Settings that make a server speak HTTPS only, with `pki`'s leaf.
@@ -403,8 +400,8 @@ async fn wss_probe_in_a_child_process() {
 #[tokio::test]
 async fn port_forward_through_a_host_over_tls() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = test_pki(&dir.path().join("pki"), "good");
-    let stranger = test_pki(&dir.path().join("pki"), "stranger");
+    let pki = test_pki_files(&dir.path().join("pki"), "good");
+    let stranger = test_pki_files(&dir.path().join("pki"), "stranger");
     let fake = FakeParallels::new(dir.path());
     let s = fake.agent(&dir.path().join("data"), &https_only(&pki));
     assert_https_only(&s);
@@ -457,7 +454,7 @@ async fn port_forward_through_a_host_over_tls() {
 #[tokio::test]
 async fn port_forward_and_a_tcp_route_through_an_orchestrator_over_tls() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = test_pki(&dir.path().join("pki"), "good");
+    let pki = test_pki_files(&dir.path().join("pki"), "good");
     let fake = FakeParallels::new(&dir.path().join("a"));
     let mut agent_settings = vec![("SYSTEM_RESERVED_CPU", "0")];
     agent_settings.extend(https_only(&pki));
@@ -477,8 +474,7 @@ async fn port_forward_and_a_tcp_route_through_an_orchestrator_over_tls() {
     let c = tls_client(&pki);
     let root = login(&c, &orch, "root", ROOT_PASSWORD).await;
     let ra = Auth::Bearer(root.clone());
-    let (st, h) = call(&c, Method::POST, &orch.api("/orchestrator/hosts"), &ra,
-        Some(json!({"name": "host-a", "host": agent.url, "authentication": {"username": "root", "password": ROOT_PASSWORD}})), &[]).await;
+    let (st, h) = register_host(&c, &orch, &ra, &agent).await;
     assert_eq!(st, 201, "{h}");
     let id = create_vm(&c, &orch.api("/orchestrator/machines"), &ra, "pf-otls").await;
     set_fake_ip(&fake, &id, "127.0.0.1");
@@ -500,7 +496,7 @@ async fn port_forward_and_a_tcp_route_through_an_orchestrator_over_tls() {
     assert!(!orch.log().contains(ROOT_PASSWORD), "a secret reached the orchestrator's log");
 
     // An orchestrator that trusts another CA cannot reach the host: registration is refused.
-    let stranger = test_pki(&dir.path().join("pki"), "stranger");
+    let stranger = test_pki_files(&dir.path().join("pki"), "stranger");
     let other = Server::start_full(
         &dir.path().join("orch-stranger"),
         &[("ENABLED_MODULES", "api,orchestrator")],
@@ -509,8 +505,7 @@ async fn port_forward_and_a_tcp_route_through_an_orchestrator_over_tls() {
     );
     let plain = client();
     let other_root = Auth::Bearer(login(&plain, &other, "root", ROOT_PASSWORD).await);
-    let (st, h) = call(&plain, Method::POST, &other.api("/orchestrator/hosts"), &other_root,
-        Some(json!({"name": "host-a", "host": agent.url, "authentication": {"username": "root", "password": ROOT_PASSWORD}})), &[]).await;
+    let (st, h) = register_host(&plain, &other, &other_root, &agent).await;
     assert_eq!(st, 503, "{h}");
     assert!(h["message"].as_str().is_some_and(|m| m.contains(&agent.url)), "{h}");
     assert!(h["message"].as_str().is_some_and(|m| m.contains("certificate")), "the reason is named: {h}");

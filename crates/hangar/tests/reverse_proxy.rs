@@ -146,22 +146,6 @@ async fn a_proxy_host_made_over_rest_forwards_at_once() {
     assert_eq!(cfg["hosts"].as_array().unwrap().len(), 0, "{cfg}");
 }
 
-/// A CA, and a certificate for `localhost` and 127.0.0.1 signed by it: (CA PEM, leaf PEM, leaf key PEM).
-fn test_pki() -> (String, String, String) {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "Hangar reverse-proxy test CA");
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let mut leaf_params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-    leaf_params.is_ca = IsCa::ExplicitNoCa;
-    leaf_params.distinguished_name.push(DnType::CommonName, "localhost");
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf = leaf_params.signed_by(&leaf_key, &ca).unwrap();
-    (ca.pem(), leaf.pem(), leaf_key.serialize_pem())
-}
-
 #[tokio::test]
 async fn a_tls_listener_is_verified_by_a_client_that_trusts_its_ca() {
     let dir = tempfile::tempdir().unwrap();

@@ -337,3 +337,24 @@ impl FakeParallels {
         self.server(data, &settings)
     }
 }
+
+/// A test CA and a certificate for `localhost` and 127.0.0.1 signed by it (`CA:FALSE`), as
+/// PEM: (CA, leaf, leaf key). Each call makes a new CA with a name of its own, so a leaf of
+/// one is refused by another as from an unknown issuer.
+pub fn test_pki() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    static CAS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CAS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let name = format!("Hangar test CA {} {n}", std::process::id());
+    ca_params.distinguished_name.push(DnType::CommonName, name);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let mut leaf_params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    leaf_params.is_ca = IsCa::ExplicitNoCa;
+    leaf_params.distinguished_name.push(DnType::CommonName, "localhost");
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = leaf_params.signed_by(&leaf_key, &ca).unwrap();
+    (ca.pem(), leaf.pem(), leaf_key.serialize_pem())
+}
