@@ -484,6 +484,20 @@ impl Identity {
     /// Authenticate a bearer token against the store's current state.
     pub async fn authenticate_token(&self, token: &str) -> Result<Principal> {
         let claims = self.inner.tokens.verify(token)?;
+        self.principal_of_token(claims).await
+    }
+
+    /// Check again the bearer token of a long-lived connection (a port-forward tunnel) that
+    /// was authenticated when it opened: everything [`Identity::authenticate_token`] checks
+    /// (the user exists and is enabled, no password change since, the API key behind it still
+    /// valid, current roles and claims) except the token's expiry, so a session outlives its
+    /// token but not a revocation.
+    pub async fn recheck_token(&self, token: &str) -> Result<Principal> {
+        let claims = self.inner.tokens.verify_past_expiry(token)?;
+        self.principal_of_token(claims).await
+    }
+
+    async fn principal_of_token(&self, claims: crate::tokens::TokenClaims) -> Result<Principal> {
         let (user, _) = self
             .load_user_by_id(&claims.uid)
             .await?

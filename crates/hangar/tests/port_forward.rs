@@ -510,3 +510,68 @@ async fn port_forward_and_a_tcp_route_through_an_orchestrator_over_tls() {
     assert!(h["message"].as_str().is_some_and(|m| m.contains(&agent.url)), "{h}");
     assert!(h["message"].as_str().is_some_and(|m| m.contains("certificate")), "the reason is named: {h}");
 }
+
+/// A tunnel outlives its login token's expiry (an SSH session must not drop after
+/// `JWT_DURATION`), but not its user: at the tunnels' next credential check, the one whose
+/// token has expired keeps carrying bytes, the one whose user was disabled closes with 1008.
+#[tokio::test]
+async fn a_tunnel_outlives_its_token_but_not_its_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeParallels::new(dir.path());
+    let s = fake.agent(&dir.path().join("data"), &[("JWT_DURATION", "2s")]);
+    let c = client();
+    let root = login(&c, &s, "root", ROOT_PASSWORD).await;
+    let ra = Auth::Bearer(root.clone());
+    let id = create_vm(&c, &s.api("/machines"), &ra, "pf-exp").await;
+    set_fake_ip(&fake, &id, "127.0.0.1");
+    let port = banner_echo_server().await;
+    let (st, v) = call(
+        &c,
+        Method::POST,
+        &s.api("/auth/users"),
+        &ra,
+        Some(
+            json!({"username": "ops", "email": "ops@example.test", "password": USER_PASSWORD, "roles": ["SUPER_USER"]}),
+        ),
+        &[],
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
+    let ops_id = v["id"].as_str().unwrap().to_string();
+    let ops = login(&c, &s, "ops", USER_PASSWORD).await;
+    let url = tunnel::ws_url(&s.api(""), &format!("/machines/{id}/port-forward/{port}")).unwrap();
+    let open = |token: String| {
+        let url = url.clone();
+        async move {
+            let ws = tunnel::connect(&url, &[("authorization", &format!("Bearer {token}"))]).await.unwrap();
+            let mut io = tokio::io::BufReader::new(tunnel::into_io(ws));
+            let mut line = String::new();
+            tokio::time::timeout(Duration::from_secs(20), io.read_line(&mut line)).await.expect("banner").unwrap();
+            assert_eq!(line.as_bytes(), BANNER);
+            io
+        }
+    };
+    // Root's tunnel opens first, so its checks come just before the other's.
+    let mut kept = open(root.clone()).await;
+    let mut cut = open(ops).await;
+
+    wait_for("root's token to expire", Duration::from_secs(20), || async {
+        call(&c, Method::GET, &s.api("/machines"), &ra, None, &[]).await.0 == 401
+    })
+    .await;
+    let rb = Auth::Bearer(login(&c, &s, "root", ROOT_PASSWORD).await);
+    let (st, v) =
+        call(&c, Method::PUT, &s.api(&format!("/auth/users/{ops_id}")), &rb, Some(json!({"disabled": true})), &[])
+            .await;
+    assert_eq!(st, 200, "{v}");
+
+    // The disabled user's tunnel closes at its next check (within RECHECK_EVERY = 10 s).
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), cut.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the disabled user's tunnel is still open");
+    // Root's tunnel was checked in the same round, after its token had expired: still open.
+    kept.write_all(b"still here\n").await.unwrap();
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(20), kept.read_line(&mut line)).await.expect("echo in time").unwrap();
+    assert_eq!(line, "still here\n", "the tunnel closed when its token expired");
+}

@@ -13,8 +13,9 @@
 //! time 504, each with a message. On the websocket, binary frames carry the bytes, an empty
 //! binary frame is a half-close and a close frame ends the tunnel (the protocol is spelled
 //! out in `hangar_orchestrator::tunnel`). The server pings every 30 s and checks the
-//! caller's credential again every [`RECHECK_EVERY`]: a disabled user, a revoked key or a
-//! lost claim closes the tunnel with code 1008.
+//! caller's credential again every [`RECHECK_EVERY`]: a disabled user, a revoked key, a
+//! password change or a lost claim closes the tunnel with code 1008; the expiry of the login
+//! token it opened with does not (a session outlives its token, not a revocation).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -175,7 +176,12 @@ fn host_error(host: &str, e: HostTunnelError) -> ApiError {
 /// Whether the credential still authenticates a caller who may forward ports.
 async fn still_allowed(s: &AppState, credential: &Option<Credential>) -> bool {
     let Some(c) = credential else { return false };
-    match authenticate(s, c).await {
+    // A tunnel outlives its login token's expiry, not a revocation.
+    let checked = match c {
+        Credential::Bearer(t) => s.identity.recheck_token(t).await.map_err(ApiError::from),
+        Credential::ApiKey(_) => authenticate(s, c).await,
+    };
+    match checked {
         Ok(p) => Access::AllOf(&[EXECUTE_COMMAND_VM]).check(Some(&p)) == hangar_core::Decision::Allow,
         Err(_) => false,
     }
