@@ -196,6 +196,15 @@ pub async fn authenticate(state: &AppState, cred: &Credential) -> Result<Princip
     }
 }
 
+/// Check again the credential of a long-lived connection (an event stream, a tunnel) that was
+/// authenticated when it opened: a revocation fails it, the expiry of its login token does not.
+pub async fn recheck(state: &AppState, cred: &Credential) -> Result<Principal, ApiError> {
+    match cred {
+        Credential::Bearer(t) => Ok(state.identity.recheck_token(t).await?),
+        Credential::ApiKey(_) => authenticate(state, cred).await,
+    }
+}
+
 /// The authorisation middleware. See the module docs.
 pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let request_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).map(String::from);

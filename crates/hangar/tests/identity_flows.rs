@@ -299,3 +299,77 @@ async fn websocket_streams_auth_events_filtered_by_claims() {
     let hello = tokio::time::timeout(Duration::from_secs(10), uws.next()).await.unwrap().unwrap().unwrap();
     assert!(hello.to_text().unwrap().contains("CLIENT_SUBSCRIBED"));
 }
+
+/// An event stream outlives its login token's expiry (an orchestrator's stream from a host it
+/// logged in to must not drop every `JWT_DURATION`), but not its user: at the streams' next
+/// credential check, the disabled user's stream closes and the other still delivers events.
+#[tokio::test]
+async fn an_event_stream_outlives_its_token_but_not_its_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &[("JWT_DURATION", "2s")]);
+    let c = client();
+    let root = login(&c, &s, "root", ROOT_PASSWORD).await;
+    let ra = Auth::Bearer(root.clone());
+    let (st, v) = call(
+        &c,
+        Method::POST,
+        &s.api("/auth/users"),
+        &ra,
+        Some(
+            json!({"username": "ops", "email": "ops@example.test", "password": USER_PASSWORD, "roles": ["SUPER_USER"]}),
+        ),
+        &[],
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
+    let ops_id = v["id"].as_str().unwrap().to_string();
+    let ops = login(&c, &s, "ops", USER_PASSWORD).await;
+    let ws_url = s.url.replace("http://", "ws://");
+    let subscribe = |token: String| {
+        let url = format!("{ws_url}/api/v1/ws/subscribe?event_types=auth&access_token={token}");
+        async move {
+            let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("subscribed");
+            let hello = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.unwrap().unwrap().unwrap();
+            assert!(hello.to_text().unwrap().contains("CLIENT_SUBSCRIBED"));
+            ws
+        }
+    };
+    // Root's stream opens first, so its checks come just before the other's.
+    let mut kept = subscribe(root.clone()).await;
+    let mut cut = subscribe(ops).await;
+
+    wait_for("root's token to expire", Duration::from_secs(20), || async {
+        call(&c, Method::GET, &s.api("/auth/users"), &ra, None, &[]).await.0 == 401
+    })
+    .await;
+    let rb = Auth::Bearer(login(&c, &s, "root", ROOT_PASSWORD).await);
+    let (st, v) =
+        call(&c, Method::PUT, &s.api(&format!("/auth/users/{ops_id}")), &rb, Some(json!({"disabled": true})), &[])
+            .await;
+    assert_eq!(st, 200, "{v}");
+
+    // The disabled user's stream closes at its next check (every 5 s).
+    let closed = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(Ok(m)) = cut.next().await {
+            if m.is_close() {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the disabled user's stream is still open");
+    // Root's stream was checked in the same round, after its token had expired: it still
+    // delivers events.
+    let (st, _) = call(&c, Method::POST, &s.api("/auth/claims"), &rb, Some(json!({"name": "AFTER_EXPIRY"})), &[]).await;
+    assert_eq!(st, 201);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let msg = tokio::time::timeout_at(deadline, kept.next()).await.expect("the event arrives");
+        let msg = msg.expect("the stream closed when its token expired").expect("a websocket message");
+        assert!(!msg.is_close(), "the stream closed when its token expired: {msg:?}");
+        let v: Value = serde_json::from_str(msg.to_text().unwrap()).unwrap();
+        if v["message"] == "CLAIM_ADDED" && v["body"]["claim_id"] == "AFTER_EXPIRY" {
+            break;
+        }
+    }
+}

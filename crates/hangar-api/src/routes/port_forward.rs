@@ -35,7 +35,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{Instrument, debug, info, info_span};
 use utoipa_axum::routes;
 
-use crate::auth::{Credential, RequestContext, authenticate};
+use crate::auth::{Credential, RequestContext, recheck};
 use crate::error::{ApiError, ApiErrorBody};
 use crate::extract::Path;
 use crate::{Api, AppState};
@@ -176,12 +176,7 @@ fn host_error(host: &str, e: HostTunnelError) -> ApiError {
 /// Whether the credential still authenticates a caller who may forward ports.
 async fn still_allowed(s: &AppState, credential: &Option<Credential>) -> bool {
     let Some(c) = credential else { return false };
-    // A tunnel outlives its login token's expiry, not a revocation.
-    let checked = match c {
-        Credential::Bearer(t) => s.identity.recheck_token(t).await.map_err(ApiError::from),
-        Credential::ApiKey(_) => authenticate(s, c).await,
-    };
-    match checked {
+    match recheck(s, c).await {
         Ok(p) => Access::AllOf(&[EXECUTE_COMMAND_VM]).check(Some(&p)) == hangar_core::Decision::Allow,
         Err(_) => false,
     }

@@ -20,7 +20,7 @@ use serde::Deserialize;
 use tokio::sync::broadcast::error::RecvError;
 use utoipa_axum::routes;
 
-use crate::auth::{Credential, RequestContext, authenticate};
+use crate::auth::{self, Credential, RequestContext};
 use crate::error::ApiError;
 use crate::extract::Query;
 use crate::{Api, AppState};
@@ -125,7 +125,7 @@ async fn run(
             },
             _ = recheck.tick() => {
                 let still = match &credential {
-                    Some(c) => authenticate(&s, c).await.ok(),
+                    Some(c) => auth::recheck(&s, c).await.ok(),
                     None => None,
                 };
                 match still {
