@@ -310,20 +310,7 @@ async fn an_event_stream_outlives_its_token_but_not_its_user() {
     let c = client();
     let root = login(&c, &s, "root", ROOT_PASSWORD).await;
     let ra = Auth::Bearer(root.clone());
-    let (st, v) = call(
-        &c,
-        Method::POST,
-        &s.api("/auth/users"),
-        &ra,
-        Some(
-            json!({"username": "ops", "email": "ops@example.test", "password": USER_PASSWORD, "roles": ["SUPER_USER"]}),
-        ),
-        &[],
-    )
-    .await;
-    assert_eq!(st, 201, "{v}");
-    let ops_id = v["id"].as_str().unwrap().to_string();
-    let ops = login(&c, &s, "ops", USER_PASSWORD).await;
+    let (ops_id, ops) = make_super_user(&c, &s, &root, "ops").await;
     let ws_url = s.url.replace("http://", "ws://");
     let subscribe = |token: String| {
         let url = format!("{ws_url}/api/v1/ws/subscribe?event_types=auth&access_token={token}");

@@ -525,20 +525,7 @@ async fn a_tunnel_outlives_its_token_but_not_its_user() {
     let id = create_vm(&c, &s.api("/machines"), &ra, "pf-exp").await;
     set_fake_ip(&fake, &id, "127.0.0.1");
     let port = banner_echo_server().await;
-    let (st, v) = call(
-        &c,
-        Method::POST,
-        &s.api("/auth/users"),
-        &ra,
-        Some(
-            json!({"username": "ops", "email": "ops@example.test", "password": USER_PASSWORD, "roles": ["SUPER_USER"]}),
-        ),
-        &[],
-    )
-    .await;
-    assert_eq!(st, 201, "{v}");
-    let ops_id = v["id"].as_str().unwrap().to_string();
-    let ops = login(&c, &s, "ops", USER_PASSWORD).await;
+    let (ops_id, ops) = make_super_user(&c, &s, &root, "ops").await;
     let url = tunnel::ws_url(&s.api(""), &format!("/machines/{id}/port-forward/{port}")).unwrap();
     let open = |token: String| {
         let url = url.clone();

@@ -235,6 +235,17 @@ pub async fn make_user(c: &reqwest::Client, s: &Server, root: &str, name: &str) 
     (id, login(c, s, name, USER_PASSWORD).await)
 }
 
+/// A second super user `name` (with `USER_PASSWORD`): (id, token).
+pub async fn make_super_user(c: &reqwest::Client, s: &Server, root: &str, name: &str) -> (String, String) {
+    let body = json!({"username": name, "email": format!("{name}@example.test"), "password": USER_PASSWORD,
+        "roles": ["SUPER_USER"]});
+    let (st, v) =
+        call(c, reqwest::Method::POST, &s.api("/auth/users"), &Auth::Bearer(root.into()), Some(body), &[]).await;
+    assert_eq!(st, 201, "create super user {name}: {v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    (id, login(c, s, name, USER_PASSWORD).await)
+}
+
 /// Wait for a condition with a deadline.
 pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut f: F)
 where
