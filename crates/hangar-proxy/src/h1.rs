@@ -193,11 +193,13 @@ where
             }
             tokio::select! {
                 biased;
+                // A stopping listener closes its idle connections first, as hyper does, even
+                // when a new request is already waiting: after a stop, no new request is served.
+                _ = &mut grace, if cbuf.is_empty() => return Lane::Done,
                 r = io.read_buf(&mut cbuf) => match r {
                     Ok(0) | Err(_) => return Lane::Done,
                     Ok(_) => {}
                 },
-                    _ = &mut grace, if cbuf.is_empty() => return Lane::Done,
                 // Also ends heads (and small bodies) sent too slowly.
                 _ = &mut idle => return Lane::Done,
             }

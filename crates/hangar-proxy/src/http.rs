@@ -793,6 +793,12 @@ pub(crate) async fn serve_connection<I>(
     loop {
         tokio::select! {
             biased;
+            // First, so that an idle connection of a stopping listener closes even when a new
+            // request is already waiting (in-flight requests finish).
+            _ = graceful.cancelled(), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
             r = conn.as_mut() => {
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "HTTP connection ended with an error");
@@ -801,10 +807,6 @@ pub(crate) async fn serve_connection<I>(
             }
             Some(c) = to_drive.recv() => upstream.push(c),
             Some(()) = upstream.next(), if !upstream.is_empty() => {}
-            _ = graceful.cancelled(), if !closing => {
-                conn.as_mut().graceful_shutdown();
-                closing = true;
-            }
             _ = hard.cancelled() => break,
         }
     }
