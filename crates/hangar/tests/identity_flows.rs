@@ -309,7 +309,6 @@ async fn an_event_stream_outlives_its_token_but_not_its_user() {
     let s = Server::start(dir.path(), &[("JWT_DURATION", "2s")]);
     let c = client();
     let root = login(&c, &s, "root", ROOT_PASSWORD).await;
-    let ra = Auth::Bearer(root.clone());
     let (ops_id, ops) = make_super_user(&c, &s, &root, "ops").await;
     let ws_url = s.url.replace("http://", "ws://");
     let subscribe = |token: String| {
@@ -325,15 +324,7 @@ async fn an_event_stream_outlives_its_token_but_not_its_user() {
     let mut kept = subscribe(root.clone()).await;
     let mut cut = subscribe(ops).await;
 
-    wait_for("root's token to expire", Duration::from_secs(20), || async {
-        call(&c, Method::GET, &s.api("/auth/users"), &ra, None, &[]).await.0 == 401
-    })
-    .await;
-    let rb = Auth::Bearer(login(&c, &s, "root", ROOT_PASSWORD).await);
-    let (st, v) =
-        call(&c, Method::PUT, &s.api(&format!("/auth/users/{ops_id}")), &rb, Some(json!({"disabled": true})), &[])
-            .await;
-    assert_eq!(st, 200, "{v}");
+    expire_then_disable(&c, &s, &root, &ops_id).await;
 
     // The disabled user's stream closes at its next check (every 5 s).
     let closed = tokio::time::timeout(Duration::from_secs(30), async {
@@ -347,6 +338,7 @@ async fn an_event_stream_outlives_its_token_but_not_its_user() {
     assert!(closed.is_ok(), "the disabled user's stream is still open");
     // Root's stream was checked in the same round, after its token had expired: it still
     // delivers events.
+    let rb = Auth::Bearer(login(&c, &s, "root", ROOT_PASSWORD).await);
     let (st, _) = call(&c, Method::POST, &s.api("/auth/claims"), &rb, Some(json!({"name": "AFTER_EXPIRY"})), &[]).await;
     assert_eq!(st, 201);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

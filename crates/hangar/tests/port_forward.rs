@@ -542,15 +542,7 @@ async fn a_tunnel_outlives_its_token_but_not_its_user() {
     let mut kept = open(root.clone()).await;
     let mut cut = open(ops).await;
 
-    wait_for("root's token to expire", Duration::from_secs(20), || async {
-        call(&c, Method::GET, &s.api("/machines"), &ra, None, &[]).await.0 == 401
-    })
-    .await;
-    let rb = Auth::Bearer(login(&c, &s, "root", ROOT_PASSWORD).await);
-    let (st, v) =
-        call(&c, Method::PUT, &s.api(&format!("/auth/users/{ops_id}")), &rb, Some(json!({"disabled": true})), &[])
-            .await;
-    assert_eq!(st, 200, "{v}");
+    expire_then_disable(&c, &s, &root, &ops_id).await;
 
     // The disabled user's tunnel closes at its next check (within RECHECK_EVERY = 10 s).
     let mut rest = Vec::new();

@@ -246,6 +246,20 @@ pub async fn make_super_user(c: &reqwest::Client, s: &Server, root: &str, name: 
     (id, login(c, s, name, USER_PASSWORD).await)
 }
 
+/// Wait until root's `token` has expired (a request with it answers 401), then disable the
+/// user `user_id` with a new root login.
+pub async fn expire_then_disable(c: &reqwest::Client, s: &Server, token: &str, user_id: &str) {
+    let old = Auth::Bearer(token.into());
+    wait_for("root's token to expire", Duration::from_secs(20), || async {
+        call(c, reqwest::Method::GET, &s.api("/auth/users"), &old, None, &[]).await.0 == 401
+    })
+    .await;
+    let root = Auth::Bearer(login(c, s, "root", ROOT_PASSWORD).await);
+    let url = s.api(&format!("/auth/users/{user_id}"));
+    let (st, v) = call(c, reqwest::Method::PUT, &url, &root, Some(json!({"disabled": true})), &[]).await;
+    assert_eq!(st, 200, "disable {user_id}: {v}");
+}
+
 /// Wait for a condition with a deadline.
 pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut f: F)
 where
