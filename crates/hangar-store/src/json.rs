@@ -10,12 +10,13 @@
 //! | `backups/data-<UTC timestamp>.json` | backup copies of the snapshot (same format, encrypted if the store is) |
 //! | `*.tmp` | temp files of an interrupted replace; ignored and removed on open |
 //!
-//! The committed state lives in memory (a `BTreeMap` per collection). Reads never touch the
-//! disk. One writer thread applies commits in revision order: for each group of batches
-//! waiting in its queue it checks the conditions against the latest state, appends one
-//! journal frame per accepted batch, makes them durable with a single `fdatasync` (group
-//! commit), then applies them to the in-memory model and acknowledges them. A commit is
-//! therefore visible to readers only once it is durable.
+//! The committed state lives in memory (a `BTreeMap` per collection, the model
+//! [`MemoryStore`](crate::MemoryStore) uses too). Reads never touch the disk. One writer
+//! thread applies commits in revision order: for each group of batches waiting in its queue
+//! it checks the conditions against the latest state, appends one journal frame per accepted
+//! batch, makes them durable with a single `fdatasync` (group commit), then applies them to
+//! the in-memory model and acknowledges them. A commit is therefore visible to readers only
+//! once it is durable.
 //!
 //! When the journal holds more than `compact_journal_frames` frames or
 //! `compact_journal_bytes` bytes, and on [`Store::close`], the writer *compacts*: it writes
@@ -90,10 +91,8 @@ mod crypto;
 mod journal;
 mod snapshot;
 
-use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write as _;
-use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, mpsc};
@@ -106,9 +105,9 @@ use tracing::{debug, error, info, info_span, warn};
 use crypto::Cipher;
 pub use crypto::EncryptionKey;
 use journal::{HEADER_LEN, HeaderError};
-use snapshot::{Model, Stored};
 
-use crate::{Batch, Committed, Condition, DUMP_FORMAT, Dump, Op, Record, Result, Store, StoreError};
+use crate::model::{Model, Pending, poisoned};
+use crate::{Batch, Committed, Dump, Op, Record, Result, Store, StoreError};
 
 /// Name of the snapshot file in the data folder.
 pub const SNAPSHOT_FILE: &str = "data.json";
@@ -199,10 +198,6 @@ impl std::fmt::Debug for JsonStore {
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     move |source| StoreError::Io { path: path.display().to_string(), source }
-}
-
-fn poisoned() -> StoreError {
-    StoreError::Engine("the store's state lock is poisoned (a thread panicked)".into())
 }
 
 fn random_id() -> Result<[u8; 16]> {
@@ -539,10 +534,6 @@ fn leftover_backup_temps(dir: &Path) -> Vec<PathBuf> {
     entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|ext| ext == "tmp")).collect()
 }
 
-fn to_record(id: &str, stored: &Stored) -> Record {
-    Record { id: id.to_string(), revision: stored.revision, value: stored.value.clone() }
-}
-
 #[async_trait]
 impl Store for JsonStore {
     fn engine(&self) -> &'static str {
@@ -550,29 +541,15 @@ impl Store for JsonStore {
     }
 
     async fn get(&self, collection: &str, id: &str) -> Result<Option<Record>> {
-        let model = self.read()?;
-        Ok(model.collections.get(collection).and_then(|c| c.get(id)).map(|s| to_record(id, s)))
+        Ok(self.read()?.get(collection, id))
     }
 
     async fn list(&self, collection: &str) -> Result<Vec<Record>> {
-        let model = self.read()?;
-        Ok(model
-            .collections
-            .get(collection)
-            .map(|c| c.iter().map(|(id, s)| to_record(id, s)).collect())
-            .unwrap_or_default())
+        Ok(self.read()?.list(collection))
     }
 
     async fn list_page(&self, collection: &str, after: Option<&str>, limit: usize) -> Result<Vec<Record>> {
-        let model = self.read()?;
-        let Some(records) = model.collections.get(collection) else {
-            return Ok(Vec::new());
-        };
-        let start = match after {
-            Some(after) => Bound::Excluded(after),
-            None => Bound::Unbounded,
-        };
-        Ok(records.range::<str, _>((start, Bound::Unbounded)).take(limit).map(|(id, s)| to_record(id, s)).collect())
+        Ok(self.read()?.list_page(collection, after, limit))
     }
 
     #[tracing::instrument(level = "debug", name = "store_commit", skip_all, fields(ops = batch.ops.len(), conditions = batch.conditions.len()))]
@@ -582,18 +559,7 @@ impl Store for JsonStore {
     }
 
     async fn export(&self) -> Result<Dump> {
-        let model = self.read()?;
-        Ok(Dump {
-            format: DUMP_FORMAT,
-            revision: model.revision,
-            collections: model
-                .collections
-                .iter()
-                .map(|(name, records)| {
-                    (name.clone(), records.iter().map(|(id, s)| (id.clone(), s.value.clone())).collect())
-                })
-                .collect(),
-        })
+        Ok(self.read()?.export())
     }
 
     #[tracing::instrument(name = "store_import", skip_all, fields(collections = dump.collections.len()))]
@@ -747,10 +713,10 @@ impl Writer {
                     return;
                 }
             };
-            let mut overlay: HashMap<(String, String), Option<u64>> = HashMap::new();
+            let mut overlay = Pending::new();
             let mut revision = model.revision;
             for (batch, reply) in group {
-                if let Err(conflict) = check_conditions(&batch.conditions, &model, &overlay) {
+                if let Err(conflict) = model.check_conditions(&batch.conditions, &overlay) {
                     outcomes.push((reply, Err(StoreError::Conflict(conflict))));
                     continue;
                 }
@@ -923,14 +889,7 @@ impl Writer {
             return Err(e);
         }
         let revision = self.model.read().map_err(|_| poisoned())?.revision + 1;
-        let mut model = Model { revision, collections: Default::default() };
-        for (name, records) in dump.collections {
-            if records.is_empty() {
-                continue;
-            }
-            let records = records.into_iter().map(|(id, value)| (id, Stored { revision, value })).collect();
-            model.collections.insert(name, records);
-        }
+        let model = Model::from_dump(revision, dump);
         let bytes = snapshot::encode(&model, self.cipher.as_ref())?;
         // The rename of data.json is the commit point: the old journal's frames all carry
         // older revisions and are skipped by recovery from now on.
@@ -968,35 +927,4 @@ impl Writer {
         }
         self.next_backup = self.backup_interval.map(|every| Instant::now() + every);
     }
-}
-
-/// Checks a batch's conditions against the committed model plus the writes of batches
-/// accepted earlier in the same group. Returns a message naming the record on failure.
-fn check_conditions(
-    conditions: &[Condition],
-    model: &Model,
-    overlay: &HashMap<(String, String), Option<u64>>,
-) -> std::result::Result<(), String> {
-    for condition in conditions {
-        let (collection, id) = match condition {
-            Condition::Absent { collection, id } | Condition::Revision { collection, id, .. } => (collection, id),
-        };
-        let current = match overlay.get(&(collection.clone(), id.clone())) {
-            Some(pending) => *pending,
-            None => model.record_revision(collection, id),
-        };
-        match (condition, current) {
-            (Condition::Absent { .. }, Some(revision)) => {
-                return Err(format!("{collection}/{id} already exists (revision {revision})"));
-            }
-            (Condition::Revision { revision: expected, .. }, None) => {
-                return Err(format!("{collection}/{id} does not exist (expected revision {expected})"));
-            }
-            (Condition::Revision { revision: expected, .. }, Some(actual)) if actual != *expected => {
-                return Err(format!("{collection}/{id} is at revision {actual}, expected {expected}"));
-            }
-            _ => {}
-        }
-    }
-    Ok(())
 }

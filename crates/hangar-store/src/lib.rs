@@ -5,8 +5,21 @@
 //! and when `commit` returns `Ok` the batch is durable (it survives kill -9 and power loss).
 //! Optimistic concurrency comes from [`Condition`]s checked inside the same commit.
 //!
-//! Engines: the JSON engine in [`json`] (the default). A SQL engine comes later and must
-//! pass the same [`conformance`] suite.
+//! Engines, which all pass the same [`conformance`] suite (a SQL engine comes later and must
+//! pass it too):
+//!
+//! * [`json`]: [`JsonStore`], the default and the only durable one: a data folder with a
+//!   write-ahead journal and a snapshot.
+//! * [`memory`]: [`MemoryStore`], the same semantics without files (nothing survives the
+//!   process), for tests and tools.
+//!
+//! Both keep the committed state in the same in-memory model, so conditions, conflicts,
+//! revisions and paging behave alike.
+//!
+//! Test aid: [`faulty`] has [`FaultyStore`], a wrapper around any `Arc<dyn Store>` that
+//! refuses commits on demand while reads still work, for services' tests of store failures.
+//!
+//! [`sealed`] seals small secrets kept inside records.
 
 use std::collections::BTreeMap;
 
@@ -15,10 +28,15 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub mod conformance;
+pub mod faulty;
 pub mod json;
+pub mod memory;
+mod model;
 pub mod sealed;
 
+pub use faulty::{Fault, FaultyStore};
 pub use json::{EncryptionKey, JsonStore, JsonStoreOptions};
+pub use memory::MemoryStore;
 
 /// Longest collection name or record id accepted, in bytes.
 pub const MAX_KEY_LEN: usize = 1024;

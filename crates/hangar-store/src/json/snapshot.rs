@@ -1,13 +1,11 @@
-//! The in-memory model and its JSON snapshot form (`data.json` and the backups).
-
-use std::collections::BTreeMap;
+//! The JSON snapshot form of the in-memory [`Model`] (`data.json` and the backups).
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use super::crypto::Cipher;
-use crate::{Op, Result, StoreError};
+use crate::model::{Collections, Model};
+use crate::{Result, StoreError};
 
 /// Value of the `format` field of every snapshot.
 pub(crate) const SNAPSHOT_FORMAT: &str = "hangar-json-store";
@@ -16,50 +14,6 @@ pub(crate) const SNAPSHOT_VERSION: u32 = 1;
 /// Value of the `encryption` field of encrypted snapshots.
 pub(crate) const SNAPSHOT_CIPHER: &str = "AES-256-GCM";
 const SNAPSHOT_AAD: &[u8] = b"hangar-json-store-snapshot-v1";
-
-/// One record as the model keeps it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub(crate) struct Stored {
-    pub(crate) revision: u64,
-    pub(crate) value: Value,
-}
-
-/// collection -> id -> record.
-pub(crate) type Collections = BTreeMap<String, BTreeMap<String, Stored>>;
-
-/// The whole committed state.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub(crate) struct Model {
-    pub(crate) revision: u64,
-    pub(crate) collections: Collections,
-}
-
-impl Model {
-    /// Applies a batch's writes at `revision`. Empty collections are dropped.
-    pub(crate) fn apply(&mut self, revision: u64, ops: Vec<Op>) {
-        for op in ops {
-            match op {
-                Op::Put { collection, id, value } => {
-                    self.collections.entry(collection).or_default().insert(id, Stored { revision, value });
-                }
-                Op::Delete { collection, id } => {
-                    if let Some(records) = self.collections.get_mut(&collection) {
-                        records.remove(&id);
-                        if records.is_empty() {
-                            self.collections.remove(&collection);
-                        }
-                    }
-                }
-            }
-        }
-        self.revision = self.revision.max(revision);
-    }
-
-    /// Revision of a record, if it exists.
-    pub(crate) fn record_revision(&self, collection: &str, id: &str) -> Option<u64> {
-        self.collections.get(collection)?.get(id).map(|r| r.revision)
-    }
-}
 
 #[derive(Serialize)]
 struct PlainOut<'a> {
@@ -166,6 +120,7 @@ pub(crate) fn decode(bytes: &[u8], cipher: Option<&Cipher>, path: &str) -> Resul
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::Op;
     use crate::json::crypto::EncryptionKey;
 
     fn sample() -> Model {
