@@ -75,6 +75,9 @@ impl std::str::FromStr for DriverChoice {
     }
 }
 
+/// How the QEMU driver accelerates guests (`QEMU_ACCELERATION`: auto, kvm or tcg).
+pub use hangar_qemu::Acceleration;
+
 /// Settings of the host module.
 #[derive(Debug, Clone)]
 pub struct HostConfig {
@@ -86,8 +89,8 @@ pub struct HostConfig {
     pub prlctl: Option<PathBuf>,
     pub prlsrvctl: Option<PathBuf>,
     pub qemu_binary: Option<PathBuf>,
-    /// `auto`, `kvm` or `tcg`.
-    pub acceleration: String,
+    /// `QEMU_ACCELERATION`.
+    pub acceleration: Acceleration,
     /// Bridge QEMU VMs join (`QEMU_NETWORK_BRIDGE`); `None` is user-mode networking.
     pub qemu_bridge: Option<String>,
     /// `SYSTEM_RESERVED_CPU`, `_MEMORY` (MiB), `_DISK` (MiB).
@@ -134,11 +137,7 @@ pub async fn open_driver(cfg: &HostConfig) -> Result<Arc<dyn Hypervisor>> {
             if let Some(q) = qemu {
                 qc.qemu_binary = q;
             }
-            qc.acceleration = match cfg.acceleration.as_str() {
-                "kvm" => hangar_qemu::Acceleration::Kvm,
-                "tcg" => hangar_qemu::Acceleration::Tcg,
-                _ => hangar_qemu::Acceleration::Auto,
-            };
+            qc.acceleration = cfg.acceleration;
             qc.bridge = cfg.qemu_bridge.clone();
             std::fs::create_dir_all(&cfg.vms_dir)
                 .map_err(|e| HostError::Unavailable(format!("cannot create {}: {e}", cfg.vms_dir.display())))?;

@@ -2,15 +2,17 @@
 //! precedence. Keys are the reference service's names (`API_PORT`, `DATABASE_FOLDER`, ...);
 //! in the TOML file they may be written in lower case. Every key is listed in [`KEYS`]
 //! with its default and meaning, which is also what the README's configuration table
-//! shows (`hangar config keys`).
+//! shows (`hangar config keys`). [`Layers`] holds the raw values given; the typed
+//! settings, with the defaults of this table, are parsed from them once, in
+//! `crate::settings`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 
-/// A configuration key: name, default (empty: none), meaning.
+/// A configuration key: name, default (empty: none), meaning. The default is the only one:
+/// `crate::settings` reads it when the key is unset or empty.
 pub struct Key {
     pub name: &'static str,
     pub default: &'static str,
@@ -134,7 +136,8 @@ impl std::fmt::Display for Source {
     }
 }
 
-/// Raw layered values.
+/// Raw layered values: the file's, then the environment's, then the flags' (no defaults:
+/// those are the key table's, read by `crate::settings`).
 #[derive(Debug, Clone, Default)]
 pub struct Layers {
     values: BTreeMap<&'static str, (String, Source)>,
@@ -148,18 +151,15 @@ fn key(name: &str) -> Option<&'static Key> {
 }
 
 impl Layers {
-    /// Defaults, then the file, then the process environment, then flags.
+    /// The file, then the process environment, then flags. Unknown keys in the file and
+    /// the flags are all reported together.
     pub fn load(
         file: Option<&Path>,
         env: &dyn Fn(&str) -> Option<String>,
         flags: &[(String, String)],
     ) -> Result<Layers> {
         let mut l = Layers::default();
-        for k in KEYS {
-            if !k.default.is_empty() {
-                l.values.insert(k.name, (k.default.to_string(), Source::Default));
-            }
-        }
+        let mut unknown = Vec::new();
         if let Some(path) = file {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read the config file {}", path.display()))?;
@@ -176,7 +176,8 @@ impl Layers {
                     continue;
                 }
                 let Some(k) = key(&name) else {
-                    bail!("{}: unknown key {name:?}; `hangar config keys` lists the known keys", path.display());
+                    unknown.push(format!("{}: unknown key {name:?}", path.display()));
+                    continue;
                 };
                 let value = match v {
                     toml::Value::String(s) => s,
@@ -199,10 +200,15 @@ impl Layers {
             }
         }
         for (name, v) in flags {
-            let k = key(name).ok_or_else(|| {
-                anyhow!("unknown configuration key {name:?} in --set; `hangar config keys` lists the known keys")
-            })?;
-            l.values.insert(k.name, (v.clone(), Source::Flag));
+            match key(name) {
+                Some(k) => {
+                    l.values.insert(k.name, (v.clone(), Source::Flag));
+                }
+                None => unknown.push(format!("unknown configuration key {name:?} in --set")),
+            }
+        }
+        if !unknown.is_empty() {
+            bail!("{}; `hangar config keys` lists the known keys", unknown.join("; "));
         }
         Ok(l)
     }
@@ -218,6 +224,12 @@ impl Layers {
         self.values.get(name).map(|(v, _)| v.as_str()).filter(|v| !v.is_empty())
     }
 
+    /// The value given for `name`, trimmed, and where it came from; `None` when it is not
+    /// given or empty.
+    pub fn value(&self, name: &str) -> Option<(&str, Source)> {
+        self.values.get(name).map(|(v, s)| (v.trim(), *s)).filter(|(v, _)| !v.is_empty())
+    }
+
     fn source(&self, name: &str) -> Source {
         self.values.get(name).map(|(_, s)| *s).unwrap_or(Source::Default)
     }
@@ -231,25 +243,8 @@ impl Layers {
         self.get(name).map(String::from)
     }
 
-    pub fn bool(&self, name: &str) -> Result<bool> {
-        match self.get(name).map(|v| v.to_ascii_lowercase()) {
-            None => Ok(false),
-            Some(v) if ["true", "1", "yes", "on"].contains(&v.as_str()) => Ok(true),
-            Some(v) if ["false", "0", "no", "off"].contains(&v.as_str()) => Ok(false),
-            Some(_) => Err(self.bad(name, "true or false")),
-        }
-    }
-
     pub fn number<T: std::str::FromStr>(&self, name: &str) -> Result<T> {
         self.get(name).unwrap_or("").parse().map_err(|_| self.bad(name, "a number"))
-    }
-
-    pub fn duration(&self, name: &str) -> Result<Duration> {
-        let v = self.get(name).unwrap_or("");
-        if let Ok(secs) = v.parse::<u64>() {
-            return Ok(Duration::from_secs(secs));
-        }
-        humantime::parse_duration(v).map_err(|_| self.bad(name, "a duration such as 30s, 15m or 1h"))
     }
 
     pub fn list(&self, name: &str) -> Vec<String> {
@@ -310,9 +305,11 @@ mod tests {
         };
         let l = Layers::load(Some(&f), &env, &[("api-port".into(), "6000".into())]).unwrap();
         assert_eq!(l.number::<u16>("API_PORT").unwrap(), 6000);
-        assert_eq!(l.get("LOG_LEVEL"), Some("warn"));
-        assert_eq!(l.duration("JWT_DURATION").unwrap(), Duration::from_secs(3600));
-        assert_eq!(l.get("API_PREFIX"), Some("/api"));
+        assert_eq!(l.value("API_PORT"), Some(("6000", Source::Flag)));
+        assert_eq!(l.value("LOG_LEVEL"), Some(("warn", Source::Env)));
+        assert_eq!(l.value("JWT_DURATION"), Some(("1h", Source::File)));
+        // Defaults are not layered values: they stay in the key table.
+        assert_eq!(l.get("API_PREFIX"), None);
     }
 
     #[test]
@@ -342,8 +339,18 @@ mod tests {
         assert!(e.contains("API_PORT") && e.contains("environment"), "{e}");
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.toml");
-        std::fs::write(&f, "no_such_key = 1\n").unwrap();
-        let e = Layers::load(Some(&f), &|_| None, &[]).unwrap_err().to_string();
-        assert!(e.contains("unknown key"), "{e}");
+        std::fs::write(&f, "no_such_key = 1\nother_key = 2\n").unwrap();
+        let e = Layers::load(Some(&f), &|_| None, &[("nope".into(), "1".into())]).unwrap_err().to_string();
+        assert!(e.contains("unknown key") && e.contains("no_such_key") && e.contains("other_key"), "{e}");
+        assert!(e.contains("\"nope\" in --set"), "{e}");
+    }
+
+    #[test]
+    fn every_default_is_in_the_table_only_once() {
+        let mut names: Vec<&str> = KEYS.iter().map(|k| k.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), KEYS.len(), "a key is listed twice");
+        assert!(KEYS.iter().all(|k| !k.secret || k.default.is_empty()), "a secret key has a default");
     }
 }

@@ -6,6 +6,7 @@ mod config;
 mod host_cmd;
 mod output;
 mod serve;
+mod settings;
 mod vm_cmd;
 
 use std::io::Read;
@@ -19,6 +20,7 @@ use serde_json::{Value, json};
 use crate::client::{Client, Credentials, seg};
 use crate::config::Layers;
 use crate::output::{Output, print};
+use crate::settings::{LogFormat, LogSettings, Settings};
 
 #[derive(Parser)]
 #[command(name = "hangar", version, about = "Disposable VMs for CI: server and CLI", propagate_version = true)]
@@ -63,6 +65,13 @@ impl ServerConfigArgs {
             flags.push(("API_PORT".into(), p.to_string()));
         }
         Layers::load(self.config.as_deref(), &|k| std::env::var(k).ok(), &flags)
+    }
+
+    /// The layered configuration and the typed settings parsed from it (every problem at once).
+    fn load(&self) -> Result<(Layers, Settings)> {
+        let l = self.layers()?;
+        let s = Settings::from_layers(&l)?;
+        Ok((l, s))
     }
 }
 
@@ -316,28 +325,28 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn init_tracing(l: &Layers) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_new(l.get("LOG_LEVEL").unwrap_or("info")).unwrap_or_else(|_| EnvFilter::new("info"));
+fn init_tracing(log: &LogSettings) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&log.filter)
+        .with_context(|| format!("LOG_LEVEL={:?} is not a tracing filter", log.filter))?;
     use std::io::IsTerminal;
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    if l.get("LOG_FORMAT") == Some("json") {
-        b.json().init();
-    } else {
-        b.init();
+    match log.format {
+        LogFormat::Json => b.json().init(),
+        LogFormat::Text => b.init(),
     }
+    Ok(())
 }
 
 async fn run(cli: Cli) -> Result<()> {
     let out = cli.output;
     match cli.command {
         Command::Serve(cfg) => {
-            let l = cfg.layers()?;
-            init_tracing(&l);
-            serve::run(l).await
+            let (l, s) = cfg.load()?;
+            init_tracing(&s.log)?;
+            serve::run(l, s).await
         }
         Command::Db { command } => db(command, out).await,
         Command::Config { command: ConfigCommand::Keys { markdown } } => {
@@ -560,10 +569,10 @@ async fn db(cmd: DbCommand, out: Output) -> Result<()> {
     let cfg = match &cmd {
         DbCommand::Export { cfg, .. } | DbCommand::Import { cfg, .. } | DbCommand::Backup { cfg } => cfg.clone(),
     };
-    let l = cfg.layers()?;
-    let dir = serve::data_dir(&l)?;
+    let (_, s) = cfg.load()?;
+    let dir = serve::data_dir(&s)?;
     let store = Arc::new(
-        serve::open_store(&l, &dir, false)
+        serve::open_store(&s, &dir, false)
             .await
             .context("is the server still running? `hangar db` works on a stopped server's data folder")?,
     );

@@ -5,21 +5,20 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
-use hangar_api::{ApiConfig, CorsConfig, ModuleStatus, ServerInfo};
+use anyhow::{Context, Result};
+use hangar_api::{ApiConfig, ModuleStatus, ServerInfo};
 use hangar_core::EventBus;
-use hangar_identity::{Identity, IdentityOptions, LockoutPolicy, PasswordPolicy, TokenConfig, TokenService};
+use hangar_identity::{Identity, IdentityOptions, TokenConfig, TokenService};
 use hangar_store::Store;
 use hangar_store::json::{EncryptionKey, JsonStore, JsonStoreOptions};
 use tracing::{info, warn};
 
 use crate::config::{Layers, read_pem};
+use crate::settings::{HostSettings, MODULES, OrchestratorSettings, Settings};
 
-pub const MODULES: &[&str] = &["api", "host", "catalog", "orchestrator", "reverse_proxy"];
-
-/// Resolve the data folder and make sure it exists with mode 0700.
-pub fn data_dir(l: &Layers) -> Result<PathBuf> {
-    let dir = l.string("DATABASE_FOLDER").map(PathBuf::from).unwrap_or_else(crate::config::default_data_dir);
+/// Make sure the data folder exists with mode 0700, and return it.
+pub fn data_dir(s: &Settings) -> Result<PathBuf> {
+    let dir = s.database.folder.clone();
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create the data folder {}", dir.display()))?;
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
@@ -27,34 +26,21 @@ pub fn data_dir(l: &Layers) -> Result<PathBuf> {
 }
 
 /// Open the store in the data folder with the configured encryption and backups.
-pub async fn open_store(l: &Layers, dir: &Path, with_backups: bool) -> Result<JsonStore> {
-    let key = match l.string("DATABASE_ENCRYPTION_KEY_FILE") {
-        Some(f) => Some(EncryptionKey::from_file(&f).with_context(|| format!("DATABASE_ENCRYPTION_KEY_FILE={f}"))?),
+pub async fn open_store(s: &Settings, dir: &Path, with_backups: bool) -> Result<JsonStore> {
+    let db = &s.database;
+    let key = match &db.encryption_key_file {
+        Some(f) => {
+            Some(EncryptionKey::from_file(f).with_context(|| format!("DATABASE_ENCRYPTION_KEY_FILE={}", f.display()))?)
+        }
         None => None,
     };
-    let minutes: u64 = l.number("DATABASE_BACKUP_INTERVAL_MINUTES")?;
     let opts = JsonStoreOptions {
         encryption_key: key,
-        backup_interval: (with_backups && minutes > 0).then(|| std::time::Duration::from_secs(minutes * 60)),
-        backup_retention: l.number("DATABASE_NUMBER_BACKUP_FILES")?,
+        backup_interval: db.backup_interval.filter(|_| with_backups),
+        backup_retention: db.backups_kept,
         ..Default::default()
     };
     JsonStore::open(dir.join("store"), opts).await.map_err(|e| anyhow::anyhow!("cannot open the store: {e}"))
-}
-
-/// Which modules the configuration asks for (`ENABLED_MODULES`, or all when unset).
-fn wanted_modules(l: &Layers) -> Result<Vec<&'static str>> {
-    let requested = l.list("ENABLED_MODULES");
-    for m in &requested {
-        if !MODULES.contains(&m.as_str()) {
-            bail!("ENABLED_MODULES names an unknown module {m:?}; modules are {}", MODULES.join(", "));
-        }
-    }
-    Ok(MODULES
-        .iter()
-        .copied()
-        .filter(|m| *m == "api" || requested.is_empty() || requested.iter().any(|r| r == m))
-        .collect())
 }
 
 /// Store collection of the host module's jobs.
@@ -63,24 +49,20 @@ const HOST_JOBS: &str = "host_jobs";
 const ORCHESTRATOR_JOBS: &str = "orchestrator_jobs";
 
 /// Start the host module over the configured hypervisor driver, with its jobs in the store.
-async fn start_host(l: &Layers, store: Arc<dyn Store>, dir: &Path, bus: EventBus) -> Result<Arc<hangar_host::Host>> {
+async fn start_host(s: &HostSettings, store: Arc<dyn Store>, bus: EventBus) -> Result<Arc<hangar_host::Host>> {
     let cfg = hangar_host::HostConfig {
-        driver: l
-            .get("HYPERVISOR")
-            .unwrap_or("auto")
-            .parse()
-            .map_err(|e: hangar_host::HostError| anyhow::anyhow!("{e}"))?,
-        vms_dir: l.string("HOST_VMS_FOLDER").map(PathBuf::from).unwrap_or_else(|| dir.join("vms")),
-        images_dir: l.string("HOST_IMAGES_FOLDER").map(PathBuf::from).unwrap_or_else(|| dir.join("images")),
-        prlctl: l.string("PRLCTL_PATH").map(PathBuf::from),
-        prlsrvctl: l.string("PRLSRVCTL_PATH").map(PathBuf::from),
-        qemu_binary: l.string("QEMU_BINARY").map(PathBuf::from),
-        acceleration: l.get("QEMU_ACCELERATION").unwrap_or("auto").to_ascii_lowercase(),
-        qemu_bridge: l.string("QEMU_NETWORK_BRIDGE"),
-        reserved_cpu: l.number("SYSTEM_RESERVED_CPU")?,
-        reserved_memory_mb: l.number("SYSTEM_RESERVED_MEMORY")?,
-        reserved_disk_mb: l.number("SYSTEM_RESERVED_DISK")?,
-        upload_root: l.string("HOST_UPLOAD_FOLDER").map(PathBuf::from),
+        driver: s.hypervisor,
+        vms_dir: s.vms_folder.clone(),
+        images_dir: s.images_folder.clone(),
+        prlctl: s.prlctl.clone(),
+        prlsrvctl: s.prlsrvctl.clone(),
+        qemu_binary: s.qemu_binary.clone(),
+        acceleration: s.acceleration,
+        qemu_bridge: s.bridge.clone(),
+        reserved_cpu: s.reserved_cpu,
+        reserved_memory_mb: s.reserved_memory_mb,
+        reserved_disk_mb: s.reserved_disk_mb,
+        upload_root: s.upload_folder.clone(),
     };
     let _ = std::fs::create_dir_all(&cfg.images_dir);
     let hv = hangar_host::open_driver(&cfg).await.map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -89,21 +71,19 @@ async fn start_host(l: &Layers, store: Arc<dyn Store>, dir: &Path, bus: EventBus
 }
 
 async fn module_statuses(
-    l: &Layers,
+    s: &Settings,
     store: Arc<dyn Store>,
-    dir: &Path,
     bus: EventBus,
-) -> Result<(Vec<ModuleStatus>, Option<Arc<hangar_host::Host>>)> {
-    let wanted = wanted_modules(l)?;
-    let explicit = !l.list("ENABLED_MODULES").is_empty();
+) -> (Vec<ModuleStatus>, Option<Arc<hangar_host::Host>>) {
+    let explicit = s.modules.explicit();
     let mut out = Vec::new();
     let mut host = None;
     for m in MODULES {
-        let want = wanted.contains(m);
+        let want = s.modules.wants(m);
         let (running, message) = match *m {
             "api" => (true, "serving".to_string()),
             "host" if !want => (false, "not requested in ENABLED_MODULES".to_string()),
-            "host" => match start_host(l, store.clone(), dir, bus.clone()).await {
+            "host" => match start_host(&s.host, store.clone(), bus.clone()).await {
                 Ok(h) => {
                     let info = h.driver().host_info().await.ok();
                     let detail = info
@@ -126,7 +106,7 @@ async fn module_statuses(
         }
         out.push(ModuleStatus { name: m.to_string(), enabled: running, healthy: running, message });
     }
-    Ok((out, host))
+    (out, host)
 }
 
 /// Start the reverse_proxy module when it is wanted, and record its status. VM targets go
@@ -136,6 +116,7 @@ async fn module_statuses(
 /// file wins for the hosts it names).
 #[allow(clippy::too_many_arguments)]
 async fn start_reverse_proxy(
+    s: &Settings,
     l: &Layers,
     store: Arc<JsonStore>,
     dir: &Path,
@@ -146,7 +127,7 @@ async fn start_reverse_proxy(
     modules: &mut [ModuleStatus],
 ) -> Result<Option<Arc<hangar_reverse_proxy::ReverseProxy>>> {
     let Some(status) = modules.iter_mut().find(|m| m.name == "reverse_proxy") else { return Ok(None) };
-    if !wanted_modules(l)?.contains(&"reverse_proxy") {
+    if !s.modules.wants("reverse_proxy") {
         status.message = "not requested in ENABLED_MODULES".into();
         return Ok(None);
     }
@@ -210,27 +191,20 @@ type Orchestrator = (Arc<hangar_orchestrator::HttpOrchestrator>, hangar_host::Jo
 /// Start the orchestrator module (with its jobs, in the store) when it is wanted, and
 /// record its status.
 async fn start_orchestrator(
-    l: &Layers,
+    s: &Settings,
     store: Arc<JsonStore>,
     dir: &Path,
     bus: EventBus,
     modules: &mut [ModuleStatus],
 ) -> Result<Option<Orchestrator>> {
     let Some(status) = modules.iter_mut().find(|m| m.name == "orchestrator") else { return Ok(None) };
-    if !wanted_modules(l)?.contains(&"orchestrator") {
+    if !s.modules.wants("orchestrator") {
         status.message = "not requested in ENABLED_MODULES".into();
         return Ok(None);
     }
-    let profile = match l.get("ORCHESTRATOR_PLACEMENT").unwrap_or("spread").to_ascii_lowercase().as_str() {
-        "spread" => hangar_orchestrator::Profile::Spread,
-        "pack" => hangar_orchestrator::Profile::Pack,
-        other => bail!("ORCHESTRATOR_PLACEMENT={other:?}: use spread or pack"),
-    };
-    let check = l.duration("ORCHESTRATOR_CHECK_INTERVAL")?.max(std::time::Duration::from_millis(200));
-    // Hosts' event streams carry a heartbeat every 2 s whatever the check interval.
-    let unhealthy_after = l.duration("ORCHESTRATOR_UNHEALTHY_AFTER")?.max(std::time::Duration::from_secs(3));
+    let OrchestratorSettings { placement, check_interval: check, unhealthy_after } = s.orchestrator.clone();
     let config = hangar_orchestrator::SchedulerConfig {
-        profile,
+        profile: placement,
         health: hangar_orchestrator::HealthConfig { unhealthy_after },
         ..Default::default()
     };
@@ -262,81 +236,67 @@ async fn start_orchestrator(
     Ok(Some((Arc::new(o), jobs)))
 }
 
-fn token_config(l: &Layers) -> Result<TokenConfig> {
-    let algorithm = l
-        .get("JWT_SIGN_ALGORITHM")
-        .unwrap_or("HS256")
-        .parse()
-        .map_err(|e: hangar_identity::IdentityError| anyhow::anyhow!("{e}"))?;
-    let private_key_pem = match l.get("JWT_PRIVATE_KEY") {
-        Some(v) => Some(read_pem("JWT_PRIVATE_KEY", v)?),
+fn token_config(s: &Settings) -> Result<TokenConfig> {
+    let i = &s.identity;
+    let private_key_pem = match &i.jwt_private_key {
+        Some(v) => Some(read_pem("JWT_PRIVATE_KEY", v.expose())?),
         None => None,
     };
     Ok(TokenConfig {
-        algorithm,
-        ttl: l.duration("JWT_DURATION")?,
-        issuer: l.get("JWT_ISSUER").unwrap_or("hangar").into(),
-        audience: l.get("JWT_AUDIENCE").unwrap_or("hangar-api").into(),
-        hmac_secret: l.get("JWT_HMACS_SECRET").map(|s| s.as_bytes().to_vec()),
+        algorithm: i.jwt_algorithm,
+        ttl: i.jwt_duration,
+        issuer: i.jwt_issuer.clone(),
+        audience: i.jwt_audience.clone(),
+        hmac_secret: i.jwt_hmac_secret.as_ref().map(|s| s.expose().as_bytes().to_vec()),
         private_key_pem,
     })
 }
 
-fn identity_options(l: &Layers) -> Result<IdentityOptions> {
-    Ok(IdentityOptions {
-        password_policy: PasswordPolicy {
-            min_length: l.number::<usize>("SECURITY_PASSWORD_MIN_PASSWORD_LENGTH")?.max(8),
-            max_length: l.number("SECURITY_PASSWORD_MAX_PASSWORD_LENGTH")?,
-            require_uppercase: l.bool("SECURITY_PASSWORD_REQUIRE_UPPERCASE")?,
-            require_lowercase: l.bool("SECURITY_PASSWORD_REQUIRE_LOWERCASE")?,
-            require_number: l.bool("SECURITY_PASSWORD_REQUIRE_NUMBER")?,
-            require_special: l.bool("SECURITY_PASSWORD_REQUIRE_SPECIAL_CHAR")?,
-        },
-        lockout: LockoutPolicy {
-            max_attempts: l.number("BRUTE_FORCE_MAX_LOGIN_ATTEMPTS")?,
-            duration: l.duration("BRUTE_FORCE_LOCKOUT_DURATION")?,
-            incremental: l.bool("BRUTE_FORCE_INCREMENTAL_WAIT")?,
-        },
-    })
+fn identity_options(s: &Settings) -> IdentityOptions {
+    IdentityOptions { password_policy: s.identity.password_policy.clone(), lockout: s.identity.lockout.clone() }
 }
 
-fn root_password(l: &Layers) -> Result<Option<String>> {
-    if let Some(p) = l.get("ROOT_PASSWORD") {
-        return Ok(Some(p.to_string()));
+fn root_password(s: &Settings) -> Result<Option<String>> {
+    if let Some(p) = &s.identity.root_password {
+        return Ok(Some(p.expose().to_string()));
     }
-    if let Some(f) = l.get("ROOT_PASSWORD_FILE") {
-        let p = std::fs::read_to_string(f).with_context(|| format!("ROOT_PASSWORD_FILE: cannot read {f}"))?;
+    if let Some(f) = &s.identity.root_password_file {
+        let p =
+            std::fs::read_to_string(f).with_context(|| format!("ROOT_PASSWORD_FILE: cannot read {}", f.display()))?;
         return Ok(Some(p.trim_end_matches(['\n', '\r']).to_string()));
     }
     Ok(None)
 }
 
 /// Build the identity service on an open store (also used by offline CLI commands).
-pub fn identity(l: &Layers, store: Arc<dyn Store>, dir: &Path, bus: EventBus) -> Result<Identity> {
-    let tokens = TokenService::new(token_config(l)?, dir).map_err(|e| anyhow::anyhow!("{e}"))?;
-    Identity::new(store, tokens, identity_options(l)?, bus, dir).map_err(|e| anyhow::anyhow!("{e}"))
+pub fn identity(s: &Settings, store: Arc<dyn Store>, dir: &Path, bus: EventBus) -> Result<Identity> {
+    let tokens = TokenService::new(token_config(s)?, dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Identity::new(store, tokens, identity_options(s), bus, dir).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-pub async fn run(l: Layers) -> Result<()> {
+/// Serve with the settings parsed from `l` (`l` still carries what is not a key: the
+/// file's `[reverse_proxy]` table, and the catalog module's own reads).
+pub async fn run(l: Layers, s: Settings) -> Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let dir = data_dir(&l)?;
-    let store = Arc::new(open_store(&l, &dir, true).await?);
+    let dir = data_dir(&s)?;
+    let store = Arc::new(open_store(&s, &dir, true).await?);
     let dyn_store: Arc<dyn Store> = store.clone();
     let bus = EventBus::default();
-    let identity = identity(&l, dyn_store, &dir, bus.clone())?;
+    let identity = identity(&s, dyn_store, &dir, bus.clone())?;
     let generated = identity
-        .bootstrap(root_password(&l)?.as_deref())
+        .bootstrap(root_password(&s)?.as_deref())
         .await
         .map_err(|e| anyhow::anyhow!("cannot seed users and roles: {e}"))?;
 
-    let (mut modules, host) = module_statuses(&l, store.clone(), &dir, bus.clone()).await?;
+    let (mut modules, host) = module_statuses(&s, store.clone(), bus.clone()).await;
     // ----- catalog module (crates/hangar-catalog, started in catalog_cmd.rs) -----
     let catalog_store: Arc<dyn Store> = store.clone();
     let catalog = crate::catalog_cmd::start_catalog(&l, catalog_store, &dir, bus.clone(), &mut modules)?;
     // ----- end of catalog module -----
     let (orchestrator, orchestrator_jobs) =
-        start_orchestrator(&l, store.clone(), &dir, bus.clone(), &mut modules).await?.unzip();
+        start_orchestrator(&s, store.clone(), &dir, bus.clone(), &mut modules).await?.unzip();
     let reverse_proxy = start_reverse_proxy(
+        &s,
         &l,
         store.clone(),
         &dir,
@@ -355,19 +315,11 @@ pub async fn run(l: Layers) -> Result<()> {
         store_engine: store.engine().into(),
     };
     let config = ApiConfig {
-        prefix: l.get("API_PREFIX").unwrap_or("/api").trim_end_matches('/').to_string(),
-        body_limit: l.number("API_BODY_LIMIT")?,
-        cors: CorsConfig {
-            enabled: l.bool("ENABLE_CORS")?,
-            allowed_origins: l.list("CORS_ALLOWED_ORIGINS"),
-            allowed_methods: l.list("CORS_ALLOWED_METHODS"),
-            allowed_headers: l.list("CORS_ALLOWED_HEADERS"),
-        },
+        prefix: s.http.prefix.clone(),
+        body_limit: s.http.body_limit,
+        cors: s.cors.clone(),
         ..Default::default()
     };
-    if !config.prefix.starts_with('/') || config.prefix.len() < 2 {
-        bail!("API_PREFIX={:?} must start with '/' and name a path, such as /api", config.prefix);
-    }
     let services = hangar_api::Services {
         identity,
         bus,
@@ -379,15 +331,14 @@ pub async fn run(l: Layers) -> Result<()> {
     };
     let app = hangar_api::app(services, info, &config);
 
-    let host: std::net::IpAddr =
-        l.get("API_HOST").unwrap_or("0.0.0.0").parse().context("API_HOST is not an IP address")?;
-    let tls = l.bool("TLS_ENABLED")?;
-    let https_only = tls && l.bool("DISABLE_HTTP_WHEN_TLS")?;
+    let host = s.http.host;
+    let tls = s.tls.enabled;
+    let https_only = s.tls.https_only();
     let handle: axum_server::Handle<SocketAddr> = axum_server::Handle::new();
     let mut servers = tokio::task::JoinSet::new();
     let mut announce = Vec::new();
     if !https_only {
-        let addr = SocketAddr::new(host, l.number("API_PORT")?);
+        let addr = SocketAddr::new(host, s.http.port);
         let h = handle.clone();
         let svc = app.clone().into_make_service_with_connect_info::<SocketAddr>();
         let listener =
@@ -398,14 +349,14 @@ pub async fn run(l: Layers) -> Result<()> {
         servers.spawn(async move { axum_server::from_tcp(listener)?.handle(h).serve(svc).await });
     }
     if tls {
-        let cert =
-            read_pem("TLS_CERTIFICATE", l.get("TLS_CERTIFICATE").context("TLS_ENABLED=true needs TLS_CERTIFICATE")?)?;
-        let key =
-            read_pem("TLS_PRIVATE_KEY", l.get("TLS_PRIVATE_KEY").context("TLS_ENABLED=true needs TLS_PRIVATE_KEY")?)?;
+        let cert = s.tls.certificate.as_ref().context("TLS_ENABLED=true needs TLS_CERTIFICATE")?;
+        let key = s.tls.private_key.as_ref().context("TLS_ENABLED=true needs TLS_PRIVATE_KEY")?;
+        let cert = read_pem("TLS_CERTIFICATE", cert.expose())?;
+        let key = read_pem("TLS_PRIVATE_KEY", key.expose())?;
         let rustls = axum_server::tls_rustls::RustlsConfig::from_pem(cert, key)
             .await
             .context("TLS_CERTIFICATE/TLS_PRIVATE_KEY are not a usable certificate and key")?;
-        let addr = SocketAddr::new(host, l.number("TLS_PORT")?);
+        let addr = SocketAddr::new(host, s.tls.port);
         let listener =
             std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr} (TLS_PORT)"))?;
         listener.set_nonblocking(true)?;
