@@ -7,6 +7,9 @@
 //!
 //! Types here are driver-neutral. The reference API's JSON shapes (`ID`, `Hardware.cpu.cpus`,
 //! `"2048Mb"`, ...) are produced from them by the API layer, not here.
+//!
+//! Every driver must pass the same [`conformance`] suite, which checks the contract written
+//! on [`Hypervisor`].
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -290,31 +293,74 @@ impl HypervisorError {
 
 pub type Result<T, E = HypervisorError> = std::result::Result<T, E>;
 
+pub mod conformance;
+
 /// The one trait every hypervisor driver implements.
 ///
 /// `vm` arguments accept an id or a name. Every method is cancel-safe at the driver's
 /// own boundaries: a dropped future never leaves a half-written VM folder registered.
+///
+/// The contract every driver keeps (checked by [`conformance::run_all`]):
+///
+/// - A `vm` that names no VM answers [`HypervisorError::NotFound`] with the key in it, from
+///   every method. A key that cannot be an id or a name (empty, with a NUL) may answer
+///   [`HypervisorError::InvalidInput`] instead; a key is never read as anything but an id or
+///   a name (not as a command-line option, a pattern or a path).
+/// - An operation the VM's current state does not allow answers
+///   [`HypervisorError::InvalidState`] with that state and changes nothing. Power operations
+///   are not idempotent: `Start` on a running VM or `Stop` on a stopped one is refused, not
+///   ignored.
+/// - Names are unique per driver: `create`, `clone_vm`, `rename` and `register` to a name in
+///   use answer [`HypervisorError::AlreadyExists`]; an empty or blank name, or one with `/`,
+///   answers [`HypervisorError::InvalidInput`]. A refused call leaves no VM behind.
+/// - Every change the driver makes shows on [`Hypervisor::subscribe`], possibly shortly after
+///   the method returns: `Added` for `create`, `clone_vm` and `register`; `Removed` for
+///   `delete` and `unregister`; `StateChanged` for power operations; `Updated` for `rename`
+///   and `configure`.
 #[async_trait]
 pub trait Hypervisor: Send + Sync + 'static {
     fn kind(&self) -> HypervisorKind;
     async fn host_info(&self) -> Result<HostInfo>;
     async fn list(&self) -> Result<Vec<VmInfo>>;
     async fn get(&self, vm: &str) -> Result<VmInfo>;
+    /// Create a stopped VM with the spec's name, CPUs, memory and description. Zero CPUs or
+    /// memory, or an image that does not exist, answer [`HypervisorError::InvalidInput`].
     async fn create(&self, spec: CreateSpec) -> Result<VmInfo>;
+    /// Clone a stopped VM: the clone is stopped, has a new id, its own home and the source's
+    /// CPUs and memory.
     async fn clone_vm(&self, vm: &str, spec: CloneSpec) -> Result<VmInfo>;
-    /// Adopt an existing VM folder or bundle.
+    /// Adopt an existing VM folder or bundle. A VM unregistered from this driver comes back
+    /// with its id (unless `regenerate_id`); an already registered one is
+    /// [`HypervisorError::AlreadyExists`]; a path that does not exist or holds no VM is
+    /// [`HypervisorError::InvalidInput`].
     async fn register(&self, path: &Path, spec: RegisterSpec) -> Result<VmInfo>;
-    /// Forget a VM without deleting its files.
+    /// Forget a stopped VM without deleting its files.
     async fn unregister(&self, vm: &str) -> Result<()>;
     /// Delete a stopped VM and its files.
     async fn delete(&self, vm: &str) -> Result<()>;
+    /// Run a power operation and return the VM as it is after it: `Start`, `Resume`,
+    /// `Reset` and `Restart` leave it running, `Stop` and `Kill` stopped, `Pause` paused,
+    /// `Suspend` suspended. `Start` needs a stopped or suspended VM, `Resume` a paused or
+    /// suspended one, `Pause` and `Restart` a running one, `Stop`, `Kill`, `Suspend` and
+    /// `Reset` a running or paused one; `Kill` also stops a suspended VM, dropping its saved
+    /// state. Anything else is [`HypervisorError::InvalidState`].
     async fn power(&self, vm: &str, op: PowerOp) -> Result<VmInfo>;
-    /// Rename a stopped VM.
+    /// Rename a stopped VM. Its own name is no change and succeeds.
     async fn rename(&self, vm: &str, new_name: &str) -> Result<VmInfo>;
+    /// Change CPUs and memory (only while stopped; zero is
+    /// [`HypervisorError::InvalidInput`]) and the description (at any time).
     async fn configure(&self, vm: &str, change: ConfigChange) -> Result<VmInfo>;
     async fn snapshots(&self, vm: &str) -> Result<Vec<Snapshot>>;
     /// Returns the created snapshot for `Create`, `None` otherwise.
+    ///
+    /// A created snapshot is the current one, its parent the snapshot that was current.
+    /// `Revert` makes the snapshot current; after a snapshot taken while stopped the VM is
+    /// stopped, after one taken while running it runs (is paused with `skip_resume`). `Delete` without
+    /// `delete_children` gives the children the deleted snapshot's parent. An unknown
+    /// snapshot id answers [`HypervisorError::NotFound`].
     async fn snapshot(&self, vm: &str, op: SnapshotOp) -> Result<Option<Snapshot>>;
+    /// Run a command in the running guest. The command's own exit code is in the output, not
+    /// an error; an empty `argv` is [`HypervisorError::InvalidInput`].
     async fn exec(&self, vm: &str, req: ExecRequest) -> Result<ExecOutput>;
     /// Copy a file from the host's disk into the running guest.
     async fn upload(&self, vm: &str, local: &Path, remote: &str) -> Result<()>;

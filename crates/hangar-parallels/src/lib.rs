@@ -377,6 +377,19 @@ impl Inner {
         if key.is_empty() {
             return Err(HypervisorError::InvalidInput("empty VM id or name".to_string()));
         }
+        if key.contains('\0') {
+            return Err(HypervisorError::InvalidInput(format!("VM id or name {vm:?} contains a NUL byte")));
+        }
+        if key.starts_with('-') {
+            // `prlctl list <key>` would take it for an option (`-a` lists every VM): match
+            // it against the names in the full list instead.
+            return self
+                .list()
+                .await?
+                .into_iter()
+                .find(|v| v.name == key)
+                .ok_or_else(|| HypervisorError::NotFound(vm.to_string()));
+        }
         let mut scopes = self.scopes();
         let cached = self.owners.lock().ok().and_then(|o| o.get(key).cloned());
         if let Some(owner) = cached

@@ -45,6 +45,16 @@ fn validate_resources(cpus: Option<u32>, memory_mb: Option<u64>) -> Result<()> {
     Ok(())
 }
 
+/// A path the caller gave that does not exist is their mistake ([`HypervisorError::InvalidInput`]),
+/// any other failure to read it an I/O error.
+fn missing_or_io(path: &Path, e: std::io::Error, what: &str) -> HypervisorError {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        HypervisorError::InvalidInput(format!("{what} {} does not exist", path.display()))
+    } else {
+        HypervisorError::io(path, e)
+    }
+}
+
 /// What a create spec's `image` resolves to: the base disk and how to boot it.
 struct ResolvedImage {
     disk: PathBuf,
@@ -54,8 +64,14 @@ struct ResolvedImage {
 /// `image` may be a folder with `image.json`, a disk with an `image.json` beside it that
 /// names it, or a bare disk.
 fn resolve_image(image: &Path) -> Result<ResolvedImage> {
-    let image = std::fs::canonicalize(image).map_err(|e| HypervisorError::io(image, e))?;
+    let image = std::fs::canonicalize(image).map_err(|e| missing_or_io(image, e, "image"))?;
     if image.is_dir() {
+        if !image.join("image.json").is_file() {
+            return Err(HypervisorError::InvalidInput(format!(
+                "image {} is a folder without image.json (give a disk, or a folder made by scripts/build-guest-image.sh)",
+                image.display()
+            )));
+        }
         let d: ImageDescriptor = read_json(&image.join("image.json"))?;
         return Ok(ResolvedImage { disk: image.join(&d.disk), descriptor: Some(d) });
     }
@@ -785,8 +801,15 @@ impl Hypervisor for QemuDriver {
     #[tracing::instrument(level = "info", skip(self, spec))]
     async fn register(&self, path: &Path, spec: RegisterSpec) -> Result<VmInfo> {
         let inner = self.inner();
-        let dir = std::fs::canonicalize(path).map_err(|e| HypervisorError::io(path, e))?;
+        let dir = std::fs::canonicalize(path).map_err(|e| missing_or_io(path, e, "VM folder"))?;
         let cfg_path = dir.join(files::CONFIG);
+        if !cfg_path.is_file() {
+            return Err(HypervisorError::InvalidInput(format!(
+                "{} is not a VM folder (it has no {})",
+                dir.display(),
+                files::CONFIG
+            )));
+        }
         let mut cfg: VmConfig = read_json(&cfg_path)?;
         if let Some(parent) = dir.parent() {
             inner.check_socket_room(parent)?;
