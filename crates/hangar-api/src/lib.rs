@@ -10,6 +10,7 @@
 pub mod auth;
 pub mod error;
 pub mod extract;
+pub mod mount;
 pub mod openapi;
 pub mod routes;
 
@@ -85,8 +86,6 @@ pub struct Services {
     pub reverse_proxy: Option<Arc<hangar_reverse_proxy::ReverseProxy>>,
     /// The orchestrator module, when it runs.
     pub orchestrator: Option<Arc<hangar_orchestrator::HttpOrchestrator>>,
-    /// The orchestrator's jobs (async creates), in the store; set when the orchestrator runs.
-    pub orchestrator_jobs: Option<hangar_host::Jobs>,
 }
 
 /// Everything handlers need. Cheap to clone.
@@ -102,8 +101,6 @@ pub struct AppState {
     pub reverse_proxy: Option<Arc<hangar_reverse_proxy::ReverseProxy>>,
     /// The orchestrator module, when it runs.
     pub orchestrator: Option<Arc<hangar_orchestrator::HttpOrchestrator>>,
-    /// The orchestrator's jobs (async creates), in the store; set when the orchestrator runs.
-    pub orchestrator_jobs: Option<hangar_host::Jobs>,
     pub info: Arc<ServerInfo>,
     pub api_prefix: String,
     pub access: Arc<AccessTable>,
@@ -285,7 +282,7 @@ fn cors_layer(c: &CorsConfig) -> CorsLayer {
 
 /// Build the whole HTTP application.
 pub fn app(services: Services, info: ServerInfo, config: &ApiConfig) -> Router {
-    let Services { identity, bus, host, catalog, reverse_proxy, orchestrator, orchestrator_jobs } = services;
+    let Services { identity, bus, host, catalog, reverse_proxy, orchestrator } = services;
     let Api { router, table } = api();
     let (inner, doc) = router.split_for_parts();
     let doc = openapi::finish(doc);
@@ -297,7 +294,6 @@ pub fn app(services: Services, info: ServerInfo, config: &ApiConfig) -> Router {
         catalog,
         reverse_proxy,
         orchestrator,
-        orchestrator_jobs,
         info: Arc::new(info),
         api_prefix: config.prefix.clone(),
         access,

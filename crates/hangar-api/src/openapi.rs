@@ -53,5 +53,9 @@ pub fn finish(mut doc: OpenApi) -> OpenApi {
     );
     use utoipa::PartialSchema;
     components.schemas.insert("ApiErrorBody".into(), crate::error::ApiErrorBody::schema());
+    // Answers that differ by where a VM route was called (see `crate::mount`), named in
+    // the routes' descriptions.
+    components.schemas.insert("FleetMachine".into(), hangar_wire::FleetMachine::schema());
+    components.schemas.insert("PowerDone".into(), hangar_wire::PowerDone::schema());
     doc
 }

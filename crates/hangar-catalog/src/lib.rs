@@ -26,7 +26,10 @@
 //! read-only [`hangar_blobstore::BlobStore`] over a catalog server's pull
 //! routes, so [`hangar_image::pull`] can pull through a server.
 
-pub mod arch;
+/// The architecture alias table lives in `hangar-core`; re-exported for the catalog's users.
+pub mod arch {
+    pub use hangar_core::arch::*;
+}
 pub mod model;
 pub mod pdfile;
 pub mod remote;

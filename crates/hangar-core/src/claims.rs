@@ -110,6 +110,9 @@ claims!(
     LIST_ORCHESTRATOR_HOSTS,
     MANAGE_ORCHESTRATOR_HOSTS,
     LIST_EVENTS_SYSTEM,
+    // Act on VMs owned by other users (stop, exec, delete, ...); without it a VM claim
+    // reaches only the caller's own VMs.
+    MANAGE_ALL_VMS,
 );
 
 /// Claims of the default USER role. Unlike the reference, a plain user cannot wipe the

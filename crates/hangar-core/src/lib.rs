@@ -6,16 +6,20 @@
 //! crate turns [`ErrorKind`] into status codes and [`Access`] decisions into 401/403.
 
 pub mod access;
+pub mod arch;
 pub mod audit;
 pub mod claims;
 pub mod error;
 pub mod events;
 pub mod principal;
+pub mod vm;
 
 pub use access::{Access, Decision};
+pub use arch::{Architecture, UnknownArchitecture};
 pub use error::{Classify, ErrorKind, error_chain};
 pub use events::{Event, EventBus, EventType};
 pub use principal::{AuthMethod, Principal};
+pub use vm::{VmAction, VmDenied};
 
 /// Percent-encode one URL path segment: everything but the RFC 3986 unreserved characters,
 /// so a name with `/`, spaces or `%` stays one segment. Every HTTP client in Hangar (CLI,

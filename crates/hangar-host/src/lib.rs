@@ -6,23 +6,30 @@
 //! reservation, and the translation of driver events into `pdfm` events on the bus.
 //! It knows nothing about HTTP.
 
-pub mod jobs;
+pub mod commands;
+/// The job machinery (its own crate, shared with the orchestrator).
+pub use hangar_jobs as jobs;
+pub mod owners;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hangar_core::{Classify, ErrorKind, Event, EventBus, EventType};
+use hangar_core::audit::Actor;
+use hangar_core::vm::{VmAction, authorize, owner_for};
+use hangar_core::{Classify, ErrorKind, Event, EventBus, EventType, Principal};
 use hangar_hypervisor::{
-    CloneSpec, ConfigChange, CreateSpec, ExecOutput, ExecRequest, HostInfo, Hypervisor, HypervisorError,
-    HypervisorKind, PowerOp, RegisterSpec, Snapshot, SnapshotOp, VmEvent, VmInfo, VmState,
+    CreateSpec, ExecRequest, HostInfo, Hypervisor, HypervisorError, HypervisorKind, PowerOp, RegisterSpec, VmEvent,
+    VmInfo, VmState,
 };
 use serde::Serialize;
 use serde_json::json;
 use tracing::{Instrument, info, info_span, warn};
 
-pub use jobs::{Job, JobHandle, JobState, Jobs, JobsError};
+pub use commands::SetOp;
+pub use hangar_jobs::{Job, JobHandle, JobState, Jobs, JobsError};
+pub use owners::Owners;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
@@ -38,6 +45,17 @@ pub enum HostError {
     Unavailable(String),
     #[error(transparent)]
     Jobs(#[from] JobsError),
+    /// The store refused a write (an audit entry or an owner record): the change is not made.
+    #[error("The change was not made: {0}")]
+    Store(#[from] hangar_store::StoreError),
+    /// Well-formed but not something this host does.
+    #[error("{0}")]
+    Unsupported(String),
+    /// The VM's state does not allow the request.
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl Classify for HostError {
@@ -49,6 +67,12 @@ impl Classify for HostError {
             HostError::Forbidden(_) => ErrorKind::Forbidden,
             HostError::Unavailable(_) => ErrorKind::Unavailable,
             HostError::Jobs(e) => e.kind(),
+            HostError::Store(hangar_store::StoreError::Conflict(_)) => ErrorKind::Conflict,
+            // The change was refused before it was made: retrying later may work.
+            HostError::Store(_) => ErrorKind::Unavailable,
+            HostError::Unsupported(_) => ErrorKind::Unprocessable,
+            HostError::Conflict(_) => ErrorKind::Conflict,
+            HostError::Internal(_) => ErrorKind::Internal,
         }
     }
 }
@@ -164,8 +188,9 @@ pub struct CreateRequest {
     pub cpus: Option<u32>,
     pub memory_mb: Option<u64>,
     pub disk_bytes: Option<u64>,
-    /// The Hangar user the VM is for (shown as its `user` on QEMU hosts).
-    pub owner: String,
+    /// The Hangar user the VM is for, when the caller names one (only a SUPER_USER may
+    /// name another user); the caller otherwise. Shown as its `user` on QEMU hosts.
+    pub owner: Option<String>,
     /// The host account that owns the VM on Parallels hosts (a macOS user); only when the
     /// request names one explicitly.
     pub host_user: Option<String>,
@@ -197,10 +222,11 @@ pub struct Hardware {
 pub struct Host {
     hv: Arc<dyn Hypervisor>,
     pub jobs: Jobs,
+    owners: Owners,
     config: HostConfig,
 }
 
-fn check_name(name: &str) -> Result<()> {
+pub(crate) fn check_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 100
         && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_. ".contains(c))
@@ -218,8 +244,15 @@ fn check_name(name: &str) -> Result<()> {
 impl Host {
     /// Wrap a driver and start forwarding its events to the bus. `jobs` is the host's job
     /// set, opened on the store ([`Jobs::open`]).
-    pub fn new(hv: Arc<dyn Hypervisor>, jobs: Jobs, bus: EventBus, config: HostConfig) -> Arc<Host> {
-        let host = Arc::new(Host { hv: hv.clone(), jobs, config });
+    /// `store` keeps the VMs' owner records and the audit entries of VM changes.
+    pub fn new(
+        hv: Arc<dyn Hypervisor>,
+        jobs: Jobs,
+        store: Arc<dyn hangar_store::Store>,
+        bus: EventBus,
+        config: HostConfig,
+    ) -> Arc<Host> {
+        let host = Arc::new(Host { hv: hv.clone(), jobs, owners: Owners::new(store), config });
         let mut rx = hv.subscribe();
         tokio::spawn(async move {
             loop {
@@ -289,11 +322,32 @@ impl Host {
         out
     }
 
-    /// Create (and optionally start) a VM, reporting progress on `job` when given.
-    pub async fn create(&self, req: CreateRequest, job: Option<&JobHandle>) -> Result<VmInfo> {
+    /// Create (and optionally start) a VM for `p`, audited as `actor`. The owner is the
+    /// caller unless it names another one (only a SUPER_USER may); the owner record and
+    /// the audit entry are one batch, written once the VM exists (a refused write removes
+    /// the VM again and fails the create).
+    pub async fn create_for(&self, p: &Principal, actor: &Actor, req: CreateRequest) -> Result<VmInfo> {
+        let owner = self.check_create(p, &req)?;
+        self.create(req, owner, actor, None).await
+    }
+
+    /// The owner a create gets, after every check that needs no IO.
+    fn check_create(&self, p: &Principal, req: &CreateRequest) -> Result<String> {
+        authorize(p, VmAction::Create, &req.name, None)?;
         check_name(&req.name)?;
+        self.image_path(&req.image)?;
+        Ok(owner_for(p, req.owner.as_deref())?)
+    }
+
+    async fn create(
+        &self,
+        req: CreateRequest,
+        owner: String,
+        actor: &Actor,
+        job: Option<&JobHandle>,
+    ) -> Result<VmInfo> {
         let image = self.image_path(&req.image)?;
-        let span = info_span!("vm_create", name = %req.name, owner = %req.owner);
+        let span = info_span!("vm_create", name = %req.name, owner = %owner);
         async {
             if let Some(j) = job {
                 j.step(0, 0.0, "creating the VM");
@@ -306,13 +360,14 @@ impl Host {
                 disk_bytes: req.disk_bytes,
                 description: req.description.clone(),
                 owner: match self.hv.kind() {
-                    HypervisorKind::Qemu => Some(req.owner.clone()),
+                    HypervisorKind::Qemu => Some(owner.clone()),
                     HypervisorKind::Parallels => req.host_user.clone(),
                 },
                 os: None,
             };
             let mut vm = self.hv.create(spec).await?;
             info!(id = %vm.id, "VM created");
+            self.record_new_vm(actor, "vm.create", &vm, &owner, json!({"name": vm.name, "owner": owner})).await?;
             if let Some(j) = job {
                 j.step(0, 100.0, "created");
             }
@@ -331,14 +386,17 @@ impl Host {
         .await
     }
 
-    /// Create in the background; the job carries progress and the result. The job is in the
-    /// store when this returns. `job_owner` (a user id) sees the job; `req.owner` owns the VM.
-    pub async fn create_async_for(self: &Arc<Self>, job_owner: &str, req: CreateRequest) -> Result<JobHandle> {
-        let job = self.jobs.start(job_owner, "virtual_machine", "create", &[("create", 3), ("start", 1)]).await?;
+    /// [`Host::create_for`] in the background; the job carries progress and the result.
+    /// The job is in the store when this returns and belongs to the caller, whatever the
+    /// VM's owner.
+    pub async fn create_async_for(self: &Arc<Self>, p: &Principal, actor: &Actor, req: CreateRequest) -> Result<Job> {
+        let owner = self.check_create(p, &req)?;
+        let handle = self.jobs.start(&p.user_id, "virtual_machine", "create", &[("create", 3), ("start", 1)]).await?;
+        let job = self.jobs.get(&handle.id).ok_or_else(|| HostError::Internal("the new job vanished".into()))?;
         let host = self.clone();
-        let handle = job.clone();
+        let actor = actor.clone();
         tokio::spawn(async move {
-            match host.create(req, Some(&handle)).await {
+            match host.create(req, owner, &actor, Some(&handle)).await {
                 Ok(vm) => {
                     handle.complete(json!({"id": vm.id, "name": vm.name, "current_state": vm.state.as_str()})).await
                 }
@@ -348,68 +406,32 @@ impl Host {
         Ok(job)
     }
 
-    pub async fn power(&self, vm: &str, op: PowerOp) -> Result<VmInfo> {
-        let span = info_span!("vm_power", vm = %vm, op = op.name());
-        Ok(self.hv.power(vm, op).instrument(span).await?)
-    }
-
-    pub async fn delete(&self, vm: &str, force: bool) -> Result<()> {
-        let info = self.hv.get(vm).await?;
-        if !matches!(info.state, VmState::Stopped | VmState::Suspended | VmState::Unknown) {
-            if !force {
-                return Err(HostError::Hypervisor(HypervisorError::InvalidState {
-                    id: info.id,
-                    operation: "delete",
-                    state: info.state,
-                }));
-            }
-            self.hv.power(&info.id, PowerOp::Kill).await?;
+    /// Register an existing VM bundle for `p`: the create rules apply (the owner is the
+    /// caller unless a SUPER_USER names another).
+    pub async fn register_for(
+        &self,
+        p: &Principal,
+        actor: &Actor,
+        path: &Path,
+        mut spec: RegisterSpec,
+    ) -> Result<VmInfo> {
+        authorize(p, VmAction::Register, &path.display().to_string(), None)?;
+        if !path.is_absolute() || path.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+            return Err(HostError::Invalid("path must be an absolute path without '..'".into()));
         }
-        Ok(self.hv.delete(&info.id).await?)
+        let owner = owner_for(p, spec.owner.as_deref())?;
+        if self.hv.kind() == HypervisorKind::Qemu {
+            spec.owner = Some(owner.clone());
+        }
+        self.audit(actor, "vm.register", &path.display().to_string(), json!({"path": path, "owner": owner})).await?;
+        let vm = self.hv.register(path, spec).await?;
+        self.record_new_vm(actor, "vm.registered", &vm, &owner, json!({"path": path})).await?;
+        Ok(vm)
     }
 
-    pub async fn register(&self, path: &Path, spec: RegisterSpec) -> Result<VmInfo> {
-        Ok(self.hv.register(path, spec).await?)
-    }
-
-    pub async fn unregister(&self, vm: &str) -> Result<()> {
-        Ok(self.hv.unregister(vm).await?)
-    }
-
-    pub async fn rename(&self, vm: &str, new_name: &str) -> Result<VmInfo> {
-        check_name(new_name)?;
-        Ok(self.hv.rename(vm, new_name).await?)
-    }
-
-    pub async fn configure(&self, vm: &str, change: ConfigChange) -> Result<VmInfo> {
-        Ok(self.hv.configure(vm, change).await?)
-    }
-
-    pub async fn clone_vm(&self, vm: &str, spec: CloneSpec) -> Result<VmInfo> {
-        check_name(&spec.name)?;
-        Ok(self.hv.clone_vm(vm, spec).await?)
-    }
-
-    pub async fn snapshots(&self, vm: &str) -> Result<Vec<Snapshot>> {
-        Ok(self.hv.snapshots(vm).await?)
-    }
-
-    pub async fn snapshot(&self, vm: &str, op: SnapshotOp) -> Result<Option<Snapshot>> {
-        Ok(self.hv.snapshot(vm, op).await?)
-    }
-
-    pub async fn exec(&self, vm: &str, req: ExecRequest) -> Result<ExecOutput> {
-        let span = info_span!("vm_exec", vm = %vm);
-        Ok(self.hv.exec(vm, req).instrument(span).await?)
-    }
-
-    pub async fn upload(&self, vm: &str, local: &Path, remote: &str) -> Result<()> {
-        Ok(self.hv.upload(vm, local, remote).await?)
-    }
-
-    /// Copy a file that is already on the host into the guest. Only files under the
-    /// configured upload folder qualify, so the API cannot read arbitrary host files.
-    pub async fn upload_host_path(&self, vm: &str, path: &Path, remote: &str) -> Result<()> {
+    /// A host path confined to the upload folder, so the API cannot read arbitrary host
+    /// files.
+    fn confined_upload(&self, path: &Path) -> Result<PathBuf> {
         let root = self.config.upload_root.as_ref().ok_or_else(|| {
             HostError::Forbidden("uploads from host paths are disabled; set HOST_UPLOAD_FOLDER, or send the bytes with PUT /machines/{id}/files".into())
         })?;
@@ -424,7 +446,7 @@ impl Host {
                 root.display()
             )));
         }
-        Ok(self.hv.upload(vm, &real, remote).await?)
+        Ok(real)
     }
 
     /// Hardware, reservation, use and availability.

@@ -29,6 +29,15 @@ pub enum HostClientError {
     /// The VM (or other object) does not exist on the host.
     #[error("not found: {0}")]
     NotFound(String),
+    /// The host refused the request with a client-error status (400, 403, 409, 422, ...),
+    /// relayed as the same kind of answer.
+    #[error("refused: {message}")]
+    Refused {
+        /// The host's HTTP status.
+        status: u16,
+        /// The host's message.
+        message: String,
+    },
     /// The host answered something the client cannot understand.
     #[error("protocol error: {0}")]
     Protocol(String),

@@ -52,6 +52,23 @@ pub enum OrchestratorError {
     /// A bug or unexpected failure.
     #[error("Internal orchestrator error: {0}")]
     Internal(String),
+    /// The caller may not do this (a host's required roles, a VM of someone else).
+    #[error("{0}")]
+    Forbidden(String),
+    /// A create waited in the queue as long as the caller asked and nothing fitted.
+    #[error("No capacity within {seconds}s: {last}")]
+    NoCapacityWithin {
+        /// The wait the caller asked for.
+        seconds: u64,
+        /// Why the last placement attempt failed.
+        last: NoCapacity,
+    },
+}
+
+impl From<hangar_core::VmDenied> for OrchestratorError {
+    fn from(e: hangar_core::VmDenied) -> Self {
+        OrchestratorError::Forbidden(e.to_string())
+    }
 }
 
 impl OrchestratorError {
@@ -68,10 +85,21 @@ impl Classify for OrchestratorError {
             OrchestratorError::NotFound { .. } => ErrorKind::NotFound,
             OrchestratorError::Conflict(_) => ErrorKind::Conflict,
             OrchestratorError::InvalidToken => ErrorKind::Unauthenticated,
-            OrchestratorError::NoCapacity(_) | OrchestratorError::QueueTimeout { .. } => ErrorKind::Unavailable,
+            OrchestratorError::NoCapacity(_)
+            | OrchestratorError::QueueTimeout { .. }
+            | OrchestratorError::NoCapacityWithin { .. } => ErrorKind::Unavailable,
+            OrchestratorError::Forbidden(_) => ErrorKind::Forbidden,
             OrchestratorError::Host { source, .. } => match source {
                 HostClientError::NotFound(_) => ErrorKind::NotFound,
                 HostClientError::Rejected(_) => ErrorKind::Conflict,
+                HostClientError::Refused { status, .. } => match status {
+                    400 => ErrorKind::BadRequest,
+                    // The host refused the orchestrator's own credential: not the caller's doing.
+                    401 | 403 => ErrorKind::Unavailable,
+                    422 => ErrorKind::Unprocessable,
+                    429 => ErrorKind::TooManyRequests,
+                    _ => ErrorKind::Conflict,
+                },
                 HostClientError::Unreachable(_) | HostClientError::Timeout(_) => ErrorKind::Unavailable,
                 HostClientError::Protocol(_) => ErrorKind::Internal,
             },

@@ -250,6 +250,7 @@ impl HostClient for FakeHost {
             cpu: req.cpu,
             memory_mb: req.memory_mb,
             disk_mb: req.disk_mb.unwrap_or(0),
+            owner: Some(req.owner.clone()),
         };
         let avail = s.resources().available;
         let needs = ResourceSet::new(

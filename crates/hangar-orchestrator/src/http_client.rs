@@ -25,7 +25,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 use futures::{SinkExt, StreamExt};
-use hangar_hypervisor::{HypervisorKind, PowerOp, VmState};
+use hangar_hypervisor::HypervisorKind;
+use hangar_wire::{VmCall, VmReply};
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -135,75 +136,32 @@ fn status_error(status: StatusCode, body: &str) -> HostClientError {
     let msg = format!("{} {}", status.as_u16(), message_of(body));
     match status {
         StatusCode::NOT_FOUND => HostClientError::NotFound(msg),
+        s if s.is_client_error() => HostClientError::Refused { status: s.as_u16(), message: msg },
         s if s.is_server_error() && s != StatusCode::INTERNAL_SERVER_ERROR => HostClientError::Unreachable(msg),
         _ => HostClientError::Rejected(msg),
     }
 }
 
-/// `"2048Mb"`, `"2 GB"`, `2048` → MiB.
-fn parse_mb(v: &Value) -> u64 {
-    match v {
-        Value::Number(n) => n.as_f64().map(|f| f.max(0.0) as u64).unwrap_or(0),
-        Value::String(s) => {
-            let t = s.trim().to_ascii_lowercase();
-            let digits: String = t.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
-            let n: f64 = digits.parse().unwrap_or(0.0);
-            let unit = t[digits.len()..].trim();
-            let f = if unit.starts_with('g') {
-                1024.0
-            } else if unit.starts_with('t') {
-                1024.0 * 1024.0
-            } else {
-                1.0
-            };
-            (n * f).max(0.0) as u64
-        }
-        _ => 0,
+/// A host's machine, as the orchestrator keeps it.
+fn summary(m: hangar_wire::Machine) -> VmSummary {
+    VmSummary {
+        state: m.vm_state(),
+        id: m.id,
+        name: m.name,
+        os: m.os,
+        cpu: m.hardware.cpu.cpus,
+        memory_mb: m.hardware.memory.size.0,
+        disk_mb: m.hardware.hdd0.size.0,
+        owner: m.owner,
     }
 }
 
-#[derive(Deserialize)]
-struct Res {
-    #[serde(default)]
-    logical_cpu_count: u32,
-    #[serde(default)]
-    memory_size: f64,
-    #[serde(default)]
-    disk_size: f64,
+fn resource_set(r: &hangar_wire::Resources) -> ResourceSet {
+    ResourceSet::new(r.logical_cpu_count, r.memory_size.max(0.0) as u64, r.disk_size.max(0.0) as u64)
 }
 
-impl Res {
-    fn set(&self) -> ResourceSet {
-        ResourceSet::new(self.logical_cpu_count, self.memory_size.max(0.0) as u64, self.disk_size.max(0.0) as u64)
-    }
-}
-
-#[derive(Deserialize)]
-struct Hardware {
-    #[serde(default)]
-    cpu_type: String,
-    #[serde(default)]
-    os_name: String,
-    #[serde(default)]
-    hypervisor: String,
-    total: Res,
-    system_reserved: Res,
-    total_in_use: Res,
-    total_available: Res,
-}
-
-fn vm_from(v: &Value) -> Option<VmSummary> {
-    let field = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
-    let id = field("ID");
-    if id.is_empty() {
-        return None;
-    }
-    let hw = v.get("Hardware");
-    let cpu = hw.and_then(|h| h.pointer("/cpu/cpus")).and_then(Value::as_u64).unwrap_or(0) as u32;
-    let memory_mb = hw.and_then(|h| h.pointer("/memory/size")).map(parse_mb).unwrap_or(0);
-    let disk_mb = hw.and_then(|h| h.pointer("/hdd0/size")).map(parse_mb).unwrap_or(0);
-    let state: VmState = serde_json::from_value(json!(field("State").to_ascii_lowercase())).unwrap_or(VmState::Unknown);
-    Some(VmSummary { id, name: field("Name"), state, os: field("OS"), cpu, memory_mb, disk_mb })
+fn typed<T: serde::de::DeserializeOwned>(what: &str, v: Value) -> Result<T, HostClientError> {
+    serde_json::from_value(v).map_err(|e| HostClientError::Protocol(format!("{what}: {e}")))
 }
 
 /// The images of a `GET /catalog/cache` answer (`{"manifests": [{catalog_id, version,
@@ -230,19 +188,6 @@ fn cache_list(v: &Value) -> Vec<CachedImage> {
     out.sort();
     out.dedup();
     out
-}
-
-fn power_path(op: PowerOp) -> (&'static str, Option<String>) {
-    match op {
-        PowerOp::Start => ("start", None),
-        PowerOp::Stop { force, .. } => ("stop", force.then(|| "force=true".to_string())),
-        PowerOp::Kill => ("kill", None),
-        PowerOp::Pause => ("pause", None),
-        PowerOp::Resume => ("resume", None),
-        PowerOp::Suspend => ("suspend", None),
-        PowerOp::Reset => ("reset", None),
-        PowerOp::Restart => ("restart", None),
-    }
 }
 
 impl HttpHostClient {
@@ -342,9 +287,17 @@ impl HttpHostClient {
         serde_json::from_str(&text).map_err(|e| HostClientError::Protocol(format!("{path}: bad JSON: {e}")))
     }
 
-    /// Runs a command in a VM (`PUT /machines/{id}/execute`), returning the host's answer.
-    pub async fn execute(&self, vm_id: &str, body: Value, timeout: Duration) -> Result<Value, HostClientError> {
-        self.request(Method::PUT, &format!("/machines/{vm_id}/execute"), Some(body), timeout).await
+    /// Runs one VM call on the host (the same call the host's own API takes) and reads the
+    /// answer back as the same reply.
+    #[instrument(skip(self, call), fields(host = %self.base, action = call.action().name()))]
+    pub async fn call(&self, vm_id: &str, call: &VmCall) -> Result<VmReply, HostClientError> {
+        let http = call.request(vm_id);
+        let method = Method::from_bytes(http.method.as_bytes())
+            .map_err(|e| HostClientError::Protocol(format!("bad method {}: {e}", http.method)))?;
+        let v = self.request(method, &http.path, http.body, http.timeout).await?;
+        let body = serde_json::to_vec(&v).map_err(|e| HostClientError::Protocol(e.to_string()))?;
+        let body: &[u8] = if v.is_null() { b"" } else { &body };
+        call.read_reply(body).map_err(|e| HostClientError::Protocol(format!("{}: {e}", http.path)))
     }
 
     /// A second client for the same host, sharing the connection pool and token.
@@ -361,8 +314,7 @@ impl HttpHostClient {
     /// Hardware and resources, without the cache list.
     async fn hardware_only(&self) -> Result<HostHardware, HostClientError> {
         let v = self.request(Method::GET, "/config/hardware", None, Duration::from_secs(30)).await?;
-        let hw: Hardware =
-            serde_json::from_value(v).map_err(|e| HostClientError::Protocol(format!("hardware answer: {e}")))?;
+        let hw: hangar_wire::HardwareResponse = typed("hardware answer", v)?;
         let os = Os::parse_lenient(&hw.os_name).unwrap_or(Os::Linux);
         let hypervisor = if hw.hypervisor.to_ascii_lowercase().contains("parallels") {
             HypervisorKind::Parallels
@@ -371,10 +323,10 @@ impl HttpHostClient {
         };
         let architecture = crate::model::normalize_arch(&hw.cpu_type).unwrap_or_else(|_| "x86_64".to_string());
         let resources = HostResources {
-            total: hw.total.set(),
-            system_reserved: hw.system_reserved.set(),
-            in_use: hw.total_in_use.set(),
-            available: hw.total_available.set(),
+            total: resource_set(&hw.total),
+            system_reserved: resource_set(&hw.system_reserved),
+            in_use: resource_set(&hw.total_in_use),
+            available: resource_set(&hw.total_available),
         };
         Ok(HostHardware { architecture, os, hypervisor, resources, cached_images: vec![], cache_on_vm_volume: true })
     }
@@ -432,9 +384,12 @@ impl HttpHostClient {
         }
     }
 
-    /// One VM as the host shows it (its full JSON).
-    pub async fn machine(&self, vm_id: &str) -> Result<Value, HostClientError> {
-        self.request(Method::GET, &format!("/machines/{vm_id}"), None, Duration::from_secs(30)).await
+    /// One VM as the host shows it.
+    pub async fn machine(&self, vm_id: &str) -> Result<hangar_wire::Machine, HostClientError> {
+        match self.call(vm_id, &VmCall::Get).await? {
+            VmReply::Machine(m) => Ok(m),
+            other => Err(HostClientError::Protocol(format!("a machine was expected, not {other:?}"))),
+        }
     }
 }
 
@@ -448,59 +403,46 @@ impl HostClient for HttpHostClient {
 
     async fn list_vms(&self) -> Result<Vec<VmSummary>, HostClientError> {
         let v = self.request(Method::GET, "/machines", None, Duration::from_secs(30)).await?;
-        let items = v.as_array().ok_or_else(|| HostClientError::Protocol("machine list is not an array".into()))?;
-        Ok(items.iter().filter_map(vm_from).collect())
+        let items: Vec<hangar_wire::Machine> = typed("machine list", v)?;
+        Ok(items.into_iter().map(summary).collect())
     }
 
     async fn create_vm(&self, req: HostCreateVm) -> Result<VmSummary, HostClientError> {
-        let mut specs = json!({"cpu": req.cpu.to_string(), "memory": req.memory_mb.to_string()});
-        if let Some(d) = req.disk_mb {
-            specs["disk"] = json!(d.to_string());
-        }
-        // No `owner`: on a host an explicit owner names the OS account the VM runs as
-        // (Parallels), not a Hangar user. The orchestrator keeps the Hangar owner in its own
-        // record and checks it before forwarding; on the host the VM belongs to the
-        // orchestrator's credential.
-        let mut body = json!({
-            "name": req.name,
-            "architecture": req.architecture,
-            "start_on_create": req.start,
-            "specs": specs,
+        // The Hangar owner goes as `hangar_owner`: on a host `owner` names the OS account the
+        // VM runs as (Parallels), not a Hangar user. The host records it, so the VM has the
+        // same owner on the host's own routes as through the orchestrator.
+        let catalog = req.version.as_ref().map(|v| hangar_wire::CatalogManifestRef {
+            catalog_id: req.image.clone(),
+            version: Some(v.clone()),
+            architecture: Some(req.architecture.clone()),
+            other: Default::default(),
         });
-        match &req.version {
-            Some(v) => {
-                body["catalog_manifest"] =
-                    json!({"catalog_id": req.image, "version": v, "architecture": req.architecture})
-            }
-            None => body["image"] = json!(req.image),
-        }
+        let body = hangar_wire::CreateMachineRequest {
+            name: req.name.clone(),
+            hangar_owner: Some(req.owner.clone()),
+            architecture: Some(req.architecture.clone()),
+            start_on_create: req.start,
+            image: catalog.is_none().then(|| req.image.clone()),
+            catalog_manifest: catalog,
+            specs: Some(hangar_wire::Specs {
+                cpu: hangar_wire::Flexible(Some(u64::from(req.cpu))),
+                memory: hangar_wire::Flexible(Some(req.memory_mb)),
+                disk: hangar_wire::Flexible(req.disk_mb),
+            }),
+            ..Default::default()
+        };
+        let body = serde_json::to_value(&body).map_err(|e| HostClientError::Protocol(e.to_string()))?;
         let created = self.request(Method::POST, "/machines", Some(body), Duration::from_secs(3600)).await?;
-        let id = created
-            .get("id")
-            .and_then(Value::as_str)
-            .ok_or_else(|| HostClientError::Protocol("create answer has no id".into()))?
-            .to_string();
-        let full = self.machine(&id).await?;
-        vm_from(&full).ok_or_else(|| HostClientError::Protocol("created VM has no ID".into()))
+        let created: hangar_wire::CreateMachineResponse = typed("create answer", created)?;
+        Ok(summary(self.machine(&created.id).await?))
     }
 
     async fn vm_op(&self, id: &str, op: VmOp) -> Result<(), HostClientError> {
-        let t = Duration::from_secs(600);
-        match op {
-            VmOp::Power { power } => {
-                let (verb, query) = power_path(power);
-                let path = match query {
-                    Some(q) => format!("/machines/{id}/{verb}?{q}"),
-                    None => format!("/machines/{id}/{verb}"),
-                };
-                self.request(Method::PUT, &path, None, t).await?;
-            }
-            VmOp::Delete { force } => {
-                let path = if force { format!("/machines/{id}?force=true") } else { format!("/machines/{id}") };
-                self.request(Method::DELETE, &path, None, t).await?;
-            }
-        }
-        Ok(())
+        let call = match op {
+            VmOp::Power { power } => VmCall::Power(power),
+            VmOp::Delete { force } => VmCall::Delete { force },
+        };
+        self.call(id, &call).await.map(drop)
     }
 
     async fn events(&self) -> Result<BoxStream<'static, HostEvent>, HostClientError> {
@@ -613,11 +555,7 @@ impl Follow {
         match (e.event_type.as_str(), e.message.as_str()) {
             ("pdfm", "VM_ADDED" | "VM_UPDATED") if !vm_id.is_empty() => {
                 match self.client.machine(&vm_id).await {
-                    Ok(v) => {
-                        if let Some(vm) = vm_from(&v) {
-                            self.pending.push_back(HostEvent::VmChanged { vm });
-                        }
-                    }
+                    Ok(m) => self.pending.push_back(HostEvent::VmChanged { vm: summary(m) }),
                     Err(HostClientError::NotFound(_)) => self.pending.push_back(HostEvent::VmRemoved { id: vm_id }),
                     Err(e) if e.is_host_down() => return None,
                     Err(e) => debug!(host = %self.client.base, vm = %vm_id, error = %e, "cannot read a changed VM"),
@@ -626,8 +564,7 @@ impl Follow {
             }
             ("pdfm", "VM_STATE_CHANGED") if !vm_id.is_empty() => {
                 let state = e.body.get("current_state").and_then(Value::as_str).unwrap_or_default();
-                let state: VmState =
-                    serde_json::from_value(json!(state.to_ascii_lowercase())).unwrap_or(VmState::Unknown);
+                let state = hangar_wire::parse_state(state);
                 self.pending.push_back(HostEvent::VmState { id: vm_id, state });
                 self.resources_changed();
             }
@@ -658,6 +595,7 @@ pub struct HttpOrchestrator {
     pub scheduler: crate::Scheduler,
     /// The connector the scheduler uses.
     pub connector: HttpConnector,
+    pub(crate) jobs: hangar_jobs::Jobs,
     _background: crate::scheduler::Background,
 }
 
@@ -670,9 +608,14 @@ impl std::fmt::Debug for HttpOrchestrator {
 impl HttpOrchestrator {
     /// Starts the scheduler's background work (health ticks, host checks, the reaper); it
     /// stops when this value is dropped.
-    pub fn start(scheduler: crate::Scheduler, connector: HttpConnector, every: crate::BackgroundIntervals) -> Self {
+    pub fn start(
+        scheduler: crate::Scheduler,
+        connector: HttpConnector,
+        jobs: hangar_jobs::Jobs,
+        every: crate::BackgroundIntervals,
+    ) -> Self {
         let background = scheduler.spawn_background(every);
-        HttpOrchestrator { scheduler, connector, _background: background }
+        HttpOrchestrator { scheduler, connector, jobs, _background: background }
     }
 
     /// A client for a registered host, with its stored credentials.
@@ -686,22 +629,17 @@ impl HttpOrchestrator {
 
 #[cfg(test)]
 mod tests {
+    use hangar_hypervisor::VmState;
+
     use super::*;
 
     #[test]
-    fn sizes_parse_like_the_host_prints_them() {
-        assert_eq!(parse_mb(&json!("2048Mb")), 2048);
-        assert_eq!(parse_mb(&json!("2 GB")), 2048);
-        assert_eq!(parse_mb(&json!(512)), 512);
-        assert_eq!(parse_mb(&json!("junk")), 0);
-    }
-
-    #[test]
     fn machines_map_to_summaries() {
-        let v = json!({"ID": "a1", "Name": "n", "State": "running", "OS": "ubuntu",
+        let v = json!({"ID": "a1", "Name": "n", "State": "running", "OS": "ubuntu", "owner": "alice",
             "Hardware": {"cpu": {"cpus": 2}, "memory": {"size": "1024Mb"}, "hdd0": {"size": "8192Mb", "allocated": "1Mb"}}});
-        let s = vm_from(&v).unwrap();
+        let s = summary(typed("machine", v).unwrap());
         assert_eq!((s.cpu, s.memory_mb, s.disk_mb, s.state), (2, 1024, 8192, VmState::Running));
-        assert!(vm_from(&json!({"Name": "no id"})).is_none());
+        assert_eq!(s.owner.as_deref(), Some("alice"));
+        assert!(typed::<hangar_wire::Machine>("machine", json!({"Name": "no id"})).is_err());
     }
 }

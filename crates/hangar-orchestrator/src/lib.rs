@@ -9,6 +9,8 @@
 //!   the waiting queue.
 //! * [`scheduler`]: ties them together with a [`client::HostConnector`]: create, delete,
 //!   refresh, health ticks, VM TTLs and the reaper.
+//! * [`service`]: the facade the API calls for VM work: every operation takes the caller,
+//!   decides access with the host's own rule, audits, and forwards the same `VmCall`.
 //! * [`fake`]: an in-memory host for tests and benchmarks.
 //!
 //! The HTTP routes, the HTTP [`client::HostClient`] and the agent side live elsewhere.
@@ -25,6 +27,7 @@ pub mod registry;
 pub mod reservations;
 pub mod scheduler;
 pub mod sealer;
+pub mod service;
 pub mod tunnel;
 
 pub use client::{HostClient, HostClientError, HostConnector, HostCreateVm, HostEvent, VmOp};

@@ -78,11 +78,9 @@ impl FromStr for Os {
 
 /// Normalises an architecture name: `x86_64` (also `amd64`, `x64`) or `arm64` (also `aarch64`).
 pub fn normalize_arch(s: &str) -> Result<String> {
-    match s.trim().to_ascii_lowercase().as_str() {
-        "x86_64" | "amd64" | "x64" | "x86-64" => Ok("x86_64".into()),
-        "arm64" | "aarch64" | "arm" => Ok("arm64".into()),
-        other => Err(OrchestratorError::Invalid(format!("unknown architecture {other:?}; use x86_64 or arm64"))),
-    }
+    s.parse::<hangar_core::Architecture>()
+        .map(|a| a.as_str().to_string())
+        .map_err(|e| OrchestratorError::Invalid(e.to_string()))
 }
 
 /// An amount of the three resources placement accounts for.
@@ -243,6 +241,9 @@ pub struct VmSummary {
     pub memory_mb: u64,
     /// Disk in MiB.
     pub disk_mb: u64,
+    /// The Hangar owner the host recorded, when it says.
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 impl VmSummary {

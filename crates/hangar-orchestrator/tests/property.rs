@@ -68,6 +68,7 @@ fn build(i: usize, g: &HostGen) -> Host {
                 cpu: 0,
                 memory_mb: 0,
                 disk_mb: 0,
+                owner: None,
             });
         }
     }
@@ -183,6 +184,7 @@ proptest! {
                                         cpu: d.needs.cpu,
                                         memory_mb: d.needs.memory_mb,
                                         disk_mb: d.needs.disk_mb,
+                                        owner: None,
                                     });
                                     // Released while the view is locked, so the checker never
                                     // sees the VM counted twice (a safe over-estimate anyway).

@@ -66,8 +66,9 @@ async fn start_host(s: &HostSettings, store: Arc<dyn Store>, bus: EventBus) -> R
     };
     let _ = std::fs::create_dir_all(&cfg.images_dir);
     let hv = hangar_host::open_driver(&cfg).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    let jobs = hangar_host::Jobs::open(store, HOST_JOBS, bus.clone()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(hangar_host::Host::new(hv, jobs, bus, cfg))
+    let jobs =
+        hangar_host::Jobs::open(store.clone(), HOST_JOBS, bus.clone()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(hangar_host::Host::new(hv, jobs, store, bus, cfg))
 }
 
 async fn module_statuses(
@@ -185,8 +186,8 @@ async fn start_reverse_proxy(
     }
 }
 
-/// The orchestrator module and its jobs.
-type Orchestrator = (Arc<hangar_orchestrator::HttpOrchestrator>, hangar_host::Jobs);
+/// The orchestrator module (it owns its jobs).
+type Orchestrator = Arc<hangar_orchestrator::HttpOrchestrator>;
 
 /// Start the orchestrator module (with its jobs, in the store) when it is wanted, and
 /// record its status.
@@ -228,12 +229,12 @@ async fn start_orchestrator(
         .map_err(|e| anyhow::anyhow!("orchestrator: {e}"))?;
     let scheduler = hangar_orchestrator::Scheduler::new(registry, Arc::new(connector.clone()), bus, config);
     let every = hangar_orchestrator::BackgroundIntervals { check, ..Default::default() };
-    let o = hangar_orchestrator::HttpOrchestrator::start(scheduler, connector, every);
+    let o = hangar_orchestrator::HttpOrchestrator::start(scheduler, connector, jobs, every);
     status.enabled = true;
     status.healthy = true;
     status.message =
         format!("{} registered hosts, checked every {} ms", o.scheduler.registry().len(), check.as_millis());
-    Ok(Some((Arc::new(o), jobs)))
+    Ok(Some(Arc::new(o)))
 }
 
 fn token_config(s: &Settings) -> Result<TokenConfig> {
@@ -293,8 +294,7 @@ pub async fn run(l: Layers, s: Settings) -> Result<()> {
     let catalog_store: Arc<dyn Store> = store.clone();
     let catalog = crate::catalog_cmd::start_catalog(&l, catalog_store, &dir, bus.clone(), &mut modules)?;
     // ----- end of catalog module -----
-    let (orchestrator, orchestrator_jobs) =
-        start_orchestrator(&s, store.clone(), &dir, bus.clone(), &mut modules).await?.unzip();
+    let orchestrator = start_orchestrator(&s, store.clone(), &dir, bus.clone(), &mut modules).await?;
     let reverse_proxy = start_reverse_proxy(
         &s,
         &l,
@@ -320,15 +320,8 @@ pub async fn run(l: Layers, s: Settings) -> Result<()> {
         cors: s.cors.clone(),
         ..Default::default()
     };
-    let services = hangar_api::Services {
-        identity,
-        bus,
-        host,
-        catalog,
-        reverse_proxy: reverse_proxy.clone(),
-        orchestrator,
-        orchestrator_jobs,
-    };
+    let services =
+        hangar_api::Services { identity, bus, host, catalog, reverse_proxy: reverse_proxy.clone(), orchestrator };
     let app = hangar_api::app(services, info, &config);
 
     let host = s.http.host;

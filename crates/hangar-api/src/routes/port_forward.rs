@@ -26,11 +26,8 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::http::StatusCode;
 use axum::response::Response;
 use futures::StreamExt;
-use hangar_core::Access;
-use hangar_core::claims::EXECUTE_COMMAND_VM;
-use hangar_hypervisor::VmState;
+use hangar_core::VmAction;
 use hangar_orchestrator::tunnel::{Frame, HostTunnelError, HostTunnels, PumpEnd, TunnelError, Wire, into_io, pump};
-use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{Instrument, debug, info, info_span};
 use utoipa_axum::routes;
@@ -49,8 +46,8 @@ pub const RECHECK_EVERY: Duration = Duration::from_secs(10);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn register(api: Api) -> Api {
-    api.add(Access::AllOf(&[EXECUTE_COMMAND_VM]), routes!(host_port_forward))
-        .add(Access::AllOf(&[EXECUTE_COMMAND_VM]), routes!(orchestrator_port_forward))
+    api.add(VmAction::PortForward.access(), routes!(host_port_forward))
+        .add(VmAction::PortForward.access(), routes!(orchestrator_port_forward))
 }
 
 /// Open a TCP tunnel to `port` of the VM (websocket upgrade; binary frames carry the bytes,
@@ -68,23 +65,9 @@ async fn host_port_forward(
     Path((id, port)): Path<(String, u16)>,
     ws: WebSocketUpgrade,
 ) -> R<Response> {
-    let h = s.host.clone().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "The host module is not running on this server; see GET /health/system",
-        )
-    })?;
+    let h = super::machines::host(&s)?;
     let caller = ctx.caller()?.clone();
-    if port == 0 {
-        return Err(ApiError::bad_request("port must be between 1 and 65535"));
-    }
-    let vm = h.get(&id).await.map_err(ApiError::from_domain)?;
-    if vm.state != VmState::Running {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!("VM {} is {}; start it before forwarding a port", vm.name, vm.state.as_str()),
-        ));
-    }
+    let vm = h.port_forward(&caller, &ctx.actor, &id, port).await.map_err(ApiError::from_domain)?;
     let ip = vm.ip_addresses.iter().find(|i| i.is_ipv4()).or(vm.ip_addresses.first()).copied().ok_or_else(|| {
         ApiError::new(StatusCode::CONFLICT, format!("VM {} has no IP address yet; try again once it booted", vm.name))
     })?;
@@ -111,7 +94,6 @@ async fn host_port_forward(
             }
         };
     let _ = tcp.set_nodelay(true);
-    let _ = s.identity.record(&ctx.actor, "vm.port_forward", "vm", &vm.id, json!({"port": port})).await;
     let credential = ctx.credential.clone();
     Ok(ws.on_upgrade(move |socket| run(s, socket, tcp, credential).instrument(span)))
 }
@@ -130,27 +112,12 @@ async fn orchestrator_port_forward(
     Path((id, port)): Path<(String, u16)>,
     ws: WebSocketUpgrade,
 ) -> R<Response> {
-    let o = s.orchestrator.clone().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "The orchestrator module is not running on this server; see GET /health/system",
-        )
-    })?;
+    let o = super::machines::orchestrator(&s)?;
     let caller = ctx.caller()?.clone();
-    if port == 0 {
-        return Err(ApiError::bad_request("port must be between 1 and 65535"));
-    }
+    let host = o.port_forward(&caller, &ctx.actor, &id, port).await.map_err(ApiError::from_domain)?;
     let tunnels = HostTunnels::new(o.scheduler.clone());
-    let host = tunnels.host_of(&id).await.map_err(ApiError::from_domain)?;
-    if !hangar_orchestrator::Caller::from(&caller).may_use(&host) {
-        return Err(ApiError::forbidden(format!("Host {} needs roles or claims this caller does not hold", host.name)));
-    }
     let span = info_span!("orchestrator.port_forward", vm = %id, port, host = %host.id, user = %caller.username);
     let tunnel = tunnels.open(&id, port).instrument(span.clone()).await.map_err(|e| host_error(&host.name, e))?;
-    let _ = s
-        .identity
-        .record(&ctx.actor, "orchestrator.vm.port_forward", "vm", &id, json!({"port": port, "host": host.id}))
-        .await;
     let credential = ctx.credential.clone();
     Ok(ws.on_upgrade(move |socket| run(s, socket, into_io(tunnel), credential).instrument(span)))
 }
@@ -177,7 +144,7 @@ fn host_error(host: &str, e: HostTunnelError) -> ApiError {
 async fn still_allowed(s: &AppState, credential: &Option<Credential>) -> bool {
     let Some(c) = credential else { return false };
     match recheck(s, c).await {
-        Ok(p) => Access::AllOf(&[EXECUTE_COMMAND_VM]).check(Some(&p)) == hangar_core::Decision::Allow,
+        Ok(p) => VmAction::PortForward.access().check(Some(&p)) == hangar_core::Decision::Allow,
         Err(_) => false,
     }
 }

@@ -50,7 +50,7 @@ impl Classify for JobsError {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     Pending,
@@ -65,7 +65,7 @@ impl JobState {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobStep {
     pub name: String,
     pub weight: u32,
@@ -75,7 +75,7 @@ pub struct JobStep {
     pub message: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Job {
     pub id: String,
     pub owner: String,
@@ -253,6 +253,24 @@ impl Jobs {
     /// Jobs of one owner, or all when `owner` is `None`.
     pub fn list(&self, owner: Option<&str>) -> Vec<Job> {
         self.lock().values().filter(|j| owner.is_none_or(|o| j.owner == o)).cloned().collect()
+    }
+
+    /// The jobs `p` may see ([`hangar_core::vm::may_see_job`]).
+    pub fn list_for(&self, p: &hangar_core::Principal) -> Vec<Job> {
+        self.lock().values().filter(|j| hangar_core::vm::may_see_job(p, &j.owner)).cloned().collect()
+    }
+
+    /// One job, if `p` may see it (a job it may not see is not found).
+    pub fn get_for(&self, p: &hangar_core::Principal, id: &str) -> Result<Job, JobsError> {
+        self.get(id).filter(|j| hangar_core::vm::may_see_job(p, &j.owner)).ok_or_else(|| JobsError::NotFound(id.into()))
+    }
+
+    /// Remove a finished job if `p` may ([`hangar_core::vm::may_delete_job`]); one it may
+    /// not delete is not found.
+    pub async fn remove_for(&self, p: &hangar_core::Principal, id: &str) -> Result<(), JobsError> {
+        let job = self.get(id).filter(|j| hangar_core::vm::may_delete_job(p, &j.owner));
+        let job = job.ok_or_else(|| JobsError::NotFound(id.into()))?;
+        self.remove(&job.id).await
     }
 
     /// Remove a finished job, from memory and the store.

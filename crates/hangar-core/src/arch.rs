@@ -1,5 +1,5 @@
-//! CPU architectures of images: `x86_64` and `arm64`, with the usual aliases
-//! accepted on input.
+//! CPU architectures of images, VMs and hosts: `x86_64` and `arm64`, with the one alias
+//! table every part of Hangar parses with (the API, the catalog, the orchestrator).
 
 use std::fmt;
 use std::str::FromStr;

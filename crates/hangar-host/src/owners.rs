@@ -1,0 +1,79 @@
+//! Who owns each VM, as Hangar recorded it when it created, cloned or registered the VM
+//! (collection `vm_owners`, keyed by VM id). This is the owner the access rule reads, on
+//! every driver: on Parallels the driver's own "owner" is a macOS account, not a Hangar
+//! user. VMs from before these records fall back to the QEMU driver's owner field; VMs
+//! Hangar never recorded have no owner, so only callers allowed on others' VMs reach them.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use hangar_core::audit::{AUDIT_COLLECTION, AuditEntry};
+use hangar_hypervisor::{HypervisorKind, VmInfo};
+use hangar_store::{Batch, Store};
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use crate::{HostError, Result};
+
+/// The store collection of owner records.
+pub const VM_OWNERS: &str = "vm_owners";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct OwnerRecord {
+    owner: String,
+    recorded_at: DateTime<Utc>,
+}
+
+/// Owner records and the host's audit writes, on the server's store.
+#[derive(Clone)]
+pub struct Owners {
+    store: Arc<dyn Store>,
+}
+
+fn json<T: Serialize>(v: &T) -> Result<serde_json::Value> {
+    serde_json::to_value(v).map_err(|e| HostError::Internal(format!("cannot encode a record: {e}")))
+}
+
+impl Owners {
+    pub fn new(store: Arc<dyn Store>) -> Owners {
+        Owners { store }
+    }
+
+    /// The Hangar owner of `vm`, if known.
+    pub async fn owner_of(&self, vm: &VmInfo) -> Result<Option<String>> {
+        if let Some(r) = self.store.get(VM_OWNERS, &vm.id).await? {
+            let rec: OwnerRecord = serde_json::from_value(r.value)
+                .map_err(|e| HostError::Internal(format!("owner record of {} is unreadable: {e}", vm.id)))?;
+            return Ok(Some(rec.owner));
+        }
+        Ok(match vm.hypervisor {
+            HypervisorKind::Qemu => vm.owner.clone().filter(|o| !o.is_empty()),
+            HypervisorKind::Parallels => None,
+        })
+    }
+
+    /// Record `owner` for `vm`, with `entry` in the same batch.
+    pub async fn record(&self, vm: &str, owner: &str, entry: Option<&AuditEntry>) -> Result<()> {
+        let rec = OwnerRecord { owner: owner.to_string(), recorded_at: Utc::now() };
+        let mut batch = Batch::new().put(VM_OWNERS, vm, json(&rec)?);
+        if let Some(e) = entry {
+            batch = batch.put(AUDIT_COLLECTION, &e.id, json(e)?);
+        }
+        self.store.commit(batch).await?;
+        Ok(())
+    }
+
+    /// Write one audit entry.
+    pub async fn audit(&self, entry: &AuditEntry) -> Result<()> {
+        self.store.commit(Batch::new().put(AUDIT_COLLECTION, &entry.id, json(entry)?)).await?;
+        Ok(())
+    }
+
+    /// Drop the record of a VM that is gone. A failure leaves a stale record, which names
+    /// an id no VM has; it is logged, not answered.
+    pub async fn forget(&self, vm: &str) {
+        if let Err(e) = self.store.commit(Batch::new().delete(VM_OWNERS, vm)).await {
+            warn!(vm, error = %e, "the owner record of a removed VM stays behind");
+        }
+    }
+}

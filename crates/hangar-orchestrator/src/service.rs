@@ -1,0 +1,413 @@
+//! The orchestrator's facade for VM work: every operation takes the caller, finds the VM
+//! (anywhere in the fleet, or on one named host), decides access with the same rule the
+//! host applies ([`hangar_core::vm::authorize`] against the owner recorded when the VM was
+//! made), writes the audit entry before it forwards, and forwards the same [`VmCall`] the
+//! host's own API takes. The HTTP layer parses, calls one of these and shapes the answer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hangar_core::Principal;
+use hangar_core::audit::{AUDIT_COLLECTION, Actor, AuditEntry};
+use hangar_core::vm::{VmAction, authorize, owner_for};
+use hangar_jobs::{Job, Jobs};
+use hangar_store::Batch;
+use hangar_wire::{FleetMachine, OrchestratorCreateRequest, OrchestratorCreated, PowerDone, VmCall, VmReply};
+use serde_json::json;
+use tracing::Instrument;
+
+use crate::error::{OrchestratorError, Result};
+use crate::http_client::HttpOrchestrator;
+use crate::model::{Host, OrchestratedVm, Os, VmSummary};
+use crate::placement::Caller;
+use crate::scheduler::{CreateProgress, CreateVm};
+
+/// Longest a create may wait for capacity.
+pub const MAX_QUEUE_WAIT: Duration = Duration::from_secs(3600);
+
+/// Steps of an orchestrator create job.
+const CREATE_STEPS: &[(&str, u32)] = &[("placing", 1), ("creating", 9)];
+
+/// A VM found in the fleet, after the caller was checked.
+pub struct Located {
+    pub host: Host,
+    pub record: Option<OrchestratedVm>,
+}
+
+impl Located {
+    fn summary(&self, vm: &str) -> Option<&VmSummary> {
+        self.host.vms.iter().find(|v| v.id == vm)
+    }
+
+    /// The Hangar owner: the orchestrator's record, else what the host reported.
+    fn owner(&self, vm: &str) -> Option<String> {
+        self.record.as_ref().map(|r| r.owner.clone()).or_else(|| self.summary(vm).and_then(|s| s.owner.clone()))
+    }
+}
+
+/// A VM of the fleet as the API shows it.
+pub fn fleet_machine(h: &Host, vm: &VmSummary, record: Option<&OrchestratedVm>) -> FleetMachine {
+    let owner = record.map(|r| r.owner.clone()).or_else(|| vm.owner.clone());
+    FleetMachine {
+        reference_id: vm.id.clone(),
+        reference_name: vm.name.clone(),
+        reference_state: vm.state.as_str().into(),
+        reference_os: vm.os.clone(),
+        user: owner.clone().unwrap_or_default(),
+        hardware: hangar_wire::VmHardware {
+            cpu: hangar_wire::VmCpu { cpus: vm.cpu },
+            memory: hangar_wire::VmMemory { size: hangar_wire::Mb(vm.memory_mb) },
+            hdd0: hangar_wire::VmDisk { size: hangar_wire::Mb(vm.disk_mb), allocated: hangar_wire::Mb(0) },
+        },
+        internal_ip_address: String::new(),
+        id: vm.id.clone(),
+        name: vm.name.clone(),
+        state: vm.state.as_str().into(),
+        os: vm.os.clone(),
+        cpu: vm.cpu,
+        memory_mb: vm.memory_mb,
+        disk_mb: vm.disk_mb,
+        host_id: h.id.clone(),
+        host: h.name.clone(),
+        host_state: h.state.as_str().into(),
+        owner,
+        expires_at: record.and_then(|r| r.expires_at),
+    }
+}
+
+fn forbidden(host: &Host) -> OrchestratorError {
+    OrchestratorError::Forbidden(format!("Host {} needs roles or claims this caller does not hold", host.name))
+}
+
+impl HttpOrchestrator {
+    /// The orchestrator's jobs (async creates).
+    pub fn jobs(&self) -> &Jobs {
+        &self.jobs
+    }
+
+    /// A host (id or name) the caller may use.
+    pub fn usable_host(&self, p: &Principal, host: &str) -> Result<Host> {
+        let h = self.scheduler.registry().get(host)?;
+        if Caller::from(p).may_use(&h) { Ok(h) } else { Err(forbidden(&h)) }
+    }
+
+    /// Find VM `vm` (on `host` when given) on a host the caller may use.
+    pub async fn locate(&self, p: &Principal, host: Option<&str>, vm: &str) -> Result<Located> {
+        let host = match host {
+            Some(h) => {
+                let h = self.usable_host(p, h)?;
+                match self.scheduler.host_of(vm).await {
+                    Ok(id) if id == h.id => h,
+                    Ok(_) | Err(OrchestratorError::NotFound { .. }) => {
+                        return Err(OrchestratorError::NotFound { kind: "VM", id: format!("{vm} on host {}", h.name) });
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            None => {
+                let id = self.scheduler.host_of(vm).await?;
+                let h = self.scheduler.registry().get(&id)?;
+                if !Caller::from(p).may_use(&h) {
+                    return Err(forbidden(&h));
+                }
+                h
+            }
+        };
+        let record = match self.scheduler.vm(vm).await {
+            Ok(r) => Some(r),
+            Err(OrchestratorError::NotFound { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        Ok(Located { host, record })
+    }
+
+    /// [`HttpOrchestrator::locate`], then the access rule for `action`.
+    pub async fn authorized(&self, p: &Principal, action: VmAction, host: Option<&str>, vm: &str) -> Result<Located> {
+        let found = self.locate(p, host, vm).await?;
+        let name = found.summary(vm).map(|s| s.name.clone()).unwrap_or_else(|| vm.to_string());
+        authorize(p, action, &name, found.owner(vm).as_deref())?;
+        Ok(found)
+    }
+
+    async fn audit(&self, actor: &Actor, action: VmAction, vm: &str, host: &Host) -> Result<()> {
+        let entry = AuditEntry::new(
+            actor,
+            &format!("orchestrator.{}", action.audit_action()),
+            "orchestrator_vm",
+            vm,
+            json!({"host": host.id}),
+        );
+        let value = serde_json::to_value(&entry).map_err(|e| OrchestratorError::Internal(e.to_string()))?;
+        self.scheduler.registry().store().commit(Batch::new().put(AUDIT_COLLECTION, &entry.id, value)).await?;
+        Ok(())
+    }
+
+    /// One VM of the fleet as the orchestrator sees it.
+    pub async fn machine(&self, p: &Principal, host: Option<&str>, vm: &str) -> Result<FleetMachine> {
+        let found = self.authorized(p, VmAction::Get, host, vm).await?;
+        let summary = found.summary(vm).ok_or_else(|| OrchestratorError::not_found("VM", vm))?;
+        Ok(fleet_machine(&found.host, summary, found.record.as_ref()))
+    }
+
+    /// Every VM on the hosts the caller may use (or on one host).
+    pub async fn machines(&self, p: &Principal, host: Option<&str>) -> Result<Vec<FleetMachine>> {
+        authorize(p, VmAction::List, "", None)?;
+        let hosts = match host {
+            Some(h) => vec![self.usable_host(p, h)?],
+            None => {
+                let caller = Caller::from(p);
+                self.scheduler.registry().list().into_iter().filter(|h| caller.may_use(h)).collect()
+            }
+        };
+        let records = self.scheduler.list_vms().await?;
+        Ok(hosts
+            .iter()
+            .flat_map(|h| h.vms.iter().map(move |vm| (h, vm)))
+            .map(|(h, vm)| fleet_machine(h, vm, records.iter().find(|r| r.id == vm.id)))
+            .collect())
+    }
+
+    /// Run `call` on VM `vm` for `p`: checked, audited, forwarded to its host.
+    pub async fn run(
+        &self,
+        p: &Principal,
+        actor: &Actor,
+        host: Option<&str>,
+        vm: &str,
+        call: VmCall,
+    ) -> Result<VmReply> {
+        let action = call.action();
+        let found = self.authorized(p, action, host, vm).await?;
+        let h = found.host;
+        let span = tracing::info_span!("orchestrator_vm_call", vm, host = %h.id, action = action.name());
+        async {
+            match call {
+                VmCall::Get => {
+                    let summary =
+                        h.vms.iter().find(|v| v.id == vm).ok_or_else(|| OrchestratorError::not_found("VM", vm))?;
+                    Ok(VmReply::Fleet(Box::new(fleet_machine(&h, summary, found.record.as_ref()))))
+                }
+                // The delete and its audit entry are one batch with the record's removal.
+                VmCall::Delete { .. } => {
+                    self.scheduler.delete_vm(actor, vm).await?;
+                    Ok(VmReply::Done)
+                }
+                VmCall::Power(op) => {
+                    self.audit(actor, action, vm, &h).await?;
+                    self.scheduler.power(vm, op).await?;
+                    Ok(VmReply::Power(PowerDone {
+                        id: vm.to_string(),
+                        operation: op.name().to_string(),
+                        host_id: h.id.clone(),
+                    }))
+                }
+                call => {
+                    if action.is_change() {
+                        self.audit(actor, action, vm, &h).await?;
+                    }
+                    let client = self.host_client(&h.id)?;
+                    let reply = client
+                        .call(vm, &call)
+                        .await
+                        .map_err(|source| OrchestratorError::Host { host: h.id.clone(), source })?;
+                    Ok(match reply {
+                        VmReply::Status(mut s) => {
+                            s.host_id = Some(h.id.clone());
+                            VmReply::Status(s)
+                        }
+                        VmReply::Clone(mut c) => {
+                            c.host_id = Some(h.id.clone());
+                            VmReply::Clone(c)
+                        }
+                        other => other,
+                    })
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Push a VM's expiry back by `by`.
+    pub async fn extend(&self, p: &Principal, actor: &Actor, vm: &str, by: Duration) -> Result<OrchestratedVm> {
+        self.authorized(p, VmAction::Extend, None, vm).await?;
+        self.scheduler.extend(actor, vm, by).await
+    }
+
+    /// The host to open a tunnel to VM `vm`'s `port` through (checked and audited).
+    pub async fn port_forward(&self, p: &Principal, actor: &Actor, vm: &str, port: u16) -> Result<Host> {
+        if port == 0 {
+            return Err(OrchestratorError::Invalid("port must be between 1 and 65535".into()));
+        }
+        let found = self.authorized(p, VmAction::PortForward, None, vm).await?;
+        self.audit(actor, VmAction::PortForward, vm, &found.host).await?;
+        Ok(found.host)
+    }
+
+    /// The scheduler's request for an API create; `host` (id or name) pins the VM.
+    fn create_vm_request(
+        &self,
+        p: &Principal,
+        req: &OrchestratorCreateRequest,
+        host: Option<&str>,
+    ) -> Result<CreateVm> {
+        authorize(p, VmAction::Create, &req.name, None)?;
+        let owner = owner_for(p, req.owner.as_deref())?;
+        let pinned = match host {
+            Some(h) => Some(self.usable_host(p, h)?.id),
+            None => req.host.clone(),
+        };
+        let (image, version) = match (&req.catalog_manifest, &req.image) {
+            (Some(m), _) => {
+                let id = m.catalog_id.trim();
+                if id.is_empty() {
+                    return Err(OrchestratorError::Invalid("catalog_manifest.catalog_id is required".into()));
+                }
+                let version = m.version.as_deref().map(str::trim).filter(|v| !v.is_empty()).unwrap_or("latest");
+                (id.to_string(), Some(version.to_string()))
+            }
+            (None, Some(i)) if !i.trim().is_empty() => (i.clone(), None),
+            _ => {
+                return Err(OrchestratorError::Invalid(
+                    "Say what to create the VM from: image or catalog_manifest".into(),
+                ));
+            }
+        };
+        let os = match &req.os {
+            Some(t) => {
+                Some(Os::parse_lenient(t).ok_or_else(|| OrchestratorError::Invalid(format!("os {t:?} is unknown")))?)
+            }
+            None => None,
+        };
+        let (priority, wait) = match (req.queue, req.wait_seconds) {
+            (Some(q), _) => (q.priority, Some(q.timeout_seconds)),
+            (None, w) => (0, w),
+        };
+        let specs = req.specs.clone().unwrap_or_default();
+        Ok(CreateVm {
+            name: req.name.clone(),
+            image,
+            version,
+            architecture: req.architecture.clone().unwrap_or_else(|| "x86_64".into()),
+            os,
+            cpu: specs.cpu.0.map(|v| v.min(1024) as u32),
+            memory_mb: specs.memory.0,
+            disk_mb: specs.disk.0,
+            tags: req.tags.clone(),
+            host: pinned,
+            owner,
+            start: req.start_on_create,
+            ttl: req.ttl_seconds.map(Duration::from_secs),
+            priority,
+            wait: wait.map(|w| Duration::from_secs(w).min(MAX_QUEUE_WAIT)),
+            ..Default::default()
+        })
+    }
+
+    /// The answer to a create.
+    fn created(&self, vm: &OrchestratedVm, start: bool) -> Result<OrchestratorCreated> {
+        let host = self.scheduler.registry().get(&vm.host_id)?;
+        let state = host
+            .vms
+            .iter()
+            .find(|v| v.id == vm.id)
+            .map(|v| v.state.as_str().to_string())
+            .unwrap_or_else(|| if start { "running".into() } else { "stopped".into() });
+        Ok(OrchestratorCreated {
+            id: vm.id.clone(),
+            name: vm.name.clone(),
+            owner: vm.owner.clone(),
+            current_state: state,
+            host: host.name,
+            host_id: host.id,
+            expires_at: vm.expires_at,
+        })
+    }
+
+    /// Create a VM on the host placement chooses (or on `host`), waiting in the queue when
+    /// the request asks to.
+    pub async fn create(
+        &self,
+        p: &Principal,
+        actor: &Actor,
+        host: Option<&str>,
+        req: &OrchestratorCreateRequest,
+    ) -> Result<OrchestratorCreated> {
+        let create = self.create_vm_request(p, req, host)?;
+        let wait = create.wait;
+        let vm = self.scheduler.create_vm(Caller::from(p), actor, create).await.map_err(|e| within(e, wait))?;
+        self.created(&vm, req.start_on_create)
+    }
+
+    /// [`HttpOrchestrator::create`] in the background: the job (in the store before this
+    /// returns, owned by the caller) shows `queued` → `placing` → `creating on host X`, then
+    /// the created VM as its result or the reason it failed.
+    pub async fn create_async(
+        self: &Arc<Self>,
+        p: &Principal,
+        actor: &Actor,
+        host: Option<&str>,
+        req: OrchestratorCreateRequest,
+    ) -> Result<Job> {
+        let create = self.create_vm_request(p, &req, host)?;
+        let handle = self
+            .jobs
+            .start(&p.user_id, "orchestrator_vm", "create", CREATE_STEPS)
+            .await
+            .map_err(|e| OrchestratorError::Internal(e.to_string()))?;
+        let job =
+            self.jobs.get(&handle.id).ok_or_else(|| OrchestratorError::Internal("the new job vanished".into()))?;
+        let entry = AuditEntry::new(actor, "orchestrator.vm.create_async", "job", &job.id, json!({"name": req.name}));
+        let value = serde_json::to_value(&entry).map_err(|e| OrchestratorError::Internal(e.to_string()))?;
+        if let Err(e) =
+            self.scheduler.registry().store().commit(Batch::new().put(AUDIT_COLLECTION, &entry.id, value)).await
+        {
+            handle.fail(format!("The request could not be audited: {e}")).await;
+            return Err(e.into());
+        }
+        let me = self.clone();
+        let caller = Caller::from(p);
+        let actor = actor.clone();
+        let span = tracing::info_span!("orchestrator_create_job", job = %job.id, vm = %create.name);
+        tokio::spawn(
+            async move {
+                let wait = create.wait;
+                let reporter = handle.clone();
+                let registry = me.scheduler.registry().clone();
+                let progress = move |step: CreateProgress| match step {
+                    CreateProgress::Placing { previous_failure: None, .. } => reporter.step(0, 0.0, "placing"),
+                    CreateProgress::Placing { attempt, previous_failure: Some(e) } => {
+                        reporter.step(0, 0.0, &format!("placing (attempt {attempt}; {e})"))
+                    }
+                    CreateProgress::Queued { reason, priority } => reporter.step(
+                        0,
+                        0.0,
+                        &format!("queued: waiting for capacity (priority {priority}); now {reason}"),
+                    ),
+                    CreateProgress::Creating { host_id, .. } => {
+                        let name = registry.get(&host_id).map(|h| h.name).unwrap_or_else(|_| host_id.clone());
+                        reporter.step(1, 0.0, &format!("creating on host {name}"));
+                    }
+                };
+                let done = me.scheduler.create_vm_reporting(caller, &actor, create, &progress).await;
+                match done.map_err(|e| within(e, wait)).and_then(|vm| me.created(&vm, req.start_on_create)) {
+                    Ok(v) => handle.complete(serde_json::to_value(v).unwrap_or_default()).await,
+                    Err(e) => handle.fail(e.to_string()).await,
+                }
+            }
+            .instrument(span),
+        );
+        Ok(job)
+    }
+}
+
+/// A queue timeout names the wait the caller asked for, in seconds.
+fn within(e: OrchestratorError, wait: Option<Duration>) -> OrchestratorError {
+    match e {
+        OrchestratorError::QueueTimeout { last, waited_ms } => {
+            let seconds = wait.map(|w| w.as_secs()).unwrap_or(waited_ms / 1000);
+            OrchestratorError::NoCapacityWithin { seconds, last }
+        }
+        e => e,
+    }
+}

@@ -1,0 +1,18 @@
+//! The contract between Hangar's processes: the request and answer bodies that the API
+//! serves, the orchestrator's host client sends and reads, and the CLI prints. One type
+//! per body, used on both sides, so the two ends cannot drift.
+//!
+//! The reference service's JSON shapes live here and only here: its key names
+//! (`ID`, `Hardware.memory.size`, ...), sizes printed as `"2048Mb"` ([`Mb`]), numbers that
+//! clients send as strings ([`Flexible`]). Every type round-trips (tested below and in
+//! each module). No HTTP framework: this crate is serde and utoipa schemas only.
+
+pub mod calls;
+pub mod machines;
+pub mod orchestrator;
+pub mod units;
+
+pub use calls::{HttpCall, VmCall, VmReply};
+pub use machines::*;
+pub use orchestrator::*;
+pub use units::{Flexible, Mb};

@@ -1,0 +1,135 @@
+//! The orchestrator's VM bodies (`/orchestrator/machines`, per-host machine routes).
+
+use std::collections::BTreeSet;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::machines::{CatalogManifestRef, Specs, VmHardware};
+
+/// Wait for capacity instead of failing at once when no host can take the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct QueueRequest {
+    /// Higher is served first (then arrival order). Default 0.
+    #[serde(default)]
+    pub priority: i32,
+    /// Give up after this many seconds (at most 3600): 503 "No capacity within Ns" with
+    /// the reasons per group of hosts.
+    pub timeout_seconds: u64,
+}
+
+/// Create a VM somewhere in the fleet, in the host API's shape plus placement hints.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct OrchestratorCreateRequest {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub architecture: Option<String>,
+    #[serde(default)]
+    pub start_on_create: bool,
+    /// A local image name on the hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catalog_manifest: Option<CatalogManifestRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub specs: Option<Specs>,
+    /// Guest OS (`macos`, `linux`, `windows`), for the macOS limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os: Option<String>,
+    /// Tags the host must all have.
+    #[serde(default)]
+    pub tags: BTreeSet<String>,
+    /// Pin to one host (id or name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Delete the VM this many seconds after creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<u64>,
+    /// Wait for capacity in the queue (priority and timeout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<QueueRequest>,
+    /// Wait up to this many seconds for capacity (priority 0); `queue` takes precedence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_seconds: Option<u64>,
+}
+
+/// The answer to a create through the orchestrator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct OrchestratorCreated {
+    pub id: String,
+    pub name: String,
+    pub owner: String,
+    pub current_state: String,
+    /// The host's name.
+    pub host: String,
+    pub host_id: String,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// A VM of the fleet: the reference's key names (what its clients read), then Hangar's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct FleetMachine {
+    #[serde(rename = "ID")]
+    pub reference_id: String,
+    #[serde(rename = "Name")]
+    pub reference_name: String,
+    #[serde(rename = "State")]
+    pub reference_state: String,
+    #[serde(rename = "OS")]
+    pub reference_os: String,
+    /// The Hangar owner, or empty.
+    pub user: String,
+    #[serde(rename = "Hardware")]
+    pub hardware: VmHardware,
+    pub internal_ip_address: String,
+    pub id: String,
+    pub name: String,
+    pub state: String,
+    pub os: String,
+    pub cpu: u32,
+    pub memory_mb: u64,
+    pub disk_mb: u64,
+    pub host_id: String,
+    /// The host's name.
+    pub host: String,
+    /// `healthy`, `unhealthy`, ...
+    pub host_state: String,
+    pub owner: Option<String>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// What a power operation through the orchestrator answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PowerDone {
+    pub id: String,
+    /// `start`, `stop`, ...
+    pub operation: String,
+    pub host_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ExtendRequest {
+    /// Push the expiry back by this many seconds.
+    pub ttl_seconds: u64,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn create_requests_round_trip() {
+        let sent = json!({"name": "ci", "image": "golden.pvm", "tags": ["mac"], "ttl_seconds": 60,
+            "queue": {"priority": 3, "timeout_seconds": 30}, "specs": {"cpu": "1", "memory": "1024"}});
+        let r: OrchestratorCreateRequest = serde_json::from_value(sent).unwrap();
+        assert_eq!(r.queue, Some(QueueRequest { priority: 3, timeout_seconds: 30 }));
+        let again: OrchestratorCreateRequest = serde_json::from_value(serde_json::to_value(&r).unwrap()).unwrap();
+        assert_eq!(again, r);
+    }
+}
