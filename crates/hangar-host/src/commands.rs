@@ -291,15 +291,19 @@ impl Host {
             Op::Status => VmReply::Status(MachineStatus::of(&info)),
             Op::Power(op) => VmReply::Status(MachineStatus::of(&self.hv.power(&id, op).await?)),
             Op::Delete { force } => {
-                if !matches!(info.state, VmState::Stopped | VmState::Suspended | VmState::Unknown) {
-                    if !force {
+                match info.state {
+                    VmState::Stopped | VmState::Unknown => {}
+                    // A suspended VM's saved state is dropped when forced; without force
+                    // the driver says whether it deletes one.
+                    VmState::Suspended if !force => {}
+                    _ if !force => {
                         return Err(HostError::Hypervisor(HypervisorError::InvalidState {
                             id,
                             operation: "delete",
                             state: info.state,
                         }));
                     }
-                    self.hv.power(&id, PowerOp::Kill).await?;
+                    _ => self.stop_now(&id).await?,
                 }
                 self.hv.delete(&id).await?;
                 self.owners.forget(&id).await;
@@ -420,12 +424,17 @@ impl Host {
     }
 
     async fn remove_quietly(&self, id: &str) -> Result<()> {
-        if let Ok(info) = self.hv.get(id).await
-            && !matches!(info.state, VmState::Stopped | VmState::Suspended | VmState::Unknown)
-        {
-            self.hv.power(id, PowerOp::Kill).await?;
-        }
+        self.stop_now(id).await?;
         Ok(self.hv.delete(id).await?)
+    }
+
+    /// Power a VM off at once (a suspended one loses its saved state), whatever its state.
+    async fn stop_now(&self, id: &str) -> Result<()> {
+        match self.hv.power(id, PowerOp::Kill).await {
+            // Already off, or a driver that deletes a VM in this state as it is.
+            Ok(_) | Err(HypervisorError::InvalidState { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Write one audit entry now; the change it announces happens only if this succeeds.
