@@ -141,10 +141,7 @@ impl Manifest {
 
 /// The visibility rule (see [`Manifest::visible_to`]).
 pub fn visible(p: &Principal, roles: &[String], claims: &[String]) -> bool {
-    if p.is_super_user() {
-        return true;
-    }
-    roles.iter().all(|r| p.roles.contains(r)) && claims.iter().all(|c| p.claims.contains(c))
+    p.meets(roles, claims)
 }
 
 /// A provider connection: the connection string, sealed.

@@ -44,4 +44,28 @@ impl Principal {
     pub fn has_any(&self, claims: &[&str]) -> bool {
         self.is_super_user() || claims.iter().any(|c| self.claims.contains(*c))
     }
+
+    /// Whether the caller meets a requirement of roles and claims (a catalog entry's, a
+    /// host's): see [`meets`].
+    pub fn meets<'a>(
+        &self,
+        roles: impl IntoIterator<Item = &'a String>,
+        claims: impl IntoIterator<Item = &'a String>,
+    ) -> bool {
+        meets(self.is_super_user(), &self.roles, &self.claims, roles, claims)
+    }
+}
+
+/// The one rule for things that require roles and claims (catalog entries, orchestrator
+/// hosts): a SUPER_USER meets every requirement; anyone else must hold every required role
+/// and every required claim.
+pub fn meets<'a>(
+    super_user: bool,
+    held_roles: &BTreeSet<String>,
+    held_claims: &BTreeSet<String>,
+    roles: impl IntoIterator<Item = &'a String>,
+    claims: impl IntoIterator<Item = &'a String>,
+) -> bool {
+    super_user
+        || (roles.into_iter().all(|r| held_roles.contains(r)) && claims.into_iter().all(|c| held_claims.contains(c)))
 }

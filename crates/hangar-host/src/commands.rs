@@ -287,7 +287,7 @@ impl Host {
     async fn execute(&self, p: &Principal, actor: &Actor, info: VmInfo, op: Op) -> Result<VmReply> {
         let id = info.id.clone();
         Ok(match op {
-            Op::Get => VmReply::Machine(self.machine(info).await?),
+            Op::Get => VmReply::Machine(Box::new(self.machine(info).await?)),
             Op::Status => VmReply::Status(MachineStatus::of(&info)),
             Op::Power(op) => VmReply::Status(MachineStatus::of(&self.hv.power(&id, op).await?)),
             Op::Delete { force } => {
@@ -333,7 +333,7 @@ impl Host {
                 if let Some(d) = description {
                     vm = self.hv.configure(&vm.id, ConfigChange { description: Some(d), ..Default::default() }).await?;
                 }
-                VmReply::Machine(self.machine(vm).await?)
+                VmReply::Machine(Box::new(self.machine(vm).await?))
             }
             Op::Clone(spec) => {
                 let vm = self.clone_for(p, actor, &id, spec).await?;

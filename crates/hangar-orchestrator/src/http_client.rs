@@ -387,7 +387,7 @@ impl HttpHostClient {
     /// One VM as the host shows it.
     pub async fn machine(&self, vm_id: &str) -> Result<hangar_wire::Machine, HostClientError> {
         match self.call(vm_id, &VmCall::Get).await? {
-            VmReply::Machine(m) => Ok(m),
+            VmReply::Machine(m) => Ok(*m),
             other => Err(HostClientError::Protocol(format!("a machine was expected, not {other:?}"))),
         }
     }

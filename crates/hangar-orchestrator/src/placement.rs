@@ -83,9 +83,8 @@ impl Caller {
     fn may_use_with(&self, required_roles: &BTreeSet<String>, required_claims: &BTreeSet<String>) -> bool {
         match self {
             Caller::System => true,
-            Caller::User { super_user: true, .. } => true,
-            Caller::User { roles, claims, .. } => {
-                required_roles.iter().all(|r| roles.contains(r)) && required_claims.iter().all(|c| claims.contains(c))
+            Caller::User { super_user, roles, claims } => {
+                hangar_core::principal::meets(*super_user, roles, claims, required_roles, required_claims)
             }
         }
     }

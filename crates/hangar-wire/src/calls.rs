@@ -60,7 +60,7 @@ pub struct HttpCall {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum VmReply {
-    Machine(Machine),
+    Machine(Box<Machine>),
     Status(MachineStatus),
     Exec(ExecuteResponse),
     Clone(CloneResponse),
