@@ -7,8 +7,10 @@
 //! * [`placement`]: filters, scoring and the "why not" answer; pure logic.
 //! * [`reservations`]: the ledger that holds capacity from decision to confirmation, and
 //!   the waiting queue.
-//! * [`scheduler`]: ties them together with a [`client::HostConnector`]: create, delete,
-//!   refresh, health ticks, VM TTLs and the reaper.
+//! * [`scheduler`]: the shared core that ties them together with a
+//!   [`client::HostConnector`], split by concern: the fleet (registration, health ticks
+//!   and checks, event-stream followers), admission (placement requests, reservations, the
+//!   queue) and the VM lifecycle (create, power, delete, TTL extension, the reaper).
 //! * [`service`]: the facade the API calls for VM work: every operation takes the caller,
 //!   decides access with the host's own rule, audits, and forwards the same `VmCall`.
 //! * [`fake`]: an in-memory host for tests and benchmarks.

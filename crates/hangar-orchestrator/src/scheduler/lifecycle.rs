@@ -1,0 +1,487 @@
+//! VM lifecycle: create (validate, place and reserve, create on the chosen host while
+//! renewing the reservation, then confirm or roll back and try the next host), power,
+//! delete, TTL extension and the reaper.
+//!
+//! Confirming writes the VM record with its expiry and the audit entry in the same batch
+//! as the host view that now counts the VM, then releases the reservation; a failed write
+//! deletes the VM again.
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use hangar_core::audit::{AUDIT_COLLECTION, Actor, AuditEntry};
+use hangar_hypervisor::{HypervisorKind, PowerOp, VmState};
+use hangar_store::{Batch, StoreError};
+use serde::Serialize;
+use serde_json::json;
+use tracing::{debug, info, instrument, warn};
+
+use super::{Scheduler, lock, timed, to_value, view_remove, view_upsert};
+use crate::client::{HostClientError, HostCreateVm, VmOp};
+use crate::clock;
+use crate::error::{OrchestratorError, Result};
+use crate::health::Observation;
+use crate::model::*;
+use crate::placement::Caller;
+use crate::reservations::Reservation;
+
+/// A request to create a VM somewhere in the fleet.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CreateVm {
+    /// VM name.
+    pub name: String,
+    /// Catalog id or local image name.
+    pub image: String,
+    /// Catalog version.
+    pub version: Option<String>,
+    /// Image size in MiB, when known (disk rule).
+    pub image_size_mb: Option<u64>,
+    /// `x86_64` or `arm64` (aliases accepted).
+    pub architecture: String,
+    /// Guest OS.
+    pub os: Option<Os>,
+    /// Required hypervisor.
+    pub hypervisor: Option<HypervisorKind>,
+    /// CPUs (default from the config).
+    pub cpu: Option<u32>,
+    /// Memory in MiB (default from the config).
+    pub memory_mb: Option<u64>,
+    /// Disk in MiB.
+    pub disk_mb: Option<u64>,
+    /// Tags the host must have.
+    pub tags: BTreeSet<String>,
+    /// Pin to a host (id or name).
+    pub host: Option<String>,
+    /// The user the VM is for.
+    pub owner: String,
+    /// Start it once created.
+    pub start: bool,
+    /// Delete it this long after creation; `None`: the configured default.
+    pub ttl: Option<Duration>,
+    /// Queue priority (higher first).
+    pub priority: i32,
+    /// Wait up to this long in the queue when nothing fits; `None`: fail at once.
+    pub wait: Option<Duration>,
+}
+
+/// A step of a VM creation, reported while it happens (what an async create job shows).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreateProgress {
+    /// Looking for a host (attempt 1, then one more per host that failed the create).
+    Placing {
+        /// Attempt number, from 1.
+        attempt: usize,
+        /// Why the previous attempt's host failed the create (from attempt 2).
+        previous_failure: Option<String>,
+    },
+    /// Nothing fits now: the request waits in the queue.
+    Queued {
+        /// Why nothing fits, per group of hosts.
+        reason: String,
+        /// The request's queue priority.
+        priority: i32,
+    },
+    /// A host was chosen and capacity reserved on it; the host is creating the VM.
+    Creating {
+        /// The chosen host.
+        host_id: String,
+        /// Attempt number, from 1.
+        attempt: usize,
+    },
+}
+
+/// Receives [`CreateProgress`] reports.
+pub type ProgressFn<'a> = &'a (dyn Fn(CreateProgress) + Send + Sync);
+
+/// What one reaper pass did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ReapReport {
+    /// VMs deleted.
+    pub deleted: Vec<String>,
+    /// VMs whose deletion failed (id, error); tried again next pass.
+    pub failed: Vec<(String, String)>,
+}
+
+/// Marks a VM busy (being deleted or extended) for as long as it lives.
+struct BusyGuard<'a> {
+    set: &'a Mutex<HashSet<String>>,
+    id: String,
+}
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        lock(self.set).remove(&self.id);
+    }
+}
+
+impl Scheduler {
+    fn busy(&self, vm_id: &str) -> Result<BusyGuard<'_>> {
+        if !lock(&self.inner.busy_vms).insert(vm_id.to_string()) {
+            return Err(OrchestratorError::Conflict(format!("VM {vm_id} is being changed or deleted; try again")));
+        }
+        Ok(BusyGuard { set: &self.inner.busy_vms, id: vm_id.to_string() })
+    }
+
+    /// Creates a VM on a host the scheduler chooses (or on the pinned host, whose capacity
+    /// is still reserved). With [`CreateVm::wait`], a request nothing fits waits in the queue
+    /// (by [`CreateVm::priority`], then arrival) until capacity frees or the wait ends.
+    pub async fn create_vm(&self, caller: Caller, actor: &Actor, req: CreateVm) -> Result<OrchestratedVm> {
+        self.create_vm_reporting(caller, actor, req, &|_| {}).await
+    }
+
+    /// [`Scheduler::create_vm`], reporting each step to `progress`.
+    #[instrument(skip(self, caller, actor, req, progress), fields(vm = %req.name))]
+    pub async fn create_vm_reporting(
+        &self,
+        caller: Caller,
+        actor: &Actor,
+        req: CreateVm,
+        progress: ProgressFn<'_>,
+    ) -> Result<OrchestratedVm> {
+        if req.name.trim().is_empty() || req.name.len() > 100 {
+            return Err(OrchestratorError::Invalid("a VM needs a name of 1 to 100 characters".into()));
+        }
+        let ttl = req.ttl.or(self.inner.config.default_vm_ttl);
+        if let (Some(ttl), Some(max)) = (ttl, self.inner.config.max_vm_ttl)
+            && ttl > max
+        {
+            return Err(OrchestratorError::Invalid(format!("the TTL may be at most {} s", max.as_secs())));
+        }
+        let os = req.os.unwrap_or(Os::Linux);
+        let mut preq = self.placement_request(&req, caller)?;
+        preq.os = Some(os);
+        let mut last: Option<(String, HostClientError)> = None;
+        for attempt in 1..=self.inner.config.create_attempts.max(1) {
+            progress(CreateProgress::Placing {
+                attempt,
+                previous_failure: last.as_ref().map(|(host, e)| format!("host {host}: {e}")),
+            });
+            let (decision, reservation) = match self.reserve_or_wait(&preq, req.priority, req.wait, progress).await {
+                Ok(g) => g,
+                Err(e) => {
+                    return Err(match (e, last) {
+                        (OrchestratorError::NoCapacity(_), Some((host, source))) => {
+                            OrchestratorError::Host { host, source }
+                        }
+                        (e, _) => e,
+                    });
+                }
+            };
+            debug!(attempt, host = %decision.host_id, "placed");
+            progress(CreateProgress::Creating { host_id: decision.host_id.clone(), attempt });
+            match self.create_on(&decision.host_id, &reservation, &req, os).await {
+                Ok(vm) => return self.confirm(actor, &decision.host_id, reservation, vm, &req, os, ttl).await,
+                Err(e) => {
+                    self.inner.ledger.release(reservation.id);
+                    self.drain();
+                    warn!(host = %decision.host_id, error = %e, attempt, "create failed; trying another host");
+                    let source = match e {
+                        OrchestratorError::Host { source, .. } => source,
+                        other => return Err(other),
+                    };
+                    if source.is_host_down() {
+                        lock(&self.inner.clients).remove(&decision.host_id);
+                        let _ = self.observe(&decision.host_id, Observation::CheckFailed(source.to_string())).await;
+                    }
+                    preq.exclude.insert(decision.host_id.clone());
+                    last = Some((decision.host_id, source));
+                }
+            }
+        }
+        let (host, source) =
+            last.ok_or_else(|| OrchestratorError::Internal("create gave up without an attempt".into()))?;
+        Err(OrchestratorError::Host { host, source })
+    }
+
+    async fn create_on(&self, host_id: &str, reservation: &Reservation, req: &CreateVm, os: Os) -> Result<VmSummary> {
+        let client = self.client(host_id).await?;
+        let call = HostCreateVm {
+            name: req.name.clone(),
+            image: req.image.clone(),
+            version: req.version.clone(),
+            architecture: normalize_arch(&req.architecture)?,
+            os,
+            cpu: reservation.resources.cpu,
+            memory_mb: reservation.resources.memory_mb,
+            disk_mb: req.disk_mb,
+            owner: req.owner.clone(),
+            start: req.start,
+        };
+        let create = timed(self.inner.config.create_timeout, "create VM", client.create_vm(call));
+        tokio::pin!(create);
+        // Keep the reservation alive while the host works (image pulls can be long).
+        let renew_every = (self.inner.config.reservation_ttl / 3).max(Duration::from_millis(100));
+        let mut renew = tokio::time::interval(renew_every);
+        renew.tick().await;
+        loop {
+            tokio::select! {
+                r = &mut create => return r.map_err(|source| OrchestratorError::Host { host: host_id.to_string(), source }),
+                _ = renew.tick() => { self.inner.ledger.renew(reservation.id); }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn confirm(
+        &self,
+        actor: &Actor,
+        host_id: &str,
+        reservation: Reservation,
+        mut vm: VmSummary,
+        req: &CreateVm,
+        os: Os,
+        ttl: Option<Duration>,
+    ) -> Result<OrchestratedVm> {
+        let now = self.inner.clock.now();
+        vm.disk_mb = vm.disk_mb.max(req.image_size_mb.unwrap_or(0));
+        let record = OrchestratedVm {
+            id: vm.id.clone(),
+            name: vm.name.clone(),
+            host_id: host_id.to_string(),
+            owner: req.owner.clone(),
+            os,
+            resources: vm.resources(),
+            created_at: now,
+            expires_at: ttl.map(|t| clock::add(now, t)),
+            last_error: None,
+        };
+        let seq = self.inner.seq.fetch_add(1, Ordering::SeqCst);
+        lock(&self.inner.recent).entry(host_id.to_string()).or_default().push((seq, vm.clone()));
+        let extra = Batch::new().require_absent(VMS, &record.id).put(VMS, &record.id, to_value(&record)?);
+        let detail =
+            json!({"vm_id": record.id, "name": record.name, "owner": record.owner, "expires_at": record.expires_at});
+        let written = self
+            .inner
+            .registry
+            .commit_with_status(host_id, extra, Some((actor, "orchestrator.vm.create", detail)), |h| {
+                view_upsert(h, vm.clone())
+            })
+            .await;
+        // The view counts the VM now (or the rollback below removes it): release the hold.
+        self.inner.ledger.release(reservation.id);
+        if let Err(e) = written {
+            warn!(host = %host_id, vm = %record.id, error = %e, "cannot record the new VM; deleting it");
+            if let Ok(c) = self.client(host_id).await {
+                let _ = timed(
+                    self.inner.config.call_timeout,
+                    "delete VM",
+                    c.vm_op(&record.id, VmOp::Delete { force: true }),
+                )
+                .await;
+            }
+            self.inner.registry.update_in_memory(host_id, |h| {
+                view_remove(h, &record.id);
+            });
+            self.drain();
+            return Err(e);
+        }
+        info!(host = %host_id, vm = %record.id, "VM created");
+        self.publish(
+            "VM_CREATED",
+            json!({"vm_id": record.id, "host_id": host_id, "name": record.name, "expires_at": record.expires_at}),
+        );
+        Ok(record)
+    }
+
+    /// VMs created through the orchestrator.
+    pub async fn list_vms(&self) -> Result<Vec<OrchestratedVm>> {
+        let mut out = Vec::new();
+        for rec in self.inner.registry.store().list(VMS).await? {
+            out.push(
+                serde_json::from_value(rec.value)
+                    .map_err(|e| OrchestratorError::Internal(format!("stored VM: {e}")))?,
+            );
+        }
+        Ok(out)
+    }
+
+    async fn vm_record(&self, id: &str) -> Result<Option<(OrchestratedVm, u64)>> {
+        match self.inner.registry.store().get(VMS, id).await? {
+            Some(rec) => Ok(Some((
+                serde_json::from_value(rec.value)
+                    .map_err(|e| OrchestratorError::Internal(format!("stored VM: {e}")))?,
+                rec.revision,
+            ))),
+            None => Ok(None),
+        }
+    }
+
+    /// One VM created through the orchestrator.
+    pub async fn vm(&self, id: &str) -> Result<OrchestratedVm> {
+        Ok(self.vm_record(id).await?.ok_or_else(|| OrchestratorError::not_found("VM", id))?.0)
+    }
+
+    /// The host a VM lives on: from its record, or from the host views for VMs made
+    /// elsewhere.
+    pub async fn host_of(&self, vm_id: &str) -> Result<String> {
+        if let Some((r, _)) = self.vm_record(vm_id).await? {
+            return Ok(r.host_id);
+        }
+        self.inner
+            .registry
+            .with_hosts(|hosts| {
+                for h in hosts {
+                    if h.vms.iter().any(|v| v.id == vm_id) {
+                        return Some(h.id.clone());
+                    }
+                }
+                None
+            })
+            .ok_or_else(|| OrchestratorError::not_found("VM", vm_id))
+    }
+
+    /// Forwards a power operation to the VM's host and updates the view.
+    pub async fn power(&self, vm_id: &str, op: PowerOp) -> Result<()> {
+        let host_id = self.host_of(vm_id).await?;
+        let client = self.client(&host_id).await?;
+        timed(self.inner.config.call_timeout, "VM operation", client.vm_op(vm_id, VmOp::Power { power: op }))
+            .await
+            .map_err(|source| OrchestratorError::Host { host: host_id.clone(), source })?;
+        let state = match op {
+            PowerOp::Start | PowerOp::Resume | PowerOp::Reset | PowerOp::Restart => VmState::Running,
+            PowerOp::Stop { .. } | PowerOp::Kill => VmState::Stopped,
+            PowerOp::Pause => VmState::Paused,
+            PowerOp::Suspend => VmState::Suspended,
+        };
+        self.inner.registry.update_in_memory(&host_id, |h| {
+            if let Some(vm) = h.vms.iter().find(|v| v.id == vm_id).cloned() {
+                view_upsert(h, VmSummary { state, ..vm });
+            }
+        });
+        self.drain();
+        Ok(())
+    }
+
+    async fn delete_inner(&self, actor: &Actor, vm_id: &str, action: &str) -> Result<()> {
+        let record = self.vm_record(vm_id).await?;
+        let host_id = match &record {
+            Some((r, _)) => r.host_id.clone(),
+            None => self.host_of(vm_id).await?,
+        };
+        let client = self.client(&host_id).await?;
+        match timed(self.inner.config.call_timeout, "delete VM", client.vm_op(vm_id, VmOp::Delete { force: true }))
+            .await
+        {
+            Ok(()) | Err(HostClientError::NotFound(_)) => {}
+            Err(source) => return Err(OrchestratorError::Host { host: host_id, source }),
+        }
+        let mut extra = Batch::new();
+        if let Some((_, rev)) = &record {
+            extra = extra.require_revision(VMS, vm_id, *rev).delete(VMS, vm_id);
+        }
+        let detail = json!({"vm_id": vm_id});
+        let r = self
+            .inner
+            .registry
+            .commit_with_status(&host_id, extra, Some((actor, action, detail)), |h| {
+                view_remove(h, vm_id);
+            })
+            .await;
+        self.drain();
+        match r {
+            Ok(_) => {}
+            // The host is gone: still drop the record.
+            Err(OrchestratorError::NotFound { .. }) => {
+                if let Some((_, rev)) = record {
+                    let b = Batch::new().require_revision(VMS, vm_id, rev).delete(VMS, vm_id);
+                    let entry = AuditEntry::new(actor, action, "orchestrator_vm", vm_id, json!({}));
+                    self.inner.registry.store().commit(b.put(AUDIT_COLLECTION, &entry.id, to_value(&entry)?)).await?;
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        self.publish("VM_DELETED", json!({"vm_id": vm_id, "host_id": host_id, "action": action}));
+        Ok(())
+    }
+
+    /// Deletes a VM on its host (stopping it first) and forgets it.
+    #[instrument(skip(self, actor))]
+    pub async fn delete_vm(&self, actor: &Actor, vm_id: &str) -> Result<()> {
+        let _busy = self.busy(vm_id)?;
+        self.delete_inner(actor, vm_id, "orchestrator.vm.delete").await
+    }
+
+    /// Pushes a VM's expiry back by `by` (from its current expiry, or from now if that is
+    /// already past). A VM without expiry keeps none.
+    #[instrument(skip(self, actor))]
+    pub async fn extend(&self, actor: &Actor, vm_id: &str, by: Duration) -> Result<OrchestratedVm> {
+        let _busy = self.busy(vm_id)?;
+        let (mut vm, rev) = self.vm_record(vm_id).await?.ok_or_else(|| OrchestratorError::not_found("VM", vm_id))?;
+        let now = self.inner.clock.now();
+        let Some(current) = vm.expires_at else { return Ok(vm) };
+        let new = clock::add(current.max(now), by);
+        if let Some(max) = self.inner.config.max_vm_ttl
+            && new > clock::add(now, max)
+        {
+            return Err(OrchestratorError::Invalid(format!("a VM may live at most {} s from now", max.as_secs())));
+        }
+        vm.expires_at = Some(new);
+        let entry =
+            AuditEntry::new(actor, "orchestrator.vm.extend", "orchestrator_vm", vm_id, json!({"expires_at": new}));
+        let batch = Batch::new().require_revision(VMS, vm_id, rev).put(VMS, vm_id, to_value(&vm)?).put(
+            AUDIT_COLLECTION,
+            &entry.id,
+            to_value(&entry)?,
+        );
+        match self.inner.registry.store().commit(batch).await {
+            Ok(_) => {}
+            Err(StoreError::Conflict(_)) => {
+                return Err(OrchestratorError::Conflict(format!("VM {vm_id} changed meanwhile; try again")));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.publish("VM_TTL_EXTENDED", json!({"vm_id": vm_id, "expires_at": new}));
+        Ok(vm)
+    }
+
+    /// Deletes every VM whose expiry has passed. VMs on unhealthy hosts, and deletions that
+    /// fail, are reported and tried again on the next pass.
+    #[instrument(skip(self))]
+    pub async fn reap(&self) -> Result<ReapReport> {
+        let now: DateTime<Utc> = self.inner.clock.now();
+        let mut report = ReapReport::default();
+        let actor = Actor::system();
+        for vm in self.list_vms().await? {
+            if vm.expires_at.is_none_or(|e| e > now) {
+                continue;
+            }
+            let Ok(_busy) = self.busy(&vm.id) else { continue };
+            // Re-read: an extension may have landed since the list.
+            match self.vm_record(&vm.id).await? {
+                Some((r, _)) if r.expires_at.is_some_and(|e| e <= now) => {}
+                _ => continue,
+            }
+            let healthy = self.inner.registry.get(&vm.host_id).map(|h| h.state == HostState::Healthy);
+            let result = match healthy {
+                Ok(false) => Err(OrchestratorError::Conflict(format!("host {} is not healthy", vm.host_id))),
+                _ => self.delete_inner(&actor, &vm.id, "orchestrator.vm.expire").await,
+            };
+            match result {
+                Ok(()) => {
+                    info!(vm = %vm.id, host = %vm.host_id, "expired VM deleted");
+                    self.publish("VM_EXPIRED", json!({"vm_id": vm.id, "host_id": vm.host_id}));
+                    report.deleted.push(vm.id);
+                }
+                Err(e) => {
+                    warn!(vm = %vm.id, error = %e, "cannot delete expired VM; will retry");
+                    report.failed.push((vm.id.clone(), e.to_string()));
+                    if let Ok(Some((mut r, rev))) = self.vm_record(&vm.id).await {
+                        r.last_error = Some(e.to_string());
+                        if let Ok(v) = to_value(&r) {
+                            let _ = self
+                                .inner
+                                .registry
+                                .store()
+                                .commit(Batch::new().require_revision(VMS, &vm.id, rev).put(VMS, &vm.id, v))
+                                .await;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+}
