@@ -52,7 +52,7 @@ impl fmt::Display for Secret {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     /// A `key=value` pair could not be split.
-    #[error("malformed connection string segment {0:?} (expected key=value)")]
+    #[error("malformed connection string: {0} has no '=' (expected key=value pairs separated by ';')")]
     Malformed(String),
     /// No `provider=` key.
     #[error("connection string has no provider= key")]
@@ -375,16 +375,19 @@ impl FromStr for StoreConfig {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut map = BTreeMap::new();
-        for segment in s.split(';') {
+        for (n, segment) in s.split(';').enumerate() {
             let segment = segment.trim();
             if segment.is_empty() {
                 continue;
             }
             let Some((k, v)) = segment.split_once('=') else {
-                // Never echo a segment that might be a secret: show its key
-                // shape only.
-                let shown: String = segment.chars().take(24).collect();
-                return Err(ConfigError::Malformed(if segment.len() > 24 { format!("{shown}...") } else { shown }));
+                // Never echo a segment: without its `=` it may be a secret (a value
+                // cut off from its key). Its position is enough to find it.
+                return Err(ConfigError::Malformed(format!(
+                    "segment {} (of {} characters)",
+                    n + 1,
+                    segment.chars().count()
+                )));
             };
             let k = k.trim().to_ascii_lowercase();
             if map.insert(k.clone(), v.trim().to_string()).is_some() {
