@@ -32,6 +32,16 @@ pub const KEYS: &[Key] = &[
     k("API_HOST", "0.0.0.0", "Address the HTTP and HTTPS listeners bind"),
     k("API_PREFIX", "/api", "Prefix of every API route; routes are served at PREFIX/v1/... and PREFIX/..."),
     k("API_BODY_LIMIT", "1048576", "Largest accepted request body, in bytes"),
+    k(
+        "API_HEADER_READ_TIMEOUT",
+        "10s",
+        "Longest time a client of the HTTP/HTTPS listeners may take to send a request's headers (or the TLS handshake), and the longest an open connection may stay idle between requests; then it is closed",
+    ),
+    k(
+        "API_MAX_CONNECTIONS_PER_SOURCE",
+        "512",
+        "Most connections one source IP address may hold open to the HTTP/HTTPS listeners at once; further ones are closed at once",
+    ),
     k("LOG_LEVEL", "info", "trace, debug, info, warn or error (or a tracing filter)"),
     k("LOG_FORMAT", "text", "text or json"),
     k(

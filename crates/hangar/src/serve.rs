@@ -139,7 +139,7 @@ async fn start_reverse_proxy(
         builder = builder.resolver(r.clone());
     }
     if let Some(o) = orchestrator {
-        let fleet: Arc<dyn hangar_proxy::VmDialer> = hangar_orchestrator::tunnel::HostTunnels::new(o.scheduler.clone());
+        let fleet: Arc<dyn hangar_proxy::VmDialer> = o.dialer();
         builder = builder.vm_dialer(match &local {
             Some(r) => hangar_reverse_proxy::LocalFirstDialer::new(r.clone(), fleet),
             None => fleet,
@@ -232,8 +232,7 @@ async fn start_orchestrator(
     let o = hangar_orchestrator::HttpOrchestrator::start(scheduler, connector, jobs, every);
     status.enabled = true;
     status.healthy = true;
-    status.message =
-        format!("{} registered hosts, checked every {} ms", o.scheduler.registry().len(), check.as_millis());
+    status.message = format!("{} registered hosts, checked every {} ms", o.host_count(), check.as_millis());
     Ok(Some(Arc::new(o)))
 }
 
@@ -328,6 +327,8 @@ pub async fn run(l: Layers, s: Settings) -> Result<()> {
     let tls = s.tls.enabled;
     let https_only = s.tls.https_only();
     let handle: axum_server::Handle<SocketAddr> = axum_server::Handle::new();
+    let limits = listen::Limits { header_read_timeout: s.http.header_read_timeout };
+    let cap = listen::SourceCap::new(s.http.max_connections_per_source);
     let mut servers = tokio::task::JoinSet::new();
     let mut announce = Vec::new();
     if !https_only {
@@ -339,7 +340,8 @@ pub async fn run(l: Layers, s: Settings) -> Result<()> {
         listener.set_nonblocking(true)?;
         let bound = listener.local_addr()?;
         announce.push(format!("http://{bound}"));
-        servers.spawn(async move { axum_server::from_tcp(listener)?.handle(h).serve(svc).await });
+        let server = limits.apply(axum_server::from_tcp(listener)?.acceptor(cap.clone()));
+        servers.spawn(async move { server.handle(h).serve(svc).await });
     }
     if tls {
         let cert = s.tls.certificate.as_ref().context("TLS_ENABLED=true needs TLS_CERTIFICATE")?;
@@ -357,7 +359,11 @@ pub async fn run(l: Layers, s: Settings) -> Result<()> {
         announce.push(format!("https://{bound}"));
         let h = handle.clone();
         let svc = app.into_make_service_with_connect_info::<SocketAddr>();
-        servers.spawn(async move { axum_server::from_tcp_rustls(listener, rustls)?.handle(h).serve(svc).await });
+        let server = limits.apply(
+            axum_server::from_tcp_rustls(listener, rustls)?
+                .map(|tls| tls.handshake_timeout(limits.header_read_timeout).acceptor(cap.clone())),
+        );
+        servers.spawn(async move { server.handle(h).serve(svc).await });
     }
 
     // The console banner: where data lives, where to connect, how to log in.
@@ -407,4 +413,143 @@ pub async fn run(l: Layers, s: Settings) -> Result<()> {
     store.close().await.map_err(|e| anyhow::anyhow!("closing the store: {e}"))?;
     info!("stopped");
     Ok(())
+}
+
+/// What the API listeners (HTTP and HTTPS) do against slow and greedy clients: a deadline
+/// for each request's headers that also closes idle kept-alive connections
+/// (`API_HEADER_READ_TIMEOUT`; also the deadline of the first request and of the TLS
+/// handshake), and a cap on the connections one source address holds open
+/// (`API_MAX_CONNECTIONS_PER_SOURCE`; further connections are closed as soon as they are
+/// accepted). Together they keep a slow-client flood from holding file descriptors: the
+/// process still needs `RLIMIT_NOFILE` above the connections it should hold (sources x
+/// cap at most), which the service manager sets (`LimitNOFILE=`).
+mod listen {
+    use std::collections::HashMap;
+    use std::io;
+    use std::net::IpAddr;
+    use std::pin::Pin;
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll};
+    use std::time::Duration;
+
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+    use tokio::net::TcpStream;
+    use tracing::debug;
+
+    /// Timeouts of one listener.
+    #[derive(Debug, Clone, Copy)]
+    pub struct Limits {
+        pub header_read_timeout: Duration,
+    }
+
+    impl Limits {
+        /// Set the timeouts on a server's HTTP builder.
+        pub fn apply<A>(
+            &self,
+            server: axum_server::Server<std::net::SocketAddr, A>,
+        ) -> axum_server::Server<std::net::SocketAddr, A> {
+            let t = self.header_read_timeout;
+            // Also covers hyper's protocol detection, which reads before any head.
+            let mut server = server.first_request_timeout(t);
+            let b = server.http_builder();
+            // Starts whenever hyper waits for a request head, so it also bounds the idle
+            // time of a kept-alive connection.
+            b.http1().header_read_timeout(t).keep_alive(true);
+            b.http2().keep_alive_interval(Some(t)).keep_alive_timeout(t);
+            server
+        }
+    }
+
+    /// Connections open per source address, with a cap.
+    #[derive(Debug, Clone)]
+    pub struct SourceCap {
+        max: usize,
+        open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    }
+
+    impl SourceCap {
+        pub fn new(max: usize) -> SourceCap {
+            SourceCap { max: max.max(1), open: Arc::default() }
+        }
+
+        fn admit(&self, ip: IpAddr) -> bool {
+            let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+            let n = open.entry(ip).or_insert(0);
+            if *n >= self.max {
+                return false;
+            }
+            *n += 1;
+            true
+        }
+
+        fn release(&self, ip: IpAddr) {
+            let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = open.get_mut(&ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    open.remove(&ip);
+                }
+            }
+        }
+    }
+
+    impl<S> axum_server::accept::Accept<TcpStream, S> for SourceCap {
+        type Stream = Counted;
+        type Service = S;
+        type Future = std::future::Ready<io::Result<(Counted, S)>>;
+
+        fn accept(&self, stream: TcpStream, service: S) -> Self::Future {
+            let ip = match stream.peer_addr() {
+                Ok(a) => a.ip().to_canonical(),
+                Err(e) => return std::future::ready(Err(e)),
+            };
+            if !self.admit(ip) {
+                debug!(source = %ip, max = self.max, "connection refused: API_MAX_CONNECTIONS_PER_SOURCE reached");
+                return std::future::ready(Err(io::Error::other("too many connections from this source address")));
+            }
+            std::future::ready(Ok((Counted { inner: stream, ip, cap: self.clone() }, service)))
+        }
+    }
+
+    /// An accepted connection, counted against its source until it is dropped.
+    #[derive(Debug)]
+    pub struct Counted {
+        inner: TcpStream,
+        ip: IpAddr,
+        cap: SourceCap,
+    }
+
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.cap.release(self.ip);
+        }
+    }
+
+    impl AsyncRead for Counted {
+        fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Counted {
+        fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.inner).poll_write(cx, buf)
+        }
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        }
+        fn is_write_vectored(&self) -> bool {
+            self.inner.is_write_vectored()
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
 }

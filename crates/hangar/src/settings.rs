@@ -78,6 +78,11 @@ pub struct HttpSettings {
     pub prefix: String,
     /// `API_BODY_LIMIT`, in bytes.
     pub body_limit: usize,
+    /// `API_HEADER_READ_TIMEOUT`: headers (and the TLS handshake) must arrive within it,
+    /// and an idle connection is closed after it.
+    pub header_read_timeout: Duration,
+    /// `API_MAX_CONNECTIONS_PER_SOURCE` (at least 1).
+    pub max_connections_per_source: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -264,6 +269,19 @@ impl Settings {
         let api_port = r.required("API_PORT", port);
         let api_prefix = r.required("API_PREFIX", prefix);
         let api_body_limit = r.required("API_BODY_LIMIT", whole::<usize>("a whole number of bytes"));
+        let api_header_read_timeout = r.required("API_HEADER_READ_TIMEOUT", |v| {
+            duration(v).and_then(|d| {
+                if d < Duration::from_millis(100) {
+                    Err("is too short: use at least 100ms, such as 10s".to_string())
+                } else {
+                    Ok(d)
+                }
+            })
+        });
+        let api_max_per_source = r.required("API_MAX_CONNECTIONS_PER_SOURCE", |v| {
+            whole::<usize>("a whole number of connections")(v)
+                .and_then(|n| if n == 0 { Err("must be at least 1".to_string()) } else { Ok(n) })
+        });
         let log_level = r.required("LOG_LEVEL", log_filter);
         let log_format =
             r.required("LOG_FORMAT", |v| choice(v, &[("text", LogFormat::Text), ("json", LogFormat::Json)]));
@@ -365,6 +383,8 @@ impl Settings {
                     port: api_port?,
                     prefix: api_prefix?,
                     body_limit: api_body_limit?,
+                    header_read_timeout: api_header_read_timeout?,
+                    max_connections_per_source: api_max_per_source?,
                 },
                 log: LogSettings { filter: log_level?, format: log_format? },
                 modules: Modules { requested: modules?.unwrap_or_default() },

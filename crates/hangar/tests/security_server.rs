@@ -1,0 +1,196 @@
+//! Security hardening (issue 12), rows 7, 9, 10, 11 and 12: each test runs the attack
+//! against the real `hangar` binary on loopback and shows it refused. Traffic stays on
+//! 127.0.0.0/8 (all loopback, so distinct source addresses are had by binding client sockets
+//! to 127.0.0.x).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use reqwest::Method;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// The server's address from its URL (`http://127.0.0.1:PORT`).
+fn addr_of(s: &Server) -> SocketAddr {
+    s.url.trim_start_matches("http://").parse().expect("server address")
+}
+
+/// Open `n` connections from `source` to `to`.
+async fn connect_from(source: Ipv4Addr, to: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let sock = TcpSocket::new_v4().expect("socket");
+        sock.bind(SocketAddr::new(IpAddr::V4(source), 0)).expect("bind a loopback source address");
+        let c = tokio::time::timeout(Duration::from_secs(10), sock.connect(to))
+            .await
+            .expect("connect within 10 s")
+            .expect("connect");
+        out.push(c);
+    }
+    out
+}
+
+/// Raise this process's soft file-descriptor limit to its hard limit when it is below what
+/// the slow-client test needs (the server, started afterwards, inherits it).
+fn ensure_fd_limit(need: u64) {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap_or_default().to_string();
+    let nums: Vec<u64> = line.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    let (soft, hard) = match nums.as_slice() {
+        [s, h, ..] => (*s, *h),
+        _ => return,
+    };
+    if soft >= need {
+        return;
+    }
+    assert!(hard >= need, "RLIMIT_NOFILE hard limit {hard} is below the {need} this test needs");
+    let st = std::process::Command::new("prlimit")
+        .args(["--pid", &std::process::id().to_string(), &format!("--nofile={hard}:{hard}")])
+        .status()
+        .expect("run prlimit");
+    assert!(st.success(), "prlimit failed");
+}
+
+/// Row 11: 5,000 slow connections (a header line every second, never finishing the head)
+/// from 50 source addresses do not stop a normal client: its requests are answered within
+/// 1 s while they are open. One source cannot hold more than `API_MAX_CONNECTIONS_PER_SOURCE`
+/// connections (the extra ones are closed at once), and the server closes every slow
+/// connection, a silent one and an idle kept-alive one after `API_HEADER_READ_TIMEOUT`.
+/// Before the fix nothing was ever closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_capped_per_source_and_timed_out_while_a_normal_client_is_served() {
+    const SOURCES: u8 = 50;
+    const PER_SOURCE: usize = 100;
+    const TIMEOUT: Duration = Duration::from_secs(20);
+    ensure_fd_limit(12_000);
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(
+        &dir.path().join("data"),
+        &[
+            ("ENABLED_MODULES", "api"),
+            ("API_HEADER_READ_TIMEOUT", "20s"),
+            ("API_MAX_CONNECTIONS_PER_SOURCE", &PER_SOURCE.to_string()),
+        ],
+    );
+    let to = addr_of(&s);
+    let started = Instant::now();
+
+    // The per-source cap: 20 connections over the cap from one address are closed at once,
+    // the others stay.
+    let capped = connect_from(Ipv4Addr::new(127, 0, 0, 200), to, PER_SOURCE + 20).await;
+    let closed_at_once = Arc::new(AtomicUsize::new(0));
+    let mut keep = Vec::new();
+    let mut probes = tokio::task::JoinSet::new();
+    for mut c in capped {
+        let closed = closed_at_once.clone();
+        probes.spawn(async move {
+            let mut b = [0u8; 64];
+            if let Ok(Ok(0) | Err(_)) = tokio::time::timeout(Duration::from_secs(2), c.read(&mut b)).await {
+                closed.fetch_add(1, Ordering::SeqCst);
+                None
+            } else {
+                Some(c)
+            }
+        });
+    }
+    while let Some(r) = probes.join_next().await {
+        if let Some(c) = r.unwrap() {
+            keep.push(c);
+        }
+    }
+    assert_eq!(closed_at_once.load(Ordering::SeqCst), 20, "connections over the per-source cap are closed at once");
+    drop(keep);
+
+    // 5,000 slow connections from 127.0.0.10 .. 127.0.0.59, each sending a request line and
+    // then one header line a second.
+    let mut conns = Vec::new();
+    let mut opening = tokio::task::JoinSet::new();
+    for i in 0..SOURCES {
+        opening.spawn(connect_from(Ipv4Addr::new(127, 0, 0, 10 + i), to, PER_SOURCE));
+    }
+    while let Some(r) = opening.join_next().await {
+        conns.extend(r.unwrap());
+    }
+    assert_eq!(conns.len(), SOURCES as usize * PER_SOURCE);
+    let opened = Instant::now();
+    println!("opened {} slow connections in {:?}", conns.len(), opened - started);
+    let closed = Arc::new(AtomicUsize::new(0));
+    let mut writers = Vec::with_capacity(conns.len());
+    let mut readers = tokio::task::JoinSet::new();
+    for c in conns {
+        let (mut r, w) = c.into_split();
+        let closed = closed.clone();
+        readers.spawn(async move {
+            let mut b = [0u8; 256];
+            let deadline = TIMEOUT + Duration::from_secs(20);
+            let r = tokio::time::timeout(deadline, async {
+                loop {
+                    match r.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                }
+            })
+            .await;
+            if r.is_ok() {
+                closed.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        writers.push(w);
+    }
+    let drip = tokio::spawn(async move {
+        let end = Instant::now() + TIMEOUT + Duration::from_secs(20);
+        let mut n = 0u32;
+        while Instant::now() < end {
+            for w in writers.iter_mut() {
+                let line: &[u8] = if n == 0 { b"GET /api/v1/health/probe HTTP/1.1\r\n" } else { b"X-Slow: 1\r\n" };
+                let _ = w.write_all(line).await;
+            }
+            n += 1;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+
+    // A silent connection and an idle kept-alive one, from the normal client's address.
+    let mut silent = connect_from(Ipv4Addr::new(127, 0, 0, 1), to, 1).await.remove(0);
+    let mut idle = connect_from(Ipv4Addr::new(127, 0, 0, 1), to, 1).await.remove(0);
+    idle.write_all(b"GET /api/v1/health/probe HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut head = [0u8; 12];
+    idle.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+
+    // A normal client, a new connection per request, while the slow ones are open.
+    let c = reqwest::Client::builder().pool_max_idle_per_host(0).timeout(Duration::from_secs(30)).build().unwrap();
+    let mut worst = Duration::ZERO;
+    for _ in 0..20 {
+        let t = Instant::now();
+        let r = c.get(s.api("/health/probe")).send().await.expect("probe");
+        assert_eq!(r.status(), 200);
+        worst = worst.max(t.elapsed());
+    }
+    assert!(started.elapsed() < TIMEOUT, "the probes ran after the slow connections could have timed out");
+    assert_eq!(closed.load(Ordering::SeqCst), 0, "slow connections were closed before the timeout");
+    println!("worst normal-request latency with 5,000 slow connections open: {worst:?}");
+    assert!(worst < Duration::from_secs(1), "a normal request took {worst:?} under the slow-client flood");
+
+    // The server closes every slow connection once the header-read timeout has passed.
+    while readers.join_next().await.is_some() {}
+    let slow_closed = opened.elapsed();
+    drip.abort();
+    assert_eq!(closed.load(Ordering::SeqCst), SOURCES as usize * PER_SOURCE, "slow connections left open");
+    println!("all slow connections closed by the server {slow_closed:?} after they opened");
+    for (what, c) in [("silent", &mut silent), ("idle", &mut idle)] {
+        let mut rest = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut rest)).await;
+        assert!(r.is_ok(), "the {what} connection was not closed");
+    }
+    // And the API still answers.
+    let (st, _) = call(&client(), Method::GET, &s.api("/health/probe"), &Auth::None, None, &[]).await;
+    assert_eq!(st, 200);
+}
