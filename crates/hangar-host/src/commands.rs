@@ -20,7 +20,7 @@ use hangar_wire::{
 use serde_json::{Value, json};
 use tracing::{Instrument, info_span, warn};
 
-use crate::{Host, HostError, Result, check_name};
+use crate::{Host, HostError, Result, check_name, check_vm_key};
 
 /// One change of a batch `set` request (the reference's `PUT /machines/{id}/set`).
 #[derive(Debug, Clone, PartialEq)]
@@ -211,6 +211,7 @@ impl From<VmDenied> for HostError {
 impl Host {
     /// The VM `vm` (id or name) after checking `p` may run `action` on it.
     pub async fn authorized(&self, p: &Principal, action: VmAction, vm: &str) -> Result<VmInfo> {
+        check_vm_key(vm)?;
         let info = self.hv.get(vm).await?;
         let owner = self.owners.owner_of(&info).await?;
         authorize(p, action, &info.name, owner.as_deref())?;
@@ -223,7 +224,14 @@ impl Host {
         let info = self.authorized(p, action, vm).await?;
         // Checks that need no IO come before the audit entry, so a refused request is not
         // recorded as a change.
-        let op = Op::of(call)?;
+        let mut op = Op::of(call)?;
+        // Clone destinations are confined to the VM folders before anything is recorded.
+        if let Op::Clone(CloneSpec { destination: Some(d), .. }) = &mut op {
+            if !d.is_absolute() || d.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+                return Err(HostError::Invalid("destination_path must be an absolute path without '..'".into()));
+            }
+            *d = self.in_vm_folders(d, "destination_path", false).await?;
+        }
         if action.is_change() {
             self.audit(actor, &action.audit_action(), &info.id, op.audit_detail(&info)).await?;
         }
@@ -390,12 +398,13 @@ impl Host {
 
     /// Clone `id`; the clone belongs to the caller, recorded with its audit entry in one
     /// batch (a refused write removes the clone again).
-    async fn clone_for(&self, p: &Principal, actor: &Actor, id: &str, spec: CloneSpec) -> Result<VmInfo> {
+    async fn clone_for(&self, p: &Principal, actor: &Actor, id: &str, mut spec: CloneSpec) -> Result<VmInfo> {
         check_name(&spec.name)?;
-        if let Some(d) = &spec.destination
-            && (!d.is_absolute() || d.components().any(|c| matches!(c, std::path::Component::ParentDir)))
-        {
-            return Err(HostError::Invalid("destination_path must be an absolute path without '..'".into()));
+        if let Some(d) = &spec.destination {
+            if !d.is_absolute() || d.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+                return Err(HostError::Invalid("destination_path must be an absolute path without '..'".into()));
+            }
+            spec.destination = Some(self.in_vm_folders(d, "destination_path", false).await?);
         }
         let vm = self.hv.clone_vm(id, spec).await?;
         self.record_new_vm(actor, "vm.clone.created", &vm, &p.username, json!({"source": id})).await?;

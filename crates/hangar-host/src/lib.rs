@@ -79,6 +79,24 @@ impl Classify for HostError {
 
 pub type Result<T, E = HostError> = std::result::Result<T, E>;
 
+/// The one rule for a VM key (an id or a name) given by a caller, checked before any
+/// driver sees it: 1 to 255 characters, no control character (NUL included), no `/` or
+/// `\\`, and not starting with `-` (a driver's tool would read it as an option).
+pub fn check_vm_key(key: &str) -> Result<()> {
+    let ok = !key.is_empty()
+        && key.len() <= 255
+        && !key.starts_with('-')
+        && !key.chars().any(|c| c.is_control() || c == '/' || c == '\\');
+    if ok {
+        Ok(())
+    } else {
+        Err(HostError::Invalid(format!(
+            "VM id or name {:?} is invalid: give a VM's id or name (1 to 255 characters, no control characters, '/' or '\\', not starting with '-')",
+            key.chars().take(64).collect::<String>()
+        )))
+    }
+}
+
 /// Which driver to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DriverChoice {
@@ -150,10 +168,8 @@ pub async fn open_driver(cfg: &HostConfig) -> Result<Arc<dyn Hypervisor>> {
             let prlctl = prlctl.ok_or_else(|| {
                 HostError::Unavailable("HYPERVISOR=parallels but prlctl is not found; set PRLCTL_PATH".into())
             })?;
-            let mut pc = hangar_parallels::ParallelsConfig { prlctl: prlctl.clone(), ..Default::default() };
-            pc.prlsrvctl =
-                cfg.prlsrvctl.clone().or_else(|| prlctl.parent().map(|d| d.join("prlsrvctl"))).unwrap_or_default();
-            let d = hangar_parallels::ParallelsDriver::new(pc).map_err(HostError::Hypervisor)?;
+            let d =
+                hangar_parallels::ParallelsDriver::new(parallels_config(cfg, prlctl)).map_err(HostError::Hypervisor)?;
             Ok(Arc::new(d))
         }
         _ => {
@@ -169,6 +185,12 @@ pub async fn open_driver(cfg: &HostConfig) -> Result<Arc<dyn Hypervisor>> {
             Ok(Arc::new(d))
         }
     }
+}
+
+/// The Parallels driver's settings for `prlctl` at `prlctl`.
+fn parallels_config(cfg: &HostConfig, prlctl: PathBuf) -> hangar_parallels::ParallelsConfig {
+    let prlsrvctl = cfg.prlsrvctl.clone().or_else(|| prlctl.parent().map(|d| d.join("prlsrvctl"))).unwrap_or_default();
+    hangar_parallels::ParallelsConfig { prlctl, prlsrvctl, ..Default::default() }
 }
 
 /// What to create a VM from.
@@ -281,6 +303,7 @@ impl Host {
     }
 
     pub async fn get(&self, vm: &str) -> Result<VmInfo> {
+        check_vm_key(vm)?;
         Ok(self.hv.get(vm).await?)
     }
 
@@ -420,6 +443,7 @@ impl Host {
             return Err(HostError::Invalid("path must be an absolute path without '..'".into()));
         }
         let owner = owner_for(p, spec.owner.as_deref())?;
+        let path = &self.in_vm_folders(path, "path", true).await?;
         if self.hv.kind() == HypervisorKind::Qemu {
             spec.owner = Some(owner.clone());
         }
@@ -427,6 +451,69 @@ impl Host {
         let vm = self.hv.register(path, spec).await?;
         self.record_new_vm(actor, "vm.registered", &vm, &owner, json!({"path": path})).await?;
         Ok(vm)
+    }
+
+    /// The folders VM bundles may live in, as callers name them (register paths, clone
+    /// destinations): `HOST_VMS_FOLDER` and, on Parallels, each Parallels user's VM home
+    /// (`prlsrvctl user list`: `DEF_VM_HOME`). The images folder is not one of them: its
+    /// bundles are the images VMs are made from. Only folders that exist, resolved.
+    pub async fn vm_folders(&self) -> Vec<PathBuf> {
+        let mut dirs = vec![self.config.vms_dir.clone()];
+        if self.hv.kind() == HypervisorKind::Parallels {
+            let prlctl = self.config.prlctl.clone().or_else(|| on_path("prlctl"));
+            if let Some(prlctl) = prlctl {
+                let mut pc = parallels_config(&self.config, prlctl);
+                pc.watch_events = false;
+                match hangar_parallels::ParallelsDriver::new(pc) {
+                    Ok(d) => match d.users().await {
+                        Ok(users) => dirs.extend(
+                            users
+                                .into_iter()
+                                .filter(|u| !u.default_vm_home.is_empty())
+                                .map(|u| u.default_vm_home.into()),
+                        ),
+                        Err(e) => warn!(error = %e, "the Parallels users' VM homes are unknown"),
+                    },
+                    Err(e) => warn!(error = %e, "the Parallels users' VM homes are unknown"),
+                }
+            }
+        }
+        let mut out: Vec<PathBuf> = dirs.iter().filter_map(|d| std::fs::canonicalize(d).ok()).collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// `path` (absolute, without `..`) resolved, when it lies inside one of the
+    /// [`Host::vm_folders`] (strictly inside for a bundle; a folder bundles go into may be
+    /// a VM folder itself); a path that does not exist yet is resolved through its nearest
+    /// existing ancestor. `what` names the request field in the error.
+    pub(crate) async fn in_vm_folders(&self, path: &Path, what: &str, bundle: bool) -> Result<PathBuf> {
+        let mut existing = path.to_path_buf();
+        let mut rest = Vec::new();
+        let real = loop {
+            match std::fs::canonicalize(&existing) {
+                Ok(r) => break r,
+                Err(_) => match (existing.file_name().map(|n| n.to_os_string()), existing.parent()) {
+                    (Some(name), Some(parent)) => {
+                        rest.push(name);
+                        existing = parent.to_path_buf();
+                    }
+                    _ => return Err(HostError::Invalid(format!("{what} {} cannot be resolved", path.display()))),
+                },
+            }
+        };
+        let real = rest.into_iter().rev().fold(real, |p, n| p.join(n));
+        let folders = self.vm_folders().await;
+        if folders.iter().any(|f| real.starts_with(f) && (real != *f || !bundle)) {
+            return Ok(real);
+        }
+        let list: Vec<String> = folders.iter().map(|f| f.display().to_string()).collect();
+        Err(HostError::Forbidden(format!(
+            "{what} {} is outside this host's VM folders ({}); give a path inside one of them (HOST_VMS_FOLDER, or a Parallels user's VM home)",
+            path.display(),
+            if list.is_empty() { "none found".to_string() } else { list.join(", ") }
+        )))
     }
 
     /// A host path confined to the upload folder, so the API cannot read arbitrary host
@@ -482,6 +569,7 @@ impl Host {
 
     /// Wait until the VM's guest answers a trivial command, up to `timeout`.
     pub async fn wait_ready(&self, vm: &str, timeout: Duration) -> Result<()> {
+        check_vm_key(vm)?;
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let req = ExecRequest {

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use reqwest::Method;
+use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -193,4 +194,123 @@ async fn slow_clients_are_capped_per_source_and_timed_out_while_a_normal_client_
     // And the API still answers.
     let (st, _) = call(&client(), Method::GET, &s.api("/health/probe"), &Auth::None, None, &[]).await;
     assert_eq!(st, 200);
+}
+
+/// A Parallels bundle `name.pvm` made with the fake and moved to `to` (not registered).
+fn loose_bundle(fake: &FakeParallels, name: &str, to: &std::path::Path) -> std::path::PathBuf {
+    fake.prlctl(&["create", name, "--distribution", "ubuntu"]);
+    fake.prlctl(&["unregister", name]);
+    std::fs::create_dir_all(to).unwrap();
+    let dest = to.join(format!("{name}.pvm"));
+    std::fs::rename(fake.state.join(format!("Parallels/{name}.pvm")), &dest).unwrap();
+    dest
+}
+
+async fn names(c: &reqwest::Client, s: &Server, root: &Auth) -> String {
+    let (st, list) = call(c, Method::GET, &s.api("/machines"), root, None, &[]).await;
+    assert_eq!(st, 200, "{list}");
+    list.to_string()
+}
+
+/// Row 9 (folder part): `POST /machines/register` with a bundle outside the host's VM folders
+/// (`HOST_VMS_FOLDER` and the Parallels users' VM homes), directly or through a symlink
+/// inside a VM folder, is refused (403) and nothing is registered, even for a SUPER_USER;
+/// a bundle in the VM home registers. Before the fix any absolute path was registered.
+#[tokio::test]
+async fn register_is_confined_to_the_vm_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeParallels::new(dir.path());
+    let s = fake.server(&dir.path().join("data"), &[]);
+    let c = client();
+    let root = Auth::Bearer(login(&c, &s, "root", ROOT_PASSWORD).await);
+
+    let outside = loose_bundle(&fake, "outside", &dir.path().join("elsewhere"));
+    let (st, v) =
+        call(&c, Method::POST, &s.api("/machines/register"), &root, Some(json!({"path": outside})), &[]).await;
+    assert_eq!(st, 403, "{v}");
+    assert!(v.to_string().contains("outside this host's VM folders"), "{v}");
+    let link = fake.state.join("Parallels/linked.pvm");
+    std::os::unix::fs::symlink(&outside, &link).unwrap();
+    let (st, v) = call(&c, Method::POST, &s.api("/machines/register"), &root, Some(json!({"path": link})), &[]).await;
+    assert_eq!(st, 403, "a symlink out of the VM home: {v}");
+    assert!(!names(&c, &s, &root).await.contains("\"outside\""), "a refused register left the VM");
+
+    let inside = loose_bundle(&fake, "inside", &fake.state.join("Parallels"));
+    let (st, v) = call(&c, Method::POST, &s.api("/machines/register"), &root, Some(json!({"path": inside})), &[]).await;
+    assert_eq!(st, 200, "{v}");
+    assert!(names(&c, &s, &root).await.contains("\"inside\""));
+}
+
+/// Row 10: `PUT /machines/{id}/clone` with a `destination_path` outside the VM folders
+/// (the attack used `/root`; here a folder of the test's own) is refused (403) before
+/// anything is made there; a destination inside the Parallels VM home works. Before the fix
+/// the bundle was made in the given folder.
+#[tokio::test]
+async fn clone_destinations_are_confined_to_the_vm_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeParallels::new(dir.path());
+    let data = dir.path().join("data");
+    let s = fake.server(&data, &[]);
+    let c = client();
+    let root = Auth::Bearer(login(&c, &s, "root", ROOT_PASSWORD).await);
+    let (st, v) =
+        call(&c, Method::POST, &s.api("/machines"), &root, Some(json!({"name": "src", "image": "golden.pvm"})), &[])
+            .await;
+    assert_eq!(st, 200, "{v}");
+    let id = v["ID"].as_str().or(v["id"].as_str()).unwrap().to_string();
+
+    let target = dir.path().join("not-a-vm-folder");
+    std::fs::create_dir_all(&target).unwrap();
+    for dest in [target.clone(), target.join("new-sub"), std::path::PathBuf::from("/")] {
+        let body = json!({"clone_name": "stolen", "destination_path": dest});
+        let (st, v) = call(&c, Method::PUT, &s.api(&format!("/machines/{id}/clone")), &root, Some(body), &[]).await;
+        assert_eq!(st, 403, "{}: {v}", dest.display());
+        assert!(v.to_string().contains("destination_path"), "{v}");
+    }
+    assert_eq!(std::fs::read_dir(&target).unwrap().count(), 0, "something was made in the refused destination");
+    assert!(!names(&c, &s, &root).await.contains("\"stolen\""));
+
+    let home = fake.state.join("Parallels");
+    let body = json!({"clone_name": "kept", "destination_path": home});
+    let (st, v) = call(&c, Method::PUT, &s.api(&format!("/machines/{id}/clone")), &root, Some(body), &[]).await;
+    assert_eq!(st, 200, "{v}");
+    assert!(home.join("kept.pvm").exists(), "the clone is in the VM home");
+}
+
+/// Row 12: VM ids that a tool would read as options (`-a`, `--help`) or that carry a NUL
+/// answer 400 on every VM route, naming the rule, and never reach the driver (no other VM
+/// is answered, no 500). Before the fix `-a` answered another VM and `--help`/NUL a 500.
+#[tokio::test]
+async fn option_like_and_nul_vm_ids_answer_400_on_every_vm_route() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeParallels::new(dir.path());
+    let s = fake.server(&dir.path().join("data"), &[]);
+    let c = client();
+    let root = Auth::Bearer(login(&c, &s, "root", ROOT_PASSWORD).await);
+    let (st, v) =
+        call(&c, Method::POST, &s.api("/machines"), &root, Some(json!({"name": "victim", "image": "golden.pvm"})), &[])
+            .await;
+    assert_eq!(st, 200, "{v}");
+    let routes: &[(Method, &str, Option<Value>)] = &[
+        (Method::GET, "", None),
+        (Method::GET, "/status", None),
+        (Method::PUT, "/start", None),
+        (Method::PUT, "/stop", None),
+        (Method::DELETE, "", None),
+        (Method::PUT, "/rename", Some(json!({"new_name": "x"}))),
+        (Method::PUT, "/clone", Some(json!({"clone_name": "x"}))),
+        (Method::PUT, "/execute", Some(json!({"command": "true"}))),
+        (Method::GET, "/snapshots", None),
+        (Method::POST, "/snapshots", Some(json!({"snapshot_name": "s"}))),
+    ];
+    for bad in ["-a", "--help", "%00", "victim%00", "-i"] {
+        for (m, tail, body) in routes {
+            let url = s.api(&format!("/machines/{bad}{tail}"));
+            let (st, v) = call(&c, m.clone(), &url, &root, body.clone(), &[]).await;
+            assert_eq!(st, 400, "{m} {url}: {v}");
+            assert!(v.to_string().contains("is invalid"), "{m} {url}: {v}");
+            assert!(!v.to_string().contains("victim\""), "{m} {url} answered another VM: {v}");
+        }
+    }
+    assert!(names(&c, &s, &root).await.contains("\"victim\""), "the VM is still there");
 }
