@@ -76,12 +76,15 @@
 //! magic, length or checksum:
 //!
 //! * if no intact frame follows anywhere after it, it is a torn write (or garbage) at the
-//!   tail: it is logged and the file is truncated there, so the store comes back at the last
-//!   good commit;
+//!   tail: the dropped bytes are first kept in `journal.damaged-<UTC time>` next to the
+//!   journal (fsynced, mode 0600; the log names the file), then the journal is truncated
+//!   there, so the store comes back at the last good commit and a damaged frame that held an
+//!   acknowledged commit is not lost;
 //! * if an intact frame follows, the damage is in the middle of acknowledged data, which a
 //!   crash cannot cause: open fails with [`StoreError::Corrupt`] and changes nothing, unless
 //!   [`JsonStoreOptions::salvage_damaged_journal`] is set, in which case the journal is cut
-//!   at the damaged frame (commits after it are lost; restore a backup instead if possible).
+//!   at the damaged frame (the bytes cut are kept aside as above; restore a backup instead
+//!   if possible).
 //!
 //! An intact frame that does not decrypt means a wrong key or tampering:
 //! [`StoreError::WrongKey`]. A damaged header or snapshot is [`StoreError::Corrupt`]; the
@@ -118,6 +121,9 @@ pub const LOCK_FILE: &str = "data.lock";
 /// Name of the backup folder inside the data folder.
 pub const BACKUP_DIR: &str = "backups";
 
+/// Prefix of the files a damaged or torn journal tail is kept in
+/// (`journal.damaged-<UTC time>`), next to the journal, before the journal is cut.
+pub const DAMAGED_TAIL_PREFIX: &str = "journal.damaged-";
 const SNAPSHOT_TMP: &str = "data.json.tmp";
 const JOURNAL_TMP: &str = "journal.log.tmp";
 /// Most batches written by one group commit.
@@ -209,6 +215,32 @@ fn random_id() -> Result<[u8; 16]> {
 /// fsyncs a directory so a rename or a new file in it is durable.
 fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+}
+
+/// Keeps the journal bytes recovery drops (`tail`) in a new file next to the journal, mode
+/// 0600, written and fsynced (with its directory entry) before the journal is cut, so a
+/// damaged frame that held an acknowledged commit can still be inspected or repaired.
+fn keep_damaged_tail(dir: &Path, tail: &[u8]) -> Result<PathBuf> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.6fZ").to_string();
+    let mut n = 0u32;
+    loop {
+        let name = match n {
+            0 => format!("{DAMAGED_TAIL_PREFIX}{stamp}"),
+            n => format!("{DAMAGED_TAIL_PREFIX}{stamp}-{n}"),
+        };
+        let path = dir.join(name);
+        match OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path) {
+            Ok(mut file) => {
+                file.write_all(tail).map_err(io_err(&path))?;
+                file.sync_all().map_err(io_err(&path))?;
+                sync_dir(dir)?;
+                return Ok(path);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => n += 1,
+            Err(e) => return Err(io_err(&path)(e)),
+        }
+    }
 }
 
 /// Writes `bytes` to `tmp` and fsyncs it. The caller renames it into place.
@@ -422,7 +454,17 @@ impl JsonStore {
                     &mut model,
                     options.salvage_damaged_journal,
                 )?;
-                if found.good_len < bytes.len() {
+                if let Some(tail) = bytes.get(found.good_len..).filter(|t| !t.is_empty()) {
+                    // Kept aside first: if that fails, the journal is left as it is.
+                    let kept = keep_damaged_tail(&dir, tail)?;
+                    warn!(
+                        file = %kept.display(),
+                        bytes = tail.len(),
+                        offset = found.good_len,
+                        "the journal's dropped tail is kept in {}; the journal is cut at offset {}",
+                        kept.display(),
+                        found.good_len
+                    );
                     let file = OpenOptions::new().write(true).open(&journal_path).map_err(io_err(&journal_path))?;
                     file.set_len(found.good_len as u64).map_err(io_err(&journal_path))?;
                     file.sync_all().map_err(io_err(&journal_path))?;
