@@ -311,10 +311,15 @@ impl HttpHostClient {
         }
     }
 
+    /// The host's own `/config/hardware` answer.
+    pub async fn hardware_response(&self) -> Result<hangar_wire::HardwareResponse, HostClientError> {
+        let v = self.request(Method::GET, "/config/hardware", None, Duration::from_secs(30)).await?;
+        typed("hardware answer", v)
+    }
+
     /// Hardware and resources, without the cache list.
     async fn hardware_only(&self) -> Result<HostHardware, HostClientError> {
-        let v = self.request(Method::GET, "/config/hardware", None, Duration::from_secs(30)).await?;
-        let hw: hangar_wire::HardwareResponse = typed("hardware answer", v)?;
+        let hw = self.hardware_response().await?;
         let os = Os::parse_lenient(&hw.os_name).unwrap_or(Os::Linux);
         let hypervisor = if hw.hypervisor.to_ascii_lowercase().contains("parallels") {
             HypervisorKind::Parallels
@@ -585,45 +590,6 @@ impl Follow {
             _ => self.pending.push_back(HostEvent::Heartbeat),
         }
         Some(())
-    }
-}
-
-/// The orchestrator as a running service: the scheduler over HTTP hosts, the connector
-/// (for operations outside the [`HostClient`] seam, like exec) and its background tasks.
-pub struct HttpOrchestrator {
-    /// The scheduler.
-    pub scheduler: crate::Scheduler,
-    /// The connector the scheduler uses.
-    pub connector: HttpConnector,
-    pub(crate) jobs: hangar_jobs::Jobs,
-    _background: crate::scheduler::Background,
-}
-
-impl std::fmt::Debug for HttpOrchestrator {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HttpOrchestrator").field("scheduler", &self.scheduler).finish()
-    }
-}
-
-impl HttpOrchestrator {
-    /// Starts the scheduler's background work (health ticks, host checks, the reaper); it
-    /// stops when this value is dropped.
-    pub fn start(
-        scheduler: crate::Scheduler,
-        connector: HttpConnector,
-        jobs: hangar_jobs::Jobs,
-        every: crate::BackgroundIntervals,
-    ) -> Self {
-        let background = scheduler.spawn_background(every);
-        HttpOrchestrator { scheduler, connector, jobs, _background: background }
-    }
-
-    /// A client for a registered host, with its stored credentials.
-    pub fn host_client(&self, host_id: &str) -> crate::Result<Arc<HttpHostClient>> {
-        let registry = self.scheduler.registry();
-        let host = registry.get(host_id)?;
-        let creds = registry.credentials(&host.id)?;
-        Ok(self.connector.client_for(&host.url, creds))
     }
 }
 

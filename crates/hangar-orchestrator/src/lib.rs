@@ -11,8 +11,11 @@
 //!   [`client::HostConnector`], split by concern: the fleet (registration, health ticks
 //!   and checks, event-stream followers), admission (placement requests, reservations, the
 //!   queue) and the VM lifecycle (create, power, delete, TTL extension, the reaper).
-//! * [`service`]: the facade the API calls for VM work: every operation takes the caller,
-//!   decides access with the host's own rule, audits, and forwards the same `VmCall`.
+//! * [`facade`]: [`HttpOrchestrator`], the running service and the only way in for the
+//!   API (private fields; it owns the scheduler, the connector, the tunnels, its jobs and
+//!   its background work): hosts, enrollment tokens, resource overviews, tunnels.
+//! * [`service`]: the facade's VM work: every operation takes the caller, decides access
+//!   with the host's own rule, audits, and forwards the same `VmCall`.
 //! * [`fake`]: an in-memory host for tests and benchmarks.
 //!
 //! The HTTP routes, the HTTP [`client::HostClient`] and the agent side live elsewhere.
@@ -20,6 +23,7 @@
 pub mod client;
 pub mod clock;
 pub mod error;
+pub mod facade;
 pub mod fake;
 pub mod health;
 pub mod http_client;
@@ -35,8 +39,9 @@ pub mod tunnel;
 pub use client::{HostClient, HostClientError, HostConnector, HostCreateVm, HostEvent, VmOp};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{OrchestratorError, Result};
+pub use facade::HttpOrchestrator;
 pub use health::{HealthConfig, HostHealth, Observation, Transition};
-pub use http_client::{HttpConnector, HttpHostClient, HttpOrchestrator};
+pub use http_client::{HttpConnector, HttpHostClient};
 pub use model::*;
 pub use placement::{Caller, Decision, NoCapacity, PlacementRequest, Profile, Reason};
 pub use registry::{EnrollmentToken, HostRegistry, IssuedToken};

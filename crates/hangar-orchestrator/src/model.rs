@@ -11,6 +11,7 @@ use std::str::FromStr;
 use chrono::{DateTime, Utc};
 use hangar_hypervisor::{HypervisorKind, VmState};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::error::{OrchestratorError, Result};
 
@@ -22,7 +23,7 @@ pub const ENROLLMENT_TOKENS: &str = "orchestrator_enrollment_tokens";
 pub const VMS: &str = "orchestrator_vms";
 
 /// An operating system, of a host or of a guest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Os {
     /// macOS (`macos`, `macosx`, `darwin`).
@@ -84,7 +85,7 @@ pub fn normalize_arch(s: &str) -> Result<String> {
 }
 
 /// An amount of the three resources placement accounts for.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 pub struct ResourceSet {
     /// Logical CPUs.
     pub cpu: u32,
@@ -134,7 +135,7 @@ impl ResourceSet {
 }
 
 /// A host's resources as it reports them (the reference's `GetHardwareUsage` shape).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct HostResources {
     /// What the machine has (disk: the volume that holds VMs).
     pub total: ResourceSet,
@@ -195,7 +196,7 @@ impl HostResources {
 }
 
 /// A host's health as the orchestrator sees it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum HostState {
     /// It answered recently.
@@ -225,13 +226,14 @@ impl fmt::Display for HostState {
 }
 
 /// One VM on a host, as the orchestrator last saw it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct VmSummary {
     /// The VM's id on its host.
     pub id: String,
     /// Name.
     pub name: String,
-    /// Power state; `unknown` while its host is unhealthy.
+    /// Power state (`running`, `stopped`, ...); `unknown` while its host is unhealthy.
+    #[schema(value_type = String)]
     pub state: VmState,
     /// Guest OS as the driver names it (`macosx`, `linux`, `win-11`, ...).
     pub os: String,
@@ -266,7 +268,8 @@ impl VmSummary {
 }
 
 /// A catalog image a host holds in its cache.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[schema(as = HostCachedImage)]
 pub struct CachedImage {
     /// Catalog id.
     pub catalog_id: String,
@@ -296,7 +299,7 @@ pub struct HostHardware {
 
 /// A registered host: the view every API caller with `LIST_ORCHESTRATOR_HOSTS` may see.
 /// It holds no credentials.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Host {
     /// Id (UUID).
     pub id: String,
@@ -314,7 +317,8 @@ pub struct Host {
     pub architecture: Option<String>,
     /// Host OS, once known.
     pub os: Option<Os>,
-    /// Hypervisor, once known.
+    /// Hypervisor (`parallels`, `qemu`), once known.
+    #[schema(value_type = Option<String>)]
     pub hypervisor: Option<HypervisorKind>,
     /// Resources, once reported.
     pub resources: Option<HostResources>,
@@ -394,7 +398,7 @@ impl Host {
 
 /// How the orchestrator authenticates to a host. Never serialised into any view;
 /// `Debug` shows only the kind.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum HostCredentials {
     /// Username and password (the orchestrator logs in to get a token).
@@ -421,12 +425,13 @@ impl fmt::Debug for HostCredentials {
 }
 
 /// What registering a host takes.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct RegisterHost {
     /// Unique name; defaults to the URL's host name.
     #[serde(default)]
     pub name: Option<String>,
-    /// Base URL of the host's API.
+    /// Base URL of the host's API (also accepted as `host`, the reference's name).
+    #[serde(alias = "host")]
     pub url: String,
     /// Free text.
     #[serde(default)]
@@ -434,7 +439,7 @@ pub struct RegisterHost {
     /// Tags.
     #[serde(default)]
     pub tags: BTreeSet<String>,
-    /// Credentials, stored sealed.
+    /// Credentials, stored sealed (also accepted as `authentication`, the reference's name).
     #[serde(default, alias = "authentication")]
     pub credentials: Option<HostCredentials>,
     /// Roles a caller needs to use the host.
@@ -449,17 +454,18 @@ pub struct RegisterHost {
 }
 
 /// A partial host update; `None` leaves a field alone.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct UpdateHost {
     /// New name.
     pub name: Option<String>,
-    /// New URL.
+    /// New URL (also accepted as `host`).
+    #[serde(alias = "host")]
     pub url: Option<String>,
     /// New description.
     pub description: Option<String>,
     /// New tags (replace the old ones).
     pub tags: Option<BTreeSet<String>>,
-    /// New credentials.
+    /// New credentials (also accepted as `authentication`).
     #[serde(alias = "authentication")]
     pub credentials: Option<HostCredentials>,
     /// New required roles.
@@ -469,7 +475,7 @@ pub struct UpdateHost {
 }
 
 /// A VM created through the orchestrator, with its expiry.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct OrchestratedVm {
     /// The VM's id on its host.
     pub id: String,
@@ -489,4 +495,68 @@ pub struct OrchestratedVm {
     pub expires_at: Option<DateTime<Utc>>,
     /// Why the last deletion attempt failed.
     pub last_error: Option<String>,
+}
+
+/// A host as the API answers it: the view, plus its URL again as `host` (the reference's
+/// name for it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HostView {
+    /// The host.
+    #[serde(flatten)]
+    pub view: Host,
+    /// The host's URL (the same as `url`).
+    pub host: String,
+}
+
+impl From<Host> for HostView {
+    fn from(view: Host) -> Self {
+        HostView { host: view.url.clone(), view }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn a_host_view_is_the_host_plus_its_url_as_host() {
+        let now = DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z").unwrap().with_timezone(&Utc);
+        let mut h = Host::new("h1", "mac-01", "http://mac-01:3080/api", now);
+        h.hypervisor = Some(HypervisorKind::Parallels);
+        h.vms.push(VmSummary {
+            id: "v1".into(),
+            name: "ci".into(),
+            state: VmState::Running,
+            os: "ubuntu".into(),
+            cpu: 2,
+            memory_mb: 2048,
+            disk_mb: 8192,
+            owner: None,
+        });
+        let mut want = serde_json::to_value(&h).unwrap();
+        want.as_object_mut().unwrap().insert("host".into(), json!(h.url));
+        let view = serde_json::to_value(HostView::from(h.clone())).unwrap();
+        assert_eq!(view, want);
+        assert_eq!(serde_json::from_value::<HostView>(view).unwrap().view, h);
+    }
+
+    #[test]
+    fn registration_takes_host_for_url_and_authentication_for_credentials() {
+        let r: RegisterHost = serde_json::from_value(
+            json!({"host": "http://h:3080", "authentication": {"username": "u", "password": "p"}}),
+        )
+        .unwrap();
+        assert_eq!(r.url, "http://h:3080");
+        assert!(matches!(r.credentials, Some(HostCredentials::Basic { .. })));
+        let r: RegisterHost = serde_json::from_value(json!({"url": "http://h:3080", "tags": ["a"]})).unwrap();
+        assert_eq!((r.url.as_str(), r.tags.len()), ("http://h:3080", 1));
+        assert!(serde_json::from_value::<RegisterHost>(json!({"name": "no url"})).is_err());
+        let u: UpdateHost = serde_json::from_value(json!({"host": "http://other:3080"})).unwrap();
+        assert_eq!(u.url.as_deref(), Some("http://other:3080"));
+        let u: UpdateHost = serde_json::from_value(json!({"description": "d"})).unwrap();
+        assert_eq!(u.url, None);
+    }
 }

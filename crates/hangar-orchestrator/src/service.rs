@@ -17,7 +17,7 @@ use serde_json::json;
 use tracing::Instrument;
 
 use crate::error::{OrchestratorError, Result};
-use crate::http_client::HttpOrchestrator;
+use crate::facade::HttpOrchestrator;
 use crate::model::{Host, OrchestratedVm, Os, VmSummary};
 use crate::placement::Caller;
 use crate::scheduler::{CreateProgress, CreateVm};

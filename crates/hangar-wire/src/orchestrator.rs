@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::machines::{CatalogManifestRef, Specs, VmHardware};
+use crate::machines::{CatalogManifestRef, Resources, Specs, VmHardware};
 
 /// Wait for capacity instead of failing at once when no host can take the VM.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -116,6 +116,72 @@ pub struct ExtendRequest {
     pub ttl_seconds: u64,
 }
 
+/// Ask for a single-use enrollment token a host joins the fleet with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct EnrollmentTokenRequest {
+    /// Name the joining host gets.
+    pub host_name: String,
+    /// Lifetime in minutes (the reference's field; default 15).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_minutes: Option<u64>,
+    /// Lifetime in seconds (takes precedence over `ttl_minutes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<u64>,
+}
+
+/// A new enrollment token: the secret is answered here and never again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct EnrollmentTokenIssued {
+    /// The secret to hand to the joining host (`X-Enrollment-Token`).
+    pub token: String,
+    /// First characters of the token's hash, to tell tokens apart.
+    pub id: String,
+    pub host_name: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Whether an enrollment token is valid now; `host_name` and `expires_at` only when it is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct EnrollmentTokenCheck {
+    pub valid: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// Resources of the hosts of one CPU type, summed (the reference's system usage entry).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CpuTypeResources {
+    /// `x86_64`, `arm64`, or `unknown` for hosts that have not reported it.
+    pub cpu_type: String,
+    pub total: Resources,
+    pub system_reserved: Resources,
+    pub total_in_use: Resources,
+    /// `system_reserved` + `total_in_use`.
+    pub total_reserved: Resources,
+    pub total_available: Resources,
+    /// The ids of the hosts summed.
+    pub hosts: Vec<String>,
+}
+
+/// One host's resources as the orchestrator last saw them (zero until it reports them).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HostResourcesOverview {
+    pub host_id: String,
+    /// `x86_64` or `arm64`, once known.
+    pub cpu_type: Option<String>,
+    /// `healthy`, `unhealthy` or `unknown`.
+    pub state: String,
+    pub total: Resources,
+    pub system_reserved: Resources,
+    pub total_in_use: Resources,
+    /// `system_reserved` + `total_in_use`.
+    pub total_reserved: Resources,
+    pub total_available: Resources,
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -131,5 +197,13 @@ mod tests {
         assert_eq!(r.queue, Some(QueueRequest { priority: 3, timeout_seconds: 30 }));
         let again: OrchestratorCreateRequest = serde_json::from_value(serde_json::to_value(&r).unwrap()).unwrap();
         assert_eq!(again, r);
+    }
+
+    #[test]
+    fn an_invalid_token_check_is_valid_false_alone() {
+        let no = EnrollmentTokenCheck { valid: false, host_name: None, expires_at: None };
+        assert_eq!(serde_json::to_value(&no).unwrap(), json!({"valid": false}));
+        let t: EnrollmentTokenRequest = serde_json::from_value(json!({"host_name": "mac-01"})).unwrap();
+        assert_eq!((t.ttl_minutes, t.ttl_seconds), (None, None));
     }
 }

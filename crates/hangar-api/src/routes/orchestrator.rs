@@ -16,12 +16,11 @@ use axum::http::{HeaderMap, StatusCode};
 use hangar_core::claims::*;
 use hangar_core::{Access, VmAction};
 use hangar_host::Job;
-use hangar_orchestrator::{Host, HttpOrchestrator, RegisterHost, ResourceSet, UpdateHost};
-use hangar_wire::{ExtendRequest, OrchestratorCreateRequest, OrchestratorCreated};
-use http::Method;
-use serde::Deserialize;
-use serde_json::{Value, json};
-use utoipa::ToSchema;
+use hangar_orchestrator::{HostView, HttpOrchestrator, OrchestratedVm, RegisterHost, UpdateHost};
+use hangar_wire::{
+    CpuTypeResources, EnrollmentTokenCheck, EnrollmentTokenIssued, EnrollmentTokenRequest, ExtendRequest,
+    HardwareResponse, HostResourcesOverview, OrchestratorCreateRequest, OrchestratorCreated,
+};
 use utoipa_axum::routes;
 
 use crate::auth::RequestContext;
@@ -63,25 +62,11 @@ fn module(s: &AppState) -> R<&Arc<HttpOrchestrator>> {
     })
 }
 
-fn parse<T: serde::de::DeserializeOwned>(v: Value, what: &str) -> R<T> {
-    serde_json::from_value(v).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("Bad {what}: {e}")))
-}
-
-fn host_view(h: &Host) -> Value {
-    // `Host` holds no credentials; `has_credentials` says whether some are stored.
-    let mut v = serde_json::to_value(h).unwrap_or(Value::Null);
-    if let Some(o) = v.as_object_mut() {
-        // The reference names the URL `host`.
-        o.insert("host".into(), json!(h.url));
-    }
-    v
-}
-
 // ----- hosts ---------------------------------------------------------------------------
 
-#[utoipa::path(get, path = "/orchestrator/hosts", tag = "orchestrator", responses((status = 200, body = Vec<Object>)))]
-async fn list_hosts(State(s): State<AppState>) -> R<axum::Json<Vec<Value>>> {
-    Ok(axum::Json(module(&s)?.scheduler.registry().list().iter().map(host_view).collect()))
+#[utoipa::path(get, path = "/orchestrator/hosts", tag = "orchestrator", responses((status = 200, body = Vec<HostView>)))]
+async fn list_hosts(State(s): State<AppState>) -> R<axum::Json<Vec<HostView>>> {
+    Ok(axum::Json(module(&s)?.hosts()))
 }
 
 /// Register a host: `{host|url, name, description, tags, authentication: {username, password} | {api_key}, required_roles, required_claims}`.
@@ -89,48 +74,36 @@ async fn list_hosts(State(s): State<AppState>) -> R<axum::Json<Vec<Value>>> {
 /// Needs MANAGE_ORCHESTRATOR_HOSTS, or (as in the reference) no credential but a valid
 /// single-use `X-Enrollment-Token` header: the host then joins with the token's name and
 /// the token is used up in the same write. A bad, used or expired token answers 401.
-#[utoipa::path(post, path = "/orchestrator/hosts", tag = "orchestrator", request_body = Object,
+#[utoipa::path(post, path = "/orchestrator/hosts", tag = "orchestrator", request_body = RegisterHost,
     params(("X-Enrollment-Token" = Option<String>, Header, description = "An enrollment token, instead of a user credential")),
-    responses((status = 201, body = Object), (status = 400, body = ApiErrorBody), (status = 401, body = ApiErrorBody),
+    responses((status = 201, body = HostView), (status = 400, body = ApiErrorBody), (status = 401, body = ApiErrorBody),
         (status = 409, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
 async fn register_host(
     State(s): State<AppState>,
     ctx: RequestContext,
-    Json(body): Json<Value>,
-) -> R<(StatusCode, axum::Json<Value>)> {
+    Json(req): Json<RegisterHost>,
+) -> R<(StatusCode, axum::Json<HostView>)> {
     let o = module(&s)?;
-    let req = register_body(body)?;
     let h = match (&ctx.principal, &ctx.enrollment_token) {
-        (Some(_), _) => o.scheduler.register_host(&ctx.actor, req).await,
+        (Some(_), _) => o.register_host(&ctx.actor, req).await,
         // Let through by the enrollment-token rule: the token is checked and consumed here.
-        (None, Some(token)) => o.scheduler.join_with_token(token, req).await,
+        (None, Some(token)) => o.join_host(token, req).await,
         (None, None) => return Err(ApiError::unauthorized("Authentication required")),
     }
     .map_err(ApiError::from_domain)?;
-    Ok((StatusCode::CREATED, axum::Json(host_view(&h))))
-}
-
-/// The reference names the URL `host`; accept both.
-fn register_body(mut body: Value) -> R<RegisterHost> {
-    if let Some(o) = body.as_object_mut()
-        && !o.contains_key("url")
-        && let Some(h) = o.remove("host")
-    {
-        o.insert("url".into(), h);
-    }
-    parse(body, "host registration")
+    Ok((StatusCode::CREATED, axum::Json(h)))
 }
 
 /// A host joins with a single-use enrollment token in `X-Enrollment-Token`, without a
 /// user login. The body is the same as for `POST /orchestrator/hosts`.
-#[utoipa::path(post, path = "/orchestrator/hosts/join", tag = "orchestrator", request_body = Object,
+#[utoipa::path(post, path = "/orchestrator/hosts/join", tag = "orchestrator", request_body = RegisterHost,
     params(("X-Enrollment-Token" = String, Header, description = "The enrollment token")),
-    responses((status = 201, body = Object), (status = 400, body = ApiErrorBody), (status = 401, body = ApiErrorBody)))]
+    responses((status = 201, body = HostView), (status = 400, body = ApiErrorBody), (status = 401, body = ApiErrorBody)))]
 async fn join_host(
     State(s): State<AppState>,
     headers: HeaderMap,
-    Json(body): Json<Value>,
-) -> R<(StatusCode, axum::Json<Value>)> {
+    Json(req): Json<RegisterHost>,
+) -> R<(StatusCode, axum::Json<HostView>)> {
     let o = module(&s)?;
     let token = headers
         .get("x-enrollment-token")
@@ -138,174 +111,104 @@ async fn join_host(
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .ok_or_else(|| ApiError::bad_request("Send the enrollment token in the X-Enrollment-Token header"))?;
-    let req = register_body(body)?;
-    let h = o.scheduler.join_with_token(token, req).await.map_err(ApiError::from_domain)?;
-    Ok((StatusCode::CREATED, axum::Json(host_view(&h))))
+    let h = o.join_host(token, req).await.map_err(ApiError::from_domain)?;
+    Ok((StatusCode::CREATED, axum::Json(h)))
 }
 
 #[utoipa::path(get, path = "/orchestrator/hosts/{id}", tag = "orchestrator", params(("id" = String, Path, description = "Host id or name")),
-    responses((status = 200, body = Object), (status = 404, body = ApiErrorBody)))]
-async fn get_host(State(s): State<AppState>, Path(id): Path<String>) -> R<axum::Json<Value>> {
-    let h = module(&s)?.scheduler.registry().get(&id).map_err(ApiError::from_domain)?;
-    Ok(axum::Json(host_view(&h)))
+    responses((status = 200, body = HostView), (status = 404, body = ApiErrorBody)))]
+async fn get_host(State(s): State<AppState>, Path(id): Path<String>) -> R<axum::Json<HostView>> {
+    Ok(axum::Json(module(&s)?.host(&id).map_err(ApiError::from_domain)?))
 }
 
-#[utoipa::path(put, path = "/orchestrator/hosts/{id}", tag = "orchestrator", params(("id" = String, Path)), request_body = Object,
-    responses((status = 200, body = Object), (status = 404, body = ApiErrorBody)))]
+/// Change a host: the fields given replace the old ones (`host` is accepted for `url`,
+/// `authentication` for `credentials`).
+#[utoipa::path(put, path = "/orchestrator/hosts/{id}", tag = "orchestrator", params(("id" = String, Path)), request_body = UpdateHost,
+    responses((status = 200, body = HostView), (status = 404, body = ApiErrorBody)))]
 async fn update_host(
     State(s): State<AppState>,
     ctx: RequestContext,
     Path(id): Path<String>,
-    Json(mut body): Json<Value>,
-) -> R<axum::Json<Value>> {
-    let o = module(&s)?;
-    if let Some(m) = body.as_object_mut()
-        && !m.contains_key("url")
-        && let Some(h) = m.remove("host")
-    {
-        m.insert("url".into(), h);
-    }
-    let change: UpdateHost = parse(body, "host update")?;
-    let host = o.scheduler.registry().get(&id).map_err(ApiError::from_domain)?;
-    let h = o.scheduler.update_host(&ctx.actor, &host.id, change).await.map_err(ApiError::from_domain)?;
-    Ok(axum::Json(host_view(&h)))
+    Json(change): Json<UpdateHost>,
+) -> R<axum::Json<HostView>> {
+    let h = module(&s)?.update_host(&ctx.actor, &id, change).await.map_err(ApiError::from_domain)?;
+    Ok(axum::Json(h))
 }
 
 #[utoipa::path(delete, path = "/orchestrator/hosts/{id}", tag = "orchestrator", params(("id" = String, Path)),
     responses((status = 202), (status = 404, body = ApiErrorBody)))]
 async fn delete_host(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<String>) -> R<StatusCode> {
-    let o = module(&s)?;
-    let host = o.scheduler.registry().get(&id).map_err(ApiError::from_domain)?;
-    o.scheduler.delete_host(&ctx.actor, &host.id).await.map_err(ApiError::from_domain)?;
+    module(&s)?.delete_host(&ctx.actor, &id).await.map_err(ApiError::from_domain)?;
     Ok(StatusCode::ACCEPTED)
 }
 
-async fn set_enabled(s: &AppState, ctx: &RequestContext, id: &str, enabled: bool) -> R<axum::Json<Value>> {
-    let o = module(s)?;
-    let host = o.scheduler.registry().get(id).map_err(ApiError::from_domain)?;
-    let h = o.scheduler.set_host_enabled(&ctx.actor, &host.id, enabled).await.map_err(ApiError::from_domain)?;
-    Ok(axum::Json(host_view(&h)))
+async fn set_enabled(s: &AppState, ctx: &RequestContext, id: &str, enabled: bool) -> R<axum::Json<HostView>> {
+    let h = module(s)?.set_host_enabled(&ctx.actor, id, enabled).await.map_err(ApiError::from_domain)?;
+    Ok(axum::Json(h))
 }
 
 #[utoipa::path(put, path = "/orchestrator/hosts/{id}/enable", tag = "orchestrator", params(("id" = String, Path)),
-    responses((status = 200, body = Object), (status = 404, body = ApiErrorBody)))]
-async fn enable_host(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<String>) -> R<axum::Json<Value>> {
+    responses((status = 200, body = HostView), (status = 404, body = ApiErrorBody)))]
+async fn enable_host(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path(id): Path<String>,
+) -> R<axum::Json<HostView>> {
     set_enabled(&s, &ctx, &id, true).await
 }
 
 #[utoipa::path(put, path = "/orchestrator/hosts/{id}/disable", tag = "orchestrator", params(("id" = String, Path)),
-    responses((status = 200, body = Object), (status = 404, body = ApiErrorBody)))]
-async fn disable_host(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<String>) -> R<axum::Json<Value>> {
+    responses((status = 200, body = HostView), (status = 404, body = ApiErrorBody)))]
+async fn disable_host(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path(id): Path<String>,
+) -> R<axum::Json<HostView>> {
     set_enabled(&s, &ctx, &id, false).await
 }
 
 /// The host's own `/config/hardware` answer, read from the host now (what the Terraform
 /// provider reads).
 #[utoipa::path(get, path = "/orchestrator/hosts/{id}/hardware", tag = "orchestrator", params(("id" = String, Path)),
-    responses((status = 200, body = Object), (status = 404, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
-async fn host_hardware(State(s): State<AppState>, Path(id): Path<String>) -> R<axum::Json<Value>> {
-    let o = module(&s)?;
-    let host = o.scheduler.registry().get(&id).map_err(ApiError::from_domain)?;
-    let client = o.host_client(&host.id).map_err(ApiError::from_domain)?;
-    let hw =
-        client.request(Method::GET, "/config/hardware", None, Duration::from_secs(30)).await.map_err(|source| {
-            ApiError::from_domain(hangar_orchestrator::OrchestratorError::Host { host: host.id.clone(), source })
-        })?;
-    Ok(axum::Json(hw))
-}
-
-#[derive(Debug, Deserialize, ToSchema)]
-pub struct TokenRequest {
-    /// Name the joining host gets.
-    pub host_name: String,
-    /// Lifetime in minutes (the reference's field; default 15).
-    pub ttl_minutes: Option<u64>,
-    /// Lifetime in seconds (takes precedence over `ttl_minutes`).
-    pub ttl_seconds: Option<u64>,
+    responses((status = 200, body = HardwareResponse), (status = 404, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
+async fn host_hardware(State(s): State<AppState>, Path(id): Path<String>) -> R<axum::Json<HardwareResponse>> {
+    Ok(axum::Json(module(&s)?.host_hardware(&id).await.map_err(ApiError::from_domain)?))
 }
 
 /// A single-use enrollment token; the token itself is answered only here.
-#[utoipa::path(post, path = "/orchestrator/enrollment-token", tag = "orchestrator", request_body = TokenRequest,
-    responses((status = 201, body = Object), (status = 400, body = ApiErrorBody)))]
+#[utoipa::path(post, path = "/orchestrator/enrollment-token", tag = "orchestrator", request_body = EnrollmentTokenRequest,
+    responses((status = 201, body = EnrollmentTokenIssued), (status = 400, body = ApiErrorBody)))]
 async fn create_token(
     State(s): State<AppState>,
     ctx: RequestContext,
-    Json(req): Json<TokenRequest>,
-) -> R<(StatusCode, axum::Json<Value>)> {
-    let o = module(&s)?;
-    let issued = o
-        .scheduler
-        .registry()
-        .create_enrollment_token(
-            &ctx.actor,
-            &req.host_name,
-            req.ttl_seconds.or(req.ttl_minutes.map(|m| m.saturating_mul(60))).map(Duration::from_secs),
-        )
-        .await
-        .map_err(ApiError::from_domain)?;
-    let info = issued.info;
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(json!({"token": issued.token, "id": info.id, "host_name": info.host_name,
-            "created_at": info.created_at, "expires_at": info.expires_at})),
-    ))
-}
-
-fn usage(r: ResourceSet) -> Value {
-    json!({"logical_cpu_count": r.cpu, "memory_size": r.memory_mb as f64, "disk_size": r.disk_mb as f64})
+    Json(req): Json<EnrollmentTokenRequest>,
+) -> R<(StatusCode, axum::Json<EnrollmentTokenIssued>)> {
+    let issued = module(&s)?.create_enrollment_token(&ctx.actor, &req).await.map_err(ApiError::from_domain)?;
+    Ok((StatusCode::CREATED, axum::Json(issued)))
 }
 
 /// Whether an enrollment token is valid now (it is not used up by the check).
 #[utoipa::path(get, path = "/orchestrator/enrollment-token/{token}/validate", tag = "orchestrator", params(("token" = String, Path)),
-    responses((status = 200, body = Object)))]
-async fn validate_token(State(s): State<AppState>, Path(token): Path<String>) -> R<axum::Json<Value>> {
-    let o = module(&s)?;
-    Ok(axum::Json(match o.scheduler.registry().validate_enrollment_token(&token).await {
-        Ok(info) => json!({"valid": true, "host_name": info.host_name, "expires_at": info.expires_at}),
-        Err(_) => json!({"valid": false}),
-    }))
+    responses((status = 200, body = EnrollmentTokenCheck)))]
+async fn validate_token(State(s): State<AppState>, Path(token): Path<String>) -> R<axum::Json<EnrollmentTokenCheck>> {
+    Ok(axum::Json(module(&s)?.check_enrollment_token(&token).await))
 }
 
 /// Resources summed across hosts per CPU type (the reference's list of system usages),
 /// each entry with its host ids.
-#[utoipa::path(get, path = "/orchestrator/overview/resources", tag = "orchestrator", responses((status = 200, body = Vec<Object>)))]
-async fn overview_resources(State(s): State<AppState>) -> R<axum::Json<Vec<Value>>> {
-    let o = module(&s)?;
-    let mut groups: std::collections::BTreeMap<String, ([ResourceSet; 4], Vec<String>)> = Default::default();
-    for h in o.scheduler.registry().list() {
-        let Some(r) = &h.resources else { continue };
-        let arch = h.architecture.clone().unwrap_or_else(|| "unknown".into());
-        let (sum, ids) = groups.entry(arch).or_default();
-        for (acc, v) in sum.iter_mut().zip([r.total, r.system_reserved, r.in_use, r.available]) {
-            *acc = acc.saturating_add(v);
-        }
-        ids.push(h.id.clone());
-    }
-    Ok(axum::Json(
-        groups
-            .into_iter()
-            .map(|(cpu_type, ([total, reserved, in_use, available], host_ids))| {
-                json!({
-                    "cpu_type": cpu_type, "total": usage(total), "system_reserved": usage(reserved),
-                    "total_in_use": usage(in_use), "total_reserved": usage(reserved.saturating_add(in_use)),
-                    "total_available": usage(available), "hosts": host_ids,
-                })
-            })
-            .collect(),
-    ))
+#[utoipa::path(get, path = "/orchestrator/overview/resources", tag = "orchestrator", responses((status = 200, body = Vec<CpuTypeResources>)))]
+async fn overview_resources(State(s): State<AppState>) -> R<axum::Json<Vec<CpuTypeResources>>> {
+    Ok(axum::Json(module(&s)?.resource_overview()))
 }
 
 /// One host's resources, as the orchestrator last saw them.
 #[utoipa::path(get, path = "/orchestrator/overview/{id}/resources", tag = "orchestrator", params(("id" = String, Path)),
-    responses((status = 200, body = Object), (status = 404, body = ApiErrorBody)))]
-async fn overview_host_resources(State(s): State<AppState>, Path(id): Path<String>) -> R<axum::Json<Value>> {
-    let h = module(&s)?.scheduler.registry().get(&id).map_err(ApiError::from_domain)?;
-    let r = h.resources.unwrap_or_default();
-    Ok(axum::Json(json!({
-        "host_id": h.id, "cpu_type": h.architecture, "state": h.state,
-        "total": usage(r.total), "system_reserved": usage(r.system_reserved), "total_in_use": usage(r.in_use),
-        "total_reserved": usage(r.system_reserved.saturating_add(r.in_use)), "total_available": usage(r.available),
-    })))
+    responses((status = 200, body = HostResourcesOverview), (status = 404, body = ApiErrorBody)))]
+async fn overview_host_resources(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> R<axum::Json<HostResourcesOverview>> {
+    Ok(axum::Json(module(&s)?.host_resources(&id).map_err(ApiError::from_domain)?))
 }
 
 // ----- machines ------------------------------------------------------------------------
@@ -351,16 +254,16 @@ async fn create_machine_async(
 
 /// Push a VM's expiry back.
 #[utoipa::path(put, path = "/orchestrator/machines/{id}/extend", tag = "orchestrator", params(("id" = String, Path)), request_body = ExtendRequest,
-    responses((status = 200, body = Object), (status = 404, body = ApiErrorBody)))]
+    responses((status = 200, body = OrchestratedVm), (status = 404, body = ApiErrorBody)))]
 async fn extend(
     State(s): State<AppState>,
     ctx: RequestContext,
     Path(id): Path<String>,
     Json(req): Json<ExtendRequest>,
-) -> R<axum::Json<Value>> {
+) -> R<axum::Json<OrchestratedVm>> {
     let vm = module(&s)?
         .extend(ctx.caller()?, &ctx.actor, &id, Duration::from_secs(req.ttl_seconds))
         .await
         .map_err(ApiError::from_domain)?;
-    Ok(axum::Json(serde_json::to_value(vm).unwrap_or(Value::Null)))
+    Ok(axum::Json(vm))
 }

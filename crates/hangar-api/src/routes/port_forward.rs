@@ -27,7 +27,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use futures::StreamExt;
 use hangar_core::VmAction;
-use hangar_orchestrator::tunnel::{Frame, HostTunnelError, HostTunnels, PumpEnd, TunnelError, Wire, into_io, pump};
+use hangar_orchestrator::tunnel::{Frame, HostTunnelError, PumpEnd, TunnelError, Wire, into_io, pump};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{Instrument, debug, info, info_span};
 use utoipa_axum::routes;
@@ -115,9 +115,8 @@ async fn orchestrator_port_forward(
     let o = super::machines::orchestrator(&s)?;
     let caller = ctx.caller()?.clone();
     let host = o.port_forward(&caller, &ctx.actor, &id, port).await.map_err(ApiError::from_domain)?;
-    let tunnels = HostTunnels::new(o.scheduler.clone());
     let span = info_span!("orchestrator.port_forward", vm = %id, port, host = %host.id, user = %caller.username);
-    let tunnel = tunnels.open(&id, port).instrument(span.clone()).await.map_err(|e| host_error(&host.name, e))?;
+    let tunnel = o.open_tunnel(&id, port).instrument(span.clone()).await.map_err(|e| host_error(&host.name, e))?;
     let credential = ctx.credential.clone();
     Ok(ws.on_upgrade(move |socket| run(s, socket, into_io(tunnel), credential).instrument(span)))
 }
