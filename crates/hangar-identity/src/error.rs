@@ -8,10 +8,15 @@ use hangar_store::StoreError;
 pub enum IdentityError {
     #[error("Invalid username, email or password")]
     InvalidCredentials,
+    /// Too many failed logins for this account from this source address (logins from other
+    /// addresses are not affected).
     #[error(
-        "Account {username} is locked after too many failed logins until {until} ({seconds} s from now); try again then or ask an administrator to unlock it"
+        "Logins to {username} from your address are locked after too many failed attempts until {until} ({seconds} s from now); try again then, or ask an administrator to unlock the account (logins from other addresses are not affected)"
     )]
     LockedOut { username: String, until: DateTime<Utc>, seconds: i64 },
+    /// Every password hasher is busy and the queue is full.
+    #[error("The server is busy checking other passwords; retry in {seconds} s")]
+    Busy { seconds: u64 },
     #[error("{0}")]
     Unauthenticated(String),
     #[error("{0}")]
@@ -36,6 +41,15 @@ impl IdentityError {
     pub fn not_found(kind: &'static str, id: impl Into<String>) -> Self {
         IdentityError::NotFound { kind, id: id.into() }
     }
+
+    /// Seconds a client should wait before it retries (`Retry-After`), when that applies.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            IdentityError::LockedOut { seconds, .. } => Some((*seconds).max(1) as u64),
+            IdentityError::Busy { seconds } => Some((*seconds).max(1)),
+            _ => None,
+        }
+    }
 }
 
 impl Classify for IdentityError {
@@ -43,6 +57,7 @@ impl Classify for IdentityError {
         match self {
             IdentityError::InvalidCredentials | IdentityError::Unauthenticated(_) => ErrorKind::Unauthenticated,
             IdentityError::LockedOut { .. } => ErrorKind::TooManyRequests,
+            IdentityError::Busy { .. } => ErrorKind::Unavailable,
             IdentityError::Forbidden(_) => ErrorKind::Forbidden,
             IdentityError::NotFound { .. } => ErrorKind::NotFound,
             IdentityError::Conflict(_) => ErrorKind::Conflict,

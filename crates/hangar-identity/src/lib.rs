@@ -15,6 +15,7 @@ pub mod model;
 pub mod password;
 pub mod secrets;
 pub mod service;
+pub mod throttle;
 pub mod tokens;
 
 pub use error::IdentityError;

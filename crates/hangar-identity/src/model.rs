@@ -198,6 +198,9 @@ pub struct UserUpdate {
     pub disabled: Option<bool>,
     /// Clear a lockout.
     pub unlock: bool,
+    /// Revoke every API key of the user in the same change (with a password reset, so
+    /// that nothing issued before the reset keeps working).
+    pub revoke_api_keys: bool,
 }
 
 /// Input for a new API key. `key` and `secret` are generated when absent.

@@ -1,7 +1,15 @@
 //! Password policy and argon2id hashing.
 
-use argon2::Argon2;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use argon2::password_hash::phc::{Output, ParamsString, PasswordHash, Salt};
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use tokio::sync::Semaphore;
 
 use crate::error::{IdentityError, Result};
 
@@ -87,6 +95,203 @@ pub fn generate() -> Result<String> {
     Ok(s)
 }
 
+// ----- the bounded hashing pool ------------------------------------------------------------
+
+/// At most this many password hashes run at once, whatever the number of cores: argon2id
+/// takes 19 MiB per hash, so this bounds the memory that hashing can ever take.
+const MAX_PERMITS: usize = 8;
+/// Callers that may wait for a free hasher, per hasher, before new ones are refused.
+const QUEUE_PER_PERMIT: usize = 16;
+/// The longest a caller waits for a free hasher before it is refused.
+const MAX_WAIT: Duration = Duration::from_secs(10);
+/// Stored hashes asking for more memory than this (in KiB) are not computed.
+const MAX_M_COST: u32 = 256 * 1024;
+
+/// Password hashing with bounded concurrency and bounded memory.
+///
+/// A login flood must not take the server's memory: each argon2id computation needs its
+/// memory cost (19 MiB by default) at once, so at most `permits` computations run together
+/// (one per core, at most [`MAX_PERMITS`]); at most `QUEUE_PER_PERMIT` callers per permit
+/// wait, for at most [`MAX_WAIT`], and the others get [`IdentityError::Busy`] (503 with
+/// `Retry-After`). The argon2 working memory is kept and reused, one buffer per permit,
+/// instead of being allocated and freed for every hash (the allocator would otherwise keep
+/// the freed blocks in per-thread arenas and the process would grow with the number of
+/// blocking threads that ever hashed).
+pub struct HashPool {
+    permits: Arc<Semaphore>,
+    size: usize,
+    queue_limit: usize,
+    waiting: AtomicUsize,
+    buffers: Mutex<Vec<Vec<Block>>>,
+    dummy: tokio::sync::OnceCell<String>,
+}
+
+impl std::fmt::Debug for HashPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HashPool").field("size", &self.size).field("queue_limit", &self.queue_limit).finish()
+    }
+}
+
+impl Default for HashPool {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        HashPool::new(cores.clamp(1, MAX_PERMITS))
+    }
+}
+
+struct Checkout<'a> {
+    pool: &'a HashPool,
+}
+
+impl Drop for Checkout<'_> {
+    fn drop(&mut self) {
+        self.pool.waiting.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl HashPool {
+    /// A pool running at most `size` hashes at once.
+    pub fn new(size: usize) -> Self {
+        let size = size.max(1);
+        HashPool {
+            permits: Arc::new(Semaphore::new(size)),
+            size,
+            queue_limit: size * (QUEUE_PER_PERMIT + 1),
+            waiting: AtomicUsize::new(0),
+            buffers: Mutex::new(Vec::new()),
+            dummy: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// How many hashes may run at once.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Run `f` on the blocking pool with a working buffer, once a permit is free.
+    async fn run<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Vec<Block>) -> Result<T> + Send + 'static,
+    {
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.queue_limit {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(IdentityError::Busy { seconds: 1 });
+        }
+        let _checkout = Checkout { pool: self };
+        let permit = match tokio::time::timeout(MAX_WAIT, self.permits.clone().acquire_owned()).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(_)) => return Err(IdentityError::Internal("the password hasher is closed".into())),
+            Err(_) => return Err(IdentityError::Busy { seconds: 2 }),
+        };
+        let mut buf = self.buffers.lock().map(|mut b| b.pop()).unwrap_or_default().unwrap_or_default();
+        let (buf, out) = tokio::task::spawn_blocking(move || {
+            let out = f(&mut buf);
+            drop(permit);
+            (buf, out)
+        })
+        .await
+        .map_err(|e| IdentityError::Internal(format!("password hashing task: {e}")))?;
+        if let Ok(mut b) = self.buffers.lock()
+            && b.len() < self.size
+        {
+            b.push(buf);
+        }
+        out
+    }
+
+    /// Hash a new password (argon2id, default parameters, random salt).
+    pub async fn hash(&self, password: String) -> Result<String> {
+        self.run(move |buf| hash_with(&password, buf)).await
+    }
+
+    /// Verify a password against a PHC string; a malformed hash verifies as false (after
+    /// the same work as a real check).
+    pub async fn verify(&self, password: String, phc: String) -> Result<bool> {
+        let dummy = self.dummy().await?;
+        self.run(move |buf| {
+            Ok(verify_with(&password, &phc, buf).unwrap_or_else(|| {
+                let _ = verify_with(&password, &dummy, buf);
+                false
+            }))
+        })
+        .await
+    }
+
+    /// Spend the time and memory of a real check, for a user that does not exist.
+    pub async fn verify_dummy(&self, password: String) -> Result<()> {
+        let dummy = self.dummy().await?;
+        self.run(move |buf| {
+            let _ = verify_with(&password, &dummy, buf);
+            Ok(())
+        })
+        .await
+    }
+
+    /// A hash of a random password with the current parameters, made once.
+    async fn dummy(&self) -> Result<String> {
+        self.dummy
+            .get_or_try_init(|| async {
+                let pw = URL_SAFE_NO_PAD.encode(random_bytes::<24>()?);
+                self.run(move |buf| hash_with(&pw, buf)).await
+            })
+            .await
+            .cloned()
+    }
+}
+
+fn random_bytes<const N: usize>() -> Result<[u8; N]> {
+    let mut b = [0u8; N];
+    aws_lc_rs::rand::fill(&mut b).map_err(|_| IdentityError::Internal("no randomness".into()))?;
+    Ok(b)
+}
+
+fn blocks(buf: &mut Vec<Block>, n: usize) -> &mut [Block] {
+    if buf.len() < n {
+        buf.resize(n, Block::new());
+    }
+    &mut buf[..n]
+}
+
+/// argon2id with the default parameters into `buf`, as a PHC string.
+fn hash_with(password: &str, buf: &mut Vec<Block>) -> Result<String> {
+    let salt = random_bytes::<16>()?;
+    let params = Params::default();
+    let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params.clone());
+    let mut out = [0u8; Params::DEFAULT_OUTPUT_LEN];
+    let internal = |e: &dyn std::fmt::Display| IdentityError::Internal(format!("argon2: {e}"));
+    argon
+        .hash_password_into_with_memory(password.as_bytes(), &salt, &mut out, blocks(buf, params.block_count()))
+        .map_err(|e| internal(&e))?;
+    let phc = PasswordHash {
+        algorithm: Algorithm::Argon2id.ident(),
+        version: Some(Version::V0x13.into()),
+        params: ParamsString::try_from(&params).map_err(|e| internal(&e))?,
+        salt: Some(Salt::new(&salt).map_err(|e| internal(&e))?),
+        hash: Some(Output::new(&out).map_err(|e| internal(&e))?),
+    };
+    Ok(phc.to_string())
+}
+
+/// Verify into `buf`; `None` when the PHC string cannot be checked.
+fn verify_with(password: &str, phc: &str, buf: &mut Vec<Block>) -> Option<bool> {
+    let parsed = PasswordHash::new(phc).ok()?;
+    let algorithm = Algorithm::try_from(parsed.algorithm.as_str()).ok()?;
+    let version = parsed.version.map(Version::try_from).transpose().ok()?.unwrap_or_default();
+    let params = Params::try_from(&parsed).ok()?;
+    if params.m_cost() > MAX_M_COST {
+        return None;
+    }
+    let salt = parsed.salt?;
+    let expected = parsed.hash?;
+    let mut out = vec![0u8; expected.len()];
+    let n = params.block_count();
+    Argon2::new(algorithm, version, params)
+        .hash_password_into_with_memory(password.as_bytes(), salt.as_ref(), &mut out, blocks(buf, n))
+        .ok()?;
+    Some(aws_lc_rs::constant_time::verify_slices_are_equal(&out, expected.as_bytes()).is_ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,6 +313,34 @@ mod tests {
         assert!(verify("Correct-Horse-9", &h));
         assert!(!verify("Correct-Horse-8", &h));
         assert!(!verify("x", "not a phc string"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_pool_hashes_verifies_and_refuses_beyond_its_queue() {
+        let pool = Arc::new(HashPool::new(1));
+        let h = pool.hash("Correct-Horse-9".into()).await.unwrap();
+        assert!(h.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{h}");
+        assert!(verify("Correct-Horse-9", &h), "the library reads the pool's hashes");
+        assert!(pool.verify("Correct-Horse-9".into(), h.clone()).await.unwrap());
+        assert!(!pool.verify("Correct-Horse-8".into(), h.clone()).await.unwrap());
+        assert!(!pool.verify("x".into(), "not a phc string".into()).await.unwrap());
+        let lib = hash("Correct-Horse-9").unwrap();
+        assert!(pool.verify("Correct-Horse-9".into(), lib).await.unwrap(), "the pool reads the library's hashes");
+        // 1 running + 16 waiting at most: of 40 at once, some are refused as busy.
+        let tries: Vec<_> = (0..40)
+            .map(|_| {
+                let p = pool.clone();
+                tokio::spawn(async move { p.verify_dummy("x".into()).await })
+            })
+            .collect();
+        let mut busy = 0;
+        for t in tries {
+            if let Err(IdentityError::Busy { .. }) = t.await.unwrap() {
+                busy += 1;
+            }
+        }
+        assert!(busy >= 40 - 17, "{busy} refused");
+        assert!(pool.buffers.lock().unwrap().len() <= 1, "one working buffer per permit");
     }
 
     #[test]

@@ -121,9 +121,9 @@ pub const KEYS: &[Key] = &[
     k("SECURITY_PASSWORD_REQUIRE_LOWERCASE", "true", "Passwords need a lower-case letter"),
     k("SECURITY_PASSWORD_REQUIRE_NUMBER", "true", "Passwords need a digit"),
     k("SECURITY_PASSWORD_REQUIRE_SPECIAL_CHAR", "true", "Passwords need a special character"),
-    k("BRUTE_FORCE_MAX_LOGIN_ATTEMPTS", "5", "Failed logins before the account is locked"),
-    k("BRUTE_FORCE_LOCKOUT_DURATION", "5m", "How long a lockout lasts"),
-    k("BRUTE_FORCE_INCREMENTAL_WAIT", "true", "Double the lockout for each further lockout in a row"),
+    k("BRUTE_FORCE_MAX_LOGIN_ATTEMPTS", "5", "Failed logins from one address before it is locked out of that account"),
+    k("BRUTE_FORCE_LOCKOUT_DURATION", "5m", "How long a source address stays locked out of an account"),
+    k("BRUTE_FORCE_INCREMENTAL_WAIT", "true", "Double the wait for each further lockout of that address and account"),
 ];
 
 /// Where a value came from, for error messages.

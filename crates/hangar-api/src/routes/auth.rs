@@ -18,6 +18,17 @@ use crate::{Api, AppState};
 
 type R<T> = Result<T, ApiError>;
 
+/// An identity error as an answer, with `Retry-After` when the error says when to retry
+/// (a login lockout, busy password hashers).
+fn answer(e: hangar_identity::IdentityError) -> ApiError {
+    let retry = e.retry_after();
+    let mut out = ApiError::from(e);
+    if out.retry_after.is_none() {
+        out.retry_after = retry;
+    }
+    out
+}
+
 pub fn register(api: Api) -> Api {
     api.add(Access::Public, routes!(login))
         .add(Access::Public, routes!(validate))
@@ -56,14 +67,16 @@ pub fn register(api: Api) -> Api {
 
 /// Log in: `{email or username, password}` or `{api_key}`, as JSON or a form body.
 #[utoipa::path(post, path = "/auth/token", tag = "auth", request_body = LoginRequest,
-    responses((status = 200, body = TokenResponse), (status = 401, body = ApiErrorBody), (status = 429, description = "Locked out after failed logins", body = ApiErrorBody)))]
+    responses((status = 200, body = TokenResponse), (status = 401, body = ApiErrorBody),
+        (status = 429, description = "Logins to this account from this address are locked after failed logins (Retry-After)", body = ApiErrorBody),
+        (status = 503, description = "Every password hasher is busy (Retry-After)", body = ApiErrorBody)))]
 async fn login(
     State(s): State<AppState>,
     ctx: RequestContext,
     JsonOrForm(req): JsonOrForm<LoginRequest>,
 ) -> R<axum::Json<TokenResponse>> {
     if let Some(k) = req.api_key.filter(|k| !k.is_empty()) {
-        return Ok(axum::Json(s.identity.login_api_key(&k).await?.into()));
+        return Ok(axum::Json(s.identity.login_api_key(&k).await.map_err(answer)?.into()));
     }
     let ident = req.email.filter(|e| !e.is_empty()).or(req.username).unwrap_or_default();
     let password = req.password.unwrap_or_default();
@@ -73,7 +86,8 @@ async fn login(
     if ident.len() > 320 || password.len() > 1024 {
         return Err(ApiError::from(hangar_identity::IdentityError::InvalidCredentials));
     }
-    Ok(axum::Json(s.identity.login(&ident, &password, ctx.actor.source_ip.clone()).await?.into()))
+    // The peer address of the connection, never a client header: the lockout applies to it.
+    Ok(axum::Json(s.identity.login(&ident, &password, ctx.actor.source_ip.clone()).await.map_err(answer)?.into()))
 }
 
 /// Check whether a token is valid now.
@@ -108,10 +122,11 @@ async fn change_password(
 ) -> R<StatusCode> {
     let p = ctx.caller()?;
     // Proving the current password; a lockout applies as at login.
-    s.identity.login(&p.user_id, &req.current_password, ctx.actor.source_ip.clone()).await?;
+    s.identity.login(&p.user_id, &req.current_password, ctx.actor.source_ip.clone()).await.map_err(answer)?;
     s.identity
         .update_user(p, &ctx.actor, &p.user_id, UserUpdate { password: Some(req.new_password), ..Default::default() })
-        .await?;
+        .await
+        .map_err(answer)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -136,7 +151,7 @@ async fn create_user(
         claims: req.claims,
         is_super_user: req.is_super_user,
     };
-    let u = s.identity.create_user(ctx.caller()?, &ctx.actor, input).await?;
+    let u = s.identity.create_user(ctx.caller()?, &ctx.actor, input).await.map_err(answer)?;
     Ok((StatusCode::CREATED, axum::Json(u.into())))
 }
 
@@ -146,22 +161,29 @@ async fn get_user(State(s): State<AppState>, Path(id): Path<String>) -> R<axum::
     Ok(axum::Json(s.identity.get_user(&id).await?.into()))
 }
 
+/// Change a user.
+///
+/// The caller changes, disables or resets only users it may manage: itself, or a user whose
+/// every role and claim it holds (a SUPER_USER, anyone). With `revoke_api_keys`, the user's
+/// API keys are revoked in the same change and listed in `revoked_api_keys`.
 #[utoipa::path(put, path = "/auth/users/{id}", tag = "users", params(("id" = String, Path)), request_body = UpdateUserRequest,
-    responses((status = 200, body = User), (status = 404, body = ApiErrorBody)))]
+    responses((status = 200, body = UpdatedUser), (status = 403, body = ApiErrorBody), (status = 404, body = ApiErrorBody)))]
 async fn update_user(
     State(s): State<AppState>,
     ctx: RequestContext,
     Path(id): Path<String>,
     Json(req): Json<UpdateUserRequest>,
-) -> R<axum::Json<User>> {
+) -> R<axum::Json<UpdatedUser>> {
     let upd = UserUpdate {
         name: req.name,
         email: req.email,
         password: req.password,
         disabled: req.disabled,
         unlock: req.unlock,
+        revoke_api_keys: req.revoke_api_keys,
     };
-    Ok(axum::Json(s.identity.update_user(ctx.caller()?, &ctx.actor, &id, upd).await?.into()))
+    let (user, revoked) = s.identity.update_user_revoking(ctx.caller()?, &ctx.actor, &id, upd).await.map_err(answer)?;
+    Ok(axum::Json(UpdatedUser { user: user.into(), revoked_api_keys: revoked.into_iter().map(ApiKey::from).collect() }))
 }
 
 #[utoipa::path(delete, path = "/auth/users/{id}", tag = "users", params(("id" = String, Path)), responses((status = 202), (status = 404, body = ApiErrorBody)))]
@@ -218,7 +240,7 @@ async fn remove_user_claim(
     ctx: RequestContext,
     Path((id, claim)): Path<(String, String)>,
 ) -> R<StatusCode> {
-    s.identity.remove_user_claim(&ctx.actor, &id, &claim).await?;
+    s.identity.remove_user_claim(ctx.caller()?, &ctx.actor, &id, &claim).await?;
     Ok(StatusCode::ACCEPTED)
 }
 

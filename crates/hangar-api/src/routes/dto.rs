@@ -106,9 +106,23 @@ pub struct UpdateUserRequest {
     pub email: Option<String>,
     pub password: Option<String>,
     pub disabled: Option<bool>,
-    /// Clear a failed-login lockout.
+    /// Clear a failed-login lockout (for every source address).
     #[serde(default)]
     pub unlock: bool,
+    /// Revoke every API key of the user in the same change (with a password reset, so that
+    /// nothing issued before it keeps working); the answer lists them in `revoked_api_keys`.
+    #[serde(default)]
+    pub revoke_api_keys: bool,
+}
+
+/// The user after an update, and the API keys the update revoked (only with
+/// `revoke_api_keys`; absent when none).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UpdatedUser {
+    #[serde(flatten)]
+    pub user: User,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked_api_keys: Vec<ApiKey>,
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]

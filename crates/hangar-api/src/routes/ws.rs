@@ -6,8 +6,13 @@
 //! 403), and its credential is checked again every few seconds, so a deleted or disabled
 //! user's stream ends promptly. A client message `{"type":"health","message":"ping"}` is
 //! answered with `{"event_type":"health","message":"pong"}`.
+//!
+//! Bounded: one user holds at most [`MAX_STREAMS_PER_USER`] open streams (the next is a 429
+//! with `Retry-After`), each stream's buffers are small and capped (a client that does not
+//! read within [`SEND_TIMEOUT`] is closed), and client messages are small.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -25,11 +30,58 @@ use crate::error::ApiError;
 use crate::extract::Query;
 use crate::{Api, AppState};
 
-/// Counters for connected clients.
+/// Open event streams one user may hold at once.
+pub const MAX_STREAMS_PER_USER: usize = 32;
+/// A send that does not complete in this time (the client does not read) closes the stream.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Buffers of one stream: reads, writes before a flush, the most a write may queue, and the
+/// largest client message or frame (clients only send pings).
+const READ_BUFFER: usize = 4 * 1024;
+const WRITE_BUFFER: usize = 8 * 1024;
+const MAX_WRITE_BUFFER: usize = 256 * 1024;
+const MAX_CLIENT_MESSAGE: usize = 16 * 1024;
+
+/// Counters for connected clients, and the open streams per user.
 #[derive(Debug, Default)]
 pub struct WsHub {
     pub connected: AtomicUsize,
     pub delivered: AtomicU64,
+    per_user: Mutex<HashMap<String, usize>>,
+}
+
+/// One user's place among its open streams, given back when dropped.
+struct Slot<'a> {
+    hub: &'a WsHub,
+    user: String,
+}
+
+impl WsHub {
+    /// Open streams of `user_id` now.
+    pub fn streams_of(&self, user_id: &str) -> usize {
+        self.per_user.lock().map(|m| m.get(user_id).copied().unwrap_or(0)).unwrap_or(0)
+    }
+
+    fn take(&self, user_id: &str) -> Option<Slot<'_>> {
+        let mut m = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(user_id.to_string()).or_insert(0);
+        if *n >= MAX_STREAMS_PER_USER {
+            return None;
+        }
+        *n += 1;
+        Some(Slot { hub: self, user: user_id.to_string() })
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut m = self.hub.per_user.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.user) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.user);
+            }
+        }
+    }
 }
 
 pub fn register(api: Api) -> Api {
@@ -49,7 +101,8 @@ pub struct SubscribeQuery {
 
 /// Open the event stream (websocket upgrade).
 #[utoipa::path(get, path = "/ws/subscribe", tag = "events", params(SubscribeQuery),
-    responses((status = 101, description = "Switching to the websocket protocol"), (status = 400, body = crate::ApiErrorBody), (status = 403, body = crate::ApiErrorBody)))]
+    responses((status = 101, description = "Switching to the websocket protocol"), (status = 400, body = crate::ApiErrorBody), (status = 403, body = crate::ApiErrorBody),
+        (status = 429, description = "The user already holds the most open streams (Retry-After)", body = crate::ApiErrorBody)))]
 async fn subscribe(
     State(s): State<AppState>,
     ctx: RequestContext,
@@ -67,7 +120,37 @@ async fn subscribe(
         types.insert(t);
     }
     let credential = ctx.credential.clone();
-    Ok(ws.on_upgrade(move |socket| run(s, socket, principal, credential, types)))
+    if s.ws.streams_of(&principal.user_id) >= MAX_STREAMS_PER_USER {
+        return Err(too_many());
+    }
+    let ws = ws
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(MAX_WRITE_BUFFER)
+        .max_message_size(MAX_CLIENT_MESSAGE)
+        .max_frame_size(MAX_CLIENT_MESSAGE);
+    Ok(ws.on_upgrade(move |socket| async move {
+        // Taken again here: two upgrades may have passed the check above together.
+        let hub = s.ws.clone();
+        let Some(_slot) = hub.take(&principal.user_id) else {
+            let mut socket = socket;
+            let reason = format!("at most {MAX_STREAMS_PER_USER} open streams per user");
+            let _ = socket.send(Message::Close(Some(CloseFrame { code: 1008, reason: reason.into() }))).await;
+            return;
+        };
+        run(s, socket, principal, credential, types).await
+    }))
+}
+
+fn too_many() -> ApiError {
+    let mut e = ApiError::new(
+        axum::http::StatusCode::TOO_MANY_REQUESTS,
+        format!(
+            "This user already holds {MAX_STREAMS_PER_USER} open event streams, the most allowed; close one (or subscribe to several event types on one stream) and retry"
+        ),
+    );
+    e.retry_after = Some(5);
+    e
 }
 
 fn visible(e: &Event, p: &Principal, types: &BTreeSet<EventType>) -> bool {
@@ -141,9 +224,12 @@ async fn run(
     s.ws.connected.fetch_sub(1, Ordering::Relaxed);
 }
 
+/// Send one event; `false` closes the stream (the client is gone, or does not read).
 async fn send(socket: &mut WebSocket, e: &Event) -> bool {
     match serde_json::to_string(e) {
-        Ok(text) => socket.send(Message::Text(text.into())).await.is_ok(),
+        Ok(text) => {
+            matches!(tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Text(text.into()))).await, Ok(Ok(())))
+        }
         Err(_) => true,
     }
 }
