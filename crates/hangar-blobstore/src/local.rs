@@ -44,15 +44,10 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl LocalStore {
-    /// Opens (creating if needed) a store rooted at `root`.
+    /// Opens a store rooted at `root`. Nothing is created until the first write (then the
+    /// root and its temp folder), so opening and reading a folder leaves no trace in it.
     pub fn new(root: impl AsRef<Path>) -> Result<Self> {
-        let root = root.as_ref().to_path_buf();
-        fs::create_dir_all(root.join(TMP_DIR)).map_err(|source| BlobError::Io {
-            op: "create store folder",
-            key: root.display().to_string(),
-            source,
-        })?;
-        Ok(LocalStore { root })
+        Ok(LocalStore { root: root.as_ref().to_path_buf() })
     }
 
     /// The store's root folder.
@@ -75,6 +70,7 @@ impl LocalStore {
     ) -> Result<u64> {
         let tmp = root.join(TMP_DIR).join(format!("{}.tmp", uuid::Uuid::new_v4().simple()));
         let result = (|| {
+            fs::create_dir_all(root.join(TMP_DIR))?;
             let mut file = File::create(&tmp)?;
             let n = fill(&mut file)?;
             file.sync_all()?;

@@ -159,9 +159,7 @@ impl Catalog {
         let arch = parse_arch(&req.architecture)?;
         let version = req.version.clone().filter(|v| !v.trim().is_empty()).unwrap_or_else(|| version::LATEST.into());
         version::validate_version(&version).map_err(CatalogError::Invalid)?;
-        let config: hangar_blobstore::StoreConfig =
-            req.connection.parse().map_err(|e| CatalogError::Invalid(format!("provider connection: {e}")))?;
-        let store = hangar_blobstore::open(&config)?;
+        let (config, store) = self.open_connection(Some(p), &req.connection)?;
         let name = format!("{}-{arch}-{version}", req.catalog_id);
         let meta_key = match &req.meta_path {
             Some(k) => k.trim_matches('/').to_string(),

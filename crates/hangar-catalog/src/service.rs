@@ -48,12 +48,35 @@ pub struct CatalogOptions {
     pub cache_dir: Option<PathBuf>,
     /// Size budget of the chunk cache.
     pub cache_limits: CacheLimits,
+    /// Folders a `local-storage` provider given by an API caller (push, import, a new
+    /// connection) must lie in, unless the caller is a SUPER_USER (`CATALOG_LOCAL_ROOTS`);
+    /// empty: `<data_dir>/catalog`.
+    pub local_roots: Vec<PathBuf>,
 }
 
 impl CatalogOptions {
     /// Defaults for a data folder.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
-        CatalogOptions { data_dir: data_dir.into(), cache_dir: None, cache_limits: CacheLimits::default() }
+        CatalogOptions {
+            data_dir: data_dir.into(),
+            cache_dir: None,
+            cache_limits: CacheLimits::default(),
+            local_roots: Vec::new(),
+        }
+    }
+}
+
+/// `path` made absolute by its nearest existing ancestor's real path (symlinks resolved),
+/// the rest appended; `None` when nothing of it resolves.
+fn resolve_lexically(path: &Path) -> Option<PathBuf> {
+    let mut existing = path.to_path_buf();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(real) = std::fs::canonicalize(&existing) {
+            return Some(rest.into_iter().rev().fold(real, |p: PathBuf, n| p.join(n)));
+        }
+        rest.push(existing.file_name()?.to_os_string());
+        existing = existing.parent()?.to_path_buf();
     }
 }
 
@@ -64,6 +87,7 @@ pub struct Catalog {
     sealer: Sealer,
     cache_dir: PathBuf,
     cache_limits: CacheLimits,
+    local_roots: Vec<PathBuf>,
     chunk_cache: tokio::sync::OnceCell<Arc<ChunkCache>>,
     stores: Mutex<HashMap<String, Arc<dyn BlobStore>>>,
     chunk_sets: Mutex<HashMap<String, ChunkSet>>,
@@ -175,12 +199,17 @@ impl Catalog {
     pub fn new(store: Arc<dyn Store>, bus: EventBus, options: CatalogOptions) -> Result<Self> {
         let sealer = Sealer::load_or_create(&options.data_dir.join("secrets").join("catalog-providers.key"))?;
         let cache_dir = options.cache_dir.clone().unwrap_or_else(|| options.data_dir.join("catalog-cache"));
+        let local_roots = match options.local_roots.is_empty() {
+            true => vec![options.data_dir.join("catalog")],
+            false => options.local_roots.clone(),
+        };
         Ok(Catalog {
             store,
             bus,
             sealer,
             cache_dir,
             cache_limits: options.cache_limits,
+            local_roots,
             chunk_cache: tokio::sync::OnceCell::new(),
             stores: Mutex::new(HashMap::new()),
             chunk_sets: Mutex::new(HashMap::new()),
@@ -330,12 +359,47 @@ impl Catalog {
     // ----- providers -------------------------------------------------------------
 
     /// Parses a connection string and opens its store. Errors never show
-    /// secret values.
-    fn open_connection(&self, connection: &str) -> Result<(StoreConfig, Arc<dyn BlobStore>)> {
+    /// secret values. A connection given by an API caller (`caller`) is checked first:
+    /// a `local-storage` folder must lie in the configured roots unless the caller is a
+    /// SUPER_USER, before anything is read or created there.
+    pub(crate) fn open_connection(
+        &self,
+        caller: Option<&Principal>,
+        connection: &str,
+    ) -> Result<(StoreConfig, Arc<dyn BlobStore>)> {
         let config: StoreConfig =
             connection.parse().map_err(|e| CatalogError::Invalid(format!("provider connection: {e}")))?;
+        if let (Some(p), StoreConfig::Local(local)) = (caller, &config)
+            && !p.is_super_user()
+        {
+            self.check_local_root(&local.catalog_path)?;
+        }
         let store = hangar_blobstore::open(&config)?;
         Ok((config, store))
+    }
+
+    /// The local-storage roots API callers' folders must lie in (`CATALOG_LOCAL_ROOTS`).
+    pub fn local_roots(&self) -> &[PathBuf] {
+        &self.local_roots
+    }
+
+    /// Refuses a local-storage folder outside [`Catalog::local_roots`] (a relative one,
+    /// one with `..`, or one that leaves a root through a symlink included).
+    fn check_local_root(&self, folder: &Path) -> Result<()> {
+        let roots: Vec<String> = self.local_roots.iter().map(|r| r.display().to_string()).collect();
+        let refuse = |why: &str| {
+            CatalogError::Forbidden(format!(
+                "local-storage catalog_path {} {why}: give a folder inside {} (CATALOG_LOCAL_ROOTS), or use another provider",
+                folder.display(),
+                roots.join(", ")
+            ))
+        };
+        if !folder.is_absolute() || folder.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+            return Err(refuse("is not an absolute path without '..'"));
+        }
+        let real = resolve_lexically(folder).ok_or_else(|| refuse("cannot be resolved"))?;
+        let inside = self.local_roots.iter().filter_map(|r| resolve_lexically(r)).any(|r| real.starts_with(&r));
+        if inside { Ok(()) } else { Err(refuse("is outside the local-storage roots")) }
     }
 
     /// The opened store of a provider record.
@@ -352,7 +416,7 @@ impl Catalog {
             .ok_or_else(|| CatalogError::Internal(format!("provider record {provider_id} is missing")))?;
         let p: StoredProvider = from_value(rec.value, "catalog provider")?;
         let connection = self.sealer.open(&p.id, &p.sealed)?;
-        let (_, store) = self.open_connection(&connection)?;
+        let (_, store) = self.open_connection(None, &connection)?;
         if let Ok(mut map) = self.stores.lock() {
             map.insert(provider_id.to_string(), store.clone());
         }
@@ -369,7 +433,7 @@ impl Catalog {
         let arch = parse_arch(&input.architecture)?;
         validate_catalog_id(&input.catalog_id)?;
         version::validate_version(&input.version).map_err(CatalogError::Invalid)?;
-        let (config, store) = self.open_connection(&input.connection)?;
+        let (config, store) = self.open_connection(Some(p), &input.connection)?;
         let key = manifest_key(&input.catalog_id, &input.version, arch);
         let raw = match store.get(&key).await {
             Ok(b) => b,
@@ -736,7 +800,7 @@ impl Catalog {
         if current.version != version {
             return Err(not_found(catalog_id, Some(version), Some(arch)));
         }
-        let (config, store) = self.open_connection(connection)?;
+        let (config, store) = self.open_connection(Some(p), connection)?;
         let raw = store.get(&current.manifest_key).await.map_err(|e| {
             if e.is_not_found() {
                 CatalogError::Unprocessable(format!(

@@ -45,6 +45,7 @@ pub fn start_catalog(
     } else {
         let mut options = CatalogOptions::new(dir);
         options.cache_dir = l.string("CATALOG_CACHE_FOLDER").map(std::path::PathBuf::from);
+        options.local_roots = l.list("CATALOG_LOCAL_ROOTS").into_iter().map(std::path::PathBuf::from).collect();
         let mib = |key: &str| -> Result<Option<u64>> {
             Ok(match l.get(key) {
                 Some(_) => Some(l.number::<u64>(key)?.saturating_mul(1 << 20)),

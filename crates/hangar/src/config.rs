@@ -67,6 +67,11 @@ pub const KEYS: &[Key] = &[
         "Path of prlctl (default: found on PATH); prlsrvctl is looked up beside it unless PRLSRVCTL_PATH is set",
     ),
     k("PRLSRVCTL_PATH", "", "Path of prlsrvctl"),
+    k(
+        "CATALOG_LOCAL_ROOTS",
+        "",
+        "Comma list of absolute folders that local-storage catalog providers given by API callers (push, import, a new connection) must lie in; SUPER_USERs may name any folder; default <data folder>/catalog",
+    ),
     k("QEMU_BINARY", "", "Path of qemu-system-x86_64 (default: found on PATH)"),
     k("QEMU_ACCELERATION", "auto", "auto (KVM when a real probe works, TCG otherwise), kvm or tcg"),
     k(

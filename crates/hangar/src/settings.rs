@@ -302,6 +302,14 @@ impl Settings {
         let bridge = r.optional("QEMU_NETWORK_BRIDGE", text);
         let reserved_cpu = r.required("SYSTEM_RESERVED_CPU", whole::<u32>("a whole number of CPUs"));
         let reserved_memory = r.required("SYSTEM_RESERVED_MEMORY", whole::<u64>("a whole number of MiB"));
+        // Read by the catalog module (`catalog_cmd::start_catalog`); checked here with the rest.
+        let _catalog_local_roots = r.optional("CATALOG_LOCAL_ROOTS", |v| {
+            let dirs = list(v)?;
+            match dirs.iter().find(|d| !std::path::Path::new(d).is_absolute()) {
+                Some(d) => Err(format!("names {d:?}, which is not an absolute folder")),
+                None => Ok(dirs),
+            }
+        });
         let reserved_disk = r.required("SYSTEM_RESERVED_DISK", whole::<u64>("a whole number of MiB"));
 
         let placement = r

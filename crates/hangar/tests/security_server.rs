@@ -314,3 +314,73 @@ async fn option_like_and_nul_vm_ids_answer_400_on_every_vm_route() {
     }
     assert!(names(&c, &s, &root).await.contains("\"victim\""), "the VM is still there");
 }
+
+/// Row 7: `POST /catalog/push` and `PUT /catalog/import` with a `local-storage` provider
+/// outside `CATALOG_LOCAL_ROOTS` (default `<data>/catalog`) are refused for a plain user
+/// holding the push claim (403, naming the setting), directly, with `..`, relative or
+/// through a symlink inside the root, and nothing is created there (before the fix the
+/// server read the folder and made `.hangar-tmp` in it). A folder inside the root is
+/// accepted (422: nothing was pushed there); a SUPER_USER may name any folder, and reading
+/// it creates nothing either.
+#[tokio::test]
+async fn local_storage_providers_of_api_callers_are_confined_to_the_roots() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let s = Server::start(&data, &[("ENABLED_MODULES", "api,catalog")]);
+    let c = client();
+    let root_token = login(&c, &s, "root", ROOT_PASSWORD).await;
+    let root = Auth::Bearer(root_token.clone());
+    let (uid, bob) = make_user(&c, &s, &root_token, "bob").await;
+    let bob = Auth::Bearer(bob);
+    for claim in ["PUSH_CATALOG_MANIFEST", "IMPORT_CATALOG_MANIFEST"] {
+        let url = s.api(&format!("/auth/users/{uid}/claims"));
+        let (st, v) = call(&c, Method::POST, &url, &root, Some(json!({"name": claim})), &[]).await;
+        assert_eq!(st, 201, "{v}");
+    }
+    let victim = dir.path().join("victim");
+    std::fs::create_dir_all(victim.join("sub")).unwrap();
+    std::fs::write(victim.join("secret.txt"), "do not read").unwrap();
+    let roots = data.join("catalog");
+    std::fs::create_dir_all(&roots).unwrap();
+    std::os::unix::fs::symlink(&victim, roots.join("escape")).unwrap();
+    let listing = |d: &std::path::Path| {
+        let mut v: Vec<String> =
+            std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        v.sort();
+        v
+    };
+    let before = listing(&victim);
+    let push =
+        |cs: String| json!({"catalog_id": "probe", "version": "1.0.0", "architecture": "x86_64", "connection": cs});
+    let import = |cs: String| json!({"catalog_id": "probe", "architecture": "x86_64", "connection": cs});
+    let bad = [
+        victim.display().to_string(),
+        victim.join("sub").display().to_string(),
+        format!("{}/../victim", roots.display()),
+        "victim".to_string(),
+        roots.join("escape").display().to_string(),
+        "/".to_string(),
+    ];
+    for path in &bad {
+        let cs = format!("provider=local-storage;catalog_path={path}");
+        let (st, v) = call(&c, Method::POST, &s.api("/catalog/push"), &bob, Some(push(cs.clone())), &[]).await;
+        assert_eq!(st, 403, "push {path}: {v}");
+        assert!(v.to_string().contains("CATALOG_LOCAL_ROOTS"), "{v}");
+        let (st, v) = call(&c, Method::PUT, &s.api("/catalog/import"), &bob, Some(import(cs)), &[]).await;
+        assert_eq!(st, 403, "import {path}: {v}");
+    }
+    assert_eq!(listing(&victim), before, "the refused requests created something in the folder");
+
+    // Inside the root: accepted, and reading it creates nothing.
+    let inside = roots.join("bob");
+    let cs = format!("provider=local-storage;catalog_path={}", inside.display());
+    let (st, v) = call(&c, Method::POST, &s.api("/catalog/push"), &bob, Some(push(cs)), &[]).await;
+    assert_eq!(st, 422, "{v}");
+    assert!(!inside.exists(), "a read-only probe created the folder");
+
+    // A SUPER_USER may name another folder; reading it leaves no trace.
+    let cs = format!("provider=local-storage;catalog_path={}", victim.display());
+    let (st, v) = call(&c, Method::POST, &s.api("/catalog/push"), &root, Some(push(cs)), &[]).await;
+    assert_eq!(st, 422, "{v}");
+    assert_eq!(listing(&victim), before, "a read-only probe created something");
+}
