@@ -14,6 +14,9 @@ pub enum IdentityError {
         "Logins to {username} from your address are locked after too many failed attempts until {until} ({seconds} s from now); try again then, or ask an administrator to unlock the account (logins from other addresses are not affected)"
     )]
     LockedOut { username: String, until: DateTime<Utc>, seconds: i64 },
+    /// This source address already has the most password checks under way.
+    #[error("Too many logins at once from your address; retry in {seconds} s")]
+    TooManyAtOnce { seconds: u64 },
     /// Every password hasher is busy and the queue is full.
     #[error("The server is busy checking other passwords; retry in {seconds} s")]
     Busy { seconds: u64 },
@@ -46,7 +49,7 @@ impl IdentityError {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             IdentityError::LockedOut { seconds, .. } => Some((*seconds).max(1) as u64),
-            IdentityError::Busy { seconds } => Some((*seconds).max(1)),
+            IdentityError::Busy { seconds } | IdentityError::TooManyAtOnce { seconds } => Some((*seconds).max(1)),
             _ => None,
         }
     }
@@ -58,6 +61,7 @@ impl Classify for IdentityError {
             IdentityError::InvalidCredentials | IdentityError::Unauthenticated(_) => ErrorKind::Unauthenticated,
             IdentityError::LockedOut { .. } => ErrorKind::TooManyRequests,
             IdentityError::Busy { .. } => ErrorKind::Unavailable,
+            IdentityError::TooManyAtOnce { .. } => ErrorKind::TooManyRequests,
             IdentityError::Forbidden(_) => ErrorKind::Forbidden,
             IdentityError::NotFound { .. } => ErrorKind::NotFound,
             IdentityError::Conflict(_) => ErrorKind::Conflict,

@@ -168,6 +168,13 @@ impl HashPool {
         self.size
     }
 
+    /// How many password checks one source address may have running or waiting at once: a
+    /// quarter of the queue (at least one per hasher), so a flood from one address leaves
+    /// room for everyone else.
+    pub fn per_source(&self) -> usize {
+        (self.queue_limit / 4).max(self.size)
+    }
+
     /// Run `f` on the blocking pool with a working buffer, once a permit is free.
     async fn run<T, F>(&self, f: F) -> Result<T>
     where

@@ -413,6 +413,11 @@ impl Identity {
             }
         };
         let attempt = self.inner.throttle.begin(&source, &account).map_err(locked)?;
+        let _checking = self
+            .inner
+            .throttle
+            .checking(&source, self.inner.hasher.per_source())
+            .ok_or(IdentityError::TooManyAtOnce { seconds: 1 })?;
         let Some((mut user, rev)) = found else {
             self.inner.hasher.verify_dummy(password.to_string()).await?;
             return Err(match attempt.finish(false) {

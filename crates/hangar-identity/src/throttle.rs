@@ -35,6 +35,26 @@ type Key = (String, String);
 pub(crate) struct Throttle {
     policy: LockoutPolicy,
     entries: Mutex<HashMap<Key, Entry>>,
+    /// Password checks running or waiting, per source address.
+    checking: Mutex<HashMap<String, usize>>,
+}
+
+/// A source address's place among its password checks under way, given back when dropped.
+pub(crate) struct Checking {
+    throttle: Arc<Throttle>,
+    source: String,
+}
+
+impl Drop for Checking {
+    fn drop(&mut self) {
+        let mut m = self.throttle.checking.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.source) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.source);
+            }
+        }
+    }
 }
 
 /// An attempt under way; [`Attempt::finish`] records its outcome. Dropping it unfinished
@@ -46,7 +66,20 @@ pub(crate) struct Attempt {
 
 impl Throttle {
     pub(crate) fn new(policy: LockoutPolicy) -> Self {
-        Throttle { policy, entries: Mutex::new(HashMap::new()) }
+        Throttle { policy, entries: Mutex::new(HashMap::new()), checking: Mutex::new(HashMap::new()) }
+    }
+
+    /// Take one of `limit` places for a password check from `source`; `None` when the
+    /// address already has `limit` under way (a flood from one address cannot take every
+    /// hasher's queue).
+    pub(crate) fn checking(self: &Arc<Self>, source: &str, limit: usize) -> Option<Checking> {
+        let mut m = self.checking.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(source.to_string()).or_insert(0);
+        if *n >= limit.max(1) {
+            return None;
+        }
+        *n += 1;
+        Some(Checking { throttle: self.clone(), source: source.to_string() })
     }
 
     fn max_attempts(&self) -> u32 {
@@ -166,6 +199,17 @@ mod tests {
         assert_eq!(t.begin("a", "root").unwrap().finish(false), Some(Duration::from_secs(20)));
         t.clear_account("root");
         assert!(t.begin("a", "root").is_ok());
+    }
+
+    #[test]
+    fn password_checks_per_address_are_bounded() {
+        let t = throttle(3, 10, false);
+        let held: Vec<_> = (0..4).map(|_| t.checking("a", 4).unwrap()).collect();
+        assert!(t.checking("a", 4).is_none());
+        assert!(t.checking("b", 4).is_some(), "another address is not affected");
+        drop(held);
+        assert!(t.checking("a", 4).is_some());
+        assert!(t.checking.lock().unwrap().is_empty(), "no record is left behind");
     }
 
     #[test]

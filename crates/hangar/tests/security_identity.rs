@@ -219,21 +219,71 @@ async fn row14_a_reset_by_an_admin_revokes_the_users_api_keys() {
 }
 
 /// Row 4: 200 concurrent bad logins for unknown users keep the server under 200 MB
-/// (password hashes are bounded; the others wait briefly or get 503 with Retry-After), a
-/// normal login works afterwards, and an unknown user costs the time of a known one.
+/// (password hashes are bounded; the others wait briefly or get 429/503 with Retry-After), a
+/// login from another address works during the flood and from any address afterwards, and
+/// an unknown user costs the time of a known one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn row4_a_login_flood_keeps_memory_flat() {
     let dir = tempfile::tempdir().unwrap();
     // The throttle (row 19) is not what this test is about.
     let s = Server::start(dir.path(), &[("BRUTE_FORCE_MAX_LOGIN_ATTEMPTS", "1000")]);
-    let c = reqwest::Client::builder().timeout(Duration::from_secs(60)).pool_max_idle_per_host(0).build().unwrap();
+    let c = client();
     login(&c, &s, "root", ROOT_PASSWORD).await;
     let before = rss(&s);
 
+    // 200 at once from one address; meanwhile the owner logs in from another address (one
+    // address takes at most a quarter of the hashers' queue).
+    let owner = source_client("127.0.0.9");
+    let (statuses, peak, owner_login) = flood(&s, &[source_client("127.0.0.1")], Some(owner)).await;
+    eprintln!(
+        "login flood from one address: answers {statuses:?}, RSS before {} MB, peak {} MB",
+        before / MB,
+        peak / MB
+    );
+    assert!(statuses.get(&401).copied().unwrap_or(0) > 0, "some bad logins were checked: {statuses:?}");
+    let (st, took) = tokio::time::timeout(Duration::from_secs(60), owner_login.unwrap()).await.unwrap().unwrap();
+    eprintln!("login from another address during the flood: {st} in {took:?}");
+    assert_eq!(st, 200, "a login from another address during the flood");
+
+    // 200 at once from 25 addresses: the hashers' queue bounds them all.
+    let sources: Vec<_> = (10..35).map(|i| source_client(&format!("127.0.0.{i}"))).collect();
+    let (statuses, peak, _) = flood(&s, &sources, None).await;
+    let after = rss(&s);
+    eprintln!("login flood from 25 addresses: answers {statuses:?}, peak {} MB, after {} MB", peak / MB, after / MB);
+    assert!(statuses.get(&401).copied().unwrap_or(0) > 0, "some bad logins were checked: {statuses:?}");
+    // A normal login works afterwards, at once.
+    let t = Instant::now();
+    login(&c, &s, "root", ROOT_PASSWORD).await;
+    eprintln!("login after the floods: {:?}", t.elapsed());
+
+    // Unknown users cost what known ones cost (the best of 5 each, sequential).
+    let known = best_bad_login(&c, &s, "root").await;
+    let unknown = best_bad_login(&c, &s, "no-such-user").await;
+    eprintln!("bad login, known user: {known:?}, unknown user: {unknown:?}");
+    assert!(unknown * 3 > known && known * 3 > unknown, "known {known:?} vs unknown {unknown:?}");
+}
+
+/// A client whose connections come from `ip` (a loopback address).
+fn source_client(ip: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .local_address(ip.parse::<IpAddr>().unwrap())
+        .build()
+        .unwrap()
+}
+
+/// 200 concurrent bad logins for unknown users, spread over `clients`, while sampling the
+/// server's RSS (failing as soon as it reaches 200 MB); once they are all under way, root
+/// logs in with `owner`: (answers by status, peak RSS, root's login: status and time).
+async fn flood(
+    s: &Server,
+    clients: &[reqwest::Client],
+    owner: Option<reqwest::Client>,
+) -> (std::collections::BTreeMap<u16, u32>, u64, Option<tokio::task::JoinHandle<(u16, Duration)>>) {
     let started = Instant::now();
     let mut flood = tokio::task::JoinSet::new();
     for i in 0..200 {
-        let c = c.clone();
+        let c = clients[i % clients.len()].clone();
         let url = s.api("/auth/token");
         flood.spawn(async move {
             let body = json!({"username": format!("nobody-{i}"), "password": "Wrong-Passw0rd!"});
@@ -242,12 +292,21 @@ async fn row4_a_login_flood_keeps_memory_flat() {
             (r.status().as_u16(), retry)
         });
     }
-    let mut peak = before;
+    let owner_login = owner.map(|owner| {
+        let url = s.api("/auth/token");
+        tokio::spawn(async move {
+            let t = Instant::now();
+            let body = json!({"username": "root", "password": ROOT_PASSWORD});
+            let r = owner.post(url).json(&body).send().await.expect("owner's login");
+            (r.status().as_u16(), t.elapsed())
+        })
+    });
+    let mut peak = rss(s);
     let mut statuses = std::collections::BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     while !flood.is_empty() {
         assert!(Instant::now() < deadline, "the flood did not finish in 120 s");
-        peak = peak.max(rss(&s));
+        peak = peak.max(rss(s));
         assert!(peak < 200 * MB, "server RSS reached {} MB under the login flood", peak / MB);
         match tokio::time::timeout(Duration::from_millis(100), flood.join_next()).await {
             Ok(Some(r)) => {
@@ -262,25 +321,8 @@ async fn row4_a_login_flood_keeps_memory_flat() {
             Err(_) => {}
         }
     }
-    let after = rss(&s);
-    eprintln!(
-        "login flood: 200 requests in {:?}, answers {statuses:?}, RSS before {} MB, peak {} MB, after {} MB",
-        started.elapsed(),
-        before / MB,
-        peak / MB,
-        after / MB
-    );
-    assert!(statuses.get(&401).copied().unwrap_or(0) > 0, "some bad logins were checked: {statuses:?}");
-    // A normal login works afterwards, at once.
-    let t = Instant::now();
-    login(&c, &s, "root", ROOT_PASSWORD).await;
-    eprintln!("login after the flood: {:?}", t.elapsed());
-
-    // Unknown users cost what known ones cost (the best of 5 each, sequential).
-    let known = best_bad_login(&c, &s, "root").await;
-    let unknown = best_bad_login(&c, &s, "no-such-user").await;
-    eprintln!("bad login, known user: {known:?}, unknown user: {unknown:?}");
-    assert!(unknown * 3 > known && known * 3 > unknown, "known {known:?} vs unknown {unknown:?}");
+    eprintln!("flood took {:?}", started.elapsed());
+    (statuses, peak, owner_login)
 }
 
 /// The quickest of 5 sequential bad logins for `user`.
