@@ -384,3 +384,58 @@ async fn local_storage_providers_of_api_callers_are_confined_to_the_roots() {
     assert_eq!(st, 422, "{v}");
     assert_eq!(listing(&victim), before, "a read-only probe created something");
 }
+
+/// Row 11 on the HTTPS listener: one source holds at most `API_MAX_CONNECTIONS_PER_SOURCE`
+/// connections (the others are closed at once), a client that never starts its TLS
+/// handshake is closed after `API_HEADER_READ_TIMEOUT`, and a client from another address
+/// is served meanwhile. Before the fix nothing was capped and the handshake waited 10 s.
+#[tokio::test]
+async fn the_https_listener_caps_sources_and_times_out_silent_handshakes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = test_pki();
+    let (ca_path, cert_path, key_path) =
+        (dir.path().join("ca.pem"), dir.path().join("c.pem"), dir.path().join("k.pem"));
+    std::fs::write(&ca_path, &ca).unwrap();
+    std::fs::write(&cert_path, cert).unwrap();
+    std::fs::write(&key_path, key).unwrap();
+    let s = Server::start(
+        &dir.path().join("data"),
+        &[
+            ("ENABLED_MODULES", "api"),
+            ("TLS_ENABLED", "true"),
+            ("TLS_PORT", "0"),
+            ("DISABLE_HTTP_WHEN_TLS", "true"),
+            ("TLS_CERTIFICATE", cert_path.to_str().unwrap()),
+            ("TLS_PRIVATE_KEY", key_path.to_str().unwrap()),
+            ("API_HEADER_READ_TIMEOUT", "2s"),
+            ("API_MAX_CONNECTIONS_PER_SOURCE", "5"),
+        ],
+    );
+    assert!(s.url.starts_with("https://"), "{}", s.url);
+    let to: SocketAddr = s.url.trim_start_matches("https://").parse().unwrap();
+    let opened = Instant::now();
+    let conns = connect_from(Ipv4Addr::new(127, 0, 0, 7), to, 8).await;
+    let mut waits = tokio::task::JoinSet::new();
+    for mut c in conns {
+        waits.spawn(async move {
+            let mut b = [0u8; 16];
+            let r = tokio::time::timeout(Duration::from_secs(8), c.read(&mut b)).await;
+            assert!(matches!(r, Ok(Ok(0) | Err(_))), "the server did not close a silent TLS connection");
+            opened.elapsed()
+        });
+    }
+    let ca = reqwest::Certificate::from_pem(ca.as_bytes()).unwrap();
+    let tls = reqwest::Client::builder().add_root_certificate(ca).timeout(Duration::from_secs(10)).build().unwrap();
+    let t = Instant::now();
+    let r = tls.get(s.api("/health/probe")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    let mut closed: Vec<Duration> = Vec::new();
+    while let Some(r) = waits.join_next().await {
+        closed.push(r.unwrap());
+    }
+    closed.sort();
+    assert!(closed[..3].iter().all(|d| *d < Duration::from_millis(1500)), "over the cap, closed at once: {closed:?}");
+    assert!(closed[3..].iter().all(|d| *d >= Duration::from_millis(1500)), "within the cap, kept a while: {closed:?}");
+    assert!(closed[7] < Duration::from_secs(6), "silent handshakes closed after the timeout: {closed:?}");
+}
