@@ -312,6 +312,23 @@ async fn option_like_and_nul_vm_ids_answer_400_on_every_vm_route() {
             assert!(!v.to_string().contains("victim\""), "{m} {url} answered another VM: {v}");
         }
     }
+    // Through the orchestrator, with this server registered as its own host: 400 or 404,
+    // never a 500 or another VM, on the fleet and the per-host routes.
+    let host =
+        json!({"name": "self", "host": s.url, "authentication": {"username": "root", "password": ROOT_PASSWORD}});
+    let (st, v) = call(&c, Method::POST, &s.api("/orchestrator/hosts"), &root, Some(host), &[]).await;
+    assert!(st == 200 || st == 201, "{v}");
+    let hid = v["id"].as_str().unwrap().to_string();
+    for bad in ["-a", "--help", "%00"] {
+        for prefix in ["/orchestrator/machines".to_string(), format!("/orchestrator/hosts/{hid}/machines")] {
+            for (m, tail, body) in &routes[..4] {
+                let url = s.api(&format!("{prefix}/{bad}{tail}"));
+                let (st, v) = call(&c, m.clone(), &url, &root, body.clone(), &[]).await;
+                assert!(st == 400 || st == 404, "{m} {url}: {st} {v}");
+                assert!(!v.to_string().contains("victim\""), "{m} {url} answered another VM: {v}");
+            }
+        }
+    }
     assert!(names(&c, &s, &root).await.contains("\"victim\""), "the VM is still there");
 }
 

@@ -68,7 +68,7 @@ pub fn register(api: Api) -> Api {
 /// Log in: `{email or username, password}` or `{api_key}`, as JSON or a form body.
 #[utoipa::path(post, path = "/auth/token", tag = "auth", request_body = LoginRequest,
     responses((status = 200, body = TokenResponse), (status = 401, body = ApiErrorBody),
-        (status = 429, description = "Logins to this account from this address are locked after failed logins (Retry-After)", body = ApiErrorBody),
+        (status = 429, description = "Logins to this account from this address are locked after failed logins, or this address has too many logins under way (Retry-After)", body = ApiErrorBody),
         (status = 503, description = "Every password hasher is busy (Retry-After)", body = ApiErrorBody)))]
 async fn login(
     State(s): State<AppState>,
