@@ -618,3 +618,19 @@ pub fn translate(e: &VmEvent) -> Event {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::check_vm_key;
+
+    #[test]
+    fn vm_keys_a_tool_could_misread_are_refused() {
+        for ok in ["{4f2a1c3e-0000-4000-8000-000000000001}", "ubuntu-22.04", "macOS 14 (Sonoma)", "a-b", "x"] {
+            assert!(check_vm_key(ok).is_ok(), "{ok:?}");
+        }
+        let long = "a".repeat(256);
+        for bad in ["", "-a", "--help", "-", "a\0b", "\0", "a\nb", "a/b", "..\\x", long.as_str()] {
+            assert!(check_vm_key(bad).is_err(), "{bad:?}");
+        }
+    }
+}
