@@ -37,7 +37,11 @@ pub(crate) enum HostKind {
 
 pub(crate) struct HttpHost {
     pub routes: Vec<CompiledRoute>,
+    /// `require_auth`, or any of the requirements below.
     pub require_auth: bool,
+    pub required_claims: Vec<String>,
+    pub required_roles: Vec<String>,
+    pub require_vm_owner: bool,
     pub cors: Option<CompiledCors>,
 }
 
@@ -263,6 +267,32 @@ fn compile_cors(c: &CorsConfig) -> Result<Option<CompiledCors>, ConfigError> {
     }))
 }
 
+fn trimmed(names: &[String]) -> Vec<String> {
+    names.iter().map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect()
+}
+
+impl HttpHost {
+    /// What [`crate::ProxyAuth::authorize`] checks for a request that `route` serves.
+    pub(crate) fn auth_request<'a>(
+        &'a self,
+        host_id: &'a str,
+        headers: &'a http::HeaderMap,
+        route: &'a CompiledRoute,
+    ) -> crate::auth::AuthRequest<'a> {
+        let vm_owner_of = match &route.target {
+            Target::Vm { vm_id, .. } if self.require_vm_owner => Some(vm_id.as_str()),
+            _ => None,
+        };
+        crate::auth::AuthRequest {
+            host_id,
+            headers,
+            required_claims: &self.required_claims,
+            required_roles: &self.required_roles,
+            vm_owner_of,
+        }
+    }
+}
+
 /// Check one host and build its state.
 pub(crate) fn compile_host(cfg: &ReverseProxyConfig, h: &ProxyHost) -> Result<CompiledHost, ConfigError> {
     let key = h.key();
@@ -273,9 +303,10 @@ pub(crate) fn compile_host(cfg: &ReverseProxyConfig, h: &ProxyHost) -> Result<Co
             )));
         }
         (Some(t), true) => {
-            if h.require_auth {
+            if h.needs_auth() {
                 return Err(ConfigError::Invalid(format!(
-                    "host {key:?}: require_auth applies to HTTP routes; a tcp_route cannot check credentials"
+                    "host {key:?}: require_auth, required_claims, required_roles and require_vm_owner apply to HTTP \
+                     routes; a tcp_route cannot check credentials"
                 )));
             }
             HostKind::Tcp(compile_tcp(&key, t)?)
@@ -293,7 +324,10 @@ pub(crate) fn compile_host(cfg: &ReverseProxyConfig, h: &ProxyHost) -> Result<Co
             routes.sort_by_key(|(o, _)| *o);
             HostKind::Http(HttpHost {
                 routes: routes.into_iter().map(|(_, r)| r).collect(),
-                require_auth: h.require_auth,
+                require_auth: h.needs_auth(),
+                required_claims: trimmed(&h.required_claims),
+                required_roles: trimmed(&h.required_roles),
+                require_vm_owner: h.require_vm_owner,
                 cors: compile_cors(&h.cors)?,
             })
         }

@@ -58,8 +58,22 @@ pub struct ProxyHost {
     pub http_routes: Vec<HttpRoute>,
     /// Raw TCP forwarding; excludes `http_routes`.
     pub tcp_route: Option<TcpRoute>,
-    /// When set, every HTTP request must pass [`crate::ProxyAuth::check`] (401 otherwise).
+    /// When set, every HTTP request must pass [`crate::ProxyAuth::authorize`] (401 otherwise).
     pub require_auth: bool,
+    /// Claims a caller must hold (403 otherwise). Setting any requirement implies `require_auth`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub required_claims: Vec<String>,
+    /// Roles a caller must hold (403 otherwise). Setting any requirement implies `require_auth`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub required_roles: Vec<String>,
+    /// Requests a route sends to a VM (`target_vm_id`) must come from that VM's owner (or a
+    /// caller who may manage every VM); 403 otherwise. Implies `require_auth`.
+    #[serde(skip_serializing_if = "is_false")]
+    pub require_vm_owner: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl ProxyHost {
@@ -72,6 +86,17 @@ impl ProxyHost {
         } else {
             format!("{}:{}", self.host, self.port.unwrap_or(80))
         }
+    }
+
+    /// Whether HTTP requests must carry a credential: `require_auth`, or any requirement of
+    /// claims, roles or the VM's owner.
+    pub fn needs_auth(&self) -> bool {
+        self.require_auth || self.has_requirements()
+    }
+
+    /// Whether the host requires claims, roles or the VM's owner.
+    pub fn has_requirements(&self) -> bool {
+        !self.required_claims.is_empty() || !self.required_roles.is_empty() || self.require_vm_owner
     }
 }
 

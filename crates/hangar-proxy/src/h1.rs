@@ -32,6 +32,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::auth::AuthRejection;
 use crate::compile::{CompiledRoute, HostKind, HostState};
 use crate::config::Schema;
 use crate::http::{Dest, ProxyService, Reply, Resolved, UpIo, preflight};
@@ -242,12 +243,16 @@ where
 {
     let host_id = plan.state.key.as_str();
     if let Some(headers) = &plan.auth {
-        let checked = match &svc.shared.auth {
-            Some(auth) => auth.check(host_id, headers).await.map_err(|r| r.reason),
-            None => Err("this proxy host requires authentication but no authenticator is configured".into()),
+        let checked = match (&svc.shared.auth, &plan.state.kind) {
+            (Some(auth), HostKind::Http(http)) => auth.authorize(&http.auth_request(host_id, headers, route)).await,
+            (Some(_), HostKind::Tcp(_)) => Err(AuthRejection::new("this proxy host does not serve HTTP")),
+            (None, _) => {
+                Err(AuthRejection::new("this proxy host requires authentication but no authenticator is configured"))
+            }
         };
-        if let Err(reason) = checked {
-            let reply = Reply::error(StatusCode::UNAUTHORIZED, reason, None);
+        if let Err(rej) = checked {
+            let status = if rej.forbidden { StatusCode::FORBIDDEN } else { StatusCode::UNAUTHORIZED };
+            let reply = Reply::error(status, rej.reason, None);
             return send_reply(client, out, reply, plan.cors.as_ref()).await;
         }
     }

@@ -270,7 +270,9 @@ pub(crate) struct Reply {
 impl Reply {
     pub(crate) fn error(status: StatusCode, message: String, target: Option<String>) -> Reply {
         let error = match status.as_u16() {
+            400 => "bad_request",
             401 => "unauthorized",
+            403 => "forbidden",
             404 => "not_found",
             502 => "bad_gateway",
             504 => "gateway_timeout",
@@ -422,6 +424,15 @@ impl ProxyService {
             return r;
         }
 
+        // Two `Host` headers make the target ambiguous (and one could be smuggled past a
+        // `host_match`): refused, as RFC 9112 section 3.2 asks.
+        if req.headers().get_all(HOST).iter().nth(1).is_some() {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "the request has more than one Host header; send exactly one".into(),
+                None,
+            );
+        }
         let host_hv: Option<HeaderValue> = req
             .headers()
             .get(HOST)
@@ -441,8 +452,12 @@ impl ProxyService {
                     "this proxy host requires authentication but no authenticator is configured".into(),
                 );
             };
-            if let Err(rej) = auth.check(host_id, req.headers()).await {
-                return unauthorized(rej.reason);
+            if let Err(rej) = auth.authorize(&host.auth_request(host_id, req.headers(), route)).await {
+                return if rej.forbidden {
+                    error_response(StatusCode::FORBIDDEN, rej.reason, None)
+                } else {
+                    unauthorized(rej.reason)
+                };
             }
         }
 

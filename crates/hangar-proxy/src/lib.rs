@@ -37,7 +37,7 @@ mod resolve;
 mod tcp;
 mod tls;
 
-pub use auth::{AuthRejection, ProxyAuth};
+pub use auth::{AuthRejection, AuthRequest, ProxyAuth};
 pub use config::{
     BindAddr, CorsConfig, DEFAULT_ROUTE_TIMEOUT_SECS, DEFAULT_TCP_IDLE_SECS, DEFAULT_TCP_MAX_CONNECTIONS, HttpRoute,
     ProxyHost, ReverseProxyConfig, Schema, Target, TcpRoute, TlsConfig,

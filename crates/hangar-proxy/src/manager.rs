@@ -50,6 +50,7 @@ struct Inner {
     watching: AtomicBool,
     table: Mutex<Table>,
     io: IoThreads,
+    reserved: Vec<(u16, String)>,
 }
 
 /// Dedicated single-threaded runtimes for listeners (see [`ProxyManagerBuilder::io_threads`]).
@@ -104,6 +105,7 @@ pub struct ProxyManagerBuilder {
     event_capacity: usize,
     io_threads: usize,
     fast_lane: bool,
+    reserved: Vec<(u16, String)>,
 }
 
 impl Default for ProxyManagerBuilder {
@@ -121,6 +123,7 @@ impl Default for ProxyManagerBuilder {
             event_capacity: 1024,
             io_threads: 0,
             fast_lane: true,
+            reserved: Vec::new(),
         }
     }
 }
@@ -184,6 +187,15 @@ impl ProxyManagerBuilder {
         self.fast_lane = enabled;
         self
     }
+    /// A port the listeners must never bind (the server's own API ports), with what holds
+    /// it. A host configured on it is reported as failed by [`ProxyManager::apply`] (and in
+    /// the status and events) instead of taking the port; the other hosts are not disturbed.
+    pub fn reserve_port(mut self, port: u16, holder: impl Into<String>) -> Self {
+        if port != 0 {
+            self.reserved.push((port, holder.into()));
+        }
+        self
+    }
     /// Build the manager. Nothing listens until [`ProxyManager::apply`].
     pub fn build(self) -> Result<ProxyManager, ProxyError> {
         let (events, _) = broadcast::channel(self.event_capacity.max(1));
@@ -207,6 +219,7 @@ impl ProxyManagerBuilder {
                 watching: AtomicBool::new(false),
                 table: Mutex::new(Table::default()),
                 io: IoThreads::start(self.io_threads).map_err(ProxyError::Runtime)?,
+                reserved: self.reserved,
             }),
         })
     }
@@ -373,16 +386,24 @@ impl ProxyManager {
                 report.updated.push(c.key);
                 continue;
             }
-            let started = listener::start(
-                &c.key,
-                &c.bind,
-                c.state,
-                self.inner.shared.clone(),
-                self.inner.builder.clone(),
-                self.inner.timeouts,
-                &self.inner.io.handles,
-            )
-            .await;
+            let started = match self.inner.reserved.iter().find(|(p, _)| *p == c.bind.port) {
+                Some((port, holder)) => Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!("port {port} is reserved for {holder}; give this proxy host another port"),
+                )),
+                None => {
+                    listener::start(
+                        &c.key,
+                        &c.bind,
+                        c.state,
+                        self.inner.shared.clone(),
+                        self.inner.builder.clone(),
+                        self.inner.timeouts,
+                        &self.inner.io.handles,
+                    )
+                    .await
+                }
+            };
             let run = match started {
                 Ok(run) => {
                     self.send(ProxyEvent::ListenerStarted { host_id: c.key.clone(), address: run.local });

@@ -89,6 +89,16 @@ pub const KEYS: &[Key] = &[
         "How often the orchestrator probes each host (besides its event stream's pings)",
     ),
     k("ORCHESTRATOR_UNHEALTHY_AFTER", "10s", "Silence after which the orchestrator marks a host unhealthy"),
+    k(
+        "REVERSE_PROXY_TLS_FOLDER",
+        "",
+        "The only folder whose files proxy hosts' tls.cert/tls.key may name as paths; unset: paths are refused (PEM text only)",
+    ),
+    k(
+        "REVERSE_PROXY_ALLOW_PRIVILEGED_PORTS",
+        "false",
+        "Let proxy hosts created over the API listen on ports below 1024",
+    ),
     s(
         "ROOT_PASSWORD",
         "Password of the root user, set at every start; when unset a password is generated at first start and printed once",

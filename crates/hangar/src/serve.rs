@@ -132,8 +132,25 @@ async fn start_reverse_proxy(
         status.message = "not requested in ENABLED_MODULES".into();
         return Ok(None);
     }
-    let mut builder =
-        hangar_proxy::ProxyManager::builder().auth(hangar_reverse_proxy::IdentityAuth::new(identity.clone()));
+    // The API's own ports are never a listener's: a host configured on one is reported as
+    // failed (and logged) rather than taking the port before the API binds it.
+    let mut reserved = Vec::new();
+    if !s.tls.https_only() {
+        reserved.push((s.http.port, "the API's HTTP port (API_PORT)".to_string()));
+    }
+    if s.tls.enabled {
+        reserved.push((s.tls.port, "the API's HTTPS port (TLS_PORT)".to_string()));
+    }
+    let mut builder = hangar_proxy::ProxyManager::builder()
+        .auth(hangar_reverse_proxy::IdentityAuth::with_host(identity.clone(), host.cloned()));
+    for (port, holder) in &reserved {
+        builder = builder.reserve_port(*port, holder.clone());
+    }
+    let options = hangar_reverse_proxy::ReverseProxyOptions {
+        reserved_ports: reserved,
+        allow_privileged_ports: s.reverse_proxy.allow_privileged_ports,
+        tls_folder: s.reverse_proxy.tls_folder.clone(),
+    };
     let local = host.map(|h| hangar_reverse_proxy::HostResolver::new(h.clone()));
     if let Some(r) = &local {
         builder = builder.resolver(r.clone());
@@ -147,7 +164,7 @@ async fn start_reverse_proxy(
     }
     let manager = builder.build().map_err(|e| anyhow::anyhow!("reverse proxy: {e}"))?;
     let dyn_store: Arc<dyn Store> = store;
-    match hangar_reverse_proxy::ReverseProxy::start(dyn_store, manager, bus, dir).await {
+    match hangar_reverse_proxy::ReverseProxy::start_with(dyn_store, manager, bus, dir, options).await {
         Ok(rp) => {
             status.enabled = true;
             status.healthy = true;

@@ -64,6 +64,7 @@ pub struct Settings {
     pub identity: IdentitySettings,
     pub tls: TlsSettings,
     pub database: DatabaseSettings,
+    pub reverse_proxy: ReverseProxySettings,
     /// `ENABLE_CORS`, `CORS_ALLOWED_ORIGINS`, `CORS_ALLOWED_METHODS`, `CORS_ALLOWED_HEADERS`.
     pub cors: CorsConfig,
 }
@@ -144,6 +145,14 @@ pub struct HostSettings {
     pub reserved_memory_mb: u64,
     /// `SYSTEM_RESERVED_DISK`, in MiB.
     pub reserved_disk_mb: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReverseProxySettings {
+    /// `REVERSE_PROXY_TLS_FOLDER`; `None` refuses certificate and key paths (PEM text only).
+    pub tls_folder: Option<PathBuf>,
+    /// `REVERSE_PROXY_ALLOW_PRIVILEGED_PORTS`.
+    pub allow_privileged_ports: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -316,6 +325,8 @@ impl Settings {
             .required("ORCHESTRATOR_PLACEMENT", |v| choice(v, &[("spread", Profile::Spread), ("pack", Profile::Pack)]));
         let check_interval = r.required("ORCHESTRATOR_CHECK_INTERVAL", duration);
         let unhealthy_after = r.required("ORCHESTRATOR_UNHEALTHY_AFTER", duration);
+        let proxy_tls_folder = r.optional("REVERSE_PROXY_TLS_FOLDER", path);
+        let proxy_privileged = r.required("REVERSE_PROXY_ALLOW_PRIVILEGED_PORTS", boolean);
 
         let root_password = r.optional("ROOT_PASSWORD", secret);
         let root_password_file = r.optional("ROOT_PASSWORD_FILE", path);
@@ -414,6 +425,10 @@ impl Settings {
                     placement: placement?,
                     check_interval: check_interval?.max(CHECK_INTERVAL_FLOOR),
                     unhealthy_after: unhealthy_after?.max(UNHEALTHY_AFTER_FLOOR),
+                },
+                reverse_proxy: ReverseProxySettings {
+                    tls_folder: proxy_tls_folder?,
+                    allow_privileged_ports: proxy_privileged?,
                 },
                 identity: IdentitySettings {
                     root_password: root_password?,

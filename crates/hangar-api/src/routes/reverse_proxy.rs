@@ -66,17 +66,18 @@ fn parse<T: serde::de::DeserializeOwned>(v: Value, what: &str) -> R<T> {
 // names every field, so a field added to `hangar_proxy` does not compile here until it is
 // documented.
 
-/// TLS termination on a listener. `cert` and `key` are PEM text or paths to PEM files; a PEM key
-/// is written to a 0600 file and never stored or returned.
+/// TLS termination on a listener. `cert` and `key` are PEM text, or paths to PEM files inside the
+/// server's `REVERSE_PROXY_TLS_FOLDER` (other paths are refused); a PEM key is written to a 0600
+/// file and never stored or returned. `key: "********"` on an update keeps the stored key.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(from = "proxy::TlsConfig")]
 pub struct ProxyTlsRequest {
     #[serde(default)]
     pub enabled: bool,
-    /// The certificate chain, leaf first: PEM text or a file path.
+    /// The certificate chain, leaf first: PEM text or a file path inside `REVERSE_PROXY_TLS_FOLDER`.
     #[serde(default)]
     pub cert: String,
-    /// The private key (PKCS#8, PKCS#1 or SEC1): PEM text or a file path.
+    /// The private key (PKCS#8, PKCS#1 or SEC1): PEM text or a file path inside `REVERSE_PROXY_TLS_FOLDER`.
     #[serde(default)]
     pub key: String,
 }
@@ -324,11 +325,34 @@ pub struct ProxyHostRequest {
     /// Require a Hangar token or API key on every HTTP request (401 otherwise).
     #[serde(default)]
     pub require_auth: bool,
+    /// Claims the caller must hold (403 otherwise); implies `require_auth`.
+    #[serde(default)]
+    pub required_claims: Vec<String>,
+    /// Roles the caller must hold (403 otherwise); implies `require_auth`.
+    #[serde(default)]
+    pub required_roles: Vec<String>,
+    /// Requests a route sends to a VM must come from the VM's owner (or a SUPER_USER or holder of
+    /// MANAGE_ALL_VMS); 403 otherwise. Implies `require_auth`.
+    #[serde(default)]
+    pub require_vm_owner: bool,
 }
 
 impl From<proxy::ProxyHost> for ProxyHostRequest {
     fn from(h: proxy::ProxyHost) -> Self {
-        let proxy::ProxyHost { id, name, host, port, tls, cors, http_routes, tcp_route, require_auth } = h;
+        let proxy::ProxyHost {
+            id,
+            name,
+            host,
+            port,
+            tls,
+            cors,
+            http_routes,
+            tcp_route,
+            require_auth,
+            required_claims,
+            required_roles,
+            require_vm_owner,
+        } = h;
         ProxyHostRequest {
             id,
             name,
@@ -339,13 +363,29 @@ impl From<proxy::ProxyHost> for ProxyHostRequest {
             http_routes: http_routes.into_iter().map(Into::into).collect(),
             tcp_route: tcp_route.map(Into::into),
             require_auth,
+            required_claims,
+            required_roles,
+            require_vm_owner,
         }
     }
 }
 
 impl From<ProxyHostRequest> for proxy::ProxyHost {
     fn from(h: ProxyHostRequest) -> Self {
-        let ProxyHostRequest { id, name, host, port, tls, cors, http_routes, tcp_route, require_auth } = h;
+        let ProxyHostRequest {
+            id,
+            name,
+            host,
+            port,
+            tls,
+            cors,
+            http_routes,
+            tcp_route,
+            require_auth,
+            required_claims,
+            required_roles,
+            require_vm_owner,
+        } = h;
         proxy::ProxyHost {
             id,
             name,
@@ -356,6 +396,9 @@ impl From<ProxyHostRequest> for proxy::ProxyHost {
             http_routes: http_routes.into_iter().map(Into::into).collect(),
             tcp_route: tcp_route.map(Into::into),
             require_auth,
+            required_claims,
+            required_roles,
+            require_vm_owner,
         }
     }
 }
@@ -574,6 +617,15 @@ pub struct ProxyHost {
     /// Bind port; `null` when not set (80).
     pub port: Option<u16>,
     pub require_auth: bool,
+    /// Requests to VM targets need the VM's owner; absent when not set.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub require_vm_owner: bool,
+    /// Claims a caller must hold; absent when none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub required_claims: Vec<String>,
+    /// Roles a caller must hold; absent when none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub required_roles: Vec<String>,
     /// `null` for an HTTP host.
     pub tcp_route: Option<ProxyTcpRoute>,
     pub tls: ProxyTls,
@@ -582,7 +634,20 @@ pub struct ProxyHost {
 impl ProxyHost {
     fn view(h: proxy::ProxyHost, status: &proxy::ProxyStatus) -> Self {
         let listener = status.listener(&h.id).map(ProxyListener::from);
-        let proxy::ProxyHost { id, name, host, port, tls, cors, http_routes, tcp_route, require_auth } = h;
+        let proxy::ProxyHost {
+            id,
+            name,
+            host,
+            port,
+            tls,
+            cors,
+            http_routes,
+            tcp_route,
+            require_auth,
+            required_claims,
+            required_roles,
+            require_vm_owner,
+        } = h;
         ProxyHost {
             cors: cors.into(),
             host,
@@ -592,6 +657,9 @@ impl ProxyHost {
             name,
             port,
             require_auth,
+            require_vm_owner,
+            required_claims,
+            required_roles,
             tcp_route: tcp_route.map(Into::into),
             tls: tls.into(),
         }
@@ -806,6 +874,7 @@ mod tests {
             json!({"name": "ssh", "port": 2222, "tcp_route": {"target_vm_id": "vm-1", "target_port": "22",
                 "target_host": "---", "idle_timeout_seconds": "30", "max_connections": 5}}),
             json!({"id": "h2", "name": "full", "host": "", "port": null, "require_auth": true,
+                "required_claims": ["LIST_VM"], "required_roles": ["USER"], "require_vm_owner": true,
                 "tls": {"enabled": true, "cert": "/c.pem", "key": "-----BEGIN PRIVATE KEY-----\nx\n-----END PRIVATE KEY-----\n"},
                 "cors": {"enabled": true, "allowed_origins": ["*"], "allowed_methods": ["GET"], "allowed_headers": []},
                 "http_routes": [
