@@ -868,4 +868,25 @@ mod tests {
         assert_eq!(s.identity.root_password.as_ref().map(Secret::expose), Some("hunter2-Hunter2"));
         assert!(!format!("{s:?}").contains("hunter2"));
     }
+
+    #[test]
+    fn api_listener_limits_and_catalog_roots_are_checked() {
+        let s = with_env(&[]).unwrap();
+        assert_eq!(Ok(s.http.header_read_timeout), duration(table_default("API_HEADER_READ_TIMEOUT").unwrap()));
+        assert_eq!(
+            s.http.max_connections_per_source.to_string(),
+            table_default("API_MAX_CONNECTIONS_PER_SOURCE").unwrap()
+        );
+        let e = with_env(&[
+            ("API_HEADER_READ_TIMEOUT", "1ms"),
+            ("API_MAX_CONNECTIONS_PER_SOURCE", "0"),
+            ("CATALOG_LOCAL_ROOTS", "/srv/catalog, relative/catalog"),
+        ])
+        .unwrap_err();
+        let keys: Vec<&str> = e.problems.iter().map(|p| p.key).collect();
+        for key in ["API_HEADER_READ_TIMEOUT", "API_MAX_CONNECTIONS_PER_SOURCE", "CATALOG_LOCAL_ROOTS"] {
+            assert!(keys.contains(&key), "{key} not reported: {e}");
+        }
+        assert!(with_env(&[("CATALOG_LOCAL_ROOTS", "/srv/a,/srv/b")]).is_ok());
+    }
 }
