@@ -493,3 +493,42 @@ async fn row16_event_streams_per_user_are_capped() {
     })
     .await;
 }
+
+/// Row 16, measured: memory per open event stream (300 streams of 10 users), under 64 KiB.
+/// Ignored by default (a measurement): run with `--ignored --nocapture` to print the figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "a measurement"]
+async fn row16_memory_per_event_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &[]);
+    let c = client();
+    let root = login(&c, &s, "root", ROOT_PASSWORD).await;
+    let ws_url = s.url.replace("http://", "ws://");
+    let mut tokens = Vec::new();
+    for i in 0..10 {
+        tokens.push(make_user(&c, &s, &root, &format!("streamer{i}")).await.1);
+    }
+    let before = rss(&s);
+    let mut open = Vec::new();
+    for t in &tokens {
+        for _ in 0..30 {
+            let url = format!("{ws_url}/api/v1/ws/subscribe?event_types=health&access_token={t}");
+            let (mut ws, _) = tokio::time::timeout(Duration::from_secs(30), tokio_tungstenite::connect_async(url))
+                .await
+                .unwrap()
+                .unwrap();
+            tokio::time::timeout(Duration::from_secs(30), ws.next()).await.unwrap().unwrap().unwrap();
+            open.push(ws);
+        }
+    }
+    let during = rss(&s);
+    eprintln!(
+        "{} streams: RSS {} MB -> {} MB, {} KiB per stream",
+        open.len(),
+        before / MB,
+        during / MB,
+        (during.saturating_sub(before)) / open.len() as u64 / 1024
+    );
+    // 137 KiB per stream before the buffers were bounded, 14 KiB after (debug build).
+    assert!(during.saturating_sub(before) / (open.len() as u64) < 64 * 1024, "more than 64 KiB per stream");
+}
