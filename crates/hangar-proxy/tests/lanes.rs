@@ -237,3 +237,77 @@ async fn cors_agrees() {
         }
     }
 }
+
+/// Knows one caller (`Bearer alice`, holding the claim `OPS` and owning VM `vm-1`) and checks
+/// the host's requirements.
+struct RequirementAuth;
+
+#[async_trait]
+impl ProxyAuth for RequirementAuth {
+    async fn check(&self, _host_id: &str, headers: &HeaderMap) -> Result<(), AuthRejection> {
+        match headers.get("authorization").and_then(|v| v.to_str().ok()) {
+            Some("Bearer alice" | "Bearer bob") => Ok(()),
+            _ => Err(AuthRejection::new("a bearer token is required")),
+        }
+    }
+
+    async fn authorize(&self, req: &hangar_proxy::AuthRequest<'_>) -> Result<(), AuthRejection> {
+        self.check(req.host_id, req.headers).await?;
+        let alice = req.headers.get("authorization").is_some_and(|v| v == "Bearer alice");
+        let claims_ok = req.required_claims.iter().all(|c| alice && c == "OPS");
+        let owner_ok = req.vm_owner_of.is_none_or(|vm| alice && vm == "vm-1");
+        if claims_ok && owner_ok { Ok(()) } else { Err(AuthRejection::forbidden("not for you")) }
+    }
+}
+
+#[tokio::test]
+async fn requirements_answer_403_on_both_lanes() {
+    let up = http_upstream("127.0.0.1:0", "up").await;
+    let resolver = Arc::new(MapResolver::new());
+    resolver.set("vm-1", "127.0.0.1".parse().unwrap());
+    let m = ProxyManager::builder().resolver(resolver).auth(Arc::new(RequirementAuth)).build().unwrap();
+    let cfg = config(json!({"hosts": [{"id": "web", "host": "127.0.0.1", "port": 0,
+        "required_claims": ["OPS"], "require_vm_owner": true, "http_routes": [
+            {"id": "vm", "path": "/vm", "target_vm_id": "vm-1", "target_port": up.addr.port()},
+            {"id": "plain", "path": "/", "target_host": "127.0.0.1", "target_port": up.addr.port()}]}]}));
+    let addr = apply(&m, &cfg, "web").await;
+    for (request, status) in [
+        ("GET /vm HTTP/1.1\r\nHost: x\r\n\r\n", 401),
+        ("GET /vm HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer bob\r\n\r\n", 403),
+        ("GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer bob\r\n\r\n", 403),
+        ("GET /vm HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer alice\r\n\r\n", 200),
+        ("GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer alice\r\n\r\n", 200),
+    ] {
+        let (kept, closed) = both_ways(addr, request).await;
+        assert_same(&kept, &closed);
+        assert_eq!(kept.status, status, "{request:?}: {}", String::from_utf8_lossy(&kept.body));
+        if status == 403 {
+            assert_eq!(kept.json()["error"], "forbidden");
+        }
+    }
+
+    // An authenticator that only checks credentials refuses hosts with requirements.
+    let m = ProxyManager::builder().auth(Arc::new(TokenAuth)).build().unwrap();
+    let cfg = config(json!({"hosts": [{"id": "web", "host": "127.0.0.1", "port": 0, "required_roles": ["ADMIN"],
+        "http_routes": [{"id": "r", "path": "/", "target_host": "127.0.0.1", "target_port": up.addr.port()}]}]}));
+    let addr = apply(&m, &cfg, "web").await;
+    let (kept, closed) =
+        both_ways(addr, "GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer good\r\nX-Other: 1\r\n\r\n").await;
+    assert_same(&kept, &closed);
+    assert_eq!(kept.status, 403);
+}
+
+#[tokio::test]
+async fn a_reserved_port_is_never_bound() {
+    let port = closed_port().await;
+    let m = ProxyManager::builder().reserve_port(port, "the API's HTTP port (API_PORT)").build().unwrap();
+    let cfg = config(json!({"hosts": [
+        {"id": "clash", "host": "127.0.0.1", "port": port, "tcp_route": {"target_host": "127.0.0.1", "target_port": 1}},
+        {"id": "fine", "host": "127.0.0.1", "port": 0, "tcp_route": {"target_host": "127.0.0.1", "target_port": 1}}]}));
+    let report = m.apply(&cfg).await.unwrap();
+    assert_eq!(report.started, ["fine"]);
+    assert_eq!(report.failed.len(), 1);
+    assert!(report.failed[0].1.contains("API_PORT"), "{:?}", report.failed);
+    // Nothing listens there: the port can still be bound by its owner.
+    std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+}
