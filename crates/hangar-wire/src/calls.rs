@@ -93,7 +93,22 @@ fn to_json<T: Serialize>(v: &T) -> Option<Value> {
     serde_json::to_value(v).ok()
 }
 
+impl HttpCall {
+    /// The same request through an orchestrator, which mounts every VM route of a host
+    /// under `/orchestrator` (`/orchestrator/machines/{id}/...`) and finds the VM's host.
+    pub fn via_orchestrator(mut self) -> HttpCall {
+        self.path = format!("/orchestrator{}", self.path);
+        self
+    }
+}
+
 impl VmCall {
+    /// Stop the VM: ACPI power-down, or at once with `force`. The grace period is the
+    /// host's own (it is not part of the request), so the one given here is only nominal.
+    pub fn stop(force: bool) -> VmCall {
+        VmCall::Power(PowerOp::Stop { force, timeout: Duration::from_secs(60) })
+    }
+
     /// The action of the access table this call is checked as.
     pub fn action(&self) -> VmAction {
         match self {
@@ -202,6 +217,15 @@ mod tests {
         let del = VmCall::SnapshotDelete { snapshot_id: "s/1".into(), delete_children: true };
         let r = del.request("v");
         assert_eq!((r.method, r.path.as_str()), ("DELETE", "/machines/v/snapshots/s%2F1?delete_children=true"));
+    }
+
+    #[test]
+    fn helpers_build_the_same_requests() {
+        assert_eq!(VmCall::stop(false).request("v").path, "/machines/v/stop");
+        assert_eq!(VmCall::stop(true).request("v").path, "/machines/v/stop?force=true");
+        assert_eq!(VmCall::stop(true).action(), VmAction::Stop);
+        let r = VmCall::Get.request("a b").via_orchestrator();
+        assert_eq!((r.method, r.path.as_str()), ("GET", "/orchestrator/machines/a%20b"));
     }
 
     #[test]

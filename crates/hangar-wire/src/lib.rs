@@ -13,6 +13,8 @@ pub mod orchestrator;
 pub mod units;
 
 pub use calls::{HttpCall, VmCall, VmReply};
+/// The power operations a [`VmCall::Power`] names, so callers build calls without the driver crate.
+pub use hangar_hypervisor::PowerOp;
 pub use machines::*;
 pub use orchestrator::*;
 pub use units::{Flexible, Mb};

@@ -6,8 +6,11 @@
 //! `HANGAR_API_KEY` override it for scripts.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
+use hangar_wire::{VmCall, VmReply};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -130,7 +133,9 @@ impl Client {
 
     /// Upload raw bytes with PUT.
     pub async fn put_bytes(&self, path: &str, bytes: Vec<u8>) -> Result<Value> {
-        self.send(reqwest::Method::PUT, path, None, Some(bytes), &[]).await
+        let body =
+            self.send(Request { method: reqwest::Method::PUT, path, raw: Some(bytes), ..Request::default() }).await?;
+        Ok(to_value(body))
     }
 
     pub async fn call_with_headers(
@@ -140,17 +145,50 @@ impl Client {
         body: Option<Value>,
         headers: &[(&str, &str)],
     ) -> Result<Value> {
-        self.send(method, path, body, None, headers).await
+        Ok(to_value(self.send(Request { method, path, body, headers, ..Request::default() }).await?))
     }
 
-    async fn send(
+    /// A request whose answer is a `hangar-wire` (or other shared) type.
+    pub async fn get_as<T: DeserializeOwned>(&self, path: &str, headers: &[(&str, &str)]) -> Result<T> {
+        let method = reqwest::Method::GET;
+        let body = self.send(Request { method: method.clone(), path, headers, ..Request::default() }).await?;
+        decode(&method, path, &body)
+    }
+
+    /// Send a typed body, read a typed answer.
+    pub async fn send_as<B: Serialize, T: DeserializeOwned>(
         &self,
         method: reqwest::Method,
         path: &str,
-        body: Option<Value>,
-        raw: Option<Vec<u8>>,
-        headers: &[(&str, &str)],
-    ) -> Result<Value> {
+        body: &B,
+    ) -> Result<T> {
+        let json = serde_json::to_value(body).with_context(|| format!("cannot write the body of {method} {path}"))?;
+        let answer =
+            self.send(Request { method: method.clone(), path, body: Some(json), ..Request::default() }).await?;
+        decode(&method, path, &answer)
+    }
+
+    /// Run one VM operation: the request is the one every Hangar process sends for it
+    /// (`VmCall::request`), and so is the reading of the answer (`VmCall::read_reply`).
+    /// The host's time limit for the operation (`HttpCall::timeout`) applies here too.
+    pub async fn vm(&self, vm: &str, call: &VmCall) -> Result<VmReply> {
+        let http = call.request(vm);
+        let method = reqwest::Method::from_bytes(http.method.as_bytes())
+            .with_context(|| format!("{:?} is not an HTTP method", http.method))?;
+        let answer = self
+            .send(Request {
+                method: method.clone(),
+                path: &http.path,
+                body: http.body,
+                timeout: Some(http.timeout),
+                ..Request::default()
+            })
+            .await?;
+        call.read_reply(&answer).map_err(|e| unreadable(&method, &http.path, &e))
+    }
+
+    async fn send(&self, r: Request<'_>) -> Result<Vec<u8>> {
+        let Request { method, path, body, raw, headers, timeout } = r;
         let url = format!("{}{}", self.base, path);
         let mut req = self.http.request(method.clone(), &url);
         for (k, v) in headers {
@@ -165,12 +203,36 @@ impl Client {
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req.send().await.with_context(|| format!("cannot reach {url}"))?;
+        if let Some(t) = timeout {
+            req = req.timeout(t);
+        }
+        let late = |e: &reqwest::Error| {
+            timeout.filter(|_| e.is_timeout()).map(|t| {
+                anyhow!(
+                    "{method} {path}: no answer from {} within {} s; the server may still finish the operation \
+                     (look with `hangar vm get` or `hangar vm list`)",
+                    self.base,
+                    t.as_secs()
+                )
+            })
+        };
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(late(&e).unwrap_or_else(|| anyhow::Error::new(e).context(format!("cannot reach {url}"))));
+            }
+        };
         let status = resp.status();
-        let text = resp.text().await.unwrap_or_default();
-        let value: Value =
-            if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        let bytes = match resp.bytes().await {
+            Ok(b) => b.to_vec(),
+            Err(e) => match late(&e) {
+                Some(timed_out) => return Err(timed_out),
+                // A body that broke off reads as empty (a typed answer then fails to decode).
+                None => Vec::new(),
+            },
+        };
         if !status.is_success() {
+            let value = to_value(bytes);
             let msg =
                 value.get("message").and_then(Value::as_str).map(String::from).unwrap_or_else(|| value.to_string());
             let hint = match status.as_u16() {
@@ -180,7 +242,7 @@ impl Client {
             };
             bail!("{method} {path} failed with {status}: {msg}{hint}");
         }
-        Ok(value)
+        Ok(bytes)
     }
 
     pub async fn get(&self, path: &str) -> Result<Value> {
@@ -195,6 +257,46 @@ impl Client {
     pub async fn delete(&self, path: &str) -> Result<Value> {
         self.call(reqwest::Method::DELETE, path, None).await
     }
+}
+
+/// One request: what [`Client::send`] needs.
+struct Request<'a> {
+    method: reqwest::Method,
+    path: &'a str,
+    body: Option<Value>,
+    raw: Option<Vec<u8>>,
+    headers: &'a [(&'a str, &'a str)],
+    /// No limit when `None`.
+    timeout: Option<Duration>,
+}
+
+impl Default for Request<'_> {
+    fn default() -> Self {
+        Request { method: reqwest::Method::GET, path: "", body: None, raw: None, headers: &[], timeout: None }
+    }
+}
+
+/// An answer body as JSON: empty is `null`, text that is not JSON a string.
+fn to_value(body: Vec<u8>) -> Value {
+    if body.is_empty() {
+        return Value::Null;
+    }
+    serde_json::from_slice(&body).unwrap_or_else(|_| {
+        Value::String(String::from_utf8(body).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+    })
+}
+
+fn unreadable(method: &reqwest::Method, path: &str, e: &serde_json::Error) -> anyhow::Error {
+    anyhow!(
+        "{method} {path}: the server's answer is not what this CLI reads ({e}); \
+         is the server a Hangar of the same version as this CLI (`hangar --version`)?"
+    )
+}
+
+fn decode<T: DeserializeOwned>(method: &reqwest::Method, path: &str, body: &[u8]) -> Result<T> {
+    // An empty answer reads as `null` (for `Option`s), as the untyped calls read it.
+    let body = if body.iter().all(u8::is_ascii_whitespace) { b"null".as_slice() } else { body };
+    serde_json::from_slice(body).map_err(|e| unreadable(method, path, &e))
 }
 
 /// One path segment, percent-encoded.

@@ -17,6 +17,14 @@ fn cell(v: Option<&Value>) -> String {
     }
 }
 
+/// Print a typed answer (a `hangar-wire` type) as [`print`] prints JSON: the same keys
+/// the server sent, since it serialized the same type.
+pub fn print_as<T: serde::Serialize>(out: Output, v: &T, cols: &[&str]) -> anyhow::Result<()> {
+    let v = serde_json::to_value(v).map_err(|e| anyhow::anyhow!("cannot print the answer as JSON: {e}"))?;
+    print(out, &v, cols);
+    Ok(())
+}
+
 /// Print a value: pretty JSON, or a table of the given columns (one row per element of
 /// an array, or one row for an object).
 pub fn print(out: Output, v: &Value, cols: &[&str]) {

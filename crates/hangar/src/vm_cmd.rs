@@ -1,14 +1,21 @@
 //! `hangar vm ...`: the host module's VMs, from the command line.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
+use hangar_jobs::{Job, JobState};
+use hangar_wire::{
+    CatalogManifestRef, CloneRequest, CreateMachineRequest, CreateSnapshotRequest, ExecuteRequest, FleetMachine,
+    Flexible, Machine, Mb, OrchestratorCreateRequest, OrchestratorCreated, PowerOp, QueueRequest, RevertRequest, Specs,
+    VmCall, VmReply,
+};
 use serde_json::{Value, json};
 
 use crate::client::{Client, seg};
-use crate::output::{Output, print};
+use crate::output::{Output, print, print_as};
 
 #[derive(Subcommand)]
 pub enum VmCommand {
@@ -28,10 +35,10 @@ pub enum VmCommand {
         /// the hosts or a catalog id when --version is given).
         #[arg(long)]
         image: String,
-        #[arg(long)]
+        #[arg(long, value_parser = parse_cpus)]
         cpus: Option<u32>,
         /// MiB.
-        #[arg(long)]
+        #[arg(long, value_parser = parse_mib)]
         memory: Option<u64>,
         #[arg(long)]
         start: bool,
@@ -48,10 +55,10 @@ pub enum VmCommand {
         #[arg(long, requires = "orchestrator", value_delimiter = ',')]
         tags: Vec<String>,
         /// With --orchestrator: delete the VM this many seconds after creation unless extended.
-        #[arg(long, requires = "orchestrator")]
+        #[arg(long, requires = "orchestrator", value_parser = parse_seconds)]
         ttl: Option<u64>,
         /// With --orchestrator: wait up to this many seconds for capacity instead of failing.
-        #[arg(long, requires = "orchestrator")]
+        #[arg(long, requires = "orchestrator", value_parser = parse_seconds)]
         wait: Option<u64>,
         /// With --orchestrator and --wait: queue priority (higher first).
         #[arg(long, requires = "wait", default_value_t = 0)]
@@ -92,7 +99,7 @@ pub enum VmCommand {
         #[arg(long)]
         workdir: Option<String>,
         /// Seconds.
-        #[arg(long, default_value_t = 300)]
+        #[arg(long, default_value_t = 300, value_parser = parse_seconds)]
         timeout: u64,
     },
     /// Copy a local file into the guest.
@@ -148,13 +155,56 @@ pub enum SnapshotCommand {
 const VM_COLS: &[&str] = &["ID", "Name", "State", "OS", "hypervisor", "internal_ip_address", "user"];
 const STATUS_COLS: &[&str] = &["id", "name", "status", "ip_configured"];
 
-fn vm_path(vm: &str, rest: &str) -> String {
-    format!("/machines/{}{rest}", seg(vm))
+/// `--memory`: a whole number of MiB. A size with a unit is refused, with its value in MiB.
+fn parse_mib(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    if let Ok(n) = t.parse::<u64>() {
+        return Ok(n);
+    }
+    Err(match Mb::parse(t) {
+        Some(Mb(n)) if n > 0 && t.chars().any(|c| c.is_ascii_alphabetic()) => {
+            format!("the size is a whole number of MiB, without a unit: {t} is {n} MiB, so write --memory {n}")
+        }
+        _ => "the size is a whole number of MiB, e.g. --memory 2048 for 2 GiB".to_string(),
+    })
 }
 
-/// Follow a job to its end, with a progress bar on a terminal.
-/// Follow job `id` under `base` (`/jobs` on a host, `/orchestrator/jobs` on an orchestrator).
-async fn follow_job(c: &Client, base: &str, id: &str, out: Output) -> Result<Value> {
+/// `--cpus`: a whole number of virtual CPUs.
+fn parse_cpus(text: &str) -> Result<u32, String> {
+    text.trim().parse().map_err(|_| "the number of virtual CPUs is a whole number, e.g. --cpus 2".to_string())
+}
+
+/// `--ttl`, `--wait`, `--timeout`: a whole number of seconds. A duration with a unit is
+/// refused, with its value in seconds.
+fn parse_seconds(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    if let Ok(n) = t.parse::<u64>() {
+        return Ok(n);
+    }
+    Err(match humantime::parse_duration(t).map(|d| d.as_secs()) {
+        Ok(secs) if secs > 0 => {
+            format!("give a whole number of seconds, without a unit: {t} is {secs} s, so write {secs}")
+        }
+        _ => "give a whole number of seconds, e.g. 600 for ten minutes".to_string(),
+    })
+}
+
+/// `--env KEY=VALUE` flags as the guest's environment (a later KEY wins).
+fn parse_env(env: &[String]) -> Result<BTreeMap<String, String>> {
+    let mut vars = BTreeMap::new();
+    for kv in env {
+        let (k, v) = kv.split_once('=').with_context(|| format!("--env {kv:?}: write KEY=VALUE"))?;
+        if k.trim().is_empty() {
+            bail!("--env {kv:?}: the variable's name before '=' is empty; write KEY=VALUE");
+        }
+        vars.insert(k.to_string(), v.to_string());
+    }
+    Ok(vars)
+}
+
+/// Follow job `id` under `base` (`/jobs` on a host, `/orchestrator/jobs` on an
+/// orchestrator) to its end, with a progress bar on a terminal.
+async fn follow_job(c: &Client, base: &str, id: &str, out: Output) -> Result<Job> {
     use std::io::IsTerminal;
     let bar = (out == Output::Table && std::io::stderr().is_terminal()).then(|| {
         let b = indicatif::ProgressBar::new(100);
@@ -163,30 +213,31 @@ async fn follow_job(c: &Client, base: &str, id: &str, out: Output) -> Result<Val
         }
         b
     });
+    let path = format!("{base}/{}", seg(id));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(6 * 3600);
     loop {
-        let j = c.get(&format!("{base}/{}", seg(id))).await?;
+        let j: Job = c.get_as(&path, &[]).await?;
         if let Some(b) = &bar {
-            b.set_position(j["progress"].as_f64().unwrap_or(0.0) as u64);
-            b.set_message(j["message"].as_str().unwrap_or("").to_string());
+            b.set_position(j.progress as u64);
+            b.set_message(j.message.clone());
         }
-        match j["state"].as_str() {
-            Some("completed") => {
+        match j.state {
+            JobState::Completed => {
                 if let Some(b) = &bar {
                     b.finish_and_clear();
                 }
                 return Ok(j);
             }
-            Some("failed") => {
+            JobState::Failed => {
                 if let Some(b) = &bar {
                     b.abandon();
                 }
-                bail!("job {id} failed: {}", j["error"].as_str().unwrap_or("unknown error"));
+                bail!("job {id} failed: {}", j.error.as_deref().unwrap_or("unknown error"));
             }
-            _ => {}
+            JobState::Pending | JobState::Running => {}
         }
         if tokio::time::Instant::now() > deadline {
-            bail!("job {id} is still running after 6 h; follow it with GET /api/v1/jobs/{id}");
+            bail!("job {id} is still running after 6 h; follow it with GET /api/v1{path}");
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -204,16 +255,25 @@ fn parse_ports(spec: &str) -> Result<(u16, u16)> {
     Ok((local, remote))
 }
 
+/// A reply `VmCall::read_reply` never gives for the call (a server of another version).
+fn unexpected(what: &str, reply: &VmReply) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the server answered {what} with {reply:?}; is it a Hangar of the same version as this CLI (`hangar --version`)?"
+    )
+}
+
 /// Find the VM on the server: on its host module first, else through its orchestrator.
 /// Returns the route to open for each connection.
 async fn port_forward_route(c: &Client, vm: &str, remote: u16) -> Result<String> {
-    let id_of = |v: &Value| v["ID"].as_str().or(v["id"].as_str()).unwrap_or(vm).to_string();
-    match c.get(&vm_path(vm, "")).await {
-        Ok(v) => Ok(format!("/machines/{}/port-forward/{remote}", seg(&id_of(&v)))),
-        Err(host_err) => match c.get(&format!("/orchestrator/machines/{}", seg(vm))).await {
-            Ok(v) => Ok(format!("/orchestrator/machines/{}/port-forward/{remote}", seg(&id_of(&v)))),
-            Err(_) => Err(host_err),
-        },
+    let host_err = match c.vm(vm, &VmCall::Get).await {
+        Ok(VmReply::Machine(m)) => return Ok(format!("/machines/{}/port-forward/{remote}", seg(&m.id))),
+        Ok(other) => return Err(unexpected("a VM lookup", &other)),
+        Err(e) => e,
+    };
+    let fleet = VmCall::Get.request(vm).via_orchestrator();
+    match c.get_as::<FleetMachine>(&fleet.path, &[]).await {
+        Ok(f) => Ok(format!("/orchestrator/machines/{}/port-forward/{remote}", seg(&f.id))),
+        Err(_) => Err(host_err),
     }
 }
 
@@ -255,17 +315,20 @@ async fn port_forward(c: &Client, vm: &str, ports: &str, address: std::net::IpAd
     }
 }
 
+/// Run one VM operation and print what it answers.
+async fn run_call(c: &Client, vm: &str, call: VmCall, out: Output, cols: &[&str]) -> Result<()> {
+    print_as(out, &c.vm(vm, &call).await?, cols)
+}
+
 pub async fn run(c: Client, cmd: VmCommand, out: Output) -> Result<()> {
     let (v, cols): (Value, &[&str]) = match cmd {
         VmCommand::PortForward { vm, ports, address } => return port_forward(&c, &vm, &ports, address).await,
         VmCommand::List { filter } => {
-            let v = match filter {
-                Some(f) => c.call_with_headers(reqwest::Method::GET, "/machines", None, &[("X-Filter", &f)]).await?,
-                None => c.get("/machines").await?,
-            };
-            (v, VM_COLS)
+            let filter: Vec<(&str, &str)> = filter.iter().map(|f| ("X-Filter", f.as_str())).collect();
+            let vms: Vec<Machine> = c.get_as("/machines", &filter).await?;
+            return print_as(out, &vms, VM_COLS);
         }
-        VmCommand::Get { vm } => (c.get(&vm_path(&vm, "")).await?, VM_COLS),
+        VmCommand::Get { vm } => return run_call(&c, &vm, VmCall::Get, out, VM_COLS).await,
         VmCommand::Create {
             name,
             image,
@@ -280,101 +343,195 @@ pub async fn run(c: Client, cmd: VmCommand, out: Output) -> Result<()> {
             wait,
             priority,
         } => {
-            let specs = json!({"cpu": cpus.map(|n| n.to_string()), "memory": memory.map(|n| n.to_string())});
+            let specs = Specs { cpu: Flexible(cpus.map(u64::from)), memory: Flexible(memory), disk: Flexible(None) };
             if !orchestrator {
-                let body = json!({"name": name, "image": image, "start_on_create": start, "specs": specs});
-                let job = c.post("/machines/async", body).await?;
-                let id = job["id"].as_str().context("the server answered without a job id")?.to_string();
-                let done = follow_job(&c, "/jobs", &id, out).await?;
-                print(out, &done["result"], &["id", "name", "current_state"]);
-                return Ok(());
+                let req = CreateMachineRequest {
+                    name,
+                    image: Some(image),
+                    start_on_create: start,
+                    specs: Some(specs),
+                    ..Default::default()
+                };
+                let job: Job = c.send_as(reqwest::Method::POST, "/machines/async", &req).await?;
+                let done = follow_job(&c, "/jobs", &job.id, out).await?;
+                // The host's job holds `{id, name, current_state}` (hangar-host builds it), not
+                // yet a wire type: printed as the job holds it.
+                (done.result.unwrap_or(Value::Null), &["id", "name", "current_state"][..])
+            } else {
+                let (image, catalog_manifest) = match catalog_version {
+                    Some(v) => (
+                        None,
+                        Some(CatalogManifestRef {
+                            catalog_id: image,
+                            version: Some(v),
+                            architecture: architecture.clone(),
+                            other: Default::default(),
+                        }),
+                    ),
+                    None => (Some(image), None),
+                };
+                let req = OrchestratorCreateRequest {
+                    name,
+                    start_on_create: start,
+                    specs: Some(specs),
+                    tags: tags.into_iter().collect(),
+                    image,
+                    catalog_manifest,
+                    architecture,
+                    ttl_seconds: ttl,
+                    queue: wait.map(|w| QueueRequest { priority, timeout_seconds: w }),
+                    ..Default::default()
+                };
+                let job: Job = c.send_as(reqwest::Method::POST, "/orchestrator/machines/async", &req).await?;
+                let done = follow_job(&c, "/orchestrator/jobs", &job.id, out).await?;
+                let created: OrchestratorCreated =
+                    serde_json::from_value(done.result.unwrap_or(Value::Null)).map_err(|e| {
+                        anyhow::anyhow!(
+                            "job {} completed, but its result is not a created VM ({e}); \
+                             look at it with GET /api/v1/orchestrator/jobs/{}",
+                            job.id,
+                            job.id
+                        )
+                    })?;
+                return print_as(out, &created, &["id", "name", "current_state", "host", "host_id"]);
             }
-            let mut body = json!({"name": name, "start_on_create": start, "specs": specs, "tags": tags});
-            match catalog_version {
-                Some(v) => {
-                    body["catalog_manifest"] = json!({"catalog_id": image, "version": v, "architecture": architecture})
-                }
-                None => body["image"] = json!(image),
-            }
-            if let Some(a) = architecture {
-                body["architecture"] = json!(a);
-            }
-            if let Some(t) = ttl {
-                body["ttl_seconds"] = json!(t);
-            }
-            if let Some(w) = wait {
-                body["queue"] = json!({"priority": priority, "timeout_seconds": w});
-            }
-            let job = c.post("/orchestrator/machines/async", body).await?;
-            let id = job["id"].as_str().context("the orchestrator answered without a job id")?.to_string();
-            let done = follow_job(&c, "/orchestrator/jobs", &id, out).await?;
-            (done["result"].clone(), &["id", "name", "current_state", "host", "host_id"][..])
         }
-        VmCommand::Start { vm } => (c.put(&vm_path(&vm, "/start"), None).await?, STATUS_COLS),
-        VmCommand::Stop { vm, force } => {
-            (c.put(&vm_path(&vm, if force { "/stop?force=true" } else { "/stop" }), None).await?, STATUS_COLS)
-        }
-        VmCommand::Pause { vm } => (c.put(&vm_path(&vm, "/pause"), None).await?, STATUS_COLS),
-        VmCommand::Resume { vm } => (c.put(&vm_path(&vm, "/resume"), None).await?, STATUS_COLS),
-        VmCommand::Suspend { vm } => (c.put(&vm_path(&vm, "/suspend"), None).await?, STATUS_COLS),
-        VmCommand::Restart { vm } => (c.put(&vm_path(&vm, "/restart"), None).await?, STATUS_COLS),
+        VmCommand::Start { vm } => return run_call(&c, &vm, VmCall::Power(PowerOp::Start), out, STATUS_COLS).await,
+        VmCommand::Stop { vm, force } => return run_call(&c, &vm, VmCall::stop(force), out, STATUS_COLS).await,
+        VmCommand::Pause { vm } => return run_call(&c, &vm, VmCall::Power(PowerOp::Pause), out, STATUS_COLS).await,
+        VmCommand::Resume { vm } => return run_call(&c, &vm, VmCall::Power(PowerOp::Resume), out, STATUS_COLS).await,
+        VmCommand::Suspend { vm } => return run_call(&c, &vm, VmCall::Power(PowerOp::Suspend), out, STATUS_COLS).await,
+        VmCommand::Restart { vm } => return run_call(&c, &vm, VmCall::Power(PowerOp::Restart), out, STATUS_COLS).await,
         VmCommand::Delete { vm, force } => {
-            c.delete(&vm_path(&vm, if force { "?force=true" } else { "" })).await?;
+            c.vm(&vm, &VmCall::Delete { force }).await?;
             (json!({"deleted": vm}), &["deleted"][..])
         }
         VmCommand::Exec { vm, command, env, workdir, timeout } => {
-            let mut vars = serde_json::Map::new();
-            for kv in env {
-                let (k, v) = kv.split_once('=').with_context(|| format!("--env {kv:?}: write KEY=VALUE"))?;
-                vars.insert(k.into(), Value::String(v.into()));
-            }
-            let r = c
-                .put(&vm_path(&vm, "/execute"), Some(json!({"command": command, "environment_variables": vars, "working_directory": workdir, "timeout": timeout})))
-                .await?;
+            let req = ExecuteRequest {
+                command,
+                environment_variables: parse_env(&env)?,
+                working_directory: workdir,
+                timeout: Some(timeout),
+                ..Default::default()
+            };
+            let r = match c.vm(&vm, &VmCall::Execute(req)).await? {
+                VmReply::Exec(r) => r,
+                other => return Err(unexpected("a command", &other)),
+            };
             if out == Output::Json {
-                print(out, &r, &[]);
+                print_as(out, &r, &[])?;
             } else {
-                print!("{}", r["stdout"].as_str().unwrap_or(""));
-                eprint!("{}", r["stderr"].as_str().unwrap_or(""));
+                print!("{}", r.stdout);
+                eprint!("{}", r.stderr);
             }
-            let code = r["exit_code"].as_i64().unwrap_or(1) as i32;
-            if code != 0 {
-                std::process::exit(code);
+            if r.exit_code != 0 {
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+                std::process::exit(r.exit_code);
             }
             return Ok(());
         }
         VmCommand::Upload { vm, file, remote_path } => {
             let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let n = bytes.len();
-            c.put_bytes(&format!("{}?remote_path={}", vm_path(&vm, "/files"), seg(&remote_path)), bytes).await?;
+            c.put_bytes(&format!("/machines/{}/files?remote_path={}", seg(&vm), seg(&remote_path)), bytes).await?;
             (json!({"vm": vm, "remote_path": remote_path, "bytes": n}), &["vm", "remote_path", "bytes"][..])
         }
-        VmCommand::Clone { vm, name, linked } => (
-            c.put(&vm_path(&vm, "/clone"), Some(json!({"clone_name": name, "linked": linked}))).await?,
-            &["id", "name", "status"][..],
-        ),
+        VmCommand::Clone { vm, name, linked } => {
+            let req = CloneRequest { clone_name: name, destination_path: None, linked };
+            return run_call(&c, &vm, VmCall::Clone(req), out, &["id", "name", "status"]).await;
+        }
         VmCommand::Snapshot { command } => match command {
             SnapshotCommand::List { vm } => {
-                (c.get(&vm_path(&vm, "/snapshots")).await?, &["id", "name", "date", "current", "state"][..])
+                return run_call(&c, &vm, VmCall::SnapshotList, out, &["id", "name", "date", "current", "state"]).await;
             }
-            SnapshotCommand::Create { vm, name, description } => (
-                c.post(
-                    &vm_path(&vm, "/snapshots"),
-                    json!({"snapshot_name": name, "snapshot_description": description}),
-                )
-                .await?,
-                &["id", "name", "date", "state"][..],
-            ),
+            SnapshotCommand::Create { vm, name, description } => {
+                let req = CreateSnapshotRequest { snapshot_name: name, snapshot_description: description };
+                return run_call(&c, &vm, VmCall::SnapshotCreate(req), out, &["id", "name", "date", "state"]).await;
+            }
             SnapshotCommand::Delete { vm, snapshot } => {
-                c.delete(&vm_path(&vm, &format!("/snapshots/{}", seg(&snapshot)))).await?;
+                c.vm(&vm, &VmCall::SnapshotDelete { snapshot_id: snapshot.clone(), delete_children: false }).await?;
                 (json!({"deleted": snapshot}), &["deleted"][..])
             }
             SnapshotCommand::Revert { vm, snapshot } => {
-                c.post(&vm_path(&vm, &format!("/snapshots/{}/revert", seg(&snapshot))), json!({})).await?;
+                let call = VmCall::SnapshotRevert { snapshot_id: snapshot.clone(), request: RevertRequest::default() };
+                c.vm(&vm, &call).await?;
                 (json!({"reverted_to": snapshot}), &["reverted_to"][..])
             }
         },
     };
+    // What the CLI itself reports (no server answer to print): its own rows.
     print(out, &v, cols);
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_is_mib_and_a_unit_is_refused_with_the_fix() {
+        assert_eq!(parse_mib("2048"), Ok(2048));
+        assert_eq!(parse_mib(" 512 "), Ok(512));
+        let e = parse_mib("2GB").unwrap_err();
+        assert!(e.contains("MiB") && e.contains("--memory 2048"), "{e}");
+        assert!(parse_mib("1.5 GiB").unwrap_err().contains("--memory 1536"));
+        assert!(parse_mib("2048Mb").unwrap_err().contains("--memory 2048"));
+        for bad in ["", "lots", "-1", "2.5", "0.1MB"] {
+            let e = parse_mib(bad).unwrap_err();
+            assert!(e.contains("whole number of MiB") && e.contains("--memory 2048"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn cpus_and_seconds_name_the_fix() {
+        assert_eq!(parse_cpus("4"), Ok(4));
+        assert!(parse_cpus("four").unwrap_err().contains("--cpus 2"));
+        assert_eq!(parse_seconds("3600"), Ok(3600));
+        assert!(parse_seconds("1h").unwrap_err().contains("write 3600"));
+        assert!(parse_seconds("10m 30s").unwrap_err().contains("write 630"));
+        for bad in ["soon", "-5", "500ms", ""] {
+            assert!(parse_seconds(bad).unwrap_err().contains("whole number of seconds"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn env_flags_become_the_guest_environment() {
+        let env = |v: &[&str]| parse_env(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let vars = env(&["A=1", "B=x=y", "C=", "A=2"]).unwrap();
+        assert_eq!(
+            vars.into_iter().collect::<Vec<_>>(),
+            [("A".to_string(), "2".to_string()), ("B".into(), "x=y".into()), ("C".into(), "".into())]
+        );
+        assert!(env(&["NOVALUE"]).unwrap_err().to_string().contains("KEY=VALUE"));
+        assert!(env(&["=v"]).unwrap_err().to_string().contains("name before '=' is empty"));
+    }
+
+    #[test]
+    fn ports_are_local_remote_or_one() {
+        assert_eq!(parse_ports("2222:22").unwrap(), (2222, 22));
+        assert_eq!(parse_ports("8080").unwrap(), (8080, 8080));
+        assert_eq!(parse_ports("0:22").unwrap(), (0, 22));
+        assert!(parse_ports("22:0").unwrap_err().to_string().contains("between 1 and 65535"));
+        for bad in ["", "a:b", "70000", "1:2:3"] {
+            assert!(parse_ports(bad).unwrap_err().to_string().contains("LOCAL:REMOTE"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn each_command_sends_the_shared_request() {
+        // What the CLI sends is what the orchestrator sends a host for the same call.
+        assert_eq!(VmCall::stop(true).request("ci 1").path, "/machines/ci%201/stop?force=true");
+        let del = VmCall::Delete { force: false }.request("v");
+        assert_eq!((del.method, del.path.as_str(), del.body), ("DELETE", "/machines/v", None));
+        let exec = VmCall::Execute(ExecuteRequest {
+            command: "true".into(),
+            environment_variables: parse_env(&["K=V".into()]).unwrap(),
+            timeout: Some(5),
+            ..Default::default()
+        })
+        .request("v");
+        assert_eq!(exec.body.unwrap()["environment_variables"]["K"], "V");
+    }
 }
