@@ -193,18 +193,25 @@ impl ReverseProxy {
                 }
             }
         });
-        let mut cfg = me.config().await?;
-        cfg.hosts.retain(|h| match me.check_stored_tls(h) {
+        let cfg = me.runnable(&me.config().await?);
+        if let Err(e) = me.manager.apply(&cfg).await {
+            warn!(error = %e, "the stored reverse-proxy configuration does not apply");
+        }
+        Ok(me)
+    }
+
+    /// What the engine may run of `cfg`: stored hosts whose TLS paths lie outside the TLS
+    /// folder (stored before it was enforced) are left out, with a warning.
+    fn runnable(&self, cfg: &ReverseProxyConfig) -> ReverseProxyConfig {
+        let mut out = cfg.clone();
+        out.hosts.retain(|h| match self.check_stored_tls(h) {
             Ok(()) => true,
             Err(e) => {
                 warn!(host = %h.key(), error = %e, "proxy host not started");
                 false
             }
         });
-        if let Err(e) = me.manager.apply(&cfg).await {
-            warn!(error = %e, "the stored reverse-proxy configuration does not apply");
-        }
-        Ok(me)
+        out
     }
 
     /// The whole stored configuration.
@@ -249,7 +256,7 @@ impl ReverseProxy {
             "REVERSE_PROXY_UPDATED",
             json!({"action": action, "target": target}),
         ));
-        if let Err(e) = self.manager.apply(cfg).await {
+        if let Err(e) = self.manager.apply(&self.runnable(cfg)).await {
             warn!(error = %e, "reverse-proxy configuration stored but not applied");
             return Err(ReverseProxyError::Invalid(format!("stored, but the proxy could not apply it: {e}")));
         }
@@ -278,7 +285,7 @@ impl ReverseProxy {
         let cfg = self.config().await?;
         let off = ReverseProxyConfig { enabled: false, ..cfg.clone() };
         let _ = self.manager.apply(&off).await;
-        self.manager.apply(&cfg).await.map_err(|e| ReverseProxyError::Invalid(e.to_string()))?;
+        self.manager.apply(&self.runnable(&cfg)).await.map_err(|e| ReverseProxyError::Invalid(e.to_string()))?;
         let _ = self
             .store
             .commit(Batch::new().put(

@@ -249,7 +249,7 @@ async fn row06_tls_paths_are_confined_to_the_tls_folder() {
     // With the folder set: paths outside it, up and out of it, or linked out of it are
     // refused alike; a key file that exists and one that does not give the same error.
     let folder_s = folder.to_str().unwrap().to_string();
-    let s = Server::start(
+    let mut s = Server::start(
         &dir.path().join("d2"),
         &[("ENABLED_MODULES", "api,reverse_proxy"), ("REVERSE_PROXY_TLS_FOLDER", folder_s.as_str())],
     );
@@ -279,6 +279,17 @@ async fn row06_tls_paths_are_confined_to_the_tls_folder() {
         .unwrap();
     let r = trusting.get(format!("https://localhost:{}/x", addr.port())).send().await.unwrap();
     assert_eq!(r.status(), 200);
+
+    // Started again without the folder, the stored paths are outside it: the host is kept
+    // but not started, and the log says why.
+    let id = h["id"].as_str().unwrap().to_string();
+    s.stop();
+    let s = Server::start(&dir.path().join("d2"), &[("ENABLED_MODULES", "api,reverse_proxy")]);
+    let ra = Auth::Bearer(login(&c, &s, "root", ROOT_PASSWORD).await);
+    let (st, h) = call(&c, Method::GET, &s.api(&format!("/reverse-proxy/hosts/{id}")), &ra, None, &[]).await;
+    assert_eq!(st, 200, "{h}");
+    assert!(h.get("listener").is_none(), "a host with paths outside the folder runs: {h}");
+    assert!(s.log().contains("proxy host not started"), "not logged");
 }
 
 /// Make the fake report `ip` as the VM's address while it runs.
