@@ -419,9 +419,15 @@ impl Host {
         let host = self.clone();
         let actor = actor.clone();
         tokio::spawn(async move {
-            match host.create(req, owner, &actor, Some(&handle)).await {
+            match host.create(req, owner.clone(), &actor, Some(&handle)).await {
                 Ok(vm) => {
-                    handle.complete(json!({"id": vm.id, "name": vm.name, "current_state": vm.state.as_str()})).await
+                    let done = hangar_wire::CreateMachineResponse {
+                        id: vm.id,
+                        name: vm.name,
+                        owner,
+                        current_state: vm.state.as_str().into(),
+                    };
+                    handle.complete(serde_json::to_value(done).unwrap_or_default()).await
                 }
                 Err(e) => handle.fail(e.to_string()).await,
             }
