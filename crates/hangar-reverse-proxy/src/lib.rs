@@ -858,17 +858,31 @@ impl TargetResolver for HostResolver {
 pub struct IdentityAuth {
     identity: hangar_identity::Identity,
     host: Option<Arc<Host>>,
+    fleet: Option<FleetOwners>,
 }
+
+/// The answer of a [`FleetOwners`] lookup: the VM's Hangar owner (`None` when it has none),
+/// or why it cannot be told.
+pub type OwnerFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Option<String>, String>> + Send>>;
+
+/// Finds the owner of a VM that is not on this server's host module (the orchestrator's
+/// fleet), as the caller (the principal) may see it.
+pub type FleetOwners = Arc<dyn Fn(hangar_core::Principal, String) -> OwnerFuture + Send + Sync>;
 
 impl IdentityAuth {
     pub fn new(identity: hangar_identity::Identity) -> Arc<Self> {
-        Arc::new(IdentityAuth { identity, host: None })
+        Arc::new(IdentityAuth { identity, host: None, fleet: None })
     }
 
-    /// With the host module, whose owner records decide `require_vm_owner`. Without it, a
-    /// request to a host that requires a VM's owner is refused.
-    pub fn with_host(identity: hangar_identity::Identity, host: Option<Arc<Host>>) -> Arc<Self> {
-        Arc::new(IdentityAuth { identity, host })
+    /// With the host module, whose owner records decide `require_vm_owner` for its VMs, and
+    /// the orchestrator's lookup for the fleet's. A request to a VM neither knows is refused
+    /// on hosts that require the VM's owner.
+    pub fn with_owners(
+        identity: hangar_identity::Identity,
+        host: Option<Arc<Host>>,
+        fleet: Option<FleetOwners>,
+    ) -> Arc<Self> {
+        Arc::new(IdentityAuth { identity, host, fleet })
     }
 
     async fn principal(&self, headers: &http::HeaderMap) -> Result<hangar_core::Principal, AuthRejection> {
@@ -883,18 +897,23 @@ impl IdentityAuth {
         Err(AuthRejection::new("This listener needs a Hangar token (Authorization: Bearer) or an API key (X-Api-Key)"))
     }
 
-    /// The owner Hangar recorded for a VM of the local host module.
-    async fn owner_of(&self, vm: &str) -> Result<Option<String>, AuthRejection> {
+    /// The owner Hangar recorded for a VM: of the local host module first, else of the fleet.
+    async fn owner_of(&self, p: &hangar_core::Principal, vm: &str) -> Result<Option<String>, AuthRejection> {
         let refused = || {
             AuthRejection::forbidden(format!(
                 "This listener serves VM {vm:?} to its owner only, and the owner of that VM cannot be found on this \
                  server"
             ))
         };
-        let host = self.host.as_ref().ok_or_else(refused)?;
-        let info = host.get(vm).await.map_err(|_| refused())?;
-        let machine = host.machine(info).await.map_err(|_| refused())?;
-        Ok(machine.owner)
+        if let Some(host) = &self.host
+            && let Ok(info) = host.get(vm).await
+        {
+            return host.machine(info).await.map(|m| m.owner).map_err(|_| refused());
+        }
+        match &self.fleet {
+            Some(fleet) => fleet(p.clone(), vm.to_string()).await.map_err(|_| refused()),
+            None => Err(refused()),
+        }
     }
 }
 
@@ -916,7 +935,7 @@ impl ProxyAuth for IdentityAuth {
             && !p.is_super_user()
             && !p.has_claim(hangar_core::claims::MANAGE_ALL_VMS)
         {
-            let owner = self.owner_of(vm).await?;
+            let owner = self.owner_of(&p, vm).await?;
             if owner.as_deref() != Some(p.username.as_str()) {
                 return Err(AuthRejection::forbidden(format!(
                     "VM {vm:?} is not yours: this listener serves it to its owner only (or to a holder of {})",

@@ -141,8 +141,21 @@ async fn start_reverse_proxy(
     if s.tls.enabled {
         reserved.push((s.tls.port, "the API's HTTPS port (TLS_PORT)".to_string()));
     }
-    let mut builder = hangar_proxy::ProxyManager::builder()
-        .auth(hangar_reverse_proxy::IdentityAuth::with_host(identity.clone(), host.cloned()));
+    // `require_vm_owner`: the host module's owner records, then the orchestrator's view of
+    // the fleet (as the caller may see it).
+    let fleet_owners = orchestrator.map(|o| {
+        let o = o.clone();
+        let f: hangar_reverse_proxy::FleetOwners = Arc::new(move |p: hangar_core::Principal, vm: String| {
+            let o = o.clone();
+            Box::pin(async move {
+                let m = o.machine(&p, None, &vm).await.map_err(|e| e.to_string())?;
+                Ok(Some(m.user).filter(|u| !u.is_empty()))
+            })
+        });
+        f
+    });
+    let auth = hangar_reverse_proxy::IdentityAuth::with_owners(identity.clone(), host.cloned(), fleet_owners);
+    let mut builder = hangar_proxy::ProxyManager::builder().auth(auth);
     for (port, holder) in &reserved {
         builder = builder.reserve_port(*port, holder.clone());
     }

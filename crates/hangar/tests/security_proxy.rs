@@ -396,6 +396,60 @@ async fn row15_listeners_require_claims_roles_and_the_vms_owner() {
     assert_eq!(get(&web, &bob, "/vm").await.status(), 403);
 }
 
+/// Row 15 through an orchestrator: a VM of the fleet (reached through its host) is served to
+/// its owner only, the owner as the orchestrator sees it.
+#[tokio::test]
+async fn row15_fleet_vm_targets_require_their_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = client();
+    let fake = FakeParallels::new(&dir.path().join("a"));
+    let agent = fake.agent(&dir.path().join("a/data"), &[("SYSTEM_RESERVED_CPU", "0")]);
+    let orch = Server::start(
+        &dir.path().join("orch"),
+        &[("ENABLED_MODULES", "api,orchestrator,reverse_proxy"), ("ORCHESTRATOR_CHECK_INTERVAL", "1s")],
+    );
+    let root = login(&c, &orch, "root", ROOT_PASSWORD).await;
+    let ra = Auth::Bearer(root.clone());
+    let body =
+        json!({"name": "host-a", "host": agent.url, "authentication": {"username": "root", "password": ROOT_PASSWORD}});
+    let (st, v) = call(&c, Method::POST, &orch.api("/orchestrator/hosts"), &ra, Some(body), &[]).await;
+    assert_eq!(st, 201, "{v}");
+    let (alice_id, _) = make_user(&c, &orch, &root, "alice").await;
+    let (bob_id, _) = make_user(&c, &orch, &root, "bob").await;
+    grant(&c, &orch, &ra, &alice_id, &["CREATE_VM", "LIST_VM"]).await;
+    grant(&c, &orch, &ra, &bob_id, &["CREATE_VM", "LIST_VM"]).await;
+    let alice = login(&c, &orch, "alice", USER_PASSWORD).await;
+    let bob = login(&c, &orch, "bob", USER_PASSWORD).await;
+    let body = json!({"name": "alice-fleet", "image": "golden.pvm", "start_on_create": true,
+        "specs": {"cpu": "1", "memory": "512"}});
+    let url = orch.api("/orchestrator/machines");
+    let (st, vm) = call(&c, Method::POST, &url, &Auth::Bearer(alice.clone()), Some(body), &[]).await;
+    assert_eq!(st, 200, "{vm}");
+    assert_eq!(vm["owner"], "alice", "{vm}");
+    let vm_id = vm["id"].as_str().unwrap().to_string();
+    set_fake_ip(&fake, &vm_id, "127.0.0.1");
+    let (up, _) = upstream().await;
+
+    let body = json!({"name": "fleet-web", "host": "127.0.0.1", "port": "0", "require_vm_owner": true,
+        "http_routes": [{"path": "/", "target_vm_id": vm_id, "target_port": up}]});
+    let (st, h) = call(&c, Method::POST, &orch.api("/reverse-proxy/hosts"), &ra, Some(body), &[]).await;
+    assert_eq!(st, 201, "{h}");
+    let web = h["listener"]["local_address"].as_str().unwrap().to_string();
+    let get = |token: &str| {
+        let r = c.get(format!("http://{web}/fleet")).bearer_auth(token).send();
+        async move {
+            let r = r.await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let (st, text) = get(&bob).await;
+    assert_eq!(st, 403, "bob reached alice's VM: {text}");
+    for who in [&alice, &root] {
+        let (st, text) = get(who).await;
+        assert_eq!(st, 200, "{text}");
+    }
+}
+
 /// Send a raw request and read the status code of the answer.
 async fn raw_status(addr: &str, request: &str) -> u16 {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
