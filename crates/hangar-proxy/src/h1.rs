@@ -923,6 +923,88 @@ mod tests {
         }
     }
 
+    /// A chunked body with these chunk sizes, extensions and trailers.
+    fn chunked(sizes: &[usize], ext: bool, trailers: usize) -> Vec<u8> {
+        let mut b = Vec::new();
+        for (i, n) in sizes.iter().enumerate() {
+            let e = if ext { ";x=1" } else { "" };
+            b.extend_from_slice(format!("{n:x}{e}\r\n").as_bytes());
+            b.extend(std::iter::repeat_n(b'a' + (i % 26) as u8, *n));
+            b.extend_from_slice(b"\r\n");
+        }
+        b.extend_from_slice(b"0\r\n");
+        for t in 0..trailers {
+            b.extend_from_slice(format!("X-T{t}: v\r\n").as_bytes());
+        }
+        b.extend_from_slice(b"\r\n");
+        b
+    }
+
+    proptest::proptest! {
+        /// Any well-framed chunked body ends exactly where it ends, whatever the reads.
+        #[test]
+        fn chunked_bodies_end_exactly_in_any_reads(
+            sizes in proptest::collection::vec(1usize..300, 0..8),
+            ext: bool,
+            trailers in 0usize..3,
+            piece in 1usize..64,
+        ) {
+            let body = chunked(&sizes, ext, trailers);
+            proptest::prop_assert_eq!(scan_in_pieces(&body, piece), Ok(body.len()));
+        }
+
+        /// Any bytes: the scanner answers an error or how much belongs to the body (never
+        /// more than it was given), the same in one read as in many, and never panics.
+        #[test]
+        fn any_bytes_scan_without_panic(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            piece in 1usize..64,
+        ) {
+            let whole = Chunked::default().scan(&bytes);
+            if let Ok(n) = whole {
+                proptest::prop_assert!(n <= bytes.len());
+            }
+            let mut scan = Chunked::default();
+            let mut buf = Vec::new();
+            let mut total = 0;
+            let mut failed = false;
+            for part in bytes.chunks(piece) {
+                buf.extend_from_slice(part);
+                match scan.scan(&buf) {
+                    Ok(n) => {
+                        proptest::prop_assert!(n <= buf.len());
+                        buf.drain(..n);
+                        total += n;
+                    }
+                    Err(_) => {
+                        failed = true;
+                        break;
+                    }
+                }
+                if scan.done() {
+                    break;
+                }
+            }
+            // A framing error seen in one read is seen in pieces too, and a body that ends
+            // in one read ends at the same byte in pieces.
+            if whole.is_err() {
+                proptest::prop_assert!(failed || !scan.done());
+            }
+            if scan.done() && !failed {
+                let mut once = Chunked::default();
+                proptest::prop_assert_eq!(once.scan(&bytes), Ok(total));
+            }
+        }
+
+        /// Content-Length: digits only, and what it accepts is the number it says.
+        #[test]
+        fn content_lengths_parse_only_numbers(v in "[ 0-9a-fx+,-]{0,24}") {
+            if let Some(n) = parse_length(v.as_bytes()) {
+                proptest::prop_assert_eq!(v.trim().parse::<u64>().ok(), Some(n));
+            }
+        }
+    }
+
     #[test]
     fn hop_by_hop_names() {
         for h in ["Connection", "keep-alive", "TE", "Trailer", "Transfer-Encoding", "upgrade", "Proxy-Authorization"] {
