@@ -32,16 +32,49 @@ const CREATE_STEPS: &[(&str, u32)] = &[("placing", 1), ("creating", 9)];
 pub struct Located {
     pub host: Host,
     pub record: Option<OrchestratedVm>,
+    /// The VM's id, whether the caller named it by id or by name.
+    pub vm_id: String,
 }
 
 impl Located {
-    fn summary(&self, vm: &str) -> Option<&VmSummary> {
-        self.host.vms.iter().find(|v| v.id == vm)
+    fn summary(&self) -> Option<&VmSummary> {
+        self.host.vms.iter().find(|v| v.id == self.vm_id)
     }
 
     /// The Hangar owner: the orchestrator's record, else what the host reported.
-    fn owner(&self, vm: &str) -> Option<String> {
-        self.record.as_ref().map(|r| r.owner.clone()).or_else(|| self.summary(vm).and_then(|s| s.owner.clone()))
+    fn owner(&self) -> Option<String> {
+        self.record.as_ref().map(|r| r.owner.clone()).or_else(|| self.summary().and_then(|s| s.owner.clone()))
+    }
+}
+
+/// The one VM named `name` on `hosts`: not found when none, a conflict naming the hosts when
+/// VMs of that name are on more than one.
+fn by_name(hosts: Vec<Host>, name: &str) -> Result<(Host, String)> {
+    let mut found: Vec<(Host, String)> = hosts
+        .into_iter()
+        .filter_map(|h| {
+            let ids: Vec<String> = h.vms.iter().filter(|v| v.name == name).map(|v| v.id.clone()).collect();
+            match ids.as_slice() {
+                [] => None,
+                [id] => Some(Ok((h.clone(), id.clone()))),
+                _ => Some(Err(OrchestratorError::Conflict(format!(
+                    "{} VMs are named {name:?} on host {}; use the VM's id",
+                    ids.len(),
+                    h.name
+                )))),
+            }
+        })
+        .collect::<Result<_>>()?;
+    match found.len() {
+        0 => Err(OrchestratorError::not_found("VM", name)),
+        1 => Ok(found.remove(0)),
+        _ => {
+            let names: Vec<String> = found.iter().map(|(h, _)| h.name.clone()).collect();
+            Err(OrchestratorError::Conflict(format!(
+                "VMs named {name:?} are on hosts {}; use the VM's id or the per-host route",
+                names.join(", ")
+            )))
+        }
     }
 }
 
@@ -91,41 +124,50 @@ impl HttpOrchestrator {
         if Caller::from(p).may_use(&h) { Ok(h) } else { Err(forbidden(&h)) }
     }
 
-    /// Find VM `vm` (on `host` when given) on a host the caller may use.
+    /// Find VM `vm`, an id or a name (on `host` when given), on a host the caller may use.
+    /// An id is looked up first (the orchestrator's records, then every host's VMs); a name
+    /// only among the VMs of the hosts the caller may use, and a name that matches VMs on
+    /// two of those hosts is a conflict naming them. [`Located::vm_id`] is the VM's id:
+    /// what is forwarded.
     pub async fn locate(&self, p: &Principal, host: Option<&str>, vm: &str) -> Result<Located> {
-        let host = match host {
-            Some(h) => {
-                let h = self.usable_host(p, h)?;
-                match self.scheduler.host_of(vm).await {
-                    Ok(id) if id == h.id => h,
-                    Ok(_) | Err(OrchestratorError::NotFound { .. }) => {
+        let caller = Caller::from(p);
+        let pinned = host.map(|h| self.usable_host(p, h)).transpose()?;
+        let (host, vm_id) = match self.scheduler.host_of(vm).await {
+            Ok(id) => {
+                let h = match pinned {
+                    Some(h) if h.id == id => h,
+                    Some(h) => {
                         return Err(OrchestratorError::NotFound { kind: "VM", id: format!("{vm} on host {}", h.name) });
                     }
-                    Err(e) => return Err(e),
-                }
-            }
-            None => {
-                let id = self.scheduler.host_of(vm).await?;
-                let h = self.scheduler.registry().get(&id)?;
-                if !Caller::from(p).may_use(&h) {
+                    None => self.scheduler.registry().get(&id)?,
+                };
+                if !caller.may_use(&h) {
                     return Err(forbidden(&h));
                 }
-                h
+                (h, vm.to_string())
             }
+            Err(OrchestratorError::NotFound { .. }) => {
+                let hosts = match pinned {
+                    Some(h) => vec![h],
+                    None => self.scheduler.registry().list().into_iter().filter(|h| caller.may_use(h)).collect(),
+                };
+                by_name(hosts, vm)?
+            }
+            Err(e) => return Err(e),
         };
-        let record = match self.scheduler.vm(vm).await {
+        let record = match self.scheduler.vm(&vm_id).await {
             Ok(r) => Some(r),
             Err(OrchestratorError::NotFound { .. }) => None,
             Err(e) => return Err(e),
         };
-        Ok(Located { host, record })
+        Ok(Located { host, record, vm_id })
     }
 
     /// [`HttpOrchestrator::locate`], then the access rule for `action`.
     pub async fn authorized(&self, p: &Principal, action: VmAction, host: Option<&str>, vm: &str) -> Result<Located> {
         let found = self.locate(p, host, vm).await?;
-        let name = found.summary(vm).map(|s| s.name.clone()).unwrap_or_else(|| vm.to_string());
-        authorize(p, action, &name, found.owner(vm).as_deref())?;
+        let name = found.summary().map(|s| s.name.clone()).unwrap_or_else(|| vm.to_string());
+        authorize(p, action, &name, found.owner().as_deref())?;
         Ok(found)
     }
 
@@ -145,7 +187,7 @@ impl HttpOrchestrator {
     /// One VM of the fleet as the orchestrator sees it.
     pub async fn machine(&self, p: &Principal, host: Option<&str>, vm: &str) -> Result<FleetMachine> {
         let found = self.authorized(p, VmAction::Get, host, vm).await?;
-        let summary = found.summary(vm).ok_or_else(|| OrchestratorError::not_found("VM", vm))?;
+        let summary = found.summary().ok_or_else(|| OrchestratorError::not_found("VM", vm))?;
         Ok(fleet_machine(&found.host, summary, found.record.as_ref()))
     }
 
@@ -178,14 +220,14 @@ impl HttpOrchestrator {
     ) -> Result<VmReply> {
         let action = call.action();
         let found = self.authorized(p, action, host, vm).await?;
-        let h = found.host;
+        let vm = found.vm_id.as_str();
+        let h = &found.host;
         let span = tracing::info_span!("orchestrator_vm_call", vm, host = %h.id, action = action.name());
         async {
             match call {
                 VmCall::Get => {
-                    let summary =
-                        h.vms.iter().find(|v| v.id == vm).ok_or_else(|| OrchestratorError::not_found("VM", vm))?;
-                    Ok(VmReply::Fleet(Box::new(fleet_machine(&h, summary, found.record.as_ref()))))
+                    let summary = found.summary().ok_or_else(|| OrchestratorError::not_found("VM", vm))?;
+                    Ok(VmReply::Fleet(Box::new(fleet_machine(h, summary, found.record.as_ref()))))
                 }
                 // The delete and its audit entry are one batch with the record's removal.
                 VmCall::Delete { .. } => {
@@ -193,7 +235,7 @@ impl HttpOrchestrator {
                     Ok(VmReply::Done)
                 }
                 VmCall::Power(op) => {
-                    self.audit(actor, action, vm, &h).await?;
+                    self.audit(actor, action, vm, h).await?;
                     self.scheduler.power(vm, op).await?;
                     Ok(VmReply::Power(PowerDone {
                         id: vm.to_string(),
@@ -203,7 +245,7 @@ impl HttpOrchestrator {
                 }
                 call => {
                     if action.is_change() {
-                        self.audit(actor, action, vm, &h).await?;
+                        self.audit(actor, action, vm, h).await?;
                     }
                     let client = self.host_client(&h.id)?;
                     let reply = client
@@ -230,18 +272,19 @@ impl HttpOrchestrator {
 
     /// Push a VM's expiry back by `by`.
     pub async fn extend(&self, p: &Principal, actor: &Actor, vm: &str, by: Duration) -> Result<OrchestratedVm> {
-        self.authorized(p, VmAction::Extend, None, vm).await?;
-        self.scheduler.extend(actor, vm, by).await
+        let found = self.authorized(p, VmAction::Extend, None, vm).await?;
+        self.scheduler.extend(actor, &found.vm_id, by).await
     }
 
-    /// The host to open a tunnel to VM `vm`'s `port` through (checked and audited).
-    pub async fn port_forward(&self, p: &Principal, actor: &Actor, vm: &str, port: u16) -> Result<Host> {
+    /// The host to open a tunnel to VM `vm`'s (id or name) `port` through, and the VM's id
+    /// (checked and audited).
+    pub async fn port_forward(&self, p: &Principal, actor: &Actor, vm: &str, port: u16) -> Result<(Host, String)> {
         if port == 0 {
             return Err(OrchestratorError::Invalid("port must be between 1 and 65535".into()));
         }
         let found = self.authorized(p, VmAction::PortForward, None, vm).await?;
-        self.audit(actor, VmAction::PortForward, vm, &found.host).await?;
-        Ok(found.host)
+        self.audit(actor, VmAction::PortForward, &found.vm_id, &found.host).await?;
+        Ok((found.host, found.vm_id))
     }
 
     /// The scheduler's request for an API create; `host` (id or name) pins the VM.
@@ -409,5 +452,52 @@ fn within(e: OrchestratorError, wait: Option<Duration>) -> OrchestratorError {
             OrchestratorError::NoCapacityWithin { seconds, last }
         }
         e => e,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use chrono::Utc;
+
+    use super::*;
+
+    fn host(id: &str, vms: &[(&str, &str)]) -> Host {
+        let mut h = Host::new(id, format!("mac-{id}"), format!("http://{id}:3080/api"), Utc::now());
+        for (vm_id, name) in vms {
+            h.vms.push(VmSummary {
+                id: (*vm_id).into(),
+                name: (*name).into(),
+                state: hangar_hypervisor::VmState::Running,
+                os: "ubuntu".into(),
+                cpu: 1,
+                memory_mb: 1024,
+                disk_mb: 1024,
+                owner: None,
+            });
+        }
+        h
+    }
+
+    /// A name finds the one VM of that name; none is not found; VMs of that name on two
+    /// hosts (or twice on one) are a conflict that names the hosts.
+    #[test]
+    fn a_name_finds_one_vm_or_names_the_hosts_that_share_it() {
+        let a = host("a", &[("v1", "ci-base"), ("v2", "other")]);
+        let b = host("b", &[("v3", "ci-base"), ("v4", "solo")]);
+        let (h, id) = by_name(vec![a.clone(), b.clone()], "solo").unwrap();
+        assert_eq!((h.id.as_str(), id.as_str()), ("b", "v4"));
+        let (h, id) = by_name(vec![a.clone()], "ci-base").unwrap();
+        assert_eq!((h.id.as_str(), id.as_str()), ("a", "v1"));
+        assert!(matches!(by_name(vec![a.clone(), b.clone()], "nope"), Err(OrchestratorError::NotFound { .. })));
+        match by_name(vec![a, b], "ci-base") {
+            Err(OrchestratorError::Conflict(m)) => assert!(m.contains("mac-a") && m.contains("mac-b"), "{m}"),
+            other => panic!("expected a conflict, got {other:?}"),
+        }
+        let twice = host("c", &[("v5", "dup"), ("v6", "dup")]);
+        match by_name(vec![twice], "dup") {
+            Err(OrchestratorError::Conflict(m)) => assert!(m.contains("mac-c"), "{m}"),
+            other => panic!("expected a conflict, got {other:?}"),
+        }
     }
 }

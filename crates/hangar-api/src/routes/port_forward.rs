@@ -114,7 +114,7 @@ async fn orchestrator_port_forward(
 ) -> R<Response> {
     let o = super::machines::orchestrator(&s)?;
     let caller = ctx.caller()?.clone();
-    let host = o.port_forward(&caller, &ctx.actor, &id, port).await.map_err(ApiError::from_domain)?;
+    let (host, id) = o.port_forward(&caller, &ctx.actor, &id, port).await.map_err(ApiError::from_domain)?;
     let span = info_span!("orchestrator.port_forward", vm = %id, port, host = %host.id, user = %caller.username);
     let tunnel = o.open_tunnel(&id, port).instrument(span.clone()).await.map_err(|e| host_error(&host.name, e))?;
     let credential = ctx.credential.clone();
