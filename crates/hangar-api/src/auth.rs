@@ -234,7 +234,7 @@ pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Ne
             return r;
         }
     };
-    let credential = if access.is_public() {
+    let credential = if !access.reads_credential() {
         None
     } else {
         match credential_from(&req, &rel) {

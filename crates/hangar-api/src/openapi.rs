@@ -16,7 +16,13 @@ pub fn document_access(op: &mut Operation, access: Access) {
         Some(e) => e.merge(ext),
         None => op.extensions = Some(ext),
     }
-    if access.is_public() {
+    if access == Access::Open {
+        op.security = Some(vec![
+            SecurityRequirement::default(),
+            SecurityRequirement::new("bearer", Vec::<String>::new()),
+            SecurityRequirement::new("api_key", Vec::<String>::new()),
+        ]);
+    } else if access.is_public() {
         op.security = Some(vec![SecurityRequirement::default()]);
     } else {
         op.security = Some(vec![

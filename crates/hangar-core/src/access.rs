@@ -11,6 +11,9 @@ use crate::principal::Principal;
 pub enum Access {
     /// Anyone, without credentials (liveness, login, JWKS, API docs).
     Public,
+    /// Anyone; a credential, when one is sent, is verified (a bad one is refused) and the
+    /// handler may answer its caller more than an anonymous one (`/health/system`).
+    Open,
     /// Any authenticated caller.
     Authenticated,
     /// Every listed claim.
@@ -38,12 +41,12 @@ impl Access {
     pub fn check(&self, caller: Option<&Principal>) -> Decision {
         let Some(p) = caller else {
             return match self {
-                Access::Public => Decision::Allow,
+                Access::Public | Access::Open => Decision::Allow,
                 _ => Decision::Unauthenticated,
             };
         };
         let ok = match self {
-            Access::Public | Access::Authenticated => true,
+            Access::Public | Access::Open | Access::Authenticated => true,
             Access::AllOf(cs) => cs.iter().all(|c| p.has_claim(c)),
             Access::AnyOf(cs) => p.has_any(cs),
             Access::SuperUser => p.is_super_user(),
@@ -55,6 +58,7 @@ impl Access {
     pub fn describe(&self) -> String {
         match self {
             Access::Public => "nothing".into(),
+            Access::Open => "nothing (a caller who sends a credential is checked and may be shown more)".into(),
             Access::Authenticated => "an authenticated caller".into(),
             Access::AllOf(cs) => format!("all of the claims {}", cs.join(", ")),
             Access::AnyOf(cs) => format!("one of the claims {}", cs.join(", ")),
@@ -62,8 +66,15 @@ impl Access {
         }
     }
 
+    /// Open to a caller without credentials ([`Access::Public`] and [`Access::Open`]).
     pub fn is_public(&self) -> bool {
-        matches!(self, Access::Public)
+        matches!(self, Access::Public | Access::Open)
+    }
+
+    /// Whether the credential a request carries is read: on every route but the
+    /// [`Access::Public`] ones.
+    pub fn reads_credential(&self) -> bool {
+        !matches!(self, Access::Public)
     }
 }
 

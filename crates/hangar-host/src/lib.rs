@@ -542,6 +542,25 @@ impl Host {
         Ok(real)
     }
 
+    /// The Parallels Desktop licence in the reference's shape, from the driver's host facts
+    /// (`prlsrvctl info` on Parallels). A host with another hypervisor answers
+    /// `NOT_APPLICABLE` rather than failing, so clients that ask first carry on.
+    pub async fn license(&self) -> Result<hangar_wire::ParallelsDesktopLicense> {
+        let info = self.hv.host_info().await?;
+        Ok(match info.hypervisor {
+            HypervisorKind::Parallels => hangar_wire::ParallelsDesktopLicense {
+                status: if info.licensed { "ACTIVE" } else { "INACTIVE" }.into(),
+                edition: format!("Parallels Desktop {}", info.version),
+                ..Default::default()
+            },
+            other => hangar_wire::ParallelsDesktopLicense {
+                status: "NOT_APPLICABLE".into(),
+                edition: format!("None: this host runs {other}, not Parallels Desktop"),
+                ..Default::default()
+            },
+        })
+    }
+
     /// Hardware, reservation, use and availability.
     pub async fn hardware(&self) -> Result<Hardware> {
         let info = self.hv.host_info().await?;

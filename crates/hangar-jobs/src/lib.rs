@@ -273,6 +273,28 @@ impl Jobs {
         self.remove(&job.id).await
     }
 
+    /// Remove every finished job `p` may delete ([`hangar_core::vm::may_delete_job`]): its
+    /// own, or all with `JOB_MANAGER_DELETE`, in one batch. Running jobs stay. Answers how
+    /// many went.
+    pub async fn cleanup_for(&self, p: &hangar_core::Principal) -> Result<usize, JobsError> {
+        let ids: Vec<String> = self
+            .lock()
+            .values()
+            .filter(|j| j.state.is_finished() && hangar_core::vm::may_delete_job(p, &j.owner))
+            .map(|j| j.id.clone())
+            .collect();
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let batch = ids.iter().fold(Batch::new(), |b, id| b.delete(&self.collection, id));
+        self.store.commit(batch).await?;
+        let mut m = self.lock();
+        for id in &ids {
+            m.remove(id);
+        }
+        Ok(ids.len())
+    }
+
     /// Remove a finished job, from memory and the store.
     pub async fn remove(&self, id: &str) -> Result<(), JobsError> {
         match self.lock().get(id) {
@@ -504,5 +526,43 @@ mod tests {
         let j = reopened.get(&long.id).unwrap();
         assert_eq!((j.state, j.updated_at), (JobState::Failed, later));
         assert_eq!(reopened.list(None).len(), 3);
+    }
+    fn principal(id: &str, claims: &[&str]) -> hangar_core::Principal {
+        hangar_core::Principal {
+            user_id: id.into(),
+            username: id.into(),
+            email: format!("{id}@x"),
+            roles: Default::default(),
+            claims: claims.iter().map(|c| c.to_string()).collect(),
+            method: hangar_core::AuthMethod::Jwt,
+        }
+    }
+
+    /// Cleanup removes the caller's finished jobs (all finished ones with JOB_MANAGER_DELETE),
+    /// from memory and the store; running jobs and other owners' jobs stay.
+    #[tokio::test]
+    async fn cleanup_removes_the_finished_jobs_the_caller_may_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path()).await;
+        let jobs = Jobs::open(s.clone(), C, EventBus::default()).await.unwrap();
+        let mine = jobs.start("u", "vm", "create", &[("a", 1)]).await.unwrap();
+        mine.complete(serde_json::json!({})).await;
+        let mine_failed = jobs.start("u", "vm", "create", &[("a", 1)]).await.unwrap();
+        mine_failed.fail("x".into()).await;
+        let mine_running = jobs.start("u", "vm", "create", &[("a", 1)]).await.unwrap();
+        let theirs = jobs.start("v", "vm", "create", &[("a", 1)]).await.unwrap();
+        theirs.complete(serde_json::json!({})).await;
+
+        assert_eq!(jobs.cleanup_for(&principal("u", &[])).await.unwrap(), 2);
+        assert!(jobs.get(&mine.id).is_none() && jobs.get(&mine_failed.id).is_none());
+        assert!(s.get(C, &mine.id).await.unwrap().is_none(), "gone from the store");
+        assert!(jobs.get(&mine_running.id).is_some(), "a running job stays");
+        assert!(jobs.get(&theirs.id).is_some(), "another owner's job stays");
+        assert_eq!(jobs.cleanup_for(&principal("u", &[])).await.unwrap(), 0);
+
+        let admin = principal("w", &[hangar_core::claims::JOB_MANAGER_DELETE]);
+        assert_eq!(jobs.cleanup_for(&admin).await.unwrap(), 1);
+        assert!(jobs.get(&theirs.id).is_none());
+        assert_eq!(jobs.list(None).len(), 1);
     }
 }

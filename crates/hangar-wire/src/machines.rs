@@ -495,3 +495,24 @@ mod tests {
         assert_eq!(serde_json::from_value::<HardwareResponse>(v).unwrap(), hw);
     }
 }
+
+/// `GET /config/parallels-desktop/license`: the reference's licence object. On a Parallels
+/// host `status` is `ACTIVE` when `prlsrvctl info` reports a valid licence, else `INACTIVE`;
+/// on a host with another hypervisor it is `NOT_APPLICABLE` and `edition` says why. The
+/// licence key and serial are never sent (`serial` and `uuid` stay empty).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ParallelsDesktopLicense {
+    pub status: String,
+    pub serial: String,
+    pub expiration: String,
+    pub main_period_ends_at: String,
+    pub grace_period_ends_at: String,
+    pub cpu_total: u64,
+    pub max_memory: u64,
+    pub edition: String,
+    pub is_trial: String,
+    pub is_volume: String,
+    pub advanced_restrictions: String,
+    pub deferred_activation: String,
+    pub uuid: String,
+}

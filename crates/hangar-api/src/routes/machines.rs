@@ -68,9 +68,11 @@ pub fn register(api: Api) -> Api {
         .add(a(VmAction::Register), routes!(register_machine))
         .add(a(VmAction::Upload), (s, p, upload_raw.layer(DefaultBodyLimit::max(512 << 20))))
         .add(Access::AllOf(&[LIST]), routes!(hardware))
+        .add(Access::Authenticated, routes!(parallels_license))
         .add_at(Access::AnyOf(&[JOB_MANAGER_LIST, JOB_MANAGER_LIST_OWN]), Fleet, routes!(list_jobs))
         .add_at(Access::AnyOf(&[JOB_MANAGER_LIST, JOB_MANAGER_LIST_OWN]), Fleet, routes!(get_job))
         .add_at(Access::AnyOf(&[JOB_MANAGER_DELETE, JOB_MANAGER_LIST_OWN]), Fleet, routes!(delete_job))
+        .add_at(Access::AnyOf(&[JOB_MANAGER_DELETE, JOB_MANAGER_LIST_OWN]), Fleet, routes!(cleanup_jobs))
 }
 
 pub(crate) fn host(s: &AppState) -> R<&Arc<Host>> {
@@ -486,6 +488,13 @@ async fn upload_bytes(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The Parallels Desktop licence (the reference's shape; key and serial never sent). A host
+/// that runs QEMU answers status `NOT_APPLICABLE`. Unlike the reference, it needs a login.
+#[utoipa::path(get, path = "/config/parallels-desktop/license", tag = "config", responses((status = 200, body = hangar_wire::ParallelsDesktopLicense)))]
+async fn parallels_license(State(s): State<AppState>) -> R<axum::Json<hangar_wire::ParallelsDesktopLicense>> {
+    Ok(axum::Json(host(&s)?.license().await.map_err(ApiError::from_domain)?))
+}
+
 /// Host hardware: total, system-reserved, in-use and available cpu, memory and disk.
 #[utoipa::path(get, path = "/config/hardware", tag = "config", responses((status = 200, body = HardwareResponse)))]
 async fn hardware(State(s): State<AppState>) -> R<axum::Json<HardwareResponse>> {
@@ -544,4 +553,12 @@ async fn get_job(State(s): State<AppState>, ctx: RequestContext, at: At) -> R<ax
 async fn delete_job(State(s): State<AppState>, ctx: RequestContext, at: At) -> R<StatusCode> {
     jobs_at(&s, &at)?.remove_for(ctx.caller()?, at.param("id")?).await.map_err(ApiError::from_domain)?;
     Ok(StatusCode::ACCEPTED)
+}
+
+/// Forget every finished job the caller may delete: its own, or all with JOB_MANAGER_DELETE.
+/// Running jobs stay. 200 with no body, as the reference answers.
+#[utoipa::path(delete, path = "/jobs/cleanup", tag = "jobs", responses((status = 200, description = "Finished jobs removed")))]
+async fn cleanup_jobs(State(s): State<AppState>, ctx: RequestContext, at: At) -> R<StatusCode> {
+    jobs_at(&s, &at)?.cleanup_for(ctx.caller()?).await.map_err(ApiError::from_domain)?;
+    Ok(StatusCode::OK)
 }

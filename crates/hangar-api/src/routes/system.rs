@@ -3,11 +3,12 @@
 
 use axum::extract::State;
 use axum::http::Method;
-use hangar_core::Access;
 use hangar_core::claims::READ_ONLY;
+use hangar_core::{Access, Decision};
 use utoipa_axum::routes;
 
 use super::dto::*;
+use crate::auth::RequestContext;
 use crate::error::ApiError;
 use crate::extract::Query;
 use crate::{Api, AppState};
@@ -23,7 +24,7 @@ pub fn register(mut api: Api) -> Api {
         api.table_mut().insert(&m, p, Access::Public);
     }
     api.add(Access::Public, routes!(probe))
-        .add(Access::AnyOf(&[READ_ONLY]), routes!(system_health))
+        .add(Access::Open, routes!(system_health))
         .add(Access::Authenticated, routes!(version))
         .add(Access::SuperUser, routes!(audit))
 }
@@ -34,23 +35,31 @@ impl Api {
     }
 }
 
-/// Liveness: answers while the process serves requests. The only route open to anyone
-/// besides login, JWKS and the API documents.
+/// Liveness: answers while the process serves requests. Open to anyone, like login, JWKS,
+/// the API documents and the minimal `/health/system`.
 #[utoipa::path(get, path = "/health/probe", tag = "health", responses((status = 200, body = Probe)))]
 async fn probe() -> axum::Json<Probe> {
     axum::Json(Probe { status: "OK".into() })
 }
 
-/// Health of each module.
-#[utoipa::path(get, path = "/health/system", tag = "health", responses((status = 200, body = SystemHealth)))]
-async fn system_health(State(s): State<AppState>) -> Result<axum::Json<SystemHealth>, ApiError> {
+/// Who sees the detail of `/health/system` (module messages, the store engine): the route
+/// itself is open, so that the reference's clients can check a server before they log in.
+const HEALTH_DETAIL: Access = Access::AnyOf(&[READ_ONLY]);
+
+/// Health of each module. Anyone gets whether the server and each module are healthy; a
+/// caller with READ_ONLY also gets each module's message and the store engine.
+#[utoipa::path(get, path = "/health/system", tag = "health", params(("full" = Option<bool>, Query, description = "Accepted for the reference's clients; the answer is the same")), responses((status = 200, body = SystemHealth)))]
+async fn system_health(State(s): State<AppState>, ctx: RequestContext) -> Result<axum::Json<SystemHealth>, ApiError> {
+    let detail = HEALTH_DETAIL.check(ctx.principal.as_ref()) == Decision::Allow;
+    let store = if detail { format!("store ({})", s.info.store_engine) } else { "store".to_string() };
     let mut services = vec![ServiceHealth {
-        name: format!("store ({})", s.info.store_engine),
+        name: store,
         healthy: s.identity.store().get("users", "-").await.is_ok(),
         message: String::new(),
     }];
     for m in s.info.modules.iter().filter(|m| m.enabled) {
-        services.push(ServiceHealth { name: m.name.clone(), healthy: m.healthy, message: m.message.clone() });
+        let message = if detail { m.message.clone() } else { String::new() };
+        services.push(ServiceHealth { name: m.name.clone(), healthy: m.healthy, message });
     }
     let healthy = services.iter().all(|s| s.healthy);
     Ok(axum::Json(SystemHealth { healthy, message: if healthy { "OK".into() } else { "Degraded".into() }, services }))

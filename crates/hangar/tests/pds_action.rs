@@ -1,0 +1,242 @@
+//! The Parallels DevOps GitHub Action's requests, replayed call by call against the real
+//! binary (fake `prlctl` hosts), as its client builds them: the base URL is
+//! `<schema>://<host>/api`; host mode appends `/v1/` and then a path that starts with `/`
+//! (hence `/api/v1//...`), orchestrator mode `/v1/orchestrator` and the path; it sends JSON
+//! through axios (`Accept: application/json, text/plain, */*`, an `axios/1.x` user agent), a
+//! bearer token from `POST /api/v1/auth/token {email, password}` (it compares `expires_at`
+//! with unix seconds) and reads only the fields checked here. Written from reading the
+//! action's source; none of its code is here.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+const ACCEPT: &str = "application/json, text/plain, */*";
+const USER_AGENT: &str = "axios/1.12.2";
+
+/// One request as the action's HTTP client sends it; its PUTs with a `null` body (start,
+/// stop) go out with no body at all (`body: None`).
+async fn action_call(
+    c: &reqwest::Client,
+    method: Method,
+    url: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut r = c.request(method, url).header("Accept", ACCEPT).header("User-Agent", USER_AGENT);
+    if let Some(t) = token {
+        r = r.header("Authorization", format!("Bearer {t}"));
+    }
+    if let Some(b) = body {
+        r = r.header("Content-Type", "application/json").body(b.to_string());
+    }
+    let resp = r.send().await.expect("request");
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+/// What every operation but `test` does first: the probe, then (for the calls that need one)
+/// the login with the `username` input sent as `email`. Answers the token.
+async fn action_start(c: &reqwest::Client, base: &str, username: &str, password: &str) -> String {
+    let (st, v) = action_call(c, Method::GET, &format!("{base}/health/probe"), None, None).await;
+    assert_eq!((st, v["status"].as_str()), (200, Some("OK")), "probe: {v}");
+    let (st, v) = action_call(
+        c,
+        Method::POST,
+        &format!("{base}/v1/auth/token"),
+        None,
+        Some(json!({"email": username, "password": password})),
+    )
+    .await;
+    assert_eq!(st, 200, "login: {v}");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    assert!(v["expires_at"].as_u64().is_some_and(|e| e > now), "expires_at in unix seconds: {v}");
+    v["token"].as_str().unwrap().to_string()
+}
+
+/// The fields the action reads of `/health/system` (it fails on anything but a 2xx).
+fn check_health(v: &Value) {
+    assert!(v["healthy"].is_boolean(), "{v}");
+    assert!(v["message"].is_string(), "{v}");
+    let services = v["services"].as_array().expect("services");
+    assert!(services.iter().all(|s| s["name"].is_string() && s["healthy"].is_boolean()), "{v}");
+}
+
+#[tokio::test]
+async fn health_check_and_host_mode_first_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeParallels::new(&dir.path().join("host"));
+    let host = fake.agent(&dir.path().join("host/data"), &[]);
+    let c = client();
+    let base = format!("{}/api", host.url);
+
+    // health-check: `GET /api/v1//health/system?full=true`, no credential.
+    let (st, v) = action_call(&c, Method::GET, &format!("{base}/health/probe"), None, None).await;
+    assert_eq!((st, v["status"].as_str()), (200, Some("OK")), "{v}");
+    let (st, anon) = action_call(&c, Method::GET, &format!("{base}/v1//health/system?full=true"), None, None).await;
+    assert_eq!(st, 200, "{anon}");
+    check_health(&anon);
+    assert_eq!(anon["healthy"], true, "{anon}");
+    // Nothing sensitive for an anonymous caller: no module messages, no store engine.
+    let services = anon["services"].as_array().unwrap();
+    assert!(services.iter().all(|s| s["message"].as_str().unwrap_or_default().is_empty()), "{anon}");
+    assert!(services.iter().any(|s| s["name"] == "store"), "{anon}");
+    assert!(!anon.to_string().contains(dir.path().to_str().unwrap()), "no paths: {anon}");
+
+    // A logged-in caller still sees the detail.
+    let root = login(&c, &host, "root", ROOT_PASSWORD).await;
+    let (st, full) = action_call(&c, Method::GET, &format!("{base}/v1//health/system"), Some(&root), None).await;
+    assert_eq!(st, 200, "{full}");
+    check_health(&full);
+    assert!(full["services"].as_array().unwrap().iter().any(|s| s["name"].as_str().unwrap().starts_with("store (")));
+    // A bad credential on the open route is refused, not silently ignored.
+    let (st, v) = action_call(&c, Method::GET, &format!("{base}/v1//health/system"), Some("not-a-token"), None).await;
+    assert_eq!(st, 401, "{v}");
+
+    // Host mode, every operation but `test`: probe, login, then the licence; it reads `uuid`
+    // (compared with "") and `serial` (truthy), and fails on anything but a 2xx.
+    let token = action_start(&c, &base, "root", ROOT_PASSWORD).await;
+    let (st, lic) =
+        action_call(&c, Method::GET, &format!("{base}/v1//config/parallels-desktop/license"), Some(&token), None).await;
+    assert_eq!(st, 200, "{lic}");
+    assert!(lic["uuid"].is_string() && lic["serial"].is_string(), "{lic}");
+    assert_eq!(lic["status"], "ACTIVE", "the fake prlsrvctl reports a valid licence: {lic}");
+    // The licence needs a login here (the reference's is open).
+    let (st, v) =
+        action_call(&c, Method::GET, &format!("{base}/v1//config/parallels-desktop/license"), None, None).await;
+    assert_eq!(st, 401, "{v}");
+}
+
+/// Orchestrator mode: `start`, `stop` and `delete` by `machine_name`, after the VM was made
+/// through the orchestrator; then `DELETE /jobs/cleanup`.
+#[tokio::test]
+async fn orchestrator_mode_start_stop_delete_by_machine_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = client();
+    let fake = FakeParallels::new(&dir.path().join("a"));
+    let agent = fake.agent(&dir.path().join("a/data"), &[("SYSTEM_RESERVED_CPU", "0")]);
+    let orch = Server::start(
+        &dir.path().join("orch"),
+        &[("ENABLED_MODULES", "api,orchestrator"), ("ORCHESTRATOR_CHECK_INTERVAL", "1s")],
+    );
+    let root = Auth::Bearer(login(&c, &orch, "root", ROOT_PASSWORD).await);
+    let (st, h) = call(&c, Method::POST, &orch.api("/orchestrator/hosts"), &root,
+        Some(json!({"name": "host-a", "host": agent.url, "authentication": {"username": "root", "password": ROOT_PASSWORD}})), &[]).await;
+    assert_eq!(st, 201, "{h}");
+    let (st, made) = call(
+        &c,
+        Method::POST,
+        &orch.api("/orchestrator/machines"),
+        &root,
+        Some(json!({"name": "ci-base", "image": "golden.pvm", "architecture": "x86_64", "start_on_create": true,
+            "specs": {"cpu": "1", "memory": "1024"}})),
+        &[],
+    )
+    .await;
+    assert!(st == 200 || st == 201, "{st} {made}");
+    let vm_id = made["id"].as_str().unwrap().to_string();
+
+    let base = format!("{}/api", orch.url);
+    let o = format!("{base}/v1/orchestrator");
+    // health-check in orchestrator mode still uses the host-style URL.
+    let (st, v) = action_call(&c, Method::GET, &format!("{base}/v1//health/system?full=true"), None, None).await;
+    assert_eq!(st, 200, "{v}");
+    check_health(&v);
+
+    let status = |token: String| {
+        let (c, url) = (c.clone(), format!("{o}/machines/ci-base/status"));
+        async move {
+            let (st, v) = action_call(&c, Method::GET, &url, Some(&token), None).await;
+            assert_eq!(st, 200, "status by name: {v}");
+            v["status"].as_str().unwrap().to_string()
+        }
+    };
+
+    // stop: status, then `PUT .../machines/ci-base/stop` with no body when it is running.
+    let token = action_start(&c, &base, "root", ROOT_PASSWORD).await;
+    assert_eq!(status(token.clone()).await, "running");
+    let (st, v) = action_call(&c, Method::PUT, &format!("{o}/machines/ci-base/stop"), Some(&token), None).await;
+    assert!((200..300).contains(&st), "stop by name: {st} {v}");
+    assert_eq!(v["id"], vm_id.as_str(), "the forwarded call used the VM's id: {v}");
+    assert_eq!(status(token.clone()).await, "stopped");
+
+    // start: status, then `PUT .../machines/ci-base/start` when it is stopped.
+    let token = action_start(&c, &base, "root", ROOT_PASSWORD).await;
+    assert_eq!(status(token.clone()).await, "stopped");
+    let (st, v) = action_call(&c, Method::PUT, &format!("{o}/machines/ci-base/start"), Some(&token), None).await;
+    assert!((200..300).contains(&st), "start by name: {st} {v}");
+    assert_eq!(status(token.clone()).await, "running");
+
+    // delete: status, stop when not stopped, then `DELETE .../machines/ci-base`.
+    let token = action_start(&c, &base, "root", ROOT_PASSWORD).await;
+    assert_ne!(status(token.clone()).await, "stopped");
+    let (st, v) = action_call(&c, Method::PUT, &format!("{o}/machines/ci-base/stop"), Some(&token), None).await;
+    assert!((200..300).contains(&st), "{st} {v}");
+    let (st, v) = action_call(&c, Method::DELETE, &format!("{o}/machines/ci-base"), Some(&token), None).await;
+    assert!((200..300).contains(&st), "delete by name: {st} {v}");
+    let (st, v) = action_call(&c, Method::GET, &format!("{o}/machines/ci-base/status"), Some(&token), None).await;
+    assert_eq!(st, 404, "{v}");
+    let (st, v) = action_call(&c, Method::GET, &format!("{o}/machines/{vm_id}"), Some(&token), None).await;
+    assert_eq!(st, 404, "gone by id too: {v}");
+
+    // DELETE /jobs/cleanup (and the orchestrator's): 200, finished jobs gone, running ones kept.
+    let (st, job) = call(
+        &c,
+        Method::POST,
+        &orch.api("/orchestrator/machines/async"),
+        &root,
+        Some(json!({"name": "ci-job", "image": "golden.pvm", "architecture": "x86_64",
+            "specs": {"cpu": "1", "memory": "1024"}})),
+        &[],
+    )
+    .await;
+    assert_eq!(st, 202, "{job}");
+    let job_id = job["id"].as_str().unwrap().to_string();
+    wait_for("the async create finishes", std::time::Duration::from_secs(60), || {
+        let (c, url, root) = (c.clone(), orch.api(&format!("/orchestrator/jobs/{job_id}")), root.clone());
+        async move {
+            let (_, j) = call(&c, Method::GET, &url, &root, None, &[]).await;
+            j["state"] == "completed" || j["state"] == "failed"
+        }
+    })
+    .await;
+    let (st, v) = call(&c, Method::DELETE, &orch.api("/orchestrator/jobs/cleanup"), &root, None, &[]).await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = call(&c, Method::GET, &orch.api(&format!("/orchestrator/jobs/{job_id}")), &root, None, &[]).await;
+    assert_eq!(st, 404, "the finished job is gone: {v}");
+    let host_root = Auth::Bearer(login(&c, &agent, "root", ROOT_PASSWORD).await);
+    let (st, v) = call(&c, Method::DELETE, &agent.api("/jobs/cleanup"), &host_root, None, &[]).await;
+    assert_eq!(st, 200, "{v}");
+}
+
+/// Host mode on a QEMU host: the licence call (the first call of every host-mode operation)
+/// answers 200 with a body the action reads without failing, saying no licence applies.
+#[tokio::test]
+async fn host_mode_first_call_on_a_qemu_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let vms = dir.path().join("vms");
+    let s = Server::start(
+        &dir.path().join("d"),
+        &[
+            ("ENABLED_MODULES", "api,host"),
+            ("HYPERVISOR", "qemu"),
+            ("QEMU_ACCELERATION", "tcg"),
+            ("HOST_VMS_FOLDER", vms.to_str().unwrap()),
+        ],
+    );
+    let c = client();
+    let base = format!("{}/api", s.url);
+    let token = action_start(&c, &base, "root", ROOT_PASSWORD).await;
+    let (st, lic) =
+        action_call(&c, Method::GET, &format!("{base}/v1//config/parallels-desktop/license"), Some(&token), None).await;
+    assert_eq!(st, 200, "{lic}");
+    assert_eq!(lic["uuid"], "", "{lic}");
+    assert!(lic["serial"].is_string(), "{lic}");
+    assert_eq!(lic["status"], "NOT_APPLICABLE", "{lic}");
+    assert!(lic["edition"].as_str().unwrap().contains("qemu"), "{lic}");
+}
