@@ -112,7 +112,7 @@ async fn health_check_and_host_mode_first_call() {
     assert_eq!(st, 401, "{v}");
 }
 
-/// Orchestrator mode: `start`, `stop` and `delete` by `machine_name`, after the VM was made
+/// Orchestrator mode: `stop`, `start`, `run` and `delete` by `machine_name`, after the VM was made
 /// through the orchestrator; then `DELETE /jobs/cleanup`.
 #[tokio::test]
 async fn orchestrator_mode_start_stop_delete_by_machine_name() {
@@ -171,6 +171,28 @@ async fn orchestrator_mode_start_stop_delete_by_machine_name() {
     let (st, v) = action_call(&c, Method::PUT, &format!("{o}/machines/ci-base/start"), Some(&token), None).await;
     assert!((200..300).contains(&st), "start by name: {st} {v}");
     assert_eq!(status(token.clone()).await, "running");
+
+    // run: `GET .../machines/ci-base` (reads `State`, and `OS` to pick the check command),
+    // `PUT .../execute {command: 'echo "ready"'}` until `exit_code` is 0, `GET .../status`
+    // (reads `ip_configured`; it carries on when there is none), then one execute per line of
+    // the script, reading `exit_code`, `stdout` and `stderr` (any stderr fails the step).
+    let token = action_start(&c, &base, "root", ROOT_PASSWORD).await;
+    let (st, m) = action_call(&c, Method::GET, &format!("{o}/machines/ci-base"), Some(&token), None).await;
+    assert_eq!(st, 200, "get by name: {m}");
+    assert_eq!(m["State"], "running", "{m}");
+    assert!(m["OS"].as_str().is_some_and(|os| !os.starts_with("win")), "{m}");
+    let execute = format!("{o}/machines/ci-base/execute");
+    let (st, v) =
+        action_call(&c, Method::PUT, &execute, Some(&token), Some(json!({"command": "echo \"ready\""}))).await;
+    assert_eq!((st, v["exit_code"].as_i64()), (200, Some(0)), "{v}");
+    let (st, v) = action_call(&c, Method::GET, &format!("{o}/machines/ci-base/status"), Some(&token), None).await;
+    assert_eq!(st, 200, "{v}");
+    assert!(v["ip_configured"].is_string(), "{v}");
+    let (st, v) = action_call(&c, Method::PUT, &execute, Some(&token), Some(json!({"command": "echo hello"}))).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["exit_code"], 0, "{v}");
+    assert_eq!(v["stdout"].as_str().map(str::trim), Some("hello"), "{v}");
+    assert_eq!(v["stderr"].as_str(), Some(""), "{v}");
 
     // delete: status, stop when not stopped, then `DELETE .../machines/ci-base`.
     let token = action_start(&c, &base, "root", ROOT_PASSWORD).await;
