@@ -262,3 +262,46 @@ async fn host_mode_first_call_on_a_qemu_host() {
     assert_eq!(lic["status"], "NOT_APPLICABLE", "{lic}");
     assert!(lic["edition"].as_str().unwrap().contains("qemu"), "{lic}");
 }
+
+/// A `machine_name` that names VMs on two hosts the caller may use is a 409 naming both
+/// hosts; the per-host route still finds each by name.
+#[tokio::test]
+async fn a_name_on_two_hosts_is_a_conflict_naming_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = client();
+    let orch = Server::start(&dir.path().join("orch"), &[("ENABLED_MODULES", "api,orchestrator")]);
+    let root = Auth::Bearer(login(&c, &orch, "root", ROOT_PASSWORD).await);
+    let mut agents = Vec::new();
+    let mut host_ids = Vec::new();
+    for name in ["mac-a", "mac-b"] {
+        let fake = FakeParallels::new(&dir.path().join(name));
+        fake.prlctl(&["create", "dup", "--distribution", "ubuntu"]);
+        let agent = fake.agent(&dir.path().join(name).join("data"), &[]);
+        let (st, h) = call(&c, Method::POST, &orch.api("/orchestrator/hosts"), &root,
+            Some(json!({"name": name, "host": agent.url, "authentication": {"username": "root", "password": ROOT_PASSWORD}})), &[]).await;
+        assert_eq!(st, 201, "{h}");
+        host_ids.push(h["id"].as_str().unwrap().to_string());
+        agents.push((fake, agent));
+    }
+    wait_for("both hosts' VMs are known", std::time::Duration::from_secs(30), || {
+        let (c, url, root) = (c.clone(), orch.api("/orchestrator/machines"), root.clone());
+        async move {
+            let (_, v) = call(&c, Method::GET, &url, &root, None, &[]).await;
+            v.as_array().is_some_and(|a| a.iter().filter(|m| m["Name"] == "dup").count() == 2)
+        }
+    })
+    .await;
+    let token = action_start(&c, &format!("{}/api", orch.url), "root", ROOT_PASSWORD).await;
+    let url = format!("{}/api/v1/orchestrator/machines/dup/status", orch.url);
+    let (st, v) = action_call(&c, Method::GET, &url, Some(&token), None).await;
+    assert_eq!(st, 409, "{v}");
+    let msg = v["message"].as_str().unwrap();
+    assert!(msg.contains("mac-a") && msg.contains("mac-b"), "{v}");
+    assert_eq!(v["code"], 409, "the action reads code and message: {v}");
+    for id in &host_ids {
+        let url = format!("{}/api/v1/orchestrator/hosts/{id}/machines/dup/status", orch.url);
+        let (st, v) = action_call(&c, Method::GET, &url, Some(&token), None).await;
+        assert_eq!(st, 200, "{v}");
+        assert!(v["status"].is_string(), "{v}");
+    }
+}
