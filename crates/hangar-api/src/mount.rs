@@ -2,13 +2,15 @@
 //! (`/machines/{id}/...`), and mounted also through the orchestrator, across the fleet
 //! (`/orchestrator/machines/{id}/...`) and on one named host
 //! (`/orchestrator/hosts/{id}/machines/{vm_id}/...`: there `{id}` is the host, as on every
-//! `/orchestrator/hosts/{id}` route, and the VM is `{vm_id}`). The handler learns where it was
-//! called from the [`Where`] extractor; the access rule is declared once, from
+//! `/orchestrator/hosts/{id}` route, and the VM is `{vm_id}`). Each place's router carries a
+//! [`Mounted`] extension saying which place it is, and the handler reads it through the
+//! [`At`] extractor (never from the path's text); the access rule is declared once, from
 //! [`hangar_core::VmAction::access`].
 
-use axum::extract::{FromRequestParts, MatchedPath, RawPathParams};
+use axum::Extension;
+use axum::extract::{FromRequestParts, RawPathParams};
 use http::request::Parts;
-use utoipa::openapi::path::{Operation, ParameterBuilder, ParameterIn};
+use utoipa::openapi::path::{Operation, ParameterBuilder, ParameterIn, Paths};
 use utoipa::openapi::schema::{ObjectBuilder, Type};
 use utoipa::openapi::{PathItem, RefOr, Required};
 use utoipa_axum::router::UtoipaMethodRouter;
@@ -61,15 +63,39 @@ impl At {
 impl<S: Send + Sync> FromRequestParts<S> for At {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let matched = parts.extensions.get::<MatchedPath>().map(|m| m.as_str().to_string()).unwrap_or_default();
-        let fleet = matched.contains("/orchestrator/");
-        let per_host = matched.contains("/orchestrator/hosts/");
+        // A route added without a place is the host's own.
+        let Mounted { fleet, per_host } = parts.extensions.get::<Mounted>().copied().unwrap_or(Mounted::HOST);
         let raw = RawPathParams::from_request_parts(parts, state)
             .await
             .map_err(|e| ApiError::bad_request(format!("Bad path parameter: {}", e.body_text())))?;
         let params: Vec<(String, String)> = raw.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let host = if per_host { params.iter().find(|(k, _)| k == "id").map(|(_, v)| v.clone()) } else { None };
         Ok(At { place: if fleet { Where::Fleet(host) } else { Where::Local }, per_host, params })
+    }
+}
+
+/// Which place a router serves; set as a request extension by [`Api::add_at`] and
+/// [`Api::add_with_host`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mounted {
+    fleet: bool,
+    per_host: bool,
+}
+
+impl Mounted {
+    const HOST: Mounted = Mounted { fleet: false, per_host: false };
+    const FLEET: Mounted = Mounted { fleet: true, per_host: false };
+    const PER_HOST: Mounted = Mounted { fleet: true, per_host: true };
+
+    /// The path of this place for a route written at `path` (a host path, or an
+    /// `/orchestrator` one).
+    fn path(self, path: &str) -> String {
+        let rest = path.strip_prefix("/orchestrator").unwrap_or(path);
+        match self {
+            Mounted { per_host: true, .. } => format!("/orchestrator/hosts/{{id}}{}", rest.replace("{id}", "{vm_id}")),
+            Mounted { fleet: true, .. } => format!("/orchestrator{rest}"),
+            _ => path.to_string(),
+        }
     }
 }
 
@@ -132,37 +158,37 @@ fn fleet_item(item: &PathItem, per_host: bool) -> PathItem {
 impl Api {
     /// Add a route at its own (host) path and at `places` through the orchestrator, one
     /// handler for all, with one access rule.
-    pub fn add_at(
-        self,
-        access: hangar_core::Access,
-        places: Places,
-        (schemas, mut paths, method_router): UtoipaMethodRouter<AppState>,
-    ) -> Self {
-        let own: Vec<(String, PathItem)> = paths.paths.iter().map(|(p, i)| (p.clone(), i.clone())).collect();
-        for (path, item) in own {
-            paths.paths.insert(format!("/orchestrator{path}"), fleet_item(&item, false));
-            if places == Places::FleetAndHosts {
-                let per_host = format!("/orchestrator/hosts/{{id}}{}", path.replace("{id}", "{vm_id}"));
-                paths.paths.insert(per_host, fleet_item(&item, true));
-            }
-        }
-        self.add(access, (schemas, paths, method_router))
+    pub fn add_at(self, access: hangar_core::Access, places: Places, routes: UtoipaMethodRouter<AppState>) -> Self {
+        let extra: &[Mounted] = match places {
+            Places::Fleet => &[Mounted::FLEET],
+            Places::FleetAndHosts => &[Mounted::FLEET, Mounted::PER_HOST],
+        };
+        self.add_mounted(access, routes, Mounted::HOST, extra)
     }
 
     /// Add an orchestrator route (`/orchestrator/...`) and the same on one named host
     /// (`/orchestrator/hosts/{id}/...`), one handler for both.
-    pub fn add_with_host(
+    pub fn add_with_host(self, access: hangar_core::Access, routes: UtoipaMethodRouter<AppState>) -> Self {
+        self.add_mounted(access, routes, Mounted::FLEET, &[Mounted::PER_HOST])
+    }
+
+    /// The route at its own paths as `own`, and again at each of `extra`, each router
+    /// telling its handler which place it serves.
+    fn add_mounted(
         self,
         access: hangar_core::Access,
-        (schemas, mut paths, method_router): UtoipaMethodRouter<AppState>,
+        (schemas, paths, method_router): UtoipaMethodRouter<AppState>,
+        own: Mounted,
+        extra: &[Mounted],
     ) -> Self {
-        let own: Vec<(String, PathItem)> = paths.paths.iter().map(|(p, i)| (p.clone(), i.clone())).collect();
-        for (path, item) in own {
-            if let Some(rest) = path.strip_prefix("/orchestrator") {
-                let per_host = format!("/orchestrator/hosts/{{id}}{}", rest.replace("{id}", "{vm_id}"));
-                paths.paths.insert(per_host, fleet_item(&item, true));
+        let mut api = self.add(access, (schemas, paths.clone(), method_router.clone().layer(Extension(own))));
+        for place in extra {
+            let mut moved = Paths::new();
+            for (path, item) in &paths.paths {
+                moved.paths.insert(place.path(path), fleet_item(item, place.per_host));
             }
+            api = api.add(access, (Vec::new(), moved, method_router.clone().layer(Extension(*place))));
         }
-        self.add(access, (schemas, paths, method_router))
+        api
     }
 }
