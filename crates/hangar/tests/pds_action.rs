@@ -118,16 +118,8 @@ async fn health_check_and_host_mode_first_call() {
 async fn orchestrator_mode_start_stop_delete_by_machine_name() {
     let dir = tempfile::tempdir().unwrap();
     let c = client();
-    let fake = FakeParallels::new(&dir.path().join("a"));
-    let agent = fake.agent(&dir.path().join("a/data"), &[("SYSTEM_RESERVED_CPU", "0")]);
-    let orch = Server::start(
-        &dir.path().join("orch"),
-        &[("ENABLED_MODULES", "api,orchestrator"), ("ORCHESTRATOR_CHECK_INTERVAL", "1s")],
-    );
-    let root = Auth::Bearer(login(&c, &orch, "root", ROOT_PASSWORD).await);
-    let (st, h) = call(&c, Method::POST, &orch.api("/orchestrator/hosts"), &root,
-        Some(json!({"name": "host-a", "host": agent.url, "authentication": {"username": "root", "password": ROOT_PASSWORD}})), &[]).await;
-    assert_eq!(st, 201, "{h}");
+    let OneHostFleet { fake: _, agent, orch, root } = one_host_fleet(&c, dir.path(), "api,orchestrator").await;
+    let root = Auth::Bearer(root);
     let (st, made) = call(
         &c,
         Method::POST,

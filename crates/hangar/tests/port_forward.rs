@@ -208,16 +208,9 @@ async fn port_forward_through_a_host() {
 async fn port_forward_and_a_tcp_route_through_an_orchestrator() {
     let dir = tempfile::tempdir().unwrap();
     let c = client();
-    let fake = FakeParallels::new(&dir.path().join("a"));
-    let agent = fake.agent(&dir.path().join("a/data"), &[("SYSTEM_RESERVED_CPU", "0")]);
-    let orch = Server::start(
-        &dir.path().join("orch"),
-        &[("ENABLED_MODULES", "api,orchestrator,reverse_proxy"), ("ORCHESTRATOR_CHECK_INTERVAL", "1s")],
-    );
-    let root = login(&c, &orch, "root", ROOT_PASSWORD).await;
+    let OneHostFleet { fake, agent: _agent, orch, root } =
+        one_host_fleet(&c, dir.path(), "api,orchestrator,reverse_proxy").await;
     let ra = Auth::Bearer(root.clone());
-    let (st, h) = register_host(&c, &orch, &ra, &agent).await;
-    assert_eq!(st, 201, "{h}");
     let id = create_vm(&c, &orch.api("/orchestrator/machines"), &ra, "pf-o").await;
     set_fake_ip(&fake, &id, "127.0.0.1");
     let port = banner_echo_server().await;
@@ -273,12 +266,6 @@ fn test_pki_files(dir: &Path, name: &str) -> Pki {
 }
 
 /// Register `agent` as host `host-a` of the orchestrator `orch`, with the root login.
-async fn register_host(c: &reqwest::Client, orch: &Server, auth: &Auth, agent: &Server) -> (u16, Value) {
-    let body =
-        json!({"name": "host-a", "host": agent.url, "authentication": {"username": "root", "password": ROOT_PASSWORD}});
-    call(c, Method::POST, &orch.api("/orchestrator/hosts"), auth, Some(body), &[]).await
-}
-
 /// Settings that make a server speak HTTPS only, with `pki`'s leaf.
 fn https_only(pki: &Pki) -> [(&'static str, &str); 5] {
     [

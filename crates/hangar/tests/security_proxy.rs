@@ -402,18 +402,9 @@ async fn row15_listeners_require_claims_roles_and_the_vms_owner() {
 async fn row15_fleet_vm_targets_require_their_owner() {
     let dir = tempfile::tempdir().unwrap();
     let c = client();
-    let fake = FakeParallels::new(&dir.path().join("a"));
-    let agent = fake.agent(&dir.path().join("a/data"), &[("SYSTEM_RESERVED_CPU", "0")]);
-    let orch = Server::start(
-        &dir.path().join("orch"),
-        &[("ENABLED_MODULES", "api,orchestrator,reverse_proxy"), ("ORCHESTRATOR_CHECK_INTERVAL", "1s")],
-    );
-    let root = login(&c, &orch, "root", ROOT_PASSWORD).await;
+    let OneHostFleet { fake, agent: _agent, orch, root } =
+        one_host_fleet(&c, dir.path(), "api,orchestrator,reverse_proxy").await;
     let ra = Auth::Bearer(root.clone());
-    let body =
-        json!({"name": "host-a", "host": agent.url, "authentication": {"username": "root", "password": ROOT_PASSWORD}});
-    let (st, v) = call(&c, Method::POST, &orch.api("/orchestrator/hosts"), &ra, Some(body), &[]).await;
-    assert_eq!(st, 201, "{v}");
     let (alice_id, _) = make_user(&c, &orch, &root, "alice").await;
     let (bob_id, _) = make_user(&c, &orch, &root, "bob").await;
     grant(&c, &orch, &ra, &alice_id, &["CREATE_VM", "LIST_VM"]).await;

@@ -383,3 +383,29 @@ pub fn test_pki() -> (String, String, String) {
     let leaf = leaf_params.signed_by(&leaf_key, &ca).unwrap();
     (ca.pem(), leaf.pem(), leaf_key.serialize_pem())
 }
+
+/// Register `agent` on the orchestrator `orch` as host `host-a`, with root's password.
+pub async fn register_host(c: &reqwest::Client, orch: &Server, auth: &Auth, agent: &Server) -> (u16, Value) {
+    let body =
+        json!({"name": "host-a", "host": agent.url, "authentication": {"username": "root", "password": ROOT_PASSWORD}});
+    call(c, reqwest::Method::POST, &orch.api("/orchestrator/hosts"), auth, Some(body), &[]).await
+}
+
+/// An orchestrator (its modules `modules`) with one fake-Parallels host agent registered on it.
+pub struct OneHostFleet {
+    pub fake: FakeParallels,
+    pub agent: Server,
+    pub orch: Server,
+    /// Root's token on the orchestrator.
+    pub root: String,
+}
+
+pub async fn one_host_fleet(c: &reqwest::Client, dir: &Path, modules: &str) -> OneHostFleet {
+    let fake = FakeParallels::new(&dir.join("a"));
+    let agent = fake.agent(&dir.join("a/data"), &[("SYSTEM_RESERVED_CPU", "0")]);
+    let orch = Server::start(&dir.join("orch"), &[("ENABLED_MODULES", modules), ("ORCHESTRATOR_CHECK_INTERVAL", "1s")]);
+    let root = login(c, &orch, "root", ROOT_PASSWORD).await;
+    let (st, h) = register_host(c, &orch, &Auth::Bearer(root.clone()), &agent).await;
+    assert_eq!(st, 201, "register the host: {h}");
+    OneHostFleet { fake, agent, orch, root }
+}
