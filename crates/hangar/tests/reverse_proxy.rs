@@ -6,31 +6,9 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
-
 use common::*;
 use reqwest::Method;
 use serde_json::{Value, json};
-
-/// An upstream on 127.0.0.1 that echoes what it saw.
-async fn upstream() -> (u16, Arc<Mutex<Vec<Value>>>) {
-    let seen: Arc<Mutex<Vec<Value>>> = Arc::default();
-    let seen2 = seen.clone();
-    let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
-        let seen = seen2.clone();
-        async move {
-            let headers: serde_json::Map<String, Value> =
-                req.headers().iter().map(|(k, v)| (k.to_string(), json!(v.to_str().unwrap_or("")))).collect();
-            let v = json!({"path": req.uri().path(), "headers": headers});
-            seen.lock().unwrap().push(v.clone());
-            axum::Json(v)
-        }
-    });
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = l.local_addr().unwrap().port();
-    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
-    (port, seen)
-}
 
 #[tokio::test]
 async fn a_proxy_host_made_over_rest_forwards_at_once() {
@@ -39,7 +17,7 @@ async fn a_proxy_host_made_over_rest_forwards_at_once() {
     let c = client();
     let root = login(&c, &s, "root", ROOT_PASSWORD).await;
     let ra = Auth::Bearer(root.clone());
-    let (up, seen) = upstream().await;
+    let (up, seen) = echo_upstream().await;
     // Route state changes reach the websocket event stream.
     let ws_url = s.url.replace("http://", "ws://");
     let (mut ws, _) = tokio_tungstenite::connect_async(format!(
@@ -152,7 +130,7 @@ async fn a_tls_listener_is_verified_by_a_client_that_trusts_its_ca() {
     let s = Server::start(dir.path(), &[("ENABLED_MODULES", "api,reverse_proxy")]);
     let c = client();
     let ra = Auth::Bearer(login(&c, &s, "root", ROOT_PASSWORD).await);
-    let (up, _) = upstream().await;
+    let (up, _) = echo_upstream().await;
     let (ca, cert, key) = test_pki();
     let body = json!({
         "name": "secure", "host": "127.0.0.1", "port": "0",
@@ -187,7 +165,7 @@ async fn a_tls_listener_is_verified_by_a_client_that_trusts_its_ca() {
 #[tokio::test]
 async fn the_config_file_reverse_proxy_table_is_imported_and_the_file_wins() {
     let dir = tempfile::tempdir().unwrap();
-    let (up, seen) = upstream().await;
+    let (up, seen) = echo_upstream().await;
     let config = dir.path().join("hangar.toml");
     std::fs::write(
         &config,

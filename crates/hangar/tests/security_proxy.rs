@@ -15,33 +15,12 @@
 mod common;
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
 use reqwest::Method;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// An upstream on 127.0.0.1 that echoes what it saw and records it.
-async fn upstream() -> (u16, Arc<Mutex<Vec<Value>>>) {
-    let seen: Arc<Mutex<Vec<Value>>> = Arc::default();
-    let seen2 = seen.clone();
-    let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
-        let seen = seen2.clone();
-        async move {
-            let hosts: Vec<Value> =
-                req.headers().get_all("host").iter().map(|v| json!(v.to_str().unwrap_or(""))).collect();
-            let v = json!({"path": req.uri().path(), "hosts": hosts});
-            seen.lock().unwrap().push(v.clone());
-            axum::Json(v)
-        }
-    });
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = l.local_addr().unwrap().port();
-    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
-    (port, seen)
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -74,7 +53,7 @@ async fn row01_a_host_id_cannot_write_a_key_outside_the_key_folder() {
     let mut s = Server::start(&data, &settings);
     let c = client();
     let ra = Auth::Bearer(login(&c, &s, "root", ROOT_PASSWORD).await);
-    let (up, _) = upstream().await;
+    let (up, _) = echo_upstream().await;
     let (_, cert, pem_key) = test_pki();
     let keys_dir = data.join("secrets").join("proxy");
 
@@ -143,7 +122,7 @@ async fn row05_a_listener_cannot_take_the_apis_port_and_never_stops_the_api() {
     let mut s = Server::launch(None, ("127.0.0.1", api_port), &data, &settings, true, &[]);
     let c = client();
     let ra = Auth::Bearer(login(&c, &s, "root", ROOT_PASSWORD).await);
-    let (up, _) = upstream().await;
+    let (up, _) = echo_upstream().await;
     let create = |name: &str, port: Value| {
         let c = c.clone();
         let url = s.api("/reverse-proxy/hosts");
@@ -217,7 +196,7 @@ async fn row06_tls_paths_are_confined_to_the_tls_folder() {
         std::fs::write(d.join("key.pem"), &key).unwrap();
     }
     std::os::unix::fs::symlink(outside.join("key.pem"), folder.join("link.pem")).unwrap();
-    let (up, _) = upstream().await;
+    let (up, _) = echo_upstream().await;
     let c = client();
     let o = |f: &str| outside.join(f).to_str().unwrap().to_string();
     let i = |f: &str| folder.join(f).to_str().unwrap().to_string();
@@ -326,7 +305,7 @@ async fn row15_listeners_require_claims_roles_and_the_vms_owner() {
     grant(&c, &s, &ra, &bob_id, &["CREATE_VM", "LIST_VM"]).await;
     let alice = login(&c, &s, "alice", USER_PASSWORD).await;
     let bob = login(&c, &s, "bob", USER_PASSWORD).await;
-    let (up, seen) = upstream().await;
+    let (up, seen) = echo_upstream().await;
 
     // Claims: bob is a valid account but lacks the claim: 403; root (SUPER_USER) passes.
     let body = json!({"name": "ops", "host": "127.0.0.1", "port": "0", "require_auth": true,
@@ -419,7 +398,7 @@ async fn row15_fleet_vm_targets_require_their_owner() {
     assert_eq!(vm["owner"], "alice", "{vm}");
     let vm_id = vm["id"].as_str().unwrap().to_string();
     set_fake_ip(&fake, &vm_id, "127.0.0.1");
-    let (up, _) = upstream().await;
+    let (up, _) = echo_upstream().await;
 
     let body = json!({"name": "fleet-web", "host": "127.0.0.1", "port": "0", "require_vm_owner": true,
         "http_routes": [{"path": "/", "target_vm_id": vm_id, "target_port": up}]});
@@ -465,7 +444,7 @@ async fn row17_two_host_headers_are_refused() {
     let s = Server::start(dir.path(), &[("ENABLED_MODULES", "api,reverse_proxy")]);
     let c = client();
     let ra = Auth::Bearer(login(&c, &s, "root", ROOT_PASSWORD).await);
-    let (up, seen) = upstream().await;
+    let (up, seen) = echo_upstream().await;
     let body = json!({"name": "web", "host": "127.0.0.1", "port": "0", "http_routes": route_to(up)});
     let (st, h) = call(&c, Method::POST, &s.api("/reverse-proxy/hosts"), &ra, Some(body), &[]).await;
     assert_eq!(st, 201, "{h}");

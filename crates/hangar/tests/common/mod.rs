@@ -409,3 +409,26 @@ pub async fn one_host_fleet(c: &reqwest::Client, dir: &Path, modules: &str) -> O
     assert_eq!(st, 201, "register the host: {h}");
     OneHostFleet { fake, agent, orch, root }
 }
+
+/// An HTTP upstream on 127.0.0.1 that answers, and records, what it saw of each request:
+/// `{path, headers: {name: value}, hosts: [every Host header]}`.
+pub async fn echo_upstream() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
+    let seen: std::sync::Arc<std::sync::Mutex<Vec<Value>>> = Default::default();
+    let seen2 = seen.clone();
+    let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+        let seen = seen2.clone();
+        async move {
+            let text = |v: &axum::http::HeaderValue| json!(v.to_str().unwrap_or(""));
+            let headers: serde_json::Map<String, Value> =
+                req.headers().iter().map(|(k, v)| (k.to_string(), text(v))).collect();
+            let hosts: Vec<Value> = req.headers().get_all("host").iter().map(text).collect();
+            let v = json!({"path": req.uri().path(), "headers": headers, "hosts": hosts});
+            seen.lock().unwrap_or_else(|e| e.into_inner()).push(v.clone());
+            axum::Json(v)
+        }
+    });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the upstream");
+    let port = l.local_addr().expect("the upstream's address").port();
+    tokio::spawn(async move { axum::serve(l, app).await.expect("the upstream") });
+    (port, seen)
+}
