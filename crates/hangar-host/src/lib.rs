@@ -11,7 +11,6 @@ pub mod commands;
 pub use hangar_jobs as jobs;
 pub mod owners;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -597,15 +596,7 @@ impl Host {
         check_vm_key(vm)?;
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let req = ExecRequest {
-                argv: vec!["true".into()],
-                shell: false,
-                env: BTreeMap::new(),
-                working_dir: None,
-                user: None,
-                timeout: Duration::from_secs(5),
-                stdin: None,
-            };
+            let req = ExecRequest::program(&["true"], Duration::from_secs(5));
             match self.hv.exec(vm, req).await {
                 Ok(o) if o.exit_code == 0 => return Ok(()),
                 Err(HypervisorError::NotFound(n)) => return Err(HostError::Hypervisor(HypervisorError::NotFound(n))),

@@ -31,7 +31,6 @@
 //! driver whose event source starts asynchronously (Parallels' `monitor-events`) must be
 //! delivering events before `run_all` is called.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -280,15 +279,7 @@ impl Cx {
 }
 
 fn req(argv: &[&str]) -> ExecRequest {
-    ExecRequest {
-        argv: argv.iter().map(|s| s.to_string()).collect(),
-        shell: false,
-        env: BTreeMap::new(),
-        working_dir: None,
-        user: None,
-        timeout: Duration::from_secs(60),
-        stdin: None,
-    }
+    ExecRequest::program(argv, Duration::from_secs(60))
 }
 
 fn sh(line: &str) -> ExecRequest {

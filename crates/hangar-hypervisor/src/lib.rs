@@ -217,6 +217,22 @@ pub struct ExecRequest {
     pub stdin: Option<Vec<u8>>,
 }
 
+impl ExecRequest {
+    /// Run a program with these arguments: no shell, no extra environment, the guest's
+    /// default user and folder, no input, within `timeout`.
+    pub fn program(argv: &[&str], timeout: Duration) -> ExecRequest {
+        ExecRequest {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            shell: false,
+            env: BTreeMap::new(),
+            working_dir: None,
+            user: None,
+            timeout,
+            stdin: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExecOutput {
     pub stdout: String,

@@ -1164,15 +1164,7 @@ mod tests {
     use std::time::Duration;
 
     fn req(argv: &[&str]) -> ExecRequest {
-        ExecRequest {
-            argv: argv.iter().map(|s| s.to_string()).collect(),
-            shell: false,
-            env: BTreeMap::new(),
-            working_dir: None,
-            user: None,
-            timeout: Duration::from_secs(5),
-            stdin: None,
-        }
+        ExecRequest::program(argv, Duration::from_secs(5))
     }
 
     #[test]

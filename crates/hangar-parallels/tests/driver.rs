@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::{Fake, eventually, process_gone};
@@ -29,15 +28,7 @@ fn spec(name: &str, image: &std::path::Path) -> CreateSpec {
 }
 
 fn exec_req(argv: &[&str]) -> ExecRequest {
-    ExecRequest {
-        argv: argv.iter().map(|s| s.to_string()).collect(),
-        shell: false,
-        env: BTreeMap::new(),
-        working_dir: None,
-        user: None,
-        timeout: Duration::from_secs(30),
-        stdin: None,
-    }
+    ExecRequest::program(argv, Duration::from_secs(30))
 }
 
 async fn running_vm(fake: &Fake, d: &ParallelsDriver, name: &str) -> VmInfo {

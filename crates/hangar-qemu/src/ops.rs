@@ -515,15 +515,7 @@ impl Inner {
     }
 
     async fn run_checked(&self, vm: &Arc<Vm>, argv: &[&str]) -> Result<()> {
-        let req = ExecRequest {
-            argv: argv.iter().map(|s| s.to_string()).collect(),
-            shell: false,
-            env: Default::default(),
-            working_dir: None,
-            user: None,
-            timeout: Duration::from_secs(60),
-            stdin: None,
-        };
+        let req = ExecRequest::program(argv, Duration::from_secs(60));
         let out = self.exec(vm, req).await?;
         if out.exit_code != 0 {
             return Err(HypervisorError::Guest(format!(

@@ -2,7 +2,6 @@
 //! root, and a guard that kills every QEMU started there, even when a test fails.
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -156,15 +155,7 @@ pub fn spec(name: &str, image: &Path) -> CreateSpec {
 }
 
 pub fn req(argv: &[&str]) -> ExecRequest {
-    ExecRequest {
-        argv: argv.iter().map(|s| s.to_string()).collect(),
-        shell: false,
-        env: BTreeMap::new(),
-        working_dir: None,
-        user: None,
-        timeout: Duration::from_secs(60),
-        stdin: None,
-    }
+    ExecRequest::program(argv, Duration::from_secs(60))
 }
 
 pub fn sh(cmd: &str) -> ExecRequest {
