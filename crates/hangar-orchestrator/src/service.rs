@@ -172,13 +172,12 @@ impl HttpOrchestrator {
     }
 
     async fn audit(&self, actor: &Actor, action: VmAction, vm: &str, host: &Host) -> Result<()> {
-        let entry = AuditEntry::new(
-            actor,
-            &format!("orchestrator.{}", action.audit_action()),
-            "orchestrator_vm",
-            vm,
-            json!({"host": host.id}),
-        );
+        let action = format!("orchestrator.{}", action.audit_action());
+        self.commit_audit(AuditEntry::new(actor, &action, "orchestrator_vm", vm, json!({"host": host.id}))).await
+    }
+
+    /// Write one audit entry; what it announces happens only if this succeeds.
+    async fn commit_audit(&self, entry: AuditEntry) -> Result<()> {
         let value = serde_json::to_value(&entry).map_err(|e| OrchestratorError::Internal(e.to_string()))?;
         self.scheduler.registry().store().commit(Batch::new().put(AUDIT_COLLECTION, &entry.id, value)).await?;
         Ok(())
@@ -401,12 +400,9 @@ impl HttpOrchestrator {
         let job =
             self.jobs.get(&handle.id).ok_or_else(|| OrchestratorError::Internal("the new job vanished".into()))?;
         let entry = AuditEntry::new(actor, "orchestrator.vm.create_async", "job", &job.id, json!({"name": req.name}));
-        let value = serde_json::to_value(&entry).map_err(|e| OrchestratorError::Internal(e.to_string()))?;
-        if let Err(e) =
-            self.scheduler.registry().store().commit(Batch::new().put(AUDIT_COLLECTION, &entry.id, value)).await
-        {
+        if let Err(e) = self.commit_audit(entry).await {
             handle.fail(format!("The request could not be audited: {e}")).await;
-            return Err(e.into());
+            return Err(e);
         }
         let me = self.clone();
         let caller = Caller::from(p);
