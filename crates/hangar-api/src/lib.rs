@@ -182,6 +182,9 @@ pub fn api() -> Api {
     let api = routes::reverse_proxy::register(api);
     let api = routes::orchestrator::register(api);
     let api = routes::port_forward::register(api);
+    let api = routes::catalog_managers::register(api);
+    let api = routes::logs::register(api);
+    let api = routes::user_configs::register(api);
     routes::ws::register(api)
 }
 

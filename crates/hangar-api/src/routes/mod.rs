@@ -3,10 +3,13 @@
 
 pub mod auth;
 pub mod catalog;
+pub mod catalog_managers;
 pub mod dto;
+pub mod logs;
 pub mod machines;
 pub mod orchestrator;
 pub mod port_forward;
 pub mod reverse_proxy;
 pub mod system;
+pub mod user_configs;
 pub mod ws;
