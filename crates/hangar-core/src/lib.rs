@@ -11,6 +11,7 @@ pub mod audit;
 pub mod claims;
 pub mod error;
 pub mod events;
+pub mod logs;
 pub mod principal;
 pub mod vm;
 
@@ -18,6 +19,7 @@ pub use access::{Access, Decision};
 pub use arch::{Architecture, UnknownArchitecture};
 pub use error::{Classify, ErrorKind, error_chain};
 pub use events::{Event, EventBus, EventType};
+pub use logs::LogRing;
 pub use principal::{AuthMethod, Principal};
 pub use vm::{VmAction, VmDenied};
 

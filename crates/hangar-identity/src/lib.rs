@@ -17,9 +17,11 @@ pub mod secrets;
 pub mod service;
 pub mod throttle;
 pub mod tokens;
+pub mod user_configs;
 
 pub use error::IdentityError;
 pub use model::*;
 pub use password::PasswordPolicy;
 pub use service::{Identity, IdentityOptions, LockoutPolicy};
 pub use tokens::{JwtAlgorithm, TokenConfig, TokenService};
+pub use user_configs::{NewUserConfig, UserConfig, UserConfigType, UserConfigUpdate, Written};

@@ -8,6 +8,7 @@
 //! each module). No HTTP framework: this crate is serde and utoipa schemas only.
 
 pub mod calls;
+pub mod events;
 pub mod machines;
 pub mod orchestrator;
 pub mod units;
