@@ -23,7 +23,7 @@ use crate::AppState;
 use crate::error::ApiError;
 
 /// Paths (relative to the API root) that accept the token in the query string.
-const QUERY_TOKEN_PATHS: &[&str] = &["/ws/subscribe"];
+const QUERY_TOKEN_PATHS: &[&str] = &["/ws/subscribe", "/logs/stream"];
 
 /// The enrollment-token rule, the one exception to a route's declared [`Access`]: these
 /// routes (method, path relative to the API root) also accept a request that carries an

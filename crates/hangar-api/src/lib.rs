@@ -86,6 +86,8 @@ pub struct Services {
     pub reverse_proxy: Option<Arc<hangar_reverse_proxy::ReverseProxy>>,
     /// The orchestrator module, when it runs.
     pub orchestrator: Option<Arc<hangar_orchestrator::HttpOrchestrator>>,
+    /// The server's own recent log lines (`/logs`).
+    pub logs: hangar_core::LogRing,
 }
 
 /// Everything handlers need. Cheap to clone.
@@ -105,6 +107,7 @@ pub struct AppState {
     pub api_prefix: String,
     pub access: Arc<AccessTable>,
     pub ws: Arc<routes::ws::WsHub>,
+    pub logs: hangar_core::LogRing,
 }
 
 /// Configuration of the HTTP layer.
@@ -285,7 +288,7 @@ fn cors_layer(c: &CorsConfig) -> CorsLayer {
 
 /// Build the whole HTTP application.
 pub fn app(services: Services, info: ServerInfo, config: &ApiConfig) -> Router {
-    let Services { identity, bus, host, catalog, reverse_proxy, orchestrator } = services;
+    let Services { identity, bus, host, catalog, reverse_proxy, orchestrator, logs } = services;
     let Api { router, table } = api();
     let (inner, doc) = router.split_for_parts();
     let doc = openapi::finish(doc);
@@ -301,6 +304,7 @@ pub fn app(services: Services, info: ServerInfo, config: &ApiConfig) -> Router {
         api_prefix: config.prefix.clone(),
         access,
         ws: Arc::new(routes::ws::WsHub::default()),
+        logs,
     };
     let v1 = format!("{}/v1", config.prefix);
     let doc = Arc::new(doc);

@@ -132,6 +132,12 @@ pub enum HostEvent {
         /// Every VM on the host.
         vms: Vec<VmSummary>,
     },
+    /// The host's periodic `System Stats` (its process and hardware use), passed on to the
+    /// orchestrator's subscribers as `HOST_STATS_UPDATE`.
+    Stats {
+        /// The event's body, as the host sent it.
+        stats: serde_json::Value,
+    },
 }
 
 /// What the orchestrator needs from one host.

@@ -119,6 +119,13 @@ impl HttpOrchestrator {
         client.hardware_response().await.map_err(|source| OrchestratorError::Host { host: host.id, source })
     }
 
+    /// The host's own recent log (its `/logs`), read from it now.
+    pub async fn host_logs(&self, id: &str) -> Result<hangar_wire::events::LogLines> {
+        let host = self.scheduler.registry().get(id)?;
+        let client = self.host_client(&host.id)?;
+        client.logs().await.map_err(|source| OrchestratorError::Host { host: host.id, source })
+    }
+
     // ----- enrollment tokens -------------------------------------------------------------
 
     /// A new single-use enrollment token (lifetime: `ttl_seconds`, else `ttl_minutes`, else

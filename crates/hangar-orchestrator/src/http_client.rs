@@ -8,7 +8,7 @@
 //! once when the host answers 401); with an API key it sends `X-Api-Key`.
 //!
 //! Events: [`HttpHostClient::events`] subscribes to the host's websocket
-//! (`/api/v1/ws/subscribe?event_types=pdfm,catalog_cache`, with the same credentials as
+//! (`/api/v1/ws/subscribe?event_types=pdfm,catalog_cache,stats`, with the same credentials as
 //! the HTTP calls), then reads the whole state once ([`HostEvent::Synced`]: hardware,
 //! catalog cache, VM list). After that only events move the view: `VM_ADDED` and
 //! `VM_UPDATED` fetch that one VM, `VM_STATE_CHANGED` and `VM_REMOVED` need no call, and
@@ -311,6 +311,19 @@ impl HttpHostClient {
         }
     }
 
+    /// The host's own recent log (`/logs`, plain text, one entry per line).
+    pub async fn logs(&self) -> Result<hangar_wire::events::LogLines, HostClientError> {
+        let timeout = Duration::from_secs(30);
+        let (mut status, mut text) = self.send_once(&Method::GET, "/logs", None, timeout, false).await?;
+        if status == StatusCode::UNAUTHORIZED && matches!(self.credentials, Some(HostCredentials::Basic { .. })) {
+            (status, text) = self.send_once(&Method::GET, "/logs", None, timeout, true).await?;
+        }
+        if !status.is_success() {
+            return Err(status_error(status, &text));
+        }
+        Ok(hangar_wire::events::LogLines::from_text(&text))
+    }
+
     /// The host's own `/config/hardware` answer.
     pub async fn hardware_response(&self) -> Result<hangar_wire::HardwareResponse, HostClientError> {
         let v = self.request(Method::GET, "/config/hardware", None, Duration::from_secs(30)).await?;
@@ -364,7 +377,7 @@ impl HttpHostClient {
     #[instrument(skip(self), fields(host = %self.base))]
     async fn subscribe(&self) -> Result<Tunnel, HostClientError> {
         let mut fresh = false;
-        let mut types = "pdfm,catalog_cache";
+        let mut types = "pdfm,catalog_cache,stats";
         loop {
             let url = tunnel::ws_url(&self.base, &format!("/v1/ws/subscribe?event_types={types}"))
                 .map_err(|e| HostClientError::Protocol(e.to_string()))?;
@@ -377,7 +390,7 @@ impl HttpHostClient {
                 {
                     fresh = true;
                 }
-                Err(TunnelError::Refused { status: 403, .. }) if types != "pdfm" => types = "pdfm",
+                Err(TunnelError::Refused { status: 403, .. }) if types != "pdfm,stats" => types = "pdfm,stats",
                 Err(TunnelError::Refused { status, message }) => {
                     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
                     return Err(status_error(code, &json!({ "message": message }).to_string()));
@@ -577,6 +590,7 @@ impl Follow {
                 self.pending.push_back(HostEvent::VmRemoved { id: vm_id });
                 self.resources_changed();
             }
+            ("stats", "System Stats") => self.pending.push_back(HostEvent::Stats { stats: e.body }),
             ("catalog_cache", _) => {
                 let images = self.client.cached_images().await;
                 self.pending.push_back(HostEvent::CacheChanged { images });

@@ -45,6 +45,14 @@ pub const KEYS: &[Key] = &[
     k("LOG_LEVEL", "info", "trace, debug, info, warn or error (or a tracing filter)"),
     k("LOG_FORMAT", "text", "text or json"),
     k(
+        "LOG_TO_FILE",
+        "",
+        "true: also write the log to the file hangar.log in LOG_FILE_PATH (appended; GET /logs then answers from it)",
+    ),
+    k("PRL_DEVOPS_LOG_TO_FILE", "", "The reference's name of LOG_TO_FILE (LOG_TO_FILE wins when both are set)"),
+    k("LOG_FILE_PATH", "", "Folder of hangar.log when LOG_TO_FILE is on; default the data folder"),
+    k("PRL_DEVOPS_LOG_FILE_PATH", "", "The reference's name of LOG_FILE_PATH (LOG_FILE_PATH wins when both are set)"),
+    k(
         "ENABLED_MODULES",
         "",
         "Comma list of modules (api, host, catalog, orchestrator, reverse_proxy); empty: every module this machine supports",

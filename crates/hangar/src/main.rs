@@ -4,9 +4,11 @@ mod catalog_cmd;
 mod client;
 mod config;
 mod host_cmd;
+mod logging;
 mod output;
 mod serve;
 mod settings;
+mod stats;
 mod vm_cmd;
 
 use std::io::Read;
@@ -20,7 +22,7 @@ use serde_json::{Value, json};
 use crate::client::{Client, Credentials, seg};
 use crate::config::Layers;
 use crate::output::{Output, print};
-use crate::settings::{LogFormat, LogSettings, Settings};
+use crate::settings::Settings;
 
 #[derive(Parser)]
 #[command(name = "hangar", version, about = "Disposable VMs for CI: server and CLI", propagate_version = true)]
@@ -325,27 +327,12 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn init_tracing(log: &LogSettings) -> Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&log.filter)
-        .with_context(|| format!("LOG_LEVEL={:?} is not a tracing filter", log.filter))?;
-    use std::io::IsTerminal;
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match log.format {
-        LogFormat::Json => b.json().init(),
-        LogFormat::Text => b.init(),
-    }
-    Ok(())
-}
-
 async fn run(cli: Cli) -> Result<()> {
     let out = cli.output;
     match cli.command {
         Command::Serve(cfg) => {
             let (l, s) = cfg.load()?;
-            init_tracing(&s.log)?;
+            logging::init(&s.log)?;
             serve::run(l, s).await
         }
         Command::Db { command } => db(command, out).await,

@@ -349,8 +349,11 @@ pub async fn run(l: Layers, s: Settings) -> Result<()> {
         cors: s.cors.clone(),
         ..Default::default()
     };
+    crate::logging::publish_system_logs(bus.clone());
+    crate::stats::publish(bus.clone(), host.clone());
+    let logs = crate::logging::ring();
     let services =
-        hangar_api::Services { identity, bus, host, catalog, reverse_proxy: reverse_proxy.clone(), orchestrator };
+        hangar_api::Services { identity, bus, host, catalog, reverse_proxy: reverse_proxy.clone(), orchestrator, logs };
     let app = hangar_api::app(services, info, &config);
 
     let host = s.http.host;

@@ -98,6 +98,9 @@ pub struct LogSettings {
     pub filter: String,
     /// `LOG_FORMAT`.
     pub format: LogFormat,
+    /// `LOG_TO_FILE` (or `PRL_DEVOPS_LOG_TO_FILE`): the file `hangar.log` in `LOG_FILE_PATH`
+    /// (or `PRL_DEVOPS_LOG_FILE_PATH`, default the data folder), when on.
+    pub file: Option<PathBuf>,
 }
 
 /// `ENABLED_MODULES`: the modules asked for; none named means every module.
@@ -294,6 +297,10 @@ impl Settings {
         let log_level = r.required("LOG_LEVEL", log_filter);
         let log_format =
             r.required("LOG_FORMAT", |v| choice(v, &[("text", LogFormat::Text), ("json", LogFormat::Json)]));
+        let log_to_file = r.optional("LOG_TO_FILE", boolean);
+        let log_to_file_alias = r.optional("PRL_DEVOPS_LOG_TO_FILE", boolean);
+        let log_file_path = r.optional("LOG_FILE_PATH", path);
+        let log_file_path_alias = r.optional("PRL_DEVOPS_LOG_FILE_PATH", path);
         let modules = r.optional("ENABLED_MODULES", modules);
 
         let hypervisor = r.required("HYPERVISOR", |v| {
@@ -405,7 +412,16 @@ impl Settings {
                     header_read_timeout: api_header_read_timeout?,
                     max_connections_per_source: api_max_per_source?,
                 },
-                log: LogSettings { filter: log_level?, format: log_format? },
+                log: LogSettings {
+                    filter: log_level?,
+                    format: log_format?,
+                    file: match (log_to_file?, log_to_file_alias?) {
+                        (Some(true), _) | (None, Some(true)) => Some(
+                            log_file_path?.or(log_file_path_alias?).unwrap_or_else(|| data.clone()).join("hangar.log"),
+                        ),
+                        _ => None,
+                    },
+                },
                 modules: Modules { requested: modules?.unwrap_or_default() },
                 host: HostSettings {
                     hypervisor: hypervisor?,
@@ -672,6 +688,21 @@ mod tests {
     fn with_flags(flags: &[(&str, &str)]) -> Result<Settings, SettingsError> {
         let flags: Vec<(String, String)> = flags.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         Settings::from_layers(&Layers::load(None, &|_| None, &flags).unwrap())
+    }
+
+    #[test]
+    fn log_to_file_takes_the_reference_names_too() {
+        assert_eq!(with_env(&[]).unwrap().log.file, None);
+        let s = with_env(&[("LOG_TO_FILE", "true"), ("DATABASE_FOLDER", "/srv/hangar")]).unwrap();
+        assert_eq!(s.log.file, Some(PathBuf::from("/srv/hangar/hangar.log")));
+        let s = with_env(&[("PRL_DEVOPS_LOG_TO_FILE", "true"), ("PRL_DEVOPS_LOG_FILE_PATH", "/var/log/x")]).unwrap();
+        assert_eq!(s.log.file, Some(PathBuf::from("/var/log/x/hangar.log")));
+        let s = with_env(&[("LOG_TO_FILE", "false"), ("PRL_DEVOPS_LOG_TO_FILE", "true")]).unwrap();
+        assert_eq!(s.log.file, None, "LOG_TO_FILE wins");
+        let s =
+            with_env(&[("LOG_TO_FILE", "on"), ("LOG_FILE_PATH", "/a"), ("PRL_DEVOPS_LOG_FILE_PATH", "/b")]).unwrap();
+        assert_eq!(s.log.file, Some(PathBuf::from("/a/hangar.log")));
+        assert!(with_env(&[("LOG_TO_FILE", "maybe")]).is_err());
     }
 
     #[test]

@@ -82,6 +82,9 @@ impl Scheduler {
                 freed = true;
                 self.apply_sync(host_id, &hardware, vms, since);
             }
+            HostEvent::Stats { stats } => {
+                self.publish("HOST_STATS_UPDATE", serde_json::json!({"host_id": host_id, "stats": stats}));
+            }
         }
         // Heard from: healthy (after the view changed, so a host coming back shows its
         // VMs' real states, never `unknown` ones, once healthy).
