@@ -126,6 +126,13 @@ impl HttpOrchestrator {
         client.logs().await.map_err(|source| OrchestratorError::Host { host: host.id, source })
     }
 
+    /// The host's live log (its `/logs/stream`), one line per item.
+    pub async fn host_log_lines(&self, id: &str) -> Result<tokio::sync::mpsc::Receiver<String>> {
+        let host = self.scheduler.registry().get(id)?;
+        let client = self.host_client(&host.id)?;
+        client.log_lines().await.map_err(|source| OrchestratorError::Host { host: host.id, source })
+    }
+
     // ----- enrollment tokens -------------------------------------------------------------
 
     /// A new single-use enrollment token (lifetime: `ttl_seconds`, else `ttl_minutes`, else

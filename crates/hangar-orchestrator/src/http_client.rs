@@ -324,6 +324,50 @@ impl HttpHostClient {
         Ok(hangar_wire::events::LogLines::from_text(&text))
     }
 
+    /// The host's live log (`/logs/stream`): each new line, until the receiver is dropped or
+    /// the host ends the stream.
+    pub async fn log_lines(&self) -> Result<tokio::sync::mpsc::Receiver<String>, HostClientError> {
+        let url =
+            tunnel::ws_url(&self.base, "/v1/logs/stream").map_err(|e| HostClientError::Protocol(e.to_string()))?;
+        let mut fresh = false;
+        let mut ws = loop {
+            let headers = self.auth_headers(fresh).await?;
+            let refs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            match tunnel::connect(&url, &refs).await {
+                Ok(ws) => break ws,
+                Err(TunnelError::Refused { status: 401, .. })
+                    if !fresh && matches!(self.credentials, Some(HostCredentials::Basic { .. })) =>
+                {
+                    fresh = true;
+                }
+                Err(TunnelError::Refused { status, message }) => {
+                    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+                    return Err(status_error(code, &json!({ "message": message }).to_string()));
+                }
+                Err(e) => return Err(HostClientError::Unreachable(e.to_string())),
+            }
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tx.closed() => break,
+                    m = ws.next() => match m {
+                        Some(Ok(Message::Text(t))) => {
+                            if tx.send(t.to_string()).await.is_err() {
+                                break;
+                            }
+                        }
+                        Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                        Some(Ok(_)) => {}
+                    },
+                }
+            }
+            let _ = ws.close(None).await;
+        });
+        Ok(rx)
+    }
+
     /// The host's own `/config/hardware` answer.
     pub async fn hardware_response(&self) -> Result<hangar_wire::HardwareResponse, HostClientError> {
         let v = self.request(Method::GET, "/config/hardware", None, Duration::from_secs(30)).await?;

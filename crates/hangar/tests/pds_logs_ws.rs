@@ -360,8 +360,28 @@ async fn host_logs_and_stats_reach_the_orchestrator() {
     assert_eq!(st, 200, "{text}");
     assert!(text.contains(&marker), "the host's own line is there: {text}");
     assert!(!text.contains(ROOT_PASSWORD) && !text.contains(&agent_root));
+    // The live form: a line the host logs after the stream opened comes through.
+    let mut w = ws(&orch, &format!("/orchestrator/hosts/{host_id}/logs/stream"), &root).await.expect("host log stream");
+    // The relay is open once the host's own stream is; a line logged now may race its
+    // subscription, so mark until one arrives (each mark is a new request line).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let got = loop {
+        assert!(Instant::now() < deadline, "no host log line came through the orchestrator");
+        let marker = mark(&c, &agent, &agent_root).await;
+        match tokio::time::timeout(Duration::from_secs(2), async {
+            read_until(&mut w, "the marker from the host", |t| t.contains(&marker)).await
+        })
+        .await
+        {
+            Ok(line) => break line,
+            Err(_) => continue,
+        }
+    };
+    assert!(!got.contains(&agent_root) && !got.contains(ROOT_PASSWORD));
     let (_, user) = make_user(&c, &orch, &root, "plain").await;
     assert_eq!(logs(&c, &url, &user).await.0, 403);
+    assert_eq!(ws(&orch, &format!("/orchestrator/hosts/{host_id}/logs/stream"), &user).await.err(), Some(403));
+    assert_eq!(ws(&orch, "/orchestrator/hosts/no-such-host/logs/stream", &root).await.err(), Some(404));
     let (st, v) = logs(&c, &orch.api("/orchestrator/hosts/no-such-host/logs"), &root).await;
     assert_eq!(st, 404, "{v}");
 }

@@ -1,5 +1,6 @@
-//! `/logs`, `/logs/stream`: the server's own log (reference §1.8), and the per-host form
-//! `/orchestrator/hosts/{id}/logs` read from the host through the orchestrator.
+//! `/logs`, `/logs/stream`: the server's own log (reference §1.8), and the per-host forms
+//! `/orchestrator/hosts/{id}/logs` and `.../logs/stream` read from the host through the
+//! orchestrator.
 //!
 //! Only a SUPER_USER reads logs, as in the reference. The lines come from the binary's log
 //! ring (the same lines the console gets, so nothing the log itself does not hold) or, when
@@ -38,6 +39,7 @@ pub fn register(api: Api) -> Api {
     api.add(Access::SuperUser, routes!(get_logs))
         .add(Access::SuperUser, routes!(stream_logs))
         .add(Access::SuperUser, routes!(host_logs))
+        .add(Access::SuperUser, routes!(host_log_stream))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -98,21 +100,49 @@ async fn stream_logs(State(s): State<AppState>, ctx: RequestContext, ws: WebSock
     Ok(ws.on_upgrade(move |socket| run(s, socket, credential)))
 }
 
-async fn run(s: AppState, mut socket: WebSocket, credential: Option<Credential>) {
-    let mut rx = s.logs.subscribe();
+/// Where a log stream's lines come from: this server's ring, or a host through the orchestrator.
+enum Source {
+    Ring(tokio::sync::broadcast::Receiver<hangar_core::logs::LogEntry>),
+    Host(tokio::sync::mpsc::Receiver<String>),
+}
+
+impl Source {
+    /// The next line; `None` when the source has ended.
+    async fn next(&mut self) -> Option<String> {
+        match self {
+            Source::Ring(rx) => loop {
+                match rx.recv().await {
+                    Ok(entry) => return Some(entry.message),
+                    Err(RecvError::Lagged(_)) => continue,
+                    Err(RecvError::Closed) => return None,
+                }
+            },
+            Source::Host(rx) => rx.recv().await,
+        }
+    }
+}
+
+async fn run(s: AppState, socket: WebSocket, credential: Option<Credential>) {
+    let source = Source::Ring(s.logs.subscribe());
+    relay(s, socket, credential, source).await
+}
+
+async fn relay(s: AppState, mut socket: WebSocket, credential: Option<Credential>, mut source: Source) {
     let mut recheck = tokio::time::interval(Duration::from_secs(5));
     recheck.tick().await;
     loop {
         tokio::select! {
-            line = rx.recv() => match line {
-                Ok(entry) => {
-                    let sent = tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Text(entry.message.into()))).await;
+            line = source.next() => match line {
+                Some(line) => {
+                    let sent = tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Text(line.into()))).await;
                     if !matches!(sent, Ok(Ok(()))) {
                         break;
                     }
                 }
-                Err(RecvError::Lagged(_)) => continue,
-                Err(RecvError::Closed) => break,
+                None => {
+                    let _ = socket.send(Message::Close(Some(CloseFrame { code: 1011, reason: "the log stream ended".into() }))).await;
+                    break;
+                }
             },
             msg = socket.recv() => match msg {
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
@@ -137,11 +167,33 @@ async fn run(s: AppState, mut socket: WebSocket, credential: Option<Credential>)
     responses((status = 200, description = "The host's log lines, one per line", body = String, content_type = "text/plain"),
         (status = 404, body = ApiErrorBody), (status = 502, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
 async fn host_logs(State(s): State<AppState>, Path(id): Path<String>) -> R<Response> {
-    let o = s.orchestrator.as_ref().ok_or_else(|| {
+    Ok(text(&orchestrator(&s)?.host_logs(&id).await.map_err(ApiError::from_domain)?))
+}
+
+fn orchestrator(s: &AppState) -> R<&std::sync::Arc<hangar_orchestrator::HttpOrchestrator>> {
+    s.orchestrator.as_ref().ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "The orchestrator module is not running on this server; see GET /health/system",
         )
-    })?;
-    Ok(text(&o.host_logs(&id).await.map_err(ApiError::from_domain)?))
+    })
+}
+
+/// A host's live log lines (websocket upgrade), relayed from the host's `/logs/stream`
+/// through the orchestrator; the host's stream is opened before the upgrade, so a host that
+/// refuses or cannot be reached is an HTTP error, not an empty stream.
+#[utoipa::path(get, path = "/orchestrator/hosts/{id}/logs/stream", tag = "orchestrator", params(("id" = String, Path, description = "Host id or name")),
+    responses((status = 101, description = "Switching to the websocket protocol"), (status = 403, body = ApiErrorBody),
+        (status = 404, body = ApiErrorBody), (status = 502, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
+async fn host_log_stream(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path(id): Path<String>,
+    ws: WebSocketUpgrade,
+) -> R<Response> {
+    ctx.caller()?;
+    let lines = orchestrator(&s)?.host_log_lines(&id).await.map_err(ApiError::from_domain)?;
+    let credential = ctx.credential.clone();
+    let ws = ws.max_message_size(4 * 1024).max_frame_size(4 * 1024);
+    Ok(ws.on_upgrade(move |socket| relay(s, socket, credential, Source::Host(lines))))
 }
