@@ -5,6 +5,8 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -135,16 +137,38 @@ impl Event {
 }
 
 /// The in-process event bus: a bounded broadcast channel. A slow subscriber loses the
-/// oldest events rather than slowing publishers down.
+/// oldest events rather than slowing publishers down. Streams declare which types they want
+/// ([`EventBus::interest`]), so a publisher of costly periodic events (`stats`) can skip the
+/// work while nobody wants them.
 #[derive(Debug, Clone)]
 pub struct EventBus {
     tx: broadcast::Sender<Event>,
+    wanted: Arc<[AtomicUsize; EventType::ALL.len()]>,
+}
+
+/// A stream's declared interest in some event types, withdrawn when dropped.
+#[derive(Debug)]
+pub struct Interest {
+    wanted: Arc<[AtomicUsize; EventType::ALL.len()]>,
+    types: Vec<usize>,
+}
+
+impl Drop for Interest {
+    fn drop(&mut self) {
+        for i in &self.types {
+            self.wanted[*i].fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn index(t: EventType) -> usize {
+    EventType::ALL.iter().position(|x| *x == t).unwrap_or(0)
 }
 
 impl EventBus {
     pub fn new(capacity: usize) -> Self {
         let (tx, _) = broadcast::channel(capacity.max(16));
-        EventBus { tx }
+        EventBus { tx, wanted: Arc::new(std::array::from_fn(|_| AtomicUsize::new(0))) }
     }
 
     /// Publish; having no subscriber is not an error.
@@ -158,6 +182,20 @@ impl EventBus {
 
     pub fn subscriber_count(&self) -> usize {
         self.tx.receiver_count()
+    }
+
+    /// Declare that a stream wants `types` until the answer is dropped.
+    pub fn interest(&self, types: impl IntoIterator<Item = EventType>) -> Interest {
+        let types: Vec<usize> = types.into_iter().map(index).collect();
+        for i in &types {
+            self.wanted[*i].fetch_add(1, Ordering::Relaxed);
+        }
+        Interest { wanted: self.wanted.clone(), types }
+    }
+
+    /// Whether any stream wants events of type `t` now.
+    pub fn wanted(&self, t: EventType) -> bool {
+        self.wanted[index(t)].load(Ordering::Relaxed) > 0
     }
 }
 
@@ -178,6 +216,18 @@ mod tests {
         }
         assert!("nope".parse::<EventType>().is_err());
         assert_eq!(" PDFM ".parse::<EventType>(), Ok(EventType::Pdfm));
+    }
+
+    #[test]
+    fn interest_is_counted_until_dropped() {
+        let bus = EventBus::default();
+        assert!(!bus.wanted(EventType::Stats));
+        let a = bus.interest([EventType::Stats, EventType::Global]);
+        let b = bus.interest([EventType::Stats]);
+        drop(a);
+        assert!(bus.wanted(EventType::Stats) && !bus.wanted(EventType::Global));
+        drop(b);
+        assert!(!bus.wanted(EventType::Stats));
     }
 
     #[test]

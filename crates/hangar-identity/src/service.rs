@@ -904,6 +904,7 @@ impl Identity {
                 batch = batch.delete(API_KEYS, &key.id).delete(API_KEY_INDEX, &key.key);
             }
         }
+        let batch = self.forget_user_configs(batch, &user.id).await?;
         let batch = audit(batch, actor, "user.delete", "user", &user.id, json!({"username": user.username}))?;
         self.commit(batch).await?;
         self.publish("USER_REMOVED", json!({"user_id": user.id}));

@@ -6,7 +6,8 @@
 //! is not copied into the audit log).
 //!
 //! Records live in the `user_configs` collection under `<user id>:<slug, lower case>`, so a
-//! slug is unique per user by an `Absent` condition.
+//! slug is unique per user by an `Absent` condition; deleting a user deletes its configs in
+//! the same batch.
 
 use std::fmt;
 use std::str::FromStr;
@@ -279,6 +280,17 @@ impl Identity {
         let batch = audited(batch, actor, "user_config.delete", &c)?;
         self.store().commit(batch).await?;
         Ok(())
+    }
+
+    /// Add the deletion of every config of `user_id` to `batch` (the user is being deleted).
+    pub(crate) async fn forget_user_configs(&self, mut batch: Batch, user_id: &str) -> Result<Batch> {
+        let prefix = format!("{user_id}:");
+        for r in self.store().list(USER_CONFIGS).await? {
+            if r.id.starts_with(&prefix) {
+                batch = batch.delete(USER_CONFIGS, &r.id);
+            }
+        }
+        Ok(batch)
     }
 
     async fn own_configs(&self, by: &Principal) -> Result<Vec<(UserConfig, u64)>> {

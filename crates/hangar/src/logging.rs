@@ -101,12 +101,16 @@ pub fn init(log: &LogSettings) -> Result<()> {
 }
 
 /// Publish every new log line as a `system_logs` event (`System Log`, body
-/// `{level, message, time}`); the event type is readable only by callers allowed to read logs.
+/// `{level, message, time}`) while a stream wants them; the event type is readable only by
+/// callers allowed to read logs.
 pub fn publish_system_logs(bus: EventBus) {
     let mut rx = ring().subscribe();
     tokio::spawn(async move {
         loop {
             match rx.recv().await {
+                // Only while a stream wants them: log lines must not crowd the bus (a full
+                // bus makes slow streams drop events).
+                Ok(_) if !bus.wanted(EventType::SystemLogs) => {}
                 Ok(entry) => {
                     let body = serde_json::to_value(&entry).unwrap_or_default();
                     bus.publish(Event::new(EventType::SystemLogs, "System Log", body));

@@ -1,4 +1,4 @@
-//! `stats` events: every [`INTERVAL`], while anyone listens on the event bus, one
+//! `stats` events: every [`INTERVAL`], while a stream wants them, one
 //! `System Stats` event with the server process's own figures in the reference's keys
 //! (`memory_bytes`, `cpu_percent`, ...; read from `/proc` where there is one) and, when the
 //! host module runs, the host's hardware use (`hardware`). The orchestrator republishes a
@@ -46,7 +46,7 @@ pub fn publish(bus: EventBus, host: Option<Arc<hangar_host::Host>>) {
         let mut last: Option<(Instant, f64)> = None;
         loop {
             tick.tick().await;
-            if bus.subscriber_count() == 0 {
+            if !bus.wanted(EventType::Stats) {
                 last = None;
                 continue;
             }

@@ -68,14 +68,20 @@ fn file_tail(path: &std::path::Path, limit: usize) -> std::io::Result<Vec<String
     Ok(lines[lines.len().saturating_sub(limit)..].iter().map(|l| l.to_string()).collect())
 }
 
-fn recent(ring: &LogRing, limit: usize) -> R<LogLines> {
+async fn recent(ring: &LogRing, limit: usize) -> R<LogLines> {
     let lines = match ring.file() {
-        Some(path) => file_tail(&path, limit).map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("Cannot read the log file {}: {e}", path.display()),
-            )
-        })?,
+        Some(path) => {
+            let p = path.clone();
+            let read = tokio::task::spawn_blocking(move || file_tail(&p, limit))
+                .await
+                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("Log reader failed: {e}")))?;
+            read.map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("Cannot read the log file {}: {e}", path.display()),
+                )
+            })?
+        }
         None => ring.recent(limit),
     };
     Ok(LogLines { lines })
@@ -87,7 +93,7 @@ fn recent(ring: &LogRing, limit: usize) -> R<LogLines> {
     responses((status = 200, description = "Log lines, one per line", body = String, content_type = "text/plain"), (status = 403, body = ApiErrorBody)))]
 async fn get_logs(State(s): State<AppState>, Query(q): Query<LogsQuery>) -> R<Response> {
     let limit = q.lines.unwrap_or(DEFAULT_LINES).clamp(1, MAX_LINES);
-    Ok(text(&recent(&s.logs, limit)?))
+    Ok(text(&recent(&s.logs, limit).await?))
 }
 
 /// Live log lines (websocket upgrade): every new line as one text message.

@@ -335,6 +335,7 @@ async fn run(
     types: BTreeSet<EventType>,
 ) {
     let mut rx = s.bus.subscribe();
+    let _interest = s.bus.interest(types.iter().copied());
     let hub = s.ws.clone();
     let client_id = uuid::Uuid::now_v7().to_string();
     let (_registered, client) = hub.register(
