@@ -22,6 +22,9 @@ pub mod user_configs;
 pub use error::IdentityError;
 pub use model::*;
 pub use password::PasswordPolicy;
-pub use service::{Identity, IdentityOptions, LockoutPolicy};
+pub use service::{
+    Identity, IdentityImport, IdentityImportReport, IdentityOptions, ImportedApiKey, ImportedClaim, ImportedRole,
+    ImportedUser, KindReport, LockoutPolicy, ServiceUserReport,
+};
 pub use tokens::{JwtAlgorithm, TokenConfig, TokenService};
 pub use user_configs::{NewUserConfig, UserConfig, UserConfigType, UserConfigUpdate, Written};

@@ -84,6 +84,50 @@ pub fn verify(password: &str, phc: &str) -> bool {
     Argon2::default().verify_password(password.as_bytes(), phc).is_ok()
 }
 
+// ----- hashes imported from the Parallels DevOps Service ---------------------------------
+
+/// Prefix of a secret hash imported from the reference service (`hangar db import-pds`):
+/// `pds-bcrypt$<hex of the salt>$<bcrypt hash>`. The reference hashes `secret + salt` with
+/// bcrypt, where the salt is the first 32 bytes of the user's (or API key's) id, and refuses
+/// inputs longer than 40 bytes (`src/security/password/main.go`). Such a hash is verified at
+/// login and replaced by Hangar's own hash on the first success.
+pub const PDS_BCRYPT_PREFIX: &str = "pds-bcrypt$";
+
+/// The highest bcrypt cost an imported hash may ask for (the reference uses 10); higher
+/// costs are not computed, so a crafted record cannot make a login burn minutes of CPU.
+const MAX_BCRYPT_COST: u32 = 14;
+
+/// The stored form of a reference bcrypt hash made with `salt_source` (the record's id in
+/// the reference; only its first 32 bytes were used).
+pub fn pds_bcrypt_hash(salt_source: &str, bcrypt_hash: &str) -> String {
+    let salt = &salt_source.as_bytes()[..salt_source.len().min(32)];
+    format!("{PDS_BCRYPT_PREFIX}{}${bcrypt_hash}", hex::encode(salt))
+}
+
+/// Whether a stored hash was imported from the reference and waits for its first use.
+pub fn is_pds_hash(stored: &str) -> bool {
+    stored.starts_with(PDS_BCRYPT_PREFIX)
+}
+
+/// Check `secret` against an imported reference hash; `None` when `stored` is not one (or
+/// is malformed, or asks for too high a cost).
+pub fn verify_pds(secret: &str, stored: &str) -> Option<bool> {
+    let rest = stored.strip_prefix(PDS_BCRYPT_PREFIX)?;
+    let (salt_hex, hash) = rest.split_once('$')?;
+    let salt = hex::decode(salt_hex).ok()?;
+    let cost: u32 = hash.split('$').nth(2)?.parse().ok()?;
+    if cost > MAX_BCRYPT_COST {
+        return None;
+    }
+    if secret.len() > 40 {
+        // The reference refuses these, so no stored hash can match one.
+        return Some(false);
+    }
+    let mut input = secret.as_bytes().to_vec();
+    input.extend_from_slice(&salt);
+    bcrypt::verify(&input, hash).ok()
+}
+
 /// A random password that satisfies the default policy.
 pub fn generate() -> Result<String> {
     const ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789";
@@ -221,6 +265,10 @@ impl HashPool {
     /// Verify a password against a PHC string; a malformed hash verifies as false (after
     /// the same work as a real check).
     pub async fn verify(&self, password: String, phc: String) -> Result<bool> {
+        if is_pds_hash(&phc) {
+            // A hash imported from the reference (bcrypt): checked in the same bounded pool.
+            return self.run(move |_| Ok(verify_pds(&password, &phc).unwrap_or(false))).await;
+        }
         let dummy = self.dummy().await?;
         self.run(move |buf| {
             Ok(verify_with(&password, &phc, buf).unwrap_or_else(|| {
@@ -308,6 +356,24 @@ fn verify_with(password: &str, phc: &str, buf: &mut Vec<Block>) -> Option<bool> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reference_bcrypt_hashes_verify_with_the_id_as_salt() {
+        let id = "0123456789abcdef0123456789abcdef-and-more";
+        // As the reference: bcrypt over password + the first 32 bytes of the id, `$2a$`.
+        let go = bcrypt::hash_with_result(b"Secret-1!0123456789abcdef0123456789abcdef", 4)
+            .unwrap()
+            .format_for_version(bcrypt::Version::TwoA);
+        let stored = pds_bcrypt_hash(id, &go);
+        assert!(is_pds_hash(&stored));
+        assert_eq!(verify_pds("Secret-1!", &stored), Some(true));
+        assert_eq!(verify_pds("Secret-2!", &stored), Some(false));
+        assert_eq!(verify_pds(&"x".repeat(41), &stored), Some(false));
+        assert_eq!(verify_pds("Secret-1!", "pds-bcrypt$zz$nothash"), None);
+        let costly = pds_bcrypt_hash(id, "$2a$31$abcdefghijklmnopqrstuuabcdefghijklmnopqrstuvwxyz01234");
+        assert_eq!(verify_pds("Secret-1!", &costly), None, "a cost above the limit is not computed");
+        assert_eq!(verify_pds("Secret-1!", "$argon2id$v=19$m=19456,t=2,p=1$x$y"), None);
+    }
 
     #[test]
     fn policy_names_every_broken_rule() {

@@ -24,6 +24,12 @@ use crate::secrets;
 use crate::throttle::Throttle;
 use crate::tokens::TokenService;
 
+mod pds_import;
+pub use pds_import::{
+    IdentityImport, IdentityImportReport, ImportedApiKey, ImportedClaim, ImportedRole, ImportedUser, KindReport,
+    ServiceUserReport,
+};
+
 /// Failed-login lockout, with the reference's key names. It applies per source address and
 /// account (see [`crate::throttle`]): bad passwords sent by anyone never lock the account out
 /// for its owner at another address.
@@ -453,12 +459,23 @@ impl Identity {
         if user.disabled {
             return Err(IdentityError::Forbidden(format!("User {} is disabled", user.username)));
         }
+        // A password imported from the reference service (bcrypt) is replaced by an argon2id
+        // hash on its first successful use, with its audit entry in the same batch.
+        let rehash = password::is_pds_hash(&user.password_hash);
+        if rehash {
+            user.password_hash = self.hash_password(password.to_string()).await?;
+            user.updated_at = now();
+        }
         // Lockouts stored on the user by earlier versions no longer apply; clear them.
-        if user.failed_login_attempts != 0 || user.lockouts != 0 || user.locked_until.is_some() {
+        if rehash || user.failed_login_attempts != 0 || user.lockouts != 0 || user.locked_until.is_some() {
             user.failed_login_attempts = 0;
             user.lockouts = 0;
             user.locked_until = None;
-            let batch = Batch::new().require_revision(USERS, &user.id, rev).put(USERS, &user.id, to_value(&user)?);
+            let mut batch = Batch::new().require_revision(USERS, &user.id, rev).put(USERS, &user.id, to_value(&user)?);
+            if rehash {
+                batch =
+                    audit(batch, &actor, "user.password_rehashed", "user", &user.id, json!({"from": "pds-bcrypt"}))?;
+            }
             match self.commit(batch).await {
                 Ok(()) | Err(IdentityError::Store(StoreError::Conflict(_))) => {}
                 Err(e) => return Err(e),
@@ -565,9 +582,17 @@ impl Identity {
             None => return Err(bad()),
         };
         let rec = self.inner.store.get(API_KEYS, &id).await?.ok_or_else(bad)?;
-        let stored: StoredApiKey = from_value(rec.value, "api key")?;
+        let revision = rec.revision;
+        let mut stored: StoredApiKey = from_value(rec.value, "api key")?;
         let presented = self.secret_hash(secret);
-        if aws_lc_rs::constant_time::verify_slices_are_equal(presented.as_bytes(), stored.secret_hash.as_bytes())
+        let imported = password::is_pds_hash(&stored.secret_hash);
+        if imported {
+            // A key imported from the reference: its bcrypt hash is checked once, in the
+            // bounded pool, then replaced below by the keyed hash every other key has.
+            if !self.inner.hasher.verify(secret.to_string(), stored.secret_hash.clone()).await? {
+                return Err(bad());
+            }
+        } else if aws_lc_rs::constant_time::verify_slices_are_equal(presented.as_bytes(), stored.secret_hash.as_bytes())
             .is_err()
         {
             return Err(bad());
@@ -584,6 +609,29 @@ impl Identity {
             .ok_or_else(|| IdentityError::Unauthenticated("The API key's user no longer exists".into()))?;
         if user.disabled {
             return Err(IdentityError::Unauthenticated(format!("User {} is disabled", user.username)));
+        }
+        if imported {
+            stored.secret_hash = presented;
+            stored.updated_at = now();
+            let actor = Actor {
+                user_id: user.id.clone(),
+                username: user.username.clone(),
+                via: format!("api_key:{}", stored.id),
+                source_ip: None,
+                request_id: None,
+            };
+            let batch = Batch::new().require_revision(API_KEYS, &stored.id, revision).put(
+                API_KEYS,
+                &stored.id,
+                to_value(&stored)?,
+            );
+            let batch =
+                audit(batch, &actor, "api_key.secret_rehashed", "api_key", &stored.id, json!({"from": "pds-bcrypt"}))?;
+            match self.commit(batch).await {
+                // Another request upgraded it first.
+                Ok(()) | Err(IdentityError::Store(StoreError::Conflict(_))) => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok((stored, user))
     }

@@ -4,6 +4,7 @@ mod catalog_cmd;
 mod client;
 mod config;
 mod host_cmd;
+mod import_pds;
 mod logging;
 mod output;
 mod serve;
@@ -170,6 +171,27 @@ enum DbCommand {
         #[command(flatten)]
         cfg: ServerConfigArgs,
         file: PathBuf,
+    },
+    /// Migrate from the Parallels DevOps Service: import its data.json (users with their
+    /// passwords, roles, claims, API keys, orchestrator hosts, reverse-proxy hosts, catalog
+    /// manifests). Idempotent; refuses to overwrite differing records without --force.
+    ImportPds {
+        #[command(flatten)]
+        cfg: ServerConfigArgs,
+        /// The reference's data.json.
+        file: PathBuf,
+        /// Show what would change; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Overwrite existing records that differ from the file.
+        #[arg(long)]
+        force: bool,
+        /// The user that receives API keys that had no user in the reference.
+        #[arg(long, default_value = "pds-api-keys")]
+        service_user: String,
+        /// Its roles (the reference ran such keys as root, hence SUPER_USER by default).
+        #[arg(long = "service-role", default_value = "SUPER_USER")]
+        service_roles: Vec<String>,
     },
     /// Take a backup now.
     Backup {
@@ -554,7 +576,10 @@ async fn apikey(c: Client, cmd: ApiKeyCommand, out: Output) -> Result<()> {
 async fn db(cmd: DbCommand, out: Output) -> Result<()> {
     use hangar_store::Store;
     let cfg = match &cmd {
-        DbCommand::Export { cfg, .. } | DbCommand::Import { cfg, .. } | DbCommand::Backup { cfg } => cfg.clone(),
+        DbCommand::Export { cfg, .. }
+        | DbCommand::Import { cfg, .. }
+        | DbCommand::ImportPds { cfg, .. }
+        | DbCommand::Backup { cfg } => cfg.clone(),
     };
     let (_, s) = cfg.load()?;
     let dir = serve::data_dir(&s)?;
@@ -601,6 +626,11 @@ async fn db(cmd: DbCommand, out: Output) -> Result<()> {
                     &json!({"imported_records": n, "data_folder": dir.display().to_string()}),
                     &["imported_records", "data_folder"],
                 );
+            }
+            DbCommand::ImportPds { file, dry_run, force, service_user, service_roles, .. } => {
+                let opts = import_pds::Options { file, dry_run, force, service_user, service_roles };
+                let report = import_pds::run(&s, &dir, store.clone(), opts).await?;
+                print(out, &report, &["status", "file"]);
             }
             DbCommand::Backup { .. } => {
                 let p = store.backup_now().await?;
