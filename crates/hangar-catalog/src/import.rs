@@ -54,6 +54,47 @@ impl std::fmt::Debug for ImportRequest {
     }
 }
 
+/// What `import-vm` imports: a raw VM archive (a tar or tar.gz of a
+/// `.pvm`/`.macvm` bundle or of a QEMU image folder) at `machine_remote_path`
+/// in a provider, registered as a new catalog entry.
+#[derive(Clone, Default, Deserialize)]
+pub struct ImportVmRequest {
+    /// Connection string of the provider holding the archive.
+    pub connection: String,
+    pub catalog_id: String,
+    pub version: String,
+    /// Architecture (aliases accepted).
+    pub architecture: String,
+    /// Key of the archive in the provider.
+    pub machine_remote_path: String,
+    /// `pvm`, `macvm` or `qemu`; taken from the bundle's extension when absent.
+    pub vm_type: Option<String>,
+    pub description: Option<String>,
+    pub tags: Vec<String>,
+    pub required_roles: Vec<String>,
+    pub required_claims: Vec<String>,
+    /// Whether the caller says the archive is gzip-compressed (recorded; the
+    /// format is detected from the bytes).
+    pub is_compressed: bool,
+    /// Replace an existing entry.
+    pub force: bool,
+}
+
+impl std::fmt::Debug for ImportVmRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImportVmRequest")
+            .field("catalog_id", &self.catalog_id)
+            .field("version", &self.version)
+            .field("architecture", &self.architecture)
+            .field("machine_remote_path", &self.machine_remote_path)
+            .field("connection", &"****")
+            .finish_non_exhaustive()
+    }
+}
+
+/// The VM types an archive may hold.
+pub const IMPORT_VM_TYPES: &[&str] = &["pvm", "macvm", "qemu"];
+
 /// The fields of a reference `.meta` we use. Unknown fields are ignored.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
@@ -89,12 +130,14 @@ fn basename(p: &str) -> &str {
     p.trim_end_matches('/').rsplit('/').next().unwrap_or(p)
 }
 
-async fn download(store: &Arc<dyn BlobStore>, key: &str, to: &Path) -> Result<u64> {
-    let size = store
-        .head(key)
-        .await?
-        .ok_or_else(|| unprocessable(format!("the pack {key:?} named by the .meta is not in the provider")))?
-        .size;
+async fn download(store: &Arc<dyn BlobStore>, key: &str, to: &Path, missing_is_not_found: bool) -> Result<u64> {
+    let size = match store.head(key).await? {
+        Some(h) => h.size,
+        None if missing_is_not_found => {
+            return Err(CatalogError::NotFound(format!("there is no object at {key:?} in the provider")));
+        }
+        None => return Err(unprocessable(format!("the pack {key:?} named by the .meta is not in the provider"))),
+    };
     let mut f = tokio::fs::File::create(to)
         .await
         .map_err(|e| CatalogError::Internal(format!("cannot create {}: {e}", to.display())))?;
@@ -193,25 +236,7 @@ impl Catalog {
         };
         hangar_blobstore::validate_key(&pack_key)?;
 
-        let work_root = self.cache_dir().join("import-tmp");
-        std::fs::create_dir_all(&work_root)
-            .map_err(|e| CatalogError::Internal(format!("cannot create {}: {e}", work_root.display())))?;
-        let work = tempfile_dir(&work_root)?;
-        let pack_file = work.path().join("pack");
-        let pack_size = download(&store, &pack_key, &pack_file).await?;
-        let unpack_dir = work.path().join("image");
-        let (source, bundle_type) = {
-            let (pf, ud) = (pack_file.clone(), unpack_dir.clone());
-            tokio::task::spawn_blocking(move || unpack(&pf, &ud))
-                .await
-                .map_err(|e| CatalogError::Internal(e.to_string()))??
-        };
-        let _ = std::fs::remove_file(&pack_file);
-        let key = manifest_key(&req.catalog_id, &version, arch);
-        let report = hangar_image::push(store.clone(), &source, &key, &hangar_image::PushOptions::default()).await?;
-        info!(pack_key, pack_size, chunks = report.chunks_uploaded, "reference pack converted");
-        // Read back what was written: the registered hash is the stored manifest's.
-        let image = hangar_image::Manifest::from_json(&store.get(&key).await?)?;
+        let (image, bundle_type) = self.convert_pack(&store, &pack_key, &req.catalog_id, &version, arch, false).await?;
         let m = Meta {
             description: meta.description.unwrap_or_default(),
             vm_type: meta.vm_type.or(bundle_type),
@@ -239,6 +264,106 @@ impl Catalog {
             "import",
         )
         .await
+    }
+
+    /// Imports a raw VM archive (see [`ImportVmRequest`]): converts it to the
+    /// chunked format in the same provider and registers it, audited as
+    /// `catalog.import-vm`. A missing object is a 404; a bad type, key or
+    /// connection a 400; an unreadable archive a 422.
+    #[instrument(skip_all, fields(user = %p.username, catalog_id = %req.catalog_id))]
+    pub async fn import_vm(&self, p: &Principal, actor: &Actor, req: ImportVmRequest) -> Result<Manifest> {
+        validate_catalog_id(&req.catalog_id)?;
+        let arch = parse_arch(&req.architecture)?;
+        let version = req.version.trim().to_string();
+        if version.is_empty() {
+            return Err(CatalogError::Invalid("version is required".into()));
+        }
+        version::validate_version(&version).map_err(CatalogError::Invalid)?;
+        let vm_type = match req.vm_type.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
+            Some(t) if IMPORT_VM_TYPES.contains(&t.to_ascii_lowercase().as_str()) => Some(t.to_ascii_lowercase()),
+            Some(t) => {
+                return Err(CatalogError::Invalid(format!(
+                    "type {t:?} is not a VM type this catalog imports; use one of {}",
+                    IMPORT_VM_TYPES.join(", ")
+                )));
+            }
+            None => None,
+        };
+        let key = req.machine_remote_path.trim().trim_matches('/').to_string();
+        if key.is_empty() {
+            return Err(CatalogError::Invalid("machine_remote_path is required".into()));
+        }
+        hangar_blobstore::validate_key(&key)?;
+        let (config, store) = self.open_connection(Some(p), &req.connection)?;
+        if !req.force && self.load(&crate::service::record_id(&req.catalog_id, &version, arch)).await?.is_some() {
+            return Err(CatalogError::Conflict(format!(
+                "{} {version} {arch} is already in the catalog; set force to replace it",
+                req.catalog_id
+            )));
+        }
+        let (image, bundle_type) = self.convert_pack(&store, &key, &req.catalog_id, &version, arch, true).await?;
+        let m = Meta {
+            description: req.description.unwrap_or_default(),
+            vm_type: vm_type.or(bundle_type),
+            tags: req.tags,
+            required_roles: req.required_roles,
+            required_claims: req.required_claims,
+            minimum_requirements: None,
+            imported_from: Some(format!(
+                "{}:{key}{}",
+                config.provider(),
+                if req.is_compressed { " (compressed)" } else { "" }
+            )),
+        };
+        self.insert(
+            p,
+            actor,
+            &req.catalog_id,
+            &version,
+            arch,
+            &req.connection,
+            &config,
+            image,
+            m,
+            req.force,
+            "import-vm",
+        )
+        .await
+    }
+
+    /// Downloads the tar or tar.gz at `pack_key`, unpacks it, pushes it in the
+    /// chunked format to the same provider and returns the stored image
+    /// manifest and the bundle's VM type (from a single `.pvm`/`.macvm` folder).
+    /// A missing object is a 404 when `missing_is_not_found`, else a 422.
+    async fn convert_pack(
+        &self,
+        store: &Arc<dyn BlobStore>,
+        pack_key: &str,
+        catalog_id: &str,
+        version: &str,
+        arch: crate::Architecture,
+        missing_is_not_found: bool,
+    ) -> Result<(hangar_image::Manifest, Option<String>)> {
+        let work_root = self.cache_dir().join("import-tmp");
+        std::fs::create_dir_all(&work_root)
+            .map_err(|e| CatalogError::Internal(format!("cannot create {}: {e}", work_root.display())))?;
+        let work = tempfile_dir(&work_root)?;
+        let pack_file = work.path().join("pack");
+        let pack_size = download(store, pack_key, &pack_file, missing_is_not_found).await?;
+        let unpack_dir = work.path().join("image");
+        let (source, bundle_type) = {
+            let (pf, ud) = (pack_file.clone(), unpack_dir.clone());
+            tokio::task::spawn_blocking(move || unpack(&pf, &ud))
+                .await
+                .map_err(|e| CatalogError::Internal(e.to_string()))??
+        };
+        let _ = std::fs::remove_file(&pack_file);
+        let key = manifest_key(catalog_id, version, arch);
+        let report = hangar_image::push(store.clone(), &source, &key, &hangar_image::PushOptions::default()).await?;
+        info!(pack_key, pack_size, chunks = report.chunks_uploaded, "pack converted");
+        // Read back what was written: the registered hash is the stored manifest's.
+        let image = hangar_image::Manifest::from_json(&store.get(&key).await?)?;
+        Ok((image, bundle_type))
     }
 }
 

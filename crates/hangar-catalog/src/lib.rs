@@ -42,7 +42,7 @@ mod import;
 pub use arch::Architecture;
 pub use hangar_blobstore;
 pub use hangar_image;
-pub use import::ImportRequest;
+pub use import::{IMPORT_VM_TYPES, ImportRequest, ImportVmRequest};
 pub use model::{CacheItem, ListField, Manifest, MetadataUpdate, MinimumRequirements, NewManifest, PullTicket};
 pub use service::{Catalog, CatalogOptions};
 

@@ -25,7 +25,7 @@ use crate::version::{self, LATEST};
 use crate::{CatalogError, Result};
 
 /// Catalog ids that would clash with fixed routes under `/catalog`.
-pub const RESERVED_IDS: &[&str] = &["cache", "push", "pull", "import", "import-vm"];
+pub const RESERVED_IDS: &[&str] = &["cache", "push", "pull", "pull-ticket", "import", "import-vm"];
 
 /// Longest catalog id.
 pub const MAX_ID_LEN: usize = 128;
@@ -247,7 +247,7 @@ impl Catalog {
         Ok(out)
     }
 
-    async fn load(&self, id: &str) -> Result<Option<(Manifest, u64)>> {
+    pub(crate) async fn load(&self, id: &str) -> Result<Option<(Manifest, u64)>> {
         match self.store.get(MANIFESTS, id).await? {
             Some(r) => Ok(Some((from_value(r.value, "catalog manifest")?, r.revision))),
             None => Ok(None),
@@ -1138,6 +1138,21 @@ impl Catalog {
         version: &str,
         arch: Architecture,
     ) -> Result<PathBuf> {
+        Ok(self.pull_to_host_with(p, actor, catalog_id, version, arch, None).await?.1)
+    }
+
+    /// [`Catalog::pull_to_host`], reporting the transfer to `progress` and
+    /// answering the resolved manifest with the image folder.
+    #[instrument(skip(self, p, actor, progress), fields(user = %p.username))]
+    pub async fn pull_to_host_with(
+        &self,
+        p: &Principal,
+        actor: &Actor,
+        catalog_id: &str,
+        version: &str,
+        arch: Architecture,
+        progress: Option<hangar_image::ProgressFn>,
+    ) -> Result<(Manifest, PathBuf)> {
         let ticket = self.pull(p, actor, catalog_id, version, arch).await?;
         let m = ticket.manifest;
         let lock = self.host_lock(&m.id);
@@ -1151,7 +1166,7 @@ impl Catalog {
                 let batch = Batch::new().put(CACHE_ITEMS, &m.id, to_value(&item)?);
                 let batch = Self::audit(batch, actor, "catalog.cache.use", &m.id, json!({"version": m.version}))?;
                 self.store.commit(batch).await?;
-                return Ok(PathBuf::from(item.path));
+                return Ok((m, PathBuf::from(item.path)));
             }
         }
         let folder = self
@@ -1167,7 +1182,7 @@ impl Catalog {
         std::fs::create_dir_all(&folder)
             .map_err(|e| CatalogError::Internal(format!("cannot create {}: {e}", folder.display())))?;
         let store = self.provider_store(&m.provider_id).await?;
-        let opts = PullOptions { concurrency: 8, cache: Some(self.chunk_cache().await?), progress: None };
+        let opts = PullOptions { concurrency: 8, cache: Some(self.chunk_cache().await?), progress };
         hangar_image::pull(store, &m.manifest_key, &dest, &opts).await?;
         // Older builds of this entry are no longer needed.
         if let Ok(rd) = std::fs::read_dir(&folder) {
@@ -1194,7 +1209,7 @@ impl Catalog {
             Self::audit(batch, actor, "catalog.cache.add", &m.id, json!({"version": m.version, "size": m.size}))?;
         self.store.commit(batch).await?;
         self.publish("CATALOG_CACHE_ADDED", &m, actor);
-        Ok(dest)
+        Ok((m, dest))
     }
 
     /// The images in this host's cache.

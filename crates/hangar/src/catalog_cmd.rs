@@ -505,7 +505,7 @@ pub async fn pull(a: PullArgs, url: Option<&str>, out: Output) -> Result<()> {
     let ticket = server
         .call(
             reqwest::Method::PUT,
-            "/catalog/pull",
+            "/catalog/pull-ticket",
             Some(json!({"catalog_id": catalog_id, "version": version, "architecture": arch.as_str()})),
         )
         .await?;

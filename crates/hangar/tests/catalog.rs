@@ -264,9 +264,14 @@ async fn a_user_without_the_required_claim_neither_sees_nor_pulls() {
 
     let (uid, user) = make_user(&c, &s, &root, "puller").await;
     // Without PULL_CATALOG_MANIFEST a USER can list but not pull.
-    let (st, v) =
-        api(&s, Method::PUT, "/catalog/pull", &user, Some(json!({"catalog_id": "open-os", "architecture": "x86_64"})))
-            .await;
+    let (st, v) = api(
+        &s,
+        Method::PUT,
+        "/catalog/pull-ticket",
+        &user,
+        Some(json!({"catalog_id": "open-os", "architecture": "x86_64"})),
+    )
+    .await;
     assert_eq!(st, 403, "{v}");
     let (st, v) = api(
         &s,
@@ -290,7 +295,7 @@ async fn a_user_without_the_required_claim_neither_sees_nor_pulls() {
         (Method::GET, "/catalog/secret-os/1.0.0/x86_64/download", None),
         (
             Method::PUT,
-            "/catalog/pull",
+            "/catalog/pull-ticket",
             Some(json!({"catalog_id": "secret-os", "version": "1.0.0", "architecture": "x86_64"})),
         ),
     ] {
@@ -302,7 +307,7 @@ async fn a_user_without_the_required_claim_neither_sees_nor_pulls() {
     let (st, t) = api(
         &s,
         Method::PUT,
-        "/catalog/pull",
+        "/catalog/pull-ticket",
         &root,
         Some(json!({"catalog_id": "secret-os", "architecture": "x86_64"})),
     )
@@ -362,7 +367,7 @@ async fn tainted_and_revoked_versions_cannot_be_pulled_and_latest_follows() {
     let (st, v) = api(
         &s,
         Method::PUT,
-        "/catalog/pull",
+        "/catalog/pull-ticket",
         &root,
         Some(json!({"catalog_id": "ci", "version": "1.10.0", "architecture": "x86_64"})),
     )
@@ -404,7 +409,7 @@ async fn tainted_and_revoked_versions_cannot_be_pulled_and_latest_follows() {
     let (st, v) = api(
         &s,
         Method::PUT,
-        "/catalog/pull",
+        "/catalog/pull-ticket",
         &root,
         Some(json!({"catalog_id": "ci", "version": "1.10.0", "architecture": "x86_64"})),
     )
@@ -466,7 +471,7 @@ async fn s3_round_trip_and_no_answer_contains_the_provider_secret() {
         (&root, Method::GET, "/catalog/s3img/2.0.0", None),
         (&root, Method::GET, "/catalog/s3img/latest/x86_64", None),
         (&user, Method::GET, "/catalog/s3img/2.0.0/x86_64/download", None),
-        (&user, Method::PUT, "/catalog/pull", Some(json!({"catalog_id": "s3img", "architecture": "x86_64"}))),
+        (&user, Method::PUT, "/catalog/pull-ticket", Some(json!({"catalog_id": "s3img", "architecture": "x86_64"}))),
         (&root, Method::PATCH, "/catalog/s3img/2.0.0/x86_64/tags", Some(json!({"tags": ["x"]}))),
         (&root, Method::PUT, "/catalog/s3img/2.0.0/x86_64/metadata", Some(json!({"description": "d"}))),
         (&root, Method::PATCH, "/catalog/s3img/2.0.0/x86_64/taint", None),
@@ -640,8 +645,8 @@ async fn bad_inputs_get_a_4xx_with_the_error_body() {
             Some(json!({"catalog_id": "x", "version": "1", "architecture": "x86_64", "connection": provider})),
             422,
         ),
-        (Method::PUT, "/catalog/pull", Some(json!({"catalog_id": "x", "architecture": "mips"})), 400),
-        (Method::PUT, "/catalog/pull", Some(json!({"catalog_id": "x", "architecture": "x86_64"})), 404),
+        (Method::PUT, "/catalog/pull-ticket", Some(json!({"catalog_id": "x", "architecture": "mips"})), 400),
+        (Method::PUT, "/catalog/pull-ticket", Some(json!({"catalog_id": "x", "architecture": "x86_64"})), 404),
         (Method::GET, "/catalog/x/1/x86_64/chunks/not-a-hash", None, 400),
         (Method::PATCH, "/catalog/x/1/x86_64/taint", None, 404),
         (Method::PATCH, "/catalog/x/1/x86_64/claims", Some(json!({"required_claims": "A"})), 422),

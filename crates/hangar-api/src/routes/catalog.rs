@@ -1,5 +1,6 @@
-//! `/catalog/...`: catalog manifests (list, get, register, pull, chunks, delete, taint,
-//! untaint, revoke, claims/roles/tags, metadata, import) and this host's image cache
+//! `/catalog/...`: catalog manifests (list, get, register, pull tickets, chunks, delete, taint,
+//! untaint, revoke, claims/roles/tags, metadata, import, import-vm), the reference's pull (image
+//! into a VM on this host, see `pds_pull`) and push/pull jobs, and this host's image cache
 //! (`/catalog/cache`). Visibility and pullability are decided by `hangar_catalog`; no
 //! answer here carries a provider connection string.
 
@@ -12,8 +13,8 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use hangar_catalog::{
-    Architecture, CacheItem, Catalog, CatalogError, ImportRequest, ListField, Manifest, MetadataUpdate,
-    MinimumRequirements, NewManifest, PullTicket,
+    Architecture, CacheItem, Catalog, CatalogError, ImportRequest, ImportVmRequest, ListField, Manifest,
+    MetadataUpdate, MinimumRequirements, NewManifest, PullTicket,
 };
 use hangar_core::Access;
 use hangar_core::claims::*;
@@ -26,6 +27,7 @@ use crate::auth::RequestContext;
 use crate::error::{ApiError, ApiErrorBody};
 use crate::extract::{Json, Path, Query};
 use crate::{Api, AppState};
+use hangar_host::Job;
 
 type R<T> = Result<T, ApiError>;
 
@@ -38,8 +40,12 @@ pub fn register(api: Api) -> Api {
     api.add(LIST, routes!(list))
         .add(Access::AnyOf(&[CREATE_CATALOG_MANIFEST, PUSH_CATALOG_MANIFEST]), routes!(create))
         .add(Access::AllOf(&[PUSH_CATALOG_MANIFEST]), routes!(push))
+        .add(Access::AllOf(&[PUSH_CATALOG_MANIFEST]), routes!(push_async))
+        .add(PULL, routes!(pull_ticket))
         .add(PULL, routes!(pull))
+        .add(PULL, routes!(pull_async))
         .add(Access::AnyOf(&[IMPORT_CATALOG_MANIFEST, PUSH_CATALOG_MANIFEST]), routes!(import))
+        .add(Access::AnyOf(&[IMPORT_CATALOG_MANIFEST, PUSH_CATALOG_MANIFEST]), routes!(import_vm))
         .add(Access::AllOf(&[LIST_CACHE]), routes!(cache_list))
         .add(Access::AllOf(&[DELETE_ALL_CACHE]), routes!(cache_delete_all))
         .add(Access::AllOf(&[DELET_CACHE_ITEM]), routes!(cache_delete_id))
@@ -485,10 +491,11 @@ async fn push(
     Ok((StatusCode::CREATED, axum::Json(m.into())))
 }
 
-/// Resolve an image for download and count the download. Tainted or revoked versions answer 409.
-#[utoipa::path(put, path = "/catalog/pull", tag = "catalog", request_body = CatalogPullRequest,
+/// Resolve an image for download and count the download: what `hangar catalog pull` and a
+/// remote puller call to fetch the chunks themselves. Tainted or revoked versions answer 409.
+#[utoipa::path(put, path = "/catalog/pull-ticket", tag = "catalog", request_body = CatalogPullRequest,
     responses((status = 200, body = CatalogPullResponse), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
-async fn pull(
+async fn pull_ticket(
     State(s): State<AppState>,
     ctx: RequestContext,
     Json(req): Json<CatalogPullRequest>,
@@ -501,7 +508,7 @@ async fn pull(
     pull_response(catalog(&s)?.pull(ctx.caller()?, &ctx.actor, &req.catalog_id, &version, a).await?)
 }
 
-/// The same as `PUT /catalog/pull` for one manifest (the reference's download route).
+/// The same as `PUT /catalog/pull-ticket` for one manifest (the reference's download route).
 #[utoipa::path(get, path = "/catalog/{catalog_id}/{version}/{architecture}/download", tag = "catalog",
     params(("catalog_id" = String, Path), ("version" = String, Path), ("architecture" = String, Path)),
     responses((status = 200, body = CatalogPullResponse), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
@@ -545,6 +552,283 @@ async fn import(
     };
     let m = catalog(&s)?.import(ctx.caller()?, &ctx.actor, req).await?;
     Ok((StatusCode::CREATED, axum::Json(m.into())))
+}
+
+// ----- the reference's pull, push jobs and import-vm -------------------------------------
+
+/// Parse a body the way the reference does: anything unreadable is a 400.
+fn pds_body<T: for<'de> Deserialize<'de>>(b: &Bytes) -> R<T> {
+    serde_json::from_slice(b).map_err(|e| ApiError::bad_request(format!("The body is not a valid request: {e}")))
+}
+
+/// The reference's pull: put a catalog image into a new VM on this host. `connection` names
+/// another catalog server; empty means this server's catalog (the only one served here).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct PdsPullRequest {
+    pub catalog_id: String,
+    /// Default `latest`.
+    pub version: Option<String>,
+    /// Default: this host's architecture.
+    pub architecture: Option<String>,
+    /// Who the VM is for: the caller unless a SUPER_USER names another (on Parallels hosts
+    /// also the macOS account that owns it).
+    pub owner: Option<String>,
+    /// The new VM's name (required).
+    pub machine_name: Option<String>,
+    /// The reference's destination folder; Hangar puts the VM in the host's VM folder.
+    pub path: Option<String>,
+    /// Another catalog server (`host=user:pass@server`); not supported by this route.
+    pub connection: Option<String>,
+    #[serde(default)]
+    pub start_after_pull: bool,
+    /// Accepted and ignored (the reference's provider hints, job id and telemetry tag).
+    #[serde(default)]
+    pub provider_metadata: Option<BTreeMap<String, String>>,
+    pub job_id: Option<String>,
+    pub client: Option<String>,
+}
+
+/// The reference's pull answer: `id` and `machine_id` are the new VM's id.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PdsPullResponse {
+    pub id: String,
+    pub machine_id: String,
+    pub catalog_id: String,
+    pub version: String,
+    pub architecture: String,
+    /// The VM's folder or bundle on the host.
+    pub local_path: String,
+    pub machine_name: String,
+    pub manifest: CatalogManifest,
+    /// The image's folder in this host's catalog cache.
+    pub local_cache_path: String,
+}
+
+/// A pull whose input has been checked: the caller may create the VM and see the entry.
+struct PdsPull {
+    host: Arc<hangar_host::Host>,
+    catalog: Arc<Catalog>,
+    catalog_id: String,
+    version: String,
+    arch: Architecture,
+    name: String,
+    owner: Option<String>,
+    start: bool,
+}
+
+/// Check a pull before any work: host module, body, the VM create rule (claim, name, owner)
+/// and the entry's visibility, so a refused pull neither fills the cache nor starts a job.
+async fn pds_pull_check(s: &AppState, ctx: &RequestContext, b: PdsPullRequest) -> R<PdsPull> {
+    let host = super::machines::host(s)?.clone();
+    let catalog = catalog(s)?.clone();
+    let p = ctx.caller()?;
+    let field = |v: Option<String>| v.map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+    let catalog_id = b.catalog_id.trim().to_string();
+    if catalog_id.is_empty() {
+        return Err(ApiError::bad_request("catalog_id is required"));
+    }
+    let name = field(b.machine_name).ok_or_else(|| {
+        ApiError::bad_request(
+            "machine_name is required (for a download ticket without a VM, use PUT /catalog/pull-ticket)",
+        )
+    })?;
+    if field(b.connection).is_some() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "pulling from another catalog server (connection) is not supported by this route; leave connection empty to pull from this server's catalog",
+        ));
+    }
+    let arch = match field(b.architecture) {
+        Some(a) => arch(&a)?,
+        None => Architecture::host().ok_or_else(|| ApiError::bad_request("Give the architecture"))?,
+    };
+    let version = field(b.version).unwrap_or_else(|| hangar_catalog::version::LATEST.into());
+    hangar_core::vm::authorize(p, hangar_core::VmAction::Create, &name, None).map_err(ApiError::from_domain)?;
+    let owner = field(b.owner);
+    hangar_core::vm::owner_for(p, owner.as_deref()).map_err(ApiError::from_domain)?;
+    catalog.get(p, &catalog_id, &version, arch).await?;
+    Ok(PdsPull { host, catalog, catalog_id, version, arch, name, owner, start: b.start_after_pull })
+}
+
+/// Pull the image through the host cache, create the VM from it (the host service checks
+/// access and owner again and writes the audit entry) and optionally start it. With a job,
+/// step 0 follows the chunk transfer and step 1 the VM creation.
+async fn pds_pull_run(
+    pull: PdsPull,
+    p: &hangar_core::Principal,
+    actor: &hangar_core::audit::Actor,
+    job: Option<&hangar_host::JobHandle>,
+) -> R<PdsPullResponse> {
+    let progress = job.map(|j| {
+        let j = j.clone();
+        let last = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+        let f: hangar_catalog::hangar_image::ProgressFn =
+            Arc::new(move |pr: &hangar_catalog::hangar_image::Progress| {
+                let pct = (pr.bytes_done.saturating_mul(100)).checked_div(pr.bytes_total).unwrap_or(0).min(99);
+                if last.swap(pct, std::sync::atomic::Ordering::Relaxed) != pct {
+                    j.step(0, pct as f64, "pulling the image");
+                }
+            });
+        f
+    });
+    if let Some(j) = job {
+        j.step(0, 0.0, "pulling the image");
+    }
+    let (m, folder) =
+        pull.catalog.pull_to_host_with(p, actor, &pull.catalog_id, &pull.version, pull.arch, progress).await?;
+    if let Some(j) = job {
+        j.step(1, 0.0, "creating the VM");
+    }
+    let req = hangar_host::CreateRequest {
+        name: pull.name.clone(),
+        image: hangar_host::ImageSource::Folder(folder.clone()),
+        cpus: None,
+        memory_mb: None,
+        disk_bytes: None,
+        owner: pull.owner.clone(),
+        host_user: pull.owner.clone(),
+        description: format!("pulled from catalog {} {} {}", m.catalog_id, m.version, m.architecture),
+        start: pull.start,
+    };
+    let vm = pull.host.create_for(p, actor, req).await.map_err(ApiError::from_domain)?;
+    Ok(PdsPullResponse {
+        id: vm.id.clone(),
+        machine_id: vm.id,
+        catalog_id: m.catalog_id.clone(),
+        version: m.version.clone(),
+        architecture: m.architecture.to_string(),
+        local_path: vm.home.display().to_string(),
+        machine_name: vm.name,
+        manifest: m.into(),
+        local_cache_path: folder.display().to_string(),
+    })
+}
+
+/// The reference's pull: the image goes through this host's cache into a new VM named
+/// `machine_name`, owned as on any create, started when `start_after_pull`. Needs
+/// PULL_CATALOG_MANIFEST and the VM create rule; needs the host module (503 otherwise).
+#[utoipa::path(put, path = "/catalog/pull", tag = "catalog", request_body = PdsPullRequest,
+    responses((status = 200, body = PdsPullResponse), (status = 400, body = ApiErrorBody), (status = 403, body = ApiErrorBody),
+        (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
+async fn pull(State(s): State<AppState>, ctx: RequestContext, body: Bytes) -> R<axum::Json<PdsPullResponse>> {
+    let pull = pds_pull_check(&s, &ctx, pds_body(&body)?).await?;
+    Ok(axum::Json(pds_pull_run(pull, ctx.caller()?, &ctx.actor, None).await?))
+}
+
+/// `PUT /catalog/pull` as a job of this host (steps `pull` and `create`); the finished job's
+/// `result` is the pull answer. Refusals (400, 403, 404, 503) come before the job.
+#[utoipa::path(put, path = "/catalog/pull/async", tag = "catalog", request_body = PdsPullRequest,
+    responses((status = 202, body = Job, description = "The job; follow it at /jobs/{id}"), (status = 400, body = ApiErrorBody),
+        (status = 403, body = ApiErrorBody), (status = 404, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
+async fn pull_async(State(s): State<AppState>, ctx: RequestContext, body: Bytes) -> R<(StatusCode, axum::Json<Job>)> {
+    let pull = pds_pull_check(&s, &ctx, pds_body(&body)?).await?;
+    let p = ctx.caller()?.clone();
+    let jobs = pull.host.jobs.clone();
+    let handle = jobs
+        .start(&p.user_id, "catalog", "pull", &[("pull", 9), ("create", 1)])
+        .await
+        .map_err(ApiError::from_domain)?;
+    let job = jobs.get(&handle.id).ok_or_else(|| ApiError::internal("the new job vanished"))?;
+    let actor = ctx.actor.clone();
+    tokio::spawn(async move {
+        match pds_pull_run(pull, &p, &actor, Some(&handle)).await {
+            Ok(done) => handle.complete(serde_json::to_value(done).unwrap_or_default()).await,
+            Err(e) => handle.fail(e.message).await,
+        }
+    });
+    Ok((StatusCode::ACCEPTED, axum::Json(job)))
+}
+
+/// `POST /catalog/push` as a job of this host: the image's chunks are checked in the provider
+/// and the manifest registered; the finished job's `result` is the manifest.
+#[utoipa::path(post, path = "/catalog/push/async", tag = "catalog", request_body = CatalogPushRequest,
+    responses((status = 202, body = Job, description = "The job; follow it at /jobs/{id}"), (status = 400, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
+async fn push_async(State(s): State<AppState>, ctx: RequestContext, body: Bytes) -> R<(StatusCode, axum::Json<Job>)> {
+    let req: CatalogPushRequest = pds_body(&body)?;
+    let catalog = catalog(&s)?.clone();
+    let jobs = super::machines::host(&s)?.jobs.clone();
+    let p = ctx.caller()?.clone();
+    let handle = jobs.start(&p.user_id, "catalog", "push", &[("push", 1)]).await.map_err(ApiError::from_domain)?;
+    let job = jobs.get(&handle.id).ok_or_else(|| ApiError::internal("the new job vanished"))?;
+    let actor = ctx.actor.clone();
+    tokio::spawn(async move {
+        handle.step(0, 0.0, "registering the image");
+        match catalog.register(&p, &actor, req.into()).await {
+            Ok(m) => handle.complete(serde_json::to_value(CatalogManifest::from(m)).unwrap_or_default()).await,
+            Err(e) => handle.fail(e.to_string()).await,
+        }
+    });
+    Ok((StatusCode::ACCEPTED, axum::Json(job)))
+}
+
+/// The reference's import of a raw VM archive that sits in a storage provider.
+#[derive(Clone, Deserialize, ToSchema)]
+pub struct ImportVmBody {
+    /// The provider's connection string. Stored encrypted; never returned.
+    pub connection: String,
+    pub catalog_id: String,
+    pub version: String,
+    pub architecture: String,
+    /// Key of the archive (a tar or tar.gz of a `.pvm`/`.macvm` bundle or a QEMU image folder).
+    pub machine_remote_path: String,
+    /// `pvm`, `macvm` or `qemu`; default: from the bundle's extension, else `pvm`.
+    #[serde(rename = "type")]
+    pub vm_type: Option<String>,
+    pub description: Option<String>,
+    #[serde(default)]
+    pub is_compressed: bool,
+    /// The reference's size in MB; accepted and not needed (the archive is measured).
+    pub size: Option<i64>,
+    /// Replace an existing entry.
+    #[serde(default)]
+    pub force: bool,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub required_roles: Vec<String>,
+    #[serde(default)]
+    pub required_claims: Vec<String>,
+    /// Accepted and ignored.
+    pub provider_metadata: Option<BTreeMap<String, String>>,
+}
+
+/// The reference's import-vm answer.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ImportVmResponse {
+    /// The new manifest's id.
+    pub id: String,
+    /// Where the archive was read, in its provider.
+    pub local_path: String,
+    /// The manifest's name (`<catalog_id>-<architecture>-<version>`).
+    pub machine_name: String,
+    pub manifest: CatalogManifest,
+}
+
+/// Import a raw VM archive from a provider as a new catalog entry (converted to the chunked
+/// format in the same provider). Unknown provider, bad type or key: 400; no such object: 404;
+/// entry exists without `force`: 409; unreadable archive: 422.
+#[utoipa::path(put, path = "/catalog/import-vm", tag = "catalog", request_body = ImportVmBody,
+    responses((status = 200, body = ImportVmResponse), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody),
+        (status = 409, body = ApiErrorBody), (status = 422, body = ApiErrorBody)))]
+async fn import_vm(State(s): State<AppState>, ctx: RequestContext, body: Bytes) -> R<axum::Json<ImportVmResponse>> {
+    let b: ImportVmBody = pds_body(&body)?;
+    let local_path = b.machine_remote_path.clone();
+    let req = ImportVmRequest {
+        connection: b.connection,
+        catalog_id: b.catalog_id,
+        version: b.version,
+        architecture: b.architecture,
+        machine_remote_path: b.machine_remote_path,
+        vm_type: b.vm_type,
+        description: b.description,
+        tags: b.tags,
+        required_roles: b.required_roles,
+        required_claims: b.required_claims,
+        is_compressed: b.is_compressed,
+        force: b.force,
+    };
+    let m = catalog(&s)?.import_vm(ctx.caller()?, &ctx.actor, req).await?;
+    Ok(axum::Json(ImportVmResponse { id: m.id.clone(), local_path, machine_name: m.name.clone(), manifest: m.into() }))
 }
 
 // ----- delete ------------------------------------------------------------------------
