@@ -101,6 +101,11 @@ pub struct VmInfo {
     /// Architecture of the guest: `x86_64` or `arm64`.
     pub architecture: String,
     pub is_template: bool,
+    /// The driver's full report in the reference's keys: the VM's `prlctl list -i --json`
+    /// object on Parallels, the same keys with QEMU's values on QEMU (`Uptime`, `GuestTools`,
+    /// `Hardware`, ...). The API shapes it into its typed VM answer; empty when unknown.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub details: serde_json::Map<String, serde_json::Value>,
 }
 
 /// What to create.

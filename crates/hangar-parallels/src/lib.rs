@@ -275,6 +275,40 @@ impl Inner {
         }
     }
 
+    /// The host users whose VMs `list` and `get` look at: the configured ones; else, when
+    /// the agent runs as root, the agent's own and every user Parallels Desktop knows
+    /// (`prlsrvctl user list`), so that a root agent sees every macOS user's VMs as the
+    /// reference does (it lists `dscl . /Users` and runs `prlctl list` as each of them).
+    pub(crate) async fn list_scopes(&self) -> Vec<Option<String>> {
+        if !(self.is_root && self.cfg.run_as != RunAs::Never && self.cfg.users.is_empty()) {
+            return self.scopes();
+        }
+        let mut out = vec![None];
+        let args = Self::str_args(&["user", "list", "--json"]);
+        let listed = match self.call(Tool::Prlsrvctl, None, args, None, self.cfg.command_timeout, "user list").await {
+            Ok((_, o)) => parse::user_list(&o.stdout),
+            Err(e) => Err(e.to_string()),
+        };
+        match listed {
+            Ok(users) => {
+                for u in users {
+                    // `NAME` is `user@host`; system accounts are skipped, as the reference does.
+                    let name = u.name.split('@').next().unwrap_or_default().trim().to_string();
+                    let system = name.is_empty()
+                        || name == "root"
+                        || name.starts_with('_')
+                        || name.starts_with("daemon")
+                        || name.starts_with("nobody");
+                    if !system && !out.contains(&Some(name.clone())) {
+                        out.push(Some(name));
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot list the host's Parallels users; listing the agent's own VMs only"),
+        }
+        out
+    }
+
     pub(crate) fn invocation(&self, tool: Tool, args: Vec<String>, owner: Option<&str>) -> Invocation {
         let path = match tool {
             Tool::Prlctl => &self.cfg.prlctl,
@@ -364,10 +398,16 @@ impl Inner {
     }
 
     pub(crate) async fn list(&self) -> Result<Vec<VmInfo>> {
-        let mut all = Vec::new();
-        for scope in self.scopes() {
-            all.extend(self.list_raw(scope.as_deref(), None, false).await?);
-            all.extend(self.list_raw(scope.as_deref(), None, true).await?);
+        let mut all: Vec<VmInfo> = Vec::new();
+        for scope in self.list_scopes().await {
+            for templates in [false, true] {
+                for vm in self.list_raw(scope.as_deref(), None, templates).await? {
+                    // A VM two users can see is listed once, under the first.
+                    if !all.iter().any(|v| v.id.eq_ignore_ascii_case(&vm.id)) {
+                        all.push(vm);
+                    }
+                }
+            }
         }
         Ok(all)
     }
@@ -390,7 +430,7 @@ impl Inner {
                 .find(|v| v.name == key)
                 .ok_or_else(|| HypervisorError::NotFound(vm.to_string()));
         }
-        let mut scopes = self.scopes();
+        let mut scopes = self.list_scopes().await;
         let cached = self.owners.lock().ok().and_then(|o| o.get(key).cloned());
         if let Some(owner) = cached
             && let Some(pos) = scopes.iter().position(|s| *s == owner)

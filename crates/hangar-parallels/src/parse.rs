@@ -75,6 +75,9 @@ pub struct PrlVm {
     pub hardware: PrlHardware,
     #[serde(rename = "Network", deserialize_with = "lenient")]
     pub network: PrlNetwork,
+    /// The whole object as prlctl printed it (the API answers its keys).
+    #[serde(skip)]
+    pub raw: serde_json::Map<String, Value>,
 }
 
 /// `Hardware` of a VM.
@@ -227,7 +230,13 @@ pub fn vm_list(out: &str) -> Result<Vec<PrlVm>, String> {
     match json_document(out)? {
         Value::Array(items) => Ok(items
             .into_iter()
-            .filter_map(|v| PrlVm::deserialize(v).ok())
+            .filter_map(|v| {
+                let mut vm = PrlVm::deserialize(&v).ok()?;
+                if let Value::Object(raw) = v {
+                    vm.raw = raw;
+                }
+                Some(vm)
+            })
             .filter(|vm| !trim_id(&vm.id).is_empty())
             .collect()),
         other => Err(format!("expected a JSON array of VMs, got {}", kind(&other))),
@@ -390,6 +399,7 @@ impl PrlVm {
             hypervisor: HypervisorKind::Parallels,
             architecture: architecture(&self.hardware.cpu.cpu_type, &self.vm_type),
             is_template: self.template,
+            details: self.raw.clone(),
         }
     }
 }

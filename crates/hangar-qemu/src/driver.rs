@@ -494,6 +494,8 @@ impl Inner {
         disk_bytes += crate::config::allocated_size(&vm.path(files::SUSPEND));
         let ip_addresses =
             if state == VmState::Running { vm.ips.lock().map(|i| i.clone()).unwrap_or_default() } else { Vec::new() };
+        let agent = vm.qga.try_lock().map(|g| g.is_some()).unwrap_or(true);
+        let details = reference_details(&cfg, vm, state, agent);
         Ok(VmInfo {
             id: cfg.id,
             name: cfg.name,
@@ -510,6 +512,7 @@ impl Inner {
             hypervisor: hangar_hypervisor::HypervisorKind::Qemu,
             architecture: cfg.architecture,
             is_template: cfg.is_template,
+            details,
         })
     }
 
@@ -818,4 +821,69 @@ pub(crate) fn new_id() -> String {
 /// Now, for `created_at`.
 pub(crate) fn now() -> chrono::DateTime<Utc> {
     Utc::now()
+}
+
+/// The reference's VM keys with a QEMU VM's values (the API fits them to the reference's
+/// types): `Uptime` from the QEMU process's start, `GuestTools` from the guest agent,
+/// `Home path` = the VM's folder, the devices QEMU runs. Settings that only exist in
+/// Parallels Desktop read `off` or empty.
+fn reference_details(cfg: &VmConfig, vm: &Vm, state: VmState, agent: bool) -> serde_json::Map<String, Value> {
+    let home = vm.dir.display().to_string();
+    let running = matches!(state, VmState::Running | VmState::Paused);
+    let uptime = std::fs::metadata(vm.path(files::PID))
+        .and_then(|m| m.modified())
+        .ok()
+        .filter(|_| running)
+        .and_then(|t| t.elapsed().ok())
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let guest_tools = match (running, agent) {
+        (true, true) => "installed",
+        (true, false) => "possibly_installed",
+        (false, _) => "not_running",
+    };
+    let disk_image = cfg.disks.first().map(|d| vm.path(&d.file).display().to_string()).unwrap_or_default();
+    let (net_type, card) = match &cfg.network.bridge {
+        Some(_) => ("bridged", "virtio"),
+        None => ("user", "virtio"),
+    };
+    let mac = cfg.network.mac.clone().unwrap_or_default();
+    let cpu_type = if cfg.architecture == "arm64" { "arm" } else { "x86" };
+    let off = "off";
+    let v = json!({
+        "Template": if cfg.is_template { "yes" } else { "no" },
+        "Uptime": uptime.to_string(),
+        "Home path": home,
+        "Restore Image": "",
+        "GuestTools": {"state": guest_tools},
+        "Startup and Shutdown": {"Autostart": off, "Autostart delay": 0, "Autostop": "stop", "Startup view": "headless",
+            "On shutdown": "close", "On window close": "keep running", "Pause idle": off, "Undo disks": off},
+        "Optimization": {"Hypervisor type": "qemu", "Nested virtualization": off, "Resource quota": "unlimited"},
+        "Security": {"Encrypted": off, "TPM enabled": off, "Custom password protection": off,
+            "Configuration is locked": off, "Protected": off, "Archived": off, "Packed": off},
+        "Time Synchronization": {"enabled": false, "Smart mode": off, "Interval (in seconds)": 0,
+            "Timezone synchronization disabled": "on"},
+        "Boot order": "hdd0",
+        "BIOS type": if cfg.kernel.is_some() { "direct-kernel" } else { "legacy" },
+        "EFI Secure boot": off,
+        "Allow select boot device": off,
+        "Host defined sharing": "none",
+        "Miscellaneous Sharing": {"Shared clipboard": off, "Shared cloud": off},
+        "Network": {"Conditioned": off},
+        "Hardware": {
+            "cpu": {"cpus": cfg.cpus, "auto": off, "VT-x": true, "hotplug": false, "accl": "high", "mode": "64", "type": cpu_type},
+            "memory": {"size": format!("{}Mb", cfg.memory_mb), "auto": off, "hotplug": false},
+            "memory_quota": {"auto": off},
+            "hdd0": {"enabled": !disk_image.is_empty(), "port": "virtio:0", "image": disk_image,
+                "type": cfg.disks.first().map(|d| d.format.clone()).unwrap_or_default(), "online-compact": off},
+            "cdrom0": {"enabled": false, "port": "", "image": ""},
+            "usb": {"enabled": false},
+            "net0": {"enabled": true, "type": net_type, "mac": mac, "card": card},
+            "sound0": {"enabled": false, "output": "", "mixer": ""}
+        }
+    });
+    match v {
+        Value::Object(m) => m,
+        _ => serde_json::Map::new(),
+    }
 }

@@ -495,13 +495,65 @@ async fn parallels_license(State(s): State<AppState>) -> R<axum::Json<hangar_wir
     Ok(axum::Json(host(&s)?.license().await.map_err(ApiError::from_domain)?))
 }
 
-/// Host hardware: total, system-reserved, in-use and available cpu, memory and disk.
+/// The reverse_proxy module's state as `/config/hardware` reports it (disabled and empty
+/// when the module does not run).
+async fn hardware_reverse_proxy(s: &AppState) -> R<hangar_wire::HardwareReverseProxy> {
+    let Some(m) = s.reverse_proxy.as_ref() else {
+        return Ok(hangar_wire::HardwareReverseProxy::default());
+    };
+    let cfg = m.config().await.map_err(ApiError::from_domain)?;
+    Ok(hangar_wire::HardwareReverseProxy {
+        enabled: cfg.enabled,
+        host: cfg.host.clone(),
+        port: cfg.port.map(|p| p.to_string()).unwrap_or_default(),
+        // The private key (PEM or path) is never answered, as on `/reverse-proxy/hosts`.
+        hosts: cfg
+            .hosts
+            .into_iter()
+            .filter_map(|mut h| {
+                h.tls.key = String::new();
+                let mut v = serde_json::to_value(h).ok()?;
+                ports_as_text(&mut v);
+                Some(v)
+            })
+            .collect(),
+    })
+}
+
+/// The reference's proxy hosts carry `port` and `target_port` as texts (a Go client decodes
+/// them into strings and fails on a number).
+fn ports_as_text(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            for (k, item) in map.iter_mut() {
+                if (k == "port" || k == "target_port") && item.is_number() {
+                    *item = Value::String(item.to_string());
+                } else if (k == "port" || k == "target_port") && item.is_null() {
+                    *item = Value::String(String::new());
+                } else {
+                    ports_as_text(item);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(ports_as_text),
+        _ => {}
+    }
+}
+
+/// Host hardware: total, system-reserved, in-use and available cpu, memory and disk, in
+/// the reference's `SystemUsageResponse` keys (`disk_count`, `is_reverse_proxy_enabled`,
+/// `reverse_proxy`, ...) on both drivers.
 #[utoipa::path(get, path = "/config/hardware", tag = "config", responses((status = 200, body = HardwareResponse)))]
 async fn hardware(State(s): State<AppState>) -> R<axum::Json<HardwareResponse>> {
     let h = host(&s)?;
     let hw = h.hardware().await.map_err(ApiError::from_domain)?;
     let is_prl = hw.info.hypervisor == hangar_hypervisor::HypervisorKind::Parallels;
+    let reverse_proxy = hardware_reverse_proxy(&s).await?;
     Ok(axum::Json(HardwareResponse {
+        external_ip_address: String::new(),
+        is_reverse_proxy_enabled: reverse_proxy.enabled,
+        is_log_streaming_enabled: true,
+        reverse_proxy,
         cpu_type: hw.info.architecture.clone(),
         cpu_brand: hw.info.cpu_brand.clone(),
         devops_version: s.info.version.clone(),

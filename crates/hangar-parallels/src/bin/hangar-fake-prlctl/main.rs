@@ -11,6 +11,10 @@
 //!
 //! `FAKE_PRL_LOG=<file>` appends one line per invocation (tool and arguments).
 //!
+//! Host users: called as `sudo` it runs the tool as another host user (`FAKE_PRL_USER`);
+//! each user has their own VMs (under `users/<name>/` of the state folder, root's at its
+//! top), and root's `prlsrvctl user list` names every user that has a folder there.
+//!
 //! Fault injection: `FAKE_PRL_GARBLE=<subcommand>[,...]` prints garbled output instead of
 //! doing the work; `FAKE_PRL_HANG=<subcommand>[,...]` hangs forever (with a child process in
 //! the same process group, and both pids written to `<state>/hung-pids/`).
@@ -154,11 +158,57 @@ fn garbled(sub: &str) -> String {
     format!("[{{\"ID\": \"{{7d3c\u{1b}[0m\u{fffd}\u{fffd} PRL_ERR {sub} \"Hardware\": {{\"cpu\": [,,\n")
 }
 
+/// The host user the fake runs as: `FAKE_PRL_USER` (set by the fake `sudo`), else root.
+pub fn current_user() -> String {
+    std::env::var("FAKE_PRL_USER").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| "root".to_string())
+}
+
+/// The fake's state folder for the current user: the root of `FAKE_PRL_STATE_DIR` for root
+/// (the agent's own user), `users/<name>/` under it for another host user, so each user
+/// has their own VM list, as with Parallels Desktop.
+pub fn user_state(base: &std::path::Path, user: &str) -> PathBuf {
+    if user == "root" { base.to_path_buf() } else { base.join("users").join(user) }
+}
+
+/// Called as `sudo -n -H -u USER -- PROGRAM ARGS...` (the driver's form when it runs as
+/// root): run PROGRAM as the fake host user USER (`FAKE_PRL_USER`).
+fn sudo(args: &[String]) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let mut user = None;
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "-n" | "-H" => {}
+            "-u" => {
+                i += 1;
+                user = args.get(i).cloned();
+            }
+            "--" => {
+                i += 1;
+                break;
+            }
+            _ => break,
+        }
+        i += 1;
+    }
+    let (Some(user), Some(program)) = (user, args.get(i)) else {
+        eprintln!("sudo: usage: sudo -n -H -u USER -- PROGRAM [ARGS...]");
+        return ExitCode::from(EXIT_USAGE);
+    };
+    let err =
+        std::process::Command::new(program).args(&args[i + 1..]).env("FAKE_PRL_USER", &user).env("USER", &user).exec();
+    eprintln!("sudo: {program}: {err}");
+    ExitCode::from(EXIT_FAILED)
+}
+
 fn main() -> ExitCode {
     let mut args: Vec<String> = std::env::args().collect();
     let argv0 = args.first().cloned().unwrap_or_default();
     let mut tool = std::path::Path::new(&argv0).file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
     args.remove(0);
+    if tool == "sudo" {
+        return sudo(&args);
+    }
     if tool != "prlctl" && tool != "prlsrvctl" {
         match args.first().map(String::as_str) {
             Some(t @ ("prlctl" | "prlsrvctl")) => {
@@ -193,7 +243,7 @@ fn main() -> ExitCode {
         eprintln!("{tool}: FAKE_PRL_STATE_DIR is not set (this is the Hangar test double, not Parallels Desktop)");
         return ExitCode::from(EXIT_FAILED);
     };
-    let result = store::Store::open(state_dir)
+    let result = store::Store::open(user_state(&state_dir, &current_user()))
         .and_then(|store| if tool == "prlctl" { prlctl::run(&store, &args) } else { prlsrvctl::run(&store, &args) });
     match result {
         Ok(Done::Out(text)) => {

@@ -14,7 +14,27 @@ fn hostname() -> String {
 }
 
 fn user() -> String {
-    std::env::var("USER").unwrap_or_else(|_| "root".to_string())
+    match std::env::var("FAKE_PRL_USER") {
+        Ok(u) if !u.is_empty() => u,
+        _ => std::env::var("USER").unwrap_or_else(|_| "root".to_string()),
+    }
+}
+
+/// Users of the list: the caller; for root also every host user with a state folder
+/// (Parallels Desktop lists all its users to root).
+fn users(store: &Store) -> Vec<(String, std::path::PathBuf)> {
+    let mut out = vec![(user(), store.vm_home())];
+    if crate::current_user() == "root"
+        && let Ok(dir) = std::fs::read_dir(store.root.join("users"))
+    {
+        let mut names: Vec<String> = dir.flatten().filter_map(|e| e.file_name().to_str().map(str::to_string)).collect();
+        names.sort();
+        for name in names {
+            let home = crate::user_state(&store.root, &name).join("Parallels");
+            out.push((name, home));
+        }
+    }
+    out
 }
 
 pub fn run(store: &Store, args: &[String]) -> Result<Done, Fail> {
@@ -91,19 +111,19 @@ fn info(store: &Store, args: &[String]) -> Result<Done, Fail> {
 
 fn user_list(store: &Store, args: &[String]) -> Result<Done, Fail> {
     let opts = parse_opts(args, &[("--json", "-j", false)])?;
-    let name = format!("{}@{}", user(), hostname());
+    let host = hostname();
+    let users = users(store);
     if opts.flag("--json") {
-        let v = json!([{ "NAME": name, "MNG_SETTINGS": "allow", "DEF_VM_HOME": store.vm_home() }]);
-        Ok(Done::Out(format!("{v:#}\n")))
+        let v: Vec<_> = users
+            .iter()
+            .map(|(name, home)| json!({ "NAME": format!("{name}@{host}"), "MNG_SETTINGS": "allow", "DEF_VM_HOME": home }))
+            .collect();
+        Ok(Done::Out(format!("{:#}\n", serde_json::Value::Array(v))))
     } else {
-        Ok(Done::Out(format!(
-            "{:<30} {:<12} {}\n{:<30} {:<12} {}\n",
-            "NAME",
-            "MNG_SETTINGS",
-            "DEF_VM_HOME",
-            name,
-            "allow",
-            store.vm_home().display()
-        )))
+        let mut out = format!("{:<30} {:<12} {}\n", "NAME", "MNG_SETTINGS", "DEF_VM_HOME");
+        for (name, home) in &users {
+            out.push_str(&format!("{:<30} {:<12} {}\n", format!("{name}@{host}"), "allow", home.display()));
+        }
+        Ok(Done::Out(out))
     }
 }
