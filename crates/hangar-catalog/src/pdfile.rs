@@ -19,7 +19,10 @@
 //! | `DESTINATION dir`, `MACHINE_NAME n`, `OWNER u`, `START_AFTER_PULL true\|false` | pull target |
 //! | `CLONE [name]`, `CLONE_DESTINATION dir`, `EXECUTE command` (repeatable) | after a pull |
 //! | `MINIMUM_REQUIREMENT CPU\|MEMORY\|DISK n` | memory and disk in MiB |
-//! | `RUN\|DO push\|pull\|list\|import`, or `PUSH`, `PULL`, `LIST`, `IMPORT` | the command |
+//! | `COMPRESS_PACK [true\|false]`, `COMPRESS_PACK_LEVEL best_speed\|balanced\|best_compression\|default\|no_compression` | accepted; Hangar compresses each chunk at one fixed level, so neither changes a push ([`PdFile::unused`]) |
+//! | `IS_COMPRESSED [true\|false]`, `VM_TYPE pvm\|macvm\|qemu`, `VM_SIZE mb`, `VM_REMOTE_PATH path`, `FORCE [true\|false]` | `import-vm` (a bare `FORCE` is true; `VM_TYPE` also sets a push's type) |
+//! | `CLIENT base64` | the reference's telemetry payload: accepted, never sent ([`PdFile::unused`]) |
+//! | `RUN\|DO push\|pull\|list\|import\|import-vm`, or `PUSH`, `PULL`, `LIST`, `IMPORT` | the command |
 
 use std::fmt;
 
@@ -37,6 +40,8 @@ pub enum PdCommand {
     List,
     /// Import a reference entry.
     Import,
+    /// Register a VM pack already in storage (`RUN import-vm` only, as the reference).
+    ImportVm,
 }
 
 impl PdCommand {
@@ -46,6 +51,7 @@ impl PdCommand {
             "pull" => Some(PdCommand::Pull),
             "list" => Some(PdCommand::List),
             "import" => Some(PdCommand::Import),
+            "import-vm" | "import_vm" => Some(PdCommand::ImportVm),
             _ => None,
         }
     }
@@ -102,6 +108,22 @@ pub struct PdFile {
     pub execute: Vec<String>,
     /// `MINIMUM_REQUIREMENT`.
     pub minimum_requirements: Option<MinimumRequirements>,
+    /// `COMPRESS_PACK` (accepted, not used: see [`PdFile::unused`]).
+    pub compress_pack: Option<bool>,
+    /// `COMPRESS_PACK_LEVEL`, lower case (accepted, not used).
+    pub compress_pack_level: Option<String>,
+    /// `IS_COMPRESSED` (import-vm).
+    pub is_compressed: Option<bool>,
+    /// `VM_TYPE`: `pvm`, `macvm` (the reference's) or `qemu`.
+    pub vm_type: Option<String>,
+    /// `VM_SIZE`, in MB (import-vm).
+    pub vm_size: Option<u64>,
+    /// `VM_REMOTE_PATH` (import-vm).
+    pub vm_remote_path: Option<String>,
+    /// `FORCE` (import-vm: replace an existing entry).
+    pub force: bool,
+    /// `CLIENT`: the reference's telemetry payload (accepted, never sent).
+    pub client: Option<String>,
 }
 
 impl fmt::Debug for PdFile {
@@ -121,6 +143,21 @@ impl fmt::Debug for PdFile {
 }
 
 impl PdFile {
+    /// The directives given that Hangar accepts but does not act on, each with why.
+    pub fn unused(&self) -> Vec<(&'static str, &'static str)> {
+        let mut out = Vec::new();
+        if self.client.is_some() {
+            out.push(("CLIENT", "the reference's telemetry payload; Hangar sends no telemetry"));
+        }
+        if self.compress_pack.is_some() {
+            out.push(("COMPRESS_PACK", "Hangar always compresses each chunk of an image"));
+        }
+        if self.compress_pack_level.is_some() {
+            out.push(("COMPRESS_PACK_LEVEL", "Hangar compresses each chunk at one fixed level"));
+        }
+        out
+    }
+
     /// The command: the explicit one, else `pull` with `FROM`, `push` with `TO`.
     pub fn effective_command(&self) -> Option<PdCommand> {
         self.command.or(match (&self.from, &self.to) {
@@ -421,19 +458,81 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<PdFile,
                     }
                 }
             }
+            "COMPRESS_PACK" => {
+                seen.once(n, "COMPRESS_PACK")?;
+                f.compress_pack = Some(arg.is_empty() || parse_bool(n, "COMPRESS_PACK", &arg)?);
+            }
+            "COMPRESS_PACK_LEVEL" => {
+                need("best_speed, balanced, best_compression, default or no_compression")?;
+                seen.once(n, "COMPRESS_PACK_LEVEL")?;
+                let level = arg.to_ascii_lowercase();
+                if !["best_speed", "balanced", "best_compression", "default", "no_compression"]
+                    .contains(&level.as_str())
+                {
+                    return Err(err(
+                        n,
+                        format!(
+                            "COMPRESS_PACK_LEVEL {arg:?}: use best_speed, balanced, best_compression, default or no_compression"
+                        ),
+                    ));
+                }
+                f.compress_pack_level = Some(level);
+            }
+            "IS_COMPRESSED" => {
+                seen.once(n, "IS_COMPRESSED")?;
+                f.is_compressed = Some(arg.is_empty() || parse_bool(n, "IS_COMPRESSED", &arg)?);
+            }
+            "FORCE" => {
+                seen.once(n, "FORCE")?;
+                f.force = arg.is_empty() || parse_bool(n, "FORCE", &arg)?;
+            }
+            "VM_TYPE" => {
+                need("pvm or macvm")?;
+                seen.once(n, "VM_TYPE")?;
+                let t = arg.to_ascii_lowercase();
+                if !["pvm", "macvm", "qemu"].contains(&t.as_str()) {
+                    return Err(err(n, format!("VM_TYPE {arg:?}: use pvm or macvm (or qemu for a QEMU image)")));
+                }
+                f.vm_type = Some(t);
+            }
+            "VM_SIZE" => {
+                need("a size in MB")?;
+                seen.once(n, "VM_SIZE")?;
+                let size: u64 =
+                    arg.parse().ok().filter(|s| *s > 0).ok_or_else(|| {
+                        err(n, format!("VM_SIZE {arg:?}: give the size in MB as a whole number above 0"))
+                    })?;
+                f.vm_size = Some(size);
+            }
+            "VM_REMOTE_PATH" => {
+                need("the path of the pack in the provider")?;
+                seen.once(n, "VM_REMOTE_PATH")?;
+                f.vm_remote_path = Some(arg.clone());
+            }
+            "CLIENT" => {
+                need("the client payload")?;
+                seen.once(n, "CLIENT")?;
+                f.client = Some(arg.clone());
+            }
             "RUN" | "DO" => {
-                need("push, pull, list or import")?;
+                need("push, pull, list, import or import-vm")?;
                 seen.once(n, "command")?;
-                f.command = Some(
-                    PdCommand::parse(&arg)
-                        .ok_or_else(|| err(n, format!("{directive} {arg:?}: use push, pull, list or import")))?,
-                );
+                f.command = Some(PdCommand::parse(&arg).ok_or_else(|| {
+                    err(n, format!("{directive} {arg:?}: use push, pull, list, import or import-vm"))
+                })?);
             }
             "PUSH" | "PULL" | "LIST" | "IMPORT" if arg.is_empty() => {
                 seen.once(n, "command")?;
                 f.command = PdCommand::parse(&directive);
             }
-            other => return Err(err(n, format!("unknown directive {other}"))),
+            other => {
+                return Err(err(
+                    n,
+                    format!(
+                        "unknown directive {other}; see the PDFile directives in the README (a comment starts with #)"
+                    ),
+                ));
+            }
         }
     }
 
@@ -556,6 +655,58 @@ mod tests {
         assert_eq!(f.clone, Some(Some("runner-1-clone".into())));
         assert_eq!(f.execute, vec!["echo hello", "uname -a"]);
         assert_eq!(f.machine_name.as_deref(), Some("runner-1"));
+    }
+
+    #[test]
+    fn import_vm_push_options_and_client_directives() {
+        // As the reference's docs write an import-vm file.
+        let f = ok("# import a pack already in the bucket\n\
+            RUN import-vm\n\
+            TO https://{{ .Env.HOST }}\n\
+            AUTHENTICATE USERNAME user\n\
+            AUTHENTICATE PASSWORD {{ TOKEN }}\n\
+            PROVIDER NAME aws-s3\n\
+            PROVIDER BUCKET {{BUCKET}}\n\
+            PROVIDER REGION us-east-2\n\
+            CATALOG_ID ubuntu\n\
+            VERSION 1.0.0\n\
+            ARCHITECTURE amd64\n\
+            VM_TYPE macvm\n\
+            VM_SIZE 20480\n\
+            VM_REMOTE_PATH images/ubuntu.pvm\n\
+            IS_COMPRESSED\n\
+            FORCE\n\
+            COMPRESS_PACK true\n\
+            COMPRESS_PACK_LEVEL Best_Speed\n\
+            CLIENT eyJuYW1lIjoiY2kifQ==\n");
+        assert_eq!(f.effective_command(), Some(PdCommand::ImportVm));
+        assert_eq!(f.vm_type.as_deref(), Some("macvm"));
+        assert_eq!(f.vm_size, Some(20480));
+        assert_eq!(f.vm_remote_path.as_deref(), Some("images/ubuntu.pvm"));
+        assert_eq!(f.is_compressed, Some(true));
+        assert!(f.force);
+        assert_eq!(f.compress_pack, Some(true));
+        assert_eq!(f.compress_pack_level.as_deref(), Some("best_speed"));
+        assert_eq!(f.client.as_deref(), Some("eyJuYW1lIjoiY2kifQ=="));
+        assert_eq!(f.password.as_deref(), Some("s3cr3t"));
+        let unused: Vec<&str> = f.unused().into_iter().map(|(d, _)| d).collect();
+        assert_eq!(unused, ["CLIENT", "COMPRESS_PACK", "COMPRESS_PACK_LEVEL"]);
+        let f = ok("FORCE false\nIS_COMPRESSED no\nDO IMPORT-VM\n");
+        assert!(!f.force);
+        assert_eq!(f.is_compressed, Some(false));
+        for (text, line, needle) in [
+            ("VM_TYPE parallels-desktop\n", 1, "use pvm or macvm"),
+            ("CATALOG_ID x\nVM_SIZE 0\n", 2, "above 0"),
+            ("COMPRESS_PACK_LEVEL fastest\n", 1, "best_speed"),
+            ("CLIENT\n", 1, "CLIENT needs"),
+            ("IMPORT-VM\n", 1, "unknown directive IMPORT-VM"),
+            ("PREFIX /x\n", 1, "unknown directive PREFIX"),
+            ("RUN clone\n", 1, "import-vm"),
+        ] {
+            let e = parse(text, &env).unwrap_err();
+            assert_eq!(e.line, line, "{text:?}: {e}");
+            assert!(e.to_string().contains(needle), "{text:?}: {e}");
+        }
     }
 
     #[test]

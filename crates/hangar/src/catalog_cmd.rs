@@ -29,31 +29,24 @@ use crate::output::{Output, print};
 
 // ----- the server side -----------------------------------------------------------------
 
-/// Starts the catalog module when `ENABLED_MODULES` is empty or names it, and records
-/// its status in `modules`.
+/// Starts the catalog module when `ENABLED_MODULES` (or `MODE`) asks for it or names
+/// nothing, and records its status in `modules`. The host image cache is configured by the
+/// `CATALOG_CACHE_*` keys (`Settings::catalog_cache`).
 pub fn start_catalog(
     l: &Layers,
+    s: &crate::settings::Settings,
     store: Arc<dyn Store>,
     dir: &Path,
     bus: EventBus,
     modules: &mut [ModuleStatus],
 ) -> Result<Option<Arc<Catalog>>> {
-    let requested = l.list("ENABLED_MODULES");
-    let wanted = requested.is_empty() || requested.iter().any(|m| m == "catalog");
-    let (catalog, running, message) = if !wanted {
+    let (catalog, running, message) = if !s.modules.wants("catalog") {
         (None, false, "not requested in ENABLED_MODULES".to_string())
     } else {
         let mut options = CatalogOptions::new(dir);
-        options.cache_dir = l.string("CATALOG_CACHE_FOLDER").map(std::path::PathBuf::from);
+        options.cache_dir = s.catalog_cache.folder.clone();
         options.local_roots = l.list("CATALOG_LOCAL_ROOTS").into_iter().map(std::path::PathBuf::from).collect();
-        let mib = |key: &str| -> Result<Option<u64>> {
-            Ok(match l.get(key) {
-                Some(_) => Some(l.number::<u64>(key)?.saturating_mul(1 << 20)),
-                None => None,
-            })
-        };
-        options.cache_limits.keep_free_bytes = mib("CATALOG_CACHE_KEEP_FREE_DISK_SPACE")?;
-        options.cache_limits.max_bytes = mib("CATALOG_CACHE_MAX_SIZE")?;
+        options.cache_limits = s.catalog_cache.limits;
         match Catalog::new(store, bus, options) {
             Ok(c) => {
                 let msg = format!("serving manifests; host image cache in {}", c.cache_dir().display());
@@ -82,8 +75,20 @@ pub enum CatalogCommand {
     /// Download an image through the catalog server into a local folder.
     #[command(disable_version_flag = true)]
     Pull(PullArgs),
-    /// Every manifest you may see.
-    List,
+    /// Every manifest you may see; with a PDFile, of the catalog its FROM names.
+    List {
+        /// A PDFile (`FROM`, `AUTHENTICATE ...`, `INSECURE`).
+        file: Option<PathBuf>,
+    },
+    /// Do what a PDFile says (`RUN push|pull|list|import|import-vm`, or pull with FROM,
+    /// push with TO), as the reference's `catalog run`.
+    #[command(disable_version_flag = true)]
+    Run {
+        file: PathBuf,
+        /// For a pull: register the VM on this Hangar host (see `hangar pull --help`).
+        #[arg(long)]
+        host: Option<String>,
+    },
     /// Manifests of one id, one version, or one architecture.
     Get { catalog_id: String, version: Option<String>, architecture: Option<String> },
     /// Make a version unpullable until it is untainted.
@@ -210,8 +215,7 @@ struct Server {
 }
 
 fn read_pdfile(path: &Path) -> Result<PdFile> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    pdfile::parse(&text, &|k| std::env::var(k).ok()).with_context(|| format!("{}", path.display()))
+    crate::pdfile_cmd::read(path)
 }
 
 impl Server {
@@ -312,6 +316,8 @@ pub async fn run(cmd: CatalogCommand, url: Option<&str>, out: Output) -> Result<
     match cmd {
         CatalogCommand::Push(a) => push(a, url, out).await,
         CatalogCommand::Pull(a) => pull(a, url, out).await,
+        CatalogCommand::List { file: Some(f) } => crate::pdfile_cmd::list(&f, url, out).await,
+        CatalogCommand::Run { file, host } => crate::pdfile_cmd::run(file, host, url, out).await,
         other => {
             let s = Server::connect(url, None, None).await?;
             admin(&s, other, out).await
@@ -323,7 +329,7 @@ async fn admin(s: &Server, cmd: CatalogCommand, out: Output) -> Result<()> {
     use reqwest::Method;
     let entry = |id: &str, v: &str, a: &str| format!("/catalog/{}/{}/{}", segment(id), segment(v), segment(a));
     match cmd {
-        CatalogCommand::List => {
+        CatalogCommand::List { .. } => {
             let v = s.call(Method::GET, "/catalog", None).await?;
             if out == Output::Json {
                 print(out, &v, &[]);
@@ -383,8 +389,55 @@ async fn admin(s: &Server, cmd: CatalogCommand, out: Output) -> Result<()> {
                 "architecture": architecture, "meta_path": meta_path, "overwrite": overwrite});
             print(out, &s.call(Method::PUT, "/catalog/import", Some(body)).await?, MANIFEST_COLS);
         }
-        CatalogCommand::Push(_) | CatalogCommand::Pull(_) => unreachable_command()?,
+        CatalogCommand::Push(_) | CatalogCommand::Pull(_) | CatalogCommand::Run { .. } => unreachable_command()?,
     }
+    Ok(())
+}
+
+/// `hangar catalog list FILE`: the catalog the PDFile's `FROM` (or `TO`) names, with its
+/// credentials.
+pub async fn list_with(pd: Option<&PdFile>, url: Option<&str>, out: Output) -> Result<()> {
+    let target = pd.and_then(|p| p.from.clone().or(p.to.clone()));
+    let s = Server::connect(url, pd, target.as_deref()).await?;
+    admin(&s, CatalogCommand::List { file: None }, out).await
+}
+
+/// `RUN import` in a PDFile: a reference entry (`.meta` + `.pdpack`) from `PROVIDER`.
+pub async fn import_with(pd: &PdFile, url: Option<&str>, out: Output) -> Result<()> {
+    let s = Server::connect(url, Some(pd), pd.to.clone().or(pd.from.clone()).as_deref()).await?;
+    let provider = pd.provider.clone().context("RUN import needs PROVIDER (the storage holding the entry)")?;
+    let catalog_id = pd.catalog_id.clone().context("RUN import needs CATALOG_ID")?;
+    let architecture = pd.architecture.context("RUN import needs ARCHITECTURE")?;
+    admin(
+        &s,
+        CatalogCommand::Import {
+            provider,
+            catalog_id,
+            version: pd.version.clone(),
+            architecture: architecture.as_str().to_string(),
+            meta_path: None,
+            overwrite: pd.force,
+        },
+        out,
+    )
+    .await
+}
+
+/// `RUN import-vm` in a PDFile: a VM pack already in `PROVIDER` at `VM_REMOTE_PATH`,
+/// registered with the reference's `PUT /catalog/import-vm`.
+pub async fn import_vm_with(pd: &PdFile, url: Option<&str>, out: Output) -> Result<()> {
+    let s = Server::connect(url, Some(pd), pd.to.clone().or(pd.from.clone()).as_deref()).await?;
+    let body = json!({
+        "catalog_id": pd.catalog_id.clone().context("RUN import-vm needs CATALOG_ID")?,
+        "version": pd.version.clone().context("RUN import-vm needs VERSION")?,
+        "architecture": pd.architecture.context("RUN import-vm needs ARCHITECTURE")?.as_str(),
+        "connection": pd.provider.clone().context("RUN import-vm needs PROVIDER")?,
+        "machine_remote_path": pd.vm_remote_path.clone().context("RUN import-vm needs VM_REMOTE_PATH")?,
+        "type": pd.vm_type.clone(), "size": pd.vm_size, "is_compressed": pd.is_compressed.unwrap_or(false),
+        "force": pd.force, "description": pd.description.clone(),
+        "tags": pd.tags.clone(), "required_roles": pd.roles.clone(), "required_claims": pd.claims.clone(),
+    });
+    print(out, &s.call(reqwest::Method::PUT, "/catalog/import-vm", Some(body)).await?, MANIFEST_COLS);
     Ok(())
 }
 
@@ -449,7 +502,7 @@ pub async fn push(a: PushArgs, url: Option<&str>, out: Output) -> Result<()> {
     let body = json!({
         "catalog_id": catalog_id, "version": version, "architecture": arch.as_str(),
         "description": a.description.clone().or(pdv.description.clone()),
-        "type": a.vm_type.clone(),
+        "type": a.vm_type.clone().or(pdv.vm_type.clone()),
         "tags": tags, "required_roles": roles, "required_claims": claims,
         "minimum_requirements": pdv.minimum_requirements.map(|r| json!({"cpu": r.cpu, "memory": r.memory, "disk": r.disk})),
         "connection": provider, "overwrite": a.overwrite,

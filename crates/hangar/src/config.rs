@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 
 /// A configuration key: name, default (empty: none), meaning. The default is the only one:
 /// `crate::settings` reads it when the key is unset or empty.
@@ -80,6 +80,32 @@ pub const KEYS: &[Key] = &[
         "",
         "Comma list of absolute folders that local-storage catalog providers given by API callers (push, import, a new connection) must lie in; SUPER_USERs may name any folder; default <data folder>/catalog",
     ),
+    k(
+        "MODE",
+        "",
+        "The reference's older module switch: api (every module this machine supports), orchestrator or catalog; ENABLED_MODULES wins when both are set, and also accepts the reference's cors, cache and catalog_manager",
+    ),
+    k(
+        "CATALOG_CACHE_FOLDER",
+        "",
+        "Folder of the host image cache (images/ and chunks/ of pulled catalog images); default <data folder>/catalog-cache",
+    ),
+    k(
+        "DISABLE_CATALOG_CACHING",
+        "false",
+        "true: the host image cache keeps no chunks (every pull downloads them again); the unpacked image of each entry's current version stays, as it is the source VMs are cloned from",
+    ),
+    k(
+        "CATALOG_CACHE_KEEP_FREE_DISK_SPACE",
+        "",
+        "MiB the host image cache leaves free on its file system (evicting least recently used chunks); empty: no floor",
+    ),
+    k("CATALOG_CACHE_MAX_SIZE", "", "Largest size of the host image cache's chunks, in MiB; empty: no limit"),
+    k(
+        "CATALOG_CACHE_ALLOW_CACHE_ABOVE_FREE_DISK_SPACE",
+        "false",
+        "true: ignore CATALOG_CACHE_KEEP_FREE_DISK_SPACE (the cache may fill the disk up to CATALOG_CACHE_MAX_SIZE)",
+    ),
     k("QEMU_BINARY", "", "Path of qemu-system-x86_64 (default: found on PATH)"),
     k("QEMU_ACCELERATION", "auto", "auto (KVM when a real probe works, TCG otherwise), kvm or tcg"),
     k(
@@ -149,6 +175,90 @@ pub const KEYS: &[Key] = &[
     k("BRUTE_FORCE_INCREMENTAL_WAIT", "true", "Double the wait for each further lockout of that address and account"),
 ];
 
+/// Keys of the reference service that Hangar accepts but does not honour, with the reason.
+/// A value given for one (file, `--KEY=value` flag or environment) is reported at start
+/// and by `hangar config check`, never silently dropped; any other unknown key is an error.
+pub const REFERENCE_ONLY: &[(&str, &str)] = &[
+    (
+        "TLS_DISABLE_VALIDATION",
+        "outbound TLS is always verified; give hosts and catalogs certificates the system trusts",
+    ),
+    ("ENCRYPTION_PRIVATE_KEY", "the store is encrypted with DATABASE_ENCRYPTION_KEY_FILE (AES-256-GCM) instead"),
+    ("SECURITY_PASSWORD_SALT_PASSWORD", "passwords are always hashed with argon2id and a per-password salt"),
+    ("DATABASE_SAVE_INTERVAL_MINUTES", "every change is written to the store when it is made"),
+    ("SYSTEM_AUTO_RECOVER_DATABASE", "the store recovers from its journal at every start"),
+    ("GHOST_JOB_TIMEOUT_MINUTES", "jobs left running by a stopped server are failed at start"),
+    ("CATALOG_COMPRESS_VM", "the reference reads but never uses it; images are chunked and compressed per chunk"),
+    ("CATALOG_COMPRESS_VM_RATIO", "the reference reads but never uses it; images are chunked and compressed per chunk"),
+    (
+        "CATALOG_ENABLE_PROVIDER_CREDENTIALS_OBFUSCATION",
+        "provider credentials are sealed in the store and never answered, whatever the caller",
+    ),
+    ("DISABLE_CATALOG_PROVIDER_STREAMING", "chunks are always downloaded and checked one by one"),
+    ("USE_ORCHESTRATOR_RESOURCES", "run a host agent on the orchestrator's machine and add it as a host instead"),
+    ("ORCHESTRATOR_PULL_FREQUENCY_SECONDS", "use ORCHESTRATOR_CHECK_INTERVAL"),
+    ("ORCHESTRATOR_PUBLIC_URL", "hosts join with `hangar agent join` and the URL given there"),
+    ("BASE_URL", "hosts join with `hangar agent join` and the URL given there"),
+    ("VIRTUAL_MACHINES_FOLDER", "the reference never reads it; QEMU VMs live in HOST_VMS_FOLDER"),
+    ("DISABLE_VM_CACHE_REFRESH", "the host module follows the hypervisor's events and re-lists on its own schedule"),
+    (
+        "VM_CACHE_REFRESH_INTERVAL_SECONDS",
+        "the host module follows the hypervisor's events and re-lists on its own schedule",
+    ),
+    ("DISABLE_REVERSE_PROXY", "leave reverse_proxy out of ENABLED_MODULES instead"),
+    ("REVERSE_PROXY_HOST", "give the listen address in the reverse_proxy block of the file or per proxy host"),
+    ("REVERSE_PROXY_PORT", "give the port in the reverse_proxy block of the file or per proxy host"),
+    ("REVERSE_PROXY_OPERATION_TIMEOUT", "the reverse proxy's timeouts are fixed"),
+    ("REVERSE_PROXY_SHUTDOWN_TIMEOUT", "the reverse proxy's timeouts are fixed"),
+    ("REVERSE_PROXY_READ_TIMEOUT", "the reverse proxy's timeouts are fixed"),
+    ("REVERSE_PROXY_WRITE_TIMEOUT", "the reverse proxy's timeouts are fixed"),
+    ("REVERSE_PROXY_IDLE_TIMEOUT", "the reverse proxy's timeouts are fixed"),
+    ("ENABLE_PACKER_PLUGIN", "packer templates are deliberately not served"),
+    ("ENABLE_VAGRANT_PLUGIN", "Vagrant boxes are deliberately not served"),
+    ("ENABLE_SSH_INSECURE_KEY", "SSH execute is deliberately not served"),
+    ("URL_WHITELIST", "there are no server-side URL helpers to guard"),
+    ("DISABLE_URL_VALIDATION", "there are no server-side URL helpers to guard"),
+    ("ENABLE_CANARY", "there are no canary or beta features"),
+    ("ENABLE_BETA", "there are no canary or beta features"),
+    ("AMPLITUDE_API_KEY", "Hangar sends no telemetry"),
+    ("HMAC_SECRET", "the reference's installer key; use JWT_HMACS_SECRET"),
+    ("TOKEN_DURATION_MINUTES", "the reference's installer key; use JWT_DURATION"),
+    ("BRUTE_FORCE_LOCK_DURATION", "the name in the reference's help text; use BRUTE_FORCE_LOCKOUT_DURATION"),
+];
+
+/// The reference's names of the config file (`--config` overrides), each tried with every
+/// extension in [`CONFIG_EXTENSIONS`], in each folder of [`config_folders`], first found wins.
+pub const CONFIG_BASE_NAMES: &[&str] = &["prldevops_config", "config", "hangar"];
+/// The reference's extensions, in its order, then Hangar's TOML.
+pub const CONFIG_EXTENSIONS: &[&str] = &[".local.yaml", ".local.yml", ".local.json", ".yaml", ".yml", ".json", ".toml"];
+
+/// Where the config file is looked for when `--config` is not given: the executable's
+/// folder, its `prldevops_config` sub-folder and `/etc/prl-devops-service` (the reference's
+/// places), then `/etc/hangar`.
+pub fn config_folders(exe: &Path) -> Vec<PathBuf> {
+    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    vec![
+        dir.clone(),
+        dir.join("prldevops_config"),
+        PathBuf::from("/etc/prl-devops-service"),
+        PathBuf::from("/etc/hangar"),
+    ]
+}
+
+/// The first config file found in `folders` (see [`CONFIG_BASE_NAMES`]).
+pub fn find_config_file(folders: &[PathBuf]) -> Option<PathBuf> {
+    folders.iter().find_map(|dir| {
+        CONFIG_BASE_NAMES
+            .iter()
+            .find_map(|base| CONFIG_EXTENSIONS.iter().map(|ext| dir.join(format!("{base}{ext}"))).find(|p| p.is_file()))
+    })
+}
+
+fn reference_only(name: &str) -> Option<(&'static str, &'static str)> {
+    let up = name.trim().to_ascii_uppercase().replace('-', "_");
+    REFERENCE_ONLY.iter().find(|(k, _)| *k == up).copied()
+}
+
 /// Where a value came from, for error messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
@@ -176,6 +286,92 @@ pub struct Layers {
     values: BTreeMap<&'static str, (String, Source)>,
     /// The file's `[reverse_proxy]` table (the reference's `reverse_proxy:` block), as JSON.
     reverse_proxy: Option<serde_json::Value>,
+    /// Reference keys given a value that Hangar does not honour: name, source, reason.
+    unhonoured: Vec<(&'static str, Source, &'static str)>,
+    /// The config file read, if any.
+    file: Option<PathBuf>,
+}
+
+/// A config file's raw values: `(name as written, value)`, and its reverse-proxy block.
+type FileValues = (Vec<(String, String)>, Option<serde_json::Value>);
+
+fn scalar_text(path: &Path, name: &str, v: &serde_json::Value) -> Result<String> {
+    Ok(match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) => n.to_string(),
+        serde_json::Value::Bool(b) => b.to_string(),
+        serde_json::Value::Null => String::new(),
+        serde_json::Value::Array(a) => a
+            .iter()
+            .map(|x| x.as_str().map(String::from).unwrap_or_else(|| x.to_string()))
+            .collect::<Vec<_>>()
+            .join(","),
+        serde_json::Value::Object(_) => {
+            bail!("{}: key {name} has a map as its value; give a plain value", path.display())
+        }
+    })
+}
+
+/// Reads a config file: TOML (Hangar's: keys at the top level, `[reverse_proxy]`), or the
+/// reference's YAML or JSON (`.yaml`, `.yml`, `.json`: keys in the `environment:` map, a
+/// `reverse_proxy:` block).
+fn read_file(path: &Path) -> Result<FileValues> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read the config file {}", path.display()))?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("").to_ascii_lowercase();
+    let reference_format = [".yaml", ".yml", ".json"].iter().any(|e| name.ends_with(e));
+    let mut values = Vec::new();
+    if !reference_format {
+        let table: toml::Table = text.parse().with_context(|| format!("{} is not valid TOML", path.display()))?;
+        let mut rp = None;
+        for (k, v) in table {
+            if k.eq_ignore_ascii_case("reverse_proxy") {
+                if !v.is_table() {
+                    bail!("{}: reverse_proxy must be a table ([reverse_proxy])", path.display());
+                }
+                rp = Some(
+                    serde_json::to_value(&v).with_context(|| format!("{}: the reverse_proxy table", path.display()))?,
+                );
+                continue;
+            }
+            let j = serde_json::to_value(&v).with_context(|| format!("{}: key {k}", path.display()))?;
+            values.push((k.clone(), scalar_text(path, &k, &j)?));
+        }
+        return Ok((values, rp));
+    }
+    let doc: serde_json::Value = if name.ends_with(".json") {
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?
+    } else {
+        serde_yaml::from_str(&text).with_context(|| format!("{} is not valid YAML", path.display()))?
+    };
+    let serde_json::Value::Object(top) = doc else {
+        bail!("{}: the file must be a map with an `environment:` map of keys", path.display());
+    };
+    let mut rp = None;
+    for (k, v) in top {
+        match k.to_ascii_lowercase().as_str() {
+            "environment" => {
+                let serde_json::Value::Object(env) = v else {
+                    bail!("{}: `environment` must be a map of KEY: value", path.display());
+                };
+                for (name, value) in env {
+                    let text = scalar_text(path, &name, &value)?;
+                    values.push((name, text));
+                }
+            }
+            "reverse_proxy" => {
+                if !v.is_object() {
+                    bail!("{}: reverse_proxy must be a map", path.display());
+                }
+                rp = Some(v);
+            }
+            _ => bail!(
+                "{}: unknown top-level entry {k:?}; keys go in the `environment:` map, proxies in `reverse_proxy:`",
+                path.display()
+            ),
+        }
+    }
+    Ok((values, rp))
 }
 
 fn key(name: &str) -> Option<&'static Key> {
@@ -186,64 +382,84 @@ fn key(name: &str) -> Option<&'static Key> {
 impl Layers {
     /// The file, then the process environment, then flags. Unknown keys in the file and
     /// the flags are all reported together.
+    #[cfg(test)]
     pub fn load(
         file: Option<&Path>,
         env: &dyn Fn(&str) -> Option<String>,
         flags: &[(String, String)],
     ) -> Result<Layers> {
-        let mut l = Layers::default();
+        Layers::load_all(file, &[], env, flags)
+    }
+
+    /// The reference's order, then Hangar's own flags: the file (its `environment:` map),
+    /// then the reference-style `--KEY=value` flags (`key_flags`), then the process
+    /// environment, then `--set KEY=VALUE` / `--port` / `--data-dir` (`flags`). Unknown keys
+    /// are all reported together; reference keys Hangar does not honour are recorded
+    /// ([`Layers::unhonoured`]).
+    pub fn load_all(
+        file: Option<&Path>,
+        key_flags: &[(String, String)],
+        env: &dyn Fn(&str) -> Option<String>,
+        flags: &[(String, String)],
+    ) -> Result<Layers> {
+        let mut l = Layers { file: file.map(Path::to_path_buf), ..Layers::default() };
         let mut unknown = Vec::new();
+        let mut given: Vec<(String, String, Source, String)> = Vec::new();
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read the config file {}", path.display()))?;
-            let table: toml::Table = text.parse().with_context(|| format!("{} is not valid TOML", path.display()))?;
-            for (name, v) in table {
-                if name.eq_ignore_ascii_case("reverse_proxy") {
-                    if !v.is_table() {
-                        bail!("{}: reverse_proxy must be a table ([reverse_proxy])", path.display());
-                    }
-                    l.reverse_proxy = Some(
-                        serde_json::to_value(&v)
-                            .with_context(|| format!("{}: the reverse_proxy table", path.display()))?,
-                    );
-                    continue;
-                }
-                let Some(k) = key(&name) else {
-                    unknown.push(format!("{}: unknown key {name:?}", path.display()));
-                    continue;
-                };
-                let value = match v {
-                    toml::Value::String(s) => s,
-                    toml::Value::Integer(i) => i.to_string(),
-                    toml::Value::Boolean(b) => b.to_string(),
-                    toml::Value::Float(f) => f.to_string(),
-                    toml::Value::Array(a) => a
-                        .iter()
-                        .map(|x| x.as_str().map(String::from).unwrap_or_else(|| x.to_string()))
-                        .collect::<Vec<_>>()
-                        .join(","),
-                    other => bail!("{}: key {name} has an unsupported value {other}", path.display()),
-                };
-                l.values.insert(k.name, (value, Source::File));
+            let (values, rp) = read_file(path)?;
+            l.reverse_proxy = rp;
+            for (name, v) in values {
+                given.push((name.clone(), v, Source::File, format!("{}: unknown key {name:?}", path.display())));
             }
+        }
+        for (name, v) in key_flags {
+            given.push((
+                name.clone(),
+                v.clone(),
+                Source::Flag,
+                format!("unknown configuration key {name:?} in --{name}="),
+            ));
         }
         for k in KEYS {
             if let Some(v) = env(k.name) {
-                l.values.insert(k.name, (v, Source::Env));
+                given.push((k.name.to_string(), v, Source::Env, String::new()));
+            }
+        }
+        for (k, _) in REFERENCE_ONLY {
+            if let Some(v) = env(k) {
+                given.push((k.to_string(), v, Source::Env, String::new()));
             }
         }
         for (name, v) in flags {
-            match key(name) {
-                Some(k) => {
-                    l.values.insert(k.name, (v.clone(), Source::Flag));
+            given.push((name.clone(), v.clone(), Source::Flag, format!("unknown configuration key {name:?} in --set")));
+        }
+        for (name, v, source, unknown_message) in given {
+            if let Some(k) = key(&name) {
+                l.values.insert(k.name, (v, source));
+            } else if let Some((k, why)) = reference_only(&name) {
+                if !v.trim().is_empty() {
+                    l.unhonoured.retain(|(n, _, _)| *n != k);
+                    l.unhonoured.push((k, source, why));
                 }
-                None => unknown.push(format!("unknown configuration key {name:?} in --set")),
+            } else {
+                unknown.push(unknown_message);
             }
         }
         if !unknown.is_empty() {
             bail!("{}; `hangar config keys` lists the known keys", unknown.join("; "));
         }
         Ok(l)
+    }
+
+    /// Reference keys given a value that Hangar does not honour: name, where it was
+    /// given, why it is not honoured. `hangar serve` warns about each at start.
+    pub fn unhonoured(&self) -> &[(&'static str, Source, &'static str)] {
+        &self.unhonoured
+    }
+
+    /// The config file these values were read from.
+    pub fn file(&self) -> Option<&Path> {
+        self.file.as_deref()
     }
 
     /// The configuration file's `[reverse_proxy]` table (listeners and routes, the reference's
@@ -263,19 +479,23 @@ impl Layers {
         self.values.get(name).map(|(v, s)| (v.trim(), *s)).filter(|(v, _)| !v.is_empty())
     }
 
+    #[cfg(test)]
     fn source(&self, name: &str) -> Source {
         self.values.get(name).map(|(_, s)| *s).unwrap_or(Source::Default)
     }
 
+    #[cfg(test)]
     fn bad(&self, name: &str, want: &str) -> anyhow::Error {
         let v = self.get(name).unwrap_or("");
-        anyhow!("{name}={v:?} (from the {}) is not {want}", self.source(name))
+        anyhow::anyhow!("{name}={v:?} (from the {}) is not {want}", self.source(name))
     }
 
+    #[cfg(test)]
     pub fn string(&self, name: &str) -> Option<String> {
         self.get(name).map(String::from)
     }
 
+    #[cfg(test)]
     pub fn number<T: std::str::FromStr>(&self, name: &str) -> Result<T> {
         self.get(name).unwrap_or("").parse().map_err(|_| self.bad(name, "a number"))
     }

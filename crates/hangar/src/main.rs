@@ -7,6 +7,7 @@ mod host_cmd;
 mod import_pds;
 mod logging;
 mod output;
+mod pdfile_cmd;
 mod serve;
 mod settings;
 mod stats;
@@ -40,9 +41,15 @@ struct Cli {
 
 #[derive(Args, Clone, Default)]
 struct ServerConfigArgs {
-    /// TOML configuration file (keys as in `hangar config keys`).
+    /// Configuration file: the reference's YAML or JSON (keys in its `environment:` map) or
+    /// TOML. Default: the first prldevops_config or config (.local.yaml, .local.yml,
+    /// .local.json, .yaml, .yml, .json, .toml) in the executable's folder, its
+    /// prldevops_config folder, /etc/prl-devops-service or /etc/hangar.
     #[arg(long, env = "HANGAR_CONFIG")]
     config: Option<PathBuf>,
+    /// The reference's `--KEY=value` flags, rewritten by `main` (below the environment).
+    #[arg(long = "key-flag", hide = true, value_name = "KEY=VALUE")]
+    key_flags: Vec<String>,
     /// Data folder (DATABASE_FOLDER).
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -67,7 +74,18 @@ impl ServerConfigArgs {
         if let Some(p) = self.port {
             flags.push(("API_PORT".into(), p.to_string()));
         }
-        Layers::load(self.config.as_deref(), &|k| std::env::var(k).ok(), &flags)
+        let mut key_flags = Vec::new();
+        for kv in &self.key_flags {
+            let (k, v) = kv.split_once('=').with_context(|| format!("--{kv:?}: write --KEY=value"))?;
+            key_flags.push((k.to_string(), v.to_string()));
+        }
+        let file = match &self.config {
+            Some(f) => Some(f.clone()),
+            None => {
+                std::env::current_exe().ok().and_then(|exe| config::find_config_file(&config::config_folders(&exe)))
+            }
+        };
+        Layers::load_all(file.as_deref(), &key_flags, &|k| std::env::var(k).ok(), &flags)
     }
 
     /// The layered configuration and the typed settings parsed from it (every problem at once).
@@ -80,7 +98,8 @@ impl ServerConfigArgs {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Start the server with the enabled modules.
+    /// Start the server with the enabled modules (`api`: the reference's name).
+    #[command(alias = "api")]
     Serve(ServerConfigArgs),
     /// Offline operations on the data folder (stop the server first).
     Db {
@@ -131,8 +150,10 @@ enum Command {
     },
     /// Push an image as a PDFile describes it (the same as `hangar catalog push FILE`).
     Push(catalog_cmd::PushArgs),
-    /// Pull an image as a PDFile describes it (the same as `hangar catalog pull FILE`).
-    Pull(catalog_cmd::PullArgs),
+    /// Pull as a PDFile describes it: with --host, the reference's pull (the VM is created
+    /// on that Hangar host under MACHINE_NAME with OWNER, then CLONE, START_AFTER_PULL and
+    /// EXECUTE); without, the image is downloaded into DESTINATION.
+    Pull(pdfile_cmd::PullFileArgs),
     /// VMs of a host.
     Vm {
         #[command(subcommand)]
@@ -208,6 +229,9 @@ enum ConfigCommand {
         #[arg(long)]
         markdown: bool,
     },
+    /// Load the configuration as `hangar serve` would: the file used, every problem, and the
+    /// reference keys given that Hangar does not honour (with why).
+    Check(ServerConfigArgs),
 }
 
 #[derive(Subcommand)]
@@ -331,8 +355,29 @@ fn read_secret_stdin(what: &str) -> Result<String> {
     Ok(s)
 }
 
+/// The reference's `--KEY=value` flags (an upper-case or `_` name, such as `--API_PORT=80`)
+/// become `--key-flag KEY=value`; Hangar's own flags are lower-case with `-`.
+fn rewrite_key_flags(args: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let mut out = Vec::new();
+    for a in args {
+        let key = a.to_str().and_then(|t| t.strip_prefix("--")).and_then(|t| t.split_once('=')).filter(|(k, _)| {
+            !k.is_empty()
+                && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                && k.bytes().any(|b| b.is_ascii_uppercase() || b == b'_')
+        });
+        match key {
+            Some((k, v)) => {
+                out.push("--key-flag".into());
+                out.push(format!("{k}={v}").into());
+            }
+            None => out.push(a),
+        }
+    }
+    out
+}
+
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(rewrite_key_flags(std::env::args_os()));
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -349,15 +394,52 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// What the reference's module names that are not modules here turn on.
+fn reference_module(m: &str) -> &'static str {
+    match m {
+        "cors" => "CORS is on (as ENABLE_CORS=true)",
+        "cache" => "the host image cache, held by the catalog module, which is started",
+        "catalog_manager" => "the /catalog-managers routes, always served by the api module",
+        _ => "",
+    }
+}
+
 async fn run(cli: Cli) -> Result<()> {
     let out = cli.output;
     match cli.command {
         Command::Serve(cfg) => {
             let (l, s) = cfg.load()?;
             logging::init(&s.log)?;
+            if let Some(f) = l.file() {
+                tracing::info!(file = %f.display(), "configuration file read");
+            }
+            for (key, source, why) in l.unhonoured() {
+                tracing::warn!(
+                    "{key} (from the {source}) is a key of the reference service that Hangar does not honour: {why}"
+                );
+            }
+            for m in &s.modules.reference_names {
+                tracing::info!("ENABLED_MODULES names the reference's {m}: {}", reference_module(m));
+            }
             serve::run(l, s).await
         }
         Command::Db { command } => db(command, out).await,
+        Command::Config { command: ConfigCommand::Check(cfg) } => {
+            let l = cfg.layers()?;
+            match l.file() {
+                Some(f) => println!("configuration file: {}", f.display()),
+                None => println!("configuration file: none found"),
+            }
+            for (key, source, why) in l.unhonoured() {
+                println!("not honoured: {key} (from the {source}): {why}");
+            }
+            let s = Settings::from_layers(&l)?;
+            for m in &s.modules.reference_names {
+                println!("module {m}: {}", reference_module(m));
+            }
+            println!("configuration is valid");
+            Ok(())
+        }
         Command::Config { command: ConfigCommand::Keys { markdown } } => {
             if markdown {
                 println!("| Key | Default | Meaning |\n|---|---|---|");
@@ -415,7 +497,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Catalog { command } => catalog_cmd::run(command, cli.url.as_deref(), out).await,
         Command::Push(a) => catalog_cmd::push(a, cli.url.as_deref(), out).await,
-        Command::Pull(a) => catalog_cmd::pull(a, cli.url.as_deref(), out).await,
+        Command::Pull(a) => pdfile_cmd::pull(a, cli.url.as_deref(), out).await,
         Command::Openapi => {
             let doc = serde_json::to_value(hangar_api::openapi_document())?;
             println!("{}", serde_json::to_string_pretty(&doc)?);

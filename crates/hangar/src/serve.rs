@@ -321,7 +321,7 @@ pub async fn run(l: Layers, s: Settings) -> Result<()> {
     let (mut modules, host) = module_statuses(&s, store.clone(), bus.clone()).await;
     // ----- catalog module (crates/hangar-catalog, started in catalog_cmd.rs) -----
     let catalog_store: Arc<dyn Store> = store.clone();
-    let catalog = crate::catalog_cmd::start_catalog(&l, catalog_store, &dir, bus.clone(), &mut modules)?;
+    let catalog = crate::catalog_cmd::start_catalog(&l, &s, catalog_store, &dir, bus.clone(), &mut modules)?;
     // ----- end of catalog module -----
     let orchestrator = start_orchestrator(&s, store.clone(), &dir, bus.clone(), &mut modules).await?;
     let reverse_proxy = start_reverse_proxy(

@@ -65,6 +65,8 @@ pub struct Settings {
     pub tls: TlsSettings,
     pub database: DatabaseSettings,
     pub reverse_proxy: ReverseProxySettings,
+    /// `CATALOG_CACHE_*`, `DISABLE_CATALOG_CACHING`: the host image cache of the catalog module.
+    pub catalog_cache: CatalogCacheSettings,
     /// `ENABLE_CORS`, `CORS_ALLOWED_ORIGINS`, `CORS_ALLOWED_METHODS`, `CORS_ALLOWED_HEADERS`.
     pub cors: CorsConfig,
 }
@@ -103,10 +105,25 @@ pub struct LogSettings {
     pub file: Option<PathBuf>,
 }
 
-/// `ENABLED_MODULES`: the modules asked for; none named means every module.
+/// `ENABLED_MODULES` (or `MODE`): the modules asked for; none named means every module.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Modules {
     requested: Vec<&'static str>,
+    /// The reference's module names that were named in `ENABLED_MODULES` (`cors`, `cache`,
+    /// `catalog_manager`): `cors` turns CORS on, `cache` the catalog module (which holds the
+    /// host image cache); the catalog-managers routes are part of the api module.
+    pub reference_names: Vec<&'static str>,
+}
+
+/// The host image cache (`CATALOG_CACHE_*`, `DISABLE_CATALOG_CACHING`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CatalogCacheSettings {
+    /// `CATALOG_CACHE_FOLDER`; `None`: `<data folder>/catalog-cache`.
+    pub folder: Option<PathBuf>,
+    /// `CATALOG_CACHE_MAX_SIZE` (0 with `DISABLE_CATALOG_CACHING`) and
+    /// `CATALOG_CACHE_KEEP_FREE_DISK_SPACE` (ignored with
+    /// `CATALOG_CACHE_ALLOW_CACHE_ABOVE_FREE_DISK_SPACE`), in bytes.
+    pub limits: hangar_catalog::hangar_image::CacheLimits,
 }
 
 impl Modules {
@@ -302,6 +319,15 @@ impl Settings {
         let log_file_path = r.optional("LOG_FILE_PATH", path);
         let log_file_path_alias = r.optional("PRL_DEVOPS_LOG_FILE_PATH", path);
         let modules = r.optional("ENABLED_MODULES", modules);
+        let modules_named_cors = matches!(&modules, Some(Some(m)) if m.contains(&"cors"));
+        let mode = r.optional("MODE", |v| {
+            choice(v, &[("api", &[][..]), ("orchestrator", &["orchestrator"][..]), ("catalog", &["catalog"][..])])
+        });
+        let cache_folder = r.optional("CATALOG_CACHE_FOLDER", path);
+        let cache_disabled = r.required("DISABLE_CATALOG_CACHING", boolean);
+        let cache_keep_free = r.optional("CATALOG_CACHE_KEEP_FREE_DISK_SPACE", whole::<u64>("a whole number of MiB"));
+        let cache_max = r.optional("CATALOG_CACHE_MAX_SIZE", whole::<u64>("a whole number of MiB"));
+        let cache_above_free = r.required("CATALOG_CACHE_ALLOW_CACHE_ABOVE_FREE_DISK_SPACE", boolean);
 
         let hypervisor = r.required("HYPERVISOR", |v| {
             DriverChoice::from_str(v).map_err(|_| "is not one of auto, qemu or parallels".to_string())
@@ -422,7 +448,19 @@ impl Settings {
                         _ => None,
                     },
                 },
-                modules: Modules { requested: modules?.unwrap_or_default() },
+                modules: {
+                    let named = modules?.unwrap_or_default();
+                    let mode: &[&'static str] = mode?.unwrap_or(&[]);
+                    let (reference_names, mut requested): (Vec<_>, Vec<_>) =
+                        named.into_iter().partition(|m| REFERENCE_MODULES.contains(m));
+                    if reference_names.contains(&"cache") && !requested.contains(&"catalog") {
+                        requested.push("catalog");
+                    }
+                    if requested.is_empty() && reference_names.is_empty() {
+                        requested = mode.to_vec();
+                    }
+                    Modules { requested, reference_names }
+                },
                 host: HostSettings {
                     hypervisor: hypervisor?,
                     vms_folder: vms_folder?.unwrap_or_else(|| data.join("vms")),
@@ -483,8 +521,19 @@ impl Settings {
                         .map(|m| (m > 0).then(|| Duration::from_secs(m.saturating_mul(60))))?,
                     backups_kept: backups_kept?,
                 },
+                catalog_cache: {
+                    let mib = |v: Option<u64>| v.map(|m| m.saturating_mul(1 << 20));
+                    let disabled = cache_disabled?;
+                    CatalogCacheSettings {
+                        folder: cache_folder?,
+                        limits: hangar_catalog::hangar_image::CacheLimits {
+                            max_bytes: if disabled { Some(0) } else { mib(cache_max?) },
+                            keep_free_bytes: if cache_above_free? { None } else { mib(cache_keep_free?) },
+                        },
+                    }
+                },
                 cors: CorsConfig {
-                    enabled: cors_enabled?,
+                    enabled: cors_enabled? || modules_named_cors,
                     allowed_origins: cors_origins?,
                     allowed_methods: cors_methods?.unwrap_or_default(),
                     allowed_headers: cors_headers?.unwrap_or_default(),
@@ -641,13 +690,22 @@ fn list(v: &str) -> Result<Vec<String>, String> {
     Ok(v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
 }
 
+/// The reference's module names that are not modules of their own here (see [`Modules`]).
+pub const REFERENCE_MODULES: &[&str] = &["cors", "cache", "catalog_manager"];
+
 fn modules(v: &str) -> Result<Vec<&'static str>, String> {
     let mut out: Vec<&'static str> = Vec::new();
     for name in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        match MODULES.iter().find(|m| **m == name) {
+        match MODULES.iter().chain(REFERENCE_MODULES).find(|m| m.eq_ignore_ascii_case(name)) {
             Some(m) if !out.contains(m) => out.push(m),
             Some(_) => {}
-            None => return Err(format!("names an unknown module {name:?}; modules are {}", MODULES.join(", "))),
+            None => {
+                return Err(format!(
+                    "names an unknown module {name:?}; modules are {}, and the reference's {}",
+                    MODULES.join(", "),
+                    REFERENCE_MODULES.join(", ")
+                ));
+            }
         }
     }
     Ok(out)
