@@ -27,6 +27,8 @@
 //! routes, so [`hangar_image::pull`] can pull through a server.
 
 /// The architecture alias table lives in `hangar-core`; re-exported for the catalog's users.
+pub mod connection;
+pub mod managers;
 pub mod arch {
     pub use hangar_core::arch::*;
 }
@@ -40,9 +42,11 @@ pub mod version;
 mod import;
 
 pub use arch::Architecture;
+pub use connection::CatalogConnection;
 pub use hangar_blobstore;
 pub use hangar_image;
 pub use import::{IMPORT_VM_TYPES, ImportRequest, ImportVmRequest};
+pub use managers::{CatalogManagerInput, CatalogManagerView};
 pub use model::{CacheItem, ListField, Manifest, MetadataUpdate, MinimumRequirements, NewManifest, PullTicket};
 pub use service::{Catalog, CatalogOptions};
 

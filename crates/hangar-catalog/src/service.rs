@@ -218,6 +218,14 @@ impl Catalog {
     }
 
     /// The host cache folder.
+    pub(crate) fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub(crate) fn sealer(&self) -> &Sealer {
+        &self.sealer
+    }
+
     pub fn cache_dir(&self) -> &Path {
         &self.cache_dir
     }
@@ -232,7 +240,7 @@ impl Catalog {
         self.bus.publish(e);
     }
 
-    fn audit(batch: Batch, actor: &Actor, action: &str, target: &str, detail: Value) -> Result<Batch> {
+    pub(crate) fn audit(batch: Batch, actor: &Actor, action: &str, target: &str, detail: Value) -> Result<Batch> {
         let entry = AuditEntry::new(actor, action, "catalog_manifest", target, detail);
         Ok(batch.put(AUDIT_COLLECTION, &entry.id, to_value(&entry)?))
     }
@@ -1104,7 +1112,7 @@ impl Catalog {
 
     // ----- host cache ------------------------------------------------------------
 
-    async fn chunk_cache(&self) -> Result<Arc<ChunkCache>> {
+    pub(crate) async fn chunk_cache(&self) -> Result<Arc<ChunkCache>> {
         let dir = self.cache_dir.join("chunks");
         let limits = self.cache_limits;
         self.chunk_cache
@@ -1118,7 +1126,7 @@ impl Catalog {
             .cloned()
     }
 
-    fn host_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+    pub(crate) fn host_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
         match self.host_locks.lock() {
             Ok(mut m) => m.entry(id.to_string()).or_default().clone(),
             Err(_) => Arc::new(tokio::sync::Mutex::new(())),
@@ -1280,7 +1288,7 @@ pub(crate) struct Meta {
     pub imported_from: Option<String>,
 }
 
-async fn remove_dir(p: &Path) -> Result<()> {
+pub(crate) async fn remove_dir(p: &Path) -> Result<()> {
     let p = p.to_path_buf();
     tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&p) {
         Ok(()) => Ok(()),

@@ -477,6 +477,8 @@ impl HostClient for HttpHostClient {
             catalog_id: req.image.clone(),
             version: Some(v.clone()),
             architecture: Some(req.architecture.clone()),
+            connection: None,
+            catalog_manager_id: None,
             other: Default::default(),
         });
         let body = hangar_wire::CreateMachineRequest {

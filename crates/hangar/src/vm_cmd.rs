@@ -365,6 +365,8 @@ pub async fn run(c: Client, cmd: VmCommand, out: Output) -> Result<()> {
                             catalog_id: image,
                             version: Some(v),
                             architecture: architecture.clone(),
+                            connection: None,
+                            catalog_manager_id: None,
                             other: Default::default(),
                         }),
                     ),

@@ -496,8 +496,9 @@ async fn a_vm_is_created_from_a_catalog_image_through_the_host_cache() {
         .output()
         .unwrap();
     assert!(out.status.success(), "push: {}", String::from_utf8_lossy(&out.stderr));
-    // The reference clients' create body, `connection` included.
-    let body = |name: &str| json!({"name": name, "architecture": "x86_64", "start_on_create": true, "catalog_manifest": {"catalog_id": "golden", "version": "latest", "connection": "host=http://ignored"}});
+    // The reference clients' create body, `connection` included (here naming this server).
+    let connection = format!("host=http://root:{ROOT_PASSWORD}@{}", s.url.trim_start_matches("http://"));
+    let body = |name: &str| json!({"name": name, "architecture": "x86_64", "start_on_create": true, "catalog_manifest": {"catalog_id": "golden", "version": "latest", "connection": connection}});
     let (st, v) = call(&c, Method::POST, &s.api("/machines"), &ra, Some(body("from-catalog-1")), &[]).await;
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["current_state"], "running");

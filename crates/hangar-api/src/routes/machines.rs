@@ -381,8 +381,28 @@ async fn image_source(s: &AppState, ctx: &RequestContext, req: &CreateMachineReq
         let arch_text = field(&m.architecture).or_else(|| field(&req.architecture)).unwrap_or_else(|| "x86_64".into());
         let arch: hangar_core::Architecture =
             arch_text.parse().map_err(|e: hangar_core::UnknownArchitecture| ApiError::bad_request(e.to_string()))?;
-        let folder =
-            catalog.pull_to_host(ctx.caller()?, &ctx.actor, id, &version, arch).await.map_err(ApiError::from_domain)?;
+        // A `connection` names another catalog server: pull through its API with the
+        // connection's credentials (that server decides access); else this server's catalog.
+        // `catalog_manager_id` names one of the caller's catalog managers, whose stored
+        // credentials are used.
+        let connection = m.connection.as_ref().map(|c| c.expose().trim()).filter(|c| !c.is_empty());
+        let manager = field(&m.catalog_manager_id);
+        let conn = match (connection, manager) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::bad_request("connection and catalog_manager_id cannot both be provided"));
+            }
+            (Some(text), None) => Some(hangar_catalog::CatalogConnection::parse(text)),
+            (None, Some(mid)) => Some(catalog.manager_connection(ctx.caller()?, &mid).await),
+            (None, None) => None,
+        };
+        let folder = match conn {
+            Some(conn) => {
+                let conn = conn.map_err(ApiError::from_domain)?;
+                catalog.pull_remote_to_host(ctx.caller()?, &ctx.actor, &conn, id, &version, arch).await
+            }
+            None => catalog.pull_to_host(ctx.caller()?, &ctx.actor, id, &version, arch).await,
+        }
+        .map_err(ApiError::from_domain)?;
         return Ok(ImageSource::Folder(folder));
     }
     let image = req.image.clone().ok_or_else(|| {
