@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
+use base64::Engine;
 use chrono::{DateTime, Utc};
 use hangar_core::EventBus;
 use hangar_core::audit::Actor;
@@ -35,6 +36,8 @@ pub struct Options {
     pub force: bool,
     pub service_user: String,
     pub service_roles: Vec<String>,
+    /// The reference's `ENCRYPTION_PRIVATE_KEY` (PEM, or PEM in base64), for an encrypted file.
+    pub encryption_key: Option<PathBuf>,
 }
 
 // ----- the reference's records (only the fields the import uses) ---------------------------
@@ -174,20 +177,114 @@ fn names(v: &Option<Vec<Named>>) -> Vec<String> {
     v.iter().flatten().map(|n| n.name.clone()).filter(|n| !n.is_empty()).collect()
 }
 
+/// DER length octets.
+fn der_len(n: usize) -> Vec<u8> {
+    if n < 0x80 {
+        return vec![n as u8];
+    }
+    let b: Vec<u8> = n.to_be_bytes().iter().copied().skip_while(|b| *b == 0).collect();
+    let mut out = vec![0x80 | b.len() as u8];
+    out.extend(b);
+    out
+}
+
+fn der(tag: u8, content: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    out.extend(der_len(content.len()));
+    out.extend_from_slice(content);
+    out
+}
+
+/// The reference's `ENCRYPTION_PRIVATE_KEY`: a PEM RSA key (`RSA PRIVATE KEY`, PKCS#1, as its
+/// `gen-rsa` writes, or `PRIVATE KEY`, PKCS#8), or that PEM in base64 (the form the
+/// variable holds). Answers PKCS#8 DER.
+fn rsa_key_pkcs8(text: &str) -> Result<Vec<u8>> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut text = text.trim().to_string();
+    if !text.starts_with("-----BEGIN") {
+        let compact: String = text.split_whitespace().collect();
+        let decoded = b64.decode(compact).ok().and_then(|b| String::from_utf8(b).ok());
+        text = decoded
+            .filter(|t| t.trim_start().starts_with("-----BEGIN"))
+            .context("the encryption key is neither a PEM RSA private key nor one in base64")?;
+    }
+    let label = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("-----BEGIN ").and_then(|r| r.strip_suffix("-----")))
+        .context("the encryption key has no PEM header")?
+        .to_string();
+    let body: String = text.lines().map(str::trim).filter(|l| !l.starts_with("-----") && !l.contains(':')).collect();
+    let der_bytes = b64.decode(body).context("the encryption key's PEM body is not base64")?;
+    match label.as_str() {
+        "PRIVATE KEY" => Ok(der_bytes),
+        "RSA PRIVATE KEY" => {
+            // PrivateKeyInfo { version 0, rsaEncryption with NULL parameters, the PKCS#1 key }.
+            let alg: &[u8] =
+                &[0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05, 0x00];
+            let mut inner = vec![0x02, 0x01, 0x00];
+            inner.extend_from_slice(alg);
+            inner.extend(der(0x04, &der_bytes));
+            Ok(der(0x30, &inner))
+        }
+        other => bail!("the encryption key is a {other:?}, not an RSA private key"),
+    }
+}
+
+/// Decrypts a file the reference encrypted (`src/security/main.go`): the AES-256 key wrapped
+/// with RSA PKCS#1 v1.5 (as long as the RSA modulus), then the JSON in AES-CFB with the first
+/// 16 bytes of the AES key as IV.
+fn decrypt(key_text: &str, bytes: &[u8]) -> Result<Vec<u8>> {
+    use aws_lc_rs::cipher::{AES_256, DecryptingKey, DecryptionContext, UnboundCipherKey};
+    use aws_lc_rs::iv::FixedLength;
+    use aws_lc_rs::rsa::{Pkcs1PrivateDecryptingKey, PrivateDecryptingKey};
+    let pkcs8 = rsa_key_pkcs8(key_text)?;
+    let key = PrivateDecryptingKey::from_pkcs8(&pkcs8)
+        .map_err(|e| anyhow::anyhow!("the encryption key is not a usable RSA private key: {e}"))?;
+    let n = key.key_size_bytes();
+    let key = Pkcs1PrivateDecryptingKey::new(key).map_err(|_| anyhow::anyhow!("the RSA key cannot decrypt"))?;
+    if bytes.len() < n {
+        bail!("the file is shorter than an RSA-wrapped key: it is not an encrypted data.json");
+    }
+    let mut aes = vec![0u8; n];
+    let aes = key.decrypt(&bytes[..n], &mut aes).map_err(|_| {
+        anyhow::anyhow!("the file does not open with this key (wrong key, or not an encrypted data.json)")
+    })?;
+    if aes.len() != 32 {
+        bail!("the file does not open with this key (the wrapped key is not an AES-256 key)");
+    }
+    let mut iv = [0u8; 16];
+    iv.copy_from_slice(&aes[..16]);
+    let unbound = UnboundCipherKey::new(&AES_256, aes).map_err(|_| anyhow::anyhow!("bad AES key"))?;
+    let cfb = DecryptingKey::cfb128(unbound).map_err(|_| anyhow::anyhow!("AES-CFB is unavailable"))?;
+    let mut body = bytes[n..].to_vec();
+    cfb.decrypt(&mut body, DecryptionContext::Iv128(FixedLength::from(iv)))
+        .map_err(|_| anyhow::anyhow!("the file does not decrypt"))?;
+    Ok(body)
+}
+
 /// Reads and checks the file: a clear error for anything that is not the reference's
 /// `data.json`.
-fn read(path: &Path) -> Result<Data> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+fn read(path: &Path, key: Option<&Path>) -> Result<Data> {
+    let mut bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if let Some(k) = key {
+        let text = std::fs::read_to_string(k).with_context(|| format!("cannot read the key {}", k.display()))?;
+        if bytes.first() != Some(&b'{') {
+            bytes = decrypt(&text, &bytes).with_context(|| format!("cannot decrypt {}", path.display()))?;
+        }
+    }
     if bytes.iter().all(|b| b.is_ascii_whitespace()) {
         bail!("{} is empty", path.display());
     }
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace()).copied().unwrap_or(0);
     if first != b'{' {
         bail!(
-            "{} is not a Parallels DevOps Service data.json: it does not start with a JSON object \
-             (an encrypted file, made with ENCRYPTION_PRIVATE_KEY, is not supported yet: decrypt it \
-             with the reference first)",
-            path.display()
+            "{} is not a Parallels DevOps Service data.json: it does not start with a JSON object{}",
+            path.display(),
+            if key.is_some() {
+                " (even after decryption with the key given)"
+            } else {
+                " (if the reference encrypted it with ENCRYPTION_PRIVATE_KEY, pass that key with --encryption-key FILE)"
+            }
         );
     }
     let v: Value = serde_json::from_slice(&bytes).with_context(|| format!("{} is not valid JSON", path.display()))?;
@@ -285,7 +382,7 @@ struct Kind {
 
 /// Runs the import; answers the report printed by the CLI.
 pub async fn run(s: &Settings, dir: &Path, store: Arc<dyn Store>, opts: Options) -> Result<Value> {
-    let data = read(&opts.file)?;
+    let data = read(&opts.file, opts.encryption_key.as_deref())?;
     let actor = Actor { via: "import-pds".into(), ..Actor::system() };
     let bus = EventBus::new(16);
 

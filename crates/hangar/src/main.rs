@@ -213,6 +213,10 @@ enum DbCommand {
         /// Its roles (the reference ran such keys as root, hence SUPER_USER by default).
         #[arg(long = "service-role", default_value = "SUPER_USER")]
         service_roles: Vec<String>,
+        /// The reference's ENCRYPTION_PRIVATE_KEY (a PEM file, or the base64 the variable
+        /// holds), for a data.json it encrypted.
+        #[arg(long)]
+        encryption_key: Option<PathBuf>,
     },
     /// Take a backup now.
     Backup {
@@ -709,8 +713,8 @@ async fn db(cmd: DbCommand, out: Output) -> Result<()> {
                     &["imported_records", "data_folder"],
                 );
             }
-            DbCommand::ImportPds { file, dry_run, force, service_user, service_roles, .. } => {
-                let opts = import_pds::Options { file, dry_run, force, service_user, service_roles };
+            DbCommand::ImportPds { file, dry_run, force, service_user, service_roles, encryption_key, .. } => {
+                let opts = import_pds::Options { file, dry_run, force, service_user, service_roles, encryption_key };
                 let report = import_pds::run(&s, &dir, store.clone(), opts).await?;
                 print(out, &report, &["status", "file"]);
             }

@@ -351,3 +351,84 @@ fn conflicts_need_force_and_bad_files_are_refused_clearly() {
     assert_eq!(code, 1);
     assert!(err.contains("cannot read"), "{err}");
 }
+
+/// The PKCS#1 `RSAPrivateKey` inside a PKCS#8 `PrivateKeyInfo` (the reference's `gen-rsa`
+/// writes PKCS#1, `RSA PRIVATE KEY`).
+fn pkcs1_of(pkcs8: &[u8]) -> Vec<u8> {
+    // (tag, header length, content length) of the DER element at `at`.
+    fn element(b: &[u8], at: usize) -> (usize, usize) {
+        let first = b[at + 1] as usize;
+        if first < 0x80 {
+            return (2, first);
+        }
+        let n = first & 0x7f;
+        let len = b[at + 2..at + 2 + n].iter().fold(0usize, |a, x| (a << 8) | *x as usize);
+        (2 + n, len)
+    }
+    let (outer_h, _) = element(pkcs8, 0);
+    let mut at = outer_h;
+    for _ in 0..2 {
+        let (h, l) = element(pkcs8, at); // version, then the algorithm
+        at += h + l;
+    }
+    assert_eq!(pkcs8[at], 0x04);
+    let (h, l) = element(pkcs8, at);
+    pkcs8[at + h..at + h + l].to_vec()
+}
+
+/// Encrypts as the reference's `security.EncryptString`: a random AES-256 key wrapped with
+/// RSA PKCS#1 v1.5, then AES-CFB with the key's first 16 bytes as IV.
+fn encrypt_as_the_reference(key: &aws_lc_rs::rsa::PrivateDecryptingKey, plain: &[u8]) -> Vec<u8> {
+    use aws_lc_rs::cipher::{AES_256, EncryptingKey, EncryptionContext, UnboundCipherKey};
+    use aws_lc_rs::iv::FixedLength;
+    let mut aes = [0u8; 32];
+    aws_lc_rs::rand::fill(&mut aes).unwrap();
+    let public = aws_lc_rs::rsa::Pkcs1PublicEncryptingKey::new(key.public_key()).unwrap();
+    let mut wrapped = vec![0u8; public.ciphertext_size()];
+    let wrapped = public.encrypt(&aes, &mut wrapped).unwrap().to_vec();
+    let mut iv = [0u8; 16];
+    iv.copy_from_slice(&aes[..16]);
+    let cfb = EncryptingKey::cfb128(UnboundCipherKey::new(&AES_256, &aes).unwrap()).unwrap();
+    let mut body = plain.to_vec();
+    cfb.less_safe_encrypt(&mut body, EncryptionContext::Iv128(FixedLength::from(iv))).unwrap();
+    [wrapped, body].concat()
+}
+
+#[test]
+fn a_data_json_the_reference_encrypted_imports_with_its_key() {
+    use aws_lc_rs::encoding::AsDer;
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    let key = aws_lc_rs::rsa::PrivateDecryptingKey::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
+    let pkcs1 = pkcs1_of(key.as_der().unwrap().as_ref());
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let pem_body: Vec<String> =
+        b64.encode(&pkcs1).as_bytes().chunks(64).map(|c| String::from_utf8(c.to_vec()).unwrap()).collect();
+    let pem = format!("-----BEGIN RSA PRIVATE KEY-----\n{}\n-----END RSA PRIVATE KEY-----\n", pem_body.join("\n"));
+    // ENCRYPTION_PRIVATE_KEY holds the PEM in base64.
+    let key_file = work.path().join("encryption.key");
+    std::fs::write(&key_file, b64.encode(&pem)).unwrap();
+    let file = work.path().join("data.json");
+    std::fs::write(&file, encrypt_as_the_reference(&key, fixture("Alice").as_bytes())).unwrap();
+
+    let (code, _, err) = import(&file, &data, &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--encryption-key"), "{err}");
+
+    let other = aws_lc_rs::rsa::PrivateDecryptingKey::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
+    let wrong = work.path().join("wrong.key");
+    let other_pem = format!(
+        "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+        b64.encode(other.as_der().unwrap().as_ref())
+    );
+    std::fs::write(&wrong, other_pem).unwrap();
+    let (code, _, err) = import(&file, &data, &["--encryption-key", wrong.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("does not open with this key"), "{err}");
+
+    let (code, out, err) = import(&file, &data, &["--encryption-key", key_file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let r: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["status"], "imported");
+    assert!(names(&r["users"]["created"]).contains(&"alice".to_string()));
+}
