@@ -116,6 +116,9 @@ pub struct ParallelsDriver {
 pub(crate) struct Inner {
     cfg: ParallelsConfig,
     is_root: bool,
+    /// The host user the agent runs as (`root` when root): the `user` of the VMs it lists as
+    /// itself, as the reference reports them.
+    agent_user: String,
     runner: Runner,
     events: broadcast::Sender<VmEvent>,
     /// Last known VMs, for events: filled by the reconcile and by monitor events.
@@ -388,9 +391,12 @@ impl Inner {
             } else {
                 tokio::task::spawn_blocking(move || dir_size(&home)).await.unwrap_or(0)
             };
-            let info = vm.to_info(owner.map(str::to_string), size);
+            // A VM listed as the agent itself belongs to the agent's user (the reference's
+            // `user`); calls for it still run as the agent (`root` is never wrapped).
+            let user = owner.map(str::to_string).or_else(|| Some(self.agent_user.clone()).filter(|u| !u.is_empty()));
+            let info = vm.to_info(user, size);
             if let Ok(mut owners) = self.owners.lock() {
-                owners.insert(info.id.clone(), info.owner.clone());
+                owners.insert(info.id.clone(), owner.map(str::to_string));
             }
             infos.push(info);
         }
@@ -493,12 +499,23 @@ impl ParallelsDriver {
             return Err(HypervisorError::InvalidInput("command_timeout must be positive".to_string()));
         }
         let is_root = cfg.assume_root.unwrap_or_else(|| nix::unistd::geteuid().is_root());
+        let agent_user = if is_root {
+            "root".to_string()
+        } else {
+            nix::unistd::User::from_uid(nix::unistd::geteuid())
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+                .or_else(|| std::env::var("USER").ok())
+                .unwrap_or_default()
+        };
         let (events, _) = broadcast::channel(cfg.event_capacity.max(16));
         let inner = Arc::new(Inner {
             runner: Runner { env: cfg.env.clone(), kill_grace: cfg.kill_grace },
             exec_slots: Semaphore::new(cfg.max_concurrent_exec.max(1)),
             cfg,
             is_root,
+            agent_user,
             events,
             known: Mutex::new(HashMap::new()),
             owners: Mutex::new(HashMap::new()),

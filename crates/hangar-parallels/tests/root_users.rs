@@ -60,10 +60,13 @@ async fn root_lists_every_users_vms_and_starts_one_as_its_user() {
         vec![
             ("alice-vm".to_string(), Some("alice".to_string())),
             ("bob-vm".to_string(), Some("bob".to_string())),
-            ("root-vm".to_string(), None),
+            ("root-vm".to_string(), Some("root".to_string())),
         ],
-        "root sees every user's VMs, each with its user"
+        "root sees every user's VMs, each with its user (its own as root, as the reference reports them)"
     );
+    let root_vm = d.get("root-vm").await.unwrap();
+    let inv = d.prlctl_invocation(&["start", &root_vm.id], root_vm.owner.as_deref());
+    assert!(inv.program.ends_with("prlctl"), "root's own VMs are not wrapped in sudo: {inv:?}");
 
     // Found by name without a list first, started as its user (through sudo -u bob).
     let d = root_driver(&fake, &[]);
@@ -97,7 +100,12 @@ async fn configured_users_limit_what_root_lists_and_a_non_root_agent_sees_its_ow
     assert!(d.get("bob-vm").await.is_err(), "bob is not among the configured users");
 
     let own = fake.driver();
-    assert_eq!(names(own.list().await.unwrap()), vec!["root-vm"], "a non-root agent lists its own VMs only");
+    let mine = own.list().await.unwrap();
+    assert!(
+        mine.iter().all(|v| v.owner.as_deref().is_some_and(|u| !u.is_empty())),
+        "the agent's own user is the VMs' user"
+    );
+    assert_eq!(names(mine), vec!["root-vm"], "a non-root agent lists its own VMs only");
 }
 
 #[tokio::test]

@@ -328,6 +328,7 @@ async fn a_parallels_vm_answer_carries_every_reference_key_with_its_type() {
     assert_eq!(one["Template"], "no");
     assert!(one["Home path"].as_str().unwrap().ends_with("shape-1.pvm/config.pvs"), "{}", one["Home path"]);
     assert_eq!(one["State"], "running");
+    assert!(one["user"].as_str().is_some_and(|u| !u.is_empty()), "the host user the VM runs as: {}", one["user"]);
     assert!(!one["internal_ip_address"].as_str().unwrap().is_empty());
     assert_eq!(one["Network"]["ipAddresses"][0]["ip"], one["internal_ip_address"]);
 
