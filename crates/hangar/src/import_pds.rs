@@ -38,6 +38,8 @@ pub struct Options {
     pub service_roles: Vec<String>,
     /// The reference's `ENCRYPTION_PRIVATE_KEY` (PEM, or PEM in base64), for an encrypted file.
     pub encryption_key: Option<PathBuf>,
+    /// The reference ran with `SECURITY_PASSWORD_SALT_PASSWORD=false`: its hashes have no salt.
+    pub unsalted: bool,
 }
 
 // ----- the reference's records (only the fields the import uses) ---------------------------
@@ -335,7 +337,7 @@ fn identity_input(d: &Data, opts: &Options) -> Result<IdentityImport> {
             username: u.username.clone(),
             name: u.name.clone(),
             email: u.email.clone(),
-            password_hash: pds_bcrypt_hash(&u.id, &u.password),
+            password_hash: pds_bcrypt_hash(if opts.unsalted { "" } else { &u.id }, &u.password),
             roles: names(&u.roles),
             claims,
             created_at: time(&format!("users[{i}].created_at"), &u.created_at)?,
@@ -349,7 +351,7 @@ fn identity_input(d: &Data, opts: &Options) -> Result<IdentityImport> {
             id: k.id.clone(),
             name: if k.name.is_empty() { k.key.clone() } else { k.name.clone() },
             key: k.key.clone(),
-            secret_hash: pds_bcrypt_hash(&k.id, &k.secret),
+            secret_hash: pds_bcrypt_hash(if opts.unsalted { "" } else { &k.id }, &k.secret),
             user_id: Some(k.user_id.clone()).filter(|u| !u.is_empty()),
             revoked: k.revoked,
             revoked_at: time(&format!("api_keys[{i}].revoked_at"), &k.revoked_at)?,
@@ -621,6 +623,18 @@ pub async fn run(s: &Settings, dir: &Path, store: Arc<dyn Store>, opts: Options)
             serde_json::from_value(req).with_context(|| format!("orchestrator host {name}"))?;
         registry.register(&actor, req, None).await.map_err(|e| anyhow::anyhow!("orchestrator host {name}: {e}"))?;
     }
+    if !manifests.created.is_empty() || !manifests.updated.is_empty() {
+        let entry = hangar_core::audit::AuditEntry::new(
+            &actor,
+            "catalog.import_pds",
+            "catalog",
+            PDS_MANIFESTS,
+            json!({"manifests": manifests.created.len() + manifests.updated.len()}),
+        );
+        let batch = manifest_batch.put(hangar_core::audit::AUDIT_COLLECTION, &entry.id, serde_json::to_value(&entry)?);
+        store.commit(batch).await?;
+    }
+    let mut proxy_note = None;
     if !block_hosts.is_empty() || data.reverse_proxy.is_some() {
         let mut block = json!({"hosts": block_hosts});
         if let Some(rp) = &data.reverse_proxy {
@@ -642,18 +656,19 @@ pub async fn run(s: &Settings, dir: &Path, store: Arc<dyn Store>, opts: Options)
         let rp = hangar_reverse_proxy::ReverseProxy::start_with(store.clone(), manager, bus.clone(), dir, options)
             .await
             .map_err(|e| anyhow::anyhow!("reverse proxy: {e}"))?;
-        rp.import(&actor, &block).await.map_err(|e| anyhow::anyhow!("reverse-proxy hosts: {e}"))?;
+        match rp.import(&actor, &block).await {
+            Ok(_) => {}
+            // Stored, but this offline command could not open the listeners (a port in use or
+            // privileged): `hangar serve` opens them, and reports it if it cannot.
+            Err(e) if e.to_string().starts_with("stored, but") => {
+                proxy_note = Some(format!("reverse-proxy hosts stored; {e}; `hangar serve` opens the listeners"));
+            }
+            Err(e) => return Err(anyhow::anyhow!("reverse-proxy hosts: {e}")),
+        }
     }
-    if !manifests.created.is_empty() || !manifests.updated.is_empty() {
-        let entry = hangar_core::audit::AuditEntry::new(
-            &actor,
-            "catalog.import_pds",
-            "catalog",
-            PDS_MANIFESTS,
-            json!({"manifests": manifests.created.len() + manifests.updated.len()}),
-        );
-        let batch = manifest_batch.put(hangar_core::audit::AUDIT_COLLECTION, &entry.id, serde_json::to_value(&entry)?);
-        store.commit(batch).await?;
+    let mut report = summary(&done, "imported");
+    if let (Some(note), Some(notes)) = (proxy_note, report["notes"].as_array_mut()) {
+        notes.push(json!(note));
     }
-    Ok(summary(&done, "imported"))
+    Ok(report)
 }

@@ -217,6 +217,10 @@ enum DbCommand {
         /// holds), for a data.json it encrypted.
         #[arg(long)]
         encryption_key: Option<PathBuf>,
+        /// The reference ran with SECURITY_PASSWORD_SALT_PASSWORD=false (hashes without the
+        /// record id as salt).
+        #[arg(long)]
+        unsalted_passwords: bool,
     },
     /// Take a backup now.
     Backup {
@@ -713,8 +717,25 @@ async fn db(cmd: DbCommand, out: Output) -> Result<()> {
                     &["imported_records", "data_folder"],
                 );
             }
-            DbCommand::ImportPds { file, dry_run, force, service_user, service_roles, encryption_key, .. } => {
-                let opts = import_pds::Options { file, dry_run, force, service_user, service_roles, encryption_key };
+            DbCommand::ImportPds {
+                file,
+                dry_run,
+                force,
+                service_user,
+                service_roles,
+                encryption_key,
+                unsalted_passwords,
+                ..
+            } => {
+                let opts = import_pds::Options {
+                    file,
+                    dry_run,
+                    force,
+                    service_user,
+                    service_roles,
+                    encryption_key,
+                    unsalted: unsalted_passwords,
+                };
                 let report = import_pds::run(&s, &dir, store.clone(), opts).await?;
                 print(out, &report, &["status", "file"]);
             }

@@ -432,3 +432,23 @@ fn a_data_json_the_reference_encrypted_imports_with_its_key() {
     assert_eq!(r["status"], "imported");
     assert!(names(&r["users"]["created"]).contains(&"alice".to_string()));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unsalted_reference_passwords_import_with_the_flag() {
+    // A reference run with SECURITY_PASSWORD_SALT_PASSWORD=false hashes the password alone.
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    let file = work.path().join("data.json");
+    let hash = bcrypt::hash_with_result("Bob-Old-Passw0rd!", bcrypt::DEFAULT_COST)
+        .unwrap()
+        .format_for_version(bcrypt::Version::TwoA);
+    let doc = json!({"schema": {"version": "0.7.0"}, "users": [
+        {"id": "b0b00000-0000-4000-8000-000000000001", "username": "bob", "name": "Bob",
+         "email": "bob@example.com", "password": hash, "roles": [{"id": "USER", "name": "USER", "internal": true}]}
+    ]});
+    std::fs::write(&file, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
+    let (code, _, err) = import(&file, &data, &["--unsalted-passwords"]);
+    assert_eq!(code, 0, "{err}");
+    let s = Server::start(&data, &[]);
+    login(&client(), &s, "bob", "Bob-Old-Passw0rd!").await;
+}
