@@ -491,11 +491,6 @@ impl Layers {
     }
 
     #[cfg(test)]
-    pub fn string(&self, name: &str) -> Option<String> {
-        self.get(name).map(String::from)
-    }
-
-    #[cfg(test)]
     pub fn number<T: std::str::FromStr>(&self, name: &str) -> Result<T> {
         self.get(name).unwrap_or("").parse().map_err(|_| self.bad(name, "a number"))
     }

@@ -764,6 +764,45 @@ mod tests {
     }
 
     #[test]
+    fn mode_reference_modules_and_the_catalog_cache_keys() {
+        let s = with_env(&[("MODE", "orchestrator")]).unwrap();
+        assert!(s.modules.wants("orchestrator") && !s.modules.wants("host") && !s.modules.wants("catalog"));
+        let s = with_env(&[("MODE", "catalog"), ("ENABLED_MODULES", "host")]).unwrap();
+        assert!(s.modules.wants("host") && !s.modules.wants("catalog"), "ENABLED_MODULES wins over MODE");
+        let s = with_env(&[("MODE", "api")]).unwrap();
+        assert!(!s.modules.explicit());
+        assert!(with_env(&[("MODE", "host")]).is_err());
+        let s = with_env(&[("ENABLED_MODULES", "CORS,cache,catalog_manager"), ("ENABLE_CORS", "false")]).unwrap();
+        assert!(s.cors.enabled && s.modules.wants("catalog") && !s.modules.wants("host"));
+        assert_eq!(s.modules.reference_names, ["cors", "cache", "catalog_manager"]);
+        let e = with_env(&[("ENABLED_MODULES", "api,catalog_managers")]).unwrap_err().to_string();
+        assert!(e.contains("catalog_managers") && e.contains("catalog_manager"), "{e}");
+
+        let s = with_env(&[]).unwrap();
+        assert_eq!(s.catalog_cache, CatalogCacheSettings { folder: None, limits: Default::default() });
+        let s = with_env(&[
+            ("CATALOG_CACHE_FOLDER", "/srv/cache"),
+            ("CATALOG_CACHE_KEEP_FREE_DISK_SPACE", "5000"),
+            ("CATALOG_CACHE_MAX_SIZE", "2"),
+        ])
+        .unwrap();
+        assert_eq!(s.catalog_cache.folder, Some(PathBuf::from("/srv/cache")));
+        assert_eq!(s.catalog_cache.limits.keep_free_bytes, Some(5000 << 20));
+        assert_eq!(s.catalog_cache.limits.max_bytes, Some(2 << 20));
+        let s = with_env(&[
+            ("DISABLE_CATALOG_CACHING", "true"),
+            ("CATALOG_CACHE_MAX_SIZE", "2"),
+            ("CATALOG_CACHE_KEEP_FREE_DISK_SPACE", "5000"),
+            ("CATALOG_CACHE_ALLOW_CACHE_ABOVE_FREE_DISK_SPACE", "true"),
+        ])
+        .unwrap();
+        assert_eq!(s.catalog_cache.limits.max_bytes, Some(0), "caching off keeps no chunk");
+        assert_eq!(s.catalog_cache.limits.keep_free_bytes, None, "allowed above the free-space floor");
+        let e = with_env(&[("CATALOG_CACHE_MAX_SIZE", "lots")]).unwrap_err().to_string();
+        assert!(e.contains("CATALOG_CACHE_MAX_SIZE=\"lots\""), "{e}");
+    }
+
+    #[test]
     fn defaults_come_from_the_key_table() {
         let s = with_env(&[]).unwrap();
         let d = |name: &str| table_default(name).unwrap();

@@ -285,3 +285,31 @@ fn a_typo_in_a_key_is_refused_naming_it() {
     let (ok, out) = check(&exe, &[&format!("--config={}", f.display())], &[]);
     assert!(!ok && out.contains("unknown top-level entry \"enviroment\""), "{out}");
 }
+
+#[tokio::test]
+async fn the_reverse_proxy_block_of_a_reference_yaml_file_is_imported() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let exe = own_binary(dir.path());
+    let (up, _seen) = common::echo_upstream().await;
+    // The reference writes ports as strings.
+    let text = format!(
+        "environment:\n  ENABLED_MODULES: api,reverse_proxy\n  API_HOST: 127.0.0.1\n  API_PORT: 0\n  DATABASE_FOLDER: {data}\n\
+         reverse_proxy:\n  host: 127.0.0.1\n  hosts:\n    - name: from-yaml\n      host: 127.0.0.1\n      port: \"0\"\n\
+         \x20     http_routes:\n        - path: /\n          target_host: 127.0.0.1\n          target_port: \"{up}\"\n",
+        data = dir.path().join("data").display()
+    );
+    std::fs::write(exe.parent().unwrap().join("prldevops_config.yml"), text).unwrap();
+    let mut cmd = command(&exe);
+    cmd.arg("serve");
+    let s = start(cmd, dir.path());
+    let c = client();
+    let token = common::login(&c, &s, "root", ROOT_PASSWORD).await;
+    let (st, v) = call(&c, Method::GET, &s.api("/reverse-proxy/hosts"), &Auth::Bearer(token), None, &[]).await;
+    assert_eq!(st, 200, "{v}");
+    let hosts = v.as_array().unwrap();
+    assert_eq!(hosts.len(), 1, "{v}");
+    assert_eq!(hosts[0]["name"], "from-yaml", "{v}");
+    let addr = hosts[0]["listener"]["local_address"].as_str().unwrap_or_else(|| panic!("no listener: {v}"));
+    let r = c.get(format!("http://{addr}/through-the-proxy")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
