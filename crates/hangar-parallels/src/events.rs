@@ -17,10 +17,15 @@ use crate::command::{GroupGuard, Tool};
 use crate::{Inner, parse};
 
 pub(crate) fn spawn(handle: &Handle, inner: Arc<Inner>, cancel: CancellationToken) {
-    for scope in inner.scopes() {
-        let span = info_span!("parallels.monitor_events", user = scope.as_deref().unwrap_or("-"));
-        handle.spawn(monitor_loop(inner.clone(), scope, cancel.clone()).instrument(span));
-    }
+    // One monitor per host user whose VMs the driver lists (a root agent's users are found
+    // with `prlsrvctl user list` first; users that appear later are seen by the reconcile).
+    let (spawner, monitors, stop) = (handle.clone(), inner.clone(), cancel.clone());
+    handle.spawn(async move {
+        for scope in monitors.list_scopes().await {
+            let span = info_span!("parallels.monitor_events", user = scope.as_deref().unwrap_or("-"));
+            spawner.spawn(monitor_loop(monitors.clone(), scope, stop.clone()).instrument(span));
+        }
+    });
     handle.spawn(reconcile_loop(inner, cancel).instrument(info_span!("parallels.reconcile")));
 }
 

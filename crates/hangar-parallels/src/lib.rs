@@ -52,7 +52,8 @@ pub struct ParallelsConfig {
     /// `sudo`, for [`RunAs::Sudo`].
     pub sudo: PathBuf,
     /// Host users whose VMs this agent manages when it runs as root (each gets its own
-    /// `list` and `monitor-events`). Empty: the agent's own user only.
+    /// `list` and `monitor-events`). Empty: the agent's own user, and when root also every
+    /// user `prlsrvctl user list` names (as the reference lists every macOS user's VMs).
     pub users: Vec<String>,
     /// Treat the agent as root (or not) instead of asking the OS; for tests.
     pub assume_root: Option<bool>,

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::Fake;
-use hangar_hypervisor::{Hypervisor, PowerOp, VmState};
+use hangar_hypervisor::{Hypervisor, PowerOp, VmEvent, VmState};
 use hangar_parallels::ParallelsDriver;
 
 fn as_user(fake: &Fake, user: &str, args: &[&str]) -> String {
@@ -119,4 +119,51 @@ async fn a_listed_vm_carries_prlctls_whole_object() {
         assert!(vm.details.contains_key(key), "{key} missing from {:?}", vm.details.keys().collect::<Vec<_>>());
     }
     assert_eq!(vm.details["Modality"]["Show on all spaces "], "on");
+}
+
+#[tokio::test]
+async fn root_watches_every_users_vms() {
+    let fake = Fake::new();
+    as_user(&fake, "carol", &["create", "carol-vm", "--distribution", "ubuntu"]);
+    let list: serde_json::Value =
+        serde_json::from_str(&as_user(&fake, "carol", &["list", "carol-vm", "-a", "-i", "--json"])).unwrap();
+    let id = list[0]["ID"].as_str().unwrap().to_string();
+    let exe = env!("CARGO_BIN_EXE_hangar-fake-prlctl");
+    let sudo = fake.bin.join("sudo");
+    std::os::unix::fs::symlink(exe, &sudo).unwrap();
+    let mut cfg = fake.config();
+    cfg.assume_root = Some(true);
+    cfg.sudo = sudo;
+    cfg.watch_events = true;
+    cfg.reconcile_interval = Duration::from_secs(3600);
+    let d = ParallelsDriver::new(cfg).unwrap();
+    let mut rx = d.subscribe();
+
+    // carol's own prlctl changes her VM; root's driver hears of it through her monitor.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut n = 0;
+    'heard: loop {
+        assert!(std::time::Instant::now() < deadline, "no event about carol's VM reached the root driver");
+        n += 1;
+        as_user(&fake, "carol", &["set", "carol-vm", "--description", &format!("probe {n}")]);
+        let until = std::time::Instant::now() + Duration::from_millis(500);
+        while let Ok(Ok(ev)) = tokio::time::timeout_at(until.into(), rx.recv()).await {
+            if matches!(&ev, VmEvent::Updated { vm } | VmEvent::Added { vm } if vm.id == id) {
+                break 'heard;
+            }
+        }
+    }
+    as_user(&fake, "carol", &["start", "carol-vm"]);
+    let got = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Ok(VmEvent::StateChanged { id: eid, current, .. }) = rx.recv().await
+                && eid == id
+            {
+                return current;
+            }
+        }
+    })
+    .await
+    .expect("no StateChanged for carol's VM");
+    assert_eq!(got, VmState::Running);
 }
