@@ -73,6 +73,10 @@ pub struct HostCreateVm {
     pub owner: String,
     /// Start the VM once created.
     pub start: bool,
+    /// Another catalog server to pull the image from (the caller's
+    /// `catalog_manifest.connection`); never stored or logged (masked `Debug`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catalog_connection: Option<hangar_wire::SecretText>,
 }
 
 /// An operation on an existing VM.

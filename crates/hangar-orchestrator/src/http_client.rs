@@ -477,7 +477,7 @@ impl HostClient for HttpHostClient {
             catalog_id: req.image.clone(),
             version: Some(v.clone()),
             architecture: Some(req.architecture.clone()),
-            connection: None,
+            connection: req.catalog_connection.clone(),
             catalog_manager_id: None,
             other: Default::default(),
         });

@@ -326,6 +326,15 @@ impl HttpOrchestrator {
             (None, w) => (0, w),
         };
         let specs = req.specs.clone().unwrap_or_default();
+        // The host pulls from the server a `connection` names; a catalog manager is this
+        // server's own record, which a host cannot read.
+        let manifest = req.catalog_manifest.as_ref();
+        if manifest.and_then(|m| m.catalog_manager_id.as_deref()).is_some_and(|id| !id.trim().is_empty()) {
+            return Err(OrchestratorError::Invalid(
+                "catalog_manifest.catalog_manager_id is not supported through the orchestrator; give connection".into(),
+            ));
+        }
+        let catalog_connection = manifest.and_then(|m| m.connection.clone()).filter(|c| !c.expose().trim().is_empty());
         Ok(CreateVm {
             name: req.name.clone(),
             image,
@@ -342,6 +351,7 @@ impl HttpOrchestrator {
             ttl: req.ttl_seconds.map(Duration::from_secs),
             priority,
             wait: wait.map(|w| Duration::from_secs(w).min(MAX_QUEUE_WAIT)),
+            catalog_connection,
             ..Default::default()
         })
     }

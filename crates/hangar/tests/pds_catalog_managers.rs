@@ -254,3 +254,65 @@ async fn catalog_managers_crud_own_visibility_and_masked_credentials() {
     }
     assert!(!audit.to_string().contains(secret), "{audit}");
 }
+
+#[tokio::test]
+async fn through_the_orchestrator_the_connection_reaches_the_host_and_is_kept_nowhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = client();
+    let fake = FakeParallels::new(dir.path());
+    // The orchestrator also serves the catalog with the image.
+    let orch_data = dir.path().join("orch");
+    let orch = Server::start(&orch_data, &[("ENABLED_MODULES", "api,orchestrator,catalog")]);
+    let root = login(&c, &orch, "root", ROOT_PASSWORD).await;
+    push_golden(&orch, &root, dir.path(), &fake.images.join("golden.pvm"));
+    std::fs::remove_dir_all(fake.images.join("golden.pvm")).unwrap();
+    // A host agent with its own (empty) image cache.
+    let agent_data = dir.path().join("agent");
+    let agent = fake.agent(&agent_data, &[("ENABLED_MODULES", "api,host,catalog"), ("SYSTEM_RESERVED_CPU", "0")]);
+    let ra = Auth::Bearer(root.clone());
+    let (st, h) = register_host(&c, &orch, &ra, &agent).await;
+    assert_eq!(st, 201, "{h}");
+    let (st, v) = call(
+        &c,
+        Method::GET,
+        &agent.api("/catalog"),
+        &Auth::Bearer(login(&c, &agent, "root", ROOT_PASSWORD).await),
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!((st, v.as_array().map(Vec::len)), (200, Some(0)), "{v}");
+
+    let authority = orch.url.trim_start_matches("http://").to_string();
+    let body = json!({"name": "orch-remote", "architecture": "x86_64", "start_on_create": true,
+        "catalog_manifest": {"catalog_id": "golden", "version": "1.0.0",
+            "connection": format!("host=http://root:{ROOT_PASSWORD}@{authority}")},
+        "specs": {"cpu": "1", "memory": "1024"}});
+    let (st, made) = call(&c, Method::POST, &orch.api("/orchestrator/machines"), &ra, Some(body), &[]).await;
+    assert_eq!(st, 200, "create through the orchestrator: {made}");
+    let id = made["id"].as_str().unwrap().to_string();
+    let (st, vm) = call(&c, Method::GET, &orch.api(&format!("/orchestrator/machines/{id}")), &ra, None, &[]).await;
+    assert_eq!(st, 200, "{vm}");
+    // A wrong password comes back from the host as a 4xx naming the catalog server.
+    let wrong = json!({"name": "orch-remote-2", "architecture": "x86_64",
+        "catalog_manifest": {"catalog_id": "golden", "version": "1.0.0",
+            "connection": format!("host=http://root:Wrong-Passw0rd-xyz@{authority}")},
+        "specs": {"cpu": "1", "memory": "1024"}});
+    let (st, v) = call(&c, Method::POST, &orch.api("/orchestrator/machines"), &ra, Some(wrong), &[]).await;
+    assert!((400..500).contains(&st), "{st} {v}");
+    assert!(v["message"].as_str().unwrap_or_default().contains(&authority), "{v}");
+    // A catalog manager id cannot go through (the host cannot read the orchestrator's record).
+    let by_id =
+        json!({"name": "orch-remote-3", "catalog_manifest": {"catalog_id": "golden", "catalog_manager_id": "x"}});
+    let (st, v) = call(&c, Method::POST, &orch.api("/orchestrator/machines"), &ra, Some(by_id), &[]).await;
+    assert_eq!(st, 400, "{v}");
+
+    // The connection's password (root's here) is in neither data folder, log, nor job list.
+    for needle in [ROOT_PASSWORD, "Wrong-Passw0rd-xyz"] {
+        for d in [&orch_data, &agent_data] {
+            let found = grep(d, needle.as_bytes());
+            assert!(found.is_empty(), "{needle} in clear in {found:?}");
+        }
+        assert!(!orch.log().contains(needle) && !agent.log().contains(needle), "{needle} reached a log");
+    }
+}

@@ -65,6 +65,9 @@ pub struct CreateVm {
     pub priority: i32,
     /// Wait up to this long in the queue when nothing fits; `None`: fail at once.
     pub wait: Option<Duration>,
+    /// Another catalog server to pull the image from (`catalog_manifest.connection`),
+    /// passed to the host as is; never stored or logged (masked `Debug`).
+    pub catalog_connection: Option<hangar_wire::SecretText>,
 }
 
 /// A step of a VM creation, reported while it happens (what an async create job shows).
@@ -209,6 +212,7 @@ impl Scheduler {
             disk_mb: req.disk_mb,
             owner: req.owner.clone(),
             start: req.start,
+            catalog_connection: req.catalog_connection.clone(),
         };
         let create = timed(self.inner.config.create_timeout, "create VM", client.create_vm(call));
         tokio::pin!(create);
