@@ -382,6 +382,52 @@ struct Kind {
     conflicts: Vec<String>,
 }
 
+/// Prints the report: the whole of it as JSON, or a table of counts per kind with the
+/// status, the service user and the notes.
+pub fn print(out: crate::output::Output, report: &Value) {
+    if out == crate::output::Output::Json {
+        crate::output::print(out, report, &[]);
+        return;
+    }
+    let kinds = [
+        ("users", "users"),
+        ("roles", "roles"),
+        ("claims", "claims"),
+        ("api_keys", "API keys"),
+        ("orchestrator_hosts", "orchestrator hosts"),
+        ("reverse_proxy_hosts", "reverse-proxy hosts"),
+        ("catalog_manifests", "catalog manifests"),
+    ];
+    let count = |k: &str, f: &str| report[k][f].as_array().map_or(0, Vec::len);
+    let rows: Vec<Value> = kinds
+        .iter()
+        .map(|(k, label)| {
+            json!({"kind": label, "created": count(k, "created"), "updated": count(k, "updated"),
+                   "unchanged": count(k, "unchanged"), "mapped": count(k, "mapped"),
+                   "conflicts": count(k, "conflicts")})
+        })
+        .collect();
+    crate::output::print(out, &Value::Array(rows), &["kind", "created", "updated", "unchanged", "mapped", "conflicts"]);
+    println!("status: {}", report["status"].as_str().unwrap_or(""));
+    if let Some(u) = report["service_user"].as_object() {
+        let list = |k: &str| {
+            u.get(k)
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "))
+                .unwrap_or_default()
+        };
+        println!(
+            "API keys that had no user now belong to {} (roles: {}): {}",
+            u.get("username").and_then(Value::as_str).unwrap_or(""),
+            list("roles"),
+            list("api_keys")
+        );
+    }
+    for n in report["notes"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+        println!("note: {n}");
+    }
+}
+
 /// Runs the import; answers the report printed by the CLI.
 pub async fn run(s: &Settings, dir: &Path, store: Arc<dyn Store>, opts: Options) -> Result<Value> {
     let data = read(&opts.file, opts.encryption_key.as_deref())?;

@@ -737,7 +737,7 @@ async fn db(cmd: DbCommand, out: Output) -> Result<()> {
                     unsalted: unsalted_passwords,
                 };
                 let report = import_pds::run(&s, &dir, store.clone(), opts).await?;
-                print(out, &report, &["status", "file"]);
+                import_pds::print(out, &report);
             }
             DbCommand::Backup { .. } => {
                 let p = store.backup_now().await?;

@@ -315,6 +315,14 @@ fn conflicts_need_force_and_bad_files_are_refused_clearly() {
     let (code, _, err) = import(&file, &data, &[]);
     assert_eq!(code, 0, "{err}");
 
+    // The table form: counts per kind, the status and the service user.
+    let (code, out, err) = hangar(&["db", "import-pds", file.to_str().unwrap()], &data);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.lines().next().unwrap().starts_with("KIND"), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("users") && l.split_whitespace().nth(3) == Some("3")), "{out}");
+    assert!(out.contains("status: nothing to do"), "{out}");
+    assert!(out.contains("now belong to pds-api-keys (roles: SUPER_USER): legacy-deployer"), "{out}");
+
     // The same user, changed in the file: refused, nothing written, then --force.
     let changed = work.path().join("changed.json");
     std::fs::write(&changed, fixture("Alice Renamed")).unwrap();
