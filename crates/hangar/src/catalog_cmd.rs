@@ -72,9 +72,10 @@ pub enum CatalogCommand {
     /// Pack a local image folder, upload its chunks to a storage provider, register it.
     #[command(disable_version_flag = true)]
     Push(PushArgs),
-    /// Download an image through the catalog server into a local folder.
+    /// Download an image through the catalog server into a local folder; with a PDFile and
+    /// --host, the reference's pull (the same as `hangar pull FILE --host URL`).
     #[command(disable_version_flag = true)]
-    Pull(PullArgs),
+    Pull(crate::pdfile_cmd::PullFileArgs),
     /// Every manifest you may see; with a PDFile, of the catalog its FROM names.
     List {
         /// A PDFile (`FROM`, `AUTHENTICATE ...`, `INSECURE`).
@@ -315,7 +316,7 @@ const MANIFEST_COLS: &[&str] =
 pub async fn run(cmd: CatalogCommand, url: Option<&str>, out: Output) -> Result<()> {
     match cmd {
         CatalogCommand::Push(a) => push(a, url, out).await,
-        CatalogCommand::Pull(a) => pull(a, url, out).await,
+        CatalogCommand::Pull(a) => crate::pdfile_cmd::pull(a, url, out).await,
         CatalogCommand::List { file: Some(f) } => crate::pdfile_cmd::list(&f, url, out).await,
         CatalogCommand::Run { file, host } => crate::pdfile_cmd::run(file, host, url, out).await,
         other => {
@@ -603,7 +604,7 @@ pub async fn pull(a: PullArgs, url: Option<&str>, out: Output) -> Result<()> {
     let elapsed = started.elapsed().as_secs_f64();
     if pdv.start_after_pull || pdv.clone.is_some() || !pdv.execute.is_empty() || pdv.owner.is_some() {
         eprintln!(
-            "note: START_AFTER_PULL, CLONE, EXECUTE and OWNER need a host; create a VM from this image with the server's machines API instead"
+            "note: START_AFTER_PULL, CLONE, EXECUTE and OWNER need a host: run `hangar pull FILE --host URL` to create the VM on a Hangar host"
         );
     }
     let v = json!({

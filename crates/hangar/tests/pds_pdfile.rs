@@ -138,12 +138,13 @@ async fn pull_file_creates_clones_starts_and_executes_on_the_host() {
     let (_, base) = call(&c, Method::GET, &s.api("/machines/ci-base/status"), &ra, None, &[]).await;
     assert_ne!(base["status"], "running", "with CLONE the pulled VM itself is not started: {base}");
 
-    // A failing EXECUTE is an error naming the command.
+    // A failing EXECUTE is an error naming the command (`hangar catalog pull FILE` is the same).
     std::fs::write(
         &pull,
         format!("FROM {url}\nCATALOG_ID golden\nMACHINE_NAME ci-fail\nEXECUTE exit 3\n", url = s.url),
     )
     .unwrap();
-    let (ok, _, err) = cli(dir.path(), &["pull", pull.to_str().unwrap(), "--host", &s.url], &[("HANGAR_TOKEN", &root)]);
+    let (ok, _, err) =
+        cli(dir.path(), &["catalog", "pull", pull.to_str().unwrap(), "--host", &s.url], &[("HANGAR_TOKEN", &root)]);
     assert!(!ok && err.contains("\"exit 3\"") && err.contains("exited with 3"), "{err}");
 }
