@@ -331,6 +331,74 @@ impl Catalog {
         .await
     }
 
+    /// The reference's server-side push: chunks the VM folder `local_path` on
+    /// this server into the provider and registers it (audited as `push`).
+    /// `local_path` must be an absolute folder without `..`; a caller who is
+    /// not a SUPER_USER may only push from inside `CATALOG_LOCAL_ROOTS` (403
+    /// otherwise), so the route cannot copy arbitrary host files out.
+    #[instrument(skip_all, fields(user = %p.username, catalog_id = %input.catalog_id))]
+    pub async fn push_local(
+        &self,
+        p: &Principal,
+        actor: &Actor,
+        input: crate::NewManifest,
+        local_path: &Path,
+        progress: Option<hangar_image::ProgressFn>,
+    ) -> Result<Manifest> {
+        let arch = parse_arch(&input.architecture)?;
+        validate_catalog_id(&input.catalog_id)?;
+        version::validate_version(&input.version).map_err(CatalogError::Invalid)?;
+        if !local_path.is_absolute() || local_path.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+            return Err(CatalogError::Invalid("local_path must be an absolute path without '..'".into()));
+        }
+        if !p.is_super_user() {
+            let inside = self.local_roots().iter().any(|r| local_path.starts_with(r));
+            if !inside {
+                return Err(CatalogError::Forbidden(format!(
+                    "local_path {} is outside the folders this server pushes from (CATALOG_LOCAL_ROOTS); only a SUPER_USER may push from elsewhere",
+                    local_path.display()
+                )));
+            }
+        }
+        if !local_path.is_dir() {
+            return Err(CatalogError::NotFound(format!("there is no folder {} on this server", local_path.display())));
+        }
+        let (config, store) = self.open_connection(Some(p), &input.connection)?;
+        let key = manifest_key(&input.catalog_id, &input.version, arch);
+        let opts = hangar_image::PushOptions { progress, ..Default::default() };
+        let report = hangar_image::push(store.clone(), local_path, &key, &opts).await?;
+        info!(chunks = report.chunks_uploaded, "local folder pushed");
+        let image = hangar_image::Manifest::from_json(&store.get(&key).await?)?;
+        let bundle_type = local_path
+            .extension()
+            .and_then(|e| e.to_str())
+            .filter(|e| *e == "pvm" || *e == "macvm")
+            .map(str::to_string);
+        let m = Meta {
+            description: input.description.unwrap_or_default(),
+            vm_type: input.vm_type.or(bundle_type),
+            tags: input.tags,
+            required_roles: input.required_roles,
+            required_claims: input.required_claims,
+            minimum_requirements: input.minimum_requirements,
+            imported_from: None,
+        };
+        self.insert(
+            p,
+            actor,
+            &input.catalog_id,
+            &input.version,
+            arch,
+            &input.connection,
+            &config,
+            image,
+            m,
+            input.overwrite,
+            "push",
+        )
+        .await
+    }
+
     /// Downloads the tar or tar.gz at `pack_key`, unpacks it, pushes it in the
     /// chunked format to the same provider and returns the stored image
     /// manifest and the bundle's VM type (from a single `.pvm`/`.macvm` folder).

@@ -327,6 +327,44 @@ async fn async_pull_and_push_are_jobs_with_progress_and_events() {
     let j = wait_job(&c, &s, &root, job["id"].as_str().unwrap()).await;
     assert_eq!(j["state"], "failed", "{j}");
     assert!(j["error"].as_str().is_some_and(|e| !e.is_empty()), "{j}");
+    // The UI's push/async with the reference's body: a VM folder on this server, chunked into
+    // the provider; progress reaches 100 and the entry can be pulled into a VM.
+    let golden = fake.images.join("golden.pvm");
+    let body = json!({"local_path": golden.display().to_string(), "catalog_id": "server-pushed", "description": "from the UI",
+        "version": "2.0.0", "architecture": "x86_64", "connection": provider, "compress": true, "compress_level": "best_speed",
+        "override_existing": false, "required_roles": [], "required_claims": [], "tags": ["ui"],
+        "minimum_requirements": {"cpu": 2, "memory": 2048, "disk": 20000}});
+    let (st, job) = api(&c, &s, Method::POST, "/catalog/push/async", &root, Some(body)).await;
+    assert_eq!(st, 202, "{job}");
+    let local_job = job["id"].as_str().unwrap().to_string();
+    let j = wait_job(&c, &s, &root, &local_job).await;
+    assert_eq!((j["state"].as_str(), j["progress"].as_f64()), (Some("completed"), Some(100.0)), "{j}");
+    assert_eq!((j["result"]["type"].as_str(), j["result"]["tags"].clone()), (Some("pvm"), json!(["ui"])), "{j}");
+    assert_eq!(j["result"]["minimum_requirements"], json!({"cpu": 2, "memory": 2048, "disk": 20000}), "{j}");
+    let body = json!({"catalog_id": "server-pushed", "version": "2.0.0", "machine_name": "from-ui-push"});
+    let (st, v) = api(&c, &s, Method::PUT, "/catalog/pull", &root, Some(body)).await;
+    assert_eq!(st, 200, "{v}");
+    // A caller who is not a SUPER_USER may not push a server folder outside CATALOG_LOCAL_ROOTS.
+    let (uid, user) = make_user(&c, &s, &root, "pusher").await;
+    let (st, v) = api(
+        &c,
+        &s,
+        Method::POST,
+        &format!("/auth/users/{uid}/claims"),
+        &root,
+        Some(json!({"name": "PUSH_CATALOG_MANIFEST"})),
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
+    let body = json!({"local_path": "/etc", "catalog_id": "exfil", "version": "1", "architecture": "x86_64",
+        "connection": provider});
+    let (st, job) = api(&c, &s, Method::POST, "/catalog/push/async", &user, Some(body)).await;
+    assert_eq!(st, 202, "{job}");
+    let j = wait_job(&c, &s, &user, job["id"].as_str().unwrap()).await;
+    assert_eq!(j["state"], "failed", "{j}");
+    assert!(j["error"].as_str().unwrap_or("").contains("CATALOG_LOCAL_ROOTS"), "{j}");
+    let (st, _) = api(&c, &s, Method::GET, "/catalog/exfil", &root, None).await;
+    assert_eq!(st, 404);
     // Bad push body: 400 before a job.
     let (st, v) = put_raw(&c, &s, "/catalog/pull/async", &root, "[]").await;
     assert_eq!(st, 400, "{v}");
@@ -337,7 +375,8 @@ async fn async_pull_and_push_are_jobs_with_progress_and_events() {
     let mut seen: Vec<(String, String)> = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while !(seen.iter().any(|(m, id)| m == "JOB_COMPLETED" && *id == pull_job)
-        && seen.iter().any(|(m, id)| m == "JOB_COMPLETED" && *id == push_job))
+        && seen.iter().any(|(m, id)| m == "JOB_COMPLETED" && *id == push_job)
+        && seen.iter().any(|(m, id)| m == "JOB_COMPLETED" && *id == local_job))
     {
         let msg = tokio::time::timeout_at(deadline, ws.next()).await.expect("job events arrive").unwrap().unwrap();
         let Ok(text) = msg.to_text() else { continue };

@@ -659,18 +659,7 @@ async fn pds_pull_run(
     actor: &hangar_core::audit::Actor,
     job: Option<&hangar_host::JobHandle>,
 ) -> R<PdsPullResponse> {
-    let progress = job.map(|j| {
-        let j = j.clone();
-        let last = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
-        let f: hangar_catalog::hangar_image::ProgressFn =
-            Arc::new(move |pr: &hangar_catalog::hangar_image::Progress| {
-                let pct = (pr.bytes_done.saturating_mul(100)).checked_div(pr.bytes_total).unwrap_or(0).min(99);
-                if last.swap(pct, std::sync::atomic::Ordering::Relaxed) != pct {
-                    j.step(0, pct as f64, "pulling the image");
-                }
-            });
-        f
-    });
+    let progress = job.map(|j| job_progress(j, 0, "pulling the image"));
     if let Some(j) = job {
         j.step(0, 0.0, "pulling the image");
     }
@@ -739,21 +728,96 @@ async fn pull_async(State(s): State<AppState>, ctx: RequestContext, body: Bytes)
     Ok((StatusCode::ACCEPTED, axum::Json(job)))
 }
 
-/// `POST /catalog/push` as a job of this host: the image's chunks are checked in the provider
-/// and the manifest registered; the finished job's `result` is the manifest.
-#[utoipa::path(post, path = "/catalog/push/async", tag = "catalog", request_body = CatalogPushRequest,
+/// `POST /catalog/push/async`: Hangar's push body (register an image already in the provider),
+/// or the reference's with `local_path` (a VM folder on this server, chunked into the provider
+/// first). The reference's compression fields are accepted and not needed (chunks are zstd).
+#[derive(Clone, Deserialize, ToSchema)]
+pub struct PdsPushRequest {
+    pub catalog_id: String,
+    pub version: String,
+    /// `x86_64` or `arm64` (aliases accepted).
+    pub architecture: String,
+    pub description: Option<String>,
+    #[serde(rename = "type", alias = "vm_type")]
+    pub vm_type: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub required_roles: Vec<String>,
+    #[serde(default)]
+    pub required_claims: Vec<String>,
+    pub minimum_requirements: Option<CatalogRequirements>,
+    /// The provider's connection string. Stored encrypted; never returned.
+    pub connection: String,
+    /// Replace an existing entry (the reference's `override_existing`).
+    #[serde(default, alias = "override_existing")]
+    pub overwrite: bool,
+    /// A VM folder on this server to push (absolute; inside `CATALOG_LOCAL_ROOTS` unless the
+    /// caller is a SUPER_USER).
+    pub local_path: Option<String>,
+    pub compress: Option<bool>,
+    pub compress_level: Option<String>,
+    pub compress_pack: Option<bool>,
+    pub compress_pack_level: Option<i64>,
+    pub uuid: Option<String>,
+    pub pack_size: Option<i64>,
+}
+
+/// A job progress callback for step `step`, updating only when the whole percent changes.
+fn job_progress(
+    j: &hangar_host::JobHandle,
+    step: usize,
+    message: &'static str,
+) -> hangar_catalog::hangar_image::ProgressFn {
+    let j = j.clone();
+    let last = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+    Arc::new(move |pr: &hangar_catalog::hangar_image::Progress| {
+        let pct = (pr.bytes_done.saturating_mul(100)).checked_div(pr.bytes_total).unwrap_or(0).min(99);
+        if last.swap(pct, std::sync::atomic::Ordering::Relaxed) != pct {
+            j.step(step, pct as f64, message);
+        }
+    })
+}
+
+/// `POST /catalog/push` as a job of this host, or the reference's server-side push of
+/// `local_path`; the finished job's `result` is the manifest.
+#[utoipa::path(post, path = "/catalog/push/async", tag = "catalog", request_body = PdsPushRequest,
     responses((status = 202, body = Job, description = "The job; follow it at /jobs/{id}"), (status = 400, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
 async fn push_async(State(s): State<AppState>, ctx: RequestContext, body: Bytes) -> R<(StatusCode, axum::Json<Job>)> {
-    let req: CatalogPushRequest = pds_body(&body)?;
+    let b: PdsPushRequest = pds_body(&body)?;
     let catalog = catalog(&s)?.clone();
     let jobs = super::machines::host(&s)?.jobs.clone();
     let p = ctx.caller()?.clone();
+    let local = b.local_path.as_deref().map(str::trim).filter(|l| !l.is_empty()).map(std::path::PathBuf::from);
+    let input = NewManifest {
+        catalog_id: b.catalog_id,
+        version: b.version,
+        architecture: b.architecture,
+        description: b.description,
+        vm_type: b.vm_type,
+        tags: b.tags,
+        required_roles: b.required_roles,
+        required_claims: b.required_claims,
+        minimum_requirements: b.minimum_requirements.map(MinimumRequirements::from),
+        connection: b.connection,
+        overwrite: b.overwrite,
+    };
     let handle = jobs.start(&p.user_id, "catalog", "push", &[("push", 1)]).await.map_err(ApiError::from_domain)?;
     let job = jobs.get(&handle.id).ok_or_else(|| ApiError::internal("the new job vanished"))?;
     let actor = ctx.actor.clone();
     tokio::spawn(async move {
-        handle.step(0, 0.0, "registering the image");
-        match catalog.register(&p, &actor, req.into()).await {
+        let done = match local {
+            Some(path) => {
+                handle.step(0, 0.0, "pushing the VM folder");
+                let progress = job_progress(&handle, 0, "pushing the VM folder");
+                catalog.push_local(&p, &actor, input, &path, Some(progress)).await
+            }
+            None => {
+                handle.step(0, 0.0, "registering the image");
+                catalog.register(&p, &actor, input).await
+            }
+        };
+        match done {
             Ok(m) => handle.complete(serde_json::to_value(CatalogManifest::from(m)).unwrap_or_default()).await,
             Err(e) => handle.fail(e.to_string()).await,
         }
