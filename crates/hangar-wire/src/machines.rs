@@ -641,6 +641,9 @@ impl Machine {
         hardware.hdd0.size = Mb(v.disk_virtual_bytes >> 20);
         hardware.hdd0.allocated = Mb(v.disk_bytes >> 20);
         let mut details: MachineDetails = conformed(&raw);
+        // Free-form, but the clients decode it as `{enabled: bool}`: that key is always a boolean.
+        let shared = details.host_shared_folders.get("enabled").cloned().unwrap_or(Value::Bool(false));
+        details.host_shared_folders.insert("enabled".into(), conform(&Value::Bool(false), &shared));
         details.template = if v.is_template { "yes" } else { "no" }.into();
         let home = v.home.display().to_string();
         if details.home_path.is_empty() {
@@ -1133,6 +1136,7 @@ mod tests {
             assert!(v.get(key).is_some(), "{key} missing");
         }
         assert_eq!(v["Modality"]["Show on all spaces "], json!(""));
+        assert_eq!(v["Host Shared Folders"], json!({"enabled": false}));
         assert!(v["Modality"]["Opacity (percentage)"].is_i64());
         assert!(v["Hardware"]["cpu"]["cpus"].is_u64());
         assert!(v["Hardware"]["cpu"]["VT-x"].is_boolean());
@@ -1168,7 +1172,7 @@ mod tests {
             "Startup and Shutdown": {"Autostart delay": "7", "Autostart": true},
             "Modality": {"Opacity (percentage)": "not a number"},
             "Hardware": {"cpu": {"cpus": "9", "VT-x": "on", "type": "arm"}, "net0": {"mac": "001C42", "enabled": 1}},
-            "Host Shared Folders": {"home": {"path": "/Users/x"}}, "Unknown key": 1});
+            "Host Shared Folders": {"enabled": "on", "home": {"path": "/Users/x"}}, "Unknown key": 1});
         vm.details = report.as_object().unwrap().clone();
         let v = serde_json::to_value(Machine::from_vm(vm, None)).unwrap();
         assert_eq!(v["Uptime"], json!("42"));
@@ -1179,7 +1183,7 @@ mod tests {
         assert_eq!(v["Hardware"]["cpu"]["cpus"], json!(2), "measured cpus win");
         assert_eq!((&v["Hardware"]["cpu"]["VT-x"], &v["Hardware"]["cpu"]["type"]), (&json!(true), &json!("arm")));
         assert_eq!(v["Hardware"]["net0"], json!({"enabled": true, "type": "", "mac": "001C42", "card": ""}));
-        assert_eq!(v["Host Shared Folders"], json!({"home": {"path": "/Users/x"}}));
+        assert_eq!(v["Host Shared Folders"], json!({"enabled": true, "home": {"path": "/Users/x"}}));
         assert!(v.get("Unknown key").is_none());
     }
 
