@@ -181,6 +181,7 @@ pub fn api() -> Api {
     let api = routes::system::register(api);
     let api = routes::auth::register(api);
     let api = routes::catalog::register(api);
+    let api = routes::cache::register(api);
     let api = routes::machines::register(api);
     let api = routes::reverse_proxy::register(api);
     let api = routes::orchestrator::register(api);

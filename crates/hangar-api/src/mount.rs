@@ -107,6 +107,9 @@ pub enum Places {
     /// `/orchestrator` + path and `/orchestrator/hosts/{id}` + path (with the VM's `{id}`
     /// renamed `{vm_id}`).
     FleetAndHosts,
+    /// `/orchestrator/hosts/{id}` + path only: a host's own resource (its cache, its
+    /// reverse proxy), which has no fleet-wide form. Such a route names no `{id}` of its own.
+    Hosts,
 }
 
 fn for_fleet(op: &Operation, per_host: bool) -> Operation {
@@ -162,6 +165,7 @@ impl Api {
         let extra: &[Mounted] = match places {
             Places::Fleet => &[Mounted::FLEET],
             Places::FleetAndHosts => &[Mounted::FLEET, Mounted::PER_HOST],
+            Places::Hosts => &[Mounted::PER_HOST],
         };
         self.add_mounted(access, routes, Mounted::HOST, extra)
     }

@@ -26,7 +26,7 @@ use async_trait::async_trait;
 use futures::stream::BoxStream;
 use futures::{SinkExt, StreamExt};
 use hangar_hypervisor::HypervisorKind;
-use hangar_wire::{VmCall, VmReply};
+use hangar_wire::{HttpCall, VmCall, VmReply};
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -285,6 +285,15 @@ impl HttpHostClient {
             return Ok(Value::Null);
         }
         serde_json::from_str(&text).map_err(|e| HostClientError::Protocol(format!("{path}: bad JSON: {e}")))
+    }
+
+    /// Sends a typed call (its body a shared type) and reads the answer as `T` (use
+    /// `serde::de::IgnoredAny` for an answer without a body).
+    pub async fn send_call<T: serde::de::DeserializeOwned>(&self, call: &HttpCall) -> Result<T, HostClientError> {
+        let method = Method::from_bytes(call.method.as_bytes())
+            .map_err(|e| HostClientError::Protocol(format!("bad method {}: {e}", call.method)))?;
+        let v = self.request(method, &call.path, call.body.clone(), call.timeout).await?;
+        typed(&call.path, v)
     }
 
     /// Runs one VM call on the host (the same call the host's own API takes) and reads the

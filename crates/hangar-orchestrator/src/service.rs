@@ -12,7 +12,10 @@ use hangar_core::audit::{AUDIT_COLLECTION, Actor, AuditEntry};
 use hangar_core::vm::{VmAction, authorize, owner_for};
 use hangar_jobs::{Job, Jobs};
 use hangar_store::Batch;
-use hangar_wire::{FleetMachine, OrchestratorCreateRequest, OrchestratorCreated, PowerDone, VmCall, VmReply};
+use hangar_wire::{
+    CacheCall, CatalogCacheList, FleetMachine, HttpCall, Machine, OrchestratorCreateRequest, OrchestratorCreated,
+    PowerDone, RegisterRequest, VmCall, VmReply,
+};
 use serde_json::json;
 use tracing::Instrument;
 
@@ -174,6 +177,66 @@ impl HttpOrchestrator {
     async fn audit(&self, actor: &Actor, action: VmAction, vm: &str, host: &Host) -> Result<()> {
         let action = format!("orchestrator.{}", action.audit_action());
         self.commit_audit(AuditEntry::new(actor, &action, "orchestrator_vm", vm, json!({"host": host.id}))).await
+    }
+
+    /// A host (id or name) the caller may use, and the orchestrator's client for it.
+    fn usable_client(&self, p: &Principal, host: &str) -> Result<(Host, Arc<crate::http_client::HttpHostClient>)> {
+        let h = self.usable_host(p, host)?;
+        let client = self.host_client(&h.id)?;
+        Ok((h, client))
+    }
+
+    /// Forward a call to a host the caller may use (its required roles and claims; the
+    /// route's own claim was checked by the API), with the orchestrator's stored
+    /// credentials. A call that changes something is audited before it is sent.
+    pub async fn forward_to_host<T: serde::de::DeserializeOwned>(
+        &self,
+        p: &Principal,
+        host: &str,
+        audit: Option<(&Actor, &str)>,
+        call: &HttpCall,
+    ) -> Result<T> {
+        let (h, client) = self.usable_client(p, host)?;
+        if let Some((actor, action)) = audit {
+            let detail = json!({"method": call.method, "path": call.path});
+            self.commit_audit(AuditEntry::new(actor, &format!("orchestrator.{action}"), "host", &h.id, detail)).await?;
+        }
+        client.send_call(call).await.map_err(|source| OrchestratorError::Host { host: h.id, source })
+    }
+
+    /// The catalog cache of a host the caller may use.
+    pub async fn host_cache_list(&self, p: &Principal, host: &str) -> Result<CatalogCacheList> {
+        let call = CacheCall::List;
+        self.forward_to_host(p, host, None, &call.request()).await
+    }
+
+    /// Empty a host's catalog cache, or drop one catalog id or one version from it.
+    pub async fn host_cache_delete(&self, p: &Principal, actor: &Actor, host: &str, call: &CacheCall) -> Result<()> {
+        let _: serde::de::IgnoredAny =
+            self.forward_to_host(p, host, Some((actor, call.action())), &call.request()).await?;
+        Ok(())
+    }
+
+    /// Register an existing VM bundle on a host the caller may use. The owner is the caller
+    /// unless a SUPER_USER names another (the host would otherwise record the
+    /// orchestrator's own credential user).
+    pub async fn register_on_host(
+        &self,
+        p: &Principal,
+        actor: &Actor,
+        host: &str,
+        mut req: RegisterRequest,
+    ) -> Result<Machine> {
+        authorize(p, VmAction::Register, req.machine_name.as_deref().unwrap_or_default(), None)?;
+        req.owner = Some(owner_for(p, req.owner.as_deref())?);
+        let body = serde_json::to_value(&req).map_err(|e| OrchestratorError::Internal(e.to_string()))?;
+        let call = HttpCall {
+            method: "POST",
+            path: "/machines/register".into(),
+            body: Some(body),
+            timeout: Duration::from_secs(600),
+        };
+        self.forward_to_host(p, host, Some((actor, "vm.register")), &call).await
     }
 
     /// Write one audit entry; what it announces happens only if this succeeds.

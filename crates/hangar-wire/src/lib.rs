@@ -7,12 +7,14 @@
 //! clients send as strings ([`Flexible`]). Every type round-trips (tested below and in
 //! each module). No HTTP framework: this crate is serde and utoipa schemas only.
 
+pub mod cache;
 pub mod calls;
 pub mod events;
 pub mod machines;
 pub mod orchestrator;
 pub mod units;
 
+pub use cache::{CacheCall, CatalogCacheList};
 pub use calls::{HttpCall, VmCall, VmReply};
 /// The power operations a [`VmCall::Power`] names, so callers build calls without the driver crate.
 pub use hangar_hypervisor::PowerOp;

@@ -13,8 +13,8 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use hangar_catalog::{
-    Architecture, CacheItem, Catalog, CatalogError, ImportRequest, ImportVmRequest, ListField, Manifest,
-    MetadataUpdate, MinimumRequirements, NewManifest, PullTicket,
+    Architecture, Catalog, CatalogError, ImportRequest, ImportVmRequest, ListField, Manifest, MetadataUpdate,
+    MinimumRequirements, NewManifest, PullTicket,
 };
 use hangar_core::Access;
 use hangar_core::claims::*;
@@ -46,10 +46,6 @@ pub fn register(api: Api) -> Api {
         .add(PULL, routes!(pull_async))
         .add(Access::AnyOf(&[IMPORT_CATALOG_MANIFEST, PUSH_CATALOG_MANIFEST]), routes!(import))
         .add(Access::AnyOf(&[IMPORT_CATALOG_MANIFEST, PUSH_CATALOG_MANIFEST]), routes!(import_vm))
-        .add(Access::AllOf(&[LIST_CACHE]), routes!(cache_list))
-        .add(Access::AllOf(&[DELETE_ALL_CACHE]), routes!(cache_delete_all))
-        .add(Access::AllOf(&[DELET_CACHE_ITEM]), routes!(cache_delete_id))
-        .add(Access::AllOf(&[DELET_CACHE_ITEM]), routes!(cache_delete_version))
         .add(LIST, routes!(get_id))
         .add(DELETE, routes!(delete_id))
         .add(LIST, routes!(get_version))
@@ -363,44 +359,6 @@ pub struct CatalogMetadataBody {
     pub minimum_requirements: Option<CatalogRequirements>,
     #[serde(rename = "type", alias = "vm_type")]
     pub vm_type: Option<String>,
-}
-
-/// An image in this host's cache.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct CachedImage {
-    pub id: String,
-    pub catalog_id: String,
-    pub version: String,
-    pub architecture: String,
-    pub image_hash: String,
-    pub path: String,
-    pub size: u64,
-    pub cached_at: DateTime<Utc>,
-    pub last_used_at: DateTime<Utc>,
-    pub used_count: u64,
-}
-
-impl From<CacheItem> for CachedImage {
-    fn from(i: CacheItem) -> Self {
-        CachedImage {
-            id: i.id,
-            catalog_id: i.catalog_id,
-            version: i.version,
-            architecture: i.architecture.to_string(),
-            image_hash: i.image_hash,
-            path: i.path,
-            size: i.size,
-            cached_at: i.cached_at,
-            last_used_at: i.last_used_at,
-            used_count: i.used_count,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct CatalogCacheList {
-    pub total_size: u64,
-    pub manifests: Vec<CachedImage>,
 }
 
 /// Parse an optional JSON body (clients send these PATCHes with no body at all).
@@ -1110,40 +1068,4 @@ async fn connection(
     Ok(axum::Json(m.into()))
 }
 
-// ----- host cache --------------------------------------------------------------------
-
-/// The images in this host's catalog cache.
-#[utoipa::path(get, path = "/catalog/cache", tag = "catalog-cache", responses((status = 200, body = CatalogCacheList)))]
-async fn cache_list(State(s): State<AppState>) -> R<axum::Json<CatalogCacheList>> {
-    let items = catalog(&s)?.cache_list().await?;
-    let total_size = items.iter().map(|i| i.size).sum();
-    Ok(axum::Json(CatalogCacheList { total_size, manifests: items.into_iter().map(CachedImage::from).collect() }))
-}
-
-/// Empty this host's catalog cache.
-#[utoipa::path(delete, path = "/catalog/cache", tag = "catalog-cache", responses((status = 202)))]
-async fn cache_delete_all(State(s): State<AppState>, ctx: RequestContext) -> R<StatusCode> {
-    catalog(&s)?.cache_delete(&ctx.actor, None, None).await?;
-    Ok(StatusCode::ACCEPTED)
-}
-
-/// Remove every cached version of a catalog id.
-#[utoipa::path(delete, path = "/catalog/cache/{catalog_id}", tag = "catalog-cache", params(("catalog_id" = String, Path)),
-    responses((status = 202), (status = 404, body = ApiErrorBody)))]
-async fn cache_delete_id(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<String>) -> R<StatusCode> {
-    catalog(&s)?.cache_delete(&ctx.actor, Some(&id), None).await?;
-    Ok(StatusCode::ACCEPTED)
-}
-
-/// Remove one cached version.
-#[utoipa::path(delete, path = "/catalog/cache/{catalog_id}/{version}", tag = "catalog-cache",
-    params(("catalog_id" = String, Path), ("version" = String, Path)),
-    responses((status = 202), (status = 404, body = ApiErrorBody)))]
-async fn cache_delete_version(
-    State(s): State<AppState>,
-    ctx: RequestContext,
-    Path((id, version)): Path<(String, String)>,
-) -> R<StatusCode> {
-    catalog(&s)?.cache_delete(&ctx.actor, Some(&id), Some(&version)).await?;
-    Ok(StatusCode::ACCEPTED)
-}
+// The host cache routes (`/catalog/cache`, `/cache`) are in `routes::cache`.

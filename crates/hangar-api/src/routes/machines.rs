@@ -65,7 +65,7 @@ pub fn register(api: Api) -> Api {
         .add_at(a(VmAction::SnapshotRevert), FleetAndHosts, routes!(revert_snapshot))
         .add(a(VmAction::Create), routes!(create_machine))
         .add(a(VmAction::Create), routes!(create_machine_async))
-        .add(a(VmAction::Register), routes!(register_machine))
+        .add_at(a(VmAction::Register), Places::Hosts, routes!(register_machine))
         .add(a(VmAction::Upload), (s, p, upload_raw.layer(DefaultBodyLimit::max(512 << 20))))
         .add(Access::AllOf(&[LIST]), routes!(hardware))
         .add(Access::Authenticated, routes!(parallels_license))
@@ -472,12 +472,18 @@ async fn create_machine_async(
 }
 
 /// Register an existing VM bundle; the owner is the caller unless a SUPER_USER names another.
+/// Also per host through the orchestrator (`/orchestrator/hosts/{id}/machines/register`).
 #[utoipa::path(post, path = "/machines/register", tag = "machines", request_body = RegisterRequest, responses((status = 200, body = Machine)))]
 async fn register_machine(
     State(s): State<AppState>,
     ctx: RequestContext,
+    at: At,
     Json(req): Json<RegisterRequest>,
 ) -> R<axum::Json<Machine>> {
+    if let Some(on) = at.place.host() {
+        let m = orchestrator(&s)?.register_on_host(ctx.caller()?, &ctx.actor, on, req).await;
+        return m.map(axum::Json).map_err(ApiError::from_domain);
+    }
     let h = host(&s)?;
     let spec = RegisterSpec { name: req.machine_name, owner: req.owner, regenerate_id: req.regenerate_source_uuid };
     let path = std::path::PathBuf::from(&req.path);

@@ -2,6 +2,7 @@
 //! its routes to the [`crate::Api`] with their access rules.
 
 pub mod auth;
+pub mod cache;
 pub mod catalog;
 pub mod catalog_managers;
 pub mod dto;

@@ -1,16 +1,21 @@
 //! `/reverse-proxy/...`: the reverse_proxy module (reference §1.7). Proxy hosts are
 //! listeners carrying one TCP route or ordered HTTP routes; changes apply at once.
-//! Private keys are never returned (`tls.key` shows as `********`).
+//! Private keys are never returned (`tls.key` shows as `********`). Every route is also
+//! served per host through the orchestrator (`/orchestrator/hosts/{id}/reverse-proxy/...`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use hangar_core::Access;
 use hangar_core::claims::*;
+use hangar_core::path_segment as seg;
 use hangar_proxy as proxy;
 use hangar_reverse_proxy::ReverseProxy;
+use hangar_wire::HttpCall;
+use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -18,25 +23,27 @@ use utoipa_axum::routes;
 
 use crate::auth::RequestContext;
 use crate::error::{ApiError, ApiErrorBody};
-use crate::extract::{Json, Path};
+use crate::extract::Json;
+use crate::mount::{At, Places};
+use crate::routes::machines::orchestrator;
 use crate::{Api, AppState};
 
 type R<T> = Result<T, ApiError>;
 
 pub fn register(api: Api) -> Api {
-    api.add(Access::AllOf(&[CONFIGURE_REVERSE_PROXY]), routes!(get_config))
-        .add(Access::AllOf(&[CONFIGURE_REVERSE_PROXY]), routes!(enable))
-        .add(Access::AllOf(&[CONFIGURE_REVERSE_PROXY]), routes!(disable))
-        .add(Access::AllOf(&[CONFIGURE_REVERSE_PROXY]), routes!(restart))
-        .add(Access::AllOf(&[LIST_REVERSE_PROXY_HOSTS]), routes!(list_hosts))
-        .add(Access::AllOf(&[CREATE_REVERSE_PROXY_HOST]), routes!(create_host))
-        .add(Access::AllOf(&[LIST_REVERSE_PROXY_HOSTS]), routes!(get_host))
-        .add(Access::AllOf(&[UPDATE_REVERSE_PROXY_HOST]), routes!(update_host))
-        .add(Access::AllOf(&[DELETE_REVERSE_PROXY_HOST]), routes!(delete_host))
-        .add(Access::AllOf(&[UPDATE_REVERSE_PROXY_HOST_HTTP_ROUTE]), routes!(upsert_http_route))
-        .add(Access::AllOf(&[DELETE_REVERSE_PROXY_HOST_HTTP_ROUTE]), routes!(delete_http_route))
-        .add(Access::AllOf(&[UPDATE_REVERSE_PROXY_HOST_HTTP_ROUTE]), routes!(order_http_routes))
-        .add(Access::AllOf(&[UPDATE_REVERSE_PROXY_HOST_TCP_ROUTE]), routes!(set_tcp_route))
+    api.add_at(Access::AllOf(&[CONFIGURE_REVERSE_PROXY]), Places::Hosts, routes!(get_config))
+        .add_at(Access::AllOf(&[CONFIGURE_REVERSE_PROXY]), Places::Hosts, routes!(enable))
+        .add_at(Access::AllOf(&[CONFIGURE_REVERSE_PROXY]), Places::Hosts, routes!(disable))
+        .add_at(Access::AllOf(&[CONFIGURE_REVERSE_PROXY]), Places::Hosts, routes!(restart))
+        .add_at(Access::AllOf(&[LIST_REVERSE_PROXY_HOSTS]), Places::Hosts, routes!(list_hosts))
+        .add_at(Access::AllOf(&[CREATE_REVERSE_PROXY_HOST]), Places::Hosts, routes!(create_host))
+        .add_at(Access::AllOf(&[LIST_REVERSE_PROXY_HOSTS]), Places::Hosts, routes!(get_host))
+        .add_at(Access::AllOf(&[UPDATE_REVERSE_PROXY_HOST]), Places::Hosts, routes!(update_host))
+        .add_at(Access::AllOf(&[DELETE_REVERSE_PROXY_HOST]), Places::Hosts, routes!(delete_host))
+        .add_at(Access::AllOf(&[UPDATE_REVERSE_PROXY_HOST_HTTP_ROUTE]), Places::Hosts, routes!(upsert_http_route))
+        .add_at(Access::AllOf(&[DELETE_REVERSE_PROXY_HOST_HTTP_ROUTE]), Places::Hosts, routes!(delete_http_route))
+        .add_at(Access::AllOf(&[UPDATE_REVERSE_PROXY_HOST_HTTP_ROUTE]), Places::Hosts, routes!(order_http_routes))
+        .add_at(Access::AllOf(&[UPDATE_REVERSE_PROXY_HOST_TCP_ROUTE]), Places::Hosts, routes!(set_tcp_route))
 }
 
 fn module(s: &AppState) -> R<&Arc<ReverseProxy>> {
@@ -130,7 +137,7 @@ impl From<ProxyCorsRequest> for proxy::CorsConfig {
 /// How the proxy talks to an HTTP target: `http` (HTTP/1.1), `https` (TLS, HTTP/2 or 1.1 by
 /// ALPN, the target's certificate verified) or `h2c` (cleartext HTTP/2). Upper case, `h2` and
 /// the empty string (`http`) are accepted too.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ProxyRouteSchema {
     Http,
@@ -411,7 +418,7 @@ impl From<ProxyHostRequest> for proxy::ProxyHost {
 // routes are left out when not set, unset ports, timeouts and `tcp_route` are `null`.
 
 /// TLS of a listener as answered: a non-empty `key` is always `********`.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ProxyTls {
     pub cert: String,
     pub enabled: bool,
@@ -427,7 +434,7 @@ impl From<proxy::TlsConfig> for ProxyTls {
     }
 }
 
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ProxyCors {
     pub allowed_headers: Vec<String>,
     pub allowed_methods: Vec<String>,
@@ -442,7 +449,7 @@ impl From<proxy::CorsConfig> for ProxyCors {
     }
 }
 
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ProxyHttpRoute {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host_match: Option<String>,
@@ -497,7 +504,7 @@ impl From<proxy::HttpRoute> for ProxyHttpRoute {
     }
 }
 
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ProxyTcpRoute {
     pub id: String,
     /// `null` when not set (300 s).
@@ -518,14 +525,14 @@ impl From<proxy::TcpRoute> for ProxyTcpRoute {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ProxyListenerKind {
     Http,
     Tcp,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ProxyListenerState {
     /// Accepting connections (`local_address` is set).
@@ -535,7 +542,7 @@ pub enum ProxyListenerState {
 }
 
 /// The state of one host's listener.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ProxyListener {
     /// Connections open now.
     pub active_connections: u64,
@@ -603,7 +610,7 @@ impl From<&proxy::ListenerStatus> for ProxyListener {
 }
 
 /// A proxy host as answered: the private key hidden, the listener's state added.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ProxyHost {
     pub cors: ProxyCors,
     /// Bind address; empty means the module's `host`.
@@ -618,13 +625,13 @@ pub struct ProxyHost {
     pub port: Option<u16>,
     pub require_auth: bool,
     /// Requests to VM targets need the VM's owner; absent when not set.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub require_vm_owner: bool,
     /// Claims a caller must hold; absent when none.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub required_claims: Vec<String>,
     /// Roles a caller must hold; absent when none.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub required_roles: Vec<String>,
     /// `null` for an HTTP host.
     pub tcp_route: Option<ProxyTcpRoute>,
@@ -667,7 +674,7 @@ impl ProxyHost {
 }
 
 /// The state of every listener.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ProxyStatus {
     /// Whether the last applied configuration was enabled.
     pub enabled: bool,
@@ -682,7 +689,7 @@ impl From<&proxy::ProxyStatus> for ProxyStatus {
 }
 
 /// The module's configuration and the state of every listener.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ReverseProxyConfig {
     pub enabled: bool,
     /// Bind address of hosts whose own `host` is empty.
@@ -698,10 +705,46 @@ async fn view(m: &ReverseProxy, h: proxy::ProxyHost) -> ProxyHost {
 }
 
 // ----- routes ----------------------------------------------------------------------------
+//
+// Every route is also mounted per host through the orchestrator
+// (`/orchestrator/hosts/{id}/reverse-proxy/...`, [`Places::Hosts`]): one handler reads its
+// place from [`At`]; per host, the body is parsed here as on the host (ports as strings and
+// all), forwarded as the `hangar_proxy` type it became, and the host's answer read back as
+// the same answer type this module serves. The orchestrator checks that the caller may use
+// the host and calls it with its own stored credentials.
+
+/// Forward a reverse-proxy call to `host` through the orchestrator; changes are audited there.
+async fn forward<T: serde::de::DeserializeOwned>(
+    s: &AppState,
+    ctx: &RequestContext,
+    host: &str,
+    audit: Option<&str>,
+    method: &'static str,
+    path: String,
+    body: Option<Value>,
+) -> R<T> {
+    let call = HttpCall { method, path, body, timeout: Duration::from_secs(60) };
+    orchestrator(s)?
+        .forward_to_host(ctx.caller()?, host, audit.map(|a| (&ctx.actor, a)), &call)
+        .await
+        .map_err(ApiError::from_domain)
+}
+
+/// A `hangar_proxy` value as a request body to a host.
+fn body<T: Serialize>(v: &T) -> R<Option<Value>> {
+    serde_json::to_value(v).map(Some).map_err(|e| ApiError::internal(e.to_string()))
+}
+
+fn host_path(id: &str) -> String {
+    format!("/reverse-proxy/hosts/{}", seg(id))
+}
 
 /// The module's configuration and the state of every listener.
 #[utoipa::path(get, path = "/reverse-proxy", tag = "reverse_proxy", responses((status = 200, body = ReverseProxyConfig)))]
-async fn get_config(State(s): State<AppState>) -> R<axum::Json<ReverseProxyConfig>> {
+async fn get_config(State(s): State<AppState>, ctx: RequestContext, at: At) -> R<axum::Json<ReverseProxyConfig>> {
+    if let Some(host) = at.place.host() {
+        return forward(&s, &ctx, host, None, "GET", "/reverse-proxy".into(), None).await.map(axum::Json);
+    }
     let m = module(&s)?;
     let cfg = m.config().await.map_err(ApiError::from_domain)?;
     let status = m.status().await;
@@ -715,26 +758,43 @@ async fn get_config(State(s): State<AppState>) -> R<axum::Json<ReverseProxyConfi
     }))
 }
 
-#[utoipa::path(put, path = "/reverse-proxy/enable", tag = "reverse_proxy", responses((status = 202)))]
-async fn enable(State(s): State<AppState>, ctx: RequestContext) -> R<StatusCode> {
-    module(&s)?.set_enabled(&ctx.actor, true).await.map_err(ApiError::from_domain)?;
+/// Enable, disable or restart: `verb` names the route.
+async fn switch(s: &AppState, ctx: &RequestContext, at: &At, verb: &'static str) -> R<StatusCode> {
+    if let Some(host) = at.place.host() {
+        let audit = format!("reverse_proxy.{verb}");
+        let _: IgnoredAny = forward(s, ctx, host, Some(&audit), "PUT", format!("/reverse-proxy/{verb}"), None).await?;
+        return Ok(StatusCode::ACCEPTED);
+    }
+    let m = module(s)?;
+    match verb {
+        "enable" => m.set_enabled(&ctx.actor, true).await,
+        "disable" => m.set_enabled(&ctx.actor, false).await,
+        _ => m.restart(&ctx.actor).await,
+    }
+    .map_err(ApiError::from_domain)?;
     Ok(StatusCode::ACCEPTED)
+}
+
+#[utoipa::path(put, path = "/reverse-proxy/enable", tag = "reverse_proxy", responses((status = 202)))]
+async fn enable(State(s): State<AppState>, ctx: RequestContext, at: At) -> R<StatusCode> {
+    switch(&s, &ctx, &at, "enable").await
 }
 
 #[utoipa::path(put, path = "/reverse-proxy/disable", tag = "reverse_proxy", responses((status = 202)))]
-async fn disable(State(s): State<AppState>, ctx: RequestContext) -> R<StatusCode> {
-    module(&s)?.set_enabled(&ctx.actor, false).await.map_err(ApiError::from_domain)?;
-    Ok(StatusCode::ACCEPTED)
+async fn disable(State(s): State<AppState>, ctx: RequestContext, at: At) -> R<StatusCode> {
+    switch(&s, &ctx, &at, "disable").await
 }
 
 #[utoipa::path(put, path = "/reverse-proxy/restart", tag = "reverse_proxy", responses((status = 202)))]
-async fn restart(State(s): State<AppState>, ctx: RequestContext) -> R<StatusCode> {
-    module(&s)?.restart(&ctx.actor).await.map_err(ApiError::from_domain)?;
-    Ok(StatusCode::ACCEPTED)
+async fn restart(State(s): State<AppState>, ctx: RequestContext, at: At) -> R<StatusCode> {
+    switch(&s, &ctx, &at, "restart").await
 }
 
 #[utoipa::path(get, path = "/reverse-proxy/hosts", tag = "reverse_proxy", responses((status = 200, body = Vec<ProxyHost>)))]
-async fn list_hosts(State(s): State<AppState>) -> R<axum::Json<Vec<ProxyHost>>> {
+async fn list_hosts(State(s): State<AppState>, ctx: RequestContext, at: At) -> R<axum::Json<Vec<ProxyHost>>> {
+    if let Some(host) = at.place.host() {
+        return forward(&s, &ctx, host, None, "GET", "/reverse-proxy/hosts".into(), None).await.map(axum::Json);
+    }
     let m = module(&s)?;
     let cfg = m.config().await.map_err(ApiError::from_domain)?;
     let status = m.status().await;
@@ -747,92 +807,153 @@ async fn list_hosts(State(s): State<AppState>) -> R<axum::Json<Vec<ProxyHost>>> 
 async fn create_host(
     State(s): State<AppState>,
     ctx: RequestContext,
-    Json(body): Json<Value>,
+    at: At,
+    Json(b): Json<Value>,
 ) -> R<(StatusCode, axum::Json<ProxyHost>)> {
+    let host: proxy::ProxyHost = parse::<ProxyHostRequest>(b, "proxy host")?.into();
+    if let Some(on) = at.place.host() {
+        let h = forward(
+            &s,
+            &ctx,
+            on,
+            Some("reverse_proxy.create_host"),
+            "POST",
+            "/reverse-proxy/hosts".into(),
+            body(&host)?,
+        )
+        .await?;
+        return Ok((StatusCode::CREATED, axum::Json(h)));
+    }
     let m = module(&s)?;
-    let host: ProxyHostRequest = parse(body, "proxy host")?;
-    let h = m.create_host(&ctx.actor, host.into()).await.map_err(ApiError::from_domain)?;
+    let h = m.create_host(&ctx.actor, host).await.map_err(ApiError::from_domain)?;
     Ok((StatusCode::CREATED, axum::Json(view(m, h).await)))
 }
 
-#[utoipa::path(get, path = "/reverse-proxy/hosts/{id}", tag = "reverse_proxy", params(("id" = String, Path)), responses((status = 200, body = ProxyHost), (status = 404, body = ApiErrorBody)))]
-async fn get_host(State(s): State<AppState>, Path(id): Path<String>) -> R<axum::Json<ProxyHost>> {
+#[utoipa::path(get, path = "/reverse-proxy/hosts/{rp_host_id}", tag = "reverse_proxy", params(("rp_host_id" = String, Path, description = "Proxy host id")),
+    responses((status = 200, body = ProxyHost), (status = 404, body = ApiErrorBody)))]
+async fn get_host(State(s): State<AppState>, ctx: RequestContext, at: At) -> R<axum::Json<ProxyHost>> {
+    let id = at.param("rp_host_id")?;
+    if let Some(on) = at.place.host() {
+        return forward(&s, &ctx, on, None, "GET", host_path(id), None).await.map(axum::Json);
+    }
     let m = module(&s)?;
-    let h = m.get_host(&id).await.map_err(ApiError::from_domain)?;
+    let h = m.get_host(id).await.map_err(ApiError::from_domain)?;
     Ok(axum::Json(view(m, h).await))
 }
 
-#[utoipa::path(put, path = "/reverse-proxy/hosts/{id}", tag = "reverse_proxy", params(("id" = String, Path)), request_body = ProxyHostRequest, responses((status = 200, body = ProxyHost)))]
+#[utoipa::path(put, path = "/reverse-proxy/hosts/{rp_host_id}", tag = "reverse_proxy", params(("rp_host_id" = String, Path, description = "Proxy host id")),
+    request_body = ProxyHostRequest, responses((status = 200, body = ProxyHost)))]
 async fn update_host(
     State(s): State<AppState>,
     ctx: RequestContext,
-    Path(id): Path<String>,
-    Json(body): Json<Value>,
+    at: At,
+    Json(b): Json<Value>,
 ) -> R<axum::Json<ProxyHost>> {
+    let id = at.param("rp_host_id")?;
+    let host: proxy::ProxyHost = parse::<ProxyHostRequest>(b, "proxy host")?.into();
+    if let Some(on) = at.place.host() {
+        return forward(&s, &ctx, on, Some("reverse_proxy.update_host"), "PUT", host_path(id), body(&host)?)
+            .await
+            .map(axum::Json);
+    }
     let m = module(&s)?;
-    let host: ProxyHostRequest = parse(body, "proxy host")?;
-    let h = m.update_host(&ctx.actor, &id, host.into()).await.map_err(ApiError::from_domain)?;
+    let h = m.update_host(&ctx.actor, id, host).await.map_err(ApiError::from_domain)?;
     Ok(axum::Json(view(m, h).await))
 }
 
-#[utoipa::path(delete, path = "/reverse-proxy/hosts/{id}", tag = "reverse_proxy", params(("id" = String, Path)), responses((status = 202), (status = 404, body = ApiErrorBody)))]
-async fn delete_host(State(s): State<AppState>, ctx: RequestContext, Path(id): Path<String>) -> R<StatusCode> {
-    module(&s)?.delete_host(&ctx.actor, &id).await.map_err(ApiError::from_domain)?;
+#[utoipa::path(delete, path = "/reverse-proxy/hosts/{rp_host_id}", tag = "reverse_proxy", params(("rp_host_id" = String, Path, description = "Proxy host id")),
+    responses((status = 202), (status = 404, body = ApiErrorBody)))]
+async fn delete_host(State(s): State<AppState>, ctx: RequestContext, at: At) -> R<StatusCode> {
+    let id = at.param("rp_host_id")?;
+    if let Some(on) = at.place.host() {
+        let _: IgnoredAny =
+            forward(&s, &ctx, on, Some("reverse_proxy.delete_host"), "DELETE", host_path(id), None).await?;
+        return Ok(StatusCode::ACCEPTED);
+    }
+    module(&s)?.delete_host(&ctx.actor, id).await.map_err(ApiError::from_domain)?;
     Ok(StatusCode::ACCEPTED)
 }
 
 /// Add an HTTP route, or replace the one with the same `id`.
-#[utoipa::path(post, path = "/reverse-proxy/hosts/{id}/http_routes", tag = "reverse_proxy", params(("id" = String, Path)), request_body = ProxyHttpRouteRequest, responses((status = 200, body = ProxyHost)))]
+#[utoipa::path(post, path = "/reverse-proxy/hosts/{rp_host_id}/http_routes", tag = "reverse_proxy", params(("rp_host_id" = String, Path, description = "Proxy host id")),
+    request_body = ProxyHttpRouteRequest, responses((status = 200, body = ProxyHost)))]
 async fn upsert_http_route(
     State(s): State<AppState>,
     ctx: RequestContext,
-    Path(id): Path<String>,
-    Json(body): Json<Value>,
+    at: At,
+    Json(b): Json<Value>,
 ) -> R<axum::Json<ProxyHost>> {
+    let id = at.param("rp_host_id")?;
+    let route: proxy::HttpRoute = parse::<ProxyHttpRouteRequest>(b, "HTTP route")?.into();
+    if let Some(on) = at.place.host() {
+        let path = format!("{}/http_routes", host_path(id));
+        return forward(&s, &ctx, on, Some("reverse_proxy.upsert_http_route"), "POST", path, body(&route)?)
+            .await
+            .map(axum::Json);
+    }
     let m = module(&s)?;
-    let route: ProxyHttpRouteRequest = parse(body, "HTTP route")?;
-    let h = m.upsert_http_route(&ctx.actor, &id, route.into()).await.map_err(ApiError::from_domain)?;
+    let h = m.upsert_http_route(&ctx.actor, id, route).await.map_err(ApiError::from_domain)?;
     Ok(axum::Json(view(m, h).await))
 }
 
-#[utoipa::path(delete, path = "/reverse-proxy/hosts/{id}/http_routes/{http_route_id}", tag = "reverse_proxy", params(("id" = String, Path), ("http_route_id" = String, Path)), responses((status = 202)))]
-async fn delete_http_route(
-    State(s): State<AppState>,
-    ctx: RequestContext,
-    Path((id, route)): Path<(String, String)>,
-) -> R<StatusCode> {
-    module(&s)?.delete_http_route(&ctx.actor, &id, &route).await.map_err(ApiError::from_domain)?;
+#[utoipa::path(delete, path = "/reverse-proxy/hosts/{rp_host_id}/http_routes/{http_route_id}", tag = "reverse_proxy",
+    params(("rp_host_id" = String, Path, description = "Proxy host id"), ("http_route_id" = String, Path)), responses((status = 202)))]
+async fn delete_http_route(State(s): State<AppState>, ctx: RequestContext, at: At) -> R<StatusCode> {
+    let (id, route) = (at.param("rp_host_id")?, at.param("http_route_id")?);
+    if let Some(on) = at.place.host() {
+        let path = format!("{}/http_routes/{}", host_path(id), seg(route));
+        let _: IgnoredAny =
+            forward(&s, &ctx, on, Some("reverse_proxy.delete_http_route"), "DELETE", path, None).await?;
+        return Ok(StatusCode::ACCEPTED);
+    }
+    module(&s)?.delete_http_route(&ctx.actor, id, route).await.map_err(ApiError::from_domain)?;
     Ok(StatusCode::ACCEPTED)
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct RouteOrder {
     /// Every route id of the host, first tried first.
     pub order: Vec<String>,
 }
 
-#[utoipa::path(put, path = "/reverse-proxy/hosts/{id}/http_routes/order", tag = "reverse_proxy", params(("id" = String, Path)), request_body = RouteOrder, responses((status = 200, body = ProxyHost)))]
+#[utoipa::path(put, path = "/reverse-proxy/hosts/{rp_host_id}/http_routes/order", tag = "reverse_proxy", params(("rp_host_id" = String, Path, description = "Proxy host id")),
+    request_body = RouteOrder, responses((status = 200, body = ProxyHost)))]
 async fn order_http_routes(
     State(s): State<AppState>,
     ctx: RequestContext,
-    Path(id): Path<String>,
-    Json(body): Json<RouteOrder>,
+    at: At,
+    Json(b): Json<RouteOrder>,
 ) -> R<axum::Json<ProxyHost>> {
+    let id = at.param("rp_host_id")?;
+    if let Some(on) = at.place.host() {
+        let path = format!("{}/http_routes/order", host_path(id));
+        return forward(&s, &ctx, on, Some("reverse_proxy.order_http_routes"), "PUT", path, body(&b)?)
+            .await
+            .map(axum::Json);
+    }
     let m = module(&s)?;
-    let h = m.order_http_routes(&ctx.actor, &id, body.order).await.map_err(ApiError::from_domain)?;
+    let h = m.order_http_routes(&ctx.actor, id, b.order).await.map_err(ApiError::from_domain)?;
     Ok(axum::Json(view(m, h).await))
 }
 
-#[utoipa::path(post, path = "/reverse-proxy/hosts/{id}/tcp_route", tag = "reverse_proxy", params(("id" = String, Path)), request_body = ProxyTcpRouteRequest, responses((status = 200, body = ProxyHost)))]
+#[utoipa::path(post, path = "/reverse-proxy/hosts/{rp_host_id}/tcp_route", tag = "reverse_proxy", params(("rp_host_id" = String, Path, description = "Proxy host id")),
+    request_body = ProxyTcpRouteRequest, responses((status = 200, body = ProxyHost)))]
 async fn set_tcp_route(
     State(s): State<AppState>,
     ctx: RequestContext,
-    Path(id): Path<String>,
-    Json(body): Json<Value>,
+    at: At,
+    Json(b): Json<Value>,
 ) -> R<axum::Json<ProxyHost>> {
+    let id = at.param("rp_host_id")?;
+    let route: proxy::TcpRoute = parse::<ProxyTcpRouteRequest>(b, "TCP route")?.into();
+    if let Some(on) = at.place.host() {
+        let path = format!("{}/tcp_route", host_path(id));
+        return forward(&s, &ctx, on, Some("reverse_proxy.set_tcp_route"), "POST", path, body(&route)?)
+            .await
+            .map(axum::Json);
+    }
     let m = module(&s)?;
-    let route: ProxyTcpRouteRequest = parse(body, "TCP route")?;
-    let h = m.set_tcp_route(&ctx.actor, &id, route.into()).await.map_err(ApiError::from_domain)?;
+    let h = m.set_tcp_route(&ctx.actor, id, route).await.map_err(ApiError::from_domain)?;
     Ok(axum::Json(view(m, h).await))
 }
 
