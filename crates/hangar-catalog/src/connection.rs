@@ -140,6 +140,11 @@ pub(crate) async fn get_json(
     let resp = auth.apply(http.get(url)).send().await.map_err(|e| {
         CatalogError::Provider(format!("catalog server {} is unreachable: {}", conn.origin, e.without_url()))
     })?;
+    json_answer(resp, conn, what).await
+}
+
+/// A remote answer as JSON; error statuses mapped by [`remote_error`].
+pub(crate) async fn json_answer(resp: reqwest::Response, conn: &CatalogConnection, what: &str) -> Result<Value> {
     let status = resp.status().as_u16();
     let text = resp.text().await.unwrap_or_default();
     if !(200..300).contains(&status) {

@@ -366,6 +366,31 @@ impl Catalog {
         let url = format!("{}{path}", conn.api_base());
         crate::connection::get_json(&http, &auth, &conn, &url, "the catalog").await
     }
+
+    /// `PATCH {manager}/api/v1{path}` (taint, untaint) with the manager's credentials;
+    /// the remote server decides whether the manager's user may. Audited here with the
+    /// manager and the path, before the call.
+    #[instrument(skip(self, p, actor), fields(user = %p.username))]
+    pub async fn manager_patch_json(&self, p: &Principal, actor: &Actor, id: &str, path: &str) -> Result<Value> {
+        let m = self.manager_record(p, id).await?;
+        let conn = self.manager_connection(p, id).await?;
+        let entry = hangar_core::audit::AuditEntry::new(
+            actor,
+            "catalog_manager.remote.patch",
+            "catalog_manager",
+            &m.id,
+            json!({"url": m.url, "path": path}),
+        );
+        let batch = Batch::new().put(hangar_core::audit::AUDIT_COLLECTION, &entry.id, to_value(&entry)?);
+        self.store().commit(batch).await?;
+        let http = Self::remote_http()?;
+        let auth = Self::remote_auth(&http, &conn).await?;
+        let url = format!("{}{path}", conn.api_base());
+        let resp = auth.apply(http.patch(&url)).send().await.map_err(|e| {
+            CatalogError::Provider(format!("catalog server {} is unreachable: {}", conn.origin, e.without_url()))
+        })?;
+        crate::connection::json_answer(resp, &conn, "the change").await
+    }
 }
 
 #[cfg(test)]

@@ -145,6 +145,26 @@ async fn a_vm_is_created_on_a_host_from_another_catalog_server_named_by_the_conn
     let (st, v) = call(&c, Method::POST, &host.api("/machines"), &ha, Some(both), &[]).await;
     assert_eq!(st, 400, "{v}");
 
+    // Taint through a manager: the remote decides, as the manager's user there.
+    let taint = format!("/catalog-managers/{mid}/catalog/golden/1.0.0/x86_64/taint");
+    let (st, v) = call(&c, Method::PATCH, &host.api(&taint), &ha, None, &[]).await;
+    assert_eq!(st, 422, "puller may not taint on the catalog server: {v}");
+    assert!(v["message"].as_str().unwrap_or_default().contains(&authority), "{v}");
+    let admin = json!({"name": "central-admin", "url": catalog.url, "username": "root", "password": ROOT_PASSWORD});
+    let (st, m) = call(&c, Method::POST, &host.api("/catalog-managers"), &ha, Some(admin), &[]).await;
+    assert_eq!(st, 200, "{m}");
+    let aid = m["id"].as_str().unwrap().to_string();
+    let taint = format!("/catalog-managers/{aid}/catalog/golden/1.0.0/x86_64/taint");
+    let (st, v) = call(&c, Method::PATCH, &host.api(&taint), &ha, None, &[]).await;
+    assert_eq!((st, v["tainted"].as_bool()), (200, Some(true)), "{v}");
+    let (_, v) =
+        call(&c, Method::GET, &catalog.api("/catalog/golden/1.0.0/x86_64"), &Auth::Bearer(croot.clone()), None, &[])
+            .await;
+    assert_eq!(v["tainted"], json!(true), "the catalog server has it tainted: {v}");
+    let untaint = format!("/catalog-managers/{aid}/catalog/golden/1.0.0/x86_64/untaint");
+    let (st, v) = call(&c, Method::PATCH, &host.api(&untaint), &ha, None, &[]).await;
+    assert_eq!((st, v["tainted"].as_bool()), (200, Some(false)), "{v}");
+
     // The password is in no answer and nowhere in the host's data folder (store, audit, log).
     let (_, audit) = call(&c, Method::GET, &host.api("/audit"), &ha, None, &[]).await;
     assert!(!audit.to_string().contains(USER_PASSWORD), "{audit}");

@@ -1,6 +1,6 @@
 //! `/catalog-managers/...`: per-user remote catalogs (reference §1.5). CRUD, and the read
 //! routes of the remote catalog (`/catalog-managers/{id}/catalog[/{id}[/{version}[/{arch}]]]`)
-//! forwarded with the manager's own credentials (never the caller's identity).
+//! and its taint/untaint forwarded with the manager's own credentials (never the caller's identity).
 //! `hangar_catalog::managers` decides access, seals the credentials and audits.
 
 use std::collections::BTreeMap;
@@ -28,6 +28,7 @@ const LIST: Access = Access::AnyOf(&[CATALOG_MANAGER_LIST, CATALOG_MANAGER_LIST_
 const CREATE: Access = Access::AnyOf(&[CATALOG_MANAGER_CREATE, CATALOG_MANAGER_CREATE_OWN]);
 const UPDATE: Access = Access::AnyOf(&[CATALOG_MANAGER_UPDATE, CATALOG_MANAGER_UPDATE_OWN]);
 const DELETE: Access = Access::AnyOf(&[CATALOG_MANAGER_DELETE, CATALOG_MANAGER_DELETE_OWN]);
+const REMOTE_UPDATE: Access = Access::AnyOf(&[UPDATE_CATALOG_MANIFEST, CATALOG_MANAGER_UPDATE_CATALOG_MANIFEST_OWN]);
 const REMOTE_LIST: Access = Access::AnyOf(&[LIST_CATALOG_MANIFEST, CATALOG_MANAGER_LIST_CATALOG_MANIFEST_OWN]);
 
 pub fn register(api: Api) -> Api {
@@ -40,6 +41,8 @@ pub fn register(api: Api) -> Api {
         .add(REMOTE_LIST, routes!(remote_get_id))
         .add(REMOTE_LIST, routes!(remote_get_version))
         .add(REMOTE_LIST, routes!(remote_get_one))
+        .add(REMOTE_UPDATE, routes!(remote_taint))
+        .add(REMOTE_UPDATE, routes!(remote_untaint))
 }
 
 /// A catalog manager to create, or the fields to change (absent ones are kept; a
@@ -252,4 +255,37 @@ async fn remote_get_one(
 ) -> R<axum::Json<CatalogManifest>> {
     let path = format!("/catalog/{}/{}/{}", seg(&cid), seg(&version), seg(&a));
     Ok(axum::Json(remote(&s, &ctx, &id, &path).await?))
+}
+
+async fn remote_patch(s: &AppState, ctx: &RequestContext, id: &str, path: &str) -> R<CatalogManifest> {
+    let v = catalog(s)?.manager_patch_json(ctx.caller()?, &ctx.actor, id, path).await?;
+    serde_json::from_value(v).map_err(|e| {
+        ApiError::new(StatusCode::BAD_GATEWAY, format!("catalog manager {id}: the catalog server's answer: {e}"))
+    })
+}
+
+/// Taint a version on the remote catalog (as the manager's user there).
+#[utoipa::path(patch, path = "/catalog-managers/{id}/catalog/{catalog_id}/{version}/{architecture}/taint", tag = "catalog-managers",
+    params(("id" = String, Path), ("catalog_id" = String, Path), ("version" = String, Path), ("architecture" = String, Path)),
+    responses((status = 200, body = CatalogManifest), (status = 404, body = ApiErrorBody), (status = 422, body = ApiErrorBody)))]
+async fn remote_taint(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path((id, cid, version, a)): Path<(String, String, String, String)>,
+) -> R<axum::Json<CatalogManifest>> {
+    let path = format!("/catalog/{}/{}/{}/taint", seg(&cid), seg(&version), seg(&a));
+    Ok(axum::Json(remote_patch(&s, &ctx, &id, &path).await?))
+}
+
+/// Untaint a version on the remote catalog (as the manager's user there).
+#[utoipa::path(patch, path = "/catalog-managers/{id}/catalog/{catalog_id}/{version}/{architecture}/untaint", tag = "catalog-managers",
+    params(("id" = String, Path), ("catalog_id" = String, Path), ("version" = String, Path), ("architecture" = String, Path)),
+    responses((status = 200, body = CatalogManifest), (status = 404, body = ApiErrorBody), (status = 422, body = ApiErrorBody)))]
+async fn remote_untaint(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path((id, cid, version, a)): Path<(String, String, String, String)>,
+) -> R<axum::Json<CatalogManifest>> {
+    let path = format!("/catalog/{}/{}/{}/untaint", seg(&cid), seg(&version), seg(&a));
+    Ok(axum::Json(remote_patch(&s, &ctx, &id, &path).await?))
 }
