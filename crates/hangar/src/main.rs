@@ -364,10 +364,25 @@ fn read_secret_stdin(what: &str) -> Result<String> {
 }
 
 /// The reference's `--KEY=value` flags (an upper-case or `_` name, such as `--API_PORT=80`)
-/// become `--key-flag KEY=value`; Hangar's own flags are lower-case with `-`.
+/// become `--key-flag KEY=value`; Hangar's own flags are lower-case with `-`. Only for the
+/// commands that load the server configuration (`serve`, `api`, `config check`), and never
+/// after `--`, so that arguments meant for a guest command pass untouched.
 fn rewrite_key_flags(args: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let args: Vec<std::ffi::OsString> = args.collect();
+    let words: Vec<&str> = args.iter().skip(1).filter_map(|a| a.to_str()).take_while(|a| *a != "--").collect();
+    let loads_config =
+        words.iter().any(|w| matches!(*w, "serve" | "api")) || words.windows(2).any(|w| w == ["config", "check"]);
+    if !loads_config {
+        return args;
+    }
     let mut out = Vec::new();
+    let mut rest = false;
     for a in args {
+        if rest || a.to_str() == Some("--") {
+            rest = true;
+            out.push(a);
+            continue;
+        }
         let key = a.to_str().and_then(|t| t.strip_prefix("--")).and_then(|t| t.split_once('=')).filter(|(k, _)| {
             !k.is_empty()
                 && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
@@ -759,5 +774,28 @@ mod tests {
     fn the_command_line_is_consistent() {
         use clap::CommandFactory;
         super::Cli::command().debug_assert();
+    }
+}
+
+#[cfg(test)]
+mod key_flag_tests {
+    use super::rewrite_key_flags;
+
+    fn run(args: &[&str]) -> Vec<String> {
+        rewrite_key_flags(args.iter().map(std::ffi::OsString::from))
+            .into_iter()
+            .map(|a| a.into_string().unwrap_or_default())
+            .collect()
+    }
+
+    #[test]
+    fn only_server_commands_take_the_reference_flags() {
+        assert_eq!(run(&["hangar", "serve", "--API_PORT=80"]), ["hangar", "serve", "--key-flag", "API_PORT=80"]);
+        assert_eq!(run(&["hangar", "api", "--log_level=debug"]), ["hangar", "api", "--key-flag", "log_level=debug"]);
+        assert_eq!(run(&["hangar", "config", "check", "--MODE=catalog"])[3..], ["--key-flag", "MODE=catalog"]);
+        // Hangar's own flags, other commands and anything after `--` pass untouched.
+        assert_eq!(run(&["hangar", "serve", "--data-dir=/x"]), ["hangar", "serve", "--data-dir=/x"]);
+        assert_eq!(run(&["hangar", "vm", "exec", "v", "--FOO=1"]), ["hangar", "vm", "exec", "v", "--FOO=1"]);
+        assert_eq!(run(&["hangar", "serve", "--", "--A_B=1"]), ["hangar", "serve", "--", "--A_B=1"]);
     }
 }

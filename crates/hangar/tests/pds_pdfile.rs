@@ -133,6 +133,10 @@ async fn pull_file_creates_clones_starts_and_executes_on_the_host() {
     let names: Vec<&str> = list.as_array().unwrap().iter().filter_map(|m| m["Name"].as_str()).collect();
     assert!(names.contains(&"ci-base") && names.contains(&"ci-run-1"), "{names:?}");
     assert!(!names.contains(&"placeholder"), "{names:?}");
+    let (_, base_vm) = call(&c, Method::GET, &s.api("/machines/ci-base"), &ra, None, &[]).await;
+    // On a Parallels host OWNER is also the macOS account that runs the VM (the fake host has
+    // no other account than the server's, so the test names root).
+    assert_eq!(base_vm["owner"], "root", "OWNER: {base_vm}");
     let (_, clone) = call(&c, Method::GET, &s.api("/machines/ci-run-1/status"), &ra, None, &[]).await;
     assert_eq!(clone["status"], "running", "START_AFTER_PULL starts the clone: {clone}");
     let (_, base) = call(&c, Method::GET, &s.api("/machines/ci-base/status"), &ra, None, &[]).await;
