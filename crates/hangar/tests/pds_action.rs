@@ -297,3 +297,115 @@ async fn a_name_on_two_hosts_is_a_conflict_naming_them() {
         assert!(v["status"].is_string(), "{v}");
     }
 }
+
+/// Host mode, on a Parallels host that also serves its catalog: `pull` (create from the
+/// catalog with the action's connection string), `clone` of the pulled VM, `stop` and `start`
+/// (host mode sends `GET .../stop|start`), `run` and `delete`, each through
+/// `/api/v1//machines...` as the action builds its URLs.
+#[tokio::test]
+async fn host_mode_pull_clone_stop_start_run_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeParallels::new(dir.path());
+    let bundle = fake.images.join("golden.pvm");
+    let s = fake.server(&dir.path().join("data"), &[("ENABLED_MODULES", "api,host,catalog")]);
+    let c = client();
+    let root = login(&c, &s, "root", ROOT_PASSWORD).await;
+    let provider = format!("provider=local-storage;catalog_path={}", dir.path().join("store").display());
+    let out = std::process::Command::new(bin())
+        .args(["--output", "json", "--url", &s.url, "catalog", "push", "--provider", &provider])
+        .args(["--catalog-id", "ci-image", "--version", "1.0.0", "--architecture", "amd64", "--path"])
+        .arg(&bundle)
+        .env("HANGAR_TOKEN", &root)
+        .env("HANGAR_CONFIG_DIR", dir.path().join("cli"))
+        .env("XDG_CACHE_HOME", dir.path().join("cli-cache"))
+        .env_remove("HANGAR_URL")
+        .env_remove("HANGAR_API_KEY")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "push: {}", String::from_utf8_lossy(&out.stderr));
+
+    let base = format!("{}/api", s.url);
+    let h = format!("{base}/v1/");
+    let authority = s.url.trim_start_matches("http://");
+
+    // pull: `base_image: http://root:<password>@<host>/amd64/ci-image/1.0.0`, parsed by the
+    // action into the connection `host=http://root:<password>@<host>:<port>`.
+    let token = action_start(&c, &base, "root", ROOT_PASSWORD).await;
+    let name = "ci-image_6f1c2f6e-2d7b-4a53-9f57-1f0e4b7c9a10";
+    let body = json!({"name": name, "architecture": "amd64", "start_on_create": true,
+        "catalog_manifest": {"catalog_id": "ci-image", "version": "1.0.0",
+            "connection": format!("host=http://root:{ROOT_PASSWORD}@{authority}"),
+            "specs": {"cpu": "1", "memory": "1024"}}});
+    let (st, made) = action_call(&c, Method::POST, &format!("{h}/machines"), Some(&token), Some(body)).await;
+    assert!((200..300).contains(&st), "pull: {st} {made}");
+    let vm_id = made["id"].as_str().expect("id").to_string();
+    assert!(made["host"].is_string() || made["host"].is_null(), "{made}");
+    assert_eq!(made["current_state"], "running", "{made}");
+
+    let status = |who: String| {
+        let (c, url, token) = (c.clone(), format!("{h}/machines/{who}/status"), token.clone());
+        async move {
+            let (st, v) = action_call(&c, Method::GET, &url, Some(&token), None).await;
+            assert_eq!(st, 200, "status: {v}");
+            v["status"].as_str().unwrap().to_string()
+        }
+    };
+
+    // stop, then start: host mode sends GET, reads the status answer. The base is cloned
+    // while stopped, as a CI base VM is (Parallels refuses to clone a running VM).
+    assert_eq!(status(name.to_string()).await, "running");
+    let (st, v) = action_call(&c, Method::GET, &format!("{h}/machines/{name}/stop"), Some(&token), None).await;
+    assert_eq!(st, 200, "GET stop: {v}");
+    assert_eq!(status(name.to_string()).await, "stopped");
+    // clone: `PUT /api/v1//machines/<base_vm>/clone {clone_name}`, reads `id` and `status`.
+    let clone_name = format!("{name}_clone");
+    let (st, cloned) = action_call(
+        &c,
+        Method::PUT,
+        &format!("{h}/machines/{name}/clone"),
+        Some(&token),
+        Some(json!({"clone_name": clone_name})),
+    )
+    .await;
+    assert!((200..300).contains(&st), "clone: {st} {cloned}");
+    let clone_id = cloned["id"].as_str().expect("clone id").to_string();
+    assert_ne!(clone_id, vm_id);
+    assert!(cloned["status"].is_string(), "{cloned}");
+
+    let (st, v) = action_call(&c, Method::GET, &format!("{h}/machines/{vm_id}/start"), Some(&token), None).await;
+    assert_eq!(st, 200, "GET start: {v}");
+    assert_eq!(status(vm_id.clone()).await, "running");
+
+    // run on the clone: start it, wait for `echo "ready"`, then the script's lines.
+    let (st, v) = action_call(&c, Method::GET, &format!("{h}/machines/{clone_name}/start"), Some(&token), None).await;
+    assert_eq!(st, 200, "{v}");
+    let (st, m) = action_call(&c, Method::GET, &format!("{h}/machines/{clone_name}"), Some(&token), None).await;
+    assert_eq!((st, m["State"].as_str()), (200, Some("running")), "{m}");
+    assert!(m["OS"].is_string(), "{m}");
+    let execute = format!("{h}/machines/{clone_name}/execute");
+    let (st, v) =
+        action_call(&c, Method::PUT, &execute, Some(&token), Some(json!({"command": "echo \"ready\""}))).await;
+    assert_eq!((st, v["exit_code"].as_i64()), (200, Some(0)), "{v}");
+    let (st, v) = action_call(&c, Method::PUT, &execute, Some(&token), Some(json!({"command": "echo built"}))).await;
+    assert_eq!((st, v["exit_code"].as_i64(), v["stderr"].as_str()), (200, Some(0), Some("")), "{v}");
+    assert_eq!(v["stdout"].as_str().map(str::trim), Some("built"), "{v}");
+
+    // A state change by GET still needs the right to change that VM: a plain user's GET stop
+    // of root's VM is refused and the VM keeps running.
+    let (_, plain) = make_user(&c, &s, &root, "plain").await;
+    let (st, v) = action_call(&c, Method::GET, &format!("{h}/machines/{vm_id}/stop"), Some(&plain), None).await;
+    assert!(st == 403 || st == 404, "{st} {v}");
+    assert_eq!(status(vm_id.clone()).await, "running");
+
+    // delete both: status, GET stop when not stopped, DELETE by name.
+    for who in [clone_name.as_str(), name] {
+        if status(who.to_string()).await != "stopped" {
+            let (st, v) = action_call(&c, Method::GET, &format!("{h}/machines/{who}/stop"), Some(&token), None).await;
+            assert_eq!(st, 200, "{v}");
+        }
+        let (st, v) = action_call(&c, Method::DELETE, &format!("{h}/machines/{who}"), Some(&token), None).await;
+        assert!((200..300).contains(&st), "delete {who}: {st} {v}");
+        let (st, v) = action_call(&c, Method::GET, &format!("{h}/machines/{who}/status"), Some(&token), None).await;
+        assert_eq!(st, 404, "{v}");
+    }
+}

@@ -206,13 +206,17 @@ async fn power(s: &AppState, ctx: &RequestContext, at: &At, op: PowerOp) -> R<Re
     call(s, ctx, at, StatusCode::OK, VmCall::Power(op)).await
 }
 
-#[utoipa::path(put, path = "/machines/{id}/start", tag = "machines", params(("id" = String, Path)),
+/// Start the VM. Also answers `GET`, which the reference's GitHub Action (host mode)
+/// and Jenkins plugin send (the reference answered them 405).
+#[utoipa::path(method(put, get), path = "/machines/{id}/start", tag = "machines", params(("id" = String, Path)),
     responses((status = 200, body = MachineStatus, description = "On the host: the VM's status; through the orchestrator: `PowerDone`"), (status = 409, body = ApiErrorBody)))]
 async fn start(State(s): State<AppState>, ctx: RequestContext, at: At) -> R<Response> {
     power(&s, &ctx, &at, PowerOp::Start).await
 }
 
-#[utoipa::path(put, path = "/machines/{id}/stop", tag = "machines", params(("id" = String, Path), ForceQuery),
+/// Stop the VM. Also answers `GET`, which the reference's GitHub Action (host mode)
+/// and Jenkins plugin send (the reference answered them 405).
+#[utoipa::path(method(put, get), path = "/machines/{id}/stop", tag = "machines", params(("id" = String, Path), ForceQuery),
     responses((status = 200, body = MachineStatus, description = "On the host: the VM's status; through the orchestrator: `PowerDone`"), (status = 409, body = ApiErrorBody)))]
 async fn stop(State(s): State<AppState>, ctx: RequestContext, at: At, Query(q): Query<ForceQuery>) -> R<Response> {
     power(&s, &ctx, &at, PowerOp::Stop { force: q.force, timeout: Duration::from_secs(60) }).await
