@@ -112,7 +112,7 @@ pub enum Places {
     Hosts,
 }
 
-fn for_fleet(op: &Operation, per_host: bool) -> Operation {
+fn for_fleet(op: &Operation, per_host: bool, of_vm: bool) -> Operation {
     let mut op = op.clone();
     op.tags = Some(vec!["orchestrator".into()]);
     let prefix = if per_host { "host_" } else { "fleet_" };
@@ -135,7 +135,9 @@ fn for_fleet(op: &Operation, per_host: bool) -> Operation {
             .build();
         op.parameters.get_or_insert_with(Vec::new).insert(0, RefOr::T(host));
     }
-    let note = if per_host {
+    let note = if per_host && !of_vm {
+        "Through the orchestrator, on the named host (the caller must be allowed on that host)."
+    } else if per_host {
         "Through the orchestrator, on the named host (a VM on another host is a 404)."
     } else {
         "Through the orchestrator, on whichever host runs the VM."
@@ -147,13 +149,14 @@ fn for_fleet(op: &Operation, per_host: bool) -> Operation {
     op
 }
 
-fn fleet_item(item: &PathItem, per_host: bool) -> PathItem {
+/// `of_vm`: the route names a VM (`{id}` on its own path).
+fn fleet_item(item: &PathItem, per_host: bool, of_vm: bool) -> PathItem {
     let mut out = item.clone();
     for op in [&mut out.get, &mut out.put, &mut out.post, &mut out.delete, &mut out.patch, &mut out.head]
         .into_iter()
         .flatten()
     {
-        *op = for_fleet(op, per_host);
+        *op = for_fleet(op, per_host, of_vm);
     }
     out
 }
@@ -189,7 +192,7 @@ impl Api {
         for place in extra {
             let mut moved = Paths::new();
             for (path, item) in &paths.paths {
-                moved.paths.insert(place.path(path), fleet_item(item, place.per_host));
+                moved.paths.insert(place.path(path), fleet_item(item, place.per_host, path.contains("{id}")));
             }
             api = api.add(access, (Vec::new(), moved, method_router.clone().layer(Extension(*place))));
         }
