@@ -520,8 +520,8 @@ fn pds_body<T: for<'de> Deserialize<'de>>(b: &Bytes) -> R<T> {
 }
 
 /// The reference's pull: put a catalog image into a new VM on this host. `connection` names
-/// another catalog server; empty means this server's catalog (the only one served here).
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+/// another catalog server; empty means this server's catalog.
+#[derive(Clone, Deserialize, ToSchema)]
 pub struct PdsPullRequest {
     pub catalog_id: String,
     /// Default `latest`.
@@ -535,7 +535,9 @@ pub struct PdsPullRequest {
     pub machine_name: Option<String>,
     /// The reference's destination folder; Hangar puts the VM in the host's VM folder.
     pub path: Option<String>,
-    /// Another catalog server (`host=user:pass@server`); not supported by this route.
+    /// Another catalog server (`host=[scheme://]user:password@host:port` or
+    /// `host=api_key@host`), pulled through its API with these credentials (it decides
+    /// access); never stored, logged or answered.
     pub connection: Option<String>,
     #[serde(default)]
     pub start_after_pull: bool,
@@ -557,7 +559,9 @@ pub struct PdsPullResponse {
     /// The VM's folder or bundle on the host.
     pub local_path: String,
     pub machine_name: String,
-    pub manifest: CatalogManifest,
+    /// The manifest, when the image came from this server's catalog.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<CatalogManifest>,
     /// The image's folder in this host's catalog cache.
     pub local_cache_path: String,
 }
@@ -572,6 +576,8 @@ struct PdsPull {
     name: String,
     owner: Option<String>,
     start: bool,
+    /// Another catalog server to pull from.
+    remote: Option<hangar_catalog::CatalogConnection>,
 }
 
 /// Check a pull before any work: host module, body, the VM create rule (claim, name, owner)
@@ -590,12 +596,10 @@ async fn pds_pull_check(s: &AppState, ctx: &RequestContext, b: PdsPullRequest) -
             "machine_name is required (for a download ticket without a VM, use PUT /catalog/pull-ticket)",
         )
     })?;
-    if field(b.connection).is_some() {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "pulling from another catalog server (connection) is not supported by this route; leave connection empty to pull from this server's catalog",
-        ));
-    }
+    let remote = match b.connection.as_deref().map(str::trim).filter(|c| !c.is_empty()) {
+        Some(text) => Some(hangar_catalog::CatalogConnection::parse(text)?),
+        None => None,
+    };
     let arch = match field(b.architecture) {
         Some(a) => arch(&a)?,
         None => Architecture::host().ok_or_else(|| ApiError::bad_request("Give the architecture"))?,
@@ -604,8 +608,10 @@ async fn pds_pull_check(s: &AppState, ctx: &RequestContext, b: PdsPullRequest) -
     hangar_core::vm::authorize(p, hangar_core::VmAction::Create, &name, None).map_err(ApiError::from_domain)?;
     let owner = field(b.owner);
     hangar_core::vm::owner_for(p, owner.as_deref()).map_err(ApiError::from_domain)?;
-    catalog.get(p, &catalog_id, &version, arch).await?;
-    Ok(PdsPull { host, catalog, catalog_id, version, arch, name, owner, start: b.start_after_pull })
+    if remote.is_none() {
+        catalog.get(p, &catalog_id, &version, arch).await?;
+    }
+    Ok(PdsPull { host, catalog, catalog_id, version, arch, name, owner, start: b.start_after_pull, remote })
 }
 
 /// Pull the image through the host cache, create the VM from it (the host service checks
@@ -621,8 +627,22 @@ async fn pds_pull_run(
     if let Some(j) = job {
         j.step(0, 0.0, "pulling the image");
     }
-    let (m, folder) =
-        pull.catalog.pull_to_host_with(p, actor, &pull.catalog_id, &pull.version, pull.arch, progress).await?;
+    let (m, folder) = match &pull.remote {
+        Some(conn) => {
+            let folder =
+                pull.catalog.pull_remote_to_host(p, actor, conn, &pull.catalog_id, &pull.version, pull.arch).await?;
+            (None, folder)
+        }
+        None => {
+            let (m, folder) =
+                pull.catalog.pull_to_host_with(p, actor, &pull.catalog_id, &pull.version, pull.arch, progress).await?;
+            (Some(m), folder)
+        }
+    };
+    let (catalog_id, version) = match &m {
+        Some(m) => (m.catalog_id.clone(), m.version.clone()),
+        None => (pull.catalog_id.clone(), pull.version.clone()),
+    };
     if let Some(j) = job {
         j.step(1, 0.0, "creating the VM");
     }
@@ -634,19 +654,19 @@ async fn pds_pull_run(
         disk_bytes: None,
         owner: pull.owner.clone(),
         host_user: pull.owner.clone(),
-        description: format!("pulled from catalog {} {} {}", m.catalog_id, m.version, m.architecture),
+        description: format!("pulled from catalog {catalog_id} {version} {}", pull.arch),
         start: pull.start,
     };
     let vm = pull.host.create_for(p, actor, req).await.map_err(ApiError::from_domain)?;
     Ok(PdsPullResponse {
         id: vm.id.clone(),
         machine_id: vm.id,
-        catalog_id: m.catalog_id.clone(),
-        version: m.version.clone(),
-        architecture: m.architecture.to_string(),
+        catalog_id,
+        version,
+        architecture: pull.arch.to_string(),
         local_path: vm.home.display().to_string(),
         machine_name: vm.name,
-        manifest: m.into(),
+        manifest: m.map(CatalogManifest::from),
         local_cache_path: folder.display().to_string(),
     })
 }
