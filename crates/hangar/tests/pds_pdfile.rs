@@ -35,9 +35,9 @@ fn cli(home: &Path, args: &[&str], env: &[(&str, &str)]) -> (bool, Value, String
 }
 
 /// A fake Parallels host whose catalog holds `golden` 1.0.0 (pushed with a PDFile).
-async fn host_with_golden(dir: &Path) -> (FakeParallels, Server, String) {
+async fn host_with_golden(dir: &Path, settings: &[(&str, &str)]) -> (FakeParallels, Server, String) {
     let fake = FakeParallels::new(dir);
-    let s = fake.server(&dir.join("data"), &[]);
+    let s = fake.server(&dir.join("data"), settings);
     let root = login(&client(), &s, "root", ROOT_PASSWORD).await;
     let push = dir.join("push.pdfile");
     std::fs::write(
@@ -62,7 +62,7 @@ async fn host_with_golden(dir: &Path) -> (FakeParallels, Server, String) {
 #[tokio::test]
 async fn catalog_list_and_run_read_the_catalog_the_pdfile_names() {
     let dir = tempfile::tempdir().unwrap();
-    let (_fake, s, _root) = host_with_golden(dir.path()).await;
+    let (_fake, s, _root) = host_with_golden(dir.path(), &[]).await;
     let list = dir.path().join("list.pdfile");
     std::fs::write(
         &list,
@@ -101,7 +101,9 @@ async fn catalog_list_and_run_read_the_catalog_the_pdfile_names() {
 #[tokio::test]
 async fn pull_file_creates_clones_starts_and_executes_on_the_host() {
     let dir = tempfile::tempdir().unwrap();
-    let (_fake, s, root) = host_with_golden(dir.path()).await;
+    // The host image cache lives where CATALOG_CACHE_FOLDER says.
+    let cache = dir.path().join("host-cache");
+    let (_fake, s, root) = host_with_golden(dir.path(), &[("CATALOG_CACHE_FOLDER", cache.to_str().unwrap())]).await;
     let marker = dir.path().join("executed-in-the-clone");
     let pull = dir.path().join("pull.pdfile");
     std::fs::write(
@@ -126,6 +128,7 @@ async fn pull_file_creates_clones_starts_and_executes_on_the_host() {
     assert_eq!(v["clone_name"], "ci-run-1", "{v}");
     assert_eq!(v["executed"][0]["stdout"].as_str().unwrap().trim(), "first", "{v}");
     assert!(marker.exists(), "the EXECUTE line did not run");
+    assert!(cache.join("images/golden").is_dir(), "the image was not cached in CATALOG_CACHE_FOLDER");
     let c = client();
     let ra = Auth::Bearer(root.clone());
     let (st, list) = call(&c, Method::GET, &s.api("/machines"), &ra, None, &[]).await;
