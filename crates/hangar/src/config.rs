@@ -1,6 +1,9 @@
-//! Server configuration: a TOML file, then environment variables, then flags, in rising
-//! precedence. Keys are the reference service's names (`API_PORT`, `DATABASE_FOLDER`, ...);
-//! in the TOML file they may be written in lower case. Every key is listed in [`KEYS`]
+//! Server configuration, in rising precedence: a config file (the reference's YAML or JSON
+//! with its `environment:` map, or TOML), the reference's `--KEY=value` flags, environment
+//! variables, then Hangar's `--set`/`--port`/`--data-dir` flags ([`Layers::load_all`]).
+//! Keys are the reference service's names (`API_PORT`, `DATABASE_FOLDER`, ...); in a file
+//! they may be written in lower case. The reference's keys Hangar does not honour are in
+//! [`REFERENCE_ONLY`] with the reason; any other unknown key is an error. Every key is listed in [`KEYS`]
 //! with its default and meaning, which is also what the README's configuration table
 //! shows (`hangar config keys`). [`Layers`] holds the raw values given; the typed
 //! settings, with the defaults of this table, are parsed from them once, in
