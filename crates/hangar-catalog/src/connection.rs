@@ -118,7 +118,7 @@ fn message_of(text: &str) -> String {
 
 /// Maps a remote answer's status to ours, naming the server. A refusal (401, 403) is of
 /// the connection's credentials, not of our caller: 422, which an orchestrator relays as is.
-fn remote_error(origin: &str, what: &str, status: u16, text: &str) -> CatalogError {
+pub(crate) fn remote_error(origin: &str, what: &str, status: u16, text: &str) -> CatalogError {
     let msg = format!("catalog server {origin}: {what} answered HTTP {status}: {}", message_of(text));
     match status {
         401 | 403 => CatalogError::Unprocessable(msg),

@@ -46,7 +46,7 @@ pub use connection::CatalogConnection;
 pub use hangar_blobstore;
 pub use hangar_image;
 pub use import::{IMPORT_VM_TYPES, ImportRequest, ImportVmRequest};
-pub use managers::{CatalogManagerInput, CatalogManagerView};
+pub use managers::{CatalogManagerInput, CatalogManagerView, Forwarded, ManagerOp, RemoteCall, RemoteMethod};
 pub use model::{CacheItem, ListField, Manifest, MetadataUpdate, MinimumRequirements, NewManifest, PullTicket};
 pub use service::{Catalog, CatalogOptions};
 

@@ -367,30 +367,182 @@ impl Catalog {
         crate::connection::get_json(&http, &auth, &conn, &url, "the catalog").await
     }
 
-    /// `PATCH {manager}/api/v1{path}` (taint, untaint) with the manager's credentials;
-    /// the remote server decides whether the manager's user may. Audited here with the
-    /// manager and the path, before the call.
-    #[instrument(skip(self, p, actor), fields(user = %p.username))]
-    pub async fn manager_patch_json(&self, p: &Principal, actor: &Actor, id: &str, path: &str) -> Result<Value> {
+    /// Forwards `method {manager}/api/v1{path}` (with `body` as JSON) to the remote catalog
+    /// with the manager's credentials only (never the caller's identity), for `p` who may
+    /// use the manager and holds one of `op`'s claims. A change (`op` other than `List`/
+    /// `Pull` reads) is audited here, naming the manager, the method and the path, before
+    /// the call. The remote server decides whether the manager's user may; its success
+    /// status is relayed, its errors come back naming the manager and the server (a
+    /// refusal of the manager's credentials is a 422, an unreachable server a 503).
+    #[instrument(skip(self, p, actor, call), fields(user = %p.username, path = call.path))]
+    pub async fn manager_forward(
+        &self,
+        p: &Principal,
+        actor: &Actor,
+        id: &str,
+        call: RemoteCall<'_>,
+    ) -> Result<Forwarded> {
+        let RemoteCall { op, method, path, body } = call;
+        if !op.claims().iter().any(|c| p.has_claim(c)) {
+            return Err(CatalogError::Forbidden(format!(
+                "catalog manager {id}: this needs one of the claims {}",
+                op.claims().join(", ")
+            )));
+        }
         let m = self.manager_record(p, id).await?;
         let conn = self.manager_connection(p, id).await?;
-        let entry = hangar_core::audit::AuditEntry::new(
-            actor,
-            "catalog_manager.remote.patch",
-            "catalog_manager",
-            &m.id,
-            json!({"url": m.url, "path": path}),
-        );
-        let batch = Batch::new().put(hangar_core::audit::AUDIT_COLLECTION, &entry.id, to_value(&entry)?);
-        self.store().commit(batch).await?;
+        let named = |e: CatalogError| name_error(&m.name, e);
+        if method != RemoteMethod::Get {
+            let entry = hangar_core::audit::AuditEntry::new(
+                actor,
+                &format!("catalog_manager.remote.{}", op.as_str()),
+                "catalog_manager",
+                &m.id,
+                json!({"url": m.url, "method": method.as_str(), "path": path}),
+            );
+            let batch = Batch::new().put(hangar_core::audit::AUDIT_COLLECTION, &entry.id, to_value(&entry)?);
+            self.store().commit(batch).await?;
+        }
         let http = Self::remote_http()?;
-        let auth = Self::remote_auth(&http, &conn).await?;
+        let auth = Self::remote_auth(&http, &conn).await.map_err(named)?;
         let url = format!("{}{path}", conn.api_base());
-        let resp = auth.apply(http.patch(&url)).send().await.map_err(|e| {
-            CatalogError::Provider(format!("catalog server {} is unreachable: {}", conn.origin, e.without_url()))
+        let req = match method {
+            RemoteMethod::Get => http.get(&url),
+            RemoteMethod::Post => http.post(&url),
+            RemoteMethod::Put => http.put(&url),
+            RemoteMethod::Patch => http.patch(&url),
+            RemoteMethod::Delete => http.delete(&url),
+        };
+        let req = match &body {
+            Some(b) => req.json(b),
+            None => req,
+        };
+        let resp = auth.apply(req).send().await.map_err(|e| {
+            named(CatalogError::Provider(format!("catalog server {} is unreachable: {}", conn.origin, e.without_url())))
         })?;
-        crate::connection::json_answer(resp, &conn, "the change").await
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        if !(200..300).contains(&status) {
+            let what = format!("{} {path}", method.as_str());
+            return Err(named(crate::connection::remote_error(&conn.origin, &what, status, &text)));
+        }
+        let body = if text.trim().is_empty() {
+            None
+        } else {
+            Some(serde_json::from_str(&text).map_err(|e| {
+                named(CatalogError::Provider(format!("catalog server {} did not answer JSON: {e}", conn.origin)))
+            })?)
+        };
+        Ok(Forwarded { status, body })
     }
+
+    /// The connection of a manager `p` may use for `op` (claim, visibility, active):
+    /// for pulling from it onto this host.
+    pub async fn manager_connection_for(&self, p: &Principal, id: &str, op: ManagerOp) -> Result<CatalogConnection> {
+        if !op.claims().iter().any(|c| p.has_claim(c)) {
+            return Err(CatalogError::Forbidden(format!(
+                "catalog manager {id}: this needs one of the claims {}",
+                op.claims().join(", ")
+            )));
+        }
+        self.manager_connection(p, id).await
+    }
+}
+
+/// Prefixes a remote error with the manager's name, keeping its kind (and so its status).
+fn name_error(name: &str, e: CatalogError) -> CatalogError {
+    let pre = |m: String| format!("catalog manager {name:?}: {m}");
+    match e {
+        CatalogError::Invalid(m) => CatalogError::Invalid(pre(m)),
+        CatalogError::Unprocessable(m) => CatalogError::Unprocessable(pre(m)),
+        CatalogError::NotFound(m) => CatalogError::NotFound(pre(m)),
+        CatalogError::Conflict(m) => CatalogError::Conflict(pre(m)),
+        CatalogError::Forbidden(m) => CatalogError::Forbidden(pre(m)),
+        CatalogError::Provider(m) => CatalogError::Provider(pre(m)),
+        other => other,
+    }
+}
+
+/// What a call through a catalog manager does on the remote catalog; each takes the
+/// reference's full claim or its `CATALOG_MANAGER_*_CATALOG_MANIFEST_OWN` claim here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ManagerOp {
+    List,
+    Create,
+    Delete,
+    Update,
+    Pull,
+    Push,
+    Import,
+}
+
+impl ManagerOp {
+    /// Any one of these lets a caller do `self` through a manager it may use.
+    pub const fn claims(self) -> &'static [&'static str] {
+        use hangar_core::claims::*;
+        match self {
+            ManagerOp::List => &[LIST_CATALOG_MANIFEST, CATALOG_MANAGER_LIST_CATALOG_MANIFEST_OWN],
+            ManagerOp::Create => &[CREATE_CATALOG_MANIFEST, CATALOG_MANAGER_CREATE_CATALOG_MANIFEST_OWN],
+            ManagerOp::Delete => &[DELETE_CATALOG_MANIFEST, CATALOG_MANAGER_DELETE_CATALOG_MANIFEST_OWN],
+            ManagerOp::Update => &[UPDATE_CATALOG_MANIFEST, CATALOG_MANAGER_UPDATE_CATALOG_MANIFEST_OWN],
+            ManagerOp::Pull => &[PULL_CATALOG_MANIFEST, CATALOG_MANAGER_PULL_CATALOG_MANIFEST_OWN],
+            ManagerOp::Push => &[PUSH_CATALOG_MANIFEST, CATALOG_MANAGER_PUSH_CATALOG_MANIFEST_OWN],
+            ManagerOp::Import => {
+                &[IMPORT_CATALOG_MANIFEST, PUSH_CATALOG_MANIFEST, CATALOG_MANAGER_IMPORT_CATALOG_MANIFEST_OWN]
+            }
+        }
+    }
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ManagerOp::List => "list",
+            ManagerOp::Create => "create",
+            ManagerOp::Delete => "delete",
+            ManagerOp::Update => "update",
+            ManagerOp::Pull => "pull",
+            ManagerOp::Push => "push",
+            ManagerOp::Import => "import",
+        }
+    }
+}
+
+/// The HTTP method of a forwarded call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemoteMethod {
+    Get,
+    Post,
+    Put,
+    Patch,
+    Delete,
+}
+
+impl RemoteMethod {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RemoteMethod::Get => "GET",
+            RemoteMethod::Post => "POST",
+            RemoteMethod::Put => "PUT",
+            RemoteMethod::Patch => "PATCH",
+            RemoteMethod::Delete => "DELETE",
+        }
+    }
+}
+
+/// One call through a manager: what it does here (its claims), and what is sent.
+#[derive(Debug, Clone)]
+pub struct RemoteCall<'a> {
+    pub op: ManagerOp,
+    pub method: RemoteMethod,
+    /// Below the remote's `/api/v1`, with any query.
+    pub path: &'a str,
+    pub body: Option<Value>,
+}
+
+/// A remote catalog's success answer: its status and JSON body (none when empty).
+#[derive(Debug, Clone)]
+pub struct Forwarded {
+    pub status: u16,
+    pub body: Option<Value>,
 }
 
 #[cfg(test)]

@@ -336,3 +336,199 @@ async fn through_the_orchestrator_the_connection_reaches_the_host_and_is_kept_no
         assert!(!orch.log().contains(needle) && !agent.log().contains(needle), "{needle} reached a log");
     }
 }
+
+/// Follows `/jobs/{id}` until the job is completed or failed.
+async fn wait_job(c: &reqwest::Client, s: &Server, auth: &Auth, id: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let (st, j) = call(c, Method::GET, &s.api(&format!("/jobs/{id}")), auth, None, &[]).await;
+        assert_eq!(st, 200, "{j}");
+        if j["state"] == "completed" || j["state"] == "failed" {
+            return j;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "job {id} did not finish: {j}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Every change route of the remote catalog through a catalog manager does on the catalog
+/// server what the direct call does; a user without the route's claim is refused (403) and
+/// the remote is unchanged; the download answer holds no provider connection; a refusal of
+/// the manager's credentials names the manager; pull through a manager makes a VM here.
+#[tokio::test]
+async fn every_remote_catalog_route_through_a_manager_acts_on_the_catalog_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = client();
+    let fake = FakeParallels::new(dir.path());
+    let catalog = Server::start(&dir.path().join("catalog-data"), &[]);
+    let croot = login(&c, &catalog, "root", ROOT_PASSWORD).await;
+    let cr = Auth::Bearer(croot.clone());
+    push_golden(&catalog, &croot, dir.path(), &fake.images.join("golden.pvm"));
+    std::fs::remove_dir_all(fake.images.join("golden.pvm")).unwrap();
+    let store = dir.path().join("store").display().to_string();
+    let provider = format!("provider=local-storage;catalog_path={store}");
+    let direct = |tail: &str| catalog.api(&format!("/catalog/golden/1.0.0/x86_64{tail}"));
+    let remote_now = || async {
+        let (st, v) = call(&c, Method::GET, &direct(""), &cr, None, &[]).await;
+        assert_eq!(st, 200, "{v}");
+        v
+    };
+
+    let host_data = dir.path().join("host-data");
+    let host = fake.server(&host_data, &[]);
+    let hroot = login(&c, &host, "root", ROOT_PASSWORD).await;
+    let ha = Auth::Bearer(hroot.clone());
+    // A global manager logging in as the catalog server's root.
+    let admin = json!({"name": "central-admin", "url": catalog.url, "username": "root", "password": ROOT_PASSWORD,
+        "global": true});
+    let (st, m) = call(&c, Method::POST, &host.api("/catalog-managers"), &ha, Some(admin), &[]).await;
+    assert_eq!(st, 200, "{m}");
+    let aid = m["id"].as_str().unwrap().to_string();
+    let via = |tail: &str| host.api(&format!("/catalog-managers/{aid}/catalog{tail}"));
+    let one = |tail: &str| via(&format!("/golden/1.0.0/x86_64{tail}"));
+
+    // Tags, claims and roles: add, then remove.
+    for (field, key, value) in
+        [("tags", "tags", "gpu"), ("claims", "required_claims", "LIST_VM"), ("roles", "required_roles", "USER")]
+    {
+        let body = json!({ key: [value] });
+        let (st, v) = call(&c, Method::PATCH, &one(&format!("/{field}")), &ha, Some(body.clone()), &[]).await;
+        assert_eq!(st, 200, "add {field}: {v}");
+        assert!(v[key].as_array().unwrap().contains(&json!(value)), "{v}");
+        let r = remote_now().await;
+        assert!(r[key].as_array().unwrap().contains(&json!(value)), "the catalog server has the {field}: {r}");
+        let (st, v) = call(&c, Method::DELETE, &one(&format!("/{field}")), &ha, Some(body), &[]).await;
+        assert_eq!(st, 200, "remove {field}: {v}");
+        let r = remote_now().await;
+        assert!(!r[key].as_array().unwrap().contains(&json!(value)), "the catalog server dropped the {field}: {r}");
+    }
+    // Metadata.
+    let (st, v) =
+        call(&c, Method::PUT, &one("/metadata"), &ha, Some(json!({"description": "set through a manager"})), &[]).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(remote_now().await["description"], "set through a manager");
+    // The provider connection (the same store): accepted, answered nowhere.
+    let (st, v) = call(&c, Method::PATCH, &one("/connection"), &ha, Some(json!({"connection": provider})), &[]).await;
+    assert_eq!(st, 200, "{v}");
+    assert!(!v.to_string().contains(&store), "{v}");
+    // Registering what exists: the remote's 409, relayed.
+    let reg = json!({"catalog_id": "golden", "version": "1.0.0", "architecture": "x86_64", "connection": provider});
+    let (st, v) = call(&c, Method::POST, &via(""), &ha, Some(reg.clone()), &[]).await;
+    assert_eq!(st, 409, "{v}");
+    let (st, v) = call(&c, Method::POST, &via("/push"), &ha, Some(reg), &[]).await;
+    assert_eq!(st, 409, "{v}");
+
+    // Download: the local download answer's shape, with no provider connection in it.
+    let (st, d) = call(&c, Method::GET, &one("/download"), &ha, None, &[]).await;
+    assert_eq!(st, 200, "{d}");
+    assert_eq!(d["manifest"]["catalog_id"], "golden", "{d}");
+    assert!(d["image_manifest"].is_object(), "{d}");
+    let text = d.to_string();
+    assert!(!text.contains(&store) && !text.contains("catalog_path"), "a provider connection in {d}");
+
+    // A user of the host who may see and read through managers (and nothing else) sees the
+    // global manager and lists through it; deleting or tagging is refused (403) and the
+    // catalog server is unchanged.
+    let (carol_id, _) = make_user(&c, &host, &hroot, "carol").await;
+    let url = host.api(&format!("/auth/users/{carol_id}/roles/USER"));
+    let (st, v) = call(&c, Method::DELETE, &url, &ha, None, &[]).await;
+    assert!((200..300).contains(&st), "{st} {v}");
+    for claim in ["CATALOG_MANAGER_LIST_OWN", "CATALOG_MANAGER_LIST_CATALOG_MANIFEST_OWN"] {
+        let url = host.api(&format!("/auth/users/{carol_id}/claims"));
+        let (st, v) = call(&c, Method::POST, &url, &ha, Some(json!({"name": claim})), &[]).await;
+        assert_eq!(st, 201, "{v}");
+    }
+    let ca = Auth::Bearer(login(&c, &host, "carol", USER_PASSWORD).await);
+    let (st, v) = call(&c, Method::GET, &host.api("/catalog-managers"), &ca, None, &[]).await;
+    assert_eq!(st, 200, "{v}");
+    assert!(v.to_string().contains(&aid), "carol sees the global manager: {v}");
+    let (st, v) = call(&c, Method::GET, &one(""), &ca, None, &[]).await;
+    assert_eq!(st, 200, "carol reads through the manager: {v}");
+    let (st, v) = call(&c, Method::DELETE, &one(""), &ca, None, &[]).await;
+    assert_eq!(st, 403, "carol without a delete claim: {v}");
+    remote_now().await;
+    let (st, v) = call(&c, Method::PATCH, &one("/tags"), &ca, Some(json!({"tags": ["carol"]})), &[]).await;
+    assert_eq!(st, 403, "carol without an update claim: {v}");
+    assert!(!remote_now().await["tags"].as_array().unwrap().contains(&json!("carol")));
+    let (st, v) = call(&c, Method::GET, &one("/download"), &ca, None, &[]).await;
+    assert_eq!(st, 403, "carol without a pull claim: {v}");
+
+    // Pull through the manager: the image comes from the catalog server, the VM is made here.
+    let pull = json!({"catalog_id": "golden", "version": "1.0.0", "architecture": "x86_64",
+        "machine_name": "via-manager"});
+    let (st, v) = call(&c, Method::PUT, &via("/pull"), &ha, Some(pull.clone()), &[]).await;
+    assert_eq!(st, 200, "pull through a manager: {v}");
+    let vm = v["id"].as_str().unwrap().to_string();
+    let (st, got) = call(&c, Method::GET, &host.api(&format!("/machines/{vm}")), &ha, None, &[]).await;
+    assert_eq!(st, 200, "{got}");
+    let mut with_conn = pull.clone();
+    with_conn["machine_name"] = json!("via-manager-2");
+    with_conn["connection"] = json!(format!("host=http://root:x@{}", catalog.url.trim_start_matches("http://")));
+    let (st, v) = call(&c, Method::PUT, &via("/pull"), &ha, Some(with_conn), &[]).await;
+    assert_eq!(st, 400, "{v}");
+
+    // Delete (keeping the provider's copy), then register it again with push/async and pull
+    // it with pull/async, both jobs of this host; then revoke and delete for good.
+    let (st, v) = call(&c, Method::DELETE, &one(""), &ha, None, &[]).await;
+    assert_eq!(st, 202, "{v}");
+    let (st, v) = call(&c, Method::GET, &direct(""), &cr, None, &[]).await;
+    assert_eq!(st, 404, "deleted on the catalog server: {v}");
+    let again = json!({"catalog_id": "golden", "version": "1.0.0", "architecture": "x86_64", "connection": provider,
+        "description": "again"});
+    let (st, job) = call(&c, Method::POST, &via("/push/async"), &ha, Some(again), &[]).await;
+    assert_eq!(st, 202, "{job}");
+    let j = wait_job(&c, &host, &ha, job["id"].as_str().unwrap()).await;
+    assert_eq!(j["state"], "completed", "{j}");
+    assert!(!j.to_string().contains("catalog_path="), "no connection string in the job: {j}");
+    assert_eq!(remote_now().await["description"], "again", "registered on the catalog server");
+    let mut pull_async = pull.clone();
+    pull_async["machine_name"] = json!("via-manager-async");
+    let (st, job) = call(&c, Method::PUT, &via("/pull/async"), &ha, Some(pull_async), &[]).await;
+    assert_eq!(st, 202, "{job}");
+    let j = wait_job(&c, &host, &ha, job["id"].as_str().unwrap()).await;
+    assert_eq!(j["state"], "completed", "{j}");
+    let vm = j["result"]["id"].as_str().unwrap().to_string();
+    let (st, got) = call(&c, Method::GET, &host.api(&format!("/machines/{vm}")), &ha, None, &[]).await;
+    assert_eq!(st, 200, "{got}");
+
+    let (st, v) = call(&c, Method::PATCH, &one("/revoke"), &ha, None, &[]).await;
+    assert_eq!((st, v["revoked"].as_bool()), (200, Some(true)), "{v}");
+    assert_eq!(remote_now().await["revoked"], json!(true));
+    let (st, v) = call(&c, Method::DELETE, &via("/golden"), &ha, None, &[]).await;
+    assert_eq!(st, 202, "{v}");
+    let (st, v) = call(&c, Method::GET, &direct(""), &cr, None, &[]).await;
+    assert_eq!(st, 404, "deleted on the catalog server: {v}");
+    let (st, v) = call(&c, Method::DELETE, &via("/golden"), &ha, None, &[]).await;
+    assert_eq!(st, 404, "nothing left to delete: {v}");
+
+    // A manager whose password the catalog server refuses: a 4xx naming the manager; an
+    // unreachable one: 503 saying so.
+    let bad = json!({"name": "wrong-pass", "url": catalog.url, "username": "root", "password": "Not-The-Passw0rd"});
+    let (st, m) = call(&c, Method::POST, &host.api("/catalog-managers"), &ha, Some(bad), &[]).await;
+    assert_eq!(st, 200, "{m}");
+    let bid = m["id"].as_str().unwrap();
+    let url = host.api(&format!("/catalog-managers/{bid}/catalog/golden/1.0.0/x86_64/tags"));
+    let (st, v) = call(&c, Method::PATCH, &url, &ha, Some(json!({"tags": ["x"]})), &[]).await;
+    assert!((400..500).contains(&st), "{st} {v}");
+    assert!(v["message"].as_str().unwrap_or_default().contains("wrong-pass"), "{v}");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let gone = json!({"name": "gone", "url": format!("http://127.0.0.1:{port}"), "api_key": "k"});
+    let (st, m) = call(&c, Method::POST, &host.api("/catalog-managers"), &ha, Some(gone), &[]).await;
+    assert_eq!(st, 200, "{m}");
+    let gid = m["id"].as_str().unwrap();
+    let url = host.api(&format!("/catalog-managers/{gid}/catalog/golden/1.0.0/x86_64/revoke"));
+    let (st, v) = call(&c, Method::PATCH, &url, &ha, None, &[]).await;
+    assert!(st == 502 || st == 503, "{st} {v}");
+    assert!(v["message"].as_str().unwrap_or_default().contains("unreachable"), "{v}");
+
+    // The changes are audited on the host, before they were forwarded.
+    let (_, audit) = call(&c, Method::GET, &host.api("/audit"), &ha, None, &[]).await;
+    let acts: Vec<&str> = audit.as_array().unwrap().iter().filter_map(|e| e["action"].as_str()).collect();
+    for want in ["catalog_manager.remote.update", "catalog_manager.remote.delete", "catalog_manager.remote.create"] {
+        assert!(acts.contains(&want), "{want} not audited: {acts:?}");
+    }
+    assert!(!audit.to_string().contains(ROOT_PASSWORD), "{audit}");
+    assert!(!host.log().contains(ROOT_PASSWORD), "the manager's password reached the log");
+}

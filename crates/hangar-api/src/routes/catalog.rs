@@ -220,7 +220,7 @@ fn many(v: Vec<Manifest>) -> axum::Json<Vec<CatalogManifest>> {
 }
 
 /// Register an image whose chunks and image manifest were uploaded to a provider.
-#[derive(Clone, Deserialize, ToSchema)]
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CatalogPushRequest {
     pub catalog_id: String,
@@ -304,7 +304,7 @@ fn pull_response(t: PullTicket) -> R<axum::Json<CatalogPullResponse>> {
 }
 
 /// Import a reference catalog entry (`.meta` + `.pdpack`) from a provider.
-#[derive(Clone, Deserialize, ToSchema)]
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CatalogImportRequest {
     /// The provider's connection string. Stored encrypted; never returned.
@@ -334,25 +334,25 @@ pub struct CatalogTaintRequest {
     pub reason: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct CatalogClaimsBody {
     #[serde(default)]
     pub required_claims: Vec<String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct CatalogRolesBody {
     #[serde(default)]
     pub required_roles: Vec<String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct CatalogTagsBody {
     #[serde(default)]
     pub tags: Vec<String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CatalogMetadataBody {
     pub description: Option<String>,
@@ -515,7 +515,7 @@ async fn import(
 // ----- the reference's pull, push jobs and import-vm -------------------------------------
 
 /// Parse a body the way the reference does: anything unreadable is a 400.
-fn pds_body<T: for<'de> Deserialize<'de>>(b: &Bytes) -> R<T> {
+pub(super) fn pds_body<T: for<'de> Deserialize<'de>>(b: &Bytes) -> R<T> {
     serde_json::from_slice(b).map_err(|e| ApiError::bad_request(format!("The body is not a valid request: {e}")))
 }
 
@@ -567,7 +567,7 @@ pub struct PdsPullResponse {
 }
 
 /// A pull whose input has been checked: the caller may create the VM and see the entry.
-struct PdsPull {
+pub(super) struct PdsPull {
     host: Arc<hangar_host::Host>,
     catalog: Arc<Catalog>,
     catalog_id: String,
@@ -583,6 +583,17 @@ struct PdsPull {
 /// Check a pull before any work: host module, body, the VM create rule (claim, name, owner)
 /// and the entry's visibility, so a refused pull neither fills the cache nor starts a job.
 async fn pds_pull_check(s: &AppState, ctx: &RequestContext, b: PdsPullRequest) -> R<PdsPull> {
+    pds_pull_check_from(s, ctx, b, None).await
+}
+
+/// [`pds_pull_check`], pulling from `manager` (a catalog manager's connection) when given;
+/// a `connection` in the body is then refused.
+pub(super) async fn pds_pull_check_from(
+    s: &AppState,
+    ctx: &RequestContext,
+    b: PdsPullRequest,
+    manager: Option<hangar_catalog::CatalogConnection>,
+) -> R<PdsPull> {
     let host = super::machines::host(s)?.clone();
     let catalog = catalog(s)?.clone();
     let p = ctx.caller()?;
@@ -596,9 +607,12 @@ async fn pds_pull_check(s: &AppState, ctx: &RequestContext, b: PdsPullRequest) -
             "machine_name is required (for a download ticket without a VM, use PUT /catalog/pull-ticket)",
         )
     })?;
-    let remote = match b.connection.as_deref().map(str::trim).filter(|c| !c.is_empty()) {
-        Some(text) => Some(hangar_catalog::CatalogConnection::parse(text)?),
-        None => None,
+    let remote = match (b.connection.as_deref().map(str::trim).filter(|c| !c.is_empty()), manager) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request("connection is not allowed when pulling through a catalog manager"));
+        }
+        (Some(text), None) => Some(hangar_catalog::CatalogConnection::parse(text)?),
+        (None, m) => m,
     };
     let arch = match field(b.architecture) {
         Some(a) => arch(&a)?,
@@ -679,6 +693,11 @@ async fn pds_pull_run(
         (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
 async fn pull(State(s): State<AppState>, ctx: RequestContext, body: Bytes) -> R<axum::Json<PdsPullResponse>> {
     let pull = pds_pull_check(&s, &ctx, pds_body(&body)?).await?;
+    pds_pull_now(pull, &ctx).await
+}
+
+/// Runs a checked pull now.
+pub(super) async fn pds_pull_now(pull: PdsPull, ctx: &RequestContext) -> R<axum::Json<PdsPullResponse>> {
     Ok(axum::Json(pds_pull_run(pull, ctx.caller()?, &ctx.actor, None).await?))
 }
 
@@ -689,6 +708,11 @@ async fn pull(State(s): State<AppState>, ctx: RequestContext, body: Bytes) -> R<
         (status = 403, body = ApiErrorBody), (status = 404, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
 async fn pull_async(State(s): State<AppState>, ctx: RequestContext, body: Bytes) -> R<(StatusCode, axum::Json<Job>)> {
     let pull = pds_pull_check(&s, &ctx, pds_body(&body)?).await?;
+    pds_pull_job(pull, &ctx).await
+}
+
+/// Runs a checked pull as a job of this host.
+pub(super) async fn pds_pull_job(pull: PdsPull, ctx: &RequestContext) -> R<(StatusCode, axum::Json<Job>)> {
     let p = ctx.caller()?.clone();
     let jobs = pull.host.jobs.clone();
     let handle = jobs
@@ -709,7 +733,7 @@ async fn pull_async(State(s): State<AppState>, ctx: RequestContext, body: Bytes)
 /// `POST /catalog/push/async`: Hangar's push body (register an image already in the provider),
 /// or the reference's with `local_path` (a VM folder on this server, chunked into the provider
 /// first). The reference's compression fields are accepted and not needed (chunks are zstd).
-#[derive(Clone, Deserialize, ToSchema)]
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
 pub struct PdsPushRequest {
     pub catalog_id: String,
     pub version: String,
@@ -804,7 +828,7 @@ async fn push_async(State(s): State<AppState>, ctx: RequestContext, body: Bytes)
 }
 
 /// The reference's import of a raw VM archive that sits in a storage provider.
-#[derive(Clone, Deserialize, ToSchema)]
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
 pub struct ImportVmBody {
     /// The provider's connection string. Stored encrypted; never returned.
     pub connection: String,
@@ -1067,7 +1091,7 @@ async fn metadata(
 }
 
 /// A new provider connection string for a manifest.
-#[derive(Clone, Deserialize, ToSchema)]
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CatalogConnectionRequest {
     /// Stored encrypted; never returned. Must reach the same image.
