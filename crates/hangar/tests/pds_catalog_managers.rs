@@ -453,6 +453,19 @@ async fn every_remote_catalog_route_through_a_manager_acts_on_the_catalog_server
     let (st, v) = call(&c, Method::GET, &one("/download"), &ca, None, &[]).await;
     assert_eq!(st, 403, "carol without a pull claim: {v}");
 
+    // A default user (role USER: every CATALOG_MANAGER_*_OWN claim) reads through the global
+    // manager root made, but its _OWN claims do not reach changes through a manager it does
+    // not own: the manager's stored credentials act for their owner only.
+    let (_, dave) = make_user(&c, &host, &hroot, "dave").await;
+    let da = Auth::Bearer(dave);
+    let (st, v) = call(&c, Method::GET, &one(""), &da, None, &[]).await;
+    assert_eq!(st, 200, "dave reads through the global manager: {v}");
+    let (st, v) = call(&c, Method::PATCH, &one("/tags"), &da, Some(json!({"tags": ["dave"]})), &[]).await;
+    assert_eq!(st, 403, "an _OWN claim does not change through another's manager: {v}");
+    let (st, v) = call(&c, Method::DELETE, &one(""), &da, None, &[]).await;
+    assert_eq!(st, 403, "{v}");
+    assert!(!remote_now().await["tags"].as_array().unwrap().contains(&json!("dave")));
+
     // Pull through the manager: the image comes from the catalog server, the VM is made here.
     let pull = json!({"catalog_id": "golden", "version": "1.0.0", "architecture": "x86_64",
         "machine_name": "via-manager"});
