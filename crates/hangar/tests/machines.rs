@@ -468,34 +468,7 @@ async fn a_vm_is_created_from_a_catalog_image_through_the_host_cache() {
     let root = login(&c, &s, "root", ROOT_PASSWORD).await;
     let ra = Auth::Bearer(root.clone());
     // Push the bundle to a local-folder provider with the CLI.
-    let provider = format!("provider=local-storage;catalog_path={}", dir.path().join("store").display());
-    let out = std::process::Command::new(bin())
-        .args([
-            "--output",
-            "json",
-            "--url",
-            &s.url,
-            "catalog",
-            "push",
-            "--provider",
-            &provider,
-            "--catalog-id",
-            "golden",
-            "--version",
-            "1.0.0",
-            "--architecture",
-            "amd64",
-            "--path",
-        ])
-        .arg(&bundle)
-        .env("HANGAR_TOKEN", &root)
-        .env("HANGAR_CONFIG_DIR", dir.path().join("cli"))
-        .env("XDG_CACHE_HOME", dir.path().join("cli-cache"))
-        .env_remove("HANGAR_URL")
-        .env_remove("HANGAR_API_KEY")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "push: {}", String::from_utf8_lossy(&out.stderr));
+    push_bundle(&s, &root, dir.path(), &bundle, "golden");
     // The reference clients' create body, `connection` included (here naming this server).
     let connection = format!("host=http://root:{ROOT_PASSWORD}@{}", s.url.trim_start_matches("http://"));
     let body = |name: &str| json!({"name": name, "architecture": "x86_64", "start_on_create": true, "catalog_manifest": {"catalog_id": "golden", "version": "latest", "connection": connection}});

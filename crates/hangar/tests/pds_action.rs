@@ -310,19 +310,7 @@ async fn host_mode_pull_clone_stop_start_run_delete() {
     let s = fake.server(&dir.path().join("data"), &[("ENABLED_MODULES", "api,host,catalog")]);
     let c = client();
     let root = login(&c, &s, "root", ROOT_PASSWORD).await;
-    let provider = format!("provider=local-storage;catalog_path={}", dir.path().join("store").display());
-    let out = std::process::Command::new(bin())
-        .args(["--output", "json", "--url", &s.url, "catalog", "push", "--provider", &provider])
-        .args(["--catalog-id", "ci-image", "--version", "1.0.0", "--architecture", "amd64", "--path"])
-        .arg(&bundle)
-        .env("HANGAR_TOKEN", &root)
-        .env("HANGAR_CONFIG_DIR", dir.path().join("cli"))
-        .env("XDG_CACHE_HOME", dir.path().join("cli-cache"))
-        .env_remove("HANGAR_URL")
-        .env_remove("HANGAR_API_KEY")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "push: {}", String::from_utf8_lossy(&out.stderr));
+    push_bundle(&s, &root, dir.path(), &bundle, "ci-image");
 
     let base = format!("{}/api", s.url);
     let h = format!("{base}/v1/");

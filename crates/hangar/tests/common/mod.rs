@@ -363,6 +363,24 @@ impl FakeParallels {
     }
 }
 
+/// Push the VM bundle `bundle` to `s` as `catalog_id` 1.0.0 (x86_64) with the CLI, into a
+/// local-folder provider at `dir/store` (the CLI's own files under `dir` too).
+pub fn push_bundle(s: &Server, token: &str, dir: &Path, bundle: &Path, catalog_id: &str) {
+    let provider = format!("provider=local-storage;catalog_path={}", dir.join("store").display());
+    let out = Command::new(bin())
+        .args(["--output", "json", "--url", &s.url, "catalog", "push", "--provider", &provider])
+        .args(["--catalog-id", catalog_id, "--version", "1.0.0", "--architecture", "amd64", "--path"])
+        .arg(bundle)
+        .env("HANGAR_TOKEN", token)
+        .env("HANGAR_CONFIG_DIR", dir.join("cli"))
+        .env("XDG_CACHE_HOME", dir.join("cli-cache"))
+        .env_remove("HANGAR_URL")
+        .env_remove("HANGAR_API_KEY")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "push {catalog_id}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// A test CA and a certificate for `localhost` and 127.0.0.1 signed by it (`CA:FALSE`), as
 /// PEM: (CA, leaf, leaf key). Each call makes a new CA with a name of its own, so a leaf of
 /// one is refused by another as from an unknown issuer.
