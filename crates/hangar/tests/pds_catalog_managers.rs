@@ -13,23 +13,6 @@ use common::*;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-/// Pushes `bundle` to `s` as `golden 1.0.0 x86_64` with the CLI (local-folder provider).
-fn push_golden(s: &Server, token: &str, dir: &Path, bundle: &Path) {
-    let provider = format!("provider=local-storage;catalog_path={}", dir.join("store").display());
-    let out = std::process::Command::new(bin())
-        .args(["--output", "json", "--url", &s.url, "catalog", "push", "--provider", &provider])
-        .args(["--catalog-id", "golden", "--version", "1.0.0", "--architecture", "amd64", "--path"])
-        .arg(bundle)
-        .env("HANGAR_TOKEN", token)
-        .env("HANGAR_CONFIG_DIR", dir.join("cli"))
-        .env("XDG_CACHE_HOME", dir.join("cli-cache"))
-        .env_remove("HANGAR_URL")
-        .env_remove("HANGAR_API_KEY")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "push: {}", String::from_utf8_lossy(&out.stderr));
-}
-
 /// Every file under `dir` whose bytes contain `needle`.
 fn grep(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -58,7 +41,7 @@ async fn a_vm_is_created_on_a_host_from_another_catalog_server_named_by_the_conn
     let fake = FakeParallels::new(dir.path());
     let catalog = Server::start(&dir.path().join("catalog-data"), &[]);
     let croot = login(&c, &catalog, "root", ROOT_PASSWORD).await;
-    push_golden(&catalog, &croot, dir.path(), &fake.images.join("golden.pvm"));
+    push_bundle(&catalog, &croot, dir.path(), &fake.images.join("golden.pvm"), "golden");
     std::fs::remove_dir_all(fake.images.join("golden.pvm")).unwrap();
     let (uid, _) = make_user(&c, &catalog, &croot, "puller").await;
     let claim = Some(json!({"name": "PULL_CATALOG_MANIFEST"}));
@@ -284,7 +267,7 @@ async fn through_the_orchestrator_the_connection_reaches_the_host_and_is_kept_no
     let orch_data = dir.path().join("orch");
     let orch = Server::start(&orch_data, &[("ENABLED_MODULES", "api,orchestrator,catalog")]);
     let root = login(&c, &orch, "root", ROOT_PASSWORD).await;
-    push_golden(&orch, &root, dir.path(), &fake.images.join("golden.pvm"));
+    push_bundle(&orch, &root, dir.path(), &fake.images.join("golden.pvm"), "golden");
     std::fs::remove_dir_all(fake.images.join("golden.pvm")).unwrap();
     // A host agent with its own (empty) image cache.
     let agent_data = dir.path().join("agent");
@@ -363,7 +346,7 @@ async fn every_remote_catalog_route_through_a_manager_acts_on_the_catalog_server
     let catalog = Server::start(&dir.path().join("catalog-data"), &[]);
     let croot = login(&c, &catalog, "root", ROOT_PASSWORD).await;
     let cr = Auth::Bearer(croot.clone());
-    push_golden(&catalog, &croot, dir.path(), &fake.images.join("golden.pvm"));
+    push_bundle(&catalog, &croot, dir.path(), &fake.images.join("golden.pvm"), "golden");
     std::fs::remove_dir_all(fake.images.join("golden.pvm")).unwrap();
     let store = dir.path().join("store").display().to_string();
     let provider = format!("provider=local-storage;catalog_path={store}");
