@@ -251,6 +251,7 @@ impl HostClient for FakeHost {
             memory_mb: req.memory_mb,
             disk_mb: req.disk_mb.unwrap_or(0),
             owner: Some(req.owner.clone()),
+            machine: None,
         };
         let avail = s.resources().available;
         let needs = ResourceSet::new(

@@ -142,17 +142,19 @@ fn status_error(status: StatusCode, body: &str) -> HostClientError {
     }
 }
 
-/// A host's machine, as the orchestrator keeps it.
+/// A host's machine, as the orchestrator keeps it: the summary placement reads, and the
+/// host's whole answer for the orchestrator's own VM answers.
 fn summary(m: hangar_wire::Machine) -> VmSummary {
     VmSummary {
         state: m.vm_state(),
-        id: m.id,
-        name: m.name,
-        os: m.os,
+        id: m.id.clone(),
+        name: m.name.clone(),
+        os: m.os.clone(),
         cpu: m.hardware.cpu.cpus,
         memory_mb: m.hardware.memory.size.0,
         disk_mb: m.hardware.hdd0.size.0,
-        owner: m.owner,
+        owner: m.owner.clone(),
+        machine: Some(std::sync::Arc::new(m)),
     }
 }
 
@@ -675,6 +677,7 @@ mod tests {
         let s = summary(typed("machine", v).unwrap());
         assert_eq!((s.cpu, s.memory_mb, s.disk_mb, s.state), (2, 1024, 8192, VmState::Running));
         assert_eq!(s.owner.as_deref(), Some("alice"));
+        assert_eq!(s.machine.as_ref().map(|m| m.hardware.hdd0.allocated.0), Some(1), "the whole answer is kept");
         assert!(typed::<hangar_wire::Machine>("machine", json!({"Name": "no id"})).is_err());
     }
 }

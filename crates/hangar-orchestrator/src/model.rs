@@ -7,6 +7,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use hangar_hypervisor::{HypervisorKind, VmState};
@@ -246,6 +247,12 @@ pub struct VmSummary {
     /// The Hangar owner the host recorded, when it says.
     #[serde(default)]
     pub owner: Option<String>,
+    /// The host's whole answer for the VM (every key of the reference's VM object), as it
+    /// last listed or sent it: what the orchestrator's VM answers carry. In memory only
+    /// (neither stored nor part of the host view's JSON); `None` until the host has
+    /// answered for the VM. Shared, so copying a host view does not copy it.
+    #[serde(skip)]
+    pub machine: Option<Arc<hangar_wire::Machine>>,
 }
 
 impl VmSummary {
@@ -535,6 +542,7 @@ mod tests {
             memory_mb: 2048,
             disk_mb: 8192,
             owner: None,
+            machine: None,
         });
         let mut want = serde_json::to_value(&h).unwrap();
         want.as_object_mut().unwrap().insert("host".into(), json!(h.url));

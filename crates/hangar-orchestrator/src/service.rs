@@ -81,21 +81,30 @@ fn by_name(hosts: Vec<Host>, name: &str) -> Result<(Host, String)> {
     }
 }
 
-/// A VM of the fleet as the API shows it.
+/// A VM of the fleet as the API shows it: the host's last answer for it (defaults with
+/// every key when the host has not answered for it yet), with what the orchestrator knows
+/// fresher (state from events, owner from its records) written over it, and the host's keys.
 pub fn fleet_machine(h: &Host, vm: &VmSummary, record: Option<&OrchestratedVm>) -> FleetMachine {
     let owner = record.map(|r| r.owner.clone()).or_else(|| vm.owner.clone());
+    let mut machine = vm.machine.as_deref().cloned().unwrap_or_default();
+    machine.id = vm.id.clone();
+    machine.name = vm.name.clone();
+    machine.state = vm.state.as_str().into();
+    machine.os = vm.os.clone();
+    machine.hardware.cpu.cpus = vm.cpu;
+    machine.hardware.memory.size = hangar_wire::Mb(vm.memory_mb);
+    machine.hardware.hdd0.size = hangar_wire::Mb(vm.disk_mb);
+    if machine.user.is_empty() {
+        machine.user = owner.clone().unwrap_or_default();
+    }
+    machine.owner = owner;
     FleetMachine {
-        reference_id: vm.id.clone(),
-        reference_name: vm.name.clone(),
-        reference_state: vm.state.as_str().into(),
-        reference_os: vm.os.clone(),
-        user: owner.clone().unwrap_or_default(),
-        hardware: hangar_wire::VmHardware {
-            cpu: hangar_wire::VmCpu { cpus: vm.cpu },
-            memory: hangar_wire::VmMemory { size: hangar_wire::Mb(vm.memory_mb) },
-            hdd0: hangar_wire::VmDisk { size: hangar_wire::Mb(vm.disk_mb), allocated: hangar_wire::Mb(0) },
-        },
-        internal_ip_address: String::new(),
+        machine,
+        host_id: h.id.clone(),
+        host: h.name.clone(),
+        host_name: h.name.clone(),
+        host_url: h.url.clone(),
+        host_state: h.state.as_str().into(),
         id: vm.id.clone(),
         name: vm.name.clone(),
         state: vm.state.as_str().into(),
@@ -103,10 +112,6 @@ pub fn fleet_machine(h: &Host, vm: &VmSummary, record: Option<&OrchestratedVm>) 
         cpu: vm.cpu,
         memory_mb: vm.memory_mb,
         disk_mb: vm.disk_mb,
-        host_id: h.id.clone(),
-        host: h.name.clone(),
-        host_state: h.state.as_str().into(),
-        owner,
         expires_at: record.and_then(|r| r.expires_at),
     }
 }
@@ -543,6 +548,7 @@ mod tests {
                 memory_mb: 1024,
                 disk_mb: 1024,
                 owner: None,
+                machine: None,
             });
         }
         h

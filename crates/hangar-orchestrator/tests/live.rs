@@ -53,6 +53,7 @@ async fn closed_stream_is_unhealthy_at_once_and_the_host_rejoins_resynced() {
         memory_mb: 512,
         disk_mb: 0,
         owner: None,
+        machine: None,
     });
     // It rejoins by itself (reconnection with backoff) and its view is resynced.
     wait_until(Duration::from_secs(10), "host healthy again", || {
@@ -85,6 +86,7 @@ async fn events_move_the_view_without_listing() {
         memory_mb: 2048,
         disk_mb: 0,
         owner: None,
+        machine: None,
     };
     fake.emit(HostEvent::VmChanged { vm: vm.clone() });
     wait_until(Duration::from_secs(5), "VM added", || f.sched.registry().get(&h.id).unwrap().vms.len() == 1).await;

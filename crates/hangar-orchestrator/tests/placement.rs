@@ -167,6 +167,7 @@ fn two_macos_vms_per_mac_counting_running_vms_and_reservations() {
         memory_mb: 4096,
         disk_mb: 0,
         owner: None,
+        machine: None,
     };
     h.vms = vec![vm("1", VmState::Running), vm("2", VmState::Stopped)];
     assert!(place(&r, [&h], &none(), Profile::Spread).is_ok(), "one running, one stopped: room for one");

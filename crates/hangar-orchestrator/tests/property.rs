@@ -69,6 +69,7 @@ fn build(i: usize, g: &HostGen) -> Host {
                 memory_mb: 0,
                 disk_mb: 0,
                 owner: None,
+                machine: None,
             });
         }
     }
@@ -185,6 +186,7 @@ proptest! {
                                         memory_mb: d.needs.memory_mb,
                                         disk_mb: d.needs.disk_mb,
                                         owner: None,
+                                        machine: None,
                                     });
                                     // Released while the view is locked, so the checker never
                                     // sees the VM counted twice (a safe over-estimate anyway).

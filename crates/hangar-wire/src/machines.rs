@@ -9,38 +9,6 @@ use utoipa::ToSchema;
 
 use crate::units::{Flexible, Mb};
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct VmCpu {
-    #[serde(default)]
-    pub cpus: u32,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct VmMemory {
-    /// As the reference prints it: `"2048Mb"`.
-    #[serde(default)]
-    pub size: Mb,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct VmDisk {
-    #[serde(default)]
-    pub size: Mb,
-    #[serde(default)]
-    pub allocated: Mb,
-}
-
-/// The short hardware block of a fleet VM (`cpu`, `memory`, `hdd0`).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct VmHardware {
-    #[serde(default)]
-    pub cpu: VmCpu,
-    #[serde(default)]
-    pub memory: VmMemory,
-    #[serde(default)]
-    pub hdd0: VmDisk,
-}
-
 // ----- the reference's VM object (`prlctl list -i --json` plus its own keys) ---------------
 //
 // Every key the reference's answer carries, with the JSON type its clients decode into: a

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::machines::{CatalogManifestRef, Resources, Specs, VmHardware};
+use crate::machines::{CatalogManifestRef, Machine, Resources, Specs};
 
 /// Wait for capacity instead of failing at once when no host can take the VM.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -69,22 +69,24 @@ pub struct OrchestratorCreated {
     pub expires_at: Option<DateTime<Utc>>,
 }
 
-/// A VM of the fleet: the reference's key names (what its clients read), then Hangar's.
+/// A VM of the fleet: the host's whole [`Machine`] (every key of the reference's VM object,
+/// with its types) plus the orchestrator's keys: the reference's `host_id`, `host`,
+/// `host_name`, `host_url` and `host_state`, then Hangar's flat summary and expiry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct FleetMachine {
-    #[serde(rename = "ID")]
-    pub reference_id: String,
-    #[serde(rename = "Name")]
-    pub reference_name: String,
-    #[serde(rename = "State")]
-    pub reference_state: String,
-    #[serde(rename = "OS")]
-    pub reference_os: String,
-    /// The Hangar owner, or empty.
-    pub user: String,
-    #[serde(rename = "Hardware")]
-    pub hardware: VmHardware,
-    pub internal_ip_address: String,
+    /// The VM as its host answers it (`ID`, `Name`, `State`, `Hardware`, `user`, `owner`, ...).
+    #[serde(flatten)]
+    pub machine: Machine,
+    /// The registered host's id: what `/orchestrator/hosts/{host_id}/machines/...` takes.
+    pub host_id: String,
+    /// The host's name.
+    pub host: String,
+    /// The host's name (the reference's second key for it).
+    pub host_name: String,
+    /// The host's API base URL.
+    pub host_url: String,
+    /// `healthy`, `unhealthy`, ...
+    pub host_state: String,
     pub id: String,
     pub name: String,
     pub state: String,
@@ -92,12 +94,6 @@ pub struct FleetMachine {
     pub cpu: u32,
     pub memory_mb: u64,
     pub disk_mb: u64,
-    pub host_id: String,
-    /// The host's name.
-    pub host: String,
-    /// `healthy`, `unhealthy`, ...
-    pub host_state: String,
-    pub owner: Option<String>,
     pub expires_at: Option<DateTime<Utc>>,
 }
 
@@ -188,6 +184,38 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn a_fleet_machine_is_the_hosts_machine_plus_host_keys_and_round_trips() {
+        let mut machine = Machine { id: "v1".into(), name: "ci".into(), state: "running".into(), ..Machine::default() };
+        machine.details.home_path = "/Users/ci/ci.pvm/config.pvs".into();
+        machine.owner = Some("alice".into());
+        let f = FleetMachine {
+            machine,
+            host_id: "h1".into(),
+            host: "mac-01".into(),
+            host_name: "mac-01".into(),
+            host_url: "http://mac-01:3080/api".into(),
+            host_state: "healthy".into(),
+            id: "v1".into(),
+            name: "ci".into(),
+            state: "running".into(),
+            os: "macosx".into(),
+            cpu: 2,
+            memory_mb: 2048,
+            disk_mb: 8192,
+            expires_at: None,
+        };
+        let v = serde_json::to_value(&f).unwrap();
+        assert_eq!(
+            (&v["ID"], &v["id"], &v["host_id"], &v["owner"]),
+            (&json!("v1"), &json!("v1"), &json!("h1"), &json!("alice"))
+        );
+        assert_eq!(v["Home path"], "/Users/ci/ci.pvm/config.pvs");
+        assert!(v["Hardware"]["video"].is_object() && v["Smart Guard"]["enabled"].is_boolean(), "{v:#}");
+        let again: FleetMachine = serde_json::from_value(v).unwrap();
+        assert_eq!(again, f);
+    }
 
     #[test]
     fn create_requests_round_trip() {

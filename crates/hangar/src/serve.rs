@@ -149,7 +149,7 @@ async fn start_reverse_proxy(
             let o = o.clone();
             Box::pin(async move {
                 let m = o.machine(&p, None, &vm).await.map_err(|e| e.to_string())?;
-                Ok(Some(m.user).filter(|u| !u.is_empty()))
+                Ok(m.machine.owner.filter(|u| !u.is_empty()))
             })
         });
         f

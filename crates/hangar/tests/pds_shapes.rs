@@ -371,6 +371,121 @@ async fn config_hardware_reports_the_reverse_proxy_hosts_without_their_keys() {
     assert_eq!(hosts[0]["tls"]["key"], "", "{hw:#}");
 }
 
+/// Every key of the host's answer `host`, found in `fleet` with the same JSON type, as
+/// `path: problem` lines.
+fn type_differences(host: &Value, fleet: &Value, path: &str, out: &mut Vec<String>) {
+    let Value::Object(keys) = host else { return };
+    for (key, want) in keys {
+        let here = format!("{path}.{key}");
+        let kind = |v: &Value| match v {
+            Value::Null => "null",
+            Value::Bool(_) => "boolean",
+            Value::Number(n) if n.is_f64() => "float",
+            Value::Number(_) => "integer",
+            Value::String(_) => "text",
+            Value::Array(_) => "array",
+            Value::Object(_) => "object",
+        };
+        match fleet.get(key) {
+            None => out.push(format!("{here}: missing (the host answers {want})")),
+            Some(got) if kind(got) != kind(want) => {
+                out.push(format!("{here}: {} where the host answers {}", kind(got), kind(want)))
+            }
+            Some(got) => type_differences(want, got, &here, out),
+        }
+    }
+}
+
+/// Through the orchestrator (fleet-wide and per-host, list and get) a VM is the host's whole
+/// VM object, key by key with the host's types, plus `host_id` naming the registered host
+/// (which the VS Code extension puts in the per-host unregister path), `host` and
+/// `host_state`.
+#[tokio::test]
+async fn an_orchestrator_vm_answer_is_the_hosts_with_its_host_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = client();
+    let OneHostFleet { fake: _, agent, orch, root } = one_host_fleet(&c, dir.path(), "api,orchestrator").await;
+    let root = Auth::Bearer(root);
+    let hosts = get(&c, &orch, &root, "/orchestrator/hosts").await;
+    let host_id = hosts[0]["id"].as_str().expect("the registered host's id").to_string();
+    let host_name = hosts[0]["name"].as_str().unwrap().to_string();
+    let (st, made) = call(
+        &c,
+        Method::POST,
+        &orch.api("/orchestrator/machines"),
+        &root,
+        Some(json!({"name": "fleet-shape", "image": "golden.pvm", "architecture": "x86_64", "start_on_create": true,
+            "specs": {"cpu": "1", "memory": "1024"}})),
+        &[],
+    )
+    .await;
+    assert!(st == 200 || st == 201, "{st} {made}");
+    let id = made["id"].as_str().unwrap().to_string();
+    assert_eq!(made["host_id"], host_id.as_str());
+
+    let on_host = Auth::Bearer(login(&c, &agent, "root", ROOT_PASSWORD).await);
+    let host_answer = get(&c, &agent, &on_host, &format!("/machines/{id}")).await;
+    assert_reference_vm(&host_answer, "the host's own answer");
+
+    let check = |v: &Value, what: &str| {
+        assert_reference_vm(v, what);
+        let mut problems = Vec::new();
+        type_differences(&host_answer, v, "", &mut problems);
+        assert!(problems.is_empty(), "{what} differs from the host's answer:\n{}\n{v:#}", problems.join("\n"));
+        assert_eq!(v["host_id"], host_id.as_str(), "{what}: host_id names the registered host");
+        assert_eq!(v["host"], host_name.as_str(), "{what}");
+        assert_eq!(v["host_state"], "healthy", "{what}");
+        assert_eq!(v["ID"], id.as_str(), "{what}");
+        // The host's values, not defaults in its shape.
+        for key in ["Home path", "Template", "user", "internal_ip_address", "Type"] {
+            assert_eq!(v[key], host_answer[key], "{what}: {key}");
+        }
+        assert_eq!(v["GuestTools"], host_answer["GuestTools"], "{what}");
+        assert_eq!(v["Modality"]["Show on all spaces "], "on", "{what}");
+        assert_eq!(v["Hardware"]["cpu"]["cpus"], host_answer["Hardware"]["cpu"]["cpus"], "{what}");
+        assert_eq!(v["State"], "running", "{what}");
+    };
+    let listed = |all: Value, what: &str| {
+        all.as_array()
+            .unwrap_or_else(|| panic!("{what}: {all}"))
+            .iter()
+            .find(|m| m["ID"] == id.as_str())
+            .unwrap_or_else(|| panic!("{what} does not list {id}: {all:#}"))
+            .clone()
+    };
+    let fleet_list = listed(get(&c, &orch, &root, "/orchestrator/machines").await, "GET /orchestrator/machines");
+    check(&fleet_list, "GET /orchestrator/machines");
+    check(&get(&c, &orch, &root, &format!("/orchestrator/machines/{id}")).await, "GET /orchestrator/machines/{id}");
+    let per_host = format!("/orchestrator/hosts/{host_id}/machines");
+    check(
+        &listed(get(&c, &orch, &root, &per_host).await, "the per-host list"),
+        "GET /orchestrator/hosts/{id}/machines",
+    );
+    check(&get(&c, &orch, &root, &format!("{per_host}/{id}")).await, "GET /orchestrator/hosts/{id}/machines/{vm_id}");
+
+    // The VS Code extension: stop, then unregister on `vm.host_id` from the fleet list.
+    let (st, v) =
+        call(&c, Method::PUT, &orch.api(&format!("/orchestrator/machines/{id}/stop")), &root, None, &[]).await;
+    assert!((200..300).contains(&st), "stop: {st} {v}");
+    let unregister =
+        format!("/orchestrator/hosts/{}/machines/{id}/unregister", fleet_list["host_id"].as_str().unwrap());
+    let (st, v) =
+        call(&c, Method::POST, &orch.api(&unregister), &root, Some(json!({"id": id, "clean_source_uuid": true})), &[])
+            .await;
+    assert!((200..300).contains(&st), "POST {unregister}: {st} {v}");
+    let (st, v) = call(&c, Method::GET, &agent.api(&format!("/machines/{id}")), &on_host, None, &[]).await;
+    assert_eq!(st, 404, "the host no longer has the VM: {v}");
+    let url = orch.api("/orchestrator/machines");
+    wait_for("the orchestrator to drop the unregistered VM", Duration::from_secs(30), || {
+        let (c, url, a, id) = (c.clone(), url.clone(), root.clone(), id.clone());
+        async move {
+            let (st, v) = call(&c, Method::GET, &url, &a, None, &[]).await;
+            st == 200 && v.as_array().is_some_and(|all| all.iter().all(|m| m["ID"] != id.as_str()))
+        }
+    })
+    .await;
+}
+
 fn guest_image() -> PathBuf {
     let dir = std::env::var("HANGAR_GUEST_IMAGE_DIR").unwrap_or_else(|_| {
         panic!("HANGAR_GUEST_IMAGE_DIR is not set: build the test guest with scripts/build-guest-image.sh DIR (scripts/test.sh does it)")
