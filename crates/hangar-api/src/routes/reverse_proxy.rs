@@ -463,7 +463,9 @@ pub struct ProxyHttpRoute {
     pub schema: ProxyRouteSchema,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target_host: Option<String>,
-    /// `null` when not set (80 or 443 by `schema`).
+    /// A text, as the reference answers it; `null` when not set (80 or 443 by `schema`).
+    #[serde(with = "port_text", default)]
+    #[schema(value_type = Option<String>)]
     pub target_port: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target_vm_id: Option<String>,
@@ -513,6 +515,9 @@ pub struct ProxyTcpRoute {
     pub max_connections: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target_host: Option<String>,
+    /// A text, as the reference answers it.
+    #[serde(with = "port_text", default)]
+    #[schema(value_type = Option<String>)]
     pub target_port: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target_vm_id: Option<String>,
@@ -609,6 +614,32 @@ impl From<&proxy::ListenerStatus> for ProxyListener {
     }
 }
 
+/// Ports in answers are texts (`"8080"`), as the reference answers them: Go clients (the
+/// Terraform provider) fail a whole answer on a number there. Read back (an orchestrator reads
+/// a host's answer) as a text or a number; `null` or `""` is "not set".
+mod port_text {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+    use serde_json::Value;
+
+    pub fn serialize<S: Serializer>(port: &Option<u16>, s: S) -> Result<S::Ok, S::Error> {
+        match port {
+            Some(p) => s.serialize_str(&p.to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
+        let bad = |v: &dyn std::fmt::Display| D::Error::custom(format!("port {v} is not between 0 and 65535"));
+        match Option::<Value>::deserialize(d)? {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(t)) if t.trim().is_empty() => Ok(None),
+            Some(Value::String(t)) => t.trim().parse().map(Some).map_err(|_| bad(&t)),
+            Some(Value::Number(n)) => n.as_u64().and_then(|p| u16::try_from(p).ok()).map(Some).ok_or_else(|| bad(&n)),
+            Some(other) => Err(bad(&other)),
+        }
+    }
+}
+
 /// A proxy host as answered: the private key hidden, the listener's state added.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ProxyHost {
@@ -621,7 +652,9 @@ pub struct ProxyHost {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listener: Option<ProxyListener>,
     pub name: String,
-    /// Bind port; `null` when not set (80).
+    /// Bind port, a text as the reference answers it; `null` when not set (80).
+    #[serde(with = "port_text", default)]
+    #[schema(value_type = Option<String>)]
     pub port: Option<u16>,
     pub require_auth: bool,
     /// Requests to VM targets need the VM's owner; absent when not set.
@@ -695,7 +728,9 @@ pub struct ReverseProxyConfig {
     /// Bind address of hosts whose own `host` is empty.
     pub host: String,
     pub hosts: Vec<ProxyHost>,
-    /// The reference's reverse-proxy port (kept for compatibility).
+    /// The reference's reverse-proxy port (kept for compatibility), a text as it answers it.
+    #[serde(with = "port_text", default)]
+    #[schema(value_type = Option<String>)]
     pub port: Option<u16>,
     pub status: ProxyStatus,
 }
@@ -979,6 +1014,19 @@ mod tests {
         {
             o.insert("listener".into(), serde_json::to_value(l).unwrap());
         }
+        // Ports are answered as texts, as the reference answers them.
+        let text = |p: &mut Value| {
+            if let Some(n) = p.as_u64() {
+                *p = json!(n.to_string());
+            }
+        };
+        v.get_mut("port").map(text);
+        if let Some(t) = v.pointer_mut("/tcp_route/target_port") {
+            text(t);
+        }
+        for r in v.get_mut("http_routes").and_then(Value::as_array_mut).into_iter().flatten() {
+            r.get_mut("target_port").map(text);
+        }
         v
     }
 
@@ -1051,6 +1099,32 @@ mod tests {
         assert_eq!(ok, 6, "the accepted samples parse");
     }
 
+    /// An orchestrator reads a host's answer: ports as texts, or as numbers from a host that
+    /// answered them so before.
+    #[test]
+    fn answer_ports_read_back_as_texts_or_numbers() {
+        let read = |port: Value| {
+            serde_json::from_value::<ProxyTcpRoute>(json!({"id": "t", "idle_timeout_seconds": null,
+                "max_connections": null, "target_port": port}))
+            .map(|r| r.target_port)
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(read(json!("22")), Ok(Some(22)));
+        assert_eq!(read(json!(22)), Ok(Some(22)));
+        assert_eq!(read(json!("")), Ok(None));
+        assert_eq!(read(Value::Null), Ok(None));
+        assert!(read(json!("70000")).is_err() && read(json!(-1)).is_err() && read(json!(true)).is_err());
+        let route = ProxyTcpRoute {
+            id: "t".into(),
+            idle_timeout_seconds: None,
+            max_connections: None,
+            target_host: None,
+            target_port: Some(22),
+            target_vm_id: None,
+        };
+        assert_eq!(serde_json::to_value(&route).unwrap()["target_port"], "22");
+    }
+
     #[test]
     fn answers_are_byte_for_byte_what_they_were() {
         let hosts: Vec<proxy::ProxyHost> =
@@ -1080,7 +1154,7 @@ mod tests {
             let typed = serde_json::to_string(&ProxyHost::view(h.clone(), &status)).unwrap();
             assert_eq!(typed, serde_json::to_string(&untyped_view(h, &status)).unwrap());
         }
-        let old_config = json!({"enabled": false, "host": "0.0.0.0", "port": 5080,
+        let old_config = json!({"enabled": false, "host": "0.0.0.0", "port": "5080",
             "hosts": hosts.iter().map(|h| untyped_view(h, &status)).collect::<Vec<_>>(), "status": status});
         let new_config = ReverseProxyConfig {
             enabled: false,
