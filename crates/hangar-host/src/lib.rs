@@ -247,7 +247,8 @@ pub struct Host {
     config: HostConfig,
 }
 
-pub(crate) fn check_name(name: &str) -> Result<()> {
+/// Whether `name` may name a new VM (the check a create makes before any work).
+pub fn check_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 100
         && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_. ".contains(c))

@@ -28,6 +28,7 @@ use crate::error::{ApiError, ApiErrorBody};
 use crate::extract::{Json, Path, Query};
 use crate::{Api, AppState};
 use hangar_host::Job;
+use hangar_provision::{CatalogImage, ProvisionRequest, Provisioned, Provisioner, PullSource, VmSpec, job_progress};
 
 type R<T> = Result<T, ApiError>;
 
@@ -566,37 +567,9 @@ pub struct PdsPullResponse {
     pub local_cache_path: String,
 }
 
-/// A pull whose input has been checked: the caller may create the VM and see the entry.
-pub(super) struct PdsPull {
-    host: Arc<hangar_host::Host>,
-    catalog: Arc<Catalog>,
-    catalog_id: String,
-    version: String,
-    arch: Architecture,
-    name: String,
-    owner: Option<String>,
-    start: bool,
-    /// Another catalog server to pull from.
-    remote: Option<hangar_catalog::CatalogConnection>,
-}
-
-/// Check a pull before any work: host module, body, the VM create rule (claim, name, owner)
-/// and the entry's visibility, so a refused pull neither fills the cache nor starts a job.
-async fn pds_pull_check(s: &AppState, ctx: &RequestContext, b: PdsPullRequest) -> R<PdsPull> {
-    pds_pull_check_from(s, ctx, b, None).await
-}
-
-/// [`pds_pull_check`], pulling from `manager` (a catalog manager's connection) when given;
-/// a `connection` in the body is then refused.
-pub(super) async fn pds_pull_check_from(
-    s: &AppState,
-    ctx: &RequestContext,
-    b: PdsPullRequest,
-    manager: Option<hangar_catalog::CatalogConnection>,
-) -> R<PdsPull> {
-    let host = super::machines::host(s)?.clone();
-    let catalog = catalog(s)?.clone();
-    let p = ctx.caller()?;
+/// Parse a pull body into the provisioning request (`manager`: pulling through that catalog
+/// manager, so a `connection` in the body is refused).
+pub(super) fn pds_pull_request(b: PdsPullRequest, manager: Option<String>) -> R<ProvisionRequest> {
     let field = |v: Option<String>| v.map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
     let catalog_id = b.catalog_id.trim().to_string();
     if catalog_id.is_empty() {
@@ -607,82 +580,69 @@ pub(super) async fn pds_pull_check_from(
             "machine_name is required (for a download ticket without a VM, use PUT /catalog/pull-ticket)",
         )
     })?;
-    let remote = match (b.connection.as_deref().map(str::trim).filter(|c| !c.is_empty()), manager) {
+    let source = match (b.connection.as_deref().map(str::trim).filter(|c| !c.is_empty()), manager) {
         (Some(_), Some(_)) => {
             return Err(ApiError::bad_request("connection is not allowed when pulling through a catalog manager"));
         }
-        (Some(text), None) => Some(hangar_catalog::CatalogConnection::parse(text)?),
-        (None, m) => m,
+        (Some(text), None) => PullSource::Connection(hangar_catalog::CatalogConnection::parse(text)?),
+        (None, Some(id)) => PullSource::Manager { id, op: Some(hangar_catalog::ManagerOp::Pull) },
+        (None, None) => PullSource::Catalog,
     };
     let arch = match field(b.architecture) {
         Some(a) => arch(&a)?,
         None => Architecture::host().ok_or_else(|| ApiError::bad_request("Give the architecture"))?,
     };
     let version = field(b.version).unwrap_or_else(|| hangar_catalog::version::LATEST.into());
-    hangar_core::vm::authorize(p, hangar_core::VmAction::Create, &name, None).map_err(ApiError::from_domain)?;
     let owner = field(b.owner);
-    hangar_core::vm::owner_for(p, owner.as_deref()).map_err(ApiError::from_domain)?;
-    if remote.is_none() {
-        catalog.get(p, &catalog_id, &version, arch).await?;
-    }
-    Ok(PdsPull { host, catalog, catalog_id, version, arch, name, owner, start: b.start_after_pull, remote })
+    let vm = VmSpec { name, owner: owner.clone(), host_user: owner, start: b.start_after_pull, ..VmSpec::default() };
+    Ok(ProvisionRequest { image: CatalogImage { catalog_id, version, arch, source }, vm })
 }
 
-/// Pull the image through the host cache, create the VM from it (the host service checks
-/// access and owner again and writes the audit entry) and optionally start it. With a job,
-/// step 0 follows the chunk transfer and step 1 the VM creation.
-async fn pds_pull_run(
-    pull: PdsPull,
-    p: &hangar_core::Principal,
-    actor: &hangar_core::audit::Actor,
-    job: Option<&hangar_host::JobHandle>,
-) -> R<PdsPullResponse> {
-    let progress = job.map(|j| job_progress(j, 0, "pulling the image"));
-    if let Some(j) = job {
-        j.step(0, 0.0, "pulling the image");
-    }
-    let (m, folder) = match &pull.remote {
-        Some(conn) => {
-            let folder =
-                pull.catalog.pull_remote_to_host(p, actor, conn, &pull.catalog_id, &pull.version, pull.arch).await?;
-            (None, folder)
-        }
-        None => {
-            let (m, folder) =
-                pull.catalog.pull_to_host_with(p, actor, &pull.catalog_id, &pull.version, pull.arch, progress).await?;
-            (Some(m), folder)
-        }
-    };
-    let (catalog_id, version) = match &m {
-        Some(m) => (m.catalog_id.clone(), m.version.clone()),
-        None => (pull.catalog_id.clone(), pull.version.clone()),
-    };
-    if let Some(j) = job {
-        j.step(1, 0.0, "creating the VM");
-    }
-    let req = hangar_host::CreateRequest {
-        name: pull.name.clone(),
-        image: hangar_host::ImageSource::Folder(folder.clone()),
-        cpus: None,
-        memory_mb: None,
-        disk_bytes: None,
-        owner: pull.owner.clone(),
-        host_user: pull.owner.clone(),
-        description: format!("pulled from catalog {catalog_id} {version} {}", pull.arch),
-        start: pull.start,
-    };
-    let vm = pull.host.create_for(p, actor, req).await.map_err(ApiError::from_domain)?;
-    Ok(PdsPullResponse {
+/// The pull answer for a VM made from a catalog image.
+fn pds_pull_answer(done: Provisioned) -> PdsPullResponse {
+    let (vm, image) = (done.vm, done.image);
+    PdsPullResponse {
         id: vm.id.clone(),
         machine_id: vm.id,
-        catalog_id,
-        version,
-        architecture: pull.arch.to_string(),
+        catalog_id: image.catalog_id,
+        version: image.version,
+        architecture: image.arch.to_string(),
         local_path: vm.home.display().to_string(),
         machine_name: vm.name,
-        manifest: m.map(CatalogManifest::from),
-        local_cache_path: folder.display().to_string(),
-    })
+        manifest: image.manifest.map(CatalogManifest::from),
+        local_cache_path: image.folder.display().to_string(),
+    }
+}
+
+/// The provisioning service of this host (needs the host and catalog modules).
+fn provisioner(s: &AppState) -> R<Provisioner> {
+    let host = super::machines::host(s)?.clone();
+    Ok(Provisioner::new(host, catalog(s)?.clone()))
+}
+
+/// Parse and check a pull (every refusal before any work), then pull and create now or as a
+/// job of this host whose `result` is the pull answer.
+pub(super) async fn pds_pull(
+    s: &AppState,
+    ctx: &RequestContext,
+    body: &Bytes,
+    manager: Option<String>,
+    as_job: bool,
+) -> R<Response> {
+    let b: PdsPullRequest = pds_body(body)?;
+    let provisioner = provisioner(s)?;
+    let p = ctx.caller()?;
+    let checked = provisioner.check(p, pds_pull_request(b, manager)?).await.map_err(ApiError::from_domain)?;
+    if !as_job {
+        let done = provisioner.run(p, &ctx.actor, checked, None).await.map_err(ApiError::from_domain)?;
+        return Ok(axum::Json(pds_pull_answer(done)).into_response());
+    }
+    let answer = |r: Result<Provisioned, hangar_provision::ProvisionError>| {
+        r.map(|done| serde_json::to_value(pds_pull_answer(done)).unwrap_or_default())
+            .map_err(|e| ApiError::from_domain(e).message)
+    };
+    let job = provisioner.start_job(p, &ctx.actor, checked, answer).await.map_err(ApiError::from_domain)?;
+    Ok((StatusCode::ACCEPTED, axum::Json(job)).into_response())
 }
 
 /// The reference's pull: the image goes through this host's cache into a new VM named
@@ -691,14 +651,8 @@ async fn pds_pull_run(
 #[utoipa::path(put, path = "/catalog/pull", tag = "catalog", request_body = PdsPullRequest,
     responses((status = 200, body = PdsPullResponse), (status = 400, body = ApiErrorBody), (status = 403, body = ApiErrorBody),
         (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
-async fn pull(State(s): State<AppState>, ctx: RequestContext, body: Bytes) -> R<axum::Json<PdsPullResponse>> {
-    let pull = pds_pull_check(&s, &ctx, pds_body(&body)?).await?;
-    pds_pull_now(pull, &ctx).await
-}
-
-/// Runs a checked pull now.
-pub(super) async fn pds_pull_now(pull: PdsPull, ctx: &RequestContext) -> R<axum::Json<PdsPullResponse>> {
-    Ok(axum::Json(pds_pull_run(pull, ctx.caller()?, &ctx.actor, None).await?))
+async fn pull(State(s): State<AppState>, ctx: RequestContext, body: Bytes) -> R<Response> {
+    pds_pull(&s, &ctx, &body, None, false).await
 }
 
 /// `PUT /catalog/pull` as a job of this host (steps `pull` and `create`); the finished job's
@@ -706,28 +660,8 @@ pub(super) async fn pds_pull_now(pull: PdsPull, ctx: &RequestContext) -> R<axum:
 #[utoipa::path(put, path = "/catalog/pull/async", tag = "catalog", request_body = PdsPullRequest,
     responses((status = 202, body = Job, description = "The job; follow it at /jobs/{id}"), (status = 400, body = ApiErrorBody),
         (status = 403, body = ApiErrorBody), (status = 404, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
-async fn pull_async(State(s): State<AppState>, ctx: RequestContext, body: Bytes) -> R<(StatusCode, axum::Json<Job>)> {
-    let pull = pds_pull_check(&s, &ctx, pds_body(&body)?).await?;
-    pds_pull_job(pull, &ctx).await
-}
-
-/// Runs a checked pull as a job of this host.
-pub(super) async fn pds_pull_job(pull: PdsPull, ctx: &RequestContext) -> R<(StatusCode, axum::Json<Job>)> {
-    let p = ctx.caller()?.clone();
-    let jobs = pull.host.jobs.clone();
-    let handle = jobs
-        .start(&p.user_id, "catalog", "pull", &[("pull", 9), ("create", 1)])
-        .await
-        .map_err(ApiError::from_domain)?;
-    let job = jobs.get(&handle.id).ok_or_else(|| ApiError::internal("the new job vanished"))?;
-    let actor = ctx.actor.clone();
-    tokio::spawn(async move {
-        match pds_pull_run(pull, &p, &actor, Some(&handle)).await {
-            Ok(done) => handle.complete(serde_json::to_value(done).unwrap_or_default()).await,
-            Err(e) => handle.fail(e.message).await,
-        }
-    });
-    Ok((StatusCode::ACCEPTED, axum::Json(job)))
+async fn pull_async(State(s): State<AppState>, ctx: RequestContext, body: Bytes) -> R<Response> {
+    pds_pull(&s, &ctx, &body, None, true).await
 }
 
 /// `POST /catalog/push/async`: Hangar's push body (register an image already in the provider),
@@ -763,22 +697,6 @@ pub struct PdsPushRequest {
     pub compress_pack_level: Option<i64>,
     pub uuid: Option<String>,
     pub pack_size: Option<i64>,
-}
-
-/// A job progress callback for step `step`, updating only when the whole percent changes.
-fn job_progress(
-    j: &hangar_host::JobHandle,
-    step: usize,
-    message: &'static str,
-) -> hangar_catalog::hangar_image::ProgressFn {
-    let j = j.clone();
-    let last = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
-    Arc::new(move |pr: &hangar_catalog::hangar_image::Progress| {
-        let pct = (pr.bytes_done.saturating_mul(100)).checked_div(pr.bytes_total).unwrap_or(0).min(99);
-        if last.swap(pct, std::sync::atomic::Ordering::Relaxed) != pct {
-            j.step(step, pct as f64, message);
-        }
-    })
 }
 
 /// `POST /catalog/push` as a job of this host, or the reference's server-side push of

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::Response;
 use chrono::{DateTime, Utc};
 use hangar_catalog::{Catalog, CatalogManagerInput, CatalogManagerView};
 use hangar_core::Access;
@@ -642,11 +643,8 @@ async fn remote_pull(
     ctx: RequestContext,
     Path(id): Path<String>,
     body: Bytes,
-) -> R<axum::Json<PdsPullResponse>> {
-    let b: PdsPullRequest = super::catalog::pds_body(&body)?;
-    let conn = catalog(&s)?.manager_connection_for(ctx.caller()?, &id, ManagerOp::Pull).await?;
-    let pull = super::catalog::pds_pull_check_from(&s, &ctx, b, Some(conn)).await?;
-    super::catalog::pds_pull_now(pull, &ctx).await
+) -> R<Response> {
+    super::catalog::pds_pull(&s, &ctx, &body, Some(id), false).await
 }
 
 /// `PUT .../catalog/pull` as a job of this host; the finished job's `result` is the pull answer.
@@ -659,9 +657,6 @@ async fn remote_pull_async(
     ctx: RequestContext,
     Path(id): Path<String>,
     body: Bytes,
-) -> R<(StatusCode, axum::Json<Job>)> {
-    let b: PdsPullRequest = super::catalog::pds_body(&body)?;
-    let conn = catalog(&s)?.manager_connection_for(ctx.caller()?, &id, ManagerOp::Pull).await?;
-    let pull = super::catalog::pds_pull_check_from(&s, &ctx, b, Some(conn)).await?;
-    super::catalog::pds_pull_job(pull, &ctx).await
+) -> R<Response> {
+    super::catalog::pds_pull(&s, &ctx, &body, Some(id), true).await
 }

@@ -16,9 +16,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use hangar_core::claims::*;
 use hangar_core::{Access, Principal, VmAction};
-use hangar_host::{CreateRequest, Host, ImageSource, Job};
+use hangar_host::{Host, ImageSource, Job};
 use hangar_hypervisor::{PowerOp, RegisterSpec};
 use hangar_orchestrator::HttpOrchestrator;
+use hangar_provision::{CatalogImage, ProvisionRequest, Provisioner, PullSource, VmSpec};
 use hangar_wire::{
     CloneRequest, CloneResponse, CreateMachineRequest, CreateMachineResponse, CreateSnapshotRequest, ExecuteRequest,
     ExecuteResponse, HardwareResponse, Machine, MachineStatus, RegisterRequest, RenameRequest, Resources,
@@ -366,9 +367,16 @@ async fn revert_snapshot(State(s): State<AppState>, ctx: RequestContext, at: At,
 
 // ----- creating on this host -----------------------------------------------------------
 
-/// Pull the image a `catalog_manifest` names through the host cache (the catalog module
-/// checks the caller's access and the manifest's taint), or take the local `image`.
-async fn image_source(s: &AppState, ctx: &RequestContext, req: &CreateMachineRequest) -> R<ImageSource> {
+/// What a VM is made from: a catalog image (pulled through the host cache by
+/// `hangar_provision`, the catalog module deciding the caller's access and the manifest's
+/// taint) or a local image.
+enum ImageFrom {
+    Catalog(Provisioner, CatalogImage),
+    Local(String),
+}
+
+/// Parse what to create the VM from: the image a `catalog_manifest` names, or the local `image`.
+fn image_from(s: &AppState, h: &Arc<Host>, req: &CreateMachineRequest) -> R<ImageFrom> {
     if let Some(m) = &req.catalog_manifest {
         let catalog = s.catalog.as_ref().ok_or_else(|| {
             ApiError::new(
@@ -376,8 +384,8 @@ async fn image_source(s: &AppState, ctx: &RequestContext, req: &CreateMachineReq
                 "catalog_manifest needs the catalog module on this server, which is not running; use image",
             )
         })?;
-        let id = m.catalog_id.trim();
-        if id.is_empty() {
+        let catalog_id = m.catalog_id.trim().to_string();
+        if catalog_id.is_empty() {
             return Err(ApiError::bad_request("catalog_manifest.catalog_id is required"));
         }
         let field = |v: &Option<String>| v.as_deref().map(str::trim).filter(|v| !v.is_empty()).map(str::to_string);
@@ -390,32 +398,26 @@ async fn image_source(s: &AppState, ctx: &RequestContext, req: &CreateMachineReq
         // `catalog_manager_id` names one of the caller's catalog managers, whose stored
         // credentials are used.
         let connection = m.connection.as_ref().map(|c| c.expose().trim()).filter(|c| !c.is_empty());
-        let manager = field(&m.catalog_manager_id);
-        let conn = match (connection, manager) {
+        let source = match (connection, field(&m.catalog_manager_id)) {
             (Some(_), Some(_)) => {
                 return Err(ApiError::bad_request("connection and catalog_manager_id cannot both be provided"));
             }
-            (Some(text), None) => Some(hangar_catalog::CatalogConnection::parse(text)),
-            (None, Some(mid)) => Some(catalog.manager_connection(ctx.caller()?, &mid).await),
-            (None, None) => None,
-        };
-        let folder = match conn {
-            Some(conn) => {
-                let conn = conn.map_err(ApiError::from_domain)?;
-                catalog.pull_remote_to_host(ctx.caller()?, &ctx.actor, &conn, id, &version, arch).await
+            (Some(text), None) => {
+                PullSource::Connection(hangar_catalog::CatalogConnection::parse(text).map_err(ApiError::from_domain)?)
             }
-            None => catalog.pull_to_host(ctx.caller()?, &ctx.actor, id, &version, arch).await,
-        }
-        .map_err(ApiError::from_domain)?;
-        return Ok(ImageSource::Folder(folder));
+            (None, Some(id)) => PullSource::Manager { id, op: None },
+            (None, None) => PullSource::Catalog,
+        };
+        let provisioner = Provisioner::new(h.clone(), catalog.clone());
+        return Ok(ImageFrom::Catalog(provisioner, CatalogImage { catalog_id, version, arch, source }));
     }
     let image = req.image.clone().ok_or_else(|| {
         ApiError::bad_request("Say what to create the VM from: image (a local image name) or catalog_manifest")
     })?;
-    Ok(ImageSource::Local(image))
+    Ok(ImageFrom::Local(image))
 }
 
-fn create_request(req: CreateMachineRequest, image: ImageSource) -> R<CreateRequest> {
+fn vm_spec(req: CreateMachineRequest) -> R<VmSpec> {
     if req.packer_template.is_some() || req.vagrant_box.is_some() {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -428,21 +430,20 @@ fn create_request(req: CreateMachineRequest, image: ImageSource) -> R<CreateRequ
     }
     let specs = req.specs.unwrap_or_default();
     let host_user = req.owner.clone().filter(|o| !o.is_empty());
-    Ok(CreateRequest {
+    Ok(VmSpec {
         name: req.name,
-        image,
         cpus: specs.cpu.0.map(|v| v.min(1024) as u32),
         memory_mb: specs.memory.0,
         disk_bytes: specs.disk.0.map(|m| m.saturating_mul(1 << 20)),
         owner: req.hangar_owner.filter(|o| !o.is_empty()).or(req.owner),
         host_user,
-        description: req.description.unwrap_or_default(),
+        description: Some(req.description.unwrap_or_default()),
         start: req.start_on_create,
     })
 }
 
-fn owner_of(p: &Principal, req: &CreateRequest) -> String {
-    req.owner.clone().filter(|o| !o.trim().is_empty()).unwrap_or_else(|| p.username.clone())
+fn owner_of(p: &Principal, spec: &VmSpec) -> String {
+    spec.owner.clone().filter(|o| !o.trim().is_empty()).unwrap_or_else(|| p.username.clone())
 }
 
 #[utoipa::path(post, path = "/machines", tag = "machines", request_body = CreateMachineRequest,
@@ -454,10 +455,19 @@ async fn create_machine(
 ) -> R<axum::Json<CreateMachineResponse>> {
     let h = host(&s)?;
     let p = ctx.caller()?;
-    let image = image_source(&s, &ctx, &req).await?;
-    let req = create_request(req, image)?;
-    let owner = owner_of(p, &req);
-    let vm = h.create_for(p, &ctx.actor, req).await.map_err(ApiError::from_domain)?;
+    let from = image_from(&s, h, &req)?;
+    let vm = vm_spec(req)?;
+    let owner = owner_of(p, &vm);
+    let vm = match from {
+        ImageFrom::Local(image) => h
+            .create_for(p, &ctx.actor, vm.create_request(ImageSource::Local(image)))
+            .await
+            .map_err(ApiError::from_domain)?,
+        ImageFrom::Catalog(provisioner, image) => {
+            let checked = provisioner.check(p, ProvisionRequest { image, vm }).await.map_err(ApiError::from_domain)?;
+            provisioner.run(p, &ctx.actor, checked, None).await.map_err(ApiError::from_domain)?.vm
+        }
+    };
     Ok(axum::Json(CreateMachineResponse { id: vm.id, name: vm.name, owner, current_state: vm.state.as_str().into() }))
 }
 
@@ -469,9 +479,19 @@ async fn create_machine_async(
     Json(req): Json<CreateMachineRequest>,
 ) -> R<(StatusCode, axum::Json<Job>)> {
     let h = host(&s)?;
-    let image = image_source(&s, &ctx, &req).await?;
-    let req = create_request(req, image)?;
-    let job = h.create_async_for(ctx.caller()?, &ctx.actor, req).await.map_err(ApiError::from_domain)?;
+    let p = ctx.caller()?;
+    let from = image_from(&s, h, &req)?;
+    let vm = vm_spec(req)?;
+    let job = match from {
+        ImageFrom::Local(image) => h
+            .create_async_for(p, &ctx.actor, vm.create_request(ImageSource::Local(image)))
+            .await
+            .map_err(ApiError::from_domain)?,
+        ImageFrom::Catalog(provisioner, image) => {
+            let checked = provisioner.check(p, ProvisionRequest { image, vm }).await.map_err(ApiError::from_domain)?;
+            provisioner.pull_then_create_job(p, &ctx.actor, checked).await.map_err(ApiError::from_domain)?
+        }
+    };
     Ok((StatusCode::ACCEPTED, axum::Json(job)))
 }
 
