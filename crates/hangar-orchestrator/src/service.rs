@@ -319,6 +319,20 @@ impl HttpOrchestrator {
                         .call(vm, &call)
                         .await
                         .map_err(|source| OrchestratorError::Host { host: h.id.clone(), source })?;
+                    // A batch `set` with state operations leaves the VM's record where
+                    // `/start` and `/stop` leave it: updated before the answer.
+                    if let (VmCall::Set(req), VmReply::Set(done)) = (&call, &reply) {
+                        let last = req
+                            .operations
+                            .iter()
+                            .zip(&done.operations)
+                            .filter(|(_, r)| r.status == "success" && r.error.is_none())
+                            .filter_map(|(o, _)| set_power(o))
+                            .next_back();
+                        if let Some(op) = last {
+                            self.scheduler.note_power(&h.id, vm, op);
+                        }
+                    }
                     Ok(match reply {
                         VmReply::Status(mut s) => {
                             s.host_id = Some(h.id.clone());
@@ -527,6 +541,26 @@ fn within(e: OrchestratorError, wait: Option<Duration>) -> OrchestratorError {
         }
         e => e,
     }
+}
+
+/// The power operation a `set` operation of group `state` stands for (the names the
+/// host's batch `set` accepts).
+fn set_power(o: &hangar_wire::SetOperation) -> Option<hangar_hypervisor::PowerOp> {
+    use hangar_hypervisor::PowerOp;
+    if !o.group.eq_ignore_ascii_case("state") {
+        return None;
+    }
+    Some(match o.operation.to_ascii_lowercase().as_str() {
+        "start" => PowerOp::Start,
+        "stop" => PowerOp::Stop { force: false, timeout: Duration::from_secs(60) },
+        "kill" => PowerOp::Kill,
+        "pause" => PowerOp::Pause,
+        "resume" => PowerOp::Resume,
+        "suspend" => PowerOp::Suspend,
+        "reset" => PowerOp::Reset,
+        "restart" => PowerOp::Restart,
+        _ => return None,
+    })
 }
 
 #[cfg(test)]

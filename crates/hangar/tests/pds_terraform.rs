@@ -793,8 +793,13 @@ async fn orchestrator_mode_as_the_provider_sends_it() {
     let r: TfSetResponse = go("orchestrator set", &v);
     assert_eq!(r.operations.len(), 2, "{v}");
     assert!(r.operations.iter().all(|o| o.error.as_deref().unwrap_or_default().is_empty()), "{v}");
-    // The orchestrator's record follows the host's event a moment after the answer.
+    // The provider reads the VM right after the answer: its state is already the new one.
     let vm_url = orch.api(&format!("/orchestrator/machines/{}", made.id));
+    let (st, v) = tf(&c, Method::GET, &vm_url, &root, None).await;
+    assert_eq!(st, 200, "{v}");
+    let vm: TfVm = go("orchestrator vm right after set", &v);
+    assert_eq!(vm.state, "running", "State right after set start: {v}");
+    // The hardware (cpu count) follows the host's event a moment later.
     wait_for("the orchestrator shows the VM running", std::time::Duration::from_secs(15), || {
         let (c, url, root) = (c.clone(), vm_url.clone(), root.clone());
         async move {
@@ -821,6 +826,10 @@ async fn orchestrator_mode_as_the_provider_sends_it() {
         "options": [], "flags": [], "error": null}]});
     let (st, v) = tf(&c, Method::PUT, &set, &root, Some(stop)).await;
     assert_eq!(st, 200, "{v}");
+    let (st, v) = tf(&c, Method::GET, &vm_url, &root, None).await;
+    assert_eq!(st, 200, "{v}");
+    let vm: TfVm = go("orchestrator vm right after set stop", &v);
+    assert_eq!(vm.state, "stopped", "State right after set stop: {v}");
     let (st, v) = tf(&c, Method::DELETE, &orch.api(&format!("/orchestrator/machines/{}", made.id)), &root, None).await;
     assert!((200..300).contains(&st), "{st} {v}");
     let (st, v) = tf(&c, Method::DELETE, &orch.api(&format!("/orchestrator/hosts/{hid}")), &root, None).await;

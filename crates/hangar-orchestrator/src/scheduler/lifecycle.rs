@@ -344,19 +344,26 @@ impl Scheduler {
         timed(self.inner.config.call_timeout, "VM operation", client.vm_op(vm_id, VmOp::Power { power: op }))
             .await
             .map_err(|source| OrchestratorError::Host { host: host_id.clone(), source })?;
+        self.note_power(&host_id, vm_id, op);
+        Ok(())
+    }
+
+    /// Records in the host's view the state a power operation that the host has just
+    /// carried out leaves the VM in (its event confirms it a moment later), so a read
+    /// right after the answer shows it.
+    pub fn note_power(&self, host_id: &str, vm_id: &str, op: PowerOp) {
         let state = match op {
             PowerOp::Start | PowerOp::Resume | PowerOp::Reset | PowerOp::Restart => VmState::Running,
             PowerOp::Stop { .. } | PowerOp::Kill => VmState::Stopped,
             PowerOp::Pause => VmState::Paused,
             PowerOp::Suspend => VmState::Suspended,
         };
-        self.inner.registry.update_in_memory(&host_id, |h| {
+        self.inner.registry.update_in_memory(host_id, |h| {
             if let Some(vm) = h.vms.iter().find(|v| v.id == vm_id).cloned() {
                 view_upsert(h, VmSummary { state, ..vm });
             }
         });
         self.drain();
-        Ok(())
     }
 
     async fn delete_inner(&self, actor: &Actor, vm_id: &str, action: &str) -> Result<()> {
