@@ -132,7 +132,7 @@ pub enum HostEvent {
     /// superseded.
     Synced {
         /// Hardware, resources and cache.
-        hardware: HostHardware,
+        hardware: Box<HostHardware>,
         /// Every VM on the host.
         vms: Vec<VmSummary>,
     },

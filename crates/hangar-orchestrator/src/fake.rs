@@ -220,6 +220,7 @@ impl HostClient for FakeHost {
             resources: s.resources(),
             cached_images: s.spec.cached_images.clone(),
             cache_on_vm_volume: true,
+            details: Default::default(),
         })
     }
 
@@ -305,7 +306,7 @@ impl HostClient for FakeHost {
         self.check_up()?;
         // Subscribe first, then read the state: no change falls between the two.
         let rx = self.events.subscribe();
-        let synced = HostEvent::Synced { hardware: self.hardware().await?, vms: self.list_vms().await? };
+        let synced = HostEvent::Synced { hardware: Box::new(self.hardware().await?), vms: self.list_vms().await? };
         self.streams.fetch_add(1, Ordering::SeqCst);
         // `None` (host down), lost events (lagged) and a closed channel all end the stream,
         // so the reader resyncs.

@@ -401,7 +401,16 @@ impl HttpHostClient {
             in_use: resource_set(&hw.total_in_use),
             available: resource_set(&hw.total_available),
         };
-        Ok(HostHardware { architecture, os, hypervisor, resources, cached_images: vec![], cache_on_vm_volume: true })
+        let details = crate::model::HostDetails::from_hardware(&hw);
+        Ok(HostHardware {
+            architecture,
+            os,
+            hypervisor,
+            resources,
+            cached_images: vec![],
+            cache_on_vm_volume: true,
+            details,
+        })
     }
 
     /// The catalog images in the host's cache (`GET /catalog/cache`); empty when the host
@@ -524,7 +533,7 @@ impl HostClient for HttpHostClient {
         // Subscribe first, then read the state: no change falls between the two.
         let ws = self.subscribe().await?;
         let me = self.duplicate();
-        let synced = HostEvent::Synced { hardware: me.hardware().await?, vms: me.list_vms().await? };
+        let synced = HostEvent::Synced { hardware: Box::new(me.hardware().await?), vms: me.list_vms().await? };
         let mut ping = tokio::time::interval(EVENT_PING_EVERY);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let follow = Follow {

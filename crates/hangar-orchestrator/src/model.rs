@@ -136,7 +136,11 @@ impl ResourceSet {
 }
 
 /// A host's resources as it reports them (the reference's `GetHardwareUsage` shape).
+/// Answered with the reference's flat keys as well (`logical_cpu_count`, `memory_size`
+/// and `disk_size` from `total`, `free_disk_size` from `available`; MiB), which its
+/// clients read from an orchestrator host's `resources`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(into = "HostResourcesOut")]
 pub struct HostResources {
     /// What the machine has (disk: the volume that holds VMs).
     pub total: ResourceSet,
@@ -146,6 +150,76 @@ pub struct HostResources {
     pub in_use: ResourceSet,
     /// Free for new VMs.
     pub available: ResourceSet,
+}
+
+/// [`HostResources`] as answered: its blocks plus the reference's flat keys.
+#[derive(Serialize)]
+struct HostResourcesOut {
+    total: ResourceSet,
+    system_reserved: ResourceSet,
+    in_use: ResourceSet,
+    available: ResourceSet,
+    logical_cpu_count: i64,
+    memory_size: f64,
+    disk_size: f64,
+    free_disk_size: f64,
+}
+
+impl From<HostResources> for HostResourcesOut {
+    fn from(r: HostResources) -> Self {
+        HostResourcesOut {
+            total: r.total,
+            system_reserved: r.system_reserved,
+            in_use: r.in_use,
+            available: r.available,
+            logical_cpu_count: i64::from(r.total.cpu),
+            memory_size: r.total.memory_mb as f64,
+            disk_size: r.total.disk_mb as f64,
+            free_disk_size: r.available.disk_mb as f64,
+        }
+    }
+}
+
+/// What a host says about itself beyond its resources (from its `/config/hardware`),
+/// answered with the reference's orchestrator-host keys and types.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct HostDetails {
+    /// CPU brand string.
+    pub cpu_model: String,
+    /// Host OS name.
+    pub os_name: String,
+    /// Host OS version.
+    pub os_version: String,
+    /// The host agent's version.
+    pub devops_version: String,
+    /// The host's external IP address, when it knows it.
+    pub external_ip_address: String,
+    /// Parallels Desktop version (empty on other hypervisors).
+    pub parallels_desktop_version: String,
+    /// Whether Parallels Desktop is licensed.
+    pub parallels_desktop_licensed: bool,
+    /// Whether the host's reverse proxy is enabled.
+    pub is_reverse_proxy_enabled: bool,
+    /// The host's reverse proxy.
+    pub reverse_proxy: hangar_wire::HardwareReverseProxy,
+}
+
+impl HostDetails {
+    /// The details of a host's hardware answer.
+    pub fn from_hardware(hw: &hangar_wire::HardwareResponse) -> Self {
+        HostDetails {
+            cpu_model: hw.cpu_brand.clone(),
+            os_name: hw.os_name.clone(),
+            os_version: hw.os_version.clone(),
+            devops_version: hw.devops_version.clone(),
+            external_ip_address: hw.external_ip_address.clone(),
+            parallels_desktop_version: hw.parallels_desktop_version.clone(),
+            parallels_desktop_licensed: hw.parallels_desktop_licensed,
+            is_reverse_proxy_enabled: hw.is_reverse_proxy_enabled,
+            reverse_proxy: hw.reverse_proxy.clone(),
+        }
+    }
 }
 
 impl HostResources {
@@ -302,6 +376,8 @@ pub struct HostHardware {
     /// Whether the image cache is on the same volume as the VMs (the reference's 3x rule)
     /// rather than another one (2x).
     pub cache_on_vm_volume: bool,
+    /// The rest of what the host said about itself.
+    pub details: HostDetails,
 }
 
 /// A registered host: the view every API caller with `LIST_ORCHESTRATOR_HOSTS` may see.
@@ -346,6 +422,10 @@ pub struct Host {
     /// Callers need every one of these claims to use the host.
     pub required_claims: BTreeSet<String>,
     /// Whether credentials are stored for it (the credentials themselves are never shown).
+    /// The host's own description of itself (the reference's host keys), from its last
+    /// hardware answer.
+    #[serde(default, flatten)]
+    pub details: HostDetails,
     pub has_credentials: bool,
     /// Registration time.
     pub created_at: DateTime<Utc>,
@@ -368,6 +448,7 @@ impl Host {
             os: None,
             hypervisor: None,
             resources: None,
+            details: HostDetails::default(),
             state: HostState::Unknown,
             last_seen: None,
             last_error: None,
@@ -400,6 +481,7 @@ impl Host {
         self.resources = Some(hw.resources);
         self.cached_images = hw.cached_images.clone();
         self.cache_on_vm_volume = hw.cache_on_vm_volume;
+        self.details = hw.details.clone();
     }
 }
 
@@ -549,6 +631,26 @@ mod tests {
         let view = serde_json::to_value(HostView::from(h.clone())).unwrap();
         assert_eq!(view, want);
         assert_eq!(serde_json::from_value::<HostView>(view).unwrap().view, h);
+    }
+
+    #[test]
+    fn a_host_stored_before_its_details_still_reads_and_answers_the_reference_keys() {
+        let now = DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z").unwrap().with_timezone(&Utc);
+        let mut h = Host::new("h1", "mac-01", "http://mac-01:3080/api", now);
+        h.resources = Some(HostResources::from_usage(
+            ResourceSet { cpu: 8, memory_mb: 16384, disk_mb: 100_000 },
+            ResourceSet::default(),
+            ResourceSet::default(),
+        ));
+        let mut old = serde_json::to_value(&h).unwrap();
+        assert_eq!(old["resources"]["logical_cpu_count"], 8, "{old}");
+        assert_eq!(old["resources"]["memory_size"], 16384.0, "{old}");
+        for key in ["cpu_model", "os_name", "devops_version", "reverse_proxy", "is_reverse_proxy_enabled"] {
+            assert!(old.get(key).is_some(), "{key}: {old}");
+            old.as_object_mut().unwrap().remove(key);
+        }
+        let back: Host = serde_json::from_value(old).unwrap();
+        assert_eq!(back, h);
     }
 
     #[test]

@@ -149,10 +149,11 @@ struct TfHostResources {
     free_disk_size: Option<f64>,
 }
 
-/// The provider's OrchestratorHost. Go's decode succeeds on Hangar's host answer, but fields
-/// Hangar does not answer yet read as zero values: `cpu_model`, `os_version`, `os_name`,
-/// `devops_version`, `is_reverse_proxy_enabled`, and the flat `resources{logical_cpu_count,
-/// memory_size, ...}` (Hangar's `resources` holds `total`/`available`/... blocks instead).
+/// The provider's OrchestratorHost, with the keys it reads required here and typed as in
+/// Go (a missing key or another type fails the decode): the host's own description
+/// (`cpu_model`, `os_name`, `os_version`, `devops_version`, `external_ip_address`, the
+/// Parallels Desktop keys, the reverse proxy) and the flat `resources{logical_cpu_count,
+/// memory_size, ...}` (Hangar answers them next to its `total`/`available`/... blocks).
 #[derive(Deserialize)]
 #[allow(dead_code)]
 struct TfOrchestratorHost {
@@ -160,24 +161,22 @@ struct TfOrchestratorHost {
     enabled: bool,
     host: String,
     architecture: String,
-    #[serde(default)]
-    cpu_model: Option<String>,
-    #[serde(default)]
-    os_version: Option<String>,
-    #[serde(default)]
-    os_name: Option<String>,
-    #[serde(default)]
-    devops_version: Option<String>,
+    cpu_model: String,
+    os_version: String,
+    os_name: String,
+    devops_version: String,
+    external_ip_address: String,
+    parallels_desktop_version: String,
+    parallels_desktop_licensed: bool,
     #[serde(default)]
     description: Option<String>,
     #[serde(default)]
     tags: Option<Vec<String>>,
     #[serde(default)]
     state: Option<String>,
-    #[serde(default)]
     is_reverse_proxy_enabled: bool,
-    #[serde(default)]
-    resources: Option<TfHostResources>,
+    reverse_proxy: TfSystemReverseProxy,
+    resources: TfHostResources,
     #[serde(default)]
     required_claims: Option<Vec<String>>,
     #[serde(default)]
@@ -748,6 +747,12 @@ async fn orchestrator_mode_as_the_provider_sends_it() {
     let h: TfOrchestratorHost = go("orchestrator host", &v);
     assert_eq!(h.id, hid);
     assert!(h.enabled, "{v}");
+    // The host's description of itself, as the provider shows it.
+    assert!(!h.cpu_model.is_empty() && !h.os_name.is_empty() && !h.devops_version.is_empty(), "{v}");
+    assert!(h.resources.logical_cpu_count.is_some_and(|n| n > 0), "resources.logical_cpu_count: {v}");
+    assert!(h.resources.memory_size.is_some_and(|m| m > 0.0), "resources.memory_size: {v}");
+    assert!(h.resources.disk_size.is_some_and(|d| d > 0.0), "resources.disk_size: {v}");
+    assert_eq!(h.is_reverse_proxy_enabled, h.reverse_proxy.enabled.unwrap_or_default(), "{v}");
     let mut tags = h.tags.unwrap_or_default();
     tags.sort();
     assert_eq!(tags, vec!["ci".to_string(), "tf".to_string()], "{v}");

@@ -103,6 +103,22 @@ fn check_orchestrator_host(h: &Value) {
     assert!(h["enabled"].is_boolean() && h["tags"].is_array(), "{h:#}");
     let total = &h["resources"]["total"];
     assert!(total["cpu"].as_u64().is_some_and(|n| n > 0) && total["memory_mb"].is_number(), "{h:#}");
+    // What the extension's host tree shows (its OrchestratorHost model): the host's own
+    // description, the reference's flat resources, its reverse proxy.
+    for key in ["cpu_model", "os_name", "devops_version"] {
+        assert!(h[key].as_str().is_some_and(|s| !s.is_empty()), "{key}: {h:#}");
+    }
+    for key in ["os_version", "external_ip_address", "parallels_desktop_version"] {
+        assert!(h[key].is_string(), "{key}: {h:#}");
+    }
+    for key in ["parallels_desktop_licensed", "is_reverse_proxy_enabled"] {
+        assert!(h[key].is_boolean(), "{key}: {h:#}");
+    }
+    assert!(h["reverse_proxy"].is_object(), "{h:#}");
+    let r = &h["resources"];
+    assert!(r["logical_cpu_count"].as_i64().is_some_and(|n| n > 0), "{h:#}");
+    assert!(r["memory_size"].as_f64().is_some_and(|m| m > 0.0), "{h:#}");
+    assert!(r["disk_size"].is_number() && r["free_disk_size"].is_number(), "{h:#}");
 }
 
 fn push_golden(s: &Server, token: &str, dir: &Path, bundle: &Path, id: &str) {
