@@ -103,7 +103,9 @@ async fn stream_logs(State(s): State<AppState>, ctx: RequestContext, ws: WebSock
     ctx.caller()?;
     let credential = ctx.credential.clone();
     let ws = ws.max_message_size(4 * 1024).max_frame_size(4 * 1024);
-    Ok(ws.on_upgrade(move |socket| run(s, socket, credential)))
+    // Subscribe before answering 101: a line logged once the client holds the socket is sent.
+    let source = Source::Ring(s.logs.subscribe());
+    Ok(ws.on_upgrade(move |socket| relay(s, socket, credential, source)))
 }
 
 /// Where a log stream's lines come from: this server's ring, or a host through the orchestrator.
@@ -126,11 +128,6 @@ impl Source {
             Source::Host(rx) => rx.recv().await,
         }
     }
-}
-
-async fn run(s: AppState, socket: WebSocket, credential: Option<Credential>) {
-    let source = Source::Ring(s.logs.subscribe());
-    relay(s, socket, credential, source).await
 }
 
 async fn relay(s: AppState, mut socket: WebSocket, credential: Option<Credential>, mut source: Source) {
