@@ -17,15 +17,21 @@
 //! ids sort in byte order, revisions grow with every commit and all records of one batch share
 //! its revision, failed conditions write nothing and answer [`StoreError::Conflict`], empty
 //! or NUL-containing names answer [`StoreError::Invalid`], and a closed store answers
-//! [`StoreError::Closed`].
+//! [`StoreError::Closed`]. The `lease_*` cases run the [`lease`](crate::lease) (built only on
+//! batch conditions) with two handles on one store, with short real timings (a few hundred
+//! milliseconds): a lease is taken over only after it went unrenewed for its duration, a
+//! renewed lease is never taken over, a release hands it over at once, and the old holder's
+//! fenced writes answer [`StoreError::Conflict`] once someone else holds it.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use crate::lease::{Fence, FencedBatch, Lease, LeaseConfig};
 use crate::{Batch, DUMP_FORMAT, Dump, Store, StoreError};
 
 /// A future that yields a fresh, empty store.
@@ -71,6 +77,10 @@ where
         ("large_values", |s| Box::pin(large_values(s))),
         ("unicode_ids", |s| Box::pin(unicode_ids(s))),
         ("invalid_input", |s| Box::pin(invalid_input(s))),
+        ("lease_takeover_only_after_expiry", |s| Box::pin(lease_takeover_only_after_expiry(s))),
+        ("lease_fence_refuses_old_holder", |s| Box::pin(lease_fence_refuses_old_holder(s))),
+        ("lease_release_hands_over_at_once", |s| Box::pin(lease_release_hands_over_at_once(s))),
+        ("lease_renew_keeps_it", |s| Box::pin(lease_renew_keeps_it(s))),
         ("close_then_closed", |s| Box::pin(close_then_closed(s))),
     ];
     for (name, case) in cases {
@@ -428,4 +438,99 @@ async fn close_then_closed(store: Arc<dyn Store>) {
     check!(case, matches!(commit, Err(StoreError::Closed)), "commit after close: {commit:?}");
     let export = store.export().await;
     check!(case, matches!(export, Err(StoreError::Closed)), "export after close: {export:?}");
+}
+
+// ----- the leader lease -------------------------------------------------------------------
+
+fn lease_config() -> LeaseConfig {
+    LeaseConfig { duration: Duration::from_millis(300), renew_every: Duration::from_millis(75), sole_process: false }
+}
+
+fn lease(case: &str, store: &Arc<dyn Store>, me: &str) -> Lease {
+    ok!(case, Lease::new(Arc::clone(store), "leader", me, lease_config()))
+}
+
+/// `b` tries every renewal interval until it acquires (within `limit`); answers its fence and
+/// how long it tried since its first refused attempt.
+async fn acquire_within(case: &str, b: &Lease, limit: Duration) -> (Fence, Duration) {
+    let started = tokio::time::Instant::now();
+    loop {
+        if let Some(fence) = ok!(case, b.try_acquire().await) {
+            return (fence, started.elapsed());
+        }
+        check!(case, started.elapsed() < limit, "{} did not acquire the lease within {limit:?}", b.me());
+        tokio::time::sleep(lease_config().renew_every / 3).await;
+    }
+}
+
+async fn lease_takeover_only_after_expiry(store: Arc<dyn Store>) {
+    let case = "lease_takeover_only_after_expiry";
+    let (a, b) = (lease(case, &store, "replica-a"), lease(case, &store, "replica-b"));
+    let Some(fa) = ok!(case, a.try_acquire().await) else { panic!("conformance case `{case}`: a free lease") };
+    check!(case, ok!(case, b.try_acquire().await).is_none(), "a held lease was taken at once");
+    // `a` stops renewing: `b` gets it once it saw it unchanged for the whole duration.
+    let (fb, waited) = acquire_within(case, &b, lease_config().duration * 10).await;
+    check!(case, waited >= lease_config().duration, "taken over after {waited:?}, before the lease period");
+    check!(case, fb.token() > fa.token(), "tokens must grow ({} then {})", fa.token(), fb.token());
+    let holder = ok!(case, a.holder().await);
+    check!(case, holder.as_ref().map(|h| h.holder.as_str()) == Some("replica-b"), "recorded holder {holder:?}");
+    let renewed = a.renew(&fa, 1).await;
+    check!(case, matches!(renewed, Err(StoreError::Conflict(_))), "the old holder renewed: {renewed:?}");
+}
+
+async fn lease_fence_refuses_old_holder(store: Arc<dyn Store>) {
+    let case = "lease_fence_refuses_old_holder";
+    let (a, b) = (lease(case, &store, "replica-a"), lease(case, &store, "replica-b"));
+    let Some(fa) = ok!(case, a.try_acquire().await) else { panic!("conformance case `{case}`: a free lease") };
+    // While `a` holds it, its fenced writes land.
+    ok!(case, store.commit(fa.guard(Batch::new().put("work", "w1", json!({"by": "a"})))).await);
+    // `a` pauses past its lease; `b` takes over.
+    let (fb, _) = acquire_within(case, &b, lease_config().duration * 10).await;
+    let stale = store.commit(Batch::new().put("work", "w2", json!({"by": "a"})).fenced(&fa)).await;
+    check!(case, matches!(stale, Err(StoreError::Conflict(_))), "the paused ex-leader's write landed: {stale:?}");
+    check!(case, ok!(case, store.get("work", "w2").await).is_none(), "a refused fenced batch wrote something");
+    ok!(case, store.commit(Batch::new().put("work", "w2", json!({"by": "b"})).fenced(&fb)).await);
+    // Renewals do not change the fence.
+    ok!(case, b.renew(&fb, 1).await);
+    ok!(case, b.renew(&fb, 2).await);
+    ok!(case, store.commit(fb.guard(Batch::new().put("work", "w3", json!({"by": "b"})))).await);
+}
+
+async fn lease_release_hands_over_at_once(store: Arc<dyn Store>) {
+    let case = "lease_release_hands_over_at_once";
+    let (a, b) = (lease(case, &store, "replica-a"), lease(case, &store, "replica-b"));
+    let Some(fa) = ok!(case, a.try_acquire().await) else { panic!("conformance case `{case}`: a free lease") };
+    check!(case, ok!(case, b.try_acquire().await).is_none(), "a held lease was taken at once");
+    ok!(case, a.release(&fa).await);
+    check!(case, ok!(case, a.holder().await).is_none(), "a released lease has no holder");
+    let Some(fb) = ok!(case, b.try_acquire().await) else {
+        panic!("conformance case `{case}`: a released lease must be free at once")
+    };
+    check!(case, fb.token() > fa.token(), "tokens must grow after a release ({} then {})", fa.token(), fb.token());
+    let stale = store.commit(fa.guard(Batch::new().put("work", "w", json!(1)))).await;
+    check!(case, matches!(stale, Err(StoreError::Conflict(_))), "a released fence still writes: {stale:?}");
+    let again = a.release(&fa).await;
+    check!(case, matches!(again, Err(StoreError::Conflict(_))), "released twice: {again:?}");
+}
+
+async fn lease_renew_keeps_it(store: Arc<dyn Store>) {
+    let case = "lease_renew_keeps_it";
+    let (a, b) = (lease(case, &store, "replica-a"), lease(case, &store, "replica-b"));
+    let Some(fa) = ok!(case, a.try_acquire().await) else { panic!("conformance case `{case}`: a free lease") };
+    let started = tokio::time::Instant::now();
+    let mut beat = 0;
+    // Three lease periods of renewals, `b` trying all along.
+    while started.elapsed() < lease_config().duration * 3 {
+        beat += 1;
+        ok!(case, a.renew(&fa, beat).await);
+        check!(case, ok!(case, b.try_acquire().await).is_none(), "a renewed lease was taken over");
+        tokio::time::sleep(lease_config().renew_every).await;
+    }
+    ok!(case, store.commit(fa.guard(Batch::new().put("work", "w", json!(1)))).await);
+    let holder = ok!(case, b.holder().await);
+    check!(
+        case,
+        holder.as_ref().map(|h| (h.holder.as_str(), h.token)) == Some(("replica-a", fa.token())),
+        "{holder:?}"
+    );
 }

@@ -7,8 +7,11 @@
 //! writes it is told to refuse: while [`FaultyStore::refuse_commits`] is on, or for batches
 //! touching a collection given to [`FaultyStore::refuse_commits_touching`], `commit` answers
 //! the chosen [`Fault`] without reaching the wrapped store, so a refused commit writes
-//! nothing. Reads (`get`, `list`, `list_page`, `export`) and `close` always pass through.
-//! Switches take effect for the next call and can be flipped back at any time.
+//! nothing. Reads (`get`, `list`, `list_page`, `export`) pass through unless
+//! [`FaultyStore::set_reads`] says to refuse them (the chosen [`Fault`]) or to hang them (they
+//! wait until the switch changes, like a database that stopped answering); `close` always
+//! passes through. Switches take effect for the next call (a hung read resumes or fails as
+//! soon as the read switch changes) and can be flipped back at any time.
 //!
 //! ```
 //! # use std::sync::Arc;
@@ -28,6 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
+use tokio::sync::watch;
 
 use crate::{Batch, Committed, Dump, Op, Record, Result, Store, StoreError};
 
@@ -55,6 +59,18 @@ impl Fault {
     }
 }
 
+/// What reads do (see [`FaultyStore::set_reads`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Reads {
+    /// Reads pass through. The default.
+    #[default]
+    Pass,
+    /// Reads answer the chosen [`Fault`].
+    Refuse,
+    /// Reads wait, without answering, until the switch changes.
+    Hang,
+}
+
 #[derive(Debug, Default)]
 struct Switches {
     all: bool,
@@ -67,6 +83,7 @@ pub struct FaultyStore {
     inner: Arc<dyn Store>,
     switches: Mutex<Switches>,
     refused: AtomicU64,
+    reads: watch::Sender<Reads>,
 }
 
 impl std::fmt::Debug for FaultyStore {
@@ -75,6 +92,7 @@ impl std::fmt::Debug for FaultyStore {
             .field("engine", &self.inner.engine())
             .field("switches", &*self.switches())
             .field("refused", &self.refused())
+            .field("reads", &*self.reads.borrow())
             .finish()
     }
 }
@@ -82,7 +100,41 @@ impl std::fmt::Debug for FaultyStore {
 impl FaultyStore {
     /// Wraps `inner`, with every switch off: every call passes through.
     pub fn new(inner: Arc<dyn Store>) -> Self {
-        Self { inner, switches: Mutex::new(Switches::default()), refused: AtomicU64::new(0) }
+        Self {
+            inner,
+            switches: Mutex::new(Switches::default()),
+            refused: AtomicU64::new(0),
+            reads: watch::Sender::new(Reads::Pass),
+        }
+    }
+
+    /// What reads (`get`, `list`, `list_page`, `export`) do from now on; reads hung by
+    /// [`Reads::Hang`] go on (or fail) at once when this changes. [`heal`](Self::heal) sets
+    /// [`Reads::Pass`].
+    pub fn set_reads(&self, reads: Reads) {
+        self.reads.send_replace(reads);
+    }
+
+    /// Waits while reads hang, then answers the refusal if reads are refused.
+    async fn read_gate(&self) -> Result<()> {
+        let mut reads = self.reads.subscribe();
+        loop {
+            let now = *reads.borrow_and_update();
+            match now {
+                Reads::Pass => return Ok(()),
+                Reads::Refuse => {
+                    let fault = self.switches().fault;
+                    tracing::debug!(?fault, "FaultyStore refused a read");
+                    return Err(fault.error());
+                }
+                // The sender lives as long as `self`, so `changed` only answers on a change.
+                Reads::Hang => {
+                    if reads.changed().await.is_err() {
+                        return Err(StoreError::Closed);
+                    }
+                }
+            }
+        }
     }
 
     /// The wrapped store, to read or write behind the faults' back.
@@ -119,6 +171,8 @@ impl FaultyStore {
         let mut switches = self.switches();
         switches.all = false;
         switches.collections.clear();
+        drop(switches);
+        self.set_reads(Reads::Pass);
     }
 
     /// How many writes (commits and imports) have been refused so far.
@@ -152,14 +206,17 @@ impl Store for FaultyStore {
     }
 
     async fn get(&self, collection: &str, id: &str) -> Result<Option<Record>> {
+        self.read_gate().await?;
         self.inner.get(collection, id).await
     }
 
     async fn list(&self, collection: &str) -> Result<Vec<Record>> {
+        self.read_gate().await?;
         self.inner.list(collection).await
     }
 
     async fn list_page(&self, collection: &str, after: Option<&str>, limit: usize) -> Result<Vec<Record>> {
+        self.read_gate().await?;
         self.inner.list_page(collection, after, limit).await
     }
 
@@ -177,6 +234,7 @@ impl Store for FaultyStore {
     }
 
     async fn export(&self) -> Result<Dump> {
+        self.read_gate().await?;
         self.inner.export().await
     }
 
@@ -243,6 +301,28 @@ mod tests {
         store.refuse_commits_touching("audit", false);
         store.commit(Batch::new().put("users", "c", json!(1)).put("audit", "e1", json!("made c"))).await.unwrap();
         assert_eq!(store.list("audit").await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn reads_can_be_refused_or_hung_and_come_back() {
+        let store = Arc::new(faulty());
+        store.commit(Batch::new().put("users", "a", json!(1))).await.unwrap();
+        store.set_reads(Reads::Refuse);
+        assert!(matches!(store.get("users", "a").await, Err(StoreError::Closed)));
+        assert!(store.list("users").await.is_err() && store.export().await.is_err());
+        // Writes are a separate switch.
+        store.commit(Batch::new().put("users", "b", json!(2))).await.unwrap();
+        store.set_reads(Reads::Hang);
+        let hung = tokio::spawn({
+            let store = store.clone();
+            async move { store.list_page("users", None, 10).await.map(|r| r.len()) }
+        });
+        // A hung read does not answer (here: within 50 ms); it answers once healed.
+        let early = tokio::time::timeout(std::time::Duration::from_millis(50), store.get("users", "a")).await;
+        assert!(early.is_err(), "a hung read answered: {early:?}");
+        store.heal();
+        assert_eq!(hung.await.unwrap().unwrap(), 2);
+        assert!(store.get("users", "a").await.unwrap().is_some());
     }
 
     #[tokio::test]

@@ -17,9 +17,13 @@
 //! revisions and paging behave alike.
 //!
 //! Test aid: [`faulty`] has [`FaultyStore`], a wrapper around any `Arc<dyn Store>` that
-//! refuses commits on demand while reads still work, for services' tests of store failures.
+//! refuses commits on demand, and reads too (or hangs them) when asked, for services' tests
+//! of store failures.
 //!
 //! [`sealed`] seals small secrets kept inside records.
+//!
+//! [`lease`] keeps a leader lease in the store itself (only `Batch` conditions), with a
+//! [`Fence`] that makes a deposed leader's writes fail with [`StoreError::Conflict`].
 
 use std::collections::BTreeMap;
 
@@ -30,12 +34,14 @@ use serde_json::Value;
 pub mod conformance;
 pub mod faulty;
 pub mod json;
+pub mod lease;
 pub mod memory;
 mod model;
 pub mod sealed;
 
-pub use faulty::{Fault, FaultyStore};
+pub use faulty::{Fault, FaultyStore, Reads};
 pub use json::{EncryptionKey, JsonStore, JsonStoreOptions};
+pub use lease::{Fence, FencedBatch, Lease, LeaseConfig, LeaseHolder, LeaseTask, Role};
 pub use memory::MemoryStore;
 
 /// Longest collection name or record id accepted, in bytes.
