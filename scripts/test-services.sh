@@ -4,6 +4,10 @@
 #   - Azurite (Azure Blob, npm `azurite`), container "hangar-test"
 #   - nginx + dav-ext (Debian) as an Artifactory-like generic HTTP store,
 #     repository "generic-local", basic auth hangar / hangar-test-pw
+#   - PostgreSQL (Debian `postgresql`, initdb + pg_ctl on a scratch folder, no systemd),
+#     user postgres / hangar-test-pw (scram), for hangar-store-sql and the binary's tests
+#   - MariaDB (Debian `mariadb-server`, mariadb-install-db + mariadbd on a scratch folder),
+#     user hangar / hangar-test-pw with every privilege, database "hangar"
 #
 # Usage: scripts/test-services.sh start|stop|env|status
 #   start  install what is missing (idempotent), start the servers, wait until
@@ -13,7 +17,8 @@
 #
 # Overridable: HANGAR_SERVICES_CACHE (installs; default ~/.cache/hangar-test-services),
 # HANGAR_SERVICES_STATE (PIDs, data, logs; default /tmp/hangar-test-services),
-# HANGAR_S3_PORT (17480), HANGAR_AZURITE_PORT (17481), HANGAR_DAV_PORT (17482).
+# HANGAR_S3_PORT (17480), HANGAR_AZURITE_PORT (17481), HANGAR_DAV_PORT (17482),
+# HANGAR_POSTGRES_PORT (17483), HANGAR_MYSQL_PORT (17484).
 set -euo pipefail
 
 CACHE="${HANGAR_SERVICES_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hangar-test-services}"
@@ -21,6 +26,9 @@ STATE="${HANGAR_SERVICES_STATE:-/tmp/hangar-test-services}"
 S3_PORT="${HANGAR_S3_PORT:-17480}"
 AZ_PORT="${HANGAR_AZURITE_PORT:-17481}"
 DAV_PORT="${HANGAR_DAV_PORT:-17482}"
+PG_PORT="${HANGAR_POSTGRES_PORT:-17483}"
+MY_PORT="${HANGAR_MYSQL_PORT:-17484}"
+DB_PASSWORD=hangar-test-pw
 BUCKET=hangar-test
 CONTAINER=hangar-test
 DAV_REPO=generic-local
@@ -47,6 +55,90 @@ install_apt() {
       || as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         nginx libnginx-mod-http-dav-ext >/dev/null
     # Debian's packaging may start a system nginx on :80; we run our own.
+}
+
+# The database servers come from Debian's packages; their postinst scripts start nothing
+# here (no systemd), so start_postgres and start_mariadb run private instances.
+pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
+
+install_databases() {
+    local bin
+    bin=$(pg_bin)
+    if [ -n "$bin" ] && [ -x "$bin/initdb" ] && command -v mariadbd >/dev/null && command -v mariadb-install-db >/dev/null; then
+        return
+    fi
+    log "installing postgresql and mariadb-server (apt)"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql mariadb-server >/dev/null
+}
+
+# run_pg CMD...: PostgreSQL's tools refuse to run as root; run them as `postgres` then.
+run_pg() {
+    if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+start_postgres() {
+    local bin dir="$STATE/postgres" deadline
+    bin=$(pg_bin)
+    if [ -f "$dir/data/postmaster.pid" ] && kill -0 "$(head -n 1 "$dir/data/postmaster.pid")" 2>/dev/null; then
+        log "postgres already running"; return
+    fi
+    rm -rf "$dir"
+    mkdir -p "$dir/sock"
+    printf '%s\n' "$DB_PASSWORD" >"$dir/pwfile"
+    if [ "$(id -u)" = 0 ]; then chown -R postgres "$dir"; fi
+    run_pg "$bin/initdb" -D "$dir/data" -U postgres --pwfile="$dir/pwfile" -E UTF8 --locale=C.UTF-8 \
+        --auth-local=trust --auth-host=scram-sha-256 >"$STATE/postgres-initdb.log" 2>&1 \
+        || { tail -n 30 "$STATE/postgres-initdb.log" >&2; die "initdb failed"; }
+    run_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/log" -w -t 60 \
+        -o "-p $PG_PORT -k $dir/sock -c listen_addresses=127.0.0.1 -c max_connections=400" start >/dev/null \
+        || { tail -n 30 "$dir/log" >&2; die "postgres did not start"; }
+    head -n 1 "$dir/data/postmaster.pid" >"$STATE/postgres.pid"
+    deadline=$((SECONDS + 60))
+    until "$bin/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT"; do
+        [ $SECONDS -lt $deadline ] || { tail -n 30 "$dir/log" >&2; die "postgres did not answer on :$PG_PORT"; }
+        sleep 0.1
+    done
+    log "postgres answers on 127.0.0.1:$PG_PORT"
+}
+
+stop_postgres() {
+    local bin dir="$STATE/postgres"
+    bin=$(pg_bin)
+    if [ -n "$bin" ] && [ -f "$dir/data/postmaster.pid" ]; then
+        run_pg "$bin/pg_ctl" -D "$dir/data" -m fast -w -t 30 stop >/dev/null 2>&1 || stop_one postgres
+        log "stopped postgres"
+    fi
+    rm -f "$STATE/postgres.pid"
+    rm -rf "$dir"
+}
+
+start_mariadb() {
+    local dir="$STATE/mariadb" deadline
+    if pid_alive "$STATE/mariadb.pid"; then log "mariadb already running"; return; fi
+    rm -rf "$dir"
+    mkdir -p "$dir/data" "$dir/run"
+    local as=(--user="$(id -un)")
+    mariadb-install-db --no-defaults "${as[@]}" --datadir="$dir/data" --auth-root-authentication-method=normal \
+        --skip-test-db >"$STATE/mariadb-install.log" 2>&1 \
+        || { tail -n 30 "$STATE/mariadb-install.log" >&2; die "mariadb-install-db failed"; }
+    setsid mariadbd --no-defaults "${as[@]}" --datadir="$dir/data" --socket="$dir/run/mysqld.sock" \
+        --pid-file="$dir/run/mysqld.pid" --port="$MY_PORT" --bind-address=127.0.0.1 --skip-name-resolve \
+        --max-connections=500 --innodb-flush-log-at-trx-commit=1 \
+        >"$STATE/mariadb.log" 2>&1 </dev/null &
+    echo $! >"$STATE/mariadb.pid"
+    deadline=$((SECONDS + 60))
+    until mariadb-admin --no-defaults --socket="$dir/run/mysqld.sock" -uroot ping >/dev/null 2>&1; do
+        pid_alive "$STATE/mariadb.pid" || { tail -n 30 "$STATE/mariadb.log" >&2; die "mariadbd exited"; }
+        [ $SECONDS -lt $deadline ] || { tail -n 30 "$STATE/mariadb.log" >&2; die "mariadb did not answer"; }
+        sleep 0.1
+    done
+    mariadb --no-defaults --socket="$dir/run/mysqld.sock" -uroot -e \
+        "CREATE DATABASE IF NOT EXISTS hangar CHARACTER SET utf8mb4;
+         CREATE USER IF NOT EXISTS 'hangar'@'127.0.0.1' IDENTIFIED BY '$DB_PASSWORD';
+         GRANT ALL ON *.* TO 'hangar'@'127.0.0.1'; FLUSH PRIVILEGES;" \
+        || die "cannot create the mariadb test user"
+    log "mariadb answers on 127.0.0.1:$MY_PORT"
 }
 
 install_pip() {
@@ -172,6 +264,8 @@ export HANGAR_TEST_ARTIFACTORY_URL=http://127.0.0.1:$DAV_PORT
 export HANGAR_TEST_ARTIFACTORY_REPO=$DAV_REPO
 export HANGAR_TEST_ARTIFACTORY_USER=$DAV_USER
 export HANGAR_TEST_ARTIFACTORY_PASSWORD=$DAV_PASSWORD
+export HANGAR_TEST_POSTGRES_URL=postgres://postgres:$DB_PASSWORD@127.0.0.1:$PG_PORT/postgres
+export HANGAR_TEST_MYSQL_URL=mysql://hangar:$DB_PASSWORD@127.0.0.1:$MY_PORT/hangar
 EOF
 }
 
@@ -195,6 +289,9 @@ case "${1:-}" in
         install_apt
         install_pip
         install_npm
+        install_databases
+        start_postgres
+        start_mariadb
         start_moto
         start_azurite
         start_nginx
@@ -204,13 +301,16 @@ case "${1:-}" in
         stop_one nginx
         stop_one azurite
         stop_one moto
+        stop_one mariadb
+        stop_postgres
+        rm -rf "$STATE/mariadb"
         rm -rf "$STATE/dav-root" "$STATE/dav-tmp" "$STATE/azurite" "$STATE/azurite-tmp"
         ;;
     env)
         print_env
         ;;
     status)
-        for s in moto azurite nginx; do
+        for s in moto azurite nginx postgres mariadb; do
             if pid_alive "$STATE/$s.pid"; then echo "$s: running (pid $(cat "$STATE/$s.pid"))"; else echo "$s: stopped"; fi
         done
         ;;

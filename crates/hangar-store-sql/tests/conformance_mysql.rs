@@ -1,0 +1,173 @@
+//! The store conformance suite and the engine's own checks on a real MySQL/MariaDB server
+//! (`scripts/test-services.sh start`, then `eval "$(scripts/test-services.sh env)"`).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hangar_store::{Batch, EncryptionKey, Store, StoreError, conformance};
+use hangar_store_sql::{SCHEMA_VERSION, testing};
+use serde_json::json;
+
+const VAR: &str = "HANGAR_TEST_MYSQL_URL";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn conformance_plain() {
+    let Some(admin) = common::admin_url(VAR) else { return };
+    conformance::run_all(move || {
+        let admin = admin.clone();
+        Box::pin(async move { common::fresh_store(&admin, None).await })
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn conformance_encrypted() {
+    let Some(admin) = common::admin_url(VAR) else { return };
+    let key = EncryptionKey::generate().expect("a random key");
+    conformance::run_all(move || {
+        let admin = admin.clone();
+        let key = key.clone();
+        Box::pin(async move { common::fresh_store(&admin, Some(&key)).await })
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn migrations_rerun_and_data_survives_reopen() {
+    let Some(admin) = common::admin_url(VAR) else { return };
+    let url = common::fresh_url(&admin).await;
+    let store = hangar_store_sql::open(&url, common::options(None)).await.expect("first open");
+    let done = store.commit(Batch::new().put("c", "a", json!({"n": 1}))).await.expect("commit");
+    store.close().await.expect("close");
+    // Opening again runs the migrations again: nothing changes, nothing is lost.
+    for _ in 0..2 {
+        let again = hangar_store_sql::open(&url, common::options(None)).await.expect("reopen");
+        let record = again.get("c", "a").await.expect("get").expect("the record survives a reopen");
+        assert_eq!((record.revision, record.value), (done.revision, json!({"n": 1})));
+        let next = again.commit(Batch::new().put("c", "b", json!(2))).await.expect("commit after reopen");
+        assert!(next.revision > done.revision, "the revision goes on growing after a reopen");
+        again.commit(Batch::new().delete("c", "b")).await.expect("delete");
+        again.close().await.expect("close");
+    }
+    // Several replicas opening at once migrate once and all open.
+    let fresh = common::fresh_url(&admin).await;
+    let opens: Vec<_> = (0..4)
+        .map(|_| {
+            tokio::spawn({
+                let fresh = fresh.clone();
+                async move { hangar_store_sql::open(&fresh, common::options(None)).await }
+            })
+        })
+        .collect();
+    for open in opens {
+        let store = open.await.expect("join").expect("a concurrent open");
+        store.close().await.expect("close");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_newer_schema_is_refused() {
+    let Some(admin) = common::admin_url(VAR) else { return };
+    let url = common::fresh_url(&admin).await;
+    let store = hangar_store_sql::open(&url, common::options(None)).await.expect("open");
+    store.close().await.expect("close");
+    let newer = SCHEMA_VERSION + 41;
+    testing::execute(&url, &format!("UPDATE hangar_schema SET version = {newer} WHERE id = 1")).await.expect("bump");
+    let err = common::open_err(&url, common::options(None)).await;
+    let text = err.to_string();
+    assert!(
+        text.contains(&newer.to_string()) && text.contains(&format!("version {SCHEMA_VERSION}")),
+        "the error names both versions: {text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_racing_on_one_revision_let_exactly_one_win() {
+    let Some(admin) = common::admin_url(VAR) else { return };
+    let url = common::fresh_url(&admin).await;
+    // Two handles with their own pools, as two replicas would have.
+    let a = hangar_store_sql::open(&url, common::options(None)).await.expect("replica a");
+    let b = hangar_store_sql::open(&url, common::options(None)).await.expect("replica b");
+    for round in 0..20 {
+        let id = format!("doc-{round}");
+        let base = a.commit(Batch::new().put("docs", &id, json!(0))).await.expect("seed").revision;
+        let mut tasks = tokio::task::JoinSet::new();
+        for (n, store) in [Arc::clone(&a), Arc::clone(&b), Arc::clone(&a), Arc::clone(&b)].into_iter().enumerate() {
+            let id = id.clone();
+            tasks.spawn(async move {
+                store.commit(Batch::new().require_revision("docs", &id, base).put("docs", &id, json!(n + 1))).await
+            });
+        }
+        let (mut wins, mut conflicts) = (Vec::new(), 0);
+        while let Some(joined) = tasks.join_next().await {
+            match joined.expect("join") {
+                Ok(done) => wins.push(done.revision),
+                Err(StoreError::Conflict(_)) => conflicts += 1,
+                Err(other) => panic!("unexpected error: {other}"),
+            }
+        }
+        assert_eq!((wins.len(), conflicts), (1, 3), "round {round}: exactly one writer wins");
+        let seen_by_b = b.get("docs", &id).await.expect("get").expect("record");
+        assert_eq!(Some(seen_by_b.revision), wins.first().copied(), "the other replica reads the winner");
+    }
+    // Revisions are global: commits through either handle interleave in one sequence.
+    let r1 = a.commit(Batch::new().put("x", "1", json!(1))).await.expect("a").revision;
+    let r2 = b.commit(Batch::new().put("x", "2", json!(2))).await.expect("b").revision;
+    let r3 = a.commit(Batch::new().put("x", "3", json!(3))).await.expect("a").revision;
+    assert!(r1 < r2 && r2 < r3, "{r1} < {r2} < {r3}");
+    a.close().await.expect("close a");
+    b.close().await.expect("close b");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wrong_or_missing_key_is_refused() {
+    let Some(admin) = common::admin_url(VAR) else { return };
+    let url = common::fresh_url(&admin).await;
+    let key = EncryptionKey::generate().expect("key");
+    let store = hangar_store_sql::open(&url, common::options(Some(&key))).await.expect("open encrypted");
+    store.commit(Batch::new().put("secrets", "s", json!({"token": "very-secret-value"}))).await.expect("commit");
+    store.close().await.expect("close");
+    // What a database administrator sees is not the value.
+    let rows = testing::execute(&url, "DELETE FROM hangar_records WHERE value LIKE '%very-secret-value%'").await;
+    assert_eq!(rows.expect("query"), 0, "the sealed value must not be readable in the database");
+    let other = EncryptionKey::generate().expect("key");
+    let wrong = common::open_err(&url, common::options(Some(&other))).await;
+    assert!(matches!(wrong, StoreError::WrongKey { .. }), "a wrong key: {wrong:?}");
+    let none = common::open_err(&url, common::options(None)).await;
+    assert!(matches!(&none, StoreError::Invalid(m) if m.contains("DATABASE_ENCRYPTION_KEY_FILE")), "no key: {none:?}");
+    let right = hangar_store_sql::open(&url, common::options(Some(&key))).await.expect("the right key opens");
+    let value = right.get("secrets", "s").await.expect("get").map(|r| r.value);
+    assert_eq!(value, Some(json!({"token": "very-secret-value"})));
+    right.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_down_server_or_bad_url_fails_fast_without_the_password() {
+    let Some(admin) = common::admin_url(VAR) else { return };
+    // A port nothing listens on.
+    let down = testing::with_database(&admin, "nothing")
+        .expect("url")
+        .replace(&format!(":{}", url::Url::parse(&admin).expect("url").port().expect("port")), ":1");
+    let started = Instant::now();
+    let err = common::open_err(&down, common::options(None)).await;
+    let text = err.to_string();
+    assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
+    assert!(text.contains("127.0.0.1:1"), "the error names the host and port: {text}");
+    assert!(!text.contains("hangar-test-pw"), "the error shows the password: {text}");
+    assert!(!format!("{err:?}").contains("hangar-test-pw"), "Debug shows the password: {err:?}");
+    // A wrong password.
+    let mut wrong = url::Url::parse(&admin).expect("url");
+    wrong.set_password(Some("not-the-password")).expect("password");
+    let err = common::open_err(wrong.as_str(), common::options(None)).await;
+    assert!(!err.to_string().contains("not-the-password"), "{err}");
+    // Not a URL at all.
+    let err = common::open_err("mysql://user:pw-in-url@[broken", common::options(None)).await;
+    assert!(!err.to_string().contains("pw-in-url"), "{err}");
+    // An open store's Debug never shows the password either.
+    let url = common::fresh_url(&admin).await;
+    let store = hangar_store_sql::MySqlStore::open(&url, common::options(None)).await.expect("open");
+    assert!(!format!("{store:?}").contains("hangar-test-pw"));
+    store.close().await.expect("close");
+}
