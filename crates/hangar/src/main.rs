@@ -3,6 +3,7 @@
 mod catalog_cmd;
 mod client;
 mod config;
+mod health_cmd;
 mod host_cmd;
 mod import_pds;
 mod logging;
@@ -143,6 +144,9 @@ enum Command {
     },
     /// Print the OpenAPI document (what the server serves at /api/v1/openapi.json).
     Openapi,
+    /// Check that a server is live (GET /health/probe): exit status 0 if it answers, 1 if
+    /// not. Default server: --url, HANGAR_URL, else this machine's API_PORT on 127.0.0.1.
+    Health(health_cmd::HealthArgs),
     /// Catalog images: push, pull, list, get, taint, untaint, revoke, delete, import.
     Catalog {
         #[command(subcommand)]
@@ -524,6 +528,11 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Openapi => {
             let doc = serde_json::to_value(hangar_api::openapi_document())?;
             println!("{}", serde_json::to_string_pretty(&doc)?);
+            Ok(())
+        }
+        Command::Health(a) => {
+            let url = health_cmd::run(cli.url.as_deref(), a).await?;
+            print(out, &json!({"url": url, "status": "OK"}), &["url", "status"]);
             Ok(())
         }
         Command::Logout => {
