@@ -1,5 +1,6 @@
 //! `hangar`: the server (`hangar serve`) and the CLI that manages it.
 
+mod bundle;
 mod catalog_cmd;
 mod client;
 mod config;
@@ -147,6 +148,9 @@ enum Command {
     /// Check that a server is live (GET /health/probe): exit status 0 if it answers, 1 if
     /// not. Default server: --url, HANGAR_URL, else this machine's API_PORT on 127.0.0.1.
     Health(health_cmd::HealthArgs),
+    /// Write one tarball for an air-gapped install: the binary, the Docker image archive,
+    /// the Helm chart, the Compose file, install.sh and SHA256SUMS.
+    Bundle(bundle::BundleArgs),
     /// Catalog images: push, pull, list, get, taint, untaint, revoke, delete, import.
     Catalog {
         #[command(subcommand)]
@@ -533,6 +537,11 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Health(a) => {
             let url = health_cmd::run(cli.url.as_deref(), a).await?;
             print(out, &json!({"url": url, "status": "OK"}), &["url", "status"]);
+            Ok(())
+        }
+        Command::Bundle(a) => {
+            let v = bundle::run(a)?;
+            print(out, &v, &["file", "bytes", "sha256"]);
             Ok(())
         }
         Command::Logout => {
