@@ -595,11 +595,20 @@ pub struct HostView {
     pub view: Host,
     /// The host's URL (the same as `url`).
     pub host: String,
+    /// Whether the host agent's version (`devops_version`) differs from this orchestrator's
+    /// (then upgrade the one that is older); false while the host has not reported a version.
+    #[serde(default)]
+    pub version_differs: bool,
 }
+
+/// This orchestrator's version: every crate of the workspace has the binary's version.
+pub const ORCHESTRATOR_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 impl From<Host> for HostView {
     fn from(view: Host) -> Self {
-        HostView { host: view.url.clone(), view }
+        let reported = view.details.devops_version.trim();
+        let version_differs = !reported.is_empty() && reported != ORCHESTRATOR_VERSION;
+        HostView { host: view.url.clone(), version_differs, view }
     }
 }
 
@@ -628,9 +637,23 @@ mod tests {
         });
         let mut want = serde_json::to_value(&h).unwrap();
         want.as_object_mut().unwrap().insert("host".into(), json!(h.url));
+        want.as_object_mut().unwrap().insert("version_differs".into(), json!(false));
         let view = serde_json::to_value(HostView::from(h.clone())).unwrap();
         assert_eq!(view, want);
         assert_eq!(serde_json::from_value::<HostView>(view).unwrap().view, h);
+    }
+
+    #[test]
+    fn a_host_whose_agent_runs_another_version_is_flagged() {
+        let now = DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z").unwrap().with_timezone(&Utc);
+        let mut h = Host::new("h1", "mac-01", "http://mac-01:3080/api", now);
+        assert!(!HostView::from(h.clone()).version_differs, "no version reported yet");
+        h.details.devops_version = ORCHESTRATOR_VERSION.into();
+        assert!(!HostView::from(h.clone()).version_differs);
+        h.details.devops_version = "0.0.1-old".into();
+        let v = serde_json::to_value(HostView::from(h)).unwrap();
+        assert_eq!(v["version_differs"], json!(true));
+        assert_eq!(v["devops_version"], json!("0.0.1-old"));
     }
 
     #[test]

@@ -108,7 +108,18 @@ pub struct JoinArgs {
     pub disabled: bool,
 }
 
-const HOST_COLS: &[&str] = &["id", "name", "url", "state", "enabled", "architecture", "hypervisor", "last_error"];
+const HOST_COLS: &[&str] = &[
+    "id",
+    "name",
+    "url",
+    "state",
+    "enabled",
+    "architecture",
+    "hypervisor",
+    "devops_version",
+    "version_differs",
+    "last_error",
+];
 
 fn read_stdin(what: &str) -> Result<String> {
     let mut s = String::new();
