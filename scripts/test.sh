@@ -27,6 +27,7 @@ command -v python3 >/dev/null || need+=(python3 python3-venv)
 command -v npm >/dev/null || need+=(npm)
 command -v ip >/dev/null || need+=(iproute2)
 command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
+command -v systemd-analyze >/dev/null || need+=(systemd) # tests/service.rs verifies the unit
 if [ ${#need[@]} -gt 0 ]; then
     say "installing ${need[*]}"
     as_root apt-get update -qq
