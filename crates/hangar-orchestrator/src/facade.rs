@@ -49,6 +49,22 @@ impl HttpOrchestrator {
         HttpOrchestrator { scheduler, connector, tunnels, jobs, _background: background }
     }
 
+    /// [`HttpOrchestrator::start`] for one replica of several over one store: the leader
+    /// work (health ticks, host checks and event streams, the token purge, the reaper) runs
+    /// only while `role` says this replica holds the leader lease, its writes fenced (see
+    /// [`Scheduler::lead`]).
+    pub fn start_led(
+        scheduler: Scheduler,
+        connector: HttpConnector,
+        jobs: Jobs,
+        every: BackgroundIntervals,
+        role: tokio::sync::watch::Receiver<hangar_store::Role>,
+    ) -> Self {
+        let background = scheduler.lead(every, role);
+        let tunnels = HostTunnels::new(scheduler.clone());
+        HttpOrchestrator { scheduler, connector, tunnels, jobs, _background: background }
+    }
+
     /// How many hosts are registered.
     pub fn host_count(&self) -> usize {
         self.scheduler.registry().len()

@@ -663,6 +663,11 @@ impl HostRegistry {
 
     /// Removes expired enrollment tokens; returns how many.
     pub async fn purge_expired_tokens(&self) -> Result<usize> {
+        self.purge_expired_tokens_fenced(None).await
+    }
+
+    /// [`HostRegistry::purge_expired_tokens`] as leader work: the batch carries `fence`.
+    pub async fn purge_expired_tokens_fenced(&self, fence: Option<&hangar_store::Fence>) -> Result<usize> {
         let now = self.clock.now();
         let mut batch = Batch::new();
         let mut n = 0;
@@ -675,7 +680,7 @@ impl HostRegistry {
             }
         }
         if n > 0 {
-            self.store.commit(batch).await?;
+            self.store.commit(hangar_store::FencedBatch::fenced_by(batch, fence)).await?;
         }
         Ok(n)
     }

@@ -8,6 +8,14 @@
 //! * `lifecycle`: VM create (place, reserve, create, confirm or roll back), power,
 //!   delete, TTL extension and the reaper.
 //!
+//! Leader work: with several replicas over one store, the loops that must run once (silence
+//! ticks, host checks and event-stream followers, the enrollment-token purge, the TTL
+//! reaper) run only on the holder of the store's leader lease ([`Scheduler::lead`]), and
+//! the writes they make carry its [`Fence`]: host health status writes, the token purge
+//! and every write of the reaper. The reservation ledger's expiry and the queue's service
+//! are in-memory and run on every replica. Without a lease ([`Leadership::Sole`], the
+//! default) everything runs unfenced, as a single process.
+//!
 //! The host view counts a VM's CPU and memory while it is active and its disk always, like
 //! the hosts themselves; every change to a host's VM list goes through one pair of helpers
 //! (`view_upsert`, `view_remove`) so the counts stay consistent.
@@ -23,6 +31,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use hangar_core::{Event, EventBus, EventType};
+use hangar_store::{Fence, Role};
 use serde::Serialize;
 use serde_json::Value;
 use tokio::task::JoinHandle;
@@ -101,6 +110,28 @@ impl Default for BackgroundIntervals {
             tick: Duration::from_secs(1),
             check: Duration::from_secs(2),
             reap: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Whether this scheduler runs the fleet's leader work.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Leadership {
+    /// No lease: the only process (tests, tools). Leader work runs, unfenced.
+    #[default]
+    Sole,
+    /// This replica holds the leader lease: leader work runs and its writes carry the fence.
+    Leader(Fence),
+    /// Another replica leads: no leader work, and health observations are not written.
+    Follower,
+}
+
+impl Leadership {
+    /// The fence leader work's writes carry (none when [`Leadership::Sole`]).
+    pub fn fence(&self) -> Option<&Fence> {
+        match self {
+            Leadership::Leader(f) => Some(f),
+            Leadership::Sole | Leadership::Follower => None,
         }
     }
 }
@@ -187,6 +218,8 @@ struct Inner {
     ledger: Reservations,
     // lifecycle.rs: VMs being deleted or extended.
     busy_vms: Mutex<HashSet<String>>,
+    /// Whether leader work runs here, and its fence.
+    leadership: Mutex<Leadership>,
 }
 
 /// The scheduler. Cheap to clone.
@@ -230,6 +263,7 @@ impl Scheduler {
                 seq: AtomicU64::new(1),
                 watchers: Mutex::new(HashMap::new()),
                 following: AtomicBool::new(false),
+                leadership: Mutex::new(Leadership::Sole),
             }),
         }
     }
@@ -253,9 +287,78 @@ impl Scheduler {
         self.inner.bus.publish(Event::new(EventType::Orchestrator, message, body));
     }
 
+    /// Whether this scheduler runs leader work now.
+    pub fn leadership(&self) -> Leadership {
+        lock(&self.inner.leadership).clone()
+    }
+
+    fn set_leadership(&self, l: Leadership) {
+        *lock(&self.inner.leadership) = l;
+    }
+
+    /// The fence leader work's writes carry now.
+    pub(crate) fn fence(&self) -> Option<Fence> {
+        lock(&self.inner.leadership).fence().cloned()
+    }
+
+    /// Runs the background work under a leader lease: the in-memory loop (reservation
+    /// expiry, queue service) always, and the leader work ([`Scheduler::spawn_background`]'s
+    /// loops, their writes fenced) only while `role` says this replica leads: started when
+    /// it acquires the lease, stopped (event streams included) as soon as it loses it or
+    /// its renewal is overdue. A new fence (the lease taken again) restarts the leader work.
+    /// Dropping the returned value stops everything.
+    pub fn lead(&self, every: BackgroundIntervals, mut role: tokio::sync::watch::Receiver<Role>) -> Background {
+        self.set_leadership(Leadership::Follower);
+        let me = self.clone();
+        let local = tokio::spawn(async move {
+            let mut i = tokio::time::interval(every.tick);
+            loop {
+                i.tick().await;
+                me.inner.ledger.purge_expired();
+                me.drain();
+            }
+        });
+        let me = self.clone();
+        let supervisor = tokio::spawn(async move {
+            let mut work: Option<Background> = None;
+            loop {
+                let now = role.borrow_and_update().clone();
+                match now {
+                    Role::Leader(fence) => {
+                        if me.fence().as_ref() != Some(&fence) {
+                            // Stop the work of an earlier holding before starting anew.
+                            me.set_leadership(Leadership::Follower);
+                            drop(work.take());
+                            me.set_leadership(Leadership::Leader(fence.clone()));
+                            tracing::info!(token = fence.token(), "leader work starts");
+                            work = Some(me.spawn_leader_work(every));
+                        }
+                    }
+                    Role::Follower => {
+                        me.set_leadership(Leadership::Follower);
+                        if work.take().is_some() {
+                            tracing::info!("leader work stopped");
+                        }
+                    }
+                }
+                if role.changed().await.is_err() {
+                    break;
+                }
+            }
+            me.set_leadership(Leadership::Follower);
+            drop(work);
+        });
+        Background { handles: vec![local, supervisor], scheduler: Some(self.clone()) }
+    }
+
     /// Starts the background loops: ticks (silence, reservation expiry, queue), host checks
     /// and the reaper. Dropping the returned value stops them.
     pub fn spawn_background(&self, every: BackgroundIntervals) -> Background {
+        self.set_leadership(Leadership::Sole);
+        self.spawn_leader_work(every)
+    }
+
+    fn spawn_leader_work(&self, every: BackgroundIntervals) -> Background {
         self.inner.following.store(true, Ordering::SeqCst);
         let mut handles = Vec::new();
         let me = self.clone();
@@ -274,7 +377,7 @@ impl Scheduler {
                 i.tick().await;
                 me.watch_all();
                 me.check_all().await;
-                let _ = me.inner.registry.purge_expired_tokens().await;
+                let _ = me.inner.registry.purge_expired_tokens_fenced(me.fence().as_ref()).await;
             }
         }));
         let me = self.clone();

@@ -9,11 +9,11 @@ use std::time::Duration;
 use futures::StreamExt;
 use hangar_core::audit::Actor;
 use hangar_hypervisor::VmState;
-use hangar_store::Batch;
+use hangar_store::{Batch, FencedBatch};
 use serde_json::json;
 use tracing::{debug, info, instrument};
 
-use super::{Scheduler, lock, timed, view_upsert};
+use super::{Leadership, Scheduler, lock, timed, view_upsert};
 use crate::client::{HostClient, HostClientError};
 use crate::error::{OrchestratorError, Result};
 use crate::health::{HostHealth, Observation, Transition};
@@ -115,12 +115,19 @@ impl Scheduler {
     }
 
     /// Feeds an observation about a host into its health machine. On a transition the new
-    /// state is written, `HOST_HEALTH_UPDATE` is published, the VMs of a host that went
+    /// state is written (fenced while leading under a lease; not at all on a follower), `HOST_HEALTH_UPDATE` is published, the VMs of a host that went
     /// unhealthy become `unknown`, and a host that came back is offered to waiting requests.
     pub async fn observe(&self, host_id: &str, obs: Observation) -> Result<Option<Transition>> {
         let transition = self.apply_observation(host_id, obs)?;
         if let Some(t) = &transition {
-            let host = self.inner.registry.persist_status(host_id, Batch::new(), None, |_| {}).await?;
+            // Health status is leader work: a follower writes and announces nothing, and
+            // the leader's write carries its fence (refused once another replica leads).
+            let fence = match self.leadership() {
+                Leadership::Follower => return Ok(transition),
+                l => l.fence().cloned(),
+            };
+            let batch = Batch::new().fenced_by(fence.as_ref());
+            let host = self.inner.registry.persist_status(host_id, batch, None, |_| {}).await?;
             self.announce(&host, t);
         }
         Ok(transition)

@@ -14,7 +14,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use hangar_core::audit::{AUDIT_COLLECTION, Actor, AuditEntry};
 use hangar_hypervisor::{HypervisorKind, PowerOp, VmState};
-use hangar_store::{Batch, StoreError};
+use hangar_store::{Batch, Fence, FencedBatch, StoreError};
 use serde::Serialize;
 use serde_json::json;
 use tracing::{debug, info, instrument, warn};
@@ -106,6 +106,9 @@ pub struct ReapReport {
     pub deleted: Vec<String>,
     /// VMs whose deletion failed (id, error); tried again next pass.
     pub failed: Vec<(String, String)>,
+    /// VMs left alone because their fenced claim was refused: the record changed
+    /// meanwhile, or this replica no longer holds the leader lease.
+    pub refused: Vec<String>,
 }
 
 /// Marks a VM busy (being deleted or extended) for as long as it lives.
@@ -366,7 +369,9 @@ impl Scheduler {
         self.drain();
     }
 
-    async fn delete_inner(&self, actor: &Actor, vm_id: &str, action: &str) -> Result<()> {
+    /// Deletes a VM on its host, then its record with the audit entry (the batch carries
+    /// `fence` when leader work deletes it).
+    async fn delete_inner(&self, actor: &Actor, vm_id: &str, action: &str, fence: Option<&Fence>) -> Result<()> {
         let record = self.vm_record(vm_id).await?;
         let host_id = match &record {
             Some((r, _)) => r.host_id.clone(),
@@ -379,7 +384,7 @@ impl Scheduler {
             Ok(()) | Err(HostClientError::NotFound(_)) => {}
             Err(source) => return Err(OrchestratorError::Host { host: host_id, source }),
         }
-        let mut extra = Batch::new();
+        let mut extra = Batch::new().fenced_by(fence);
         if let Some((_, rev)) = &record {
             extra = extra.require_revision(VMS, vm_id, *rev).delete(VMS, vm_id);
         }
@@ -397,7 +402,7 @@ impl Scheduler {
             // The host is gone: still drop the record.
             Err(OrchestratorError::NotFound { .. }) => {
                 if let Some((_, rev)) = record {
-                    let b = Batch::new().require_revision(VMS, vm_id, rev).delete(VMS, vm_id);
+                    let b = Batch::new().fenced_by(fence).require_revision(VMS, vm_id, rev).delete(VMS, vm_id);
                     let entry = AuditEntry::new(actor, action, "orchestrator_vm", vm_id, json!({}));
                     self.inner.registry.store().commit(b.put(AUDIT_COLLECTION, &entry.id, to_value(&entry)?)).await?;
                 }
@@ -412,7 +417,7 @@ impl Scheduler {
     #[instrument(skip(self, actor))]
     pub async fn delete_vm(&self, actor: &Actor, vm_id: &str) -> Result<()> {
         let _busy = self.busy(vm_id)?;
-        self.delete_inner(actor, vm_id, "orchestrator.vm.delete").await
+        self.delete_inner(actor, vm_id, "orchestrator.vm.delete", None).await
     }
 
     /// Pushes a VM's expiry back by `by` (from its current expiry, or from now if that is
@@ -450,25 +455,43 @@ impl Scheduler {
 
     /// Deletes every VM whose expiry has passed. VMs on unhealthy hosts, and deletions that
     /// fail, are reported and tried again on the next pass.
+    ///
+    /// Leader work: while leading under a lease, each VM is first claimed with a fenced
+    /// write of its record (before its host is asked to delete it), and the record's
+    /// deletion and error notes carry the fence too, so a paused ex-leader deletes nothing
+    /// once another replica leads.
     #[instrument(skip(self))]
     pub async fn reap(&self) -> Result<ReapReport> {
         let now: DateTime<Utc> = self.inner.clock.now();
         let mut report = ReapReport::default();
         let actor = Actor::system();
+        let fence = self.fence();
         for vm in self.list_vms().await? {
             if vm.expires_at.is_none_or(|e| e > now) {
                 continue;
             }
             let Ok(_busy) = self.busy(&vm.id) else { continue };
             // Re-read: an extension may have landed since the list.
-            match self.vm_record(&vm.id).await? {
-                Some((r, _)) if r.expires_at.is_some_and(|e| e <= now) => {}
+            let (record, rev) = match self.vm_record(&vm.id).await? {
+                Some((r, rev)) if r.expires_at.is_some_and(|e| e <= now) => (r, rev),
                 _ => continue,
+            };
+            if let Some(f) = &fence {
+                let claim = Batch::new().require_revision(VMS, &vm.id, rev).put(VMS, &vm.id, to_value(&record)?);
+                match self.inner.registry.store().commit(claim.fenced(f)).await {
+                    Ok(_) => {}
+                    Err(StoreError::Conflict(_)) => {
+                        warn!(vm = %vm.id, "expired VM not reaped: it changed meanwhile, or this replica no longer leads");
+                        report.refused.push(vm.id.clone());
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
             let healthy = self.inner.registry.get(&vm.host_id).map(|h| h.state == HostState::Healthy);
             let result = match healthy {
                 Ok(false) => Err(OrchestratorError::Conflict(format!("host {} is not healthy", vm.host_id))),
-                _ => self.delete_inner(&actor, &vm.id, "orchestrator.vm.expire").await,
+                _ => self.delete_inner(&actor, &vm.id, "orchestrator.vm.expire", fence.as_ref()).await,
             };
             match result {
                 Ok(()) => {
@@ -486,7 +509,12 @@ impl Scheduler {
                                 .inner
                                 .registry
                                 .store()
-                                .commit(Batch::new().require_revision(VMS, &vm.id, rev).put(VMS, &vm.id, v))
+                                .commit(
+                                    Batch::new()
+                                        .require_revision(VMS, &vm.id, rev)
+                                        .put(VMS, &vm.id, v)
+                                        .fenced_by(fence.as_ref()),
+                                )
                                 .await;
                         }
                     }
