@@ -52,4 +52,9 @@ say "cargo test"
 # The catalog's acceptance image is 512 MiB (random, compressible and zero regions).
 export HANGAR_TEST_BIG_IMAGE="${HANGAR_TEST_BIG_IMAGE:-1}"
 cargo test --workspace --locked "$@"
+
+# The static binary, the image with the real engine, the Compose proof of concept and the
+# air-gapped bundle in a no-route namespace (HANGAR_DEPLOY_TESTS=0 skips them).
+say "deployment checks (scripts/deploy-test.sh)"
+scripts/deploy-test.sh
 say "all tests passed in $(( $(date +%s) - started )) s"
