@@ -2,9 +2,9 @@
 
 mod bundle;
 mod catalog_cmd;
-mod cli_extras;
 mod client;
 mod config;
+mod db_cmd;
 mod health_cmd;
 mod host_cmd;
 mod import_pds;
@@ -12,14 +12,12 @@ mod logging;
 mod output;
 mod pdfile_cmd;
 mod serve;
-mod service;
 mod settings;
 mod stats;
 mod vm_cmd;
 
 use std::io::Read;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
@@ -105,10 +103,11 @@ enum Command {
     /// Start the server with the enabled modules (`api`: the reference's name).
     #[command(alias = "api")]
     Serve(ServerConfigArgs),
-    /// Offline operations on the data folder (stop the server first).
+    /// Offline operations on the store (stop the server first): the data folder, DATABASE_URL,
+    /// or the database named by --url.
     Db {
         #[command(subcommand)]
-        command: DbCommand,
+        command: db_cmd::DbCommand,
     },
     /// Configuration reference.
     Config {
@@ -179,84 +178,12 @@ enum Command {
         #[command(subcommand)]
         command: host_cmd::AgentCommand,
     },
-    /// Run the server or a host agent as a systemd or launchd service.
-    Service {
-        #[command(subcommand)]
-        command: service::ServiceCommand,
-    },
-    /// This CLI's version; with --check, the server's too and which of them to upgrade.
-    Version {
-        /// Compare with the server's version (GET /api/v1/version; needs a login).
-        #[arg(long)]
-        check: bool,
-    },
-    /// Print a shell completion script: bash, zsh, fish, elvish or powershell.
-    Completion {
-        #[arg(value_enum)]
-        shell: clap_complete::Shell,
-    },
-    /// Print the man page (roff), or with --dir write one page per command into a folder.
-    Man {
-        #[arg(long)]
-        dir: Option<PathBuf>,
-    },
     /// The audit log (SUPER_USER).
     Audit {
         #[arg(long)]
         after: Option<String>,
         #[arg(long, default_value_t = 100)]
         limit: usize,
-    },
-}
-
-#[derive(Subcommand)]
-enum DbCommand {
-    /// Write every record as plain JSON (to stdout, or --out FILE).
-    Export {
-        #[command(flatten)]
-        cfg: ServerConfigArgs,
-        #[arg(long)]
-        out: Option<PathBuf>,
-    },
-    /// Replace every record with the content of a JSON export.
-    Import {
-        #[command(flatten)]
-        cfg: ServerConfigArgs,
-        file: PathBuf,
-    },
-    /// Migrate from the Parallels DevOps Service: import its data.json (users with their
-    /// passwords, roles, claims, API keys, orchestrator hosts, reverse-proxy hosts, catalog
-    /// manifests). Idempotent; refuses to overwrite differing records without --force.
-    ImportPds {
-        #[command(flatten)]
-        cfg: ServerConfigArgs,
-        /// The reference's data.json.
-        file: PathBuf,
-        /// Show what would change; write nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Overwrite existing records that differ from the file.
-        #[arg(long)]
-        force: bool,
-        /// The user that receives API keys that had no user in the reference.
-        #[arg(long, default_value = "pds-api-keys")]
-        service_user: String,
-        /// Its roles (the reference ran such keys as root, hence SUPER_USER by default).
-        #[arg(long = "service-role", default_value = "SUPER_USER")]
-        service_roles: Vec<String>,
-        /// The reference's ENCRYPTION_PRIVATE_KEY (a PEM file, or the base64 the variable
-        /// holds), for a data.json it encrypted.
-        #[arg(long)]
-        encryption_key: Option<PathBuf>,
-        /// The reference ran with SECURITY_PASSWORD_SALT_PASSWORD=false (hashes without the
-        /// record id as salt).
-        #[arg(long)]
-        unsalted_passwords: bool,
-    },
-    /// Take a backup now.
-    Backup {
-        #[command(flatten)]
-        cfg: ServerConfigArgs,
     },
 }
 
@@ -477,7 +404,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
             serve::run(l, s).await
         }
-        Command::Db { command } => db(command, out).await,
+        Command::Db { command } => db_cmd::run(command, cli.url.clone(), out).await,
         Command::Config { command: ConfigCommand::Check(cfg) } => {
             let l = cfg.layers()?;
             match l.file() {
@@ -592,10 +519,6 @@ async fn run(cli: Cli) -> Result<()> {
             print(out, &v, &["id", "name", "url", "state", "enabled"]);
             Ok(())
         }
-        Command::Service { command } => service::run(command, out),
-        Command::Version { check } => cli_extras::version(check, cli.url.as_deref(), out).await,
-        Command::Completion { shell } => cli_extras::completion(shell, <Cli as clap::CommandFactory>::command()),
-        Command::Man { dir } => cli_extras::man(<Cli as clap::CommandFactory>::command(), dir.as_deref()),
         Command::Audit { after, limit } => {
             let c = Client::connect(cli.url.as_deref())?;
             let mut path = format!("/audit?limit={limit}");
@@ -721,94 +644,6 @@ async fn apikey(c: Client, cmd: ApiKeyCommand, out: Output) -> Result<()> {
     };
     print(out, &v, cols);
     Ok(())
-}
-
-async fn db(cmd: DbCommand, out: Output) -> Result<()> {
-    use hangar_store::Store;
-    let cfg = match &cmd {
-        DbCommand::Export { cfg, .. }
-        | DbCommand::Import { cfg, .. }
-        | DbCommand::ImportPds { cfg, .. }
-        | DbCommand::Backup { cfg } => cfg.clone(),
-    };
-    let (_, s) = cfg.load()?;
-    let dir = serve::data_dir(&s)?;
-    let store = Arc::new(
-        serve::open_store(&s, &dir, false)
-            .await
-            .context("is the server still running? `hangar db` works on a stopped server's data folder")?,
-    );
-    let result = async {
-        match cmd {
-            DbCommand::Export { out: file, .. } => {
-                let dump = store.export().await?;
-                let text = serde_json::to_string_pretty(&dump)?;
-                match file {
-                    Some(f) => {
-                        std::fs::write(&f, text).with_context(|| format!("cannot write {}", f.display()))?;
-                        let n: usize = dump.collections.values().map(|c| c.len()).sum();
-                        print(
-                            out,
-                            &json!({"file": f.display().to_string(), "records": n, "revision": dump.revision}),
-                            &["file", "records", "revision"],
-                        );
-                    }
-                    None => println!("{text}"),
-                }
-            }
-            DbCommand::Import { file, .. } => {
-                let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
-                let dump: hangar_store::Dump = serde_json::from_str(&text).with_context(|| {
-                    format!("{} is not a Hangar export (made by `hangar db export`)", file.display())
-                })?;
-                if dump.format != hangar_store::DUMP_FORMAT {
-                    bail!(
-                        "{} has export format {}, this version reads format {}",
-                        file.display(),
-                        dump.format,
-                        hangar_store::DUMP_FORMAT
-                    );
-                }
-                let n: usize = dump.collections.values().map(|c| c.len()).sum();
-                store.import(dump).await?;
-                print(
-                    out,
-                    &json!({"imported_records": n, "data_folder": dir.display().to_string()}),
-                    &["imported_records", "data_folder"],
-                );
-            }
-            DbCommand::ImportPds {
-                file,
-                dry_run,
-                force,
-                service_user,
-                service_roles,
-                encryption_key,
-                unsalted_passwords,
-                ..
-            } => {
-                let opts = import_pds::Options {
-                    file,
-                    dry_run,
-                    force,
-                    service_user,
-                    service_roles,
-                    encryption_key,
-                    unsalted: unsalted_passwords,
-                };
-                let report = import_pds::run(&s, &dir, store.clone(), opts).await?;
-                import_pds::print(out, &report);
-            }
-            DbCommand::Backup { .. } => {
-                let p = store.backup_now().await?;
-                print(out, &json!({"backup": p.display().to_string()}), &["backup"]);
-            }
-        }
-        Ok::<(), anyhow::Error>(())
-    }
-    .await;
-    store.close().await?;
-    result
 }
 
 #[cfg(test)]

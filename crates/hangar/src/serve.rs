@@ -119,7 +119,7 @@ async fn module_statuses(
 async fn start_reverse_proxy(
     s: &Settings,
     l: &Layers,
-    store: Arc<JsonStore>,
+    store: Arc<dyn Store>,
     dir: &Path,
     bus: EventBus,
     identity: &Identity,
@@ -223,7 +223,7 @@ type Orchestrator = Arc<hangar_orchestrator::HttpOrchestrator>;
 /// record its status.
 async fn start_orchestrator(
     s: &Settings,
-    store: Arc<JsonStore>,
+    store: Arc<dyn Store>,
     dir: &Path,
     bus: EventBus,
     modules: &mut [ModuleStatus],
@@ -309,7 +309,7 @@ pub fn identity(s: &Settings, store: Arc<dyn Store>, dir: &Path, bus: EventBus) 
 pub async fn run(l: Layers, s: Settings) -> Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let dir = data_dir(&s)?;
-    let store = Arc::new(open_store(&s, &dir, true).await?);
+    let store = crate::db_cmd::open_configured(&s, &dir, true).await?;
     let dyn_store: Arc<dyn Store> = store.clone();
     let bus = EventBus::default();
     let identity = identity(&s, dyn_store, &dir, bus.clone())?;

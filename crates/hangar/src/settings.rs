@@ -234,6 +234,9 @@ impl TlsSettings {
 pub struct DatabaseSettings {
     /// `DATABASE_FOLDER`, or the platform's default data folder.
     pub folder: PathBuf,
+    /// `DATABASE_URL`, or the URL the reference's `MYSQL_*` keys make: the store is that SQL
+    /// database instead of the JSON engine in `folder` (which still holds the secrets).
+    pub url: Option<Secret>,
     /// `DATABASE_ENCRYPTION_KEY_FILE`.
     pub encryption_key_file: Option<PathBuf>,
     /// `DATABASE_BACKUP_INTERVAL_MINUTES`; `None` (0 minutes) disables scheduled backups.
@@ -385,6 +388,38 @@ impl Settings {
         let disable_http = r.required("DISABLE_HTTP_WHEN_TLS", boolean);
 
         let database_folder = r.optional("DATABASE_FOLDER", path);
+        let database_url = r.optional("DATABASE_URL", |v| {
+            if hangar_store_sql::is_sql_url(v) {
+                secret(v)
+            } else {
+                Err("is not a postgres://, postgresql://, mysql:// or mariadb:// URL (unset it for the JSON engine)"
+                    .into())
+            }
+        });
+        let mysql_database = r.optional("MYSQL_DATABASE", text);
+        let mysql_host = r.required("MYSQL_HOST", text);
+        let mysql_port = r.required("MYSQL_PORT", port);
+        let mysql_user = r.optional("MYSQL_USER", text);
+        let mysql_password = r.optional("MYSQL_PASSWORD", secret);
+        let database_url = match (database_url, mysql_database) {
+            (Some(Some(_)), Some(Some(_))) => {
+                r.problem("MYSQL_DATABASE", "is set with DATABASE_URL: give one of them");
+                None
+            }
+            (Some(None), Some(Some(db))) => match (mysql_host, mysql_port, mysql_user, mysql_password) {
+                (Some(host), Some(port), Some(user), Some(password)) => {
+                    match mysql_url(&host, port, user.as_deref(), password.as_ref().map(Secret::expose), &db) {
+                        Ok(url) => Some(Some(Secret(url))),
+                        Err(message) => {
+                            r.problem("MYSQL_HOST", &message);
+                            None
+                        }
+                    }
+                }
+                _ => None,
+            },
+            (url, _) => url,
+        };
         let encryption_key_file = r.optional("DATABASE_ENCRYPTION_KEY_FILE", path);
         let backup_minutes = r.required("DATABASE_BACKUP_INTERVAL_MINUTES", whole::<u64>("a whole number of minutes"));
         let backups_kept = r.required("DATABASE_NUMBER_BACKUP_FILES", whole::<usize>("a whole number of files"));
@@ -516,6 +551,7 @@ impl Settings {
                 },
                 database: DatabaseSettings {
                     folder: data,
+                    url: database_url?,
                     encryption_key_file: encryption_key_file?,
                     backup_interval: backup_minutes
                         .map(|m| (m > 0).then(|| Duration::from_secs(m.saturating_mul(60))))?,
@@ -686,6 +722,21 @@ fn secret(v: &str) -> Result<Secret, String> {
     Ok(Secret(v.to_string()))
 }
 
+/// The URL of the reference's `MYSQL_*` keys, user and password percent-encoded.
+fn mysql_url(host: &str, port: u16, user: Option<&str>, password: Option<&str>, db: &str) -> Result<String, String> {
+    let mut url = url::Url::parse("mysql://localhost/").map_err(|e| e.to_string())?;
+    url.set_host(Some(host)).map_err(|e| format!("is not a host name or address ({e})"))?;
+    let _ = url.set_port(Some(port));
+    if let Some(user) = user {
+        let _ = url.set_username(user);
+    }
+    if let Some(password) = password {
+        let _ = url.set_password(Some(password));
+    }
+    url.path_segments_mut().map_err(|_| "cannot make a MySQL URL".to_string())?.pop_if_empty().push(db);
+    Ok(url.to_string())
+}
+
 fn list(v: &str) -> Result<Vec<String>, String> {
     Ok(v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
 }
@@ -746,6 +797,29 @@ mod tests {
     fn with_flags(flags: &[(&str, &str)]) -> Result<Settings, SettingsError> {
         let flags: Vec<(String, String)> = flags.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         Settings::from_layers(&Layers::load(None, &|_| None, &flags).unwrap())
+    }
+
+    #[test]
+    fn database_url_and_the_reference_mysql_keys() {
+        assert_eq!(with_env(&[]).unwrap().database.url, None, "the JSON engine is the default");
+        let url = "postgres://hangar:pw@db:5432/hangar";
+        let s = with_env(&[("DATABASE_URL", url)]).unwrap();
+        assert_eq!(s.database.url.as_ref().map(Secret::expose), Some(url));
+        assert!(!format!("{:?}", s.database).contains("pw@"), "the URL is a secret");
+        let e = with_env(&[("DATABASE_URL", "sqlite:///x?pw=hidden")]).unwrap_err().to_string();
+        assert!(e.contains("DATABASE_URL") && e.contains("postgres://") && !e.contains("hidden"), "{e}");
+        let s = with_env(&[
+            ("MYSQL_HOST", "db.internal"),
+            ("MYSQL_USER", "hangar"),
+            ("MYSQL_PASSWORD", "p@ss/word"),
+            ("MYSQL_DATABASE", "hangar"),
+        ])
+        .unwrap();
+        let made = s.database.url.as_ref().map(Secret::expose).unwrap().to_string();
+        assert_eq!(made, "mysql://hangar:p%40ss%2Fword@db.internal:3306/hangar");
+        assert_eq!(with_env(&[("MYSQL_HOST", "db.internal")]).unwrap().database.url, None, "no MYSQL_DATABASE");
+        let e = with_env(&[("DATABASE_URL", url), ("MYSQL_DATABASE", "x")]).unwrap_err().to_string();
+        assert!(e.contains("MYSQL_DATABASE"), "{e}");
     }
 
     #[test]
