@@ -2,6 +2,7 @@
 
 mod bundle;
 mod catalog_cmd;
+mod cli_extras;
 mod client;
 mod config;
 mod db_cmd;
@@ -12,6 +13,7 @@ mod logging;
 mod output;
 mod pdfile_cmd;
 mod serve;
+mod service;
 mod settings;
 mod stats;
 mod vm_cmd;
@@ -177,6 +179,27 @@ enum Command {
     Agent {
         #[command(subcommand)]
         command: host_cmd::AgentCommand,
+    },
+    /// Run the server or a host agent as a systemd or launchd service.
+    Service {
+        #[command(subcommand)]
+        command: service::ServiceCommand,
+    },
+    /// This CLI's version; with --check, the server's too and which of them to upgrade.
+    Version {
+        /// Compare with the server's version (GET /api/v1/version; needs a login).
+        #[arg(long)]
+        check: bool,
+    },
+    /// Print a shell completion script: bash, zsh, fish, elvish or powershell.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), or with --dir write one page per command into a folder.
+    Man {
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
     /// The audit log (SUPER_USER).
     Audit {
@@ -519,6 +542,10 @@ async fn run(cli: Cli) -> Result<()> {
             print(out, &v, &["id", "name", "url", "state", "enabled"]);
             Ok(())
         }
+        Command::Service { command } => service::run(command, out),
+        Command::Version { check } => cli_extras::version(check, cli.url.as_deref(), out).await,
+        Command::Completion { shell } => cli_extras::completion(shell, <Cli as clap::CommandFactory>::command()),
+        Command::Man { dir } => cli_extras::man(<Cli as clap::CommandFactory>::command(), dir.as_deref()),
         Command::Audit { after, limit } => {
             let c = Client::connect(cli.url.as_deref())?;
             let mut path = format!("/audit?limit={limit}");
