@@ -182,6 +182,8 @@ pub struct Lease {
     me: String,
     config: LeaseConfig,
     seen: Mutex<Option<Seen>>,
+    /// The holder as last read or written by this handle.
+    last_holder: Mutex<Option<LeaseHolder>>,
 }
 
 impl std::fmt::Debug for Lease {
@@ -225,6 +227,7 @@ impl Lease {
             me: me.to_string(),
             config,
             seen: Mutex::new(None),
+            last_holder: Mutex::new(None),
         })
     }
 
@@ -240,6 +243,15 @@ impl Lease {
 
     fn seen(&self) -> MutexGuard<'_, Option<Seen>> {
         self.seen.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn note_holder(&self, holder: Option<LeaseHolder>) {
+        *self.last_holder.lock().unwrap_or_else(PoisonError::into_inner) = holder;
+    }
+
+    /// The holder as this handle last read or wrote it (`None`: nobody, or not read yet).
+    pub fn last_holder(&self) -> Option<LeaseHolder> {
+        self.last_holder.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Who holds the lease as recorded now (`None`: nobody, or released). A holder that
@@ -260,9 +272,17 @@ impl Lease {
         let beat = self.store.get(LEASES, &self.beat_id).await?;
         let now = Instant::now();
         let (batch, token) = match &holder {
-            None => (Batch::new().require_absent(LEASES, &self.name), 1),
+            None => {
+                self.note_holder(None);
+                (Batch::new().require_absent(LEASES, &self.name), 1)
+            }
             Some(record) => {
                 let current = decode(record)?;
+                self.note_holder(current.holder.clone().map(|holder| LeaseHolder {
+                    holder,
+                    token: current.token,
+                    since: current.since,
+                }));
                 let free = match &current.holder {
                     None => true,
                     Some(h) if *h == self.me || self.config.sole_process => true,
@@ -297,7 +317,8 @@ impl Lease {
             Some(b) => batch.require_revision(LEASES, &self.beat_id, b.revision),
             None => batch.require_absent(LEASES, &self.beat_id),
         };
-        let record = HolderRecord { holder: Some(self.me.clone()), token, since: chrono::Utc::now() };
+        let since = chrono::Utc::now();
+        let record = HolderRecord { holder: Some(self.me.clone()), token, since };
         let batch = batch.put(LEASES, &self.name, encode(&record)?).put(
             LEASES,
             &self.beat_id,
@@ -306,6 +327,7 @@ impl Lease {
         match self.store.commit(batch).await {
             Ok(committed) => {
                 *self.seen() = None;
+                self.note_holder(Some(LeaseHolder { holder: self.me.clone(), token, since }));
                 let previous = holder.as_ref().and_then(|r| decode(r).ok()).and_then(|h| h.holder);
                 info!(lease = %self.name, holder = %self.me, token, ?previous, "lease acquired");
                 Ok(Some(Fence {
@@ -339,6 +361,7 @@ impl Lease {
         let record = HolderRecord { holder: None, token: fence.token, since: chrono::Utc::now() };
         let batch = Batch::new().put(LEASES, &self.name, encode(&record)?);
         self.store.commit(fence.guard(batch)).await?;
+        self.note_holder(None);
         info!(lease = %self.name, holder = %self.me, token = fence.token, "lease released");
         Ok(())
     }
@@ -350,12 +373,18 @@ impl Lease {
     /// hangs is abandoned then), well before others may take over.
     pub fn spawn(self: Arc<Self>) -> LeaseTask {
         let (role_tx, role_rx) = watch::channel(Role::Follower);
+        let (leader_tx, leader_rx) = watch::channel(None);
         let (stop_tx, stop_rx) = oneshot::channel();
-        let task = tokio::spawn(self.run(role_tx, stop_rx));
-        LeaseTask { role: role_rx, stop: Some(stop_tx), task: Some(task) }
+        let task = tokio::spawn(self.run(role_tx, leader_tx, stop_rx));
+        LeaseTask { role: role_rx, leader: leader_rx, stop: Some(stop_tx), task: Some(task) }
     }
 
-    async fn run(self: Arc<Self>, role_tx: watch::Sender<Role>, mut stop: oneshot::Receiver<()>) {
+    async fn run(
+        self: Arc<Self>,
+        role_tx: watch::Sender<Role>,
+        leader_tx: watch::Sender<Option<LeaseHolder>>,
+        mut stop: oneshot::Receiver<()>,
+    ) {
         let every = self.config.renew_every;
         let mut held: Option<(Fence, Instant)> = None;
         let mut beat = 0u64;
@@ -394,6 +423,12 @@ impl Lease {
                     }
                 }
             }
+            let holder = self.last_holder();
+            leader_tx.send_if_modified(|seen| {
+                let changed = *seen != holder;
+                *seen = holder;
+                changed
+            });
             tokio::select! {
                 _ = tokio::time::sleep_until(wake) => {}
                 _ = &mut stop => break,
@@ -413,6 +448,7 @@ impl Lease {
         {
             debug!(lease = %self.name, error = %e, "lease not released");
         }
+        leader_tx.send_replace(self.last_holder());
     }
 }
 
@@ -439,6 +475,7 @@ impl Role {
 #[derive(Debug)]
 pub struct LeaseTask {
     role: watch::Receiver<Role>,
+    leader: watch::Receiver<Option<LeaseHolder>>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -447,6 +484,12 @@ impl LeaseTask {
     /// The role, and its changes.
     pub fn role(&self) -> watch::Receiver<Role> {
         self.role.clone()
+    }
+
+    /// Who leads, as this replica last read or wrote the lease (the recorded holder; a
+    /// dead holder stays recorded until someone takes over), and its changes.
+    pub fn leader(&self) -> watch::Receiver<Option<LeaseHolder>> {
+        self.leader.clone()
     }
 
     /// Stops leading and following, releasing the lease if held, and waits for that.
@@ -508,6 +551,8 @@ mod tests {
         let task = lease.clone().spawn();
         let mut role = task.role();
         role.wait_for(|r| r.fence().is_some()).await.unwrap();
+        let mut leader = task.leader();
+        leader.wait_for(|l| l.as_ref().is_some_and(|l| l.holder == "a" && l.token == 1)).await.unwrap();
         // Several renewals later it still leads.
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert!(role.borrow().fence().is_some());

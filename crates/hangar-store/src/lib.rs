@@ -23,7 +23,8 @@
 //! [`sealed`] seals small secrets kept inside records.
 //!
 //! [`lease`] keeps a leader lease in the store itself (only `Batch` conditions), with a
-//! [`Fence`] that makes a deposed leader's writes fail with [`StoreError::Conflict`].
+//! [`Fence`] that makes a deposed leader's writes fail with [`StoreError::Conflict`];
+//! [`ready`] checks, for load balancers, that the store answers within a deadline.
 
 use std::collections::BTreeMap;
 
@@ -37,12 +38,14 @@ pub mod json;
 pub mod lease;
 pub mod memory;
 mod model;
+pub mod ready;
 pub mod sealed;
 
 pub use faulty::{Fault, FaultyStore, Reads};
 pub use json::{EncryptionKey, JsonStore, JsonStoreOptions};
 pub use lease::{Fence, FencedBatch, Lease, LeaseConfig, LeaseHolder, LeaseTask, Role};
 pub use memory::MemoryStore;
+pub use ready::{Readiness, ReadinessConfig, ReadyReport};
 
 /// Longest collection name or record id accepted, in bytes.
 pub const MAX_KEY_LEN: usize = 1024;
