@@ -78,7 +78,10 @@ up() {
     chmod 0700 "$STATE"
     BIN=$(binary)
     echo "$BIN" > "$STATE/bin"
-    if ! eval "$(scripts/docker-engine.sh env 2>/dev/null)" 2>/dev/null; then
+    local engine
+    if engine=$(scripts/docker-engine.sh env 2>/dev/null); then
+        eval "$engine"
+    else
         scripts/docker-engine.sh start
         touch "$STATE/engine-started-here"
         eval "$(scripts/docker-engine.sh env)"
@@ -150,7 +153,9 @@ down() {
         wait_for 30 "the agent to stop" sh -c "! kill -0 $pid" || kill -KILL "$pid" 2>/dev/null || true
     fi
     rm -f "$STATE/agent.pid"
-    if eval "$(scripts/docker-engine.sh env 2>/dev/null)" 2>/dev/null; then
+    local engine
+    if engine=$(scripts/docker-engine.sh env 2>/dev/null); then
+        eval "$engine"
         HANGAR_ROOT_PASSWORD_FILE="$STATE/root-password" compose down -v >/dev/null 2>&1 || say "docker-compose down failed"
     fi
     if [ -f "$STATE/engine-started-here" ]; then

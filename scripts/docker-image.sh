@@ -53,7 +53,9 @@ ca=/etc/ssl/certs/ca-certificates.crt
 [ -s "$ca" ] || { say "no CA roots at $ca (Debian's ca-certificates package)"; exit 1; }
 
 started_engine=0
-if ! eval "$(scripts/docker-engine.sh env 2>/dev/null)" 2>/dev/null; then
+if engine=$(scripts/docker-engine.sh env 2>/dev/null); then
+    eval "$engine"
+else
     scripts/docker-engine.sh start
     started_engine=1
     eval "$(scripts/docker-engine.sh env)"

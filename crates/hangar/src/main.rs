@@ -514,7 +514,14 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Bundle(a) => {
             let v = bundle::run(a)?;
-            print(out, &v, &["file", "bytes", "sha256"]);
+            match out {
+                // The whole SHA-256, which a table would cut.
+                Output::Table => {
+                    let text = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+                    println!("{} ({} bytes)\nSHA-256 {}", text("file"), v["bytes"], text("sha256"));
+                }
+                Output::Json => print(out, &v, &[]),
+            }
             Ok(())
         }
         Command::Logout => {
