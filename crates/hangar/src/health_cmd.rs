@@ -18,7 +18,8 @@ pub struct HealthArgs {
 }
 
 /// The server to check: `--url`, else `HANGAR_URL`, else this machine's own listener from
-/// `API_PORT` and `API_PREFIX` (their defaults otherwise), as a container's healthcheck sees it.
+/// `API_HOST` (127.0.0.1 when it listens on every address), `API_PORT` and `API_PREFIX`
+/// (their defaults otherwise), as a container's healthcheck sees it.
 fn probe_url(url_flag: Option<&str>, env: &dyn Fn(&str) -> Option<String>) -> String {
     let given = url_flag.map(String::from).or_else(|| env("HANGAR_URL").filter(|u| !u.trim().is_empty()));
     if let Some(u) = given {
@@ -28,7 +29,13 @@ fn probe_url(url_flag: Option<&str>, env: &dyn Fn(&str) -> Option<String>) -> St
     let port = env("API_PORT").filter(|p| !p.trim().is_empty()).unwrap_or_else(|| default("API_PORT").to_string());
     let prefix = env("API_PREFIX").unwrap_or_else(|| default("API_PREFIX").to_string());
     let prefix = prefix.trim_end_matches('/');
-    format!("http://127.0.0.1:{}{prefix}/v1/health/probe", port.trim())
+    // The listener's own address, unless it listens on every address.
+    let host = match env("API_HOST").map(|h| h.trim().trim_matches(['[', ']']).to_string()) {
+        Some(h) if !h.is_empty() && h != "0.0.0.0" && h != "::" => h,
+        _ => "127.0.0.1".to_string(),
+    };
+    let host = if host.contains(':') { format!("[{host}]") } else { host };
+    format!("http://{host}:{}{prefix}/v1/health/probe", port.trim())
 }
 
 /// Checks the server once; an error says why it is not live.
@@ -72,6 +79,15 @@ mod tests {
             _ => None,
         };
         assert_eq!(probe_url(None, &env), "http://127.0.0.1:8080/x/v1/health/probe");
+        let bound = |k: &str| match k {
+            "API_HOST" => Some("10.1.2.3".to_string()),
+            _ => None,
+        };
+        assert_eq!(probe_url(None, &bound), "http://10.1.2.3:3080/api/v1/health/probe");
+        let v6 = |k: &str| (k == "API_HOST").then(|| "::1".to_string());
+        assert_eq!(probe_url(None, &v6), "http://[::1]:3080/api/v1/health/probe");
+        let any = |k: &str| (k == "API_HOST").then(|| "0.0.0.0".to_string());
+        assert_eq!(probe_url(None, &any), "http://127.0.0.1:3080/api/v1/health/probe");
         let url = |k: &str| (k == "HANGAR_URL").then(|| "http://o:1/api".to_string());
         assert_eq!(probe_url(None, &url), "http://o:1/api/v1/health/probe");
     }
