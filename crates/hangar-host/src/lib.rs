@@ -141,6 +141,9 @@ pub struct HostConfig {
     /// Folder whose files `POST /machines/{id}/upload {path}` may copy into guests;
     /// `None` disables host-path uploads.
     pub upload_root: Option<PathBuf>,
+    /// Folder of the pid files of the driver's long-lived helpers (`<data>/run/helpers`),
+    /// swept at start so helpers a killed agent left behind are stopped (`hangar_proc`).
+    pub helpers_dir: Option<PathBuf>,
 }
 
 fn on_path(bin: &str) -> Option<PathBuf> {
@@ -189,7 +192,7 @@ pub async fn open_driver(cfg: &HostConfig) -> Result<Arc<dyn Hypervisor>> {
 /// The Parallels driver's settings for `prlctl` at `prlctl`.
 fn parallels_config(cfg: &HostConfig, prlctl: PathBuf) -> hangar_parallels::ParallelsConfig {
     let prlsrvctl = cfg.prlsrvctl.clone().or_else(|| prlctl.parent().map(|d| d.join("prlsrvctl"))).unwrap_or_default();
-    hangar_parallels::ParallelsConfig { prlctl, prlsrvctl, ..Default::default() }
+    hangar_parallels::ParallelsConfig { prlctl, prlsrvctl, run_dir: cfg.helpers_dir.clone(), ..Default::default() }
 }
 
 /// What to create a VM from.

@@ -80,6 +80,7 @@ async fn rig() -> Rig {
         reserved_memory_mb: 0,
         reserved_disk_mb: 0,
         upload_root: None,
+        helpers_dir: None,
     };
     let host = Host::new(driver.clone(), jobs, dyn_store, bus, config);
     Rig { _dir: dir, host, driver, store }

@@ -1,6 +1,7 @@
 //! Running `prlctl`/`prlsrvctl`: argv only (no shell), optionally as the VM's owner, with a
 //! deadline per call. On a deadline the whole process group is signalled (TERM, then KILL
 //! after a grace period), so wrappers such as `sudo` and anything the tool started go too.
+//! Every call is spawned through [`hangar_proc::spawn`], so it also dies with the agent.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -211,14 +212,13 @@ impl Runner {
         cmd.stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = cmd.spawn().map_err(|e| {
+        let mut child = hangar_proc::spawn(cmd).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 HypervisorError::Unavailable(format!("{} not found: {e}", inv.program.display()))
             } else {
                 HypervisorError::io(&inv.program, e)
             }
         })?;
-        drop(cmd);
         let pgid = child.id().and_then(|p| i32::try_from(p).ok()).map(Pid::from_raw);
         let mut guard = GroupGuard(pgid);
         let writer = match (input, child.stdin.take()) {

@@ -1,6 +1,10 @@
 //! Live VM events: one long-lived `prlctl monitor-events --json` per host user (read
 //! through a pseudo-terminal so prlctl line-buffers, restarted with backoff when it dies),
 //! plus a periodic reconcile through `list` that reports drift the monitor missed.
+//!
+//! Each monitor is spawned through `hangar_proc` (it dies with the agent on Linux) and, with
+//! [`crate::ParallelsConfig::run_dir`], recorded in the helper ledger while it runs, so the
+//! next agent stops a monitor a killed one left behind (macOS has no parent-death signal).
 
 use std::collections::HashMap;
 use std::process::Stdio;
@@ -165,25 +169,33 @@ async fn monitor_once(inner: &Inner, scope: Option<&str>, cancel: &CancellationT
     let mut cmd = inner.runner.command(&inv)?;
     cmd.stdin(Stdio::null()).stderr(Stdio::null());
     let spawn_err = |e: std::io::Error| HypervisorError::io(&inv.program, e);
-    let (mut child, reader): (tokio::process::Child, Box<dyn AsyncBufRead + Unpin + Send>) = if inner.cfg.monitor_pty {
+    // The command leads its own process group (`Runner::command`); the ledger entry, when
+    // there is a ledger, lives as long as this call, which reaps the monitor before returning.
+    let spawn = |cmd: tokio::process::Command| match &inner.ledger {
+        Some(ledger) => hangar_proc::spawn_recorded(cmd, ledger, true).map(|(child, rec)| (child, Some(rec))),
+        None => hangar_proc::spawn(cmd).map(|child| (child, None)),
+    };
+    let pty = if inner.cfg.monitor_pty {
         let pty = nix::pty::openpty(None, None)
             .map_err(|e| HypervisorError::Unavailable(format!("cannot open a pseudo-terminal: {e}")))?;
         cmd.stdout(Stdio::from(pty.slave));
-        let child = cmd.spawn().map_err(spawn_err)?;
-        // Our copy of the terminal's slave side goes with the command, so the master
-        // reports end-of-file when the child is gone.
-        drop(cmd);
-        let master = tokio::fs::File::from_std(std::fs::File::from(pty.master));
-        (child, Box::new(BufReader::new(master)))
+        Some(pty.master)
     } else {
         cmd.stdout(Stdio::piped());
-        let mut child = cmd.spawn().map_err(spawn_err)?;
-        drop(cmd);
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| HypervisorError::Unavailable("monitor-events has no stdout".to_string()))?;
-        (child, Box::new(BufReader::new(stdout)))
+        None
+    };
+    // The command is consumed by the spawn: our copy of the terminal's slave side goes with
+    // it, so the master reports end-of-file when the child is gone.
+    let (mut child, _recorded) = spawn(cmd).map_err(spawn_err)?;
+    let reader: Box<dyn AsyncBufRead + Unpin + Send> = match pty {
+        Some(master) => Box::new(BufReader::new(tokio::fs::File::from_std(std::fs::File::from(master)))),
+        None => {
+            let stdout = child
+                .stdout
+                .take()
+                .ok_or_else(|| HypervisorError::Unavailable("monitor-events has no stdout".to_string()))?;
+            Box::new(BufReader::new(stdout))
+        }
     };
     let pgid = child.id().and_then(|p| i32::try_from(p).ok()).map(nix::unistd::Pid::from_raw);
     let _guard = GroupGuard(pgid);

@@ -75,6 +75,10 @@ pub struct ParallelsConfig {
     pub max_concurrent_exec: usize,
     /// Capacity of the event channel.
     pub event_capacity: usize,
+    /// Folder of the helper ledger (`hangar_proc::Ledger`: pid files of the running
+    /// `monitor-events`), swept when the driver is made so a monitor a killed agent left
+    /// behind is stopped. `None`: no pid files (on Linux the parent-death signal still applies).
+    pub run_dir: Option<PathBuf>,
 }
 
 impl Default for ParallelsConfig {
@@ -97,6 +101,7 @@ impl Default for ParallelsConfig {
             monitor_backoff: (Duration::from_secs(1), Duration::from_secs(60)),
             max_concurrent_exec: 2,
             event_capacity: 1024,
+            run_dir: None,
         }
     }
 }
@@ -129,6 +134,8 @@ pub(crate) struct Inner {
     /// Descriptions of snapshots this driver made (`snapshot-list --json` lacks them).
     snapshot_notes: Mutex<BTreeMap<String, String>>,
     exec_slots: Semaphore,
+    /// Pid files of the running monitors (from `cfg.run_dir`).
+    ledger: Option<hangar_proc::Ledger>,
 }
 
 impl Drop for ParallelsDriver {
@@ -510,8 +517,20 @@ impl ParallelsDriver {
                 .or_else(|| std::env::var("USER").ok())
                 .unwrap_or_default()
         };
+        let ledger = match &cfg.run_dir {
+            Some(dir) => {
+                let ledger = hangar_proc::Ledger::open(dir).map_err(|e| HypervisorError::io(dir, e))?;
+                let swept = ledger.sweep();
+                if !swept.stopped.is_empty() {
+                    warn!(pids = ?swept.stopped, "stopped prlctl helpers an earlier run left behind");
+                }
+                Some(ledger)
+            }
+            None => None,
+        };
         let (events, _) = broadcast::channel(cfg.event_capacity.max(16));
         let inner = Arc::new(Inner {
+            ledger,
             runner: Runner { env: cfg.env.clone(), kill_grace: cfg.kill_grace },
             exec_slots: Semaphore::new(cfg.max_concurrent_exec.max(1)),
             cfg,
@@ -1184,7 +1203,12 @@ mod host {
     }
 
     async fn sysctl(name: &str) -> Option<String> {
-        let out = tokio::process::Command::new("sysctl").args(["-n", name]).kill_on_drop(true).output().await.ok()?;
+        let mut cmd = tokio::process::Command::new("sysctl");
+        cmd.args(["-n", name])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let out = hangar_proc::spawn(cmd).ok()?.wait_with_output().await.ok()?;
         out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 

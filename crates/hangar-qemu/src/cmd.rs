@@ -1,4 +1,5 @@
-//! External commands: never through a shell, always with a timeout, always in a span.
+//! External commands: never through a shell, always with a timeout, always in a span, and
+//! spawned through [`hangar_proc::spawn`], so they die with the agent.
 
 use std::ffi::OsStr;
 use std::process::Stdio;
@@ -36,7 +37,7 @@ where
     async move {
         let mut cmd = Command::new(program);
         cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
-        let child = cmd.spawn().map_err(|e| HypervisorError::CommandFailed {
+        let child = hangar_proc::spawn(cmd).map_err(|e| HypervisorError::CommandFailed {
             command: shown.clone(),
             code: None,
             stderr: format!("cannot start: {e}"),

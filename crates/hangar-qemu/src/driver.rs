@@ -640,6 +640,8 @@ impl Inner {
         let log = std::fs::File::create(&log_path).map_err(|e| HypervisorError::io(&log_path, e))?;
         let log2 = log.try_clone().map_err(|e| HypervisorError::io(&log_path, e))?;
         let shown = format!("{} (daemonize) for VM {}", self.cfg.qemu_binary.display(), vm.id);
+        // Deliberately not `hangar_proc::spawn`: the guest outlives the agent (the next one
+        // adopts it). QEMU daemonizes, so this child is only the short-lived launcher.
         let mut child = tokio::process::Command::new(&self.cfg.qemu_binary)
             .args(&args)
             .current_dir(&vm.dir)

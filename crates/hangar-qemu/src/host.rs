@@ -33,14 +33,15 @@ pub(crate) async fn probe_kvm(qemu: &Path, scratch: &Path) -> bool {
         return false;
     }
     let drive = format!("file={},format=raw,if=ide", img.display());
-    let child = Command::new(qemu)
-        .args(["-accel", "kvm", "-cpu", "host", "-machine", "pc", "-nodefaults", "-display", "none"])
+    let mut cmd = Command::new(qemu);
+    cmd.args(["-accel", "kvm", "-cpu", "host", "-machine", "pc", "-nodefaults", "-display", "none"])
         .args(["-no-reboot", "-serial", "stdio", "-drive", &drive])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn();
+        .kill_on_drop(true);
+    // A helper, not a guest: it dies with the agent.
+    let child = hangar_proc::spawn(cmd);
     let ok = match child {
         Ok(mut child) => {
             let mut out = child.stdout.take();

@@ -49,7 +49,12 @@ const HOST_JOBS: &str = "host_jobs";
 const ORCHESTRATOR_JOBS: &str = "orchestrator_jobs";
 
 /// Start the host module over the configured hypervisor driver, with its jobs in the store.
-async fn start_host(s: &HostSettings, store: Arc<dyn Store>, bus: EventBus) -> Result<Arc<hangar_host::Host>> {
+async fn start_host(
+    s: &HostSettings,
+    data: &Path,
+    store: Arc<dyn Store>,
+    bus: EventBus,
+) -> Result<Arc<hangar_host::Host>> {
     let cfg = hangar_host::HostConfig {
         driver: s.hypervisor,
         vms_dir: s.vms_folder.clone(),
@@ -63,6 +68,7 @@ async fn start_host(s: &HostSettings, store: Arc<dyn Store>, bus: EventBus) -> R
         reserved_memory_mb: s.reserved_memory_mb,
         reserved_disk_mb: s.reserved_disk_mb,
         upload_root: s.upload_folder.clone(),
+        helpers_dir: Some(data.join("run").join("helpers")),
     };
     let _ = std::fs::create_dir_all(&cfg.images_dir);
     let hv = hangar_host::open_driver(&cfg).await.map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -84,7 +90,7 @@ async fn module_statuses(
         let (running, message) = match *m {
             "api" => (true, "serving".to_string()),
             "host" if !want => (false, "not requested in ENABLED_MODULES".to_string()),
-            "host" => match start_host(&s.host, store.clone(), bus.clone()).await {
+            "host" => match start_host(&s.host, &s.database.folder, store.clone(), bus.clone()).await {
                 Ok(h) => {
                     let info = h.driver().host_info().await.ok();
                     let detail = info
