@@ -14,16 +14,30 @@ For every value set in deploy/helm/hangar/ci/ it:
   - checks what the chart promises: replicas and strategy per engine, probes, security
     context, the Secret's keys, DATABASE_URL, that every configuration key given to the
     container is one the binary reads (KEYS in crates/hangar/src/config.rs).
-It also checks that values which would make a broken release fail to render.
+It also checks that values which would make a broken release fail to render. With a built
+`hangar` binary (--binary, default $CARGO_TARGET_DIR/debug/hangar when it exists) it then
+runs the Deployment's container as the pod would, for the value sets on the JSON engine: the
+container's args and environment (Secret references resolved from the rendered Secret, the
+key files written read-only into <data>/secrets/ where the pod mounts them), on loopback, and
+checks that the liveness and readiness paths answer 200 and root logs in with the password
+the Secret holds.
 Exit status 1 on any problem, with every problem listed.
 """
 
 from __future__ import annotations
 
+import argparse
+import base64
 import json
+import os
 import re
+import subprocess
 import sys
+import tempfile
+import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import helm_python as helm
@@ -240,8 +254,6 @@ def check_promises(name: str, values: dict, objs: list[dict], keys: set[str], pr
             want = {"ROOT_PASSWORD", "JWT_HMACS_SECRET", *KEY_FILES} | ({"DATABASE_URL"} if exp["sql"] else set())
             if set(data) != want:
                 fail(f"Secret keys {sorted(data)}, want {sorted(want)}")
-            import base64
-
             for f in KEY_FILES:
                 if len(base64.b64decode(data[f])) != 32:
                     fail(f"{f} is not 32 bytes")
@@ -262,10 +274,197 @@ def check_promises(name: str, values: dict, objs: list[dict], keys: set[str], pr
         fail("the chart made a Secret though auth.existingSecret was given")
 
 
+def served(path: str) -> bool:
+    """Whether GET `path` (/api/v1/...) is a route of the committed OpenAPI document."""
+    doc = json.loads((ROOT / "docs" / "openapi.json").read_text())
+    rel = path.removeprefix("/api/v1")
+    return "get" in doc.get("paths", {}).get(rel, {})
+
+
+class Pod:
+    """The Deployment's container run with the real binary on loopback, as the kubelet would
+    start it: its args and environment (Secret references resolved from the rendered Secret),
+    the key files written read-only where the pod mounts them, paths under a temporary root."""
+
+    def __init__(self, objs: list[dict], binary: str, database_url: str | None = None) -> None:
+        dep = next(o for o in objs if o["kind"] == "Deployment")
+        secret = next(o for o in objs if o["kind"] == "Secret")
+        data = {k: base64.b64decode(v) for k, v in secret["data"].items()}
+        c = dep["spec"]["template"]["spec"]["containers"][0]
+        self.container = c
+        self.dir = tempfile.TemporaryDirectory(prefix="hangar-pod-")
+        root = Path(self.dir.name)
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(root)}
+        for e in c["env"]:
+            if "value" in e:
+                env[e["name"]] = e["value"]
+            else:
+                ref = e["valueFrom"]["secretKeyRef"]
+                env[e["name"]] = data[ref["key"]].decode()
+        env["DATABASE_FOLDER"] = str(root / env["DATABASE_FOLDER"].lstrip("/"))
+        env["API_HOST"] = "127.0.0.1"
+        env["API_PORT"] = "0"
+        env.pop("METRICS_PORT", None)
+        env.pop("METRICS_HOST", None)
+        if database_url is not None:
+            env["DATABASE_URL"] = database_url
+        for m in c["volumeMounts"]:
+            if m["name"] == "keys":
+                f = root / m["mountPath"].lstrip("/")
+                f.parent.mkdir(parents=True, exist_ok=True)
+                f.write_bytes(data[m["subPath"]])
+                f.chmod(0o440)
+        self.env = env
+        self.log = open(root / "stderr.log", "w")
+        self.t0 = time.monotonic()
+        self.proc = subprocess.Popen(
+            [binary, *c["args"]], env=env, cwd=root, stdout=subprocess.PIPE, stderr=self.log, text=True
+        )
+        self.lines: list[str] = []
+        self.url: str | None = None
+        self.started = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:  # type: ignore[union-attr]
+            self.lines.append(line)
+            t = line.strip()
+            if t.startswith("listening on ") and self.url is None:
+                self.url = t.removeprefix("listening on ").strip().replace("0.0.0.0", "127.0.0.1")
+            if t.startswith("log in:"):
+                self.started.set()
+        self.started.set()
+
+    def wait_started(self) -> str | None:
+        """The problem, if it did not start."""
+        if not self.started.wait(60) or self.url is None:
+            log = (Path(self.dir.name) / "stderr.log").read_text()
+            return f"the pod's container did not start: {''.join(self.lines)}{log[-3000:]}"
+        return None
+
+    def call(self, path: str, body: dict | None = None, headers: dict | None = None) -> tuple[int, dict]:
+        req = urllib.request.Request(f"{self.url}{path}", method="POST" if body is not None else "GET")
+        if body is not None:
+            req.data = json.dumps(body).encode()
+            req.add_header("Content-Type", "application/json")
+        for k, v in (headers or {}).items():
+            req.add_header(k, v)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                text = r.read()
+                return r.status, (json.loads(text) if text.strip().startswith(b"{") else {})
+        except urllib.error.HTTPError as e:
+            return e.code, {}
+        except (urllib.error.URLError, TimeoutError, ConnectionError):
+            return 0, {}
+
+    def probe(self, problems: list[str], name: str) -> float:
+        """Liveness and readiness as the kubelet asks them; seconds from start to ready."""
+        deadline = time.monotonic() + 30
+        for probe in ("livenessProbe", "readinessProbe"):
+            path = self.container[probe]["httpGet"]["path"]
+            if probe == "readinessProbe" and not served(path):
+                # Until the server serves it, Kubernetes would never mark the pod Ready.
+                print(f"check-helm: WARNING {name}: {path} is not a route of docs/openapi.json yet: not probed")
+                continue
+            # Poll until the answer is final (no listener yet, or 503 while starting).
+            while (st := self.call(path)[0]) in (0, 503) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if st != 200:
+                problems.append(f"{name}: the pod's {probe} GET {path} answered {st}")
+        return time.monotonic() - self.t0
+
+    def login(self) -> str | None:
+        st, v = self.call("/api/v1/auth/token", {"username": "root", "password": self.env["ROOT_PASSWORD"]})
+        return v.get("token") if st == 200 else None
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+        self.dir.cleanup()
+
+
+def run_pods(name: str, objs: list[dict], binary: str, problems: list[str]) -> str | None:
+    """Run the chart's pods: one on the JSON engine; two sharing a fresh PostgreSQL database of
+    the test services (HANGAR_TEST_POSTGRES_URL) with store.engine=sql. What was shown, or None."""
+    if not any(o["kind"] == "Secret" for o in objs):
+        return None
+    dep = next(o for o in objs if o["kind"] == "Deployment")
+    sql = any(e["name"] == "DATABASE_URL" for e in dep["spec"]["template"]["spec"]["containers"][0]["env"])
+    db_url = None
+    admin = os.environ.get("HANGAR_TEST_POSTGRES_URL")
+    if sql:
+        if not admin:
+            return None
+        db = f"hangar_helm_{os.getpid()}"
+        psql = subprocess.run(["psql", admin, "-qc", f"CREATE DATABASE {db}"], capture_output=True, text=True)
+        if psql.returncode != 0:
+            problems.append(f"{name}: cannot make a database for the pods: {psql.stderr}")
+            return None
+        db_url = admin.rsplit("/", 1)[0] + "/" + db
+    pods = [Pod(objs, binary, db_url) for _ in range(2 if sql else 1)]
+    try:
+        for i, p in enumerate(pods):
+            if (why := p.wait_started()) is not None:
+                try:
+                    p.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    problems.append(f"{name}: {why}")
+                    return None
+                # The container exited: the kubelet restarts it (restartPolicy Always). Say so,
+                # with the last line it wrote, and start it again once.
+                last = (Path(p.dir.name) / "stderr.log").read_text().strip().splitlines()[-1:]
+                print(f"check-helm: WARNING {name}: pod {i + 1} exited at its first start and was restarted: {last}")
+                p.stop()
+                pods[i] = p = Pod(objs, binary, db_url)
+                if (why := p.wait_started()) is not None:
+                    problems.append(f"{name}: {why}")
+                    return None
+        secs = max(p.probe(problems, name) for p in pods)
+        token = pods[0].login()
+        if token is None:
+            problems.append(f"{name}: root cannot log in with the Secret's ROOT_PASSWORD")
+            return None
+        if not sql:
+            return f"the pod's container (real binary) answered its probes {secs:.2f} s after start; root logged in"
+        # Every pod must accept what another issued: the JWT secret and the API-key pepper are
+        # the Secret's, and the store is the shared database.
+        st, key = pods[0].call("/api/v1/auth/api_keys", {"name": "helm-check"}, {"Authorization": f"Bearer {token}"})
+        if st != 201 or "encoded" not in key:
+            problems.append(f"{name}: making an API key on pod 1 answered {st}")
+            return None
+        st1 = pods[1].call("/api/v1/version", headers={"Authorization": f"Bearer {token}"})[0]
+        st2 = pods[1].call("/api/v1/version", headers={"X-Api-Key": key["encoded"]})[0]
+        if (st1, st2) != (200, 200):
+            problems.append(f"{name}: pod 2 refused pod 1's login token ({st1}) or API key ({st2})")
+            return None
+        return (
+            f"two pods on one PostgreSQL database answered their probes {secs:.2f} s after start; "
+            "a login token and an API key made on one are accepted by the other"
+        )
+    finally:
+        for p in pods:
+            p.stop()
+        if db_url is not None and admin:
+            subprocess.run(["psql", admin, "-qc", f"DROP DATABASE IF EXISTS {db_url.rsplit('/', 1)[1]}"],
+                           capture_output=True)
+
+
 def main() -> int:
+    ap = argparse.ArgumentParser()
+    target = os.environ.get("CARGO_TARGET_DIR", str(ROOT / "target"))
+    ap.add_argument("--binary", default=str(Path(target) / "debug" / "hangar"))
+    args = ap.parse_args()
+    binary = args.binary if os.access(args.binary, os.X_OK) else None
     keys = config_keys()
     problems: list[str] = []
     counts = []
+    pods: list[tuple[str, str]] = []
     for vf in sorted((CHART / "ci").glob("*-values.yaml")):
         t0 = time.monotonic()
         values = yaml.safe_load(vf.read_text()) or {}
@@ -287,6 +486,10 @@ def main() -> int:
             validate(o, problems, vf.name)
         check_promises(vf.name, values, objs, keys, problems)
         counts.append((vf.name, len(objs), time.monotonic() - t0))
+        if binary:
+            said = run_pods(vf.name, objs, binary, problems)
+            if said is not None:
+                pods.append((vf.name, said))
     for values, word in MUST_FAIL:
         try:
             render(values)
@@ -296,6 +499,10 @@ def main() -> int:
                 problems.append(f"values {json.dumps(values)} failed without naming {word}: {e}")
     for name, n, secs in counts:
         print(f"check-helm: {name}: {n} objects rendered and valid (Kubernetes {', '.join(K8S_VERSIONS)}) in {secs:.2f} s")
+    for name, said in pods:
+        print(f"check-helm: {name}: {said}")
+    if not binary:
+        print(f"check-helm: no hangar binary at {args.binary}: the pod's container was not run")
     if problems:
         for p in problems:
             print(f"check-helm: FAIL {p}", file=sys.stderr)

@@ -53,6 +53,11 @@ say "cargo test"
 export HANGAR_TEST_BIG_IMAGE="${HANGAR_TEST_BIG_IMAGE:-1}"
 cargo test --workspace --locked "$@"
 
+# The Helm chart rendered and validated offline, and its container run with the binary just
+# built, one pod on the JSON engine and two on one PostgreSQL database of the test services.
+say "helm chart (scripts/check-helm.sh)"
+scripts/check-helm.sh
+
 # The static binary, the image with the real engine, the Compose proof of concept and the
 # air-gapped bundle in a no-route namespace (HANGAR_DEPLOY_TESTS=0 skips them).
 say "deployment checks (scripts/deploy-test.sh)"
