@@ -14,8 +14,8 @@ For every value set in deploy/helm/hangar/ci/ it:
   - checks what the chart promises: replicas and strategy per engine, probes, security
     context, the Secret's keys, DATABASE_URL, that every configuration key given to the
     container is one the binary reads (KEYS in crates/hangar/src/config.rs).
-It also checks that values which would make a broken release fail to render. With a built
-`hangar` binary (--binary, default $CARGO_TARGET_DIR/debug/hangar when it exists) it then
+It also checks that values which would make a broken release fail to render (the templates'
+checks and values.schema.json). With a built `hangar` binary (--binary) it then
 runs the Deployment's container as the pod would, for the value sets on the JSON engine: the
 container's args and environment (Secret references resolved from the rendered Secret, the
 key files written read-only into <data>/secrets/ where the pod mounts them), on loopback, and
@@ -64,8 +64,13 @@ EXPECT = {
 # Values that must not render, and a word the error must contain.
 MUST_FAIL = [
     ({"store": {"engine": "sql"}}, "databaseUrl"),
-    ({"store": {"engine": "mongo"}}, "store.engine"),
     ({"serviceMonitor": {"enabled": True}}, "serviceMonitor"),
+    # values.schema.json
+    ({"store": {"engine": "mongo"}}, "store/engine"),
+    ({"modules": "api,hots"}, "modules"),
+    ({"auth": {"jwtSecret": "short"}}, "jwtSecret"),
+    ({"config": {"log_level": "debug"}}, "log_level"),
+    ({"ingress": {"enabled": True, "hosts": [{"host": "h"}]}}, "paths"),
 ]
 
 # The part of the Prometheus Operator's ServiceMonitor (monitoring.coreos.com/v1) the chart
@@ -457,10 +462,12 @@ def run_pods(name: str, objs: list[dict], binary: str, problems: list[str]) -> s
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    target = os.environ.get("CARGO_TARGET_DIR", str(ROOT / "target"))
-    ap.add_argument("--binary", default=str(Path(target) / "debug" / "hangar"))
+    ap.add_argument("--binary", help="the hangar binary to run the pod's container with (none: render only)")
     args = ap.parse_args()
-    binary = args.binary if os.access(args.binary, os.X_OK) else None
+    binary = args.binary
+    if binary and not os.access(binary, os.X_OK):
+        print(f"check-helm: FAIL no executable hangar binary at {binary}", file=sys.stderr)
+        return 1
     keys = config_keys()
     problems: list[str] = []
     counts = []
@@ -502,7 +509,7 @@ def main() -> int:
     for name, said in pods:
         print(f"check-helm: {name}: {said}")
     if not binary:
-        print(f"check-helm: no hangar binary at {args.binary}: the pod's container was not run")
+        print("check-helm: no --binary: the pod's container was not run")
     if problems:
         for p in problems:
             print(f"check-helm: FAIL {p}", file=sys.stderr)
