@@ -126,3 +126,39 @@ async fn version_check_compares_with_the_server() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("version") && !err.contains("panicked"), "{err}");
 }
+
+#[tokio::test]
+async fn every_agent_reports_its_version_and_host_list_shows_whether_it_differs() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = common::client();
+    let fleet = common::one_host_fleet(&c, dir.path(), "api,orchestrator").await;
+    let auth = common::Auth::Bearer(fleet.root.clone());
+    let hosts = fleet.orch.api("/orchestrator/hosts");
+    // The agent's version comes from its own /config/hardware, read by the orchestrator.
+    common::wait_for("the agent's version on the orchestrator", std::time::Duration::from_secs(30), || async {
+        let (_, v) = common::call(&c, reqwest::Method::GET, &hosts, &auth, None, &[]).await;
+        v[0]["devops_version"] == env!("CARGO_PKG_VERSION")
+    })
+    .await;
+    let (_, v) = common::call(&c, reqwest::Method::GET, &hosts, &auth, None, &[]).await;
+    assert_eq!(v[0]["version_differs"], false, "the same binary runs on both: {v}");
+    let o = Command::new(common::bin())
+        .args(["host", "list", "--output", "json", "--url", &fleet.orch.url])
+        .env("HANGAR_TOKEN", &fleet.root)
+        .env("HANGAR_CONFIG_DIR", dir.path())
+        .env_remove("HANGAR_API_KEY")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let listed: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(listed[0]["devops_version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(listed[0]["version_differs"], false);
+    let table = Command::new(common::bin())
+        .args(["host", "list", "--url", &fleet.orch.url])
+        .env("HANGAR_TOKEN", &fleet.root)
+        .env("HANGAR_CONFIG_DIR", dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.contains("VERSION_DIFFERS") || text.to_lowercase().contains("version_differs"), "{text}");
+}
