@@ -59,6 +59,7 @@ EXPECT = {
         replicas=2, strategy="RollingUpdate", pvc=False, sql=True, ingress=False, monitor="metrics", own_secret=False
     ),
     "json-many-values.yaml": dict(replicas=1, strategy="Recreate", pvc=False, sql=False, ingress=False, monitor=None),
+    "eddsa-sql-values.yaml": dict(replicas=2, strategy="RollingUpdate", pvc=False, sql=True, ingress=False, monitor=None),
 }
 
 # Values that must not render, and a word the error must contain.
@@ -216,7 +217,11 @@ def check_promises(name: str, values: dict, objs: list[dict], keys: set[str], pr
     unknown = sorted(set(env) - keys)
     if unknown:
         fail(f"environment names the binary does not read (not in KEYS of config.rs): {unknown}")
-    for secret_key in ["ROOT_PASSWORD", "JWT_HMACS_SECRET", "DATABASE_URL"]:
+    hmac = values.get("auth", {}).get("jwtAlgorithm", "HS256").startswith("HS")
+    jwt_key = "JWT_HMACS_SECRET" if hmac else "JWT_PRIVATE_KEY"
+    if jwt_key not in env:
+        fail(f"no {jwt_key} for {values.get('auth', {}).get('jwtAlgorithm', 'HS256')}")
+    for secret_key in ["ROOT_PASSWORD", "JWT_HMACS_SECRET", "JWT_PRIVATE_KEY", "DATABASE_URL"]:
         if secret_key in env and "valueFrom" not in env[secret_key]:
             fail(f"{secret_key} is given in clear in the pod, not from a Secret")
     if "ROOT_PASSWORD" not in env:
@@ -256,7 +261,7 @@ def check_promises(name: str, values: dict, objs: list[dict], keys: set[str], pr
             fail(f"{len(secrets)} Secrets, want 1")
         else:
             data = secrets[0]["data"]
-            want = {"ROOT_PASSWORD", "JWT_HMACS_SECRET", *KEY_FILES} | ({"DATABASE_URL"} if exp["sql"] else set())
+            want = {"ROOT_PASSWORD", jwt_key, *KEY_FILES} | ({"DATABASE_URL"} if exp["sql"] else set())
             if set(data) != want:
                 fail(f"Secret keys {sorted(data)}, want {sorted(want)}")
             for f in KEY_FILES:
@@ -271,8 +276,10 @@ def check_promises(name: str, values: dict, objs: list[dict], keys: set[str], pr
                 and re.search("[^A-Za-z0-9]", pw)
             ):
                 fail("the generated root password does not meet the default password policy")
-            if len(base64.b64decode(data["JWT_HMACS_SECRET"])) < 32:
+            if hmac and len(base64.b64decode(data.get("JWT_HMACS_SECRET", ""))) < 32:
                 fail("JWT_HMACS_SECRET is shorter than 32 bytes")
+            if not hmac and b"PRIVATE KEY-----" not in base64.b64decode(data.get("JWT_PRIVATE_KEY", "")):
+                fail("JWT_PRIVATE_KEY is not a PEM private key")
             if secrets[0]["metadata"].get("annotations", {}).get("helm.sh/resource-policy") != "keep":
                 fail("the Secret is not kept on uninstall")
     elif secrets:
