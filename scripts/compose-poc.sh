@@ -74,6 +74,10 @@ up() {
         as_root apt-get update -qq
         as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose >/dev/null
     }
+    if agent_alive || [ -f "$STATE/orch-url" ]; then
+        say "already up (state in $STATE); run scripts/compose-poc.sh down first"
+        exit 1
+    fi
     mkdir -p "$STATE"
     chmod 0700 "$STATE"
     BIN=$(binary)
@@ -166,8 +170,13 @@ down() {
 }
 
 test_poc() {
-    up
+    if agent_alive || [ -f "$STATE/orch-url" ]; then
+        say "a proof of concept is already up (state in $STATE); run scripts/compose-poc.sh down first"
+        exit 1
+    fi
+    # Torn down whatever happens, also when `up` stops half-way.
     trap down EXIT
+    up
     BIN=$(cat "$STATE/bin")
     local t vm
     t=$(date +%s%N)
