@@ -1174,9 +1174,11 @@ impl Catalog {
                 let batch = Batch::new().put(CACHE_ITEMS, &m.id, to_value(&item)?);
                 let batch = Self::audit(batch, actor, "catalog.cache.use", &m.id, json!({"version": m.version}))?;
                 self.store.commit(batch).await?;
+                hangar_metrics::metrics().cache_hits.inc();
                 return Ok((m, PathBuf::from(item.path)));
             }
         }
+        hangar_metrics::metrics().cache_misses.inc();
         let folder = self
             .cache_dir
             .join("images")
@@ -1217,7 +1219,16 @@ impl Catalog {
             Self::audit(batch, actor, "catalog.cache.add", &m.id, json!({"version": m.version, "size": m.size}))?;
         self.store.commit(batch).await?;
         self.publish("CATALOG_CACHE_ADDED", &m, actor);
+        self.note_cache_size().await;
         Ok((m, dest))
+    }
+
+    /// `hangar_image_cache_size_bytes`, after the cache changed.
+    async fn note_cache_size(&self) {
+        if let Ok(items) = self.cache_list().await {
+            let bytes: u64 = items.iter().map(|i| i.size).sum();
+            hangar_metrics::metrics().cache_size.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
     }
 
     /// The images in this host's cache.
@@ -1272,6 +1283,7 @@ impl Catalog {
             "CATALOG_CACHE_DELETED",
             json!({"catalog_id": catalog_id, "version": version, "count": items.len()}),
         ));
+        self.note_cache_size().await;
         Ok(items.len())
     }
 }

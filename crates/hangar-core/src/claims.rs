@@ -5,9 +5,11 @@
 pub const SUPER_USER_ROLE: &str = "SUPER_USER";
 pub const ADMIN_ROLE: &str = "ADMIN";
 pub const USER_ROLE: &str = "USER";
+/// Holds only `METRICS_READ`: give it to the user whose API key Prometheus scrapes with.
+pub const METRICS_ROLE: &str = "METRICS_READER";
 
 /// The roles seeded at first start. They cannot be deleted.
-pub const DEFAULT_ROLES: &[&str] = &[USER_ROLE, ADMIN_ROLE, SUPER_USER_ROLE];
+pub const DEFAULT_ROLES: &[&str] = &[USER_ROLE, ADMIN_ROLE, SUPER_USER_ROLE, METRICS_ROLE];
 
 macro_rules! claims {
     ($($name:ident),* $(,)?) => {
@@ -113,6 +115,8 @@ claims!(
     // Act on VMs owned by other users (stop, exec, delete, ...); without it a VM claim
     // reaches only the caller's own VMs.
     MANAGE_ALL_VMS,
+    // Read `/metrics` (Prometheus); ADMIN, SUPER_USER and METRICS_READER hold it.
+    METRICS_READ,
 );
 
 /// Claims of the default USER role. Unlike the reference, a plain user cannot wipe the
@@ -154,6 +158,7 @@ pub fn default_role_claims(role: &str) -> Vec<&'static str> {
     match role {
         USER_ROLE => DEFAULT_USER_CLAIMS.to_vec(),
         ADMIN_ROLE | SUPER_USER_ROLE => ALL_SYSTEM_CLAIMS.to_vec(),
+        METRICS_ROLE => vec![METRICS_READ],
         _ => Vec::new(),
     }
 }

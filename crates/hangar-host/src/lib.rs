@@ -374,7 +374,8 @@ impl Host {
     ) -> Result<VmInfo> {
         let image = self.image_path(&req.image)?;
         let span = info_span!("vm_create", name = %req.name, owner = %owner);
-        async {
+        let started = std::time::Instant::now();
+        let created = async {
             if let Some(j) = job {
                 j.step(0, 0.0, "creating the VM");
             }
@@ -409,7 +410,11 @@ impl Host {
             Ok(vm)
         }
         .instrument(span)
-        .await
+        .await;
+        // `hangar_vm_creates_total` and `hangar_vm_create_to_ready_seconds`: until the VM
+        // exists, is recorded and (when asked) started.
+        hangar_metrics::metrics().vm_created(created.is_ok(), started.elapsed());
+        created
     }
 
     /// [`Host::create_for`] in the background; the job carries progress and the result.

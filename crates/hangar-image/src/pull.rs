@@ -154,6 +154,7 @@ pub async fn pull(
     dest: &Path,
     opts: &PullOptions,
 ) -> Result<PullReport> {
+    let started = std::time::Instant::now();
     let tracker = Arc::new(Tracker::new(opts.progress.clone()));
     let raw = store.get(manifest_key).await?;
     let manifest = Manifest::from_json(&raw)?;
@@ -243,6 +244,7 @@ pub async fn pull(
     let bytes_downloaded = results.iter().map(|(_, b)| *b).sum();
     let chunks_from_cache = results.len() as u64 - chunks_downloaded;
     info!(chunks_downloaded, bytes_downloaded, chunks_from_cache, "image pulled");
+    hangar_metrics::metrics().image_transfer("pull", bytes_downloaded, started.elapsed());
     Ok(PullReport { manifest, chunks_downloaded, bytes_downloaded, chunks_from_cache })
 }
 

@@ -262,6 +262,7 @@ pub async fn push(
     opts: &PushOptions,
 ) -> Result<PushReport> {
     hangar_blobstore::validate_key(manifest_key)?;
+    let started = std::time::Instant::now();
     let tracker = Arc::new(Tracker::new(opts.progress.clone()));
     let src = source.to_path_buf();
     let walked = tokio::task::spawn_blocking(move || walk(&src)).await.map_err(join_err)??;
@@ -369,6 +370,7 @@ pub async fn push(
     store.put(manifest_key, Bytes::from(json)).await?;
     tracker.set_phase(Phase::Done);
     info!(chunks_uploaded, bytes_uploaded, chunks_present, total_size, "image pushed");
+    hangar_metrics::metrics().image_transfer("push", bytes_uploaded, started.elapsed());
     Ok(PushReport { manifest, chunks_uploaded, bytes_uploaded, chunks_present })
 }
 

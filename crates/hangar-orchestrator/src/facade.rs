@@ -45,6 +45,7 @@ impl HttpOrchestrator {
     /// stops when this value is dropped.
     pub fn start(scheduler: Scheduler, connector: HttpConnector, jobs: Jobs, every: BackgroundIntervals) -> Self {
         let background = scheduler.spawn_background(every);
+        scheduler.export_metrics();
         let tunnels = HostTunnels::new(scheduler.clone());
         HttpOrchestrator { scheduler, connector, tunnels, jobs, _background: background }
     }

@@ -24,6 +24,7 @@ mod admission;
 mod events;
 mod fleet;
 mod lifecycle;
+mod metrics;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -222,6 +223,15 @@ struct Inner {
     leadership: Mutex<Leadership>,
 }
 
+/// A [`Scheduler`] that may be gone.
+pub(crate) struct WeakScheduler(std::sync::Weak<Inner>);
+
+impl WeakScheduler {
+    pub(crate) fn upgrade(&self) -> Option<Scheduler> {
+        self.0.upgrade().map(|inner| Scheduler { inner })
+    }
+}
+
 /// The scheduler. Cheap to clone.
 #[derive(Clone)]
 pub struct Scheduler {
@@ -266,6 +276,11 @@ impl Scheduler {
                 leadership: Mutex::new(Leadership::Sole),
             }),
         }
+    }
+
+    /// A handle that does not keep the scheduler alive (held by the metrics scrape hook).
+    pub(crate) fn downgrade(&self) -> WeakScheduler {
+        WeakScheduler(Arc::downgrade(&self.inner))
     }
 
     /// The host registry.

@@ -206,6 +206,7 @@ where
             }
         };
         svc.listener.stats.requests.fetch_add(1, Ordering::Relaxed);
+        hangar_metrics::metrics().proxy_requests.inc();
         // `out` holds the rewritten head; the body follows it unchanged.
         out.extend_from_slice(&cbuf[plan.head_len..plan.head_len + plan.body_len]);
         cbuf.advance(plan.head_len + plan.body_len);

@@ -394,6 +394,7 @@ impl ProxyService {
     /// Answer one request.
     pub(crate) async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         self.listener.stats.requests.fetch_add(1, Ordering::Relaxed);
+        hangar_metrics::metrics().proxy_requests.inc();
         let state = self.listener.state.load_full();
         let HostKind::Http(host) = &state.kind else {
             return error_response(StatusCode::BAD_GATEWAY, "this listener forwards raw TCP".into(), None);
@@ -694,6 +695,7 @@ impl ProxyService {
     }
 
     fn route_failed(&self, host_id: &str, route: &CompiledRoute, target: &str, error: &str) {
+        hangar_metrics::metrics().proxy_upstream_errors.inc();
         tracing::warn!(host = host_id, route = %route.id, target, error, "proxy target failed");
         self.shared.events.send(ProxyEvent::RouteFailed {
             host_id: host_id.to_string(),

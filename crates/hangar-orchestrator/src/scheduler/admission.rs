@@ -46,13 +46,25 @@ impl Scheduler {
             return 0;
         }
         let profile = self.inner.config.profile;
-        self.inner.registry.with_placement(|index| self.inner.ledger.drain_indexed(index, profile))
+        let served = self.inner.registry.with_placement(|index| self.inner.ledger.drain_indexed(index, profile));
+        self.note_queue();
+        served
     }
 
     /// Places and reserves without creating anything (what `create_vm` does first).
     pub fn reserve(&self, req: &PlacementRequest) -> std::result::Result<Granted, NoCapacity> {
         let profile = self.inner.config.profile;
-        self.inner.registry.with_placement(|index| self.inner.ledger.reserve_indexed(req, index, profile))
+        let started = Instant::now();
+        let r = self.inner.registry.with_placement(|index| self.inner.ledger.reserve_indexed(req, index, profile));
+        let outcome = if r.is_ok() { "placed" } else { "no_capacity" };
+        hangar_metrics::metrics().placement(outcome, started.elapsed());
+        r
+    }
+
+    /// `hangar_placement_queue_depth` after the queue changed.
+    fn note_queue(&self) {
+        let depth = i64::try_from(self.inner.ledger.waiting()).unwrap_or(i64::MAX);
+        hangar_metrics::metrics().queue_depth.set(depth);
     }
 
     pub(super) async fn reserve_or_wait(
@@ -66,17 +78,24 @@ impl Scheduler {
             return Ok(self.reserve(req)?);
         };
         let profile = self.inner.config.profile;
+        let decided = Instant::now();
         let queued = self
             .inner
             .registry
             .with_placement(|index| self.inner.ledger.reserve_or_enqueue_indexed(req, index, profile, priority));
+        let metrics = hangar_metrics::metrics();
+        metrics.placement(if queued.is_ok() { "placed" } else { "queued" }, decided.elapsed());
         match queued {
             Ok(g) => Ok(g),
             Err((no, ticket)) => {
+                self.note_queue();
                 debug!(reason = %no, priority, "request queued");
                 progress(CreateProgress::Queued { reason: no.to_string(), priority });
                 let started = Instant::now();
-                match self.inner.ledger.wait(ticket, wait).await {
+                let served = self.inner.ledger.wait(ticket, wait).await;
+                metrics.queue_wait_seconds.observe(started.elapsed().as_secs_f64());
+                self.note_queue();
+                match served {
                     Some(g) => Ok(g),
                     // Room may have appeared at the very end: one last try.
                     None => self.reserve(req).map_err(|last| OrchestratorError::QueueTimeout {
