@@ -189,6 +189,7 @@ pub fn api() -> Api {
     let api = routes::catalog_managers::register(api);
     let api = routes::logs::register(api);
     let api = routes::user_configs::register(api);
+    let api = routes::metrics::register(api);
     routes::ws::register(api)
 }
 
@@ -325,9 +326,11 @@ pub fn app(services: Services, info: ServerInfo, config: &ApiConfig) -> Router {
         .nest(&v1, api_router.clone())
         .nest(&config.prefix, api_router)
         .route("/.well-known/jwks.json", jwks_route)
+        .route("/metrics", axum::routing::get(routes::metrics::metrics))
         .merge(swagger)
         .fallback(|| async { ApiError::not_found("No such route; the API is described at /api/v1/openapi.json") })
         .layer(middleware::from_fn_with_state(state.clone(), auth::authorize))
+        .layer(middleware::from_fn_with_state(state.clone(), routes::metrics::record))
         .layer(DefaultBodyLimit::max(config.body_limit))
         .with_state(state);
     let mut routed = routed.layer(tower_http::timeout::TimeoutLayer::with_status_code(

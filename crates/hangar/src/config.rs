@@ -45,6 +45,12 @@ pub const KEYS: &[Key] = &[
         "512",
         "Most connections one source IP address may hold open to the HTTP/HTTPS listeners at once; further ones are closed at once",
     ),
+    k(
+        "METRICS_PORT",
+        "",
+        "Port of a second listener that serves only GET /metrics, without authentication (for private networks); unset: /metrics is served on the API ports only, to callers with METRICS_READ",
+    ),
+    k("METRICS_HOST", "127.0.0.1", "Address the METRICS_PORT listener binds"),
     k("LOG_LEVEL", "info", "trace, debug, info, warn or error (or a tracing filter)"),
     k("LOG_FORMAT", "text", "text or json"),
     k(

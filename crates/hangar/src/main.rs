@@ -10,6 +10,7 @@ mod health_cmd;
 mod host_cmd;
 mod import_pds;
 mod logging;
+mod metrics;
 mod output;
 mod pdfile_cmd;
 mod serve;

@@ -316,24 +316,25 @@ pub async fn run(l: Layers, s: Settings) -> Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let dir = data_dir(&s)?;
     let store = crate::db_cmd::open_configured(&s, &dir, true).await?;
-    let dyn_store: Arc<dyn Store> = store.clone();
+    // Every service gets the store through the commit timer (`hangar_store_commit_duration_seconds`).
+    let dyn_store: Arc<dyn Store> = crate::metrics::timed(store.clone());
     let bus = EventBus::default();
-    let identity = identity(&s, dyn_store, &dir, bus.clone())?;
+    let identity = identity(&s, dyn_store.clone(), &dir, bus.clone())?;
     let generated = identity
         .bootstrap(root_password(&s)?.as_deref())
         .await
         .map_err(|e| anyhow::anyhow!("cannot seed users and roles: {e}"))?;
 
-    let (mut modules, host) = module_statuses(&s, store.clone(), bus.clone()).await;
+    let (mut modules, host) = module_statuses(&s, dyn_store.clone(), bus.clone()).await;
     // ----- catalog module (crates/hangar-catalog, started in catalog_cmd.rs) -----
-    let catalog_store: Arc<dyn Store> = store.clone();
+    let catalog_store: Arc<dyn Store> = dyn_store.clone();
     let catalog = crate::catalog_cmd::start_catalog(&l, &s, catalog_store, &dir, bus.clone(), &mut modules)?;
     // ----- end of catalog module -----
-    let orchestrator = start_orchestrator(&s, store.clone(), &dir, bus.clone(), &mut modules).await?;
+    let orchestrator = start_orchestrator(&s, dyn_store.clone(), &dir, bus.clone(), &mut modules).await?;
     let reverse_proxy = start_reverse_proxy(
         &s,
         &l,
-        store.clone(),
+        dyn_store.clone(),
         &dir,
         bus.clone(),
         &identity,
@@ -403,6 +404,11 @@ pub async fn run(l: Layers, s: Settings) -> Result<()> {
                 .map(|tls| tls.handshake_timeout(limits.header_read_timeout).acceptor(cap.clone())),
         );
         servers.spawn(async move { server.handle(h).serve(svc).await });
+    }
+
+    if let Some(addr) = s.http.metrics_listener {
+        let bound = crate::metrics::spawn_listener(addr, handle.clone(), &mut servers)?;
+        announce.push(format!("http://{bound}/metrics (metrics only, no authentication)"));
     }
 
     // The console banner: where data lives, where to connect, how to log in.

@@ -86,6 +86,8 @@ pub struct HttpSettings {
     pub header_read_timeout: Duration,
     /// `API_MAX_CONNECTIONS_PER_SOURCE` (at least 1).
     pub max_connections_per_source: usize,
+    /// `METRICS_HOST`:`METRICS_PORT`, the unauthenticated `/metrics` listener, when set.
+    pub metrics_listener: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -314,6 +316,8 @@ impl Settings {
             whole::<usize>("a whole number of connections")(v)
                 .and_then(|n| if n == 0 { Err("must be at least 1".to_string()) } else { Ok(n) })
         });
+        let metrics_port = r.optional("METRICS_PORT", port);
+        let metrics_host = r.required("METRICS_HOST", ip);
         let log_level = r.required("LOG_LEVEL", log_filter);
         let log_format =
             r.required("LOG_FORMAT", |v| choice(v, &[("text", LogFormat::Text), ("json", LogFormat::Json)]));
@@ -472,6 +476,10 @@ impl Settings {
                     body_limit: api_body_limit?,
                     header_read_timeout: api_header_read_timeout?,
                     max_connections_per_source: api_max_per_source?,
+                    metrics_listener: match metrics_port? {
+                        Some(p) => Some(std::net::SocketAddr::new(metrics_host?, p)),
+                        None => None,
+                    },
                 },
                 log: LogSettings {
                     filter: log_level?,

@@ -8,6 +8,7 @@ pub mod catalog_managers;
 pub mod dto;
 pub mod logs;
 pub mod machines;
+pub mod metrics;
 pub mod orchestrator;
 pub mod port_forward;
 pub mod reverse_proxy;
