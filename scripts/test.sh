@@ -27,6 +27,8 @@ command -v python3 >/dev/null || need+=(python3 python3-venv)
 command -v npm >/dev/null || need+=(npm)
 command -v ip >/dev/null || need+=(iproute2)
 command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
+# tests/metrics.rs parses /metrics with the Prometheus project's parser (scripts/parse-metrics.py).
+/usr/bin/python3 -c 'import prometheus_client' 2>/dev/null || need+=(python3-prometheus-client)
 command -v systemd-analyze >/dev/null || need+=(systemd) # tests/service.rs verifies the unit
 if [ ${#need[@]} -gt 0 ]; then
     say "installing ${need[*]}"
