@@ -43,6 +43,17 @@ pub struct ModuleStatus {
     pub message: String,
 }
 
+/// This replica among several over one store: its readiness check (`/health/ready`) and
+/// who holds the leader lease (`/health/system`, for callers that see the detail).
+#[derive(Clone)]
+pub struct Replica {
+    /// This replica's id (its lease holder id).
+    pub id: String,
+    pub readiness: Arc<hangar_store::Readiness>,
+    /// The lease holder as this replica last saw it.
+    pub leader: tokio::sync::watch::Receiver<Option<hangar_store::LeaseHolder>>,
+}
+
 /// Facts about this server.
 #[derive(Debug, Clone)]
 pub struct ServerInfo {
@@ -88,6 +99,8 @@ pub struct Services {
     pub orchestrator: Option<Arc<hangar_orchestrator::HttpOrchestrator>>,
     /// The server's own recent log lines (`/logs`).
     pub logs: hangar_core::LogRing,
+    /// Readiness and leadership of this replica.
+    pub replica: Replica,
 }
 
 /// Everything handlers need. Cheap to clone.
@@ -108,6 +121,7 @@ pub struct AppState {
     pub access: Arc<AccessTable>,
     pub ws: Arc<routes::ws::WsHub>,
     pub logs: hangar_core::LogRing,
+    pub replica: Replica,
 }
 
 /// Configuration of the HTTP layer.
@@ -290,7 +304,7 @@ fn cors_layer(c: &CorsConfig) -> CorsLayer {
 
 /// Build the whole HTTP application.
 pub fn app(services: Services, info: ServerInfo, config: &ApiConfig) -> Router {
-    let Services { identity, bus, host, catalog, reverse_proxy, orchestrator, logs } = services;
+    let Services { identity, bus, host, catalog, reverse_proxy, orchestrator, logs, replica } = services;
     let Api { router, table } = api();
     let (inner, doc) = router.split_for_parts();
     let doc = openapi::finish(doc);
@@ -307,6 +321,7 @@ pub fn app(services: Services, info: ServerInfo, config: &ApiConfig) -> Router {
         access,
         ws: Arc::new(routes::ws::WsHub::default()),
         logs,
+        replica,
     };
     let v1 = format!("{}/v1", config.prefix);
     let doc = Arc::new(doc);

@@ -450,13 +450,13 @@ fn lease(case: &str, store: &Arc<dyn Store>, me: &str) -> Lease {
     ok!(case, Lease::new(Arc::clone(store), "leader", me, lease_config()))
 }
 
-/// `b` tries every renewal interval until it acquires (within `limit`); answers its fence and
-/// how long it tried since its first refused attempt.
-async fn acquire_within(case: &str, b: &Lease, limit: Duration) -> (Fence, Duration) {
+/// `b` tries every third of a renewal interval until it acquires (within `limit`); answers
+/// its fence and how long after `since` it got it.
+async fn acquire_within(case: &str, b: &Lease, since: tokio::time::Instant, limit: Duration) -> (Fence, Duration) {
     let started = tokio::time::Instant::now();
     loop {
         if let Some(fence) = ok!(case, b.try_acquire().await) {
-            return (fence, started.elapsed());
+            return (fence, since.elapsed());
         }
         check!(case, started.elapsed() < limit, "{} did not acquire the lease within {limit:?}", b.me());
         tokio::time::sleep(lease_config().renew_every / 3).await;
@@ -467,9 +467,11 @@ async fn lease_takeover_only_after_expiry(store: Arc<dyn Store>) {
     let case = "lease_takeover_only_after_expiry";
     let (a, b) = (lease(case, &store, "replica-a"), lease(case, &store, "replica-b"));
     let Some(fa) = ok!(case, a.try_acquire().await) else { panic!("conformance case `{case}`: a free lease") };
+    // `b` starts watching no earlier than this.
+    let watching = tokio::time::Instant::now();
     check!(case, ok!(case, b.try_acquire().await).is_none(), "a held lease was taken at once");
     // `a` stops renewing: `b` gets it once it saw it unchanged for the whole duration.
-    let (fb, waited) = acquire_within(case, &b, lease_config().duration * 10).await;
+    let (fb, waited) = acquire_within(case, &b, watching, lease_config().duration * 10).await;
     check!(case, waited >= lease_config().duration, "taken over after {waited:?}, before the lease period");
     check!(case, fb.token() > fa.token(), "tokens must grow ({} then {})", fa.token(), fb.token());
     let holder = ok!(case, a.holder().await);
@@ -485,7 +487,7 @@ async fn lease_fence_refuses_old_holder(store: Arc<dyn Store>) {
     // While `a` holds it, its fenced writes land.
     ok!(case, store.commit(fa.guard(Batch::new().put("work", "w1", json!({"by": "a"})))).await);
     // `a` pauses past its lease; `b` takes over.
-    let (fb, _) = acquire_within(case, &b, lease_config().duration * 10).await;
+    let (fb, _) = acquire_within(case, &b, tokio::time::Instant::now(), lease_config().duration * 10).await;
     let stale = store.commit(Batch::new().put("work", "w2", json!({"by": "a"})).fenced(&fa)).await;
     check!(case, matches!(stale, Err(StoreError::Conflict(_))), "the paused ex-leader's write landed: {stale:?}");
     check!(case, ok!(case, store.get("work", "w2").await).is_none(), "a refused fenced batch wrote something");

@@ -35,7 +35,8 @@
 //!
 //! A store used by one process only (the JSON engine: its data folder lock refuses a second
 //! process) can set [`LeaseConfig::sole_process`]: a previous holder recorded in the store
-//! can only be an earlier run of this process, so the lease is taken over at once.
+//! can only be an earlier run of this process, so the lease is taken over at once, and
+//! [`Lease::spawn`] does not renew it (nobody else can be waiting for it).
 //!
 //! [`Lease`] has the single steps (`try_acquire`, `renew`, `release`, `holder`);
 //! [`Lease::spawn`] runs them in a task and reports the role through a watch channel.
@@ -401,6 +402,12 @@ impl Lease {
                     Ok(Err(e)) => debug!(lease = %self.name, error = %e, "cannot read the lease"),
                     Err(_) => debug!(lease = %self.name, "reading the lease timed out"),
                 },
+                // A sole process never loses the lease to anyone: no renewals (and no write
+                // every second into a store that serves only it).
+                Some((fence, _)) if self.config.sole_process => {
+                    held = Some((fence, Instant::now() + Duration::from_secs(365 * 24 * 3600)));
+                    wake = Instant::now() + Duration::from_secs(3600);
+                }
                 Some((fence, valid_until)) => {
                     beat += 1;
                     match tokio::time::timeout_at(valid_until, self.renew(&fence, beat)).await {

@@ -9,6 +9,7 @@ mod db_cmd;
 mod health_cmd;
 mod host_cmd;
 mod import_pds;
+mod leader;
 mod logging;
 mod metrics;
 mod output;

@@ -233,6 +233,7 @@ async fn start_orchestrator(
     dir: &Path,
     bus: EventBus,
     modules: &mut [ModuleStatus],
+    role: tokio::sync::watch::Receiver<hangar_store::Role>,
 ) -> Result<Option<Orchestrator>> {
     let Some(status) = modules.iter_mut().find(|m| m.name == "orchestrator") else { return Ok(None) };
     if !s.modules.wants("orchestrator") {
@@ -265,7 +266,8 @@ async fn start_orchestrator(
         .map_err(|e| anyhow::anyhow!("orchestrator: {e}"))?;
     let scheduler = hangar_orchestrator::Scheduler::new(registry, Arc::new(connector.clone()), bus, config);
     let every = hangar_orchestrator::BackgroundIntervals { check, ..Default::default() };
-    let o = hangar_orchestrator::HttpOrchestrator::start(scheduler, connector, jobs, every);
+    // Health checks, host event streams and the TTL reaper run on the lease holder only.
+    let o = hangar_orchestrator::HttpOrchestrator::start_led(scheduler, connector, jobs, every, role);
     status.enabled = true;
     status.healthy = true;
     status.message = format!("{} registered hosts, checked every {} ms", o.host_count(), check.as_millis());
@@ -330,7 +332,9 @@ pub async fn run(l: Layers, s: Settings) -> Result<()> {
     let catalog_store: Arc<dyn Store> = dyn_store.clone();
     let catalog = crate::catalog_cmd::start_catalog(&l, &s, catalog_store, &dir, bus.clone(), &mut modules)?;
     // ----- end of catalog module -----
-    let orchestrator = start_orchestrator(&s, dyn_store.clone(), &dir, bus.clone(), &mut modules).await?;
+    let leadership = crate::leader::start(dyn_store.clone(), bus.clone())?;
+    let orchestrator =
+        start_orchestrator(&s, dyn_store.clone(), &dir, bus.clone(), &mut modules, leadership.role()).await?;
     let reverse_proxy = start_reverse_proxy(
         &s,
         &l,
@@ -359,8 +363,17 @@ pub async fn run(l: Layers, s: Settings) -> Result<()> {
     crate::logging::publish_system_logs(bus.clone());
     crate::stats::publish(bus.clone(), host.clone());
     let logs = crate::logging::ring();
-    let services =
-        hangar_api::Services { identity, bus, host, catalog, reverse_proxy: reverse_proxy.clone(), orchestrator, logs };
+    let replica = leadership.replica(dyn_store.clone());
+    let services = hangar_api::Services {
+        identity,
+        bus,
+        host,
+        catalog,
+        reverse_proxy: reverse_proxy.clone(),
+        orchestrator,
+        logs,
+        replica,
+    };
     let app = hangar_api::app(services, info, &config);
 
     let host = s.http.host;
@@ -455,6 +468,8 @@ pub async fn run(l: Layers, s: Settings) -> Result<()> {
             }
         }
     }
+    // Hand the leader lease over at once rather than after a lease period.
+    leadership.shutdown().await;
     store.close().await.map_err(|e| anyhow::anyhow!("closing the store: {e}"))?;
     info!("stopped");
     Ok(())

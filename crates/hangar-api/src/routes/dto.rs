@@ -324,6 +324,32 @@ pub struct SystemHealth {
     pub healthy: bool,
     pub message: String,
     pub services: Vec<ServiceHealth>,
+    /// Who runs the leader work (health checks, the queue, the TTL reaper), for callers
+    /// that see the detail; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<LeaderView>,
+}
+
+/// The holder of the leader lease as the answering replica last saw it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct LeaderView {
+    /// The leading replica's id; none while nobody holds the lease.
+    pub leader: Option<String>,
+    /// Its fencing token (grows with every change of leader).
+    pub token: Option<u64>,
+    /// Since when it leads, by its own clock.
+    pub since: Option<DateTime<Utc>>,
+    /// The answering replica's id.
+    pub replica: String,
+}
+
+/// `GET /health/ready`: whether this replica should get traffic (200) or not (503).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Ready {
+    pub ready: bool,
+    /// Each check by name (`store`: it answers a read within its deadline; `migrations`:
+    /// they are done).
+    pub checks: std::collections::BTreeMap<String, bool>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -2,7 +2,7 @@
 //! the API's own router (OpenAPI document, Swagger UI, JWKS).
 
 use axum::extract::State;
-use axum::http::Method;
+use axum::http::{Method, StatusCode};
 use hangar_core::claims::READ_ONLY;
 use hangar_core::{Access, Decision};
 use utoipa_axum::routes;
@@ -24,6 +24,7 @@ pub fn register(mut api: Api) -> Api {
         api.table_mut().insert(&m, p, Access::Public);
     }
     api.add(Access::Public, routes!(probe))
+        .add(Access::Public, routes!(ready))
         .add(Access::Open, routes!(system_health))
         .add(Access::Authenticated, routes!(version))
         .add(Access::SuperUser, routes!(audit))
@@ -42,12 +43,24 @@ async fn probe() -> axum::Json<Probe> {
     axum::Json(Probe { status: "OK".into() })
 }
 
+/// Readiness, for load balancers: 200 when this replica's store answers a read within its
+/// deadline and its migrations are done, 503 otherwise. Open to anyone like liveness; it
+/// says nothing but the checks' names and results, and the answer is cached for a second so
+/// probes cannot load the database.
+#[utoipa::path(get, path = "/health/ready", tag = "health", responses((status = 200, body = Ready), (status = 503, body = Ready)))]
+async fn ready(State(s): State<AppState>) -> (StatusCode, axum::Json<Ready>) {
+    let report = s.replica.readiness.check().await;
+    let status = if report.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let checks = report.checks.into_iter().map(|(name, ok)| (name.to_string(), ok)).collect();
+    (status, axum::Json(Ready { ready: report.ready, checks }))
+}
+
 /// Who sees the detail of `/health/system` (module messages, the store engine): the route
 /// itself is open, so that the reference's clients can check a server before they log in.
 const HEALTH_DETAIL: Access = Access::AnyOf(&[READ_ONLY]);
 
 /// Health of each module. Anyone gets whether the server and each module are healthy; a
-/// caller with READ_ONLY also gets each module's message and the store engine.
+/// caller with READ_ONLY also gets each module's message, the store engine and who leads.
 #[utoipa::path(get, path = "/health/system", tag = "health", params(("full" = Option<bool>, Query, description = "Accepted for the reference's clients; the answer is the same")), responses((status = 200, body = SystemHealth)))]
 async fn system_health(State(s): State<AppState>, ctx: RequestContext) -> Result<axum::Json<SystemHealth>, ApiError> {
     let detail = HEALTH_DETAIL.check(ctx.principal.as_ref()) == Decision::Allow;
@@ -62,7 +75,17 @@ async fn system_health(State(s): State<AppState>, ctx: RequestContext) -> Result
         services.push(ServiceHealth { name: m.name.clone(), healthy: m.healthy, message });
     }
     let healthy = services.iter().all(|s| s.healthy);
-    Ok(axum::Json(SystemHealth { healthy, message: if healthy { "OK".into() } else { "Degraded".into() }, services }))
+    let leader = detail.then(|| {
+        let holder = s.replica.leader.borrow().clone();
+        LeaderView {
+            leader: holder.as_ref().map(|h| h.holder.clone()),
+            token: holder.as_ref().map(|h| h.token),
+            since: holder.map(|h| h.since),
+            replica: s.replica.id.clone(),
+        }
+    });
+    let message = if healthy { "OK".into() } else { "Degraded".into() };
+    Ok(axum::Json(SystemHealth { healthy, message, services, leader }))
 }
 
 #[utoipa::path(get, path = "/version", tag = "health", responses((status = 200, body = Version)))]
