@@ -5,7 +5,8 @@
 #   3. starts the S3 (moto), Azure Blob (Azurite) and Artifactory-like (nginx DAV) servers
 #      on 127.0.0.1,
 #   4. runs every test of the workspace,
-#   5. stops the servers, also when a test fails.
+#   5. stops the servers and fails on any process the tests left running, also when a
+#      test fails (scripts/orphans.sh).
 # Extra arguments go to `cargo test` (e.g. `scripts/test.sh -p hangar`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,13 +48,24 @@ export HANGAR_GUEST_IMAGE_DIR="$CACHE/guest"
 
 say "test services"
 scripts/test-services.sh start >/dev/null
-trap 'scripts/test-services.sh stop >/dev/null 2>&1 || true' EXIT
+# Every temp folder of the tests lives under one folder per run (TMPDIR for cargo test), so
+# at the end, also after a failure, scripts/orphans.sh finds exactly what they left running.
+HANGAR_TEST_TMP=$(mktemp -d "${TMPDIR:-/tmp}/hangar-test.XXXXXX")
+export HANGAR_TEST_TMP
+finish() {
+    local rc=$?
+    scripts/test-services.sh stop >/dev/null 2>&1 || true
+    scripts/orphans.sh || { say "processes outlived the tests (listed above, now stopped)"; rc=1; }
+    rm -rf "$HANGAR_TEST_TMP"
+    exit "$rc"
+}
+trap finish EXIT
 eval "$(scripts/test-services.sh env)"
 
 say "cargo test"
 # The catalog's acceptance image is 512 MiB (random, compressible and zero regions).
 export HANGAR_TEST_BIG_IMAGE="${HANGAR_TEST_BIG_IMAGE:-1}"
-cargo test --workspace --locked "$@"
+TMPDIR="$HANGAR_TEST_TMP" cargo test --workspace --locked "$@"
 
 # The Helm chart rendered and validated offline, and its container run with the binary just
 # built, one pod on the JSON engine and two on one PostgreSQL database of the test services.

@@ -44,8 +44,10 @@ fn start(mut cmd: Command, dir: &Path) -> Server {
     let stderr_path = dir.join("server.log");
     let stderr = std::fs::File::create(&stderr_path).unwrap();
     cmd.env("ROOT_PASSWORD", ROOT_PASSWORD);
-    let mut child = cmd.stdout(Stdio::piped()).stderr(stderr).spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
+    let child = cmd.stdout(Stdio::piped()).stderr(stderr).spawn().unwrap();
+    // Held by a `Server` from here on, so a panic while waiting for the banner kills it.
+    let mut server = Server { child, url: String::new(), dir: dir.to_path_buf(), banner: Vec::new(), stderr_path };
+    let stdout = server.child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel::<String>();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -71,15 +73,16 @@ fn start(mut cmd: Command, dir: &Path) -> Server {
                 }
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                if let Ok(Some(st)) = child.try_wait() {
-                    panic!("hangar exited with {st}: {}", std::fs::read_to_string(&stderr_path).unwrap_or_default());
+                if let Ok(Some(st)) = server.child.try_wait() {
+                    panic!("hangar exited with {st}: {}", server.log());
                 }
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
-    let url = url.unwrap_or_else(|| panic!("no listener announced: {banner:?}"));
-    Server { child, url, dir: dir.to_path_buf(), banner, stderr_path }
+    server.url = url.unwrap_or_else(|| panic!("no listener announced: {banner:?}"));
+    server.banner = banner;
+    server
 }
 
 /// `hangar config check` from `exe` with `args`: (success, stdout + stderr).

@@ -82,8 +82,10 @@ impl Server {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.stdout(Stdio::piped()).stderr(stderr).stdin(Stdio::null()).spawn().expect("spawn hangar");
-        let stdout = child.stdout.take().unwrap();
+        let child = cmd.stdout(Stdio::piped()).stderr(stderr).stdin(Stdio::null()).spawn().expect("spawn hangar");
+        // Held by a `Server` from here on, so a panic while waiting for the banner kills it.
+        let mut server = Server { child, url: String::new(), dir: dir.to_path_buf(), banner: Vec::new(), stderr_path };
+        let stdout = server.child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel::<String>();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -110,23 +112,17 @@ impl Server {
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if let Ok(Some(st)) = child.try_wait() {
-                        panic!(
-                            "hangar exited with {st} before it was ready: {}",
-                            std::fs::read_to_string(&stderr_path).unwrap_or_default()
-                        );
+                    if let Ok(Some(st)) = server.child.try_wait() {
+                        panic!("hangar exited with {st} before it was ready: {}", server.log());
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
         }
-        let url = url.unwrap_or_else(|| {
-            panic!(
-                "hangar did not announce a listener; banner: {banner:?}; log: {}",
-                std::fs::read_to_string(&stderr_path).unwrap_or_default()
-            )
-        });
-        Server { child, url, dir: dir.to_path_buf(), banner, stderr_path }
+        server.url = url
+            .unwrap_or_else(|| panic!("hangar did not announce a listener; banner: {banner:?}; log: {}", server.log()));
+        server.banner = banner;
+        server
     }
 
     pub fn api(&self, path: &str) -> String {
@@ -360,6 +356,13 @@ impl FakeParallels {
         let mut settings = vec![("ENABLED_MODULES", "api,host")];
         settings.extend_from_slice(extra);
         self.server(data, &settings)
+    }
+}
+
+/// The fake's hung processes go with it, also when a test panics.
+impl Drop for FakeParallels {
+    fn drop(&mut self) {
+        self.kill_hung();
     }
 }
 
