@@ -30,6 +30,19 @@ impl fmt::Debug for Target {
     }
 }
 
+/// Whether a record could have this collection name or id: a read with a name no batch
+/// could write (empty, too long, with a NUL, which PostgreSQL cannot even take as a
+/// parameter) finds nothing, as on the JSON engine.
+pub fn storable(key: &str) -> bool {
+    !key.is_empty() && key.len() <= hangar_store::MAX_KEY_LEN && !key.contains('\0')
+}
+
+/// A `list_page` cursor without its NUL and what follows: no stored id holds a NUL, so the
+/// ids after `p\0...` are exactly the ids after `p`.
+pub fn before_nul(after: &str) -> &str {
+    after.split('\0').next().unwrap_or(after)
+}
+
 /// The error for a sqlx failure during an operation on an open store.
 pub fn engine_error(target: &Target, what: &str, err: sqlx::Error) -> StoreError {
     match err {

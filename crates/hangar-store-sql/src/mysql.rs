@@ -12,7 +12,9 @@ use hangar_store::{Batch, Committed, Condition, DUMP_FORMAT, Dump, Op, Record, R
 use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlPool, MySqlPoolOptions, MySqlRow};
 use sqlx::{Connection, Executor, Row, Transaction};
 
-use crate::common::{Codec, Target, condition_failure, connect_error, engine_error, from_db_revision};
+use crate::common::{
+    Codec, Target, before_nul, condition_failure, connect_error, engine_error, from_db_revision, storable,
+};
 use crate::{SqlOptions, migrations, redact_url};
 
 /// Rows per INSERT during an import.
@@ -236,6 +238,9 @@ impl Store for MySqlStore {
 
     async fn get(&self, collection: &str, id: &str) -> Result<Option<Record>> {
         self.check_open()?;
+        if !storable(collection) || !storable(id) {
+            return Ok(None);
+        }
         let row = sqlx::query("SELECT id, revision, value FROM hangar_records WHERE collection = ? AND id = ?")
             .bind(collection.as_bytes())
             .bind(id.as_bytes())
@@ -247,6 +252,9 @@ impl Store for MySqlStore {
 
     async fn list(&self, collection: &str) -> Result<Vec<Record>> {
         self.check_open()?;
+        if !storable(collection) {
+            return Ok(Vec::new());
+        }
         let rows = sqlx::query("SELECT id, revision, value FROM hangar_records WHERE collection = ? ORDER BY id")
             .bind(collection.as_bytes())
             .fetch_all(&self.pool)
@@ -257,9 +265,10 @@ impl Store for MySqlStore {
 
     async fn list_page(&self, collection: &str, after: Option<&str>, limit: usize) -> Result<Vec<Record>> {
         self.check_open()?;
-        if limit == 0 {
+        if limit == 0 || !storable(collection) {
             return Ok(Vec::new());
         }
+        let after = after.map(before_nul);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = match after {
             Some(after) => {

@@ -9,7 +9,9 @@ use hangar_store::{Batch, Committed, DUMP_FORMAT, Dump, Op, Record, Result, Stor
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Row, Transaction};
 
-use crate::common::{Codec, Target, condition_failure, connect_error, engine_error, from_db_revision};
+use crate::common::{
+    Codec, Target, before_nul, condition_failure, connect_error, engine_error, from_db_revision, storable,
+};
 use crate::{SqlOptions, migrations, redact_url};
 
 /// Key of the advisory lock held while migrating ("hangar" in ASCII).
@@ -178,6 +180,9 @@ impl Store for PgStore {
 
     async fn get(&self, collection: &str, id: &str) -> Result<Option<Record>> {
         self.check_open()?;
+        if !storable(collection) || !storable(id) {
+            return Ok(None);
+        }
         let row = sqlx::query("SELECT id, revision, value FROM hangar_records WHERE collection = $1 AND id = $2")
             .bind(collection)
             .bind(id)
@@ -189,6 +194,9 @@ impl Store for PgStore {
 
     async fn list(&self, collection: &str) -> Result<Vec<Record>> {
         self.check_open()?;
+        if !storable(collection) {
+            return Ok(Vec::new());
+        }
         let rows = sqlx::query("SELECT id, revision, value FROM hangar_records WHERE collection = $1 ORDER BY id")
             .bind(collection)
             .fetch_all(&self.pool)
@@ -199,9 +207,10 @@ impl Store for PgStore {
 
     async fn list_page(&self, collection: &str, after: Option<&str>, limit: usize) -> Result<Vec<Record>> {
         self.check_open()?;
-        if limit == 0 {
+        if limit == 0 || !storable(collection) {
             return Ok(Vec::new());
         }
+        let after = after.map(before_nul);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = match after {
             Some(after) => {

@@ -171,3 +171,22 @@ async fn a_down_server_or_bad_url_fails_fast_without_the_password() {
     assert!(!format!("{store:?}").contains("hangar-test-pw"));
     store.close().await.expect("close");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reads_with_names_no_batch_could_write_find_nothing() {
+    let Some(admin) = common::admin_url(VAR) else { return };
+    let store = common::fresh_store(&admin, None).await;
+    store.commit(Batch::new().put("c", "ab", json!(1)).put("c", "b", json!(2))).await.expect("commit");
+    for (collection, id) in [("c", "a\0b"), ("c\0", "ab"), ("", "ab"), ("c", "")] {
+        let got = store.get(collection, id).await;
+        assert!(matches!(got, Ok(None)), "get({collection:?}, {id:?}): {got:?}");
+    }
+    let long = "x".repeat(hangar_store::MAX_KEY_LEN + 1);
+    assert!(matches!(store.get("c", &long).await, Ok(None)));
+    assert!(store.list("c\0").await.expect("list").is_empty());
+    // Ids after "a\0..." are the ids after "a".
+    let page = store.list_page("c", Some("a\0zzz"), 10).await.expect("page");
+    let ids: Vec<_> = page.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, ["ab", "b"]);
+    store.close().await.expect("close");
+}

@@ -168,6 +168,9 @@ async fn migrate(
     force: bool,
     out: Output,
 ) -> Result<()> {
+    if !hangar_store_sql::is_sql_url(from) && !Path::new(from).join("store").is_dir() {
+        bail!("--from {from} is not a Hangar data folder (it has no store/ folder) nor a database URL");
+    }
     let source = open_named(from, from_key, s).await.context("the source of the migration (--from)")?;
     let dump = source.export().await;
     source.close().await.ok();

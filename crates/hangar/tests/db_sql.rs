@@ -2,6 +2,8 @@
 //! MariaDB, and `hangar db migrate` from a JSON data folder into both, against the servers
 //! `scripts/test-services.sh start` runs (`eval "$(scripts/test-services.sh env)"`).
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::collections::BTreeMap;
@@ -114,6 +116,16 @@ async fn db_migrate_copies_a_json_folder_into_postgres_and_mariadb() {
     }
     assert!(s.stop().success());
     let source = dir.path().to_str().unwrap().to_string();
+
+    // A folder that is not a data folder is refused, not read as an empty store.
+    let out = Command::new(bin())
+        .args(["db", "migrate", "--data-dir"])
+        .arg(dir.path())
+        .args(["--from", &format!("{source}/typo"), "--to", &format!("{source}/elsewhere")])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a Hangar data folder"));
 
     for admin in [&pg_admin, &my_admin] {
         let target = fresh_database(admin).await;
