@@ -62,6 +62,7 @@ impl HttpOrchestrator {
         role: tokio::sync::watch::Receiver<hangar_store::Role>,
     ) -> Self {
         let background = scheduler.lead(every, role);
+        scheduler.export_metrics();
         let tunnels = HostTunnels::new(scheduler.clone());
         HttpOrchestrator { scheduler, connector, tunnels, jobs, _background: background }
     }
