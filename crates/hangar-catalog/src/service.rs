@@ -203,6 +203,11 @@ impl Catalog {
             true => vec![options.data_dir.join("catalog")],
             false => options.local_roots.clone(),
         };
+        // `hangar_image_cache_size_bytes` from the first scrape on, not only after a change.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let store = store.clone();
+            rt.spawn(async move { note_cache_size(&store).await });
+        }
         Ok(Catalog {
             store,
             bus,
@@ -1225,10 +1230,7 @@ impl Catalog {
 
     /// `hangar_image_cache_size_bytes`, after the cache changed.
     async fn note_cache_size(&self) {
-        if let Ok(items) = self.cache_list().await {
-            let bytes: u64 = items.iter().map(|i| i.size).sum();
-            hangar_metrics::metrics().cache_size.set(i64::try_from(bytes).unwrap_or(i64::MAX));
-        }
+        note_cache_size(&self.store).await
     }
 
     /// The images in this host's cache.
@@ -1286,6 +1288,14 @@ impl Catalog {
         self.note_cache_size().await;
         Ok(items.len())
     }
+}
+
+/// Set `hangar_image_cache_size_bytes` to the size of the images the host cache records.
+async fn note_cache_size(store: &Arc<dyn Store>) {
+    let Ok(records) = store.list(CACHE_ITEMS).await else { return };
+    let bytes: u64 =
+        records.into_iter().filter_map(|r| from_value::<CacheItem>(r.value, "cache item").ok()).map(|i| i.size).sum();
+    hangar_metrics::metrics().cache_size.set(i64::try_from(bytes).unwrap_or(i64::MAX));
 }
 
 /// Metadata of a new entry.

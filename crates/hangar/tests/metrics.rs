@@ -192,7 +192,7 @@ async fn metrics_are_guarded_parse_and_move_with_the_work_done() {
     let dir = tempfile::tempdir().unwrap();
     let c = client();
     let fake = FakeParallels::new(dir.path());
-    let s = fake.server(&dir.path().join("data"), &[("METRICS_PORT", "0")]);
+    let mut s = fake.server(&dir.path().join("data"), &[("METRICS_PORT", "0")]);
     let root = login(&c, &s, "root", ROOT_PASSWORD).await;
     let open_url = metrics_listener(&s);
     assert!(open_url.starts_with("http://127.0.0.1:"), "the metrics listener is on loopback: {open_url}");
@@ -279,6 +279,16 @@ async fn metrics_are_guarded_parse_and_move_with_the_work_done() {
     for route in after.labels_of("hangar_http_requests_total", "route") {
         assert!(vm_ids.iter().all(|id| !route.contains(id.as_str())), "a raw path as a label: {route}");
         assert!(route == "unmatched" || route.starts_with('/'), "{route}");
+    }
+
+    // A restarted server reports the cache it holds from its first scrapes on.
+    assert!(s.stop().success());
+    let s = fake.server(&dir.path().join("data"), &[("METRICS_PORT", "0")]);
+    let url = metrics_listener(&s);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while scrape(&c, &url, &Auth::None).await.sum("hangar_image_cache_size_bytes", &[]) <= 0.0 {
+        assert!(tokio::time::Instant::now() < deadline, "the cache size stays 0 after a restart");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     // The orchestrator: a placement onto its one host, whose health and capacity are series.
