@@ -238,6 +238,8 @@ def check_promises(name: str, values: dict, objs: list[dict], keys: set[str], pr
         fail(f"the data folder is {'a PVC' if data_is_pvc else 'not a PVC'} with sql={exp['sql']}")
     if exp["pvc"] != bool(by_kind.get("PersistentVolumeClaim")):
         fail(f"PersistentVolumeClaim rendered: {bool(by_kind.get('PersistentVolumeClaim'))}, want {exp['pvc']}")
+    if (exp["replicas"] > 1) != bool(by_kind.get("PodDisruptionBudget")):
+        fail(f"PodDisruptionBudget rendered: {bool(by_kind.get('PodDisruptionBudget'))} with {exp['replicas']} pods")
     if exp["ingress"] != bool(by_kind.get("Ingress")):
         fail(f"Ingress rendered: {bool(by_kind.get('Ingress'))}, want {exp['ingress']}")
     sms = by_kind.get("ServiceMonitor", [])
