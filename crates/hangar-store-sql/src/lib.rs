@@ -5,10 +5,14 @@
 //! [`conformance`](hangar_store::conformance) suite:
 //!
 //! * **One global revision.** A one-row table `hangar_revision` holds the store's revision.
-//!   Every commit transaction locks that row first (`SELECT ... FOR UPDATE`, or an `UPDATE`
-//!   on PostgreSQL), so commits from every process on the database (several Hangar replicas)
-//!   are serialised: the conditions are checked against the latest committed state and the
-//!   batch is written at the next revision, which every record of the batch carries.
+//!   Every commit transaction locks that row first (`SELECT ... FOR UPDATE`), so commits from
+//!   every process on the database (several Hangar replicas) are serialised: the conditions
+//!   are checked against the latest committed state and each batch is written at the next
+//!   revision, which every record of the batch carries.
+//! * **Group commit.** Within one process the batches committed at the same time share one
+//!   transaction (`group.rs`): each keeps its own revision, its own conditions (checked
+//!   against the database plus the batches before it) and its own failure (a savepoint per
+//!   batch), and one durable database commit acknowledges them all.
 //! * **Atomic and durable.** A batch is one transaction; `commit` returns after the database
 //!   committed it. PostgreSQL sessions set `synchronous_commit = on`; on MySQL/MariaDB the
 //!   server's `innodb_flush_log_at_trx_commit` must be 1 (the default; a warning is logged
@@ -30,6 +34,7 @@ use std::time::Duration;
 use hangar_store::{EncryptionKey, Store, StoreError};
 
 mod common;
+mod group;
 mod migrations;
 pub mod mysql;
 pub mod postgres;

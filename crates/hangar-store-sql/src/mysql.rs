@@ -8,13 +8,13 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
-use hangar_store::{Batch, Committed, Condition, DUMP_FORMAT, Dump, Op, Record, Result, Store, StoreError};
+use hangar_store::{Batch, Committed, DUMP_FORMAT, Dump, Op, Record, Result, Store, StoreError};
 use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlPool, MySqlPoolOptions, MySqlRow};
 use sqlx::{Connection, Executor, Row, Transaction};
+use tokio::sync::{mpsc, oneshot};
 
-use crate::common::{
-    Codec, Target, before_nul, condition_failure, connect_error, engine_error, from_db_revision, storable,
-};
+use crate::common::{Codec, Target, before_nul, connect_error, engine_error, from_db_revision, storable};
+use crate::group::{self, Overlay, Pending};
 use crate::{SqlOptions, migrations, redact_url};
 
 /// Rows per INSERT during an import.
@@ -28,6 +28,8 @@ pub struct MySqlStore {
     target: Target,
     codec: Codec,
     closed: AtomicBool,
+    /// The group-commit writer (see [`crate::group`]).
+    writer: mpsc::Sender<Pending>,
 }
 
 impl std::fmt::Debug for MySqlStore {
@@ -88,7 +90,9 @@ impl MySqlStore {
             .connect_with(connect)
             .await
             .map_err(|e| connect_error(&target, e))?;
-        let store = Self { pool, target, codec, closed: AtomicBool::new(false) };
+        let (writer, queue) = mpsc::channel(4 * group::MAX_GROUP);
+        tokio::spawn(run_writer(pool.clone(), target.clone(), queue));
+        let store = Self { pool, target, codec, closed: AtomicBool::new(false), writer };
         if let Err(err) = store.check_key().await {
             store.pool.close().await;
             return Err(err);
@@ -297,6 +301,7 @@ impl Store for MySqlStore {
     async fn commit(&self, batch: Batch) -> Result<Committed> {
         batch.validate()?;
         self.check_open()?;
+        // Seal before queueing: the revision lock is held for the database work only.
         let mut values = Vec::with_capacity(batch.ops.len());
         for op in &batch.ops {
             values.push(match op {
@@ -304,58 +309,9 @@ impl Store for MySqlStore {
                 Op::Delete { .. } => None,
             });
         }
-        let mut tx = self.pool.begin().await.map_err(self.err("commit: begin"))?;
-        // Every commit of every process locks this row first: commits are serialised, and the
-        // conditions below see every commit that finished before this one.
-        let current = self.lock_revision(&mut tx).await?;
-        for condition in &batch.conditions {
-            let (Condition::Absent { collection, id } | Condition::Revision { collection, id, .. }) = condition;
-            let found: Option<i64> =
-                sqlx::query_scalar("SELECT revision FROM hangar_records WHERE collection = ? AND id = ?")
-                    .bind(collection.as_bytes())
-                    .bind(id.as_bytes())
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(self.err("commit: check a condition"))?;
-            let found = found.map(|r| from_db_revision(&self.target, r)).transpose()?;
-            if let Some(message) = condition_failure(condition, found) {
-                let _ = tx.rollback().await;
-                return Err(StoreError::Conflict(message));
-            }
-        }
-        if batch.ops.is_empty() {
-            tx.commit().await.map_err(self.err("commit"))?;
-            return Ok(Committed { revision: from_db_revision(&self.target, current)? });
-        }
-        let revision = current + 1;
-        for (op, value) in batch.ops.iter().zip(values) {
-            match (op, value) {
-                (Op::Put { collection, id, .. }, Some(value)) => {
-                    sqlx::query(
-                        "INSERT INTO hangar_records (collection, id, revision, value) VALUES (?, ?, ?, ?) \
-                         ON DUPLICATE KEY UPDATE revision = VALUES(revision), value = VALUES(value)",
-                    )
-                    .bind(collection.as_bytes())
-                    .bind(id.as_bytes())
-                    .bind(revision)
-                    .bind(value)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(self.err("commit: put"))?;
-                }
-                (Op::Delete { collection, id }, _) | (Op::Put { collection, id, .. }, None) => {
-                    sqlx::query("DELETE FROM hangar_records WHERE collection = ? AND id = ?")
-                        .bind(collection.as_bytes())
-                        .bind(id.as_bytes())
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(self.err("commit: delete"))?;
-                }
-            }
-        }
-        self.set_revision(&mut tx, revision).await?;
-        tx.commit().await.map_err(self.err("commit"))?;
-        Ok(Committed { revision: from_db_revision(&self.target, revision)? })
+        let (reply, answer) = oneshot::channel();
+        self.writer.send(Pending { batch, values, reply }).await.map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
     }
 
     async fn export(&self) -> Result<Dump> {
@@ -425,4 +381,153 @@ impl Store for MySqlStore {
         self.pool.close().await;
         Ok(())
     }
+}
+
+/// Writes the queued batches, a group per transaction, until the store is dropped.
+async fn run_writer(pool: MySqlPool, target: Target, mut queue: mpsc::Receiver<Pending>) {
+    while let Some(first) = queue.recv().await {
+        let group = group::collect(first, &mut queue);
+        write_group(&pool, &target, group).await;
+    }
+}
+
+async fn write_group(pool: &MySqlPool, target: &Target, group: Vec<Pending>) {
+    let mut tx = match pool.begin().await {
+        Ok(tx) => tx,
+        Err(e) => return group::fail_all(group, &engine_error(target, "commit: begin", e)),
+    };
+    let outcomes = match apply_group(&mut tx, target, &group).await {
+        Ok(outcomes) => outcomes,
+        Err(err) => {
+            let _ = tx.rollback().await;
+            return group::fail_all(group, &err);
+        }
+    };
+    if let Err(e) = tx.commit().await {
+        return group::fail_all(group, &engine_error(target, "commit", e));
+    }
+    for (pending, outcome) in group.into_iter().zip(outcomes) {
+        let _ = pending.reply.send(outcome.map(|revision| Committed { revision }));
+    }
+}
+
+/// Checks and writes each batch of the group in order; an `Err` fails the whole group.
+async fn apply_group(
+    tx: &mut Transaction<'static, sqlx::MySql>,
+    target: &Target,
+    group: &[Pending],
+) -> Result<Vec<Result<u64>>> {
+    let err = |what: &'static str| move |e| engine_error(target, what, e);
+    // Every commit of every process locks this row first: commits are serialised, and the
+    // conditions below see every commit that finished before this one.
+    let start: i64 = sqlx::query_scalar("SELECT revision FROM hangar_revision WHERE id = 1 FOR UPDATE")
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(err("commit: lock the revision"))?;
+    let start = from_db_revision(target, start)?;
+    let mut revision = start;
+    let savepoints = group.len() > 1;
+    let mut overlay = Overlay::default();
+    let mut outcomes = Vec::with_capacity(group.len());
+    for pending in group {
+        let batch = &pending.batch;
+        let mut current = Vec::with_capacity(batch.conditions.len());
+        for condition in &batch.conditions {
+            let (collection, id) = group::condition_key(condition);
+            current.push(match overlay.get(collection, id) {
+                Some(pending) => pending,
+                None => {
+                    let found: Option<i64> =
+                        sqlx::query_scalar("SELECT revision FROM hangar_records WHERE collection = ? AND id = ?")
+                            .bind(collection.as_bytes())
+                            .bind(id.as_bytes())
+                            .fetch_optional(&mut **tx)
+                            .await
+                            .map_err(err("commit: check a condition"))?;
+                    found.map(|r| from_db_revision(target, r)).transpose()?
+                }
+            });
+        }
+        if let Some(message) = group::first_conflict(&batch.conditions, &current) {
+            outcomes.push(Err(StoreError::Conflict(message)));
+            continue;
+        }
+        if batch.ops.is_empty() {
+            outcomes.push(Ok(revision));
+            continue;
+        }
+        let next = revision + 1;
+        if savepoints {
+            sqlx::query("SAVEPOINT hangar_batch").execute(&mut **tx).await.map_err(err("commit: savepoint"))?;
+        }
+        match write_ops(tx, target, &batch.ops, &pending.values, next).await {
+            Ok(()) => {
+                if savepoints {
+                    sqlx::query("RELEASE SAVEPOINT hangar_batch")
+                        .execute(&mut **tx)
+                        .await
+                        .map_err(err("commit: savepoint"))?;
+                }
+                overlay.record(&batch.ops, next);
+                revision = next;
+                outcomes.push(Ok(next));
+            }
+            Err(e) if savepoints => {
+                sqlx::query("ROLLBACK TO SAVEPOINT hangar_batch")
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(err("commit: savepoint"))?;
+                outcomes.push(Err(e));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if revision != start {
+        sqlx::query("UPDATE hangar_revision SET revision = ? WHERE id = 1")
+            .bind(to_db(revision)?)
+            .execute(&mut **tx)
+            .await
+            .map_err(err("commit: write the revision"))?;
+    }
+    Ok(outcomes)
+}
+
+fn to_db(revision: u64) -> Result<i64> {
+    i64::try_from(revision).map_err(|_| StoreError::Engine(format!("revision {revision} is out of range")))
+}
+
+async fn write_ops(
+    tx: &mut Transaction<'static, sqlx::MySql>,
+    target: &Target,
+    ops: &[Op],
+    values: &[Option<Vec<u8>>],
+    revision: u64,
+) -> Result<()> {
+    let revision = to_db(revision)?;
+    for (op, value) in ops.iter().zip(values) {
+        match (op, value) {
+            (Op::Put { collection, id, .. }, Some(value)) => {
+                sqlx::query(
+                    "INSERT INTO hangar_records (collection, id, revision, value) VALUES (?, ?, ?, ?) \
+                     ON DUPLICATE KEY UPDATE revision = VALUES(revision), value = VALUES(value)",
+                )
+                .bind(collection.as_bytes())
+                .bind(id.as_bytes())
+                .bind(revision)
+                .bind(value.as_slice())
+                .execute(&mut **tx)
+                .await
+                .map_err(|e| engine_error(target, "commit: put", e))?;
+            }
+            (Op::Delete { collection, id }, _) | (Op::Put { collection, id, .. }, None) => {
+                sqlx::query("DELETE FROM hangar_records WHERE collection = ? AND id = ?")
+                    .bind(collection.as_bytes())
+                    .bind(id.as_bytes())
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(|e| engine_error(target, "commit: delete", e))?;
+            }
+        }
+    }
+    Ok(())
 }

@@ -8,10 +8,10 @@ use async_trait::async_trait;
 use hangar_store::{Batch, Committed, DUMP_FORMAT, Dump, Op, Record, Result, Store, StoreError};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Row, Transaction};
+use tokio::sync::{mpsc, oneshot};
 
-use crate::common::{
-    Codec, Target, before_nul, condition_failure, connect_error, engine_error, from_db_revision, storable,
-};
+use crate::common::{Codec, Target, before_nul, connect_error, engine_error, from_db_revision, storable};
+use crate::group::{self, Overlay, Pending};
 use crate::{SqlOptions, migrations, redact_url};
 
 /// Key of the advisory lock held while migrating ("hangar" in ASCII).
@@ -27,6 +27,8 @@ pub struct PgStore {
     target: Target,
     codec: Codec,
     closed: AtomicBool,
+    /// The group-commit writer (see [`crate::group`]).
+    writer: mpsc::Sender<Pending>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -62,7 +64,9 @@ impl PgStore {
             .connect_with(connect)
             .await
             .map_err(|e| connect_error(&target, e))?;
-        let store = Self { pool, target, codec, closed: AtomicBool::new(false) };
+        let (writer, queue) = mpsc::channel(4 * group::MAX_GROUP);
+        tokio::spawn(run_writer(pool.clone(), target.clone(), queue));
+        let store = Self { pool, target, codec, closed: AtomicBool::new(false), writer };
         if let Err(err) = store.prepare().await {
             store.pool.close().await;
             return Err(err);
@@ -239,7 +243,7 @@ impl Store for PgStore {
     async fn commit(&self, batch: Batch) -> Result<Committed> {
         batch.validate()?;
         self.check_open()?;
-        // Seal before taking the lock: the lock is held for the database work only.
+        // Seal before queueing: the revision lock is held for the database work only.
         let mut values = Vec::with_capacity(batch.ops.len());
         for op in &batch.ops {
             values.push(match op {
@@ -247,53 +251,9 @@ impl Store for PgStore {
                 Op::Delete { .. } => None,
             });
         }
-        let mut tx = self.pool.begin().await.map_err(self.err("commit: begin"))?;
-        // Every commit of every process locks this row first: commits are serialised, and the
-        // conditions below see every commit that finished before this one.
-        let revision = self.lock_revision(&mut tx, !batch.ops.is_empty()).await?;
-        for condition in &batch.conditions {
-            let (hangar_store::Condition::Absent { collection, id }
-            | hangar_store::Condition::Revision { collection, id, .. }) = condition;
-            let current: Option<i64> =
-                sqlx::query_scalar("SELECT revision FROM hangar_records WHERE collection = $1 AND id = $2")
-                    .bind(collection)
-                    .bind(id)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(self.err("commit: check a condition"))?;
-            let current = current.map(|r| from_db_revision(&self.target, r)).transpose()?;
-            if let Some(message) = condition_failure(condition, current) {
-                let _ = tx.rollback().await;
-                return Err(StoreError::Conflict(message));
-            }
-        }
-        for (op, value) in batch.ops.iter().zip(values) {
-            match (op, value) {
-                (Op::Put { collection, id, .. }, Some(value)) => {
-                    sqlx::query(
-                        "INSERT INTO hangar_records (collection, id, revision, value) VALUES ($1, $2, $3, $4) \
-                         ON CONFLICT (collection, id) DO UPDATE SET revision = EXCLUDED.revision, value = EXCLUDED.value",
-                    )
-                    .bind(collection)
-                    .bind(id)
-                    .bind(revision)
-                    .bind(value)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(self.err("commit: put"))?;
-                }
-                (Op::Delete { collection, id }, _) | (Op::Put { collection, id, .. }, None) => {
-                    sqlx::query("DELETE FROM hangar_records WHERE collection = $1 AND id = $2")
-                        .bind(collection)
-                        .bind(id)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(self.err("commit: delete"))?;
-                }
-            }
-        }
-        tx.commit().await.map_err(self.err("commit"))?;
-        Ok(Committed { revision: from_db_revision(&self.target, revision)? })
+        let (reply, answer) = oneshot::channel();
+        self.writer.send(Pending { batch, values, reply }).await.map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
     }
 
     async fn export(&self) -> Result<Dump> {
@@ -364,4 +324,153 @@ impl Store for PgStore {
         self.pool.close().await;
         Ok(())
     }
+}
+
+/// Writes the queued batches, a group per transaction, until the store is dropped.
+async fn run_writer(pool: PgPool, target: Target, mut queue: mpsc::Receiver<Pending>) {
+    while let Some(first) = queue.recv().await {
+        let group = group::collect(first, &mut queue);
+        write_group(&pool, &target, group).await;
+    }
+}
+
+async fn write_group(pool: &PgPool, target: &Target, group: Vec<Pending>) {
+    let mut tx = match pool.begin().await {
+        Ok(tx) => tx,
+        Err(e) => return group::fail_all(group, &engine_error(target, "commit: begin", e)),
+    };
+    let outcomes = match apply_group(&mut tx, target, &group).await {
+        Ok(outcomes) => outcomes,
+        Err(err) => {
+            let _ = tx.rollback().await;
+            return group::fail_all(group, &err);
+        }
+    };
+    if let Err(e) = tx.commit().await {
+        return group::fail_all(group, &engine_error(target, "commit", e));
+    }
+    for (pending, outcome) in group.into_iter().zip(outcomes) {
+        let _ = pending.reply.send(outcome.map(|revision| Committed { revision }));
+    }
+}
+
+/// Checks and writes each batch of the group in order; an `Err` fails the whole group.
+async fn apply_group(
+    tx: &mut Transaction<'static, sqlx::Postgres>,
+    target: &Target,
+    group: &[Pending],
+) -> Result<Vec<Result<u64>>> {
+    let err = |what: &'static str| move |e| engine_error(target, what, e);
+    // Every commit of every process locks this row first: commits are serialised, and the
+    // conditions below see every commit that finished before this one.
+    let start: i64 = sqlx::query_scalar("SELECT revision FROM hangar_revision WHERE id = 1 FOR UPDATE")
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(err("commit: lock the revision"))?;
+    let start = from_db_revision(target, start)?;
+    let mut revision = start;
+    let savepoints = group.len() > 1;
+    let mut overlay = Overlay::default();
+    let mut outcomes = Vec::with_capacity(group.len());
+    for pending in group {
+        let batch = &pending.batch;
+        let mut current = Vec::with_capacity(batch.conditions.len());
+        for condition in &batch.conditions {
+            let (collection, id) = group::condition_key(condition);
+            current.push(match overlay.get(collection, id) {
+                Some(pending) => pending,
+                None => {
+                    let found: Option<i64> =
+                        sqlx::query_scalar("SELECT revision FROM hangar_records WHERE collection = $1 AND id = $2")
+                            .bind(collection)
+                            .bind(id)
+                            .fetch_optional(&mut **tx)
+                            .await
+                            .map_err(err("commit: check a condition"))?;
+                    found.map(|r| from_db_revision(target, r)).transpose()?
+                }
+            });
+        }
+        if let Some(message) = group::first_conflict(&batch.conditions, &current) {
+            outcomes.push(Err(StoreError::Conflict(message)));
+            continue;
+        }
+        if batch.ops.is_empty() {
+            outcomes.push(Ok(revision));
+            continue;
+        }
+        let next = revision + 1;
+        if savepoints {
+            sqlx::query("SAVEPOINT hangar_batch").execute(&mut **tx).await.map_err(err("commit: savepoint"))?;
+        }
+        match write_ops(tx, target, &batch.ops, &pending.values, next).await {
+            Ok(()) => {
+                if savepoints {
+                    sqlx::query("RELEASE SAVEPOINT hangar_batch")
+                        .execute(&mut **tx)
+                        .await
+                        .map_err(err("commit: savepoint"))?;
+                }
+                overlay.record(&batch.ops, next);
+                revision = next;
+                outcomes.push(Ok(next));
+            }
+            Err(e) if savepoints => {
+                sqlx::query("ROLLBACK TO SAVEPOINT hangar_batch")
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(err("commit: savepoint"))?;
+                outcomes.push(Err(e));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if revision != start {
+        sqlx::query("UPDATE hangar_revision SET revision = $1 WHERE id = 1")
+            .bind(to_db(revision)?)
+            .execute(&mut **tx)
+            .await
+            .map_err(err("commit: write the revision"))?;
+    }
+    Ok(outcomes)
+}
+
+fn to_db(revision: u64) -> Result<i64> {
+    i64::try_from(revision).map_err(|_| StoreError::Engine(format!("revision {revision} is out of range")))
+}
+
+async fn write_ops(
+    tx: &mut Transaction<'static, sqlx::Postgres>,
+    target: &Target,
+    ops: &[Op],
+    values: &[Option<Vec<u8>>],
+    revision: u64,
+) -> Result<()> {
+    let revision = to_db(revision)?;
+    for (op, value) in ops.iter().zip(values) {
+        match (op, value) {
+            (Op::Put { collection, id, .. }, Some(value)) => {
+                sqlx::query(
+                    "INSERT INTO hangar_records (collection, id, revision, value) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (collection, id) DO UPDATE SET revision = EXCLUDED.revision, value = EXCLUDED.value",
+                )
+                .bind(collection)
+                .bind(id)
+                .bind(revision)
+                .bind(value.as_slice())
+                .execute(&mut **tx)
+                .await
+                .map_err(|e| engine_error(target, "commit: put", e))?;
+            }
+            (Op::Delete { collection, id }, _) | (Op::Put { collection, id, .. }, None) => {
+                sqlx::query("DELETE FROM hangar_records WHERE collection = $1 AND id = $2")
+                    .bind(collection)
+                    .bind(id)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(|e| engine_error(target, "commit: delete", e))?;
+            }
+        }
+    }
+    Ok(())
 }

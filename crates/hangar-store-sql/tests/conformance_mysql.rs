@@ -190,3 +190,47 @@ async fn reads_with_names_no_batch_could_write_find_nothing() {
     assert_eq!(ids, ["ab", "b"]);
     store.close().await.expect("close");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_commits_grouped_keep_one_revision_each() {
+    let Some(admin) = common::admin_url(VAR) else { return };
+    let store = common::fresh_store(&admin, None).await;
+    store.commit(Batch::new().put("g", "taken", json!(0))).await.expect("seed");
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..64usize {
+        let store = Arc::clone(&store);
+        tasks.spawn(async move {
+            // Every 8th batch conflicts; the others must land whatever group they share.
+            let batch = if n % 8 == 0 {
+                Batch::new().require_absent("g", "taken").put("g", &format!("never-{n}"), json!(n))
+            } else {
+                Batch::new().put("g", &format!("k-{n}"), json!(n)).put("h", &format!("k-{n}"), json!(n))
+            };
+            (n, store.commit(batch).await)
+        });
+    }
+    let mut revisions = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        let (n, result) = joined.expect("join");
+        match result {
+            Ok(done) => {
+                assert!(n % 8 != 0, "batch {n} must conflict");
+                for collection in ["g", "h"] {
+                    let record = store.get(collection, &format!("k-{n}")).await.expect("get").expect("written");
+                    assert_eq!(record.revision, done.revision, "both records of batch {n} carry its revision");
+                }
+                revisions.push(done.revision);
+            }
+            Err(StoreError::Conflict(_)) => assert!(n % 8 == 0, "batch {n} must land"),
+            Err(other) => panic!("batch {n}: {other}"),
+        }
+        assert!(store.get("g", &format!("never-{n}")).await.expect("get").is_none());
+    }
+    revisions.sort_unstable();
+    let before = revisions.len();
+    revisions.dedup();
+    assert_eq!((before, revisions.len()), (56, 56), "56 batches land, each at its own revision");
+    let dump = store.export().await.expect("export");
+    assert_eq!(dump.revision, *revisions.last().expect("some"), "the store's revision is the last batch's");
+    store.close().await.expect("close");
+}
