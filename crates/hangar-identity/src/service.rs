@@ -191,7 +191,26 @@ impl Identity {
 
     /// Seed claims, roles and the root user. Returns the root password when one was
     /// generated (first start without `ROOT_PASSWORD`), so the caller can print it once.
+    ///
+    /// Idempotent across replicas: every write carries a condition (`Absent` for a new
+    /// record, `Revision` for an updated role), so when several replicas seed one empty
+    /// database at once, the one that loses a race gets `Conflict`, re-reads what the
+    /// other wrote and goes on from there.
     pub async fn bootstrap(&self, root_password: Option<&str>) -> Result<Option<String>> {
+        const ATTEMPTS: usize = 8;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.seed_once(root_password).await {
+                Err(IdentityError::Store(StoreError::Conflict(why))) if attempt < ATTEMPTS => {
+                    info!(attempt, %why, "another replica seeded at the same time; reading its records again");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn seed_once(&self, root_password: Option<&str>) -> Result<Option<String>> {
         let actor = Actor::system();
         let t = now();
         let mut batch = Batch::new();
@@ -210,7 +229,7 @@ impl Identity {
                     created_at: t,
                     updated_at: t,
                 };
-                batch = batch.put(CLAIMS, name, to_value(&c)?);
+                batch = batch.require_absent(CLAIMS, name).put(CLAIMS, name, to_value(&c)?);
                 changed = true;
             }
         }
@@ -227,11 +246,12 @@ impl Identity {
                         created_at: t,
                         updated_at: t,
                     };
-                    batch = batch.put(ROLES, role, to_value(&r)?);
+                    batch = batch.require_absent(ROLES, role).put(ROLES, role, to_value(&r)?);
                     changed = true;
                 }
                 Some(rec) if *role != USER_ROLE => {
                     // New system claims reach ADMIN and SUPER_USER on upgrade.
+                    let revision = rec.revision;
                     let mut r: Role = from_value(rec.value, "role")?;
                     let before = r.claims.len();
                     for c in &wanted {
@@ -241,7 +261,7 @@ impl Identity {
                     }
                     if r.claims.len() != before {
                         r.updated_at = t;
-                        batch = batch.put(ROLES, role, to_value(&r)?);
+                        batch = batch.require_revision(ROLES, role, revision).put(ROLES, role, to_value(&r)?);
                         changed = true;
                     }
                 }
@@ -1431,5 +1451,43 @@ impl Identity {
     ) -> Result<()> {
         let batch = audit(Batch::new(), actor, action, target_type, target_id, detail)?;
         self.commit(batch).await
+    }
+}
+
+#[cfg(test)]
+mod seed_tests {
+    use super::*;
+    use crate::tokens::TokenConfig;
+    use hangar_store::MemoryStore;
+
+    /// Replicas starting together on one empty database all seed without an error, and the
+    /// database ends with one root user, whose generated password exactly one replica prints.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_seeding_is_idempotent() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let mut tasks = Vec::new();
+        let mut dirs = Vec::new();
+        for _ in 0..4 {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let tokens = TokenService::new(TokenConfig::default(), dir.path()).expect("tokens");
+            let id = Identity::new(store.clone(), tokens, IdentityOptions::default(), EventBus::default(), dir.path())
+                .expect("identity");
+            dirs.push(dir);
+            tasks.push(tokio::spawn(async move { id.bootstrap(None).await }));
+        }
+        let mut generated = 0;
+        for t in tasks {
+            if t.await.expect("task").expect("seeding must not fail").is_some() {
+                generated += 1;
+            }
+        }
+        assert_eq!(generated, 1, "exactly one replica created root");
+        let names = store.list(USER_NAMES).await.expect("list");
+        assert_eq!(names.len(), 1, "one user name index: {names:?}");
+        let users = store.list(USERS).await.expect("list");
+        assert_eq!(users.len(), 1, "one user: {users:?}");
+        for role in DEFAULT_ROLES {
+            assert!(store.get(ROLES, role).await.expect("get").is_some(), "role {role}");
+        }
     }
 }
