@@ -46,4 +46,4 @@ pub use model::*;
 pub use placement::{Caller, Decision, NoCapacity, PlacementRequest, Profile, Reason};
 pub use registry::{EnrollmentToken, HostRegistry, IssuedToken};
 pub use reservations::{Reservation, Reservations};
-pub use scheduler::{BackgroundIntervals, CreateVm, Leadership, ReapReport, Scheduler, SchedulerConfig};
+pub use scheduler::{BackgroundIntervals, CAPACITY, CreateVm, Leadership, ReapReport, Scheduler, SchedulerConfig};

@@ -503,6 +503,54 @@ impl HostRegistry {
         Ok(host)
     }
 
+    /// Brings the cached hosts in step with the store, for a replica sharing it with others:
+    /// hosts registered elsewhere are added, hosts unregistered elsewhere removed, and a host
+    /// whose record another replica rewrote takes the stored configuration and revision.
+    /// With `keep_runtime` (this replica follows the hosts itself: the leader) its own
+    /// runtime status (state, VMs, resources) stays; otherwise the stored one, which the
+    /// leader writes at each transition, replaces it. Returns the ids of hosts added or
+    /// changed. `everything`: take every record, changed or not (a replica's first sync: its
+    /// views were opened in state `unknown`).
+    pub async fn sync_from_store(&self, keep_runtime: bool, everything: bool) -> Result<Vec<String>> {
+        let _g = self.write.lock().await;
+        let records = self.store.list(HOSTS).await?;
+        let mut changed = Vec::new();
+        let mut cache = self.write_cache();
+        let mut index = self.index_write();
+        let stored: BTreeSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
+        let gone: Vec<String> = cache.keys().filter(|id| !stored.contains(id.as_str())).cloned().collect();
+        for id in gone {
+            cache.remove(&id);
+            index.remove(&id);
+        }
+        for rec in records {
+            if !everything && cache.get(&rec.id).is_some_and(|c| c.revision == rec.revision) {
+                continue;
+            }
+            let stored: StoredHost = match from_value(rec.value, "host") {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(host = %rec.id, error = %e, "unreadable host record skipped");
+                    continue;
+                }
+            };
+            let mut host = stored.host;
+            if let Some(c) = cache.get(&rec.id).filter(|_| keep_runtime) {
+                let status = &c.host;
+                host.state = status.state;
+                host.last_seen = status.last_seen;
+                host.last_error = status.last_error.clone();
+                host.vms = status.vms.clone();
+                host.resources = status.resources;
+                host.cached_images = status.cached_images.clone();
+            }
+            index.upsert(&host);
+            changed.push(rec.id.clone());
+            cache.insert(rec.id, Cached { host, revision: rec.revision, sealed: stored.sealed_credentials });
+        }
+        Ok(changed)
+    }
+
     /// Changes a host's runtime status in memory only (last seen, VM states), in place
     /// (the view is not copied). Returns `false` when the host is gone.
     pub fn update_in_memory(&self, id: &str, f: impl FnOnce(&mut Host)) -> bool {

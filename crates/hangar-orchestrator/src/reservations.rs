@@ -56,6 +56,9 @@ struct Ledger {
     by_host: ReservedByHost,
     next_seq: u64,
     waiters: BTreeMap<(Reverse<i32>, u64), Waiter>,
+    /// Holds other replicas keep in the store, per host (their ledger ids here), counted
+    /// like this replica's own and replaced whenever the host's capacity record is read.
+    remote: HashMap<String, Vec<u64>>,
     /// No reservation lapses before this (a lower bound: renewals only push expiries
     /// later), so most calls skip the expiry scan.
     earliest_expiry: Option<DateTime<Utc>>,
@@ -63,14 +66,25 @@ struct Ledger {
 
 impl Ledger {
     fn insert(&mut self, decision: &Decision, now: DateTime<Utc>, ttl: Duration) -> Reservation {
+        self.insert_raw(&decision.host_id, decision.needs, decision.macos, now, clock::add(now, ttl))
+    }
+
+    fn insert_raw(
+        &mut self,
+        host_id: &str,
+        resources: ResourceSet,
+        macos: bool,
+        now: DateTime<Utc>,
+        expires_at: DateTime<Utc>,
+    ) -> Reservation {
         self.next_id += 1;
         let r = Reservation {
             id: self.next_id,
-            host_id: decision.host_id.clone(),
-            resources: decision.needs,
-            macos: decision.macos,
+            host_id: host_id.to_string(),
+            resources,
+            macos,
             created_at: now,
-            expires_at: clock::add(now, ttl),
+            expires_at,
         };
         let h = self.by_host.entry(r.host_id.clone()).or_default();
         h.resources = h.resources.saturating_add(r.resources);
@@ -138,6 +152,27 @@ impl Reservations {
 
     fn lock(&self) -> MutexGuard<'_, Ledger> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Replaces what other replicas hold on `host_id` (from its capacity record in the
+    /// store) by `holds` (resources, macOS, expiry): they count against the host like this
+    /// replica's own reservations until the next read of the record or their expiry.
+    pub fn set_remote(&self, host_id: &str, holds: impl IntoIterator<Item = (ResourceSet, bool, DateTime<Utc>)>) {
+        let now = self.clock.now();
+        let mut l = self.lock();
+        for id in l.remote.remove(host_id).unwrap_or_default() {
+            l.remove(id);
+        }
+        let mut ids = Vec::new();
+        for (resources, macos, expires_at) in holds {
+            if expires_at > now {
+                let r = l.insert_raw(host_id, resources, macos, now, expires_at);
+                ids.push(r.id);
+            }
+        }
+        if !ids.is_empty() {
+            l.remote.insert(host_id.to_string(), ids);
+        }
     }
 
     /// Places `request` among `hosts` and reserves the capacity, atomically with respect to

@@ -25,6 +25,7 @@ mod events;
 mod fleet;
 mod lifecycle;
 mod metrics;
+mod shared;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -40,6 +41,7 @@ use tracing::warn;
 
 pub use events::{RECONNECT_CAP, reconnect_delay};
 pub use lifecycle::{CreateProgress, CreateVm, ProgressFn, ReapReport};
+pub use shared::CAPACITY;
 
 use crate::client::{HostClient, HostClientError, HostConnector};
 use crate::clock::Clock;
@@ -221,6 +223,8 @@ struct Inner {
     busy_vms: Mutex<HashSet<String>>,
     /// Whether leader work runs here, and its fence.
     leadership: Mutex<Leadership>,
+    // shared.rs: set when other replicas share the store.
+    shared: std::sync::OnceLock<shared::Shared>,
 }
 
 /// A [`Scheduler`] that may be gone.
@@ -274,6 +278,7 @@ impl Scheduler {
                 watchers: Mutex::new(HashMap::new()),
                 following: AtomicBool::new(false),
                 leadership: Mutex::new(Leadership::Sole),
+                shared: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -330,6 +335,9 @@ impl Scheduler {
             loop {
                 i.tick().await;
                 me.inner.ledger.purge_expired();
+                if let Err(e) = me.refresh_shared().await {
+                    warn!(error = %e, "cannot re-read the fleet from the store");
+                }
                 me.drain();
             }
         });

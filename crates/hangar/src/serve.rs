@@ -234,6 +234,7 @@ async fn start_orchestrator(
     bus: EventBus,
     modules: &mut [ModuleStatus],
     role: tokio::sync::watch::Receiver<hangar_store::Role>,
+    replica: &str,
 ) -> Result<Option<Orchestrator>> {
     let Some(status) = modules.iter_mut().find(|m| m.name == "orchestrator") else { return Ok(None) };
     if !s.modules.wants("orchestrator") {
@@ -247,6 +248,8 @@ async fn start_orchestrator(
         ..Default::default()
     };
     let dyn_store: Arc<dyn Store> = store;
+    // Other replicas may share a SQL database: holds go through the store, views follow it.
+    let shared = dyn_store.engine() != "json";
     let jobs = match hangar_host::Jobs::open(dyn_store.clone(), ORCHESTRATOR_JOBS, bus.clone()).await {
         Ok(j) => j,
         Err(e) => {
@@ -265,6 +268,9 @@ async fn start_orchestrator(
     let connector = hangar_orchestrator::HttpConnector::new(std::time::Duration::from_secs(5))
         .map_err(|e| anyhow::anyhow!("orchestrator: {e}"))?;
     let scheduler = hangar_orchestrator::Scheduler::new(registry, Arc::new(connector.clone()), bus, config);
+    if shared {
+        scheduler.share_store(replica);
+    }
     let every = hangar_orchestrator::BackgroundIntervals { check, ..Default::default() };
     // Health checks, host event streams and the TTL reaper run on the lease holder only.
     let o = hangar_orchestrator::HttpOrchestrator::start_led(scheduler, connector, jobs, every, role);
@@ -334,7 +340,8 @@ pub async fn run(l: Layers, s: Settings) -> Result<()> {
     // ----- end of catalog module -----
     let leadership = crate::leader::start(dyn_store.clone(), bus.clone())?;
     let orchestrator =
-        start_orchestrator(&s, dyn_store.clone(), &dir, bus.clone(), &mut modules, leadership.role()).await?;
+        start_orchestrator(&s, dyn_store.clone(), &dir, bus.clone(), &mut modules, leadership.role(), leadership.id())
+            .await?;
     let reverse_proxy = start_reverse_proxy(
         &s,
         &l,

@@ -165,15 +165,36 @@ impl Scheduler {
                 attempt,
                 previous_failure: last.as_ref().map(|(host, e)| format!("host {host}: {e}")),
             });
-            let (decision, reservation) = match self.reserve_or_wait(&preq, req.priority, req.wait, progress).await {
-                Ok(g) => g,
-                Err(e) => {
-                    return Err(match (e, last) {
-                        (OrchestratorError::NoCapacity(_), Some((host, source))) => {
-                            OrchestratorError::Host { host, source }
+            let mut races = 0;
+            let (decision, reservation) = loop {
+                let decided_at = self.shared_epoch();
+                let (decision, reservation) = match self.reserve_or_wait(&preq, req.priority, req.wait, progress).await
+                {
+                    Ok(g) => g,
+                    Err(e) => {
+                        return Err(match (e, last) {
+                            (OrchestratorError::NoCapacity(_), Some((host, source))) => {
+                                OrchestratorError::Host { host, source }
+                            }
+                            (e, _) => e,
+                        });
+                    }
+                };
+                // With other replicas on the store: the hold must also win the host's
+                // capacity record, or the host is re-read and placement runs again.
+                match self.hold_in_store(&decision, &reservation, decided_at).await {
+                    Ok(true) => break (decision, reservation),
+                    Ok(false) => {
+                        self.inner.ledger.release(reservation.id);
+                        races += 1;
+                        if races >= 64 {
+                            return Err(super::shared::contended(&decision.host_id));
                         }
-                        (e, _) => e,
-                    });
+                    }
+                    Err(e) => {
+                        self.inner.ledger.release(reservation.id);
+                        return Err(e);
+                    }
                 }
             };
             debug!(attempt, host = %decision.host_id, "placed");
@@ -182,6 +203,7 @@ impl Scheduler {
                 Ok(vm) => return self.confirm(actor, &decision.host_id, reservation, vm, &req, os, ttl).await,
                 Err(e) => {
                     self.inner.ledger.release(reservation.id);
+                    self.drop_hold(&decision.host_id, reservation.id).await;
                     self.drain();
                     warn!(host = %decision.host_id, error = %e, attempt, "create failed; trying another host");
                     let source = match e {
@@ -267,8 +289,10 @@ impl Scheduler {
                 view_upsert(h, vm.clone())
             })
             .await;
-        // The view counts the VM now (or the rollback below removes it): release the hold.
+        // The view counts the VM now (or the rollback below removes it): release the hold,
+        // in the store too once the VM's record is there (other replicas count it from then).
         self.inner.ledger.release(reservation.id);
+        self.drop_hold(host_id, reservation.id).await;
         if let Err(e) = written {
             warn!(host = %host_id, vm = %record.id, error = %e, "cannot record the new VM; deleting it");
             if let Ok(c) = self.client(host_id).await {
