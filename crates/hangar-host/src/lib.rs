@@ -478,6 +478,8 @@ impl Host {
             if let Some(prlctl) = prlctl {
                 let mut pc = parallels_config(&self.config, prlctl);
                 pc.watch_events = false;
+                // A short-lived driver for one listing: it starts no helper, so it keeps no ledger.
+                pc.run_dir = None;
                 match hangar_parallels::ParallelsDriver::new(pc) {
                     Ok(d) => match d.users().await {
                         Ok(users) => dirs.extend(

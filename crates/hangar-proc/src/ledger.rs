@@ -16,6 +16,10 @@ struct Record {
     group: bool,
     /// The command line we started: program, then arguments.
     argv: Vec<String>,
+    /// The pid of the process that started the helper: a sweep never stops the helpers of
+    /// the process sweeping (a second driver in the same agent must not kill the first's).
+    #[serde(default)]
+    agent: u32,
 }
 
 /// A folder of pid files, one per running long-lived helper.
@@ -129,9 +133,14 @@ impl Ledger {
     /// Record helper `pid`, started as `argv` (leading its own process group when `group`).
     /// The entry goes when the returned [`Recorded`] is dropped.
     pub fn record(&self, pid: u32, group: bool, argv: Vec<String>) -> io::Result<Recorded> {
+        self.record_by(std::process::id(), pid, group, argv)
+    }
+
+    /// [`Ledger::record`] on behalf of agent process `agent`.
+    fn record_by(&self, agent: u32, pid: u32, group: bool, argv: Vec<String>) -> io::Result<Recorded> {
         let path = self.dir.join(format!("{pid}.json"));
         let tmp = self.dir.join(format!(".{pid}.json.tmp"));
-        let body = serde_json::to_vec(&Record { pid, group, argv }).map_err(io::Error::other)?;
+        let body = serde_json::to_vec(&Record { pid, group, argv, agent }).map_err(io::Error::other)?;
         std::fs::write(&tmp, body)?;
         std::fs::rename(&tmp, &path)?;
         Ok(Recorded { path })
@@ -155,6 +164,10 @@ impl Ledger {
                 continue;
             }
             let record = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<Record>(&b).ok());
+            if record.as_ref().is_some_and(|r| r.agent == std::process::id()) {
+                // This very process's own helper, still running: not a leftover.
+                continue;
+            }
             let _ = std::fs::remove_file(&path);
             let Some(record) = record else {
                 warn!(file = %path.display(), "ignoring an unreadable helper pid file");
@@ -207,6 +220,22 @@ mod tests {
     use std::process::{Child, Command, Stdio};
     use std::time::{Duration, Instant};
 
+    /// The pid of an agent that ran before this one (killed): not this process.
+    const EARLIER_AGENT: u32 = 0;
+
+    #[test]
+    fn this_process_own_running_helper_is_neither_stopped_nor_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path().join("helpers")).unwrap();
+        let (child, argv) = sleeper();
+        let _rec = ledger.record(child.0.id(), true, argv).unwrap();
+        // A second driver of the same agent opening the ledger sweeps it.
+        let report = ledger.sweep();
+        assert!(report.stopped.is_empty(), "{report:?}");
+        assert!(command_line(child.0.id()).is_some(), "the agent's own live helper was stopped");
+        assert_eq!(std::fs::read_dir(ledger.dir()).unwrap().count(), 1, "its entry is kept");
+    }
+
     fn args(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
     }
@@ -251,7 +280,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ledger = Ledger::open(dir.path().join("helpers")).unwrap();
         let (mut child, argv) = sleeper();
-        let rec = ledger.record(child.0.id(), true, argv).unwrap();
+        let rec = ledger.record_by(EARLIER_AGENT, child.0.id(), true, argv).unwrap();
         std::mem::forget(rec); // the agent was killed: nothing removed the entry
         let report = ledger.sweep();
         assert_eq!(report.stopped, vec![child.0.id()]);
@@ -264,7 +293,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ledger = Ledger::open(dir.path().join("helpers")).unwrap();
         let (child, _) = sleeper();
-        let rec = ledger.record(child.0.id(), true, args(&["/usr/local/bin/prlctl", "monitor-events", "--json"]));
+        let rec = ledger.record_by(
+            EARLIER_AGENT,
+            child.0.id(),
+            true,
+            args(&["/usr/local/bin/prlctl", "monitor-events", "--json"]),
+        );
         std::mem::forget(rec.unwrap());
         let report = ledger.sweep();
         assert_eq!(report.left_alone, vec![child.0.id()]);
@@ -278,7 +312,7 @@ mod tests {
         let ledger = Ledger::open(dir.path().join("helpers")).unwrap();
         drop(ledger.record(4_000_000, false, args(&["x"])).unwrap());
         assert_eq!(std::fs::read_dir(ledger.dir()).unwrap().count(), 0);
-        std::mem::forget(ledger.record(4_000_001, false, args(&["x"])).unwrap());
+        std::mem::forget(ledger.record_by(EARLIER_AGENT, 4_000_001, false, args(&["x"])).unwrap());
         std::fs::write(ledger.dir().join("garbage.json"), "{").unwrap();
         let report = ledger.sweep();
         assert_eq!(report.left_alone, vec![4_000_001]);
