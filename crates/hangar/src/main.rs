@@ -6,6 +6,7 @@ mod cli_extras;
 mod client;
 mod config;
 mod db_cmd;
+mod fanout;
 mod health_cmd;
 mod host_cmd;
 mod import_pds;

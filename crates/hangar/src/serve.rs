@@ -339,6 +339,10 @@ pub async fn run(l: Layers, s: Settings) -> Result<()> {
     let catalog = crate::catalog_cmd::start_catalog(&l, &s, catalog_store, &dir, bus.clone(), &mut modules)?;
     // ----- end of catalog module -----
     let leadership = crate::leader::start(dyn_store.clone(), bus.clone())?;
+    if store.engine() != "json" {
+        // Other replicas may share the database: their events reach this one's subscribers.
+        crate::fanout::start(dyn_store.clone(), bus.clone(), leadership.id(), leadership.role());
+    }
     let orchestrator =
         start_orchestrator(&s, dyn_store.clone(), &dir, bus.clone(), &mut modules, leadership.role(), leadership.id())
             .await?;
