@@ -1,0 +1,251 @@
+//! Three replicas of the real binary (api + orchestrator) on one PostgreSQL database (the
+//! server `scripts/test-services.sh start` runs; `HANGAR_SKIP_SQL_TESTS=1` skips) and two
+//! host agents on the fake Parallels driver, all on loopback:
+//!
+//! * the three start together on the empty database (seeding is idempotent across replicas);
+//! * hosts registered on one replica are healthy on every replica;
+//! * 50 concurrent creates sent round-robin to the three replicas give exactly the room of
+//!   the fleet (the rest answer 503, no capacity), every replica lists exactly those VMs,
+//!   and the hosts hold exactly those;
+//! * kill -9 of the leader moves the lease to another replica within 10 s, every
+//!   acknowledged create is still listed, and no host shows unhealthy on the survivors
+//!   meanwhile.
+//!
+//! Room: each agent offers its CPUs (`SYSTEM_RESERVED_CPU=0`) and each VM takes one, so the
+//! room is twice this machine's CPU count (the fake driver reports the machine's CPUs).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+const JWT_SECRET: &str = "replicas-test-hmac-secret-0123456789-abcdefghij";
+
+fn admin_url() -> Option<String> {
+    if std::env::var("HANGAR_SKIP_SQL_TESTS").as_deref() == Ok("1") {
+        eprintln!("HANGAR_SKIP_SQL_TESTS=1: skipping a test that needs HANGAR_TEST_POSTGRES_URL");
+        return None;
+    }
+    match std::env::var("HANGAR_TEST_POSTGRES_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => panic!(
+            "HANGAR_TEST_POSTGRES_URL is not set: start the test databases with `scripts/test-services.sh start` and \
+             `eval \"$(scripts/test-services.sh env)\"` (or set HANGAR_SKIP_SQL_TESTS=1)"
+        ),
+    }
+}
+
+/// The keys every replica must share (as the Helm chart's Secret gives each pod).
+fn shared_secrets(dirs: &[&Path]) {
+    use std::os::unix::fs::PermissionsExt;
+    for name in ["api-key-pepper.key", "orchestrator-hosts.key", "catalog-providers.key"] {
+        let mut bytes = [0u8; 32];
+        std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut bytes).unwrap();
+        for d in dirs {
+            let s = d.join("secrets");
+            std::fs::create_dir_all(&s).unwrap();
+            std::fs::write(s.join(name), bytes).unwrap();
+            std::fs::set_permissions(s.join(name), std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+    }
+}
+
+async fn get(c: &reqwest::Client, s: &Server, token: &str, path: &str) -> Value {
+    let (st, v) = call(c, Method::GET, &s.api(path), &Auth::Bearer(token.into()), None, &[]).await;
+    assert_eq!(st, 200, "GET {path}: {v}");
+    v
+}
+
+/// Waits until `f` holds, failing after `limit` with what was last seen.
+async fn until<F, Fut>(what: &str, limit: Duration, mut f: F) -> Value
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = (bool, Value)>,
+{
+    let start = Instant::now();
+    loop {
+        let (ok, seen) = f().await;
+        if ok {
+            return seen;
+        }
+        assert!(start.elapsed() < limit, "timed out waiting for {what}: {seen}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The sorted ids of an `/orchestrator/machines` answer.
+fn machine_ids(v: &Value) -> Vec<String> {
+    let mut ids: Vec<String> =
+        v.as_array().map_or_else(Vec::new, |a| a.iter().filter_map(|m| m["ID"].as_str().map(String::from)).collect());
+    ids.sort();
+    ids
+}
+
+fn states(hosts: &Value) -> Vec<String> {
+    hosts.as_array().map_or_else(Vec::new, |a| {
+        a.iter()
+            .map(|h| format!("{}={}", h["name"].as_str().unwrap_or("?"), h["state"].as_str().unwrap_or("?")))
+            .collect()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_on_postgres_place_exactly_and_survive_the_leader() {
+    let Some(admin) = admin_url() else { return };
+    let url = hangar_store_sql::testing::create_database(&admin, "hangar_replicas").await.expect("a fresh database");
+    let dir = tempfile::tempdir().unwrap();
+    let dirs: Vec<_> = (0..3).map(|i| dir.path().join(format!("replica-{i}"))).collect();
+    shared_secrets(&dirs.iter().map(|d| d.as_path()).collect::<Vec<_>>());
+    let settings = [
+        ("ENABLED_MODULES", "api,orchestrator"),
+        ("ORCHESTRATOR_CHECK_INTERVAL", "1s"),
+        ("JWT_HMACS_SECRET", JWT_SECRET),
+    ];
+    let env = [("DATABASE_URL", url.as_str())];
+    // All three at once on the empty database.
+    let mut replicas: Vec<Option<Server>> = std::thread::scope(|s| {
+        let handles: Vec<_> = dirs.iter().map(|d| s.spawn(|| Server::start_full(d, &settings, true, &env))).collect();
+        handles.into_iter().map(|h| Some(h.join().unwrap())).collect()
+    });
+    let c = client();
+    let root = login(&c, replicas[0].as_ref().unwrap(), "root", ROOT_PASSWORD).await;
+    for r in replicas.iter().flatten() {
+        // One key signs for all: the token made on the first works on every replica.
+        let v = get(&c, r, &root, "/health/system").await;
+        assert!(v["leader"].is_object(), "{v}");
+    }
+
+    // Two fake-Parallels hosts, registered on different replicas.
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let room = 2 * cpus;
+    let fakes: Vec<_> = (0..2).map(|i| FakeParallels::new(&dir.path().join(format!("host-{i}")))).collect();
+    let agents: Vec<_> = fakes
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            f.agent(
+                &dir.path().join(format!("host-{i}/data")),
+                &[("SYSTEM_RESERVED_CPU", "0"), ("SYSTEM_RESERVED_MEMORY", "0")],
+            )
+        })
+        .collect();
+    for (i, a) in agents.iter().enumerate() {
+        let on = replicas[i].as_ref().unwrap();
+        let body = json!({"name": format!("host-{i}"), "host": a.url,
+            "authentication": {"username": "root", "password": ROOT_PASSWORD}});
+        let (st, v) =
+            call(&c, Method::POST, &on.api("/orchestrator/hosts"), &Auth::Bearer(root.clone()), Some(body), &[]).await;
+        assert_eq!(st, 201, "register host-{i}: {v}");
+    }
+    for r in replicas.iter().flatten() {
+        until("every replica sees both hosts healthy", Duration::from_secs(30), || async {
+            let v = get(&c, r, &root, "/orchestrator/hosts").await;
+            let ok = v.as_array().is_some_and(|a| a.len() == 2 && a.iter().all(|h| h["state"] == "healthy"));
+            (ok, v)
+        })
+        .await;
+    }
+
+    // 50 concurrent creates, round-robin over the three replicas.
+    let urls: Vec<String> = replicas.iter().flatten().map(|r| r.api("/orchestrator/machines")).collect();
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let (c, url, root) = (c.clone(), urls[i % 3].clone(), root.clone());
+        tasks.push(tokio::spawn(async move {
+            let body = json!({"name": format!("vm-{i}"), "image": "golden.pvm", "architecture": "x86_64",
+                "specs": {"cpu": "1", "memory": "256"}});
+            let r = c.post(&url).bearer_auth(&root).json(&body).send().await.unwrap();
+            let st = r.status().as_u16();
+            (st, r.json::<Value>().await.unwrap_or(Value::Null))
+        }));
+    }
+    let mut created = Vec::new();
+    let mut refused = Vec::new();
+    for t in tasks {
+        let (st, v) = t.await.unwrap();
+        if (200..300).contains(&st) {
+            created.push(v["id"].as_str().unwrap().to_string());
+        } else {
+            refused.push((st, v));
+        }
+    }
+    assert_eq!(created.len(), room, "exactly the room ({room}) was created; refused: {refused:?}");
+    assert!(refused.iter().all(|(st, _)| *st == 503), "the rest are refused for room: {refused:?}");
+    created.sort();
+    // Every replica lists exactly them (a replica learns another's VMs at its next tick).
+    for r in replicas.iter().flatten() {
+        let (cr, rootr, cre) = (&c, &root, &created);
+        until("every replica to list exactly the created VMs", Duration::from_secs(5), || async move {
+            let v = get(cr, r, rootr, "/orchestrator/machines").await;
+            (machine_ids(&v) == *cre, json!(machine_ids(&v)))
+        })
+        .await;
+    }
+    let mut on_hosts = 0;
+    for a in &agents {
+        let t = login(&c, a, "root", ROOT_PASSWORD).await;
+        on_hosts += get(&c, a, &t, "/machines").await.as_array().unwrap().len();
+    }
+    assert_eq!(on_hosts, room, "the hosts hold exactly the acknowledged VMs");
+
+    // kill -9 the leader: another replica leads within 10 s; nothing acknowledged is lost and
+    // no host shows unhealthy on the survivors meanwhile.
+    let seen = get(&c, replicas[0].as_ref().unwrap(), &root, "/health/system").await["leader"].clone();
+    let leader_id = seen["leader"].as_str().unwrap().to_string();
+    let mut leader_at = None;
+    for (i, r) in replicas.iter().enumerate() {
+        let v = get(&c, r.as_ref().unwrap(), &root, "/health/system").await;
+        if v["leader"]["replica"] == leader_id.as_str() {
+            leader_at = Some(i);
+        }
+    }
+    let leader_at = leader_at.unwrap_or_else(|| panic!("the leader {leader_id} is none of the three: {seen}"));
+    let token_before = seen["token"].as_u64().unwrap();
+    let mut dead = replicas[leader_at].take().unwrap();
+    let killed = Instant::now();
+    dead.kill9();
+    let survivors: Vec<&Server> = replicas.iter().flatten().collect();
+    let unhealthy = std::sync::Mutex::new(Vec::new());
+    let (cr, rootr, sv, un, lid) = (&c, &root, &survivors, &unhealthy, &leader_id);
+    let after = until("another replica to lead", Duration::from_secs(15), || async move {
+        for s in sv {
+            let hosts = get(cr, s, rootr, "/orchestrator/hosts").await;
+            if hosts.as_array().unwrap().iter().any(|h| h["state"] == "unhealthy") {
+                un.lock().unwrap().push(states(&hosts));
+            }
+        }
+        let v = get(cr, sv[0], rootr, "/health/system").await["leader"].clone();
+        let moved = v["leader"].is_string() && v["leader"] != lid.as_str();
+        (moved, v)
+    })
+    .await;
+    let mut unhealthy = unhealthy.into_inner().unwrap();
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(10), "the lease moved in {took:?}");
+    assert!(after["token"].as_u64().unwrap() > token_before, "{after}");
+    // A few more check intervals under the new leader.
+    let settle = Instant::now();
+    while settle.elapsed() < Duration::from_secs(4) {
+        for s in &survivors {
+            let hosts = get(&c, s, &root, "/orchestrator/hosts").await;
+            if hosts.as_array().unwrap().iter().any(|h| h["state"] == "unhealthy") {
+                unhealthy.push(states(&hosts));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(unhealthy.is_empty(), "a host showed unhealthy across the change of leader: {unhealthy:?}");
+    for s in &survivors {
+        let v = get(&c, s, &root, "/orchestrator/machines").await;
+        assert_eq!(machine_ids(&v), created, "no acknowledged create was lost");
+        let (st, _) = call(&c, Method::GET, &s.api("/health/ready"), &Auth::None, None, &[]).await;
+        assert_eq!(st, 200);
+    }
+    eprintln!("room {room}: {} created, {} refused; lease moved in {took:?}", created.len(), refused.len());
+}
