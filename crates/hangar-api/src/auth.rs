@@ -3,7 +3,7 @@
 //! Every route is registered through [`crate::Api::add`] with an [`Access`] rule; the rule
 //! is stored in the [`AccessTable`] under the route's method and path. The
 //! [`authorize`] middleware runs on every request: it authenticates the caller from the
-//! `Authorization: Bearer` or `X-Api-Key` header (and, on the websocket route only, from
+//! `Authorization: Bearer` (a login token, or an API key: a value without a dot) or `X-Api-Key` header (and, on the websocket route only, from
 //! the `access_token`/`authorization` query parameter), then checks the route's rule.
 //! A matched route with no rule is refused: deny by default. Client headers such as
 //! `X-Super-User`, `X-Claims`, `X-Roles` and `X-SOURCE` are never read.
@@ -174,7 +174,14 @@ fn credential_from(req: &Request, rel_path: &str) -> Result<Option<Credential>, 
             .strip_prefix("Bearer ")
             .or_else(|| v.strip_prefix("bearer "))
             .ok_or_else(|| ApiError::unauthorized("The Authorization header must be 'Bearer <token>'"))?;
-        return Ok(Some(Credential::Bearer(token.trim().to_string())));
+        let token = token.trim();
+        // A login token is a JWT (three dot-separated parts); an API key is plain base64
+        // without a dot. A key sent as a bearer token (what Prometheus and most scrapers and
+        // HTTP clients can send) is checked as an API key, with the same RBAC.
+        if !token.contains('.') {
+            return Ok(Some(Credential::ApiKey(token.to_string())));
+        }
+        return Ok(Some(Credential::Bearer(token.to_string())));
     }
     if let Some(v) = req.headers().get("x-api-key") {
         let v = v.to_str().map_err(|_| ApiError::unauthorized("The X-Api-Key header is not valid text"))?;

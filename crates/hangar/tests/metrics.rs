@@ -207,8 +207,13 @@ async fn metrics_are_guarded_parse_and_move_with_the_work_done() {
     let (st, v) = call(&c, Method::GET, &root_url, &Auth::Bearer(user.clone()), None, &[]).await;
     assert_eq!(st, 403, "{v}");
     assert!(v["message"].as_str().unwrap_or_default().contains("METRICS_READ"), "{v}");
-    let key = Auth::ApiKey(metrics_key(&c, &s, &root).await);
+    let raw_key = metrics_key(&c, &s, &root).await;
+    let key = Auth::ApiKey(raw_key.clone());
     let before = scrape(&c, &root_url, &key).await;
+    // The same key as a bearer token (what a Prometheus ServiceMonitor can send).
+    let _ = scrape(&c, &root_url, &Auth::Bearer(raw_key.clone())).await;
+    let (st, v) = call(&c, Method::GET, &root_url, &Auth::Bearer(format!("{raw_key}x")), None, &[]).await;
+    assert_eq!(st, 401, "a damaged key as a bearer token: {v}");
     let _ = scrape(&c, &s.api("/metrics"), &key).await;
     let _ = scrape(&c, &root_url, &Auth::Bearer(root.clone())).await;
     // The metrics listener serves /metrics alone, without a credential.
