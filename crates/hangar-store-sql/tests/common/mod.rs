@@ -1,6 +1,8 @@
 //! Shared by the engine tests: the test server's URL, fresh databases, stores on them.
 #![allow(dead_code)]
 
+pub mod suite;
+
 use std::sync::Arc;
 use std::time::Duration;
 
