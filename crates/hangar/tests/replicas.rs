@@ -249,3 +249,175 @@ async fn three_replicas_on_postgres_place_exactly_and_survive_the_leader() {
     }
     eprintln!("room {room}: {} created, {} refused; lease moved in {took:?}", created.len(), refused.len());
 }
+
+/// A PostgreSQL server of this test's own (so restarting it disturbs no other test), run as
+/// the `postgres` user when the test runs as root; stopped on drop.
+struct PrivatePostgres {
+    bin: std::path::PathBuf,
+    dir: std::path::PathBuf,
+    port: u16,
+}
+
+fn as_pg(bin: &Path, tool: &str) -> std::process::Command {
+    let mut cmd;
+    if nix_is_root() {
+        cmd = std::process::Command::new("runuser");
+        cmd.args(["-u", "postgres", "--"]).arg(bin.join(tool));
+    } else {
+        cmd = std::process::Command::new(bin.join(tool));
+    }
+    cmd
+}
+
+fn nix_is_root() -> bool {
+    std::process::Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+}
+
+impl PrivatePostgres {
+    fn start(dir: &Path) -> PrivatePostgres {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .unwrap()
+            .flatten()
+            .map(|e| e.path().join("bin"))
+            .filter(|b| b.join("initdb").exists())
+            .max()
+            .expect("PostgreSQL's tools (Debian postgresql)");
+        std::fs::create_dir_all(dir.join("sock")).unwrap();
+        if nix_is_root() {
+            assert!(std::process::Command::new("chown").args(["-R", "postgres"]).arg(dir).status().unwrap().success());
+            // The test's temporary folder is root's: let postgres through to its own.
+            let mut p = dir.parent();
+            while let Some(d) = p {
+                if d == Path::new("/") {
+                    break;
+                }
+                let _ = std::process::Command::new("chmod").arg("o+x").arg(d).status();
+                p = d.parent();
+            }
+        }
+        let st = as_pg(&bin, "initdb")
+            .arg("-D")
+            .arg(dir.join("data"))
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "initdb");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let pg = PrivatePostgres { bin, dir: dir.to_path_buf(), port };
+        pg.ctl("start");
+        pg
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    fn ctl(&self, what: &str) {
+        let opts = format!("-p {} -k {} -c listen_addresses=127.0.0.1", self.port, self.dir.join("sock").display());
+        let st = as_pg(&self.bin, "pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("-l")
+            .arg(self.dir.join("log"))
+            .args(["-w", "-t", "60", "-m", "fast", "-o", &opts, what])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "pg_ctl {what}");
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = as_pg(&self.bin, "pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-w", "-m", "immediate", "stop"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+async fn ready(c: &reqwest::Client, s: &Server) -> u16 {
+    match c.get(s.api("/health/ready")).send().await {
+        Ok(r) => r.status().as_u16(),
+        Err(_) => 0,
+    }
+}
+
+/// The database stops under load (logins and reads on both replicas) and starts again: both
+/// replicas answer 503 on /health/ready while it is down and 200 after, serving writes
+/// again, without being restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_go_not_ready_while_the_database_restarts_and_come_back() {
+    if std::env::var("HANGAR_SKIP_SQL_TESTS").as_deref() == Ok("1") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pg = PrivatePostgres::start(&dir.path().join("pg"));
+    let url = pg.url();
+    let dirs: Vec<_> = (0..2).map(|i| dir.path().join(format!("replica-{i}"))).collect();
+    shared_secrets(&dirs.iter().map(|d| d.as_path()).collect::<Vec<_>>());
+    let settings = [("ENABLED_MODULES", "api,orchestrator"), ("JWT_HMACS_SECRET", JWT_SECRET)];
+    let env = [("DATABASE_URL", url.as_str())];
+    let mut replicas: Vec<Server> = std::thread::scope(|s| {
+        let handles: Vec<_> = dirs.iter().map(|d| s.spawn(|| Server::start_full(d, &settings, true, &env))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let c = client();
+    let root = login(&c, &replicas[0], "root", ROOT_PASSWORD).await;
+    for r in &replicas {
+        assert_eq!(ready(&c, r).await, 200);
+    }
+    // Load: every replica is asked for its users and its health all along.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for r in &replicas {
+        let (c, url, root, stop) = (c.clone(), r.api("/auth/users"), root.clone(), stop.clone());
+        load.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = c.get(&url).bearer_auth(&root).send().await;
+                n += 1;
+            }
+            n
+        }));
+    }
+    pg.ctl("stop");
+    let down = Instant::now();
+    for r in &replicas {
+        until("the replica to go not-ready", Duration::from_secs(10), || async {
+            let st = ready(&c, r).await;
+            (st == 503, json!(st))
+        })
+        .await;
+    }
+    let went = down.elapsed();
+    pg.ctl("start");
+    let up = Instant::now();
+    for r in &replicas {
+        until("the replica to be ready again", Duration::from_secs(30), || async {
+            let st = ready(&c, r).await;
+            (st == 200, json!(st))
+        })
+        .await;
+    }
+    let back = up.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut requests = 0;
+    for l in load {
+        requests += l.await.unwrap();
+    }
+    // Writes work again on both, and they are the same processes.
+    for (i, r) in replicas.iter_mut().enumerate() {
+        assert!(r.child.try_wait().unwrap().is_none(), "replica {i} exited");
+        let body = json!({"username": format!("after-{i}"), "email": format!("after-{i}@example.test"),
+            "password": USER_PASSWORD});
+        let (st, v) = call(&c, Method::POST, &r.api("/auth/users"), &Auth::Bearer(root.clone()), Some(body), &[]).await;
+        assert_eq!(st, 201, "{v}");
+    }
+    eprintln!("not ready {went:?} after the stop, ready {back:?} after the start; {requests} requests of load");
+}
