@@ -361,6 +361,9 @@ impl Scheduler {
                         me.set_leadership(Leadership::Follower);
                         if work.take().is_some() {
                             tracing::info!("leader work stopped");
+                            // What it saw of the hosts last (maybe after a pause, refused
+                            // by the fence) gives way to what the store holds.
+                            me.resync_shared();
                         }
                     }
                 }

@@ -19,6 +19,7 @@ use serde::Serialize;
 use serde_json::json;
 use tracing::{debug, info, instrument, warn};
 
+use super::shared::Held;
 use super::{Scheduler, lock, timed, to_value, view_remove, view_upsert};
 use crate::client::{HostClientError, HostCreateVm, VmOp};
 use crate::clock;
@@ -183,9 +184,12 @@ impl Scheduler {
                 // With other replicas on the store: the hold must also win the host's
                 // capacity record, or the host is re-read and placement runs again.
                 match self.hold_in_store(&decision, &reservation, decided_at).await {
-                    Ok(true) => break (decision, reservation),
-                    Ok(false) => {
+                    Ok(Held::Yes) => break (decision, reservation),
+                    Ok(again) => {
                         self.inner.ledger.release(reservation.id);
+                        if again == Held::Full {
+                            preq.exclude.insert(decision.host_id.clone());
+                        }
                         races += 1;
                         if races >= 64 {
                             return Err(super::shared::contended(&decision.host_id));

@@ -22,7 +22,7 @@
 //! follow the others' changes. Only a scheduler made [`Scheduler::share_store`] does any of
 //! this; a single process keeps the in-memory path alone.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -31,7 +31,7 @@ use hangar_store::{Batch, StoreError};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
-use super::{Leadership, Scheduler, lock, to_value, view_upsert};
+use super::{Leadership, Scheduler, lock, to_value, view_remove, view_upsert};
 use crate::clock;
 use crate::error::{OrchestratorError, Result};
 use crate::model::*;
@@ -79,6 +79,8 @@ pub(crate) struct Shared {
     gate: tokio::sync::Mutex<()>,
     /// Whether the hosts were read from the store once since start.
     synced: AtomicBool,
+    /// Host id -> ids of the orchestrator's VM records on it, as last read.
+    records: Mutex<HashMap<String, HashSet<String>>>,
 }
 
 impl Shared {
@@ -89,6 +91,7 @@ impl Shared {
             epoch: AtomicU64::new(0),
             gate: tokio::sync::Mutex::new(()),
             synced: AtomicBool::new(false),
+            records: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -112,6 +115,13 @@ impl Scheduler {
     /// The epoch to pass to [`Scheduler::hold_in_store`], read before placing.
     pub(super) fn shared_epoch(&self) -> u64 {
         self.inner.shared.get().map_or(0, |s| s.epoch.load(Ordering::SeqCst))
+    }
+
+    /// Takes every host's stored status at the next re-read (after leading stopped).
+    pub(super) fn resync_shared(&self) {
+        if let Some(shared) = self.inner.shared.get() {
+            shared.synced.store(false, Ordering::SeqCst);
+        }
     }
 
     fn keep_runtime(&self) -> bool {
@@ -178,6 +188,21 @@ impl Scheduler {
         record: CapacityRecord,
         vms: Vec<OrchestratedVm>,
     ) {
+        // VMs whose record went since the last read were deleted through the orchestrator
+        // (maybe by another replica): they leave the view too.
+        let now_ids: HashSet<String> = vms.iter().map(|v| v.id.clone()).collect();
+        let gone: Vec<String> = {
+            let mut known = lock(&shared.records);
+            let before = known.insert(host_id.to_string(), now_ids.clone()).unwrap_or_default();
+            before.difference(&now_ids).cloned().collect()
+        };
+        if !gone.is_empty() {
+            self.inner.registry.update_in_memory(host_id, |h| {
+                for id in &gone {
+                    view_remove(h, id);
+                }
+            });
+        }
         if !vms.is_empty() {
             self.inner.registry.update_in_memory(host_id, |h| {
                 for vm in vms {
@@ -220,17 +245,17 @@ impl Scheduler {
         lock(&shared.seen).insert(host_id.to_string(), Seen { revision, record, epoch });
     }
 
-    /// Makes a hold taken in memory durable in the host's capacity record. `Ok(false)`: the
-    /// record changed since this replica read it (another replica reserved, released or
-    /// created there): the host was re-read, and the caller releases the hold and places
-    /// again.
+    /// Makes a hold taken in memory durable in the host's capacity record. [`Held::Again`]:
+    /// the record changed since this replica read it (another replica reserved, released or
+    /// created there), or the decision predates its last read: the caller releases the hold
+    /// and places again. [`Held::Full`]: the host has no room by the store's count.
     pub(super) async fn hold_in_store(
         &self,
         decision: &Decision,
         reservation: &Reservation,
         decided_at: u64,
-    ) -> Result<bool> {
-        let Some(shared) = self.inner.shared.get() else { return Ok(true) };
+    ) -> Result<Held> {
+        let Some(shared) = self.inner.shared.get() else { return Ok(Held::Yes) };
         let host_id = &decision.host_id;
         let _one = shared.gate.lock().await;
         let seen = lock(&shared.seen).get(host_id).cloned();
@@ -238,14 +263,25 @@ impl Scheduler {
             // Never read: read it, then place again on what it says.
             drop(_one);
             self.refresh_host(shared, host_id).await?;
-            return Ok(false);
+            return Ok(Held::Again);
         };
         if epoch > decided_at {
             // The host's holds were re-read after the decision: decide again on them.
-            return Ok(false);
+            return Ok(Held::Again);
         }
         let now = self.inner.clock.now();
         record.holds.retain(|_, h| h.expires_at > now);
+        // Checked against the store, not the view (which a host's late listing or a record
+        // read can leave behind for a moment): the orchestrator's VM records on the host,
+        // other VMs the view knows, and every hold in the record, which the commit below
+        // requires unchanged (VM records are written before their holds go, so a VM counts
+        // at least once).
+        if !self.fits_by_store(host_id, &record, reservation.resources).await? {
+            debug!(host = %host_id, "the host is full by the store's count; placing elsewhere");
+            drop(_one);
+            self.refresh_host(shared, host_id).await?;
+            return Ok(Held::Full);
+        }
         let ttl = self.inner.config.create_timeout + self.inner.config.reservation_ttl;
         record.holds.insert(
             hold_key(&shared.replica, reservation.id),
@@ -260,16 +296,45 @@ impl Scheduler {
         match self.inner.registry.store().commit(batch).await {
             Ok(c) => {
                 lock(&shared.seen).insert(host_id.clone(), Seen { revision: c.revision, record, epoch });
-                Ok(true)
+                Ok(Held::Yes)
             }
             Err(StoreError::Conflict(_)) => {
                 debug!(host = %host_id, "another replica changed the host meanwhile; placing again");
                 drop(_one);
                 self.refresh_host(shared, host_id).await?;
-                Ok(false)
+                Ok(Held::Again)
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Whether `more` fits on the host counting, by the store, the orchestrator's VM records
+    /// on it and every hold in `record`, plus the active VMs its view knows that have no
+    /// record (made outside the orchestrator). CPU and memory only.
+    async fn fits_by_store(&self, host_id: &str, record: &CapacityRecord, more: ResourceSet) -> Result<bool> {
+        let Ok(host) = self.inner.registry.get(host_id) else { return Ok(false) };
+        let Some(resources) = host.resources else { return Ok(false) };
+        let capacity = resources.capacity();
+        let mut ids = std::collections::HashSet::new();
+        let (mut cpu, mut memory) = (u64::from(more.cpu), more.memory_mb);
+        for rec in self.inner.registry.store().list(VMS).await? {
+            if let Ok(vm) = serde_json::from_value::<OrchestratedVm>(rec.value)
+                && vm.host_id == host_id
+            {
+                cpu += u64::from(vm.resources.cpu);
+                memory += vm.resources.memory_mb;
+                ids.insert(vm.id);
+            }
+        }
+        for vm in host.vms.iter().filter(|v| v.is_active() && !ids.contains(&v.id)) {
+            cpu += u64::from(vm.cpu);
+            memory += vm.memory_mb;
+        }
+        for h in record.holds.values() {
+            cpu += u64::from(h.resources.cpu);
+            memory += h.resources.memory_mb;
+        }
+        Ok(cpu <= u64::from(capacity.cpu) && memory <= capacity.memory_mb)
     }
 
     /// Removes this replica's hold `reservation` from the host's capacity record (after
@@ -320,6 +385,17 @@ impl Scheduler {
             }
         }
     }
+}
+
+/// What became of a hold taken in memory, in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Held {
+    /// In the store: go on.
+    Yes,
+    /// Another replica changed the host meanwhile: release and place again.
+    Again,
+    /// The host is full by the store's count: release and place on another host.
+    Full,
 }
 
 fn conditioned(batch: Batch, host_id: &str, revision: u64) -> Batch {
