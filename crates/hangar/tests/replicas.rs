@@ -152,6 +152,22 @@ async fn three_replicas_on_postgres_place_exactly_and_survive_the_leader() {
         .await;
     }
 
+    // A VM with a short TTL, made before the leader dies: the new leader's reaper deletes it.
+    let body = json!({"name": "short-lived", "image": "golden.pvm", "architecture": "x86_64", "ttl_seconds": 15,
+        "specs": {"cpu": "1", "memory": "256"}});
+    let (st, v) = call(
+        &c,
+        Method::POST,
+        &replicas[2].as_ref().unwrap().api("/orchestrator/machines"),
+        &Auth::Bearer(root.clone()),
+        Some(body),
+        &[],
+    )
+    .await;
+    assert!((200..300).contains(&st), "{v}");
+    let short_lived = v["id"].as_str().unwrap().to_string();
+    let room = room - 1;
+
     // 50 concurrent creates, round-robin over the three replicas.
     let urls: Vec<String> = replicas.iter().flatten().map(|r| r.api("/orchestrator/machines")).collect();
     let mut tasks = Vec::new();
@@ -180,10 +196,13 @@ async fn three_replicas_on_postgres_place_exactly_and_survive_the_leader() {
     created.sort();
     // Every replica lists exactly them (a replica learns another's VMs at its next tick).
     for r in replicas.iter().flatten() {
-        let (cr, rootr, cre) = (&c, &root, &created);
+        let (cr, rootr, cre, short) = (&c, &root, &created, &short_lived);
         until("every replica to list exactly the created VMs", Duration::from_secs(5), || async move {
             let v = get(cr, r, rootr, "/orchestrator/machines").await;
-            (machine_ids(&v) == *cre, json!(machine_ids(&v)))
+            let mut want = cre.clone();
+            want.push(short.clone());
+            want.sort();
+            (machine_ids(&v) == want, json!(machine_ids(&v)))
         })
         .await;
     }
@@ -192,7 +211,7 @@ async fn three_replicas_on_postgres_place_exactly_and_survive_the_leader() {
         let t = login(&c, a, "root", ROOT_PASSWORD).await;
         on_hosts += get(&c, a, &t, "/machines").await.as_array().unwrap().len();
     }
-    assert_eq!(on_hosts, room, "the hosts hold exactly the acknowledged VMs");
+    assert_eq!(on_hosts, room + 1, "the hosts hold exactly the acknowledged VMs (and the short-lived one)");
 
     // kill -9 the leader: another replica leads within 10 s; nothing acknowledged is lost and
     // no host shows unhealthy on the survivors meanwhile.
@@ -243,11 +262,72 @@ async fn three_replicas_on_postgres_place_exactly_and_survive_the_leader() {
     assert!(unhealthy.is_empty(), "a host showed unhealthy across the change of leader: {unhealthy:?}");
     for s in &survivors {
         let v = get(&c, s, &root, "/orchestrator/machines").await;
-        assert_eq!(machine_ids(&v), created, "no acknowledged create was lost");
+        let listed = machine_ids(&v);
+        assert!(created.iter().all(|id| listed.contains(id)), "no acknowledged create was lost: {listed:?}");
         let (st, _) = call(&c, Method::GET, &s.api("/health/ready"), &Auth::None, None, &[]).await;
         assert_eq!(st, 200);
     }
-    eprintln!("room {room}: {} created, {} refused; lease moved in {took:?}", created.len(), refused.len());
+    // The reaper goes on under the new leader: the short-lived VM goes from every listing.
+    let reaped = Instant::now();
+    for s in &survivors {
+        let (cr, rootr, cre) = (&c, &root, &created);
+        until("the short-lived VM to be reaped", Duration::from_secs(75), || async move {
+            let v = get(cr, s, rootr, "/orchestrator/machines").await;
+            (machine_ids(&v) == *cre, json!(machine_ids(&v)))
+        })
+        .await;
+    }
+    let reaped = reaped.elapsed();
+
+    // A leader paused past its lease (SIGSTOP) loses it to the other survivor; resumed
+    // (SIGCONT), it steps down, and nothing it still had under way changes the fleet.
+    let v = get(&c, survivors[0], &root, "/health/system").await["leader"].clone();
+    let leader_now = v["leader"].as_str().unwrap().to_string();
+    let mut paused_at = None;
+    for (i, s) in survivors.iter().enumerate() {
+        if get(&c, s, &root, "/health/system").await["leader"]["replica"] == leader_now.as_str() {
+            paused_at = Some(i);
+        }
+    }
+    let paused_at = paused_at.expect("the new leader is a survivor");
+    let (paused, other) = (survivors[paused_at], survivors[1 - paused_at]);
+    let pid = paused.child.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    let stopped = Instant::now();
+    let taken = until("the other survivor to take the lease from the paused one", Duration::from_secs(20), || async {
+        let v = get(&c, other, &root, "/health/system").await["leader"].clone();
+        (v["leader"] == v["replica"], v)
+    })
+    .await;
+    let takeover = stopped.elapsed();
+    assert!(std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    let stepped = until("the resumed ex-leader to step down", Duration::from_secs(10), || async {
+        let v = get(&c, paused, &root, "/health/system").await["leader"].clone();
+        (v["leader"] == taken["leader"] && v["leader"] != v["replica"], v)
+    })
+    .await;
+    assert!(stepped["token"].as_u64().unwrap() > v["token"].as_u64().unwrap(), "{v} then {stepped}");
+    // A few check intervals later: every VM is still there and no host went unhealthy.
+    let settle = Instant::now();
+    while settle.elapsed() < Duration::from_secs(3) {
+        for s in &survivors {
+            let hosts = get(&c, s, &root, "/orchestrator/hosts").await;
+            assert!(
+                hosts.as_array().unwrap().iter().all(|h| h["state"] == "healthy"),
+                "after the pause: {:?}",
+                states(&hosts)
+            );
+            assert_eq!(machine_ids(&get(&c, s, &root, "/orchestrator/machines").await), created);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "room {}: {} created, {} refused; lease moved in {took:?} after kill -9, {takeover:?} after SIGSTOP; \
+         short-lived VM reaped {reaped:?} after the kill",
+        room + 1,
+        created.len(),
+        refused.len()
+    );
 }
 
 /// A PostgreSQL server of this test's own (so restarting it disturbs no other test), run as
