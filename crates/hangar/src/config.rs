@@ -62,6 +62,16 @@ pub const KEYS: &[Key] = &[
     k("LOG_FILE_PATH", "", "Folder of hangar.log when LOG_TO_FILE is on; default the data folder"),
     k("PRL_DEVOPS_LOG_FILE_PATH", "", "The reference's name of LOG_FILE_PATH (LOG_FILE_PATH wins when both are set)"),
     k(
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "",
+        "Base URL (http or https) of an OpenTelemetry collector: the server's spans are exported as traces over OTLP/HTTP (protobuf) to its path + /v1/traces; unset: no export",
+    ),
+    k("OTEL_SERVICE_NAME", "hangar", "The service.name of the exported traces"),
+    s(
+        "OTEL_EXPORTER_OTLP_HEADERS",
+        "Headers sent with every OTLP export, as name=value pairs separated by commas (values percent-encoded), such as authorization=Bearer%20abc",
+    ),
+    k(
         "ENABLED_MODULES",
         "",
         "Comma list of modules (api, host, catalog, orchestrator, reverse_proxy); empty: every module this machine supports",

@@ -2,6 +2,10 @@
 //! `/logs/stream` and `system_logs` events, and, with `LOG_TO_FILE`, the file `hangar.log`.
 //! All three get the same lines through the same filter (`LOG_LEVEL`) and format
 //! (`LOG_FORMAT`), so the ring and the file hold nothing the console does not.
+//! With `OTEL_EXPORTER_OTLP_ENDPOINT`, the spans that pass the same filter (requests, VM
+//! commands and creates, transfers, ...) are also exported as traces over OTLP/HTTP
+//! (protobuf) by a batch span processor running on the server's tokio runtime; [`shutdown`]
+//! flushes it.
 
 use std::io::Write;
 use std::sync::{Mutex, OnceLock};
@@ -13,9 +17,11 @@ use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::prelude::*;
 use tracing_subscriber::{Layer, Registry};
 
-use crate::settings::{LogFormat, LogSettings};
+use crate::settings::{LogFormat, LogSettings, OtlpSettings};
 
 static RING: OnceLock<LogRing> = OnceLock::new();
+/// The OTLP trace pipeline, when `OTEL_EXPORTER_OTLP_ENDPOINT` set one up.
+static TRACES: OnceLock<opentelemetry_sdk::trace::SdkTracerProvider> = OnceLock::new();
 
 /// The process's log ring (empty until [`init`] feeds it).
 pub fn ring() -> LogRing {
@@ -74,6 +80,51 @@ where
     }
 }
 
+/// The tracing-opentelemetry layer exporting spans to `o`'s collector. Must run inside the
+/// tokio runtime: the batch processor's task is spawned on it (the async reqwest client the
+/// exporter uses needs its reactor).
+fn otlp_layer(o: &OtlpSettings) -> Result<Boxed> {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+    use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor;
+
+    let headers = o.headers.iter().map(|(name, value)| (name.clone(), value.expose().to_string())).collect();
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+        .with_endpoint(o.traces_url.as_str())
+        .with_headers(headers)
+        .build()
+        .context("OTEL_EXPORTER_OTLP_ENDPOINT: cannot set up the OTLP trace exporter")?;
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_span_processor(BatchSpanProcessor::builder(exporter, opentelemetry_sdk::runtime::Tokio).build())
+        .with_resource(opentelemetry_sdk::Resource::builder().with_service_name(o.service_name.clone()).build())
+        .build();
+    let tracer = provider.tracer("hangar");
+    if TRACES.set(provider).is_err() {
+        anyhow::bail!("the OTLP trace exporter is already set up");
+    }
+    Ok(tracing_opentelemetry::layer().with_tracer(tracer).boxed())
+}
+
+/// Export the spans still buffered and stop the OTLP pipeline (graceful shutdown); waits
+/// at most `limit` for the collector. Does nothing without `OTEL_EXPORTER_OTLP_ENDPOINT`.
+pub async fn shutdown(limit: std::time::Duration) {
+    let Some(provider) = TRACES.get().cloned() else { return };
+    // The SDK's shutdown blocks until the processor task (on this runtime) has exported:
+    // call it from a thread of its own, and do not wait for it past the limit.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(provider.shutdown());
+    });
+    match tokio::time::timeout(limit, rx).await {
+        Ok(Ok(Ok(()))) => tracing::debug!("OTLP traces flushed"),
+        Ok(Ok(Err(e))) => tracing::warn!("OTLP trace export: flushing at shutdown failed: {e}"),
+        Ok(Err(_)) => tracing::warn!("OTLP trace export: flushing at shutdown failed"),
+        Err(_) => tracing::warn!("OTLP trace export: the collector did not take the last spans within {limit:?}"),
+    }
+}
+
 /// Install the subscriber for `hangar serve`.
 pub fn init(log: &LogSettings) -> Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(&log.filter)
@@ -96,7 +147,13 @@ pub fn init(log: &LogSettings) -> Result<()> {
         ring.set_file(path);
         layers.push(layer(log.format, false, Mutex::new(file)));
     }
+    if let Some(o) = &log.otlp {
+        layers.push(otlp_layer(o)?);
+    }
     tracing_subscriber::registry().with(layers).with(filter).init();
+    if let Some(o) = &log.otlp {
+        tracing::info!(endpoint = %o.traces_url, service = %o.service_name, "exporting traces over OTLP/HTTP");
+    }
     Ok(())
 }
 

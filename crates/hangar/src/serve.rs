@@ -483,6 +483,7 @@ pub async fn run(l: Layers, s: Settings) -> Result<()> {
     leadership.shutdown().await;
     store.close().await.map_err(|e| anyhow::anyhow!("closing the store: {e}"))?;
     info!("stopped");
+    crate::logging::shutdown(std::time::Duration::from_secs(5)).await;
     Ok(())
 }
 

@@ -105,6 +105,21 @@ pub struct LogSettings {
     /// `LOG_TO_FILE` (or `PRL_DEVOPS_LOG_TO_FILE`): the file `hangar.log` in `LOG_FILE_PATH`
     /// (or `PRL_DEVOPS_LOG_FILE_PATH`, default the data folder), when on.
     pub file: Option<PathBuf>,
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` (with `OTEL_SERVICE_NAME`, `OTEL_EXPORTER_OTLP_HEADERS`):
+    /// spans exported as traces over OTLP/HTTP, when set.
+    pub otlp: Option<OtlpSettings>,
+}
+
+/// Where and how the server's spans are exported over OTLP/HTTP (protobuf).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtlpSettings {
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` with `v1/traces` appended to its path, as the
+    /// OpenTelemetry specification says for the signal-independent endpoint.
+    pub traces_url: url::Url,
+    /// `OTEL_SERVICE_NAME`.
+    pub service_name: String,
+    /// `OTEL_EXPORTER_OTLP_HEADERS`: names and percent-decoded values.
+    pub headers: Vec<(String, Secret)>,
 }
 
 /// `ENABLED_MODULES` (or `MODE`): the modules asked for; none named means every module.
@@ -325,6 +340,9 @@ impl Settings {
         let log_to_file_alias = r.optional("PRL_DEVOPS_LOG_TO_FILE", boolean);
         let log_file_path = r.optional("LOG_FILE_PATH", path);
         let log_file_path_alias = r.optional("PRL_DEVOPS_LOG_FILE_PATH", path);
+        let otlp_endpoint = r.optional("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_traces_url);
+        let otlp_service = r.required("OTEL_SERVICE_NAME", text);
+        let otlp_headers = r.optional("OTEL_EXPORTER_OTLP_HEADERS", otlp_headers);
         let modules = r.optional("ENABLED_MODULES", modules);
         let modules_named_cors = matches!(&modules, Some(Some(m)) if m.contains(&"cors"));
         let mode = r.optional("MODE", |v| {
@@ -489,6 +507,12 @@ impl Settings {
                             log_file_path?.or(log_file_path_alias?).unwrap_or_else(|| data.clone()).join("hangar.log"),
                         ),
                         _ => None,
+                    },
+                    otlp: match (otlp_endpoint?, otlp_service?, otlp_headers?) {
+                        (Some(traces_url), service_name, headers) => {
+                            Some(OtlpSettings { traces_url, service_name, headers: headers.unwrap_or_default() })
+                        }
+                        (None, ..) => None,
                     },
                 },
                 modules: {
@@ -730,6 +754,61 @@ fn secret(v: &str) -> Result<Secret, String> {
     Ok(Secret(v.to_string()))
 }
 
+/// `OTEL_EXPORTER_OTLP_ENDPOINT`: an http(s) base URL; the traces go to its path + `v1/traces`.
+fn otlp_traces_url(v: &str) -> Result<url::Url, String> {
+    let mut u = url::Url::parse(v).map_err(|e| format!("is not a URL ({e}), such as http://127.0.0.1:4318"))?;
+    if !matches!(u.scheme(), "http" | "https") || u.host().is_none() {
+        return Err("is not an http or https URL with a host, such as http://127.0.0.1:4318".to_string());
+    }
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err("holds a user name or password: send credentials with OTEL_EXPORTER_OTLP_HEADERS".to_string());
+    }
+    if u.query().is_some() || u.fragment().is_some() {
+        return Err("has a query or fragment: give the collector's base URL, such as http://127.0.0.1:4318".to_string());
+    }
+    let path = format!("{}/v1/traces", u.path().trim_end_matches('/'));
+    u.set_path(&path);
+    Ok(u)
+}
+
+/// `OTEL_EXPORTER_OTLP_HEADERS`: `name=value` pairs separated by commas, values
+/// percent-encoded (the OpenTelemetry format). A secret: no message quotes a value.
+fn otlp_headers(v: &str) -> Result<Vec<(String, Secret)>, String> {
+    let mut out = Vec::new();
+    for (i, pair) in v.split(',').map(str::trim).filter(|p| !p.is_empty()).enumerate() {
+        let n = i + 1;
+        let Some((name, value)) = pair.split_once('=') else {
+            return Err(format!("is not a list of name=value pairs: pair {n} has no '='"));
+        };
+        let name = name.trim();
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)) {
+            return Err(format!("pair {n}'s name is not an HTTP header name"));
+        }
+        let value = percent_decode(value.trim())
+            .filter(|d| !d.bytes().any(|b| b.is_ascii_control() && b != b'\t'))
+            .ok_or_else(|| format!("pair {n}'s value is not percent-encoded text without control characters"))?;
+        out.push((name.to_ascii_lowercase(), Secret(value)));
+    }
+    Ok(out)
+}
+
+fn percent_decode(v: &str) -> Option<String> {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 /// The URL of the reference's `MYSQL_*` keys, user and password percent-encoded.
 fn mysql_url(host: &str, port: u16, user: Option<&str>, password: Option<&str>, db: &str) -> Result<String, String> {
     let mut url = url::Url::parse("mysql://localhost/").map_err(|e| e.to_string())?;
@@ -805,6 +884,38 @@ mod tests {
     fn with_flags(flags: &[(&str, &str)]) -> Result<Settings, SettingsError> {
         let flags: Vec<(String, String)> = flags.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         Settings::from_layers(&Layers::load(None, &|_| None, &flags).unwrap())
+    }
+
+    #[test]
+    fn otlp_export_keys() {
+        assert_eq!(with_env(&[]).unwrap().log.otlp, None, "off unless the endpoint is set");
+        let s = with_env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")]).unwrap();
+        let o = s.log.otlp.unwrap();
+        assert_eq!(o.traces_url.as_str(), "http://127.0.0.1:4318/v1/traces");
+        assert_eq!(o.service_name, "hangar");
+        assert!(o.headers.is_empty());
+        let s = with_env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://otel.example:4318/base/"),
+            ("OTEL_SERVICE_NAME", "hangar-eu"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "Authorization=Bearer%20sekrit, x-tenant=a"),
+        ])
+        .unwrap();
+        let o = s.log.otlp.unwrap();
+        assert_eq!(o.traces_url.as_str(), "https://otel.example:4318/base/v1/traces");
+        assert_eq!(o.service_name, "hangar-eu");
+        let h: Vec<(&str, &str)> = o.headers.iter().map(|(n, v)| (n.as_str(), v.expose())).collect();
+        assert_eq!(h, [("authorization", "Bearer sekrit"), ("x-tenant", "a")]);
+        assert!(!format!("{o:?}").contains("sekrit"), "header values are secrets");
+        for bad in ["127.0.0.1:4318", "ftp://h/", "http://h:4318/?q=1", "http://u:sekrit@h:4318"] {
+            let e = with_env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", bad)]).unwrap_err().to_string();
+            assert!(e.contains("OTEL_EXPORTER_OTLP_ENDPOINT"), "{e}");
+        }
+        for bad in ["authorization", "a b=c", "x=%zz-sekrit"] {
+            let e = with_env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://h"), ("OTEL_EXPORTER_OTLP_HEADERS", bad)])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("OTEL_EXPORTER_OTLP_HEADERS") && !e.contains("sekrit"), "{e}");
+        }
     }
 
     #[test]
