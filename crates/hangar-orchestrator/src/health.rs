@@ -70,6 +70,14 @@ impl HostHealth {
         HostHealth { state: HostState::Unknown, last_seen: None, watching_since: now, last_error: None, config }
     }
 
+    /// Starts watching afresh at `now` (a replica that just became the leader): silence is
+    /// counted from now, not from what it heard before it led, so a change of leader alone
+    /// never makes a host unhealthy. The state stays.
+    pub fn rewatch(&mut self, now: DateTime<Utc>) {
+        self.last_seen = None;
+        self.watching_since = now;
+    }
+
     /// Current state.
     pub fn state(&self) -> HostState {
         self.state

@@ -353,6 +353,11 @@ impl Scheduler {
                             me.set_leadership(Leadership::Follower);
                             drop(work.take());
                             me.set_leadership(Leadership::Leader(fence.clone()));
+                            // Silence counts from now: a new leader heard nothing before.
+                            let now = me.inner.clock.now();
+                            for h in lock(&me.inner.health).values_mut() {
+                                h.rewatch(now);
+                            }
                             tracing::info!(token = fence.token(), "leader work starts");
                             work = Some(me.spawn_leader_work(every));
                         }
