@@ -506,9 +506,9 @@ impl HostRegistry {
     /// Brings the cached hosts in step with the store, for a replica sharing it with others:
     /// hosts registered elsewhere are added, hosts unregistered elsewhere removed, and a host
     /// whose record another replica rewrote takes the stored configuration and revision.
-    /// With `keep_runtime` (this replica follows the hosts itself: the leader) its own
-    /// runtime status (state, VMs, resources) stays; otherwise the stored one, which the
-    /// leader writes at each transition, replaces it. Returns the ids of hosts added or
+    /// A cached host keeps its VM list and resources (fresher here than the stored snapshot);
+    /// with `keep_runtime` (this replica follows the hosts itself: the leader) its health too,
+    /// otherwise the stored health, which the leader writes at each transition, replaces it. Returns the ids of hosts added or
     /// changed. `everything`: take every record, changed or not (a replica's first sync: its
     /// views were opened in state `unknown`).
     pub async fn sync_from_store(&self, keep_runtime: bool, everything: bool) -> Result<Vec<String>> {
@@ -535,14 +535,19 @@ impl HostRegistry {
                 }
             };
             let mut host = stored.host;
-            if let Some(c) = cache.get(&rec.id).filter(|_| keep_runtime) {
+            if let Some(c) = cache.get(&rec.id) {
+                // The VM list this replica keeps (followed from the host by the leader, kept
+                // by each replica's own creations and the VM records it reads) is fresher than
+                // the stored one, a snapshot from the leader's last transition.
                 let status = &c.host;
-                host.state = status.state;
-                host.last_seen = status.last_seen;
-                host.last_error = status.last_error.clone();
                 host.vms = status.vms.clone();
                 host.resources = status.resources;
                 host.cached_images = status.cached_images.clone();
+                if keep_runtime {
+                    host.state = status.state;
+                    host.last_seen = status.last_seen;
+                    host.last_error = status.last_error.clone();
+                }
             }
             index.upsert(&host);
             changed.push(rec.id.clone());
