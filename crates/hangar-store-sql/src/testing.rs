@@ -13,6 +13,23 @@ use crate::{Engine, redact_url};
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// The admin URL of the test server in the environment variable `var`, or `None` when
+/// `HANGAR_SKIP_SQL_TESTS=1`. A missing variable panics (fails the test): a SQL engine that
+/// was not tested must not look tested.
+pub fn admin_url(var: &str) -> Option<String> {
+    if std::env::var("HANGAR_SKIP_SQL_TESTS").as_deref() == Ok("1") {
+        eprintln!("HANGAR_SKIP_SQL_TESTS=1: skipping a test that needs {var}");
+        return None;
+    }
+    match std::env::var(var) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => panic!(
+            "{var} is not set: start the test databases with `scripts/test-services.sh start` and \
+             `eval \"$(scripts/test-services.sh env)\"` (or set HANGAR_SKIP_SQL_TESTS=1 to skip the SQL engine tests)"
+        ),
+    }
+}
+
 /// A database name no other call (in this process or another) has made.
 pub fn unique_name(prefix: &str) -> String {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);

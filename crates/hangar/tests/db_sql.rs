@@ -14,21 +14,7 @@ use serde_json::Value;
 
 const PASSWORD_IN_URLS: &str = "hangar-test-pw";
 
-/// The test server's admin URL, or `None` with `HANGAR_SKIP_SQL_TESTS=1`. A missing variable
-/// fails: an engine that was not tested must not look tested.
-fn admin_url(var: &str) -> Option<String> {
-    if std::env::var("HANGAR_SKIP_SQL_TESTS").as_deref() == Ok("1") {
-        eprintln!("HANGAR_SKIP_SQL_TESTS=1: skipping a test that needs {var}");
-        return None;
-    }
-    match std::env::var(var) {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ => panic!(
-            "{var} is not set: start the test databases with `scripts/test-services.sh start` and \
-             `eval \"$(scripts/test-services.sh env)\"` (or set HANGAR_SKIP_SQL_TESTS=1 to skip the SQL engine tests)"
-        ),
-    }
-}
+use hangar_store_sql::testing::admin_url;
 
 async fn fresh_database(admin: &str) -> String {
     hangar_store_sql::testing::create_database(admin, "hangar_bin").await.expect("a fresh test database")

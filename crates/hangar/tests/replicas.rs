@@ -33,19 +33,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 const JWT_SECRET: &str = "replicas-test-hmac-secret-0123456789-abcdefghij";
 
-fn admin_url(var: &str) -> Option<String> {
-    if std::env::var("HANGAR_SKIP_SQL_TESTS").as_deref() == Ok("1") {
-        eprintln!("HANGAR_SKIP_SQL_TESTS=1: skipping a test that needs {var}");
-        return None;
-    }
-    match std::env::var(var) {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ => panic!(
-            "{var} is not set: start the test databases with `scripts/test-services.sh start` and \
-             `eval \"$(scripts/test-services.sh env)\"` (or set HANGAR_SKIP_SQL_TESTS=1)"
-        ),
-    }
-}
+use hangar_store_sql::testing::admin_url;
 
 /// The keys every replica must share (as the Helm chart's Secret gives each pod).
 fn shared_secrets(dirs: &[&Path]) {

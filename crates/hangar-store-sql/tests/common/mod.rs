@@ -9,21 +9,7 @@ use std::time::Duration;
 use hangar_store::{EncryptionKey, Store};
 use hangar_store_sql::{SqlOptions, testing};
 
-/// The admin URL of the test server from `var`, or `None` when `HANGAR_SKIP_SQL_TESTS=1`.
-/// A missing variable fails the test: a SQL engine that was not tested must not look tested.
-pub fn admin_url(var: &str) -> Option<String> {
-    if std::env::var("HANGAR_SKIP_SQL_TESTS").as_deref() == Ok("1") {
-        eprintln!("HANGAR_SKIP_SQL_TESTS=1: skipping a test that needs {var}");
-        return None;
-    }
-    match std::env::var(var) {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ => panic!(
-            "{var} is not set: start the test databases with `scripts/test-services.sh start` and \
-             `eval \"$(scripts/test-services.sh env)\"` (or set HANGAR_SKIP_SQL_TESTS=1 to skip the SQL engine tests)"
-        ),
-    }
-}
+pub use hangar_store_sql::testing::admin_url;
 
 pub fn options(key: Option<&EncryptionKey>) -> SqlOptions {
     SqlOptions { encryption_key: key.cloned(), max_connections: 8, connect_timeout: Duration::from_secs(10) }
