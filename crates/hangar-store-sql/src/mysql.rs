@@ -239,6 +239,9 @@ impl Store for MySqlStore {
     fn engine(&self) -> &'static str {
         "mysql"
     }
+    fn shared(&self) -> bool {
+        true
+    }
 
     async fn get(&self, collection: &str, id: &str) -> Result<Option<Record>> {
         self.check_open()?;

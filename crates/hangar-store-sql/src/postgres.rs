@@ -181,6 +181,9 @@ impl Store for PgStore {
     fn engine(&self) -> &'static str {
         "postgres"
     }
+    fn shared(&self) -> bool {
+        true
+    }
 
     async fn get(&self, collection: &str, id: &str) -> Result<Option<Record>> {
         self.check_open()?;

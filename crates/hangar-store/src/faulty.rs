@@ -204,6 +204,9 @@ impl Store for FaultyStore {
     fn engine(&self) -> &'static str {
         self.inner.engine()
     }
+    fn shared(&self) -> bool {
+        self.inner.shared()
+    }
 
     async fn get(&self, collection: &str, id: &str) -> Result<Option<Record>> {
         self.read_gate().await?;

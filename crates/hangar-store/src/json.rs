@@ -581,6 +581,9 @@ impl Store for JsonStore {
     fn engine(&self) -> &'static str {
         "json"
     }
+    fn shared(&self) -> bool {
+        false
+    }
 
     async fn get(&self, collection: &str, id: &str) -> Result<Option<Record>> {
         Ok(self.read()?.get(collection, id))

@@ -215,6 +215,10 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 pub trait Store: Send + Sync + 'static {
     /// Engine name for logs and `hangar db` output (`"json"`, `"postgres"`, ...).
     fn engine(&self) -> &'static str;
+    /// Whether other processes may write this store at the same time (replicas on one
+    /// database). `false` for a store one process owns (the JSON engine locks its folder):
+    /// that process leads at once and its in-memory views are the truth.
+    fn shared(&self) -> bool;
     async fn get(&self, collection: &str, id: &str) -> Result<Option<Record>>;
     /// Every record of a collection, sorted by id.
     async fn list(&self, collection: &str) -> Result<Vec<Record>>;

@@ -70,6 +70,9 @@ impl Store for MemoryStore {
     fn engine(&self) -> &'static str {
         "memory"
     }
+    fn shared(&self) -> bool {
+        false
+    }
 
     async fn get(&self, collection: &str, id: &str) -> Result<Option<Record>> {
         self.read(|model| model.get(collection, id))

@@ -26,7 +26,7 @@ pub struct Leadership {
 /// holder this replica sees.
 pub fn start(store: Arc<dyn Store>, bus: EventBus) -> anyhow::Result<Leadership> {
     let id = lease::replica_id();
-    let config = LeaseConfig { sole_process: store.engine() == "json", ..LeaseConfig::default() };
+    let config = LeaseConfig { sole_process: !store.shared(), ..LeaseConfig::default() };
     let lease = Lease::new(store, LEADER_LEASE, &id, config).map_err(|e| anyhow::anyhow!("leader lease: {e}"))?;
     let task = Arc::new(lease).spawn();
     let mut leader = task.leader();

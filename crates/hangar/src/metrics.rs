@@ -26,6 +26,9 @@ impl Store for TimedStore {
     fn engine(&self) -> &'static str {
         self.inner.engine()
     }
+    fn shared(&self) -> bool {
+        self.inner.shared()
+    }
     async fn get(&self, collection: &str, id: &str) -> hangar_store::Result<Option<Record>> {
         self.inner.get(collection, id).await
     }

@@ -248,8 +248,8 @@ async fn start_orchestrator(
         ..Default::default()
     };
     let dyn_store: Arc<dyn Store> = store;
-    // Other replicas may share a SQL database: holds go through the store, views follow it.
-    let shared = dyn_store.engine() != "json";
+    // Other replicas may share the database: holds go through the store, views follow it.
+    let shared = dyn_store.shared();
     let jobs = match hangar_host::Jobs::open(dyn_store.clone(), ORCHESTRATOR_JOBS, bus.clone()).await {
         Ok(j) => j,
         Err(e) => {
@@ -339,7 +339,7 @@ pub async fn run(l: Layers, s: Settings) -> Result<()> {
     let catalog = crate::catalog_cmd::start_catalog(&l, &s, catalog_store, &dir, bus.clone(), &mut modules)?;
     // ----- end of catalog module -----
     let leadership = crate::leader::start(dyn_store.clone(), bus.clone())?;
-    if store.engine() != "json" {
+    if store.shared() {
         // Other replicas may share the database: their events reach this one's subscribers.
         crate::fanout::start(dyn_store.clone(), bus.clone(), leadership.id(), leadership.role());
     }

@@ -178,6 +178,7 @@ macro_rules! engine_suite {
         async fn reads_with_names_no_batch_could_write_find_nothing() {
             let Some(admin) = common::admin_url(VAR) else { return };
             let store = common::fresh_store(&admin, None).await;
+            assert!(store.shared(), "a SQL engine may be shared by several replicas");
             store.commit(Batch::new().put("c", "ab", json!(1)).put("c", "b", json!(2))).await.expect("commit");
             for (collection, id) in [("c", "a\0b"), ("c\0", "ab"), ("", "ab"), ("c", "")] {
                 let got = store.get(collection, id).await;
