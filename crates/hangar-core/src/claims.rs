@@ -117,6 +117,9 @@ claims!(
     MANAGE_ALL_VMS,
     // Read `/metrics` (Prometheus); ADMIN, SUPER_USER and METRICS_READER hold it.
     METRICS_READ,
+    // Runner pools and warm pools (`/runner-pools`): read them, and create, edit or delete them.
+    RUNNER_POOLS_READ,
+    RUNNER_POOLS_WRITE,
 );
 
 /// Claims of the default USER role. Unlike the reference, a plain user cannot wipe the
@@ -202,6 +205,8 @@ pub fn claim_metadata(name: &str) -> (String, String, String) {
         "VIRTUAL_MACHINES"
     } else if name.contains("ORCHESTRATOR") {
         "ORCHESTRATOR"
+    } else if name.starts_with("RUNNER") {
+        "RUNNERS"
     } else if name.starts_with("JOB_MANAGER") {
         "JOBS"
     } else if name.contains("CACHE") {

@@ -12,6 +12,7 @@ pub mod calls;
 pub mod events;
 pub mod machines;
 pub mod orchestrator;
+pub mod pools;
 pub mod units;
 
 pub use cache::{CacheCall, CatalogCacheList};
@@ -20,4 +21,5 @@ pub use calls::{HttpCall, VmCall, VmReply};
 pub use hangar_hypervisor::PowerOp;
 pub use machines::*;
 pub use orchestrator::*;
+pub use pools::{PoolClaim, PoolImage, RunnerPool, RunnerPoolStatus, RunnerPoolView};
 pub use units::{Flexible, Mb};

@@ -54,6 +54,11 @@ pub struct OrchestratorCreateRequest {
     /// Wait up to this many seconds for capacity (priority 0); `queue` takes precedence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wait_seconds: Option<u64>,
+    /// Claim a VM from this runner pool (`/runner-pools`) instead: a warm one at once, else
+    /// a new one of the pool's image and size. Only `name`, `owner` and `ttl_seconds` are read
+    /// with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
 }
 
 /// The answer to a create through the orchestrator.
