@@ -23,6 +23,10 @@ pub enum Access {
     AnyOf(&'static [&'static str]),
     /// The SUPER_USER role.
     SuperUser,
+    /// A signed webhook (GitHub's `workflow_job`): no Hangar credential is read; the handler
+    /// admits only a body signed with the configured secret (HMAC, checked in constant time
+    /// before anything is read or stored) and refuses any other request with 401.
+    SignedWebhook,
 }
 
 /// The outcome of checking an [`Access`] against a caller.
@@ -41,12 +45,12 @@ impl Access {
     pub fn check(&self, caller: Option<&Principal>) -> Decision {
         let Some(p) = caller else {
             return match self {
-                Access::Public | Access::Open => Decision::Allow,
+                Access::Public | Access::Open | Access::SignedWebhook => Decision::Allow,
                 _ => Decision::Unauthenticated,
             };
         };
         let ok = match self {
-            Access::Public | Access::Open | Access::Authenticated => true,
+            Access::Public | Access::Open | Access::SignedWebhook | Access::Authenticated => true,
             Access::AllOf(cs) => cs.iter().all(|c| p.has_claim(c)),
             Access::AnyOf(cs) => p.has_any(cs),
             Access::SuperUser => p.is_super_user(),
@@ -63,18 +67,20 @@ impl Access {
             Access::AllOf(cs) => format!("all of the claims {}", cs.join(", ")),
             Access::AnyOf(cs) => format!("one of the claims {}", cs.join(", ")),
             Access::SuperUser => "the SUPER_USER role".into(),
+            Access::SignedWebhook => "a body signed with the webhook secret (no Hangar credential)".into(),
         }
     }
 
-    /// Open to a caller without credentials ([`Access::Public`] and [`Access::Open`]).
+    /// Open to a caller without credentials ([`Access::Public`], [`Access::Open`], and
+    /// [`Access::SignedWebhook`], whose handler checks the signature).
     pub fn is_public(&self) -> bool {
-        matches!(self, Access::Public | Access::Open)
+        matches!(self, Access::Public | Access::Open | Access::SignedWebhook)
     }
 
     /// Whether the credential a request carries is read: on every route but the
-    /// [`Access::Public`] ones.
+    /// [`Access::Public`] and [`Access::SignedWebhook`] ones.
     pub fn reads_credential(&self) -> bool {
-        !matches!(self, Access::Public)
+        !matches!(self, Access::Public | Access::SignedWebhook)
     }
 }
 

@@ -31,6 +31,8 @@ pub enum EventType {
     CatalogCache,
     JobManager,
     Auth,
+    /// Ephemeral CI runners: a job's state changes (`hangar-runners`).
+    Runner,
 }
 
 impl EventType {
@@ -46,6 +48,7 @@ impl EventType {
         EventType::CatalogCache,
         EventType::JobManager,
         EventType::Auth,
+        EventType::Runner,
     ];
 
     pub fn as_str(&self) -> &'static str {
@@ -61,6 +64,7 @@ impl EventType {
             EventType::CatalogCache => "catalog_cache",
             EventType::JobManager => "job_manager",
             EventType::Auth => "auth",
+            EventType::Runner => "runner",
         }
     }
 
@@ -75,6 +79,7 @@ impl EventType {
             EventType::CatalogCache => Access::AnyOf(&[claims::LIST_CACHE]),
             EventType::JobManager => Access::AnyOf(&[claims::JOB_MANAGER_LIST, claims::JOB_MANAGER_LIST_OWN]),
             EventType::Auth => Access::AnyOf(&[claims::LIST_USER]),
+            EventType::Runner => Access::AnyOf(&[claims::LIST_ORCHESTRATOR_HOSTS, claims::LIST_VM]),
             EventType::System | EventType::SystemLogs => Access::SuperUser,
         }
     }
@@ -89,7 +94,7 @@ impl fmt::Display for EventType {
 /// Unknown event type name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "Unknown event type {0:?}; known types: global, pdfm, system, system_logs, health, orchestrator, stats, reverse_proxy, catalog_cache, job_manager, auth"
+    "Unknown event type {0:?}; known types: global, pdfm, system, system_logs, health, orchestrator, stats, reverse_proxy, catalog_cache, job_manager, auth, runner"
 )]
 pub struct UnknownEventType(pub String);
 

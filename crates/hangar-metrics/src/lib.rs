@@ -128,6 +128,12 @@ pub struct Metrics {
     pub store_commit_seconds: Histogram,
     /// `hangar_store_commit_errors_total`.
     pub store_commit_errors: Counter,
+    /// `hangar_runner_jobs_total{outcome}`: CI jobs entering a state (`queued`, `assigned`,
+    /// `running`, `done`, `failed`, `ignored`).
+    pub runner_jobs: Family<OutcomeLabels, Counter>,
+    /// `hangar_runner_queued_to_online_seconds`: from a job's `queued` delivery to its runner
+    /// running it.
+    pub runner_online_seconds: Histogram,
 }
 
 impl Metrics {
@@ -154,6 +160,8 @@ impl Metrics {
             proxy_upstream_errors: Counter::default(),
             store_commit_seconds: commit_buckets(),
             store_commit_errors: Counter::default(),
+            runner_jobs: Family::default(),
+            runner_online_seconds: slow_buckets(),
             registry: Registry::default(),
         };
         r.register(
@@ -216,7 +224,23 @@ impl Metrics {
             m.store_commit_seconds.clone(),
         );
         r.register("hangar_store_commit_errors", "Store commits that failed", m.store_commit_errors.clone());
+        r.register("hangar_runner_jobs", "CI jobs entering a state, by state", m.runner_jobs.clone());
+        r.register(
+            "hangar_runner_queued_to_online_seconds",
+            "Seconds from a CI job's queued delivery to Hangar's runner running it",
+            m.runner_online_seconds.clone(),
+        );
         Metrics { registry: r, ..m }
+    }
+
+    /// A CI job entered `state`.
+    pub fn runner_job(&self, state: &'static str) {
+        self.runner_jobs.get_or_create(&OutcomeLabels { outcome: state }).inc();
+    }
+
+    /// A CI job's runner came online `secs` after the job was queued.
+    pub fn runner_online(&self, secs: f64) {
+        self.runner_online_seconds.observe(secs);
     }
 
     /// Count one API request.
