@@ -10,6 +10,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 use hangar_hypervisor::{PowerOp, VmState};
+use hangar_wire::{VmCall, VmReply};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{CachedImage, Host, HostCredentials, HostHardware, HostResources, Os, VmSummary};
@@ -163,6 +164,11 @@ pub trait HostClient: Send + Sync + 'static {
     /// A lightweight liveness check (no VM listing).
     async fn ping(&self) -> Result<(), HostClientError> {
         self.hardware().await.map(|_| ())
+    }
+    /// Runs one VM call (the host API's own, e.g. exec or rename) and reads its answer.
+    async fn vm_call(&self, id: &str, call: &VmCall) -> Result<VmReply, HostClientError> {
+        let _ = (id, call);
+        Err(HostClientError::Rejected("this host client cannot run VM calls".into()))
     }
 }
 

@@ -19,6 +19,7 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use hangar_hypervisor::{HypervisorKind, PowerOp, VmState};
+use hangar_wire::{ExecuteResponse, Machine, VmCall, VmReply};
 use tokio::sync::broadcast;
 
 use crate::client::{HostClient, HostClientError, HostConnector, HostCreateVm, HostEvent, VmOp};
@@ -75,6 +76,7 @@ struct State {
     ping_fails: bool,
     fail_creates: usize,
     create_delay: Duration,
+    exec_broken: bool,
 }
 
 impl State {
@@ -102,6 +104,7 @@ pub struct FakeHost {
     streams: AtomicUsize,
     creates: AtomicUsize,
     refused_oversubscription: AtomicUsize,
+    execs: AtomicUsize,
 }
 
 impl std::fmt::Debug for FakeHost {
@@ -122,11 +125,13 @@ impl FakeHost {
                 ping_fails: false,
                 fail_creates: 0,
                 create_delay: Duration::ZERO,
+                exec_broken: false,
             }),
             events,
             streams: AtomicUsize::new(0),
             creates: AtomicUsize::new(0),
             refused_oversubscription: AtomicUsize::new(0),
+            execs: AtomicUsize::new(0),
         })
     }
 
@@ -167,6 +172,16 @@ impl FakeHost {
     /// Make each creation take this long.
     pub fn set_create_delay(&self, d: Duration) {
         self.lock().create_delay = d;
+    }
+
+    /// Make execs in its VMs fail (`true`: guests not booted yet) or succeed again.
+    pub fn set_exec_broken(&self, broken: bool) {
+        self.lock().exec_broken = broken;
+    }
+
+    /// Exec calls answered so far.
+    pub fn execs(&self) -> usize {
+        self.execs.load(Ordering::SeqCst)
     }
 
     /// Its VMs.
@@ -312,6 +327,43 @@ impl HostClient for FakeHost {
         // so the reader resyncs.
         let rest = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.ok().flatten().map(|e| (e, rx)) });
         Ok(Box::pin(futures::stream::once(async move { synced }).chain(rest)))
+    }
+
+    /// Exec (exit 0 in a running VM unless [`FakeHost::set_exec_broken`]), rename and get;
+    /// other calls are refused.
+    async fn vm_call(&self, id: &str, call: &VmCall) -> Result<VmReply, HostClientError> {
+        self.check_up()?;
+        let mut s = self.lock();
+        let broken = s.exec_broken;
+        let Some(vm) = s.vms.get_mut(id) else {
+            return Err(HostClientError::NotFound(format!("no VM {id}")));
+        };
+        match call {
+            VmCall::Execute(_) => {
+                self.execs.fetch_add(1, Ordering::SeqCst);
+                let ok = vm.state == VmState::Running && !broken;
+                Ok(VmReply::Exec(ExecuteResponse {
+                    stdout: String::new(),
+                    stderr: if ok { String::new() } else { "guest not ready".into() },
+                    exit_code: if ok { 0 } else { 1 },
+                    error: None,
+                }))
+            }
+            VmCall::Rename(r) => {
+                vm.name = r.new_name.clone();
+                let vm = vm.clone();
+                drop(s);
+                self.emit(HostEvent::VmChanged { vm });
+                Ok(VmReply::Done)
+            }
+            VmCall::Get => Ok(VmReply::Machine(Box::new(Machine {
+                id: vm.id.clone(),
+                name: vm.name.clone(),
+                state: vm.state.as_str().into(),
+                ..Machine::default()
+            }))),
+            other => Err(HostClientError::Rejected(format!("the fake host does not run {:?}", other.action()))),
+        }
     }
 
     async fn ping(&self) -> Result<(), HostClientError> {

@@ -553,6 +553,10 @@ impl HostClient for HttpHostClient {
     async fn ping(&self) -> Result<(), HostClientError> {
         self.request(Method::GET, "/health/probe", None, Duration::from_secs(10)).await.map(|_| ())
     }
+
+    async fn vm_call(&self, id: &str, call: &VmCall) -> Result<VmReply, HostClientError> {
+        self.call(id, call).await
+    }
 }
 
 /// The reference's event envelope (the fields the orchestrator reads).

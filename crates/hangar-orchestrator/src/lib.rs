@@ -16,6 +16,8 @@
 //!   its background work): hosts, enrollment tokens, resource overviews, tunnels.
 //! * [`service`]: the facade's VM work: every operation takes the caller, decides access
 //!   with the host's own rule, audits, and forwards the same `VmCall`.
+//! * [`pools`]: runner pools in the store; the warm-pool work is the scheduler's
+//!   `pools` concern (fill, recycle, claim, eviction).
 //! * [`fake`]: an in-memory host for tests and benchmarks.
 //!
 //! The HTTP routes, the HTTP [`client::HostClient`] and the agent side live elsewhere.
@@ -29,6 +31,7 @@ pub mod health;
 pub mod http_client;
 pub mod model;
 pub mod placement;
+pub mod pools;
 pub mod registry;
 pub mod reservations;
 pub mod scheduler;
@@ -46,4 +49,7 @@ pub use model::*;
 pub use placement::{Caller, Decision, NoCapacity, PlacementRequest, Profile, Reason};
 pub use registry::{EnrollmentToken, HostRegistry, IssuedToken};
 pub use reservations::{Reservation, Reservations};
-pub use scheduler::{BackgroundIntervals, CAPACITY, CreateVm, Leadership, ReapReport, Scheduler, SchedulerConfig};
+pub use scheduler::{
+    AsWritten, BackgroundIntervals, CAPACITY, CreateVm, ImageVersions, Leadership, PoolPass, ReapReport, Scheduler,
+    SchedulerConfig,
+};

@@ -584,6 +584,24 @@ pub struct OrchestratedVm {
     pub expires_at: Option<DateTime<Utc>>,
     /// Why the last deletion attempt failed.
     pub last_error: Option<String>,
+    /// The runner pool the VM belongs to (warm, or claimed from it); `None` for other VMs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PoolMark>,
+}
+
+/// A VM's place in a runner pool (`OrchestratedVm::pool`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PoolMark {
+    /// The pool's name.
+    pub pool: String,
+    /// Kept warm for a claim (owned by the pool's service owner); `false` once claimed.
+    pub warm: bool,
+    /// A no-op exec succeeded in it: a claim may take it.
+    pub ready: bool,
+    /// The pool's generation it was made for (an edit recycles older ones).
+    pub generation: u64,
+    /// The image version it was made from (`latest` resolved when it was made).
+    pub version: String,
 }
 
 /// A host as the API answers it: the view, plus its URL again as `host` (the reference's

@@ -25,6 +25,7 @@ mod events;
 mod fleet;
 mod lifecycle;
 mod metrics;
+mod pools;
 mod shared;
 
 use std::collections::{HashMap, HashSet};
@@ -41,6 +42,7 @@ use tracing::warn;
 
 pub use events::{RECONNECT_CAP, reconnect_delay};
 pub use lifecycle::{CreateProgress, CreateVm, ProgressFn, ReapReport};
+pub use pools::{AsWritten, ImageVersions, PoolPass, READY_TIMEOUT};
 pub use shared::CAPACITY;
 
 use crate::client::{HostClient, HostClientError, HostConnector};
@@ -225,6 +227,8 @@ struct Inner {
     leadership: Mutex<Leadership>,
     // shared.rs: set when other replicas share the store.
     shared: std::sync::OnceLock<shared::Shared>,
+    // pools.rs: warm pools (fills in flight, readiness checks, version resolution).
+    pools: pools::PoolsState,
 }
 
 /// A [`Scheduler`] that may be gone.
@@ -279,6 +283,7 @@ impl Scheduler {
                 following: AtomicBool::new(false),
                 leadership: Mutex::new(Leadership::Sole),
                 shared: std::sync::OnceLock::new(),
+                pools: pools::PoolsState::default(),
             }),
         }
     }
@@ -421,6 +426,8 @@ impl Scheduler {
                 }
             }
         }));
+        let me = self.clone();
+        handles.push(tokio::spawn(async move { me.run_pools(every.tick).await }));
         Background { handles, scheduler: Some(self.clone()) }
     }
 }

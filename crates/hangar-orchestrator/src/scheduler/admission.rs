@@ -73,7 +73,23 @@ impl Scheduler {
         priority: i32,
         wait: Option<Duration>,
         progress: ProgressFn<'_>,
+        may_evict: bool,
     ) -> Result<Granted> {
+        // Warm VMs never block a real request: when nothing fits, a warm VM on a host that
+        // would then fit is deleted first and placement runs again (a few rounds, as a warm
+        // fill may take the room meanwhile).
+        if may_evict && self.has_warm_vms() {
+            for _ in 0..4 {
+                match self.reserve(req) {
+                    Ok(g) => return Ok(g),
+                    Err(_) => {
+                        if !self.evict_warm_for(req).await? {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
         let Some(wait) = wait.filter(|w| !w.is_zero()) else {
             return Ok(self.reserve(req)?);
         };

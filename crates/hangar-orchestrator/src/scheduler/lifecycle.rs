@@ -69,6 +69,11 @@ pub struct CreateVm {
     /// Another catalog server to pull the image from (`catalog_manifest.connection`),
     /// passed to the host as is; never stored or logged (masked `Debug`).
     pub catalog_connection: Option<hangar_wire::SecretText>,
+    /// The runner pool the VM is made for, recorded with it. A warm VM (`warm: true`) never
+    /// evicts another warm VM to find room; every other create may (see admission).
+    pub pool: Option<PoolMark>,
+    /// Hosts placement should not use for this VM (a warm fill spreading over hosts).
+    pub avoid: BTreeSet<String>,
 }
 
 /// A step of a VM creation, reported while it happens (what an async create job shows).
@@ -113,7 +118,7 @@ pub struct ReapReport {
 }
 
 /// Marks a VM busy (being deleted or extended) for as long as it lives.
-struct BusyGuard<'a> {
+pub(super) struct BusyGuard<'a> {
     set: &'a Mutex<HashSet<String>>,
     id: String,
 }
@@ -125,7 +130,7 @@ impl Drop for BusyGuard<'_> {
 }
 
 impl Scheduler {
-    fn busy(&self, vm_id: &str) -> Result<BusyGuard<'_>> {
+    pub(super) fn busy(&self, vm_id: &str) -> Result<BusyGuard<'_>> {
         if !lock(&self.inner.busy_vms).insert(vm_id.to_string()) {
             return Err(OrchestratorError::Conflict(format!("VM {vm_id} is being changed or deleted; try again")));
         }
@@ -151,7 +156,9 @@ impl Scheduler {
         if req.name.trim().is_empty() || req.name.len() > 100 {
             return Err(OrchestratorError::Invalid("a VM needs a name of 1 to 100 characters".into()));
         }
-        let ttl = req.ttl.or(self.inner.config.default_vm_ttl);
+        // A warm VM waits for its claim, which starts its TTL.
+        let warm = req.pool.as_ref().is_some_and(|m| m.warm);
+        let ttl = if warm { None } else { req.ttl.or(self.inner.config.default_vm_ttl) };
         if let (Some(ttl), Some(max)) = (ttl, self.inner.config.max_vm_ttl)
             && ttl > max
         {
@@ -160,6 +167,8 @@ impl Scheduler {
         let os = req.os.unwrap_or(Os::Linux);
         let mut preq = self.placement_request(&req, caller)?;
         preq.os = Some(os);
+        preq.exclude.extend(req.avoid.iter().cloned());
+        let may_evict = req.pool.as_ref().is_none_or(|m| !m.warm);
         let mut last: Option<(String, HostClientError)> = None;
         for attempt in 1..=self.inner.config.create_attempts.max(1) {
             progress(CreateProgress::Placing {
@@ -169,18 +178,18 @@ impl Scheduler {
             let mut races = 0;
             let (decision, reservation) = loop {
                 let decided_at = self.shared_epoch();
-                let (decision, reservation) = match self.reserve_or_wait(&preq, req.priority, req.wait, progress).await
-                {
-                    Ok(g) => g,
-                    Err(e) => {
-                        return Err(match (e, last) {
-                            (OrchestratorError::NoCapacity(_), Some((host, source))) => {
-                                OrchestratorError::Host { host, source }
-                            }
-                            (e, _) => e,
-                        });
-                    }
-                };
+                let (decision, reservation) =
+                    match self.reserve_or_wait(&preq, req.priority, req.wait, progress, may_evict).await {
+                        Ok(g) => g,
+                        Err(e) => {
+                            return Err(match (e, last) {
+                                (OrchestratorError::NoCapacity(_), Some((host, source))) => {
+                                    OrchestratorError::Host { host, source }
+                                }
+                                (e, _) => e,
+                            });
+                        }
+                    };
                 // With other replicas on the store: the hold must also win the host's
                 // capacity record, or the host is re-read and placement runs again.
                 match self.hold_in_store(&decision, &reservation, decided_at).await {
@@ -280,6 +289,7 @@ impl Scheduler {
             created_at: now,
             expires_at: ttl.map(|t| clock::add(now, t)),
             last_error: None,
+            pool: req.pool.clone(),
         };
         let seq = self.inner.seq.fetch_add(1, Ordering::SeqCst);
         lock(&self.inner.recent).entry(host_id.to_string()).or_default().push((seq, vm.clone()));
@@ -333,7 +343,7 @@ impl Scheduler {
         Ok(out)
     }
 
-    async fn vm_record(&self, id: &str) -> Result<Option<(OrchestratedVm, u64)>> {
+    pub(super) async fn vm_record(&self, id: &str) -> Result<Option<(OrchestratedVm, u64)>> {
         match self.inner.registry.store().get(VMS, id).await? {
             Some(rec) => Ok(Some((
                 serde_json::from_value(rec.value)
@@ -399,7 +409,13 @@ impl Scheduler {
 
     /// Deletes a VM on its host, then its record with the audit entry (the batch carries
     /// `fence` when leader work deletes it).
-    async fn delete_inner(&self, actor: &Actor, vm_id: &str, action: &str, fence: Option<&Fence>) -> Result<()> {
+    pub(super) async fn delete_inner(
+        &self,
+        actor: &Actor,
+        vm_id: &str,
+        action: &str,
+        fence: Option<&Fence>,
+    ) -> Result<()> {
         let record = self.vm_record(vm_id).await?;
         let host_id = match &record {
             Some((r, _)) => r.host_id.clone(),
