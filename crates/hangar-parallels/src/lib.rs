@@ -41,6 +41,9 @@ pub struct ParallelsConfig {
     pub prlctl: PathBuf,
     /// Path of `prlsrvctl` (default `/usr/local/bin/prlsrvctl`).
     pub prlsrvctl: PathBuf,
+    /// `sysctl`, asked for the host's CPU count, memory and CPU name (default `sysctl`,
+    /// found on `PATH`; facts it does not answer come from the machine itself).
+    pub sysctl: PathBuf,
     /// Deadline of one call (the reference uses 3 minutes).
     pub command_timeout: Duration,
     /// Deadline of an upload (a file or folder streamed through `prlctl exec`).
@@ -86,6 +89,7 @@ impl Default for ParallelsConfig {
         ParallelsConfig {
             prlctl: PathBuf::from("/usr/local/bin/prlctl"),
             prlsrvctl: PathBuf::from("/usr/local/bin/prlsrvctl"),
+            sysctl: PathBuf::from("sysctl"),
             command_timeout: Duration::from_secs(180),
             upload_timeout: Duration::from_secs(3600),
             kill_grace: Duration::from_secs(2),
@@ -107,9 +111,15 @@ impl Default for ParallelsConfig {
 }
 
 impl ParallelsConfig {
-    /// Defaults with both tools found in `dir` (for example a folder of test symlinks).
+    /// Defaults with the tools (`prlctl`, `prlsrvctl`, `sysctl`) found in `dir` (for
+    /// example a folder of test symlinks).
     pub fn with_tools_in(dir: &Path) -> Self {
-        ParallelsConfig { prlctl: dir.join("prlctl"), prlsrvctl: dir.join("prlsrvctl"), ..Default::default() }
+        ParallelsConfig {
+            prlctl: dir.join("prlctl"),
+            prlsrvctl: dir.join("prlsrvctl"),
+            sysctl: dir.join("sysctl"),
+            ..Default::default()
+        }
     }
 }
 
@@ -711,7 +721,7 @@ impl Hypervisor for ParallelsDriver {
                 }
                 Err(_) => (0, 0),
             };
-            let host = host::facts().await;
+            let host = host::facts(&self.inner.cfg.sysctl, &self.inner.cfg.env).await;
             Ok(HostInfo {
                 hypervisor: HypervisorKind::Parallels,
                 version: parse::version_number(&info.version),
@@ -1194,7 +1204,13 @@ impl Hypervisor for ParallelsDriver {
 }
 
 mod host {
-    //! Host facts prlsrvctl does not report (the reference asks sysctl).
+    //! Host facts prlsrvctl does not report: the reference asks `sysctl` (`hw.ncpu`,
+    //! `hw.memsize`, `machdep.cpu.brand_string`). Every fact `sysctl` does not answer (a
+    //! Linux `sysctl` knows no `hw.*`) comes from the machine itself; the fake host's
+    //! `sysctl` answers them all, so tests can give a fake host any size.
+
+    use std::collections::BTreeMap;
+    use std::path::Path;
 
     pub struct Facts {
         pub cpu_count: u32,
@@ -1202,40 +1218,66 @@ mod host {
         pub memory_bytes: u64,
     }
 
-    async fn sysctl(name: &str) -> Option<String> {
-        let mut cmd = tokio::process::Command::new("sysctl");
-        cmd.args(["-n", name])
+    const NAMES: [&str; 3] = ["hw.ncpu", "hw.memsize", "machdep.cpu.brand_string"];
+
+    /// `sysctl NAME...` once: the `name: value` lines it printed (it prints the names it
+    /// knows even when it fails on others).
+    async fn sysctl(path: &Path, env: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+        let mut cmd = tokio::process::Command::new(path);
+        cmd.args(NAMES)
+            .envs(env)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
             .kill_on_drop(true);
-        let out = hangar_proc::spawn(cmd).ok()?.wait_with_output().await.ok()?;
-        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        let Some(child) = hangar_proc::spawn(cmd).ok() else { return BTreeMap::new() };
+        let Ok(Ok(out)) = tokio::time::timeout(std::time::Duration::from_secs(10), child.wait_with_output()).await
+        else {
+            return BTreeMap::new();
+        };
+        parse(&String::from_utf8_lossy(&out.stdout))
     }
 
-    pub async fn facts() -> Facts {
-        let cpu_count = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
-        if cfg!(target_os = "macos") {
-            return Facts {
-                cpu_count,
-                cpu_brand: sysctl("machdep.cpu.brand_string").await.unwrap_or_default(),
-                memory_bytes: sysctl("hw.memsize").await.and_then(|s| s.parse().ok()).unwrap_or(0),
-            };
-        }
-        let cpuinfo = tokio::fs::read_to_string("/proc/cpuinfo").await.unwrap_or_default();
-        let cpu_brand = cpuinfo
-            .lines()
-            .find(|l| l.starts_with("model name"))
-            .and_then(|l| l.split_once(':'))
-            .map(|(_, v)| v.trim().to_string())
-            .unwrap_or_default();
-        let meminfo = tokio::fs::read_to_string("/proc/meminfo").await.unwrap_or_default();
-        let memory_bytes = meminfo
-            .lines()
-            .find(|l| l.starts_with("MemTotal:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<u64>().ok())
-            .map(|kb| kb * 1024)
-            .unwrap_or(0);
+    pub(crate) fn parse(text: &str) -> BTreeMap<String, String> {
+        text.lines()
+            .filter_map(|l| l.split_once(':'))
+            .filter(|(k, v)| NAMES.contains(&k.trim()) && !v.trim().is_empty())
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect()
+    }
+
+    pub async fn facts(sysctl_path: &Path, env: &BTreeMap<String, String>) -> Facts {
+        let asked = sysctl(sysctl_path, env).await;
+        let cpu_count = asked
+            .get("hw.ncpu")
+            .and_then(|v| v.parse::<u32>().ok())
+            .filter(|n| *n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1));
+        let memory_bytes = match asked.get("hw.memsize").and_then(|v| v.parse::<u64>().ok()).filter(|n| *n > 0) {
+            Some(m) => m,
+            None => {
+                let meminfo = tokio::fs::read_to_string("/proc/meminfo").await.unwrap_or_default();
+                meminfo
+                    .lines()
+                    .find(|l| l.starts_with("MemTotal:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|kb| kb.parse::<u64>().ok())
+                    .map(|kb| kb * 1024)
+                    .unwrap_or(0)
+            }
+        };
+        let cpu_brand = match asked.get("machdep.cpu.brand_string") {
+            Some(b) => b.clone(),
+            None => {
+                let cpuinfo = tokio::fs::read_to_string("/proc/cpuinfo").await.unwrap_or_default();
+                cpuinfo
+                    .lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split_once(':'))
+                    .map(|(_, v)| v.trim().to_string())
+                    .unwrap_or_default()
+            }
+        };
         Facts { cpu_count, cpu_brand, memory_bytes }
     }
 }

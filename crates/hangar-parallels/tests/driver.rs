@@ -400,6 +400,41 @@ async fn host_info_and_users() {
     assert_eq!(users[0].default_vm_home, fake.vm_home().display().to_string());
 }
 
+/// The host's CPUs, memory and CPU name come from `sysctl` (as the reference asks them);
+/// the fake host's size is its `host.json`, and every tool of the fake reports it.
+#[tokio::test]
+async fn host_hardware_comes_from_sysctl_and_the_fake_host_has_the_size_it_is_given() {
+    let fake = Fake::new();
+    let machine_cpus = std::thread::available_parallelism().unwrap().get() as u32;
+    let d = fake.driver();
+    assert_eq!(d.host_info().await.unwrap().cpu_count, machine_cpus, "without host.json: the machine's");
+    std::fs::write(fake.state.join("host.json"), r#"{"cpus": 37, "memory_mb": 98304, "cpu_brand": "Apple M9 Ultra"}"#)
+        .unwrap();
+    let host = d.host_info().await.unwrap();
+    assert_eq!((host.cpu_count, host.memory_bytes), (37, 98304 << 20));
+    assert_eq!(host.cpu_brand, "Apple M9 Ultra");
+    // The fake's sysctl says the same to anyone who asks, as macOS's does.
+    let out = std::process::Command::new(fake.bin.join("sysctl"))
+        .args(["-n", "hw.ncpu", "hw.memsize"])
+        .env("FAKE_PRL_STATE_DIR", &fake.state)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("37\n{}\n", 98304u64 << 20));
+    let out = std::process::Command::new(fake.bin.join("sysctl"))
+        .args(["hw.ncpu", "kern.nope"])
+        .env("FAKE_PRL_STATE_DIR", &fake.state)
+        .output()
+        .unwrap();
+    assert_eq!((out.status.code(), String::from_utf8_lossy(&out.stdout).as_ref()), (Some(1), "hw.ncpu: 37\n"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown oid 'kern.nope'"));
+    // A host whose sysctl does not answer (or is missing) reports the machine it runs on.
+    let mut cfg = fake.config();
+    cfg.sysctl = fake.dir.path().join("no-such-sysctl");
+    let host = ParallelsDriver::new(cfg).unwrap().host_info().await.unwrap();
+    assert_eq!(host.cpu_count, machine_cpus);
+    assert!(host.memory_bytes > 0 && host.memory_bytes != 98304 << 20);
+}
+
 #[tokio::test]
 async fn garbled_output_is_a_parse_error_naming_the_command() {
     let fake = Fake::new();

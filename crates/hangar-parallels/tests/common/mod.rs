@@ -1,4 +1,4 @@
-//! Test harness: a temp folder with `prlctl`/`prlsrvctl` symlinks to the fake and its
+//! Test harness: a temp folder with `prlctl`/`prlsrvctl`/`sysctl` symlinks to the fake and its
 //! state folder, and a driver configured to use them.
 
 #![allow(dead_code)]
@@ -25,6 +25,7 @@ impl Fake {
         let exe = env!("CARGO_BIN_EXE_hangar-fake-prlctl");
         std::os::unix::fs::symlink(exe, bin.join("prlctl")).unwrap();
         std::os::unix::fs::symlink(exe, bin.join("prlsrvctl")).unwrap();
+        std::os::unix::fs::symlink(exe, bin.join("sysctl")).unwrap();
         Fake { dir, bin, state }
     }
 

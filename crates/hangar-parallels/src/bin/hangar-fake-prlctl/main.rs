@@ -11,6 +11,10 @@
 //!
 //! `FAKE_PRL_LOG=<file>` appends one line per invocation (tool and arguments).
 //!
+//! Host hardware: called as `sysctl` it answers `hw.ncpu`, `hw.memsize` and
+//! `machdep.cpu.brand_string` from `host.json` at the top of the state folder (the
+//! machine's own values without it), the facts the driver asks `sysctl` for.
+//!
 //! Host users: called as `sudo` it runs the tool as another host user (`FAKE_PRL_USER`);
 //! each user has their own VMs (under `users/<name>/` of the state folder, root's at its
 //! top), and root's `prlsrvctl user list` names every user that has a folder there.
@@ -25,6 +29,7 @@ mod prlctl;
 mod prlsrvctl;
 mod render;
 mod store;
+mod sysctl;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -209,15 +214,15 @@ fn main() -> ExitCode {
     if tool == "sudo" {
         return sudo(&args);
     }
-    if tool != "prlctl" && tool != "prlsrvctl" {
+    if tool != "prlctl" && tool != "prlsrvctl" && tool != "sysctl" {
         match args.first().map(String::as_str) {
-            Some(t @ ("prlctl" | "prlsrvctl")) => {
+            Some(t @ ("prlctl" | "prlsrvctl" | "sysctl")) => {
                 tool = t.to_string();
                 args.remove(0);
             }
             _ => {
                 eprintln!(
-                    "hangar-fake-prlctl: call me as prlctl or prlsrvctl (via a symlink or as the first argument)"
+                    "hangar-fake-prlctl: call me as prlctl, prlsrvctl or sysctl (via a symlink or as the first argument)"
                 );
                 return ExitCode::from(EXIT_USAGE);
             }
@@ -239,12 +244,8 @@ fn main() -> ExitCode {
         let _ = std::io::stdout().flush();
         return ExitCode::SUCCESS;
     }
-    let Some(state_dir) = state_dir else {
-        eprintln!("{tool}: FAKE_PRL_STATE_DIR is not set (this is the Hangar test double, not Parallels Desktop)");
-        return ExitCode::from(EXIT_FAILED);
-    };
-    let result = store::Store::open(user_state(&state_dir, &current_user()))
-        .and_then(|store| if tool == "prlctl" { prlctl::run(&store, &args) } else { prlsrvctl::run(&store, &args) });
+    let result =
+        if tool == "sysctl" { sysctl::run(state_dir.as_deref(), &args) } else { run_tool(&tool, state_dir, &args) };
     match result {
         Ok(Done::Out(text)) => {
             let mut out = std::io::stdout().lock();
@@ -258,4 +259,15 @@ fn main() -> ExitCode {
             ExitCode::from(fail.code)
         }
     }
+}
+
+/// `prlctl` or `prlsrvctl` on the state folder.
+fn run_tool(tool: &str, state_dir: Option<PathBuf>, args: &[String]) -> Result<Done, Fail> {
+    let Some(state_dir) = state_dir else {
+        return Err(Fail::op(format!(
+            "{tool}: FAKE_PRL_STATE_DIR is not set (this is the Hangar test double, not Parallels Desktop)"
+        )));
+    };
+    store::Store::open(user_state(&state_dir, &current_user()))
+        .and_then(|store| if tool == "prlctl" { prlctl::run(&store, args) } else { prlsrvctl::run(&store, args) })
 }
