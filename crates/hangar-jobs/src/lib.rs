@@ -4,9 +4,20 @@
 //!
 //! Jobs are records in the store (one collection per job set): a job is committed when it
 //! starts, before anyone is told its id, and again when it reaches a terminal state
-//! (completed or failed). Progress in between lives only in memory and on the bus. On open,
-//! a job the store still has as pending or running was cut short by a restart: it is marked
-//! failed, with [`RESTART_ERROR`], and committed.
+//! (completed or failed). Progress in between lives only in memory and on the bus.
+//!
+//! Recovery after a crash depends on who else uses the store:
+//!
+//! * A sole process ([`Jobs::open`], the JSON engine): on open, a job the store still has
+//!   as pending or running was cut short by a restart: it is marked failed, with
+//!   [`RESTART_ERROR`], and committed.
+//! * Several replicas on one database ([`Jobs::open_shared`], through [`runners`]): each
+//!   job records its runner (the replica id), each replica keeps a liveness lease, and
+//!   only the leader marks failed (with [`RUNNER_LOST_ERROR`]) the unfinished jobs of a
+//!   runner whose liveness lease it has seen lapse, in fenced batches; a replica's start
+//!   touches no job. Every replica re-reads the set each second ([`Jobs::refresh`]), so
+//!   any replica answers for jobs another one runs (their progress between start and
+//!   finish stays with their runner).
 //!
 //! Retention: a finished job is kept for [`RETENTION`] (24 h) after it finished
 //! (`updated_at`), then removed from memory and the store. Pruning is lazy: it happens when
@@ -28,6 +39,11 @@ pub const RETENTION: TimeDelta = TimeDelta::hours(24);
 
 /// The error of a job that was pending or running when the server stopped.
 pub const RESTART_ERROR: &str = "The server restarted before the job finished; its outcome is unknown: check the machine list, and start the job again if needed";
+
+/// The error of a job whose runner (another replica) stopped before it finished.
+pub const RUNNER_LOST_ERROR: &str = "The replica that ran this job stopped before the job finished; its outcome is unknown: check the machine list, and start the job again if needed";
+
+pub mod runners;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobsError {
@@ -92,6 +108,10 @@ pub struct Job {
     pub error: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// The replica that runs the job, when several replicas share the store (absent for a
+    /// sole process).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner: Option<String>,
 }
 
 /// One set of jobs (the host's, or the orchestrator's), kept in one store collection.
@@ -101,6 +121,8 @@ pub struct Jobs {
     store: Arc<dyn Store>,
     collection: String,
     bus: EventBus,
+    /// This replica's id when several replicas share the store; `None`: a sole process.
+    runner: Option<String>,
 }
 
 /// A handle to update one job.
@@ -172,7 +194,137 @@ impl Jobs {
         if !batch.is_empty() {
             store.commit(batch).await?;
         }
-        Ok(Jobs { inner: Arc::new(Mutex::new(map)), store, collection: collection.into(), bus })
+        Ok(Jobs { inner: Arc::new(Mutex::new(map)), store, collection: collection.into(), bus, runner: None })
+    }
+
+    /// Open the job set kept in `collection` on a store other replicas share, as the
+    /// replica `runner`: load it and drop the expired jobs, but mark nothing failed (other
+    /// replicas may be running the unfinished ones; the leader recovers a dead runner's,
+    /// see [`runners`]). Jobs this set starts record `runner`.
+    pub async fn open_shared(
+        store: Arc<dyn Store>,
+        collection: &str,
+        bus: EventBus,
+        runner: &str,
+    ) -> Result<Jobs, JobsError> {
+        hangar_store::validate_key("runner id", runner)?;
+        let now = Utc::now();
+        let mut map = BTreeMap::new();
+        for record in store.list(collection).await? {
+            match serde_json::from_value::<Job>(record.value) {
+                Ok(job) => {
+                    map.insert(record.id, job);
+                }
+                Err(e) => warn!(collection, id = %record.id, error = %e, "unreadable job record left alone"),
+            }
+        }
+        let expired = expired(&map, now);
+        if !expired.is_empty() {
+            let batch = expired.iter().fold(Batch::new(), |b, id| b.delete(collection, id));
+            store.commit(batch).await?;
+            for id in &expired {
+                map.remove(id);
+            }
+        }
+        Ok(Jobs {
+            inner: Arc::new(Mutex::new(map)),
+            store,
+            collection: collection.into(),
+            bus,
+            runner: Some(runner.to_string()),
+        })
+    }
+
+    /// The store collection of this set.
+    pub fn collection(&self) -> &str {
+        &self.collection
+    }
+
+    /// This replica's id when the set is shared with other replicas.
+    pub fn runner(&self) -> Option<&str> {
+        self.runner.as_deref()
+    }
+
+    /// Takes in what the store says now (a shared set: other replicas' jobs, their
+    /// outcomes, removals). This replica's own unfinished jobs keep their live progress
+    /// unless the store says they finished (the leader marked them failed, or they
+    /// finished); its own jobs missing from the store stay while unfinished (a start's
+    /// commit may have raced with the read). A sole process has nothing to take in.
+    pub async fn refresh(&self) -> Result<(), JobsError> {
+        let Some(me) = self.runner.clone() else { return Ok(()) };
+        let mut stored = BTreeMap::new();
+        for record in self.store.list(&self.collection).await? {
+            if let Ok(job) = serde_json::from_value::<Job>(record.value) {
+                stored.insert(record.id, job);
+            }
+        }
+        let mut m = self.lock();
+        m.retain(|id, job| {
+            stored.contains_key(id) || (job.runner.as_deref() == Some(me.as_str()) && !job.state.is_finished())
+        });
+        for (id, job) in stored {
+            match m.get(&id) {
+                Some(mine) if mine.runner.as_deref() == Some(me.as_str()) && !job.state.is_finished() => {}
+                // This replica finished it; the store will say so once its commit is read.
+                Some(mine) if mine.runner.as_deref() == Some(me.as_str()) && mine.state.is_finished() => {}
+                _ => {
+                    m.insert(id, job);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks failed, with [`RUNNER_LOST_ERROR`], every unfinished job of this set the store
+    /// records as run by `runner` (`None`: jobs that record no runner), in one batch that
+    /// requires each job unchanged since it was read and is passed through `guard` (the
+    /// fences of the leader doing it). Answers the jobs marked. [`JobsError::Store`] with a
+    /// conflict: something changed meanwhile (nothing was written; try again).
+    pub async fn recover(
+        &self,
+        runner: Option<&str>,
+        guard: impl FnOnce(Batch) -> Batch,
+    ) -> Result<Vec<Job>, JobsError> {
+        let now = Utc::now();
+        let mut batch = Batch::new();
+        let mut marked = Vec::new();
+        for record in self.store.list(&self.collection).await? {
+            let Ok(mut job) = serde_json::from_value::<Job>(record.value) else { continue };
+            if job.state.is_finished() || job.runner.as_deref() != runner {
+                continue;
+            }
+            job.state = JobState::Failed;
+            for s in &mut job.steps {
+                if s.state == JobState::Running {
+                    s.state = JobState::Failed;
+                }
+            }
+            job.message = RUNNER_LOST_ERROR.into();
+            job.error = Some(RUNNER_LOST_ERROR.into());
+            job.eta_seconds = None;
+            job.updated_at = now;
+            batch = batch.require_revision(&self.collection, &record.id, record.revision).put(
+                &self.collection,
+                &record.id,
+                to_value(&job),
+            );
+            marked.push(job);
+        }
+        if marked.is_empty() {
+            return Ok(marked);
+        }
+        self.store.commit(guard(batch)).await?;
+        {
+            let mut m = self.lock();
+            for job in &marked {
+                m.insert(job.id.clone(), job.clone());
+            }
+        }
+        for job in &marked {
+            warn!(collection = %self.collection, job = %job.id, runner = ?runner, "job of a stopped replica marked failed");
+            self.publish(job, "JOB_FAILED");
+        }
+        Ok(marked)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Job>> {
@@ -222,6 +374,7 @@ impl Jobs {
             error: None,
             created_at: now,
             updated_at: now,
+            runner: self.runner.clone(),
         };
         let expired = expired(&self.lock(), now);
         let mut batch =
@@ -486,6 +639,7 @@ mod tests {
             error: None,
             created_at: at,
             updated_at: at,
+            runner: None,
         }
     }
 
