@@ -10,7 +10,7 @@ use chrono::Utc;
 use hangar_blobstore::{BlobStore, StoreConfig};
 use hangar_core::audit::{AUDIT_COLLECTION, Actor, AuditEntry};
 use hangar_core::{Event, EventBus, EventType, Principal};
-use hangar_image::manifest::chunk_key;
+use hangar_image::manifest::{chunk_key, pack_key};
 use hangar_image::{CacheLimits, ChunkCache, ChunkRef, PullOptions};
 use hangar_store::{Batch, Store, StoreError};
 use serde::Serialize;
@@ -34,8 +34,11 @@ pub const MAX_ID_LEN: usize = 128;
 /// changed the record in between.
 const RETRIES: usize = 8;
 
-/// The chunks of one registered image: (image hash, chunk hashes).
-type ChunkSet = (String, Arc<HashSet<String>>);
+/// Where a chunk's stored bytes are: its own object, or a range of a pack.
+type ChunkPlace = (String, Option<(u64, u64)>);
+
+/// The chunks of one registered image: (image hash, chunk hash → place).
+type ChunkSet = (String, Arc<HashMap<String, ChunkPlace>>);
 
 /// Where the catalog keeps its key and cache.
 #[derive(Debug, Clone)]
@@ -52,6 +55,9 @@ pub struct CatalogOptions {
     /// connection) must lie in, unless the caller is a SUPER_USER (`CATALOG_LOCAL_ROOTS`);
     /// empty: `<data_dir>/catalog`.
     pub local_roots: Vec<PathBuf>,
+    /// How long an unused pack stays condemned before the GC of a
+    /// `clean_remote` delete removes it (see `hangar_image::gc`).
+    pub gc_grace: std::time::Duration,
 }
 
 impl CatalogOptions {
@@ -62,6 +68,7 @@ impl CatalogOptions {
             cache_dir: None,
             cache_limits: CacheLimits::default(),
             local_roots: Vec::new(),
+            gc_grace: hangar_image::gc::DEFAULT_GRACE,
         }
     }
 }
@@ -88,6 +95,7 @@ pub struct Catalog {
     cache_dir: PathBuf,
     cache_limits: CacheLimits,
     local_roots: Vec<PathBuf>,
+    gc_grace: std::time::Duration,
     chunk_cache: tokio::sync::OnceCell<Arc<ChunkCache>>,
     stores: Mutex<HashMap<String, Arc<dyn BlobStore>>>,
     chunk_sets: Mutex<HashMap<String, ChunkSet>>,
@@ -183,6 +191,29 @@ fn parse_image(raw: &[u8], m: &Manifest) -> Result<hangar_image::Manifest> {
     Ok(image)
 }
 
+/// Every data chunk of an image with the place of its stored bytes.
+fn chunk_places(image: &hangar_image::Manifest) -> HashMap<String, ChunkPlace> {
+    let mut out = HashMap::new();
+    for (_, _, chunks) in image.files() {
+        for c in chunks {
+            if let ChunkRef::Data { hash, stored, pack, at, .. } = c {
+                let place = match (pack.and_then(|p| image.packs.get(p as usize)), at) {
+                    (Some(p), Some(a)) => (pack_key(&p.id), Some((*a, *stored))),
+                    _ => (chunk_key(hash), None),
+                };
+                out.entry(hash.clone()).or_insert(place);
+            }
+        }
+    }
+    out
+}
+
+/// The store folders holding an image's chunk objects.
+fn object_prefixes(image: &hangar_image::Manifest) -> &'static [&'static str] {
+    use hangar_image::manifest::{CHUNK_PREFIX, INDEX_PREFIX, PACK_PREFIX};
+    if image.is_packed() { &[PACK_PREFIX, INDEX_PREFIX] } else { &[CHUNK_PREFIX] }
+}
+
 fn data_chunks(image: &hangar_image::Manifest) -> HashSet<String> {
     image
         .files()
@@ -215,6 +246,7 @@ impl Catalog {
             cache_dir,
             cache_limits: options.cache_limits,
             local_roots,
+            gc_grace: options.gc_grace,
             chunk_cache: tokio::sync::OnceCell::new(),
             stores: Mutex::new(HashMap::new()),
             chunk_sets: Mutex::new(HashMap::new()),
@@ -459,17 +491,16 @@ impl Catalog {
             Err(e) => return Err(e.into()),
         };
         let image = hangar_image::Manifest::from_json(&raw)?;
-        let present: HashSet<String> = store
-            .list(hangar_image::manifest::CHUNK_PREFIX)
-            .await?
-            .into_iter()
-            .filter_map(|o| o.key.rsplit('/').next().map(str::to_string))
-            .collect();
-        let needed = data_chunks(&image);
-        let missing: Vec<&String> = needed.iter().filter(|h| !present.contains(*h)).collect();
+        let mut present: HashSet<String> = HashSet::new();
+        for prefix in object_prefixes(&image) {
+            present.extend(store.list(prefix).await?.into_iter().map(|o| o.key));
+        }
+        let needed = image.object_keys();
+        let missing: Vec<&String> = needed.iter().filter(|k| !present.contains(*k)).collect();
         if let Some(first) = missing.first() {
+            let what = if image.is_packed() { "pack objects" } else { "chunks" };
             return Err(CatalogError::Unprocessable(format!(
-                "{} of the image's {} chunks are missing from the provider (e.g. {first}); push the image again",
+                "{} of the image's {} {what} are missing from the provider (e.g. {first}); push the image again",
                 missing.len(),
                 needed.len()
             )));
@@ -969,11 +1000,15 @@ impl Catalog {
             // Chunks still used by remaining entries of this provider. If one
             // cannot be read, keep every chunk: a leak beats a broken image.
             let mut keep = HashSet::new();
+            let mut keep_images = Vec::new();
             let mut keep_all = false;
             for m in remaining.iter().filter(|m| m.provider_id == provider_id) {
                 match store.get(&m.manifest_key).await.map_err(CatalogError::from).and_then(|raw| parse_image(&raw, m))
                 {
-                    Ok(image) => keep.extend(data_chunks(&image)),
+                    Ok(image) => {
+                        keep.extend(data_chunks(&image));
+                        keep_images.push(image);
+                    }
                     Err(e) => {
                         warn!(id = %m.id, error = %e, "cannot read a remaining image; keeping all chunks");
                         keep_all = true;
@@ -991,7 +1026,9 @@ impl Catalog {
                 };
                 store.delete(&m.manifest_key).await?;
                 removed += 1;
-                if let (Some(image), false) = (image, keep_all) {
+                if let (Some(image), false) = (image, keep_all)
+                    && !image.is_packed()
+                {
                     for h in data_chunks(&image) {
                         if keep.insert(h.clone()) {
                             store.delete(&chunk_key(&h)).await?;
@@ -999,6 +1036,13 @@ impl Catalog {
                         }
                     }
                 }
+            }
+            // Packs: condemned now, deleted by a later run after the grace period
+            // (hangar_image::gc), so a push running at the same time is safe.
+            if !keep_all {
+                let gc = hangar_image::GcOptions { grace: self.gc_grace, ..Default::default() };
+                let report = hangar_image::collect_garbage(store.clone(), &keep_images, gc).await?;
+                removed += report.deleted;
             }
             info!(provider_id, removed, "cleaned remote objects");
         }
@@ -1059,8 +1103,8 @@ impl Catalog {
         Ok(PullTicket { manifest: m, image_manifest: raw })
     }
 
-    fn remember_chunks(&self, m: &Manifest, image: &hangar_image::Manifest) -> Arc<HashSet<String>> {
-        let set = Arc::new(data_chunks(image));
+    fn remember_chunks(&self, m: &Manifest, image: &hangar_image::Manifest) -> Arc<HashMap<String, ChunkPlace>> {
+        let set = Arc::new(chunk_places(image));
         if let Ok(mut sets) = self.chunk_sets.lock() {
             if sets.len() >= 256 {
                 sets.clear();
@@ -1102,10 +1146,14 @@ impl Catalog {
                 self.remember_chunks(&m, &image)
             }
         };
-        if !set.contains(hash) {
+        let Some((key, range)) = set.get(hash) else {
             return Err(CatalogError::NotFound(format!("chunk {hash} is not part of {} {}", m.catalog_id, m.version)));
-        }
-        match store.get(&chunk_key(hash)).await {
+        };
+        let got = match range {
+            Some((at, stored)) => store.get_range(key, *at..*at + *stored).await,
+            None => store.get(key).await,
+        };
+        match got {
             Ok(b) => Ok(b),
             Err(e) if e.is_not_found() => Err(CatalogError::Conflict(format!(
                 "chunk {hash} of {} {} is missing from its provider; push the image again",

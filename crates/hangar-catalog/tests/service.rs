@@ -48,7 +48,10 @@ async fn env() -> Env {
     let store: Arc<dyn Store> =
         Arc::new(JsonStore::open(root.join("store"), JsonStoreOptions::default()).await.unwrap());
     let bus = EventBus::default();
-    let catalog = Catalog::new(store.clone(), bus.clone(), CatalogOptions::new(root.join("data"))).unwrap();
+    let mut options = CatalogOptions::new(root.join("data"));
+    // Unused packs go at the first GC run after they are found unused.
+    options.gc_grace = std::time::Duration::ZERO;
+    let catalog = Catalog::new(store.clone(), bus.clone(), options).unwrap();
     let connection = format!("provider=local-storage;catalog_path={}", root.join("provider").display());
     let provider = hangar_blobstore::open_connection_string(&connection).unwrap();
     let image = root.join("image");
@@ -58,11 +61,15 @@ async fn env() -> Env {
 
 impl Env {
     async fn upload(&self, id: &str, version: &str, arch: Architecture) {
+        self.upload_as(id, version, arch, hangar_image::ImageFormat::default()).await;
+    }
+
+    async fn upload_as(&self, id: &str, version: &str, arch: Architecture, format: hangar_image::ImageFormat) {
         hangar_image::push(
             self.provider.clone(),
             &self.image,
             &manifest_key(id, version, arch),
-            &hangar_image::PushOptions::default(),
+            &hangar_image::PushOptions { format, ..Default::default() },
         )
         .await
         .unwrap();
@@ -98,12 +105,18 @@ async fn register_checks_the_image_is_really_in_the_provider() {
     let err = e.catalog.register(&root, &actor(&root), e.new_manifest("ubuntu", "1.0.0", "x86_64")).await.unwrap_err();
     assert!(matches!(err, CatalogError::Unprocessable(_)), "{err}");
     assert!(err.to_string().contains("push the image first"), "{err}");
-    // A chunk goes missing after the upload: refused, naming the problem.
-    e.upload("ubuntu", "1.0.0", Architecture::X86_64).await;
-    let chunks = e.provider.list("chunks").await.unwrap();
-    e.provider.delete(&chunks[0].key).await.unwrap();
-    let err = e.catalog.register(&root, &actor(&root), e.new_manifest("ubuntu", "1.0.0", "x86_64")).await.unwrap_err();
-    assert!(err.to_string().contains("missing from the provider"), "{err}");
+    // A pack (format 2) or a chunk (format 1) goes missing after the upload:
+    // refused, naming the problem.
+    for (format, prefix) in
+        [(hangar_image::ImageFormat::Packed, "packs"), (hangar_image::ImageFormat::Chunks, "chunks")]
+    {
+        e.upload_as("ubuntu", "1.0.0", Architecture::X86_64, format).await;
+        let objects = e.provider.list(prefix).await.unwrap();
+        e.provider.delete(&objects[0].key).await.unwrap();
+        let err =
+            e.catalog.register(&root, &actor(&root), e.new_manifest("ubuntu", "1.0.0", "x86_64")).await.unwrap_err();
+        assert!(err.to_string().contains("missing from the provider"), "{format:?}: {err}");
+    }
     // Bad inputs are 400s.
     for (id, v, a) in
         [("ubuntu", "1.0.0", "sparc"), ("../x", "1", "arm64"), ("cache", "1", "arm64"), ("u", "a b", "arm64")]
@@ -237,11 +250,19 @@ async fn latest_taint_untaint_revoke() {
 
 #[tokio::test]
 async fn host_cache_and_clean_remote() {
+    host_cache_and_clean_remote_in(hangar_image::ImageFormat::Packed, "packs").await;
+    host_cache_and_clean_remote_in(hangar_image::ImageFormat::Chunks, "chunks").await;
+}
+
+async fn host_cache_and_clean_remote_in(format: hangar_image::ImageFormat, prefix: &str) {
     let e = env().await;
     let root = principal("root", &["SUPER_USER"], &[]);
     let x = Architecture::X86_64;
-    e.push(&root, "img", "1.0.0", &[]).await;
-    e.push(&root, "img", "2.0.0", &[]).await;
+    for v in ["1.0.0", "2.0.0"] {
+        e.upload_as("img", v, x, format).await;
+        e.catalog.register(&root, &actor(&root), e.new_manifest("img", v, "amd64")).await.unwrap();
+    }
+    assert!(!e.provider.list(prefix).await.unwrap().is_empty(), "{format:?}: nothing under {prefix}");
     let want = testimage::fingerprint(&e.image).unwrap();
 
     let p1 = e.catalog.pull_to_host(&root, &actor(&root), "img", "1.0.0", x).await.unwrap();
@@ -253,16 +274,17 @@ async fn host_cache_and_clean_remote() {
     assert_eq!(items[0].used_count, 2);
     assert_eq!(e.catalog.get(&root, "img", "1.0.0", x).await.unwrap().download_count, 2);
 
-    // Deleting 1.0.0 with clean_remote keeps the chunks 2.0.0 shares.
-    let chunks_before = e.provider.list("chunks").await.unwrap().len();
+    // Deleting 1.0.0 with clean_remote keeps the chunks (packs) 2.0.0 shares.
+    let chunks_before = e.provider.list(prefix).await.unwrap().len();
     e.catalog.delete(&root, &actor(&root), "img", Some("1.0.0"), None, true).await.unwrap();
     assert!(e.provider.head(&manifest_key("img", "1.0.0", x)).await.unwrap().is_none());
-    assert_eq!(e.provider.list("chunks").await.unwrap().len(), chunks_before);
+    assert_eq!(e.provider.list(prefix).await.unwrap().len(), chunks_before);
     let p2 = e.catalog.pull_to_host(&root, &actor(&root), "img", "latest", x).await.unwrap();
     assert_eq!(testimage::fingerprint(&p2).unwrap(), want);
-    // Deleting the last one cleans every chunk.
+    // Deleting the last one cleans every chunk (pack and index; the grace is 0 here).
     e.catalog.delete(&root, &actor(&root), "img", None, None, true).await.unwrap();
-    assert!(e.provider.list("chunks").await.unwrap().is_empty());
+    assert!(e.provider.list(prefix).await.unwrap().is_empty(), "{format:?}");
+    assert!(e.provider.list("packidx").await.unwrap().is_empty(), "{format:?}");
     assert!(matches!(e.catalog.get_id(&root, "img").await, Err(CatalogError::NotFound(_))));
 
     // The cache is emptied on request, folders included.

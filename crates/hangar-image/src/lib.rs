@@ -2,15 +2,24 @@
 //!
 //! An image is a folder (a QEMU VM folder or a Parallels `.pvm`/`.macvm`
 //! bundle). [`push`] walks it (sorted relative paths, modes, symlinks), cuts
-//! every file into content-defined chunks (FastCDC, 256 KiB / 1 MiB / 4 MiB,
-//! see [`ChunkParams`]), records all-zero chunks as holes, compresses the
-//! others with zstd and stores each at `chunks/<blake3 of the uncompressed
-//! bytes>` in a [`BlobStore`]; it uploads only the chunks the store does not
-//! list already, in parallel, and writes the [`Manifest`] last. A killed push
+//! every file into content-defined chunks (FastCDC), records all-zero chunks
+//! as holes, compresses the others with zstd, names each by the blake3 of its
+//! uncompressed bytes, uploads only the chunks the store does not hold
+//! already, in parallel, and writes the [`Manifest`] last. A killed push
 //! re-run transfers only what is missing; a new version of an image uploads
-//! only its changed chunks.
+//! only its changed chunks. Two layouts ([`ImageFormat`]):
 //!
-//! [`pull`] reads the manifest, fetches the chunks in parallel, verifies
+//! * format 2, packed (the default): 16 KiB / 64 KiB / 256 KiB chunks
+//!   ([`ChunkParams::packed`]) appended to pack objects of about 8 MiB at
+//!   `packs/<blake3 of the pack and a salt>`, each followed by its [`PackIndex`] at
+//!   `packidx/<id>` (hash, offset, stored and plain length of every chunk);
+//!   the manifest names its packs and every chunk's pack and offset. Pushes
+//!   hold a lease and [`gc`] deletes unused packs by a rule safe against them.
+//! * format 1: 256 KiB / 1 MiB / 4 MiB chunks, one object each at
+//!   `chunks/<hash>`. Still pulled; [`repack`] converts such an image.
+//!
+//! [`pull`] reads the manifest, fetches the chunks in parallel (format 2:
+//! ranged GETs of packs, neighbours coalesced up to 8 MiB), verifies
 //! each one's hash after decompression, restores holes as sparse regions,
 //! and builds the image in a temp folder renamed into place at the end, so a
 //! failed or interrupted pull leaves nothing at the destination. Verified
@@ -20,18 +29,22 @@
 //! Progress goes to a callback ([`ProgressFn`]); this crate draws nothing.
 
 pub mod cache;
+pub mod gc;
 pub mod manifest;
 pub mod progress;
 mod pull;
 mod push;
+mod repack;
 pub mod testimage;
 
 pub use cache::{CacheLimits, ChunkCache};
+pub use gc::{GcOptions, GcReport, collect_garbage};
 pub use hangar_blobstore::{BlobError, BlobStore};
-pub use manifest::{ChunkParams, ChunkRef, Entry, Manifest};
+pub use manifest::{ChunkParams, ChunkRef, Entry, Manifest, PackIndex, PackRef};
 pub use progress::{Phase, Progress, ProgressFn, progress_channel};
 pub use pull::{PullOptions, PullReport, pull};
-pub use push::{PushOptions, PushReport, push};
+pub use push::{ImageFormat, PACK_TARGET, PushOptions, PushReport, push};
+pub use repack::{delete_unused_chunks, repack};
 
 /// Errors of packing, pushing and pulling images.
 #[derive(Debug, thiserror::Error)]

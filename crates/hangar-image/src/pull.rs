@@ -12,13 +12,20 @@ use hangar_blobstore::{BlobError, BlobStore};
 use tracing::{info, instrument, warn};
 
 use crate::cache::ChunkCache;
-use crate::manifest::{ChunkRef, Entry, Manifest, chunk_key};
+use crate::manifest::{ChunkRef, Entry, Manifest, chunk_key, pack_key};
 use crate::progress::{Phase, ProgressFn, Tracker};
 use crate::{ImageError, Result, decode_chunk, io_err, join_err};
 
 /// Zero blocks of this size (aligned in the file) are not written, so they
 /// stay sparse.
 const SPARSE_BLOCK: usize = 4096;
+
+/// Neighbouring chunks of a pack closer than this are fetched in one ranged
+/// GET (the gap's bytes are read and dropped).
+const COALESCE_GAP: u64 = 64 * 1024;
+
+/// Longest ranged GET a pull makes (format 2).
+pub const MAX_RANGE: u64 = 8 * 1024 * 1024;
 
 /// How to pull.
 #[derive(Clone, Default)]
@@ -51,6 +58,8 @@ pub struct PullReport {
     pub bytes_downloaded: u64,
     /// Chunks taken from the cache.
     pub chunks_from_cache: u64,
+    /// Requests made for chunk bytes (chunk objects, or ranges of packs).
+    pub requests: u64,
 }
 
 /// Removes the temp folder unless the pull succeeded.
@@ -68,7 +77,60 @@ impl Drop for TempGuard {
 struct Use {
     hash: String,
     length: u64,
+    /// Store key and byte range of its stored bytes.
+    key: String,
+    range: Option<(u64, u64)>,
     targets: Vec<(usize, u64)>,
+}
+
+/// Neighbouring chunks of one pack fetched in one ranged GET.
+struct RangeWork {
+    key: String,
+    start: u64,
+    end: u64,
+    uses: Vec<Use>,
+}
+
+enum Work {
+    /// One chunk: from the cache, else its own request.
+    Single(Use),
+    /// Several chunks of a pack, one ranged GET.
+    Range(RangeWork),
+}
+
+/// Groups chunks by pack and offset into ranges of at most [`MAX_RANGE`]
+/// bytes whose chunks are at most [`COALESCE_GAP`] apart.
+fn coalesce(mut uses: Vec<Use>) -> Vec<RangeWork> {
+    uses.sort_by(|a, b| (&a.key, a.range).cmp(&(&b.key, b.range)));
+    let mut out: Vec<RangeWork> = Vec::new();
+    for u in uses {
+        let (at, stored) = u.range.unwrap_or((0, 0));
+        let end = at + stored;
+        if let Some(r) = out.last_mut()
+            && r.key == u.key
+            && at >= r.end
+            && at - r.end <= COALESCE_GAP
+            && end - r.start <= MAX_RANGE
+        {
+            r.end = end;
+            r.uses.push(u);
+            continue;
+        }
+        out.push(RangeWork { key: u.key.clone(), start: at, end, uses: vec![u] });
+    }
+    out
+}
+
+/// Writes one chunk's bytes everywhere it goes.
+fn write_targets(data: &[u8], targets: &[(usize, u64)], file_paths: &[PathBuf]) -> Result<()> {
+    for (file_idx, offset) in targets {
+        let Some(path) = file_paths.get(*file_idx) else {
+            continue;
+        };
+        let f = fs::File::options().write(true).open(path).map_err(io_err("open", path))?;
+        write_sparse(&f, data, *offset).map_err(io_err("write", path))?;
+    }
+    Ok(())
 }
 
 /// Writes `data` at `offset`, skipping aligned all-zero blocks (the file
@@ -191,9 +253,13 @@ pub async fn pull(
         for c in chunks {
             match c {
                 ChunkRef::Hole { length, .. } => hole_bytes += length,
-                ChunkRef::Data { offset, length, hash, .. } => {
+                ChunkRef::Data { offset, length, hash, stored, pack, at } => {
                     let i = *index.entry(hash.as_str()).or_insert_with(|| {
-                        uses.push(Use { hash: hash.clone(), length: *length, targets: Vec::new() });
+                        let (key, range) = match (pack.and_then(|p| manifest.packs.get(p as usize)), at) {
+                            (Some(p), Some(a)) => (pack_key(&p.id), Some((*a, *stored))),
+                            _ => (chunk_key(hash), None),
+                        };
+                        uses.push(Use { hash: hash.clone(), length: *length, key, range, targets: Vec::new() });
                         uses.len() - 1
                     });
                     uses[i].targets.push((file_idx, *offset));
@@ -207,18 +273,33 @@ pub async fn pull(
     tracker.add_bytes(hole_bytes);
 
     let concurrency = if opts.concurrency == 0 { 8 } else { opts.concurrency };
-    let results: Vec<(bool, u64)> = futures::stream::iter(uses)
-        .map(|u| {
+    // Chunks the cache holds come from it one by one; the others of a packed
+    // image are fetched as coalesced ranges of their packs.
+    let (single, ranged): (Vec<Use>, Vec<Use>) =
+        uses.into_iter().partition(|u| u.range.is_none() || opts.cache.as_ref().is_some_and(|c| c.contains(&u.hash)));
+    let work: Vec<Work> =
+        single.into_iter().map(Work::Single).chain(coalesce(ranged).into_iter().map(Work::Range)).collect();
+    let results: Vec<Vec<(bool, u64)>> = futures::stream::iter(work)
+        .map(|w| {
             let store = store.clone();
             let cache = opts.cache.clone();
             let tracker = tracker.clone();
             let file_paths = file_paths.clone();
             let file_names = file_names.clone();
-            async move { fetch_and_write(store, cache, u, file_paths, file_names, &tracker).await }
+            async move {
+                match w {
+                    Work::Single(u) => {
+                        fetch_and_write(store, cache, u, file_paths, file_names, &tracker).await.map(|r| vec![r])
+                    }
+                    Work::Range(r) => fetch_range(store, cache, r, file_paths, file_names, &tracker).await,
+                }
+            }
         })
         .buffer_unordered(concurrency)
         .try_collect()
         .await?;
+    let requests = results.iter().filter(|r| r.len() > 1 || r.first().is_some_and(|(net, _)| *net)).count() as u64;
+    let results: Vec<(bool, u64)> = results.into_iter().flatten().collect();
 
     tracker.set_phase(Phase::Finishing);
     let m = manifest.clone();
@@ -245,7 +326,82 @@ pub async fn pull(
     let chunks_from_cache = results.len() as u64 - chunks_downloaded;
     info!(chunks_downloaded, bytes_downloaded, chunks_from_cache, "image pulled");
     hangar_metrics::metrics().image_transfer("pull", bytes_downloaded, started.elapsed());
-    Ok(PullReport { manifest, chunks_downloaded, bytes_downloaded, chunks_from_cache })
+    Ok(PullReport { manifest, chunks_downloaded, bytes_downloaded, chunks_from_cache, requests })
+}
+
+/// Gets one range of a pack, verifies every chunk in it, writes each
+/// everywhere it goes and keeps it in the cache. Returns, per chunk,
+/// (downloaded, stored bytes).
+async fn fetch_range(
+    store: Arc<dyn BlobStore>,
+    cache: Option<Arc<ChunkCache>>,
+    r: RangeWork,
+    file_paths: Arc<Vec<PathBuf>>,
+    file_names: Arc<Vec<String>>,
+    tracker: &Tracker,
+) -> Result<Vec<(bool, u64)>> {
+    let RangeWork { key, start, end, uses } = r;
+    let corrupt = |u: &Use, reason: String| {
+        let (file, offset) = u.targets.first().copied().unwrap_or((0, 0));
+        ImageError::CorruptChunk {
+            hash: u.hash.clone(),
+            path: file_names.get(file).cloned().unwrap_or_default(),
+            offset,
+            reason,
+        }
+    };
+    let bytes = match store.get_range(&key, start..end).await {
+        Ok(b) => b,
+        Err(BlobError::NotFound { .. }) => {
+            return Err(corrupt(&uses[0], format!("its pack {key} is missing from the store")));
+        }
+        Err(BlobError::InvalidRange { .. }) => {
+            return Err(corrupt(&uses[0], format!("its pack {key} is shorter than the manifest says")));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if bytes.len() as u64 != end - start {
+        return Err(corrupt(&uses[0], format!("its pack {key} is shorter than the manifest says")));
+    }
+    let b2 = bytes.clone();
+    let fp = file_paths.clone();
+    let checked = tokio::task::spawn_blocking(move || -> std::result::Result<Vec<Use>, Box<(Use, String)>> {
+        let mut done = Vec::with_capacity(uses.len());
+        for u in uses {
+            let (at, stored) = u.range.unwrap_or((0, 0));
+            let s = usize::try_from(at - start).unwrap_or(usize::MAX);
+            let e = s.saturating_add(usize::try_from(stored).unwrap_or(usize::MAX)).min(b2.len());
+            let data = match decode_chunk(&b2[s.min(e)..e], &u.hash, u.length) {
+                Ok(d) => d,
+                Err(reason) => return Err(Box::new((u, reason))),
+            };
+            if let Err(err) = write_targets(&data, &u.targets, &fp) {
+                return Err(Box::new((u, err.to_string())));
+            }
+            done.push(u);
+        }
+        Ok(done)
+    })
+    .await
+    .map_err(join_err)?;
+    let done = match checked {
+        Ok(d) => d,
+        Err(b) => return Err(corrupt(&b.0, b.1)),
+    };
+    let mut out = Vec::with_capacity(done.len());
+    for u in done {
+        let (at, stored) = u.range.unwrap_or((0, 0));
+        if let Some(cache) = &cache {
+            let s = usize::try_from(at - start).unwrap_or(usize::MAX);
+            let e = s.saturating_add(usize::try_from(stored).unwrap_or(usize::MAX)).min(bytes.len());
+            if let Err(err) = cache.insert(&u.hash, bytes.slice(s.min(e)..e)).await {
+                warn!(hash = %u.hash, error = %err, "could not cache chunk");
+            }
+        }
+        tracker.chunk_done(u.length * u.targets.len() as u64, Some(stored));
+        out.push((true, stored));
+    }
+    Ok(out)
 }
 
 /// Gets one chunk (cache first), verifies it, writes it everywhere it goes.
@@ -277,7 +433,11 @@ async fn fetch_and_write(
     let data = match data {
         Some(d) => d,
         None => {
-            let stored = match store.get(&chunk_key(&u.hash)).await {
+            let got = match u.range {
+                Some((at, stored)) => store.get_range(&u.key, at..at + stored).await,
+                None => store.get(&u.key).await,
+            };
+            let stored = match got {
                 Ok(b) => b,
                 Err(BlobError::NotFound { .. }) => {
                     return Err(ImageError::CorruptChunk {
@@ -311,18 +471,7 @@ async fn fetch_and_write(
     };
     let targets = u.targets;
     let n = targets.len() as u64;
-    tokio::task::spawn_blocking(move || -> Result<()> {
-        for (file_idx, offset) in targets {
-            let Some(path) = file_paths.get(file_idx) else {
-                continue;
-            };
-            let f = fs::File::options().write(true).open(path).map_err(io_err("open", path))?;
-            write_sparse(&f, &data, offset).map_err(io_err("write", path))?;
-        }
-        Ok(())
-    })
-    .await
-    .map_err(join_err)??;
+    tokio::task::spawn_blocking(move || write_targets(&data, &targets, &file_paths)).await.map_err(join_err)??;
     tracker.chunk_done(u.length * n, downloaded);
     Ok((downloaded.is_some(), downloaded.unwrap_or(0)))
 }

@@ -13,26 +13,66 @@ use hangar_blobstore::BlobStore;
 use tokio::sync::mpsc;
 use tracing::{info, instrument};
 
-use crate::manifest::{CHUNK_PREFIX, ChunkParams, ChunkRef, Entry, FORMAT_NAME, FORMAT_VERSION, Manifest, chunk_key};
+use crate::gc::{Lease, read_condemned};
+use crate::manifest::{
+    CHUNK_PREFIX, ChunkParams, ChunkRef, Entry, FORMAT_NAME, FORMAT_VERSION, FORMAT_VERSION_PACKED, INDEX_PREFIX,
+    IndexEntry, Manifest, PACK_PREFIX, PackIndex, PackRef, chunk_key, index_key, pack_key,
+};
 use crate::progress::{Phase, ProgressFn, Tracker};
 use crate::{ImageError, Result, io_err, join_err};
+
+/// The layout a push writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ImageFormat {
+    /// Format 1: every chunk its own object under `chunks/` (1 MiB average).
+    Chunks,
+    /// Format 2: 64 KiB average chunks packed into pack objects of several
+    /// MiB under `packs/`, each with an index under `packidx/`.
+    #[default]
+    Packed,
+}
+
+/// Default size a pack is sealed at (format 2).
+pub const PACK_TARGET: usize = 8 * 1024 * 1024;
 
 /// How to push.
 #[derive(Clone)]
 pub struct PushOptions {
-    /// Chunk uploads in flight at once (at least 1).
+    /// Uploads in flight at once (at least 1): chunks (format 1) or packs (format 2).
     pub concurrency: usize,
     /// zstd level for the chunks.
     pub zstd_level: i32,
-    /// Chunking parameters.
-    pub chunking: ChunkParams,
+    /// Chunking parameters; `None`: the format's ([`ChunkParams::default`] for
+    /// format 1, [`ChunkParams::packed`] for format 2).
+    pub chunking: Option<ChunkParams>,
+    /// The layout to write.
+    pub format: ImageFormat,
+    /// A pack is sealed once it holds this many stored bytes (format 2).
+    pub pack_target: usize,
     /// Where progress goes.
     pub progress: Option<ProgressFn>,
 }
 
 impl Default for PushOptions {
     fn default() -> Self {
-        PushOptions { concurrency: 8, zstd_level: 3, chunking: ChunkParams::default(), progress: None }
+        PushOptions {
+            concurrency: 8,
+            zstd_level: 3,
+            chunking: None,
+            format: ImageFormat::default(),
+            pack_target: PACK_TARGET,
+            progress: None,
+        }
+    }
+}
+
+impl PushOptions {
+    /// The chunking this push uses.
+    pub fn chunk_params(&self) -> ChunkParams {
+        self.chunking.unwrap_or(match self.format {
+            ImageFormat::Chunks => ChunkParams::default(),
+            ImageFormat::Packed => ChunkParams::packed(),
+        })
     }
 }
 
@@ -42,6 +82,7 @@ impl std::fmt::Debug for PushOptions {
             .field("concurrency", &self.concurrency)
             .field("zstd_level", &self.zstd_level)
             .field("chunking", &self.chunking)
+            .field("format", &self.format)
             .finish_non_exhaustive()
     }
 }
@@ -57,6 +98,8 @@ pub struct PushReport {
     pub bytes_uploaded: u64,
     /// Distinct chunks the store already held.
     pub chunks_present: u64,
+    /// Packs uploaded by this push (format 2).
+    pub packs_uploaded: u64,
 }
 
 enum Kind {
@@ -219,7 +262,14 @@ fn produce(
                     holes += edge_holes;
                     tracker.add_bytes(edge_holes);
                     let hash = blake3::hash(&data).to_hex().to_string();
-                    refs.push(ChunkRef::Data { offset: data_offset, length: data_len, hash: hash.clone(), stored: 0 });
+                    refs.push(ChunkRef::Data {
+                        offset: data_offset,
+                        length: data_len,
+                        hash: hash.clone(),
+                        stored: 0,
+                        pack: None,
+                        at: None,
+                    });
                     if trail > 0 {
                         add_hole(&mut refs, data_offset + data_len, trail as u64);
                     }
@@ -248,12 +298,162 @@ fn produce(
     Ok((entries, holes))
 }
 
-/// Packs the image folder `source` into `store`: chunks under `chunks/`,
-/// then the manifest at `manifest_key`, written last.
+/// Where a chunk's stored bytes are (format 2).
+#[derive(Debug, Clone)]
+struct Loc {
+    pack: Arc<str>,
+    pack_size: u64,
+    at: u64,
+    stored: u64,
+}
+
+/// Reads the indexes of the usable packs: listed, with an index, not condemned.
+async fn known_chunks(store: &Arc<dyn BlobStore>, concurrency: usize) -> Result<HashMap<String, Loc>> {
+    let condemned = read_condemned(store.as_ref()).await?;
+    let packs: HashMap<String, u64> = store
+        .list(PACK_PREFIX)
+        .await?
+        .into_iter()
+        .filter(|o| !condemned.objects.contains_key(&o.key))
+        .map(|o| (o.key, o.size))
+        .collect();
+    let indexes: Vec<String> = store
+        .list(INDEX_PREFIX)
+        .await?
+        .into_iter()
+        .filter(|o| !condemned.objects.contains_key(&o.key))
+        .filter_map(|o| o.key.strip_prefix(INDEX_PREFIX)?.strip_prefix('/').map(str::to_string))
+        .filter(|id| packs.contains_key(&pack_key(id)))
+        .collect();
+    let read: Vec<Option<PackIndex>> = futures::stream::iter(indexes)
+        .map(|id| {
+            let store = store.clone();
+            async move {
+                match store.get(&index_key(&id)).await {
+                    Ok(raw) => match PackIndex::from_json(&raw) {
+                        Ok(idx) if idx.pack == id => Ok(Some(idx)),
+                        _ => {
+                            tracing::warn!(pack = %id, "pack index unreadable; its chunks are uploaded again");
+                            Ok(None)
+                        }
+                    },
+                    Err(e) if e.is_not_found() => Ok(None),
+                    Err(e) => Err(ImageError::from(e)),
+                }
+            }
+        })
+        .buffer_unordered(concurrency)
+        .try_collect()
+        .await?;
+    let mut out = HashMap::new();
+    for idx in read.into_iter().flatten() {
+        if packs.get(&pack_key(&idx.pack)) != Some(&idx.size) {
+            continue;
+        }
+        let id: Arc<str> = Arc::from(idx.pack.as_str());
+        for c in idx.chunks {
+            out.entry(c.hash).or_insert(Loc { pack: id.clone(), pack_size: idx.size, at: c.at, stored: c.stored });
+        }
+    }
+    Ok(out)
+}
+
+/// A pack being filled.
+#[derive(Default)]
+struct PackBuf {
+    data: Vec<u8>,
+    chunks: Vec<IndexEntry>,
+}
+
+/// Compresses the chunks the producer sends, packs them and uploads the
+/// packs (each followed by its index), `concurrency` packs in flight.
+async fn upload_packed(
+    store: &Arc<dyn BlobStore>,
+    rx: mpsc::Receiver<Job>,
+    opts: &PushOptions,
+    tracker: &Arc<Tracker>,
+    lease: &mut Lease,
+) -> Result<Vec<PackIndex>> {
+    let concurrency = opts.concurrency.max(1);
+    let level = opts.zstd_level;
+    let target = opts.pack_target.max(1);
+    // Compression on the blocking pool, several chunks at once, off the I/O path.
+    let compressed = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|job| (job, rx)) })
+        .map(|job| async move {
+            let length = job.data.len() as u64;
+            let hash = job.hash;
+            let data = job.data;
+            let c = tokio::task::spawn_blocking(move || zstd::bulk::compress(&data, level))
+                .await
+                .map_err(join_err)?
+                .map_err(|e| ImageError::Task(format!("zstd: {e}")))?;
+            Ok::<_, ImageError>((hash, length, c))
+        })
+        .buffered(concurrency * 2);
+    let mut compressed = std::pin::pin!(compressed);
+    let mut uploads: tokio::task::JoinSet<Result<PackIndex>> = tokio::task::JoinSet::new();
+    let mut done = Vec::new();
+    let mut buf = PackBuf::default();
+    let seal = |buf: PackBuf, uploads: &mut tokio::task::JoinSet<Result<PackIndex>>| {
+        let store = store.clone();
+        let tracker = tracker.clone();
+        uploads.spawn(async move {
+            let PackBuf { data, chunks } = buf;
+            let data = Bytes::from(data);
+            let d2 = data.clone();
+            // The id is the blake3 of the pack and a random salt: never the key of an
+            // earlier pack with the same bytes, which GC may have condemned already.
+            let salt = uuid::Uuid::new_v4();
+            let id = tokio::task::spawn_blocking(move || {
+                let mut h = blake3::Hasher::new();
+                h.update(&d2);
+                h.update(salt.as_bytes());
+                h.finalize().to_hex().to_string()
+            })
+            .await
+            .map_err(join_err)?;
+            let index = PackIndex { pack: id.clone(), size: data.len() as u64, chunks };
+            let body = serde_json::to_vec(&index).map_err(|e| ImageError::Manifest(e.to_string()))?;
+            store.put(&pack_key(&id), data).await?;
+            store.put(&index_key(&id), Bytes::from(body)).await?;
+            for c in &index.chunks {
+                tracker.chunk_done(c.length, Some(c.stored));
+            }
+            Ok(index)
+        });
+    };
+    while let Some(next) = compressed.next().await {
+        let (hash, length, c) = next?;
+        let at = buf.data.len() as u64;
+        buf.chunks.push(IndexEntry { hash, at, stored: c.len() as u64, length });
+        buf.data.extend_from_slice(&c);
+        if buf.data.len() >= target {
+            lease.renew_if_due().await?;
+            seal(std::mem::take(&mut buf), &mut uploads);
+            while uploads.len() >= concurrency {
+                if let Some(r) = uploads.join_next().await {
+                    done.push(r.map_err(join_err)??);
+                }
+            }
+        }
+    }
+    if !buf.chunks.is_empty() {
+        lease.renew_if_due().await?;
+        seal(buf, &mut uploads);
+    }
+    while let Some(r) = uploads.join_next().await {
+        done.push(r.map_err(join_err)??);
+    }
+    Ok(done)
+}
+
+/// Packs the image folder `source` into `store` in the format of
+/// [`PushOptions::format`], then writes the manifest at `manifest_key`, last.
 ///
-/// Chunks the store already lists are not uploaded again, so re-running a
+/// Chunks the store already holds are not uploaded again, so re-running a
 /// killed push, or pushing a new version of an image, transfers only what
-/// is missing.
+/// is missing. A packed push holds a lease on the store while it runs (see
+/// [`crate::gc`]).
 #[instrument(skip(store, opts), fields(provider = store.provider()))]
 pub async fn push(
     store: Arc<dyn BlobStore>,
@@ -262,6 +462,21 @@ pub async fn push(
     opts: &PushOptions,
 ) -> Result<PushReport> {
     hangar_blobstore::validate_key(manifest_key)?;
+    let mut lease = if opts.format == ImageFormat::Packed { Some(Lease::take(store.clone()).await?) } else { None };
+    let result = push_leased(store, source, manifest_key, opts, lease.as_mut()).await;
+    if let Some(l) = lease {
+        l.release().await;
+    }
+    result
+}
+
+async fn push_leased(
+    store: Arc<dyn BlobStore>,
+    source: &Path,
+    manifest_key: &str,
+    opts: &PushOptions,
+    lease: Option<&mut Lease>,
+) -> Result<PushReport> {
     let started = std::time::Instant::now();
     let tracker = Arc::new(Tracker::new(opts.progress.clone()));
     let src = source.to_path_buf();
@@ -274,88 +489,126 @@ pub async fn push(
         })
         .sum();
     tracker.set_totals(total_size, 0, false);
+    let packed = opts.format == ImageFormat::Packed;
+    let concurrency = opts.concurrency.max(1);
 
-    let listed = store.list(CHUNK_PREFIX).await?;
-    let mut stored_sizes: HashMap<String, u64> = listed
-        .into_iter()
-        .filter_map(|o| {
-            let name = o.key.strip_prefix(CHUNK_PREFIX)?.strip_prefix('/')?;
-            Some((name.to_string(), o.size))
-        })
-        .collect();
-    let present: HashSet<String> = stored_sizes.keys().cloned().collect();
+    // Where every chunk the store holds already is: chunk objects (format 1)
+    // or chunks in usable packs (format 2).
+    let mut locs: HashMap<String, Loc> = if packed {
+        known_chunks(&store, concurrency).await?
+    } else {
+        let none: Arc<str> = Arc::from("");
+        store
+            .list(CHUNK_PREFIX)
+            .await?
+            .into_iter()
+            .filter_map(|o| {
+                let name = o.key.strip_prefix(CHUNK_PREFIX)?.strip_prefix('/')?;
+                Some((name.to_string(), Loc { pack: none.clone(), pack_size: 0, at: 0, stored: o.size }))
+            })
+            .collect()
+    };
+    let present: HashSet<String> = locs.keys().cloned().collect();
+    let present_before = present.clone();
     tracker.set_phase(Phase::Transferring);
 
-    let concurrency = opts.concurrency.max(1);
-    let (tx, rx) = mpsc::channel::<Job>(concurrency);
+    let (tx, rx) = mpsc::channel::<Job>(concurrency * 2);
     let producer = {
         let tracker = tracker.clone();
-        let params = opts.chunking;
+        let params = opts.chunk_params();
         tokio::task::spawn_blocking(move || produce(walked, &present, params, tx, &tracker))
     };
 
-    let level = opts.zstd_level;
-    let uploads = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|job| (job, rx)) })
-        .map(|job| {
-            let store = store.clone();
-            let tracker = tracker.clone();
-            async move {
-                let length = job.data.len() as u64;
-                let hash = job.hash;
-                let data = job.data;
-                let compressed = tokio::task::spawn_blocking(move || zstd::bulk::compress(&data, level))
-                    .await
-                    .map_err(join_err)?
-                    .map_err(|e| ImageError::Task(format!("zstd: {e}")))?;
-                let clen = compressed.len() as u64;
-                store.put(&chunk_key(&hash), Bytes::from(compressed)).await?;
-                tracker.chunk_done(length, Some(clen));
-                Ok::<_, ImageError>((hash, clen))
+    let mut packs_uploaded = 0u64;
+    // On an upload error, dropping the receiver stops the producer at its next send.
+    let uploaded: Vec<(String, u64)> = match lease {
+        Some(lease) => {
+            let indexes = upload_packed(&store, rx, opts, &tracker, lease).await?;
+            packs_uploaded = indexes.len() as u64;
+            let mut out = Vec::new();
+            for idx in indexes {
+                let id: Arc<str> = Arc::from(idx.pack.as_str());
+                for c in idx.chunks {
+                    out.push((c.hash.clone(), c.stored));
+                    locs.insert(c.hash, Loc { pack: id.clone(), pack_size: idx.size, at: c.at, stored: c.stored });
+                }
             }
-        })
-        .buffer_unordered(concurrency)
-        .try_collect::<Vec<_>>()
-        .await;
-    let uploaded = match uploads {
-        Ok(u) => u,
-        Err(e) => {
-            // Dropping the receiver stops the producer at its next send.
-            return Err(e);
+            out
+        }
+        None => {
+            let level = opts.zstd_level;
+            let uploaded = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|job| (job, rx)) })
+                .map(|job| {
+                    let store = store.clone();
+                    let tracker = tracker.clone();
+                    async move {
+                        let length = job.data.len() as u64;
+                        let hash = job.hash;
+                        let data = job.data;
+                        let compressed = tokio::task::spawn_blocking(move || zstd::bulk::compress(&data, level))
+                            .await
+                            .map_err(join_err)?
+                            .map_err(|e| ImageError::Task(format!("zstd: {e}")))?;
+                        let clen = compressed.len() as u64;
+                        store.put(&chunk_key(&hash), Bytes::from(compressed)).await?;
+                        tracker.chunk_done(length, Some(clen));
+                        Ok::<_, ImageError>((hash, clen))
+                    }
+                })
+                .buffer_unordered(concurrency)
+                .try_collect::<Vec<_>>()
+                .await?;
+            let none: Arc<str> = Arc::from("");
+            for (hash, clen) in &uploaded {
+                locs.insert(hash.clone(), Loc { pack: none.clone(), pack_size: 0, at: 0, stored: *clen });
+            }
+            uploaded
         }
     };
     let (mut entries, hole_size) = producer.await.map_err(join_err)??;
 
     let chunks_uploaded = uploaded.len() as u64;
     let bytes_uploaded = uploaded.iter().map(|(_, s)| *s).sum();
-    let chunks_present_before: HashSet<String> = stored_sizes.keys().cloned().collect();
-    stored_sizes.extend(uploaded);
-    let mut unique: HashMap<&str, u64> = HashMap::new();
-    for e in &mut entries {
-        if let Entry::File { chunks, .. } = e {
-            for c in chunks.iter_mut() {
-                if let ChunkRef::Data { hash, stored, .. } = c {
-                    *stored = stored_sizes
-                        .get(hash.as_str())
-                        .copied()
-                        .ok_or_else(|| ImageError::Task(format!("chunk {hash} was neither present nor uploaded")))?;
-                }
-            }
-        }
-    }
+    // The packs the image uses, sorted by id, and each chunk's place.
+    let mut pack_ids: std::collections::BTreeMap<Arc<str>, u64> = std::collections::BTreeMap::new();
+    let mut unique: HashMap<String, u64> = HashMap::new();
     for e in &entries {
         if let Entry::File { chunks, .. } = e {
             for c in chunks {
-                if let ChunkRef::Data { hash, stored, .. } = c {
-                    unique.insert(hash.as_str(), *stored);
+                if let ChunkRef::Data { hash, .. } = c {
+                    let loc = locs
+                        .get(hash.as_str())
+                        .ok_or_else(|| ImageError::Task(format!("chunk {hash} was neither present nor uploaded")))?;
+                    unique.insert(hash.clone(), loc.stored);
+                    if packed {
+                        pack_ids.insert(loc.pack.clone(), loc.pack_size);
+                    }
                 }
             }
         }
     }
-    let chunks_present = unique.keys().filter(|h| chunks_present_before.contains(**h)).count() as u64;
+    let pack_index: HashMap<Arc<str>, u32> =
+        pack_ids.keys().enumerate().map(|(i, id)| (id.clone(), u32::try_from(i).unwrap_or(u32::MAX))).collect();
+    for e in &mut entries {
+        if let Entry::File { chunks, .. } = e {
+            for c in chunks.iter_mut() {
+                if let ChunkRef::Data { hash, stored, pack, at, .. } = c
+                    && let Some(loc) = locs.get(hash.as_str())
+                {
+                    *stored = loc.stored;
+                    if packed {
+                        *pack = pack_index.get(&loc.pack).copied();
+                        *at = Some(loc.at);
+                    }
+                }
+            }
+        }
+    }
+    let chunks_present = unique.keys().filter(|h| present_before.contains(*h)).count() as u64;
     let manifest = Manifest {
         format: FORMAT_NAME.into(),
-        format_version: FORMAT_VERSION,
-        chunking: opts.chunking,
+        format_version: if packed { FORMAT_VERSION_PACKED } else { FORMAT_VERSION },
+        chunking: opts.chunk_params(),
         compression: "zstd".into(),
         hash: "blake3".into(),
         unique_chunks: unique.len() as u64,
@@ -363,15 +616,16 @@ pub async fn push(
         entries,
         total_size,
         hole_size,
+        packs: pack_ids.into_iter().map(|(id, size)| PackRef { id: id.to_string(), size }).collect(),
         manifest_hash: None,
     };
     tracker.set_phase(Phase::Finishing);
     let json = manifest.to_json()?;
     store.put(manifest_key, Bytes::from(json)).await?;
     tracker.set_phase(Phase::Done);
-    info!(chunks_uploaded, bytes_uploaded, chunks_present, total_size, "image pushed");
+    info!(chunks_uploaded, bytes_uploaded, chunks_present, packs_uploaded, total_size, "image pushed");
     hangar_metrics::metrics().image_transfer("push", bytes_uploaded, started.elapsed());
-    Ok(PushReport { manifest, chunks_uploaded, bytes_uploaded, chunks_present })
+    Ok(PushReport { manifest, chunks_uploaded, bytes_uploaded, chunks_present, packs_uploaded })
 }
 
 #[cfg(test)]

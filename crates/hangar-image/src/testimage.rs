@@ -196,3 +196,99 @@ pub fn fingerprint(dir: &Path) -> io::Result<BTreeMap<String, String>> {
     visit(dir, dir, &mut out)?;
     Ok(out)
 }
+
+/// Creates the dedup benchmark's bundle at `dir` (which must not exist): a
+/// disk of `size` bytes whose first `random` bytes are random and the rest
+/// zeros, plus a small config file.
+pub fn generate_random_then_zeros(dir: &Path, size: u64, random: u64, seed: u64) -> io::Result<()> {
+    fs::create_dir(dir)?;
+    let mut rng = Rng::new(seed);
+    fs::write(dir.join("config.pvs"), compressible(&mut rng, 6000))?;
+    if let Some(parent) = dir.join(DISK).parent() {
+        fs::create_dir_all(parent)?;
+    }
+    let mut f = fs::File::create(dir.join(DISK))?;
+    f.set_len(size)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    while at < random.min(size) {
+        let n = usize::try_from((random.min(size) - at).min(buf.len() as u64)).map_err(io::Error::other)?;
+        rng.fill(&mut buf[..n]);
+        f.write_all(&buf[..n])?;
+        at += n as u64;
+    }
+    f.sync_all()
+}
+
+/// How [`mutate_pattern`] changes a disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangePattern {
+    /// Whole aligned blocks of this many bytes (e.g. 1 MiB).
+    Clustered(u64),
+    /// Runs of `min..=max` bytes (multiples of 4 KiB) at 4 KiB-aligned places
+    /// scattered over the region, like a guest file system's writes.
+    Scattered {
+        /// Shortest run.
+        min: u64,
+        /// Longest run.
+        max: u64,
+    },
+}
+
+/// Overwrites at least `total` bytes of the disk file's byte range `region`
+/// with new random bytes in the given pattern, never the same 4 KiB page
+/// twice. Returns the number of bytes changed.
+pub fn mutate_pattern(
+    dir: &Path,
+    region: std::ops::Range<u64>,
+    total: u64,
+    pattern: ChangePattern,
+    seed: u64,
+) -> io::Result<u64> {
+    const PAGE: u64 = 4096;
+    let path = dir.join(DISK);
+    let mut f = fs::File::options().write(true).open(&path)?;
+    let mut rng = Rng::new(seed);
+    let start = region.start.div_ceil(PAGE) * PAGE;
+    let pages = (region.end.saturating_sub(start)) / PAGE;
+    let mut used = vec![false; usize::try_from(pages).map_err(io::Error::other)?];
+    let mut changed = 0u64;
+    let mut attempts = 0u64;
+    while changed < total {
+        attempts += 1;
+        if attempts > 1_000_000 {
+            return Err(io::Error::other("region too small for the change asked"));
+        }
+        let (len_pages, at_page) = match pattern {
+            ChangePattern::Clustered(block) => {
+                let bp = (block / PAGE).max(1);
+                let blocks = pages / bp;
+                if blocks == 0 {
+                    return Err(io::Error::other("region smaller than one block"));
+                }
+                (bp, rng.below(blocks) * bp)
+            }
+            ChangePattern::Scattered { min, max } => {
+                let (lo, hi) = ((min / PAGE).max(1), (max / PAGE).max(1));
+                let lp = lo + rng.below(hi.saturating_sub(lo) + 1);
+                if lp > pages {
+                    return Err(io::Error::other("region smaller than one run"));
+                }
+                (lp, rng.below(pages - lp + 1))
+            }
+        };
+        let (a, b) = (at_page as usize, (at_page + len_pages) as usize);
+        if used[a..b].iter().any(|u| *u) {
+            continue;
+        }
+        used[a..b].iter_mut().for_each(|u| *u = true);
+        let len = len_pages * PAGE;
+        let mut buf = vec![0u8; usize::try_from(len).map_err(io::Error::other)?];
+        rng.fill(&mut buf);
+        f.seek(SeekFrom::Start(start + at_page * PAGE))?;
+        f.write_all(&buf)?;
+        changed += len;
+    }
+    f.sync_all()?;
+    Ok(changed)
+}

@@ -115,6 +115,12 @@ pub enum CatalogCommand {
         #[arg(long)]
         clean_remote: bool,
     },
+    /// Convert an image stored in the previous layout (one object per 1 MiB chunk) to
+    /// the packed layout (64 KiB chunks in packs), in place, with a progress bar; the
+    /// entry is registered again with the same metadata, and its old chunks that no
+    /// other image in the provider uses are deleted.
+    #[command(disable_version_flag = true)]
+    Repack(RepackArgs),
     /// Import a reference catalog entry (.meta + .pdpack) from a provider.
     #[command(disable_version_flag = true)]
     Import {
@@ -172,6 +178,25 @@ pub struct PushArgs {
     #[arg(long)]
     pub overwrite: bool,
     /// Chunk uploads in flight.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+}
+
+/// What to repack.
+#[derive(Args, Clone, Default)]
+#[command(disable_version_flag = true)]
+pub struct RepackArgs {
+    pub catalog_id: String,
+    #[arg(id = "image_version", value_name = "VERSION")]
+    pub version: String,
+    pub architecture: String,
+    /// Storage provider connection string of the entry (or HANGAR_CATALOG_PROVIDER).
+    #[arg(long, env = "HANGAR_CATALOG_PROVIDER", hide_env_values = true)]
+    pub provider: String,
+    /// Folder for the temporary copy of the image (default: the system temp folder).
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// Transfers in flight.
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
 }
@@ -316,6 +341,7 @@ const MANIFEST_COLS: &[&str] =
 pub async fn run(cmd: CatalogCommand, url: Option<&str>, out: Output) -> Result<()> {
     match cmd {
         CatalogCommand::Push(a) => push(a, url, out).await,
+        CatalogCommand::Repack(a) => repack(a, url, out).await,
         CatalogCommand::Pull(a) => crate::pdfile_cmd::pull(a, url, out).await,
         CatalogCommand::List { file: Some(f) } => crate::pdfile_cmd::list(&f, url, out).await,
         CatalogCommand::Run { file, host } => crate::pdfile_cmd::run(file, host, url, out).await,
@@ -390,7 +416,9 @@ async fn admin(s: &Server, cmd: CatalogCommand, out: Output) -> Result<()> {
                 "architecture": architecture, "meta_path": meta_path, "overwrite": overwrite});
             print(out, &s.call(Method::PUT, "/catalog/import", Some(body)).await?, MANIFEST_COLS);
         }
-        CatalogCommand::Push(_) | CatalogCommand::Pull(_) | CatalogCommand::Run { .. } => unreachable_command()?,
+        CatalogCommand::Push(_) | CatalogCommand::Pull(_) | CatalogCommand::Repack(_) | CatalogCommand::Run { .. } => {
+            unreachable_command()?
+        }
     }
     Ok(())
 }
@@ -517,6 +545,86 @@ pub async fn push(a: PushArgs, url: Option<&str>, out: Output) -> Result<()> {
         );
     }
     print(out, &m, MANIFEST_COLS);
+    Ok(())
+}
+
+/// `hangar catalog repack`: pulls the image straight from its provider, pushes it back
+/// packed at the same key, registers the entry again (same metadata, overwrite), then
+/// deletes its old chunk objects that no image manifest left in the provider uses.
+pub async fn repack(a: RepackArgs, url: Option<&str>, out: Output) -> Result<()> {
+    let arch = arch_or_host(Some(&a.architecture))?;
+    let server = Server::connect(url, None, None).await?;
+    let path = format!("/catalog/{}/{}/{}", segment(&a.catalog_id), segment(&a.version), segment(arch.as_str()));
+    let entry = server.call(reqwest::Method::GET, &path, None).await?;
+    let entry = match entry {
+        Value::Array(mut v) if !v.is_empty() => v.swap_remove(0),
+        other => other,
+    };
+    let store = hangar_catalog::hangar_blobstore::open_connection_string(&a.provider)
+        .map_err(|e| anyhow!("storage provider: {e}"))?;
+    let key = hangar_catalog::service::manifest_key(&a.catalog_id, &a.version, arch);
+    let work = a.work_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let (pull_cb, pull_bar) = progress("read");
+    let (push_cb, push_bar) = progress("repack");
+    let pull_opts = PullOptions { concurrency: a.concurrency.max(1), cache: None, progress: pull_cb };
+    let push_opts = PushOptions { concurrency: a.concurrency.max(1), progress: push_cb, ..Default::default() };
+    let started = std::time::Instant::now();
+    let done = hangar_image::repack(store.clone(), &key, &work, &pull_opts, &push_opts).await;
+    for b in [&pull_bar, &push_bar].into_iter().flatten() {
+        b.finish_and_clear();
+    }
+    let Some((old, report)) =
+        done.with_context(|| format!("repacking {key} in the {} provider", provider_kind(&a.provider)))?
+    else {
+        let v = json!({"catalog_id": a.catalog_id, "version": a.version, "architecture": arch.as_str(), "repacked": false,
+            "message": "already in the packed layout"});
+        print(out, &v, &["catalog_id", "version", "architecture", "repacked", "message"]);
+        return Ok(());
+    };
+    let field = |k: &str| entry.get(k).cloned().unwrap_or(Value::Null);
+    let body = json!({
+        "catalog_id": a.catalog_id, "version": a.version, "architecture": arch.as_str(),
+        "description": field("description"),
+        "type": entry.get("type").or_else(|| entry.get("vm_type")).cloned().unwrap_or(Value::Null),
+        "tags": entry.get("tags").cloned().unwrap_or(json!([])),
+        "required_roles": entry.get("required_roles").cloned().unwrap_or(json!([])),
+        "required_claims": entry.get("required_claims").cloned().unwrap_or(json!([])),
+        "minimum_requirements": field("minimum_requirements"),
+        "connection": a.provider, "overwrite": true,
+    });
+    server.call(reqwest::Method::POST, "/catalog/push", Some(body)).await.context("registering the repacked image")?;
+    // Old chunks: keep every one another image manifest in the provider still uses.
+    let mut keep = Vec::new();
+    let mut readable = true;
+    for o in store.list("images").await.map_err(|e| anyhow!("listing images: {e}"))? {
+        if !o.key.ends_with("/manifest.json") {
+            continue;
+        }
+        match store
+            .get(&o.key)
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|raw| hangar_image::Manifest::from_json(&raw).map_err(|e| e.to_string()))
+        {
+            Ok(m) => keep.push(m),
+            Err(e) => {
+                eprintln!("note: {} is unreadable ({e}); old chunks are kept", o.key);
+                readable = false;
+            }
+        }
+    }
+    let deleted = if readable {
+        hangar_image::delete_unused_chunks(store.as_ref(), &old, &keep).await.context("deleting old chunks")?
+    } else {
+        0
+    };
+    let v = json!({
+        "catalog_id": a.catalog_id, "version": a.version, "architecture": arch.as_str(), "repacked": true,
+        "chunks": report.manifest.unique_chunks, "packs": report.manifest.packs.len(),
+        "packs_uploaded": report.packs_uploaded, "bytes_uploaded": report.bytes_uploaded,
+        "old_chunks_deleted": deleted, "seconds": (started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
+    });
+    print(out, &v, &["catalog_id", "version", "architecture", "chunks", "packs", "old_chunks_deleted"]);
     Ok(())
 }
 
