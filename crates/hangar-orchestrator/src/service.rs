@@ -376,6 +376,11 @@ impl HttpOrchestrator {
         host: Option<&str>,
     ) -> Result<CreateVm> {
         authorize(p, VmAction::Create, &req.name, None)?;
+        if req.pool.is_some() {
+            return Err(OrchestratorError::Invalid(
+                "a claim from a pool answers at once: use POST /orchestrator/machines, not the async form".into(),
+            ));
+        }
         let owner = owner_for(p, req.owner.as_deref())?;
         let pinned = match host {
             Some(h) => Some(self.usable_host(p, h)?.id),
@@ -467,6 +472,25 @@ impl HttpOrchestrator {
         host: Option<&str>,
         req: &OrchestratorCreateRequest,
     ) -> Result<OrchestratorCreated> {
+        if let Some(pool) = req.pool.as_deref() {
+            if host.is_some() || req.host.is_some() {
+                return Err(OrchestratorError::Invalid(
+                    "a claim from a pool is placed by the pool; do not name a host".into(),
+                ));
+            }
+            let claim =
+                hangar_wire::PoolClaim { name: req.name.clone(), owner: req.owner.clone(), ttl_secs: req.ttl_seconds };
+            let m = self.claim_from_pool_as(p, actor, pool, claim).await?;
+            return Ok(OrchestratorCreated {
+                id: m.id,
+                name: m.name,
+                owner: m.machine.owner.unwrap_or_default(),
+                current_state: m.state,
+                host: m.host,
+                host_id: m.host_id,
+                expires_at: m.expires_at,
+            });
+        }
         let create = self.create_vm_request(p, req, host)?;
         let wait = create.wait;
         let vm = self.scheduler.create_vm(Caller::from(p), actor, create).await.map_err(|e| within(e, wait))?;

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use hangar_core::{Event, EventBus, EventType};
+use hangar_jobs::runners::JobRunners;
 use hangar_store::lease::{self, Lease, LeaseConfig, LeaseHolder, LeaseTask, Role};
 use hangar_store::{Readiness, ReadinessConfig, Store};
 use serde_json::json;
@@ -15,6 +16,22 @@ use tokio::sync::watch;
 
 /// The name of the lease whose holder runs the leader work.
 pub const LEADER_LEASE: &str = "leader";
+
+/// How often the job sets are re-read (and, on the leader, dead runners' jobs recovered).
+pub const JOBS_PASS: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The job sets of this process: on a store other replicas share, this replica's liveness
+/// lease (`runner.<replica id>`) and the leader's recovery of dead replicas' jobs
+/// (`hangar_jobs::runners`); on a sole process's store, today's rule (unfinished jobs
+/// fail at start).
+pub async fn job_runners(store: Arc<dyn Store>, leadership: &Leadership) -> anyhow::Result<JobRunners> {
+    if !store.shared() {
+        return Ok(JobRunners::sole(store));
+    }
+    JobRunners::shared(store, leadership.id(), LeaseConfig::default())
+        .await
+        .map_err(|e| anyhow::anyhow!("job runner liveness lease: {e}"))
+}
 
 /// The running lease of this replica.
 pub struct Leadership {

@@ -54,6 +54,7 @@ async fn start_host(
     data: &Path,
     store: Arc<dyn Store>,
     bus: EventBus,
+    runners: &hangar_jobs::runners::JobRunners,
 ) -> Result<Arc<hangar_host::Host>> {
     let cfg = hangar_host::HostConfig {
         driver: s.hypervisor,
@@ -72,8 +73,7 @@ async fn start_host(
     };
     let _ = std::fs::create_dir_all(&cfg.images_dir);
     let hv = hangar_host::open_driver(&cfg).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    let jobs =
-        hangar_host::Jobs::open(store.clone(), HOST_JOBS, bus.clone()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let jobs = runners.open(HOST_JOBS, bus.clone()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(hangar_host::Host::new(hv, jobs, store, bus, cfg))
 }
 
@@ -81,6 +81,7 @@ async fn module_statuses(
     s: &Settings,
     store: Arc<dyn Store>,
     bus: EventBus,
+    runners: &hangar_jobs::runners::JobRunners,
 ) -> (Vec<ModuleStatus>, Option<Arc<hangar_host::Host>>) {
     let explicit = s.modules.explicit();
     let mut out = Vec::new();
@@ -90,7 +91,7 @@ async fn module_statuses(
         let (running, message) = match *m {
             "api" => (true, "serving".to_string()),
             "host" if !want => (false, "not requested in ENABLED_MODULES".to_string()),
-            "host" => match start_host(&s.host, &s.database.folder, store.clone(), bus.clone()).await {
+            "host" => match start_host(&s.host, &s.database.folder, store.clone(), bus.clone(), runners).await {
                 Ok(h) => {
                     let info = h.driver().host_info().await.ok();
                     let detail = info
@@ -235,6 +236,7 @@ async fn start_orchestrator(
     modules: &mut [ModuleStatus],
     role: tokio::sync::watch::Receiver<hangar_store::Role>,
     replica: &str,
+    runners: &hangar_jobs::runners::JobRunners,
 ) -> Result<Option<Orchestrator>> {
     let Some(status) = modules.iter_mut().find(|m| m.name == "orchestrator") else { return Ok(None) };
     if !s.modules.wants("orchestrator") {
@@ -250,7 +252,7 @@ async fn start_orchestrator(
     let dyn_store: Arc<dyn Store> = store;
     // Other replicas may share the database: holds go through the store, views follow it.
     let shared = dyn_store.shared();
-    let jobs = match hangar_host::Jobs::open(dyn_store.clone(), ORCHESTRATOR_JOBS, bus.clone()).await {
+    let jobs = match runners.open(ORCHESTRATOR_JOBS, bus.clone()).await {
         Ok(j) => j,
         Err(e) => {
             status.message = format!("cannot run: {e}");
@@ -333,19 +335,31 @@ pub async fn run(l: Layers, s: Settings) -> Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot seed users and roles: {e}"))?;
 
-    let (mut modules, host) = module_statuses(&s, dyn_store.clone(), bus.clone()).await;
+    let leadership = crate::leader::start(dyn_store.clone(), bus.clone())?;
+    // Jobs: with other replicas on the store, each job records its runner and the leader
+    // recovers a dead replica's; a sole process fails its own unfinished jobs at start.
+    let runners = Arc::new(crate::leader::job_runners(dyn_store.clone(), &leadership).await?);
+    let (mut modules, host) = module_statuses(&s, dyn_store.clone(), bus.clone(), &runners).await;
     // ----- catalog module (crates/hangar-catalog, started in catalog_cmd.rs) -----
     let catalog_store: Arc<dyn Store> = dyn_store.clone();
     let catalog = crate::catalog_cmd::start_catalog(&l, &s, catalog_store, &dir, bus.clone(), &mut modules)?;
     // ----- end of catalog module -----
-    let leadership = crate::leader::start(dyn_store.clone(), bus.clone())?;
     if store.shared() {
         // Other replicas may share the database: their events reach this one's subscribers.
         crate::fanout::start(dyn_store.clone(), bus.clone(), leadership.id(), leadership.role());
     }
-    let orchestrator =
-        start_orchestrator(&s, dyn_store.clone(), &dir, bus.clone(), &mut modules, leadership.role(), leadership.id())
-            .await?;
+    let orchestrator = start_orchestrator(
+        &s,
+        dyn_store.clone(),
+        &dir,
+        bus.clone(),
+        &mut modules,
+        leadership.role(),
+        leadership.id(),
+        &runners,
+    )
+    .await?;
+    runners.clone().spawn(leadership.role(), crate::leader::JOBS_PASS);
     let reverse_proxy = start_reverse_proxy(
         &s,
         &l,
@@ -479,7 +493,9 @@ pub async fn run(l: Layers, s: Settings) -> Result<()> {
             }
         }
     }
-    // Hand the leader lease over at once rather than after a lease period.
+    // Hand the leader lease over at once rather than after a lease period, and the
+    // liveness lease (the jobs this replica leaves unfinished are recovered at once).
+    runners.shutdown().await;
     leadership.shutdown().await;
     store.close().await.map_err(|e| anyhow::anyhow!("closing the store: {e}"))?;
     info!("stopped");
