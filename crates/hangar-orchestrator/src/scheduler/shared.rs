@@ -35,7 +35,7 @@ use super::{Leadership, Scheduler, lock, to_value, view_remove, view_upsert};
 use crate::clock;
 use crate::error::{OrchestratorError, Result};
 use crate::model::*;
-use crate::placement::Decision;
+use crate::placement::{Decision, PlacementRequest};
 use crate::reservations::Reservation;
 
 /// The collection of per-host capacity records (id: the host id).
@@ -306,6 +306,39 @@ impl Scheduler {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Places `req` and holds the room as a create does (the decision in memory, then on a
+    /// shared store the hold committed into the host's capacity record, placing again on a
+    /// lost race or a host full by the store's count), without creating anything: for
+    /// benchmarks and capacity probes. Give the answer back with [`Scheduler::release_hold`].
+    pub async fn place_and_hold(&self, req: &PlacementRequest) -> Result<crate::reservations::Granted> {
+        let mut req = req.clone();
+        for _ in 0..64 {
+            let decided_at = self.shared_epoch();
+            let (decision, reservation) = self.reserve(&req)?;
+            match self.hold_in_store(&decision, &reservation, decided_at).await {
+                Ok(Held::Yes) => return Ok((decision, reservation)),
+                Ok(again) => {
+                    self.inner.ledger.release(reservation.id);
+                    if again == Held::Full {
+                        req.exclude.insert(decision.host_id.clone());
+                    }
+                }
+                Err(e) => {
+                    self.inner.ledger.release(reservation.id);
+                    return Err(e);
+                }
+            }
+        }
+        Err(contended("any"))
+    }
+
+    /// Gives back what [`Scheduler::place_and_hold`] held: in memory and in the store.
+    pub async fn release_hold(&self, (decision, reservation): crate::reservations::Granted) {
+        self.inner.ledger.release(reservation.id);
+        self.drop_hold(&decision.host_id, reservation.id).await;
+        self.drain();
     }
 
     /// Whether `more` fits on the host counting, by the store, the orchestrator's VM records
