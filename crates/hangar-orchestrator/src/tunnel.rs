@@ -28,8 +28,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message};
 use tracing::{Instrument, debug, info_span};
 
@@ -147,7 +147,18 @@ fn message_of(body: &[u8]) -> String {
 /// Open a tunnel at `url` (`ws://` or `wss://`), sending `headers` (the credential) with
 /// the upgrade request.
 pub async fn connect(url: &str, headers: &[(&str, &str)]) -> Result<Tunnel, TunnelError> {
-    match tokio::time::timeout(CONNECT_TIMEOUT, connect_inner(url, headers)).await {
+    connect_with(url, headers, None).await
+}
+
+/// [`connect`] with the websocket's buffer sizes (`None`: tungstenite's defaults, a 128 KiB
+/// read buffer, for tunnels that carry bulk bytes). tungstenite zero-fills its whole read
+/// buffer on every read, so each open websocket keeps that much resident.
+pub async fn connect_with(
+    url: &str,
+    headers: &[(&str, &str)],
+    config: Option<WebSocketConfig>,
+) -> Result<Tunnel, TunnelError> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, connect_inner(url, headers, config)).await {
         Ok(r) => r,
         Err(_) => Err(TunnelError::Connect {
             addr: url.to_string(),
@@ -156,7 +167,11 @@ pub async fn connect(url: &str, headers: &[(&str, &str)]) -> Result<Tunnel, Tunn
     }
 }
 
-async fn connect_inner(url: &str, headers: &[(&str, &str)]) -> Result<Tunnel, TunnelError> {
+async fn connect_inner(
+    url: &str,
+    headers: &[(&str, &str)],
+    config: Option<WebSocketConfig>,
+) -> Result<Tunnel, TunnelError> {
     let parsed = url::Url::parse(url).map_err(|e| TunnelError::Url(format!("{url:?}: {e}")))?;
     let tls = match parsed.scheme() {
         "ws" => false,
@@ -190,7 +205,7 @@ async fn connect_inner(url: &str, headers: &[(&str, &str)]) -> Result<Tunnel, Tu
         let value = HeaderValue::from_str(v).map_err(|_| TunnelError::Protocol(format!("header {k} is not valid")))?;
         req.headers_mut().insert(name, value);
     }
-    match tokio_tungstenite::client_async(req, stream).await {
+    match tokio_tungstenite::client_async_with_config(req, stream, config).await {
         Ok((ws, _)) => Ok(ws),
         Err(tungstenite::Error::Http(resp)) => Err(TunnelError::Refused {
             status: resp.status().as_u16(),
