@@ -384,7 +384,19 @@ impl Scheduler {
             me.set_leadership(Leadership::Follower);
             drop(work);
         });
-        Background { handles: vec![local, supervisor], scheduler: Some(self.clone()) }
+        // Followers take in the VM state changes the leader hears from the hosts.
+        let me = self.clone();
+        let mut events = self.inner.bus.subscribe();
+        let relayed = tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(e) => me.take_relayed_state(&e),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        });
+        Background { handles: vec![local, supervisor, relayed], scheduler: Some(self.clone()) }
     }
 
     /// Starts the background loops: ticks (silence, reservation expiry, queue), host checks

@@ -31,6 +31,10 @@ pub fn reconnect_delay(attempt: u32) -> Duration {
     base.mul_f64(0.5 + f64::from(r) / f64::from(u16::MAX) / 2.0)
 }
 
+/// The orchestrator event a VM's state change on its host becomes (body: `host_id`,
+/// `vm_id`, `previous_state`, `current_state`).
+pub const VM_STATE_CHANGED: &str = "VM_STATE_CHANGED";
+
 /// One host's event-stream follower.
 pub(super) struct Watcher {
     pub(super) task: tokio::task::AbortHandle,
@@ -59,11 +63,22 @@ impl Scheduler {
             }
             HostEvent::VmState { id, state } => {
                 freed = true;
+                let mut previous = None;
                 self.inner.registry.update_in_memory(host_id, |h| {
                     if let Some(vm) = h.vms.iter().find(|v| v.id == id).cloned() {
+                        previous = Some(vm.state);
                         view_upsert(h, VmSummary { state, ..vm });
                     }
                 });
+                // Subscribers (on every replica, through the store's event relay) and the
+                // other replicas' views learn it from this event.
+                if let Some(previous) = previous.filter(|p| *p != state) {
+                    self.publish(
+                        VM_STATE_CHANGED,
+                        serde_json::json!({"host_id": host_id, "vm_id": id,
+                            "previous_state": previous.as_str(), "current_state": state.as_str()}),
+                    );
+                }
             }
             HostEvent::VmRemoved { id } => {
                 freed = true;
@@ -102,6 +117,30 @@ impl Scheduler {
             });
         }
         Ok(())
+    }
+
+    /// A follower takes in a VM state change the leader heard from a host (its
+    /// [`VM_STATE_CHANGED`] event, relayed through the store): only the leader follows the
+    /// hosts' streams. The leader's own view already has it.
+    pub(super) fn take_relayed_state(&self, event: &hangar_core::Event) {
+        if event.message != VM_STATE_CHANGED
+            || event.event_type != hangar_core::EventType::Orchestrator
+            || !matches!(self.leadership(), super::Leadership::Follower)
+        {
+            return;
+        }
+        let (Some(host_id), Some(vm_id)) = (event.body["host_id"].as_str(), event.body["vm_id"].as_str()) else {
+            return;
+        };
+        let Ok(state) = serde_json::from_value::<hangar_hypervisor::VmState>(event.body["current_state"].clone())
+        else {
+            return;
+        };
+        self.inner.registry.update_in_memory(host_id, |h| {
+            if let Some(vm) = h.vms.iter().find(|v| v.id == vm_id).cloned() {
+                view_upsert(h, VmSummary { state, ..vm });
+            }
+        });
     }
 
     /// Follows a host's event stream until the host is unregistered: each (re)connection
