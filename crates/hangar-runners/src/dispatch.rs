@@ -91,7 +91,6 @@ impl Drop for BusyGuard {
         if let Ok(mut b) = self.0.busy.lock() {
             b.remove(&self.1);
         }
-        self.0.wake.notify_one();
     }
 }
 
@@ -328,6 +327,22 @@ async fn assign(inner: &Arc<Inner>, fence: &Fence, job: RunnerJob, pool: PoolSpe
     publish(&inner.bus, &job, "taking a VM");
     match start_runner(inner, fence, &job, &pool, &name).await {
         Ok(()) => Ok(()),
+        Err(RunnerError::Vm(VmError::NoRoom(why))) => {
+            // Not the job's fault: it waits for room without using up a try.
+            tracing::info!(job = job.job_id, %why, "runners: no room for the job's VM yet");
+            jobs::update(inner.store.as_ref(), fence, &id, |j| {
+                if j.state != JobState::Assigning {
+                    return false;
+                }
+                j.state = JobState::Queued;
+                j.attempts = j.attempts.saturating_sub(1);
+                j.vm = None;
+                j.error = Some(format!("waiting for room: {why}"));
+                true
+            })
+            .await?;
+            Ok(())
+        }
         Err(e) => {
             tracing::warn!(error = %e, job = job.job_id, "runners: cannot start the job's runner");
             let fresh = jobs::read(inner.store.as_ref(), &id).await?.map(|(j, _)| j).unwrap_or(job);

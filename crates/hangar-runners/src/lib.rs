@@ -94,6 +94,10 @@ pub enum VmError {
     NotFound(String),
     #[error("Runner pool {0} not found")]
     NoPool(String),
+    /// No room now (no capacity, or the pool at its maximum): the job waits, its tries are
+    /// not counted.
+    #[error("No room for a runner VM now: {0}")]
+    NoRoom(String),
     #[error("{0}")]
     Failed(String),
 }
