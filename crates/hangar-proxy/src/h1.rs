@@ -8,9 +8,14 @@
 //! ([`crate::http`]): hop-by-hop headers removed, `X-Forwarded-*` set, the route's header rules
 //! applied last.
 //!
+//! A request with `Connection: close` is served the same way, answered with `connection: close`,
+//! and the client connection closed after the answer; the upstream connection stays open and
+//! waits in the listeners' shared [`IdlePool`] for the next client connection to the same
+//! target (as does the upstream connection of any client connection that ends cleanly).
+//!
 //! Everything else goes to hyper, with the bytes already read, for the rest of the connection:
 //! HTTP/2, HTTP/1.0, upgrades, `Expect`, `Transfer-Encoding` or large request bodies,
-//! `Connection: close`, targets not in origin form, a missing or repeated `Host`,
+//! targets not in origin form, a missing or repeated `Host`,
 //! routes that are not plain `http`, unmatched paths, and every head
 //! `httparse` refuses (hyper then answers the error). The hand-over happens only between
 //! requests, so no message is ever split between the two.
@@ -118,6 +123,8 @@ struct Plan {
     head_request: bool,
     /// Safe to send again on a new connection when a kept one turns out closed.
     idempotent: bool,
+    /// The client asked to close the connection after this answer (`Connection: close`).
+    close: bool,
     /// The request's headers, for a host that requires authentication.
     auth: Option<HeaderMap>,
     /// `Access-Control-Allow-Origin` for the answer, when the host has CORS and allows the
@@ -157,18 +164,32 @@ enum Failure {
 }
 
 /// Serve `io` until it ends or needs hyper.
-pub(crate) async fn serve<I>(
+pub(crate) async fn serve<I>(io: I, svc: &ProxyService, header_read: Duration, graceful: &CancellationToken) -> Lane<I>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut upstream: Option<Upstream> = None;
+    let lane = serve_requests(io, svc, header_read, graceful, &mut upstream).await;
+    // Between two requests: the upstream connection is clean, the next client connection to
+    // the same target may use it.
+    if let Some(up) = upstream {
+        svc.shared.idle.put(up.dest, up.io);
+    }
+    lane
+}
+
+async fn serve_requests<I>(
     mut io: I,
     svc: &ProxyService,
     header_read: Duration,
     graceful: &CancellationToken,
+    upstream: &mut Option<Upstream>,
 ) -> Lane<I>
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
     let mut cbuf = BytesMut::with_capacity(8 * 1024);
     let mut out: Vec<u8> = Vec::with_capacity(4 * 1024);
-    let mut upstream: Option<Upstream> = None;
     let grace = graceful.cancelled();
     tokio::pin!(grace);
     let idle = tokio::time::sleep(header_read);
@@ -215,11 +236,17 @@ where
             Action::Forward(index) => {
                 let Some(route) = host.routes.get(*index) else { return Lane::Done };
                 let span = tracing::debug_span!("proxy_http", host = %plan.state.key, route = %route.id);
-                exchange(&mut io, svc, &plan, route, &mut out, &mut upstream).instrument(span).await
+                exchange(&mut io, svc, &plan, route, &mut out, upstream).instrument(span).await
             }
-            Action::Preflight(headers) => send_preflight(&mut io, &mut out, headers, plan.cors.as_ref()).await,
+            Action::Preflight(headers) => {
+                send_preflight(&mut io, &mut out, headers, plan.cors.as_ref(), plan.close).await
+            }
         };
-        if !keep {
+        if !keep || plan.close {
+            // Ready for the client's next connection before this one is seen to close.
+            if let Some(up) = upstream.take() {
+                svc.shared.idle.put(up.dest, up.io);
+            }
             let _ = io.shutdown().await;
             return Lane::Done;
         }
@@ -254,12 +281,12 @@ where
         if let Err(rej) = checked {
             let status = if rej.forbidden { StatusCode::FORBIDDEN } else { StatusCode::UNAUTHORIZED };
             let reply = Reply::error(status, rej.reason, None);
-            return send_reply(client, out, reply, plan.cors.as_ref()).await;
+            return send_reply(client, out, reply, plan).await;
         }
     }
     let target = match svc.resolve(host_id, route).await {
         Ok(t) => t,
-        Err(reply) => return send_reply(client, out, reply, plan.cors.as_ref()).await,
+        Err(reply) => return send_reply(client, out, reply, plan).await,
     };
     let answered = tokio::time::timeout(route.timeout, request(svc, &target, plan, route, out, upstream)).await;
     let answer = match answered {
@@ -270,12 +297,12 @@ where
                 Failure::Connect(e) => svc.target_failed(host_id, route, &target, true, &format!("connect: {e}")),
                 Failure::Other(m) => svc.target_failed(host_id, route, &target, false, &m),
             };
-            return send_reply(client, out, reply, plan.cors.as_ref()).await;
+            return send_reply(client, out, reply, plan).await;
         }
         Err(_) => {
             *upstream = None;
             let reply = svc.target_timed_out(host_id, route, &target);
-            return send_reply(client, out, reply, plan.cors.as_ref()).await;
+            return send_reply(client, out, reply, plan).await;
         }
     };
     let Some(up) = upstream.as_mut() else { return false };
@@ -306,8 +333,18 @@ async fn request(
     upstream: &mut Option<Upstream>,
 ) -> Result<Answer, Failure> {
     let dialer = svc.shared.dialer.as_ref();
-    if upstream.as_mut().is_some_and(|u| u.dest != target.dest || (!plan.idempotent && !still_open(&mut u.io))) {
+    if upstream.as_ref().is_some_and(|u| u.dest != target.dest)
+        && let Some(other) = upstream.take()
+    {
+        svc.shared.idle.put(other.dest, other.io);
+    }
+    if upstream.as_mut().is_some_and(|u| !plan.idempotent && !still_open(&mut u.io)) {
         *upstream = None;
+    }
+    if upstream.is_none()
+        && let Some(io) = svc.shared.idle.take(&target.dest)
+    {
+        *upstream = Some(Upstream { dest: target.dest.clone(), io, buf: BytesMut::with_capacity(8 * 1024) });
     }
     loop {
         let reused = upstream.is_some();
@@ -464,7 +501,7 @@ fn answer_head(
         }
     }
     cors_headers(out, plan.cors.as_ref());
-    if framing == Framing::Close {
+    if framing == Framing::Close || plan.close {
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
@@ -543,6 +580,7 @@ async fn send_preflight<I: AsyncWrite + Unpin>(
     out: &mut Vec<u8>,
     headers: &[(HeaderName, HeaderValue)],
     cors: Option<&HeaderValue>,
+    close: bool,
 ) -> bool {
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 204 No Content\r\n");
@@ -551,6 +589,9 @@ async fn send_preflight<I: AsyncWrite + Unpin>(
     }
     if cors.is_some() {
         out.extend_from_slice(b"vary: Origin\r\n");
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
     client.write_all(out).await.is_ok()
@@ -564,13 +605,9 @@ fn cors_headers(out: &mut Vec<u8>, cors: Option<&HeaderValue>) {
     }
 }
 
-/// Send an answer the proxy made, on a connection that then stays open.
-async fn send_reply<I: AsyncWrite + Unpin>(
-    client: &mut I,
-    out: &mut Vec<u8>,
-    reply: Reply,
-    cors: Option<&HeaderValue>,
-) -> bool {
+/// Send an answer the proxy made, on a connection that then stays open (unless the client
+/// asked to close it).
+async fn send_reply<I: AsyncWrite + Unpin>(client: &mut I, out: &mut Vec<u8>, reply: Reply, plan: &Plan) -> bool {
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(reply.status.as_str().as_bytes());
@@ -580,10 +617,77 @@ async fn send_reply<I: AsyncWrite + Unpin>(
     if reply.bearer {
         out.extend_from_slice(b"www-authenticate: Bearer\r\n");
     }
-    cors_headers(out, cors);
+    cors_headers(out, plan.cors.as_ref());
+    if plan.close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
     out.extend_from_slice(format!("content-length: {}\r\n\r\n", reply.body.len()).as_bytes());
     out.extend_from_slice(&reply.body);
     client.write_all(out).await.is_ok()
+}
+
+/// Idle upstream connections left by fast-lane client connections that ended between requests,
+/// for the next client connections to the same target (so a `Connection: close` client costs
+/// one new connection, not two). At most [`IDLE_PER_TARGET`] per target, each for at most the
+/// manager's pool idle time; a connection is probed ([`still_open`]) before it is used again.
+/// On single-threaded runtimes (the manager's I/O threads) connections stay on the thread that
+/// opened them.
+pub(crate) struct IdlePool {
+    idle: Duration,
+    conns: std::sync::Mutex<std::collections::HashMap<IdleKey, Vec<(Instant, UpIo)>>>,
+}
+
+/// A target, and the thread of a single-threaded runtime.
+type IdleKey = (Dest, Option<std::thread::ThreadId>);
+
+/// The most idle connections kept per target (and thread).
+const IDLE_PER_TARGET: usize = 128;
+
+impl IdlePool {
+    pub(crate) fn new(idle: Duration) -> Self {
+        IdlePool { idle, conns: std::sync::Mutex::new(std::collections::HashMap::new()) }
+    }
+
+    fn key(dest: Dest) -> IdleKey {
+        let local = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
+        (dest, local.then(|| std::thread::current().id()))
+    }
+
+    /// A kept connection to `dest` that still looks open, newest first.
+    fn take(&self, dest: &Dest) -> Option<UpIo> {
+        if self.idle.is_zero() {
+            return None;
+        }
+        let key = Self::key(dest.clone());
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let list = conns.get_mut(&key)?;
+        let now = Instant::now();
+        while let Some((at, mut io)) = list.pop() {
+            if now.duration_since(at) < self.idle && still_open(&mut io) {
+                return Some(io);
+            }
+        }
+        None
+    }
+
+    /// Keep `io` (clean, between two requests) for the next client connection to `dest`.
+    pub(crate) fn put(&self, dest: Dest, io: UpIo) {
+        if self.idle.is_zero() {
+            return;
+        }
+        let key = Self::key(dest);
+        let now = Instant::now();
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let list = conns.entry(key).or_default();
+        // Oldest first: drop the expired ones, and the oldest when full.
+        let expired = list.iter().take_while(|(at, _)| now.duration_since(*at) >= self.idle).count();
+        list.drain(..expired);
+        if list.len() >= IDLE_PER_TARGET {
+            list.remove(0);
+        }
+        list.push((now, io));
+    }
 }
 
 /// What a look at the client's bytes gave.
@@ -610,6 +714,7 @@ fn plan(buf: &[u8], svc: &ProxyService, out: &mut Vec<u8>) -> Parsed {
     let mut length: Option<u64> = None;
     let mut host: Option<&[u8]> = None;
     let mut te_trailers = false;
+    let mut close = false;
     let mut named: Vec<&[u8]> = Vec::new();
     let mut forwarded_for: Vec<&[u8]> = Vec::new();
     let (mut origin, mut preflight_method, mut preflight_headers) = (None, false, None);
@@ -627,10 +732,12 @@ fn plan(buf: &[u8], svc: &ProxyService, out: &mut Vec<u8>) -> Parsed {
             }
         } else if name.eq_ignore_ascii_case("connection") {
             for t in tokens(v) {
-                if t.eq_ignore_ascii_case(b"close") || t.eq_ignore_ascii_case(b"upgrade") {
+                if t.eq_ignore_ascii_case(b"upgrade") {
                     return Parsed::Hyper;
                 }
-                if !t.eq_ignore_ascii_case(b"keep-alive") {
+                if t.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if !t.eq_ignore_ascii_case(b"keep-alive") {
                     named.push(t);
                 }
             }
@@ -674,6 +781,7 @@ fn plan(buf: &[u8], svc: &ProxyService, out: &mut Vec<u8>) -> Parsed {
             body_len,
             head_request: false,
             idempotent,
+            close,
             auth: None,
             cors,
             state,
@@ -758,6 +866,7 @@ fn plan(buf: &[u8], svc: &ProxyService, out: &mut Vec<u8>) -> Parsed {
         body_len,
         head_request: method == "HEAD",
         idempotent,
+        close,
         auth,
         cors,
         state,

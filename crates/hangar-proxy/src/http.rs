@@ -102,19 +102,56 @@ pub(crate) struct Shared {
     pub header_read: Duration,
     /// Plain HTTP/1.1 requests go through [`crate::h1`] first.
     pub fast_lane: bool,
+    /// Upstream connections the fast lane's ended client connections left for the next ones.
+    pub idle: crate::h1::IdlePool,
 }
 
 /// A future driving one upstream connection.
 type UpConn = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// The upstream connection an HTTP/1.1 keep-alive client connection keeps for itself.
+/// The upstream HTTP/1.1 connections a client connection keeps for itself.
 ///
-/// Requests of one HTTP/1 connection come one after the other, so they can reuse one upstream
-/// connection without a shared pool, and that connection is driven by the client
-/// connection's own task ([`serve_connection`]): no hand-over between tasks per request.
+/// Requests of one HTTP/1 connection come one after the other, so they reuse one upstream
+/// connection without a shared pool; the streams of an HTTP/2 connection take a kept
+/// connection that is ready, or open one more. These connections are driven by the client
+/// connection's own task ([`serve_connection`]), as are hyper's HTTP/2 streams ([`ConnExec`]):
+/// no hand-over between tasks per request, and answers ready together leave in one write.
 pub(crate) struct Sticky {
-    slot: std::sync::Mutex<Option<(Dest, http1::SendRequest<Incoming>)>>,
+    slot: std::sync::Mutex<Vec<(Dest, http1::SendRequest<Incoming>)>>,
     drive: mpsc::UnboundedSender<UpConn>,
+}
+
+/// The most upstream connections one client connection keeps.
+const STICKY_MAX: usize = 64;
+
+tokio::task_local! {
+    /// Where the client connection being served takes futures to drive on its own task.
+    static DRIVE: mpsc::UnboundedSender<UpConn>;
+}
+
+/// hyper's executor for listeners: a future hyper starts while serving a connection (an
+/// HTTP/2 stream) runs on that connection's task, beside it (see [`Sticky`]); elsewhere it is
+/// spawned.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct ConnExec;
+
+impl<F> hyper::rt::Executor<F> for ConnExec
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        let fut: UpConn = Box::pin(fut);
+        match DRIVE.try_with(Clone::clone) {
+            Ok(drive) => {
+                if let Err(mpsc::error::SendError(fut)) = drive.send(fut) {
+                    tokio::spawn(fut);
+                }
+            }
+            Err(_) => {
+                tokio::spawn(fut);
+            }
+        }
+    }
 }
 
 /// A route's target, resolved for one request.
@@ -136,7 +173,7 @@ impl Resolved {
 }
 
 /// Where a request goes: an address connected over TCP, or a VM reached through the dialer.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub(crate) enum Dest {
     Addr(Authority),
     Dial { vm: String, port: u16 },
@@ -488,11 +525,13 @@ impl ProxyService {
             None
         };
         let downstream_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+        // HTTP/2 streams run side by side: they take a kept connection only when it is idle.
+        let concurrent = req.version() == Version::HTTP_2;
         let sticky = match &self.sticky {
             Some(s)
                 if route.schema == Schema::Http
                     && upgrade.is_none()
-                    && req.version() == Version::HTTP_11
+                    && (req.version() == Version::HTTP_11 || concurrent)
                     && !has_token(req.headers(), &CONNECTION, "close") =>
             {
                 Some(s.clone())
@@ -573,7 +612,7 @@ impl ProxyService {
         let ups = &self.shared.upstreams;
         let send = async {
             if let Some(sticky) = &sticky {
-                return send_sticky(sticky, target.dest.clone(), dialer, out).await;
+                return send_sticky(sticky, target.dest.clone(), dialer, out, concurrent).await;
             }
             if let Dest::Dial { vm, port } = &target.dest {
                 return send_dialed_once(dialer, vm, *port, route.schema, out).await;
@@ -713,6 +752,7 @@ async fn send_sticky(
     dest: Dest,
     dialer: Option<&Arc<dyn VmDialer>>,
     mut req: Request<Incoming>,
+    concurrent: bool,
 ) -> Result<Response<Incoming>, UpstreamError> {
     // The low-level client writes the URI as given: origin-form (Host is already set).
     if req.uri().authority().is_some() {
@@ -721,10 +761,11 @@ async fn send_sticky(
     }
     let kept = {
         let mut slot = sticky.slot.lock().unwrap_or_else(|e| e.into_inner());
-        match slot.take() {
-            Some((d, s)) if d == dest && !s.is_closed() => Some(s),
-            _ => None,
-        }
+        slot.retain(|(_, s)| !s.is_closed());
+        let ready = slot.iter().position(|(d, s)| *d == dest && s.is_ready());
+        // One request at a time (HTTP/1.1): the kept connection finishes the previous answer.
+        let busy = || if concurrent { None } else { slot.iter().position(|(d, _)| *d == dest) };
+        ready.or_else(busy).map(|i| slot.swap_remove(i).1)
     };
     let mut kept = match kept {
         Some(mut s) => s.ready().await.ok().map(|_| s),
@@ -743,7 +784,10 @@ async fn send_sticky(
         };
         match sender.try_send_request(req).await {
             Ok(resp) => {
-                *sticky.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some((dest, sender));
+                let mut slot = sticky.slot.lock().unwrap_or_else(|e| e.into_inner());
+                if slot.len() < STICKY_MAX {
+                    slot.push((dest, sender));
+                }
                 return Ok(resp);
             }
             Err(mut e) => match e.take_message() {
@@ -760,8 +804,8 @@ fn unauthorized(reason: String) -> Response<ProxyBody> {
 }
 
 /// The HTTP server settings of listeners.
-pub(crate) fn server_builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
+pub(crate) fn server_builder(header_read_timeout: Duration) -> auto::Builder<ConnExec> {
+    let mut b = auto::Builder::new(ConnExec);
     b.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout)
@@ -776,7 +820,7 @@ pub(crate) fn server_builder(header_read_timeout: Duration) -> auto::Builder<Tok
 pub(crate) async fn serve_connection<I>(
     io: I,
     mut svc: ProxyService,
-    builder: &auto::Builder<TokioExecutor>,
+    builder: &auto::Builder<ConnExec>,
     graceful: CancellationToken,
     hard: CancellationToken,
 ) where
@@ -795,7 +839,7 @@ pub(crate) async fn serve_connection<I>(
         crate::h1::Prefixed::new(io)
     };
     let (drive, mut to_drive) = mpsc::unbounded_channel::<UpConn>();
-    svc.sticky = Some(Arc::new(Sticky { slot: std::sync::Mutex::new(None), drive }));
+    svc.sticky = Some(Arc::new(Sticky { slot: std::sync::Mutex::new(Vec::new()), drive: drive.clone() }));
     // One reference count per request rather than a clone of every field.
     let svc = Arc::new(svc);
     let service = hyper::service::service_fn(move |req| {
@@ -804,29 +848,33 @@ pub(crate) async fn serve_connection<I>(
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
-    // Upstream connections of this client connection, driven here; dropped with it.
-    let mut upstream = FuturesUnordered::<UpConn>::new();
-    let mut closing = false;
-    loop {
-        tokio::select! {
-            biased;
-            // First, so that an idle connection of a stopping listener closes even when a new
-            // request is already waiting (in-flight requests finish).
-            _ = graceful.cancelled(), if !closing => {
-                conn.as_mut().graceful_shutdown();
-                closing = true;
-            }
-            r = conn.as_mut() => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "HTTP connection ended with an error");
+    // Upstream connections and HTTP/2 streams of this client connection, driven here; dropped
+    // with it.
+    let serve = async move {
+        let mut upstream = FuturesUnordered::<UpConn>::new();
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                biased;
+                // First, so that an idle connection of a stopping listener closes even when a new
+                // request is already waiting (in-flight requests finish).
+                _ = graceful.cancelled(), if !closing => {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
                 }
-                break;
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "HTTP connection ended with an error");
+                    }
+                    break;
+                }
+                Some(c) = to_drive.recv() => upstream.push(c),
+                Some(()) = upstream.next(), if !upstream.is_empty() => {}
+                _ = hard.cancelled() => break,
             }
-            Some(c) = to_drive.recv() => upstream.push(c),
-            Some(()) = upstream.next(), if !upstream.is_empty() => {}
-            _ = hard.cancelled() => break,
         }
-    }
+    };
+    DRIVE.scope(drive, serve).await;
 }
 
 #[cfg(test)]

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::HeaderValue;
-use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -20,7 +19,7 @@ use crate::compile::{HostKind, HostState, TcpHost};
 use crate::config::{BindAddr, Target};
 use crate::events::ProxyEvent;
 use crate::http::{ProxyService, Shared, serve_connection};
-use crate::tcp::{SpliceEnd, splice};
+use crate::tcp::{SpliceEnd, splice, splice_tcp};
 
 /// Counters of one listener.
 #[derive(Default)]
@@ -73,7 +72,7 @@ pub(crate) async fn start(
     bind: &BindAddr,
     state: Arc<HostState>,
     shared: Arc<Shared>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<auto::Builder<crate::http::ConnExec>>,
     timeouts: ListenerTimeouts,
     io: &[tokio::runtime::Handle],
 ) -> io::Result<Running> {
@@ -155,7 +154,7 @@ async fn accept_loop(
     listener: TcpListener,
     ctx: Arc<ListenerCtx>,
     shared: Arc<Shared>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<auto::Builder<crate::http::ConnExec>>,
     timeouts: ListenerTimeouts,
 ) {
     loop {
@@ -185,7 +184,7 @@ async fn handle_conn(
     peer: SocketAddr,
     ctx: Arc<ListenerCtx>,
     shared: Arc<Shared>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<auto::Builder<crate::http::ConnExec>>,
     timeouts: ListenerTimeouts,
 ) {
     let _ = stream.set_nodelay(true);
@@ -275,7 +274,10 @@ async fn tcp_conn(
         }
     };
     let _ = upstream.set_nodelay(true);
-    let result = splice_with(client, upstream.into_split(), state, t, ctx, timeouts).await;
+    let result = match &state.tls {
+        None => splice_tcp(client, upstream, t.idle, &ctx.hard).await,
+        Some(_) => splice_with(client, upstream.into_split(), state, t, ctx, timeouts).await,
+    };
     log_end(&addr.to_string(), t, result);
 }
 

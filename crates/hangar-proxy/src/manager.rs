@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use serde::Serialize;
 use tokio::sync::{Mutex, broadcast};
@@ -43,7 +42,7 @@ pub struct ProxyManager {
 
 struct Inner {
     shared: Arc<Shared>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<auto::Builder<crate::http::ConnExec>>,
     events: broadcast::Sender<ProxyEvent>,
     timeouts: ListenerTimeouts,
     grace: Duration,
@@ -208,6 +207,7 @@ impl ProxyManagerBuilder {
             events: sink,
             header_read: self.header_read,
             fast_lane: self.fast_lane,
+            idle: crate::h1::IdlePool::new(self.pool_idle),
         });
         Ok(ProxyManager {
             inner: Arc::new(Inner {

@@ -74,7 +74,7 @@ pub(crate) enum SpliceEnd {
     Cancelled,
 }
 
-/// Splice two streams given as read/write halves until both directions end, either errors,
+/// Copy two streams given as read/write halves until both directions end, either errors,
 /// nothing moves for `idle`, or `cancel` fires.
 pub(crate) async fn splice<CR, CW, TR, TW>(
     (cr, cw): (CR, CW),
@@ -94,5 +94,109 @@ where
         r = both => r.map(|(a, b)| SpliceEnd::Done(a, b)),
         _ = idle_watch(&act, idle) => Ok(SpliceEnd::Idle),
         _ = cancel.cancelled() => Ok(SpliceEnd::Cancelled),
+    }
+}
+
+/// Splice two TCP connections: on Linux through a pipe per direction with `splice(2)` (the bytes
+/// never enter user space), elsewhere, or when no pipe can be had, by [`splice`]'s copies. Same
+/// ends as [`splice`]: half-close passed on, idle timeout, cancellation.
+pub(crate) async fn splice_tcp(
+    client: tokio::net::TcpStream,
+    target: tokio::net::TcpStream,
+    idle: Duration,
+    cancel: &CancellationToken,
+) -> io::Result<SpliceEnd> {
+    #[cfg(target_os = "linux")]
+    if let Ok(pipes) = zero_copy::Pipe::new().and_then(|a| Ok((a, zero_copy::Pipe::new()?))) {
+        let act = Activity { start: Instant::now(), last_ms: AtomicU64::new(0) };
+        let (up, down) = &pipes;
+        let ((cr, cw), (tr, tw)) = (client.into_split(), target.into_split());
+        let both = async { tokio::try_join!(zero_copy::pump(cr, tw, up, &act), zero_copy::pump(tr, cw, down, &act)) };
+        return tokio::select! {
+            r = both => r.map(|(a, b)| SpliceEnd::Done(a, b)),
+            _ = idle_watch(&act, idle) => Ok(SpliceEnd::Idle),
+            _ = cancel.cancelled() => Ok(SpliceEnd::Cancelled),
+        };
+    }
+    splice(client.into_split(), target.into_split(), idle, cancel).await
+}
+
+/// `splice(2)` between two sockets through a pipe.
+#[cfg(target_os = "linux")]
+mod zero_copy {
+    use std::io;
+    use std::os::fd::{AsFd, OwnedFd};
+
+    use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl};
+    use tokio::io::{AsyncWriteExt, Interest};
+    use tokio::net::TcpStream;
+    use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+    use super::Activity;
+
+    /// The pipe size asked for: large moves per call for bulk transfers. The kernel may give
+    /// less (`/proc/sys/fs/pipe-max-size`, per-user pipe limits); its pages are only taken
+    /// while bytes are in flight.
+    const PIPE_SIZE: i32 = 1 << 20;
+
+    /// A non-blocking pipe and how many bytes it holds at most.
+    pub(super) struct Pipe {
+        r: OwnedFd,
+        w: OwnedFd,
+        cap: usize,
+    }
+
+    impl Pipe {
+        pub(super) fn new() -> io::Result<Pipe> {
+            let (r, w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+            let cap = fcntl(&w, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE)).or_else(|_| fcntl(&w, FcntlArg::F_GETPIPE_SZ));
+            let cap = cap.ok().and_then(|c| usize::try_from(c).ok()).filter(|&c| c > 0).unwrap_or(64 * 1024);
+            Ok(Pipe { r, w, cap })
+        }
+    }
+
+    fn splice(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
+        let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+        Ok(nix::fcntl::splice(from, None, to, None, len, flags)?)
+    }
+
+    /// Move `src`'s bytes to `dst` until `src` ends, then shut `dst`'s write side (half-close).
+    /// The pipe is empty each time it is filled, so "would block" on a fill means `src` has
+    /// nothing and on a drain that `dst` is full.
+    pub(super) async fn pump(
+        src: OwnedReadHalf,
+        mut dst: OwnedWriteHalf,
+        pipe: &Pipe,
+        act: &Activity,
+    ) -> io::Result<u64> {
+        let (s, d): (&TcpStream, &TcpStream) = (src.as_ref(), dst.as_ref());
+        let mut total = 0u64;
+        loop {
+            let n = loop {
+                s.readable().await?;
+                match s.try_io(Interest::READABLE, || splice(s, &pipe.w, pipe.cap)) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            };
+            if n == 0 {
+                // The peer may already be gone; the other direction decides the outcome then.
+                let _ = dst.shutdown().await;
+                return Ok(total);
+            }
+            let mut left = n;
+            while left > 0 {
+                d.writable().await?;
+                match d.try_io(Interest::WRITABLE, || splice(&pipe.r, d, left)) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(m) => left -= m.min(left),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            total += n as u64;
+            act.touch();
+        }
     }
 }

@@ -1,8 +1,9 @@
 //! The two ways an HTTP/1.1 request goes through the proxy agree.
 //!
-//! A keep-alive request is forwarded by the connection's own fast lane; a `Connection: close`
-//! request goes through hyper. Each case sends the same request both ways and compares what
-//! the target received and what the client got back.
+//! Keep-alive and `Connection: close` requests are forwarded by the fast lane; a manager built
+//! with `http1_fast_lane(false)` leaves every request to hyper. Each case sends the same request
+//! to both (kept and closed on the fast lane, kept on hyper) and compares what the target
+//! received and what the client got back.
 
 #![allow(clippy::unwrap_used)]
 
@@ -15,7 +16,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use common::*;
-use hangar_proxy::{AuthRejection, MapResolver, ProxyAuth, ProxyManager};
+use hangar_proxy::{AuthRejection, MapResolver, ProxyAuth, ProxyManager, ProxyManagerBuilder, ReverseProxyConfig};
 use http::HeaderMap;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -52,18 +53,44 @@ async fn read_one(s: &mut TcpStream, buf: &mut Vec<u8>) -> RawResponse {
     RawResponse { status, headers, body }
 }
 
-/// Send `request` (a head without `Connection: close`, perhaps a body) both ways: as two
-/// requests on one kept connection (the second proves it stays open) and on a connection of
-/// its own with `Connection: close`.
-async fn both_ways(addr: SocketAddr, request: &str) -> (RawResponse, RawResponse) {
-    let (head, body) = request.split_once("\r\n\r\n").expect("a request head");
+/// One configuration served twice: with the fast lane, and by hyper alone.
+struct Lanes {
+    fast: SocketAddr,
+    hyper: SocketAddr,
+    _managers: (ProxyManager, ProxyManager),
+}
+
+async fn lanes(builder: impl Fn() -> ProxyManagerBuilder, cfg: &ReverseProxyConfig, id: &str) -> Lanes {
+    let (f, h) = (builder().build().unwrap(), builder().http1_fast_lane(false).build().unwrap());
+    Lanes { fast: apply(&f, cfg, id).await, hyper: apply(&h, cfg, id).await, _managers: (f, h) }
+}
+
+/// Two requests on one kept connection (the second proves it stays open).
+async fn kept_twice(addr: SocketAddr, head: &str, body: &str) -> RawResponse {
     let mut s = TcpStream::connect(addr).await.unwrap();
     let mut buf = Vec::new();
     s.write_all(format!("{head}\r\n\r\n{body}{head}\r\n\r\n{body}").as_bytes()).await.unwrap();
     let kept = read_one(&mut s, &mut buf).await;
     let again = read_one(&mut s, &mut buf).await;
     assert_eq!(kept.status, again.status, "the same request on the same kept connection");
-    let closed = raw_http(addr, &format!("{head}\r\nConnection: close\r\n\r\n{body}")).await;
+    kept
+}
+
+/// Send `request` (a head without `Connection: close`, perhaps a body) every way: kept and with
+/// `Connection: close` (on a connection of its own, which the proxy must close after the answer)
+/// on the fast lane, kept and closed on hyper's; all four must agree. Returns the fast lane's
+/// kept and closed answers.
+async fn both_ways(l: &Lanes, request: &str) -> (RawResponse, RawResponse) {
+    let (head, body) = request.split_once("\r\n\r\n").expect("a request head");
+    let kept = kept_twice(l.fast, head, body).await;
+    let close = format!("{head}\r\nConnection: close\r\n\r\n{body}");
+    let closed = raw_http(l.fast, &close).await;
+    assert_eq!(closed.header("connection"), Some("close"), "{request:?}: {:?}", closed.headers);
+    let hyper_kept = kept_twice(l.hyper, head, body).await;
+    let hyper_closed = raw_http(l.hyper, &close).await;
+    assert_same(&kept, &closed);
+    assert_same(&kept, &hyper_kept);
+    assert_same(&kept, &hyper_closed);
     (kept, closed)
 }
 
@@ -97,15 +124,14 @@ fn assert_same(kept: &RawResponse, closed: &RawResponse) {
 #[tokio::test]
 async fn header_rules_agree() {
     let up = http_upstream("127.0.0.1:0", "up").await;
-    let m = ProxyManager::builder().build().unwrap();
     let cfg = config(json!({"hosts": [{"id": "web", "host": "127.0.0.1", "port": 0, "http_routes": [{
         "id": "r", "path": "/", "target_host": "127.0.0.1", "target_port": up.addr.port(),
         "request_headers": {"X-Added": "yes", "X-Remove": "", "X-Forwarded-Proto": "from-rule"},
         "response_headers": {"X-Served-By": "hangar", "X-Remove-Me": ""}
     }]}]}));
-    let addr = apply(&m, &cfg, "web").await;
+    let l = lanes(ProxyManager::builder, &cfg, "web").await;
     let (kept, closed) = both_ways(
-        addr,
+        &l,
         "POST /h?q=1 HTTP/1.1\r\nHost: proxy.test:1234\r\nConnection: X-Secret\r\nX-Secret: s\r\n\
          Keep-Alive: timeout=5\r\nProxy-Authorization: Basic eA==\r\nProxy-Foo: 1\r\nTE: trailers, deflate\r\n\
          X-Forwarded-For: 10.0.0.1\r\nX-Forwarded-For: 10.0.0.2\r\nX-Forwarded-Host: evil.test\r\n\
@@ -131,6 +157,25 @@ async fn header_rules_agree() {
     assert_eq!(kept.header("x-resp-hop"), None, "a header the target's Connection names is dropped");
 }
 
+#[tokio::test]
+async fn close_requests_take_the_fast_lane_and_reuse_one_upstream_connection() {
+    let up = http_upstream("127.0.0.1:0", "up").await;
+    let cfg = config(json!({"hosts": [{"id": "web", "host": "127.0.0.1", "port": 0, "http_routes": [
+        {"id": "r", "path": "/", "target_host": "127.0.0.1", "target_port": up.addr.port()}]}]}));
+    let m = ProxyManager::builder().build().unwrap();
+    let addr = apply(&m, &cfg, "web").await;
+    for i in 0..5 {
+        let r = raw_http(addr, &format!("GET /{i} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("connection"), Some("close"));
+        assert_eq!(r.json()["uri"], format!("/{i}"));
+        assert!(r.json()["headers"].get("connection").is_none(), "the client's close reached the target");
+    }
+    // Each client connection closed after its answer; the upstream connection stayed open
+    // and served the next client connection.
+    assert_eq!(up.conns.load(std::sync::atomic::Ordering::SeqCst), 1, "one upstream connection for five clients");
+}
+
 struct TokenAuth;
 
 #[async_trait]
@@ -148,10 +193,9 @@ impl ProxyAuth for TokenAuth {
 #[tokio::test]
 async fn authentication_agrees_and_credentials_stay_behind() {
     let up = http_upstream("127.0.0.1:0", "up").await;
-    let m = ProxyManager::builder().auth(Arc::new(TokenAuth)).build().unwrap();
     let cfg = config(json!({"hosts": [{"id": "web", "host": "127.0.0.1", "port": 0, "require_auth": true,
         "http_routes": [{"id": "r", "path": "/", "target_host": "127.0.0.1", "target_port": up.addr.port()}]}]}));
-    let addr = apply(&m, &cfg, "web").await;
+    let l = lanes(|| ProxyManager::builder().auth(Arc::new(TokenAuth)), &cfg, "web").await;
 
     for (request, status) in [
         ("GET / HTTP/1.1\r\nHost: x\r\n\r\n", 401),
@@ -159,7 +203,7 @@ async fn authentication_agrees_and_credentials_stay_behind() {
         ("GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer good\r\n\r\n", 401),
         ("GET /ok HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer good\r\nX-Other: 1\r\n\r\n", 200),
     ] {
-        let (kept, closed) = both_ways(addr, request).await;
+        let (kept, closed) = both_ways(&l, request).await;
         assert_same(&kept, &closed);
         assert_eq!(kept.status, status, "{request:?}: {}", String::from_utf8_lossy(&kept.body));
         if status == 401 {
@@ -176,7 +220,6 @@ async fn vm_targets_and_failures_agree() {
     let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let resolver = Arc::new(MapResolver::new());
     resolver.set("vm-1", "127.0.0.1".parse().unwrap());
-    let m = ProxyManager::builder().resolver(resolver).build().unwrap();
     let cfg = config(json!({"hosts": [{"id": "web", "host": "127.0.0.1", "port": 0, "http_routes": [
         {"id": "vm", "path": "/vm", "target_vm_id": "vm-1", "target_port": up.addr.port()},
         {"id": "gone", "path": "/gone", "target_vm_id": "vm-unknown", "target_port": 80},
@@ -184,13 +227,13 @@ async fn vm_targets_and_failures_agree() {
         {"id": "silent", "path": "/silent", "target_host": "127.0.0.1",
          "target_port": silent.local_addr().unwrap().port(), "timeout_seconds": 1}
     ]}]}));
-    let addr = apply(&m, &cfg, "web").await;
+    let l = lanes(|| ProxyManager::builder().resolver(resolver.clone()), &cfg, "web").await;
 
-    let (kept, closed) = both_ways(addr, "GET /vm/x HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let (kept, closed) = both_ways(&l, "GET /vm/x HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert_same(&kept, &closed);
     assert_eq!(kept.json()["label"], "vm");
     for (path, status) in [("/gone", 502), ("/refused", 502), ("/silent", 504), ("/nothing", 404)] {
-        let (kept, closed) = both_ways(addr, &format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")).await;
+        let (kept, closed) = both_ways(&l, &format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")).await;
         assert_same(&kept, &closed);
         assert_eq!(kept.status, status, "{path}");
         let body: Value = kept.json();
@@ -201,7 +244,6 @@ async fn vm_targets_and_failures_agree() {
 #[tokio::test]
 async fn cors_agrees() {
     let up = http_upstream("127.0.0.1:0", "up").await;
-    let m = ProxyManager::builder().build().unwrap();
     let cfg = config(json!({"hosts": [{"id": "web", "host": "127.0.0.1", "port": 0,
     "cors": {"enabled": true, "allowed_origins": ["https://ui.test"]},
     "http_routes": [
@@ -209,7 +251,7 @@ async fn cors_agrees() {
          "response_headers": {"Access-Control-Allow-Origin": "https://rule.test", "X-Rule": "1"}},
         {"id": "down", "path": "/down", "target_host": "127.0.0.1", "target_port": closed_port().await}
     ]}]}));
-    let addr = apply(&m, &cfg, "web").await;
+    let l = lanes(ProxyManager::builder, &cfg, "web").await;
     let allowed = "Origin: https://ui.test\r\n";
     let other = "Origin: https://evil.test\r\n";
     for (request, status, allow) in [
@@ -227,7 +269,7 @@ async fn cors_agrees() {
         ),
         (format!("OPTIONS /a HTTP/1.1\r\nHost: x\r\n{other}Access-Control-Request-Method: PUT\r\n\r\n"), 204, None),
     ] {
-        let (kept, closed) = both_ways(addr, &request).await;
+        let (kept, closed) = both_ways(&l, &request).await;
         assert_same(&kept, &closed);
         assert_eq!(kept.status, status, "{request:?}");
         assert_eq!(kept.header("access-control-allow-origin"), allow, "{request:?}: {:?}", kept.headers);
@@ -265,12 +307,12 @@ async fn requirements_answer_403_on_both_lanes() {
     let up = http_upstream("127.0.0.1:0", "up").await;
     let resolver = Arc::new(MapResolver::new());
     resolver.set("vm-1", "127.0.0.1".parse().unwrap());
-    let m = ProxyManager::builder().resolver(resolver).auth(Arc::new(RequirementAuth)).build().unwrap();
     let cfg = config(json!({"hosts": [{"id": "web", "host": "127.0.0.1", "port": 0,
         "required_claims": ["OPS"], "require_vm_owner": true, "http_routes": [
             {"id": "vm", "path": "/vm", "target_vm_id": "vm-1", "target_port": up.addr.port()},
             {"id": "plain", "path": "/", "target_host": "127.0.0.1", "target_port": up.addr.port()}]}]}));
-    let addr = apply(&m, &cfg, "web").await;
+    let l =
+        lanes(|| ProxyManager::builder().resolver(resolver.clone()).auth(Arc::new(RequirementAuth)), &cfg, "web").await;
     for (request, status) in [
         ("GET /vm HTTP/1.1\r\nHost: x\r\n\r\n", 401),
         ("GET /vm HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer bob\r\n\r\n", 403),
@@ -278,7 +320,7 @@ async fn requirements_answer_403_on_both_lanes() {
         ("GET /vm HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer alice\r\n\r\n", 200),
         ("GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer alice\r\n\r\n", 200),
     ] {
-        let (kept, closed) = both_ways(addr, request).await;
+        let (kept, closed) = both_ways(&l, request).await;
         assert_same(&kept, &closed);
         assert_eq!(kept.status, status, "{request:?}: {}", String::from_utf8_lossy(&kept.body));
         if status == 403 {
@@ -287,12 +329,11 @@ async fn requirements_answer_403_on_both_lanes() {
     }
 
     // An authenticator that only checks credentials refuses hosts with requirements.
-    let m = ProxyManager::builder().auth(Arc::new(TokenAuth)).build().unwrap();
     let cfg = config(json!({"hosts": [{"id": "web", "host": "127.0.0.1", "port": 0, "required_roles": ["ADMIN"],
         "http_routes": [{"id": "r", "path": "/", "target_host": "127.0.0.1", "target_port": up.addr.port()}]}]}));
-    let addr = apply(&m, &cfg, "web").await;
+    let l = lanes(|| ProxyManager::builder().auth(Arc::new(TokenAuth)), &cfg, "web").await;
     let (kept, closed) =
-        both_ways(addr, "GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer good\r\nX-Other: 1\r\n\r\n").await;
+        both_ways(&l, "GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer good\r\nX-Other: 1\r\n\r\n").await;
     assert_same(&kept, &closed);
     assert_eq!(kept.status, 403);
 }
