@@ -62,6 +62,11 @@ finish() {
 trap finish EXIT
 eval "$(scripts/test-services.sh env)"
 
+# crates/hangar/tests/oidc.rs and tests/browser: the OpenID provider (oidc-provider from npm,
+# pinned by tests/oidc/package-lock.json).
+say "OpenID provider (tests/oidc)"
+(cd tests/oidc && npm ci --no-audit --no-fund --loglevel=error)
+
 say "cargo test"
 # The catalog's acceptance image is 512 MiB (random, compressible and zero regions).
 export HANGAR_TEST_BIG_IMAGE="${HANGAR_TEST_BIG_IMAGE:-1}"

@@ -7,6 +7,13 @@
 //! the `access_token`/`authorization` query parameter), then checks the route's rule.
 //! A matched route with no rule is refused: deny by default. Client headers such as
 //! `X-Super-User`, `X-Claims`, `X-Roles` and `X-SOURCE` are never read.
+//!
+//! Browser sessions: without an `Authorization` or `X-Api-Key` header, the `hangar_session`
+//! cookie is the credential (same RBAC). Because a browser sends it on its own (ambient),
+//! a request it authenticates must carry `X-CSRF-Token` unless its method is GET, HEAD or
+//! OPTIONS (403 with `error: "csrf"` otherwise), and a websocket upgrade it authenticates
+//! must come from the server's own origin (`Origin` equal to the request's `Host`). Bearer
+//! tokens and API keys are never CSRF-checked: a browser never sends them by itself.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -72,11 +79,85 @@ impl AccessTable {
     }
 }
 
+/// The name of the browser session cookie.
+pub const SESSION_COOKIE: &str = "hangar_session";
+
+/// The header that carries a browser session's CSRF token.
+pub const CSRF_HEADER: &str = "x-csrf-token";
+
+/// A request extension the HTTPS listener adds: cookies it sets are `Secure`.
+#[derive(Debug, Clone, Copy)]
+pub struct ServedOverTls;
+
 /// The credential a request came with, kept so long-lived connections can re-check it.
 #[derive(Debug, Clone)]
 pub enum Credential {
     Bearer(String),
     ApiKey(String),
+    /// The `hangar_session` cookie of a browser session.
+    Session(String),
+}
+
+/// The value of a cookie in the request's `Cookie` headers.
+pub fn cookie<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
+    for v in headers.get_all(header::COOKIE) {
+        let Ok(v) = v.to_str() else { continue };
+        for pair in v.split(';') {
+            if let Some((k, val)) = pair.trim().split_once('=')
+                && k.trim() == name
+            {
+                let val = val.trim().trim_matches('"');
+                if !val.is_empty() {
+                    return Some(val);
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Whether cookies set in answer to this request should be `Secure`: it came over TLS, or
+/// through a proxy that says so (the header can only make the cookie stricter).
+pub fn secure_request(extensions: &http::Extensions, headers: &http::HeaderMap) -> bool {
+    extensions.get::<ServedOverTls>().is_some()
+        || headers
+            .get("x-forwarded-proto")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("https"))
+}
+
+/// A `Set-Cookie` value for a cookie of this server (HttpOnly, SameSite, Path, Secure over TLS).
+pub fn set_cookie(name: &str, value: &str, max_age: u64, same_site: &str, path: &str, secure: bool) -> String {
+    let mut c = format!("{name}={value}; HttpOnly; SameSite={same_site}; Path={path}; Max-Age={max_age}");
+    if secure {
+        c.push_str("; Secure");
+    }
+    c
+}
+
+/// The `Set-Cookie` value that removes the session cookie.
+pub fn clear_session_cookie(secure: bool) -> String {
+    set_cookie(SESSION_COOKIE, "", 0, "Lax", "/", secure)
+}
+
+/// Whether the `Origin` of a request is the server's own (scheme aside: the authority
+/// equals the `Host` the request was sent to).
+fn same_origin(headers: &http::HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else { return false };
+    let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok()) else { return false };
+    let authority = origin.split_once("://").map(|(_, a)| a).unwrap_or("");
+    !authority.is_empty() && authority.trim_end_matches('/').eq_ignore_ascii_case(host.trim())
+}
+
+fn is_websocket_upgrade(headers: &http::HeaderMap) -> bool {
+    headers.get(header::UPGRADE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+/// The stable error answer of a cookie-authenticated request without its CSRF token.
+fn csrf_refused(message: &str) -> Response {
+    let body =
+        crate::error::ApiErrorBody { code: 403, error: "csrf".into(), message: message.into(), request_id: None };
+    (StatusCode::FORBIDDEN, axum::Json(body)).into_response()
 }
 
 /// Per-request context put in the request's extensions by [`authorize`].
@@ -192,6 +273,9 @@ fn credential_from(req: &Request, rel_path: &str) -> Result<Option<Credential>, 
     {
         return Ok(Some(Credential::Bearer(t)));
     }
+    if let Some(c) = cookie(req.headers(), SESSION_COOKIE) {
+        return Ok(Some(Credential::Session(c.to_string())));
+    }
     Ok(None)
 }
 
@@ -200,6 +284,7 @@ pub async fn authenticate(state: &AppState, cred: &Credential) -> Result<Princip
     match cred {
         Credential::Bearer(t) => Ok(state.identity.authenticate_token(t).await?),
         Credential::ApiKey(k) => Ok(state.identity.authenticate_api_key(k).await?),
+        Credential::Session(c) => Ok(state.identity.session(c).await?.principal),
     }
 }
 
@@ -208,7 +293,7 @@ pub async fn authenticate(state: &AppState, cred: &Credential) -> Result<Princip
 pub async fn recheck(state: &AppState, cred: &Credential) -> Result<Principal, ApiError> {
     match cred {
         Credential::Bearer(t) => Ok(state.identity.recheck_token(t).await?),
-        Credential::ApiKey(_) => authenticate(state, cred).await,
+        Credential::ApiKey(_) | Credential::Session(_) => authenticate(state, cred).await,
     }
 }
 
@@ -260,10 +345,38 @@ pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Ne
     let principal = match &credential {
         Some(c) => match authenticate(&state, c).await {
             Ok(p) => Some(p),
-            Err(e) => return e.into_response(),
+            Err(e) => {
+                let mut r = e.into_response();
+                if matches!(c, Credential::Session(_)) {
+                    // An ended session: the browser forgets the cookie.
+                    let secure = secure_request(req.extensions(), req.headers());
+                    if let Ok(v) = http::HeaderValue::from_str(&clear_session_cookie(secure)) {
+                        r.headers_mut().append(header::SET_COOKIE, v);
+                    }
+                }
+                return r;
+            }
         },
         None => None,
     };
+    if let Some(Credential::Session(c)) = &credential {
+        // The cookie is ambient: a state-changing request needs the session's CSRF token,
+        // and a websocket upgrade the server's own origin.
+        if !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+            let presented = req.headers().get(CSRF_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+            if presented.is_empty() || !state.identity.csrf_matches(c, presented) {
+                return csrf_refused(
+                    "A request authenticated by the session cookie must send the session's CSRF token in X-CSRF-Token (GET /api/v1/auth/session gives it)",
+                );
+            }
+        }
+        if is_websocket_upgrade(req.headers()) && !same_origin(req.headers()) {
+            return ApiError::forbidden(
+                "A websocket opened with the session cookie must come from this server's own origin; other clients send a token",
+            )
+            .into_response();
+        }
+    }
     match access.check(principal.as_ref()) {
         Decision::Allow => {}
         Decision::Unauthenticated if enrollment.is_some() => {}
@@ -278,9 +391,10 @@ pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Ne
         Some(p) => Actor {
             user_id: p.user_id.clone(),
             username: p.username.clone(),
-            via: match &p.method {
-                AuthMethod::Jwt => "jwt".into(),
-                AuthMethod::ApiKey { key_id } => format!("api_key:{key_id}"),
+            via: match (&p.method, &credential) {
+                (_, Some(Credential::Session(_))) => "session".into(),
+                (AuthMethod::Jwt, _) => "jwt".into(),
+                (AuthMethod::ApiKey { key_id }, _) => format!("api_key:{key_id}"),
             },
             source_ip: peer,
             request_id: request_id.clone(),
@@ -333,5 +447,21 @@ mod tests {
         let u: http::Uri = "/x?authorization=Bearer%20tok".parse().unwrap();
         assert_eq!(query_token(&u).as_deref(), Some("tok"));
         assert_eq!(percent_decode("%zz%4"), "%zz%4");
+    }
+
+    #[test]
+    fn cookies_and_origins() {
+        let mut h = http::HeaderMap::new();
+        h.append(header::COOKIE, "a=1; hangar_session=abc ; b=2".parse().unwrap());
+        assert_eq!(cookie(&h, SESSION_COOKIE), Some("abc"));
+        assert_eq!(cookie(&h, "c"), None);
+        h.insert(header::HOST, "127.0.0.1:8080".parse().unwrap());
+        assert!(!same_origin(&h), "no Origin is not the same origin");
+        h.insert(header::ORIGIN, "http://127.0.0.1:8080".parse().unwrap());
+        assert!(same_origin(&h));
+        h.insert(header::ORIGIN, "http://evil.example:8080".parse().unwrap());
+        assert!(!same_origin(&h));
+        h.insert(header::ORIGIN, "null".parse().unwrap());
+        assert!(!same_origin(&h));
     }
 }

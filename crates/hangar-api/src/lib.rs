@@ -194,6 +194,7 @@ pub fn api() -> Api {
     let api = Api::new();
     let api = routes::system::register(api);
     let api = routes::auth::register(api);
+    let api = routes::sso::register(api);
     let api = routes::catalog::register(api);
     let api = routes::cache::register(api);
     let api = routes::machines::register(api);

@@ -32,6 +32,9 @@ pub enum IdentityError {
     Invalid(String),
     #[error("Password policy: {0}")]
     Policy(String),
+    /// A service Hangar depends on (an OIDC provider) cannot be reached.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("Token signing is misconfigured: {0}")]
     KeyConfig(String),
     #[error(transparent)]
@@ -60,7 +63,7 @@ impl Classify for IdentityError {
         match self {
             IdentityError::InvalidCredentials | IdentityError::Unauthenticated(_) => ErrorKind::Unauthenticated,
             IdentityError::LockedOut { .. } => ErrorKind::TooManyRequests,
-            IdentityError::Busy { .. } => ErrorKind::Unavailable,
+            IdentityError::Busy { .. } | IdentityError::Unavailable(_) => ErrorKind::Unavailable,
             IdentityError::TooManyAtOnce { .. } => ErrorKind::TooManyRequests,
             IdentityError::Forbidden(_) => ErrorKind::Forbidden,
             IdentityError::NotFound { .. } => ErrorKind::NotFound,

@@ -12,6 +12,7 @@
 
 pub mod error;
 pub mod model;
+pub mod oidc;
 pub mod password;
 pub mod secrets;
 pub mod service;
@@ -24,7 +25,8 @@ pub use model::*;
 pub use password::PasswordPolicy;
 pub use service::{
     Identity, IdentityImport, IdentityImportReport, IdentityOptions, ImportedApiKey, ImportedClaim, ImportedRole,
-    ImportedUser, KindReport, LockoutPolicy, ServiceUserReport,
+    ImportedUser, KindReport, LockoutPolicy, NewSession, ServiceUserReport, SessionAuth, SessionInfo, SessionPolicy,
+    StoredSession,
 };
 pub use tokens::{JwtAlgorithm, TokenConfig, TokenService};
 pub use user_configs::{NewUserConfig, UserConfig, UserConfigType, UserConfigUpdate, Written};

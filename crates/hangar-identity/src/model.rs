@@ -11,6 +11,18 @@ pub const ROLES: &str = "roles";
 pub const CLAIMS: &str = "claims";
 pub const API_KEYS: &str = "api_keys";
 pub const API_KEY_INDEX: &str = "api_key_index";
+/// Browser sessions, by the keyed hash of the cookie's secret.
+pub const SESSIONS: &str = "sessions";
+/// External identities: `<provider>:<subject>` -> user id (JIT users of an OIDC provider).
+pub const EXTERNAL_IDS: &str = "external_ids";
+
+/// Where an external user comes from: an OIDC provider and the subject it knows them by.
+/// Such a user has no local password; password logins are refused for them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExternalIdentity {
+    pub provider: String,
+    pub subject: String,
+}
 
 /// A user as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -36,6 +48,9 @@ pub struct StoredUser {
     pub locked_until: Option<DateTime<Utc>>,
     /// Changes whenever the password changes; tokens carry it, so old tokens die.
     pub security_stamp: String,
+    /// Set for a user created just in time by an OIDC login (no local password).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<ExternalIdentity>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -56,6 +71,9 @@ pub struct UserView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub blocked_until: Option<DateTime<Utc>>,
     pub failed_login_attempts: u32,
+    /// The OIDC provider of an external user (no local password).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_provider: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -75,6 +93,7 @@ impl StoredUser {
             blocked,
             blocked_until: if blocked { self.locked_until } else { None },
             failed_login_attempts: self.failed_login_attempts,
+            external_provider: self.external.as_ref().map(|e| e.provider.clone()),
             created_at: self.created_at,
             updated_at: self.updated_at,
         }

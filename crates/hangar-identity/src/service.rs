@@ -25,10 +25,12 @@ use crate::throttle::Throttle;
 use crate::tokens::TokenService;
 
 mod pds_import;
+mod sessions;
 pub use pds_import::{
     IdentityImport, IdentityImportReport, ImportedApiKey, ImportedClaim, ImportedRole, ImportedUser, KindReport,
     ServiceUserReport,
 };
+pub use sessions::{NewSession, SessionAuth, SessionInfo, SessionPolicy, StoredSession};
 
 /// Failed-login lockout, with the reference's key names. It applies per source address and
 /// account (see [`crate::throttle`]): bad passwords sent by anyone never lock the account out
@@ -55,6 +57,7 @@ impl Default for LockoutPolicy {
 pub struct IdentityOptions {
     pub password_policy: PasswordPolicy,
     pub lockout: LockoutPolicy,
+    pub sessions: SessionPolicy,
 }
 
 /// The identity service. Cheap to clone.
@@ -71,24 +74,26 @@ struct Inner {
     pepper: Vec<u8>,
     hasher: password::HashPool,
     throttle: Arc<Throttle>,
+    /// Single sign-on, when OIDC providers are configured (set once at start).
+    oidc: std::sync::OnceLock<Arc<crate::oidc::Oidc>>,
 }
 
 const ROOT_USERNAME: &str = "root";
 const ROOT_EMAIL: &str = "root@localhost";
 
-fn now() -> DateTime<Utc> {
+pub(crate) fn now() -> DateTime<Utc> {
     Utc::now()
 }
 
-fn to_value<T: Serialize>(v: &T) -> Result<Value> {
+pub(crate) fn to_value<T: Serialize>(v: &T) -> Result<Value> {
     serde_json::to_value(v).map_err(|e| IdentityError::Internal(format!("serialise: {e}")))
 }
 
-fn from_value<T: DeserializeOwned>(v: Value, what: &str) -> Result<T> {
+pub(crate) fn from_value<T: DeserializeOwned>(v: Value, what: &str) -> Result<T> {
     serde_json::from_value(v).map_err(|e| IdentityError::Internal(format!("stored {what} is unreadable: {e}")))
 }
 
-fn random_token(bytes: usize) -> Result<Vec<u8>> {
+pub(crate) fn random_token(bytes: usize) -> Result<Vec<u8>> {
     let mut b = vec![0u8; bytes];
     aws_lc_rs::rand::fill(&mut b).map_err(|_| IdentityError::Internal("no randomness".into()))?;
     Ok(b)
@@ -105,7 +110,7 @@ pub fn normalise_name(kind: &str, name: &str) -> Result<String> {
     Ok(n)
 }
 
-fn check_username(u: &str) -> Result<String> {
+pub(crate) fn check_username(u: &str) -> Result<String> {
     let u = u.trim();
     if u.is_empty() || u.len() > 64 || !u.chars().all(|c| c.is_ascii_alphanumeric() || "._-@".contains(c)) {
         return Err(IdentityError::Invalid(format!(
@@ -115,7 +120,7 @@ fn check_username(u: &str) -> Result<String> {
     Ok(u.to_string())
 }
 
-fn check_email(e: &str) -> Result<String> {
+pub(crate) fn check_email(e: &str) -> Result<String> {
     let e = e.trim();
     let ok = e.len() <= 254
         && e.split_once('@').is_some_and(|(l, d)| !l.is_empty() && !d.is_empty() && !d.starts_with('.'))
@@ -133,7 +138,7 @@ fn check_text(field: &str, v: &str, max: usize) -> Result<()> {
     Ok(())
 }
 
-fn audit(
+pub(crate) fn audit(
     batch: Batch,
     actor: &Actor,
     action: &str,
@@ -158,7 +163,18 @@ impl Identity {
         let pepper = secrets::load_or_generate(&data_dir.join("secrets").join("api-key-pepper.key"), 32)?;
         let throttle = Arc::new(Throttle::new(options.lockout.clone()));
         let hasher = password::HashPool::default();
-        Ok(Identity { inner: Arc::new(Inner { store, tokens, options, bus, pepper, hasher, throttle }) })
+        Ok(Identity {
+            inner: Arc::new(Inner {
+                store,
+                tokens,
+                options,
+                bus,
+                pepper,
+                hasher,
+                throttle,
+                oidc: std::sync::OnceLock::new(),
+            }),
+        })
     }
 
     /// How many password hashes may run at once (one per core, at most 8).
@@ -170,6 +186,18 @@ impl Identity {
         self.inner.hasher.hash(pw).await
     }
 
+    /// Turn single sign-on on (once, at start).
+    pub fn set_oidc(&self, oidc: Arc<crate::oidc::Oidc>) {
+        if self.inner.oidc.set(oidc).is_err() {
+            warn!("OIDC was already configured; the second configuration is ignored");
+        }
+    }
+
+    /// The OIDC providers, when single sign-on is on.
+    pub fn oidc(&self) -> Option<&Arc<crate::oidc::Oidc>> {
+        self.inner.oidc.get()
+    }
+
     pub fn tokens(&self) -> &TokenService {
         &self.inner.tokens
     }
@@ -178,11 +206,11 @@ impl Identity {
         &self.inner.store
     }
 
-    fn publish(&self, message: &str, body: Value) {
+    pub(crate) fn publish(&self, message: &str, body: Value) {
         self.inner.bus.publish(Event::new(EventType::Auth, message, body));
     }
 
-    async fn commit(&self, batch: Batch) -> Result<()> {
+    pub(crate) async fn commit(&self, batch: Batch) -> Result<()> {
         self.inner.store.commit(batch).await?;
         Ok(())
     }
@@ -297,6 +325,7 @@ impl Identity {
                     lockouts: 0,
                     locked_until: None,
                     security_stamp: uuid::Uuid::new_v4().to_string(),
+                    external: None,
                     created_at: t,
                     updated_at: t,
                 };
@@ -329,7 +358,7 @@ impl Identity {
         }
     }
 
-    fn user_insert_batch(&self, user: &StoredUser) -> Result<Batch> {
+    pub(crate) fn user_insert_batch(&self, user: &StoredUser) -> Result<Batch> {
         let uname = user.username.to_lowercase();
         let email = user.email.to_lowercase();
         Ok(Batch::new()
@@ -343,7 +372,7 @@ impl Identity {
 
     // ----- lookups -------------------------------------------------------------------
 
-    async fn load_user_by_id(&self, id: &str) -> Result<Option<(StoredUser, u64)>> {
+    pub(crate) async fn load_user_by_id(&self, id: &str) -> Result<Option<(StoredUser, u64)>> {
         match self.inner.store.get(USERS, id).await? {
             Some(r) => Ok(Some((from_value(r.value, "user")?, r.revision))),
             None => Ok(None),
@@ -379,7 +408,7 @@ impl Identity {
         self.find_user_rev(ident).await?.ok_or_else(|| IdentityError::not_found("User", ident))
     }
 
-    async fn role(&self, name: &str) -> Result<Option<(Role, u64)>> {
+    pub(crate) async fn role(&self, name: &str) -> Result<Option<(Role, u64)>> {
         let Ok(n) = normalise_name("role", name) else { return Ok(None) };
         match self.inner.store.get(ROLES, &n).await? {
             Some(r) => Ok(Some((from_value(r.value, "role")?, r.revision))),
@@ -387,7 +416,7 @@ impl Identity {
         }
     }
 
-    async fn claim(&self, name: &str) -> Result<Option<Claim>> {
+    pub(crate) async fn claim(&self, name: &str) -> Result<Option<Claim>> {
         let Ok(n) = normalise_name("claim", name) else { return Ok(None) };
         match self.inner.store.get(CLAIMS, &n).await? {
             Some(r) => Ok(Some(from_value(r.value, "claim")?)),
@@ -423,6 +452,19 @@ impl Identity {
     /// password check runs in the bounded [`password::HashPool`], and an unknown user costs
     /// the same check against a dummy hash.
     pub async fn login(&self, ident: &str, password: &str, actor_ip: Option<String>) -> Result<IssuedToken> {
+        let user = self.verify_login(ident, password, actor_ip).await?;
+        self.issue_for(&user, None).await
+    }
+
+    /// The password check of a login (throttled, in the bounded pool), shared by token and
+    /// browser-session logins. An external (single sign-on) user has no local password and
+    /// is refused at the same cost as a wrong password.
+    pub(crate) async fn verify_login(
+        &self,
+        ident: &str,
+        password: &str,
+        actor_ip: Option<String>,
+    ) -> Result<StoredUser> {
         let found = self.find_user_rev(ident).await?;
         let shown = ident.trim().to_string();
         let account = match &found {
@@ -451,6 +493,14 @@ impl Identity {
                 None => IdentityError::InvalidCredentials,
             });
         };
+        if let Some(ext) = &user.external {
+            self.inner.hasher.verify_dummy(password.to_string()).await?;
+            attempt.finish(false);
+            return Err(IdentityError::Forbidden(format!(
+                "User {} signs in through the single sign-on provider {}; use it instead of a password",
+                user.username, ext.provider
+            )));
+        }
         let ok = self.inner.hasher.verify(password.to_string(), user.password_hash.clone()).await?;
         let actor = Actor {
             user_id: user.id.clone(),
@@ -501,10 +551,10 @@ impl Identity {
                 Err(e) => return Err(e),
             }
         }
-        self.issue_for(&user, None).await
+        Ok(user)
     }
 
-    async fn issue_for(&self, user: &StoredUser, api_key_id: Option<String>) -> Result<IssuedToken> {
+    pub(crate) async fn issue_for(&self, user: &StoredUser, api_key_id: Option<String>) -> Result<IssuedToken> {
         let method = match &api_key_id {
             Some(id) => AuthMethod::ApiKey { key_id: id.clone() },
             None => AuthMethod::Jwt,
@@ -530,6 +580,9 @@ impl Identity {
 
     /// Authenticate a bearer token against the store's current state.
     pub async fn authenticate_token(&self, token: &str) -> Result<Principal> {
+        if let Some(p) = self.oidc().and_then(|o| o.provider_of_token(token)).cloned() {
+            return self.oidc_machine(&p, token).await;
+        }
         let claims = self.inner.tokens.verify(token)?;
         self.principal_of_token(claims).await
     }
@@ -540,6 +593,9 @@ impl Identity {
     /// valid, current roles and claims) except the token's expiry, so a session outlives its
     /// token but not a revocation.
     pub async fn recheck_token(&self, token: &str) -> Result<Principal> {
+        if let Some(p) = self.oidc().and_then(|o| o.provider_of_token(token)).cloned() {
+            return self.oidc_machine(&p, token).await;
+        }
         let claims = self.inner.tokens.verify_past_expiry(token)?;
         self.principal_of_token(claims).await
     }
@@ -786,6 +842,7 @@ impl Identity {
             lockouts: 0,
             locked_until: None,
             security_stamp: uuid::Uuid::new_v4().to_string(),
+            external: None,
             created_at: t,
             updated_at: t,
         };

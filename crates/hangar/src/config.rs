@@ -213,6 +213,40 @@ pub const KEYS: &[Key] = &[
     k("BRUTE_FORCE_MAX_LOGIN_ATTEMPTS", "5", "Failed logins from one address before it is locked out of that account"),
     k("BRUTE_FORCE_LOCKOUT_DURATION", "5m", "How long a source address stays locked out of an account"),
     k("BRUTE_FORCE_INCREMENTAL_WAIT", "true", "Double the wait for each further lockout of that address and account"),
+    k("SESSION_IDLE_TIMEOUT", "8h", "A browser session unused this long ends"),
+    k("SESSION_MAX_AGE", "24h", "A browser session ends this long after its login, used or not"),
+    k(
+        "OIDC_ISSUER_URL",
+        "",
+        "Single sign-on: the OpenID provider's issuer URL (its tokens' iss); empty: no OIDC provider from these keys",
+    ),
+    k("OIDC_CLIENT_ID", "", "Single sign-on: this server's client id at the provider"),
+    s("OIDC_CLIENT_SECRET", "Single sign-on: the client's secret (empty for a public client)"),
+    k("OIDC_SCOPES", "openid profile email", "Single sign-on: scopes asked for at login (space or comma separated)"),
+    k(
+        "OIDC_ROLE_MAP",
+        "",
+        "Single sign-on: provider claims to Hangar roles, [claim:]value=ROLE[|ROLE] separated by commas (a bare value is a group; * is anyone), e.g. admins=SUPER_USER,*=USER",
+    ),
+    k("OIDC_CLAIM_MAP", "", "Single sign-on: provider claims to Hangar claims, in the OIDC_ROLE_MAP syntax"),
+    k("OIDC_GROUPS_CLAIM", "groups", "Single sign-on: the token claim that lists the user's groups"),
+    k(
+        "OIDC_AUDIENCE",
+        "",
+        "Single sign-on: the aud machines' access tokens must carry (a resource indicator); the client id when empty",
+    ),
+    k(
+        "OIDC_CLI_CLIENT_ID",
+        "",
+        "Single sign-on: the public client 'hangar login --sso' uses (device grant); the client id when empty",
+    ),
+    k("OIDC_PROVIDER_ID", "sso", "Single sign-on: the id (in URLs) of the provider the OIDC_* keys configure"),
+    k("OIDC_PROVIDER_NAME", "Single sign-on", "Single sign-on: the login page's name for that provider"),
+    k(
+        "OIDC_PROVIDERS_FILE",
+        "",
+        "Single sign-on: a JSON file listing providers ({id, name, issuer, client_id, client_secret, scopes, role_map, claim_map, groups_claim, audience, cli_client_id}), beside the one of the OIDC_* keys",
+    ),
 ];
 
 /// Keys of the reference service that Hangar accepts but does not honour, with the reason.

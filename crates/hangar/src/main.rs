@@ -18,6 +18,7 @@ mod pdfile_cmd;
 mod serve;
 mod service;
 mod settings;
+mod sso_cmd;
 mod stats;
 mod vm_cmd;
 
@@ -121,11 +122,18 @@ enum Command {
     },
     /// Log in to a server and keep the token (mode 0600) for later commands.
     Login {
-        #[arg(long)]
-        username: String,
+        #[arg(long, required_unless_present = "sso")]
+        username: Option<String>,
         /// Read the password from standard input instead of prompting.
         #[arg(long)]
         password_stdin: bool,
+        /// Single sign-on through the server's OpenID provider (device code: open the URL
+        /// shown and enter the code).
+        #[arg(long, conflicts_with_all = ["username", "password_stdin"])]
+        sso: bool,
+        /// The provider's id when the server has several (`GET /api/v1/auth/providers`).
+        #[arg(long, requires = "sso")]
+        provider: Option<String>,
     },
     /// Forget the saved login.
     Logout,
@@ -469,12 +477,20 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Login { username, password_stdin } => {
+        Command::Login { username, password_stdin, sso, provider } => {
             let url = cli
                 .url
                 .clone()
                 .or_else(|| std::env::var("HANGAR_URL").ok())
                 .context("give the server with --url URL")?;
+            if sso {
+                let creds = sso_cmd::login(&url, provider.as_deref()).await?;
+                let path = client::save_credentials(&creds)?;
+                let v = json!({"url": url, "username": creds.username, "expires_at": creds.expires_at, "credentials_file": path.display().to_string()});
+                print(out, &v, &["url", "username", "expires_at", "credentials_file"]);
+                return Ok(());
+            }
+            let username = username.context("give --username USER, or --sso")?;
             let password = if password_stdin {
                 read_secret_stdin("password")?
             } else {

@@ -19,7 +19,8 @@ use std::time::Duration;
 
 use hangar_api::CorsConfig;
 use hangar_host::{Acceleration, DriverChoice};
-use hangar_identity::{JwtAlgorithm, LockoutPolicy, PasswordPolicy};
+use hangar_identity::oidc::{ClientSecret, Mapping, ProviderConfig};
+use hangar_identity::{JwtAlgorithm, LockoutPolicy, PasswordPolicy, SessionPolicy};
 use hangar_orchestrator::Profile;
 
 use crate::config::{KEYS, Layers, Source};
@@ -224,6 +225,10 @@ pub struct IdentitySettings {
     pub password_policy: PasswordPolicy,
     /// `BRUTE_FORCE_*`.
     pub lockout: LockoutPolicy,
+    /// `SESSION_IDLE_TIMEOUT`, `SESSION_MAX_AGE`.
+    pub sessions: SessionPolicy,
+    /// `OIDC_*` (one provider) and `OIDC_PROVIDERS_FILE` (more).
+    pub oidc: Vec<ProviderConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -459,6 +464,25 @@ impl Settings {
         let require_special = r.required("SECURITY_PASSWORD_REQUIRE_SPECIAL_CHAR", boolean);
         let max_attempts = r.required("BRUTE_FORCE_MAX_LOGIN_ATTEMPTS", whole::<u32>("a whole number"));
         let lockout_duration = r.required("BRUTE_FORCE_LOCKOUT_DURATION", duration);
+        let session_idle = r.required("SESSION_IDLE_TIMEOUT", positive_duration);
+        let session_max_age = r.required("SESSION_MAX_AGE", positive_duration);
+        let oidc_issuer = r.optional("OIDC_ISSUER_URL", text);
+        let oidc_client_id = r.optional("OIDC_CLIENT_ID", text);
+        let oidc_client_secret = r.optional("OIDC_CLIENT_SECRET", text);
+        let oidc_scopes = r.required("OIDC_SCOPES", |v| {
+            Ok(v.split([' ', ',']).filter(|s| !s.is_empty()).map(String::from).collect::<Vec<_>>())
+        });
+        let oidc_role_map = r.optional("OIDC_ROLE_MAP", Mapping::parse);
+        let oidc_claim_map = r.optional("OIDC_CLAIM_MAP", Mapping::parse);
+        let oidc_groups_claim = r.required("OIDC_GROUPS_CLAIM", text);
+        let oidc_audience = r.optional("OIDC_AUDIENCE", text);
+        let oidc_cli_client = r.optional("OIDC_CLI_CLIENT_ID", text);
+        let oidc_id = r.required("OIDC_PROVIDER_ID", text);
+        let oidc_name = r.required("OIDC_PROVIDER_NAME", text);
+        let oidc_file = r.optional("OIDC_PROVIDERS_FILE", |v| {
+            let text = std::fs::read_to_string(v).map_err(|e| format!("cannot be read ({e})"))?;
+            hangar_identity::oidc::parse_providers_file(&text).map_err(|e| e.to_string())
+        });
         let incremental = r.required("BRUTE_FORCE_INCREMENTAL_WAIT", boolean);
 
         // Rules between keys, checked when both values parsed.
@@ -572,6 +596,27 @@ impl Settings {
                         max_attempts: max_attempts?,
                         duration: lockout_duration?,
                         incremental: incremental?,
+                    },
+                    sessions: SessionPolicy { idle: session_idle?, absolute: session_max_age? },
+                    oidc: {
+                        let mut list = Vec::new();
+                        if let Some(issuer) = oidc_issuer?.filter(|i| !i.is_empty()) {
+                            list.push(ProviderConfig {
+                                id: oidc_id?,
+                                name: oidc_name?,
+                                issuer,
+                                client_id: oidc_client_id?.unwrap_or_default(),
+                                client_secret: oidc_client_secret?.filter(|s| !s.is_empty()).map(ClientSecret),
+                                scopes: oidc_scopes?,
+                                role_map: oidc_role_map?.unwrap_or_default(),
+                                claim_map: oidc_claim_map?.unwrap_or_default(),
+                                groups_claim: oidc_groups_claim?,
+                                audience: oidc_audience?.filter(|s| !s.is_empty()),
+                                cli_client_id: oidc_cli_client?.filter(|s| !s.is_empty()),
+                            });
+                        }
+                        list.extend(oidc_file?.unwrap_or_default());
+                        list
                     },
                 },
                 tls: TlsSettings {
@@ -723,6 +768,11 @@ fn boolean(v: &str) -> Result<bool, String> {
         "false" | "0" | "no" | "off" => Ok(false),
         _ => Err("is not true or false".to_string()),
     }
+}
+
+/// A duration of at least a second.
+fn positive_duration(v: &str) -> Result<Duration, String> {
+    duration(v).and_then(|d| if d < Duration::from_secs(1) { Err("must be at least 1s".into()) } else { Ok(d) })
 }
 
 /// Seconds as a bare number, or a duration such as `30s`, `15m`, `1h`.

@@ -20,7 +20,7 @@ type R<T> = Result<T, ApiError>;
 
 /// An identity error as an answer, with `Retry-After` when the error says when to retry
 /// (a login lockout, busy password hashers).
-fn answer(e: hangar_identity::IdentityError) -> ApiError {
+pub(crate) fn answer(e: hangar_identity::IdentityError) -> ApiError {
     let retry = e.retry_after();
     let mut out = ApiError::from(e);
     if out.retry_after.is_none() {

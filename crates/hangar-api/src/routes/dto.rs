@@ -60,6 +60,9 @@ pub struct User {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub blocked_until: Option<DateTime<Utc>>,
     pub failed_login_attempts: u32,
+    /// The OIDC provider of a user created by single sign-on (no local password).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_provider: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -78,6 +81,7 @@ impl From<id::UserView> for User {
             blocked: u.blocked,
             blocked_until: u.blocked_until,
             failed_login_attempts: u.failed_login_attempts,
+            external_provider: u.external_provider,
             created_at: u.created_at,
             updated_at: u.updated_at,
         }

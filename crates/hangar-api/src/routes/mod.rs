@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod orchestrator;
 pub mod port_forward;
 pub mod reverse_proxy;
+pub mod sso;
 pub mod system;
 pub mod user_configs;
 pub mod ws;

@@ -314,6 +314,7 @@ impl Identity {
                     lockouts: 0,
                     locked_until: None,
                     security_stamp: uuid::Uuid::new_v4().to_string(),
+                    external: None,
                     created_at: u.created_at.unwrap_or(t),
                     updated_at: t,
                 };
@@ -416,6 +417,7 @@ impl Identity {
                         lockouts: 0,
                         locked_until: None,
                         security_stamp: uuid::Uuid::new_v4().to_string(),
+                        external: None,
                         created_at: t,
                         updated_at: t,
                     };
