@@ -97,6 +97,8 @@ pub struct Services {
     pub reverse_proxy: Option<Arc<hangar_reverse_proxy::ReverseProxy>>,
     /// The orchestrator module, when it runs.
     pub orchestrator: Option<Arc<hangar_orchestrator::HttpOrchestrator>>,
+    /// Ephemeral CI runners (`/runners/github/webhook`), when GitHub is configured.
+    pub runners: Option<hangar_runners::Runners>,
     /// The server's own recent log lines (`/logs`).
     pub logs: hangar_core::LogRing,
     /// Readiness and leadership of this replica.
@@ -116,6 +118,8 @@ pub struct AppState {
     pub reverse_proxy: Option<Arc<hangar_reverse_proxy::ReverseProxy>>,
     /// The orchestrator module, when it runs.
     pub orchestrator: Option<Arc<hangar_orchestrator::HttpOrchestrator>>,
+    /// Ephemeral CI runners, when GitHub is configured.
+    pub runners: Option<hangar_runners::Runners>,
     pub info: Arc<ServerInfo>,
     pub api_prefix: String,
     pub access: Arc<AccessTable>,
@@ -200,11 +204,13 @@ pub fn api() -> Api {
     let api = routes::machines::register(api);
     let api = routes::reverse_proxy::register(api);
     let api = routes::orchestrator::register(api);
+    let api = routes::pools::register(api);
     let api = routes::port_forward::register(api);
     let api = routes::catalog_managers::register(api);
     let api = routes::logs::register(api);
     let api = routes::user_configs::register(api);
     let api = routes::metrics::register(api);
+    let api = routes::runners::register(api);
     routes::ws::register(api)
 }
 
@@ -305,7 +311,7 @@ fn cors_layer(c: &CorsConfig) -> CorsLayer {
 
 /// Build the whole HTTP application.
 pub fn app(services: Services, info: ServerInfo, config: &ApiConfig) -> Router {
-    let Services { identity, bus, host, catalog, reverse_proxy, orchestrator, logs, replica } = services;
+    let Services { identity, bus, host, catalog, reverse_proxy, orchestrator, runners, logs, replica } = services;
     let Api { router, table } = api();
     let (inner, doc) = router.split_for_parts();
     let doc = openapi::finish(doc);
@@ -317,6 +323,7 @@ pub fn app(services: Services, info: ServerInfo, config: &ApiConfig) -> Router {
         catalog,
         reverse_proxy,
         orchestrator,
+        runners,
         info: Arc::new(info),
         api_prefix: config.prefix.clone(),
         access,

@@ -143,6 +143,32 @@ pub const KEYS: &[Key] = &[
     ),
     k("ORCHESTRATOR_UNHEALTHY_AFTER", "10s", "Silence after which the orchestrator marks a host unhealthy"),
     k(
+        "RUNNER_POOLS_FILE",
+        "",
+        "YAML/JSON list of runner pools applied at every start (created, or updated where they differ: the file wins over API edits; pools it does not name are kept)",
+    ),
+    k(
+        "GITHUB_APP_ID",
+        "",
+        "GitHub App id for ephemeral GitHub Actions runners (one VM per workflow_job); unset: runners are off",
+    ),
+    k("GITHUB_APP_PRIVATE_KEY_FILE", "", "PEM file of the GitHub App's private key (RS256)"),
+    s("GITHUB_WEBHOOK_SECRET", "Secret of the GitHub App's webhook (X-Hub-Signature-256)"),
+    k(
+        "GITHUB_API_URL",
+        "https://api.github.com",
+        "GitHub REST API root: https://api.github.com, or https://HOST/api/v3 for GitHub Enterprise Server",
+    ),
+    k("GITHUB_SCOPE", "", "Where runners register: repo:OWNER/NAME, org:NAME or enterprise:SLUG"),
+    k("GITHUB_INSTALLATION_ID", "", "The app's installation id (looked up from GITHUB_SCOPE when unset)"),
+    k("GITHUB_RUNNER_GROUP_ID", "1", "Runner group of the just-in-time runners (1: the default group)"),
+    k(
+        "RUNNERS_GUEST_DIR",
+        "actions-runner",
+        "The runner's folder (with run.sh) in the guest, relative to the guest user's home or absolute",
+    ),
+    k("RUNNERS_CHECK_INTERVAL", "5s", "How often runners are checked and queued CI jobs retried"),
+    k(
         "REVERSE_PROXY_TLS_FOLDER",
         "",
         "The only folder whose files proxy hosts' tls.cert/tls.key may name as paths; unset: paths are refused (PEM text only)",

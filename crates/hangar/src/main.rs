@@ -15,6 +15,8 @@ mod logging;
 mod metrics;
 mod output;
 mod pdfile_cmd;
+mod pool_cmd;
+mod runners;
 mod serve;
 mod service;
 mod settings;
@@ -185,6 +187,11 @@ enum Command {
     Host {
         #[command(subcommand)]
         command: host_cmd::HostCommand,
+    },
+    /// Runner pools and their warm VMs: list, show, create, update, delete.
+    Pool {
+        #[command(subcommand)]
+        command: pool_cmd::PoolCommand,
     },
     /// Commands run on a host agent: join an orchestrator.
     Agent {
@@ -563,6 +570,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Apikey { command } => apikey(Client::connect(cli.url.as_deref())?, command, out).await,
         Command::Vm { command } => vm_cmd::run(Client::connect(cli.url.as_deref())?, command, out).await,
         Command::Host { command } => host_cmd::run(cli.url.as_deref(), command, out).await,
+        Command::Pool { command } => pool_cmd::run(Client::connect(cli.url.as_deref())?, command, out).await,
         Command::Agent { command: host_cmd::AgentCommand::Join(args) } => {
             let v = host_cmd::join(cli.url.as_deref(), args).await?;
             print(out, &v, &["id", "name", "url", "state", "enabled"]);

@@ -243,7 +243,7 @@ async fn start_orchestrator(
         status.message = "not requested in ENABLED_MODULES".into();
         return Ok(None);
     }
-    let OrchestratorSettings { placement, check_interval: check, unhealthy_after } = s.orchestrator.clone();
+    let OrchestratorSettings { placement, check_interval: check, unhealthy_after, .. } = s.orchestrator.clone();
     let config = hangar_orchestrator::SchedulerConfig {
         profile: placement,
         health: hangar_orchestrator::HealthConfig { unhealthy_after },
@@ -375,6 +375,16 @@ pub async fn run(l: Layers, s: Settings) -> Result<()> {
     )
     .await?;
     runners.clone().spawn(leadership.role(), crate::leader::JOBS_PASS);
+    // Runner pools: `latest` through the catalog module, RUNNER_POOLS_FILE applied (pool_cmd.rs).
+    crate::pool_cmd::start(s.orchestrator.pools_file.as_deref(), orchestrator.as_ref(), catalog.as_ref()).await?;
+    // Ephemeral GitHub Actions runners (crates/hangar-runners, started in runners.rs).
+    let ci_runners = crate::runners::start(
+        s.github_runners.as_ref(),
+        dyn_store.clone(),
+        bus.clone(),
+        orchestrator.as_ref(),
+        leadership.role(),
+    )?;
     let reverse_proxy = start_reverse_proxy(
         &s,
         &l,
@@ -411,6 +421,7 @@ pub async fn run(l: Layers, s: Settings) -> Result<()> {
         catalog,
         reverse_proxy: reverse_proxy.clone(),
         orchestrator,
+        runners: ci_runners,
         logs,
         replica,
     };

@@ -70,6 +70,16 @@ pub struct Settings {
     pub catalog_cache: CatalogCacheSettings,
     /// `ENABLE_CORS`, `CORS_ALLOWED_ORIGINS`, `CORS_ALLOWED_METHODS`, `CORS_ALLOWED_HEADERS`.
     pub cors: CorsConfig,
+    /// `GITHUB_*`, `RUNNERS_*`: ephemeral GitHub Actions runners, when `GITHUB_APP_ID` is set.
+    pub github_runners: Option<GithubRunnerSettings>,
+}
+
+/// Ephemeral GitHub Actions runners (`GITHUB_*`, `RUNNERS_*`). `Debug` hides the key and
+/// the webhook secret.
+#[derive(Debug, Clone)]
+pub struct GithubRunnerSettings {
+    pub github: hangar_runners::github::GithubConfig,
+    pub runners: hangar_runners::RunnersConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -201,6 +211,8 @@ pub struct OrchestratorSettings {
     pub check_interval: Duration,
     /// `ORCHESTRATOR_UNHEALTHY_AFTER`, at least 3 s.
     pub unhealthy_after: Duration,
+    /// `RUNNER_POOLS_FILE`: runner pools applied at start.
+    pub pools_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -388,6 +400,7 @@ impl Settings {
             .required("ORCHESTRATOR_PLACEMENT", |v| choice(v, &[("spread", Profile::Spread), ("pack", Profile::Pack)]));
         let check_interval = r.required("ORCHESTRATOR_CHECK_INTERVAL", duration);
         let unhealthy_after = r.required("ORCHESTRATOR_UNHEALTHY_AFTER", duration);
+        let pools_file = r.optional("RUNNER_POOLS_FILE", path);
         let proxy_tls_folder = r.optional("REVERSE_PROXY_TLS_FOLDER", path);
         let proxy_privileged = r.required("REVERSE_PROXY_ALLOW_PRIVILEGED_PORTS", boolean);
 
@@ -507,6 +520,7 @@ impl Settings {
             );
         }
 
+        let github_runners = github_runner_settings(&mut r);
         let database_folder = database_folder.map(|f| f.unwrap_or_else(crate::config::default_data_dir));
         let settings = (|| {
             let data = database_folder.clone()?;
@@ -570,6 +584,7 @@ impl Settings {
                     placement: placement?,
                     check_interval: check_interval?.max(CHECK_INTERVAL_FLOOR),
                     unhealthy_after: unhealthy_after?.max(UNHEALTHY_AFTER_FLOOR),
+                    pools_file: pools_file?,
                 },
                 reverse_proxy: ReverseProxySettings {
                     tls_folder: proxy_tls_folder?,
@@ -634,6 +649,7 @@ impl Settings {
                         .map(|m| (m > 0).then(|| Duration::from_secs(m.saturating_mul(60))))?,
                     backups_kept: backups_kept?,
                 },
+                github_runners: github_runners?,
                 catalog_cache: {
                     let mib = |v: Option<u64>| v.map(|m| m.saturating_mul(1 << 20));
                     let disabled = cache_disabled?;
@@ -669,6 +685,65 @@ impl Settings {
             }
         }
     }
+}
+
+/// `GITHUB_*` and `RUNNERS_*`: off without `GITHUB_APP_ID`; with it, the key file, the
+/// webhook secret and the scope are needed too.
+fn github_runner_settings(r: &mut Reader) -> Option<Option<GithubRunnerSettings>> {
+    let app_id = r.optional("GITHUB_APP_ID", whole::<u64>("a GitHub App id (a whole number)"));
+    let key = r.optional("GITHUB_APP_PRIVATE_KEY_FILE", |v| {
+        std::fs::read_to_string(v).map_err(|e| format!("cannot be read ({e})"))
+    });
+    let secret = r.optional("GITHUB_WEBHOOK_SECRET", text);
+    let api_url = r.required("GITHUB_API_URL", |v| {
+        url::Url::parse(v)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https"))
+            .map(|_| v.trim_end_matches('/').to_string())
+            .ok_or_else(|| "is not an http(s) URL".to_string())
+    });
+    let scope = r.optional("GITHUB_SCOPE", hangar_runners::github::Scope::parse);
+    let installation = r.optional("GITHUB_INSTALLATION_ID", whole::<u64>("an installation id (a whole number)"));
+    let group = r.required("GITHUB_RUNNER_GROUP_ID", whole::<u64>("a runner group id (a whole number)"));
+    let dir = r.required("RUNNERS_GUEST_DIR", text);
+    let check = r.required("RUNNERS_CHECK_INTERVAL", duration);
+    let Some(app_id) = app_id? else { return Some(None) };
+    let mut missing = false;
+    for (name, set) in [
+        ("GITHUB_APP_PRIVATE_KEY_FILE", matches!(key, Some(Some(_)))),
+        ("GITHUB_WEBHOOK_SECRET", matches!(secret, Some(Some(ref s)) if !s.is_empty())),
+        ("GITHUB_SCOPE", matches!(scope, Some(Some(_)))),
+    ] {
+        if !set {
+            missing = true;
+            r.problems.push(Problem {
+                key: name,
+                value: None,
+                source: None,
+                message: "GITHUB_APP_ID is set, so runners need it".into(),
+            });
+        }
+    }
+    if missing {
+        return None;
+    }
+    Some(Some(GithubRunnerSettings {
+        github: hangar_runners::github::GithubConfig {
+            api_url: api_url?,
+            app_id,
+            private_key: hangar_runners::Secret::new(key??),
+            webhook_secret: hangar_runners::Secret::new(secret??),
+            scope: scope??,
+            installation_id: installation?,
+            runner_group_id: group?,
+            max_rate_limit_wait: Duration::from_secs(15 * 60),
+        },
+        runners: hangar_runners::RunnersConfig {
+            runner_dir: dir?,
+            check_interval: check?.max(Duration::from_millis(200)),
+            ..Default::default()
+        },
+    }))
 }
 
 /// The key table's default for `name` (empty: none).
