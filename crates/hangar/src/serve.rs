@@ -228,6 +228,7 @@ type Orchestrator = Arc<hangar_orchestrator::HttpOrchestrator>;
 
 /// Start the orchestrator module (with its jobs, in the store) when it is wanted, and
 /// record its status.
+#[allow(clippy::too_many_arguments)]
 async fn start_orchestrator(
     s: &Settings,
     store: Arc<dyn Store>,
@@ -243,7 +244,7 @@ async fn start_orchestrator(
         status.message = "not requested in ENABLED_MODULES".into();
         return Ok(None);
     }
-    let OrchestratorSettings { placement, check_interval: check, unhealthy_after, .. } = s.orchestrator.clone();
+    let OrchestratorSettings { placement, check_interval: check, unhealthy_after } = s.orchestrator.clone();
     let config = hangar_orchestrator::SchedulerConfig {
         profile: placement,
         health: hangar_orchestrator::HealthConfig { unhealthy_after },
@@ -299,11 +300,7 @@ fn token_config(s: &Settings) -> Result<TokenConfig> {
 }
 
 fn identity_options(s: &Settings) -> IdentityOptions {
-    IdentityOptions {
-        password_policy: s.identity.password_policy.clone(),
-        lockout: s.identity.lockout.clone(),
-        sessions: s.identity.sessions.clone(),
-    }
+    IdentityOptions { password_policy: s.identity.password_policy.clone(), lockout: s.identity.lockout.clone() }
 }
 
 fn root_password(s: &Settings) -> Result<Option<String>> {
@@ -338,17 +335,6 @@ pub async fn run(l: Layers, s: Settings) -> Result<()> {
         .bootstrap(root_password(&s)?.as_deref())
         .await
         .map_err(|e| anyhow::anyhow!("cannot seed users and roles: {e}"))?;
-    if !s.identity.oidc.is_empty() {
-        // Single sign-on: discovery and keys are fetched at first use, so a provider that is
-        // down at start delays only SSO logins.
-        let http = reqwest::Client::builder()
-            .timeout(std::time::Duration::from_secs(10))
-            .build()
-            .context("cannot build the HTTP client for OIDC")?;
-        let oidc = hangar_identity::oidc::Oidc::new(s.identity.oidc.clone(), http)
-            .map_err(|e| anyhow::anyhow!("OIDC configuration: {e}"))?;
-        identity.set_oidc(Arc::new(oidc));
-    }
 
     let leadership = crate::leader::start(dyn_store.clone(), bus.clone())?;
     // Jobs: with other replicas on the store, each job records its runner and the leader
@@ -375,16 +361,6 @@ pub async fn run(l: Layers, s: Settings) -> Result<()> {
     )
     .await?;
     runners.clone().spawn(leadership.role(), crate::leader::JOBS_PASS);
-    // Runner pools: `latest` through the catalog module, RUNNER_POOLS_FILE applied (pool_cmd.rs).
-    crate::pool_cmd::start(s.orchestrator.pools_file.as_deref(), orchestrator.as_ref(), catalog.as_ref()).await?;
-    // Ephemeral GitHub Actions runners (crates/hangar-runners, started in runners.rs).
-    let ci_runners = crate::runners::start(
-        s.github_runners.as_ref(),
-        dyn_store.clone(),
-        bus.clone(),
-        orchestrator.as_ref(),
-        leadership.role(),
-    )?;
     let reverse_proxy = start_reverse_proxy(
         &s,
         &l,
@@ -421,7 +397,6 @@ pub async fn run(l: Layers, s: Settings) -> Result<()> {
         catalog,
         reverse_proxy: reverse_proxy.clone(),
         orchestrator,
-        runners: ci_runners,
         logs,
         replica,
     };
@@ -462,10 +437,7 @@ pub async fn run(l: Layers, s: Settings) -> Result<()> {
         let bound = listener.local_addr()?;
         announce.push(format!("https://{bound}"));
         let h = handle.clone();
-        // Cookies set over this listener are Secure.
-        let svc = app
-            .layer(axum::Extension(hangar_api::auth::ServedOverTls))
-            .into_make_service_with_connect_info::<SocketAddr>();
+        let svc = app.into_make_service_with_connect_info::<SocketAddr>();
         let server = limits.apply(
             axum_server::from_tcp_rustls(listener, rustls)?
                 .map(|tls| tls.handshake_timeout(limits.header_read_timeout).acceptor(cap.clone())),
