@@ -31,6 +31,7 @@ command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
 # tests/metrics.rs parses /metrics with the Prometheus project's parser (scripts/parse-metrics.py).
 /usr/bin/python3 -c 'import prometheus_client' 2>/dev/null || need+=(python3-prometheus-client)
 command -v systemd-analyze >/dev/null || need+=(systemd) # tests/service.rs verifies the unit
+[ -x /usr/bin/chromium ] || need+=(chromium) # tests/browser drives Debian's Chromium
 if [ ${#need[@]} -gt 0 ]; then
     say "installing ${need[*]}"
     as_root apt-get update -qq
@@ -62,6 +63,10 @@ finish() {
 trap finish EXIT
 eval "$(scripts/test-services.sh env)"
 
+# The web console's files, so the hangar that cargo test builds embeds them.
+say "web console (scripts/build-console.sh)"
+scripts/build-console.sh
+
 # crates/hangar/tests/oidc.rs and tests/browser: the OpenID provider (oidc-provider from npm,
 # pinned by tests/oidc/package-lock.json).
 say "OpenID provider (tests/oidc)"
@@ -71,6 +76,11 @@ say "cargo test"
 # The catalog's acceptance image is 512 MiB (random, compressible and zero regions).
 export HANGAR_TEST_BIG_IMAGE="${HANGAR_TEST_BIG_IMAGE:-1}"
 TMPDIR="$HANGAR_TEST_TMP" cargo test --workspace --locked "$@"
+
+# The web console in Chromium against the hangar just built (tests/browser; screenshots in
+# $HANGAR_ARTIFACTS_DIR/console, default target/artifacts/console).
+say "browser tests (tests/browser)"
+(cd tests/browser && npm ci --no-audit --no-fund --loglevel=error && TMPDIR="$HANGAR_TEST_TMP" npm test --silent)
 
 # The Helm chart rendered and validated offline, and its container run with the binary just
 # built, one pod on the JSON engine and two on one PostgreSQL database of the test services.

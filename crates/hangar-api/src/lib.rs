@@ -137,6 +137,8 @@ pub struct ApiConfig {
     pub body_limit: usize,
     pub cors: CorsConfig,
     pub request_timeout: Duration,
+    /// Serve the web console at `/console/` (and redirect `/` there).
+    pub console: bool,
 }
 
 impl Default for ApiConfig {
@@ -146,6 +148,7 @@ impl Default for ApiConfig {
             body_limit: 1024 * 1024,
             cors: CorsConfig::default(),
             request_timeout: Duration::from_secs(300),
+            console: true,
         }
     }
 }
@@ -211,6 +214,7 @@ pub fn api() -> Api {
     let api = routes::user_configs::register(api);
     let api = routes::metrics::register(api);
     let api = routes::runners::register(api);
+    let api = routes::console::register(api);
     routes::ws::register(api)
 }
 
@@ -345,7 +349,11 @@ pub fn app(services: Services, info: ServerInfo, config: &ApiConfig) -> Router {
         .config(utoipa_swagger_ui::Config::new([format!("{v1}/openapi.json")]))
         .into();
     let jwks_route = axum::routing::get(routes::auth::jwks_document);
-    let routed = Router::new()
+    let mut routed = Router::new();
+    if config.console {
+        routed = routed.merge(routes::console::router());
+    }
+    let routed = routed
         .nest(&v1, api_router.clone())
         .nest(&config.prefix, api_router)
         .route("/.well-known/jwks.json", jwks_route)

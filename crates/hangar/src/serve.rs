@@ -244,7 +244,7 @@ async fn start_orchestrator(
         status.message = "not requested in ENABLED_MODULES".into();
         return Ok(None);
     }
-    let OrchestratorSettings { placement, check_interval: check, unhealthy_after } = s.orchestrator.clone();
+    let OrchestratorSettings { placement, check_interval: check, unhealthy_after, .. } = s.orchestrator.clone();
     let config = hangar_orchestrator::SchedulerConfig {
         profile: placement,
         health: hangar_orchestrator::HealthConfig { unhealthy_after },
@@ -300,7 +300,11 @@ fn token_config(s: &Settings) -> Result<TokenConfig> {
 }
 
 fn identity_options(s: &Settings) -> IdentityOptions {
-    IdentityOptions { password_policy: s.identity.password_policy.clone(), lockout: s.identity.lockout.clone() }
+    IdentityOptions {
+        password_policy: s.identity.password_policy.clone(),
+        lockout: s.identity.lockout.clone(),
+        sessions: s.identity.sessions.clone(),
+    }
 }
 
 fn root_password(s: &Settings) -> Result<Option<String>> {
@@ -335,6 +339,17 @@ pub async fn run(l: Layers, s: Settings) -> Result<()> {
         .bootstrap(root_password(&s)?.as_deref())
         .await
         .map_err(|e| anyhow::anyhow!("cannot seed users and roles: {e}"))?;
+    if !s.identity.oidc.is_empty() {
+        // Single sign-on: discovery and keys are fetched at first use, so a provider that is
+        // down at start delays only SSO logins.
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(10))
+            .build()
+            .context("cannot build the HTTP client for OIDC")?;
+        let oidc = hangar_identity::oidc::Oidc::new(s.identity.oidc.clone(), http)
+            .map_err(|e| anyhow::anyhow!("OIDC configuration: {e}"))?;
+        identity.set_oidc(Arc::new(oidc));
+    }
 
     let leadership = crate::leader::start(dyn_store.clone(), bus.clone())?;
     // Jobs: with other replicas on the store, each job records its runner and the leader
@@ -361,6 +376,16 @@ pub async fn run(l: Layers, s: Settings) -> Result<()> {
     )
     .await?;
     runners.clone().spawn(leadership.role(), crate::leader::JOBS_PASS);
+    // Runner pools: `latest` through the catalog module, RUNNER_POOLS_FILE applied (pool_cmd.rs).
+    crate::pool_cmd::start(s.orchestrator.pools_file.as_deref(), orchestrator.as_ref(), catalog.as_ref()).await?;
+    // Ephemeral GitHub Actions runners (crates/hangar-runners, started in runners.rs).
+    let ci_runners = crate::runners::start(
+        s.github_runners.as_ref(),
+        dyn_store.clone(),
+        bus.clone(),
+        orchestrator.as_ref(),
+        leadership.role(),
+    )?;
     let reverse_proxy = start_reverse_proxy(
         &s,
         &l,
@@ -397,6 +422,7 @@ pub async fn run(l: Layers, s: Settings) -> Result<()> {
         catalog,
         reverse_proxy: reverse_proxy.clone(),
         orchestrator,
+        runners: ci_runners,
         logs,
         replica,
     };
@@ -437,7 +463,10 @@ pub async fn run(l: Layers, s: Settings) -> Result<()> {
         let bound = listener.local_addr()?;
         announce.push(format!("https://{bound}"));
         let h = handle.clone();
-        let svc = app.into_make_service_with_connect_info::<SocketAddr>();
+        // Cookies set over this listener are Secure.
+        let svc = app
+            .layer(axum::Extension(hangar_api::auth::ServedOverTls))
+            .into_make_service_with_connect_info::<SocketAddr>();
         let server = limits.apply(
             axum_server::from_tcp_rustls(listener, rustls)?
                 .map(|tls| tls.handshake_timeout(limits.header_read_timeout).acceptor(cap.clone())),

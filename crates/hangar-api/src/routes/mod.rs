@@ -5,6 +5,7 @@ pub mod auth;
 pub mod cache;
 pub mod catalog;
 pub mod catalog_managers;
+pub mod console;
 pub mod dto;
 pub mod logs;
 pub mod machines;
