@@ -88,7 +88,10 @@ pub fn fleet_machine(h: &Host, vm: &VmSummary, record: Option<&OrchestratedVm>) 
     let owner = record.map(|r| r.owner.clone()).or_else(|| vm.owner.clone());
     let mut machine = vm.machine.as_deref().cloned().unwrap_or_default();
     machine.id = vm.id.clone();
-    machine.name = vm.name.clone();
+    // A claimed warm VM may keep its warm name on a host that renames only stopped VMs:
+    // the orchestrator's record has the claim's name.
+    let name = record.map(|r| r.name.clone()).filter(|n| !n.is_empty()).unwrap_or_else(|| vm.name.clone());
+    machine.name = name.clone();
     machine.state = vm.state.as_str().into();
     machine.os = vm.os.clone();
     machine.hardware.cpu.cpus = vm.cpu;
@@ -106,7 +109,7 @@ pub fn fleet_machine(h: &Host, vm: &VmSummary, record: Option<&OrchestratedVm>) 
         host_url: h.url.clone(),
         host_state: h.state.as_str().into(),
         id: vm.id.clone(),
-        name: vm.name.clone(),
+        name,
         state: vm.state.as_str().into(),
         os: vm.os.clone(),
         cpu: vm.cpu,

@@ -488,11 +488,23 @@ impl Scheduler {
                     .map_err(|source| OrchestratorError::Host { host: vm.host_id.clone(), source }),
                 Err(e) => Err(e),
             };
-            if let Err(e) = renamed {
-                drop(busy);
-                warn!(vm = %id, error = %e, "cannot rename the claimed VM; deleting it");
-                let _ = self.delete_vm(&Actor::system(), id).await;
-                return Err(e);
+            match renamed {
+                Ok(()) => {}
+                // The host's hypervisor renames only stopped VMs (Parallels): the claim stands,
+                // the VM keeps its warm name on the host and the orchestrator shows the
+                // claim's name (from its record).
+                Err(OrchestratorError::Host {
+                    source: crate::client::HostClientError::Refused { status: 409, message },
+                    ..
+                }) => {
+                    info!(vm = %id, %message, "the host keeps the warm VM's name; the claim's name is the orchestrator's");
+                }
+                Err(e) => {
+                    drop(busy);
+                    warn!(vm = %id, error = %e, "cannot rename the claimed VM; deleting it");
+                    let _ = self.delete_vm(&Actor::system(), id).await;
+                    return Err(e);
+                }
             }
         }
         let (new_name, new_owner) = (vm.name.clone(), vm.owner.clone());
