@@ -4,8 +4,8 @@
 //!
 //! * the three start together on the empty database (seeding is idempotent across replicas);
 //! * hosts registered on one replica are healthy on every replica;
-//! * 50 concurrent creates sent round-robin to the three replicas give exactly the room of
-//!   the fleet (the rest answer 503, no capacity), every replica lists exactly those VMs,
+//! * 50 concurrent creates sent round-robin to the three replicas against room for 20 give
+//!   exactly 20 VMs (the rest answer 503, no capacity), every replica lists exactly those VMs,
 //!   and the hosts hold exactly those;
 //! * kill -9 of the leader moves the lease to another replica within 10 s, every
 //!   acknowledged create is still listed, and no host shows unhealthy on the survivors
@@ -15,8 +15,9 @@
 //! A last test restarts a PostgreSQL server of its own under two replicas: they go not-ready
 //! and come back by themselves.
 //!
-//! Room: each agent offers its CPUs (`SYSTEM_RESERVED_CPU=0`) and each VM takes one, so the
-//! room is twice this machine's CPU count (the fake driver reports the machine's CPUs).
+//! Room: each agent offers its CPUs (`SYSTEM_RESERVED_CPU=0`) and each VM takes one; the fake
+//! hosts are given 11 and 10 CPUs (`FakeParallels::size`, what their `sysctl` answers), and
+//! a short-lived VM takes one, so the 50 creates meet room for exactly 20.
 
 #![allow(clippy::unwrap_used)]
 
@@ -129,6 +130,39 @@ fn machine_ids(v: &Value) -> Vec<String> {
     ids
 }
 
+/// Waits up to `limit` for an event `message` on `ws` whose body satisfies `pred`.
+async fn event_where(ws: &mut Ws, message: &str, limit: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + limit;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "no {message} as wanted within {limit:?}; saw {seen:?}");
+        match tokio::time::timeout(left, ws.next()).await {
+            Ok(Some(Ok(m))) => {
+                let Ok(t) = m.to_text() else { continue };
+                let Ok(v) = serde_json::from_str::<Value>(t) else { continue };
+                if v["message"] == message && pred(&v["body"]) {
+                    return v;
+                }
+                seen.push(v["message"].clone());
+            }
+            Ok(other) => panic!("the event stream ended: {other:?}"),
+            Err(_) => {}
+        }
+    }
+}
+
+/// An async create on `s` that waits in the queue (it asks for a tag no host has): its job.
+async fn queued_job(c: &reqwest::Client, s: &Server, token: &str, name: &str) -> Value {
+    let body = json!({"name": name, "image": "golden.pvm", "architecture": "x86_64", "tags": ["nowhere"],
+        "wait_seconds": 600, "specs": {"cpu": "1", "memory": "256"}});
+    let (st, v) =
+        call(c, Method::POST, &s.api("/orchestrator/machines/async"), &Auth::Bearer(token.into()), Some(body), &[])
+            .await;
+    assert_eq!(st, 202, "{v}");
+    v
+}
+
 fn states(hosts: &Value) -> Vec<String> {
     hosts.as_array().map_or_else(Vec::new, |a| {
         a.iter()
@@ -174,10 +208,13 @@ async fn fleet_of_replicas(admin: &str, n: usize) {
         assert!(v["leader"].is_object(), "{v}");
     }
 
-    // Two fake-Parallels hosts, registered on different replicas.
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let room = 2 * cpus;
+    // Two fake-Parallels hosts of 11 and 10 CPUs (16 GiB each), registered on different
+    // replicas: room for 21 one-CPU VMs, one of them the short-lived VM below, so the 50
+    // concurrent creates meet room for exactly 20.
     let fakes: Vec<_> = (0..2).map(|i| FakeParallels::new(&dir.path().join(format!("host-{i}")))).collect();
+    fakes[0].size(11, 16384);
+    fakes[1].size(10, 16384);
+    let room = 21;
     let agents: Vec<_> = fakes
         .iter()
         .enumerate()
@@ -250,7 +287,7 @@ async fn fleet_of_replicas(admin: &str, n: usize) {
             refused.push((st, v));
         }
     }
-    assert_eq!(created.len(), room, "exactly the room ({room}) was created; refused: {refused:?}");
+    assert_eq!(created.len(), 20, "exactly the room (20) was created; refused: {refused:?}");
     assert!(refused.iter().all(|(st, _)| *st == 503), "the rest are refused for room: {refused:?}");
     created.sort();
     // Every replica's subscribers hear of every creation, wherever it was made, once (a
@@ -296,6 +333,17 @@ async fn fleet_of_replicas(admin: &str, n: usize) {
     }
     let leader_at = leader_at.unwrap_or_else(|| panic!("the leader {leader_id} is none of the three: {seen}"));
     let token_before = seen["token"].as_u64().unwrap();
+    // Async creates waiting in the queue, one on the leader and one on another replica: each
+    // job records the replica that runs it.
+    let dead_job = queued_job(&c, replicas[leader_at].as_ref().unwrap(), &root, "queued-on-leader").await;
+    assert_eq!(dead_job["runner"], leader_id.as_str(), "{dead_job}");
+    let live_at = (leader_at + 1) % n;
+    let live_job = queued_job(&c, replicas[live_at].as_ref().unwrap(), &root, "queued-elsewhere").await;
+    let live_runner =
+        get(&c, replicas[live_at].as_ref().unwrap(), &root, "/health/system").await["leader"]["replica"].clone();
+    assert_eq!(live_job["runner"], live_runner, "{live_job}");
+    let (dead_job, live_job) =
+        (dead_job["id"].as_str().unwrap().to_string(), live_job["id"].as_str().unwrap().to_string());
     let mut dead = replicas[leader_at].take().unwrap();
     let killed = Instant::now();
     dead.kill9();
@@ -330,6 +378,59 @@ async fn fleet_of_replicas(admin: &str, n: usize) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(unhealthy.is_empty(), "a host showed unhealthy across the change of leader: {unhealthy:?}");
+    // Job recovery: the new leader marks the dead leader's job failed once that replica's
+    // liveness lease lapsed, and every survivor shows it; the job a live replica runs is
+    // left alone.
+    for s in &survivors {
+        let (cr, rootr, id) = (&c, &root, &dead_job);
+        until("the dead leader's job to be marked failed", Duration::from_secs(30), || async move {
+            let v = get(cr, s, rootr, &format!("/orchestrator/jobs/{id}")).await;
+            let lost = v["error"].as_str().is_some_and(|e| e.contains("replica that ran this job stopped"));
+            (v["state"] == "failed" && lost, v)
+        })
+        .await;
+        let v = get(&c, s, &root, &format!("/orchestrator/jobs/{live_job}")).await;
+        assert!(v["state"] == "pending" || v["state"] == "running", "a live replica's job is untouched: {v}");
+        assert_eq!(v["runner"], live_runner);
+    }
+    let jobs_recovered = killed.elapsed();
+    // The hosts' event streams: the new leader follows them, so a VM's state changed on its
+    // host directly (the host user's prlctl) reaches every survivor's VM list and websocket
+    // subscribers.
+    let mut streams = Vec::new();
+    for s in &survivors {
+        streams.push(subscribe(s, &root, "orchestrator").await);
+    }
+    let t0 = login(&c, &agents[0], "root", ROOT_PASSWORD).await;
+    let on_host = get(&c, &agents[0], &t0, "/machines").await;
+    let vm = on_host
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["ID"].as_str().is_some_and(|id| created.iter().any(|c| c == id)))
+        .expect("a created VM on host-0")
+        .clone();
+    let (vm_id, vm_name) = (vm["ID"].as_str().unwrap().to_string(), vm["Name"].as_str().unwrap().to_string());
+    let (op, want) = if vm["State"] == "running" { ("stop", "stopped") } else { ("start", "running") };
+    let changed = Instant::now();
+    fakes[0].prlctl(&[op, &vm_name]);
+    for s in &survivors {
+        let (cr, rootr, id) = (&c, &root, &vm_id);
+        until("the host's change in every survivor's VM list", Duration::from_secs(15), || async move {
+            let v = get(cr, s, rootr, "/orchestrator/machines").await;
+            let m = v.as_array().unwrap().iter().find(|m| m["ID"] == id.as_str()).cloned().unwrap_or(Value::Null);
+            (m["State"] == want, m)
+        })
+        .await;
+    }
+    for ws in &mut streams {
+        event_where(ws, "VM_STATE_CHANGED", Duration::from_secs(15), |b| {
+            b["vm_id"] == vm_id.as_str() && b["current_state"] == want
+        })
+        .await;
+    }
+    drop(streams);
+    let host_change = changed.elapsed();
     for s in &survivors {
         let v = get(&c, s, &root, "/orchestrator/machines").await;
         let listed = machine_ids(&v);
@@ -351,8 +452,9 @@ async fn fleet_of_replicas(admin: &str, n: usize) {
 
     if survivors.len() < 2 {
         eprintln!(
-            "room {}: {} created, {} refused; lease moved in {took:?} after kill -9; short-lived VM reaped {reaped:?} \
-             after the kill",
+            "room {}: {} created, {} refused; lease moved in {took:?} after kill -9; the dead leader's job failed \
+             {jobs_recovered:?} after it; a host's VM change on every survivor in {host_change:?}; short-lived VM \
+             reaped {reaped:?} after the kill",
             room + 1,
             created.len(),
             refused.len()
@@ -411,8 +513,9 @@ async fn fleet_of_replicas(admin: &str, n: usize) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     eprintln!(
-        "room {}: {} created, {} refused; lease moved in {took:?} after kill -9, {takeover:?} after SIGSTOP; \
-         short-lived VM reaped {reaped:?} after the kill",
+        "room {}: {} created, {} refused; lease moved in {took:?} after kill -9, {takeover:?} after SIGSTOP; the \
+         dead leader's job failed {jobs_recovered:?} after the kill; a host's VM change on every survivor in \
+         {host_change:?}; short-lived VM reaped {reaped:?} after the kill",
         room + 1,
         created.len(),
         refused.len()

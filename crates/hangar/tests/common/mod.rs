@@ -288,8 +288,9 @@ pub fn fake_prlctl() -> PathBuf {
     fake
 }
 
-/// A fake Parallels host: `prlctl`/`prlsrvctl` links in `tools`, VM state in `state`, and a
-/// golden bundle `images/golden.pvm` made with the fake itself.
+/// A fake Parallels host: `prlctl`/`prlsrvctl`/`sysctl` links in `tools` (on the PATH of the
+/// servers driving it, so the driver's `sysctl` is the fake host's), VM state in `state`,
+/// and a golden bundle `images/golden.pvm` made with the fake itself.
 pub struct FakeParallels {
     pub tools: PathBuf,
     pub state: PathBuf,
@@ -307,11 +308,19 @@ impl FakeParallels {
         let fake = fake_prlctl();
         std::os::unix::fs::symlink(&fake, tools.join("prlctl")).unwrap();
         std::os::unix::fs::symlink(&fake, tools.join("prlsrvctl")).unwrap();
+        std::os::unix::fs::symlink(&fake, tools.join("sysctl")).unwrap();
         let f = FakeParallels { tools, state, images };
         f.prlctl(&["create", "golden", "--distribution", "ubuntu"]);
         f.prlctl(&["unregister", "golden"]);
         std::fs::rename(f.state.join("Parallels/golden.pvm"), f.images.join("golden.pvm")).unwrap();
         f
+    }
+
+    /// Gives the fake host `cpus` CPUs and `memory_mb` MiB of memory (its `host.json`: what
+    /// its `sysctl` answers, so what the host module reports).
+    pub fn size(&self, cpus: u32, memory_mb: u64) {
+        let v = serde_json::json!({"cpus": cpus, "memory_mb": memory_mb});
+        std::fs::write(self.state.join("host.json"), v.to_string()).unwrap();
     }
 
     pub fn prlctl(&self, args: &[&str]) {
@@ -338,6 +347,8 @@ impl FakeParallels {
         settings.extend_from_slice(extra);
         let mut env = env.to_vec();
         env.push(("FAKE_PRL_STATE_DIR", self.state.to_str().unwrap()));
+        let path = format!("{}:{}", self.tools.display(), std::env::var("PATH").unwrap_or_default());
+        env.push(("PATH", &path));
         Server::start_full(data, &settings, true, &env)
     }
 
