@@ -72,6 +72,11 @@ scripts/build-console.sh
 say "OpenID provider (tests/oidc)"
 (cd tests/oidc && npm ci --no-audit --no-fund --loglevel=error)
 
+# tests/runners_github.rs: GitHub's REST description served by Prism, its webhook examples
+# and schemas (tests/github, pinned by its package-lock.json).
+say "GitHub contract packages (tests/github)"
+(cd tests/github && npm ci --no-audit --no-fund --loglevel=error)
+
 say "cargo test"
 # The catalog's acceptance image is 512 MiB (random, compressible and zero regions).
 export HANGAR_TEST_BIG_IMAGE="${HANGAR_TEST_BIG_IMAGE:-1}"

@@ -239,7 +239,10 @@ impl Github {
             let mut req = self
                 .http
                 .request(method.clone(), &url)
-                .header("accept", "application/vnd.github+json")
+                // GitHub's media type first; application/json (what its REST description
+                // declares for every answer, and what GitHub also serves) as the fallback, so
+                // a server that negotiates by the description answers too.
+                .header("accept", "application/vnd.github+json, application/json;q=0.9")
                 .header("x-github-api-version", "2022-11-28")
                 .bearer_auth(credential.expose());
             if let Some(b) = &body {
