@@ -243,13 +243,17 @@ test("a plain user's session shows only its own VMs and cannot reach another use
   await row(page, 'alice-vm').getByText('running').waitFor({ timeout: WAIT });
   await shot(page, '11-plain-user-machines');
 
-  // With its cookie, straight at the API: acting on another user's VM is refused, also with
-  // the right CSRF token, and a state change without the CSRF header is refused before
-  // anything happens. (Reads are not owner-scoped in the API: hangar_core::vm, as in the
-  // reference; the console shows a user without MANAGE_ALL_VMS its own VMs only.)
+  // With its cookie, straight at the API: reading or acting on another user's VM is
+  // refused, also with the right CSRF token (reads are owner-scoped in the API:
+  // hangar_core::vm), its VM list holds its own VMs only, and a state change without the
+  // CSRF header is refused before anything happens.
   const csrf = (await (await context.request.get('/api/v1/auth/session')).json()).csrf_token;
   assert.ok(csrf, 'the session answers a CSRF token');
+  const listed = await (await context.request.get('/api/v1/orchestrator/machines')).json();
+  assert.ok(Array.isArray(listed) && listed.every((m) => m.id !== rootVm), 'the API lists alice no VM of root');
   for (const [method, url] of [
+    ['get', `/api/v1/orchestrator/machines/${rootVm}`],
+    ['get', `/api/v1/orchestrator/machines/${rootVm}/status`],
     ['delete', `/api/v1/orchestrator/machines/${rootVm}`],
     ['put', `/api/v1/orchestrator/machines/${rootVm}/start`],
   ]) {

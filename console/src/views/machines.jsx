@@ -35,9 +35,9 @@ export function Machines({ can, caps }) {
   const [error, setError] = useState(null);
   const [dialog, setDialog] = useState(null);
   const [jobs, setJobs] = useState([]);
-  // The API lists every VM to a LIST_VM holder (as the reference does); a user who may not
-  // manage others' VMs is shown its own.
-  const mineOnly = !can('MANAGE_ALL_VMS');
+  // The API lists a user's own VMs only unless it holds LIST_ALL_VMS or MANAGE_ALL_VMS;
+  // the console applies the same rule to what it shows.
+  const mineOnly = !can('MANAGE_ALL_VMS') && !can('LIST_ALL_VMS');
   const rows = (vms.data || []).map(norm).filter((v) => !mineOnly || v.owner === caps.username);
   const at = (vm, op = '') => `${base}/${enc(vm.id)}${op}`;
   const reload = () => vms.reload();

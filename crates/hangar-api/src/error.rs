@@ -9,25 +9,8 @@ use axum::body::Body;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use hangar_core::{Classify, ErrorKind};
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
-/// The body of every error answer.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct ApiErrorBody {
-    /// The HTTP status code, repeated (clients of the reference API read it).
-    pub code: u16,
-    /// A stable machine-readable slug: `bad_request`, `unauthorized`, `forbidden`,
-    /// `not_found`, `method_not_allowed`, `conflict`, `payload_too_large`,
-    /// `unsupported_media_type`, `unprocessable_entity`, `too_many_requests`,
-    /// `internal_error`, `unavailable`.
-    pub error: String,
-    /// What went wrong and, where possible, how to fix it.
-    pub message: String,
-    /// The id of the request, also in the `x-request-id` header and the server log.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub request_id: Option<String>,
-}
+pub use hangar_wire::ApiErrorBody;
 
 /// An error answer.
 #[derive(Debug, Clone)]

@@ -115,6 +115,9 @@ claims!(
     // Act on VMs owned by other users (stop, exec, delete, ...); without it a VM claim
     // reaches only the caller's own VMs.
     MANAGE_ALL_VMS,
+    // See VMs owned by other users (list, get, status); without it (or MANAGE_ALL_VMS) a
+    // LIST_VM holder sees its own VMs only.
+    LIST_ALL_VMS,
     // Read `/metrics` (Prometheus); ADMIN, SUPER_USER and METRICS_READER hold it.
     METRICS_READ,
     // Runner pools and warm pools (`/runner-pools`): read them, and create, edit or delete them.

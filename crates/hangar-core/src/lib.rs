@@ -21,7 +21,7 @@ pub use error::{Classify, ErrorKind, error_chain};
 pub use events::{Event, EventBus, EventType};
 pub use logs::LogRing;
 pub use principal::{AuthMethod, Principal};
-pub use vm::{VmAction, VmDenied};
+pub use vm::{VmAction, VmDenied, may_see_vm};
 
 /// Percent-encode one URL path segment: everything but the RFC 3986 unreserved characters,
 /// so a name with `/`, spaces or `%` stays one segment. Every HTTP client in Hangar (CLI,

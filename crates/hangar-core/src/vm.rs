@@ -160,11 +160,13 @@ impl VmAction {
 
     /// The claim that lets its holder act on VMs that are not theirs; `None` for the
     /// actions that are not about one existing VM's contents (listing, reading, creating).
-    /// Reads are not owner-scoped: any holder of `LIST_VM` sees every VM of a host, as in
-    /// the reference.
+    /// Reads are owner-scoped too (unlike the reference, where any `LIST_VM` holder sees
+    /// every VM): others' VMs need `LIST_ALL_VMS` (or `MANAGE_ALL_VMS`, see [`authorize`]).
     pub fn others_claim(self) -> Option<&'static str> {
         match self {
-            VmAction::List | VmAction::Get | VmAction::Status | VmAction::Create | VmAction::Register => None,
+            // A list is filtered by the same rule ([`may_see_vm`]).
+            VmAction::Get | VmAction::Status => Some(LIST_ALL_VMS),
+            VmAction::List | VmAction::Create | VmAction::Register => None,
             VmAction::SnapshotList => Some(LIST_SNAPSHOT_VM),
             VmAction::SnapshotCreate => Some(CREATE_SNAPSHOT_VM),
             VmAction::SnapshotDelete => Some(DELETE_SNAPSHOT_VM),
@@ -192,8 +194,16 @@ pub fn authorize(p: &Principal, action: VmAction, vm: &str, owner: Option<&str>)
         None => Ok(()),
         Some(_) if owner == Some(p.username.as_str()) => Ok(()),
         Some(claim) if p.has_claim(claim) => Ok(()),
+        // Who may act on others' VMs may also see them.
+        Some(LIST_ALL_VMS) if p.has_claim(MANAGE_ALL_VMS) => Ok(()),
         Some(claim) => Err(VmDenied::NotOwner { vm: vm.to_string(), claim }),
     }
+}
+
+/// Whether a list shows `p` a VM owned by `owner` (`None`: Hangar never recorded one): the
+/// same rule as [`authorize`] for [`VmAction::Get`], for filtering lists and events.
+pub fn may_see_vm(p: &Principal, owner: Option<&str>) -> bool {
+    authorize(p, VmAction::Get, "", owner).is_ok()
 }
 
 /// The owner of a VM a caller creates or registers: the caller, unless it names another
@@ -260,9 +270,18 @@ mod tests {
     }
 
     #[test]
-    fn reads_are_not_owner_scoped_and_other_owners_need_super_user() {
+    fn reads_are_owner_scoped_and_other_owners_need_super_user() {
         let alice = user("alice", &[], &[LIST_VM, CREATE_VM]);
-        assert_eq!(authorize(&alice, VmAction::Get, "v", Some("bob")), Ok(()));
+        assert_eq!(authorize(&alice, VmAction::Get, "v", Some("alice")), Ok(()));
+        assert!(authorize(&alice, VmAction::Get, "v", Some("bob")).is_err());
+        assert!(authorize(&alice, VmAction::Status, "v", None).is_err());
+        assert_eq!(authorize(&alice, VmAction::List, "", None), Ok(()));
+        assert!(may_see_vm(&alice, Some("alice")) && !may_see_vm(&alice, Some("bob")) && !may_see_vm(&alice, None));
+        for claim in [LIST_ALL_VMS, MANAGE_ALL_VMS] {
+            let auditor = user("auditor", &[], &[LIST_VM, claim]);
+            assert!(may_see_vm(&auditor, Some("bob")) && may_see_vm(&auditor, None), "{claim}");
+            assert_eq!(authorize(&auditor, VmAction::Status, "v", Some("bob")), Ok(()));
+        }
         assert_eq!(owner_for(&alice, None), Ok("alice".into()));
         assert_eq!(owner_for(&alice, Some("alice")), Ok("alice".into()));
         assert_eq!(owner_for(&alice, Some("root")), Err(VmDenied::OtherOwner));

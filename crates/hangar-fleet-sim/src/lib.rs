@@ -6,9 +6,8 @@
 //! hosts are separate `host:port` origins: the orchestrator keeps one connection pool entry,
 //! one event websocket and one health probe per host) and serves the part of a host agent's
 //! API the orchestrator uses (`crates/hangar-orchestrator/src/http_client.rs`), every body
-//! a `hangar-wire` type or, for the four bodies of `hangar-api`'s own DTOs (login, token,
-//! probe, error), a typed copy of their shape in [`dto`] (the simulator does not link the
-//! whole server):
+//! a `hangar-wire` type (the same the API serves and the orchestrator reads, login and
+//! errors included):
 //!
 //! - `POST /api/v1/auth/token` (`root` and the host's password) and `X-Api-Key` (or the key
 //!   as a bearer) on every other route but `/health/probe`;
@@ -25,7 +24,6 @@
 //! a state changes and its event is sent. The orchestrator side (registration, readiness,
 //! lag probes, creates, `/proc` samples) is in [`measure`].
 
-pub mod dto;
 pub mod measure;
 
 use std::collections::{BTreeMap, HashSet};
@@ -46,13 +44,12 @@ use axum::{Json, Router};
 use hangar_core::events::{Event, EventType};
 use hangar_hypervisor::{HypervisorKind, VmInfo, VmState};
 use hangar_wire::{
-    CatalogCacheList, CreateMachineRequest, CreateMachineResponse, HardwareResponse, Machine, MachineStatus, Resources,
+    ApiErrorBody, CatalogCacheList, CreateMachineRequest, CreateMachineResponse, HardwareResponse, LoginRequest,
+    Machine, MachineStatus, Probe, Resources, TokenResponse,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
-
-use crate::dto::{ApiErrorBody, LoginRequest, Probe, TokenResponse};
 
 /// The user name a simulated host accepts at `/auth/token`.
 pub const USERNAME: &str = "root";

@@ -287,7 +287,10 @@ impl Host {
         authorize(p, VmAction::List, "", None)?;
         let mut out = Vec::new();
         for info in self.hv.list().await? {
-            out.push(self.machine(info).await?);
+            let m = self.machine(info).await?;
+            if hangar_core::may_see_vm(p, m.owner.as_deref()) {
+                out.push(m);
+            }
         }
         Ok(out)
     }

@@ -229,7 +229,7 @@ impl HttpHostClient {
             .http
             .post(&url)
             .timeout(Duration::from_secs(30))
-            .json(&json!({"username": username, "password": password}))
+            .json(&hangar_wire::LoginRequest::password(username, password))
             .send()
             .await
             .map_err(transport)?;
@@ -238,10 +238,9 @@ impl HttpHostClient {
         if !status.is_success() {
             return Err(HostClientError::Rejected(format!("login refused: {}", status_error(status, &body))));
         }
-        let token = serde_json::from_str::<Value>(&body)
-            .ok()
-            .and_then(|v| v.get("token").and_then(Value::as_str).map(str::to_string))
-            .ok_or_else(|| HostClientError::Protocol("login answer has no token".into()))?;
+        let token = serde_json::from_str::<hangar_wire::TokenResponse>(&body)
+            .map(|t| t.token)
+            .map_err(|e| HostClientError::Protocol(format!("the host's login answer is not a token: {e}")))?;
         *self.token.lock().unwrap_or_else(|e| e.into_inner()) = Some(token.clone());
         Ok(token)
     }

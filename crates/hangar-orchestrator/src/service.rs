@@ -276,6 +276,7 @@ impl HttpOrchestrator {
             .iter()
             .flat_map(|h| h.vms.iter().map(move |vm| (h, vm)))
             .map(|(h, vm)| fleet_machine(h, vm, records.iter().find(|r| r.id == vm.id)))
+            .filter(|m| hangar_core::may_see_vm(p, m.machine.owner.as_deref()))
             .collect())
     }
 

@@ -23,7 +23,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use reqwest::StatusCode;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -505,7 +505,7 @@ impl HostTunnels {
         let url = format!("{base}/v1/auth/token");
         let resp = http()?
             .post(&url)
-            .json(&json!({"username": username, "password": password}))
+            .json(&hangar_wire::LoginRequest::password(username, password))
             .send()
             .await
             .map_err(|e| TunnelError::Connect { addr: url.clone(), message: hangar_core::error_chain(&e) })?;
@@ -517,10 +517,9 @@ impl HostTunnels {
                 message: format!("login refused: {}", message_of(&body)),
             });
         }
-        serde_json::from_slice::<Value>(&body)
-            .ok()
-            .and_then(|v| v.get("token").and_then(Value::as_str).map(str::to_string))
-            .ok_or_else(|| TunnelError::Protocol("the host's login answer has no token".into()))
+        serde_json::from_slice::<hangar_wire::TokenResponse>(&body)
+            .map(|t| t.token)
+            .map_err(|e| TunnelError::Protocol(format!("the host's login answer is not a token: {e}")))
     }
 
     /// The host's login token and whether it is new: the cached one, or a new login when

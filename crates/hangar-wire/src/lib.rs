@@ -7,6 +7,7 @@
 //! clients send as strings ([`Flexible`]). Every type round-trips (tested below and in
 //! each module). No HTTP framework: this crate is serde and utoipa schemas only.
 
+pub mod auth;
 pub mod cache;
 pub mod calls;
 pub mod events;
@@ -15,6 +16,7 @@ pub mod orchestrator;
 pub mod pools;
 pub mod units;
 
+pub use auth::{ApiErrorBody, LoginRequest, Probe, TokenResponse};
 pub use cache::{CacheCall, CatalogCacheList};
 pub use calls::{HttpCall, VmCall, VmReply};
 /// The power operations a [`VmCall::Power`] names, so callers build calls without the driver crate.

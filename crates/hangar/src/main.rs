@@ -504,22 +504,11 @@ async fn run(cli: Cli) -> Result<()> {
                 rpassword::prompt_password(format!("Password for {username}: "))?
             };
             let c = Client::anonymous(&url)?;
-            let body = if username.contains('@') {
-                json!({"email": username, "password": password})
-            } else {
-                json!({"username": username, "password": password})
-            };
-            let t = c.post("/auth/token", body).await?;
-            let creds = Credentials {
-                url: url.clone(),
-                token: t
-                    .get("token")
-                    .and_then(Value::as_str)
-                    .context("the server answered without a token")?
-                    .to_string(),
-                expires_at: t.get("expires_at").and_then(Value::as_i64).unwrap_or(0),
-                username: username.clone(),
-            };
+            let body = serde_json::to_value(hangar_wire::LoginRequest::password(&username, &password))?;
+            let t: hangar_wire::TokenResponse = serde_json::from_value(c.post("/auth/token", body).await?)
+                .context("the server's login answer is not a token; is --url a Hangar server?")?;
+            let creds =
+                Credentials { url: url.clone(), token: t.token, expires_at: t.expires_at, username: username.clone() };
             let path = client::save_credentials(&creds)?;
             let v = json!({"url": url, "username": username, "expires_at": creds.expires_at, "credentials_file": path.display().to_string()});
             print(out, &v, &["url", "username", "expires_at", "credentials_file"]);

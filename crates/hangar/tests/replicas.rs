@@ -342,6 +342,29 @@ async fn fleet_of_replicas(admin: &str, n: usize) {
     let live_runner =
         get(&c, replicas[live_at].as_ref().unwrap(), &root, "/health/system").await["leader"]["replica"].clone();
     assert_eq!(live_job["runner"], live_runner, "{live_job}");
+    // And one that fits any host but finds the fleet full: it waits on a survivor for the
+    // room the short-lived VM frees when the new leader's reaper deletes it.
+    let body = json!({"name": "queued-for-room", "image": "golden.pvm", "architecture": "x86_64",
+        "wait_seconds": 600, "specs": {"cpu": "1", "memory": "256"}});
+    let (st, room_job) = call(
+        &c,
+        Method::POST,
+        &replicas[live_at].as_ref().unwrap().api("/orchestrator/machines/async"),
+        &Auth::Bearer(root.clone()),
+        Some(body),
+        &[],
+    )
+    .await;
+    assert_eq!(st, 202, "{room_job}");
+    let room_job = room_job["id"].as_str().unwrap().to_string();
+    {
+        let (cr, rootr, at, id) = (&c, &root, replicas[live_at].as_ref().unwrap(), &room_job);
+        until("the room-waiting job to be queued", Duration::from_secs(10), || async move {
+            let v = get(cr, at, rootr, &format!("/orchestrator/jobs/{id}")).await;
+            (v["state"] == "running" && v["message"].as_str().is_some_and(|m| m.starts_with("queued")), v)
+        })
+        .await;
+    }
     let (dead_job, live_job) =
         (dead_job["id"].as_str().unwrap().to_string(), live_job["id"].as_str().unwrap().to_string());
     let mut dead = replicas[leader_at].take().unwrap();
@@ -441,14 +464,37 @@ async fn fleet_of_replicas(admin: &str, n: usize) {
     // The reaper goes on under the new leader: the short-lived VM goes from every listing.
     let reaped = Instant::now();
     for s in &survivors {
-        let (cr, rootr, cre) = (&c, &root, &created);
+        let (cr, rootr, short) = (&c, &root, &short_lived);
         until("the short-lived VM to be reaped", Duration::from_secs(75), || async move {
+            let v = get(cr, s, rootr, "/orchestrator/machines").await;
+            (!machine_ids(&v).contains(short), json!(machine_ids(&v)))
+        })
+        .await;
+    }
+    let reaped = reaped.elapsed();
+    // The queue goes on: the waiting create takes the freed room.
+    let room_vm = {
+        let (cr, rootr, at, id) = (&c, &root, survivors[0], &room_job);
+        until("the queued create to take the freed room", Duration::from_secs(30), || async move {
+            let v = get(cr, at, rootr, &format!("/orchestrator/jobs/{id}")).await;
+            (v["state"] == "completed", v)
+        })
+        .await["result"]["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let mut created = created;
+    created.push(room_vm);
+    created.sort();
+    for s in &survivors {
+        let (cr, rootr, cre) = (&c, &root, &created);
+        until("every survivor to list the queued create's VM", Duration::from_secs(10), || async move {
             let v = get(cr, s, rootr, "/orchestrator/machines").await;
             (machine_ids(&v) == *cre, json!(machine_ids(&v)))
         })
         .await;
     }
-    let reaped = reaped.elapsed();
 
     if survivors.len() < 2 {
         eprintln!(

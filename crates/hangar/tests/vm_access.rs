@@ -74,16 +74,16 @@ struct Op {
     changes: bool,
     /// Run on a stopped VM (the operation needs one).
     stopped: bool,
-    /// A read that any holder of LIST_VM may make on any VM (as in the reference).
-    read: bool,
 }
 
 fn op(method: Method, rest: &'static str, body: Option<Value>, changes: bool) -> Op {
-    Op { method, rest, body, changes, stopped: false, read: false }
+    Op { method, rest, body, changes, stopped: false }
 }
 
+/// A read: owner-scoped too (unlike the reference): others' VMs need LIST_ALL_VMS or
+/// MANAGE_ALL_VMS.
 fn read(rest: &'static str) -> Op {
-    Op { method: Method::GET, rest, body: None, changes: false, stopped: false, read: true }
+    Op { method: Method::GET, rest, body: None, changes: false, stopped: false }
 }
 
 fn on_stopped(mut o: Op) -> Op {
@@ -192,7 +192,7 @@ async fn every_vm_operation_answers_the_same_on_the_host_and_through_the_orchest
     let mut report = Vec::new();
     for o in ops(upload_file.to_str().unwrap()) {
         for (who, auth, owner_or_allowed) in callers {
-            let allowed = owner_or_allowed || o.read;
+            let allowed = owner_or_allowed;
             let mut answers = Vec::new();
             for base in &paths {
                 let fresh = (o.changes && allowed) || o.stopped;
@@ -220,11 +220,21 @@ async fn every_vm_operation_answers_the_same_on_the_host_and_through_the_orchest
     }
     eprintln!("{} calls on {} VMs:\n{}", report.len() * paths.len(), n + 1, report.join("\n"));
 
-    // Lists and creation: a plain user sees the VMs (reads are not owner-scoped, as in the
-    // reference) and cannot create or register for someone else.
+    // Lists and creation: a plain user's lists hold its own VMs only (unlike the
+    // reference, where LIST_VM shows every VM), the claim's holder sees them all, and a
+    // plain user cannot create or register for someone else.
+    let listed = |v: &Value| -> Vec<String> {
+        v.as_array().unwrap().iter().filter_map(|m| m["ID"].as_str().or(m["id"].as_str()).map(String::from)).collect()
+    };
     for base in &paths {
         let (st, v) = call(&f.c, Method::GET, &f.s.api(base), &bob, None, &[]).await;
         assert_eq!(st, 200, "{base}: {v}");
+        assert!(!listed(&v).contains(&shared), "bob's {base} shows alice's VM: {v}");
+        for who in [&alice, &ops_user] {
+            let (st, v) = call(&f.c, Method::GET, &f.s.api(base), who, None, &[]).await;
+            assert_eq!(st, 200, "{base}: {v}");
+            assert!(listed(&v).contains(&shared), "{base} lacks alice's VM for its owner or the claim's holder: {v}");
+        }
     }
     let (st, v) = call(
         &f.c,

@@ -76,7 +76,7 @@ async fn login(
     JsonOrForm(req): JsonOrForm<LoginRequest>,
 ) -> R<axum::Json<TokenResponse>> {
     if let Some(k) = req.api_key.filter(|k| !k.is_empty()) {
-        return Ok(axum::Json(s.identity.login_api_key(&k).await.map_err(answer)?.into()));
+        return Ok(axum::Json(token_response(s.identity.login_api_key(&k).await.map_err(answer)?)));
     }
     let ident = req.email.filter(|e| !e.is_empty()).or(req.username).unwrap_or_default();
     let password = req.password.unwrap_or_default();
@@ -87,7 +87,8 @@ async fn login(
         return Err(ApiError::from(hangar_identity::IdentityError::InvalidCredentials));
     }
     // The peer address of the connection, never a client header: the lockout applies to it.
-    Ok(axum::Json(s.identity.login(&ident, &password, ctx.actor.source_ip.clone()).await.map_err(answer)?.into()))
+    let issued = s.identity.login(&ident, &password, ctx.actor.source_ip.clone()).await.map_err(answer)?;
+    Ok(axum::Json(token_response(issued)))
 }
 
 /// Check whether a token is valid now.

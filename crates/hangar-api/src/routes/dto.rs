@@ -6,29 +6,11 @@ use hangar_identity as id;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-/// `POST /auth/token`: a username or email with a password, or an API key.
-#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct LoginRequest {
-    pub email: Option<String>,
-    pub username: Option<String>,
-    pub password: Option<String>,
-    /// `base64(KEY:SECRET)`.
-    pub api_key: Option<String>,
-}
+pub use hangar_wire::{LoginRequest, Probe, TokenResponse};
 
-/// A token. `expires_at` is in unix seconds.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct TokenResponse {
-    pub token: String,
-    pub email: String,
-    pub expires_at: i64,
-}
-
-impl From<id::IssuedToken> for TokenResponse {
-    fn from(t: id::IssuedToken) -> Self {
-        TokenResponse { token: t.token, email: t.email, expires_at: t.expires_at }
-    }
+/// The answer for a token the identity service issued.
+pub fn token_response(t: id::IssuedToken) -> TokenResponse {
+    TokenResponse { token: t.token, email: t.email, expires_at: t.expires_at }
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -309,11 +291,6 @@ pub struct AuditQuery {
     pub after: Option<String>,
     /// At most this many entries (1 to 1000, default 100).
     pub limit: Option<usize>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct Probe {
-    pub status: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

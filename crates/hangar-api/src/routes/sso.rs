@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::routes;
 
-use super::dto::{TokenResponse, User};
+use super::dto::{TokenResponse, User, token_response};
 use crate::auth::{self, Credential, RequestContext};
 use crate::error::{ApiError, ApiErrorBody};
 use crate::extract::{Json, Path, Query};
@@ -301,5 +301,5 @@ async fn oidc_token_exchange(
         .oidc_token_exchange(&provider, &req.id_token, ctx.actor.source_ip.clone())
         .await
         .map_err(super::auth::answer)?;
-    Ok(axum::Json(t.into()))
+    Ok(axum::Json(token_response(t)))
 }

@@ -169,6 +169,11 @@ impl Scheduler {
         preq.os = Some(os);
         preq.exclude.extend(req.avoid.iter().cloned());
         let may_evict = req.pool.as_ref().is_none_or(|m| !m.warm);
+        // Hosts the store found full for this request: skipped while another host fits, but
+        // a request that then waits is queued without them (room there frees as on any
+        // other host, and the queue must see it).
+        let mut full: BTreeSet<String> = BTreeSet::new();
+        let waits = req.wait.is_some_and(|w| !w.is_zero());
         let mut last: Option<(String, HostClientError)> = None;
         for attempt in 1..=self.inner.config.create_attempts.max(1) {
             progress(CreateProgress::Placing {
@@ -178,18 +183,33 @@ impl Scheduler {
             let mut races = 0;
             let (decision, reservation) = loop {
                 let decided_at = self.shared_epoch();
-                let (decision, reservation) =
-                    match self.reserve_or_wait(&preq, req.priority, req.wait, progress, may_evict).await {
-                        Ok(g) => g,
-                        Err(e) => {
-                            return Err(match (e, last) {
-                                (OrchestratorError::NoCapacity(_), Some((host, source))) => {
-                                    OrchestratorError::Host { host, source }
-                                }
-                                (e, _) => e,
-                            });
+                let elsewhere = (!full.is_empty()).then(|| {
+                    let mut r = preq.clone();
+                    r.exclude.extend(full.iter().cloned());
+                    r
+                });
+                let granted = match elsewhere {
+                    Some(r) if waits => match self.reserve(&r) {
+                        Ok(g) => Ok(g),
+                        Err(_) => {
+                            full.clear();
+                            self.reserve_or_wait(&preq, req.priority, req.wait, progress, may_evict).await
                         }
-                    };
+                    },
+                    Some(r) => self.reserve_or_wait(&r, req.priority, req.wait, progress, may_evict).await,
+                    None => self.reserve_or_wait(&preq, req.priority, req.wait, progress, may_evict).await,
+                };
+                let (decision, reservation) = match granted {
+                    Ok(g) => g,
+                    Err(e) => {
+                        return Err(match (e, last) {
+                            (OrchestratorError::NoCapacity(_), Some((host, source))) => {
+                                OrchestratorError::Host { host, source }
+                            }
+                            (e, _) => e,
+                        });
+                    }
+                };
                 // With other replicas on the store: the hold must also win the host's
                 // capacity record, or the host is re-read and placement runs again.
                 match self.hold_in_store(&decision, &reservation, decided_at).await {
@@ -197,7 +217,7 @@ impl Scheduler {
                     Ok(again) => {
                         self.inner.ledger.release(reservation.id);
                         if again == Held::Full {
-                            preq.exclude.insert(decision.host_id.clone());
+                            full.insert(decision.host_id.clone());
                         }
                         races += 1;
                         if races >= 64 {
