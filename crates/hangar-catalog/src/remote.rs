@@ -10,7 +10,7 @@ use std::path::Path;
 use async_trait::async_trait;
 pub use bytes::Bytes;
 use hangar_blobstore::{BlobError, BlobStore, ObjectInfo};
-use hangar_image::manifest::CHUNK_PREFIX;
+use hangar_image::manifest::{CHUNK_PREFIX, PACK_PREFIX};
 
 const PROVIDER: &str = "hangar-catalog";
 
@@ -90,15 +90,24 @@ impl RemoteImageStore {
         }
     }
 
-    async fn fetch_chunk(&self, key: &str) -> Result<Bytes, BlobError> {
-        let hash = key
-            .strip_prefix(CHUNK_PREFIX)
-            .and_then(|r| r.strip_prefix('/'))
-            .ok_or_else(|| BlobError::NotFound { key: key.to_string() })?;
-        let url = format!("{}/chunks/{}", self.entry_url, segment(hash));
+    /// A chunk (`chunks/<hash>`, whole) or a range of a pack (`packs/<id>`, format 2) through
+    /// the server's routes for them.
+    async fn fetch(&self, key: &str, range: Option<Range<u64>>) -> Result<Bytes, BlobError> {
+        let in_dir = |dir: &str| key.strip_prefix(dir).and_then(|r| r.strip_prefix('/'));
+        let (url, range) = if let Some(hash) = in_dir(CHUNK_PREFIX) {
+            (format!("{}/chunks/{}", self.entry_url, segment(hash)), None)
+        } else if let (Some(pack), Some(r)) = (in_dir(PACK_PREFIX), range) {
+            (format!("{}/packs/{}", self.entry_url, segment(pack)), Some(r))
+        } else {
+            return Err(BlobError::NotFound { key: key.to_string() });
+        };
         let backend =
             |message: String| BlobError::Backend { provider: PROVIDER, op: "get", key: key.to_string(), message };
-        let resp = self.auth.apply(self.http.get(&url)).send().await.map_err(|e| backend(format!("{url}: {e}")))?;
+        let mut req = self.auth.apply(self.http.get(&url));
+        if let Some(r) = range.as_ref().filter(|r| r.end > r.start) {
+            req = req.header(reqwest::header::RANGE, format!("bytes={}-{}", r.start, r.end - 1));
+        }
+        let resp = req.send().await.map_err(|e| backend(format!("{url}: {e}")))?;
         let status = resp.status();
         if status.is_success() {
             return resp.bytes().await.map_err(|e| backend(e.to_string()));
@@ -134,10 +143,13 @@ impl BlobStore for RemoteImageStore {
         if key == self.manifest_key {
             return Ok(self.manifest.clone());
         }
-        self.fetch_chunk(key).await
+        self.fetch(key, None).await
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> hangar_blobstore::Result<Bytes> {
+        if key.starts_with(PACK_PREFIX) {
+            return self.fetch(key, Some(range)).await;
+        }
         let all = self.get(key).await?;
         let r = hangar_blobstore::clamp_range(key, &range, all.len() as u64)?;
         let (s, e) = (usize::try_from(r.start).unwrap_or(usize::MAX), usize::try_from(r.end).unwrap_or(usize::MAX));

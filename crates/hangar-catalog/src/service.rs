@@ -1114,20 +1114,14 @@ impl Catalog {
         set
     }
 
-    /// The stored (zstd) bytes of one chunk of an entry, for a caller that
-    /// may pull it. Only chunks the entry's image uses are served.
-    #[instrument(skip(self, p), fields(user = %p.username))]
-    pub async fn read_chunk(
+    /// An entry a caller may pull, its provider and the places of its image's chunks.
+    async fn pullable_chunks(
         &self,
         p: &Principal,
         catalog_id: &str,
         version: &str,
         arch: Architecture,
-        hash: &str,
-    ) -> Result<Bytes> {
-        if hash.len() != 64 || !hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-            return Err(CatalogError::Invalid(format!("{hash:?} is not a chunk hash (64 lower-case hex digits)")));
-        }
+    ) -> Result<(Manifest, Arc<dyn BlobStore>, Arc<HashMap<String, ChunkPlace>>)> {
         let m = self.get(p, catalog_id, version, arch).await?;
         if let Some(why) = m.unpullable_reason() {
             return Err(CatalogError::Conflict(why));
@@ -1146,6 +1140,24 @@ impl Catalog {
                 self.remember_chunks(&m, &image)
             }
         };
+        Ok((m, store, set))
+    }
+
+    /// The stored (zstd) bytes of one chunk of an entry, for a caller that
+    /// may pull it. Only chunks the entry's image uses are served.
+    #[instrument(skip(self, p), fields(user = %p.username))]
+    pub async fn read_chunk(
+        &self,
+        p: &Principal,
+        catalog_id: &str,
+        version: &str,
+        arch: Architecture,
+        hash: &str,
+    ) -> Result<Bytes> {
+        if !is_hex_hash(hash) {
+            return Err(CatalogError::Invalid(format!("{hash:?} is not a chunk hash (64 lower-case hex digits)")));
+        }
+        let (m, store, set) = self.pullable_chunks(p, catalog_id, version, arch).await?;
         let Some((key, range)) = set.get(hash) else {
             return Err(CatalogError::NotFound(format!("chunk {hash} is not part of {} {}", m.catalog_id, m.version)));
         };
@@ -1161,6 +1173,57 @@ impl Catalog {
             ))),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Bytes `range` of pack `pack` (format 2) for a caller that may pull the entry, as a
+    /// pull from another server asks for them (neighbouring chunks in one range). Only the
+    /// entry's own chunks are served: bytes of the range that belong to no chunk of its
+    /// image (a gap between two, or another image's chunk sharing the pack) are zeros.
+    #[instrument(skip(self, p), fields(user = %p.username))]
+    pub async fn read_pack_range(
+        &self,
+        p: &Principal,
+        catalog_id: &str,
+        version: &str,
+        arch: Architecture,
+        pack: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes> {
+        if !is_hex_hash(pack) {
+            return Err(CatalogError::Invalid(format!("{pack:?} is not a pack id (64 lower-case hex digits)")));
+        }
+        if range.end <= range.start || range.end - range.start > hangar_image::MAX_RANGE {
+            return Err(CatalogError::Invalid(format!(
+                "a pack range must hold 1 to {} bytes",
+                hangar_image::MAX_RANGE
+            )));
+        }
+        let (m, store, set) = self.pullable_chunks(p, catalog_id, version, arch).await?;
+        let key = hangar_image::manifest::pack_key(pack);
+        let mut spans: Vec<(u64, u64)> = set
+            .values()
+            .filter(|(k, _)| *k == key)
+            .filter_map(|(_, r)| *r)
+            .map(|(at, stored)| (at, at + stored))
+            .filter(|(s, e)| *e > range.start && *s < range.end)
+            .collect();
+        if spans.is_empty() {
+            return Err(CatalogError::NotFound(format!(
+                "pack {pack} holds no chunk of {} {} in that range",
+                m.catalog_id, m.version
+            )));
+        }
+        let got = match store.get_range(&key, range.clone()).await {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => {
+                return Err(CatalogError::Conflict(format!(
+                    "pack {pack} of {} {} is missing from its provider; push the image again",
+                    m.catalog_id, m.version
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Bytes::from(only_spans(&got, range.start, &mut spans)))
     }
 
     // ----- host cache ------------------------------------------------------------
@@ -1367,4 +1430,36 @@ pub(crate) async fn remove_dir(p: &Path) -> Result<()> {
     })
     .await
     .map_err(|e| CatalogError::Internal(e.to_string()))?
+}
+
+fn is_hex_hash(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// `bytes` (read from offset `start`) with every byte outside `spans` (absolute
+/// `[start, end)` ranges) set to zero.
+fn only_spans(bytes: &[u8], start: u64, spans: &mut [(u64, u64)]) -> Vec<u8> {
+    let mut out = vec![0u8; bytes.len()];
+    let end = start + bytes.len() as u64;
+    spans.sort_unstable();
+    for &(s, e) in spans.iter() {
+        let (s, e) = (s.max(start), e.min(end));
+        if s < e {
+            let (a, b) = ((s - start) as usize, (e - start) as usize);
+            out[a..b].copy_from_slice(&bytes[a..b]);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod pack_range_tests {
+    #[test]
+    fn a_pack_range_keeps_only_the_entrys_chunks() {
+        let bytes: Vec<u8> = (1..=10).collect();
+        // Read from offset 100: chunks at [100, 103) and [105, 107), one past the end.
+        let out = super::only_spans(&bytes, 100, &mut [(105, 107), (100, 103), (109, 120)]);
+        assert_eq!(out, vec![1, 2, 3, 0, 0, 6, 7, 0, 0, 10]);
+        assert!(super::is_hex_hash(&"a".repeat(64)) && !super::is_hex_hash(&"A".repeat(64)));
+    }
 }

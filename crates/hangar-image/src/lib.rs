@@ -42,7 +42,7 @@ pub use gc::{GcOptions, GcReport, collect_garbage};
 pub use hangar_blobstore::{BlobError, BlobStore};
 pub use manifest::{ChunkParams, ChunkRef, Entry, Manifest, PackIndex, PackRef};
 pub use progress::{Phase, Progress, ProgressFn, progress_channel};
-pub use pull::{PullOptions, PullReport, pull};
+pub use pull::{MAX_RANGE, PullOptions, PullReport, pull};
 pub use push::{ImageFormat, PACK_TARGET, PushOptions, PushReport, push};
 pub use repack::{delete_unused_chunks, repack};
 

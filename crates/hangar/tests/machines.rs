@@ -35,8 +35,14 @@ async fn machines_api_over_the_parallels_driver() {
     let c = client();
     let root = login(&c, &s, "root", ROOT_PASSWORD).await;
     let ra = Auth::Bearer(root.clone());
-    let (_, user) = make_user(&c, &s, &root, "viewer").await;
+    let (viewer_id, user) = make_user(&c, &s, &root, "viewer").await;
     let ua = Auth::Bearer(user);
+    // A plain user sees its own VMs only; the viewer may see every VM (not change them).
+    let (st, list) = call(&c, Method::GET, &s.api("/machines"), &ua, None, &[]).await;
+    assert_eq!((st, list.as_array().map(Vec::len)), (200, Some(0)), "{list}");
+    let url = s.api(&format!("/auth/users/{viewer_id}/claims"));
+    let (st, v) = call(&c, Method::POST, &url, &ra, Some(json!({"name": "LIST_ALL_VMS"})), &[]).await;
+    assert_eq!(st, 201, "{v}");
 
     // Events: VM state changes reach the websocket.
     let ws_url = s.url.replace("http://", "ws://");

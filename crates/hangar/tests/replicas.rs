@@ -472,6 +472,7 @@ async fn fleet_of_replicas(admin: &str, n: usize) {
         .await;
     }
     let reaped = reaped.elapsed();
+    let reaped_at = Instant::now();
     // The queue goes on: the waiting create takes the freed room.
     let room_vm = {
         let (cr, rootr, at, id) = (&c, &root, survivors[0], &room_job);
@@ -484,6 +485,7 @@ async fn fleet_of_replicas(admin: &str, n: usize) {
             .unwrap()
             .to_string()
     };
+    let queue_went_on = reaped_at.elapsed();
     let mut created = created;
     created.push(room_vm);
     created.sort();
@@ -500,9 +502,9 @@ async fn fleet_of_replicas(admin: &str, n: usize) {
         eprintln!(
             "room {}: {} created, {} refused; lease moved in {took:?} after kill -9; the dead leader's job failed \
              {jobs_recovered:?} after it; a host's VM change on every survivor in {host_change:?}; short-lived VM \
-             reaped {reaped:?} after the kill",
+             reaped {reaped:?} after the kill; the queued create placed {queue_went_on:?} after that",
             room + 1,
-            created.len(),
+            created.len() - 1,
             refused.len()
         );
         return;
@@ -561,9 +563,10 @@ async fn fleet_of_replicas(admin: &str, n: usize) {
     eprintln!(
         "room {}: {} created, {} refused; lease moved in {took:?} after kill -9, {takeover:?} after SIGSTOP; the \
          dead leader's job failed {jobs_recovered:?} after the kill; a host's VM change on every survivor in \
-         {host_change:?}; short-lived VM reaped {reaped:?} after the kill",
+         {host_change:?}; short-lived VM reaped {reaped:?} after the kill; the queued create placed \
+         {queue_went_on:?} after that",
         room + 1,
-        created.len(),
+        created.len() - 1,
         refused.len()
     );
 }

@@ -55,6 +55,7 @@ pub fn register(api: Api) -> Api {
         .add(DELETE, routes!(delete_one))
         .add(PULL, routes!(download))
         .add(PULL, routes!(chunk))
+        .add(PULL, routes!(pack_range))
         .add(UPDATE, routes!(taint))
         .add(UPDATE, routes!(untaint))
         .add(Access::SuperUser, routes!(revoke))
@@ -490,6 +491,42 @@ async fn chunk(
 ) -> R<Response> {
     let bytes = catalog(&s)?.read_chunk(ctx.caller()?, &id, &version, arch(&a)?, &hash).await?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+/// One byte range of a pack (format 2) of an image, for a caller who may pull it: what a
+/// pull from another server asks for. `Range: bytes=FIRST-LAST` is required (at most 8 MiB);
+/// bytes of the range that belong to no chunk of this image are zeros.
+#[utoipa::path(get, path = "/catalog/{catalog_id}/{version}/{architecture}/packs/{pack}", tag = "catalog",
+    params(("catalog_id" = String, Path), ("version" = String, Path), ("architecture" = String, Path), ("pack" = String, Path, description = "The pack's id"),
+        ("Range" = String, Header, description = "bytes=FIRST-LAST")),
+    responses((status = 206, description = "The bytes", content_type = "application/octet-stream"), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+async fn pack_range(
+    State(s): State<AppState>,
+    ctx: RequestContext,
+    Path((id, version, a, pack)): Path<(String, String, String, String)>,
+    headers: axum::http::HeaderMap,
+) -> R<Response> {
+    let range =
+        headers.get(header::RANGE).and_then(|v| v.to_str().ok()).and_then(parse_range).ok_or_else(|| {
+            ApiError::bad_request("Send the header Range: bytes=FIRST-LAST (one range, at most 8 MiB)")
+        })?;
+    let (first, last) = (range.start, range.end - 1);
+    let bytes = catalog(&s)?.read_pack_range(ctx.caller()?, &id, &version, arch(&a)?, &pack, range).await?;
+    let last = last.min(first + (bytes.len() as u64).saturating_sub(1));
+    let content_range = format!("bytes {first}-{last}/*");
+    Ok((
+        StatusCode::PARTIAL_CONTENT,
+        [(header::CONTENT_TYPE, "application/octet-stream".to_string()), (header::CONTENT_RANGE, content_range)],
+        bytes,
+    )
+        .into_response())
+}
+
+/// `bytes=FIRST-LAST` (inclusive) as `FIRST..LAST + 1`.
+fn parse_range(v: &str) -> Option<std::ops::Range<u64>> {
+    let (first, last) = v.trim().strip_prefix("bytes=")?.split_once('-')?;
+    let (first, last): (u64, u64) = (first.trim().parse().ok()?, last.trim().parse().ok()?);
+    (last >= first && last < u64::MAX).then(|| first..last + 1)
 }
 
 /// Import a reference catalog entry (`<id>/<name>.meta` and its `.pdpack`, tar or tar.gz)

@@ -129,6 +129,10 @@ impl Drop for BusyGuard<'_> {
     }
 }
 
+/// How long a waiting create queues without the hosts the store found full before it
+/// tries them again (see [`Scheduler::create_vm_reporting`]).
+const FULL_HOST_ROUND: Duration = Duration::from_secs(1);
+
 impl Scheduler {
     pub(super) fn busy(&self, vm_id: &str) -> Result<BusyGuard<'_>> {
         if !lock(&self.inner.busy_vms).insert(vm_id.to_string()) {
@@ -169,11 +173,15 @@ impl Scheduler {
         preq.os = Some(os);
         preq.exclude.extend(req.avoid.iter().cloned());
         let may_evict = req.pool.as_ref().is_none_or(|m| !m.warm);
-        // Hosts the store found full for this request: skipped while another host fits, but
-        // a request that then waits is queued without them (room there frees as on any
-        // other host, and the queue must see it).
+        // Hosts the store found full for this request (this replica's picture of them was
+        // behind): skipped while another host fits. A waiting request that finds every
+        // other host full too waits in the queue for them for a round of
+        // [`FULL_HOST_ROUND`], then tries the full hosts again (their room frees as any
+        // other's, and this replica's picture catches up on its next re-read): the queue
+        // never keeps a host out for good.
         let mut full: BTreeSet<String> = BTreeSet::new();
-        let waits = req.wait.is_some_and(|w| !w.is_zero());
+        let deadline = req.wait.filter(|w| !w.is_zero()).map(|w| std::time::Instant::now() + w);
+        let wait_left = || deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
         let mut last: Option<(String, HostClientError)> = None;
         for attempt in 1..=self.inner.config.create_attempts.max(1) {
             progress(CreateProgress::Placing {
@@ -188,16 +196,20 @@ impl Scheduler {
                     r.exclude.extend(full.iter().cloned());
                     r
                 });
-                let granted = match elsewhere {
-                    Some(r) if waits => match self.reserve(&r) {
-                        Ok(g) => Ok(g),
-                        Err(_) => {
-                            full.clear();
-                            self.reserve_or_wait(&preq, req.priority, req.wait, progress, may_evict).await
+                let granted = match (elsewhere, wait_left()) {
+                    (Some(r), Some(left)) if !left.is_zero() => {
+                        let round = left.min(FULL_HOST_ROUND);
+                        match self.reserve_or_wait(&r, req.priority, Some(round), progress, may_evict).await {
+                            Err(OrchestratorError::QueueTimeout { .. }) if left > round => {
+                                full.clear();
+                                races = 0;
+                                continue;
+                            }
+                            other => other,
                         }
-                    },
-                    Some(r) => self.reserve_or_wait(&r, req.priority, req.wait, progress, may_evict).await,
-                    None => self.reserve_or_wait(&preq, req.priority, req.wait, progress, may_evict).await,
+                    }
+                    (Some(r), _) => self.reserve_or_wait(&r, req.priority, None, progress, may_evict).await,
+                    (None, left) => self.reserve_or_wait(&preq, req.priority, left, progress, may_evict).await,
                 };
                 let (decision, reservation) = match granted {
                     Ok(g) => g,
