@@ -316,6 +316,21 @@ struct HookDelivery {
     event: String,
 }
 
+/// The deliveries to ask for again, one attempt each (id, guid): `workflow_job` deliveries
+/// of which no attempt succeeded and that Hangar has not stored (`known`, by guid).
+fn missed(seen: &[HookDelivery], known: &std::collections::HashSet<String>) -> Vec<(u64, String)> {
+    let mut wanted: Vec<(u64, String)> = Vec::new();
+    for d in seen {
+        let delivered = seen.iter().any(|o| o.guid == d.guid && (200..300).contains(&o.status_code));
+        if d.event != "workflow_job" || delivered || known.contains(&d.guid) || wanted.iter().any(|(_, g)| *g == d.guid)
+        {
+            continue;
+        }
+        wanted.push((d.id, d.guid.clone()));
+    }
+    wanted
+}
+
 #[async_trait]
 impl Provider for Github {
     fn name(&self) -> &'static str {
@@ -432,16 +447,7 @@ impl Provider for Github {
                 break;
             }
         }
-        let mut wanted: Vec<(u64, String)> = Vec::new();
-        for d in &seen {
-            let delivered = seen.iter().any(|o| o.guid == d.guid && (200..300).contains(&o.status_code));
-            let guid = d.guid.clone();
-            if d.event != "workflow_job" || delivered || known.contains(&guid) || wanted.iter().any(|(_, g)| *g == guid)
-            {
-                continue;
-            }
-            wanted.push((d.id, guid));
-        }
+        let wanted = missed(&seen, known);
         let mut asked = 0;
         for (id, guid) in wanted {
             match self.call(Method::POST, &format!("/app/hook/deliveries/{id}/attempts"), Auth::App, None).await {
@@ -457,6 +463,29 @@ impl Provider for Github {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_failed_unknown_job_deliveries_are_asked_for_again() {
+        // GET /app/hook/deliveries items (the description's shape), newest first.
+        let item = |id: u64, guid: &str, status_code: u16, event: &str| {
+            serde_json::json!({"id": id, "guid": guid, "delivered_at": "2026-12-01T10:00:00Z", "redelivery": id > 10,
+                "duration": 0.03, "status": if status_code == 200 { "OK" } else { "Service Unavailable" },
+                "status_code": status_code, "event": event, "action": "queued", "installation_id": 1,
+                "repository_id": 2})
+        };
+        let page = serde_json::json!([
+            item(11, "a", 200, "workflow_job"), // a retry of a that got through
+            item(1, "a", 503, "workflow_job"),
+            item(2, "b", 503, "workflow_job"), // failed twice: asked for once
+            item(3, "b", 0, "workflow_job"),
+            item(4, "c", 503, "workflow_job"), // failed, but Hangar stored it
+            item(5, "d", 503, "ping"),         // not a job
+            item(6, "e", 502, "workflow_job"),
+        ]);
+        let seen: Vec<HookDelivery> = serde_json::from_value(page).unwrap();
+        let known = std::collections::HashSet::from(["c".to_string()]);
+        assert_eq!(missed(&seen, &known), vec![(2, "b".to_string()), (6, "e".to_string())]);
+    }
 
     #[test]
     fn scopes_parse() {

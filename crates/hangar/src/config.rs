@@ -264,7 +264,7 @@ pub const KEYS: &[Key] = &[
     k(
         "OIDC_CLI_CLIENT_ID",
         "",
-        "Single sign-on: the public client 'hangar login --sso' uses (device grant); the client id when empty",
+        "Single sign-on: the public client 'hangar login --sso' uses (device grant, or a loopback redirect with --browser); the client id when empty",
     ),
     k("OIDC_PROVIDER_ID", "sso", "Single sign-on: the id (in URLs) of the provider the OIDC_* keys configure"),
     k("OIDC_PROVIDER_NAME", "Single sign-on", "Single sign-on: the login page's name for that provider"),

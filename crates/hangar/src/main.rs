@@ -130,12 +130,17 @@ enum Command {
         #[arg(long)]
         password_stdin: bool,
         /// Single sign-on through the server's OpenID provider (device code: open the URL
-        /// shown and enter the code).
+        /// shown and enter the code; a provider without the device grant gets a browser
+        /// login that returns to this machine, as with --browser).
         #[arg(long, conflicts_with_all = ["username", "password_stdin"])]
         sso: bool,
         /// The provider's id when the server has several (`GET /api/v1/auth/providers`).
         #[arg(long, requires = "sso")]
         provider: Option<String>,
+        /// With --sso: log in in a browser on this machine (authorization code with PKCE,
+        /// back to a one-time listener on 127.0.0.1) instead of the device code.
+        #[arg(long, requires = "sso")]
+        browser: bool,
     },
     /// Forget the saved login.
     Logout,
@@ -484,14 +489,14 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Login { username, password_stdin, sso, provider } => {
+        Command::Login { username, password_stdin, sso, provider, browser } => {
             let url = cli
                 .url
                 .clone()
                 .or_else(|| std::env::var("HANGAR_URL").ok())
                 .context("give the server with --url URL")?;
             if sso {
-                let creds = sso_cmd::login(&url, provider.as_deref()).await?;
+                let creds = sso_cmd::login(&url, provider.as_deref(), browser).await?;
                 let path = client::save_credentials(&creds)?;
                 let v = json!({"url": url, "username": creds.username, "expires_at": creds.expires_at, "credentials_file": path.display().to_string()});
                 print(out, &v, &["url", "username", "expires_at", "credentials_file"]);

@@ -129,8 +129,11 @@ fn idp_config(hangar: &str, resource_aud: &str) -> Value {
             {"client_id": "hangar", "client_secret": CLIENT_SECRET,
              "redirect_uris": [format!("{hangar}/api/v1/auth/oidc/sso/callback")],
              "grant_types": ["authorization_code"], "response_types": ["code"]},
-            {"client_id": "hangar-cli", "token_endpoint_auth_method": "none", "redirect_uris": [],
-             "response_types": [], "grant_types": ["urn:ietf:params:oauth:grant-type:device_code"]},
+            // A native client: the device grant, and the code grant back to a loopback
+            // listener on any port (`hangar login --sso --browser`).
+            {"client_id": "hangar-cli", "token_endpoint_auth_method": "none", "application_type": "native",
+             "redirect_uris": ["http://127.0.0.1/callback"], "response_types": ["code"],
+             "grant_types": ["urn:ietf:params:oauth:grant-type:device_code", "authorization_code"]},
             {"client_id": "ci-bot", "client_secret": BOT_SECRET, "redirect_uris": [], "response_types": [],
              "grant_types": ["client_credentials"]},
             {"client_id": "ci-other", "client_secret": BOT_SECRET, "redirect_uris": [], "response_types": [],
@@ -703,4 +706,123 @@ async fn cli_login_sso_with_the_device_grant() {
     let (st, me) = call(&client(), Method::GET, &s.api("/auth/me"), &Auth::Bearer(token.into()), None, &[]).await;
     assert_eq!(st, 200);
     assert_eq!(me["roles"], json!(["SUPER_USER"]));
+}
+
+/// `hangar login --sso --browser`: the code grant with PKCE in a browser on this machine,
+/// back to the CLI's one-time listener on 127.0.0.1; a return with another state is refused.
+#[tokio::test]
+async fn cli_login_sso_in_a_browser_on_this_machine() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _idp) = setup(dir.path()).await;
+    // Starts the CLI; the address it asks the user to open, and its stderr lines.
+    let start = |home: &Path| {
+        std::fs::create_dir_all(home).unwrap();
+        let mut cli = Command::new(bin())
+            .args(["login", "--sso", "--browser", "--url", &s.url])
+            .env("HANGAR_CONFIG_DIR", home)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let err = cli.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let url = loop {
+            let line =
+                rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("the CLI shows a URL");
+            if let Some(u) = line.strip_prefix("To sign in, open this address in a browser on this machine: ") {
+                break Url::parse(u.trim()).unwrap();
+            }
+        };
+        (cli, rx, url)
+    };
+    let finish = |cli: &mut Child, rx: &mpsc::Receiver<String>| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut said = Vec::new();
+        let status = loop {
+            if let Some(st) = cli.try_wait().unwrap() {
+                break st;
+            }
+            assert!(Instant::now() < deadline, "the CLI did not finish");
+            if let Ok(l) = rx.recv_timeout(Duration::from_millis(100)) {
+                said.push(l);
+            }
+        };
+        // Everything it printed, up to the end of its stderr.
+        while let Ok(l) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            said.push(l);
+        }
+        (status, said.join("\n"))
+    };
+
+    // The test plays the user: the provider's login and consent pages, then the redirect
+    // to the CLI's listener.
+    let home = dir.path().join("cli");
+    let (mut cli, rx, url) = start(&home);
+    let q: HashMap<String, String> = url.query_pairs().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    assert_eq!(q.get("code_challenge_method").map(String::as_str), Some("S256"), "{url}");
+    assert!(q["redirect_uri"].starts_with("http://127.0.0.1:"), "{url}");
+    let mut b = Browser::new();
+    let mut url = url;
+    let mut back = None;
+    for _ in 0..30 {
+        if url.as_str().starts_with(&q["redirect_uri"]) {
+            back = Some(b.get(&url).await);
+            break;
+        }
+        let page = b.get(&url).await;
+        if let Some(loc) = page.location {
+            url = loc;
+            continue;
+        }
+        assert_eq!(page.status, 200, "{} answered {}: {}", page.url, page.status, page.body);
+        let uid = interaction_uid(&page.url);
+        let next = if page.body.contains("id=\"login\"") {
+            let a = page.url.join(&format!("/interaction/{uid}/login")).unwrap();
+            b.send(Method::POST, &a, Some(&[("login", "alice"), ("password", ALICE_PASSWORD)]), &[]).await
+        } else if page.body.contains("id=\"consent\"") {
+            let a = page.url.join(&format!("/interaction/{uid}/confirm")).unwrap();
+            b.send(Method::POST, &a, Some(&[]), &[]).await
+        } else {
+            panic!("unexpected page {}: {}", page.url, page.body);
+        };
+        url = next.location.unwrap_or_else(|| panic!("no redirect after a form: {} {}", next.status, next.body));
+    }
+    let back = back.expect("the provider sent the browser back to the CLI");
+    assert!(back.body.contains("return to your terminal"), "{}", back.body);
+    let (status, said) = finish(&mut cli, &rx);
+    assert!(status.success(), "hangar login --sso --browser: {status} {said}");
+    let creds: Value = serde_json::from_slice(&std::fs::read(home.join("credentials.json")).unwrap()).unwrap();
+    assert_eq!(creds["username"], "alice", "{creds}");
+    let (st, me) = call(
+        &client(),
+        Method::GET,
+        &s.api("/auth/me"),
+        &Auth::Bearer(creds["token"].as_str().unwrap().into()),
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(st, 200, "{me}");
+    assert_eq!(me["roles"], json!(["SUPER_USER"]));
+
+    // A return that is not this login's (another state) ends the login with no credentials.
+    let home = dir.path().join("cli-2");
+    let (mut cli, rx, url) = start(&home);
+    let q: HashMap<String, String> = url.query_pairs().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let forged = format!("{}?code=forged&state=not-{}", q["redirect_uri"], q["state"]);
+    let r = client().get(&forged).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let (status, said) = finish(&mut cli, &rx);
+    assert!(!status.success(), "a forged return was taken: {said}");
+    assert!(said.contains("state"), "{said}");
+    assert!(!home.join("credentials.json").exists());
 }

@@ -486,7 +486,6 @@ async fn fleet_of_replicas(admin: &str, n: usize) {
             .to_string()
     };
     let queue_went_on = reaped_at.elapsed();
-    let mut created = created;
     created.push(room_vm);
     created.sort();
     for s in &survivors {
