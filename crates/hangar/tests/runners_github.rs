@@ -351,6 +351,12 @@ async fn github_jobs_get_one_vm_each_from_a_pool_and_leave_nothing_behind() {
     // Every request Hangar sent GitHub passed the description's validation.
     let log = std::fs::read_to_string(&prism.log).unwrap_or_default();
     assert!(log.contains("generate-jitconfig"), "Hangar asked the mock for JIT configurations");
+    // The leader's loop: the reconcile pass read the scope's runner list, and each start as
+    // leader (before the SIGKILL and after the restart) asked for the app's deliveries, to
+    // have missed ones redelivered.
+    let asked = |what: &str| log.lines().filter(|l| l.contains("HTTP SERVER") && l.contains(what)).count();
+    assert!(asked("get /repos/octo-org/octo-repo/actions/runners ") >= 1, "no runner list asked for:\n{log}");
+    assert!(asked("get /app/hook/deliveries ") >= 2, "deliveries not asked for at each start:\n{log}");
     // Only the test's own wrong request above was refused.
     assert_eq!(
         log.matches("Request did not pass the validation rules").count(),
