@@ -15,6 +15,8 @@ use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use hangar_identity::oidc::{Discovery, TokenAnswer};
+
 use crate::client::{Client, Credentials};
 
 #[derive(Deserialize)]
@@ -22,14 +24,6 @@ struct ProviderLink {
     id: String,
     issuer: String,
     cli_client_id: String,
-}
-
-#[derive(Deserialize)]
-struct Discovery {
-    authorization_endpoint: String,
-    token_endpoint: String,
-    #[serde(default)]
-    device_authorization_endpoint: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -43,16 +37,6 @@ struct DeviceAnswer {
     interval: Option<u64>,
     #[serde(default)]
     expires_in: Option<u64>,
-}
-
-#[derive(Deserialize)]
-struct TokenAnswer {
-    #[serde(default)]
-    id_token: Option<String>,
-    #[serde(default)]
-    error: Option<String>,
-    #[serde(default)]
-    error_description: Option<String>,
 }
 
 /// Log in through the provider; the credentials to save.

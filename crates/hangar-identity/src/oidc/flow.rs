@@ -174,14 +174,16 @@ impl Provider {
     }
 }
 
-#[derive(Deserialize)]
-struct TokenAnswer {
+/// A provider's token endpoint answer (the fields Hangar reads): an ID token, or an error
+/// (RFC 6749 §5.2; RFC 8628 §3.5 for the device grant's `authorization_pending`).
+#[derive(Debug, Deserialize)]
+pub struct TokenAnswer {
     #[serde(default)]
-    id_token: Option<String>,
+    pub id_token: Option<String>,
     #[serde(default)]
-    error: Option<String>,
+    pub error: Option<String>,
     #[serde(default)]
-    error_description: Option<String>,
+    pub error_description: Option<String>,
 }
 
 impl Oidc {

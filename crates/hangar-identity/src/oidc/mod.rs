@@ -28,7 +28,7 @@ mod mapping;
 use std::sync::Arc;
 
 pub use config::{ClientSecret, ProviderConfig, parse_providers_file};
-pub use flow::{AuthorizationStart, CallbackOutcome, MachinePrincipal, check_return_to};
+pub use flow::{AuthorizationStart, CallbackOutcome, MachinePrincipal, TokenAnswer, check_return_to};
 pub use jwks::{Discovery, Provider};
 pub use mapping::{Mapping, MappingRule};
 
