@@ -202,9 +202,6 @@ fn agent(fabric: &Fabric, role: &str, dir: &Path, fake: Option<&FakeParallels>, 
                 std::os::unix::fs::symlink(image, images.join("test-guest")).unwrap();
             }
             settings.push(("HYPERVISOR".into(), "qemu".into()));
-            // TCG, as the other guest tests: on some CI machines /dev/kvm passes the driver's
-            // KVM probe (a boot sector) yet a Linux guest hangs in early boot under it.
-            settings.push(("QEMU_ACCELERATION".into(), "tcg".into()));
             settings.push(("QEMU_NETWORK_BRIDGE".into(), VM_BRIDGE.into()));
             settings.push(("HOST_IMAGES_FOLDER".into(), images.to_str().unwrap().into()));
         }

@@ -138,9 +138,6 @@ pub async fn fixture() -> Fixture {
 pub fn config(root: &Path) -> QemuConfig {
     let mut cfg = QemuConfig::new(root);
     cfg.reconcile_interval = Duration::from_millis(500);
-    // TCG on every machine: some CI machines have a /dev/kvm that passes the driver's probe
-    // (a boot sector) yet stalls a Linux guest in early boot.
-    cfg.acceleration = hangar_qemu::Acceleration::Tcg;
     cfg
 }
 
