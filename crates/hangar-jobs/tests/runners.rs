@@ -15,8 +15,10 @@ use hangar_store::{Batch, Lease, LeaseConfig, MemoryStore, Store};
 
 const C: &str = "test_jobs";
 
+/// Leases long enough that a renewal delayed by a loaded 2-core machine (one was seen at
+/// ~300 ms) does not make a live replica's lease lapse before the test kills it.
 fn timing() -> LeaseConfig {
-    LeaseConfig { duration: Duration::from_millis(400), renew_every: Duration::from_millis(100), sole_process: false }
+    LeaseConfig { duration: Duration::from_millis(1500), renew_every: Duration::from_millis(100), sole_process: false }
 }
 
 async fn stored(store: &Arc<dyn Store>, id: &str) -> Job {

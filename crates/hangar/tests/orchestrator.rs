@@ -80,8 +80,10 @@ async fn orchestrator_places_forwards_and_survives_host_loss_and_restart() {
 
     let root = Auth::Bearer(login(&c, &orch, "root", ROOT_PASSWORD).await);
     let root_o = login(&c, &orch, "root", ROOT_PASSWORD).await;
-    let (_, user) = make_user(&c, &orch, &root_o, "plain").await;
+    let (user_id, user) = make_user(&c, &orch, &root_o, "plain").await;
     let user = Auth::Bearer(user);
+    // The plain user may see every VM (LIST_ALL_VMS) but change none of root's.
+    grant_claim(&c, &orch, &root_o, &user_id, "LIST_ALL_VMS").await;
 
     // Host B is reached with an API key made on B.
     let b_token = login(&c, &agent_b, "root", ROOT_PASSWORD).await;
@@ -366,8 +368,10 @@ async fn orchestrator_token_join_queue_async_and_per_host_routes() {
     let orch = orchestrator(&dir.path().join("orch"));
     let root_t = login(&c, &orch, "root", ROOT_PASSWORD).await;
     let root = Auth::Bearer(root_t.clone());
-    let (_, user) = make_user(&c, &orch, &root_t, "plain").await;
+    let (user_id, user) = make_user(&c, &orch, &root_t, "plain").await;
     let user = Auth::Bearer(user);
+    // The plain user may see every VM (LIST_ALL_VMS) but change none of root's.
+    grant_claim(&c, &orch, &root_t, &user_id, "LIST_ALL_VMS").await;
     let token_for = |name: &'static str, ttl: u64| {
         let (c, orch, root) = (c.clone(), orch.api("/orchestrator/enrollment-token"), root.clone());
         async move {

@@ -231,6 +231,14 @@ pub async fn make_user(c: &reqwest::Client, s: &Server, root: &str, name: &str) 
     (id, login(c, s, name, USER_PASSWORD).await)
 }
 
+/// Grants `claim` to the user `user_id` (as root).
+pub async fn grant_claim(c: &reqwest::Client, s: &Server, root: &str, user_id: &str, claim: &str) {
+    let url = s.api(&format!("/auth/users/{user_id}/claims"));
+    let (st, v) =
+        call(c, reqwest::Method::POST, &url, &Auth::Bearer(root.into()), Some(json!({"name": claim})), &[]).await;
+    assert_eq!(st, 201, "grant {claim}: {v}");
+}
+
 /// A second super user `name` (with `USER_PASSWORD`): (id, token).
 pub async fn make_super_user(c: &reqwest::Client, s: &Server, root: &str, name: &str) -> (String, String) {
     let body = json!({"username": name, "email": format!("{name}@example.test"), "password": USER_PASSWORD,
