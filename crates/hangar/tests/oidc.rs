@@ -260,10 +260,16 @@ enum Tamper {
 /// Follow a login from `start` through the provider's pages (posting the login and consent
 /// forms) to Hangar's callback; the callback's answer.
 async fn drive(b: &mut Browser, s: &Server, start: &str, user: &str, password: &str, tamper: Tamper) -> Page {
+    drive_to(b, &format!("{}/api/v1/auth/oidc/", s.url), start, user, password, tamper).await
+}
+
+/// [`drive`] to the callback whose address starts with `back_to` (Hangar's, or the CLI's
+/// loopback listener).
+async fn drive_to(b: &mut Browser, back_to: &str, start: &str, user: &str, password: &str, tamper: Tamper) -> Page {
     let mut url = Url::parse(start).unwrap();
     let mut first_redirect = true;
     for _ in 0..30 {
-        let is_callback = url.path().ends_with("/callback") && url.as_str().starts_with(&s.url);
+        let is_callback = url.path().ends_with("/callback") && url.as_str().starts_with(back_to);
         if is_callback && tamper == Tamper::State {
             let pairs: Vec<(String, String)> = url
                 .query_pairs()
@@ -619,15 +625,12 @@ async fn password_sessions_end_with_the_password() {
     assert_eq!(st, 401, "the session died with the password");
 }
 
-#[tokio::test]
-async fn cli_login_sso_with_the_device_grant() {
-    let dir = tempfile::tempdir().unwrap();
-    let (s, _idp) = setup(dir.path()).await;
-    let home = dir.path().join("cli");
-    std::fs::create_dir_all(&home).unwrap();
+/// `hangar` with `args` and its config in `home`; its stderr, line by line.
+fn spawn_cli(args: &[&str], home: &Path) -> (Child, mpsc::Receiver<String>) {
+    std::fs::create_dir_all(home).unwrap();
     let mut cli = Command::new(bin())
-        .args(["login", "--sso", "--url", &s.url])
-        .env("HANGAR_CONFIG_DIR", &home)
+        .args(args)
+        .env("HANGAR_CONFIG_DIR", home)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .stdin(Stdio::null())
@@ -642,6 +645,15 @@ async fn cli_login_sso_with_the_device_grant() {
             }
         }
     });
+    (cli, rx)
+}
+
+#[tokio::test]
+async fn cli_login_sso_with_the_device_grant() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _idp) = setup(dir.path()).await;
+    let home = dir.path().join("cli");
+    let (mut cli, rx) = spawn_cli(&["login", "--sso", "--url", &s.url], &home);
     let mut uri = None;
     let mut code = None;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -716,24 +728,7 @@ async fn cli_login_sso_in_a_browser_on_this_machine() {
     let (s, _idp) = setup(dir.path()).await;
     // Starts the CLI; the address it asks the user to open, and its stderr lines.
     let start = |home: &Path| {
-        std::fs::create_dir_all(home).unwrap();
-        let mut cli = Command::new(bin())
-            .args(["login", "--sso", "--browser", "--url", &s.url])
-            .env("HANGAR_CONFIG_DIR", home)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        let err = cli.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let (cli, rx) = spawn_cli(&["login", "--sso", "--browser", "--url", &s.url], home);
         let deadline = Instant::now() + Duration::from_secs(30);
         let url = loop {
             let line =
@@ -771,32 +766,7 @@ async fn cli_login_sso_in_a_browser_on_this_machine() {
     assert_eq!(q.get("code_challenge_method").map(String::as_str), Some("S256"), "{url}");
     assert!(q["redirect_uri"].starts_with("http://127.0.0.1:"), "{url}");
     let mut b = Browser::new();
-    let mut url = url;
-    let mut back = None;
-    for _ in 0..30 {
-        if url.as_str().starts_with(&q["redirect_uri"]) {
-            back = Some(b.get(&url).await);
-            break;
-        }
-        let page = b.get(&url).await;
-        if let Some(loc) = page.location {
-            url = loc;
-            continue;
-        }
-        assert_eq!(page.status, 200, "{} answered {}: {}", page.url, page.status, page.body);
-        let uid = interaction_uid(&page.url);
-        let next = if page.body.contains("id=\"login\"") {
-            let a = page.url.join(&format!("/interaction/{uid}/login")).unwrap();
-            b.send(Method::POST, &a, Some(&[("login", "alice"), ("password", ALICE_PASSWORD)]), &[]).await
-        } else if page.body.contains("id=\"consent\"") {
-            let a = page.url.join(&format!("/interaction/{uid}/confirm")).unwrap();
-            b.send(Method::POST, &a, Some(&[]), &[]).await
-        } else {
-            panic!("unexpected page {}: {}", page.url, page.body);
-        };
-        url = next.location.unwrap_or_else(|| panic!("no redirect after a form: {} {}", next.status, next.body));
-    }
-    let back = back.expect("the provider sent the browser back to the CLI");
+    let back = drive_to(&mut b, &q["redirect_uri"], url.as_str(), "alice", ALICE_PASSWORD, Tamper::None).await;
     assert!(back.body.contains("return to your terminal"), "{}", back.body);
     let (status, said) = finish(&mut cli, &rx);
     assert!(status.success(), "hangar login --sso --browser: {status} {said}");
