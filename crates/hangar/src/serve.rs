@@ -479,6 +479,13 @@ pub async fn run(l: Layers, s: Settings) -> Result<()> {
         announce.push(format!("http://{bound}/metrics (metrics only, no authentication)"));
     }
 
+    // Registered before the banner announces the server: a SIGTERM or SIGINT from then on
+    // shuts down gracefully (registered later, one arriving right after the banner killed
+    // the process with the default action, leaving its helpers to the next start).
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).ok();
+    let mut interrupt = signal(SignalKind::interrupt()).ok();
+
     // The console banner: where data lives, where to connect, how to log in.
     println!("Hangar {} is running.", env!("CARGO_PKG_VERSION"));
     println!("  data folder: {}", dir.display());
@@ -504,10 +511,9 @@ pub async fn run(l: Layers, s: Settings) -> Result<()> {
     info!(data_dir = %dir.display(), "hangar started");
 
     let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+            _ = received(interrupt.as_mut()) => {}
+            _ = received(term.as_mut()) => {}
         }
     };
     tokio::select! {
@@ -669,5 +675,15 @@ mod listen {
         fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
             Pin::new(&mut self.inner).poll_shutdown(cx)
         }
+    }
+}
+
+/// The next delivery of a signal registered at start (never, when it could not be).
+async fn received(s: Option<&mut tokio::signal::unix::Signal>) {
+    match s {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending::<()>().await,
     }
 }
