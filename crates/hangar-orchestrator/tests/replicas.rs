@@ -81,6 +81,47 @@ async fn wait_until(deadline: Duration, what: &str, mut f: impl AsyncFnMut() -> 
     }
 }
 
+/// What keeps two replicas' background work running.
+type Work = (scheduler::Background, scheduler::Background, watch::Sender<Role>, watch::Sender<Role>);
+
+/// Two replicas over `store`: A registers the hosts and leads (it follows them), B follows
+/// and reads the fleet from the store; returned once B sees both hosts healthy.
+async fn two_replicas(
+    store: &Arc<dyn Store>,
+    secrets: &std::path::Path,
+    clock: &ManualClock,
+    fleet: &[Arc<FakeHost>],
+) -> (Scheduler, Scheduler, Work) {
+    let a = scheduler(store.clone(), secrets, clock, fleet).await;
+    let registered = register_all(&a).await;
+    let b = scheduler(store.clone(), secrets, clock, fleet).await;
+    a.share_store("replica-a");
+    b.share_store("replica-b");
+    assert!(a.shares_store() && b.shares_store());
+    let lease = Lease::new(
+        store.clone(),
+        "leader",
+        "replica-a",
+        LeaseConfig { duration: Duration::from_secs(30), renew_every: Duration::from_secs(1), sole_process: false },
+    )
+    .unwrap();
+    let fence = lease.try_acquire().await.unwrap().unwrap();
+    let (lead_a, rx_a) = watch::channel(Role::Leader(fence));
+    let (lead_b, rx_b) = watch::channel(Role::Follower);
+    let every = BackgroundIntervals {
+        tick: Duration::from_millis(50),
+        check: Duration::from_millis(200),
+        reap: Duration::from_secs(3600),
+    };
+    let work_a = a.lead(every, rx_a);
+    let work_b = b.lead(every, rx_b);
+    wait_until(Duration::from_secs(10), "the follower sees both hosts healthy", async || {
+        registered.iter().all(|h| b.registry().get(&h.id).is_ok_and(|v| v.state == HostState::Healthy))
+    })
+    .await;
+    (a, b, (work_a, work_b, lead_a, lead_b))
+}
+
 /// How many of these VMs one replica alone places on the hosts, one after the other.
 async fn room_for_one_replica() -> usize {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
@@ -110,35 +151,7 @@ async fn two_replicas_creating_at_once_never_oversubscribe() {
         // Creations overlap: each takes a while on the host.
         h.set_create_delay(Duration::from_millis(20));
     }
-    let a = scheduler(store.clone(), secrets.path(), &clock, &fleet).await;
-    let registered = register_all(&a).await;
-    let b = scheduler(store.clone(), secrets.path(), &clock, &fleet).await;
-    a.share_store("replica-a");
-    b.share_store("replica-b");
-    assert!(a.shares_store() && b.shares_store());
-
-    // A leads (it follows the hosts), B follows and reads the fleet from the store.
-    let lease = Lease::new(
-        store.clone(),
-        "leader",
-        "replica-a",
-        LeaseConfig { duration: Duration::from_secs(30), renew_every: Duration::from_secs(1), sole_process: false },
-    )
-    .unwrap();
-    let fence = lease.try_acquire().await.unwrap().unwrap();
-    let (_lead_a, rx_a) = watch::channel(Role::Leader(fence));
-    let (_lead_b, rx_b) = watch::channel(Role::Follower);
-    let every = BackgroundIntervals {
-        tick: Duration::from_millis(50),
-        check: Duration::from_millis(200),
-        reap: Duration::from_secs(3600),
-    };
-    let _work_a = a.lead(every, rx_a);
-    let _work_b = b.lead(every, rx_b);
-    wait_until(Duration::from_secs(10), "the follower sees both hosts healthy", async || {
-        registered.iter().all(|h| b.registry().get(&h.id).is_ok_and(|v| v.state == HostState::Healthy))
-    })
-    .await;
+    let (a, b, _work) = two_replicas(&store, secrets.path(), &clock, &fleet).await;
 
     let wanted = room * 2;
     let mut tasks = Vec::new();
@@ -168,4 +181,37 @@ async fn two_replicas_creating_at_once_never_oversubscribe() {
         let holds = rec.value.get("holds").and_then(|h| h.as_object()).map_or(0, |h| h.len());
         assert_eq!(holds, 0, "a hold was left on {}: {}", rec.id, rec.value);
     }
+}
+
+/// A create that may not wait is not refused for room that another replica's creation
+/// holds when that creation then fails: it is placed once the hold is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn room_held_by_a_failing_creation_on_another_replica_is_not_refused() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let secrets = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(t0());
+    let fleet = hosts();
+    let (a, b, _work) = two_replicas(&store, secrets.path(), &clock, &fleet).await;
+    let whole_host = |name: &str| CreateVm { cpu: Some(4), ..vm(name.into()) };
+    // One host filled: the other has room for one whole-host VM.
+    a.create_vm(Caller::System, &actor(), whole_host("filler")).await.unwrap();
+    for h in &fleet {
+        h.set_create_delay(Duration::from_millis(400));
+        h.fail_next_creates(1);
+    }
+    let doomed = {
+        let a = a.clone();
+        tokio::spawn(async move { a.create_vm(Caller::System, &actor(), whole_host("doomed")).await })
+    };
+    // A's hold on the free host is in the store before B asks.
+    let store_ = store.clone();
+    wait_until(Duration::from_secs(10), "replica A's hold in the store", async || {
+        store_.list(CAPACITY).await.unwrap().iter().any(|r| r.value["holds"].as_object().is_some_and(|h| !h.is_empty()))
+    })
+    .await;
+    let second = b.create_vm(Caller::System, &actor(), whole_host("second")).await;
+    let second = second.expect("placed once the failed creation's hold went, not refused for its room");
+    assert!(doomed.await.unwrap().is_err(), "the host failed the first creation");
+    let on_hosts: Vec<String> = fleet.iter().flat_map(|h| h.vms()).map(|v| v.name).collect();
+    assert!(on_hosts.contains(&second.name) && on_hosts.len() == 2, "{on_hosts:?}");
 }

@@ -287,7 +287,19 @@ async fn fleet_of_replicas(admin: &str, n: usize) {
             refused.push((st, v));
         }
     }
-    assert_eq!(created.len(), 20, "exactly the room (20) was created; refused: {refused:?}");
+    if created.len() != 20 {
+        // What the replicas and agents said of the failed attempts, for the reader.
+        let logs: Vec<String> = replicas
+            .iter()
+            .flatten()
+            .map(|r| r.log())
+            .chain(agents.iter().map(|a| a.log()))
+            .flat_map(|l| {
+                l.lines().filter(|x| x.contains("WARN") || x.contains("ERROR")).map(str::to_string).collect::<Vec<_>>()
+            })
+            .collect();
+        panic!("exactly the room (20) was created, not {}; refused: {refused:?}; warnings: {logs:#?}", created.len());
+    }
     assert!(refused.iter().all(|(st, _)| *st == 503), "the rest are refused for room: {refused:?}");
     created.sort();
     // Every replica's subscribers hear of every creation, wherever it was made, once (a
@@ -540,7 +552,7 @@ async fn fleet_of_replicas(admin: &str, n: usize) {
     // while it was stopped) until its next re-read of the store after stepping down; the
     // store never said so. Then: every VM is still there and every host healthy, on both.
     for s in &survivors {
-        until("every host healthy on both survivors", Duration::from_secs(5), || async {
+        until("every host healthy on both survivors", Duration::from_secs(15), || async {
             let hosts = get(&c, s, &root, "/orchestrator/hosts").await;
             (hosts.as_array().unwrap().iter().all(|h| h["state"] == "healthy"), json!(states(&hosts)))
         })

@@ -133,6 +133,14 @@ impl Drop for BusyGuard<'_> {
 /// tries them again (see [`Scheduler::create_vm_reporting`]).
 const FULL_HOST_ROUND: Duration = Duration::from_secs(1);
 
+/// With other replicas on the store, how long a create that may not wait still tries
+/// while the room it lacks is held by creations in flight, or was judged on a read the
+/// store has since corrected (see [`Scheduler::create_vm_reporting`]).
+const SETTLE_BEFORE_REFUSING: Duration = Duration::from_secs(5);
+
+/// The pause between two of those tries.
+const SETTLE_POLL: Duration = Duration::from_millis(100);
+
 impl Scheduler {
     pub(super) fn busy(&self, vm_id: &str) -> Result<BusyGuard<'_>> {
         if !lock(&self.inner.busy_vms).insert(vm_id.to_string()) {
@@ -183,6 +191,11 @@ impl Scheduler {
         let deadline = req.wait.filter(|w| !w.is_zero()).map(|w| std::time::Instant::now() + w);
         let wait_left = || deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
         let mut last: Option<(String, HostClientError)> = None;
+        // A create that may not wait is refused for room only once the room it lacks is
+        // not merely held by creations in flight (here or, through the store, on other
+        // replicas): a hold may yet fail, and a replica's picture may count a VM both as
+        // its record and as the hold that made it until its next read of the store.
+        let settle_until = std::time::Instant::now() + SETTLE_BEFORE_REFUSING;
         for attempt in 1..=self.inner.config.create_attempts.max(1) {
             progress(CreateProgress::Placing {
                 attempt,
@@ -213,6 +226,17 @@ impl Scheduler {
                 };
                 let (decision, reservation) = match granted {
                     Ok(g) => g,
+                    Err(OrchestratorError::NoCapacity(_))
+                        if deadline.is_none()
+                            && self.shares_store()
+                            && (!full.is_empty() || !self.inner.ledger.is_empty())
+                            && std::time::Instant::now() < settle_until =>
+                    {
+                        tokio::time::sleep(SETTLE_POLL).await;
+                        full.clear();
+                        races = 0;
+                        continue;
+                    }
                     Err(e) => {
                         return Err(match (e, last) {
                             (OrchestratorError::NoCapacity(_), Some((host, source))) => {
