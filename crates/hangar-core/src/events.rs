@@ -120,6 +120,10 @@ pub struct Event {
     /// the subscriber is a super user. `None` means everyone allowed by the type.
     #[serde(skip)]
     pub audience: Option<String>,
+    /// For an event about one VM: its Hangar owner (`Some(None)`: a VM Hangar recorded no
+    /// owner for). Only who may see that VM receives it ([`Event::may_reach`]).
+    #[serde(skip)]
+    pub vm_owner: Option<Option<String>>,
 }
 
 impl Event {
@@ -132,7 +136,23 @@ impl Event {
             message: message.into(),
             body,
             audience: None,
+            vm_owner: None,
         }
+    }
+
+    /// Marks the event as about a VM owned by `owner` (see [`Event::vm_owner`]).
+    pub fn about_vm(mut self, owner: Option<String>) -> Self {
+        self.vm_owner = Some(owner);
+        self
+    }
+
+    /// Whether the event may reach `p` beyond its type's claims (which the caller checks):
+    /// a private event only its audience (or a super user), an event about a VM only who
+    /// may see that VM ([`crate::vm::may_see_vm`]: its owner, or a holder of the claims on
+    /// others' VMs).
+    pub fn may_reach(&self, p: &crate::Principal) -> bool {
+        self.audience.as_ref().is_none_or(|a| *a == p.user_id || p.is_super_user())
+            && self.vm_owner.as_ref().is_none_or(|owner| crate::vm::may_see_vm(p, owner.as_deref()))
     }
 
     pub fn for_user(mut self, user_id: impl Into<String>) -> Self {

@@ -11,6 +11,7 @@ pub mod commands;
 pub use hangar_jobs as jobs;
 pub mod owners;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -277,12 +278,20 @@ impl Host {
         bus: EventBus,
         config: HostConfig,
     ) -> Arc<Host> {
-        let host = Arc::new(Host { hv: hv.clone(), jobs, owners: Owners::new(store), config });
+        let owners = Owners::new(store);
+        let host = Arc::new(Host { hv: hv.clone(), jobs, owners: owners.clone(), config });
         let mut rx = hv.subscribe();
         tokio::spawn(async move {
+            // Owners recorded so far, so a VM's last events (its removal, after which its
+            // record goes) still reach its owner.
+            let mut known: HashMap<String, String> = HashMap::new();
             loop {
                 match rx.recv().await {
-                    Ok(e) => bus.publish(translate(&e)),
+                    // Each event is about one VM: it reaches only who may see that VM.
+                    Ok(e) => {
+                        let owner = owners.event_owner(&e, &mut known).await;
+                        bus.publish(translate(&e).about_vm(owner));
+                    }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         warn!(dropped = n, "VM events dropped; the driver's reconcile repairs the view");
                     }

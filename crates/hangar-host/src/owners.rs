@@ -4,11 +4,12 @@
 //! user. VMs from before these records fall back to the QEMU driver's owner field; VMs
 //! Hangar never recorded have no owner, so only callers allowed on others' VMs reach them.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use hangar_core::audit::{AUDIT_COLLECTION, AuditEntry};
-use hangar_hypervisor::{HypervisorKind, VmInfo};
+use hangar_hypervisor::{HypervisorKind, VmEvent, VmInfo};
 use hangar_store::{Batch, Store};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
@@ -50,6 +51,40 @@ impl Owners {
             HypervisorKind::Qemu => vm.owner.clone().filter(|o| !o.is_empty()),
             HypervisorKind::Parallels => None,
         })
+    }
+
+    /// The Hangar owner of the VM a driver event is about, for filtering who receives it.
+    /// `known` remembers owners found (a VM's record may be gone by its removal event); an
+    /// owner not recorded yet (a VM's first event can come before its record) is looked up
+    /// again at its next event. A record that cannot be read counts as no owner.
+    pub async fn event_owner(&self, e: &VmEvent, known: &mut HashMap<String, String>) -> Option<String> {
+        let found = match e {
+            VmEvent::Added { vm } | VmEvent::Updated { vm } => self.owner_of(vm).await.ok().flatten(),
+            VmEvent::Removed { id } => {
+                return match known.remove(id) {
+                    Some(o) => Some(o),
+                    None => self.recorded(id).await,
+                };
+            }
+            VmEvent::StateChanged { id, .. } | VmEvent::IpChanged { id, .. } => match known.get(id) {
+                Some(o) => return Some(o.clone()),
+                None => self.recorded(id).await,
+            },
+        };
+        let id = match e {
+            VmEvent::Added { vm } | VmEvent::Updated { vm } => &vm.id,
+            VmEvent::StateChanged { id, .. } | VmEvent::IpChanged { id, .. } | VmEvent::Removed { id } => id,
+        };
+        if let Some(o) = &found {
+            known.insert(id.clone(), o.clone());
+        }
+        found
+    }
+
+    /// The owner recorded for the VM with id `vm`, if any (no driver fallback).
+    async fn recorded(&self, vm: &str) -> Option<String> {
+        let r = self.store.get(VM_OWNERS, vm).await.ok()??;
+        serde_json::from_value::<OwnerRecord>(r.value).ok().map(|rec| rec.owner)
     }
 
     /// Record `owner` for `vm`, with `entry` in the same batch.

@@ -312,6 +312,13 @@ impl Scheduler {
         self.inner.bus.publish(Event::new(EventType::Orchestrator, message, body));
     }
 
+    /// Publishes an event about a VM owned by `owner` (`None`: no recorded owner): only who
+    /// may see that VM receives it.
+    fn publish_vm(&self, message: &str, owner: Option<&str>, body: Value) {
+        let e = Event::new(EventType::Orchestrator, message, body).about_vm(owner.map(str::to_string));
+        self.inner.bus.publish(e);
+    }
+
     /// Whether this scheduler runs leader work now.
     pub fn leadership(&self) -> Leadership {
         lock(&self.inner.leadership).clone()

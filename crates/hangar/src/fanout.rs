@@ -45,6 +45,8 @@ struct Stored {
     event: Event,
     #[serde(default)]
     audience: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    vm_owner: Option<Option<String>>,
 }
 
 /// Event ids seen recently, bounded.
@@ -129,11 +131,12 @@ async fn out(
                 }
                 seq += 1;
                 let id = key(millis(chrono::Utc::now()), &replica, seq);
-                let audience = e.audience.clone();
-                let value = match serde_json::to_value(Stored { replica: replica.clone(), event: e, audience }) {
-                    Ok(v) => v,
-                    Err(_) => continue,
-                };
+                let (audience, vm_owner) = (e.audience.clone(), e.vm_owner.clone());
+                let value =
+                    match serde_json::to_value(Stored { replica: replica.clone(), event: e, audience, vm_owner }) {
+                        Ok(v) => v,
+                        Err(_) => continue,
+                    };
                 batch = batch.put(EVENTS, &id, value);
             }
         }
@@ -179,6 +182,7 @@ async fn tail(store: Arc<dyn Store>, bus: EventBus, replica: String, relayed_ids
                 }
                 let mut event = stored.event;
                 event.audience = stored.audience;
+                event.vm_owner = stored.vm_owner;
                 relayed_ids.lock().unwrap_or_else(|p| p.into_inner()).insert(&event.id);
                 bus.publish(event);
             }
@@ -243,7 +247,7 @@ mod tests {
         start(store.clone(), bus_a.clone(), "a", role_a);
         start(store.clone(), bus_b.clone(), "b", role_b);
 
-        let vm = Event::new(EventType::Pdfm, "VM_STATE_CHANGED", json!({"vm": "v1"}));
+        let vm = Event::new(EventType::Pdfm, "VM_STATE_CHANGED", json!({"vm": "v1"})).about_vm(Some("alice".into()));
         let job = Event::new(EventType::JobManager, "JOB_PROGRESS", json!({"job": "j1"})).for_user("u1");
         let stats = Event::new(EventType::Stats, "System Stats", json!({}));
         for e in [vm.clone(), stats, job.clone()] {
@@ -253,9 +257,11 @@ mod tests {
         assert_eq!(next(&mut seen_a, Duration::from_secs(1)).await.unwrap().id, vm.id);
         next(&mut seen_a, Duration::from_secs(1)).await.unwrap();
         assert_eq!(next(&mut seen_a, Duration::from_secs(1)).await.unwrap().id, job.id);
-        // B gets the fleet events (not the stats), with the job's audience kept.
+        // B gets the fleet events (not the stats), with the VM's owner and the job's
+        // audience kept.
         let got = next(&mut seen_b, Duration::from_secs(10)).await.unwrap();
         assert_eq!((got.id.as_str(), got.message.as_str()), (vm.id.as_str(), "VM_STATE_CHANGED"));
+        assert_eq!(got.vm_owner, Some(Some("alice".to_string())));
         let got = next(&mut seen_b, Duration::from_secs(10)).await.unwrap();
         assert_eq!(got.id, job.id);
         assert_eq!(got.audience.as_deref(), Some("u1"));

@@ -11,7 +11,7 @@
 //! One server runs the host module (on the fake `prlctl`) and the orchestrator, which has
 //! that same server registered as its host. Each allowed call that changes a VM runs on a
 //! fresh VM per path, so both paths see the same state. Registering a VM under another
-//! owner is refused to a plain user.
+//! owner is refused to a plain user. Websocket events about a VM reach only who may see it.
 
 #![allow(clippy::unwrap_used)]
 
@@ -31,6 +31,36 @@ const OTHERS_CLAIMS: &[&str] = &[
     "DELETE_ALL_SNAPSHOTS_VM",
     "REVERT_SNAPSHOT_VM",
 ];
+
+/// Every event `token`'s websocket subscription to `types` receives, as it comes.
+async fn listen(s: &Server, token: &str, types: &str) -> std::sync::Arc<std::sync::Mutex<Vec<Value>>> {
+    use futures::StreamExt;
+    let url =
+        format!("{}/api/v1/ws/subscribe?event_types={types}&access_token={token}", s.url.replacen("http", "ws", 1));
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("subscribe");
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = got.clone();
+    // Subscribed once the server says so: events published after that are all received.
+    loop {
+        let m = tokio::time::timeout(std::time::Duration::from_secs(10), ws.next()).await.unwrap().unwrap().unwrap();
+        if m.to_text().is_ok_and(|t| t.contains("CLIENT_SUBSCRIBED")) {
+            break;
+        }
+    }
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = ws.next().await {
+            if let Ok(v) = serde_json::from_str::<Value>(m.to_text().unwrap_or_default()) {
+                seen.lock().unwrap().push(v);
+            }
+        }
+    });
+    got
+}
+
+/// The VM ids the events in `events` are about.
+fn vm_ids(events: &std::sync::Mutex<Vec<Value>>) -> Vec<String> {
+    events.lock().unwrap().iter().filter_map(|e| e["body"]["vm_id"].as_str().map(String::from)).collect()
+}
 
 struct Fixture {
     c: reqwest::Client,
@@ -142,6 +172,8 @@ async fn send(f: &Fixture, who: &Auth, base: &str, id: &str, sid: &str, o: &Op) 
 async fn every_vm_operation_answers_the_same_on_the_host_and_through_the_orchestrator() {
     let dir = tempfile::tempdir().unwrap();
     let fake = FakeParallels::new(&dir.path().join("prl"));
+    // Room for the VMs below, bob's own beside alice's.
+    fake.size(32, 65536);
     let uploads = dir.path().join("uploads");
     std::fs::create_dir_all(&uploads).unwrap();
     let upload_file = uploads.join("in.txt");
@@ -173,8 +205,13 @@ async fn every_vm_operation_answers_the_same_on_the_host_and_through_the_orchest
     // Log in after the grants (a token carries no claims: they are read per request, but
     // make the order plain).
     let alice = Auth::Bearer(login(&f.c, &f.s, "alice", USER_PASSWORD).await);
-    let bob = Auth::Bearer(login(&f.c, &f.s, "bob", USER_PASSWORD).await);
-    let ops_user = Auth::Bearer(login(&f.c, &f.s, "ops", USER_PASSWORD).await);
+    let bob_token = login(&f.c, &f.s, "bob", USER_PASSWORD).await;
+    let bob = Auth::Bearer(bob_token.clone());
+    let ops_token = login(&f.c, &f.s, "ops", USER_PASSWORD).await;
+    let ops_user = Auth::Bearer(ops_token.clone());
+    // VM events, on the host's stream and the orchestrator's, for the whole test.
+    let bob_events = listen(&f.s, &bob_token, "pdfm,orchestrator").await;
+    let ops_events = listen(&f.s, &ops_token, "pdfm,orchestrator").await;
     let callers: [(&str, &Auth, bool); 4] = [
         ("owner", &alice, true),
         ("other user", &bob, false),
@@ -282,6 +319,22 @@ async fn every_vm_operation_answers_the_same_on_the_host_and_through_the_orchest
     assert_eq!(st, 403, "{v}");
     let (st, v) = call(&f.c, Method::PUT, &f.s.api(&format!("/machines/{loose}/start")), &bob, None, &[]).await;
     assert_eq!(st, 200, "{v}");
+
+    // Events: bob hears of his own VMs (the host's state change of his registered VM, the
+    // orchestrator's creation of another), never of alice's or of VMs without an owner;
+    // the claim's holder hears of alice's.
+    let body = json!({"name": "bobs-own", "image": "golden.pvm", "specs": {"cpu": "1", "memory": "256"}});
+    let (st, v) = call(&f.c, Method::POST, &f.s.api("/orchestrator/machines"), &bob, Some(body), &[]).await;
+    assert!((200..300).contains(&st), "{v}");
+    let own = v["id"].as_str().unwrap().to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !(vm_ids(&bob_events).contains(&loose) && vm_ids(&bob_events).contains(&own)) {
+        assert!(std::time::Instant::now() < deadline, "bob's own VM events did not come: {:?}", vm_ids(&bob_events));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let foreign: Vec<String> = vm_ids(&bob_events).into_iter().filter(|id| *id != loose && *id != own).collect();
+    assert!(foreign.is_empty(), "bob heard of VMs not his: {foreign:?}");
+    assert!(vm_ids(&ops_events).contains(&shared), "the claim's holder heard nothing of alice's VM");
 
     // Every allowed change is in the audit log, under the caller.
     let mut text = String::new();

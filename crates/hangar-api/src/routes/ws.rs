@@ -324,7 +324,7 @@ fn too_many() -> ApiError {
 fn visible(e: &Event, p: &Principal, client: &Mutex<Client>) -> bool {
     lock(client).types.contains(&e.event_type)
         && e.event_type.access().check(Some(p)) == Decision::Allow
-        && e.audience.as_ref().is_none_or(|a| *a == p.user_id || p.is_super_user())
+        && e.may_reach(p)
 }
 
 async fn run(

@@ -63,18 +63,20 @@ impl Scheduler {
             }
             HostEvent::VmState { id, state } => {
                 freed = true;
-                let mut previous = None;
+                let (mut previous, mut owner) = (None, None);
                 self.inner.registry.update_in_memory(host_id, |h| {
                     if let Some(vm) = h.vms.iter().find(|v| v.id == id).cloned() {
                         previous = Some(vm.state);
+                        owner = vm.owner.clone();
                         view_upsert(h, VmSummary { state, ..vm });
                     }
                 });
                 // Subscribers (on every replica, through the store's event relay) and the
                 // other replicas' views learn it from this event.
                 if let Some(previous) = previous.filter(|p| *p != state) {
-                    self.publish(
+                    self.publish_vm(
                         VM_STATE_CHANGED,
+                        owner.as_deref(),
                         serde_json::json!({"host_id": host_id, "vm_id": id,
                             "previous_state": previous.as_str(), "current_state": state.as_str()}),
                     );

@@ -380,8 +380,9 @@ impl Scheduler {
             return Err(e);
         }
         info!(host = %host_id, vm = %record.id, "VM created");
-        self.publish(
+        self.publish_vm(
             "VM_CREATED",
+            Some(&record.owner),
             json!({"vm_id": record.id, "host_id": host_id, "name": record.name, "expires_at": record.expires_at}),
         );
         Ok(record)
@@ -477,6 +478,15 @@ impl Scheduler {
             Some((r, _)) => r.host_id.clone(),
             None => self.host_of(vm_id).await?,
         };
+        let owner = match &record {
+            Some((r, _)) => Some(r.owner.clone()),
+            None => self
+                .inner
+                .registry
+                .get(&host_id)
+                .ok()
+                .and_then(|h| h.vms.iter().find(|v| v.id == vm_id).and_then(|v| v.owner.clone())),
+        };
         let client = self.client(&host_id).await?;
         match timed(self.inner.config.call_timeout, "delete VM", client.vm_op(vm_id, VmOp::Delete { force: true }))
             .await
@@ -509,7 +519,7 @@ impl Scheduler {
             }
             Err(e) => return Err(e),
         }
-        self.publish("VM_DELETED", json!({"vm_id": vm_id, "host_id": host_id, "action": action}));
+        self.publish_vm("VM_DELETED", owner.as_deref(), json!({"vm_id": vm_id, "host_id": host_id, "action": action}));
         Ok(())
     }
 
@@ -549,7 +559,7 @@ impl Scheduler {
             }
             Err(e) => return Err(e.into()),
         }
-        self.publish("VM_TTL_EXTENDED", json!({"vm_id": vm_id, "expires_at": new}));
+        self.publish_vm("VM_TTL_EXTENDED", Some(&vm.owner), json!({"vm_id": vm_id, "expires_at": new}));
         Ok(vm)
     }
 
@@ -596,7 +606,7 @@ impl Scheduler {
             match result {
                 Ok(()) => {
                     info!(vm = %vm.id, host = %vm.host_id, "expired VM deleted");
-                    self.publish("VM_EXPIRED", json!({"vm_id": vm.id, "host_id": vm.host_id}));
+                    self.publish_vm("VM_EXPIRED", Some(&vm.owner), json!({"vm_id": vm.id, "host_id": vm.host_id}));
                     report.deleted.push(vm.id);
                 }
                 Err(e) => {

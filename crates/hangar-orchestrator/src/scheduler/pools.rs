@@ -344,7 +344,8 @@ impl Scheduler {
         match self.inner.registry.store().commit(b).await {
             Ok(_) => {
                 info!(vm = %vm_id, pool = %pool, "warm VM ready");
-                self.publish("POOL_VM_READY", json!({"vm_id": vm_id, "pool": pool, "host_id": vm.host_id}));
+                let body = json!({"vm_id": vm_id, "pool": pool, "host_id": vm.host_id});
+                self.publish_vm("POOL_VM_READY", Some(&vm.owner), body);
             }
             Err(e) => debug!(vm = %vm_id, error = %e, "cannot mark a warm VM ready"),
         }
@@ -519,7 +520,8 @@ impl Scheduler {
             }
         });
         info!(vm = %id, pool = %pool, "warm VM claimed");
-        self.publish("POOL_VM_CLAIMED", json!({"vm_id": id, "pool": pool, "host_id": vm.host_id, "name": name}));
+        let body = json!({"vm_id": id, "pool": pool, "host_id": vm.host_id, "name": name});
+        self.publish_vm("POOL_VM_CLAIMED", Some(&vm.owner), body);
         Ok(Some(vm))
     }
 
@@ -559,7 +561,9 @@ impl Scheduler {
                         match self.delete_inner(&Actor::system(), id, "orchestrator.pool.evict", None).await {
                             Ok(()) => {
                                 info!(vm = %id, host = %host_id, "warm VM evicted for a request");
-                                self.publish("POOL_VM_EVICTED", json!({"vm_id": id, "host_id": host_id}));
+                                // A warm VM: the pool's, not a user's.
+                                let body = json!({"vm_id": id, "host_id": host_id});
+                                self.publish_vm("POOL_VM_EVICTED", None, body);
                                 evicted += 1;
                             }
                             Err(e) => warn!(vm = %id, error = %e, "cannot evict a warm VM"),
