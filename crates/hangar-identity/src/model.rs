@@ -78,7 +78,39 @@ pub struct UserView {
     pub updated_at: DateTime<Utc>,
 }
 
+/// Who a user known only through an OIDC provider is: ids and names, as
+/// [`StoredUser::external`] takes them.
+pub struct ExternalUser {
+    pub id: String,
+    pub username: String,
+    pub name: String,
+    pub email: String,
+    pub from: ExternalIdentity,
+}
+
 impl StoredUser {
+    /// A user known only through an OIDC provider, with the roles and claims its mapping
+    /// grants: no local password, never locked, a fresh security stamp.
+    pub fn external(who: ExternalUser, roles: Vec<String>, claims: Vec<String>, at: DateTime<Utc>) -> StoredUser {
+        StoredUser {
+            id: who.id,
+            username: who.username,
+            name: who.name,
+            email: who.email,
+            password_hash: String::new(),
+            roles,
+            claims,
+            disabled: false,
+            failed_login_attempts: 0,
+            lockouts: 0,
+            locked_until: None,
+            security_stamp: uuid::Uuid::new_v4().to_string(),
+            external: Some(who.from),
+            created_at: at,
+            updated_at: at,
+        }
+    }
+
     pub fn view(&self) -> UserView {
         let blocked = self.locked_until.is_some_and(|t| t > Utc::now());
         UserView {

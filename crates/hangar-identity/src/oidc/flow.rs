@@ -17,7 +17,9 @@ use tracing::{info, warn};
 use super::jwks::Provider;
 use super::{OIDC_LOGINS, Oidc};
 use crate::error::{IdentityError, Result};
-use crate::model::{EXTERNAL_IDS, ExternalIdentity, IssuedToken, StoredUser, USER_EMAILS, USER_NAMES, USERS};
+use crate::model::{
+    EXTERNAL_IDS, ExternalIdentity, ExternalUser, IssuedToken, StoredUser, USER_EMAILS, USER_NAMES, USERS,
+};
 use crate::service::{
     Identity, NewSession, SessionAuth, audit, check_email, check_username, from_value, now, random_token, to_value,
 };
@@ -361,24 +363,15 @@ impl Identity {
         }
         let sub = claims.get("sub").and_then(Value::as_str).unwrap_or_default();
         let name = claims.get("client_id").and_then(Value::as_str).unwrap_or(sub);
-        let t = now();
-        let synthetic = StoredUser {
+        let who = ExternalUser {
             id: format!("oidc:{}:{sub}", p.config.id),
             username: format!("{name}@{}", p.config.id),
             name: name.to_string(),
             email: String::new(),
-            password_hash: String::new(),
-            roles,
-            claims: direct,
-            disabled: false,
-            failed_login_attempts: 0,
-            lockouts: 0,
-            locked_until: None,
-            security_stamp: String::new(),
-            external: Some(ExternalIdentity { provider: p.config.id.clone(), subject: sub.to_string() }),
-            created_at: t,
-            updated_at: t,
+            from: ExternalIdentity { provider: p.config.id.clone(), subject: sub.to_string() },
         };
+        // Never stored: a principal for this request only, so no security stamp.
+        let synthetic = StoredUser { security_stamp: String::new(), ..StoredUser::external(who, roles, direct, now()) };
         self.principal_for(&synthetic, AuthMethod::Jwt).await
     }
 
@@ -558,24 +551,14 @@ impl Identity {
             Some(Ok(e)) if self.store().get(USER_EMAILS, &e.to_lowercase()).await?.is_none() => e,
             _ => format!("{short}@{pid}.sso.invalid"),
         };
-        let t = now();
-        Ok(StoredUser {
+        let who = ExternalUser {
             id: uuid::Uuid::now_v7().to_string(),
             username,
             name: s("name").unwrap_or(base).chars().take(200).collect(),
             email,
-            password_hash: String::new(),
-            roles,
-            claims: direct,
-            disabled: false,
-            failed_login_attempts: 0,
-            lockouts: 0,
-            locked_until: None,
-            security_stamp: uuid::Uuid::new_v4().to_string(),
-            external: Some(ExternalIdentity { provider: pid.to_string(), subject: sub.to_string() }),
-            created_at: t,
-            updated_at: t,
-        })
+            from: ExternalIdentity { provider: pid.to_string(), subject: sub.to_string() },
+        };
+        Ok(StoredUser::external(who, roles, direct, now()))
     }
 }
 
