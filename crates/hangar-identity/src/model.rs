@@ -78,26 +78,30 @@ pub struct UserView {
     pub updated_at: DateTime<Utc>,
 }
 
-/// Who a user known only through an OIDC provider is: ids and names, as
-/// [`StoredUser::external`] takes them.
-pub struct ExternalUser {
+/// Who a new user is: ids and names, as [`StoredUser::new`] takes them.
+pub struct NewUserIds {
     pub id: String,
     pub username: String,
     pub name: String,
     pub email: String,
-    pub from: ExternalIdentity,
 }
 
 impl StoredUser {
-    /// A user known only through an OIDC provider, with the roles and claims its mapping
-    /// grants: no local password, never locked, a fresh security stamp.
-    pub fn external(who: ExternalUser, roles: Vec<String>, claims: Vec<String>, at: DateTime<Utc>) -> StoredUser {
+    /// A new local user with the password hash, roles and claims given: enabled, never
+    /// locked, a fresh security stamp.
+    pub fn new(
+        who: NewUserIds,
+        password_hash: String,
+        roles: Vec<String>,
+        claims: Vec<String>,
+        at: DateTime<Utc>,
+    ) -> Self {
         StoredUser {
             id: who.id,
             username: who.username,
             name: who.name,
             email: who.email,
-            password_hash: String::new(),
+            password_hash,
             roles,
             claims,
             disabled: false,
@@ -105,10 +109,22 @@ impl StoredUser {
             lockouts: 0,
             locked_until: None,
             security_stamp: uuid::Uuid::new_v4().to_string(),
-            external: Some(who.from),
+            external: None,
             created_at: at,
             updated_at: at,
         }
+    }
+
+    /// A user known only through an OIDC provider (no local password), with the roles and
+    /// claims its mapping grants.
+    pub fn external(
+        who: NewUserIds,
+        from: ExternalIdentity,
+        roles: Vec<String>,
+        claims: Vec<String>,
+        at: DateTime<Utc>,
+    ) -> Self {
+        StoredUser { external: Some(from), ..StoredUser::new(who, String::new(), roles, claims, at) }
     }
 
     pub fn view(&self) -> UserView {

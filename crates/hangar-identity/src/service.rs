@@ -312,23 +312,13 @@ impl Identity {
                     }
                 };
                 let hash = self.hash_password(pw).await?;
-                let user = StoredUser {
+                let who = NewUserIds {
                     id: uuid::Uuid::now_v7().to_string(),
                     username: ROOT_USERNAME.into(),
                     name: "Root".into(),
                     email: ROOT_EMAIL.into(),
-                    password_hash: hash,
-                    roles: vec![SUPER_USER_ROLE.into()],
-                    claims: vec![],
-                    disabled: false,
-                    failed_login_attempts: 0,
-                    lockouts: 0,
-                    locked_until: None,
-                    security_stamp: uuid::Uuid::new_v4().to_string(),
-                    external: None,
-                    created_at: t,
-                    updated_at: t,
                 };
+                let user = StoredUser::new(who, hash, vec![SUPER_USER_ROLE.into()], vec![], t);
                 let batch = self.user_insert_batch(&user)?;
                 let batch = audit(batch, &actor, "user.create", "user", &user.id, json!({"username": ROOT_USERNAME}))?;
                 self.commit(batch).await?;
@@ -828,24 +818,8 @@ impl Identity {
         }
         self.check_grantable(by, &roles, &claims).await?;
         let hash = self.hash_password(input.password.clone()).await?;
-        let t = now();
-        let user = StoredUser {
-            id: uuid::Uuid::now_v7().to_string(),
-            username,
-            name,
-            email,
-            password_hash: hash,
-            roles,
-            claims,
-            disabled: false,
-            failed_login_attempts: 0,
-            lockouts: 0,
-            locked_until: None,
-            security_stamp: uuid::Uuid::new_v4().to_string(),
-            external: None,
-            created_at: t,
-            updated_at: t,
-        };
+        let who = NewUserIds { id: uuid::Uuid::now_v7().to_string(), username, name, email };
+        let user = StoredUser::new(who, hash, roles, claims, now());
         let batch = self.user_insert_batch(&user)?;
         let batch = audit(
             batch,

@@ -18,7 +18,7 @@ use super::jwks::Provider;
 use super::{OIDC_LOGINS, Oidc};
 use crate::error::{IdentityError, Result};
 use crate::model::{
-    EXTERNAL_IDS, ExternalIdentity, ExternalUser, IssuedToken, StoredUser, USER_EMAILS, USER_NAMES, USERS,
+    EXTERNAL_IDS, ExternalIdentity, IssuedToken, NewUserIds, StoredUser, USER_EMAILS, USER_NAMES, USERS,
 };
 use crate::service::{
     Identity, NewSession, SessionAuth, audit, check_email, check_username, from_value, now, random_token, to_value,
@@ -363,15 +363,16 @@ impl Identity {
         }
         let sub = claims.get("sub").and_then(Value::as_str).unwrap_or_default();
         let name = claims.get("client_id").and_then(Value::as_str).unwrap_or(sub);
-        let who = ExternalUser {
+        let who = NewUserIds {
             id: format!("oidc:{}:{sub}", p.config.id),
             username: format!("{name}@{}", p.config.id),
             name: name.to_string(),
             email: String::new(),
-            from: ExternalIdentity { provider: p.config.id.clone(), subject: sub.to_string() },
         };
+        let from = ExternalIdentity { provider: p.config.id.clone(), subject: sub.to_string() };
         // Never stored: a principal for this request only, so no security stamp.
-        let synthetic = StoredUser { security_stamp: String::new(), ..StoredUser::external(who, roles, direct, now()) };
+        let synthetic =
+            StoredUser { security_stamp: String::new(), ..StoredUser::external(who, from, roles, direct, now()) };
         self.principal_for(&synthetic, AuthMethod::Jwt).await
     }
 
@@ -551,14 +552,14 @@ impl Identity {
             Some(Ok(e)) if self.store().get(USER_EMAILS, &e.to_lowercase()).await?.is_none() => e,
             _ => format!("{short}@{pid}.sso.invalid"),
         };
-        let who = ExternalUser {
+        let who = NewUserIds {
             id: uuid::Uuid::now_v7().to_string(),
             username,
             name: s("name").unwrap_or(base).chars().take(200).collect(),
             email,
-            from: ExternalIdentity { provider: pid.to_string(), subject: sub.to_string() },
         };
-        Ok(StoredUser::external(who, roles, direct, now()))
+        let from = ExternalIdentity { provider: pid.to_string(), subject: sub.to_string() };
+        Ok(StoredUser::external(who, from, roles, direct, now()))
     }
 }
 

@@ -301,22 +301,15 @@ impl Identity {
             let by_email = self.find_user_rev(&email).await?.filter(|(x, _)| x.id != u.id);
             let existing = by_id.or(by_name.clone()).or(by_email.clone());
             let Some((old, rev)) = existing else {
-                let user = StoredUser {
+                let who = NewUserIds {
                     id: u.id.clone(),
                     username: username.clone(),
                     name: u.name.clone(),
                     email: email.clone(),
-                    password_hash: u.password_hash.clone(),
-                    roles: wanted_roles,
-                    claims: wanted_claims,
-                    disabled: false,
-                    failed_login_attempts: 0,
-                    lockouts: 0,
-                    locked_until: None,
-                    security_stamp: uuid::Uuid::new_v4().to_string(),
-                    external: None,
+                };
+                let user = StoredUser {
                     created_at: u.created_at.unwrap_or(t),
-                    updated_at: t,
+                    ..StoredUser::new(who, u.password_hash.clone(), wanted_roles, wanted_claims, t)
                 };
                 batch = insert_user(batch, &user)?;
                 user_ids.insert(u.id.clone(), user.id.clone());
@@ -404,23 +397,13 @@ impl Identity {
                 None => {
                     // A password nobody knows: the user is reached through its keys only.
                     let hash = self.hash_password(password::generate()?).await?;
-                    let user = StoredUser {
+                    let who = NewUserIds {
                         id: uuid::Uuid::now_v7().to_string(),
                         username: username.clone(),
                         name: "Reference API keys with no user".into(),
                         email: format!("{username}@localhost"),
-                        password_hash: hash,
-                        roles: roles.clone(),
-                        claims: vec![],
-                        disabled: false,
-                        failed_login_attempts: 0,
-                        lockouts: 0,
-                        locked_until: None,
-                        security_stamp: uuid::Uuid::new_v4().to_string(),
-                        external: None,
-                        created_at: t,
-                        updated_at: t,
                     };
+                    let user = StoredUser::new(who, hash, roles.clone(), vec![], t);
                     batch = insert_user(batch, &user)?;
                     report.users.created.push(username.clone());
                     service_id = Some(user.id);
