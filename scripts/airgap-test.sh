@@ -33,14 +33,22 @@ work=$(mktemp -d /tmp/hangar-airgap.XXXXXX)
 ns=hangar-airgap-$$
 server=""
 cleanup() {
+    local rc=$?
     if [ -n "$server" ] && kill -0 "$server" 2>/dev/null; then
         kill -TERM "$server" 2>/dev/null || true
         local deadline=$(( $(date +%s) + 20 ))
         while kill -0 "$server" 2>/dev/null && [ "$(date +%s)" -lt "$deadline" ]; do sleep 0.1; done
         kill -KILL "$server" 2>/dev/null || true
     fi
+    # Stopping the server must stop it: nothing of the test outlives it.
+    if pgrep -f "$work/prefix/bin/hangar" >/dev/null; then
+        say "a process of the installed hangar outlived the test; killing it"
+        pkill -KILL -f "$work/prefix/bin/hangar" || true
+        rc=1
+    fi
     ip netns del "$ns" 2>/dev/null || true
     if [ "$keep" = 1 ]; then say "kept $work"; else rm -rf "$work"; fi
+    exit "$rc"
 }
 trap cleanup EXIT
 started=$(date +%s%N)
@@ -96,7 +104,10 @@ say "a damaged bundle is refused ($(grep -c FAILED "$work/damaged.log") file FAI
 # The installed binary serves inside the namespace and answers over loopback.
 t=$(date +%s%N)
 port=3080
-in_ns env -u ROOT_PASSWORD -u HANGAR_CONFIG ROOT_PASSWORD=Airgap-Passw0rd-1 "$work/prefix/bin/hangar" serve \
+# Not through in_ns: a backgrounded shell function is a subshell, whose pid is not the
+# server's (stopping it left the server running after the test). ip and env exec, so $! is
+# the server itself.
+ip netns exec "$ns" env -u ROOT_PASSWORD -u HANGAR_CONFIG ROOT_PASSWORD=Airgap-Passw0rd-1 "$work/prefix/bin/hangar" serve \
     --data-dir "$work/data" --port "$port" --set API_HOST=127.0.0.1 --set ENABLED_MODULES=api,orchestrator \
     > "$work/server.log" 2>&1 < /dev/null &
 server=$!
