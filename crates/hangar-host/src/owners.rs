@@ -42,10 +42,8 @@ impl Owners {
 
     /// The Hangar owner of `vm`, if known.
     pub async fn owner_of(&self, vm: &VmInfo) -> Result<Option<String>> {
-        if let Some(r) = self.store.get(VM_OWNERS, &vm.id).await? {
-            let rec: OwnerRecord = serde_json::from_value(r.value)
-                .map_err(|e| HostError::Internal(format!("owner record of {} is unreadable: {e}", vm.id)))?;
-            return Ok(Some(rec.owner));
+        if let Some(owner) = self.recorded(&vm.id).await? {
+            return Ok(Some(owner));
         }
         Ok(match vm.hypervisor {
             HypervisorKind::Qemu => vm.owner.clone().filter(|o| !o.is_empty()),
@@ -53,38 +51,38 @@ impl Owners {
         })
     }
 
+    /// The owner recorded for the VM with id `vm`, if any (no driver fallback).
+    async fn recorded(&self, vm: &str) -> Result<Option<String>> {
+        let Some(r) = self.store.get(VM_OWNERS, vm).await? else { return Ok(None) };
+        let rec: OwnerRecord = serde_json::from_value(r.value)
+            .map_err(|e| HostError::Internal(format!("owner record of {vm} is unreadable: {e}")))?;
+        Ok(Some(rec.owner))
+    }
+
     /// The Hangar owner of the VM a driver event is about, for filtering who receives it.
     /// `known` remembers owners found (a VM's record may be gone by its removal event); an
     /// owner not recorded yet (a VM's first event can come before its record) is looked up
     /// again at its next event. A record that cannot be read counts as no owner.
     pub async fn event_owner(&self, e: &VmEvent, known: &mut HashMap<String, String>) -> Option<String> {
-        let found = match e {
-            VmEvent::Added { vm } | VmEvent::Updated { vm } => self.owner_of(vm).await.ok().flatten(),
+        let (id, found) = match e {
+            VmEvent::Added { vm } | VmEvent::Updated { vm } => (&vm.id, self.owner_of(vm).await.ok().flatten()),
             VmEvent::Removed { id } => {
                 return match known.remove(id) {
                     Some(o) => Some(o),
-                    None => self.recorded(id).await,
+                    None => self.recorded(id).await.ok().flatten(),
                 };
             }
-            VmEvent::StateChanged { id, .. } | VmEvent::IpChanged { id, .. } => match known.get(id) {
-                Some(o) => return Some(o.clone()),
-                None => self.recorded(id).await,
-            },
-        };
-        let id = match e {
-            VmEvent::Added { vm } | VmEvent::Updated { vm } => &vm.id,
-            VmEvent::StateChanged { id, .. } | VmEvent::IpChanged { id, .. } | VmEvent::Removed { id } => id,
+            VmEvent::StateChanged { id, .. } | VmEvent::IpChanged { id, .. } => {
+                if let Some(o) = known.get(id) {
+                    return Some(o.clone());
+                }
+                (id, self.recorded(id).await.ok().flatten())
+            }
         };
         if let Some(o) = &found {
             known.insert(id.clone(), o.clone());
         }
         found
-    }
-
-    /// The owner recorded for the VM with id `vm`, if any (no driver fallback).
-    async fn recorded(&self, vm: &str) -> Option<String> {
-        let r = self.store.get(VM_OWNERS, vm).await.ok()??;
-        serde_json::from_value::<OwnerRecord>(r.value).ok().map(|rec| rec.owner)
     }
 
     /// Record `owner` for `vm`, with `entry` in the same batch.
