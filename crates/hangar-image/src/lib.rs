@@ -106,10 +106,41 @@ pub(crate) fn join_err(e: tokio::task::JoinError) -> ImageError {
     ImageError::Task(e.to_string())
 }
 
+thread_local! {
+    /// One zstd decompression context per thread, reused: making one per
+    /// 64 KiB chunk costs more than decompressing it.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+    /// One zstd compression context per thread, reused, with its level.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// zstd-compresses one chunk at `level` with this thread's context.
+pub(crate) fn compress_chunk(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let ctx = match &mut *slot {
+            Some((l, c)) if *l == level => c,
+            other => &mut other.insert((level, zstd::bulk::Compressor::new(level)?)).1,
+        };
+        ctx.compress(data)
+    })
+}
+
 /// zstd-decompresses a stored chunk and checks its length and blake3 hash.
 pub fn decode_chunk(stored: &[u8], hash: &str, length: u64) -> std::result::Result<Vec<u8>, String> {
     let cap = usize::try_from(length).map_err(|_| "length does not fit in memory".to_string())?;
-    let data = zstd::bulk::decompress(stored, cap).map_err(|e| format!("zstd: {e}"))?;
+    let data = DECOMPRESSOR
+        .with(|cell| {
+            let mut slot = cell.borrow_mut();
+            let ctx = match &mut *slot {
+                Some(c) => c,
+                none => none.insert(zstd::bulk::Decompressor::new()?),
+            };
+            ctx.decompress(stored, cap)
+        })
+        .map_err(|e| format!("zstd: {e}"))?;
     if data.len() as u64 != length {
         return Err(format!("decompressed to {} bytes, expected {length}", data.len()));
     }

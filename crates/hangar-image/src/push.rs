@@ -383,7 +383,7 @@ async fn upload_packed(
             let length = job.data.len() as u64;
             let hash = job.hash;
             let data = job.data;
-            let c = tokio::task::spawn_blocking(move || zstd::bulk::compress(&data, level))
+            let c = tokio::task::spawn_blocking(move || crate::compress_chunk(&data, level))
                 .await
                 .map_err(join_err)?
                 .map_err(|e| ImageError::Task(format!("zstd: {e}")))?;
@@ -545,7 +545,7 @@ async fn push_leased(
                         let length = job.data.len() as u64;
                         let hash = job.hash;
                         let data = job.data;
-                        let compressed = tokio::task::spawn_blocking(move || zstd::bulk::compress(&data, level))
+                        let compressed = tokio::task::spawn_blocking(move || crate::compress_chunk(&data, level))
                             .await
                             .map_err(join_err)?
                             .map_err(|e| ImageError::Task(format!("zstd: {e}")))?;
