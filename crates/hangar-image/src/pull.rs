@@ -121,14 +121,107 @@ fn coalesce(mut uses: Vec<Use>) -> Vec<RangeWork> {
     out
 }
 
+/// Bytes written to the image's files after which the writeback thread
+/// flushes them to disk, while the pull goes on downloading.
+const FLUSH_EVERY: u64 = 32 * 1024 * 1024;
+
+/// The regular files being written, opened once, and their writeback.
+struct Outputs {
+    paths: Vec<PathBuf>,
+    files: Vec<fs::File>,
+    writeback: Writeback,
+}
+
+/// What the pull has written since the last flush, per file.
+#[derive(Default)]
+struct Dirty {
+    per_file: HashMap<usize, u64>,
+    total: u64,
+    stop: bool,
+    failed: Option<ImageError>,
+}
+
+/// Flushes written data to disk in the background (`fdatasync` every
+/// [`FLUSH_EVERY`] bytes), so the disk writes overlap the downloads and the
+/// final sync of the files has little left to do. A flush error fails the
+/// pull: it is kept and returned by [`Writeback::failed`], because the
+/// kernel reports a writeback error to one sync only.
+#[derive(Default)]
+struct Writeback {
+    dirty: std::sync::Mutex<Dirty>,
+    wake: std::sync::Condvar,
+}
+
+impl Writeback {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Dirty> {
+        self.dirty.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn wrote(&self, file: usize, bytes: u64) {
+        let mut d = self.lock();
+        *d.per_file.entry(file).or_default() += bytes;
+        d.total += bytes;
+        if d.total >= FLUSH_EVERY {
+            self.wake.notify_one();
+        }
+    }
+
+    /// The writeback thread's loop; returns when [`Writeback::stop`] is called.
+    fn run(out: &Outputs) {
+        let wb = &out.writeback;
+        loop {
+            let files: Vec<usize> = {
+                let mut d = wb.lock();
+                while d.total < FLUSH_EVERY && !d.stop {
+                    d = wb.wake.wait(d).unwrap_or_else(|poisoned| poisoned.into_inner());
+                }
+                if d.stop || d.failed.is_some() {
+                    return;
+                }
+                d.total = 0;
+                d.per_file.drain().map(|(f, _)| f).collect()
+            };
+            for i in files {
+                let (Some(f), Some(p)) = (out.files.get(i), out.paths.get(i)) else { continue };
+                if let Err(e) = f.sync_data() {
+                    wb.lock().failed = Some(io_err("sync", p)(e));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn stop(&self) {
+        self.lock().stop = true;
+        self.wake.notify_all();
+    }
+
+    /// The error a flush met, if any (once the thread has stopped).
+    fn failed(&self) -> Result<()> {
+        match self.lock().failed.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Stops the writeback thread when the pull ends, however it ends.
+struct StopWriteback(Arc<Outputs>);
+
+impl Drop for StopWriteback {
+    fn drop(&mut self) {
+        self.0.writeback.stop();
+    }
+}
+
 /// Writes one chunk's bytes everywhere it goes.
-fn write_targets(data: &[u8], targets: &[(usize, u64)], file_paths: &[PathBuf]) -> Result<()> {
+fn write_targets(data: &[u8], targets: &[(usize, u64)], out: &Outputs) -> Result<()> {
     for (file_idx, offset) in targets {
-        let Some(path) = file_paths.get(*file_idx) else {
+        let (Some(path), Some(f)) = (out.paths.get(*file_idx), out.files.get(*file_idx)) else {
             continue;
         };
-        let f = fs::File::options().write(true).open(path).map_err(io_err("open", path))?;
-        write_sparse(&f, data, *offset).map_err(io_err("write", path))?;
+        write_sparse(f, data, *offset).map_err(io_err("write", path))?;
+        out.writeback.wrote(*file_idx, data.len() as u64);
     }
     Ok(())
 }
@@ -160,9 +253,9 @@ fn write_sparse(file: &fs::File, data: &[u8], offset: u64) -> std::io::Result<()
     Ok(())
 }
 
-fn prepare(manifest: &Manifest, tmp: &Path) -> Result<Vec<PathBuf>> {
+fn prepare(manifest: &Manifest, tmp: &Path) -> Result<Outputs> {
     fs::create_dir(tmp).map_err(io_err("create", tmp))?;
-    let mut files = Vec::new();
+    let mut out = Outputs { paths: Vec::new(), files: Vec::new(), writeback: Writeback::default() };
     for e in &manifest.entries {
         let path = tmp.join(e.path());
         match e {
@@ -173,19 +266,21 @@ fn prepare(manifest: &Manifest, tmp: &Path) -> Result<Vec<PathBuf>> {
             Entry::File { size, .. } => {
                 let f = fs::File::create(&path).map_err(io_err("create", &path))?;
                 f.set_len(*size).map_err(io_err("size", &path))?;
-                files.push(path);
+                out.paths.push(path);
+                out.files.push(f);
             }
         }
     }
-    Ok(files)
+    Ok(out)
 }
 
-fn finish(manifest: &Manifest, tmp: &Path) -> Result<()> {
+fn finish(manifest: &Manifest, tmp: &Path, out: &Outputs) -> Result<()> {
+    for (f, p) in out.files.iter().zip(&out.paths) {
+        f.sync_all().map_err(io_err("sync", p))?;
+    }
     for e in &manifest.entries {
         if let Entry::File { path, mode, .. } = e {
             let p = tmp.join(path);
-            let f = fs::File::options().write(true).open(&p).map_err(io_err("open", &p))?;
-            f.sync_all().map_err(io_err("sync", &p))?;
             fs::set_permissions(&p, fs::Permissions::from_mode(*mode)).map_err(io_err("chmod", &p))?;
         }
     }
@@ -241,7 +336,12 @@ pub async fn pull(
 
     let m = manifest.clone();
     let t = tmp.clone();
-    let file_paths = Arc::new(tokio::task::spawn_blocking(move || prepare(&m, &t)).await.map_err(join_err)??);
+    let outputs = Arc::new(tokio::task::spawn_blocking(move || prepare(&m, &t)).await.map_err(join_err)??);
+    let stop_writeback = StopWriteback(outputs.clone());
+    let flusher = {
+        let out = outputs.clone();
+        tokio::task::spawn_blocking(move || Writeback::run(&out))
+    };
 
     // Distinct chunks in first-use order, each with every place it goes.
     let mut uses: Vec<Use> = Vec::new();
@@ -284,14 +384,14 @@ pub async fn pull(
             let store = store.clone();
             let cache = opts.cache.clone();
             let tracker = tracker.clone();
-            let file_paths = file_paths.clone();
+            let outputs = outputs.clone();
             let file_names = file_names.clone();
             async move {
                 match w {
                     Work::Single(u) => {
-                        fetch_and_write(store, cache, u, file_paths, file_names, &tracker).await.map(|r| vec![r])
+                        fetch_and_write(store, cache, u, outputs, file_names, &tracker).await.map(|r| vec![r])
                     }
-                    Work::Range(r) => fetch_range(store, cache, r, file_paths, file_names, &tracker).await,
+                    Work::Range(r) => fetch_range(store, cache, r, outputs, file_names, &tracker).await,
                 }
             }
         })
@@ -302,11 +402,15 @@ pub async fn pull(
     let results: Vec<(bool, u64)> = results.into_iter().flatten().collect();
 
     tracker.set_phase(Phase::Finishing);
+    drop(stop_writeback);
+    flusher.await.map_err(join_err)?;
+    outputs.writeback.failed()?;
     let m = manifest.clone();
     let t = tmp.clone();
     let d = dest.to_path_buf();
+    let out = outputs.clone();
     tokio::task::spawn_blocking(move || -> Result<()> {
-        finish(&m, &t)?;
+        finish(&m, &t, &out)?;
         if fs::symlink_metadata(&d).is_ok() {
             return Err(ImageError::DestinationExists(d.display().to_string()));
         }
@@ -336,7 +440,7 @@ async fn fetch_range(
     store: Arc<dyn BlobStore>,
     cache: Option<Arc<ChunkCache>>,
     r: RangeWork,
-    file_paths: Arc<Vec<PathBuf>>,
+    outputs: Arc<Outputs>,
     file_names: Arc<Vec<String>>,
     tracker: &Tracker,
 ) -> Result<Vec<(bool, u64)>> {
@@ -364,7 +468,7 @@ async fn fetch_range(
         return Err(corrupt(&uses[0], format!("its pack {key} is shorter than the manifest says")));
     }
     let b2 = bytes.clone();
-    let fp = file_paths.clone();
+    let fp = outputs.clone();
     let checked = tokio::task::spawn_blocking(move || -> std::result::Result<Vec<Use>, Box<(Use, String)>> {
         let mut done = Vec::with_capacity(uses.len());
         for u in uses {
@@ -404,76 +508,69 @@ async fn fetch_range(
     Ok(out)
 }
 
+/// Verifies one stored chunk and writes it everywhere it goes, in one trip
+/// to the blocking pool. The outer error is a failed write; the inner one
+/// says why the chunk does not verify.
+async fn decode_and_write(stored: Bytes, u: &Use, out: &Arc<Outputs>) -> Result<std::result::Result<(), String>> {
+    let (hash, length, targets, out) = (u.hash.clone(), u.length, u.targets.clone(), out.clone());
+    tokio::task::spawn_blocking(move || match decode_chunk(&stored, &hash, length) {
+        Ok(data) => write_targets(&data, &targets, &out).map(Ok),
+        Err(reason) => Ok(Err(reason)),
+    })
+    .await
+    .map_err(join_err)?
+}
+
 /// Gets one chunk (cache first), verifies it, writes it everywhere it goes.
 /// Returns (downloaded?, stored bytes downloaded).
 async fn fetch_and_write(
     store: Arc<dyn BlobStore>,
     cache: Option<Arc<ChunkCache>>,
     u: Use,
-    file_paths: Arc<Vec<PathBuf>>,
+    outputs: Arc<Outputs>,
     file_names: Arc<Vec<String>>,
     tracker: &Tracker,
 ) -> Result<(bool, u64)> {
-    let (first_file, first_offset) = u.targets.first().copied().unwrap_or((0, 0));
-    let first_name = file_names.get(first_file).cloned().unwrap_or_default();
-    let mut data: Option<Vec<u8>> = None;
+    let (first_file, offset) = u.targets.first().copied().unwrap_or((0, 0));
+    let corrupt = |reason: String| ImageError::CorruptChunk {
+        hash: u.hash.clone(),
+        path: file_names.get(first_file).cloned().unwrap_or_default(),
+        offset,
+        reason,
+    };
+    let logical = u.length * u.targets.len() as u64;
     if let Some(cache) = &cache
         && let Some(stored) = cache.get(&u.hash).await
     {
-        let (hash, length) = (u.hash.clone(), u.length);
-        match tokio::task::spawn_blocking(move || decode_chunk(&stored, &hash, length)).await.map_err(join_err)? {
-            Ok(d) => data = Some(d),
+        match decode_and_write(Bytes::from(stored), &u, &outputs).await? {
+            Ok(()) => {
+                tracker.chunk_done(logical, None);
+                return Ok((false, 0));
+            }
             Err(reason) => {
                 warn!(hash = %u.hash, %reason, "cached chunk does not verify; dropping it");
                 cache.remove(&u.hash).await;
             }
         }
     }
-    let mut downloaded = None;
-    let data = match data {
-        Some(d) => d,
-        None => {
-            let got = match u.range {
-                Some((at, stored)) => store.get_range(&u.key, at..at + stored).await,
-                None => store.get(&u.key).await,
-            };
-            let stored = match got {
-                Ok(b) => b,
-                Err(BlobError::NotFound { .. }) => {
-                    return Err(ImageError::CorruptChunk {
-                        hash: u.hash,
-                        path: first_name,
-                        offset: first_offset,
-                        reason: "missing from the store".into(),
-                    });
-                }
-                Err(e) => return Err(e.into()),
-            };
-            let (hash, length) = (u.hash.clone(), u.length);
-            let s2: Bytes = stored.clone();
-            let decoded = tokio::task::spawn_blocking(move || decode_chunk(&s2, &hash, length))
-                .await
-                .map_err(join_err)?
-                .map_err(|reason| ImageError::CorruptChunk {
-                    hash: u.hash.clone(),
-                    path: first_name.clone(),
-                    offset: first_offset,
-                    reason,
-                })?;
-            downloaded = Some(stored.len() as u64);
-            if let Some(cache) = &cache
-                && let Err(e) = cache.insert(&u.hash, stored).await
-            {
-                warn!(hash = %u.hash, error = %e, "could not cache chunk");
-            }
-            decoded
-        }
+    let got = match u.range {
+        Some((at, stored)) => store.get_range(&u.key, at..at + stored).await,
+        None => store.get(&u.key).await,
     };
-    let targets = u.targets;
-    let n = targets.len() as u64;
-    tokio::task::spawn_blocking(move || write_targets(&data, &targets, &file_paths)).await.map_err(join_err)??;
-    tracker.chunk_done(u.length * n, downloaded);
-    Ok((downloaded.is_some(), downloaded.unwrap_or(0)))
+    let stored = match got {
+        Ok(b) => b,
+        Err(BlobError::NotFound { .. }) => return Err(corrupt("missing from the store".into())),
+        Err(e) => return Err(e.into()),
+    };
+    decode_and_write(stored.clone(), &u, &outputs).await?.map_err(corrupt)?;
+    let n = stored.len() as u64;
+    if let Some(cache) = &cache
+        && let Err(e) = cache.insert(&u.hash, stored).await
+    {
+        warn!(hash = %u.hash, error = %e, "could not cache chunk");
+    }
+    tracker.chunk_done(logical, Some(n));
+    Ok((true, n))
 }
 
 #[cfg(test)]
@@ -481,6 +578,29 @@ async fn fetch_and_write(
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn writeback_flushes_once_enough_is_written_and_stops_when_told() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let f = fs::File::create(&p).unwrap();
+        let out = Arc::new(Outputs { paths: vec![p], files: vec![f], writeback: Writeback::default() });
+        let thread = std::thread::spawn({
+            let out = out.clone();
+            move || Writeback::run(&out)
+        });
+        out.writeback.wrote(0, FLUSH_EVERY - 1);
+        assert_eq!(out.writeback.lock().total, FLUSH_EVERY - 1, "flushed before the threshold");
+        out.writeback.wrote(0, 1);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while out.writeback.lock().total != 0 {
+            assert!(std::time::Instant::now() < deadline, "nothing was flushed past the threshold");
+            std::thread::yield_now();
+        }
+        out.writeback.stop();
+        thread.join().unwrap();
+        assert!(out.writeback.failed().is_ok());
+    }
 
     #[test]
     fn sparse_writes_skip_zero_blocks_and_keep_content() {
