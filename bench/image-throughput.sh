@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Image push/pull throughput against moto (S3) on loopback, beside plain
+# Image push/pull throughput against moto (S3), Azurite and the DAV server on loopback, beside plain
 # PUT/GET of the same bytes and a cp of the unpacked image.
 # Usage: bench/image-throughput.sh [image MiB] [concurrency]
 # Starts the test services if needed (scripts/test-services.sh) and leaves

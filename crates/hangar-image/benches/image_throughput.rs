@@ -1,14 +1,24 @@
-//! Push/pull throughput against the S3 server on loopback, beside plain
-//! PUT/GET of the same bytes at the same concurrency and a `cp` of the
-//! unpacked image, all measured in one run.
+//! Push/pull throughput against the test stores on loopback (S3 on moto,
+//! Azure Blob on Azurite, the DAV server), beside plain PUT/GET of the same
+//! bytes at the same concurrency and a `cp` of the unpacked image, all
+//! measured in one run.
 //!
-//! Needs `HANGAR_TEST_S3_ENDPOINT` (`eval "$(scripts/test-services.sh start)"`,
-//! or run `bench/image-throughput.sh`). Knobs: `HANGAR_BENCH_IMAGE_MIB`
-//! (default 256), `HANGAR_BENCH_CONCURRENCY` (default 8), `HANGAR_BENCH_DIR`
+//! Each provider is measured in `HANGAR_BENCH_ROUNDS` rounds (default 3); a
+//! round times every operation once, each push or pull right next to its
+//! baseline, on a fresh prefix, and the table gives the medians, so load from
+//! other processes hits both sides of a ratio alike. The CPU column is this
+//! process's CPU time (all threads) in the median round: what the client
+//! spends, which the store's own share of the machine does not include.
+//!
+//! Needs the test stores' env (`eval "$(scripts/test-services.sh start)"`,
+//! or run `bench/image-throughput.sh`); providers whose env is unset are
+//! skipped. Knobs: `HANGAR_BENCH_IMAGE_MIB` (default 256),
+//! `HANGAR_BENCH_CONCURRENCY` (default 8), `HANGAR_BENCH_ROUNDS` (3),
+//! `HANGAR_BENCH_PROVIDERS` (default `s3 azurite dav`), `HANGAR_BENCH_DIR`
 //! (scratch folder, default the system temp dir).
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,6 +28,38 @@ use hangar_blobstore::conformance::{TestServer, unique_root};
 use hangar_blobstore::{BlobStore, PrefixedStore, open_connection_string};
 use hangar_image::testimage;
 use hangar_image::{CacheLimits, ChunkCache, PullOptions, PushOptions, pull, push};
+
+/// CPU seconds (user + system) this process has used so far, all threads
+/// (from /proc/self/stat, in clock ticks of 1/100 s).
+fn cpu_now() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest.split_whitespace().map(|v| v.parse().unwrap_or(0)).collect();
+    // utime and stime are fields 14 and 15 of the line; 12 and 13 after the name.
+    (f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)) as f64 / 100.0
+}
+
+/// Wall time and this process's CPU time of one operation.
+#[derive(Clone, Copy)]
+struct Took {
+    wall: Duration,
+    cpu: f64,
+}
+
+struct Clock {
+    wall: Instant,
+    cpu: f64,
+}
+
+impl Clock {
+    fn start() -> Self {
+        Clock { wall: Instant::now(), cpu: cpu_now() }
+    }
+    fn took(&self) -> Took {
+        Took { wall: self.wall.elapsed(), cpu: cpu_now() - self.cpu }
+    }
+}
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -38,8 +80,8 @@ fn pieces(dir: &Path, part: usize) -> Vec<Bytes> {
     out
 }
 
-async fn put_all(store: &Arc<dyn BlobStore>, prefix: &str, objs: &[Bytes], conc: usize) -> Duration {
-    let t = Instant::now();
+async fn put_all(store: &Arc<dyn BlobStore>, prefix: &str, objs: &[Bytes], conc: usize) -> Took {
+    let t = Clock::start();
     futures::stream::iter(objs.iter().enumerate())
         .map(|(i, b)| {
             let s = store.clone();
@@ -51,11 +93,11 @@ async fn put_all(store: &Arc<dyn BlobStore>, prefix: &str, objs: &[Bytes], conc:
         .try_collect::<Vec<_>>()
         .await
         .unwrap();
-    t.elapsed()
+    t.took()
 }
 
-async fn get_all(store: &Arc<dyn BlobStore>, keys: Vec<String>, conc: usize) -> Duration {
-    let t = Instant::now();
+async fn get_all(store: &Arc<dyn BlobStore>, keys: Vec<String>, conc: usize) -> Took {
+    let t = Clock::start();
     futures::stream::iter(keys)
         .map(|k| {
             let s = store.clone();
@@ -65,140 +107,176 @@ async fn get_all(store: &Arc<dyn BlobStore>, keys: Vec<String>, conc: usize) -> 
         .try_collect::<Vec<_>>()
         .await
         .unwrap();
-    t.elapsed()
+    t.took()
 }
 
-fn row(name: &str, bytes: u64, d: Duration, base: Option<Duration>) {
-    let mibs = bytes as f64 / (1 << 20) as f64 / d.as_secs_f64();
-    let ratio = base.map_or(String::from("-"), |b| format!("{:.2}x", d.as_secs_f64() / b.as_secs_f64()));
+/// The median of one operation's rounds (by wall time).
+fn median(mut v: Vec<Took>) -> Took {
+    v.sort_by_key(|t| t.wall);
+    v[v.len() / 2]
+}
+
+fn row(name: &str, bytes: u64, d: Took, base: Option<Took>) {
+    let secs = d.wall.as_secs_f64();
+    let mibs = bytes as f64 / (1 << 20) as f64 / secs;
+    let ratio = base.map_or(String::from("-"), |b| format!("{:.2}x", secs / b.wall.as_secs_f64()));
     println!(
-        "| {name:<48} | {:>9.0} | {:>8.2} | {mibs:>10.1} | {ratio:>12} |",
+        "| {name:<48} | {:>9.0} | {secs:>8.2} | {:>7.2} | {mibs:>10.1} | {ratio:>12} |",
         bytes as f64 / (1 << 20) as f64,
-        d.as_secs_f64()
+        d.cpu
     );
 }
 
+/// Every operation's time in each round.
+#[derive(Default)]
+struct Rounds {
+    push: Vec<Took>,
+    pull: Vec<Took>,
+    warm: Vec<Took>,
+    raw_put: Vec<Took>,
+    raw_get: Vec<Took>,
+    stored_put: Vec<Took>,
+    stored_get: Vec<Took>,
+    cp: Vec<Took>,
+}
+
+/// One round on a fresh prefix of `base`: every operation once.
+async fn round(cs: &str, src: &Path, work: &Path, conc: usize, r: &mut Rounds) -> hangar_image::Manifest {
+    let base = open_connection_string(cs).unwrap();
+    let store: Arc<dyn BlobStore> = Arc::new(PrefixedStore::new(base, &unique_root("bench")).unwrap());
+    let dir = tempfile::tempdir_in(work).unwrap();
+
+    let t = Clock::start();
+    let pushed = push(store.clone(), src, "img/m.json", &PushOptions { concurrency: conc, ..PushOptions::default() })
+        .await
+        .unwrap();
+    r.push.push(t.took());
+    // Plain PUT of exactly the objects the push stored: chunks (format 1), or packs and
+    // their indexes (format 2, the default), right after it.
+    let mut stored_keys: Vec<String> = Vec::new();
+    for prefix in [
+        hangar_image::manifest::CHUNK_PREFIX,
+        hangar_image::manifest::PACK_PREFIX,
+        hangar_image::manifest::INDEX_PREFIX,
+    ] {
+        stored_keys.extend(store.list(prefix).await.unwrap().into_iter().map(|o| o.key));
+    }
+    assert!(!stored_keys.is_empty(), "the push stored no object the baseline can copy");
+    let mut stored = Vec::new();
+    for k in &stored_keys {
+        stored.push(store.get(k).await.unwrap());
+    }
+    r.stored_put.push(put_all(&store, "copy", &stored, conc).await);
+    drop(stored);
+
+    let t = Clock::start();
+    pull(
+        store.clone(),
+        "img/m.json",
+        &dir.path().join("pulled"),
+        &PullOptions { concurrency: conc, ..PullOptions::default() },
+    )
+    .await
+    .unwrap();
+    r.pull.push(t.took());
+    let copy_keys = (0..stored_keys.len()).map(|i| format!("copy/{i}")).collect();
+    r.stored_get.push(get_all(&store, copy_keys, conc).await);
+
+    let cache = Arc::new(ChunkCache::open(dir.path().join("cache"), CacheLimits::default()).unwrap());
+    let cached = PullOptions { concurrency: conc, cache: Some(cache), ..PullOptions::default() };
+    pull(store.clone(), "img/m.json", &dir.path().join("warm0"), &cached).await.unwrap();
+    let t = Clock::start();
+    pull(store.clone(), "img/m.json", &dir.path().join("warm1"), &cached).await.unwrap();
+    r.warm.push(t.took());
+
+    let t = Clock::start();
+    let st = std::process::Command::new("cp")
+        .args(["-a", "--sparse=always"])
+        .arg(dir.path().join("pulled"))
+        .arg(dir.path().join("copied"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    r.cp.push(t.took());
+
+    // Plain PUT/GET of the image's raw bytes in 1 MiB objects.
+    let raw = pieces(src, 1 << 20);
+    r.raw_put.push(put_all(&store, "raw", &raw, conc).await);
+    let raw_keys = (0..raw.len()).map(|i| format!("raw/{i}")).collect();
+    r.raw_get.push(get_all(&store, raw_keys, conc).await);
+
+    for o in store.list("").await.unwrap() {
+        store.delete(&o.key).await.unwrap();
+    }
+    pushed.manifest
+}
+
 fn main() {
-    let Some(cs) = TestServer::S3.connection_string() else {
-        eprintln!(
-            "image_throughput: HANGAR_TEST_S3_ENDPOINT is not set; run bench/image-throughput.sh or eval \"$(scripts/test-services.sh start)\" first"
-        );
-        std::process::exit(2);
-    };
     let mib = env_u64("HANGAR_BENCH_IMAGE_MIB", 256);
     let conc = env_u64("HANGAR_BENCH_CONCURRENCY", 8) as usize;
-    let scratch =
-        std::env::var("HANGAR_BENCH_DIR").map(std::path::PathBuf::from).unwrap_or_else(|_| std::env::temp_dir());
+    let rounds = env_u64("HANGAR_BENCH_ROUNDS", 3).max(1);
+    let wanted = std::env::var("HANGAR_BENCH_PROVIDERS").unwrap_or_else(|_| "s3 azurite dav".into());
+    let servers: Vec<(&str, TestServer)> =
+        [("s3", TestServer::S3), ("azurite", TestServer::Azurite), ("dav", TestServer::Artifactory)]
+            .into_iter()
+            .filter(|(name, _)| wanted.split_whitespace().any(|w| w == *name))
+            .collect();
+    let scratch = std::env::var("HANGAR_BENCH_DIR").map(PathBuf::from).unwrap_or_else(|_| std::env::temp_dir());
     let work = tempfile::tempdir_in(scratch).unwrap();
+    let src = work.path().join("vm.pvm");
+    testimage::generate(&src, mib << 20, 7).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    rt.block_on(async move {
-        let src = work.path().join("vm.pvm");
-        testimage::generate(&src, mib << 20, 7).unwrap();
-        let base = open_connection_string(&cs).unwrap();
-        let root = unique_root("bench");
-        let store: Arc<dyn BlobStore> = Arc::new(PrefixedStore::new(base, &root).unwrap());
-
-        let t = Instant::now();
-        let pushed =
-            push(store.clone(), &src, "img/m.json", &PushOptions { concurrency: conc, ..PushOptions::default() })
-                .await
-                .unwrap();
-        let push_t = t.elapsed();
-        let m = &pushed.manifest;
-        let logical = m.total_size;
-
-        let dest = work.path().join("pulled.pvm");
-        let t = Instant::now();
-        pull(store.clone(), "img/m.json", &dest, &PullOptions { concurrency: conc, ..PullOptions::default() })
-            .await
-            .unwrap();
-        let pull_t = t.elapsed();
-
-        let cache = Arc::new(ChunkCache::open(work.path().join("cache"), CacheLimits::default()).unwrap());
-        pull(
-            store.clone(),
-            "img/m.json",
-            &work.path().join("warm0"),
-            &PullOptions { concurrency: conc, cache: Some(cache.clone()), ..PullOptions::default() },
-        )
-        .await
-        .unwrap();
-        let t = Instant::now();
-        pull(
-            store.clone(),
-            "img/m.json",
-            &work.path().join("warm1"),
-            &PullOptions { concurrency: conc, cache: Some(cache), ..PullOptions::default() },
-        )
-        .await
-        .unwrap();
-        let warm_t = t.elapsed();
-
-        // Plain PUT/GET of the image's raw bytes in 1 MiB objects.
-        let raw = pieces(&src, 1 << 20);
-        let raw_bytes: u64 = raw.iter().map(|b| b.len() as u64).sum();
-        let raw_put = put_all(&store, "raw", &raw, conc).await;
-        let raw_keys = (0..raw.len()).map(|i| format!("raw/{i}")).collect();
-        let raw_get = get_all(&store, raw_keys, conc).await;
-        drop(raw);
-
-        // Plain PUT/GET of exactly the objects the push stored: chunks (format 1), or packs
-        // and their indexes (format 2, the default).
-        let mut chunk_keys: Vec<String> = Vec::new();
-        for prefix in [
-            hangar_image::manifest::CHUNK_PREFIX,
-            hangar_image::manifest::PACK_PREFIX,
-            hangar_image::manifest::INDEX_PREFIX,
-        ] {
-            chunk_keys.extend(store.list(prefix).await.unwrap().into_iter().map(|o| o.key));
+    let mut measured = 0;
+    for (name, server) in servers {
+        let Some(cs) = server.connection_string() else {
+            eprintln!("image_throughput: {} is not set; {name} skipped", server.env_var());
+            continue;
+        };
+        measured += 1;
+        let mut r = Rounds::default();
+        let mut manifest = None;
+        for _ in 0..rounds {
+            manifest = Some(rt.block_on(round(&cs, &src, work.path(), conc, &mut r)));
         }
-        assert!(!chunk_keys.is_empty(), "the push stored no object the baseline can copy");
-        let mut stored = Vec::new();
-        for k in &chunk_keys {
-            stored.push(store.get(k).await.unwrap());
-        }
-        let stored_put = put_all(&store, "copy", &stored, conc).await;
-        let copy_keys = (0..stored.len()).map(|i| format!("copy/{i}")).collect();
-        let stored_get = get_all(&store, copy_keys, conc).await;
-
-        let t = Instant::now();
-        let st = std::process::Command::new("cp")
-            .args(["-a", "--sparse=always"])
-            .arg(&dest)
-            .arg(work.path().join("copied.pvm"))
-            .status()
-            .unwrap();
-        assert!(st.success());
-        let cp_t = t.elapsed();
-
+        let Some(m) = manifest else { continue };
+        let raw_bytes = m.total_size;
         println!();
         println!(
-            "image {} MiB logical ({} MiB holes, {} MiB stored in {} chunks), concurrency {conc}, S3 at {}",
-            logical >> 20,
+            "{name}: image {} MiB logical ({} MiB holes, {} MiB stored in {} chunks, {} packs), concurrency {conc}, median of {rounds} rounds, at {}",
+            m.total_size >> 20,
             m.hole_size >> 20,
             m.stored_size >> 20,
             m.unique_chunks,
-            std::env::var("HANGAR_TEST_S3_ENDPOINT").unwrap_or_default()
+            m.packs.len(),
+            std::env::var(server.env_var()).unwrap_or_default()
         );
-        println!("| {:<48} | {:>9} | {:>8} | {:>10} | {:>12} |", "operation", "MiB", "seconds", "MiB/s", "time ratio");
-        println!("|{:-<50}|{:-<11}|{:-<10}|{:-<12}|{:-<14}|", "", "", "", "", "");
+        println!(
+            "| {:<48} | {:>9} | {:>8} | {:>7} | {:>10} | {:>12} |",
+            "operation", "MiB", "seconds", "CPU s", "MiB/s", "time ratio"
+        );
+        println!("|{:-<50}|{:-<11}|{:-<10}|{:-<9}|{:-<12}|{:-<14}|", "", "", "", "", "", "");
+        let (raw_put, raw_get) = (median(r.raw_put), median(r.raw_get));
+        let (stored_put, stored_get) = (median(r.stored_put), median(r.stored_get));
+        let (push_t, pull_t, warm_t, cp_t) = (median(r.push), median(r.pull), median(r.warm), median(r.cp));
         row("plain PUT of raw image bytes (1 MiB objects)", raw_bytes, raw_put, None);
         row("plain PUT of the stored objects (packs, indexes)", m.stored_size, stored_put, None);
-        row("push (chunk+hash+zstd+PUT), vs raw PUT", logical, push_t, Some(raw_put));
-        row("push, vs PUT of the same stored objects", logical, push_t, Some(stored_put));
+        row("push (chunk+hash+zstd+PUT), vs raw PUT", m.total_size, push_t, Some(raw_put));
+        row("push, vs PUT of the same stored objects", m.total_size, push_t, Some(stored_put));
         row("plain GET of raw image bytes (1 MiB objects)", raw_bytes, raw_get, None);
         row("plain GET of the stored objects (packs, indexes)", m.stored_size, stored_get, None);
-        row("pull, no cache (GET+verify+write), vs raw GET", logical, pull_t, Some(raw_get));
-        row("pull, no cache, vs GET of the same objects", logical, pull_t, Some(stored_get));
-        row("cp -a --sparse=always of the unpacked image", logical, cp_t, None);
-        row("pull, no cache, vs cp", logical, pull_t, Some(cp_t));
-        row("pull, warm host cache, vs cp", logical, warm_t, Some(cp_t));
-        println!(
-            "(MiB/s is logical image bytes per second for push/pull/cp; ratio > 1 means slower than the baseline)"
+        row("pull, no cache (GET+verify+write), vs raw GET", m.total_size, pull_t, Some(raw_get));
+        row("pull, no cache, vs GET of the same objects", m.total_size, pull_t, Some(stored_get));
+        row("cp -a --sparse=always of the unpacked image", m.total_size, cp_t, None);
+        row("pull, no cache, vs cp", m.total_size, pull_t, Some(cp_t));
+        row("pull, warm host cache, vs cp", m.total_size, warm_t, Some(cp_t));
+    }
+    if measured == 0 {
+        eprintln!(
+            "image_throughput: no test store is set; run bench/image-throughput.sh or eval \"$(scripts/test-services.sh start)\" first"
         );
-
-        for o in store.list("").await.unwrap() {
-            store.delete(&o.key).await.unwrap();
-        }
-    });
+        std::process::exit(2);
+    }
+    println!(
+        "(MiB/s is logical image bytes per second for push/pull/cp; ratio > 1 means slower than the baseline; CPU s is this process's)"
+    );
 }
