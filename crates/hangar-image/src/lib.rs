@@ -11,7 +11,7 @@
 //!
 //! * format 2, packed (the default): 16 KiB / 64 KiB / 256 KiB chunks
 //!   ([`ChunkParams::packed`]) appended to pack objects of about 8 MiB at
-//!   `packs/<blake3 of the pack and a salt>`, each followed by its [`PackIndex`] at
+//!   `packs/<blake3 of a salt and its chunk hashes>`, each followed by its [`PackIndex`] at
 //!   `packidx/<id>` (hash, offset, stored and plain length of every chunk);
 //!   the manifest names its packs and every chunk's pack and offset. Pushes
 //!   hold a lease and [`gc`] deletes unused packs by a rule safe against them.

@@ -400,18 +400,17 @@ async fn upload_packed(
         uploads.spawn(async move {
             let PackBuf { data, chunks } = buf;
             let data = Bytes::from(data);
-            let d2 = data.clone();
-            // The id is the blake3 of the pack and a random salt: never the key of an
-            // earlier pack with the same bytes, which GC may have condemned already.
+            // The id is the blake3 of a random salt and the pack's chunk hashes: never the
+            // key of an earlier pack with the same chunks, which GC may have condemned
+            // already. (Hashing the pack's bytes again would add nothing: every chunk in it
+            // is verified by its own hash.)
             let salt = uuid::Uuid::new_v4();
-            let id = tokio::task::spawn_blocking(move || {
-                let mut h = blake3::Hasher::new();
-                h.update(&d2);
-                h.update(salt.as_bytes());
-                h.finalize().to_hex().to_string()
-            })
-            .await
-            .map_err(join_err)?;
+            let mut h = blake3::Hasher::new();
+            h.update(salt.as_bytes());
+            for c in &chunks {
+                h.update(c.hash.as_bytes());
+            }
+            let id = h.finalize().to_hex().to_string();
             let index = PackIndex { pack: id.clone(), size: data.len() as u64, chunks };
             let body = serde_json::to_vec(&index).map_err(|e| ImageError::Manifest(e.to_string()))?;
             store.put(&pack_key(&id), data).await?;
