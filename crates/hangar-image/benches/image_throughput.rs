@@ -269,6 +269,16 @@ fn main() {
         row("cp -a --sparse=always of the unpacked image", m.total_size, cp_t, None);
         row("pull, no cache, vs cp", m.total_size, pull_t, Some(cp_t));
         row("pull, warm host cache, vs cp", m.total_size, warm_t, Some(cp_t));
+        // The client's CPU alone bounds the wall time from below on this machine's cores
+        // (shared with the store's server when it runs here too).
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        println!(
+            "client CPU floor on {cores} cores: push >= {:.2} s ({:.2}x the PUT of the same objects), pull >= {:.2} s ({:.2}x the GET)",
+            push_t.cpu / cores,
+            push_t.cpu / cores / stored_put.wall.as_secs_f64(),
+            pull_t.cpu / cores,
+            pull_t.cpu / cores / stored_get.wall.as_secs_f64(),
+        );
     }
     if measured == 0 {
         eprintln!(
