@@ -7,7 +7,9 @@
 # (wrk's keep-alive GETs take its HTTP/1.1 fast lane; HYPER_LANE=1 also measures hyper's path).
 # Beyond the fast lane, each next to nginx in front of the same upstream:
 # (d) HTTP/2 cleartext (h2c, prior knowledge) with h2load, nginx `listen ... http2`;
-# (e) HTTP/2 over TLS (ALPN h2, a self-signed P-256 certificate) with h2load, nginx `ssl http2`;
+# (e) HTTP/2 over TLS (ALPN h2, a self-signed P-256 certificate) with h2load, nginx `ssl http2`
+#     with TLS 1.3 allowed as rustls does (nginx before 1.23.4 offers at most TLS 1.2 by default;
+#     both then agree on TLS 1.3, TLS_AES_128_GCM_SHA256 and X25519 with h2load, which prints them);
 # (f) HTTP/1.1 `Connection: close` (a new client connection per request) with wrk;
 # (g) TCP: bytes pushed to a sink (crates/hangar-proxy/examples/tcp_throughput.rs) directly,
 #     through nginx's `stream` proxy and through Hangar's TCP route.
@@ -126,7 +128,7 @@ nginx_conf proxy "upstream up { server 127.0.0.1:$UP_PORT; keepalive 128; }
     server { listen 127.0.0.1:$NGINX_PORT; $PROXY_LOCATION }
     server { listen 127.0.0.1:$NGINX_H2C_PORT http2; $PROXY_LOCATION }
     server { listen 127.0.0.1:$NGINX_TLS_PORT ssl http2; ssl_certificate $WORK/cert.pem;
-        ssl_certificate_key $WORK/key.pem; $PROXY_LOCATION }" \
+        ssl_certificate_key $WORK/key.pem; ssl_protocols TLSv1.2 TLSv1.3; $PROXY_LOCATION }" \
     "load_module $STREAM_MODULE;
 stream { server { listen 127.0.0.1:$NGINX_TCP_PORT; proxy_pass 127.0.0.1:$SINK_PORT; proxy_half_close on; } }"
 NGINX_PROXY_MASTER=${PIDS[-1]}
@@ -286,6 +288,10 @@ if on h2c; then
     BEYOND+=(h2c)
 fi
 if on tls; then
+    for t in "nginx $NGINX_TLS_PORT" "hangar $HANGAR_TLS_PORT"; do # what each negotiates with h2load
+        echo "TLS ${t% *}: $(h2load -n 1 "https://127.0.0.1:${t#* }/file.txt" 2>&1 \
+            | awk '/^TLS Protocol|^Cipher|^Server Temp Key|^Application protocol/' | tr '\n' ' ')" >&2
+    done
     pair "h2 TLS" run_h2load nginx_tls "https://127.0.0.1:$NGINX_TLS_PORT/file.txt" hangar_tls "https://127.0.0.1:$HANGAR_TLS_PORT/file.txt"
     BEYOND+=(tls)
 fi

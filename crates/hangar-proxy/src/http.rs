@@ -846,8 +846,12 @@ pub(crate) async fn serve_connection<I>(
         let svc = svc.clone();
         async move { Ok::<_, Infallible>(svc.handle(req).await) }
     });
+    // hyper's writes go out once per poll of this task (see `cork`): answers ready together
+    // leave in one write (and one TLS record).
+    let (cork, io) = crate::cork::cork(io);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
+    let cut = hard.clone();
     // Upstream connections and HTTP/2 streams of this client connection, driven here; dropped
     // with it.
     let serve = async move {
@@ -874,7 +878,22 @@ pub(crate) async fn serve_connection<I>(
             }
         }
     };
-    DRIVE.scope(drive, serve).await;
+    let serve = DRIVE.scope(drive, serve);
+    tokio::pin!(serve);
+    std::future::poll_fn(|cx| {
+        let done = serve.as_mut().poll(cx);
+        // A write error is kept for hyper, which sees it on its next call.
+        let _ = cork.poll_uncork(cx);
+        done
+    })
+    .await;
+    // What is left (an upgraded connection's answer, a last frame) goes out before the tunnel,
+    // if any, writes straight.
+    cork.open();
+    tokio::select! {
+        _ = std::future::poll_fn(|cx| cork.poll_uncork(cx)) => {}
+        _ = cut.cancelled() => {}
+    }
 }
 
 #[cfg(test)]

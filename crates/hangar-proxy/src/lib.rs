@@ -26,6 +26,7 @@
 mod auth;
 mod compile;
 mod config;
+mod cork;
 mod dial;
 mod error;
 mod events;
