@@ -95,6 +95,10 @@ HANGAR_FLEET_SIM_API_KEY="$KEY" "$BIN/hangar-fleet-sim" --orchestrator "$URL" --
     --hosts "$HOSTS" --vms "$VMS" --base-port "$BASE_PORT" --window "$WINDOW" --changes-per-second "$CHANGES" \
     --creates "$CREATES" --create-concurrency "$CREATE_CONCURRENCY" --host-auth "$HOST_AUTH" \
     --json "$WORK/fleet.json" | tee "$WORK/fleet.txt"
+# The orchestrator goes before the placement benchmark: with the simulator gone it keeps
+# reconnecting to 1,000 dead hosts, CPU the in-process figures would share.
+kill "$ORCH_PID" 2>/dev/null || true
+wait "$ORCH_PID" 2>/dev/null || true
 
 if [ "$PLACEMENT" = 1 ]; then
     # In-process placement at 100, 1,000 and 5,000 hosts of 10 VMs each (no HTTP, no store).

@@ -127,6 +127,9 @@ fn table(r: &Report) {
     row("registration", format!("{:.1} s", r.registration_seconds), "");
     row("all healthy and listed after", format!("{:.1} s", r.ready.seconds), "");
     row("hosts healthy / VMs listed", format!("{} / {}", r.ready.hosts_healthy, r.ready.vms_listed), "");
+    if let Some(kb) = r.ready.rss_kb_before_list {
+        row("orchestrator VmRSS (ready, before list)", format!("{:.1} MB", mb(kb)), "");
+    }
     if let Some(o) = &r.orchestrator {
         row("orchestrator VmRSS (end of window)", format!("{:.1} MB", o.rss_mb_after), "<= 200 MB");
         row("orchestrator VmRSS (max in window)", format!("{:.1} MB", o.rss_mb_max), "<= 200 MB");
@@ -203,7 +206,7 @@ async fn run(args: Args) -> Result<(), SimError> {
     eprintln!(
         "fleet-sim: registered in {registration_seconds:.1} s; waiting for every host healthy and every VM listed"
     );
-    let ready = orch.wait_ready(&fleet, Duration::from_secs(args.ready_timeout)).await?;
+    let ready = orch.wait_ready(&fleet, Duration::from_secs(args.ready_timeout), args.orchestrator_pid).await?;
     eprintln!("fleet-sim: ready after {:.1} s more; measuring for {} s", ready.seconds, args.window);
 
     // The window: background changes, lag probes, memory samples.

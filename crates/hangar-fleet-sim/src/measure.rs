@@ -132,6 +132,11 @@ pub struct Ready {
     pub hosts_healthy: usize,
     pub vms_listed: usize,
     pub seconds: f64,
+    /// The orchestrator's VmRSS once every host was healthy with every VM, before the first
+    /// whole machine list (which costs the orchestrator far more than its steady state; the
+    /// allocator may keep that memory afterwards). With a process id only.
+    #[serde(default)]
+    pub rss_kb_before_list: Option<u64>,
 }
 
 /// Lag probes' results.
@@ -236,18 +241,24 @@ impl Orchestrator {
     /// host is healthy with every VM in its view, then checks once that the machine list
     /// holds every VM (polled on the host list: the whole machine list costs the
     /// orchestrator a copy of every VM per call).
-    pub async fn wait_ready(&self, fleet: &Fleet, timeout: Duration) -> Result<Ready, SimError> {
+    /// With `pid`, samples the orchestrator's VmRSS just before that list.
+    pub async fn wait_ready(&self, fleet: &Fleet, timeout: Duration, pid: Option<u32>) -> Result<Ready, SimError> {
         let start = Instant::now();
         let want = (fleet.hosts.len(), fleet.vm_count());
+        let mut rss_kb_before_list = None;
         loop {
             let seen = self.census(fleet).await?;
             if seen.0 >= want.0 && seen.1 >= want.1 {
+                if rss_kb_before_list.is_none() {
+                    rss_kb_before_list = pid.and_then(|p| ProcSample::read(p).ok()).map(|s| s.rss_kb);
+                }
                 let listed = self.listed(fleet).await?;
                 if listed >= want.1 {
                     return Ok(Ready {
                         hosts_healthy: seen.0,
                         vms_listed: listed,
                         seconds: start.elapsed().as_secs_f64(),
+                        rss_kb_before_list,
                     });
                 }
             }
