@@ -272,10 +272,12 @@ impl HttpOrchestrator {
             }
         };
         let records = self.scheduler.list_vms().await?;
+        let by_id: std::collections::HashMap<&str, &OrchestratedVm> =
+            records.iter().map(|r| (r.id.as_str(), r)).collect();
         Ok(hosts
             .iter()
             .flat_map(|h| h.vms.iter().map(move |vm| (h, vm)))
-            .map(|(h, vm)| fleet_machine(h, vm, records.iter().find(|r| r.id == vm.id)))
+            .map(|(h, vm)| fleet_machine(h, vm, by_id.get(vm.id.as_str()).copied()))
             .filter(|m| hangar_core::may_see_vm(p, m.machine.owner.as_deref()))
             .collect())
     }
