@@ -107,8 +107,8 @@ pub(crate) fn join_err(e: tokio::task::JoinError) -> ImageError {
 }
 
 thread_local! {
-    /// One zstd decompression context per thread, reused: making one per
-    /// 64 KiB chunk costs more than decompressing it.
+    /// One zstd decompression context per thread, reused, rather than a new
+    /// context (and its tables) allocated for every 64 KiB chunk.
     static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
         const { std::cell::RefCell::new(None) };
     /// One zstd compression context per thread, reused, with its level.
