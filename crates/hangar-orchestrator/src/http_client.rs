@@ -285,6 +285,27 @@ impl HttpHostClient {
         Ok((status, text))
     }
 
+    /// Sends a request (logging in again once if a bearer token is refused) and returns the
+    /// answer's text when its status is a success.
+    async fn send(
+        &self,
+        method: &Method,
+        path: &str,
+        body: Option<&Value>,
+        timeout: Duration,
+        close: bool,
+    ) -> Result<String, HostClientError> {
+        let (mut status, mut text) = self.send_once(method, path, body, timeout, false, close).await?;
+        if status == StatusCode::UNAUTHORIZED && matches!(self.credentials, Some(HostCredentials::Basic { .. })) {
+            debug!("token refused; logging in again");
+            (status, text) = self.send_once(method, path, body, timeout, true, close).await?;
+        }
+        if !status.is_success() {
+            return Err(status_error(status, &text));
+        }
+        Ok(text)
+    }
+
     /// Sends a request to `{base}/v1{path}` and returns the JSON answer.
     #[instrument(skip(self, body), fields(host = %self.base))]
     pub async fn request(
@@ -308,14 +329,7 @@ impl HttpHostClient {
         timeout: Duration,
         close: bool,
     ) -> Result<Value, HostClientError> {
-        let (mut status, mut text) = self.send_once(&method, path, body.as_ref(), timeout, false, close).await?;
-        if status == StatusCode::UNAUTHORIZED && matches!(self.credentials, Some(HostCredentials::Basic { .. })) {
-            debug!("token refused; logging in again");
-            (status, text) = self.send_once(&method, path, body.as_ref(), timeout, true, close).await?;
-        }
-        if !status.is_success() {
-            return Err(status_error(status, &text));
-        }
+        let text = self.send(&method, path, body.as_ref(), timeout, close).await?;
         if text.trim().is_empty() {
             return Ok(Value::Null);
         }
@@ -357,14 +371,8 @@ impl HttpHostClient {
 
     /// The host's own recent log (`/logs`, plain text, one entry per line).
     pub async fn logs(&self) -> Result<hangar_wire::events::LogLines, HostClientError> {
-        let timeout = Duration::from_secs(30);
-        let (mut status, mut text) = self.send_once(&Method::GET, "/logs", None, timeout, false, true).await?;
-        if status == StatusCode::UNAUTHORIZED && matches!(self.credentials, Some(HostCredentials::Basic { .. })) {
-            (status, text) = self.send_once(&Method::GET, "/logs", None, timeout, true, true).await?;
-        }
-        if !status.is_success() {
-            return Err(status_error(status, &text));
-        }
+        // Closed after the answer, as the VM list: a log is a large answer.
+        let text = self.send(&Method::GET, "/logs", None, Duration::from_secs(30), true).await?;
         Ok(hangar_wire::events::LogLines::from_text(&text))
     }
 
